@@ -1,0 +1,289 @@
+//! Text in, token streams out: loading real text (a UTF-8 file, a directory of them, or JSONL
+//! with a `text` field), the embedded synthetic corpus, the fixed train/validation split, and
+//! prepared datasets stored as token shards.
+
+use std::path::{Path, PathBuf};
+
+use crate::shard::{Shard, ShardError};
+use crate::synthetic::{SyntheticSource, SyntheticSpec};
+use crate::tokenizer::{TessTokenizer, TokenizerError, TokenizerKind};
+
+/// Fraction of a real-text corpus held out for validation (its last tokens).
+pub const VALIDATION_FRACTION: f64 = 0.1;
+/// Files larger than this are refused: a corpus that size belongs in prepared shards.
+pub const TEXT_FILE_BYTES_MAX: u64 = 4 << 30;
+const MANIFEST: &str = "dataset.json";
+
+#[derive(Debug, thiserror::Error)]
+pub enum CorpusError {
+    #[error("{path}: {message}")]
+    Io { path: PathBuf, message: String },
+    #[error("{path}: not valid UTF-8 text (at byte {offset})")]
+    NotUtf8 { path: PathBuf, offset: usize },
+    #[error("{path}:{line}: {message}")]
+    Jsonl { path: PathBuf, line: usize, message: String },
+    #[error("{path}: no text found")]
+    Empty { path: PathBuf },
+    #[error("{path}: {bytes} bytes exceeds the {TEXT_FILE_BYTES_MAX}-byte limit for one text file")]
+    TooLarge { path: PathBuf, bytes: u64 },
+    #[error("corpus of {tokens} tokens is too small: need at least {needed}")]
+    TooSmall { tokens: usize, needed: usize },
+    #[error(transparent)]
+    Tokenizer(#[from] TokenizerError),
+    #[error(transparent)]
+    Shard(#[from] ShardError),
+}
+
+fn io_err(path: &Path, e: impl std::fmt::Display) -> CorpusError {
+    CorpusError::Io { path: path.to_owned(), message: e.to_string() }
+}
+
+/// Where a corpus's documents come from.
+pub struct TextSource;
+
+impl TextSource {
+    /// Reads every document under `path`: a text file is one document, a `.jsonl` file holds one
+    /// document per line in its `text` field, a directory is all such files in name order.
+    pub fn read(path: &Path) -> Result<Vec<String>, CorpusError> {
+        let meta = std::fs::metadata(path).map_err(|e| io_err(path, e))?;
+        let mut docs = Vec::new();
+        if meta.is_dir() {
+            let mut files: Vec<PathBuf> = Vec::new();
+            collect_files(path, &mut files)?;
+            files.sort();
+            for f in files {
+                read_file(&f, &mut docs)?;
+            }
+        } else {
+            read_file(path, &mut docs)?;
+        }
+        if docs.iter().all(|d| d.is_empty()) {
+            return Err(CorpusError::Empty { path: path.to_owned() });
+        }
+        Ok(docs)
+    }
+}
+
+fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), CorpusError> {
+    for entry in std::fs::read_dir(dir).map_err(|e| io_err(dir, e))? {
+        let entry = entry.map_err(|e| io_err(dir, e))?;
+        let path = entry.path();
+        let name = entry.file_name();
+        if name.to_string_lossy().starts_with('.') {
+            continue;
+        }
+        let kind = entry.file_type().map_err(|e| io_err(&path, e))?;
+        if kind.is_dir() {
+            collect_files(&path, out)?;
+        } else if kind.is_file() {
+            out.push(path);
+        }
+    }
+    Ok(())
+}
+
+fn read_file(path: &Path, docs: &mut Vec<String>) -> Result<(), CorpusError> {
+    let bytes_len = std::fs::metadata(path).map_err(|e| io_err(path, e))?.len();
+    if bytes_len > TEXT_FILE_BYTES_MAX {
+        return Err(CorpusError::TooLarge { path: path.to_owned(), bytes: bytes_len });
+    }
+    let bytes = std::fs::read(path).map_err(|e| io_err(path, e))?;
+    let text = String::from_utf8(bytes)
+        .map_err(|e| CorpusError::NotUtf8 { path: path.to_owned(), offset: e.utf8_error().valid_up_to() })?;
+    if path.extension().is_some_and(|e| e == "jsonl") {
+        for (i, line) in text.lines().enumerate() {
+            if line.trim().is_empty() {
+                continue;
+            }
+            let jsonl_err = |message: String| CorpusError::Jsonl { path: path.to_owned(), line: i + 1, message };
+            let value: serde_json::Value = serde_json::from_str(line).map_err(|e| jsonl_err(e.to_string()))?;
+            match value.get("text") {
+                Some(serde_json::Value::String(s)) => docs.push(s.clone()),
+                Some(_) => return Err(jsonl_err("field \"text\" is not a string".into())),
+                None => return Err(jsonl_err("object has no \"text\" field".into())),
+            }
+        }
+    } else {
+        docs.push(text);
+    }
+    Ok(())
+}
+
+/// Where the tokens came from and what the best achievable loss is, if known.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct DatasetInfo {
+    pub name: String,
+    /// The true entropy rate in nats per token, when the source is known exactly.
+    pub loss_floor: Option<f64>,
+}
+
+/// A tokenized corpus with its fixed held-out validation split.
+#[derive(Debug, Clone)]
+pub struct Dataset {
+    pub info: DatasetInfo,
+    pub tokenizer: TessTokenizer,
+    pub train: Vec<u32>,
+    pub validation: Vec<u32>,
+}
+
+impl Dataset {
+    /// The embedded default corpus: `train_chars` of training text and `val_chars` of independent
+    /// validation text, character-level, with its exact loss floor.
+    pub fn synthetic(spec: SyntheticSpec, train_chars: usize, val_chars: usize) -> Result<Dataset, CorpusError> {
+        let source = SyntheticSource::new(spec);
+        let tokenizer = TessTokenizer::from_chars(&source.alphabet());
+        let train = tokenizer.encode(&source.train_text(train_chars))?;
+        let validation = tokenizer.encode(&source.validation_text(val_chars))?;
+        Ok(Dataset {
+            info: DatasetInfo {
+                name: format!("synthetic(seed={}, words={})", spec.seed, spec.n_words),
+                loss_floor: Some(source.entropy_rate_nats_per_char()),
+            },
+            tokenizer,
+            train,
+            validation,
+        })
+    }
+
+    /// Tokenizes documents (separated by EOS) and holds out the last tenth for validation.
+    pub fn from_documents(name: &str, docs: &[String], tokenizer: TessTokenizer) -> Result<Dataset, CorpusError> {
+        let mut tokens = Vec::new();
+        for (i, doc) in docs.iter().enumerate() {
+            if i > 0 {
+                tokens.push(tokenizer.eos_id());
+            }
+            tokens.extend(tokenizer.encode(doc)?);
+        }
+        let needed = 64;
+        if tokens.len() < needed {
+            return Err(CorpusError::TooSmall { tokens: tokens.len(), needed });
+        }
+        let split = ((tokens.len() as f64) * (1.0 - VALIDATION_FRACTION)).round() as usize;
+        let validation = tokens.split_off(split);
+        Ok(Dataset { info: DatasetInfo { name: name.to_owned(), loss_floor: None }, tokenizer, train: tokens, validation })
+    }
+
+    /// Reads `path` and tokenizes it with `tokenizer`, or a new built-in tokenizer of `kind`.
+    pub fn from_path(path: &Path, tokenizer: Option<TessTokenizer>, kind: TokenizerKind) -> Result<Dataset, CorpusError> {
+        let docs = TextSource::read(path)?;
+        let tokenizer = match tokenizer {
+            Some(t) => t,
+            None => match kind {
+                TokenizerKind::Byte => TessTokenizer::byte_level(),
+                TokenizerKind::Char => TessTokenizer::char_level(&docs.concat()),
+            },
+        };
+        Dataset::from_documents(&path.display().to_string(), &docs, tokenizer)
+    }
+
+    /// Writes the dataset as `train-NNNNN.tshard` files of at most `tokens_per_shard` tokens, a
+    /// `val.tshard`, the `tokenizer.json` and a `dataset.json` manifest.
+    pub fn write_dir(&self, dir: &Path, tokens_per_shard: usize) -> Result<usize, CorpusError> {
+        assert!(tokens_per_shard > 0);
+        std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
+        let vocab = self.tokenizer.vocab_size() as u32;
+        let mut n = 0;
+        for (i, chunk) in self.train.chunks(tokens_per_shard).enumerate() {
+            Shard::new(vocab, chunk.to_vec())?.write(&dir.join(format!("train-{i:05}.tshard")))?;
+            n += 1;
+        }
+        Shard::new(vocab, self.validation.clone())?.write(&dir.join("val.tshard"))?;
+        self.tokenizer.save(&dir.join("tokenizer.json"))?;
+        let manifest = serde_json::to_string_pretty(&self.info).map_err(|e| io_err(dir, e))?;
+        std::fs::write(dir.join(MANIFEST), manifest).map_err(|e| io_err(&dir.join(MANIFEST), e))?;
+        Ok(n)
+    }
+
+    /// Whether `dir` looks like a directory written by [`Dataset::write_dir`].
+    pub fn is_prepared_dir(dir: &Path) -> bool {
+        dir.join(MANIFEST).is_file()
+    }
+
+    /// Reads a prepared dataset, verifying every shard against its checksum and vocabulary.
+    pub fn read_dir(dir: &Path) -> Result<Dataset, CorpusError> {
+        let manifest_path = dir.join(MANIFEST);
+        let text = std::fs::read_to_string(&manifest_path).map_err(|e| io_err(&manifest_path, e))?;
+        let info: DatasetInfo = serde_json::from_str(&text).map_err(|e| io_err(&manifest_path, e))?;
+        let tokenizer = TessTokenizer::load(&dir.join("tokenizer.json"))?;
+        let vocab = tokenizer.vocab_size() as u32;
+        let mut names: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map_err(|e| io_err(dir, e))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("train-")))
+            .collect();
+        names.sort();
+        let mut train = Vec::new();
+        for path in &names {
+            let shard = Shard::read(path)?;
+            if shard.vocab_size != vocab {
+                return Err(io_err(path, format!("shard vocabulary {} != tokenizer vocabulary {vocab}", shard.vocab_size)));
+            }
+            train.extend(shard.tokens);
+        }
+        let validation = Shard::read(&dir.join("val.tshard"))?.tokens;
+        if train.is_empty() || validation.is_empty() {
+            return Err(CorpusError::Empty { path: dir.to_owned() });
+        }
+        Ok(Dataset { info, tokenizer, train, validation })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_text_dirs_and_jsonl() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.txt"), "first document").unwrap();
+        std::fs::write(dir.path().join("b.jsonl"), "{\"text\": \"second\"}\n\n{\"text\": \"third\", \"id\": 3}\n").unwrap();
+        let docs = TextSource::read(dir.path()).unwrap();
+        assert_eq!(docs, vec!["first document", "second", "third"]);
+    }
+
+    #[test]
+    fn bad_inputs_name_the_file_and_problem() {
+        let dir = tempfile::tempdir().unwrap();
+        let jsonl = dir.path().join("bad.jsonl");
+        std::fs::write(&jsonl, "{\"text\": \"ok\"}\n{\"txt\": 1}\n").unwrap();
+        let err = TextSource::read(&jsonl).unwrap_err().to_string();
+        assert!(err.contains("bad.jsonl:2") && err.contains("text"), "{err}");
+        let bin = dir.path().join("bin.txt");
+        std::fs::write(&bin, [b'a', 0xff, 0xfe]).unwrap();
+        let err = TextSource::read(&bin).unwrap_err().to_string();
+        assert!(err.contains("bin.txt") && err.contains("UTF-8"), "{err}");
+        let missing = TextSource::read(&dir.path().join("missing.txt")).unwrap_err().to_string();
+        assert!(missing.contains("missing.txt"), "{missing}");
+    }
+
+    #[test]
+    fn split_is_ninety_ten_and_shards_round_trip() {
+        let text = "abcdefghij".repeat(100);
+        let ds = Dataset::from_documents("t", &[text], TessTokenizer::char_level("abcdefghij")).unwrap();
+        assert_eq!(ds.train.len(), 900);
+        assert_eq!(ds.validation.len(), 100);
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(ds.write_dir(dir.path(), 400).unwrap(), 3);
+        let back = Dataset::read_dir(dir.path()).unwrap();
+        assert_eq!(back.train, ds.train);
+        assert_eq!(back.validation, ds.validation);
+        assert_eq!(back.info, ds.info);
+        // Corrupting a shard is caught and the error names it.
+        let shard = dir.path().join("train-00001.tshard");
+        let mut bytes = std::fs::read(&shard).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        std::fs::write(&shard, bytes).unwrap();
+        let err = Dataset::read_dir(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("train-00001.tshard") && err.contains("checksum"), "{err}");
+    }
+
+    #[test]
+    fn synthetic_dataset_has_a_floor_and_char_tokens() {
+        let ds = Dataset::synthetic(SyntheticSpec::default(), 10_000, 2_000).unwrap();
+        assert_eq!(ds.train.len(), 10_000);
+        assert_eq!(ds.validation.len(), 2_000);
+        let floor = ds.info.loss_floor.unwrap();
+        assert!(floor > 0.0 && floor < 3.0);
+    }
+}

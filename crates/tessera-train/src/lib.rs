@@ -1,0 +1,28 @@
+//! `tessera-train`: the local trainer. It owns the optimizer, the learning-rate schedule,
+//! evaluation against the held-out split, the JSONL metrics log and exact checkpoint/resume.
+//! Data comes from `tessera-data` as token streams; the model from `tessera-model`.
+
+pub mod bench;
+pub mod optim;
+pub mod trainer;
+
+pub use optim::{AdamW, AdamWConfig, lr_at};
+pub use trainer::{EvalStats, RunSummary, StepStats, TrainConfig, Trainer};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error(transparent)]
+    Model(#[from] tessera_model::ModelError),
+    #[error(transparent)]
+    Torch(#[from] tch::TchError),
+    #[error(transparent)]
+    Corpus(#[from] tessera_data::corpus::CorpusError),
+    #[error("{path}: {message}")]
+    Io { path: String, message: String },
+    #[error("resume from {path}: {message}")]
+    Resume { path: String, message: String },
+    #[error("invalid training setup: {0}")]
+    Invalid(String),
+    #[error("training diverged at step {step}: loss is {loss}")]
+    Diverged { step: u64, loss: f64 },
+}

@@ -1,0 +1,1 @@
+fn main() { tch::Tensor::from(1.0f32).print(); }
