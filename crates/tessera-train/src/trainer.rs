@@ -310,7 +310,11 @@ impl Trainer {
             }
             if done % self.config.eval_interval == 0 || done == end {
                 let eval = self.evaluate()?;
-                bar.println(describe_eval(&eval));
+                if bar.is_hidden() {
+                    println!("{}", describe_eval(&eval));
+                } else {
+                    bar.println(describe_eval(&eval));
+                }
                 if let Some(m) = metrics.as_mut() {
                     m.write(&json!({"event": "eval", "step": done, "val_loss": eval.val_loss,
                                     "val_loss_warm": eval.val_loss_warm, "floor_gap": eval.floor_gap}))?;

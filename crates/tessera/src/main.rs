@@ -1,1 +1,252 @@
-fn main() { tch::Tensor::from(1.0f32).print(); }
+//! `tessera`: the command line. Parsing only parses and validates; each subcommand's work lives
+//! in the library crates (`tessera-data`, `tessera-model`, `tessera-train`).
+
+mod commands;
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Parser)]
+#[command(
+    name = "tessera",
+    version,
+    about = "Train an open language model together: local training, checkpoints, generation.",
+    long_about = "Tessera trains Llama-family models on libtorch and writes Hugging Face checkpoints.\n\n\
+                  Start with `tessera train`: it trains the `nano` model on the embedded synthetic corpus \
+                  (no downloads) and reports how far the model is from that corpus's exact entropy floor. \
+                  Then `tessera generate --checkpoint runs/demo/checkpoint --prompt \"...\"`."
+)]
+struct Cli {
+    /// More log output (-v info, -vv debug). RUST_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train a model (by default `nano` on the embedded synthetic corpus).
+    Train(TrainArgs),
+    /// Sample text from a checkpoint with a KV cache.
+    Generate(GenerateArgs),
+    /// Inspect model configurations and presets.
+    #[command(subcommand)]
+    Model(ModelCommand),
+    /// Inspect and prepare training data.
+    #[command(subcommand)]
+    Data(DataCommand),
+    /// Train tokenizers.
+    #[command(subcommand)]
+    Tokenizer(TokenizerCommand),
+    /// Measure performance.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum BuiltinTokenizer {
+    Char,
+    Byte,
+}
+
+/// Where training text comes from.
+#[derive(Args, Clone)]
+struct DataArgs {
+    /// A UTF-8 text file, a directory of them, JSONL with a `text` field, or a directory written
+    /// by `tessera data prepare`. Default: the embedded synthetic corpus.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Tokenizer for --data: `char`, `byte`, or a tokenizer.json (e.g. from `tessera tokenizer train`).
+    #[arg(long, default_value = "char")]
+    tokenizer: String,
+    /// Characters of embedded training text to generate (validation gets a tenth).
+    #[arg(long, default_value_t = 4_000_000)]
+    synthetic_chars: usize,
+    /// Seed of the embedded corpus's source (a different seed is a different language).
+    #[arg(long, default_value_t = 1234)]
+    synthetic_seed: u64,
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    /// A preset name (`tessera model info` lists them) or a config.json.
+    #[arg(long, default_value = "nano")]
+    model: String,
+    #[command(flatten)]
+    data: DataArgs,
+    /// Optimizer steps.
+    #[arg(long, default_value_t = 2000)]
+    steps: u64,
+    /// Sequences per micro-batch.
+    #[arg(long, default_value_t = 12)]
+    batch_size: usize,
+    /// Tokens per sequence (default: the model's context length).
+    #[arg(long)]
+    seq_len: Option<usize>,
+    /// Micro-batches per optimizer step.
+    #[arg(long, default_value_t = 1)]
+    grad_accum: usize,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = 1e-3)]
+    lr: f64,
+    /// Final learning rate of the cosine decay (default: lr / 10).
+    #[arg(long)]
+    min_lr: Option<f64>,
+    #[arg(long, default_value_t = 100)]
+    warmup_steps: u64,
+    /// Decoupled AdamW weight decay (matrices only).
+    #[arg(long, default_value_t = 0.1)]
+    weight_decay: f64,
+    #[arg(long, default_value_t = 0.9)]
+    beta1: f64,
+    #[arg(long, default_value_t = 0.99)]
+    beta2: f64,
+    /// Clip gradients to this global L2 norm.
+    #[arg(long, default_value_t = 1.0)]
+    grad_clip: f64,
+    #[arg(long, default_value_t = 250)]
+    eval_interval: u64,
+    /// Validation windows per evaluation.
+    #[arg(long, default_value_t = 200)]
+    eval_windows: usize,
+    /// Checkpoint every N steps (0: only at the end).
+    #[arg(long, default_value_t = 0)]
+    checkpoint_interval: u64,
+    #[arg(long, default_value_t = 1337)]
+    seed: u64,
+    /// Run directory: metrics.jsonl and checkpoint/ go here.
+    #[arg(long, default_value = "runs/demo")]
+    out: PathBuf,
+    /// Continue from a checkpoint written by an earlier run (same data).
+    #[arg(long)]
+    resume: Option<PathBuf>,
+    /// Stop after this step even if the schedule runs longer (resume later with --resume).
+    #[arg(long)]
+    stop_at: Option<u64>,
+    #[command(flatten)]
+    runtime: RuntimeArgs,
+}
+
+#[derive(Args, Clone)]
+struct RuntimeArgs {
+    /// `cpu`, `cuda` or `cuda:N` (CUDA uses bf16 matrix multiplies).
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// CPU threads for libtorch (default: libtorch's choice, usually all cores).
+    #[arg(long)]
+    threads: Option<i32>,
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    /// A checkpoint directory (config.json, model.safetensors, tokenizer.json).
+    #[arg(long)]
+    checkpoint: PathBuf,
+    #[arg(long, default_value = "")]
+    prompt: String,
+    #[arg(long, default_value_t = 200)]
+    max_new_tokens: usize,
+    /// 0 for greedy decoding.
+    #[arg(long, default_value_t = 0.8)]
+    temperature: f64,
+    #[arg(long, default_value_t = 0.95)]
+    top_p: f64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[command(flatten)]
+    runtime: RuntimeArgs,
+}
+
+#[derive(Subcommand)]
+enum ModelCommand {
+    /// Parameters, training FLOPs per token and training memory of a preset or config.json;
+    /// with no argument, a table of all presets.
+    Info {
+        /// Preset name or path to a config.json / checkpoint directory.
+        model: Option<String>,
+        /// Sequence length for the attention FLOPs (default: the model's context).
+        #[arg(long)]
+        seq_len: Option<i64>,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum DataCommand {
+    /// Describe a corpus; for the embedded one, its exact entropy rate (the loss floor).
+    Info {
+        #[command(flatten)]
+        data: DataArgs,
+    },
+    /// Tokenize a corpus into checksummed shards with a fixed validation split.
+    Prepare {
+        #[command(flatten)]
+        data: DataArgs,
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// Tokens per training shard.
+        #[arg(long, default_value_t = 16 << 20)]
+        shard_tokens: usize,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenizerCommand {
+    /// Train a byte-level BPE tokenizer and save it as tokenizer.json.
+    Train {
+        /// Text file, directory or JSONL to train on.
+        #[arg(long)]
+        data: PathBuf,
+        /// Vocabulary size, including the 256 byte symbols and <|endoftext|>.
+        #[arg(long, default_value_t = 8192)]
+        vocab: usize,
+        #[arg(long, default_value = "tokenizer.json")]
+        out: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Training throughput (tokens/s, GFLOP/s) of presets on this machine.
+    Train {
+        /// Comma-separated presets.
+        #[arg(long, default_value = "nano,micro", value_delimiter = ',')]
+        models: Vec<String>,
+        #[arg(long, default_value_t = 12)]
+        batch_size: usize,
+        /// Timed steps per model.
+        #[arg(long, default_value_t = 40)]
+        steps: u64,
+        /// Untimed warm-up steps per model.
+        #[arg(long, default_value_t = 5)]
+        warmup: u64,
+        /// Print JSON lines instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        runtime: RuntimeArgs,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let level = match cli.verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    match commands::run(cli.command) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

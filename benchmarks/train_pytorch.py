@@ -1,0 +1,143 @@
+#!/usr/bin/env python3
+"""The same training step as `tessera bench train`, in plain Python PyTorch.
+
+Builds the identical Llama (shapes from `tessera model info PRESET --json`), runs forward,
+backward, global-norm clipping and AdamW (decay on matrices only) on the same batch and thread
+count, then runs `tessera bench train` for the same settings and prints the ratio
+Tessera tokens/s ÷ PyTorch tokens/s.
+
+    scripts/tessera-env python benchmarks/train_pytorch.py --models nano,micro --threads 2
+"""
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Llama(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.c = c
+        d, h = c["hidden_size"], c["num_attention_heads"]
+        kv = c.get("num_key_value_heads") or h
+        hd = c.get("head_dim") or d // h
+        self.h, self.kv, self.hd = h, kv, hd
+        self.embed = nn.Embedding(c["vocab_size"], d)
+        self.layers = nn.ModuleList()
+        for _ in range(c["num_hidden_layers"]):
+            layer = nn.Module()
+            layer.ln1 = nn.Parameter(torch.ones(d))
+            layer.ln2 = nn.Parameter(torch.ones(d))
+            layer.q = nn.Linear(d, h * hd, bias=False)
+            layer.k = nn.Linear(d, kv * hd, bias=False)
+            layer.v = nn.Linear(d, kv * hd, bias=False)
+            layer.o = nn.Linear(h * hd, d, bias=False)
+            layer.gate = nn.Linear(d, c["intermediate_size"], bias=False)
+            layer.up = nn.Linear(d, c["intermediate_size"], bias=False)
+            layer.down = nn.Linear(c["intermediate_size"], d, bias=False)
+            self.layers.append(layer)
+        self.norm = nn.Parameter(torch.ones(d))
+        self.lm_head = None if c["tie_word_embeddings"] else nn.Linear(d, c["vocab_size"], bias=False)
+        inv_freq = 1.0 / (c["rope_theta"] ** (torch.arange(0, hd, 2).float() / hd))
+        angles = torch.outer(torch.arange(c["max_position_embeddings"]).float(), inv_freq)
+        emb = torch.cat([angles, angles], -1)
+        self.register_buffer("cos", emb.cos(), persistent=False)
+        self.register_buffer("sin", emb.sin(), persistent=False)
+        for p in self.parameters():
+            if p.dim() >= 2:
+                nn.init.normal_(p, std=0.02)
+
+    def rope(self, x, t):
+        cos, sin = self.cos[:t], self.sin[:t]
+        half = x.shape[-1] // 2
+        rotated = torch.cat([-x[..., half:], x[..., :half]], -1)
+        return x * cos + rotated * sin
+
+    def forward(self, idx):
+        b, t = idx.shape
+        eps = self.c["rms_norm_eps"]
+        d = self.c["hidden_size"]
+        x = self.embed(idx)
+        for L in self.layers:
+            n = F.rms_norm(x, (d,), L.ln1, eps)
+            q = L.q(n).view(b, t, self.h, self.hd).transpose(1, 2)
+            k = L.k(n).view(b, t, self.kv, self.hd).transpose(1, 2)
+            v = L.v(n).view(b, t, self.kv, self.hd).transpose(1, 2)
+            q, k = self.rope(q, t), self.rope(k, t)
+            if self.kv != self.h:
+                rep = self.h // self.kv
+                k = k[:, :, None].expand(b, self.kv, rep, t, self.hd).reshape(b, self.h, t, self.hd)
+                v = v[:, :, None].expand(b, self.kv, rep, t, self.hd).reshape(b, self.h, t, self.hd)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            x = x + L.o(y.transpose(1, 2).contiguous().view(b, t, self.h * self.hd))
+            n = F.rms_norm(x, (d,), L.ln2, eps)
+            x = x + L.down(F.silu(L.gate(n)) * L.up(n))
+        x = F.rms_norm(x, (d,), self.norm, eps)
+        return F.linear(x, self.embed.weight) if self.lm_head is None else self.lm_head(x)
+
+
+def bench_pytorch(config, batch, steps, warmup):
+    torch.manual_seed(0)
+    model = Llama(config)
+    t = config["max_position_embeddings"]
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=1e-3, betas=(0.9, 0.99), eps=1e-8,
+    )
+    data = torch.randint(0, config["vocab_size"], (batch * 4, t + 1))
+
+    def step(i):
+        rows = data[(torch.arange(batch) + i * batch) % data.shape[0]]
+        x, y = rows[:, :-1], rows[:, 1:]
+        logits = model(x)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=False)
+        return loss.item()
+
+    for i in range(warmup):
+        step(i)
+    start = time.perf_counter()
+    for i in range(steps):
+        step(i)
+    elapsed = time.perf_counter() - start
+    return steps * batch * t / elapsed
+
+
+def main():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="nano,micro")
+    ap.add_argument("--batch-size", type=int, default=12)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--tessera", default=os.path.join(root, "target", "release", "tessera"))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {args.threads} threads, batch {args.batch_size}")
+    print(f"{'model':<8} {'pytorch tok/s':>14} {'tessera tok/s':>14} {'ratio':>7}")
+    for name in args.models.split(","):
+        info = json.loads(subprocess.check_output([args.tessera, "model", "info", name, "--json"]))
+        py = bench_pytorch(info["config"], args.batch_size, args.steps, args.warmup)
+        out = subprocess.check_output([
+            args.tessera, "bench", "train", "--models", name, "--json", "--threads", str(args.threads),
+            "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--warmup", str(args.warmup),
+        ])
+        rs = json.loads(out.decode().strip().splitlines()[-1])["tokens_per_s"]
+        print(f"{name:<8} {py:>14.0f} {rs:>14.0f} {rs / py:>7.3f}", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+//! End-to-end trainer behaviour on the tiny model: learning, exact resume, metrics and
+//! checkpoints.
+
+use tch::Device;
+use tessera_data::{Dataset, SyntheticSpec};
+use tessera_model::{load_checkpoint, preset};
+use tessera_train::{TrainConfig, Trainer};
+
+fn dataset() -> Dataset {
+    Dataset::synthetic(SyntheticSpec::default(), 50_000, 5_000).unwrap()
+}
+
+fn config(steps: u64) -> TrainConfig {
+    TrainConfig {
+        steps,
+        batch_size: 8,
+        seq_len: 32,
+        warmup_steps: 3,
+        lr: 3e-3,
+        min_lr: 3e-4,
+        eval_interval: 1000,
+        eval_windows: 16,
+        seed: 7,
+        ..TrainConfig::default()
+    }
+}
+
+fn trainer(steps: u64) -> Trainer {
+    Trainer::new(config(steps), &preset("tiny").unwrap(), dataset(), Device::Cpu).unwrap()
+}
+
+#[test]
+fn resumed_run_is_bit_identical_to_an_uninterrupted_one() {
+    tch::set_num_threads(1);
+    let mut full = trainer(12);
+    let full_losses: Vec<u64> = (0..12).map(|_| full.train_step().unwrap().loss.to_bits()).collect();
+
+    let mut first = trainer(12);
+    for _ in 0..5 {
+        first.train_step().unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = dir.path().join("checkpoint");
+    first.save(&ckpt).unwrap();
+    drop(first);
+
+    let mut resumed = Trainer::resume(&ckpt, dataset(), Device::Cpu, None).unwrap();
+    assert_eq!(resumed.step(), 5);
+    let resumed_losses: Vec<u64> = (5..12).map(|_| resumed.train_step().unwrap().loss.to_bits()).collect();
+    assert_eq!(resumed_losses, full_losses[5..], "losses after resume differ");
+    for ((name, a), (_, b)) in full.model.named_parameters().iter().zip(resumed.model.named_parameters().iter()) {
+        assert!(a.equal(b), "{name} differs after resume");
+    }
+}
+
+#[test]
+fn training_lowers_validation_loss_and_writes_metrics_and_checkpoint() {
+    let mut t = trainer(60);
+    let before = t.evaluate().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let summary = t.run(Some(dir.path()), None, false).unwrap();
+    assert_eq!(summary.steps, 60);
+    assert!(
+        summary.final_eval.val_loss < before.val_loss - 0.5,
+        "val loss {} → {}",
+        before.val_loss,
+        summary.final_eval.val_loss
+    );
+    assert!(summary.final_eval.floor_gap.is_some());
+
+    let metrics = std::fs::read_to_string(dir.path().join("metrics.jsonl")).unwrap();
+    let lines: Vec<serde_json::Value> = metrics.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines[0]["event"], "start");
+    assert_eq!(lines.iter().filter(|l| l["event"] == "train").count(), 60);
+    assert!(lines.iter().any(|l| l["event"] == "eval" && l["step"] == 60));
+
+    let (model, tokenizer) = load_checkpoint(&dir.path().join("checkpoint"), Device::Cpu).unwrap();
+    assert_eq!(tokenizer.unwrap().vocab_size() as i64, model.config.vocab_size);
+}
+
+#[test]
+fn resume_refuses_a_different_dataset() {
+    let mut t = trainer(4);
+    t.train_step().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    t.save(dir.path()).unwrap();
+    let other = Dataset::synthetic(SyntheticSpec { seed: 5, ..SyntheticSpec::default() }, 50_000, 5_000).unwrap();
+    let err = Trainer::resume(dir.path(), other, Device::Cpu, None).err().unwrap().to_string();
+    assert!(err.contains("trained on"), "{err}");
+}
+
+#[test]
+fn bad_setups_are_refused() {
+    let long = TrainConfig { seq_len: 64, ..config(4) };
+    let err = Trainer::new(long, &preset("tiny").unwrap(), dataset(), Device::Cpu).err().unwrap().to_string();
+    assert!(err.contains("exceeds the model's context"), "{err}");
+}

@@ -1,0 +1,377 @@
+//! The work behind each subcommand: composes the library crates and prints for people.
+
+use std::io::Write;
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+use tch::Device;
+use tessera_data::{Dataset, SyntheticSource, SyntheticSpec, TessTokenizer, TextSource, TokenizerKind};
+use tessera_model::{LlamaConfig, SamplingParams, TrainingMemory, generate, load_checkpoint, presets};
+use tessera_train::bench::train_throughput;
+use tessera_train::trainer::describe_eval;
+use tessera_train::{AdamWConfig, TrainConfig, Trainer};
+
+use crate::{BenchCommand, Command, DataArgs, DataCommand, GenerateArgs, ModelCommand, RuntimeArgs, TokenizerCommand, TrainArgs};
+
+pub fn run(command: Command) -> Result<()> {
+    match command {
+        Command::Train(args) => train(args),
+        Command::Generate(args) => generate_text(args),
+        Command::Model(ModelCommand::Info { model, seq_len, json }) => model_info(model.as_deref(), seq_len, json),
+        Command::Data(DataCommand::Info { data }) => data_info(&data),
+        Command::Data(DataCommand::Prepare { data, out, shard_tokens }) => {
+            if shard_tokens == 0 {
+                bail!("--shard-tokens must be positive");
+            }
+            let dataset = load_dataset(&data)?;
+            let shards = dataset.write_dir(&out, shard_tokens)?;
+            println!(
+                "wrote {} training tokens in {shards} shard(s) and {} validation tokens to {}",
+                dataset.train.len(),
+                dataset.validation.len(),
+                out.display()
+            );
+            Ok(())
+        }
+        Command::Tokenizer(TokenizerCommand::Train { data, vocab, out }) => train_tokenizer(&data, vocab, &out),
+        Command::Bench(BenchCommand::Train { models, batch_size, steps, warmup, json, runtime }) => {
+            bench_train(&models, batch_size, steps, warmup, json, &runtime)
+        }
+    }
+}
+
+fn setup_runtime(runtime: &RuntimeArgs) -> Result<Device> {
+    if let Some(n) = runtime.threads {
+        if n < 1 {
+            bail!("--threads must be at least 1");
+        }
+        tch::set_num_threads(n);
+    }
+    let device = match runtime.device.as_str() {
+        "cpu" => Device::Cpu,
+        "cuda" => Device::Cuda(0),
+        other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(i)) => Device::Cuda(i),
+            _ => bail!("unknown device {other:?}: use cpu, cuda or cuda:N"),
+        },
+    };
+    if let Device::Cuda(i) = device {
+        let count = tch::Cuda::device_count();
+        if !tch::Cuda::is_available() || i as i64 >= count {
+            bail!("CUDA device {i} requested but {count} CUDA device(s) are available");
+        }
+    }
+    Ok(device)
+}
+
+fn load_dataset(args: &DataArgs) -> Result<Dataset> {
+    let Some(path) = &args.data else {
+        if args.synthetic_chars < 10_000 {
+            bail!("--synthetic-chars must be at least 10000");
+        }
+        let spec = SyntheticSpec { seed: args.synthetic_seed, ..SyntheticSpec::default() };
+        return Ok(Dataset::synthetic(spec, args.synthetic_chars, args.synthetic_chars / 10)?);
+    };
+    if Dataset::is_prepared_dir(path) {
+        return Ok(Dataset::read_dir(path)?);
+    }
+    let (tokenizer, kind) = match args.tokenizer.as_str() {
+        "char" => (None, TokenizerKind::Char),
+        "byte" => (None, TokenizerKind::Byte),
+        file => (Some(TessTokenizer::load(Path::new(file))?), TokenizerKind::Byte),
+    };
+    Ok(Dataset::from_path(path, tokenizer, kind)?)
+}
+
+fn train(args: TrainArgs) -> Result<()> {
+    let device = setup_runtime(&args.runtime)?;
+    let dataset = load_dataset(&args.data)?;
+    println!(
+        "data: {} | {} training + {} validation tokens | vocabulary {}",
+        dataset.info.name,
+        dataset.train.len(),
+        dataset.validation.len(),
+        dataset.tokenizer.vocab_size()
+    );
+    if let Some(floor) = dataset.info.loss_floor {
+        println!("data: exact entropy floor {floor:.4} nats/token");
+    }
+    let mut trainer = match &args.resume {
+        Some(dir) => {
+            let t = Trainer::resume(dir, dataset, device, Some(args.steps))
+                .with_context(|| format!("resuming from {}", dir.display()))?;
+            println!("resumed at step {} of {} (training settings come from the checkpoint)", t.step(), t.config.steps);
+            t
+        }
+        None => {
+            let model_config = LlamaConfig::from_preset_or_path(&args.model)?;
+            let config = TrainConfig {
+                steps: args.steps,
+                batch_size: args.batch_size,
+                seq_len: args.seq_len.unwrap_or(model_config.max_position_embeddings as usize),
+                grad_accum: args.grad_accum,
+                lr: args.lr,
+                min_lr: args.min_lr.unwrap_or(args.lr / 10.0),
+                warmup_steps: args.warmup_steps,
+                grad_clip: args.grad_clip,
+                adamw: AdamWConfig { beta1: args.beta1, beta2: args.beta2, eps: 1e-8, weight_decay: args.weight_decay },
+                eval_interval: args.eval_interval,
+                eval_windows: args.eval_windows,
+                checkpoint_interval: args.checkpoint_interval,
+                seed: args.seed,
+                worker: 0,
+            };
+            Trainer::new(config, &model_config, dataset, device)?
+        }
+    };
+    let c = &trainer.model.config;
+    println!(
+        "model: {} | {} parameters | {} layers, width {}, {} heads ({} kv), context {} | device {:?}, {} threads",
+        args.model,
+        human(c.num_params() as f64),
+        c.num_hidden_layers,
+        c.hidden_size,
+        c.num_attention_heads,
+        c.kv_heads(),
+        c.max_position_embeddings,
+        device,
+        tch::get_num_threads()
+    );
+    println!(
+        "train: {} steps × {} tokens, lr {} → {}, warmup {}, AdamW β=({}, {}), wd {}, clip {}",
+        trainer.config.steps,
+        trainer.config.tokens_per_step(),
+        trainer.config.lr,
+        trainer.config.min_lr,
+        trainer.config.warmup_steps,
+        trainer.config.adamw.beta1,
+        trainer.config.adamw.beta2,
+        trainer.config.adamw.weight_decay,
+        trainer.config.grad_clip
+    );
+    if trainer.step() == 0 {
+        println!("{}", describe_eval(&trainer.evaluate()?));
+    }
+    let summary = trainer.run(Some(&args.out), args.stop_at, true)?;
+    println!(
+        "done: {} steps in {:.1} s, {:.0} tokens/s | final val loss {:.4}",
+        summary.steps, summary.elapsed_s, summary.tokens_per_s, summary.final_eval.val_loss
+    );
+    if let Some(gap) = summary.final_eval.floor_gap {
+        println!("distance to the entropy floor (warm-context val loss − floor): {gap:+.4} nats/token");
+    }
+    println!("metrics: {}", args.out.join("metrics.jsonl").display());
+    if let Some(ckpt) = summary.checkpoint {
+        println!("checkpoint: {}  (Hugging Face format)", ckpt.display());
+        println!("next: tessera generate --checkpoint {} --prompt \"...\"", ckpt.display());
+    }
+    Ok(())
+}
+
+fn generate_text(args: GenerateArgs) -> Result<()> {
+    let device = setup_runtime(&args.runtime)?;
+    if !(args.top_p > 0.0 && args.top_p <= 1.0) {
+        bail!("--top-p must be in (0, 1]");
+    }
+    if !(args.temperature >= 0.0 && args.temperature.is_finite()) {
+        bail!("--temperature must be ≥ 0");
+    }
+    let (model, tokenizer) = load_checkpoint(&args.checkpoint, device)?;
+    let tokenizer = tokenizer.with_context(|| format!("{} has no tokenizer.json", args.checkpoint.display()))?;
+    let prompt = tokenizer.encode(&args.prompt)?;
+    let params = SamplingParams {
+        max_new_tokens: args.max_new_tokens,
+        temperature: args.temperature,
+        top_p: args.top_p,
+        seed: args.seed,
+        stop_token: Some(tokenizer.eos_id()),
+    };
+    let mut stdout = std::io::stdout().lock();
+    write!(stdout, "{}", args.prompt)?;
+    let mut new_tokens: Vec<u32> = Vec::new();
+    let mut printed = 0;
+    let mut failure = None;
+    generate(&model, &prompt, &params, |tok| {
+        if tok == tokenizer.eos_id() {
+            return;
+        }
+        new_tokens.push(tok);
+        // Decode the whole continuation so multi-byte characters print only when complete.
+        match tokenizer.decode(&new_tokens) {
+            Ok(text) if !text.ends_with('\u{FFFD}') && text.len() >= printed => {
+                let _ = write!(stdout, "{}", &text[printed..]);
+                let _ = stdout.flush();
+                printed = text.len();
+            }
+            Ok(_) => {}
+            Err(e) => failure = Some(e),
+        }
+    })?;
+    writeln!(stdout)?;
+    if let Some(e) = failure {
+        return Err(e.into());
+    }
+    Ok(())
+}
+
+fn human(x: f64) -> String {
+    for (scale, suffix) in [(1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "k")] {
+        if x >= scale {
+            return format!("{:.2}{suffix}", x / scale);
+        }
+    }
+    format!("{x:.0}")
+}
+
+fn gib(bytes: u64) -> String {
+    let g = bytes as f64 / (1u64 << 30) as f64;
+    if g >= 1.0 { format!("{g:.1} GiB") } else { format!("{:.1} MiB", bytes as f64 / (1u64 << 20) as f64) }
+}
+
+fn model_info(model: Option<&str>, seq_len: Option<i64>, json: bool) -> Result<()> {
+    let Some(spec) = model else {
+        println!(
+            "{:<8} {:>6} {:>6} {:>9} {:>6} {:>7} {:>6} {:>10} {:>12} {:>12}  summary",
+            "preset", "layers", "width", "heads/kv", "ffn", "vocab", "ctx", "params", "FLOPs/token", "train mem"
+        );
+        for p in presets() {
+            let c = &p.config;
+            println!(
+                "{:<8} {:>6} {:>6} {:>9} {:>6} {:>7} {:>6} {:>10} {:>12} {:>12}  {}",
+                p.name,
+                c.num_hidden_layers,
+                c.hidden_size,
+                format!("{}/{}", c.num_attention_heads, c.kv_heads()),
+                c.intermediate_size,
+                c.vocab_size,
+                c.max_position_embeddings,
+                human(c.num_params() as f64),
+                human(c.train_flops_per_token(c.max_position_embeddings) as f64),
+                gib(TrainingMemory::f32(c).total()),
+                p.summary
+            );
+        }
+        println!("\nFLOPs/token: training (6N + attention) at full context; train mem: f32 weights + grads + AdamW moments.");
+        return Ok(());
+    };
+    let c = LlamaConfig::from_preset_or_path(spec)?;
+    let t = seq_len.unwrap_or(c.max_position_embeddings);
+    if t <= 0 {
+        bail!("--seq-len must be positive");
+    }
+    let mem = TrainingMemory::f32(&c);
+    let flops = c.train_flops_per_token(t);
+    if json {
+        let v = serde_json::json!({
+            "model": spec, "config": c, "params": c.num_params(), "matmul_params": c.matmul_params(),
+            "seq_len": t, "train_flops_per_token": flops, "six_n": 6 * c.matmul_params(),
+            "memory_bytes": {"weights_f32": mem.weights, "gradients_f32": mem.gradients,
+                             "adamw_state_f32": mem.adamw_state, "total": mem.total()},
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!("model {spec}");
+    println!(
+        "  shape              {} layers, width {}, {} heads ({} kv, head dim {}), ffn {}, vocab {}, context {}, tied embeddings: {}",
+        c.num_hidden_layers,
+        c.hidden_size,
+        c.num_attention_heads,
+        c.kv_heads(),
+        c.head_dim(),
+        c.intermediate_size,
+        c.vocab_size,
+        c.max_position_embeddings,
+        c.tie_word_embeddings
+    );
+    println!("  parameters         {} ({})", c.num_params(), human(c.num_params() as f64));
+    println!(
+        "  training FLOPs     {} per token at sequence length {t} (6N = {}, attention = {})",
+        human(flops as f64),
+        human((6 * c.matmul_params()) as f64),
+        human((flops - 6 * c.matmul_params()) as f64)
+    );
+    println!("  memory (f32)       weights {} + gradients {} + AdamW state {} = {}", gib(mem.weights), gib(mem.gradients), gib(mem.adamw_state), gib(mem.total()));
+    Ok(())
+}
+
+fn data_info(args: &DataArgs) -> Result<()> {
+    if args.data.is_none() {
+        let spec = SyntheticSpec { seed: args.synthetic_seed, ..SyntheticSpec::default() };
+        let source = SyntheticSource::new(spec);
+        let h = source.entropy_rate_nats_per_char();
+        println!("embedded corpus: sparse word-level Markov source (seed {})", spec.seed);
+        println!("  words               {} (alphabet of {} characters incl. space)", source.words.len(), source.alphabet().len());
+        println!("  successors per word {}–{}, plus {} uniform noise", spec.successors_min, spec.successors_max, spec.noise);
+        println!("  entropy per word    {:.6} nats", source.entropy_per_word);
+        println!("  characters per word {:.6} (incl. the space)", source.chars_per_word);
+        println!("  entropy rate        {h:.6} nats/char = {:.6} bits/char  ← the loss floor", h / std::f64::consts::LN_2);
+        println!("  sample              {:?}", source.train_text(160));
+        return Ok(());
+    }
+    let dataset = load_dataset(args)?;
+    let chars: usize = match &args.data {
+        Some(p) if !Dataset::is_prepared_dir(p) => TextSource::read(p)?.iter().map(|d| d.chars().count()).sum(),
+        _ => 0,
+    };
+    let tokens = dataset.train.len() + dataset.validation.len();
+    println!("corpus {}", dataset.info.name);
+    println!("  vocabulary   {}", dataset.tokenizer.vocab_size());
+    println!("  tokens       {} training + {} validation", dataset.train.len(), dataset.validation.len());
+    if chars > 0 {
+        println!("  characters   {chars} ({:.3} per token)", chars as f64 / tokens as f64);
+    }
+    match dataset.info.loss_floor {
+        Some(f) => println!("  loss floor   {f:.6} nats/token"),
+        None => println!("  loss floor   unknown (real text)"),
+    }
+    Ok(())
+}
+
+fn train_tokenizer(data: &Path, vocab: usize, out: &Path) -> Result<()> {
+    let docs = TextSource::read(data)?;
+    let bar = indicatif::ProgressBar::new_spinner().with_message(format!("training BPE with {vocab} tokens"));
+    bar.enable_steady_tick(std::time::Duration::from_millis(120));
+    let tokenizer = TessTokenizer::train_bpe(docs.iter(), vocab)?;
+    bar.finish_and_clear();
+    tokenizer.save(out)?;
+    let sample: String = docs.iter().flat_map(|d| d.chars()).take(200_000).collect();
+    let n = tokenizer.encode(&sample)?.len().max(1);
+    println!(
+        "wrote {} ({} tokens); {:.2} characters per token on the first {} characters",
+        out.display(),
+        tokenizer.vocab_size(),
+        sample.chars().count() as f64 / n as f64,
+        sample.chars().count()
+    );
+    Ok(())
+}
+
+fn bench_train(models: &[String], batch: usize, steps: u64, warmup: u64, json: bool, runtime: &RuntimeArgs) -> Result<()> {
+    let device = setup_runtime(runtime)?;
+    if steps == 0 || batch == 0 {
+        bail!("--steps and --batch-size must be positive");
+    }
+    if !json {
+        println!("{:<8} {:>9} {:>9} {:>8} {:>10} {:>12} {:>10}", "model", "params", "batch×seq", "threads", "step ms", "tokens/s", "GFLOP/s");
+    }
+    for name in models {
+        let config = LlamaConfig::from_preset_or_path(name)?;
+        let r = train_throughput(name, &config, batch, steps, warmup, device)?;
+        if json {
+            println!("{}", serde_json::to_string(&r)?);
+        } else {
+            println!(
+                "{:<8} {:>9} {:>9} {:>8} {:>10.2} {:>12.0} {:>10.2}",
+                r.preset,
+                human(r.params as f64),
+                format!("{}×{}", r.batch_size, r.seq_len),
+                r.threads,
+                r.step_ms,
+                r.tokens_per_s,
+                r.gflops
+            );
+        }
+    }
+    Ok(())
+}
