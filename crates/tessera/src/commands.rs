@@ -18,6 +18,8 @@ pub fn run(command: Command) -> Result<()> {
         Command::Train(args) => train(args),
         Command::Generate(args) => generate_text(args),
         Command::Model(ModelCommand::Info { model, seq_len, json }) => model_info(model.as_deref(), seq_len, json),
+        Command::Model(ModelCommand::Init { model, tokenizer, seed, out }) => model_init(&model, &tokenizer, seed, &out),
+        Command::Model(ModelCommand::Logits { checkpoint, text }) => model_logits(&checkpoint, &text),
         Command::Data(DataCommand::Info { data }) => data_info(&data),
         Command::Data(DataCommand::Prepare { data, out, shard_tokens }) => {
             if shard_tokens == 0 {
@@ -292,6 +294,36 @@ fn model_info(model: Option<&str>, seq_len: Option<i64>, json: bool) -> Result<(
         human((flops - 6 * c.matmul_params()) as f64)
     );
     println!("  memory (f32)       weights {} + gradients {} + AdamW state {} = {}", gib(mem.weights), gib(mem.gradients), gib(mem.adamw_state), gib(mem.total()));
+    Ok(())
+}
+
+fn model_init(spec: &str, tokenizer: &str, seed: u64, out: &Path) -> Result<()> {
+    let mut config = LlamaConfig::from_preset_or_path(spec)?;
+    let tokenizer = match tokenizer {
+        "byte" => TessTokenizer::byte_level(),
+        file => TessTokenizer::load(Path::new(file))?,
+    };
+    config.vocab_size = tokenizer.vocab_size() as i64;
+    tch::manual_seed(seed as i64);
+    let model = tessera_model::Llama::new(&config, Device::Cpu)?;
+    tessera_model::save_checkpoint(&model, Some(&tokenizer), out)?;
+    println!("wrote {} ({} parameters) to {}", spec, config.num_params(), out.display());
+    Ok(())
+}
+
+fn model_logits(checkpoint: &Path, text: &str) -> Result<()> {
+    let (model, tokenizer) = load_checkpoint(checkpoint, Device::Cpu)?;
+    let tokenizer = tokenizer.with_context(|| format!("{} has no tokenizer.json", checkpoint.display()))?;
+    let tokens = tokenizer.encode(text)?;
+    if tokens.is_empty() {
+        bail!("--text encodes to no tokens");
+    }
+    let ids: Vec<i64> = tokens.iter().map(|&t| i64::from(t)).collect();
+    let logits = tch::no_grad(|| model.forward(&tch::Tensor::from_slice(&ids).view([1, -1]), None))?;
+    let rows: Vec<Vec<f32>> = (0..ids.len() as i64)
+        .map(|i| Vec::<f32>::try_from(logits.get(0).get(i)))
+        .collect::<Result<_, _>>()?;
+    println!("{}", serde_json::json!({"tokens": tokens, "logits": rows}));
     Ok(())
 }
 

@@ -173,6 +173,26 @@ enum ModelCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Write a freshly initialised model as a Hugging Face checkpoint.
+    Init {
+        /// Preset name or config.json.
+        #[arg(long, default_value = "tiny")]
+        model: String,
+        /// Tokenizer saved with it (sets the vocabulary): `byte` or a tokenizer.json.
+        #[arg(long, default_value = "byte")]
+        tokenizer: String,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Print the tokens of TEXT and the model's logits for them, as JSON (for comparisons).
+    Logits {
+        #[arg(long)]
+        checkpoint: PathBuf,
+        #[arg(long)]
+        text: String,
+    },
 }
 
 #[derive(Subcommand)]
