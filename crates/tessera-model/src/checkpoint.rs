@@ -158,19 +158,20 @@ pub fn load_checkpoint(dir: &Path, device: Device) -> Result<(Llama, Option<Tess
             tensors.insert(name, (t, file.clone()));
         }
     }
-    let model = Llama::new(&config, device)?;
+    // Check names, shapes and values against the config before allocating the model, so a
+    // config that disagrees with its weights is reported, not allocated.
     let weights_path = dir.join(WEIGHTS_FILE);
-    for (name, mut var) in model.named_parameters() {
+    let mut ordered = Vec::new();
+    for (name, shape) in config.parameter_shapes() {
         let (t, file) =
             tensors.remove(&name).ok_or_else(|| ckpt_err(&weights_path, format!("missing tensor {name}")))?;
-        if t.size() != var.size() {
-            return Err(ckpt_err(&file, format!("tensor {name} has shape {:?}, config implies {:?}", t.size(), var.size())));
+        if t.size() != shape {
+            return Err(ckpt_err(&file, format!("tensor {name} has shape {:?}, config implies {shape:?}", t.size())));
         }
-        let finite = t.isfinite().all().int64_value(&[]) == 1;
-        if !finite {
+        if !bool::try_from(t.isfinite().all())? {
             return Err(ckpt_err(&file, format!("tensor {name} contains NaN or infinite values")));
         }
-        tch::no_grad(|| var.f_copy_(&t.to_device(device)))?;
+        ordered.push(t);
     }
     // Tied checkpoints may still carry lm_head.weight; older ones carry rotary buffers.
     tensors.retain(|name, _| {
@@ -178,6 +179,10 @@ pub fn load_checkpoint(dir: &Path, device: Device) -> Result<(Llama, Option<Tess
     });
     if let Some((name, (_, file))) = tensors.iter().next() {
         return Err(ckpt_err(file, format!("unexpected tensor {name} (not part of a Llama with this config)")));
+    }
+    let model = Llama::new(&config, device)?;
+    for ((_, mut var), t) in model.named_parameters().into_iter().zip(ordered) {
+        tch::no_grad(|| var.f_copy_(&t.to_device(device)))?;
     }
     let tokenizer_path = dir.join("tokenizer.json");
     let tokenizer = if tokenizer_path.exists() { Some(TessTokenizer::load(&tokenizer_path)?) } else { None };

@@ -54,6 +54,13 @@ fn default_initializer_range() -> f64 {
     0.02
 }
 
+/// Upper bounds on a config's dimensions: far above any planned model, low enough that a hostile
+/// `config.json` cannot make us allocate absurd tensors before the weights are even checked.
+pub const HIDDEN_SIZE_MAX: i64 = 1 << 17;
+pub const LAYERS_MAX: i64 = 1 << 12;
+pub const VOCAB_SIZE_MAX: i64 = 1 << 24;
+pub const CONTEXT_MAX: i64 = 1 << 22;
+
 /// Vocabulary of the production phases: a byte-level BPE trained by `tessera tokenizer train`.
 pub const PHASE_VOCAB: i64 = 65_536;
 
@@ -173,6 +180,20 @@ impl LlamaConfig {
                 return Err(format!("{name} must be positive, got {v}"));
             }
         }
+        let bounded = [
+            ("hidden_size", self.hidden_size, HIDDEN_SIZE_MAX),
+            ("intermediate_size", self.intermediate_size, 8 * HIDDEN_SIZE_MAX),
+            ("num_hidden_layers", self.num_hidden_layers, LAYERS_MAX),
+            ("num_attention_heads", self.num_attention_heads, HIDDEN_SIZE_MAX),
+            ("head_dim", self.head_dim(), HIDDEN_SIZE_MAX),
+            ("vocab_size", self.vocab_size, VOCAB_SIZE_MAX),
+            ("max_position_embeddings", self.max_position_embeddings, CONTEXT_MAX),
+        ];
+        for (name, v, max) in bounded {
+            if v > max {
+                return Err(format!("{name} = {v} exceeds the supported maximum of {max}"));
+            }
+        }
         if self.num_attention_heads % self.kv_heads() != 0 {
             return Err(format!(
                 "num_attention_heads ({}) must be a multiple of num_key_value_heads ({})",
@@ -213,6 +234,32 @@ impl LlamaConfig {
 
     pub fn head_dim(&self) -> i64 {
         self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
+    }
+
+    /// Every weight tensor's Hugging Face name and shape, in name order.
+    pub fn parameter_shapes(&self) -> Vec<(String, Vec<i64>)> {
+        let (d, hd, ff) = (self.hidden_size, self.head_dim(), self.intermediate_size);
+        let (q, kv) = (self.num_attention_heads * hd, self.kv_heads() * hd);
+        let mut shapes = vec![("model.embed_tokens.weight".to_owned(), vec![self.vocab_size, d]), ("model.norm.weight".to_owned(), vec![d])];
+        if !self.tie_word_embeddings {
+            shapes.push(("lm_head.weight".to_owned(), vec![self.vocab_size, d]));
+        }
+        for i in 0..self.num_hidden_layers {
+            let layer = [
+                ("input_layernorm", vec![d]),
+                ("post_attention_layernorm", vec![d]),
+                ("self_attn.q_proj", vec![q, d]),
+                ("self_attn.k_proj", vec![kv, d]),
+                ("self_attn.v_proj", vec![kv, d]),
+                ("self_attn.o_proj", vec![d, q]),
+                ("mlp.gate_proj", vec![ff, d]),
+                ("mlp.up_proj", vec![ff, d]),
+                ("mlp.down_proj", vec![d, ff]),
+            ];
+            shapes.extend(layer.into_iter().map(|(name, shape)| (format!("model.layers.{i}.{name}.weight"), shape)));
+        }
+        shapes.sort_by(|a, b| a.0.cmp(&b.0));
+        shapes
     }
 
     /// Parameters of one decoder layer.

@@ -67,9 +67,8 @@ pub struct Llama {
     layers: Vec<Layer>,
     norm: Tensor,
     lm_head: Option<Tensor>,
-    /// `[max_position_embeddings, head_dim]` rotary tables.
-    cos: Tensor,
-    sin: Tensor,
+    /// Rotary inverse frequencies `[head_dim / 2]`, f32.
+    inv_freq: Tensor,
     /// Matrix multiplies run in this kind (bf16 on CUDA); weights and norms stay f32.
     compute_kind: Kind,
 }
@@ -120,9 +119,6 @@ impl Llama {
         // HF: inv_freq = 1 / θ^(2i/hd) in f32; angles = position · inv_freq; emb = [angles, angles].
         let exponent = Tensor::arange_start_step(0, hd, 2, (Kind::Int64, device)).to_kind(Kind::Float) / hd as f64;
         let inv_freq = Tensor::pow_scalar(c.rope_theta, &exponent).reciprocal();
-        let positions = Tensor::arange(c.max_position_embeddings, (Kind::Int64, device)).to_kind(Kind::Float);
-        let angles = positions.outer(&inv_freq);
-        let emb = Tensor::cat(&[&angles, &angles], -1);
         let compute_kind = if device.is_cuda() { Kind::BFloat16 } else { Kind::Float };
         Ok(Llama {
             config: c.clone(),
@@ -130,8 +126,7 @@ impl Llama {
             layers,
             norm,
             lm_head,
-            cos: emb.cos(),
-            sin: emb.sin(),
+            inv_freq,
             vs,
             compute_kind,
         })
@@ -167,8 +162,11 @@ impl Llama {
         if past + t > self.config.max_position_embeddings {
             return Err(ModelError::TooLong { len: past + t, max: self.config.max_position_embeddings });
         }
-        let cos = self.cos.narrow(0, past, t);
-        let sin = self.sin.narrow(0, past, t);
+        // HF: angles = position · inv_freq in f32; emb = [angles, angles].
+        let positions = Tensor::arange_start(past, past + t, (Kind::Int64, self.device())).to_kind(Kind::Float);
+        let angles = positions.outer(&self.inv_freq);
+        let emb = Tensor::cat(&[&angles, &angles], -1);
+        let (cos, sin) = (emb.cos(), emb.sin());
         if let Some(c) = cache.as_deref_mut() {
             c.layers.resize_with(self.layers.len(), || None);
         }
@@ -299,6 +297,8 @@ mod tests {
         assert!(names.contains(&"lm_head.weight".to_string()));
         let count: i64 = m.named_parameters().iter().map(|(_, t)| t.numel() as i64).sum();
         assert_eq!(count as u64, m.config.num_params());
+        let shapes: Vec<(String, Vec<i64>)> = m.named_parameters().into_iter().map(|(n, t)| (n, t.size())).collect();
+        assert_eq!(shapes, m.config.parameter_shapes());
     }
 
     #[test]

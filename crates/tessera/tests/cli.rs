@@ -1,0 +1,132 @@
+//! The `tessera` binary end to end: real processes, real files, small models.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn tessera(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_tessera")).args(args).env("RUST_LOG", "warn").output().expect("spawn tessera")
+}
+
+fn ok(args: &[&str]) -> String {
+    let out = tessera(args);
+    assert!(out.status.success(), "tessera {args:?} failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).expect("utf-8 stdout")
+}
+
+/// Runs a command that must fail; returns its stderr.
+fn fails(args: &[&str]) -> String {
+    let out = tessera(args);
+    assert!(!out.status.success(), "tessera {args:?} should have failed");
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!err.contains("panicked"), "tessera {args:?} panicked:\n{err}");
+    err
+}
+
+fn p(path: &Path) -> &str {
+    path.to_str().expect("utf-8 temp path")
+}
+
+const SMALL: &[&str] = &["--model", "tiny", "--synthetic-chars", "20000", "--batch-size", "4", "--eval-windows", "8", "--warmup-steps", "2", "--threads", "1"];
+
+#[test]
+fn train_resume_generate_on_the_embedded_corpus() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let mut args = vec!["train", "--steps", "12", "--eval-interval", "6", "--stop-at", "6", "--out", p(&run)];
+    args.extend_from_slice(SMALL);
+    let out = ok(&args);
+    assert!(out.contains("exact entropy floor"), "{out}");
+    assert!(out.contains("nats from the entropy floor"), "{out}");
+    let ckpt = run.join("checkpoint");
+    for f in ["config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "optimizer.safetensors", "trainer_state.json"] {
+        assert!(ckpt.join(f).is_file(), "checkpoint lacks {f}");
+    }
+
+    let mut resume = vec!["train", "--steps", "12", "--resume", p(&ckpt), "--out", p(&run)];
+    resume.extend_from_slice(&SMALL[2..]);
+    let out = ok(&resume);
+    assert!(out.contains("resumed at step 6 of 12"), "{out}");
+    assert!(out.contains("done: 12 steps"), "{out}");
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    let train_steps: Vec<u64> = metrics
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["event"] == "train")
+        .map(|v| v["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(train_steps, (1..=12).collect::<Vec<_>>());
+
+    let sample = |seed: &str| ok(&["generate", "--checkpoint", p(&ckpt), "--prompt", "ka", "--max-new-tokens", "24", "--seed", seed]);
+    let a = sample("1");
+    assert!(a.starts_with("ka") && a.trim_end().chars().count() > 2, "{a:?}");
+    assert_eq!(a, sample("1"), "same seed, same text");
+}
+
+#[test]
+fn real_text_with_prepared_shards_and_a_bpe_tokenizer() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = dir.path().join("corpus.txt");
+    let verse = "Shall I compare thee to a summer's day? Thou art more lovely and more temperate.\n";
+    std::fs::write(&text, verse.repeat(200)).unwrap();
+    let tok = dir.path().join("tokenizer.json");
+    let out = ok(&["tokenizer", "train", "--data", p(&text), "--vocab", "300", "--out", p(&tok)]);
+    assert!(out.contains("characters per token"), "{out}");
+
+    let prepared = dir.path().join("prepared");
+    ok(&["data", "prepare", "--data", p(&text), "--tokenizer", p(&tok), "--out", p(&prepared), "--shard-tokens", "1000"]);
+    assert!(prepared.join("train-00000.tshard").is_file() && prepared.join("val.tshard").is_file());
+    let info = ok(&["data", "info", "--data", p(&prepared)]);
+    assert!(info.contains("vocabulary   300"), "{info}");
+
+    let run = dir.path().join("run");
+    ok(&["train", "--model", "tiny", "--data", p(&prepared), "--steps", "3", "--batch-size", "2", "--eval-windows", "4", "--out", p(&run), "--threads", "1"]);
+    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run.join("checkpoint/config.json")).unwrap()).unwrap();
+    assert_eq!(config["vocab_size"], 300);
+}
+
+#[test]
+fn model_info_reports_exact_counts() {
+    let out = ok(&["model", "info", "nano", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["config"]["hidden_size"], 128);
+    let params = v["params"].as_u64().unwrap();
+    assert!(params > 800_000 && params < 900_000, "{params}");
+    let table = ok(&["model", "info"]);
+    for name in ["tiny", "nano", "micro", "phase1", "phase7"] {
+        assert!(table.contains(name), "{table}");
+    }
+    let synthetic = ok(&["data", "info"]);
+    assert!(synthetic.contains("entropy rate"), "{synthetic}");
+}
+
+#[test]
+fn bad_input_gets_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("nothing-here.txt");
+    assert!(fails(&["train", "--data", p(&missing)]).contains("nothing-here.txt"));
+    assert!(fails(&["train", "--model", "gigantic"]).contains("unknown preset"));
+    assert!(fails(&["train", "--device", "tpu"]).contains("unknown device"));
+    assert!(fails(&["train", "--device", "cuda:7"]).contains("CUDA device 7"));
+
+    let jsonl = dir.path().join("docs.jsonl");
+    std::fs::write(&jsonl, "{\"text\": \"fine\"}\nnot json\n").unwrap();
+    assert!(fails(&["data", "info", "--data", p(&jsonl)]).contains("docs.jsonl:2"));
+
+    let ckpt = dir.path().join("ckpt");
+    ok(&["model", "init", "--out", p(&ckpt)]);
+    std::fs::write(ckpt.join("config.json"), "{\"hidden_size\": 32}").unwrap();
+    let err = fails(&["generate", "--checkpoint", p(&ckpt), "--prompt", "x"]);
+    assert!(err.contains("config.json") && err.contains("missing field"), "{err}");
+
+    let ckpt2 = dir.path().join("ckpt2");
+    ok(&["model", "init", "--out", p(&ckpt2)]);
+    std::fs::write(ckpt2.join("model.safetensors"), b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ").unwrap();
+    let err = fails(&["generate", "--checkpoint", p(&ckpt2)]);
+    assert!(err.contains("model.safetensors") && err.contains("missing tensor"), "{err}");
+
+    let ckpt3 = dir.path().join("ckpt3");
+    ok(&["model", "init", "--out", p(&ckpt3)]);
+    std::fs::write(ckpt3.join("tokenizer.json"), "[]").unwrap();
+    let err = fails(&["model", "logits", "--checkpoint", p(&ckpt3), "--text", "x"]);
+    assert!(err.contains("tokenizer.json") && err.contains("not a valid tokenizer.json"), "{err}");
+}
