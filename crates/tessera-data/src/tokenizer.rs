@@ -169,7 +169,17 @@ impl TessTokenizer {
     pub fn load(path: &Path) -> Result<TessTokenizer, TokenizerError> {
         let load_err = |message: String| TokenizerError::Load { path: path.to_owned(), message };
         let text = std::fs::read_to_string(path).map_err(|e| load_err(e.to_string()))?;
-        let inner: Tokenizer = serde_json::from_str(&text).map_err(|e| load_err(format!("not a valid tokenizer.json: {e}")))?;
+        let invalid = |e: String| load_err(format!("not a valid tokenizer.json: {e}"));
+        // Parse the JSON first: `tokenizers` 0.22 panics (an `expect` in its decoder
+        // deserializer) on some malformed text, but not on a well-formed `Value`. The
+        // `catch_unwind` keeps any other such panic in that crate from taking the process down.
+        let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| invalid(e.to_string()))?;
+        let parsed = std::panic::catch_unwind(move || serde_json::from_value::<Tokenizer>(value));
+        let inner = match parsed {
+            Ok(Ok(t)) => t,
+            Ok(Err(e)) => return Err(invalid(e.to_string())),
+            Err(_) => return Err(invalid("the tokenizers library rejected it".to_owned())),
+        };
         TessTokenizer::from_inner(inner).map_err(|e| load_err(e.to_string()))
     }
 
