@@ -25,7 +25,8 @@ impl Default for SamplingParams {
 }
 
 /// Continues `prompt`, calling `on_token` with each new token; returns the new tokens. Stops at
-/// `max_new_tokens`, the stop token, or the model's context length.
+/// `max_new_tokens` or the stop token. When the context fills up, the cache is rebuilt from the
+/// last half-context of tokens, so generation can run past the model's context length.
 pub fn generate(
     model: &Llama,
     prompt: &[u32],
@@ -45,6 +46,7 @@ pub fn generate(
     let mut rng = ChaCha8Rng::seed_from_u64(params.seed);
     let mut cache = KvCache::new();
     let mut out = Vec::new();
+    let mut history = prompt.clone();
     let mut input = Tensor::from_slice(&prompt).view([1, -1]).to_device(model.device());
     tch::no_grad(|| -> Result<(), ModelError> {
         while out.len() < params.max_new_tokens {
@@ -54,10 +56,17 @@ pub fn generate(
             let next = sample(&last, params, &mut rng);
             out.push(next);
             on_token(next);
-            if Some(next) == params.stop_token || cache.len() as usize >= ctx {
+            history.push(i64::from(next));
+            if Some(next) == params.stop_token {
                 break;
             }
-            input = Tensor::from_slice(&[i64::from(next)]).view([1, 1]).to_device(model.device());
+            if cache.len() as usize >= ctx {
+                cache = KvCache::new();
+                let keep = (ctx / 2).max(1);
+                input = Tensor::from_slice(&history[history.len() - keep..]).view([1, -1]).to_device(model.device());
+            } else {
+                input = Tensor::from_slice(&[i64::from(next)]).view([1, 1]).to_device(model.device());
+            }
         }
         Ok(())
     })?;
@@ -124,6 +133,15 @@ mod tests {
             assert_eq!(best, i64::from(tok));
             seq.push(i64::from(tok));
         }
+    }
+
+    #[test]
+    fn generation_runs_past_the_context_length() {
+        tch::manual_seed(3);
+        let model = Llama::new(&preset("tiny").unwrap(), tch::Device::Cpu).unwrap();
+        let p = SamplingParams { max_new_tokens: 100, seed: 1, ..Default::default() };
+        let out = generate(&model, &[1, 2, 3], &p, |_| {}).unwrap();
+        assert_eq!(out.len(), 100);
     }
 
     #[test]
