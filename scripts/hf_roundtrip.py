@@ -39,10 +39,14 @@ def hf_logits(model, tokens):
         return model(torch.tensor([tokens])).logits[0].float()
 
 
+RESULTS = []
+
+
 def check(name, a, b):
     diff = (a - b).abs().max().item()
     status = "ok" if diff <= TOLERANCE else "FAIL"
     print(f"{status:>4}  {name}: max |Δlogits| = {diff:.3e}")
+    RESULTS.append(diff <= TOLERANCE)
     return diff <= TOLERANCE
 
 
@@ -58,12 +62,13 @@ def main():
         model.eval()
         tokens, logits = tessera_logits(ours, TEXT)
         hf_tokens = tok(TEXT)["input_ids"]
-        if hf_tokens != tokens:
+        same = hf_tokens == tokens and tok.decode(tokens) == TEXT
+        if not same:
             print(f"FAIL  tokenizer: transformers {hf_tokens[:12]}… vs tessera {tokens[:12]}…")
-            ok = False
         else:
-            print(f"  ok  tokenizer: {len(tokens)} identical tokens, decode round-trips: {tok.decode(tokens) == TEXT}")
-            ok &= tok.decode(tokens) == TEXT
+            print(f"  ok  tokenizer: {len(tokens)} identical tokens, decode round-trips")
+        RESULTS.append(same)
+        ok &= same
         ok &= check("tessera → transformers (GQA, untied)", logits, hf_logits(model, tokens))
 
         # 2. transformers writes, Tessera reads.
@@ -85,6 +90,7 @@ def main():
             tokens, logits = tessera_logits(theirs, TEXT)
             ok &= check(f"transformers → tessera ({'tied' if tied else 'GQA, untied'})", logits, hf_logits(hf, tokens))
     print("round trip passed" if ok else "round trip FAILED")
+    print(f"roundtrip: {sum(RESULTS)} passed, {len(RESULTS) - sum(RESULTS)} failed")
     return 0 if ok else 1
 
 
