@@ -3,15 +3,17 @@
 
 Builds the identical Llama (shapes from `tessera model info PRESET --json`), runs forward,
 backward, global-norm clipping and AdamW (decay on matrices only) on the same batch and thread
-count, then runs `tessera bench train` for the same settings and prints the ratio
-Tessera tokens/s ÷ PyTorch tokens/s.
+count, and runs `tessera bench train` for the same settings. The two alternate for `--rounds`
+rounds (a shared machine's speed drifts); the ratio reported is median Tessera tokens/s ÷
+median PyTorch tokens/s, with the range of the per-round ratios.
 
-    scripts/tessera-env python benchmarks/train_pytorch.py --models nano,micro --threads 2
+    .venv/bin/python benchmarks/train_pytorch.py --models nano,micro --threads 2
 """
 import argparse
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -123,20 +125,26 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--tessera", default=os.path.join(root, "target", "release", "tessera"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} threads, batch {args.batch_size}")
-    print(f"{'model':<8} {'pytorch tok/s':>14} {'tessera tok/s':>14} {'ratio':>7}")
+    print(f"{args.rounds} alternating rounds of {args.steps} timed steps each; medians")
+    print(f"{'model':<8} {'pytorch tok/s':>14} {'tessera tok/s':>14} {'ratio':>7}  per-round ratios")
     for name in args.models.split(","):
         info = json.loads(subprocess.check_output([args.tessera, "model", "info", name, "--json"]))
-        py = bench_pytorch(info["config"], args.batch_size, args.steps, args.warmup)
-        out = subprocess.check_output([
-            args.tessera, "bench", "train", "--models", name, "--json", "--threads", str(args.threads),
-            "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--warmup", str(args.warmup),
-        ])
-        rs = json.loads(out.decode().strip().splitlines()[-1])["tokens_per_s"]
-        print(f"{name:<8} {py:>14.0f} {rs:>14.0f} {rs / py:>7.3f}", flush=True)
+        py_runs, rs_runs = [], []
+        for _ in range(args.rounds):
+            py_runs.append(bench_pytorch(info["config"], args.batch_size, args.steps, args.warmup))
+            out = subprocess.check_output([
+                args.tessera, "bench", "train", "--models", name, "--json", "--threads", str(args.threads),
+                "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--warmup", str(args.warmup),
+            ])
+            rs_runs.append(json.loads(out.decode().strip().splitlines()[-1])["tokens_per_s"])
+        py, rs = statistics.median(py_runs), statistics.median(rs_runs)
+        ratios = ", ".join(f"{r / p:.3f}" for r, p in zip(rs_runs, py_runs))
+        print(f"{name:<8} {py:>14.0f} {rs:>14.0f} {rs / py:>7.3f}  {ratios}", flush=True)
 
 
 if __name__ == "__main__":

@@ -243,11 +243,15 @@ impl Trainer {
             "dataset": self.dataset.info,
         });
         let state_path = tmp.join(STATE_FILE);
-        std::fs::write(&state_path, serde_json::to_string_pretty(&state).unwrap_or_default()).map_err(|e| io(&state_path, e))?;
+        let text = serde_json::to_string_pretty(&state)
+            .map_err(|e| TrainError::Io { path: state_path.display().to_string(), message: e.to_string() })?;
+        std::fs::write(&state_path, text).map_err(|e| io(&state_path, e))?;
         if dir.exists() {
             std::fs::remove_dir_all(dir).map_err(|e| io(dir, e))?;
         }
-        std::fs::rename(&tmp, dir).map_err(|e| io(dir, e))
+        std::fs::rename(&tmp, dir).map_err(|e| io(dir, e))?;
+        tracing::info!(step = self.opt.step, path = %dir.display(), "checkpoint written");
+        Ok(())
     }
 
     /// Continues a run from a checkpoint written by [`Trainer::save`]. The dataset must be the
@@ -277,6 +281,7 @@ impl Trainer {
         let mut trainer = Trainer::from_model(config, model, dataset)?;
         let mut moments = read_safetensors(&dir.join(OPTIMIZER_FILE))?;
         trainer.opt.load_state(step, |name| moments.remove(name)).map_err(err)?;
+        tracing::info!(step, path = %dir.display(), "resumed");
         Ok(trainer)
     }
 
