@@ -160,11 +160,20 @@ impl Dataset {
         }
         let split = ((tokens.len() as f64) * (1.0 - VALIDATION_FRACTION)).round() as usize;
         let validation = tokens.split_off(split);
-        Ok(Dataset { info: DatasetInfo { name: name.to_owned(), loss_floor: None }, tokenizer, train: tokens, validation })
+        Ok(Dataset {
+            info: DatasetInfo { name: name.to_owned(), loss_floor: None },
+            tokenizer,
+            train: tokens,
+            validation,
+        })
     }
 
     /// Reads `path` and tokenizes it with `tokenizer`, or a new built-in tokenizer of `kind`.
-    pub fn from_path(path: &Path, tokenizer: Option<TessTokenizer>, kind: TokenizerKind) -> Result<Dataset, CorpusError> {
+    pub fn from_path(
+        path: &Path,
+        tokenizer: Option<TessTokenizer>,
+        kind: TokenizerKind,
+    ) -> Result<Dataset, CorpusError> {
         let docs = TextSource::read(path)?;
         let tokenizer = match tokenizer {
             Some(t) => t,
@@ -216,7 +225,10 @@ impl Dataset {
         for path in &names {
             let shard = Shard::read(path)?;
             if shard.vocab_size != vocab {
-                return Err(io_err(path, format!("shard vocabulary {} != tokenizer vocabulary {vocab}", shard.vocab_size)));
+                return Err(io_err(
+                    path,
+                    format!("shard vocabulary {} != tokenizer vocabulary {vocab}", shard.vocab_size),
+                ));
             }
             train.extend(shard.tokens);
         }
@@ -236,7 +248,8 @@ mod tests {
     fn reads_text_dirs_and_jsonl() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("a.txt"), "first document").unwrap();
-        std::fs::write(dir.path().join("b.jsonl"), "{\"text\": \"second\"}\n\n{\"text\": \"third\", \"id\": 3}\n").unwrap();
+        std::fs::write(dir.path().join("b.jsonl"), "{\"text\": \"second\"}\n\n{\"text\": \"third\", \"id\": 3}\n")
+            .unwrap();
         let docs = TextSource::read(dir.path()).unwrap();
         assert_eq!(docs, vec!["first document", "second", "third"]);
     }

@@ -139,12 +139,14 @@ impl Shard {
     }
 
     pub fn write(&self, path: &Path) -> Result<(), ShardError> {
-        std::fs::write(path, self.encode()).map_err(|e| ShardError::Io { path: path.display().to_string(), message: e.to_string() })
+        std::fs::write(path, self.encode())
+            .map_err(|e| ShardError::Io { path: path.display().to_string(), message: e.to_string() })
     }
 
     /// Reads and verifies a shard; errors name the file.
     pub fn read(path: &Path) -> Result<Shard, ShardError> {
-        let bytes = std::fs::read(path).map_err(|e| ShardError::Io { path: path.display().to_string(), message: e.to_string() })?;
+        let bytes = std::fs::read(path)
+            .map_err(|e| ShardError::Io { path: path.display().to_string(), message: e.to_string() })?;
         Shard::decode(&bytes).map_err(|e| ShardError::Io { path: path.display().to_string(), message: e.to_string() })
     }
 }
@@ -211,7 +213,10 @@ mod tests {
 
     #[test]
     fn out_of_range_tokens_are_refused() {
-        assert_eq!(Shard::new(10, vec![1, 10]), Err(ShardError::TokenOutOfRange { index: 1, token: 10, vocab_size: 10 }));
+        assert_eq!(
+            Shard::new(10, vec![1, 10]),
+            Err(ShardError::TokenOutOfRange { index: 1, token: 10, vocab_size: 10 })
+        );
     }
 
     #[test]

@@ -92,7 +92,8 @@ impl TessTokenizer {
         let table = byte_to_char();
         let vocab: serde_json::Map<String, serde_json::Value> =
             (0..256).map(|b| (table[b].to_string(), json!(b))).chain([(EOS_TOKEN.to_string(), json!(256))]).collect();
-        let byte_level = json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false});
+        let byte_level =
+            json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false});
         TessTokenizer::from_json(json!({
             "version": "1.0", "truncation": null, "padding": null,
             "added_tokens": [added_token(256, EOS_TOKEN)],
@@ -145,7 +146,8 @@ impl TessTokenizer {
         if vocab_size <= 257 {
             return Err(TokenizerError::VocabTooSmall(vocab_size));
         }
-        let byte_level = json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true});
+        let byte_level =
+            json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true});
         let mut inner: Tokenizer = serde_json::from_value(json!({
             "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
             "normalizer": null, "pre_tokenizer": byte_level, "post_processor": null, "decoder": byte_level,
@@ -214,10 +216,10 @@ impl TessTokenizer {
             while !text.is_char_boundary(end) {
                 end += 1;
             }
-            if end < text.len() {
-                if let Some(nl) = text[start..end].rfind('\n') {
-                    end = start + nl + 1;
-                }
+            if end < text.len()
+                && let Some(nl) = text[start..end].rfind('\n')
+            {
+                end = start + nl + 1;
             }
             let enc = self.inner.encode_fast(&text[start..end], false).map_err(tk_err)?;
             ids.extend_from_slice(enc.get_ids());

@@ -46,7 +46,8 @@ pub fn write_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()
 /// Reads every tensor of a safetensors file as f32 CPU tensors.
 pub fn read_safetensors(path: &Path) -> Result<HashMap<String, Tensor>, ModelError> {
     let bytes = std::fs::read(path).map_err(|e| ckpt_err(path, e))?;
-    let st = SafeTensors::deserialize(&bytes).map_err(|e| ckpt_err(path, format!("not a valid safetensors file: {e}")))?;
+    let st =
+        SafeTensors::deserialize(&bytes).map_err(|e| ckpt_err(path, format!("not a valid safetensors file: {e}")))?;
     let mut out = HashMap::new();
     for (name, view) in st.tensors() {
         let kind = match view.dtype() {
@@ -174,9 +175,9 @@ pub fn load_checkpoint(dir: &Path, device: Device) -> Result<(Llama, Option<Tess
         ordered.push(t);
     }
     // Tied checkpoints may still carry lm_head.weight; older ones carry rotary buffers.
-    tensors.retain(|name, _| {
-        !(name == "lm_head.weight" && config.tie_word_embeddings) && !name.ends_with("rotary_emb.inv_freq")
-    });
+    let ignorable =
+        |name: &str| (name == "lm_head.weight" && config.tie_word_embeddings) || name.ends_with("rotary_emb.inv_freq");
+    tensors.retain(|name, _| !ignorable(name));
     if let Some((name, (_, file))) = tensors.iter().next() {
         return Err(ckpt_err(file, format!("unexpected tensor {name} (not part of a Llama with this config)")));
     }
@@ -236,7 +237,10 @@ mod tests {
             t.remove("model.layers.1.mlp.up_proj.weight");
         });
         let err = load_err(dir.path());
-        assert!(err.contains("model.safetensors") && err.contains("missing tensor model.layers.1.mlp.up_proj.weight"), "{err}");
+        assert!(
+            err.contains("model.safetensors") && err.contains("missing tensor model.layers.1.mlp.up_proj.weight"),
+            "{err}"
+        );
     }
 
     #[test]

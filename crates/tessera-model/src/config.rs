@@ -124,13 +124,41 @@ pub fn presets() -> Vec<Preset> {
             summary: "6 layers, 6 heads, width 384, context 256",
             config: shape(384, 6, 6, 6, 1024, 66, 256, true, 10_000.0),
         },
-        Preset { name: "phase1", summary: "≈0.5B prototype anyone can train today", config: shape(1280, 24, 10, 2, 3584, PHASE_VOCAB, 2048, true, 10_000.0) },
-        Preset { name: "phase2", summary: "≈1.9B", config: shape(2304, 28, 18, 6, 6144, PHASE_VOCAB, 4096, false, 500_000.0) },
-        Preset { name: "phase3", summary: "≈7B", config: shape(4096, 30, 32, 8, 13824, PHASE_VOCAB, 8192, false, 500_000.0) },
-        Preset { name: "phase4", summary: "≈26B", config: shape(6144, 52, 48, 8, 21504, PHASE_VOCAB, 8192, false, 500_000.0) },
-        Preset { name: "phase5", summary: "≈99B", config: shape(10240, 72, 80, 8, 36864, PHASE_VOCAB, 8192, false, 500_000.0) },
-        Preset { name: "phase6", summary: "≈371B", config: shape(16384, 108, 128, 16, 57344, PHASE_VOCAB, 8192, false, 500_000.0) },
-        Preset { name: "phase7", summary: "≈1.4T", config: shape(24576, 176, 192, 16, 90112, PHASE_VOCAB, 8192, false, 500_000.0) },
+        Preset {
+            name: "phase1",
+            summary: "≈0.5B prototype anyone can train today",
+            config: shape(1280, 24, 10, 2, 3584, PHASE_VOCAB, 2048, true, 10_000.0),
+        },
+        Preset {
+            name: "phase2",
+            summary: "≈1.9B",
+            config: shape(2304, 28, 18, 6, 6144, PHASE_VOCAB, 4096, false, 500_000.0),
+        },
+        Preset {
+            name: "phase3",
+            summary: "≈7B",
+            config: shape(4096, 30, 32, 8, 13824, PHASE_VOCAB, 8192, false, 500_000.0),
+        },
+        Preset {
+            name: "phase4",
+            summary: "≈26B",
+            config: shape(6144, 52, 48, 8, 21504, PHASE_VOCAB, 8192, false, 500_000.0),
+        },
+        Preset {
+            name: "phase5",
+            summary: "≈99B",
+            config: shape(10240, 72, 80, 8, 36864, PHASE_VOCAB, 8192, false, 500_000.0),
+        },
+        Preset {
+            name: "phase6",
+            summary: "≈371B",
+            config: shape(16384, 108, 128, 16, 57344, PHASE_VOCAB, 8192, false, 500_000.0),
+        },
+        Preset {
+            name: "phase7",
+            summary: "≈1.4T",
+            config: shape(24576, 176, 192, 16, 90112, PHASE_VOCAB, 8192, false, 500_000.0),
+        },
     ]
 }
 
@@ -240,7 +268,10 @@ impl LlamaConfig {
     pub fn parameter_shapes(&self) -> Vec<(String, Vec<i64>)> {
         let (d, hd, ff) = (self.hidden_size, self.head_dim(), self.intermediate_size);
         let (q, kv) = (self.num_attention_heads * hd, self.kv_heads() * hd);
-        let mut shapes = vec![("model.embed_tokens.weight".to_owned(), vec![self.vocab_size, d]), ("model.norm.weight".to_owned(), vec![d])];
+        let mut shapes = vec![
+            ("model.embed_tokens.weight".to_owned(), vec![self.vocab_size, d]),
+            ("model.norm.weight".to_owned(), vec![d]),
+        ];
         if !self.tie_word_embeddings {
             shapes.push(("lm_head.weight".to_owned(), vec![self.vocab_size, d]));
         }
@@ -334,9 +365,15 @@ mod tests {
     fn small_presets_match_their_descriptions() {
         assert!(preset("tiny").unwrap().num_params() < 500_000);
         let nano = preset("nano").unwrap();
-        assert_eq!((nano.num_hidden_layers, nano.num_attention_heads, nano.hidden_size, nano.max_position_embeddings), (4, 4, 128, 64));
+        assert_eq!(
+            (nano.num_hidden_layers, nano.num_attention_heads, nano.hidden_size, nano.max_position_embeddings),
+            (4, 4, 128, 64)
+        );
         let micro = preset("micro").unwrap();
-        assert_eq!((micro.num_hidden_layers, micro.num_attention_heads, micro.hidden_size, micro.max_position_embeddings), (6, 6, 384, 256));
+        assert_eq!(
+            (micro.num_hidden_layers, micro.num_attention_heads, micro.hidden_size, micro.max_position_embeddings),
+            (6, 6, 384, 256)
+        );
     }
 
     #[test]

@@ -120,16 +120,7 @@ impl Llama {
         let exponent = Tensor::arange_start_step(0, hd, 2, (Kind::Int64, device)).to_kind(Kind::Float) / hd as f64;
         let inv_freq = Tensor::pow_scalar(c.rope_theta, &exponent).reciprocal();
         let compute_kind = if device.is_cuda() { Kind::BFloat16 } else { Kind::Float };
-        Ok(Llama {
-            config: c.clone(),
-            embed_tokens,
-            layers,
-            norm,
-            lm_head,
-            inv_freq,
-            vs,
-            compute_kind,
-        })
+        Ok(Llama { config: c.clone(), embed_tokens, layers, norm, lm_head, inv_freq, vs, compute_kind })
     }
 
     pub fn device(&self) -> Device {
@@ -154,6 +145,9 @@ impl Llama {
         upcast(x).rms_norm([self.config.hidden_size], Some(weight), self.config.rms_norm_eps).to_kind(kind)
     }
 
+    // `x = x + …`, not `x += …`: the residual stream is an input of the norms' backward pass, so
+    // it must not be updated in place.
+    #[allow(clippy::assign_op_pattern)]
     /// Logits `[batch, seq, vocab]` (f32, or f64 for an f64 model) for `tokens` `[batch, seq]`. With a cache, `tokens`
     /// continue the cached positions and the cache is extended.
     pub fn forward(&self, tokens: &Tensor, mut cache: Option<&mut KvCache>) -> Result<Tensor, ModelError> {
@@ -171,9 +165,7 @@ impl Llama {
             c.layers.resize_with(self.layers.len(), || None);
         }
         // Positions attend to every cached position and causally among themselves.
-        let mask = (past > 0 && t > 1).then(|| {
-            Tensor::ones([t, past + t], (Kind::Bool, self.device())).tril(past)
-        });
+        let mask = (past > 0 && t > 1).then(|| Tensor::ones([t, past + t], (Kind::Bool, self.device())).tril(past));
 
         let mut x = Tensor::embedding(&self.embed_tokens, tokens, -1, false, false);
         for (i, layer) in self.layers.iter().enumerate() {
@@ -228,7 +220,13 @@ impl Llama {
     pub fn loss(&self, inputs: &Tensor, targets: &Tensor) -> Result<Tensor, ModelError> {
         let logits = self.forward(inputs, None)?;
         let v = self.config.vocab_size;
-        Ok(logits.view([-1, v]).cross_entropy_loss::<Tensor>(&targets.view([-1]), None, tch::Reduction::Mean, -100, 0.0))
+        Ok(logits.view([-1, v]).cross_entropy_loss::<Tensor>(
+            &targets.view([-1]),
+            None,
+            tch::Reduction::Mean,
+            -100,
+            0.0,
+        ))
     }
 
     /// Per-position cross-entropy `[batch, seq]`, for evaluation.

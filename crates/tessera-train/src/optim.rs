@@ -45,7 +45,8 @@ impl AdamW {
     /// Scales gradients so their global L2 norm is at most `max_norm`; returns the norm before.
     pub fn clip_grad_norm(&mut self, max_norm: f64) -> f64 {
         tch::no_grad(|| {
-            let norms: Vec<Tensor> = self.params.iter().map(|(_, p)| p.grad()).filter(|g| g.defined()).map(|g| g.norm()).collect();
+            let norms: Vec<Tensor> =
+                self.params.iter().map(|(_, p)| p.grad()).filter(|g| g.defined()).map(|g| g.norm()).collect();
             if norms.is_empty() {
                 return 0.0;
             }
@@ -149,7 +150,8 @@ mod tests {
         loss.backward();
         let mut opt = AdamW::new(vec![("w".into(), p.shallow_clone())], AdamWConfig { eps: 0.0, ..Default::default() });
         opt.step(0.1);
-        let want = Tensor::from_slice(&[1.0f32 * 0.99 - 0.1, -2.0 * 0.99 + 0.1, 3.0 * 0.99 - 0.1, 0.5 * 0.99 - 0.1]).view([2, 2]);
+        let want = Tensor::from_slice(&[1.0f32 * 0.99 - 0.1, -2.0 * 0.99 + 0.1, 3.0 * 0.99 - 0.1, 0.5 * 0.99 - 0.1])
+            .view([2, 2]);
         assert!(p.allclose(&want, 1e-6, 1e-6, false), "{p:?}");
     }
 

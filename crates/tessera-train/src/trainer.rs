@@ -16,8 +16,8 @@ use tessera_data::{Dataset, eval_windows, train_windows};
 use tessera_model::checkpoint::{read_safetensors, write_safetensors};
 use tessera_model::{Llama, LlamaConfig, load_checkpoint, save_checkpoint};
 
-use crate::optim::{AdamW, AdamWConfig, lr_at};
 use crate::TrainError;
+use crate::optim::{AdamW, AdamWConfig, lr_at};
 
 const STATE_FILE: &str = "trainer_state.json";
 const OPTIMIZER_FILE: &str = "optimizer.safetensors";
@@ -129,7 +129,12 @@ pub struct Trainer {
 
 impl Trainer {
     /// A fresh model of `model_config` (vocabulary set to the tokenizer's), seeded by `config.seed`.
-    pub fn new(config: TrainConfig, model_config: &LlamaConfig, dataset: Dataset, device: Device) -> Result<Trainer, TrainError> {
+    pub fn new(
+        config: TrainConfig,
+        model_config: &LlamaConfig,
+        dataset: Dataset,
+        device: Device,
+    ) -> Result<Trainer, TrainError> {
         let mut model_config = model_config.clone();
         model_config.vocab_size = dataset.tokenizer.vocab_size() as i64;
         tch::manual_seed(config.seed as i64);
@@ -174,7 +179,10 @@ impl Trainer {
         }
         let shape = [starts.len() as i64, t as i64];
         let device = self.model.device();
-        (Tensor::from_slice(&inputs).view(shape).to_device(device), Tensor::from_slice(&targets).view(shape).to_device(device))
+        (
+            Tensor::from_slice(&inputs).view(shape).to_device(device),
+            Tensor::from_slice(&targets).view(shape).to_device(device),
+        )
     }
 
     pub fn train_step(&mut self) -> Result<StepStats, TrainError> {
@@ -186,7 +194,7 @@ impl Trainer {
             let starts = train_windows(c.seed, c.worker, micro_step, c.batch_size, c.seq_len, self.dataset.train.len());
             let (x, y) = self.batch(&self.dataset.train, &starts);
             let loss = self.model.loss(&x, &y)?;
-            (&loss / c.grad_accum as f64).backward();
+            (&loss / c.grad_accum as f64).f_backward()?;
             loss_sum += f64::try_from(&loss)?;
         }
         let loss = loss_sum / c.grad_accum as f64;
@@ -287,7 +295,12 @@ impl Trainer {
 
     /// Trains until `config.steps` (or `stop_at`, if earlier), evaluating, logging and
     /// checkpointing along the way. `out_dir` receives `metrics.jsonl` and `checkpoint/`.
-    pub fn run(&mut self, out_dir: Option<&Path>, stop_at: Option<u64>, show_progress: bool) -> Result<RunSummary, TrainError> {
+    pub fn run(
+        &mut self,
+        out_dir: Option<&Path>,
+        stop_at: Option<u64>,
+        show_progress: bool,
+    ) -> Result<RunSummary, TrainError> {
         let end = stop_at.map_or(self.config.steps, |s| s.min(self.config.steps));
         let mut metrics = match out_dir {
             Some(dir) => Some(MetricsLog::open(dir)?),
@@ -306,14 +319,15 @@ impl Trainer {
             let stats = self.train_step()?;
             let done = self.step();
             let elapsed = started.elapsed().as_secs_f64();
-            let tokens_per_s = ((done - start_step) as usize * self.config.tokens_per_step()) as f64 / elapsed.max(1e-9);
+            let tokens_per_s =
+                ((done - start_step) as usize * self.config.tokens_per_step()) as f64 / elapsed.max(1e-9);
             bar.set_position(done);
             bar.set_message(format!("loss {:.4} | {:.1}k tok/s", stats.loss, tokens_per_s / 1e3));
             if let Some(m) = metrics.as_mut() {
                 m.write(&json!({"event": "train", "step": done, "loss": stats.loss, "lr": stats.lr,
                                 "grad_norm": stats.grad_norm, "tokens_per_s": tokens_per_s, "elapsed_s": elapsed}))?;
             }
-            if done % self.config.eval_interval == 0 || done == end {
+            if done.is_multiple_of(self.config.eval_interval) || done == end {
                 let eval = self.evaluate()?;
                 if bar.is_hidden() {
                     println!("{}", describe_eval(&eval));
@@ -327,10 +341,12 @@ impl Trainer {
                 last_eval = Some(eval);
             }
             let interval = self.config.checkpoint_interval;
-            if let Some(dir) = out_dir {
-                if interval > 0 && done % interval == 0 && done != end {
-                    self.save(&dir.join("checkpoint"))?;
-                }
+            if let Some(dir) = out_dir
+                && interval > 0
+                && done.is_multiple_of(interval)
+                && done != end
+            {
+                self.save(&dir.join("checkpoint"))?;
             }
         }
         bar.finish_and_clear();
@@ -348,12 +364,19 @@ impl Trainer {
         };
         let elapsed_s = started.elapsed().as_secs_f64();
         let tokens = (self.step() - start_step) as usize * self.config.tokens_per_step();
-        Ok(RunSummary { steps: self.step(), final_eval, tokens_per_s: tokens as f64 / elapsed_s.max(1e-9), elapsed_s, checkpoint })
+        Ok(RunSummary {
+            steps: self.step(),
+            final_eval,
+            tokens_per_s: tokens as f64 / elapsed_s.max(1e-9),
+            elapsed_s,
+            checkpoint,
+        })
     }
 }
 
 pub fn describe_eval(e: &EvalStats) -> String {
-    let mut s = format!("step {:>6} | val loss {:.4} | warm-context val loss {:.4}", e.step, e.val_loss, e.val_loss_warm);
+    let mut s =
+        format!("step {:>6} | val loss {:.4} | warm-context val loss {:.4}", e.step, e.val_loss, e.val_loss_warm);
     if let Some(gap) = e.floor_gap {
         s.push_str(&format!(" | {gap:+.4} nats from the entropy floor"));
     }
@@ -366,8 +389,10 @@ fn progress_bar(len: u64, pos: u64, show: bool) -> indicatif::ProgressBar {
     }
     let bar = indicatif::ProgressBar::new(len);
     bar.set_style(
-        indicatif::ProgressStyle::with_template("{bar:30.cyan/blue} {pos}/{len} steps | {msg} | {elapsed_precise} < {eta_precise}")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        indicatif::ProgressStyle::with_template(
+            "{bar:30.cyan/blue} {pos}/{len} steps | {msg} | {elapsed_precise} < {eta_precise}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     bar.set_position(pos);
     bar

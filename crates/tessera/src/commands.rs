@@ -11,14 +11,18 @@ use tessera_train::bench::train_throughput;
 use tessera_train::trainer::describe_eval;
 use tessera_train::{AdamWConfig, TrainConfig, Trainer};
 
-use crate::{BenchCommand, Command, DataArgs, DataCommand, GenerateArgs, ModelCommand, RuntimeArgs, TokenizerCommand, TrainArgs};
+use crate::{
+    BenchCommand, Command, DataArgs, DataCommand, GenerateArgs, ModelCommand, RuntimeArgs, TokenizerCommand, TrainArgs,
+};
 
 pub fn run(command: Command) -> Result<()> {
     match command {
-        Command::Train(args) => train(args),
+        Command::Train(args) => train(*args),
         Command::Generate(args) => generate_text(args),
         Command::Model(ModelCommand::Info { model, seq_len, json }) => model_info(model.as_deref(), seq_len, json),
-        Command::Model(ModelCommand::Init { model, tokenizer, seed, out }) => model_init(&model, &tokenizer, seed, &out),
+        Command::Model(ModelCommand::Init { model, tokenizer, seed, out }) => {
+            model_init(&model, &tokenizer, seed, &out)
+        }
         Command::Model(ModelCommand::Logits { checkpoint, text }) => model_logits(&checkpoint, &text),
         Command::Data(DataCommand::Info { data }) => data_info(&data),
         Command::Data(DataCommand::Prepare { data, out, shard_tokens }) => {
@@ -253,7 +257,9 @@ fn model_info(model: Option<&str>, seq_len: Option<i64>, json: bool) -> Result<(
                 p.summary
             );
         }
-        println!("\nFLOPs/token: training (6N + attention) at full context; train mem: f32 weights + grads + AdamW moments.");
+        println!(
+            "\nFLOPs/token: training (6N + attention) at full context; train mem: f32 weights + grads + AdamW moments."
+        );
         return Ok(());
     };
     let c = LlamaConfig::from_preset_or_path(spec)?;
@@ -293,7 +299,13 @@ fn model_info(model: Option<&str>, seq_len: Option<i64>, json: bool) -> Result<(
         human((6 * c.matmul_params()) as f64),
         human((flops - 6 * c.matmul_params()) as f64)
     );
-    println!("  memory (f32)       weights {} + gradients {} + AdamW state {} = {}", gib(mem.weights), gib(mem.gradients), gib(mem.adamw_state), gib(mem.total()));
+    println!(
+        "  memory (f32)       weights {} + gradients {} + AdamW state {} = {}",
+        gib(mem.weights),
+        gib(mem.gradients),
+        gib(mem.adamw_state),
+        gib(mem.total())
+    );
     Ok(())
 }
 
@@ -320,9 +332,8 @@ fn model_logits(checkpoint: &Path, text: &str) -> Result<()> {
     }
     let ids: Vec<i64> = tokens.iter().map(|&t| i64::from(t)).collect();
     let logits = tch::no_grad(|| model.forward(&tch::Tensor::from_slice(&ids).view([1, -1]), None))?;
-    let rows: Vec<Vec<f32>> = (0..ids.len() as i64)
-        .map(|i| Vec::<f32>::try_from(logits.get(0).get(i)))
-        .collect::<Result<_, _>>()?;
+    let rows: Vec<Vec<f32>> =
+        (0..ids.len() as i64).map(|i| Vec::<f32>::try_from(logits.get(0).get(i))).collect::<Result<_, _>>()?;
     println!("{}", serde_json::json!({"tokens": tokens, "logits": rows}));
     Ok(())
 }
@@ -333,11 +344,21 @@ fn data_info(args: &DataArgs) -> Result<()> {
         let source = SyntheticSource::new(spec);
         let h = source.entropy_rate_nats_per_char();
         println!("embedded corpus: sparse word-level Markov source (seed {})", spec.seed);
-        println!("  words               {} (alphabet of {} characters incl. space)", source.words.len(), source.alphabet().len());
-        println!("  successors per word {}–{}, plus {} uniform noise", spec.successors_min, spec.successors_max, spec.noise);
+        println!(
+            "  words               {} (alphabet of {} characters incl. space)",
+            source.words.len(),
+            source.alphabet().len()
+        );
+        println!(
+            "  successors per word {}–{}, plus {} uniform noise",
+            spec.successors_min, spec.successors_max, spec.noise
+        );
         println!("  entropy per word    {:.6} nats", source.entropy_per_word);
         println!("  characters per word {:.6} (incl. the space)", source.chars_per_word);
-        println!("  entropy rate        {h:.6} nats/char = {:.6} bits/char  ← the loss floor", h / std::f64::consts::LN_2);
+        println!(
+            "  entropy rate        {h:.6} nats/char = {:.6} bits/char  ← the loss floor",
+            h / std::f64::consts::LN_2
+        );
         println!("  sample              {:?}", source.train_text(160));
         return Ok(());
     }
@@ -379,13 +400,23 @@ fn train_tokenizer(data: &Path, vocab: usize, out: &Path) -> Result<()> {
     Ok(())
 }
 
-fn bench_train(models: &[String], batch: usize, steps: u64, warmup: u64, json: bool, runtime: &RuntimeArgs) -> Result<()> {
+fn bench_train(
+    models: &[String],
+    batch: usize,
+    steps: u64,
+    warmup: u64,
+    json: bool,
+    runtime: &RuntimeArgs,
+) -> Result<()> {
     let device = setup_runtime(runtime)?;
     if steps == 0 || batch == 0 {
         bail!("--steps and --batch-size must be positive");
     }
     if !json {
-        println!("{:<8} {:>9} {:>9} {:>8} {:>10} {:>12} {:>10}", "model", "params", "batch×seq", "threads", "step ms", "tokens/s", "GFLOP/s");
+        println!(
+            "{:<8} {:>9} {:>9} {:>8} {:>10} {:>12} {:>10}",
+            "model", "params", "batch×seq", "threads", "step ms", "tokens/s", "GFLOP/s"
+        );
     }
     for name in models {
         let config = LlamaConfig::from_preset_or_path(name)?;

@@ -28,7 +28,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Train a model (by default `nano` on the embedded synthetic corpus).
-    Train(TrainArgs),
+    Train(Box<TrainArgs>),
     /// Sample text from a checkpoint with a KV cache.
     Generate(GenerateArgs),
     /// Inspect model configurations and presets.
@@ -260,7 +260,8 @@ fn main() -> std::process::ExitCode {
         1 => "info",
         _ => "debug",
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     match commands::run(cli.command) {
         Ok(()) => std::process::ExitCode::SUCCESS,

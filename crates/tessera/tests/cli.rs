@@ -26,7 +26,20 @@ fn p(path: &Path) -> &str {
     path.to_str().expect("utf-8 temp path")
 }
 
-const SMALL: &[&str] = &["--model", "tiny", "--synthetic-chars", "20000", "--batch-size", "4", "--eval-windows", "8", "--warmup-steps", "2", "--threads", "1"];
+const SMALL: &[&str] = &[
+    "--model",
+    "tiny",
+    "--synthetic-chars",
+    "20000",
+    "--batch-size",
+    "4",
+    "--eval-windows",
+    "8",
+    "--warmup-steps",
+    "2",
+    "--threads",
+    "1",
+];
 
 #[test]
 fn train_resume_generate_on_the_embedded_corpus() {
@@ -38,7 +51,15 @@ fn train_resume_generate_on_the_embedded_corpus() {
     assert!(out.contains("exact entropy floor"), "{out}");
     assert!(out.contains("nats from the entropy floor"), "{out}");
     let ckpt = run.join("checkpoint");
-    for f in ["config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "optimizer.safetensors", "trainer_state.json"] {
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "optimizer.safetensors",
+        "trainer_state.json",
+    ] {
         assert!(ckpt.join(f).is_file(), "checkpoint lacks {f}");
     }
 
@@ -56,7 +77,9 @@ fn train_resume_generate_on_the_embedded_corpus() {
         .collect();
     assert_eq!(train_steps, (1..=12).collect::<Vec<_>>());
 
-    let sample = |seed: &str| ok(&["generate", "--checkpoint", p(&ckpt), "--prompt", "ka", "--max-new-tokens", "24", "--seed", seed]);
+    let sample = |seed: &str| {
+        ok(&["generate", "--checkpoint", p(&ckpt), "--prompt", "ka", "--max-new-tokens", "24", "--seed", seed])
+    };
     let a = sample("1");
     assert!(a.starts_with("ka") && a.trim_end().chars().count() > 2, "{a:?}");
     assert_eq!(a, sample("1"), "same seed, same text");
@@ -73,14 +96,42 @@ fn real_text_with_prepared_shards_and_a_bpe_tokenizer() {
     assert!(out.contains("characters per token"), "{out}");
 
     let prepared = dir.path().join("prepared");
-    ok(&["data", "prepare", "--data", p(&text), "--tokenizer", p(&tok), "--out", p(&prepared), "--shard-tokens", "1000"]);
+    ok(&[
+        "data",
+        "prepare",
+        "--data",
+        p(&text),
+        "--tokenizer",
+        p(&tok),
+        "--out",
+        p(&prepared),
+        "--shard-tokens",
+        "1000",
+    ]);
     assert!(prepared.join("train-00000.tshard").is_file() && prepared.join("val.tshard").is_file());
     let info = ok(&["data", "info", "--data", p(&prepared)]);
     assert!(info.contains("vocabulary   300"), "{info}");
 
     let run = dir.path().join("run");
-    ok(&["train", "--model", "tiny", "--data", p(&prepared), "--steps", "3", "--batch-size", "2", "--eval-windows", "4", "--out", p(&run), "--threads", "1"]);
-    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run.join("checkpoint/config.json")).unwrap()).unwrap();
+    ok(&[
+        "train",
+        "--model",
+        "tiny",
+        "--data",
+        p(&prepared),
+        "--steps",
+        "3",
+        "--batch-size",
+        "2",
+        "--eval-windows",
+        "4",
+        "--out",
+        p(&run),
+        "--threads",
+        "1",
+    ]);
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("checkpoint/config.json")).unwrap()).unwrap();
     assert_eq!(config["vocab_size"], 300);
 }
 
