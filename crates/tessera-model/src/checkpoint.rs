@@ -181,7 +181,7 @@ pub fn load_checkpoint(dir: &Path, device: Device) -> Result<(Llama, Option<Tess
     if let Some((name, (_, file))) = tensors.iter().next() {
         return Err(ckpt_err(file, format!("unexpected tensor {name} (not part of a Llama with this config)")));
     }
-    let model = Llama::new(&config, device)?;
+    let model = Llama::zeroed(&config, device)?;
     for ((_, mut var), t) in model.named_parameters().into_iter().zip(ordered) {
         tch::no_grad(|| var.f_copy_(&t.to_device(device)))?;
     }
@@ -196,8 +196,7 @@ mod tests {
     use crate::preset;
 
     fn saved_tiny() -> (tempfile::TempDir, Llama) {
-        tch::manual_seed(1);
-        let model = Llama::new(&preset("tiny").unwrap(), Device::Cpu).unwrap();
+        let model = Llama::new(&preset("tiny").unwrap(), Device::Cpu, 1).unwrap();
         let dir = tempfile::tempdir().unwrap();
         save_checkpoint(&model, Some(&TessTokenizer::byte_level()), dir.path()).unwrap();
         (dir, model)

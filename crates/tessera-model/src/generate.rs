@@ -117,8 +117,7 @@ mod tests {
 
     #[test]
     fn seeded_sampling_is_reproducible_and_greedy_is_argmax() {
-        tch::manual_seed(3);
-        let model = Llama::new(&preset("tiny").unwrap(), tch::Device::Cpu).unwrap();
+        let model = Llama::new(&preset("tiny").unwrap(), tch::Device::Cpu, 3).unwrap();
         let p = SamplingParams { max_new_tokens: 10, seed: 42, ..Default::default() };
         let a = generate(&model, &[1, 2, 3], &p, |_| {}).unwrap();
         let b = generate(&model, &[1, 2, 3], &p, |_| {}).unwrap();
@@ -138,8 +137,7 @@ mod tests {
 
     #[test]
     fn generation_runs_past_the_context_length() {
-        tch::manual_seed(3);
-        let model = Llama::new(&preset("tiny").unwrap(), tch::Device::Cpu).unwrap();
+        let model = Llama::new(&preset("tiny").unwrap(), tch::Device::Cpu, 3).unwrap();
         let p = SamplingParams { max_new_tokens: 100, seed: 1, ..Default::default() };
         let out = generate(&model, &[1, 2, 3], &p, |_| {}).unwrap();
         assert_eq!(out.len(), 100);
@@ -157,8 +155,7 @@ mod tests {
 
     #[test]
     fn out_of_vocabulary_prompt_is_an_error() {
-        tch::manual_seed(3);
-        let model = Llama::new(&preset("tiny").unwrap(), tch::Device::Cpu).unwrap();
+        let model = Llama::new(&preset("tiny").unwrap(), tch::Device::Cpu, 3).unwrap();
         assert!(matches!(
             generate(&model, &[64], &SamplingParams::default(), |_| {}),
             Err(ModelError::TokenOutOfRange { token: 64, vocab: 64 })

@@ -76,21 +76,41 @@ pub struct Llama {
 impl Llama {
     /// A freshly initialised model: N(0, initializer_range) for matrices, with the residual
     /// projections (`o_proj`, `down_proj`) scaled by 1/√(2·layers) as in GPT-2; norms at one.
-    /// Seed with `tch::manual_seed` first for a reproducible init.
-    pub fn new(config: &LlamaConfig, device: Device) -> Result<Llama, ModelError> {
+    ///
+    /// Each tensor is drawn from its own ChaCha stream keyed by `(seed, name)`, on the CPU: the
+    /// same seed gives the same weights on every device and thread, whatever else is using
+    /// libtorch's global generator.
+    pub fn new(config: &LlamaConfig, device: Device, seed: u64) -> Result<Llama, ModelError> {
+        let model = Llama::zeroed(config, device)?;
+        let c = &model.config;
+        let std = c.initializer_range;
+        let residual_std = std / (2.0 * c.num_hidden_layers as f64).sqrt();
+        for (name, mut var) in model.named_parameters() {
+            if var.dim() < 2 {
+                continue; // norm gains stay at one
+            }
+            let scale =
+                if name.ends_with("o_proj.weight") || name.ends_with("down_proj.weight") { residual_std } else { std };
+            let values = seeded_normal(seed, &name, var.numel(), scale as f32);
+            let init = Tensor::from_slice(&values).view(var.size().as_slice()).to_device(device);
+            tch::no_grad(|| var.f_copy_(&init))?;
+        }
+        Ok(model)
+    }
+
+    /// The model's structure with every matrix at zero and norms at one, for loading weights into.
+    pub fn zeroed(config: &LlamaConfig, device: Device) -> Result<Llama, ModelError> {
         config.validate().map_err(|message| ModelError::Config { path: "<in memory>".into(), message })?;
         let vs = nn::VarStore::new(device);
         let c = config;
         let (d, hd) = (c.hidden_size, c.head_dim());
         let q_dim = c.num_attention_heads * hd;
         let kv_dim = c.kv_heads() * hd;
-        let std = c.initializer_range;
-        let residual_std = std / (2.0 * c.num_hidden_layers as f64).sqrt();
-        let normal = |s: f64| Init::Randn { mean: 0.0, stdev: s };
+        let zero = Init::Const(0.0);
 
         let root = vs.root();
         let model = &root / "model";
-        let embed_tokens = (&model / "embed_tokens").var("weight", &[c.vocab_size, d], normal(std));
+        let embed_tokens = (&model / "embed_tokens").var("weight", &[c.vocab_size, d], zero);
         let mut layers = Vec::with_capacity(c.num_hidden_layers as usize);
         for i in 0..c.num_hidden_layers {
             let p = &model / "layers" / i;
@@ -99,22 +119,21 @@ impl Llama {
             layers.push(Layer {
                 input_layernorm: (&p / "input_layernorm").var("weight", &[d], Init::Const(1.0)),
                 self_attn: Attention {
-                    q_proj: (&attn / "q_proj").var("weight", &[q_dim, d], normal(std)),
-                    k_proj: (&attn / "k_proj").var("weight", &[kv_dim, d], normal(std)),
-                    v_proj: (&attn / "v_proj").var("weight", &[kv_dim, d], normal(std)),
-                    o_proj: (&attn / "o_proj").var("weight", &[d, q_dim], normal(residual_std)),
+                    q_proj: (&attn / "q_proj").var("weight", &[q_dim, d], zero),
+                    k_proj: (&attn / "k_proj").var("weight", &[kv_dim, d], zero),
+                    v_proj: (&attn / "v_proj").var("weight", &[kv_dim, d], zero),
+                    o_proj: (&attn / "o_proj").var("weight", &[d, q_dim], zero),
                 },
                 post_attention_layernorm: (&p / "post_attention_layernorm").var("weight", &[d], Init::Const(1.0)),
                 mlp: Mlp {
-                    gate_proj: (&mlp / "gate_proj").var("weight", &[c.intermediate_size, d], normal(std)),
-                    up_proj: (&mlp / "up_proj").var("weight", &[c.intermediate_size, d], normal(std)),
-                    down_proj: (&mlp / "down_proj").var("weight", &[d, c.intermediate_size], normal(residual_std)),
+                    gate_proj: (&mlp / "gate_proj").var("weight", &[c.intermediate_size, d], zero),
+                    up_proj: (&mlp / "up_proj").var("weight", &[c.intermediate_size, d], zero),
+                    down_proj: (&mlp / "down_proj").var("weight", &[d, c.intermediate_size], zero),
                 },
             });
         }
         let norm = (&model / "norm").var("weight", &[d], Init::Const(1.0));
-        let lm_head =
-            (!c.tie_word_embeddings).then(|| (&root / "lm_head").var("weight", &[c.vocab_size, d], normal(std)));
+        let lm_head = (!c.tie_word_embeddings).then(|| (&root / "lm_head").var("weight", &[c.vocab_size, d], zero));
 
         // HF: inv_freq = 1 / θ^(2i/hd) in f32; angles = position · inv_freq; emb = [angles, angles].
         let exponent = Tensor::arange_start_step(0, hd, 2, (Kind::Int64, device)).to_kind(Kind::Float) / hd as f64;
@@ -248,6 +267,17 @@ impl Llama {
     }
 }
 
+/// `n` samples of N(0, std²) from the ChaCha stream keyed by `(seed, name)`.
+fn seeded_normal(seed: u64, name: &str, n: usize, std: f32) -> Vec<f32> {
+    use rand::SeedableRng;
+    use rand_distr::Distribution;
+    let mut key = seed.to_le_bytes().to_vec();
+    key.extend_from_slice(name.as_bytes());
+    let mut rng = rand_chacha::ChaCha8Rng::from_seed(blake3::derive_key("tessera 2026 weight init v1", &key));
+    let normal = rand_distr::Normal::new(0.0f32, std).expect("finite, non-negative std");
+    (0..n).map(|_| normal.sample(&mut rng)).collect()
+}
+
 /// Half-precision tensors go to f32; f32 and f64 stay as they are.
 fn upcast(x: &Tensor) -> Tensor {
     match x.kind() {
@@ -281,8 +311,7 @@ mod tests {
     use crate::preset;
 
     fn tiny() -> Llama {
-        tch::manual_seed(0);
-        Llama::new(&preset("tiny").unwrap(), Device::Cpu).unwrap()
+        Llama::new(&preset("tiny").unwrap(), Device::Cpu, 0).unwrap()
     }
 
     #[test]
@@ -297,6 +326,24 @@ mod tests {
         assert_eq!(count as u64, m.config.num_params());
         let shapes: Vec<(String, Vec<i64>)> = m.named_parameters().into_iter().map(|(n, t)| (n, t.size())).collect();
         assert_eq!(shapes, m.config.parameter_shapes());
+    }
+
+    #[test]
+    fn init_is_seeded_and_scaled() {
+        let a = tiny();
+        let b = tiny();
+        let c = Llama::new(&preset("tiny").unwrap(), Device::Cpu, 1).unwrap();
+        for (((name, x), (_, y)), (_, z)) in
+            a.named_parameters().iter().zip(b.named_parameters().iter()).zip(c.named_parameters().iter())
+        {
+            assert!(x.equal(y), "{name}: same seed, different weights");
+            if x.dim() == 2 {
+                assert!(!x.equal(z), "{name}: different seeds, same weights");
+            }
+        }
+        let emb = a.named_parameters().into_iter().find(|(n, _)| n == "model.embed_tokens.weight").unwrap().1;
+        let std = f64::try_from(emb.std(true)).unwrap();
+        assert!((std - 0.02).abs() < 0.002, "embedding std {std}");
     }
 
     #[test]

@@ -9,8 +9,7 @@ use tessera_model::checkpoint::load_config;
 use tessera_model::{Llama, load_checkpoint, preset, save_checkpoint};
 
 fn valid_checkpoint(dir: &Path) -> Vec<u8> {
-    tch::manual_seed(0);
-    let model = Llama::new(&preset("tiny").unwrap(), Device::Cpu).unwrap();
+    let model = Llama::new(&preset("tiny").unwrap(), Device::Cpu, 0).unwrap();
     save_checkpoint(&model, None, dir).unwrap();
     std::fs::read(dir.join("model.safetensors")).unwrap()
 }

@@ -39,8 +39,7 @@ pub fn train_throughput(
     let chars = (batch_size * (seq_len + 1) * 4).max(100_000);
     let dataset = Dataset::synthetic(SyntheticSpec::default(), chars, seq_len * 4)?;
     let config = TrainConfig { steps: warmup + steps, batch_size, seq_len, warmup_steps: 1, ..TrainConfig::default() };
-    tch::manual_seed(0);
-    let model = Llama::new(model_config, device)?;
+    let model = Llama::new(model_config, device, 0)?;
     let mut trainer = Trainer::from_model(config, model, dataset)?;
     for _ in 0..warmup {
         trainer.train_step()?;

@@ -1,5 +1,5 @@
-//! The training loop. One step = `grad_accum` micro-batches of `batch_size` windows of
-//! `seq_len` tokens, drawn by `tessera_data::train_windows(seed, worker, micro_step)`; then
+//! The training loop. One step = `batch_size × grad_accum` windows of `seq_len` tokens, drawn
+//! by `tessera_data::train_windows(seed, worker, step)` and run `batch_size` at a time; then
 //! clipping, the scheduled learning rate and one AdamW update.
 //!
 //! Exact resume: the data a step sees is a pure function of the step number, there is no
@@ -128,7 +128,7 @@ pub struct Trainer {
 }
 
 impl Trainer {
-    /// A fresh model of `model_config` (vocabulary set to the tokenizer's), seeded by `config.seed`.
+    /// A fresh model of `model_config` (vocabulary set to the tokenizer's), initialised from `config.seed`.
     pub fn new(
         config: TrainConfig,
         model_config: &LlamaConfig,
@@ -137,8 +137,7 @@ impl Trainer {
     ) -> Result<Trainer, TrainError> {
         let mut model_config = model_config.clone();
         model_config.vocab_size = dataset.tokenizer.vocab_size() as i64;
-        tch::manual_seed(config.seed as i64);
-        let model = Llama::new(&model_config, device)?;
+        let model = Llama::new(&model_config, device, config.seed)?;
         Trainer::from_model(config, model, dataset)
     }
 
@@ -188,11 +187,13 @@ impl Trainer {
     pub fn train_step(&mut self) -> Result<StepStats, TrainError> {
         let c = &self.config;
         let step = self.opt.step;
+        // The step's windows depend only on (seed, worker, step); accumulation only decides how
+        // many go through the model at once, so a small-memory worker computes the same update.
+        let starts =
+            train_windows(c.seed, c.worker, step, c.batch_size * c.grad_accum, c.seq_len, self.dataset.train.len());
         let mut loss_sum = 0.0;
-        for micro in 0..c.grad_accum {
-            let micro_step = step * c.grad_accum as u64 + micro as u64;
-            let starts = train_windows(c.seed, c.worker, micro_step, c.batch_size, c.seq_len, self.dataset.train.len());
-            let (x, y) = self.batch(&self.dataset.train, &starts);
+        for micro in starts.chunks(c.batch_size) {
+            let (x, y) = self.batch(&self.dataset.train, micro);
             let loss = self.model.loss(&x, &y)?;
             (&loss / c.grad_accum as f64).f_backward()?;
             loss_sum += f64::try_from(&loss)?;

@@ -89,6 +89,23 @@ fn resume_refuses_a_different_dataset() {
     assert!(err.contains("trained on"), "{err}");
 }
 
+/// Splitting a step's batch into micro-batches changes only the arithmetic order: the data and
+/// the update are the same.
+#[test]
+fn gradient_accumulation_matches_the_full_batch() {
+    let full = TrainConfig { batch_size: 8, grad_accum: 1, ..config(4) };
+    let split = TrainConfig { batch_size: 2, grad_accum: 4, ..config(4) };
+    let mut a = Trainer::new(full, &preset("tiny").unwrap(), dataset(), Device::Cpu).unwrap();
+    let mut b = Trainer::new(split, &preset("tiny").unwrap(), dataset(), Device::Cpu).unwrap();
+    for _ in 0..2 {
+        let (la, lb) = (a.train_step().unwrap().loss, b.train_step().unwrap().loss);
+        assert!((la - lb).abs() < 1e-5, "loss {la} vs {lb}");
+    }
+    for ((name, x), (_, y)) in a.model.named_parameters().iter().zip(b.model.named_parameters().iter()) {
+        assert!(x.allclose(y, 1e-5, 1e-6, false), "{name} differs between accumulated and full batch");
+    }
+}
+
 #[test]
 fn bad_setups_are_refused() {
     let long = TrainConfig { seq_len: 64, ..config(4) };

@@ -316,8 +316,7 @@ fn model_init(spec: &str, tokenizer: &str, seed: u64, out: &Path) -> Result<()> 
         file => TessTokenizer::load(Path::new(file))?,
     };
     config.vocab_size = tokenizer.vocab_size() as i64;
-    tch::manual_seed(seed as i64);
-    let model = tessera_model::Llama::new(&config, Device::Cpu)?;
+    let model = tessera_model::Llama::new(&config, Device::Cpu, seed)?;
     tessera_model::save_checkpoint(&model, Some(&tokenizer), out)?;
     println!("wrote {} ({} parameters) to {}", spec, config.num_params(), out.display());
     Ok(())
