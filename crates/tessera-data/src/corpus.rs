@@ -112,9 +112,24 @@ fn read_file(path: &Path, docs: &mut Vec<String>) -> Result<(), CorpusError> {
 /// Where the tokens came from and what the best achievable loss is, if known.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct DatasetInfo {
+    /// For people: a path or a description. Not used to decide whether two datasets agree.
     pub name: String,
     /// The true entropy rate in nats per token, when the source is known exactly.
     pub loss_floor: Option<f64>,
+    /// BLAKE3 (hex) of both token streams: two datasets are the same data iff these match.
+    pub fingerprint: String,
+}
+
+/// BLAKE3 of the training and validation tokens (u32 LE, each stream length-prefixed).
+pub fn fingerprint(train: &[u32], validation: &[u32]) -> String {
+    let mut hasher = blake3::Hasher::new();
+    for stream in [train, validation] {
+        hasher.update(&(stream.len() as u64).to_le_bytes());
+        for t in stream {
+            hasher.update(&t.to_le_bytes());
+        }
+    }
+    hasher.finalize().to_hex().to_string()
 }
 
 /// A tokenized corpus with its fixed held-out validation split.
@@ -138,6 +153,7 @@ impl Dataset {
             info: DatasetInfo {
                 name: format!("synthetic(seed={}, words={})", spec.seed, spec.n_words),
                 loss_floor: Some(source.entropy_rate_nats_per_char()),
+                fingerprint: fingerprint(&train, &validation),
             },
             tokenizer,
             train,
@@ -160,12 +176,9 @@ impl Dataset {
         }
         let split = ((tokens.len() as f64) * (1.0 - VALIDATION_FRACTION)).round() as usize;
         let validation = tokens.split_off(split);
-        Ok(Dataset {
-            info: DatasetInfo { name: name.to_owned(), loss_floor: None },
-            tokenizer,
-            train: tokens,
-            validation,
-        })
+        let info =
+            DatasetInfo { name: name.to_owned(), loss_floor: None, fingerprint: fingerprint(&tokens, &validation) };
+        Ok(Dataset { info, tokenizer, train: tokens, validation })
     }
 
     /// Reads `path` and tokenizes it with `tokenizer`, or a new built-in tokenizer of `kind`.
@@ -236,6 +249,12 @@ impl Dataset {
         if train.is_empty() || validation.is_empty() {
             return Err(CorpusError::Empty { path: dir.to_owned() });
         }
+        if fingerprint(&train, &validation) != info.fingerprint {
+            return Err(io_err(
+                &manifest_path,
+                "the shards do not match the manifest's fingerprint (missing or extra shards?)",
+            ));
+        }
         Ok(Dataset { info, tokenizer, train, validation })
     }
 }
@@ -281,6 +300,11 @@ mod tests {
         assert_eq!(back.train, ds.train);
         assert_eq!(back.validation, ds.validation);
         assert_eq!(back.info, ds.info);
+        // A missing shard is caught by the fingerprint even though every remaining shard is valid.
+        std::fs::rename(dir.path().join("train-00002.tshard"), dir.path().join("moved.bin")).unwrap();
+        let err = Dataset::read_dir(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("fingerprint"), "{err}");
+        std::fs::rename(dir.path().join("moved.bin"), dir.path().join("train-00002.tshard")).unwrap();
         // Corrupting a shard is caught and the error names it.
         let shard = dir.path().join("train-00001.tshard");
         let mut bytes = std::fs::read(&shard).unwrap();

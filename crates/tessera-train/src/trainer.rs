@@ -279,8 +279,11 @@ impl Trainer {
         if let Some(info) = state.get("dataset") {
             let saved: tessera_data::corpus::DatasetInfo =
                 serde_json::from_value(info.clone()).map_err(|e| err(format!("{STATE_FILE}: dataset: {e}")))?;
-            if saved != dataset.info {
-                return Err(err(format!("checkpoint was trained on {:?}, not {:?}", saved.name, dataset.info.name)));
+            if saved.fingerprint != dataset.info.fingerprint {
+                return Err(err(format!(
+                    "checkpoint was trained on {:?} (fingerprint {}), not on this data {:?} (fingerprint {})",
+                    saved.name, saved.fingerprint, dataset.info.name, dataset.info.fingerprint
+                )));
             }
         }
         if let Some(steps) = steps {
