@@ -1,0 +1,382 @@
+//! The pseudo-gradient message a contributor uploads after its inner steps:
+//! Δ = θ_base − θ_local for every tensor, each encoded with the round's codec.
+//!
+//! ```text
+//! offset  field
+//!      0  magic "TESSPGRD" (8 bytes)
+//!      8  version u16 LE = 1
+//!     10  codec: id u8 (0 f32, 1 bf16, 2 int8, 3 int4, 4 top-k), param_a u32 LE, param_b u32 LE
+//!     19  run id (16 bytes)
+//!     35  round u64 LE
+//!     43  base checkpoint hash (32 bytes, BLAKE3)
+//!     75  tensor count u32 LE, then per tensor:
+//!           name length u16 LE, name (UTF-8), rank u8, dims u64 LE × rank, encoded length u64 LE
+//!      …  body: the encoded tensors, concatenated in table order
+//!      …  BLAKE3 of everything before it (32 bytes)
+//! ```
+//!
+//! `param_a`/`param_b` are the block size (int8, int4) or chunk and k (top-k), zero otherwise.
+//! The trailing hash covers header, table and body, so a flipped bit anywhere is caught before
+//! any tensor is decoded. Limits bound what a header can make the decoder allocate.
+
+use crate::codec::{Codec, CodecError};
+
+pub const MAGIC: &[u8; 8] = b"TESSPGRD";
+pub const VERSION: u16 = 1;
+pub const TENSORS_MAX: u32 = 1 << 16;
+pub const NAME_BYTES_MAX: usize = 256;
+pub const RANK_MAX: u8 = 8;
+/// At most 2^38 values in one message (a 256-GiB f32 Δ): larger models split per layer.
+pub const VALUES_MAX: u64 = 1 << 38;
+const HASH_BYTES: usize = 32;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    #[error("message ends early: needed {needed} more bytes at offset {offset}")]
+    Truncated { offset: usize, needed: usize },
+    #[error("not a pseudo-gradient message (bad magic)")]
+    BadMagic,
+    #[error("unsupported message version {0} (this build speaks {VERSION})")]
+    UnsupportedVersion(u16),
+    #[error("unknown codec id {0}")]
+    UnknownCodec(u8),
+    #[error("checksum mismatch: the message is corrupt")]
+    ChecksumMismatch,
+    #[error("{count} tensors exceeds the limit of {TENSORS_MAX}")]
+    TooManyTensors { count: u32 },
+    #[error("tensor {index}: {message}")]
+    BadTensor { index: u32, message: String },
+    #[error("{0} trailing bytes after the message")]
+    TrailingBytes(usize),
+    #[error("message holds more than {VALUES_MAX} values")]
+    TooManyValues,
+    #[error(transparent)]
+    Codec(#[from] CodecError),
+}
+
+/// One tensor's entry: its name, shape and encoded bytes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TensorEntry {
+    pub name: String,
+    pub shape: Vec<u64>,
+    pub encoded: Vec<u8>,
+}
+
+impl TensorEntry {
+    pub fn numel(&self) -> u64 {
+        self.shape.iter().product()
+    }
+}
+
+/// A decoded pseudo-gradient message. Tensor values stay encoded until [`PseudoGradient::decode_tensor`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct PseudoGradient {
+    pub codec: Codec,
+    pub run_id: [u8; 16],
+    pub round: u64,
+    pub base_checkpoint: [u8; 32],
+    pub tensors: Vec<TensorEntry>,
+}
+
+fn codec_to_wire(codec: &Codec) -> (u8, u32, u32) {
+    match *codec {
+        Codec::F32 => (0, 0, 0),
+        Codec::Bf16 => (1, 0, 0),
+        Codec::Int8 { block } => (2, block, 0),
+        Codec::Int4 { block } => (3, block, 0),
+        Codec::TopK { chunk, k } => (4, chunk, k),
+    }
+}
+
+fn codec_from_wire(id: u8, a: u32, b: u32) -> Result<Codec, WireError> {
+    let codec = match id {
+        0 => Codec::F32,
+        1 => Codec::Bf16,
+        2 => Codec::Int8 { block: a },
+        3 => Codec::Int4 { block: a },
+        4 => Codec::TopK { chunk: a, k: b },
+        other => return Err(WireError::UnknownCodec(other)),
+    };
+    codec.validate()?;
+    Ok(codec)
+}
+
+impl PseudoGradient {
+    /// Encodes `tensors` (name, shape, values) with `codec` into a message.
+    pub fn build<'a>(
+        codec: Codec,
+        run_id: [u8; 16],
+        round: u64,
+        base_checkpoint: [u8; 32],
+        tensors: impl IntoIterator<Item = (&'a str, &'a [u64], &'a [f32])>,
+    ) -> Result<PseudoGradient, WireError> {
+        let mut entries = Vec::new();
+        for (name, shape, values) in tensors {
+            let index = entries.len() as u32;
+            let numel: u64 = shape.iter().product();
+            if numel != values.len() as u64 {
+                return Err(WireError::BadTensor {
+                    index,
+                    message: format!("shape {shape:?} holds {numel} values, got {}", values.len()),
+                });
+            }
+            entries.push(TensorEntry { name: name.to_owned(), shape: shape.to_vec(), encoded: codec.encode(values)? });
+        }
+        let message = PseudoGradient { codec, run_id, round, base_checkpoint, tensors: entries };
+        message.check_table()?;
+        Ok(message)
+    }
+
+    fn check_table(&self) -> Result<(), WireError> {
+        if self.tensors.len() as u64 > u64::from(TENSORS_MAX) {
+            return Err(WireError::TooManyTensors { count: self.tensors.len() as u32 });
+        }
+        let mut total = 0u64;
+        for (i, t) in self.tensors.iter().enumerate() {
+            let bad = |m: String| WireError::BadTensor { index: i as u32, message: m };
+            if t.name.is_empty() || t.name.len() > NAME_BYTES_MAX {
+                return Err(bad(format!("name must be 1..={NAME_BYTES_MAX} bytes")));
+            }
+            if t.shape.len() > usize::from(RANK_MAX) {
+                return Err(bad(format!("rank {} exceeds {RANK_MAX}", t.shape.len())));
+            }
+            let numel = t.shape.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d)).ok_or(WireError::TooManyValues)?;
+            total = total.checked_add(numel).ok_or(WireError::TooManyValues)?;
+            if total > VALUES_MAX {
+                return Err(WireError::TooManyValues);
+            }
+            let expected = self.codec.encoded_len(numel);
+            if t.encoded.len() as u64 != expected {
+                return Err(bad(format!("{} encoded bytes, codec needs {expected}", t.encoded.len())));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&VERSION.to_le_bytes());
+        let (id, a, b) = codec_to_wire(&self.codec);
+        out.push(id);
+        out.extend_from_slice(&a.to_le_bytes());
+        out.extend_from_slice(&b.to_le_bytes());
+        out.extend_from_slice(&self.run_id);
+        out.extend_from_slice(&self.round.to_le_bytes());
+        out.extend_from_slice(&self.base_checkpoint);
+        out.extend_from_slice(&(self.tensors.len() as u32).to_le_bytes());
+        for t in &self.tensors {
+            out.extend_from_slice(&(t.name.len() as u16).to_le_bytes());
+            out.extend_from_slice(t.name.as_bytes());
+            out.push(t.shape.len() as u8);
+            t.shape.iter().for_each(|d| out.extend_from_slice(&d.to_le_bytes()));
+            out.extend_from_slice(&(t.encoded.len() as u64).to_le_bytes());
+        }
+        for t in &self.tensors {
+            out.extend_from_slice(&t.encoded);
+        }
+        let digest = blake3::hash(&out);
+        out.extend_from_slice(digest.as_bytes());
+        out
+    }
+
+    pub fn from_bytes(bytes: &[u8]) -> Result<PseudoGradient, WireError> {
+        if bytes.len() < MAGIC.len() || &bytes[..MAGIC.len()] != MAGIC {
+            return Err(if bytes.len() < MAGIC.len() {
+                WireError::Truncated { offset: 0, needed: MAGIC.len() }
+            } else {
+                WireError::BadMagic
+            });
+        }
+        if bytes.len() < HASH_BYTES + MAGIC.len() {
+            return Err(WireError::Truncated { offset: bytes.len(), needed: HASH_BYTES });
+        }
+        let (content, digest) = bytes.split_at(bytes.len() - HASH_BYTES);
+        let mut r = Reader { bytes: content, at: MAGIC.len() };
+        let version = u16::from_le_bytes(r.array()?);
+        if version != VERSION {
+            return Err(WireError::UnsupportedVersion(version));
+        }
+        if blake3::hash(content).as_bytes() != digest {
+            return Err(WireError::ChecksumMismatch);
+        }
+        let id = r.array::<1>()?[0];
+        let a = u32::from_le_bytes(r.array()?);
+        let b = u32::from_le_bytes(r.array()?);
+        let codec = codec_from_wire(id, a, b)?;
+        let run_id = r.array()?;
+        let round = u64::from_le_bytes(r.array()?);
+        let base_checkpoint = r.array()?;
+        let count = u32::from_le_bytes(r.array()?);
+        if count > TENSORS_MAX {
+            return Err(WireError::TooManyTensors { count });
+        }
+        let mut table = Vec::with_capacity(count as usize);
+        for index in 0..count {
+            let bad = |m: String| WireError::BadTensor { index, message: m };
+            let name_len = usize::from(u16::from_le_bytes(r.array()?));
+            if name_len == 0 || name_len > NAME_BYTES_MAX {
+                return Err(bad(format!("name length {name_len} outside 1..={NAME_BYTES_MAX}")));
+            }
+            let name = std::str::from_utf8(r.take(name_len)?).map_err(|_| bad("name is not UTF-8".into()))?.to_owned();
+            let rank = r.array::<1>()?[0];
+            if rank > RANK_MAX {
+                return Err(bad(format!("rank {rank} exceeds {RANK_MAX}")));
+            }
+            let shape = (0..rank).map(|_| r.array().map(u64::from_le_bytes)).collect::<Result<Vec<u64>, _>>()?;
+            let len = u64::from_le_bytes(r.array()?);
+            table.push((name, shape, len));
+        }
+        let mut tensors = Vec::with_capacity(table.len());
+        for (name, shape, len) in table {
+            let len = usize::try_from(len).map_err(|_| WireError::Truncated { offset: r.at, needed: usize::MAX })?;
+            tensors.push(TensorEntry { name, shape, encoded: r.take(len)?.to_vec() });
+        }
+        if r.at != content.len() {
+            return Err(WireError::TrailingBytes(content.len() - r.at));
+        }
+        let message = PseudoGradient { codec, run_id, round, base_checkpoint, tensors };
+        message.check_table()?;
+        Ok(message)
+    }
+
+    /// Decodes tensor `index` to f32 values.
+    pub fn decode_tensor(&self, index: usize) -> Result<Vec<f32>, WireError> {
+        let t = self
+            .tensors
+            .get(index)
+            .ok_or(WireError::BadTensor { index: index as u32, message: "no such tensor".into() })?;
+        Ok(self.codec.decode(&t.encoded, t.numel())?)
+    }
+
+    /// Bytes on the wire.
+    pub fn wire_len(&self) -> usize {
+        self.to_bytes().len()
+    }
+}
+
+struct Reader<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], WireError> {
+        let end = self.at.checked_add(n).filter(|&e| e <= self.bytes.len());
+        let Some(end) = end else {
+            return Err(WireError::Truncated { offset: self.at, needed: n });
+        };
+        let slice = &self.bytes[self.at..end];
+        self.at = end;
+        Ok(slice)
+    }
+
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], WireError> {
+        let mut out = [0u8; N];
+        out.copy_from_slice(self.take(N)?);
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn sample(codec: Codec) -> PseudoGradient {
+        let a: Vec<f32> = (0..96).map(|i| (i as f32 * 0.37).sin()).collect();
+        let b: Vec<f32> = (0..10).map(|i| i as f32 - 5.0).collect();
+        PseudoGradient::build(
+            codec,
+            [7; 16],
+            42,
+            [9; 32],
+            [
+                ("model.layers.0.mlp.up_proj.weight", &[8u64, 12][..], &a[..]),
+                ("model.norm.weight", &[10u64][..], &b[..]),
+            ],
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn round_trips_with_every_codec() {
+        for codec in [
+            Codec::F32,
+            Codec::Bf16,
+            Codec::Int8 { block: 32 },
+            Codec::Int4 { block: 32 },
+            Codec::TopK { chunk: 32, k: 4 },
+        ] {
+            let m = sample(codec);
+            let back = PseudoGradient::from_bytes(&m.to_bytes()).unwrap();
+            assert_eq!(back, m);
+            assert_eq!(back.decode_tensor(1).unwrap().len(), 10);
+        }
+        let exact = sample(Codec::F32);
+        assert_eq!(exact.decode_tensor(1).unwrap(), (0..10).map(|i| i as f32 - 5.0).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn typed_errors_for_hostile_messages() {
+        let bytes = sample(Codec::F32).to_bytes();
+        let mut bad = bytes.clone();
+        bad[100] ^= 1;
+        assert_eq!(PseudoGradient::from_bytes(&bad), Err(WireError::ChecksumMismatch));
+        let mut bad = bytes.clone();
+        bad[8] = 9;
+        assert_eq!(PseudoGradient::from_bytes(&bad), Err(WireError::UnsupportedVersion(9)));
+        assert_eq!(
+            PseudoGradient::from_bytes(b"NOTAPGRDxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"),
+            Err(WireError::BadMagic)
+        );
+        assert!(matches!(
+            PseudoGradient::from_bytes(&bytes[..40]),
+            Err(WireError::ChecksumMismatch | WireError::Truncated { .. })
+        ));
+        let err =
+            PseudoGradient::build(Codec::F32, [0; 16], 0, [0; 32], [("w", &[3u64][..], &[1.0f32][..])]).unwrap_err();
+        assert!(matches!(err, WireError::BadTensor { index: 0, .. }));
+    }
+
+    /// Re-hashes a mangled message so the structural checks, not just the checksum, are tested.
+    fn rehash(mut bytes: Vec<u8>) -> Vec<u8> {
+        if bytes.len() >= 32 {
+            let n = bytes.len() - 32;
+            let digest = blake3::hash(&bytes[..n]);
+            bytes[n..].copy_from_slice(digest.as_bytes());
+        }
+        bytes
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..400)) {
+            let _ = PseudoGradient::from_bytes(&bytes);
+            let mut with_magic = MAGIC.to_vec();
+            with_magic.extend_from_slice(&[1, 0]);
+            with_magic.extend_from_slice(&bytes);
+            let _ = PseudoGradient::from_bytes(&rehash(with_magic));
+        }
+
+        #[test]
+        fn mangled_messages_with_valid_checksums_never_panic(
+            edits in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..6),
+            cut in 0usize..40,
+            codec_id in 0usize..5,
+        ) {
+            let codecs = [Codec::F32, Codec::Bf16, Codec::Int8 { block: 32 }, Codec::Int4 { block: 32 }, Codec::TopK { chunk: 32, k: 4 }];
+            let mut bytes = sample(codecs[codec_id]).to_bytes();
+            let n = bytes.len() - 32;
+            for (i, v) in edits {
+                bytes[10 + i.index(n - 10)] = v;
+            }
+            bytes.drain(n.saturating_sub(cut)..n);
+            if let Ok(m) = PseudoGradient::from_bytes(&rehash(bytes)) {
+                for i in 0..m.tensors.len() {
+                    let _ = m.decode_tensor(i);
+                }
+            }
+        }
+    }
+}
