@@ -3,6 +3,7 @@
 //! Data comes from `tessera-data` as token streams; the model from `tessera-model`.
 
 pub mod bench;
+pub mod diloco;
 pub mod optim;
 pub mod trainer;
 

@@ -333,11 +333,7 @@ impl Trainer {
             }
             if done.is_multiple_of(self.config.eval_interval) || done == end {
                 let eval = self.evaluate()?;
-                if bar.is_hidden() {
-                    println!("{}", describe_eval(&eval));
-                } else {
-                    bar.println(describe_eval(&eval));
-                }
+                print_above(&bar, describe_eval(&eval));
                 if let Some(m) = metrics.as_mut() {
                     m.write(&json!({"event": "eval", "step": done, "val_loss": eval.val_loss,
                                     "val_loss_warm": eval.val_loss_warm, "floor_gap": eval.floor_gap}))?;
@@ -385,6 +381,16 @@ pub fn describe_eval(e: &EvalStats) -> String {
         s.push_str(&format!(" | {gap:+.4} nats from the entropy floor"));
     }
     s
+}
+
+/// Prints a line above `bar`, or plainly when the bar is hidden (not a terminal), where
+/// indicatif would drop it.
+pub fn print_above(bar: &indicatif::ProgressBar, line: String) {
+    if bar.is_hidden() {
+        println!("{line}");
+    } else {
+        bar.println(line);
+    }
 }
 
 fn progress_bar(len: u64, pos: u64, show: bool) -> indicatif::ProgressBar {

@@ -8,11 +8,12 @@ use tch::Device;
 use tessera_data::{Dataset, SyntheticSource, SyntheticSpec, TessTokenizer, TextSource, TokenizerKind};
 use tessera_model::{LlamaConfig, SamplingParams, TrainingMemory, generate, load_checkpoint, presets};
 use tessera_train::bench::train_throughput;
-use tessera_train::trainer::describe_eval;
+use tessera_train::trainer::{describe_eval, print_above};
 use tessera_train::{AdamWConfig, TrainConfig, Trainer};
 
 use crate::{
-    BenchCommand, Command, DataArgs, DataCommand, GenerateArgs, ModelCommand, RuntimeArgs, TokenizerCommand, TrainArgs,
+    BenchCommand, CodecName, Command, DataArgs, DataCommand, DilocoArgs, GenerateArgs, ModelCommand, RuntimeArgs,
+    TokenizerCommand, TrainArgs,
 };
 
 pub fn run(command: Command) -> Result<()> {
@@ -43,6 +44,7 @@ pub fn run(command: Command) -> Result<()> {
         Command::Bench(BenchCommand::Train { models, batch_size, steps, warmup, json, runtime }) => {
             bench_train(&models, batch_size, steps, warmup, json, &runtime)
         }
+        Command::Bench(BenchCommand::Diloco(args)) => bench_diloco(*args),
     }
 }
 
@@ -434,6 +436,85 @@ fn bench_train(
                 r.gflops
             );
         }
+    }
+    Ok(())
+}
+
+fn bench_diloco(args: DilocoArgs) -> Result<()> {
+    use tessera_aggregate::OuterConfig;
+    use tessera_protocol::Codec;
+    use tessera_train::diloco::{DilocoConfig, run_diloco};
+
+    let device = setup_runtime(&args.runtime)?;
+    let dataset = load_dataset(&args.data)?;
+    let model_config = LlamaConfig::from_preset_or_path(&args.model)?;
+    let codec = match args.codec {
+        CodecName::F32 => Codec::F32,
+        CodecName::Bf16 => Codec::Bf16,
+        CodecName::Int8 => Codec::Int8 { block: args.block },
+        CodecName::Int4 => Codec::Int4 { block: args.block },
+        CodecName::Topk => Codec::TopK { chunk: args.topk_chunk, k: args.topk_k },
+    };
+    codec.validate()?;
+    let total_inner = args.rounds * args.inner_steps;
+    let inner = TrainConfig {
+        steps: total_inner,
+        batch_size: args.batch_size,
+        seq_len: model_config.max_position_embeddings as usize,
+        lr: args.lr,
+        min_lr: args.lr / 10.0,
+        warmup_steps: (total_inner / 10).clamp(1, 100),
+        eval_windows: args.eval_windows,
+        seed: args.seed,
+        ..TrainConfig::default()
+    };
+    let config = DilocoConfig {
+        workers: args.workers,
+        inner_steps: args.inner_steps,
+        rounds: args.rounds,
+        outer: OuterConfig { lr: args.outer_lr, momentum: args.outer_momentum, nesterov: true },
+        codec,
+        eval_every: args.eval_every,
+    };
+    println!(
+        "DiLoCo: {} workers × {} inner steps × {} rounds, codec {codec:?}, outer lr {} momentum {}, data {}",
+        args.workers, args.inner_steps, args.rounds, args.outer_lr, args.outer_momentum, dataset.info.name
+    );
+    let bar = indicatif::ProgressBar::new(args.rounds);
+    let summary = run_diloco(&inner, &model_config, &dataset, &config, device, |r| {
+        bar.set_position(r.round);
+        bar.set_message(format!("inner loss {:.4}", r.inner_loss));
+        if let Some(e) = &r.eval {
+            print_above(&bar, format!("round {:>4} | {}", r.round, describe_eval(e)));
+        }
+    })?;
+    bar.finish_and_clear();
+    let moved = summary.bytes_up + summary.bytes_down;
+    println!(
+        "DiLoCo: final val loss {:.4} | {} tokens | uploaded {} + downloaded {} | synchronous data parallel would move {} ({:.1}× more)",
+        summary.final_eval.val_loss,
+        summary.tokens,
+        gib(summary.bytes_up),
+        gib(summary.bytes_down),
+        gib(summary.data_parallel_bytes),
+        summary.data_parallel_bytes as f64 / moved.max(1) as f64
+    );
+    if args.baseline {
+        // Synchronous data parallel: every step averages the gradients of M workers' batches,
+        // i.e. one step on M × batch windows; same tokens as DiLoCo.
+        let lr = args.baseline_lr.unwrap_or(args.lr);
+        let config =
+            TrainConfig { grad_accum: args.workers, lr, min_lr: lr / 10.0, eval_interval: total_inner, ..inner };
+        let mut trainer = Trainer::new(config, &model_config, dataset, device)?;
+        let base = trainer.run(None, None, true)?;
+        println!(
+            "baseline (synchronous data parallel, {} steps of {} × {} windows): final val loss {:.4} | DiLoCo / baseline = {:.4}",
+            total_inner,
+            args.workers,
+            args.batch_size,
+            base.final_eval.val_loss,
+            summary.final_eval.val_loss / base.final_eval.val_loss
+        );
     }
     Ok(())
 }

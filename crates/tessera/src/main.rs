@@ -251,6 +251,71 @@ enum BenchCommand {
         #[command(flatten)]
         runtime: RuntimeArgs,
     },
+    /// DiLoCo simulated in one process (M workers, H inner steps, outer Nesterov), optionally
+    /// against synchronous data parallel on the same number of tokens.
+    Diloco(Box<DilocoArgs>),
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum CodecName {
+    F32,
+    Bf16,
+    Int8,
+    Int4,
+    Topk,
+}
+
+#[derive(Args)]
+struct DilocoArgs {
+    #[arg(long, default_value = "nano")]
+    model: String,
+    #[command(flatten)]
+    data: DataArgs,
+    /// Workers (M).
+    #[arg(long, default_value_t = 4)]
+    workers: usize,
+    /// Inner AdamW steps per round (H).
+    #[arg(long, default_value_t = 50)]
+    inner_steps: u64,
+    /// Outer rounds.
+    #[arg(long, default_value_t = 10)]
+    rounds: u64,
+    /// Sequences per worker per inner step.
+    #[arg(long, default_value_t = 12)]
+    batch_size: usize,
+    /// Inner peak learning rate (cosine over all inner steps, warmup 10% capped at 100).
+    #[arg(long, default_value_t = 1e-3)]
+    lr: f64,
+    #[arg(long, default_value_t = 0.7)]
+    outer_lr: f32,
+    #[arg(long, default_value_t = 0.9)]
+    outer_momentum: f32,
+    /// Pseudo-gradient codec.
+    #[arg(long, value_enum, default_value = "f32")]
+    codec: CodecName,
+    /// Block size of int8 / int4.
+    #[arg(long, default_value_t = 64)]
+    block: u32,
+    /// Top-k chunk size and values kept per chunk.
+    #[arg(long, default_value_t = 4096)]
+    topk_chunk: u32,
+    #[arg(long, default_value_t = 16)]
+    topk_k: u32,
+    /// Evaluate the global model every N rounds.
+    #[arg(long, default_value_t = 1)]
+    eval_every: u64,
+    /// Also train the synchronous data-parallel baseline on the same number of tokens.
+    #[arg(long)]
+    baseline: bool,
+    /// Baseline learning rate (default: --lr).
+    #[arg(long)]
+    baseline_lr: Option<f64>,
+    #[arg(long, default_value_t = 200)]
+    eval_windows: usize,
+    #[arg(long, default_value_t = 1337)]
+    seed: u64,
+    #[command(flatten)]
+    runtime: RuntimeArgs,
 }
 
 fn main() -> std::process::ExitCode {

@@ -181,3 +181,17 @@ fn bad_input_gets_a_clear_error() {
     let err = fails(&["model", "logits", "--checkpoint", p(&ckpt3), "--text", "x"]);
     assert!(err.contains("tokenizer.json") && err.contains("not a valid tokenizer.json"), "{err}");
 }
+
+#[test]
+fn diloco_simulation_runs_with_a_baseline_and_checks_codec_parameters() {
+    let small =
+        ["--model", "tiny", "--synthetic-chars", "20000", "--batch-size", "2", "--eval-windows", "4", "--threads", "1"];
+    let mut args = vec!["bench", "diloco", "--workers", "2", "--inner-steps", "2", "--rounds", "2", "--baseline"];
+    args.extend_from_slice(&["--codec", "topk", "--topk-chunk", "64", "--topk-k", "4"]);
+    args.extend_from_slice(&small);
+    let out = ok(&args);
+    assert!(out.contains("round    2 |") && out.contains("DiLoCo / baseline"), "{out}");
+    let mut bad = vec!["bench", "diloco", "--codec", "int4", "--block", "3"];
+    bad.extend_from_slice(&small);
+    assert!(fails(&bad).contains("must be even"));
+}
