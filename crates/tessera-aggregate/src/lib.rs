@@ -17,6 +17,10 @@
 //! contributor, one momentum update, one weight update): for 100M parameters and 16
 //! contributors, ≈ 16 × 400 MB read + 3 × 400 MB read/write ≈ 8 GB of memory traffic.
 
+pub mod bench;
+
+use tessera_protocol::PseudoGradient;
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AggregateError {
     #[error("pseudo-gradient has {got} tensors, the model has {expected}")]
@@ -29,6 +33,8 @@ pub enum AggregateError {
     NonFinite { index: usize, position: usize },
     #[error("no pseudo-gradient was accumulated")]
     Empty,
+    #[error("pseudo-gradient message: {0}")]
+    Decode(#[from] tessera_protocol::WireError),
 }
 
 fn check_shapes(expected: &[usize], tensors: &[&[f32]]) -> Result<(), AggregateError> {
@@ -74,14 +80,28 @@ impl Accumulator {
                 return Err(AggregateError::NonFinite { index, position });
             }
         }
-        for (sum, t) in self.sums.iter_mut().zip(delta) {
-            for (s, &d) in sum.iter_mut().zip(t.iter()) {
+        parallel_for_each(&mut self.sums, |i, sum| {
+            for (s, &d) in sum.iter_mut().zip(delta[i].iter()) {
                 *s += weight * d;
             }
-        }
+        });
         self.weight += f64::from(weight);
         self.count += 1;
         Ok(())
+    }
+
+    /// Decodes a pseudo-gradient message and adds it with `weight`, decoding tensors on all
+    /// cores. The message is checked whole (tensor count, lengths, finiteness) before the sum is
+    /// touched.
+    pub fn add_message(&mut self, weight: f32, message: &PseudoGradient) -> Result<(), AggregateError> {
+        let lengths = self.lengths();
+        if message.tensors.len() != lengths.len() {
+            return Err(AggregateError::TensorCount { expected: lengths.len(), got: message.tensors.len() });
+        }
+        let decoded = parallel_map(message.tensors.len(), |i| message.decode_tensor(i));
+        let decoded: Vec<Vec<f32>> = decoded.into_iter().collect::<Result<_, _>>()?;
+        let views: Vec<&[f32]> = decoded.iter().map(Vec::as_slice).collect();
+        self.add(weight, &views)
     }
 
     pub fn count(&self) -> usize {
@@ -161,6 +181,43 @@ impl OuterOptimizer {
     }
 }
 
+fn threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// `f(0..n)` on all cores, results in order. Work is dealt round-robin: tensors of one model
+/// come in a handful of sizes, so this balances well enough.
+fn parallel_map<T: Send>(n: usize, f: impl Fn(usize) -> T + Sync) -> Vec<T> {
+    let workers = threads().min(n.max(1));
+    let mut parts: Vec<Vec<(usize, T)>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..workers)
+            .map(|w| {
+                let f = &f;
+                scope.spawn(move || (w..n).step_by(workers).map(|i| (i, f(i))).collect::<Vec<_>>())
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().expect("decode worker panicked")).collect()
+    });
+    let mut out: Vec<(usize, T)> = parts.iter_mut().flat_map(std::mem::take).collect();
+    out.sort_by_key(|(i, _)| *i);
+    out.into_iter().map(|(_, t)| t).collect()
+}
+
+/// `f(i, &mut items[i])` for every item, on all cores.
+fn parallel_for_each<T: Send>(items: &mut [T], f: impl Fn(usize, &mut T) + Sync) {
+    let workers = threads().min(items.len().max(1));
+    let mut buckets: Vec<Vec<(usize, &mut T)>> = (0..workers).map(|_| Vec::new()).collect();
+    for (i, item) in items.iter_mut().enumerate() {
+        buckets[i % workers].push((i, item));
+    }
+    std::thread::scope(|scope| {
+        for bucket in buckets {
+            let f = &f;
+            scope.spawn(move || bucket.into_iter().for_each(|(i, item)| f(i, item)));
+        }
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -209,6 +266,23 @@ mod tests {
         assert!((p[0] + 1.33).abs() < 1e-6);
         opt.step(&mut [&mut p], &[&[2.0]]).unwrap();
         assert!((p[0] + 4.557).abs() < 1e-5, "{}", p[0]);
+    }
+
+    #[test]
+    fn messages_are_decoded_checked_and_added() {
+        use tessera_protocol::Codec;
+        let a: Vec<f32> = vec![1.0, 2.0, 3.0];
+        let b: Vec<f32> = vec![-4.0];
+        let build = |a: &[f32], b: &[f32]| {
+            PseudoGradient::build(Codec::F32, [0; 16], 0, [0; 32], [("a", &[3u64][..], a), ("b", &[1u64][..], b)])
+                .unwrap()
+        };
+        let mut acc = Accumulator::new(&[3, 1]);
+        acc.add_message(1.0, &build(&a, &b)).unwrap();
+        acc.add_message(1.0, &build(&[3.0, 2.0, 1.0], &[0.0])).unwrap();
+        let wrong = PseudoGradient::build(Codec::F32, [0; 16], 0, [0; 32], [("a", &[3u64][..], &a[..])]).unwrap();
+        assert_eq!(acc.add_message(1.0, &wrong), Err(AggregateError::TensorCount { expected: 2, got: 1 }));
+        assert_eq!(acc.finish().unwrap(), vec![vec![2.0, 2.0, 2.0], vec![-2.0]]);
     }
 
     proptest! {

@@ -12,8 +12,8 @@ use tessera_train::trainer::{describe_eval, print_above};
 use tessera_train::{AdamWConfig, TrainConfig, Trainer};
 
 use crate::{
-    BenchCommand, CodecName, Command, DataArgs, DataCommand, DilocoArgs, GenerateArgs, ModelCommand, RuntimeArgs,
-    TokenizerCommand, TrainArgs,
+    BenchCommand, CodecArgs, CodecName, Command, DataArgs, DataCommand, DilocoArgs, GenerateArgs, ModelCommand,
+    RuntimeArgs, TokenizerCommand, TrainArgs,
 };
 
 pub fn run(command: Command) -> Result<()> {
@@ -45,6 +45,9 @@ pub fn run(command: Command) -> Result<()> {
             bench_train(&models, batch_size, steps, warmup, json, &runtime)
         }
         Command::Bench(BenchCommand::Diloco(args)) => bench_diloco(*args),
+        Command::Bench(BenchCommand::Hub { params, tensor_len, contributors, codecs, codec }) => {
+            bench_hub(params, tensor_len, contributors, &codecs, codec)
+        }
     }
 }
 
@@ -442,20 +445,12 @@ fn bench_train(
 
 fn bench_diloco(args: DilocoArgs) -> Result<()> {
     use tessera_aggregate::OuterConfig;
-    use tessera_protocol::Codec;
     use tessera_train::diloco::{DilocoConfig, run_diloco};
 
     let device = setup_runtime(&args.runtime)?;
     let dataset = load_dataset(&args.data)?;
     let model_config = LlamaConfig::from_preset_or_path(&args.model)?;
-    let codec = match args.codec {
-        CodecName::F32 => Codec::F32,
-        CodecName::Bf16 => Codec::Bf16,
-        CodecName::Int8 => Codec::Int8 { block: args.block },
-        CodecName::Int4 => Codec::Int4 { block: args.block },
-        CodecName::Topk => Codec::TopK { chunk: args.topk_chunk, k: args.topk_k },
-    };
-    codec.validate()?;
+    let codec = make_codec(args.codec, args.codec_args)?;
     let total_inner = args.rounds * args.inner_steps;
     let inner = TrainConfig {
         steps: total_inner,
@@ -514,6 +509,48 @@ fn bench_diloco(args: DilocoArgs) -> Result<()> {
             args.batch_size,
             base.final_eval.val_loss,
             summary.final_eval.val_loss / base.final_eval.val_loss
+        );
+    }
+    Ok(())
+}
+
+fn make_codec(name: CodecName, p: CodecArgs) -> Result<tessera_protocol::Codec> {
+    use tessera_protocol::Codec;
+    let codec = match name {
+        CodecName::F32 => Codec::F32,
+        CodecName::Bf16 => Codec::Bf16,
+        CodecName::Int8 => Codec::Int8 { block: p.block },
+        CodecName::Int4 => Codec::Int4 { block: p.block },
+        CodecName::Topk => Codec::TopK { chunk: p.topk_chunk, k: p.topk_k },
+    };
+    codec.validate()?;
+    Ok(codec)
+}
+
+fn bench_hub(params: u64, tensor_len: u64, contributors: usize, codecs: &[CodecName], p: CodecArgs) -> Result<()> {
+    if params == 0 || tensor_len == 0 || contributors == 0 {
+        bail!("--params, --tensor-len and --contributors must be positive");
+    }
+    println!(
+        "hub round: {} parameters in tensors of {tensor_len}, {contributors} contributors, {} threads",
+        human(params as f64),
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    );
+    println!(
+        "{:<28} {:>12} {:>9} {:>12} {:>14} {:>8}",
+        "codec", "message", "round s", "GB/s (f32)", "memcpy GB/s", "ratio"
+    );
+    for &name in codecs {
+        let codec = make_codec(name, p)?;
+        let r = tessera_aggregate::bench::hub_round(params, tensor_len, contributors, codec)?;
+        println!(
+            "{:<28} {:>12} {:>9.2} {:>12.2} {:>14.2} {:>7.1}%",
+            format!("{codec:?}"),
+            gib(r.message_bytes),
+            r.seconds,
+            r.gb_per_s,
+            r.memcpy_gb_per_s,
+            100.0 * r.gb_per_s / r.memcpy_gb_per_s
         );
     }
     Ok(())

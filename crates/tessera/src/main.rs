@@ -251,6 +251,23 @@ enum BenchCommand {
         #[command(flatten)]
         runtime: RuntimeArgs,
     },
+    /// The hub's round: parse, checksum, decode and average pseudo-gradients from N contributors,
+    /// then one outer step; reported against memcpy bandwidth measured in the same run.
+    Hub {
+        /// Model parameters.
+        #[arg(long, default_value_t = 100_000_000)]
+        params: u64,
+        /// Values per tensor.
+        #[arg(long, default_value_t = 4_000_000)]
+        tensor_len: u64,
+        #[arg(long, default_value_t = 16)]
+        contributors: usize,
+        /// Codecs to measure, comma-separated.
+        #[arg(long, value_enum, value_delimiter = ',', default_value = "f32,bf16,int8,int4,topk")]
+        codecs: Vec<CodecName>,
+        #[command(flatten)]
+        codec: CodecArgs,
+    },
     /// DiLoCo simulated in one process (M workers, H inner steps, outer Nesterov), optionally
     /// against synchronous data parallel on the same number of tokens.
     Diloco(Box<DilocoArgs>),
@@ -263,6 +280,20 @@ enum CodecName {
     Int8,
     Int4,
     Topk,
+}
+
+/// Parameters of the pseudo-gradient codecs.
+#[derive(Args, Clone, Copy)]
+struct CodecArgs {
+    /// Block size of int8 / int4.
+    #[arg(long, default_value_t = 64)]
+    block: u32,
+    /// Top-k chunk size.
+    #[arg(long, default_value_t = 4096)]
+    topk_chunk: u32,
+    /// Top-k values kept per chunk.
+    #[arg(long, default_value_t = 16)]
+    topk_k: u32,
 }
 
 #[derive(Args)]
@@ -293,14 +324,8 @@ struct DilocoArgs {
     /// Pseudo-gradient codec.
     #[arg(long, value_enum, default_value = "f32")]
     codec: CodecName,
-    /// Block size of int8 / int4.
-    #[arg(long, default_value_t = 64)]
-    block: u32,
-    /// Top-k chunk size and values kept per chunk.
-    #[arg(long, default_value_t = 4096)]
-    topk_chunk: u32,
-    #[arg(long, default_value_t = 16)]
-    topk_k: u32,
+    #[command(flatten)]
+    codec_args: CodecArgs,
     /// Evaluate the global model every N rounds.
     #[arg(long, default_value_t = 1)]
     eval_every: u64,

@@ -1,0 +1,83 @@
+//! The hub's hot path, timed: parse and checksum each contributor's pseudo-gradient message,
+//! decode it, accumulate, then one outer Nesterov step — against the machine's memcpy bandwidth
+//! measured in the same run. `tessera bench hub` prints it.
+
+use std::time::Instant;
+
+use tessera_protocol::{Codec, PseudoGradient};
+
+use crate::{Accumulator, AggregateError, OuterConfig, OuterOptimizer};
+
+#[derive(Debug, Clone)]
+pub struct HubBench {
+    pub params: u64,
+    pub contributors: usize,
+    pub codec: Codec,
+    pub message_bytes: u64,
+    pub seconds: f64,
+    /// f32-equivalent pseudo-gradient bytes processed per second (contributors × params × 4 / s).
+    pub gb_per_s: f64,
+    /// Best of three copies of a params-sized f32 buffer, bytes copied per second.
+    pub memcpy_gb_per_s: f64,
+}
+
+/// Times one round: `contributors` messages of `params` values in tensors of `tensor_len`.
+pub fn hub_round(params: u64, tensor_len: u64, contributors: usize, codec: Codec) -> Result<HubBench, AggregateError> {
+    let n_tensors = params.div_ceil(tensor_len) as usize;
+    let lengths: Vec<usize> = (0..n_tensors).map(|i| tensor_len.min(params - i as u64 * tensor_len) as usize).collect();
+    // A deterministic, varied pseudo-gradient; one message re-parsed for every contributor.
+    let values: Vec<Vec<f32>> = lengths
+        .iter()
+        .enumerate()
+        .map(|(t, &n)| (0..n).map(|j| ((j as f32 * 0.618 + t as f32) % 1.0 - 0.5) * 1e-3).collect())
+        .collect();
+    let names: Vec<String> = (0..n_tensors).map(|i| format!("t{i}")).collect();
+    let shapes: Vec<[u64; 1]> = lengths.iter().map(|&n| [n as u64]).collect();
+    let message = PseudoGradient::build(
+        codec,
+        [0; 16],
+        0,
+        [0; 32],
+        (0..n_tensors).map(|i| (names[i].as_str(), &shapes[i][..], values[i].as_slice())),
+    )?;
+    let bytes = message.to_bytes();
+    drop(message);
+    drop(values);
+    let mut theta: Vec<Vec<f32>> = lengths.iter().map(|&n| vec![0.0; n]).collect();
+    let mut outer = OuterOptimizer::new(OuterConfig::default(), &lengths);
+
+    let started = Instant::now();
+    let mut acc = Accumulator::new(&lengths);
+    for _ in 0..contributors {
+        let received = PseudoGradient::from_bytes(&bytes)?;
+        acc.add_message(1.0, &received)?;
+    }
+    let mean = acc.finish()?;
+    let views: Vec<&[f32]> = mean.iter().map(Vec::as_slice).collect();
+    let mut params_mut: Vec<&mut [f32]> = theta.iter_mut().map(Vec::as_mut_slice).collect();
+    outer.step(&mut params_mut, &views)?;
+    let seconds = started.elapsed().as_secs_f64();
+
+    Ok(HubBench {
+        params,
+        contributors,
+        codec,
+        message_bytes: bytes.len() as u64,
+        seconds,
+        gb_per_s: (contributors as u64 * params * 4) as f64 / seconds / 1e9,
+        memcpy_gb_per_s: memcpy_bandwidth(params as usize),
+    })
+}
+
+fn memcpy_bandwidth(n: usize) -> f64 {
+    let src: Vec<f32> = (0..n).map(|i| i as f32).collect();
+    let mut dst = vec![0.0f32; n];
+    let mut best = f64::INFINITY;
+    for _ in 0..3 {
+        let t = Instant::now();
+        dst.copy_from_slice(&src);
+        std::hint::black_box(&mut dst);
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    (n * 4) as f64 / best / 1e9
+}
