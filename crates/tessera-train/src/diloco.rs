@@ -140,7 +140,12 @@ pub fn run_diloco(
         bytes_up += round_up;
 
         let done = round + 1;
-        let eval = if done % config.eval_every == 0 || done == config.rounds { Some(global.evaluate()?) } else { None };
+        let eval = if done % config.eval_every == 0 || done == config.rounds {
+            // The global model never steps itself: report the inner steps each worker has taken.
+            Some(EvalStats { step: done * config.inner_steps, ..global.evaluate()? })
+        } else {
+            None
+        };
         if eval.is_some() {
             last_eval = eval;
         }
