@@ -4,7 +4,7 @@
 
 use std::time::Instant;
 
-use tessera_protocol::{Codec, PseudoGradient};
+use tessera_protocol::{Codec, MessageView, PseudoGradient};
 
 use crate::{Accumulator, AggregateError, OuterConfig, OuterOptimizer};
 
@@ -49,8 +49,8 @@ pub fn hub_round(params: u64, tensor_len: u64, contributors: usize, codec: Codec
     let started = Instant::now();
     let mut acc = Accumulator::new(&lengths);
     for _ in 0..contributors {
-        let received = PseudoGradient::from_bytes(&bytes)?;
-        acc.add_message(1.0, &received)?;
+        let received = MessageView::parse(&bytes)?;
+        acc.add_view(1.0, &received)?;
     }
     let mean = acc.finish()?;
     let views: Vec<&[f32]> = mean.iter().map(Vec::as_slice).collect();

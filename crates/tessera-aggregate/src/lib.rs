@@ -19,7 +19,7 @@
 
 pub mod bench;
 
-use tessera_protocol::PseudoGradient;
+use tessera_protocol::{MessageView, PseudoGradient};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AggregateError {
@@ -56,12 +56,19 @@ pub struct Accumulator {
     sums: Vec<Vec<f32>>,
     weight: f64,
     count: usize,
+    /// One decode buffer per worker thread, reused across messages.
+    scratch: Vec<Vec<f32>>,
 }
 
 impl Accumulator {
     /// An empty accumulator for tensors of the given lengths.
     pub fn new(lengths: &[usize]) -> Accumulator {
-        Accumulator { sums: lengths.iter().map(|&n| vec![0.0; n]).collect(), weight: 0.0, count: 0 }
+        Accumulator {
+            sums: lengths.iter().map(|&n| vec![0.0; n]).collect(),
+            weight: 0.0,
+            count: 0,
+            scratch: Vec::new(),
+        }
     }
 
     fn lengths(&self) -> Vec<usize> {
@@ -90,18 +97,56 @@ impl Accumulator {
         Ok(())
     }
 
-    /// Decodes a pseudo-gradient message and adds it with `weight`, decoding tensors on all
-    /// cores. The message is checked whole (tensor count, lengths, finiteness) before the sum is
-    /// touched.
+    /// Decodes a pseudo-gradient message and adds it with `weight`.
     pub fn add_message(&mut self, weight: f32, message: &PseudoGradient) -> Result<(), AggregateError> {
+        self.add_view(weight, &message.view())
+    }
+
+    /// Decodes a verified message view and adds it with `weight`, on all cores, without
+    /// allocating per message. Two passes: the first decodes every tensor into scratch and
+    /// checks it (codec errors, non-finite values), the second decodes again and accumulates,
+    /// so a bad message leaves the sum untouched.
+    pub fn add_view(&mut self, weight: f32, message: &MessageView<'_>) -> Result<(), AggregateError> {
+        if !(weight.is_finite() && weight > 0.0) {
+            return Err(AggregateError::BadWeight(weight.to_string()));
+        }
         let lengths = self.lengths();
         if message.tensors.len() != lengths.len() {
             return Err(AggregateError::TensorCount { expected: lengths.len(), got: message.tensors.len() });
         }
-        let decoded = parallel_map(message.tensors.len(), |i| message.decode_tensor(i));
-        let decoded: Vec<Vec<f32>> = decoded.into_iter().collect::<Result<_, _>>()?;
-        let views: Vec<&[f32]> = decoded.iter().map(Vec::as_slice).collect();
-        self.add(weight, &views)
+        for (index, (t, &n)) in message.tensors.iter().zip(&lengths).enumerate() {
+            if t.numel() != n as u64 {
+                return Err(AggregateError::TensorLength { index, expected: n, got: t.numel() as usize });
+            }
+        }
+        let codec = message.codec;
+        let max_len = lengths.iter().copied().max().unwrap_or(0);
+        let workers = threads().min(lengths.len().max(1));
+        self.scratch.resize_with(workers, Vec::new);
+        for s in &mut self.scratch {
+            s.resize(max_len, 0.0);
+        }
+        let check = |i: usize, _: &mut Vec<f32>, scratch: &mut [f32]| -> Result<(), AggregateError> {
+            let out = &mut scratch[..lengths[i]];
+            codec.decode_into(message.tensors[i].encoded, out).map_err(tessera_protocol::WireError::from)?;
+            match out.iter().position(|v| !v.is_finite()) {
+                Some(position) => Err(AggregateError::NonFinite { index: i, position }),
+                None => Ok(()),
+            }
+        };
+        per_tensor(&mut self.sums, &mut self.scratch, check)?;
+        let add = |i: usize, sum: &mut Vec<f32>, scratch: &mut [f32]| -> Result<(), AggregateError> {
+            let out = &mut scratch[..lengths[i]];
+            codec.decode_into(message.tensors[i].encoded, out).map_err(tessera_protocol::WireError::from)?;
+            for (s, &d) in sum.iter_mut().zip(out.iter()) {
+                *s += weight * d;
+            }
+            Ok(())
+        };
+        per_tensor(&mut self.sums, &mut self.scratch, add)?;
+        self.weight += f64::from(weight);
+        self.count += 1;
+        Ok(())
     }
 
     pub fn count(&self) -> usize {
@@ -185,22 +230,43 @@ fn threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
-/// `f(0..n)` on all cores, results in order. Work is dealt round-robin: tensors of one model
-/// come in a handful of sizes, so this balances well enough.
-fn parallel_map<T: Send>(n: usize, f: impl Fn(usize) -> T + Sync) -> Vec<T> {
-    let workers = threads().min(n.max(1));
-    let mut parts: Vec<Vec<(usize, T)>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..workers)
-            .map(|w| {
+/// `f(i, &mut sums[i], scratch)` for every tensor, tensors dealt round-robin to one thread per
+/// scratch buffer (a model's tensors come in a handful of sizes, so this balances well enough).
+/// Returns the first error in tensor order.
+fn per_tensor<F>(sums: &mut [Vec<f32>], scratch: &mut [Vec<f32>], f: F) -> Result<(), AggregateError>
+where
+    F: Fn(usize, &mut Vec<f32>, &mut [f32]) -> Result<(), AggregateError> + Sync,
+{
+    let workers = scratch.len().max(1);
+    let mut buckets: Vec<Vec<(usize, &mut Vec<f32>)>> = (0..workers).map(|_| Vec::new()).collect();
+    for (i, sum) in sums.iter_mut().enumerate() {
+        buckets[i % workers].push((i, sum));
+    }
+    let mut errors: Vec<(usize, AggregateError)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = buckets
+            .into_iter()
+            .zip(scratch.iter_mut())
+            .map(|(bucket, buf)| {
                 let f = &f;
-                scope.spawn(move || (w..n).step_by(workers).map(|i| (i, f(i))).collect::<Vec<_>>())
+                scope.spawn(move || {
+                    let mut first = None;
+                    for (i, sum) in bucket {
+                        if let Err(e) = f(i, sum, buf) {
+                            first = Some((i, e));
+                            break;
+                        }
+                    }
+                    first
+                })
             })
             .collect();
-        handles.into_iter().map(|h| h.join().expect("decode worker panicked")).collect()
+        handles.into_iter().filter_map(|h| h.join().expect("aggregation worker panicked")).collect()
     });
-    let mut out: Vec<(usize, T)> = parts.iter_mut().flat_map(std::mem::take).collect();
-    out.sort_by_key(|(i, _)| *i);
-    out.into_iter().map(|(_, t)| t).collect()
+    errors.sort_by_key(|(i, _)| *i);
+    match errors.into_iter().next() {
+        Some((_, e)) => Err(e),
+        None => Ok(()),
+    }
 }
 
 /// `f(i, &mut items[i])` for every item, on all cores.
@@ -282,6 +348,9 @@ mod tests {
         acc.add_message(1.0, &build(&[3.0, 2.0, 1.0], &[0.0])).unwrap();
         let wrong = PseudoGradient::build(Codec::F32, [0; 16], 0, [0; 32], [("a", &[3u64][..], &a[..])]).unwrap();
         assert_eq!(acc.add_message(1.0, &wrong), Err(AggregateError::TensorCount { expected: 2, got: 1 }));
+        let mut nan = build(&[9.0, 9.0, 9.0], &[9.0]);
+        nan.tensors[1].encoded.copy_from_slice(&f32::NAN.to_le_bytes());
+        assert_eq!(acc.add_message(1.0, &nan), Err(AggregateError::NonFinite { index: 1, position: 0 }));
         assert_eq!(acc.finish().unwrap(), vec![vec![2.0, 2.0, 2.0], vec![-2.0]]);
     }
 

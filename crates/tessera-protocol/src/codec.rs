@@ -134,40 +134,69 @@ impl Codec {
         if bytes.len() as u64 != expected {
             return Err(CodecError::WrongLength { n, expected, got: bytes.len() as u64 });
         }
-        let n = n as usize; // fits: the buffer holding ≥ n/2 bytes exists
-        let mut out = Vec::with_capacity(n);
+        // The length check above bounds n by the buffer we were handed, so this allocation is
+        // at most a small multiple of the input.
+        let mut out = vec![0.0; n as usize];
+        self.decode_into(bytes, &mut out)?;
+        Ok(out)
+    }
+
+    /// Decodes `out.len()` values into `out` without allocating (the hub's hot path), with the
+    /// same checks as [`Codec::decode`]. On error `out` holds garbage.
+    pub fn decode_into(&self, bytes: &[u8], out: &mut [f32]) -> Result<(), CodecError> {
+        self.validate()?;
+        let n = out.len();
+        let expected = self.encoded_len(n as u64);
+        if bytes.len() as u64 != expected {
+            return Err(CodecError::WrongLength { n: n as u64, expected, got: bytes.len() as u64 });
+        }
         match *self {
-            Codec::F32 => out.extend(bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))),
-            Codec::Bf16 => out.extend(bytes.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())),
+            Codec::F32 => {
+                for (o, b) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+                    *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                }
+            }
+            Codec::Bf16 => {
+                for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                    *o = half::bf16::from_le_bytes([b[0], b[1]]).to_f32();
+                }
+            }
             Codec::Int8 { block } => {
                 let mut at = 0;
-                for (i, len) in block_lengths(n, block as usize).enumerate() {
+                for (i, dst) in out.chunks_mut(block as usize).enumerate() {
                     let scale = read_scale(bytes, &mut at, i)?;
-                    out.extend(bytes[at..at + len].iter().map(|&b| f32::from(b as i8) * scale));
+                    let len = dst.len();
+                    for (o, &b) in dst.iter_mut().zip(&bytes[at..at + len]) {
+                        *o = f32::from(b as i8) * scale;
+                    }
                     at += len;
                 }
             }
             Codec::Int4 { block } => {
                 let mut at = 0;
-                for (i, len) in block_lengths(n, block as usize).enumerate() {
+                for (i, dst) in out.chunks_mut(block as usize).enumerate() {
                     let scale = read_scale(bytes, &mut at, i)?;
+                    let len = dst.len();
                     let packed = len.div_ceil(2);
-                    out.extend(unpack_nibbles(&bytes[at..at + packed], len).map(|q| f32::from(q) * scale));
+                    for (o, q) in dst.iter_mut().zip(unpack_nibbles(&bytes[at..at + packed], len)) {
+                        *o = f32::from(q) * scale;
+                    }
                     at += packed;
                 }
             }
             Codec::TopK { chunk, k } => {
                 let mut at = 0;
-                for (c, len) in block_lengths(n, chunk as usize).enumerate() {
+                let mut seen = vec![false; (chunk as usize).min(n)];
+                for (c, dst) in out.chunks_mut(chunk as usize).enumerate() {
+                    let len = dst.len();
                     let kk = (k as usize).min(len);
                     let scale = read_scale(bytes, &mut at, c)?;
-                    let start = out.len();
-                    out.resize(start + len, 0.0);
-                    let indices: Vec<u16> =
-                        bytes[at..at + 2 * kk].chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]])).collect();
-                    at += 2 * kk;
-                    let mut seen = vec![false; len];
-                    for (&index, &q) in indices.iter().zip(&bytes[at..at + kk]) {
+                    dst.fill(0.0);
+                    seen[..len].fill(false);
+                    let indices = &bytes[at..at + 2 * kk];
+                    let values = &bytes[at + 2 * kk..at + 3 * kk];
+                    for (ib, &q) in indices.chunks_exact(2).zip(values) {
+                        let index = u16::from_le_bytes([ib[0], ib[1]]);
                         let i = usize::from(index);
                         if i >= len {
                             return Err(CodecError::IndexOutOfRange {
@@ -179,13 +208,13 @@ impl Codec {
                         if std::mem::replace(&mut seen[i], true) {
                             return Err(CodecError::RepeatedIndex { chunk: c as u64, index: u32::from(index) });
                         }
-                        out[start + i] = f32::from(q as i8) * scale;
+                        dst[i] = f32::from(q as i8) * scale;
                     }
-                    at += kk;
+                    at += 3 * kk;
                 }
             }
         }
-        Ok(out)
+        Ok(())
     }
 
     /// Compression ratio against f32 for `n` values.
@@ -225,10 +254,6 @@ fn pack_nibbles(values: impl Iterator<Item = i8>, out: &mut Vec<u8>) {
 
 fn unpack_nibbles(bytes: &[u8], n: usize) -> impl Iterator<Item = i8> + '_ {
     bytes.iter().flat_map(|&b| [b & 0x0f, b >> 4]).take(n).map(|nib| ((nib << 4) as i8) >> 4)
-}
-
-fn block_lengths(n: usize, block: usize) -> impl Iterator<Item = usize> {
-    (0..n.div_ceil(block)).map(move |i| block.min(n - i * block))
 }
 
 fn read_scale(bytes: &[u8], at: &mut usize, block: usize) -> Result<f32, CodecError> {

@@ -9,4 +9,4 @@ pub mod codec;
 pub mod pseudograd;
 
 pub use codec::{Codec, CodecError, ErrorFeedback};
-pub use pseudograd::{PseudoGradient, TensorEntry, WireError};
+pub use pseudograd::{MessageView, PseudoGradient, TensorEntry, TensorView, WireError};

@@ -175,12 +175,94 @@ impl PseudoGradient {
         for t in &self.tensors {
             out.extend_from_slice(&t.encoded);
         }
-        let digest = blake3::hash(&out);
+        let digest = hash(&out);
         out.extend_from_slice(digest.as_bytes());
         out
     }
 
     pub fn from_bytes(bytes: &[u8]) -> Result<PseudoGradient, WireError> {
+        let view = MessageView::parse(bytes)?;
+        Ok(PseudoGradient {
+            codec: view.codec,
+            run_id: view.run_id,
+            round: view.round,
+            base_checkpoint: view.base_checkpoint,
+            tensors: view
+                .tensors
+                .into_iter()
+                .map(|t| TensorEntry { name: t.name.to_owned(), shape: t.shape, encoded: t.encoded.to_vec() })
+                .collect(),
+        })
+    }
+
+    /// The message as a borrowed view, the form the hub aggregates from.
+    pub fn view(&self) -> MessageView<'_> {
+        MessageView {
+            codec: self.codec,
+            run_id: self.run_id,
+            round: self.round,
+            base_checkpoint: self.base_checkpoint,
+            tensors: self
+                .tensors
+                .iter()
+                .map(|t| TensorView { name: &t.name, shape: t.shape.clone(), encoded: &t.encoded })
+                .collect(),
+        }
+    }
+
+    /// Decodes tensor `index` to f32 values.
+    pub fn decode_tensor(&self, index: usize) -> Result<Vec<f32>, WireError> {
+        let t = self
+            .tensors
+            .get(index)
+            .ok_or(WireError::BadTensor { index: index as u32, message: "no such tensor".into() })?;
+        Ok(self.codec.decode(&t.encoded, t.numel())?)
+    }
+
+    /// Bytes on the wire.
+    pub fn wire_len(&self) -> usize {
+        self.to_bytes().len()
+    }
+}
+
+/// A verified message borrowing its bytes: what the hub decodes from without copying.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MessageView<'a> {
+    pub codec: Codec,
+    pub run_id: [u8; 16],
+    pub round: u64,
+    pub base_checkpoint: [u8; 32],
+    pub tensors: Vec<TensorView<'a>>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct TensorView<'a> {
+    pub name: &'a str,
+    pub shape: Vec<u64>,
+    pub encoded: &'a [u8],
+}
+
+impl TensorView<'_> {
+    pub fn numel(&self) -> u64 {
+        self.shape.iter().product()
+    }
+}
+
+/// Messages at least this large are hashed on all cores.
+const PARALLEL_HASH_BYTES: usize = 1 << 20;
+
+fn hash(content: &[u8]) -> blake3::Hash {
+    if content.len() >= PARALLEL_HASH_BYTES {
+        blake3::Hasher::new().update_rayon(content).finalize()
+    } else {
+        blake3::hash(content)
+    }
+}
+
+impl<'a> MessageView<'a> {
+    /// Parses and verifies a message: magic, version, checksum, codec, table limits and exact
+    /// lengths. Tensor bytes are borrowed, not copied.
+    pub fn parse(bytes: &'a [u8]) -> Result<MessageView<'a>, WireError> {
         if bytes.len() < MAGIC.len() || &bytes[..MAGIC.len()] != MAGIC {
             return Err(if bytes.len() < MAGIC.len() {
                 WireError::Truncated { offset: 0, needed: MAGIC.len() }
@@ -197,7 +279,7 @@ impl PseudoGradient {
         if version != VERSION {
             return Err(WireError::UnsupportedVersion(version));
         }
-        if blake3::hash(content).as_bytes() != digest {
+        if hash(content).as_bytes() != digest {
             return Err(WireError::ChecksumMismatch);
         }
         let id = r.array::<1>()?[0];
@@ -212,46 +294,40 @@ impl PseudoGradient {
             return Err(WireError::TooManyTensors { count });
         }
         let mut table = Vec::with_capacity(count as usize);
+        let mut total = 0u64;
         for index in 0..count {
             let bad = |m: String| WireError::BadTensor { index, message: m };
             let name_len = usize::from(u16::from_le_bytes(r.array()?));
             if name_len == 0 || name_len > NAME_BYTES_MAX {
                 return Err(bad(format!("name length {name_len} outside 1..={NAME_BYTES_MAX}")));
             }
-            let name = std::str::from_utf8(r.take(name_len)?).map_err(|_| bad("name is not UTF-8".into()))?.to_owned();
+            let name = std::str::from_utf8(r.take(name_len)?).map_err(|_| bad("name is not UTF-8".into()))?;
             let rank = r.array::<1>()?[0];
             if rank > RANK_MAX {
                 return Err(bad(format!("rank {rank} exceeds {RANK_MAX}")));
             }
             let shape = (0..rank).map(|_| r.array().map(u64::from_le_bytes)).collect::<Result<Vec<u64>, _>>()?;
+            let numel = shape.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d)).ok_or(WireError::TooManyValues)?;
+            total = total.checked_add(numel).ok_or(WireError::TooManyValues)?;
+            if total > VALUES_MAX {
+                return Err(WireError::TooManyValues);
+            }
             let len = u64::from_le_bytes(r.array()?);
+            let expected = codec.encoded_len(numel);
+            if len != expected {
+                return Err(bad(format!("{len} encoded bytes, codec needs {expected}")));
+            }
             table.push((name, shape, len));
         }
         let mut tensors = Vec::with_capacity(table.len());
         for (name, shape, len) in table {
             let len = usize::try_from(len).map_err(|_| WireError::Truncated { offset: r.at, needed: usize::MAX })?;
-            tensors.push(TensorEntry { name, shape, encoded: r.take(len)?.to_vec() });
+            tensors.push(TensorView { name, shape, encoded: r.take(len)? });
         }
         if r.at != content.len() {
             return Err(WireError::TrailingBytes(content.len() - r.at));
         }
-        let message = PseudoGradient { codec, run_id, round, base_checkpoint, tensors };
-        message.check_table()?;
-        Ok(message)
-    }
-
-    /// Decodes tensor `index` to f32 values.
-    pub fn decode_tensor(&self, index: usize) -> Result<Vec<f32>, WireError> {
-        let t = self
-            .tensors
-            .get(index)
-            .ok_or(WireError::BadTensor { index: index as u32, message: "no such tensor".into() })?;
-        Ok(self.codec.decode(&t.encoded, t.numel())?)
-    }
-
-    /// Bytes on the wire.
-    pub fn wire_len(&self) -> usize {
-        self.to_bytes().len()
+        Ok(MessageView { codec, run_id, round, base_checkpoint, tensors })
     }
 }
 
