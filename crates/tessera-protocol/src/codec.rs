@@ -178,8 +178,11 @@ impl Codec {
                     let scale = read_scale(bytes, &mut at, i)?;
                     let len = dst.len();
                     let packed = len.div_ceil(2);
-                    for (o, q) in dst.iter_mut().zip(unpack_nibbles(&bytes[at..at + packed], len)) {
-                        *o = f32::from(q) * scale;
+                    for (pair, &b) in dst.chunks_mut(2).zip(&bytes[at..at + packed]) {
+                        pair[0] = f32::from(((b << 4) as i8) >> 4) * scale;
+                        if let Some(hi) = pair.get_mut(1) {
+                            *hi = f32::from((b as i8) >> 4) * scale;
+                        }
                     }
                     at += packed;
                 }
@@ -250,10 +253,6 @@ fn pack_nibbles(values: impl Iterator<Item = i8>, out: &mut Vec<u8>) {
     if let Some(lo) = pending {
         out.push(lo);
     }
-}
-
-fn unpack_nibbles(bytes: &[u8], n: usize) -> impl Iterator<Item = i8> + '_ {
-    bytes.iter().flat_map(|&b| [b & 0x0f, b >> 4]).take(n).map(|nib| ((nib << 4) as i8) >> 4)
 }
 
 fn read_scale(bytes: &[u8], at: &mut usize, block: usize) -> Result<f32, CodecError> {
