@@ -87,11 +87,13 @@ impl Accumulator {
                 return Err(AggregateError::NonFinite { index, position });
             }
         }
-        parallel_for_each(&mut self.sums, |i, sum| {
+        let mut no_scratch = vec![Vec::new(); threads().min(delta.len().max(1))];
+        per_tensor(&mut self.sums, &mut no_scratch, |i, sum, _| {
             for (s, &d) in sum.iter_mut().zip(delta[i].iter()) {
                 *s += weight * d;
             }
-        });
+            Ok(())
+        })?;
         self.weight += f64::from(weight);
         self.count += 1;
         Ok(())
@@ -267,21 +269,6 @@ where
         Some((_, e)) => Err(e),
         None => Ok(()),
     }
-}
-
-/// `f(i, &mut items[i])` for every item, on all cores.
-fn parallel_for_each<T: Send>(items: &mut [T], f: impl Fn(usize, &mut T) + Sync) {
-    let workers = threads().min(items.len().max(1));
-    let mut buckets: Vec<Vec<(usize, &mut T)>> = (0..workers).map(|_| Vec::new()).collect();
-    for (i, item) in items.iter_mut().enumerate() {
-        buckets[i % workers].push((i, item));
-    }
-    std::thread::scope(|scope| {
-        for bucket in buckets {
-            let f = &f;
-            scope.spawn(move || bucket.into_iter().for_each(|(i, item)| f(i, item)));
-        }
-    });
 }
 
 #[cfg(test)]

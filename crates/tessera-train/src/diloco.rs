@@ -14,7 +14,7 @@ use tch::{Device, Tensor};
 use tessera_aggregate::{Accumulator, OuterConfig, OuterOptimizer};
 use tessera_data::Dataset;
 use tessera_model::{Llama, LlamaConfig};
-use tessera_protocol::{Codec, ErrorFeedback, PseudoGradient, TensorEntry};
+use tessera_protocol::{Codec, ErrorFeedback, MessageView, PseudoGradient, TensorEntry};
 
 use crate::{EvalStats, TrainConfig, TrainError, Trainer};
 
@@ -82,7 +82,7 @@ pub fn run_diloco(
     if config.workers == 0 || config.inner_steps == 0 || config.rounds == 0 || config.eval_every == 0 {
         return Err(TrainError::Invalid("workers, inner steps, rounds and eval interval must be positive".into()));
     }
-    config.codec.validate().map_err(|e| TrainError::Invalid(e.to_string()))?;
+    config.codec.validate()?;
     let total_inner = config.rounds * config.inner_steps;
     let worker_config = |w: usize| TrainConfig { steps: total_inner, worker: w as u64, ..inner.clone() };
     let global = Trainer::new(worker_config(0), model_config, dataset.clone(), device)?;
@@ -117,25 +117,20 @@ pub fn run_diloco(
             let mut tensors = Vec::with_capacity(names.len());
             for (i, ((t, l), ef)) in theta.iter().zip(&local).zip(&mut feedback[w]).enumerate() {
                 let delta: Vec<f32> = t.iter().zip(l).map(|(a, b)| a - b).collect();
-                let encoded = ef.encode(&config.codec, &delta).map_err(|e| TrainError::Invalid(e.to_string()))?;
+                let encoded = ef.encode(&config.codec, &delta)?;
                 tensors.push(TensorEntry { name: names[i].clone(), shape: shapes[i].clone(), encoded });
             }
             let message = PseudoGradient { codec: config.codec, run_id, round, base_checkpoint: base, tensors };
             let wire = message.to_bytes();
             round_up += wire.len() as u64;
-            // The hub's side: decode the bytes it received, then aggregate in f32.
-            let received = PseudoGradient::from_bytes(&wire).map_err(|e| TrainError::Invalid(e.to_string()))?;
-            let decoded: Vec<Vec<f32>> = (0..received.tensors.len())
-                .map(|i| received.decode_tensor(i))
-                .collect::<Result<_, _>>()
-                .map_err(|e| TrainError::Invalid(e.to_string()))?;
-            let views: Vec<&[f32]> = decoded.iter().map(Vec::as_slice).collect();
-            acc.add(1.0, &views).map_err(|e| TrainError::Invalid(e.to_string()))?;
+            // The hub's side: verify the bytes it received, decode and aggregate in f32.
+            let received = MessageView::parse(&wire)?;
+            acc.add_view(1.0, &received)?;
         }
-        let mean = acc.finish().map_err(|e| TrainError::Invalid(e.to_string()))?;
+        let mean = acc.finish()?;
         let mean_views: Vec<&[f32]> = mean.iter().map(Vec::as_slice).collect();
         let mut params: Vec<&mut [f32]> = theta.iter_mut().map(Vec::as_mut_slice).collect();
-        outer.step(&mut params, &mean_views).map_err(|e| TrainError::Invalid(e.to_string()))?;
+        outer.step(&mut params, &mean_views)?;
         write_params(&global.model, &theta)?;
         bytes_up += round_up;
 

@@ -24,6 +24,12 @@ pub enum TrainError {
     Resume { path: String, message: String },
     #[error("invalid training setup: {0}")]
     Invalid(String),
+    #[error(transparent)]
+    Wire(#[from] tessera_protocol::WireError),
+    #[error(transparent)]
+    Codec(#[from] tessera_protocol::CodecError),
+    #[error(transparent)]
+    Aggregate(#[from] tessera_aggregate::AggregateError),
     #[error("training diverged at step {step}: loss is {loss}")]
     Diverged { step: u64, loss: f64 },
 }
