@@ -102,24 +102,9 @@ fn write_json(path: &Path, value: &serde_json::Value) -> Result<(), ModelError> 
     std::fs::write(path, text + "\n").map_err(|e| ckpt_err(path, e))
 }
 
-/// The config of a checkpoint directory, also accepting `transformers` ≥ 5's `rope_parameters`.
+/// The config of a checkpoint directory (`config.json`, see [`LlamaConfig::load`]).
 pub fn load_config(dir: &Path) -> Result<LlamaConfig, ModelError> {
-    let path = dir.join("config.json");
-    let bad = |message: String| ModelError::Config { path: path.display().to_string(), message };
-    let text = std::fs::read_to_string(&path).map_err(|e| bad(e.to_string()))?;
-    let mut value: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
-    if let Some(params) = value.get("rope_parameters").cloned().filter(|p| p.is_object()) {
-        let rope_type = params.get("rope_type").and_then(|t| t.as_str()).unwrap_or("default");
-        if rope_type != "default" {
-            return Err(bad(format!("rope_parameters.rope_type {rope_type:?} is not supported")));
-        }
-        if let (Some(theta), Some(map)) = (params.get("rope_theta").cloned(), value.as_object_mut()) {
-            map.entry("rope_theta").or_insert(theta);
-        }
-    }
-    let config: LlamaConfig = serde_json::from_value(value).map_err(|e| bad(e.to_string()))?;
-    config.validate().map_err(bad)?;
-    Ok(config)
+    LlamaConfig::load(&dir.join("config.json"))
 }
 
 /// Which files hold the weights: `model.safetensors`, or the shards an index names.

@@ -168,10 +168,23 @@ pub fn preset(name: &str) -> Option<LlamaConfig> {
 
 impl LlamaConfig {
     /// Reads and validates a `config.json`; errors name the file.
+    ///
+    /// Accepts `transformers` ≥ 5's `rope_parameters` (only `rope_type: "default"`) as well as
+    /// the older top-level `rope_theta`.
     pub fn load(path: &Path) -> Result<LlamaConfig, ModelError> {
         let bad = |message: String| ModelError::Config { path: path.display().to_string(), message };
         let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
-        let config: LlamaConfig = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        let mut value: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        if let Some(params) = value.get("rope_parameters").cloned().filter(|p| p.is_object()) {
+            let rope_type = params.get("rope_type").and_then(|t| t.as_str()).unwrap_or("default");
+            if rope_type != "default" {
+                return Err(bad(format!("rope_parameters.rope_type {rope_type:?} is not supported")));
+            }
+            if let (Some(theta), Some(map)) = (params.get("rope_theta").cloned(), value.as_object_mut()) {
+                map.entry("rope_theta").or_insert(theta);
+            }
+        }
+        let config: LlamaConfig = serde_json::from_value(value).map_err(|e| bad(e.to_string()))?;
         config.validate().map_err(bad)?;
         Ok(config)
     }
@@ -384,6 +397,12 @@ mod tests {
         assert_eq!(c.num_params(), 2 * 2048 + 2 * per_layer + 32);
     }
 
+    fn write_with_rope_type(path: &Path, v: &serde_json::Value, rope_type: &str) {
+        let mut v = v.clone();
+        v["rope_parameters"]["rope_type"] = serde_json::json!(rope_type);
+        std::fs::write(path, v.to_string()).unwrap();
+    }
+
     #[test]
     fn invalid_configs_are_refused_with_the_reason() {
         let mut c = preset("tiny").unwrap();
@@ -397,5 +416,14 @@ mod tests {
         std::fs::write(&path, "{\"hidden_size\": 64}").unwrap();
         let err = LlamaConfig::load(&path).unwrap_err().to_string();
         assert!(err.contains("config.json") && err.contains("intermediate_size"), "{err}");
+        // transformers ≥ 5 writes rope_theta inside rope_parameters.
+        let mut v = serde_json::to_value(preset("tiny").unwrap()).unwrap();
+        let map = v.as_object_mut().unwrap();
+        map.remove("rope_theta");
+        map.insert("rope_parameters".into(), serde_json::json!({"rope_type": "default", "rope_theta": 5000.0}));
+        std::fs::write(&path, v.to_string()).unwrap();
+        assert_eq!(LlamaConfig::load(&path).unwrap().rope_theta, 5000.0);
+        write_with_rope_type(&path, &v, "yarn");
+        assert!(LlamaConfig::load(&path).unwrap_err().to_string().contains("yarn"));
     }
 }
