@@ -52,10 +52,7 @@ pub fn hub_round(params: u64, tensor_len: u64, contributors: usize, codec: Codec
         let received = MessageView::parse(&bytes)?;
         acc.add_view(1.0, &received)?;
     }
-    let mean = acc.finish()?;
-    let views: Vec<&[f32]> = mean.iter().map(Vec::as_slice).collect();
-    let mut params_mut: Vec<&mut [f32]> = theta.iter_mut().map(Vec::as_mut_slice).collect();
-    outer.step(&mut params_mut, &views)?;
+    outer.apply(&mut theta, acc)?;
     let seconds = started.elapsed().as_secs_f64();
 
     Ok(HubBench {

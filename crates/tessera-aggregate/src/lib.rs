@@ -212,6 +212,14 @@ impl OuterOptimizer {
         Ok(())
     }
 
+    /// Ends a round: averages what `acc` gathered and takes the outer step on `params`.
+    pub fn apply(&mut self, params: &mut [Vec<f32>], acc: Accumulator) -> Result<(), AggregateError> {
+        let mean = acc.finish()?;
+        let mean_views: Vec<&[f32]> = mean.iter().map(Vec::as_slice).collect();
+        let mut param_views: Vec<&mut [f32]> = params.iter_mut().map(Vec::as_mut_slice).collect();
+        self.step(&mut param_views, &mean_views)
+    }
+
     /// The momentum buffers, for checkpointing the hub's state.
     pub fn momentum(&self) -> &[Vec<f32>] {
         &self.momentum

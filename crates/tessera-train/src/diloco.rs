@@ -127,10 +127,7 @@ pub fn run_diloco(
             let received = MessageView::parse(&wire)?;
             acc.add_view(1.0, &received)?;
         }
-        let mean = acc.finish()?;
-        let mean_views: Vec<&[f32]> = mean.iter().map(Vec::as_slice).collect();
-        let mut params: Vec<&mut [f32]> = theta.iter_mut().map(Vec::as_mut_slice).collect();
-        outer.step(&mut params, &mean_views)?;
+        outer.apply(&mut theta, acc)?;
         write_params(&global.model, &theta)?;
         bytes_up += round_up;
 
