@@ -1,0 +1,345 @@
+//! Run metadata in SQL, through sqlx's `Any` driver: SQLite by default, PostgreSQL given a
+//! `postgres://` URL. One migration set serves both (portable types only; no SQL aggregates
+//! whose result type differs between the two).
+
+use sqlx::any::{AnyPoolOptions, install_default_drivers};
+use sqlx::migrate::Migrator;
+use sqlx::{AnyPool, Row};
+use tessera_protocol::api::RoundState;
+
+use crate::HubError;
+
+macro_rules! select_submissions {
+    () => {
+        "SELECT contributor, base_round, round, weight, bytes, inner_loss, blob, received_ms FROM submissions"
+    };
+}
+
+static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
+
+pub struct Db {
+    pool: AnyPool,
+}
+
+pub struct RunRow {
+    pub id: String,
+    pub spec: String,
+    pub round: u64,
+    pub finished: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct RoundRow {
+    pub round: u64,
+    pub base_checkpoint: String,
+    pub state: RoundState,
+    pub opened_ms: i64,
+    pub closed_ms: Option<i64>,
+    pub closed_by: Option<String>,
+    pub accepted: u64,
+    pub weight: f64,
+    pub result_checkpoint: Option<String>,
+    pub mean_inner_loss: Option<f64>,
+    pub bytes_up: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct SubmissionRow {
+    pub contributor: u64,
+    pub base_round: u64,
+    pub round: u64,
+    pub weight: f64,
+    pub bytes: u64,
+    pub inner_loss: Option<f64>,
+    pub blob: String,
+    pub received_ms: i64,
+}
+
+/// What closing a round writes, in one transaction.
+pub struct Publication<'a> {
+    pub round: u64,
+    pub result_checkpoint: &'a str,
+    pub closed_by: &'a str,
+    pub closed_ms: i64,
+    pub accepted: u64,
+    pub weight: f64,
+    pub mean_inner_loss: Option<f64>,
+    pub bytes_up: u64,
+    /// The run is over after this round.
+    pub finished: bool,
+}
+
+fn state_name(s: RoundState) -> &'static str {
+    match s {
+        RoundState::Open => "open",
+        RoundState::Collecting => "collecting",
+        RoundState::Aggregating => "aggregating",
+        RoundState::Published => "published",
+    }
+}
+
+fn parse_state(s: &str) -> Result<RoundState, HubError> {
+    Ok(match s {
+        "open" => RoundState::Open,
+        "collecting" => RoundState::Collecting,
+        "aggregating" => RoundState::Aggregating,
+        "published" => RoundState::Published,
+        other => return Err(HubError::Corrupt(format!("unknown round state {other:?}"))),
+    })
+}
+
+fn u(v: i64) -> u64 {
+    v.max(0) as u64
+}
+
+impl Db {
+    /// Connects to `url` (`sqlite://path`, created if missing, or `postgres://…`) and migrates.
+    pub async fn connect(url: &str) -> Result<Db, HubError> {
+        install_default_drivers();
+        let sqlite = url.starts_with("sqlite:");
+        let url = if sqlite && !url.contains('?') { format!("{url}?mode=rwc") } else { url.to_owned() };
+        // SQLite allows one writer; one connection keeps it free of SQLITE_BUSY.
+        let pool = AnyPoolOptions::new().max_connections(if sqlite { 1 } else { 8 }).connect(&url).await?;
+        MIGRATOR.run(&pool).await?;
+        Ok(Db { pool })
+    }
+
+    pub async fn load_run(&self) -> Result<Option<RunRow>, HubError> {
+        let row = sqlx::query("SELECT id, spec, round, finished FROM runs").fetch_optional(&self.pool).await?;
+        Ok(match row {
+            None => None,
+            Some(r) => Some(RunRow {
+                id: r.try_get("id")?,
+                spec: r.try_get("spec")?,
+                round: u(r.try_get("round")?),
+                finished: r.try_get::<i64, _>("finished")? != 0,
+            }),
+        })
+    }
+
+    pub async fn create_run(&self, id: &str, spec: &str, checkpoint: &str, now: i64) -> Result<(), HubError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO runs (id, spec, round, checkpoint, finished, created_ms) VALUES ($1, $2, 0, $3, 0, $4)",
+        )
+        .bind(id)
+        .bind(spec)
+        .bind(checkpoint)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        open_round(&mut tx, 0, checkpoint, now).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub async fn rounds(&self) -> Result<Vec<RoundRow>, HubError> {
+        let rows = sqlx::query(
+            "SELECT round, base_checkpoint, state, opened_ms, closed_ms, closed_by, accepted, weight, \
+             result_checkpoint, mean_inner_loss, bytes_up FROM rounds ORDER BY round",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(RoundRow {
+                    round: u(r.try_get("round")?),
+                    base_checkpoint: r.try_get("base_checkpoint")?,
+                    state: parse_state(&r.try_get::<String, _>("state")?)?,
+                    opened_ms: r.try_get("opened_ms")?,
+                    closed_ms: r.try_get("closed_ms")?,
+                    closed_by: r.try_get("closed_by")?,
+                    accepted: u(r.try_get("accepted")?),
+                    weight: r.try_get("weight")?,
+                    result_checkpoint: r.try_get("result_checkpoint")?,
+                    mean_inner_loss: r.try_get("mean_inner_loss")?,
+                    bytes_up: u(r.try_get("bytes_up")?),
+                })
+            })
+            .collect()
+    }
+
+    pub async fn set_round_state(&self, round: u64, state: RoundState) -> Result<(), HubError> {
+        sqlx::query("UPDATE rounds SET state = $1 WHERE round = $2")
+            .bind(state_name(state))
+            .bind(round as i64)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Registers a contributor under the next free id.
+    pub async fn register(&self, name: &str, token_hash: &str, now: i64) -> Result<u64, HubError> {
+        let mut tx = self.pool.begin().await?;
+        let next: Option<i64> =
+            sqlx::query("SELECT MAX(id) AS m FROM contributors").fetch_one(&mut *tx).await?.try_get("m")?;
+        let id = next.map_or(0, |m| m + 1);
+        sqlx::query("INSERT INTO contributors (id, name, token_hash, registered_ms) VALUES ($1, $2, $3, $4)")
+            .bind(id)
+            .bind(name)
+            .bind(token_hash)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(id as u64)
+    }
+
+    /// (id, name, token hash) of every contributor.
+    pub async fn contributors(&self) -> Result<Vec<(u64, String, String)>, HubError> {
+        let rows =
+            sqlx::query("SELECT id, name, token_hash FROM contributors ORDER BY id").fetch_all(&self.pool).await?;
+        rows.iter().map(|r| Ok((u(r.try_get("id")?), r.try_get("name")?, r.try_get("token_hash")?))).collect()
+    }
+
+    /// Records an accepted submission; `Ok(false)` if this contributor already submitted for
+    /// this base round. Marks the round as collecting.
+    pub async fn insert_submission(&self, s: &SubmissionRow) -> Result<bool, HubError> {
+        let mut tx = self.pool.begin().await?;
+        let exists = sqlx::query("SELECT 1 AS one FROM submissions WHERE contributor = $1 AND base_round = $2")
+            .bind(s.contributor as i64)
+            .bind(s.base_round as i64)
+            .fetch_optional(&mut *tx)
+            .await?
+            .is_some();
+        if exists {
+            return Ok(false);
+        }
+        sqlx::query(
+            "INSERT INTO submissions (contributor, base_round, round, weight, bytes, inner_loss, blob, received_ms) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        )
+        .bind(s.contributor as i64)
+        .bind(s.base_round as i64)
+        .bind(s.round as i64)
+        .bind(s.weight)
+        .bind(s.bytes as i64)
+        .bind(s.inner_loss)
+        .bind(&s.blob)
+        .bind(s.received_ms)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("UPDATE rounds SET state = 'collecting' WHERE round = $1 AND state = 'open'")
+            .bind(s.round as i64)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    pub async fn has_submitted(&self, contributor: u64, base_round: u64) -> Result<bool, HubError> {
+        Ok(sqlx::query("SELECT 1 AS one FROM submissions WHERE contributor = $1 AND base_round = $2")
+            .bind(contributor as i64)
+            .bind(base_round as i64)
+            .fetch_optional(&self.pool)
+            .await?
+            .is_some())
+    }
+
+    /// Submissions applied in `round` (all rounds if `None`), in a fixed order.
+    pub async fn submissions(&self, round: Option<u64>) -> Result<Vec<SubmissionRow>, HubError> {
+        let rows = match round {
+            Some(r) => {
+                sqlx::query(concat!(select_submissions!(), " WHERE round = $1 ORDER BY contributor, base_round"))
+                    .bind(r as i64)
+                    .fetch_all(&self.pool)
+                    .await?
+            }
+            None => {
+                sqlx::query(concat!(select_submissions!(), " ORDER BY round, contributor, base_round"))
+                    .fetch_all(&self.pool)
+                    .await?
+            }
+        };
+        rows.iter()
+            .map(|r| {
+                Ok(SubmissionRow {
+                    contributor: u(r.try_get("contributor")?),
+                    base_round: u(r.try_get("base_round")?),
+                    round: u(r.try_get("round")?),
+                    weight: r.try_get("weight")?,
+                    bytes: u(r.try_get("bytes")?),
+                    inner_loss: r.try_get("inner_loss")?,
+                    blob: r.try_get("blob")?,
+                    received_ms: r.try_get("received_ms")?,
+                })
+            })
+            .collect()
+    }
+
+    pub async fn insert_rejection(
+        &self,
+        contributor: u64,
+        code: &str,
+        message: &str,
+        now: i64,
+    ) -> Result<(), HubError> {
+        sqlx::query("INSERT INTO rejections (contributor, code, message, received_ms) VALUES ($1, $2, $3, $4)")
+            .bind(contributor as i64)
+            .bind(code)
+            .bind(message)
+            .bind(now)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Rejections per contributor.
+    pub async fn rejection_counts(&self) -> Result<Vec<(u64, u64)>, HubError> {
+        let rows = sqlx::query("SELECT contributor FROM rejections").fetch_all(&self.pool).await?;
+        let mut counts = std::collections::BTreeMap::new();
+        for r in &rows {
+            *counts.entry(u(r.try_get("contributor")?)).or_insert(0u64) += 1;
+        }
+        Ok(counts.into_iter().collect())
+    }
+
+    /// Closes `p.round`, opens the next one (unless the run finished) and moves the run to it.
+    pub async fn publish(&self, p: &Publication<'_>) -> Result<(), HubError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "UPDATE rounds SET state = 'published', closed_ms = $1, closed_by = $2, accepted = $3, weight = $4, \
+             result_checkpoint = $5, mean_inner_loss = $6, bytes_up = $7 WHERE round = $8",
+        )
+        .bind(p.closed_ms)
+        .bind(p.closed_by)
+        .bind(p.accepted as i64)
+        .bind(p.weight)
+        .bind(p.result_checkpoint)
+        .bind(p.mean_inner_loss)
+        .bind(p.bytes_up as i64)
+        .bind(p.round as i64)
+        .execute(&mut *tx)
+        .await?;
+        let next = p.round + 1;
+        if !p.finished {
+            open_round(&mut tx, next, p.result_checkpoint, p.closed_ms).await?;
+        }
+        sqlx::query("UPDATE runs SET round = $1, checkpoint = $2, finished = $3")
+            .bind(next as i64)
+            .bind(p.result_checkpoint)
+            .bind(i64::from(p.finished))
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+}
+
+async fn open_round(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    round: u64,
+    base: &str,
+    now: i64,
+) -> Result<(), HubError> {
+    sqlx::query(
+        "INSERT INTO rounds (round, base_checkpoint, state, opened_ms, accepted, weight, bytes_up) \
+         VALUES ($1, $2, 'open', $3, 0, 0, 0)",
+    )
+    .bind(round as i64)
+    .bind(base)
+    .bind(now)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,192 @@
+//! The HTTP face of the hub (`docs/protocol.md`, "HTTP API"). Handlers translate between HTTP
+//! and [`Hub`]; every refusal is an [`ApiError`] JSON body with a matching status code.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use tessera_protocol::api::{CONTRIBUTOR_HEADER, INNER_LOSS_HEADER, RegisterRequest};
+use tessera_protocol::{ApiError, ErrorCode};
+
+use crate::hub::{Hub, checkpoint_key, update_key};
+
+/// An [`ApiError`] on its way out.
+pub struct Refusal(pub ApiError);
+
+impl From<ApiError> for Refusal {
+    fn from(e: ApiError) -> Self {
+        Refusal(e)
+    }
+}
+
+pub fn status_of(code: ErrorCode) -> StatusCode {
+    match code {
+        ErrorCode::BadRequest | ErrorCode::MalformedMessage => StatusCode::BAD_REQUEST,
+        ErrorCode::Unauthorized => StatusCode::UNAUTHORIZED,
+        ErrorCode::NotFound => StatusCode::NOT_FOUND,
+        ErrorCode::WrongRun
+        | ErrorCode::CodecMismatch
+        | ErrorCode::TensorMismatch
+        | ErrorCode::BaseMismatch
+        | ErrorCode::FutureRound => StatusCode::UNPROCESSABLE_ENTITY,
+        ErrorCode::Stale | ErrorCode::Duplicate | ErrorCode::RunFinished => StatusCode::CONFLICT,
+        ErrorCode::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+        ErrorCode::RangeNotSatisfiable => StatusCode::RANGE_NOT_SATISFIABLE,
+        ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        (status_of(self.0.code), Json(self.0)).into_response()
+    }
+}
+
+fn refuse(code: ErrorCode, message: impl Into<String>) -> Refusal {
+    Refusal(ApiError { code, message: message.into() })
+}
+
+pub fn router(hub: Arc<Hub>) -> Router {
+    let limit = hub.max_submission_bytes();
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/v1/run", get(run_info))
+        .route("/v1/status", get(status))
+        .route("/v1/contributors", post(register))
+        .route("/v1/assignments", post(assignment))
+        .route("/v1/submissions", post(submit).layer(DefaultBodyLimit::max(limit)))
+        .route("/v1/checkpoints/{hash}", get(checkpoint))
+        .route("/v1/updates/{round}", get(update))
+        .fallback(|| async { refuse(ErrorCode::NotFound, "no such endpoint") })
+        .with_state(hub)
+}
+
+async fn run_info(State(hub): State<Arc<Hub>>) -> impl IntoResponse {
+    Json(hub.info().await)
+}
+
+async fn status(State(hub): State<Arc<Hub>>) -> Result<impl IntoResponse, Refusal> {
+    hub.status().await.map(Json).map_err(|e| refuse(ErrorCode::Internal, e.to_string()))
+}
+
+async fn register(State(hub): State<Arc<Hub>>, body: Bytes) -> Result<impl IntoResponse, Refusal> {
+    let request: RegisterRequest =
+        serde_json::from_slice(&body).map_err(|e| refuse(ErrorCode::BadRequest, format!("registration: {e}")))?;
+    Ok((StatusCode::CREATED, Json(hub.register(&request.name).await?)))
+}
+
+/// The authenticated contributor of a request.
+fn contributor(hub: &Hub, headers: &HeaderMap) -> Result<u64, Refusal> {
+    let id = headers
+        .get(CONTRIBUTOR_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .ok_or_else(|| {
+        refuse(ErrorCode::Unauthorized, format!("missing or malformed {CONTRIBUTOR_HEADER} header"))
+    })?;
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or_else(|| refuse(ErrorCode::Unauthorized, "missing `authorization: Bearer <token>` header"))?;
+    hub.authenticate(id, token.trim())?;
+    Ok(id)
+}
+
+#[derive(serde::Deserialize)]
+struct WaitQuery {
+    /// Longest time to wait for the round to move on, in milliseconds (at most 30 s).
+    wait_ms: Option<u64>,
+}
+
+async fn assignment(
+    State(hub): State<Arc<Hub>>,
+    headers: HeaderMap,
+    Query(q): Query<WaitQuery>,
+) -> Result<impl IntoResponse, Refusal> {
+    let id = contributor(&hub, &headers)?;
+    let wait = Duration::from_millis(q.wait_ms.unwrap_or(20_000).min(30_000));
+    Ok(Json(hub.assign(id, wait).await?))
+}
+
+async fn submit(State(hub): State<Arc<Hub>>, headers: HeaderMap, body: Bytes) -> Result<impl IntoResponse, Refusal> {
+    let id = contributor(&hub, &headers)?;
+    let loss = headers.get(INNER_LOSS_HEADER).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<f64>().ok());
+    Ok((StatusCode::ACCEPTED, Json(hub.submit(id, body, loss).await?)))
+}
+
+/// Serves a stored blob, honouring a single-range `Range` header.
+async fn serve_blob(hub: &Hub, key: &str, headers: &HeaderMap) -> Result<Response, Refusal> {
+    let size = hub.store().size(key).await.map_err(|_| refuse(ErrorCode::NotFound, format!("no object {key}")))?;
+    let range = match headers.get(header::RANGE).map(|v| v.to_str()) {
+        None => None,
+        Some(Err(_)) => return Err(refuse(ErrorCode::BadRequest, "Range header is not ASCII")),
+        Some(Ok(spec)) => {
+            let ranges = http_range_header::parse_range_header(spec)
+                .and_then(|r| r.validate(size))
+                .map_err(|e| refuse(ErrorCode::RangeNotSatisfiable, format!("range {spec:?} of {size} bytes: {e}")))?;
+            match ranges.as_slice() {
+                [one] => Some(one.clone()),
+                _ => return Err(refuse(ErrorCode::RangeNotSatisfiable, "only a single byte range is served")),
+            }
+        }
+    };
+    let internal = |e: crate::HubError| refuse(ErrorCode::Internal, e.to_string());
+    let mut response = match &range {
+        Some(r) => {
+            let bytes = hub.store().get_range(key, *r.start()..*r.end() + 1).await.map_err(internal)?;
+            hub.note_download(bytes.len() as u64);
+            let mut resp = (StatusCode::PARTIAL_CONTENT, Body::from(bytes)).into_response();
+            let content_range = format!("bytes {}-{}/{size}", r.start(), r.end());
+            resp.headers_mut().insert(
+                header::CONTENT_RANGE,
+                HeaderValue::from_str(&content_range).map_err(|e| refuse(ErrorCode::Internal, e.to_string()))?,
+            );
+            resp
+        }
+        None => {
+            let bytes = hub.store().get(key).await.map_err(internal)?;
+            hub.note_download(bytes.len() as u64);
+            (StatusCode::OK, Body::from(bytes)).into_response()
+        }
+    };
+    let h = response.headers_mut();
+    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+    // Content-addressed or keyed by a published round: never changes once served.
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("public, max-age=31536000, immutable"));
+    Ok(response)
+}
+
+async fn checkpoint(
+    State(hub): State<Arc<Hub>>,
+    Path(hash): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, Refusal> {
+    if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()) {
+        return Err(refuse(ErrorCode::BadRequest, "a checkpoint is named by 64 lowercase hex digits"));
+    }
+    serve_blob(&hub, &checkpoint_key(&hash), &headers).await
+}
+
+async fn update(
+    State(hub): State<Arc<Hub>>,
+    Path(round): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, Refusal> {
+    let round: u64 =
+        round.parse().map_err(|_| refuse(ErrorCode::BadRequest, format!("round {round:?} is not a number")))?;
+    let current = hub.info().await.round;
+    if round == 0 || round > current {
+        return Err(refuse(
+            ErrorCode::NotFound,
+            format!("no update into round {round}: published rounds are 1..={current}"),
+        ));
+    }
+    serve_blob(&hub, &update_key(round), &headers).await
+}

@@ -1,0 +1,66 @@
+//! `tessera-hub`: the DiLoCo hub. It holds a run's global weights and outer optimizer, hands
+//! contributors their assignments, accepts their compressed pseudo-gradients, closes each round
+//! at quorum or deadline, and publishes content-addressed checkpoints and compressed updates.
+//!
+//! No libtorch: the hub works on f32 buffers (`tessera-aggregate`) and bytes
+//! (`tessera-protocol`). Metadata goes to SQL (`db`), blobs to an object store (`store`).
+
+pub mod db;
+pub mod http;
+pub mod hub;
+pub mod store;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use db::Db;
+pub use hub::{Hub, NewRun};
+pub use store::Store;
+
+#[derive(Debug, thiserror::Error)]
+pub enum HubError {
+    #[error("database: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("database migration: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("object store: {0}")]
+    Store(#[from] object_store::Error),
+    #[error("stored weights: {0}")]
+    Weights(#[from] tessera_protocol::WeightsError),
+    #[error("aggregation: {0}")]
+    Aggregate(#[from] tessera_aggregate::AggregateError),
+    #[error("codec: {0}")]
+    Codec(#[from] tessera_protocol::CodecError),
+    #[error("configuration: {0}")]
+    Config(String),
+    #[error("inconsistent hub state: {0}")]
+    Corrupt(String),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Opens (or creates) the run and serves it on `listener` until `shutdown` resolves. Closes
+/// rounds whose deadline has passed every `tick`.
+pub async fn serve(
+    hub: Arc<Hub>,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), HubError> {
+    let ticker = {
+        let hub = hub.clone();
+        tokio::spawn(async move {
+            let mut interval = tokio::time::interval(Duration::from_millis(100));
+            loop {
+                interval.tick().await;
+                if let Err(e) = hub.tick().await {
+                    tracing::error!(error = %e, "closing a round at its deadline failed; retrying");
+                }
+            }
+        })
+    };
+    let app = http::router(hub).into_make_service_with_connect_info::<SocketAddr>();
+    let result = axum::serve(listener, app).with_graceful_shutdown(shutdown).await;
+    ticker.abort();
+    Ok(result?)
+}

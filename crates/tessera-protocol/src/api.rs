@@ -1,0 +1,355 @@
+//! The hub's HTTP API messages (JSON), version [`PROTOCOL_VERSION`]. `docs/protocol.md` is the
+//! specification; these types are its single implementation, shared by hub and contributor.
+//!
+//! Decoding is tolerant of unknown fields (a newer peer may add some) and strict about the
+//! ones it knows. Every failure the hub reports has a stable [`ErrorCode`].
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::Codec;
+
+/// Bumped on any breaking change to the JSON messages or the binary formats.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Header carrying the contributor id on authenticated requests (with `authorization: Bearer`).
+pub const CONTRIBUTOR_HEADER: &str = "x-tessera-contributor";
+/// Optional header on a submission: the mean training loss of its inner steps.
+pub const INNER_LOSS_HEADER: &str = "x-tessera-inner-loss";
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TensorSpec {
+    pub name: String,
+    pub shape: Vec<u64>,
+}
+
+impl TensorSpec {
+    pub fn numel(&self) -> u64 {
+        self.shape.iter().product()
+    }
+}
+
+/// The inner (local AdamW) optimisation every contributor runs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InnerSpec {
+    pub batch_size: u32,
+    pub seq_len: u32,
+    pub lr: f64,
+    pub min_lr: f64,
+    pub warmup_steps: u64,
+    pub grad_clip: f64,
+    pub weight_decay: f64,
+}
+
+/// Where training data comes from. Contributors build or load it themselves and must arrive at
+/// the same fingerprint; the assignment says which windows of it each one trains on.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum DataSource {
+    /// The embedded synthetic corpus, generated from its seed.
+    Embedded { seed: u64, train_chars: u64, val_chars: u64 },
+    /// A dataset the contributor supplies (`--data`), checked by fingerprint.
+    External,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DataSpec {
+    pub name: String,
+    /// `DatasetInfo::fingerprint`: BLAKE3 of the tokenised splits.
+    pub fingerprint: String,
+    pub source: DataSource,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct OuterSpec {
+    pub lr: f32,
+    pub momentum: f32,
+    pub nesterov: bool,
+}
+
+/// Everything that defines a run. Fixed when the run is created.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunSpec {
+    pub name: String,
+    /// The model's Hugging Face `config.json`.
+    pub model: serde_json::Value,
+    pub tensors: Vec<TensorSpec>,
+    pub data: DataSpec,
+    pub inner: InnerSpec,
+    /// H: inner steps per round.
+    pub inner_steps: u64,
+    /// Outer rounds; the run finishes when this many have been published.
+    pub rounds: u64,
+    pub outer: OuterSpec,
+    /// Codec of submitted pseudo-gradients.
+    pub codec: Codec,
+    /// Codec of the published per-round weight updates (the hub keeps error feedback).
+    pub broadcast_codec: Codec,
+    /// A round closes as soon as this many submissions are accepted…
+    pub quorum: u32,
+    /// …or this long after its first accepted submission.
+    pub round_deadline_ms: u64,
+    /// Submissions based on a round at most this many rounds old are accepted…
+    pub max_staleness: u64,
+    /// …with weight `staleness_decay ^ staleness`.
+    pub staleness_decay: f64,
+    pub seed: u64,
+}
+
+impl RunSpec {
+    pub fn num_params(&self) -> u64 {
+        self.tensors.iter().map(TensorSpec::numel).sum()
+    }
+
+    /// Checks what a hub must check before it accepts a spec.
+    pub fn validate(&self) -> Result<(), String> {
+        self.codec.validate().map_err(|e| format!("codec: {e}"))?;
+        self.broadcast_codec.validate().map_err(|e| format!("broadcast codec: {e}"))?;
+        if self.tensors.is_empty() {
+            return Err("the model has no tensors".into());
+        }
+        if self.inner_steps == 0 || self.rounds == 0 || self.quorum == 0 {
+            return Err("inner steps, rounds and quorum must be positive".into());
+        }
+        if !(self.staleness_decay > 0.0 && self.staleness_decay <= 1.0) {
+            return Err(format!("staleness decay {} must be in (0, 1]", self.staleness_decay));
+        }
+        if !(self.outer.lr.is_finite() && self.outer.lr > 0.0 && (0.0..1.0).contains(&self.outer.momentum)) {
+            return Err("outer lr must be positive and momentum in [0, 1)".into());
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunInfo {
+    pub protocol: u32,
+    /// 32 hex digits.
+    pub run_id: String,
+    pub spec: RunSpec,
+    /// The round now collecting submissions (equals `spec.rounds` once finished).
+    pub round: u64,
+    /// Hex BLAKE3 of the current global weights.
+    pub checkpoint: String,
+    pub finished: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RegisterRequest {
+    pub name: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Registration {
+    pub contributor_id: u64,
+    /// Bearer token for this contributor's later requests. Shown once; the hub keeps its hash.
+    pub token: String,
+}
+
+/// What a contributor should do next.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Assignment {
+    pub run_id: String,
+    pub finished: bool,
+    /// The round to train for: start from its base checkpoint.
+    pub round: u64,
+    /// Hex BLAKE3 of the base checkpoint.
+    pub base_checkpoint: String,
+    /// The data slot: which windows of the training split this contributor draws
+    /// (`sampler::train_windows(seed, slot, step, …)`).
+    pub slot: u64,
+    pub seed: u64,
+    pub inner_steps: u64,
+    /// The global inner step this round starts at, for the inner learning-rate schedule.
+    pub schedule_step: u64,
+    /// Total inner steps of the run (the schedule's length).
+    pub schedule_total: u64,
+}
+
+/// The hub's answer to an accepted submission.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Receipt {
+    /// The round whose aggregate includes this submission.
+    pub round: u64,
+    /// The round whose checkpoint the submission was trained from.
+    pub base_round: u64,
+    pub staleness: u64,
+    pub weight: f64,
+    pub bytes: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RoundState {
+    Open,
+    Collecting,
+    Aggregating,
+    Published,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RoundSummary {
+    pub round: u64,
+    pub state: RoundState,
+    pub base_checkpoint: String,
+    pub result_checkpoint: Option<String>,
+    pub accepted: u64,
+    pub weight: f64,
+    pub mean_inner_loss: Option<f64>,
+    pub bytes_up: u64,
+    /// `quorum` or `deadline`.
+    pub closed_by: Option<String>,
+    pub opened_ms: i64,
+    pub closed_ms: Option<i64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ContributorStats {
+    pub id: u64,
+    pub name: String,
+    pub accepted: u64,
+    pub rejected: u64,
+    pub bytes_up: u64,
+    pub mean_inner_loss: Option<f64>,
+    pub last_seen_ms: Option<i64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HubStatus {
+    pub run_id: String,
+    pub round: u64,
+    pub rounds: u64,
+    pub finished: bool,
+    pub num_params: u64,
+    pub bytes_up: u64,
+    /// Checkpoint and update bytes served since this hub process started.
+    pub bytes_down: u64,
+    pub history: Vec<RoundSummary>,
+    pub contributors: Vec<ContributorStats>,
+}
+
+/// Stable machine-readable reasons for refusing a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    BadRequest,
+    MalformedMessage,
+    Unauthorized,
+    WrongRun,
+    CodecMismatch,
+    TensorMismatch,
+    BaseMismatch,
+    FutureRound,
+    Stale,
+    Duplicate,
+    TooLarge,
+    RunFinished,
+    NotFound,
+    RangeNotSatisfiable,
+    Internal,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, thiserror::Error)]
+#[error("{code:?}: {message}")]
+pub struct ApiError {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl fmt::Display for Codec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            Codec::F32 => write!(f, "f32"),
+            Codec::Bf16 => write!(f, "bf16"),
+            Codec::Int8 { block } => write!(f, "int8:{block}"),
+            Codec::Int4 { block } => write!(f, "int4:{block}"),
+            Codec::TopK { chunk, k } => write!(f, "topk:{chunk}:{k}"),
+        }
+    }
+}
+
+impl FromStr for Codec {
+    type Err = String;
+
+    /// `f32`, `bf16`, `int8[:block]`, `int4[:block]` (block 64 by default) or `topk:chunk:k`.
+    fn from_str(s: &str) -> Result<Codec, String> {
+        let mut parts = s.split(':');
+        let kind = parts.next().unwrap_or_default();
+        let nums: Vec<u32> = parts
+            .map(|p| p.parse::<u32>().map_err(|_| format!("codec {s:?}: {p:?} is not a number")))
+            .collect::<Result<_, _>>()?;
+        let codec = match (kind, nums.as_slice()) {
+            ("f32", []) => Codec::F32,
+            ("bf16", []) => Codec::Bf16,
+            ("int8", []) => Codec::Int8 { block: 64 },
+            ("int8", [b]) => Codec::Int8 { block: *b },
+            ("int4", []) => Codec::Int4 { block: 64 },
+            ("int4", [b]) => Codec::Int4 { block: *b },
+            ("topk", [c, k]) => Codec::TopK { chunk: *c, k: *k },
+            _ => return Err(format!("unknown codec {s:?}: use f32, bf16, int8[:block], int4[:block] or topk:chunk:k")),
+        };
+        codec.validate().map_err(|e| e.to_string())?;
+        Ok(codec)
+    }
+}
+
+impl Serialize for Codec {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Codec {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Codec, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn codec_strings_round_trip() {
+        for c in [
+            Codec::F32,
+            Codec::Bf16,
+            Codec::Int8 { block: 64 },
+            Codec::Int4 { block: 128 },
+            Codec::TopK { chunk: 4096, k: 16 },
+        ] {
+            assert_eq!(c.to_string().parse::<Codec>().unwrap(), c);
+            let json = serde_json::to_string(&c).unwrap();
+            assert_eq!(serde_json::from_str::<Codec>(&json).unwrap(), c);
+        }
+        assert_eq!("int8".parse::<Codec>().unwrap(), Codec::Int8 { block: 64 });
+        for bad in ["", "int8:0", "int4:3", "topk:10", "topk:4:8", "f32:1", "int8:x", "zip"] {
+            assert!(bad.parse::<Codec>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn error_codes_are_snake_case() {
+        let e = ApiError { code: ErrorCode::BaseMismatch, message: "m".into() };
+        assert_eq!(serde_json::to_string(&e).unwrap(), r#"{"code":"base_mismatch","message":"m"}"#);
+    }
+
+    proptest! {
+        #[test]
+        fn codec_parser_never_panics(s in ".{0,24}") {
+            let _ = s.parse::<Codec>();
+        }
+
+        #[test]
+        fn json_decoders_never_panic(s in ".{0,200}") {
+            let _ = serde_json::from_str::<RunInfo>(&s);
+            let _ = serde_json::from_str::<Assignment>(&s);
+            let _ = serde_json::from_str::<ApiError>(&s);
+            let _ = serde_json::from_str::<HubStatus>(&s);
+        }
+    }
+}

@@ -1,0 +1,140 @@
+//! Model weights as bytes: the hub's content-addressed checkpoints.
+//!
+//! A checkpoint is a safetensors file of f32 tensors with `{"format": "pt"}` metadata, exactly the
+//! `model.safetensors` a Hugging Face checkpoint holds. Its address is the BLAKE3 of its bytes.
+//! Encoding is deterministic (the same tensors always give the same bytes), so a contributor
+//! that applies a published update to its cached weights can check it now holds the checkpoint
+//! the hub published, by hash, without downloading it.
+
+use std::collections::HashMap;
+
+use safetensors::{Dtype, SafeTensors, tensor::TensorView as StView};
+
+use crate::api::TensorSpec;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WeightsError {
+    #[error("not a valid safetensors file: {0}")]
+    Format(String),
+    #[error("tensor {name}: {message}")]
+    Tensor { name: String, message: String },
+    #[error("checkpoint lacks tensor {0}")]
+    Missing(String),
+    #[error("checkpoint has a tensor the run does not: {0}")]
+    Unexpected(String),
+    #[error("{0} values for {1} tensors")]
+    Count(usize, usize),
+}
+
+/// Serialises `values` (one flat buffer per entry of `table`, in order) to checkpoint bytes.
+pub fn encode_weights(table: &[TensorSpec], values: &[Vec<f32>]) -> Result<Vec<u8>, WeightsError> {
+    if table.len() != values.len() {
+        return Err(WeightsError::Count(values.len(), table.len()));
+    }
+    let mut buffers = Vec::with_capacity(table.len());
+    for (spec, v) in table.iter().zip(values) {
+        if spec.numel() != v.len() as u64 {
+            return Err(WeightsError::Tensor {
+                name: spec.name.clone(),
+                message: format!("shape {:?} holds {} values, got {}", spec.shape, spec.numel(), v.len()),
+            });
+        }
+        let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+        buffers.push((spec, bytes));
+    }
+    let views = buffers
+        .iter()
+        .map(|(spec, bytes)| {
+            let shape = spec.shape.iter().map(|&d| d as usize).collect();
+            StView::new(Dtype::F32, shape, bytes)
+                .map(|v| (spec.name.clone(), v))
+                .map_err(|e| WeightsError::Tensor { name: spec.name.clone(), message: e.to_string() })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let metadata = HashMap::from([("format".to_owned(), "pt".to_owned())]);
+    safetensors::serialize(views, Some(metadata)).map_err(|e| WeightsError::Format(e.to_string()))
+}
+
+/// Parses checkpoint bytes that must hold exactly the tensors of `table`, f32, finite.
+pub fn decode_weights(bytes: &[u8], table: &[TensorSpec]) -> Result<Vec<Vec<f32>>, WeightsError> {
+    let st = SafeTensors::deserialize(bytes).map_err(|e| WeightsError::Format(e.to_string()))?;
+    for name in st.names() {
+        if !table.iter().any(|s| s.name == name) {
+            return Err(WeightsError::Unexpected(name.to_string()));
+        }
+    }
+    let mut out = Vec::with_capacity(table.len());
+    for spec in table {
+        let bad = |m: String| WeightsError::Tensor { name: spec.name.clone(), message: m };
+        let view = st.tensor(&spec.name).map_err(|_| WeightsError::Missing(spec.name.clone()))?;
+        if view.dtype() != Dtype::F32 {
+            return Err(bad(format!("dtype {:?}, f32 expected", view.dtype())));
+        }
+        let shape: Vec<u64> = view.shape().iter().map(|&d| d as u64).collect();
+        if shape != spec.shape {
+            return Err(bad(format!("shape {shape:?}, {:?} expected", spec.shape)));
+        }
+        let values: Vec<f32> =
+            view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+            return Err(bad(format!("non-finite value at {i}")));
+        }
+        out.push(values);
+    }
+    Ok(out)
+}
+
+/// The content address of checkpoint bytes.
+pub fn weights_hash(bytes: &[u8]) -> [u8; 32] {
+    *blake3::hash(bytes).as_bytes()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn table() -> Vec<TensorSpec> {
+        vec![TensorSpec { name: "a.weight".into(), shape: vec![2, 3] }, TensorSpec { name: "b".into(), shape: vec![4] }]
+    }
+
+    #[test]
+    fn round_trip_is_exact_and_deterministic() {
+        let values = vec![vec![1.0, -2.0, 3.5, 0.0, 1e-30, 7.0], vec![0.25; 4]];
+        let a = encode_weights(&table(), &values).unwrap();
+        let b = encode_weights(&table(), &values).unwrap();
+        assert_eq!(a, b);
+        assert_eq!(decode_weights(&a, &table()).unwrap(), values);
+    }
+
+    #[test]
+    fn wrong_table_is_refused() {
+        let values = vec![vec![0.0; 6], vec![0.0; 4]];
+        let bytes = encode_weights(&table(), &values).unwrap();
+        let mut other = table();
+        other[1].shape = vec![2, 2];
+        assert!(matches!(decode_weights(&bytes, &other), Err(WeightsError::Tensor { .. })));
+        assert!(matches!(decode_weights(&bytes, &table()[..1]), Err(WeightsError::Unexpected(_))));
+        let mut more = table();
+        more.push(TensorSpec { name: "c".into(), shape: vec![1] });
+        assert!(matches!(decode_weights(&bytes, &more), Err(WeightsError::Missing(_))));
+        let nan = encode_weights(&table(), &[vec![f32::NAN; 6], vec![0.0; 4]]).unwrap();
+        assert!(matches!(decode_weights(&nan, &table()), Err(WeightsError::Tensor { .. })));
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = decode_weights(&bytes, &table());
+        }
+
+        #[test]
+        fn mangled_checkpoints_never_panic(pos in 0usize..200, byte in any::<u8>(), cut in 0usize..200) {
+            let mut bytes = encode_weights(&table(), &[vec![1.0; 6], vec![2.0; 4]]).unwrap();
+            let p = pos % bytes.len();
+            bytes[p] = byte;
+            bytes.truncate(bytes.len() - cut % bytes.len());
+            let _ = decode_weights(&bytes, &table());
+        }
+    }
+}
