@@ -19,7 +19,7 @@
 
 pub mod bench;
 
-use tessera_protocol::{MessageView, PseudoGradient};
+use tessera_protocol::{Codec, MessageView, PseudoGradient};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AggregateError {
@@ -35,6 +35,8 @@ pub enum AggregateError {
     Empty,
     #[error("pseudo-gradient message: {0}")]
     Decode(#[from] tessera_protocol::WireError),
+    #[error("broadcast codec: {0}")]
+    Codec(#[from] tessera_protocol::CodecError),
 }
 
 fn check_shapes(expected: &[usize], tensors: &[&[f32]]) -> Result<(), AggregateError> {
@@ -236,6 +238,33 @@ impl OuterOptimizer {
     }
 }
 
+/// Moves the published weights `theta` to `target` through `codec`, with error feedback in
+/// `residual`: u = decode(encode(target − θ + e)), then θ ← θ + u and e ← target − θ_old + e − u.
+/// Returns each tensor's encoding of u: the update a follower applies to its copy of θ (by the
+/// same element-wise f32 addition) to hold exactly the new θ.
+pub fn broadcast_step(
+    codec: &Codec,
+    theta: &mut [Vec<f32>],
+    target: &[Vec<f32>],
+    residual: &mut [Vec<f32>],
+) -> Result<Vec<Vec<u8>>, AggregateError> {
+    let lengths: Vec<usize> = theta.iter().map(Vec::len).collect();
+    check_shapes(&lengths, &target.iter().map(Vec::as_slice).collect::<Vec<_>>())?;
+    check_shapes(&lengths, &residual.iter().map(Vec::as_slice).collect::<Vec<_>>())?;
+    let mut encoded = Vec::with_capacity(theta.len());
+    for ((t, goal), e) in theta.iter_mut().zip(target).zip(residual.iter_mut()) {
+        let wanted: Vec<f32> = goal.iter().zip(t.iter()).zip(e.iter()).map(|((g, t), e)| g - t + e).collect();
+        let bytes = codec.encode(&wanted)?;
+        let sent = codec.decode(&bytes, wanted.len() as u64)?;
+        for (((t, e), w), s) in t.iter_mut().zip(e.iter_mut()).zip(&wanted).zip(&sent) {
+            *t += s;
+            *e = w - s;
+        }
+        encoded.push(bytes);
+    }
+    Ok(encoded)
+}
+
 fn threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
@@ -347,6 +376,32 @@ mod tests {
         nan.tensors[1].encoded.copy_from_slice(&f32::NAN.to_le_bytes());
         assert_eq!(acc.add_message(1.0, &nan), Err(AggregateError::NonFinite { index: 1, position: 0 }));
         assert_eq!(acc.finish().unwrap(), vec![vec![2.0, 2.0, 2.0], vec![-2.0]]);
+    }
+
+    #[test]
+    fn broadcast_delivers_what_it_drops_later() {
+        // Each round the hub wants θ to move by `step` from where it is published.
+        let codec = Codec::Int4 { block: 4 };
+        let step = [1.0f32, 0.3, -0.2, 0.01, 5.0, -5.0, 0.7, 0.0];
+        let mut theta = vec![vec![0.0f32; 8]];
+        let mut residual = vec![vec![0.0f32; 8]];
+        let mut follower = theta.clone();
+        for round in 1..=30 {
+            let target = vec![theta[0].iter().zip(&step).map(|(t, s)| t + s).collect::<Vec<f32>>()];
+            let enc = broadcast_step(&codec, &mut theta, &target, &mut residual).unwrap();
+            let u = codec.decode(&enc[0], 8).unwrap();
+            follower[0].iter_mut().zip(&u).for_each(|(f, u)| *f += u);
+            assert_eq!(follower, theta, "a follower applying the updates holds exactly θ");
+            // Nothing is lost: what was delivered plus what is owed is everything wanted.
+            for ((t, e), s) in theta[0].iter().zip(&residual[0]).zip(&step) {
+                assert!((t + e - round as f32 * s).abs() < 1e-3, "round {round}: {t} + {e} vs {}", round as f32 * s);
+            }
+            // And what is owed stays within one quantisation step of the largest value.
+            assert!(residual[0].iter().all(|e| e.abs() <= 5.0 / 7.0 + 1e-3));
+        }
+        let mut short = vec![vec![0.0f32; 3]];
+        let target = theta.clone();
+        assert!(broadcast_step(&codec, &mut theta, &target, &mut short).is_err());
     }
 
     proptest! {

@@ -1,1 +1,517 @@
+//! `tessera-contributor`: one DiLoCo worker talking to a hub over HTTP.
+//!
+//! The loop: ask for an assignment (round, base checkpoint, data slot, seed); bring the cached
+//! weights to the base checkpoint (applying the published compressed updates, or downloading
+//! the checkpoint with resumable range requests), verified by hash; train H inner AdamW steps
+//! on the slot's windows; encode Δ = θ_base − θ_local with error feedback; upload with retries;
+//! save the inner optimizer state; repeat until the run finishes.
+//!
+//! Everything a restart needs lives in the state directory: identity (id and token), the inner
+//! trainer (weights, AdamW moments, step), the error-feedback residuals and the cached base
+//! weights. A contributor killed at any moment restarts from the last round it finished.
 
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use reqwest::StatusCode;
+use reqwest::blocking::{Client, Response};
+use tch::Device;
+use tessera_data::Dataset;
+use tessera_data::synthetic::SyntheticSpec;
+use tessera_model::{Llama, LlamaConfig};
+use tessera_protocol::api::{
+    Assignment, CONTRIBUTOR_HEADER, DataSource, INNER_LOSS_HEADER, Receipt, RegisterRequest, Registration, RunInfo,
+};
+use tessera_protocol::{
+    ApiError, Codec, ErrorCode, ErrorFeedback, MessageView, PROTOCOL_VERSION, PseudoGradient, TensorEntry, TensorSpec,
+    decode_weights, encode_weights, weights_hash,
+};
+use tessera_train::diloco::{read_params, write_params};
+use tessera_train::{AdamWConfig, TrainConfig, TrainError, Trainer};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ContributorError {
+    #[error("hub {url}: {message}")]
+    Http { url: String, message: String },
+    #[error("hub refused: {0}")]
+    Refused(ApiError),
+    #[error("the hub speaks protocol {0}, this contributor {PROTOCOL_VERSION}")]
+    Protocol(u32),
+    #[error("{0}")]
+    Data(String),
+    #[error("state directory {path}: {message}")]
+    State { path: String, message: String },
+    #[error(transparent)]
+    Train(#[from] TrainError),
+    #[error(transparent)]
+    Model(#[from] tessera_model::ModelError),
+    #[error("weights: {0}")]
+    Weights(#[from] tessera_protocol::WeightsError),
+    #[error("wire: {0}")]
+    Wire(#[from] tessera_protocol::WireError),
+    #[error("codec: {0}")]
+    Codec(#[from] tessera_protocol::CodecError),
+}
+
+type Result<T> = std::result::Result<T, ContributorError>;
+
+#[derive(Debug, Clone)]
+pub struct ContributorConfig {
+    /// Base URL of the hub, e.g. `http://127.0.0.1:7070`.
+    pub hub: String,
+    pub state_dir: PathBuf,
+    pub name: String,
+    pub device: Device,
+    /// Training data for runs whose data source is external (checked by fingerprint).
+    pub data: Option<Dataset>,
+    /// Stop after submitting this many rounds (default: until the run finishes).
+    pub max_rounds: Option<u64>,
+    /// How long to keep retrying while the hub is unreachable or failing.
+    pub patience: Duration,
+}
+
+/// What one finished round looked like from the contributor's side.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RoundReport {
+    pub round: u64,
+    pub inner_loss: f64,
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+    /// `None` if the hub refused the submission (e.g. stale); the reason is logged.
+    pub receipt: Option<Receipt>,
+    pub train_s: f64,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Identity {
+    hub_run: String,
+    contributor_id: u64,
+    token: String,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct BaseMeta {
+    round: u64,
+    hash: String,
+}
+
+/// The weights of one published round, verified against its hash.
+struct Base {
+    round: u64,
+    hash: String,
+    weights: Vec<Vec<f32>>,
+}
+
+pub struct Contributor {
+    config: ContributorConfig,
+    http: Client,
+    pub run: RunInfo,
+    identity: Identity,
+    trainer: Trainer,
+    feedback: Vec<ErrorFeedback>,
+    base: Option<Base>,
+    /// The last base round this contributor submitted for.
+    last_submitted: Option<u64>,
+}
+
+fn state_err(path: &Path, e: impl std::fmt::Display) -> ContributorError {
+    ContributorError::State { path: path.display().to_string(), message: e.to_string() }
+}
+
+/// Writes `bytes` to `path` atomically (write a sibling, then rename).
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes).map_err(|e| state_err(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| state_err(path, e))
+}
+
+/// Builds the run's dataset, or checks the one given, against the run's fingerprint.
+pub fn run_dataset(run: &RunInfo, given: Option<Dataset>) -> Result<Dataset> {
+    let data = &run.spec.data;
+    let dataset = match (&data.source, given) {
+        (_, Some(d)) => d,
+        (DataSource::Embedded { seed, train_chars, val_chars }, None) => {
+            let spec = SyntheticSpec { seed: *seed, ..SyntheticSpec::default() };
+            Dataset::synthetic(spec, *train_chars as usize, *val_chars as usize)
+                .map_err(|e| ContributorError::Data(e.to_string()))?
+        }
+        (DataSource::External, None) => {
+            return Err(ContributorError::Data(format!(
+                "the run trains on {:?}: pass the same data with --data (fingerprint {})",
+                data.name, data.fingerprint
+            )));
+        }
+    };
+    if dataset.info.fingerprint != data.fingerprint {
+        return Err(ContributorError::Data(format!(
+            "this data ({}, fingerprint {}) is not the run's ({}, fingerprint {})",
+            dataset.info.name, dataset.info.fingerprint, data.name, data.fingerprint
+        )));
+    }
+    Ok(dataset)
+}
+
+/// The inner trainer's configuration for a run and data slot.
+pub fn inner_config(run: &RunInfo, slot: u64) -> TrainConfig {
+    let s = &run.spec;
+    TrainConfig {
+        steps: s.rounds * s.inner_steps,
+        batch_size: s.inner.batch_size as usize,
+        seq_len: s.inner.seq_len as usize,
+        grad_accum: 1,
+        lr: s.inner.lr,
+        min_lr: s.inner.min_lr,
+        warmup_steps: s.inner.warmup_steps,
+        grad_clip: s.inner.grad_clip,
+        adamw: AdamWConfig { weight_decay: s.inner.weight_decay, ..AdamWConfig::default() },
+        seed: s.seed,
+        worker: slot,
+        ..TrainConfig::default()
+    }
+}
+
+/// HTTP with the contributor's patience: transport errors and 5xx are retried with backoff.
+struct Hub<'a> {
+    url: &'a str,
+    patience: Duration,
+}
+
+impl Hub<'_> {
+    fn send(&self, what: &str, build: impl Fn() -> reqwest::blocking::RequestBuilder) -> Result<Response> {
+        let start = Instant::now();
+        let mut delay = Duration::from_millis(200);
+        loop {
+            let failure = match build().send() {
+                Ok(r) if r.status().is_server_error() || r.status() == StatusCode::TOO_MANY_REQUESTS => {
+                    format!("{} {}", r.status(), r.text().unwrap_or_default())
+                }
+                Ok(r) => return Ok(r),
+                Err(e) => e.to_string(),
+            };
+            if start.elapsed() > self.patience {
+                return Err(ContributorError::Http {
+                    url: self.url.to_owned(),
+                    message: format!("{what}: {failure} (gave up after {:.0?})", start.elapsed()),
+                });
+            }
+            tracing::warn!(what, failure, retry_in = ?delay, "hub unavailable; retrying");
+            std::thread::sleep(delay);
+            delay = (delay * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    /// Parses a success body as JSON, or a refusal as an [`ApiError`].
+    fn json<T: serde::de::DeserializeOwned>(&self, what: &str, r: Response) -> Result<T> {
+        let status = r.status();
+        let bytes = r.bytes().map_err(|e| self.http_err(what, e))?;
+        if status.is_success() {
+            serde_json::from_slice(&bytes)
+                .map_err(|e| self.http_err(what, format!("unexpected answer ({status}): {e}")))
+        } else {
+            Err(self.refusal(what, status, &bytes))
+        }
+    }
+
+    fn refusal(&self, what: &str, status: StatusCode, body: &[u8]) -> ContributorError {
+        match serde_json::from_slice::<ApiError>(body) {
+            Ok(e) => ContributorError::Refused(e),
+            Err(_) => {
+                self.http_err(what, format!("{status}: {}", String::from_utf8_lossy(&body[..body.len().min(200)])))
+            }
+        }
+    }
+
+    fn http_err(&self, what: &str, e: impl std::fmt::Display) -> ContributorError {
+        ContributorError::Http { url: self.url.to_owned(), message: format!("{what}: {e}") }
+    }
+}
+
+impl Contributor {
+    /// Connects to the hub, registers (or reuses the identity in the state directory) and
+    /// restores the inner trainer from the state directory if it holds one for this run.
+    pub fn join(config: ContributorConfig) -> Result<Contributor> {
+        let http = Client::builder()
+            .timeout(Duration::from_secs(120))
+            .build()
+            .map_err(|e| ContributorError::Http { url: config.hub.clone(), message: e.to_string() })?;
+        let dir = &config.state_dir;
+        std::fs::create_dir_all(dir).map_err(|e| state_err(dir, e))?;
+        let hub = Hub { url: &config.hub, patience: config.patience };
+        let run: RunInfo = hub.json("run", hub.send("run", || http.get(format!("{}/v1/run", config.hub)))?)?;
+        if run.protocol != PROTOCOL_VERSION {
+            return Err(ContributorError::Protocol(run.protocol));
+        }
+        let id_path = dir.join("identity.json");
+        let saved: Option<Identity> = std::fs::read(&id_path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .filter(|i: &Identity| i.hub_run == run.run_id);
+        let identity = match saved {
+            Some(i) => {
+                tracing::info!(contributor = i.contributor_id, "rejoining with the saved identity");
+                i
+            }
+            None => {
+                let request = RegisterRequest { name: config.name.clone() };
+                let reg: Registration = hub.json(
+                    "register",
+                    hub.send("register", || http.post(format!("{}/v1/contributors", config.hub)).json(&request))?,
+                )?;
+                let i = Identity { hub_run: run.run_id.clone(), contributor_id: reg.contributor_id, token: reg.token };
+                write_atomic(&id_path, &serde_json::to_vec_pretty(&i).map_err(|e| state_err(&id_path, e))?)?;
+                // A new identity starts from scratch: drop any state of another run.
+                for stale in ["trainer", "feedback.safetensors", "base.safetensors", "base.json"] {
+                    let p = dir.join(stale);
+                    let _ = if p.is_dir() { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) };
+                }
+                tracing::info!(contributor = i.contributor_id, "registered");
+                i
+            }
+        };
+
+        let dataset = run_dataset(&run, config.data.clone())?;
+        let model_config = LlamaConfig::from_json(run.spec.model.clone())
+            .map_err(|e| ContributorError::Data(format!("the run's model config: {e}")))?;
+        let train_config = inner_config(&run, identity.contributor_id);
+        let trainer_dir = dir.join("trainer");
+        let trainer = if trainer_dir.join("trainer_state.json").exists() {
+            Trainer::resume(&trainer_dir, dataset, config.device, Some(train_config.steps))?
+        } else {
+            let model = Llama::zeroed(&model_config, config.device)?;
+            Trainer::from_model(train_config, model, dataset)?
+        };
+        let table = &run.spec.tensors;
+        let names: Vec<String> = trainer.model.named_parameters().into_iter().map(|(n, _)| n).collect();
+        let expected: Vec<&String> = table.iter().map(|t| &t.name).collect();
+        if names.iter().collect::<Vec<_>>() != expected {
+            return Err(ContributorError::Data("the run's tensor table does not match its model config".into()));
+        }
+        let feedback = match std::fs::read(dir.join("feedback.safetensors")) {
+            Ok(bytes) => decode_weights(&bytes, table)?.into_iter().map(ErrorFeedback::from_residual).collect(),
+            Err(_) => table.iter().map(|t| ErrorFeedback::new(t.numel() as usize)).collect(),
+        };
+        let base = load_base(dir, table);
+        let last_submitted =
+            std::fs::read_to_string(dir.join("last_submitted")).ok().and_then(|s| s.trim().parse().ok());
+        Ok(Contributor { config, http, run, identity, trainer, feedback, base, last_submitted })
+    }
+
+    pub fn id(&self) -> u64 {
+        self.identity.contributor_id
+    }
+
+    fn hub(&self) -> Hub<'_> {
+        Hub { url: &self.config.hub, patience: self.config.patience }
+    }
+
+    fn authed(&self, b: reqwest::blocking::RequestBuilder) -> reqwest::blocking::RequestBuilder {
+        b.header(CONTRIBUTOR_HEADER, self.identity.contributor_id.to_string()).bearer_auth(&self.identity.token)
+    }
+
+    fn assignment(&self) -> Result<Assignment> {
+        let url = format!("{}/v1/assignments?wait_ms=20000", self.config.hub);
+        let hub = self.hub();
+        hub.json("assignment", hub.send("assignment", || self.authed(self.http.post(&url)))?)
+    }
+
+    /// Runs rounds until the run finishes (or `max_rounds`), calling `on_round` after each.
+    pub fn run(&mut self, mut on_round: impl FnMut(&RoundReport)) -> Result<u64> {
+        let mut done = 0;
+        while self.config.max_rounds.is_none_or(|m| done < m) {
+            let a = self.assignment()?;
+            if a.finished {
+                tracing::info!("the run has finished");
+                break;
+            }
+            if self.last_submitted == Some(a.round) {
+                continue; // The hub's wait ran out; the round is still collecting.
+            }
+            let report = self.round(&a)?;
+            on_round(&report);
+            done += 1;
+        }
+        Ok(done)
+    }
+
+    /// One round: base weights, H inner steps, encode, upload, save.
+    pub fn round(&mut self, a: &Assignment) -> Result<RoundReport> {
+        let bytes_down = self.ensure_base(a.round, &a.base_checkpoint)?;
+        let base =
+            self.base.as_ref().ok_or_else(|| ContributorError::Data("no base weights after fetching them".into()))?;
+        write_params(&self.trainer.model, &base.weights)?;
+        self.trainer.schedule_shift = a.schedule_step as i64 - self.trainer.step() as i64;
+        let start = Instant::now();
+        let mut loss_sum = 0.0;
+        for _ in 0..a.inner_steps {
+            loss_sum += self.trainer.train_step()?.loss;
+        }
+        let inner_loss = loss_sum / a.inner_steps as f64;
+        let train_s = start.elapsed().as_secs_f64();
+        let local = read_params(&self.trainer.model)?;
+        let spec = &self.run.spec;
+        let mut tensors = Vec::with_capacity(spec.tensors.len());
+        for ((t, (b, l)), ef) in spec.tensors.iter().zip(base.weights.iter().zip(&local)).zip(&mut self.feedback) {
+            let delta: Vec<f32> = b.iter().zip(l).map(|(b, l)| b - l).collect();
+            tensors.push(TensorEntry {
+                name: t.name.clone(),
+                shape: t.shape.clone(),
+                encoded: ef.encode(&spec.codec, &delta)?,
+            });
+        }
+        let message = PseudoGradient {
+            codec: spec.codec,
+            run_id: hex_array(&self.run.run_id)?,
+            round: a.round,
+            base_checkpoint: hex_array(&a.base_checkpoint)?,
+            tensors,
+        };
+        let body = message.to_bytes();
+        let bytes_up = body.len() as u64;
+        let receipt = self.upload(body, inner_loss)?;
+        self.save_state(a.round)?;
+        Ok(RoundReport { round: a.round, inner_loss, bytes_up, bytes_down, receipt, train_s })
+    }
+
+    fn upload(&self, body: Vec<u8>, inner_loss: f64) -> Result<Option<Receipt>> {
+        let url = format!("{}/v1/submissions", self.config.hub);
+        let hub = self.hub();
+        let response = hub.send("submit", || {
+            self.authed(self.http.post(&url)).header(INNER_LOSS_HEADER, inner_loss.to_string()).body(body.clone())
+        })?;
+        match hub.json::<Receipt>("submit", response) {
+            Ok(r) => Ok(Some(r)),
+            // An earlier attempt landed but its answer was lost.
+            Err(ContributorError::Refused(e)) if e.code == ErrorCode::Duplicate => Ok(None),
+            Err(ContributorError::Refused(e)) if matches!(e.code, ErrorCode::Stale | ErrorCode::RunFinished) => {
+                tracing::warn!(reason = %e.message, "submission not used");
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Persists what a restart needs after a finished round.
+    fn save_state(&mut self, round: u64) -> Result<()> {
+        let dir = self.config.state_dir.clone();
+        self.trainer.save(&dir.join("trainer"))?;
+        if self.run.spec.codec != Codec::F32 {
+            let residuals: Vec<Vec<f32>> = self.feedback.iter().map(|f| f.residual().to_vec()).collect();
+            write_atomic(&dir.join("feedback.safetensors"), &encode_weights(&self.run.spec.tensors, &residuals)?)?;
+        }
+        write_atomic(&dir.join("last_submitted"), round.to_string().as_bytes())?;
+        self.last_submitted = Some(round);
+        Ok(())
+    }
+
+    /// Brings the cached weights to round `round`'s base checkpoint `hash`; returns the bytes
+    /// downloaded. Follows published updates when it can, else downloads the checkpoint.
+    fn ensure_base(&mut self, round: u64, hash: &str) -> Result<u64> {
+        if self.base.as_ref().is_some_and(|b| b.hash == hash) {
+            return Ok(0);
+        }
+        let mut downloaded = 0;
+        if let Some(mut base) = self.base.take().filter(|b| b.round < round) {
+            let followed = (|| -> Result<Base> {
+                for r in base.round + 1..=round {
+                    let (next, n) = self.apply_update(&base, r)?;
+                    downloaded += n;
+                    base = next;
+                }
+                Ok(base)
+            })();
+            match followed {
+                Ok(b) if b.hash == hash => {
+                    self.base = Some(b);
+                    self.save_base()?;
+                    return Ok(downloaded);
+                }
+                Ok(b) => tracing::warn!(got = %b.hash, want = hash, "updates did not reproduce the checkpoint"),
+                Err(e) => tracing::warn!(error = %e, "could not follow the published updates"),
+            }
+        }
+        let bytes = self.download_checkpoint(hash)?;
+        downloaded += bytes.len() as u64;
+        let weights = decode_weights(&bytes, &self.run.spec.tensors)?;
+        self.base = Some(Base { round, hash: hash.to_owned(), weights });
+        self.save_base()?;
+        Ok(downloaded)
+    }
+
+    fn apply_update(&self, base: &Base, round: u64) -> Result<(Base, u64)> {
+        let url = format!("{}/v1/updates/{round}", self.config.hub);
+        let hub = self.hub();
+        let r = hub.send("update", || self.http.get(&url))?;
+        let status = r.status();
+        let bytes = r.bytes().map_err(|e| hub.http_err("update", e))?;
+        if !status.is_success() {
+            return Err(hub.refusal("update", status, &bytes));
+        }
+        let view = MessageView::parse(&bytes)?;
+        if hex::encode(view.base_checkpoint) != base.hash || view.round != round {
+            return Err(ContributorError::Data(format!("update {round} does not start from round {}", base.round)));
+        }
+        let mut weights = Vec::with_capacity(base.weights.len());
+        for (w, t) in base.weights.iter().zip(&view.tensors) {
+            let d = view.codec.decode(t.encoded, w.len() as u64)?;
+            weights.push(w.iter().zip(d).map(|(a, b)| a + b).collect::<Vec<f32>>());
+        }
+        let hash = hex::encode(weights_hash(&encode_weights(&self.run.spec.tensors, &weights)?));
+        Ok((Base { round, hash, weights }, bytes.len() as u64))
+    }
+
+    /// Downloads a checkpoint into the state directory, resuming a partial download with a
+    /// range request, and checks its hash.
+    fn download_checkpoint(&self, hash: &str) -> Result<Vec<u8>> {
+        let part = self.config.state_dir.join(format!("{hash}.part"));
+        let url = format!("{}/v1/checkpoints/{hash}", self.config.hub);
+        let hub = self.hub();
+        let mut have = std::fs::read(&part).unwrap_or_default();
+        let r = hub.send("checkpoint", || {
+            let b = self.http.get(&url);
+            if have.is_empty() { b } else { b.header(reqwest::header::RANGE, format!("bytes={}-", have.len())) }
+        })?;
+        let status = r.status();
+        let body = r.bytes().map_err(|e| hub.http_err("checkpoint", e))?;
+        match status {
+            StatusCode::OK => have = body.to_vec(),
+            StatusCode::PARTIAL_CONTENT => have.extend_from_slice(&body),
+            // The partial file is longer than the object, or otherwise wrong: start over.
+            StatusCode::RANGE_NOT_SATISFIABLE => {
+                let _ = std::fs::remove_file(&part);
+                return self.download_checkpoint(hash);
+            }
+            _ => return Err(hub.refusal("checkpoint", status, &body)),
+        }
+        let _ = std::fs::remove_file(&part);
+        if hex::encode(weights_hash(&have)) != hash {
+            return Err(ContributorError::Data(format!("checkpoint {hash} arrived with a different hash")));
+        }
+        Ok(have)
+    }
+
+    fn save_base(&self) -> Result<()> {
+        let Some(base) = &self.base else { return Ok(()) };
+        let dir = &self.config.state_dir;
+        write_atomic(&dir.join("base.safetensors"), &encode_weights(&self.run.spec.tensors, &base.weights)?)?;
+        let meta = BaseMeta { round: base.round, hash: base.hash.clone() };
+        write_atomic(&dir.join("base.json"), &serde_json::to_vec(&meta).map_err(|e| state_err(dir, e))?)
+    }
+}
+
+/// The cached base weights, if present and intact.
+fn load_base(dir: &Path, table: &[TensorSpec]) -> Option<Base> {
+    let meta: BaseMeta = serde_json::from_slice(&std::fs::read(dir.join("base.json")).ok()?).ok()?;
+    let bytes = std::fs::read(dir.join("base.safetensors")).ok()?;
+    if hex::encode(weights_hash(&bytes)) != meta.hash {
+        tracing::warn!("cached base weights do not match their hash; ignoring them");
+        return None;
+    }
+    let weights = decode_weights(&bytes, table).ok()?;
+    Some(Base { round: meta.round, hash: meta.hash, weights })
+}
+
+fn hex_array<const N: usize>(s: &str) -> Result<[u8; N]> {
+    let mut out = [0u8; N];
+    hex::decode_to_slice(s, &mut out).map_err(|e| ContributorError::Data(format!("bad hex {s:?}: {e}")))?;
+    Ok(out)
+}

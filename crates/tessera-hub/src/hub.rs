@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use tessera_aggregate::{Accumulator, OuterConfig, OuterOptimizer};
+use tessera_aggregate::{Accumulator, OuterConfig, OuterOptimizer, broadcast_step};
 use tessera_protocol::api::{
     Assignment, ContributorStats, HubStatus, Receipt, Registration, RoundState, RoundSummary, RunInfo,
 };
@@ -491,6 +491,11 @@ impl Hub {
                     name,
                     accepted: mine.len() as u64,
                     rejected: rejected.get(&id).copied().unwrap_or(0),
+                    submitted_rounds: {
+                        let mut r: Vec<u64> = mine.iter().map(|s| s.base_round).collect();
+                        r.sort_unstable();
+                        r
+                    },
                     bytes_up: mine.iter().map(|s| s.bytes).sum(),
                     mean_inner_loss: (!losses.is_empty()).then(|| losses.iter().sum::<f64>() / losses.len() as f64),
                     last_seen_ms: mine.iter().map(|s| s.received_ms).max(),
@@ -561,17 +566,15 @@ fn aggregate(
     let mut base_hash = [0u8; 32];
     hex::decode_to_slice(base, &mut base_hash).map_err(|e| HubError::Corrupt(format!("base checkpoint hash: {e}")))?;
     let codec = spec.broadcast_codec;
-    let mut new_theta = Vec::with_capacity(theta.len());
-    let mut new_residual = Vec::with_capacity(theta.len());
-    let mut entries = Vec::with_capacity(theta.len());
-    for (i, spec_t) in spec.tensors.iter().enumerate() {
-        let wanted: Vec<f32> = target[i].iter().zip(&theta[i]).zip(&residual[i]).map(|((t, o), r)| t - o + r).collect();
-        let encoded = codec.encode(&wanted)?;
-        let sent = codec.decode(&encoded, wanted.len() as u64)?;
-        new_theta.push(theta[i].iter().zip(&sent).map(|(o, s)| o + s).collect::<Vec<f32>>());
-        new_residual.push(wanted.iter().zip(&sent).map(|(w, s)| w - s).collect::<Vec<f32>>());
-        entries.push(TensorEntry { name: spec_t.name.clone(), shape: spec_t.shape.clone(), encoded });
-    }
+    let mut new_theta = theta.to_vec();
+    let mut new_residual = residual.to_vec();
+    let encoded = broadcast_step(&codec, &mut new_theta, &target, &mut new_residual)?;
+    let entries = spec
+        .tensors
+        .iter()
+        .zip(encoded)
+        .map(|(t, encoded)| TensorEntry { name: t.name.clone(), shape: t.shape.clone(), encoded })
+        .collect();
     let update = PseudoGradient { codec, run_id, round: round + 1, base_checkpoint: base_hash, tensors: entries };
     let weights_bytes = encode_weights(&spec.tensors, &new_theta)?;
     let mut saved: Vec<Vec<f32>> = outer.momentum().to_vec();

@@ -174,18 +174,23 @@ impl LlamaConfig {
     pub fn load(path: &Path) -> Result<LlamaConfig, ModelError> {
         let bad = |message: String| ModelError::Config { path: path.display().to_string(), message };
         let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
-        let mut value: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        LlamaConfig::from_json(value).map_err(bad)
+    }
+
+    /// Parses and validates a `config.json` already read as JSON (e.g. from a hub's run spec).
+    pub fn from_json(mut value: serde_json::Value) -> Result<LlamaConfig, String> {
         if let Some(params) = value.get("rope_parameters").cloned().filter(|p| p.is_object()) {
             let rope_type = params.get("rope_type").and_then(|t| t.as_str()).unwrap_or("default");
             if rope_type != "default" {
-                return Err(bad(format!("rope_parameters.rope_type {rope_type:?} is not supported")));
+                return Err(format!("rope_parameters.rope_type {rope_type:?} is not supported"));
             }
             if let (Some(theta), Some(map)) = (params.get("rope_theta").cloned(), value.as_object_mut()) {
                 map.entry("rope_theta").or_insert(theta);
             }
         }
-        let config: LlamaConfig = serde_json::from_value(value).map_err(|e| bad(e.to_string()))?;
-        config.validate().map_err(bad)?;
+        let config: LlamaConfig = serde_json::from_value(value).map_err(|e| e.to_string())?;
+        config.validate()?;
         Ok(config)
     }
 

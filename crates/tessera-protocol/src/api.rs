@@ -211,6 +211,8 @@ pub struct ContributorStats {
     pub name: String,
     pub accepted: u64,
     pub rejected: u64,
+    /// Base rounds of the accepted submissions, ascending.
+    pub submitted_rounds: Vec<u64>,
     pub bytes_up: u64,
     pub mean_inner_loss: Option<f64>,
     pub last_seen_ms: Option<i64>,

@@ -303,6 +303,11 @@ impl ErrorFeedback {
         Ok(bytes)
     }
 
+    /// Resumes error feedback from a saved [`ErrorFeedback::residual`].
+    pub fn from_residual(residual: Vec<f32>) -> ErrorFeedback {
+        ErrorFeedback { residual }
+    }
+
     pub fn residual(&self) -> &[f32] {
         &self.residual
     }

@@ -11,7 +11,7 @@
 //! the inner learning-rate schedule runs over all `rounds × inner_steps` inner steps.
 
 use tch::{Device, Tensor};
-use tessera_aggregate::{Accumulator, OuterConfig, OuterOptimizer};
+use tessera_aggregate::{Accumulator, OuterConfig, OuterOptimizer, broadcast_step};
 use tessera_data::Dataset;
 use tessera_model::{Llama, LlamaConfig};
 use tessera_protocol::{Codec, ErrorFeedback, MessageView, PseudoGradient, TensorEntry};
@@ -25,6 +25,9 @@ pub struct DilocoConfig {
     pub rounds: u64,
     pub outer: OuterConfig,
     pub codec: Codec,
+    /// Codec of the weight update the hub publishes each round (with hub-side error feedback);
+    /// workers apply it to their copy of the global weights.
+    pub broadcast: Codec,
     /// Evaluate the global model every this many rounds (and after the last).
     pub eval_every: u64,
 }
@@ -46,14 +49,15 @@ pub struct DilocoSummary {
     pub tokens: u64,
     /// Pseudo-gradient messages uploaded, all workers, all rounds.
     pub bytes_up: u64,
-    /// New global weights downloaded (f32), all workers, all rounds.
+    /// Downloaded, all workers: the initial f32 checkpoint once, then each round's update.
     pub bytes_down: u64,
     /// What synchronous data parallel moves for the same tokens: every worker uploads its f32
     /// gradient and downloads the average at every step.
     pub data_parallel_bytes: u64,
 }
 
-fn read_params(model: &Llama) -> Result<Vec<Vec<f32>>, TrainError> {
+/// Every weight tensor of `model` as flat f32, in `named_parameters` order.
+pub fn read_params(model: &Llama) -> Result<Vec<Vec<f32>>, TrainError> {
     model
         .named_parameters()
         .iter()
@@ -61,7 +65,8 @@ fn read_params(model: &Llama) -> Result<Vec<Vec<f32>>, TrainError> {
         .collect()
 }
 
-fn write_params(model: &Llama, values: &[Vec<f32>]) -> Result<(), TrainError> {
+/// Overwrites every weight tensor of `model` from flat f32 buffers in `named_parameters` order.
+pub fn write_params(model: &Llama, values: &[Vec<f32>]) -> Result<(), TrainError> {
     for ((_, mut var), v) in model.named_parameters().into_iter().zip(values) {
         let t = Tensor::from_slice(v).view(var.size().as_slice()).to_device(var.device());
         tch::no_grad(|| var.f_copy_(&t))?;
@@ -83,6 +88,7 @@ pub fn run_diloco(
         return Err(TrainError::Invalid("workers, inner steps, rounds and eval interval must be positive".into()));
     }
     config.codec.validate()?;
+    config.broadcast.validate()?;
     let total_inner = config.rounds * config.inner_steps;
     let worker_config = |w: usize| TrainConfig { steps: total_inner, worker: w as u64, ..inner.clone() };
     let global = Trainer::new(worker_config(0), model_config, dataset.clone(), device)?;
@@ -97,10 +103,12 @@ pub fn run_diloco(
     let lengths: Vec<usize> = theta.iter().map(Vec::len).collect();
     let n_params: u64 = lengths.iter().map(|&n| n as u64).sum();
     let mut outer = OuterOptimizer::new(config.outer, &lengths);
+    let mut broadcast_residual: Vec<Vec<f32>> = lengths.iter().map(|&n| vec![0.0; n]).collect();
     let mut feedback: Vec<Vec<ErrorFeedback>> =
         (0..config.workers).map(|_| lengths.iter().map(|&n| ErrorFeedback::new(n)).collect()).collect();
     let run_id = [0u8; 16];
-    let (mut bytes_up, mut bytes_down) = (0u64, 0u64);
+    // Every worker downloads the initial checkpoint once, in f32.
+    let (mut bytes_up, mut bytes_down) = (0u64, config.workers as u64 * 4 * n_params);
     let mut last_eval = None;
 
     for round in 0..config.rounds {
@@ -109,7 +117,6 @@ pub fn run_diloco(
         let (mut loss_sum, mut round_up) = (0.0, 0u64);
         for (w, worker) in workers.iter_mut().enumerate() {
             write_params(&worker.model, &theta)?;
-            bytes_down += 4 * n_params;
             for _ in 0..config.inner_steps {
                 loss_sum += worker.train_step()?.loss;
             }
@@ -127,7 +134,25 @@ pub fn run_diloco(
             let received = MessageView::parse(&wire)?;
             acc.add_view(1.0, &received)?;
         }
-        outer.apply(&mut theta, acc)?;
+        // The hub's side: outer step, then publish the change in the broadcast codec.
+        let mut target = theta.clone();
+        outer.apply(&mut target, acc)?;
+        let update = broadcast_step(&config.broadcast, &mut theta, &target, &mut broadcast_residual)?;
+        let update = PseudoGradient {
+            codec: config.broadcast,
+            run_id,
+            round: round + 1,
+            base_checkpoint: base,
+            tensors: names
+                .iter()
+                .zip(&shapes)
+                .zip(update)
+                .map(|((n, s), encoded)| TensorEntry { name: n.clone(), shape: s.clone(), encoded })
+                .collect(),
+        };
+        if round + 1 < config.rounds {
+            bytes_down += config.workers as u64 * update.wire_len() as u64;
+        }
         write_params(&global.model, &theta)?;
         bytes_up += round_up;
 

@@ -125,6 +125,9 @@ pub struct Trainer {
     pub model: Llama,
     pub opt: AdamW,
     pub dataset: Dataset,
+    /// Added to the optimizer step to index the learning-rate schedule: a DiLoCo contributor
+    /// follows the run's global inner-step count, not its own.
+    pub schedule_shift: i64,
 }
 
 impl Trainer {
@@ -160,7 +163,7 @@ impl Trainer {
             }
         }
         let opt = AdamW::new(model.named_parameters(), config.adamw);
-        Ok(Trainer { config, model, opt, dataset })
+        Ok(Trainer { config, model, opt, dataset, schedule_shift: 0 })
     }
 
     /// The step the next call to [`Trainer::train_step`] performs (0-based).
@@ -203,7 +206,8 @@ impl Trainer {
             return Err(TrainError::Diverged { step, loss });
         }
         let grad_norm = self.opt.clip_grad_norm(c.grad_clip);
-        let lr = lr_at(step, c.lr, c.min_lr, c.warmup_steps, c.steps);
+        let schedule_step = (step as i64).saturating_add(self.schedule_shift).max(0) as u64;
+        let lr = lr_at(schedule_step, c.lr, c.min_lr, c.warmup_steps, c.steps);
         self.opt.step(lr);
         self.opt.zero_grad();
         Ok(StepStats { step, loss, lr, grad_norm })

@@ -37,6 +37,7 @@ fn degenerate_diloco_is_plain_training() {
         rounds,
         outer: OuterConfig { lr: 1.0, momentum: 0.0, nesterov: false },
         codec: Codec::F32,
+        broadcast: Codec::F32,
         eval_every: rounds,
     };
     let summary = run_diloco(&inner(), &preset("tiny").unwrap(), &dataset(), &config, Device::Cpu, |_| {}).unwrap();
@@ -58,6 +59,7 @@ fn several_workers_learn_and_compression_moves_fewer_bytes() {
         rounds: 8,
         outer: OuterConfig::default(),
         codec: Codec::F32,
+        broadcast: Codec::F32,
         eval_every: 4,
     };
     let mut rounds_seen = Vec::new();
@@ -74,9 +76,10 @@ fn several_workers_learn_and_compression_moves_fewer_bytes() {
     assert!(f32_run.final_eval.val_loss < untrained - 0.5, "{} vs untrained {untrained}", f32_run.final_eval.val_loss);
     assert!(f32_run.data_parallel_bytes > 4 * (f32_run.bytes_up + f32_run.bytes_down) / 2);
 
-    let int8 = DilocoConfig { codec: Codec::Int8 { block: 64 }, ..config };
+    let int8 = DilocoConfig { codec: Codec::Int8 { block: 64 }, broadcast: Codec::Int8 { block: 64 }, ..config };
     let int8_run = run_diloco(&inner(), &preset("tiny").unwrap(), &dataset(), &int8, Device::Cpu, |_| {}).unwrap();
     assert!(int8_run.bytes_up * 3 < f32_run.bytes_up, "int8 {} vs f32 {}", int8_run.bytes_up, f32_run.bytes_up);
+    assert!(int8_run.bytes_down < f32_run.bytes_down, "an int8 broadcast moves fewer bytes down");
     let rel = (int8_run.final_eval.val_loss - f32_run.final_eval.val_loss).abs() / f32_run.final_eval.val_loss;
     assert!(rel < 0.05, "int8 changed the loss by {rel}");
 }

@@ -45,13 +45,17 @@ pub fn run(command: Command) -> Result<()> {
             bench_train(&models, batch_size, steps, warmup, json, &runtime)
         }
         Command::Bench(BenchCommand::Diloco(args)) => bench_diloco(*args),
+        Command::Bench(BenchCommand::Swarm(args)) => crate::swarm::bench_swarm(args),
+        Command::Hub(args) => crate::swarm::hub(*args),
+        Command::Contribute(args) => crate::swarm::contribute(*args),
+        Command::Demo(args) => crate::swarm::demo(*args),
         Command::Bench(BenchCommand::Hub { params, tensor_len, contributors, codecs, codec }) => {
             bench_hub(params, tensor_len, contributors, &codecs, codec)
         }
     }
 }
 
-fn setup_runtime(runtime: &RuntimeArgs) -> Result<Device> {
+pub(crate) fn setup_runtime(runtime: &RuntimeArgs) -> Result<Device> {
     if let Some(n) = runtime.threads {
         if n < 1 {
             bail!("--threads must be at least 1");
@@ -75,7 +79,7 @@ fn setup_runtime(runtime: &RuntimeArgs) -> Result<Device> {
     Ok(device)
 }
 
-fn load_dataset(args: &DataArgs) -> Result<Dataset> {
+pub(crate) fn load_dataset(args: &DataArgs) -> Result<Dataset> {
     let Some(path) = &args.data else {
         if args.synthetic_chars < 10_000 {
             bail!("--synthetic-chars must be at least 10000");
@@ -234,9 +238,14 @@ fn human(x: f64) -> String {
     format!("{x:.0}")
 }
 
-fn gib(bytes: u64) -> String {
-    let g = bytes as f64 / (1u64 << 30) as f64;
-    if g >= 1.0 { format!("{g:.1} GiB") } else { format!("{:.1} MiB", bytes as f64 / (1u64 << 20) as f64) }
+pub(crate) fn gib(bytes: u64) -> String {
+    let b = bytes as f64;
+    match bytes {
+        0..1024 => format!("{bytes} B"),
+        1024..1_048_576 => format!("{:.1} KiB", b / 1024.0),
+        1_048_576..1_073_741_824 => format!("{:.1} MiB", b / 1_048_576.0),
+        _ => format!("{:.1} GiB", b / 1_073_741_824.0),
+    }
 }
 
 fn model_info(model: Option<&str>, seq_len: Option<i64>, json: bool) -> Result<()> {
@@ -469,21 +478,60 @@ fn bench_diloco(args: DilocoArgs) -> Result<()> {
         rounds: args.rounds,
         outer: OuterConfig { lr: args.outer_lr, momentum: args.outer_momentum, nesterov: true },
         codec,
+        broadcast: args.broadcast_codec,
         eval_every: args.eval_every,
     };
     println!(
-        "DiLoCo: {} workers × {} inner steps × {} rounds, codec {codec:?}, outer lr {} momentum {}, data {}",
-        args.workers, args.inner_steps, args.rounds, args.outer_lr, args.outer_momentum, dataset.info.name
+        "DiLoCo: {} workers × {} inner steps × {} rounds, codec {codec} up / {} down, inner lr {}, outer lr {} momentum {}, data {}",
+        args.workers,
+        args.inner_steps,
+        args.rounds,
+        args.broadcast_codec,
+        args.lr,
+        args.outer_lr,
+        args.outer_momentum,
+        dataset.info.name
     );
+    let mut json_out = match &args.json_out {
+        Some(path) => Some(std::io::BufWriter::new(
+            std::fs::File::create(path).with_context(|| format!("create {}", path.display()))?,
+        )),
+        None => None,
+    };
+    let tokens_per_round = args.workers as u64 * args.inner_steps * inner.tokens_per_step() as u64;
+    let mut write_json = |value: serde_json::Value| -> Result<()> {
+        if let Some(out) = json_out.as_mut() {
+            writeln!(out, "{value}")?;
+            out.flush()?;
+        }
+        Ok(())
+    };
+    write_json(serde_json::json!({
+        "event": "config", "run": "diloco", "model": args.model, "data": dataset.info.name,
+        "workers": args.workers, "inner_steps": args.inner_steps, "rounds": args.rounds,
+        "batch_size": args.batch_size, "lr": args.lr, "outer_lr": args.outer_lr,
+        "outer_momentum": args.outer_momentum, "codec": codec.to_string(),
+        "broadcast_codec": args.broadcast_codec.to_string(), "seed": args.seed,
+    }))?;
     let bar = indicatif::ProgressBar::new(args.rounds);
+    let mut json_error = None;
     let summary = run_diloco(&inner, &model_config, &dataset, &config, device, |r| {
         bar.set_position(r.round);
         bar.set_message(format!("inner loss {:.4}", r.inner_loss));
         if let Some(e) = &r.eval {
             print_above(&bar, format!("round {:>4} | {}", r.round, describe_eval(e)));
+            let line = serde_json::json!({"event": "eval", "run": "diloco", "round": r.round,
+                "tokens": r.round * tokens_per_round, "inner_loss": r.inner_loss,
+                "val_loss": e.val_loss, "val_loss_warm": e.val_loss_warm, "bytes_up": r.bytes_up});
+            if let Err(err) = write_json(line) {
+                json_error.get_or_insert(err);
+            }
         }
     })?;
     bar.finish_and_clear();
+    if let Some(err) = json_error {
+        return Err(err);
+    }
     let moved = summary.bytes_up + summary.bytes_down;
     println!(
         "DiLoCo: final val loss {:.4} | {} tokens | uploaded {} + downloaded {} | synchronous data parallel would move {} ({:.1}× more)",
@@ -494,14 +542,35 @@ fn bench_diloco(args: DilocoArgs) -> Result<()> {
         gib(summary.data_parallel_bytes),
         summary.data_parallel_bytes as f64 / moved.max(1) as f64
     );
+    write_json(serde_json::json!({"event": "summary", "run": "diloco", "val_loss": summary.final_eval.val_loss,
+        "val_loss_warm": summary.final_eval.val_loss_warm, "tokens": summary.tokens, "bytes_up": summary.bytes_up,
+        "bytes_down": summary.bytes_down, "data_parallel_bytes": summary.data_parallel_bytes}))?;
     if args.baseline {
         // Synchronous data parallel: every step averages the gradients of M workers' batches,
         // i.e. one step on M × batch windows; same tokens as DiLoCo.
         let lr = args.baseline_lr.unwrap_or(args.lr);
-        let config =
-            TrainConfig { grad_accum: args.workers, lr, min_lr: lr / 10.0, eval_interval: total_inner, ..inner };
+        let config = TrainConfig {
+            grad_accum: args.workers,
+            lr,
+            min_lr: lr / 10.0,
+            eval_interval: args.inner_steps * args.eval_every,
+            ..inner
+        };
+        let tokens_per_step = config.tokens_per_step() as u64;
+        let metrics_dir = tempfile::tempdir()?;
         let mut trainer = Trainer::new(config, &model_config, dataset, device)?;
-        let base = trainer.run(None, None, true)?;
+        let base = trainer.run(Some(metrics_dir.path()), None, true)?;
+        let metrics = std::fs::read_to_string(metrics_dir.path().join("metrics.jsonl"))?;
+        for line in metrics.lines() {
+            let v: serde_json::Value = serde_json::from_str(line)?;
+            if v["event"] == "eval" {
+                let step = v["step"].as_u64().unwrap_or(0);
+                write_json(serde_json::json!({"event": "eval", "run": "baseline", "step": step,
+                    "tokens": step * tokens_per_step, "val_loss": v["val_loss"], "val_loss_warm": v["val_loss_warm"]}))?;
+            }
+        }
+        write_json(serde_json::json!({"event": "summary", "run": "baseline", "lr": lr,
+            "val_loss": base.final_eval.val_loss, "val_loss_warm": base.final_eval.val_loss_warm}))?;
         println!(
             "baseline (synchronous data parallel, {} steps of {} × {} windows): final val loss {:.4} | DiLoCo / baseline = {:.4}",
             total_inner,

@@ -2,6 +2,7 @@
 //! in the library crates (`tessera-data`, `tessera-model`, `tessera-train`).
 
 mod commands;
+mod swarm;
 
 use std::path::PathBuf;
 
@@ -27,6 +28,16 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run a hub and N contributors on localhost as separate processes: DiLoCo end to end on
+    /// the embedded corpus, with live progress and a summary (loss vs the entropy floor, bytes
+    /// vs synchronous data parallel, per-contributor statistics).
+    Demo(Box<swarm::DemoArgs>),
+    /// Serve a DiLoCo run: assignments, submissions, rounds, checkpoints (resumes the run in
+    /// --database if there is one).
+    Hub(Box<swarm::HubArgs>),
+    /// Join a hub's run: train H inner steps per round from the published weights and upload
+    /// the compressed pseudo-gradient, until the run finishes.
+    Contribute(Box<swarm::ContributeArgs>),
     /// Train a model (by default `nano` on the embedded synthetic corpus).
     Train(Box<TrainArgs>),
     /// Sample text from a checkpoint with a KV cache.
@@ -271,6 +282,9 @@ enum BenchCommand {
     /// DiLoCo simulated in one process (M workers, H inner steps, outer Nesterov), optionally
     /// against synchronous data parallel on the same number of tokens.
     Diloco(Box<DilocoArgs>),
+    /// Many simulated contributors (real HTTP, real messages, no training) against one hub:
+    /// errors and submission latency percentiles.
+    Swarm(swarm::BenchSwarmArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -326,6 +340,12 @@ struct DilocoArgs {
     codec: CodecName,
     #[command(flatten)]
     codec_args: CodecArgs,
+    /// Codec of the weight update published each round: f32, bf16, int8[:block], int4[:block].
+    #[arg(long, default_value = "f32", value_parser = |s: &str| s.parse::<tessera_protocol::Codec>())]
+    broadcast_codec: tessera_protocol::Codec,
+    /// Write every evaluation (and the baseline's) as JSON lines to this file, for plots.
+    #[arg(long)]
+    json_out: Option<PathBuf>,
     /// Evaluate the global model every N rounds.
     #[arg(long, default_value_t = 1)]
     eval_every: u64,

@@ -1,0 +1,751 @@
+//! `tessera hub`, `tessera contribute` and `tessera demo`: DiLoCo over the network.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use tch::Device;
+use tessera_contributor::{Contributor, ContributorConfig, inner_config, run_dataset};
+use tessera_data::Dataset;
+use tessera_hub::{Db, Hub, NewRun, Store};
+use tessera_model::{Llama, LlamaConfig, save_checkpoint};
+use tessera_protocol::api::{DataSource, DataSpec, HubStatus, InnerSpec, OuterSpec, RunInfo};
+use tessera_protocol::{Codec, RunSpec, TensorSpec, decode_weights};
+use tessera_train::diloco::{read_params, write_params};
+use tessera_train::trainer::{describe_eval, print_above};
+use tessera_train::{EvalStats, Trainer};
+
+use crate::commands::{gib, load_dataset, setup_runtime};
+use crate::{DataArgs, RuntimeArgs};
+
+fn parse_codec(s: &str) -> Result<Codec, String> {
+    s.parse()
+}
+
+/// What defines a run (used by `tessera hub` when it creates one, and by `tessera demo`).
+#[derive(Args, Clone)]
+pub struct RunArgs {
+    /// A preset name (`tessera model info` lists them) or a config.json.
+    #[arg(long, default_value = "nano")]
+    model: String,
+    #[command(flatten)]
+    data: DataArgs,
+    /// H: inner AdamW steps per round.
+    #[arg(long, default_value_t = 50)]
+    inner_steps: u64,
+    /// Outer rounds: the run finishes after this many.
+    #[arg(long, default_value_t = 20)]
+    rounds: u64,
+    /// Sequences per contributor per inner step.
+    #[arg(long, default_value_t = 12)]
+    batch_size: u32,
+    /// Tokens per sequence (default: the model's context length).
+    #[arg(long)]
+    seq_len: Option<u32>,
+    /// Inner peak learning rate (cosine over the run's inner steps).
+    #[arg(long, default_value_t = 1e-3)]
+    lr: f64,
+    /// Inner warmup steps (default: 10% of the run's inner steps, at most 100).
+    #[arg(long)]
+    warmup_steps: Option<u64>,
+    #[arg(long, default_value_t = 0.1)]
+    weight_decay: f64,
+    #[arg(long, default_value_t = 1.0)]
+    grad_clip: f64,
+    #[arg(long, default_value_t = 0.7)]
+    outer_lr: f32,
+    #[arg(long, default_value_t = 0.9)]
+    outer_momentum: f32,
+    /// Codec of uploaded pseudo-gradients: f32, bf16, int8[:block], int4[:block], topk:chunk:k.
+    #[arg(long, default_value = "int8:64", value_parser = parse_codec)]
+    codec: Codec,
+    /// Codec of the per-round weight updates contributors download.
+    #[arg(long, default_value = "int8:64", value_parser = parse_codec)]
+    broadcast_codec: Codec,
+    /// A round closes when this many submissions are in…
+    #[arg(long, default_value_t = 4)]
+    quorum: u32,
+    /// …or this many seconds after its first submission.
+    #[arg(long, default_value_t = 120.0)]
+    deadline: f64,
+    /// Accept submissions trained from up to this many rounds ago…
+    #[arg(long, default_value_t = 1)]
+    max_staleness: u64,
+    /// …weighted by this to the power of their staleness.
+    #[arg(long, default_value_t = 0.5)]
+    staleness_decay: f64,
+    #[arg(long, default_value_t = 1337)]
+    seed: u64,
+}
+
+#[derive(Args)]
+pub struct HubArgs {
+    #[command(flatten)]
+    run: RunArgs,
+    /// Metadata database: sqlite://FILE or postgres://…
+    #[arg(long, default_value = "sqlite://runs/hub/hub.db")]
+    database: String,
+    /// Blob store: a directory, or s3://bucket[/prefix] (AWS_* environment variables).
+    #[arg(long, default_value = "runs/hub/store")]
+    store: String,
+    /// Address to listen on (port 0: any free port).
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    listen: String,
+    /// Write the address actually bound to this file.
+    #[arg(long)]
+    addr_file: Option<PathBuf>,
+}
+
+#[derive(Args)]
+pub struct ContributeArgs {
+    /// The hub's URL.
+    #[arg(long, default_value = "http://127.0.0.1:7070")]
+    hub: String,
+    /// Identity, inner optimizer state and cached weights; reuse it to rejoin after a restart.
+    #[arg(long, default_value = "runs/contributor")]
+    state_dir: PathBuf,
+    /// A name shown on the hub's status page.
+    #[arg(long, default_value = "anonymous")]
+    name: String,
+    /// Training data, for runs that do not use the embedded corpus (must match the run's fingerprint).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Tokenizer for --data: `char`, `byte` or a tokenizer.json.
+    #[arg(long, default_value = "char")]
+    tokenizer: String,
+    /// Stop after this many rounds (default: until the run finishes).
+    #[arg(long)]
+    max_rounds: Option<u64>,
+    /// Keep retrying an unreachable hub for this many seconds.
+    #[arg(long, default_value_t = 300)]
+    patience: u64,
+    #[command(flatten)]
+    runtime: RuntimeArgs,
+}
+
+#[derive(Args)]
+pub struct DemoArgs {
+    /// Contributor processes.
+    #[arg(long, default_value_t = 4)]
+    contributors: usize,
+    /// Working directory: database, store, contributor state, logs and the final checkpoint.
+    #[arg(long, default_value = "runs/swarm")]
+    dir: PathBuf,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+fn run_spec(args: &RunArgs, dataset: &Dataset, model: &Llama) -> RunSpec {
+    let seq_len = args.seq_len.unwrap_or(model.config.max_position_embeddings as u32);
+    let total = args.rounds * args.inner_steps;
+    let source = match &args.data.data {
+        None => DataSource::Embedded {
+            seed: args.data.synthetic_seed,
+            train_chars: args.data.synthetic_chars as u64,
+            val_chars: args.data.synthetic_chars as u64 / 10,
+        },
+        Some(_) => DataSource::External,
+    };
+    RunSpec {
+        name: format!("{} on {}", args.model, dataset.info.name),
+        model: serde_json::to_value(&model.config).unwrap_or_default(),
+        tensors: model
+            .named_parameters()
+            .iter()
+            .map(|(n, t)| TensorSpec { name: n.clone(), shape: t.size().iter().map(|&d| d as u64).collect() })
+            .collect(),
+        data: DataSpec { name: dataset.info.name.clone(), fingerprint: dataset.info.fingerprint.clone(), source },
+        inner: InnerSpec {
+            batch_size: args.batch_size,
+            seq_len,
+            lr: args.lr,
+            min_lr: args.lr / 10.0,
+            warmup_steps: args.warmup_steps.unwrap_or((total / 10).clamp(1, 100)),
+            grad_clip: args.grad_clip,
+            weight_decay: args.weight_decay,
+        },
+        inner_steps: args.inner_steps,
+        rounds: args.rounds,
+        outer: OuterSpec { lr: args.outer_lr, momentum: args.outer_momentum, nesterov: true },
+        codec: args.codec,
+        broadcast_codec: args.broadcast_codec,
+        quorum: args.quorum,
+        round_deadline_ms: (args.deadline * 1000.0) as u64,
+        max_staleness: args.max_staleness,
+        staleness_decay: args.staleness_decay,
+        seed: args.seed,
+    }
+}
+
+pub fn hub(args: HubArgs) -> Result<()> {
+    // Build the initial model only if the database holds no run yet.
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async move {
+        let db = Db::connect(&args.database).await.with_context(|| format!("database {}", args.database))?;
+        let store = Store::open(&args.store).with_context(|| format!("store {}", args.store))?;
+        let new = if db.load_run().await?.is_none() {
+            let r = &args.run;
+            let dataset = load_dataset(&r.data)?;
+            let mut config = LlamaConfig::from_preset_or_path(&r.model)?;
+            config.vocab_size = dataset.tokenizer.vocab_size() as i64;
+            let model = Llama::new(&config, Device::Cpu, r.seed)?;
+            let spec = run_spec(r, &dataset, &model);
+            spec.validate().map_err(anyhow::Error::msg)?;
+            Some(NewRun { weights: read_params(&model)?, spec })
+        } else {
+            None
+        };
+        let hub = Hub::open(db, store, new).await?;
+        let listener =
+            tokio::net::TcpListener::bind(&args.listen).await.with_context(|| format!("listen on {}", args.listen))?;
+        let addr = listener.local_addr()?;
+        if let Some(path) = &args.addr_file {
+            let tmp = path.with_extension("tmp");
+            std::fs::write(&tmp, addr.to_string())?;
+            std::fs::rename(&tmp, path)?;
+        }
+        let info = hub.info().await;
+        eprintln!(
+            "tessera hub: run {} ({}), round {}/{}, {} parameters, codec {} / broadcast {}, listening on http://{addr}",
+            info.run_id,
+            info.spec.name,
+            info.round,
+            info.spec.rounds,
+            info.spec.num_params(),
+            info.spec.codec,
+            info.spec.broadcast_codec
+        );
+        tessera_hub::serve(hub, listener, async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await?;
+        Ok(())
+    })
+}
+
+pub fn contribute(args: ContributeArgs) -> Result<()> {
+    let device = setup_runtime(&args.runtime)?;
+    let data = match &args.data {
+        Some(_) => Some(load_dataset(&DataArgs {
+            data: args.data.clone(),
+            tokenizer: args.tokenizer.clone(),
+            synthetic_chars: 0,
+            synthetic_seed: 0,
+        })?),
+        None => None,
+    };
+    let config = ContributorConfig {
+        hub: args.hub.trim_end_matches('/').to_owned(),
+        state_dir: args.state_dir.clone(),
+        name: args.name.clone(),
+        device,
+        data,
+        max_rounds: args.max_rounds,
+        patience: Duration::from_secs(args.patience),
+    };
+    let mut contributor = Contributor::join(config)?;
+    eprintln!(
+        "tessera contribute: contributor {} in run {} ({}), H = {}, codec {}",
+        contributor.id(),
+        contributor.run.run_id,
+        contributor.run.spec.name,
+        contributor.run.spec.inner_steps,
+        contributor.run.spec.codec
+    );
+    let rounds = contributor.run(|r| {
+        let outcome = match &r.receipt {
+            Some(rc) if rc.staleness > 0 => format!("accepted into round {} at weight {}", rc.round, rc.weight),
+            Some(_) => "accepted".to_owned(),
+            None => "not used".to_owned(),
+        };
+        eprintln!(
+            "round {:>4}: inner loss {:.4} | {:.1} s training | ↑ {} ↓ {} | {outcome}",
+            r.round,
+            r.inner_loss,
+            r.train_s,
+            gib(r.bytes_up),
+            gib(r.bytes_down)
+        );
+    })?;
+    eprintln!("tessera contribute: done after {rounds} round(s)");
+    Ok(())
+}
+
+/// A child process whose output goes to a log file.
+struct Proc {
+    name: String,
+    child: Child,
+    log: PathBuf,
+}
+
+impl Proc {
+    fn spawn(name: &str, log: PathBuf, args: &[String]) -> Result<Proc> {
+        let exe = std::env::current_exe()?;
+        let out = std::fs::File::create(&log).with_context(|| format!("create {}", log.display()))?;
+        let child = Command::new(exe)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .with_context(|| format!("start {name}"))?;
+        Ok(Proc { name: name.to_owned(), child, log })
+    }
+
+    fn tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(15)..].join("\n")
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The arguments that recreate `args` on a `tessera hub` command line.
+fn run_flags(r: &RunArgs) -> Vec<String> {
+    let mut v: Vec<String> = vec![
+        "--model".into(),
+        r.model.clone(),
+        "--inner-steps".into(),
+        r.inner_steps.to_string(),
+        "--rounds".into(),
+        r.rounds.to_string(),
+        "--batch-size".into(),
+        r.batch_size.to_string(),
+        "--lr".into(),
+        r.lr.to_string(),
+        "--weight-decay".into(),
+        r.weight_decay.to_string(),
+        "--grad-clip".into(),
+        r.grad_clip.to_string(),
+        "--outer-lr".into(),
+        r.outer_lr.to_string(),
+        "--outer-momentum".into(),
+        r.outer_momentum.to_string(),
+        "--codec".into(),
+        r.codec.to_string(),
+        "--broadcast-codec".into(),
+        r.broadcast_codec.to_string(),
+        "--quorum".into(),
+        r.quorum.to_string(),
+        "--deadline".into(),
+        r.deadline.to_string(),
+        "--max-staleness".into(),
+        r.max_staleness.to_string(),
+        "--staleness-decay".into(),
+        r.staleness_decay.to_string(),
+        "--seed".into(),
+        r.seed.to_string(),
+        "--synthetic-chars".into(),
+        r.data.synthetic_chars.to_string(),
+        "--synthetic-seed".into(),
+        r.data.synthetic_seed.to_string(),
+        "--tokenizer".into(),
+        r.data.tokenizer.clone(),
+    ];
+    if let Some(s) = r.seq_len {
+        v.extend(["--seq-len".into(), s.to_string()]);
+    }
+    if let Some(w) = r.warmup_steps {
+        v.extend(["--warmup-steps".into(), w.to_string()]);
+    }
+    if let Some(d) = &r.data.data {
+        v.extend(["--data".into(), d.display().to_string()]);
+    }
+    v
+}
+
+fn get_json<T: serde::de::DeserializeOwned>(http: &reqwest::blocking::Client, url: &str) -> Result<T> {
+    let r = http.get(url).send().with_context(|| format!("GET {url}"))?;
+    if !r.status().is_success() {
+        bail!("GET {url}: {}", r.status());
+    }
+    Ok(r.json()?)
+}
+
+pub fn demo(args: DemoArgs) -> Result<()> {
+    if args.contributors == 0 {
+        bail!("--contributors must be at least 1");
+    }
+    let dir = &args.dir;
+    std::fs::create_dir_all(dir)?;
+    // A fresh run each time: clear what an earlier demo left here.
+    for entry in std::fs::read_dir(dir)? {
+        let p = entry?.path();
+        let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_owned();
+        if name.starts_with("hub.") || name == "store" || name.starts_with("contributor-") || name == "final" {
+            if p.is_dir() { std::fs::remove_dir_all(&p)? } else { std::fs::remove_file(&p)? }
+        }
+    }
+    let run = RunArgs { quorum: args.run.quorum.min(args.contributors as u32), ..args.run.clone() };
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = (cores / args.contributors).max(1);
+    println!(
+        "tessera demo: a hub and {} contributors on localhost, `{}` on {}, {} rounds × H = {} inner steps, codec {} up / {} down",
+        args.contributors,
+        run.model,
+        if run.data.data.is_some() { "your data" } else { "the embedded corpus" },
+        run.rounds,
+        run.inner_steps,
+        run.codec,
+        run.broadcast_codec
+    );
+    println!("logs and state: {}", dir.display());
+
+    let addr_file = dir.join("hub.addr");
+    let mut hub_args: Vec<String> = vec![
+        "hub".into(),
+        "--database".into(),
+        format!("sqlite://{}", dir.join("hub.db").display()),
+        "--store".into(),
+        dir.join("store").display().to_string(),
+        "--listen".into(),
+        "127.0.0.1:0".into(),
+        "--addr-file".into(),
+        addr_file.display().to_string(),
+    ];
+    hub_args.extend(run_flags(&run));
+    let mut hub = Proc::spawn("hub", dir.join("hub.log"), &hub_args)?;
+    let start = Instant::now();
+    let addr = loop {
+        if let Ok(a) = std::fs::read_to_string(&addr_file) {
+            break a;
+        }
+        if let Some(status) = hub.child.try_wait()? {
+            bail!("the hub exited ({status}):\n{}", hub.tail());
+        }
+        if start.elapsed() > Duration::from_secs(120) {
+            bail!("the hub did not start within 120 s:\n{}", hub.tail());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let url = format!("http://{}", addr.trim());
+    let mut workers = Vec::new();
+    for i in 0..args.contributors {
+        let name = format!("contributor-{i}");
+        let mut a: Vec<String> = vec![
+            "contribute".into(),
+            "--hub".into(),
+            url.clone(),
+            "--state-dir".into(),
+            dir.join(&name).display().to_string(),
+            "--name".into(),
+            name.clone(),
+            "--threads".into(),
+            threads.to_string(),
+        ];
+        if let Some(d) = &run.data.data {
+            a.extend(["--data".into(), d.display().to_string(), "--tokenizer".into(), run.data.tokenizer.clone()]);
+        }
+        workers.push(Proc::spawn(&name, dir.join(format!("{name}.log")), &a)?);
+    }
+
+    let http = reqwest::blocking::Client::builder().timeout(Duration::from_secs(30)).build()?;
+    let bar = indicatif::ProgressBar::new(run.rounds);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{elapsed_precise} [{bar:30}] round {pos}/{len} {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let mut reported = 0usize;
+    let status: HubStatus = loop {
+        let status: HubStatus = get_json(&http, &format!("{url}/v1/status"))?;
+        let published: Vec<_> = status.history.iter().filter(|r| r.result_checkpoint.is_some()).collect();
+        for r in &published[reported.min(published.len())..] {
+            print_above(
+                &bar,
+                format!(
+                    "round {:>3}: {} submissions ({}), inner loss {}, {} up",
+                    r.round + 1,
+                    r.accepted,
+                    r.closed_by.as_deref().unwrap_or("?"),
+                    r.mean_inner_loss.map_or("-".into(), |l| format!("{l:.4}")),
+                    gib(r.bytes_up)
+                ),
+            );
+        }
+        reported = published.len();
+        bar.set_position(status.round.min(run.rounds));
+        let current = status.history.last().map_or(0, |r| r.accepted);
+        bar.set_message(format!(
+            "· {current}/{} in · {} up, {} down",
+            run.quorum,
+            gib(status.bytes_up),
+            gib(status.bytes_down)
+        ));
+        if status.finished {
+            break status;
+        }
+        for w in &mut workers {
+            if let Some(code) = w.child.try_wait()?
+                && !code.success()
+            {
+                bar.abandon();
+                bail!("{} exited ({code}):\n{}", w.name, w.tail());
+            }
+        }
+        if let Some(code) = hub.child.try_wait()? {
+            bar.abandon();
+            bail!("the hub exited ({code}):\n{}", hub.tail());
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    bar.finish_and_clear();
+    let elapsed = start.elapsed().as_secs_f64();
+    for w in &mut workers {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while w.child.try_wait()?.is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    // Evaluate the final global weights here, where libtorch is.
+    let info: RunInfo = get_json(&http, &format!("{url}/v1/run"))?;
+    let bytes = http.get(format!("{url}/v1/checkpoints/{}", info.checkpoint)).send()?.error_for_status()?.bytes()?;
+    drop(hub);
+    let weights = decode_weights(&bytes, &info.spec.tensors)?;
+    let dataset = run_dataset(&info, run.data.data.as_ref().map(|_| load_dataset(&run.data)).transpose()?)?;
+    let config = LlamaConfig::from_json(info.spec.model.clone()).map_err(anyhow::Error::msg)?;
+    let model = Llama::zeroed(&config, Device::Cpu)?;
+    write_params(&model, &weights)?;
+    let final_dir = dir.join("final");
+    save_checkpoint(&model, Some(&dataset.tokenizer), &final_dir)?;
+    let trainer = Trainer::from_model(inner_config(&info, 0), model, dataset)?;
+    let eval = EvalStats { step: info.spec.rounds * info.spec.inner_steps, ..trainer.evaluate()? };
+    summary(&info, &status, &eval, elapsed, &final_dir);
+    Ok(())
+}
+
+fn summary(info: &RunInfo, status: &HubStatus, eval: &EvalStats, elapsed: f64, final_dir: &Path) {
+    let spec = &info.spec;
+    let p = spec.num_params();
+    let submissions: u64 = status.contributors.iter().map(|c| c.accepted).sum();
+    let worker_steps = submissions * spec.inner_steps;
+    let tokens = worker_steps * u64::from(spec.inner.batch_size) * u64::from(spec.inner.seq_len);
+    // Synchronous data parallel on the same worker-steps: each uploads its f32 gradient and
+    // downloads the f32 average at every step.
+    let dp = worker_steps * 2 * 4 * p;
+    let moved = status.bytes_up + status.bytes_down;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(
+        out,
+        "\nrun {} finished: {} rounds in {elapsed:.0} s, {} tokens trained",
+        info.run_id, spec.rounds, tokens
+    );
+    let _ = writeln!(out, "final global model: {}", describe_eval(eval));
+    let _ = writeln!(
+        out,
+        "bytes: {} uploaded + {} downloaded = {}; synchronous data parallel would move {} ({:.0}× more)",
+        gib(status.bytes_up),
+        gib(status.bytes_down),
+        gib(moved),
+        gib(dp),
+        dp as f64 / moved.max(1) as f64
+    );
+    let _ = writeln!(
+        out,
+        "\n{:>4}  {:<16} {:>9} {:>9} {:>12} {:>11}",
+        "id", "name", "accepted", "rejected", "uploaded", "inner loss"
+    );
+    for c in &status.contributors {
+        let _ = writeln!(
+            out,
+            "{:>4}  {:<16} {:>9} {:>9} {:>12} {:>11}",
+            c.id,
+            c.name,
+            c.accepted,
+            c.rejected,
+            gib(c.bytes_up),
+            c.mean_inner_loss.map_or("-".into(), |l| format!("{l:.4}"))
+        );
+    }
+    let _ = writeln!(out, "\nfinal checkpoint (Hugging Face format): {}", final_dir.display());
+}
+
+#[derive(Args)]
+pub struct BenchSwarmArgs {
+    /// Simulated contributors, all submitting concurrently.
+    #[arg(long, default_value_t = 200)]
+    contributors: usize,
+    /// Rounds (the quorum is every contributor).
+    #[arg(long, default_value_t = 5)]
+    rounds: u64,
+    /// Model size: parameters, in tensors of 16,384 values.
+    #[arg(long, default_value_t = 262_144)]
+    params: u64,
+    #[arg(long, default_value = "int8:64", value_parser = parse_codec)]
+    codec: Codec,
+    /// Metadata database (default: SQLite in a temporary directory).
+    #[arg(long)]
+    database: Option<String>,
+    /// Blob store (default: a temporary directory).
+    #[arg(long)]
+    store: Option<String>,
+}
+
+/// Many contributors against one hub over real HTTP on loopback: registration, assignment and
+/// submission of real messages; reports errors and submission latency percentiles.
+pub fn bench_swarm(args: BenchSwarmArgs) -> Result<()> {
+    use tessera_protocol::PseudoGradient;
+    use tessera_protocol::api::{Assignment, CONTRIBUTOR_HEADER, Registration};
+
+    if args.contributors == 0 || args.rounds == 0 || args.params == 0 {
+        bail!("--contributors, --rounds and --params must be positive");
+    }
+    let tmp = tempfile::tempdir()?;
+    let database = args.database.clone().unwrap_or_else(|| format!("sqlite://{}/hub.db", tmp.path().display()));
+    let store = args.store.clone().unwrap_or_else(|| tmp.path().join("store").display().to_string());
+    let tensor = 16_384u64;
+    let tensors: Vec<TensorSpec> = (0..args.params.div_ceil(tensor))
+        .map(|i| TensorSpec { name: format!("t{i:04}"), shape: vec![tensor.min(args.params - i * tensor)] })
+        .collect();
+    let weights: Vec<Vec<f32>> = tensors.iter().map(|t| vec![0.01; t.numel() as usize]).collect();
+    let spec = RunSpec {
+        name: "bench".into(),
+        model: serde_json::json!({}),
+        tensors,
+        data: DataSpec { name: "none".into(), fingerprint: String::new(), source: DataSource::External },
+        inner: InnerSpec {
+            batch_size: 1,
+            seq_len: 1,
+            lr: 1e-3,
+            min_lr: 1e-4,
+            warmup_steps: 0,
+            grad_clip: 1.0,
+            weight_decay: 0.0,
+        },
+        inner_steps: 1,
+        rounds: args.rounds,
+        outer: OuterSpec { lr: 0.7, momentum: 0.9, nesterov: true },
+        codec: args.codec,
+        broadcast_codec: args.codec,
+        quorum: args.contributors as u32,
+        round_deadline_ms: 600_000,
+        max_staleness: 1,
+        staleness_decay: 0.5,
+        seed: 0,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async move {
+        let hub = Hub::open(Db::connect(&database).await?, Store::open(&store)?, Some(NewRun { spec, weights })).await?;
+        let info = hub.info().await;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("http://{}", listener.local_addr()?);
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(tessera_hub::serve(hub, listener, async {
+            let _ = stop_rx.await;
+        }));
+        println!(
+            "{} contributors × {} rounds against one hub on loopback: {} parameters, codec {}, database {}",
+            args.contributors,
+            args.rounds,
+            args.params,
+            args.codec,
+            if database.starts_with("sqlite") { "SQLite" } else { "PostgreSQL" }
+        );
+        let http = reqwest::Client::builder().pool_max_idle_per_host(args.contributors).build()?;
+        let start = Instant::now();
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..args.contributors {
+            let (http, url, info) = (http.clone(), url.clone(), info.clone());
+            tasks.spawn(async move {
+                let mut latencies = Vec::new();
+                let mut errors = Vec::new();
+                let reg: Registration = http
+                    .post(format!("{url}/v1/contributors"))
+                    .json(&serde_json::json!({"name": format!("sim-{i}")}))
+                    .send()
+                    .await?
+                    .json()
+                    .await?;
+                let mut run_id = [0u8; 16];
+                hex::decode_to_slice(&info.run_id, &mut run_id)?;
+                loop {
+                    let a: Assignment = http
+                        .post(format!("{url}/v1/assignments"))
+                        .header(CONTRIBUTOR_HEADER, reg.contributor_id.to_string())
+                        .bearer_auth(&reg.token)
+                        .send()
+                        .await?
+                        .json()
+                        .await?;
+                    if a.finished {
+                        break;
+                    }
+                    let mut base = [0u8; 32];
+                    hex::decode_to_slice(&a.base_checkpoint, &mut base)?;
+                    let body = tokio::task::spawn_blocking({
+                        let info = info.clone();
+                        move || -> Result<Vec<u8>> {
+                            let deltas: Vec<Vec<f32>> = info
+                                .spec
+                                .tensors
+                                .iter()
+                                .map(|t| (0..t.numel()).map(|j| ((j + i as u64) as f32 * 0.37).sin() * 1e-3).collect())
+                                .collect();
+                            let tensors = info
+                                .spec
+                                .tensors
+                                .iter()
+                                .zip(&deltas)
+                                .map(|(t, d)| (t.name.as_str(), t.shape.as_slice(), d.as_slice()));
+                            Ok(PseudoGradient::build(info.spec.codec, run_id, a.round, base, tensors)?.to_bytes())
+                        }
+                    })
+                    .await??;
+                    let t = Instant::now();
+                    let r = http
+                        .post(format!("{url}/v1/submissions"))
+                        .header(CONTRIBUTOR_HEADER, reg.contributor_id.to_string())
+                        .bearer_auth(&reg.token)
+                        .body(body)
+                        .send()
+                        .await?;
+                    latencies.push(t.elapsed().as_secs_f64());
+                    if r.status() != reqwest::StatusCode::ACCEPTED {
+                        errors.push(format!("{}: {}", r.status(), r.text().await.unwrap_or_default()));
+                    }
+                }
+                anyhow::Ok((latencies, errors))
+            });
+        }
+        let (mut latencies, mut errors) = (Vec::new(), Vec::new());
+        while let Some(joined) = tasks.join_next().await {
+            match joined? {
+                Ok((l, e)) => {
+                    latencies.extend(l);
+                    errors.extend(e);
+                }
+                Err(e) => errors.push(e.to_string()),
+            }
+        }
+        let elapsed = start.elapsed().as_secs_f64();
+        let _ = stop_tx.send(());
+        server.await??;
+        latencies.sort_by(f64::total_cmp);
+        let pct = |p: f64| latencies.get(((latencies.len() as f64 - 1.0) * p).round() as usize).copied().unwrap_or(0.0);
+        println!(
+            "{} submissions in {elapsed:.1} s, {} errors | submission latency p50 {:.1} ms, p90 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+            latencies.len(),
+            errors.len(),
+            pct(0.5) * 1e3,
+            pct(0.9) * 1e3,
+            pct(0.99) * 1e3,
+            pct(1.0) * 1e3
+        );
+        for e in errors.iter().take(5) {
+            println!("error: {e}");
+        }
+        if !errors.is_empty() {
+            bail!("{} submissions failed", errors.len());
+        }
+        Ok(())
+    })
+}

@@ -1,0 +1,259 @@
+//! DiLoCo over the network with real processes: a `tessera hub`, `tessera contribute` workers,
+//! `kill -9` of either at awkward moments, and the demo.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use tessera_protocol::api::HubStatus;
+
+const BIN: &str = env!("CARGO_BIN_EXE_tessera");
+
+/// A small, fast run: the `tiny` model on a small embedded corpus.
+const RUN: &[&str] = &["--model", "tiny", "--synthetic-chars", "20000", "--batch-size", "4", "--warmup-steps", "2"];
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Proc {
+    fn kill9(&mut self) {
+        // Child::kill is SIGKILL on Unix: no chance to clean up.
+        self.0.kill().unwrap();
+        self.0.wait().unwrap();
+    }
+
+    fn wait_success(&mut self, within: Duration, log: &Path) {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.0.try_wait().unwrap() {
+                assert!(
+                    status.success(),
+                    "process failed ({status}):\n{}",
+                    std::fs::read_to_string(log).unwrap_or_default()
+                );
+                return;
+            }
+            assert!(
+                start.elapsed() < within,
+                "process still running after {within:?}:\n{}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+fn spawn(args: &[String], log: &Path) -> Proc {
+    let out = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
+    let child = Command::new(BIN)
+        .args(args)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .spawn()
+        .unwrap();
+    Proc(child)
+}
+
+fn hub(dir: &Path, port: u16, extra: &[&str]) -> Proc {
+    let mut args: Vec<String> = vec![
+        "hub".into(),
+        "--database".into(),
+        format!("sqlite://{}", dir.join("hub.db").display()),
+        "--store".into(),
+        dir.join("store").display().to_string(),
+        "--listen".into(),
+        format!("127.0.0.1:{port}"),
+    ];
+    args.extend(RUN.iter().chain(extra).map(|s| s.to_string()));
+    spawn(&args, &dir.join("hub.log"))
+}
+
+fn contributor(dir: &Path, port: u16, name: &str) -> Proc {
+    let args: Vec<String> = vec![
+        "contribute".into(),
+        "--hub".into(),
+        format!("http://127.0.0.1:{port}"),
+        "--state-dir".into(),
+        dir.join(name).display().to_string(),
+        "--name".into(),
+        name.into(),
+        "--threads".into(),
+        "1".into(),
+        "--patience".into(),
+        "120".into(),
+    ];
+    spawn(&args, &dir.join(format!("{name}.log")))
+}
+
+fn status(port: u16) -> Option<HubStatus> {
+    let r = reqwest::blocking::get(format!("http://127.0.0.1:{port}/v1/status")).ok()?;
+    r.json().ok()
+}
+
+/// Polls the hub until `pred` holds (the hub may be restarting meanwhile).
+fn wait_for(port: u16, within: Duration, what: &str, pred: impl Fn(&HubStatus) -> bool) -> HubStatus {
+    let start = Instant::now();
+    loop {
+        if let Some(s) = status(port).filter(|s| pred(s)) {
+            return s;
+        }
+        assert!(start.elapsed() < within, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn logs(dir: &Path) -> String {
+    let mut out = String::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "log") {
+            out += &format!("==> {} <==\n{}\n", p.display(), std::fs::read_to_string(&p).unwrap_or_default());
+        }
+    }
+    out
+}
+
+/// Base rounds each contributor was told were accepted, from its log.
+fn receipts(log: &Path) -> Vec<u64> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.starts_with("round") && l.contains("accepted"))
+        .filter_map(|l| l.split(':').next()?.trim_start_matches("round").trim().parse().ok())
+        .collect()
+}
+
+#[test]
+fn killing_the_hub_loses_no_accepted_submission() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let port = free_port();
+    let flags = ["--inner-steps", "3", "--rounds", "8", "--quorum", "2", "--deadline", "30", "--codec", "int8"];
+    let mut h = hub(d, port, &flags);
+    let mut workers = [contributor(d, port, "a"), contributor(d, port, "b")];
+    let mut seen: Vec<HubStatus> = Vec::new();
+    // Kill the hub three times: between rounds, and right after submissions land.
+    for (i, target) in [2u64, 4, 6].into_iter().enumerate() {
+        let s = wait_for(port, Duration::from_secs(120), "progress", |s| {
+            s.round >= target || (s.round + 1 == target && s.history.last().is_some_and(|r| r.accepted > 0))
+        });
+        std::thread::sleep(Duration::from_millis(37 * i as u64));
+        let before = status(port).unwrap_or(s);
+        h.kill9();
+        seen.push(before);
+        std::thread::sleep(Duration::from_millis(300));
+        h = hub(d, port, &flags);
+    }
+    for (w, name) in workers.iter_mut().zip(["a", "b"]) {
+        w.wait_success(Duration::from_secs(180), &d.join(format!("{name}.log")));
+    }
+    let last = wait_for(port, Duration::from_secs(30), "the finished run", |s| s.finished);
+    assert_eq!(last.round, 8, "{}", logs(d));
+    for before in &seen {
+        for c in &before.contributors {
+            let now = last.contributors.iter().find(|x| x.id == c.id).unwrap();
+            for r in &c.submitted_rounds {
+                assert!(now.submitted_rounds.contains(r), "contributor {} lost its round-{r} submission", c.id);
+            }
+        }
+    }
+    for name in ["a", "b"] {
+        let c = last.contributors.iter().find(|c| c.name == name).unwrap();
+        for r in receipts(&d.join(format!("{name}.log"))) {
+            assert!(c.submitted_rounds.contains(&r), "{name} holds a receipt for round {r} the hub lost\n{}", logs(d));
+        }
+    }
+    assert_eq!(last.contributors.len(), 2, "contributors keep their identity across hub restarts");
+    drop(h);
+}
+
+#[test]
+fn a_killed_contributor_rejoins_and_continues() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let port = free_port();
+    let _h = hub(d, port, &["--inner-steps", "6", "--rounds", "6", "--quorum", "1", "--codec", "topk:64:4"]);
+    let mut a = contributor(d, port, "a");
+    wait_for(port, Duration::from_secs(120), "round 2", |s| s.round >= 2);
+    std::thread::sleep(Duration::from_millis(150)); // mid-round
+    a.kill9();
+    let before = status(port).unwrap();
+    let mut a = contributor(d, port, "a");
+    a.wait_success(Duration::from_secs(180), &d.join("a.log"));
+    let last = status(port).unwrap();
+    assert!(last.finished, "{}", logs(d));
+    assert_eq!(last.contributors.len(), 1, "the restarted contributor reuses its identity\n{}", logs(d));
+    let rounds = &last.contributors[0].submitted_rounds;
+    assert_eq!(rounds, &(0..6).collect::<Vec<u64>>(), "{}", logs(d));
+    assert!(before.contributors[0].submitted_rounds.len() >= 2);
+    // The inner optimizer continued: its step count is one round of H per submission.
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("a/trainer/trainer_state.json")).unwrap()).unwrap();
+    assert_eq!(state["step"], 36);
+    assert!(std::fs::read_to_string(d.join("a.log")).unwrap().contains("rejoining with the saved identity"));
+}
+
+fn run(args: &[&str]) -> Output {
+    Command::new(BIN).args(args).env("RUST_LOG", "warn").output().unwrap()
+}
+
+fn final_loss(stdout: &str, prefix: &str) -> f64 {
+    let line = stdout.lines().find(|l| l.contains(prefix)).unwrap_or_else(|| panic!("no {prefix:?} in:\n{stdout}"));
+    let rest = &line[line.find("val loss ").unwrap() + 9..];
+    rest.split_whitespace().next().unwrap().parse().unwrap()
+}
+
+/// The hub and contributors over HTTP compute what the in-process simulation computes, codecs
+/// and broadcast updates included: the final global model is the same up to float rounding.
+#[test]
+fn the_networked_run_matches_the_in_process_simulation() {
+    let dir = tempfile::tempdir().unwrap();
+    let common = [
+        "--model",
+        "tiny",
+        "--synthetic-chars",
+        "20000",
+        "--batch-size",
+        "4",
+        "--inner-steps",
+        "4",
+        "--rounds",
+        "3",
+        "--lr",
+        "0.003",
+    ];
+    for (up, down) in [("f32", "f32"), ("int8", "int8:64")] {
+        let d: PathBuf = dir.path().join(up);
+        let mut demo_args =
+            vec!["demo", "--contributors", "2", "--codec", up, "--broadcast-codec", down, "--dir", d.to_str().unwrap()];
+        demo_args.extend(common);
+        let demo = run(&demo_args);
+        let out = String::from_utf8_lossy(&demo.stdout).into_owned();
+        assert!(demo.status.success(), "{out}\n{}", String::from_utf8_lossy(&demo.stderr));
+        for needle in ["finished: 3 rounds", "synchronous data parallel would move", "contributor-0", "contributor-1"] {
+            assert!(out.contains(needle), "{needle:?} missing from:\n{out}");
+        }
+        assert!(d.join("final/config.json").exists() && d.join("final/model.safetensors").exists());
+
+        let mut sim_args =
+            vec!["bench", "diloco", "--workers", "2", "--codec", up, "--broadcast-codec", down, "--threads", "1"];
+        sim_args.extend(common);
+        let sim = run(&sim_args);
+        let sim_out = String::from_utf8_lossy(&sim.stdout).into_owned();
+        assert!(sim.status.success(), "{sim_out}\n{}", String::from_utf8_lossy(&sim.stderr));
+        let (net, local) = (final_loss(&out, "final global model"), final_loss(&sim_out, "DiLoCo: final"));
+        assert!((net - local).abs() < 1e-3, "{up}: network {net} vs simulation {local}\n{out}\n{sim_out}");
+    }
+}
