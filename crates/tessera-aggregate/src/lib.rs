@@ -107,22 +107,22 @@ impl Accumulator {
     }
 
     /// Decodes a verified message view and adds it with `weight`, on all cores, without
-    /// allocating per message. Two passes: the first decodes every tensor into scratch and
-    /// checks it (codec errors, non-finite values), the second decodes again and accumulates,
-    /// so a bad message leaves the sum untouched.
+    /// allocating per message. Checks the whole message first ([`check_view`]), so a bad
+    /// message leaves the sum untouched.
     pub fn add_view(&mut self, weight: f32, message: &MessageView<'_>) -> Result<(), AggregateError> {
+        check_view(&self.lengths(), message)?;
+        self.add_checked(weight, message)
+    }
+
+    /// Adds a message that already passed [`check_view`] (the hub checks each submission when
+    /// it arrives): one decode pass. If the message is bad after all, the error is returned and
+    /// the sum may be partly updated: start the round's accumulation again without it.
+    pub fn add_checked(&mut self, weight: f32, message: &MessageView<'_>) -> Result<(), AggregateError> {
         if !(weight.is_finite() && weight > 0.0) {
             return Err(AggregateError::BadWeight(weight.to_string()));
         }
         let lengths = self.lengths();
-        if message.tensors.len() != lengths.len() {
-            return Err(AggregateError::TensorCount { expected: lengths.len(), got: message.tensors.len() });
-        }
-        for (index, (t, &n)) in message.tensors.iter().zip(&lengths).enumerate() {
-            if t.numel() != n as u64 {
-                return Err(AggregateError::TensorLength { index, expected: n, got: t.numel() as usize });
-            }
-        }
+        check_table(&lengths, message)?;
         let codec = message.codec;
         let max_len = lengths.iter().copied().max().unwrap_or(0);
         let workers = threads().min(lengths.len().max(1));
@@ -130,18 +130,12 @@ impl Accumulator {
         for s in &mut self.scratch {
             s.resize(max_len, 0.0);
         }
-        let check = |i: usize, _: &mut Vec<f32>, scratch: &mut [f32]| -> Result<(), AggregateError> {
-            let out = &mut scratch[..lengths[i]];
-            codec.decode_into(message.tensors[i].encoded, out).map_err(tessera_protocol::WireError::from)?;
-            match out.iter().position(|v| !v.is_finite()) {
-                Some(position) => Err(AggregateError::NonFinite { index: i, position }),
-                None => Ok(()),
-            }
-        };
-        per_tensor(&mut self.sums, &mut self.scratch, check)?;
         let add = |i: usize, sum: &mut Vec<f32>, scratch: &mut [f32]| -> Result<(), AggregateError> {
             let out = &mut scratch[..lengths[i]];
             codec.decode_into(message.tensors[i].encoded, out).map_err(tessera_protocol::WireError::from)?;
+            if let Some(position) = out.iter().position(|v| !v.is_finite()) {
+                return Err(AggregateError::NonFinite { index: i, position });
+            }
             for (s, &d) in sum.iter_mut().zip(out.iter()) {
                 *s += weight * d;
             }
@@ -272,6 +266,38 @@ fn threads() -> usize {
 /// `f(i, &mut sums[i], scratch)` for every tensor, tensors dealt round-robin to one thread per
 /// scratch buffer (a model's tensors come in a handful of sizes, so this balances well enough).
 /// Returns the first error in tensor order.
+fn check_table(lengths: &[usize], message: &MessageView<'_>) -> Result<(), AggregateError> {
+    if message.tensors.len() != lengths.len() {
+        return Err(AggregateError::TensorCount { expected: lengths.len(), got: message.tensors.len() });
+    }
+    for (index, (t, &n)) in message.tensors.iter().zip(lengths).enumerate() {
+        if t.numel() != n as u64 {
+            return Err(AggregateError::TensorLength { index, expected: n, got: t.numel() as usize });
+        }
+    }
+    Ok(())
+}
+
+/// Checks that every tensor of `message` decodes to `lengths` finite values, on all cores.
+/// The hub runs this when a submission arrives, so a bad one is refused then and there.
+pub fn check_view(lengths: &[usize], message: &MessageView<'_>) -> Result<(), AggregateError> {
+    check_table(lengths, message)?;
+    let codec = message.codec;
+    let max_len = lengths.iter().copied().max().unwrap_or(0);
+    let workers = threads().min(lengths.len().max(1));
+    let mut scratch: Vec<Vec<f32>> = (0..workers).map(|_| vec![0.0; max_len]).collect();
+    // `per_tensor` hands out disjoint per-tensor slots; here they carry nothing.
+    let mut slots: Vec<Vec<f32>> = vec![Vec::new(); lengths.len()];
+    per_tensor(&mut slots, &mut scratch, |i, _, scratch| {
+        let out = &mut scratch[..lengths[i]];
+        codec.decode_into(message.tensors[i].encoded, out).map_err(tessera_protocol::WireError::from)?;
+        match out.iter().position(|v| !v.is_finite()) {
+            Some(position) => Err(AggregateError::NonFinite { index: i, position }),
+            None => Ok(()),
+        }
+    })
+}
+
 fn per_tensor<F>(sums: &mut [Vec<f32>], scratch: &mut [Vec<f32>], f: F) -> Result<(), AggregateError>
 where
     F: Fn(usize, &mut Vec<f32>, &mut [f32]) -> Result<(), AggregateError> + Sync,

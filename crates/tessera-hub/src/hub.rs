@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use tessera_aggregate::{Accumulator, OuterConfig, OuterOptimizer, broadcast_step};
+use tessera_aggregate::{Accumulator, AggregateError, OuterConfig, OuterOptimizer, broadcast_step, check_view};
 use tessera_protocol::api::{
     Assignment, ContributorStats, HubStatus, Receipt, Registration, RoundState, RoundSummary, RunInfo,
 };
@@ -294,19 +294,24 @@ impl Hub {
     async fn submit_inner(&self, contributor: u64, body: Bytes, inner_loss: Option<f64>) -> Result<Receipt, ApiError> {
         // Parsing verifies the checksum of the whole body: off the async workers.
         let checked = body.clone();
-        let header = tokio::task::spawn_blocking(move || {
-            MessageView::parse(&checked).map(|v| Header {
-                round: v.round,
-                base: hex::encode(v.base_checkpoint),
-                run_id: v.run_id,
-                codec: v.codec,
-                table: v.tensors.iter().map(|t| (t.name.to_owned(), t.shape.clone())).collect(),
-            })
+        let lengths = self.lengths.clone();
+        let (header, decoded) = tokio::task::spawn_blocking(move || {
+            let view = MessageView::parse(&checked)?;
+            let header = Header {
+                round: view.round,
+                base: hex::encode(view.base_checkpoint),
+                run_id: view.run_id,
+                codec: view.codec,
+                table: view.tensors.iter().map(|t| (t.name.to_owned(), t.shape.clone())).collect(),
+            };
+            Ok::<_, tessera_protocol::WireError>((header, check_view(&lengths, &view)))
         })
         .await
         .map_err(|e| api(ErrorCode::Internal, e.to_string()))?
         .map_err(|e| api(ErrorCode::MalformedMessage, e.to_string()))?;
         self.check_header(&header)?;
+        // Only now that names and shapes match the model does a decoding failure mean bad values.
+        decoded.map_err(|e| api(ErrorCode::MalformedMessage, e.to_string()))?;
         let (base_round, base_hash) = (header.round, header.base);
         let inner_loss = inner_loss.filter(|l| l.is_finite());
         let blob = hex::encode(blake3::hash(&body).as_bytes());
@@ -547,17 +552,28 @@ fn aggregate(
     residual: &[Vec<f32>],
     inputs: &[(f32, Bytes)],
 ) -> Result<Aggregated, HubError> {
-    let mut acc = Accumulator::new(lengths);
-    let mut weight = 0.0f64;
-    for (w, bytes) in inputs {
-        match MessageView::parse(bytes) {
-            Ok(view) => {
-                acc.add_view(*w, &view)?;
-                weight += f64::from(*w);
+    // Every submission was checked on arrival, so one decode pass each; should one fail after
+    // all (a damaged blob), start again without it rather than fail or poison the round.
+    let mut left_out = vec![false; inputs.len()];
+    let (acc, weight) = 'accumulate: loop {
+        let mut acc = Accumulator::new(lengths);
+        let mut weight = 0.0f64;
+        for (k, (w, bytes)) in inputs.iter().enumerate() {
+            if left_out[k] {
+                continue;
             }
-            Err(e) => tracing::error!(error = %e, "stored submission no longer parses; left out"),
+            let added = MessageView::parse(bytes).map_err(AggregateError::from).and_then(|v| acc.add_checked(*w, &v));
+            match added {
+                Ok(()) => weight += f64::from(*w),
+                Err(e) => {
+                    tracing::error!(error = %e, "a stored submission no longer decodes; aggregating without it");
+                    left_out[k] = true;
+                    continue 'accumulate;
+                }
+            }
         }
-    }
+        break (acc, weight);
+    };
     let used = acc.count() as u64;
     let mut target = theta.to_vec();
     let mut outer = outer.clone();

@@ -331,6 +331,13 @@ async fn bad_submissions_get_typed_refusals() {
     let (_, e) = a.submit(&reshaped, 0, &base, &delta(1.0)).await.unwrap_err();
     assert_eq!(e.code, ErrorCode::TensorMismatch);
 
+    // Well-formed, correctly checksummed, but a NaN inside: refused on arrival, never aggregated.
+    let mut poisoned = PseudoGradient::from_bytes(&message(&run, Codec::F32, 0, &base, &delta(1.0))).unwrap();
+    poisoned.tensors[1].encoded[8..12].copy_from_slice(&f32::NAN.to_le_bytes());
+    let (s, e) = a.submit_raw(poisoned.to_bytes()).await.unwrap_err();
+    assert_eq!((s, e.code), (StatusCode::BAD_REQUEST, ErrorCode::MalformedMessage));
+    assert!(e.message.contains("non-finite"), "{}", e.message);
+
     a.submit(&run, 0, &base, &delta(1.0)).await.unwrap();
     let (s, e) = a.submit(&run, 0, &base, &delta(2.0)).await.unwrap_err();
     assert_eq!((s, e.code), (StatusCode::CONFLICT, ErrorCode::Duplicate));
@@ -344,7 +351,7 @@ async fn bad_submissions_get_typed_refusals() {
     // Nothing refused was counted: the round still waits for its second submission.
     let st = status(&url).await;
     assert_eq!((st.round, st.history[0].accepted), (0, 0));
-    assert!(st.contributors.iter().find(|c| c.id == a.id).unwrap().rejected >= 7);
+    assert!(st.contributors.iter().find(|c| c.id == a.id).unwrap().rejected >= 8);
     assert_eq!(server.hub.info().await.round, 0);
     server.stop().await;
 }

@@ -513,6 +513,9 @@ fn bench_diloco(args: DilocoArgs) -> Result<()> {
         "outer_momentum": args.outer_momentum, "codec": codec.to_string(),
         "broadcast_codec": args.broadcast_codec.to_string(), "seed": args.seed,
     }))?;
+    if args.baseline_only {
+        return bench_baseline(&args, inner, &model_config, dataset, device, None, write_json);
+    }
     let bar = indicatif::ProgressBar::new(args.rounds);
     let mut json_error = None;
     let summary = run_diloco(&inner, &model_config, &dataset, &config, device, |r| {
@@ -546,40 +549,52 @@ fn bench_diloco(args: DilocoArgs) -> Result<()> {
         "val_loss_warm": summary.final_eval.val_loss_warm, "tokens": summary.tokens, "bytes_up": summary.bytes_up,
         "bytes_down": summary.bytes_down, "data_parallel_bytes": summary.data_parallel_bytes}))?;
     if args.baseline {
-        // Synchronous data parallel: every step averages the gradients of M workers' batches,
-        // i.e. one step on M × batch windows; same tokens as DiLoCo.
-        let lr = args.baseline_lr.unwrap_or(args.lr);
-        let config = TrainConfig {
-            grad_accum: args.workers,
-            lr,
-            min_lr: lr / 10.0,
-            eval_interval: args.inner_steps * args.eval_every,
-            ..inner
-        };
-        let tokens_per_step = config.tokens_per_step() as u64;
-        let metrics_dir = tempfile::tempdir()?;
-        let mut trainer = Trainer::new(config, &model_config, dataset, device)?;
-        let base = trainer.run(Some(metrics_dir.path()), None, true)?;
-        let metrics = std::fs::read_to_string(metrics_dir.path().join("metrics.jsonl"))?;
-        for line in metrics.lines() {
-            let v: serde_json::Value = serde_json::from_str(line)?;
-            if v["event"] == "eval" {
-                let step = v["step"].as_u64().unwrap_or(0);
-                write_json(serde_json::json!({"event": "eval", "run": "baseline", "step": step,
-                    "tokens": step * tokens_per_step, "val_loss": v["val_loss"], "val_loss_warm": v["val_loss_warm"]}))?;
-            }
-        }
-        write_json(serde_json::json!({"event": "summary", "run": "baseline", "lr": lr,
-            "val_loss": base.final_eval.val_loss, "val_loss_warm": base.final_eval.val_loss_warm}))?;
-        println!(
-            "baseline (synchronous data parallel, {} steps of {} × {} windows): final val loss {:.4} | DiLoCo / baseline = {:.4}",
-            total_inner,
-            args.workers,
-            args.batch_size,
-            base.final_eval.val_loss,
-            summary.final_eval.val_loss / base.final_eval.val_loss
-        );
+        bench_baseline(&args, inner, &model_config, dataset, device, Some(summary.final_eval.val_loss), write_json)?;
     }
+    Ok(())
+}
+
+/// Synchronous data parallel: every step averages the gradients of M workers' batches, i.e.
+/// one step on M × batch windows; the same tokens as the DiLoCo run of `args`.
+fn bench_baseline(
+    args: &DilocoArgs,
+    inner: TrainConfig,
+    model_config: &LlamaConfig,
+    dataset: Dataset,
+    device: Device,
+    diloco_loss: Option<f64>,
+    mut write_json: impl FnMut(serde_json::Value) -> Result<()>,
+) -> Result<()> {
+    let lr = args.baseline_lr.unwrap_or(args.lr);
+    let total_inner = inner.steps;
+    let config = TrainConfig {
+        grad_accum: args.workers,
+        lr,
+        min_lr: lr / 10.0,
+        eval_interval: args.inner_steps * args.eval_every,
+        ..inner
+    };
+    let tokens_per_step = config.tokens_per_step() as u64;
+    let metrics_dir = tempfile::tempdir()?;
+    let mut trainer = Trainer::new(config, model_config, dataset, device)?;
+    let base = trainer.run(Some(metrics_dir.path()), None, true)?;
+    let metrics = std::fs::read_to_string(metrics_dir.path().join("metrics.jsonl"))?;
+    for line in metrics.lines() {
+        let v: serde_json::Value = serde_json::from_str(line)?;
+        if v["event"] == "eval" {
+            let step = v["step"].as_u64().unwrap_or(0);
+            write_json(serde_json::json!({"event": "eval", "run": "baseline", "step": step,
+                "tokens": step * tokens_per_step, "val_loss": v["val_loss"], "val_loss_warm": v["val_loss_warm"]}))?;
+        }
+    }
+    write_json(serde_json::json!({"event": "summary", "run": "baseline", "lr": lr,
+        "val_loss": base.final_eval.val_loss, "val_loss_warm": base.final_eval.val_loss_warm}))?;
+    let ratio =
+        diloco_loss.map_or(String::new(), |d| format!(" | DiLoCo / baseline = {:.4}", d / base.final_eval.val_loss));
+    println!(
+        "baseline (synchronous data parallel, {total_inner} steps of {} × {} windows, lr {lr}): final val loss {:.4}{ratio}",
+        args.workers, args.batch_size, base.final_eval.val_loss,
+    );
     Ok(())
 }
 
@@ -606,20 +621,21 @@ fn bench_hub(params: u64, tensor_len: u64, contributors: usize, codecs: &[CodecN
         std::thread::available_parallelism().map_or(1, |n| n.get())
     );
     println!(
-        "{:<28} {:>12} {:>9} {:>12} {:>14} {:>8}",
-        "codec", "message", "round s", "GB/s (f32)", "memcpy GB/s", "ratio"
+        "{:<28} {:>12} {:>9} {:>12} {:>14} {:>8} {:>18}",
+        "codec", "message", "round s", "GB/s (f32)", "memcpy GB/s", "ratio", "arrival s/message"
     );
     for &name in codecs {
         let codec = make_codec(name, p)?;
         let r = tessera_aggregate::bench::hub_round(params, tensor_len, contributors, codec)?;
         println!(
-            "{:<28} {:>12} {:>9.2} {:>12.2} {:>14.2} {:>7.1}%",
-            format!("{codec:?}"),
+            "{:<28} {:>12} {:>9.2} {:>12.2} {:>14.2} {:>7.1}% {:>18.3}",
+            codec.to_string(),
             gib(r.message_bytes),
             r.seconds,
             r.gb_per_s,
             r.memcpy_gb_per_s,
-            100.0 * r.gb_per_s / r.memcpy_gb_per_s
+            100.0 * r.gb_per_s / r.memcpy_gb_per_s,
+            r.arrival_seconds
         );
     }
     Ok(())

@@ -352,6 +352,9 @@ struct DilocoArgs {
     /// Also train the synchronous data-parallel baseline on the same number of tokens.
     #[arg(long)]
     baseline: bool,
+    /// Train only the baseline (e.g. to tune its learning rate).
+    #[arg(long)]
+    baseline_only: bool,
     /// Baseline learning rate (default: --lr).
     #[arg(long)]
     baseline_lr: Option<f64>,
