@@ -100,6 +100,11 @@ impl Db {
         let url = if sqlite && !url.contains('?') { format!("{url}?mode=rwc") } else { url.to_owned() };
         // SQLite allows one writer; one connection keeps it free of SQLITE_BUSY.
         let pool = AnyPoolOptions::new().max_connections(if sqlite { 1 } else { 8 }).connect(&url).await?;
+        if sqlite {
+            // Write-ahead logging: one sync per commit instead of several; a committed
+            // transaction still survives the process being killed.
+            sqlx::query("PRAGMA journal_mode=WAL").execute(&pool).await?;
+        }
         MIGRATOR.run(&pool).await?;
         Ok(Db { pool })
     }
