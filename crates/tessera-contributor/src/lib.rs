@@ -77,9 +77,18 @@ pub struct RoundReport {
     pub inner_loss: f64,
     pub bytes_up: u64,
     pub bytes_down: u64,
-    /// `None` if the hub refused the submission (e.g. stale); the reason is logged.
-    pub receipt: Option<Receipt>,
+    pub outcome: Outcome,
     pub train_s: f64,
+}
+
+/// What became of a round's submission.
+#[derive(Debug, Clone, serde::Serialize)]
+pub enum Outcome {
+    Accepted(Receipt),
+    /// An earlier attempt was accepted but its answer was lost (the hub said `duplicate`).
+    AlreadyAccepted,
+    /// The hub did not use it (stale, or the run finished); the reason.
+    NotUsed(String),
 }
 
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -367,24 +376,23 @@ impl Contributor {
         };
         let body = message.to_bytes();
         let bytes_up = body.len() as u64;
-        let receipt = self.upload(body, inner_loss)?;
+        let outcome = self.upload(body, inner_loss)?;
         self.save_state(a.round)?;
-        Ok(RoundReport { round: a.round, inner_loss, bytes_up, bytes_down, receipt, train_s })
+        Ok(RoundReport { round: a.round, inner_loss, bytes_up, bytes_down, outcome, train_s })
     }
 
-    fn upload(&self, body: Vec<u8>, inner_loss: f64) -> Result<Option<Receipt>> {
+    fn upload(&self, body: Vec<u8>, inner_loss: f64) -> Result<Outcome> {
         let url = format!("{}/v1/submissions", self.config.hub);
         let hub = self.hub();
         let response = hub.send("submit", || {
             self.authed(self.http.post(&url)).header(INNER_LOSS_HEADER, inner_loss.to_string()).body(body.clone())
         })?;
         match hub.json::<Receipt>("submit", response) {
-            Ok(r) => Ok(Some(r)),
-            // An earlier attempt landed but its answer was lost.
-            Err(ContributorError::Refused(e)) if e.code == ErrorCode::Duplicate => Ok(None),
+            Ok(r) => Ok(Outcome::Accepted(r)),
+            Err(ContributorError::Refused(e)) if e.code == ErrorCode::Duplicate => Ok(Outcome::AlreadyAccepted),
             Err(ContributorError::Refused(e)) if matches!(e.code, ErrorCode::Stale | ErrorCode::RunFinished) => {
                 tracing::warn!(reason = %e.message, "submission not used");
-                Ok(None)
+                Ok(Outcome::NotUsed(e.message))
             }
             Err(e) => Err(e),
         }

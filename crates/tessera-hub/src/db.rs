@@ -97,6 +97,14 @@ impl Db {
     pub async fn connect(url: &str) -> Result<Db, HubError> {
         install_default_drivers();
         let sqlite = url.starts_with("sqlite:");
+        if sqlite {
+            let path = url.trim_start_matches("sqlite:").trim_start_matches("//");
+            let path = std::path::Path::new(path.split('?').next().unwrap_or_default());
+            if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+                std::fs::create_dir_all(parent)
+                    .map_err(|e| HubError::Config(format!("database directory {}: {e}", parent.display())))?;
+            }
+        }
         let url = if sqlite && !url.contains('?') { format!("{url}?mode=rwc") } else { url.to_owned() };
         // SQLite allows one writer; one connection keeps it free of SQLITE_BUSY.
         let pool = AnyPoolOptions::new().max_connections(if sqlite { 1 } else { 8 }).connect(&url).await?;

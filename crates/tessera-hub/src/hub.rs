@@ -278,7 +278,12 @@ impl Hub {
     }
 
     /// Validates, stores and records one submission. Closes the round at quorum.
-    pub async fn submit(&self, contributor: u64, body: Bytes, inner_loss: Option<f64>) -> Result<Receipt, ApiError> {
+    pub async fn submit(
+        self: &Arc<Self>,
+        contributor: u64,
+        body: Bytes,
+        inner_loss: Option<f64>,
+    ) -> Result<Receipt, ApiError> {
         let result = self.submit_inner(contributor, body, inner_loss).await;
         if let Err(e) = &result {
             let code =
@@ -291,7 +296,12 @@ impl Hub {
         result
     }
 
-    async fn submit_inner(&self, contributor: u64, body: Bytes, inner_loss: Option<f64>) -> Result<Receipt, ApiError> {
+    async fn submit_inner(
+        self: &Arc<Self>,
+        contributor: u64,
+        body: Bytes,
+        inner_loss: Option<f64>,
+    ) -> Result<Receipt, ApiError> {
         // Parsing verifies the checksum of the whole body: off the async workers.
         let checked = body.clone();
         let lengths = self.lengths.clone();
@@ -317,7 +327,23 @@ impl Hub {
         let blob = hex::encode(blake3::hash(&body).as_bytes());
         let bytes = body.len() as u64;
         self.store.put(&submission_key(&blob), body).await.map_err(internal)?;
+        // Recording (and closing the round at quorum) runs as its own task: if the client hangs
+        // up, the request's future is dropped, but a half-done state change must never be.
+        let hub = self.clone();
+        tokio::spawn(async move { hub.record(contributor, base_round, base_hash, blob, bytes, inner_loss).await })
+            .await
+            .map_err(|e| api(ErrorCode::Internal, e.to_string()))?
+    }
 
+    async fn record(
+        &self,
+        contributor: u64,
+        base_round: u64,
+        base_hash: String,
+        blob: String,
+        bytes: u64,
+        inner_loss: Option<f64>,
+    ) -> Result<Receipt, ApiError> {
         let mut state = self.state.lock().await;
         if state.finished {
             return Err(api(ErrorCode::RunFinished, "the run has finished"));
@@ -421,19 +447,16 @@ impl Hub {
                 }
             }
         }
-        let theta = std::mem::take(&mut state.theta);
+        // Copies, not moves: whatever happens to this call, the state stays whole.
+        let theta = state.theta.clone();
         let outer = state.outer.clone();
-        let residual = std::mem::take(&mut state.residual);
+        let residual = state.residual.clone();
         let ctx = (self.spec.clone(), self.run_id_bytes, state.bases[round as usize].clone(), self.lengths.clone());
-        let (theta, residual, result) = tokio::task::spawn_blocking(move || {
-            let result = aggregate(&ctx.0, ctx.1, round, &ctx.2, &ctx.3, &theta, &outer, &residual, &inputs);
-            (theta, residual, result)
+        let agg = tokio::task::spawn_blocking(move || {
+            aggregate(&ctx.0, ctx.1, round, &ctx.2, &ctx.3, &theta, &outer, &residual, &inputs)
         })
         .await
-        .map_err(|e| HubError::Corrupt(format!("aggregation task failed: {e}")))?;
-        state.theta = theta;
-        state.residual = residual;
-        let agg = result?;
+        .map_err(|e| HubError::Corrupt(format!("aggregation task failed: {e}")))??;
 
         let hash = hex::encode(weights_hash(&agg.weights_bytes));
         self.store.put(&checkpoint_key(&hash), Bytes::from(agg.weights_bytes)).await?;

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use tch::Device;
-use tessera_contributor::{Contributor, ContributorConfig, inner_config, run_dataset};
+use tessera_contributor::{Contributor, ContributorConfig, Outcome, inner_config, run_dataset};
 use tessera_data::Dataset;
 use tessera_hub::{Db, Hub, NewRun, Store};
 use tessera_model::{Llama, LlamaConfig, save_checkpoint};
@@ -256,10 +256,13 @@ pub fn contribute(args: ContributeArgs) -> Result<()> {
         contributor.run.spec.codec
     );
     let rounds = contributor.run(|r| {
-        let outcome = match &r.receipt {
-            Some(rc) if rc.staleness > 0 => format!("accepted into round {} at weight {}", rc.round, rc.weight),
-            Some(_) => "accepted".to_owned(),
-            None => "not used".to_owned(),
+        let outcome = match &r.outcome {
+            Outcome::Accepted(rc) if rc.staleness > 0 => {
+                format!("accepted into round {} at weight {}", rc.round, rc.weight)
+            }
+            Outcome::Accepted(_) => "accepted".to_owned(),
+            Outcome::AlreadyAccepted => "already accepted (an earlier attempt's answer was lost)".to_owned(),
+            Outcome::NotUsed(why) => format!("not used: {why}"),
         };
         eprintln!(
             "round {:>4}: inner loss {:.4} | {:.1} s training | ↑ {} ↓ {} | {outcome}",

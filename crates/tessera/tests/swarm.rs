@@ -198,10 +198,13 @@ fn a_killed_contributor_rejoins_and_continues() {
     let rounds = &last.contributors[0].submitted_rounds;
     assert_eq!(rounds, &(0..6).collect::<Vec<u64>>(), "{}", logs(d));
     assert!(before.contributors[0].submitted_rounds.len() >= 2);
-    // The inner optimizer continued: its step count is one round of H per submission.
+    // The inner optimizer continued from its saved state: one round of H steps per finished
+    // round, less at most the round in flight when it was killed (if the hub had already
+    // accepted that round's submission, its training is not repeated).
     let state: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(d.join("a/trainer/trainer_state.json")).unwrap()).unwrap();
-    assert_eq!(state["step"], 36);
+    let step = state["step"].as_u64().unwrap();
+    assert!(step.is_multiple_of(6) && (30..=36).contains(&step), "inner step {step}\n{}", logs(d));
     assert!(std::fs::read_to_string(d.join("a.log")).unwrap().contains("rejoining with the saved identity"));
 }
 
