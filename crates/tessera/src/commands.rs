@@ -616,25 +616,27 @@ fn bench_hub(params: u64, tensor_len: u64, contributors: usize, codecs: &[CodecN
         bail!("--params, --tensor-len and --contributors must be positive");
     }
     println!(
-        "hub round: {} parameters in tensors of {tensor_len}, {contributors} contributors, {} threads",
+        "hub round: {} parameters in tensors of {tensor_len}, {contributors} contributors, {} threads \
+         (verify: parse + checksum of all {contributors} messages; arrival: verify + decode + check of one)",
         human(params as f64),
         std::thread::available_parallelism().map_or(1, |n| n.get())
     );
     println!(
-        "{:<28} {:>12} {:>9} {:>12} {:>14} {:>8} {:>18}",
-        "codec", "message", "round s", "GB/s (f32)", "memcpy GB/s", "ratio", "arrival s/message"
+        "{:<18} {:>10} {:>14} {:>11} {:>12} {:>7} {:>10} {:>12}",
+        "codec", "message", "decode+agg+outer s", "GB/s (f32)", "memcpy GB/s", "ratio", "verify s", "arrival s/msg"
     );
     for &name in codecs {
         let codec = make_codec(name, p)?;
         let r = tessera_aggregate::bench::hub_round(params, tensor_len, contributors, codec)?;
         println!(
-            "{:<28} {:>12} {:>9.2} {:>12.2} {:>14.2} {:>7.1}% {:>18.3}",
+            "{:<18} {:>10} {:>14.2} {:>11.2} {:>12.2} {:>6.1}% {:>10.2} {:>12.3}",
             codec.to_string(),
             gib(r.message_bytes),
             r.seconds,
             r.gb_per_s,
             r.memcpy_gb_per_s,
             100.0 * r.gb_per_s / r.memcpy_gb_per_s,
+            r.verify_seconds,
             r.arrival_seconds
         );
     }
