@@ -138,7 +138,7 @@ pub struct DemoArgs {
     run: RunArgs,
 }
 
-fn run_spec(args: &RunArgs, dataset: &Dataset, model: &Llama) -> RunSpec {
+fn run_spec(args: &RunArgs, dataset: &Dataset, model: &Llama) -> Result<RunSpec> {
     let seq_len = args.seq_len.unwrap_or(model.config.max_position_embeddings as u32);
     let total = args.rounds * args.inner_steps;
     let source = match &args.data.data {
@@ -149,9 +149,9 @@ fn run_spec(args: &RunArgs, dataset: &Dataset, model: &Llama) -> RunSpec {
         },
         Some(_) => DataSource::External,
     };
-    RunSpec {
+    Ok(RunSpec {
         name: format!("{} on {}", args.model, dataset.info.name),
-        model: serde_json::to_value(&model.config).unwrap_or_default(),
+        model: serde_json::to_value(&model.config)?,
         tensors: model
             .named_parameters()
             .iter()
@@ -177,7 +177,7 @@ fn run_spec(args: &RunArgs, dataset: &Dataset, model: &Llama) -> RunSpec {
         max_staleness: args.max_staleness,
         staleness_decay: args.staleness_decay,
         seed: args.seed,
-    }
+    })
 }
 
 pub fn hub(args: HubArgs) -> Result<()> {
@@ -192,7 +192,7 @@ pub fn hub(args: HubArgs) -> Result<()> {
             let mut config = LlamaConfig::from_preset_or_path(&r.model)?;
             config.vocab_size = dataset.tokenizer.vocab_size() as i64;
             let model = Llama::new(&config, Device::Cpu, r.seed)?;
-            let spec = run_spec(r, &dataset, &model);
+            let spec = run_spec(r, &dataset, &model)?;
             spec.validate().map_err(anyhow::Error::msg)?;
             Some(NewRun { weights: read_params(&model)?, spec })
         } else {
