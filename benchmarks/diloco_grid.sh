@@ -17,7 +17,7 @@ SHAKESPEARE=../shared/data/tinyshakespeare.txt
 run() {
     local name=$1; shift
     echo "== $name: tessera bench diloco $*" >&2
-    "$BIN" bench diloco --model nano --threads 2 --json-out "$OUT/$name.jsonl" "$@" | tee "$OUT/$name.txt"
+    "$BIN" bench diloco --model nano --threads 2 --json-out "$OUT/$name.jsonl" "$@"
 }
 
 experiment() {
@@ -27,6 +27,8 @@ experiment() {
     emb-m4-h50-int8)  run "$1" --workers 4 --inner-steps 50 --rounds 50 --eval-every 5 --codec int8 --broadcast-codec int8 ;;
     emb-m4-h50-int4)  run "$1" --workers 4 --inner-steps 50 --rounds 50 --eval-every 5 --codec int4 --broadcast-codec int4 ;;
     emb-m4-h50-topk)  run "$1" --workers 4 --inner-steps 50 --rounds 50 --eval-every 5 --codec topk --topk-chunk 4096 --topk-k 16 --broadcast-codec int8 ;;
+    # Top-k at just over 100× smaller than f32: 53 of every 4096 values (4 + 3·53 = 163 bytes).
+    emb-m4-h50-topk100) run "$1" --workers 4 --inner-steps 50 --rounds 50 --eval-every 5 --codec topk --topk-chunk 4096 --topk-k 53 --broadcast-codec int8 ;;
     emb-m4-base-lr2e-3) run "$1" --workers 4 --inner-steps 50 --rounds 50 --eval-every 5 --baseline-only --baseline-lr 2e-3 ;;
     emb-m4-h50-lr2e-3) run "$1" --workers 4 --inner-steps 50 --rounds 50 --eval-every 5 --codec f32 --lr 2e-3 ;;
     shk-m4-h50-f32)   run "$1" --data "$SHAKESPEARE" --workers 4 --inner-steps 50 --rounds 50 --eval-every 5 --codec f32 --baseline ;;

@@ -16,12 +16,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def curves(path):
-    config, runs = {}, {}
+    config, runs, baseline_lr = {}, {}, None
     with open(path) as f:
         for line in f:
             event = json.loads(line)
             if event["event"] == "config":
                 config = event
+            elif event["event"] == "summary" and event["run"] == "baseline":
+                baseline_lr = event.get("lr")
             elif event["event"] == "eval":
                 runs.setdefault(event["run"], []).append((event["tokens"], event["val_loss"]))
     label = (
@@ -32,7 +34,7 @@ def curves(path):
     if runs.get("diloco"):
         out.append((label, runs["diloco"], "-"))
     if runs.get("baseline"):
-        out.append((f"data parallel M={config.get('workers')}", runs["baseline"], "--"))
+        out.append((f"data parallel M={config.get('workers')}, lr {baseline_lr}", runs["baseline"], "--"))
     return out
 
 
