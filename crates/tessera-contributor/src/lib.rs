@@ -290,9 +290,15 @@ impl Contributor {
             Trainer::from_model(train_config, model, dataset)?
         };
         let table = &run.spec.tensors;
-        let names: Vec<String> = trainer.model.named_parameters().into_iter().map(|(n, _)| n).collect();
-        let expected: Vec<&String> = table.iter().map(|t| &t.name).collect();
-        if names.iter().collect::<Vec<_>>() != expected {
+        // The hub's table must be exactly the model its config describes (names and shapes):
+        // everything later indexes both in this order.
+        let ours: Vec<TensorSpec> = trainer
+            .model
+            .named_parameters()
+            .iter()
+            .map(|(n, t)| TensorSpec { name: n.clone(), shape: t.size().iter().map(|&d| d as u64).collect() })
+            .collect();
+        if ours != *table {
             return Err(ContributorError::Data("the run's tensor table does not match its model config".into()));
         }
         let feedback = match std::fs::read(dir.join("feedback.safetensors")) {
