@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -74,7 +75,19 @@ async fn status(State(hub): State<Arc<Hub>>) -> Result<impl IntoResponse, Refusa
     hub.status().await.map(Json).map_err(|e| refuse(ErrorCode::Internal, e.to_string()))
 }
 
-async fn register(State(hub): State<Arc<Hub>>, body: Bytes) -> Result<impl IntoResponse, Refusal> {
+/// A request body, or the documented refusal: `too_large` past the body limit, else `bad_request`.
+fn body_or_refusal(body: Result<Bytes, BytesRejection>) -> Result<Bytes, Refusal> {
+    body.map_err(|e| match e.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => refuse(ErrorCode::TooLarge, e.body_text()),
+        _ => refuse(ErrorCode::BadRequest, e.body_text()),
+    })
+}
+
+async fn register(
+    State(hub): State<Arc<Hub>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<impl IntoResponse, Refusal> {
+    let body = body_or_refusal(body)?;
     let request: RegisterRequest =
         serde_json::from_slice(&body).map_err(|e| refuse(ErrorCode::BadRequest, format!("registration: {e}")))?;
     Ok((StatusCode::CREATED, Json(hub.register(&request.name).await?)))
@@ -114,8 +127,13 @@ async fn assignment(
     Ok(Json(hub.assign(id, wait).await?))
 }
 
-async fn submit(State(hub): State<Arc<Hub>>, headers: HeaderMap, body: Bytes) -> Result<impl IntoResponse, Refusal> {
+async fn submit(
+    State(hub): State<Arc<Hub>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<impl IntoResponse, Refusal> {
     let id = contributor(&hub, &headers)?;
+    let body = body_or_refusal(body)?;
     let loss = headers.get(INNER_LOSS_HEADER).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<f64>().ok());
     Ok((StatusCode::ACCEPTED, Json(hub.submit(id, body, loss).await?)))
 }

@@ -315,6 +315,8 @@ async fn bad_submissions_get_typed_refusals() {
     assert_eq!((s, e.code), (StatusCode::BAD_REQUEST, ErrorCode::MalformedMessage));
     let (_, e) = a.submit_raw(b"hello".to_vec()).await.unwrap_err();
     assert_eq!(e.code, ErrorCode::MalformedMessage);
+    let (s, e) = a.submit_raw(vec![0u8; server.hub.max_submission_bytes() + 1]).await.unwrap_err();
+    assert_eq!((s, e.code), (StatusCode::PAYLOAD_TOO_LARGE, ErrorCode::TooLarge));
 
     let (s, e) = a.submit_raw(message(&run, Codec::Bf16, 0, &base, &delta(1.0))).await.unwrap_err();
     assert_eq!((s, e.code), (StatusCode::UNPROCESSABLE_ENTITY, ErrorCode::CodecMismatch));
