@@ -464,11 +464,7 @@ impl Contributor {
         if hex::encode(view.base_checkpoint) != base.hash || view.round != round {
             return Err(ContributorError::Data(format!("update {round} does not start from round {}", base.round)));
         }
-        let mut weights = Vec::with_capacity(base.weights.len());
-        for (w, t) in base.weights.iter().zip(&view.tensors) {
-            let d = view.codec.decode(t.encoded, w.len() as u64)?;
-            weights.push(w.iter().zip(d).map(|(a, b)| a + b).collect::<Vec<f32>>());
-        }
+        let weights = view.apply_to(&base.weights)?;
         let hash = hex::encode(weights_hash(&encode_weights(&self.run.spec.tensors, &weights)?));
         Ok((Base { round, hash, weights }, bytes.len() as u64))
     }

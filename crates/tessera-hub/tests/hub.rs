@@ -255,14 +255,7 @@ async fn lifecycle(kind: &str) {
     let update = download(&url, "/v1/updates/1").await;
     let view = MessageView::parse(&update).unwrap();
     assert_eq!((view.round, hex::encode(view.base_checkpoint)), (1, run.checkpoint.clone()));
-    let rebuilt: Vec<Vec<f32>> = t0
-        .iter()
-        .zip(&view.tensors)
-        .map(|(t, v)| {
-            let d = view.codec.decode(v.encoded, t.len() as u64).unwrap();
-            t.iter().zip(d).map(|(a, b)| a + b).collect()
-        })
-        .collect();
+    let rebuilt = view.apply_to(&t0).unwrap();
     let rebuilt_bytes = tessera_protocol::encode_weights(&run.spec.tensors, &rebuilt).unwrap();
     assert_eq!(rebuilt_bytes, bytes);
 
@@ -434,11 +427,7 @@ async fn a_restarted_hub_keeps_accepted_submissions_and_tokens() {
     let update = download(&url2, "/v1/updates/1").await;
     let view = MessageView::parse(&update).unwrap();
     assert_eq!(view.codec, Codec::Int8 { block: 16 });
-    let rebuilt: Vec<Vec<f32>> = initial()
-        .iter()
-        .zip(&view.tensors)
-        .map(|(t, v)| t.iter().zip(view.codec.decode(v.encoded, t.len() as u64).unwrap()).map(|(a, b)| a + b).collect())
-        .collect();
+    let rebuilt = view.apply_to(&initial()).unwrap();
     let bytes = tessera_protocol::encode_weights(&run.spec.tensors, &rebuilt).unwrap();
     assert_eq!(hex::encode(weights_hash(&bytes)), after.checkpoint);
     drop(a);

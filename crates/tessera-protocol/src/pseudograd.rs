@@ -260,6 +260,24 @@ fn hash(content: &[u8]) -> blake3::Hash {
 }
 
 impl<'a> MessageView<'a> {
+    /// Applies a published weight update to `weights`: θ + decode(u), element-wise in f32.
+    /// This defines the next round's weights (docs/protocol.md, "Published updates"), so every
+    /// follower computes exactly the checkpoint the hub published.
+    pub fn apply_to(&self, weights: &[Vec<f32>]) -> Result<Vec<Vec<f32>>, WireError> {
+        if weights.len() != self.tensors.len() {
+            return Err(WireError::BadTensor {
+                index: weights.len().min(self.tensors.len()) as u32,
+                message: format!("update has {} tensors, the weights {}", self.tensors.len(), weights.len()),
+            });
+        }
+        let mut out = Vec::with_capacity(weights.len());
+        for (w, t) in weights.iter().zip(&self.tensors) {
+            let d = self.codec.decode(t.encoded, w.len() as u64)?;
+            out.push(w.iter().zip(d).map(|(a, b)| a + b).collect());
+        }
+        Ok(out)
+    }
+
     /// Parses and verifies a message: magic, version, checksum, codec, table limits and exact
     /// lengths. Tensor bytes are borrowed, not copied.
     pub fn parse(bytes: &'a [u8]) -> Result<MessageView<'a>, WireError> {
@@ -358,6 +376,21 @@ impl<'a> Reader<'a> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn an_update_applies_element_wise_and_must_cover_every_tensor() {
+        let base = vec![vec![1.0f32, 2.0], vec![-1.0]];
+        let u = PseudoGradient::build(
+            Codec::F32,
+            [0; 16],
+            1,
+            [0; 32],
+            [("a", &[2u64][..], &[0.5f32, -2.0][..]), ("b", &[1u64][..], &[0.25f32][..])],
+        )
+        .unwrap();
+        assert_eq!(u.view().apply_to(&base).unwrap(), vec![vec![1.5, 0.0], vec![-0.75]]);
+        assert!(matches!(u.view().apply_to(&base[..1]), Err(WireError::BadTensor { .. })));
+    }
 
     fn sample(codec: Codec) -> PseudoGradient {
         let a: Vec<f32> = (0..96).map(|i| (i as f32 * 0.37).sin()).collect();
