@@ -115,12 +115,9 @@ pub fn run_diloco(
         let base = checkpoint_hash(&theta);
         let mut acc = Accumulator::new(&lengths);
         let (mut loss_sum, mut round_up) = (0.0, 0u64);
-        for (w, worker) in workers.iter_mut().enumerate() {
-            write_params(&worker.model, &theta)?;
-            for _ in 0..config.inner_steps {
-                loss_sum += worker.train_step()?.loss;
-            }
-            let local = read_params(&worker.model)?;
+        for (w, trained) in train_workers(&mut workers, &theta, config.inner_steps, device).into_iter().enumerate() {
+            let (worker_loss, local) = trained?;
+            loss_sum += worker_loss;
             let mut tensors = Vec::with_capacity(names.len());
             for (i, ((t, l), ef)) in theta.iter().zip(&local).zip(&mut feedback[w]).enumerate() {
                 let delta: Vec<f32> = t.iter().zip(l).map(|(a, b)| a - b).collect();
@@ -182,6 +179,33 @@ pub fn run_diloco(
         bytes_up,
         bytes_down,
         data_parallel_bytes: dp_steps * 2 * 4 * n_params,
+    })
+}
+
+/// Every worker starts from `theta` and takes `steps` inner steps; returns each worker's loss
+/// sum and local weights, in worker order. On CUDA the workers run on their own threads, so the
+/// host-side kernel launches of small models overlap; on the CPU they run one after another,
+/// since libtorch already spreads each operation over every core.
+fn train_workers(
+    workers: &mut [Trainer],
+    theta: &[Vec<f32>],
+    steps: u64,
+    device: Device,
+) -> Vec<Result<(f64, Vec<Vec<f32>>), TrainError>> {
+    let train = |worker: &mut Trainer| -> Result<(f64, Vec<Vec<f32>>), TrainError> {
+        write_params(&worker.model, theta)?;
+        let mut loss = 0.0;
+        for _ in 0..steps {
+            loss += worker.train_step()?.loss;
+        }
+        Ok((loss, read_params(&worker.model)?))
+    };
+    if !device.is_cuda() || workers.len() < 2 {
+        return workers.iter_mut().map(train).collect();
+    }
+    std::thread::scope(|s| {
+        let handles: Vec<_> = workers.iter_mut().map(|w| s.spawn(move || train(w))).collect();
+        handles.into_iter().map(|h| h.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))).collect()
     })
 }
 
