@@ -15,7 +15,7 @@ pub struct HubBench {
     pub contributors: usize,
     pub codec: Codec,
     pub message_bytes: u64,
-    /// Decode + accumulate every message, then the outer step.
+    /// Decode + accumulate every message, then the outer step (best of three rounds).
     pub seconds: f64,
     /// Verifying every message once (parse + checksum).
     pub verify_seconds: f64,
@@ -62,14 +62,19 @@ pub fn hub_round(params: u64, tensor_len: u64, contributors: usize, codec: Codec
     }
     let verify_seconds = verify.elapsed().as_secs_f64();
 
+    // Best of three rounds, as memcpy is best of three copies: each round starts from a fresh
+    // accumulator, as the hub's rounds do.
     let received = MessageView::parse(&bytes)?;
-    let started = Instant::now();
-    let mut acc = Accumulator::new(&lengths);
-    for _ in 0..contributors {
-        acc.add_checked(1.0, &received)?;
+    let mut seconds = f64::INFINITY;
+    for _ in 0..3 {
+        let started = Instant::now();
+        let mut acc = Accumulator::new(&lengths);
+        for _ in 0..contributors {
+            acc.add_checked(1.0, &received)?;
+        }
+        outer.apply(&mut theta, acc)?;
+        seconds = seconds.min(started.elapsed().as_secs_f64());
     }
-    outer.apply(&mut theta, acc)?;
-    let seconds = started.elapsed().as_secs_f64();
 
     Ok(HubBench {
         params,

@@ -71,6 +71,17 @@ impl Codec {
         }
     }
 
+    /// Values per independently encoded block (1 for f32 and bf16, the block or chunk
+    /// otherwise). A range of values that starts at a multiple of this decodes on its own from
+    /// `encoded[encoded_len(start)..encoded_len(end)]`.
+    pub fn unit(&self) -> u32 {
+        match *self {
+            Codec::F32 | Codec::Bf16 => 1,
+            Codec::Int8 { block } | Codec::Int4 { block } => block,
+            Codec::TopK { chunk, .. } => chunk,
+        }
+    }
+
     /// Exact encoded size of `n` values.
     pub fn encoded_len(&self, n: u64) -> u64 {
         let blocks = |b: u32| n.div_ceil(u64::from(b));
@@ -281,20 +292,32 @@ fn top_k_indices(values: &[f32], k: usize) -> Vec<u16> {
 
 /// Contributor-side error feedback: what a lossy codec dropped this round is added to the next
 /// round's pseudo-gradient, so compression delays information instead of discarding it.
+///
+/// With a decay β < 1 the carried residual shrinks by β each round before the new Δ is added
+/// (`e ← β·e + Δ`, send `C(e)`, keep `e − C(e)`): the residual then acts as a local momentum
+/// (as in SparseLoCo), and what stays unsent for long fades instead of piling up.
 #[derive(Debug, Clone)]
 pub struct ErrorFeedback {
     residual: Vec<f32>,
+    decay: f32,
 }
 
 impl ErrorFeedback {
     pub fn new(n: usize) -> ErrorFeedback {
-        ErrorFeedback { residual: vec![0.0; n] }
+        ErrorFeedback { residual: vec![0.0; n], decay: 1.0 }
     }
 
-    /// Encodes `delta + residual` and keeps what the encoding lost as the new residual.
+    /// Error feedback whose residual decays by `decay` (in (0, 1]) each round.
+    pub fn with_decay(mut self, decay: f32) -> ErrorFeedback {
+        self.decay = decay;
+        self
+    }
+
+    /// Encodes `delta + decay · residual` and keeps what the encoding lost as the new residual.
     pub fn encode(&mut self, codec: &Codec, delta: &[f32]) -> Result<Vec<u8>, CodecError> {
         assert_eq!(delta.len(), self.residual.len(), "error feedback sized for another tensor");
-        let corrected: Vec<f32> = delta.iter().zip(&self.residual).map(|(d, r)| d + r).collect();
+        let decay = self.decay;
+        let corrected: Vec<f32> = delta.iter().zip(&self.residual).map(|(d, r)| d + decay * r).collect();
         let bytes = codec.encode(&corrected)?;
         let sent = codec.decode(&bytes, corrected.len() as u64)?;
         for ((r, c), s) in self.residual.iter_mut().zip(&corrected).zip(&sent) {
@@ -305,7 +328,7 @@ impl ErrorFeedback {
 
     /// Resumes error feedback from a saved [`ErrorFeedback::residual`].
     pub fn from_residual(residual: Vec<f32>) -> ErrorFeedback {
-        ErrorFeedback { residual }
+        ErrorFeedback { residual, decay: 1.0 }
     }
 
     pub fn residual(&self) -> &[f32] {
@@ -367,6 +390,21 @@ mod tests {
                         prop_assert!(got.iter().filter(|x| **x != 0.0).count() <= k as usize);
                     }
                 }
+            }
+        }
+
+        #[test]
+        fn pieces_at_unit_boundaries_decode_alone(codec in codec(), v in values(), units in 1u32..5) {
+            let bytes = codec.encode(&v).unwrap();
+            let whole = codec.decode(&bytes, v.len() as u64).unwrap();
+            let piece = (units * codec.unit()) as usize;
+            let mut start = 0;
+            while start < v.len() {
+                let end = (start + piece).min(v.len());
+                let part = &bytes[codec.encoded_len(start as u64) as usize..codec.encoded_len(end as u64) as usize];
+                let got = codec.decode(part, (end - start) as u64).unwrap();
+                prop_assert_eq!(&got[..], &whole[start..end]);
+                start = end;
             }
         }
 
