@@ -7,7 +7,7 @@
 //! | `Bf16` | 2n | round-to-nearest-even to 8 mantissa bits |
 //! | `Int8 { block }` | n + 4⌈n/block⌉ | ≤ max\|x\|_block / 254 per value |
 //! | `Int4 { block }` | ⌈n/2⌉ + 4⌈n/block⌉ | ≤ max\|x\|_block / 14 per value |
-//! | `TopK { chunk, k }` | ⌈n/chunk⌉·(4 + 3k) | all but the k largest \|x\| per chunk dropped; kept values int8 |
+//! | `TopK { chunk, k }` | per chunk 8 bytes + ≈ (l + 3)·k bits, l = ⌊log2(chunk/k)⌋ (`docs/protocol.md`) | all but the k largest \|x\| per chunk dropped; kept values 2-bit |
 //!
 //! Top-k is meant to be used through [`ErrorFeedback`], which carries what compression dropped
 //! into the next round, so nothing is lost for good — only delayed.
@@ -29,9 +29,11 @@ pub enum Codec {
     Int4 {
         block: u32,
     },
-    /// In each `chunk` of values keep the `k` of largest magnitude: u16 index within the chunk
-    /// and an int8 value against a per-chunk f32 scale. (4-bit values were tried: kept values
-    /// span a wide range, and a 4-bit grid rounded the smaller ones to zero.)
+    /// In each `chunk` of values keep the `k` of largest magnitude: their positions as an
+    /// Elias–Fano code (about 2 + log2(chunk/k) bits each) and each value in 2 bits, a sign and
+    /// one of two magnitudes per chunk (the mean |x| of the smaller and of the larger half of
+    /// the kept values). Meant for [`ErrorFeedback`], which carries the rounding into the next
+    /// round.
     TopK {
         chunk: u32,
         k: u32,
@@ -50,6 +52,10 @@ pub enum CodecError {
     IndexOutOfRange { chunk: u64, index: u32, len: u32 },
     #[error("top-k index {index} repeats in chunk {chunk}")]
     RepeatedIndex { chunk: u64, index: u32 },
+    #[error("top-k indices in chunk {chunk} are not in ascending order")]
+    IndicesOutOfOrder { chunk: u64 },
+    #[error("top-k chunk {chunk} codes {got} indices, {expected} expected")]
+    IndexCount { chunk: u64, expected: u32, got: u32 },
     #[error("non-finite value in the input at position {0}")]
     NonFiniteInput(u64),
 }
@@ -93,8 +99,8 @@ impl Codec {
             Codec::TopK { chunk, k } => {
                 let full = n / u64::from(chunk);
                 let rest = n % u64::from(chunk);
-                let per = |k: u64| SCALE_BYTES as u64 + 3 * k;
-                full * per(u64::from(k)) + if rest > 0 { per(u64::from(k).min(rest)) } else { 0 }
+                let per = |m: u64| top_k_chunk_len(m, u64::from(k).min(m));
+                full * per(u64::from(chunk)) + if rest > 0 { per(rest) } else { 0 }
             }
         }
     }
@@ -125,12 +131,7 @@ impl Codec {
             }
             Codec::TopK { chunk, k } => {
                 for part in values.chunks(chunk as usize) {
-                    let keep = top_k_indices(part, k as usize);
-                    let kept: Vec<f32> = keep.iter().map(|&i| part[i as usize]).collect();
-                    let scale = max_abs(&kept) / 127.0;
-                    out.extend_from_slice(&scale.to_le_bytes());
-                    keep.iter().for_each(|&i| out.extend_from_slice(&i.to_le_bytes()));
-                    out.extend(kept.iter().map(|&v| quantize(v, scale, 127) as u8));
+                    encode_top_k_chunk(part, k as usize, &mut out);
                 }
             }
         }
@@ -200,31 +201,11 @@ impl Codec {
             }
             Codec::TopK { chunk, k } => {
                 let mut at = 0;
-                let mut seen = vec![false; (chunk as usize).min(n)];
                 for (c, dst) in out.chunks_mut(chunk as usize).enumerate() {
-                    let len = dst.len();
-                    let kk = (k as usize).min(len);
-                    let scale = read_scale(bytes, &mut at, c)?;
-                    dst.fill(0.0);
-                    seen[..len].fill(false);
-                    let indices = &bytes[at..at + 2 * kk];
-                    let values = &bytes[at + 2 * kk..at + 3 * kk];
-                    for (ib, &q) in indices.chunks_exact(2).zip(values) {
-                        let index = u16::from_le_bytes([ib[0], ib[1]]);
-                        let i = usize::from(index);
-                        if i >= len {
-                            return Err(CodecError::IndexOutOfRange {
-                                chunk: c as u64,
-                                index: u32::from(index),
-                                len: len as u32,
-                            });
-                        }
-                        if std::mem::replace(&mut seen[i], true) {
-                            return Err(CodecError::RepeatedIndex { chunk: c as u64, index: u32::from(index) });
-                        }
-                        dst[i] = f32::from(q as i8) * scale;
-                    }
-                    at += 3 * kk;
+                    let m = dst.len() as u64;
+                    let len = top_k_chunk_len(m, u64::from(k).min(m)) as usize;
+                    decode_top_k_chunk(&bytes[at..at + len], k as usize, c as u64, dst)?;
+                    at += len;
                 }
             }
         }
@@ -333,6 +314,164 @@ impl ErrorFeedback {
 
     pub fn residual(&self) -> &[f32] {
         &self.residual
+    }
+}
+
+/// Elias–Fano low-bit width for `k` ascending indices below `m`.
+fn ef_low_bits(m: u64, k: u64) -> u32 {
+    if k == 0 || m <= k { 0 } else { (m / k).ilog2() }
+}
+
+/// Bits of the Elias–Fano upper part: one set bit per index, one clear bit per bucket.
+fn ef_upper_bits(m: u64, k: u64) -> u64 {
+    k + ((m - 1) >> ef_low_bits(m, k)) + 1
+}
+
+/// Encoded bytes of one top-k chunk of `m` ≥ 1 values keeping `k` ≤ m: two f32 magnitudes,
+/// then one bit stream (least significant bit first) of k low parts, the upper bit vector and
+/// k 2-bit values, padded with zero bits to a byte.
+fn top_k_chunk_len(m: u64, k: u64) -> u64 {
+    let bits = k * u64::from(ef_low_bits(m, k)) + ef_upper_bits(m, k) + 2 * k;
+    2 * SCALE_BYTES as u64 + bits.div_ceil(8)
+}
+
+fn encode_top_k_chunk(part: &[f32], k: usize, out: &mut Vec<u8>) {
+    let keep = top_k_indices(part, k);
+    let kk = keep.len();
+    // Two magnitudes: the mean |x| of the smaller half of the kept values and of the larger;
+    // each value is sent as its sign and its half, so the chunk's total |x| is kept.
+    let mut by_size: Vec<usize> = (0..kk).collect();
+    by_size.sort_by(|&a, &b| part[keep[a] as usize].abs().total_cmp(&part[keep[b] as usize].abs()).then(a.cmp(&b)));
+    let small = kk / 2;
+    let mut large_half = vec![false; kk];
+    by_size[small..].iter().for_each(|&j| large_half[j] = true);
+    let mean = |js: &[usize]| -> f32 {
+        if js.is_empty() {
+            return 0.0;
+        }
+        (js.iter().map(|&j| f64::from(part[keep[j] as usize].abs())).sum::<f64>() / js.len() as f64) as f32
+    };
+    let (lo, hi) = (mean(&by_size[..small]), mean(&by_size[small..]));
+    out.extend_from_slice(&lo.to_le_bytes());
+    out.extend_from_slice(&hi.to_le_bytes());
+
+    let (m, k64) = (part.len() as u64, kk as u64);
+    let low_bits = ef_low_bits(m, k64);
+    let mut bits = BitWriter::new(out);
+    for &i in &keep {
+        bits.write(u64::from(i) & ((1u64 << low_bits) - 1), low_bits);
+    }
+    // Upper part: index j's bucket (i >> low_bits) set at position bucket + j.
+    let mut position = 0u64;
+    for (j, &i) in keep.iter().enumerate() {
+        let target = (u64::from(i) >> low_bits) + j as u64;
+        while position < target {
+            bits.write(0, 1);
+            position += 1;
+        }
+        bits.write(1, 1);
+        position += 1;
+    }
+    while position < ef_upper_bits(m, k64) {
+        bits.write(0, 1);
+        position += 1;
+    }
+    for (j, &i) in keep.iter().enumerate() {
+        let negative = part[i as usize].is_sign_negative() && part[i as usize] != 0.0;
+        bits.write(u64::from(negative) | u64::from(large_half[j]) << 1, 2);
+    }
+    bits.finish();
+}
+
+fn decode_top_k_chunk(bytes: &[u8], k: usize, chunk: u64, dst: &mut [f32]) -> Result<(), CodecError> {
+    let m = dst.len() as u64;
+    let kk = k.min(dst.len());
+    let mut at = 0;
+    let lo = read_scale(bytes, &mut at, chunk as usize)?;
+    let hi = read_scale(bytes, &mut at, chunk as usize)?;
+    let low_bits = ef_low_bits(m, kk as u64);
+    let mut bits = BitReader { bytes: &bytes[at..], at: 0 };
+    let mut indices: Vec<u64> = (0..kk).map(|_| bits.read(low_bits)).collect();
+    let mut found = 0usize;
+    for position in 0..ef_upper_bits(m, kk as u64) {
+        if bits.read(1) == 1 {
+            if found == kk {
+                return Err(CodecError::IndexCount { chunk, expected: kk as u32, got: kk as u32 + 1 });
+            }
+            indices[found] |= (position - found as u64) << low_bits;
+            found += 1;
+        }
+    }
+    if found != kk {
+        return Err(CodecError::IndexCount { chunk, expected: kk as u32, got: found as u32 });
+    }
+    dst.fill(0.0);
+    let mut previous: Option<u64> = None;
+    for &i in &indices {
+        if i >= m {
+            return Err(CodecError::IndexOutOfRange { chunk, index: i.min(u64::from(u32::MAX)) as u32, len: m as u32 });
+        }
+        match previous {
+            Some(p) if p == i => return Err(CodecError::RepeatedIndex { chunk, index: i as u32 }),
+            Some(p) if p > i => return Err(CodecError::IndicesOutOfOrder { chunk }),
+            _ => {}
+        }
+        previous = Some(i);
+        let code = bits.read(2);
+        let magnitude = if code & 2 != 0 { hi } else { lo };
+        dst[i as usize] = if code & 1 != 0 { -magnitude } else { magnitude };
+    }
+    Ok(())
+}
+
+/// Appends bits to a byte vector, least significant bit first.
+struct BitWriter<'a> {
+    out: &'a mut Vec<u8>,
+    pending: u64,
+    count: u32,
+}
+
+impl<'a> BitWriter<'a> {
+    fn new(out: &'a mut Vec<u8>) -> Self {
+        BitWriter { out, pending: 0, count: 0 }
+    }
+
+    /// Writes the low `width` (≤ 32) bits of `value`.
+    fn write(&mut self, value: u64, width: u32) {
+        debug_assert!(width <= 32 && value >> width == 0);
+        self.pending |= value << self.count;
+        self.count += width;
+        while self.count >= 8 {
+            self.out.push(self.pending as u8);
+            self.pending >>= 8;
+            self.count -= 8;
+        }
+    }
+
+    fn finish(self) {
+        if self.count > 0 {
+            self.out.push(self.pending as u8);
+        }
+    }
+}
+
+/// Reads bits written by [`BitWriter`]; the caller has checked the length, so reading past the
+/// end (which a length check rules out) yields zero bits rather than a panic.
+struct BitReader<'a> {
+    bytes: &'a [u8],
+    at: u64,
+}
+
+impl BitReader<'_> {
+    fn read(&mut self, width: u32) -> u64 {
+        let mut value = 0u64;
+        for b in 0..width {
+            let bit = self.at + u64::from(b);
+            let byte = self.bytes.get((bit / 8) as usize).copied().unwrap_or(0);
+            value |= u64::from((byte >> (bit % 8)) & 1) << b;
+        }
+        self.at += u64::from(width);
+        value
     }
 }
 
@@ -451,16 +590,40 @@ mod tests {
             assert!(back[i] > 5.0, "large value at {i} lost");
         }
         assert!(Codec::TopK { chunk: 4096, k: 16 }.ratio_vs_f32(1 << 20) > 100.0);
+        // 128 of every 4096 (3.1%) still fits in a hundredth of f32's bytes.
+        assert_eq!(Codec::TopK { chunk: 4096, k: 128 }.encoded_len(4096), 152);
+    }
+
+    #[test]
+    fn top_k_values_keep_sign_and_the_halves_means() {
+        let v = [0.0, -4.0, 1.0, 0.0, 2.0, 0.0, -8.0, 0.5];
+        let codec = Codec::TopK { chunk: 8, k: 4 };
+        let back = codec.decode(&codec.encode(&v).unwrap(), 8).unwrap();
+        // Kept: -8, -4, 2, 1. Smaller half {1, 2} → 1.5, larger half {4, 8} → 6.
+        assert_eq!(back, vec![0.0, -6.0, 1.5, 0.0, 1.5, 0.0, -6.0, 0.0]);
     }
 
     #[test]
     fn hostile_top_k_indices_and_scales_are_typed_errors() {
+        // Chunk 8, k 2: two f32 magnitudes, then 2 × 2 low bits, 4 upper bits, 2 × 2 value bits.
         let codec = Codec::TopK { chunk: 8, k: 2 };
         let mut bytes = codec.encode(&[1.0, 0.0, 0.0, 5.0, 0.0, 0.0, 0.0, 0.0]).unwrap();
-        bytes[4..6].copy_from_slice(&9u16.to_le_bytes());
-        assert!(matches!(codec.decode(&bytes, 8), Err(CodecError::IndexOutOfRange { index: 9, .. })));
-        bytes[4..6].copy_from_slice(&3u16.to_le_bytes());
-        assert!(matches!(codec.decode(&bytes, 8), Err(CodecError::RepeatedIndex { index: 3, .. })));
+        assert_eq!(bytes.len(), 10);
+        let with = |bytes: &[u8], stream: [u8; 2]| [&bytes[..8], &stream[..]].concat();
+        // Lows 0 and 1, upper bits 2 and 3 set: buckets 2 and 2, indices 8 and 9 of 8.
+        let out_of_range = with(&bytes, [0b1100_0100, 0]);
+        assert!(matches!(codec.decode(&out_of_range, 8), Err(CodecError::IndexOutOfRange { index: 8, .. })));
+        // Lows 1 and 1, upper bits 0 and 1 set: index 1 twice.
+        let repeated = with(&bytes, [0b0011_0101, 0]);
+        assert!(matches!(codec.decode(&repeated, 8), Err(CodecError::RepeatedIndex { index: 1, .. })));
+        // Lows 3 and 1 in the same bucket: 3 then 1.
+        let unordered = with(&bytes, [0b0011_0111, 0]);
+        assert!(matches!(codec.decode(&unordered, 8), Err(CodecError::IndicesOutOfOrder { .. })));
+        // Three upper bits set for two indices, then only one.
+        let three = with(&bytes, [0b0111_0000, 0]);
+        assert!(matches!(codec.decode(&three, 8), Err(CodecError::IndexCount { expected: 2, got: 3, .. })));
+        let one = with(&bytes, [0b0001_0000, 0]);
+        assert!(matches!(codec.decode(&one, 8), Err(CodecError::IndexCount { expected: 2, got: 1, .. })));
         bytes[0..4].copy_from_slice(&f32::NAN.to_le_bytes());
         assert!(matches!(codec.decode(&bytes, 8), Err(CodecError::NonFiniteScale { .. })));
         assert!(matches!(Codec::F32.encode(&[f32::INFINITY]), Err(CodecError::NonFiniteInput(0))));

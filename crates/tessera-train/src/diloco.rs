@@ -30,6 +30,8 @@ pub struct DilocoConfig {
     pub broadcast: Codec,
     /// Evaluate the global model every this many rounds (and after the last).
     pub eval_every: u64,
+    /// Decay of each worker's error-feedback residual per round (1: plain error feedback).
+    pub feedback_decay: f32,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -87,6 +89,9 @@ pub fn run_diloco(
     if config.workers == 0 || config.inner_steps == 0 || config.rounds == 0 || config.eval_every == 0 {
         return Err(TrainError::Invalid("workers, inner steps, rounds and eval interval must be positive".into()));
     }
+    if !(config.feedback_decay > 0.0 && config.feedback_decay <= 1.0) {
+        return Err(TrainError::Invalid(format!("feedback decay {} must be in (0, 1]", config.feedback_decay)));
+    }
     config.codec.validate()?;
     config.broadcast.validate()?;
     let total_inner = config.rounds * config.inner_steps;
@@ -105,7 +110,9 @@ pub fn run_diloco(
     let mut outer = OuterOptimizer::new(config.outer, &lengths);
     let mut broadcast_residual: Vec<Vec<f32>> = lengths.iter().map(|&n| vec![0.0; n]).collect();
     let mut feedback: Vec<Vec<ErrorFeedback>> =
-        (0..config.workers).map(|_| lengths.iter().map(|&n| ErrorFeedback::new(n)).collect()).collect();
+        (0..config.workers)
+        .map(|_| lengths.iter().map(|&n| ErrorFeedback::new(n).with_decay(config.feedback_decay)).collect())
+        .collect();
     let run_id = [0u8; 16];
     // Every worker downloads the initial checkpoint once, in f32.
     let (mut bytes_up, mut bytes_down) = (0u64, config.workers as u64 * 4 * n_params);

@@ -39,6 +39,7 @@ fn degenerate_diloco_is_plain_training() {
         codec: Codec::F32,
         broadcast: Codec::F32,
         eval_every: rounds,
+        feedback_decay: 1.0,
     };
     let summary = run_diloco(&inner(), &preset("tiny").unwrap(), &dataset(), &config, Device::Cpu, |_| {}).unwrap();
     let mut plain =
@@ -61,6 +62,7 @@ fn several_workers_learn_and_compression_moves_fewer_bytes() {
         codec: Codec::F32,
         broadcast: Codec::F32,
         eval_every: 4,
+        feedback_decay: 1.0,
     };
     let mut rounds_seen = Vec::new();
     let f32_run = run_diloco(&inner(), &preset("tiny").unwrap(), &dataset(), &config, Device::Cpu, |r| {

@@ -480,6 +480,7 @@ fn bench_diloco(args: DilocoArgs) -> Result<()> {
         codec,
         broadcast: args.broadcast_codec,
         eval_every: args.eval_every,
+        feedback_decay: args.feedback_decay,
     };
     println!(
         "DiLoCo: {} workers × {} inner steps × {} rounds, codec {codec} up / {} down, inner lr {}, outer lr {} momentum {}, data {}",
@@ -510,7 +511,7 @@ fn bench_diloco(args: DilocoArgs) -> Result<()> {
         "event": "config", "run": "diloco", "model": args.model, "data": dataset.info.name,
         "workers": args.workers, "inner_steps": args.inner_steps, "rounds": args.rounds,
         "batch_size": args.batch_size, "lr": args.lr, "outer_lr": args.outer_lr,
-        "outer_momentum": args.outer_momentum, "codec": codec.to_string(),
+        "outer_momentum": args.outer_momentum, "feedback_decay": args.feedback_decay, "codec": codec.to_string(),
         "broadcast_codec": args.broadcast_codec.to_string(), "seed": args.seed,
     }))?;
     if args.baseline_only {

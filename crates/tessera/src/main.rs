@@ -335,6 +335,10 @@ struct DilocoArgs {
     outer_lr: f32,
     #[arg(long, default_value_t = 0.9)]
     outer_momentum: f32,
+    /// Decay of each worker's error-feedback residual per round: 1 is plain error feedback;
+    /// below 1 the residual doubles as a local momentum (pair with --outer-momentum 0)
+    #[arg(long, default_value_t = 1.0)]
+    feedback_decay: f32,
     /// Pseudo-gradient codec.
     #[arg(long, value_enum, default_value = "f32")]
     codec: CodecName,
