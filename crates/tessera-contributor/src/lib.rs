@@ -301,9 +301,13 @@ impl Contributor {
         if ours != *table {
             return Err(ContributorError::Data("the run's tensor table does not match its model config".into()));
         }
+        let decay = run.spec.feedback_decay;
         let feedback = match std::fs::read(dir.join("feedback.safetensors")) {
-            Ok(bytes) => decode_weights(&bytes, table)?.into_iter().map(ErrorFeedback::from_residual).collect(),
-            Err(_) => table.iter().map(|t| ErrorFeedback::new(t.numel() as usize)).collect(),
+            Ok(bytes) => decode_weights(&bytes, table)?
+                .into_iter()
+                .map(|r| ErrorFeedback::from_residual(r).with_decay(decay))
+                .collect(),
+            Err(_) => table.iter().map(|t| ErrorFeedback::new(t.numel() as usize).with_decay(decay)).collect(),
         };
         let base = load_base(dir, table);
         let last_submitted =

@@ -40,6 +40,7 @@ fn spec(quorum: u32) -> RunSpec {
         rounds: 3,
         outer: OuterSpec { lr: 1.0, momentum: 0.0, nesterov: true },
         codec: Codec::F32,
+        feedback_decay: 1.0,
         broadcast_codec: Codec::F32,
         quorum,
         round_deadline_ms: 60_000,
@@ -47,6 +48,18 @@ fn spec(quorum: u32) -> RunSpec {
         staleness_decay: 0.5,
         seed: 7,
     }
+}
+
+#[test]
+fn a_spec_without_feedback_decay_means_plain_error_feedback() {
+    let mut json = serde_json::to_value(spec(1)).unwrap();
+    json.as_object_mut().unwrap().remove("feedback_decay");
+    let back: RunSpec = serde_json::from_value(json).unwrap();
+    assert_eq!(back.feedback_decay, 1.0);
+    for bad in [0.0, -0.5, 1.5, f32::NAN] {
+        assert!(RunSpec { feedback_decay: bad, ..spec(1) }.validate().is_err(), "{bad} accepted");
+    }
+    assert!(RunSpec { feedback_decay: 0.95, ..spec(1) }.validate().is_ok());
 }
 
 fn initial() -> Vec<Vec<f32>> {

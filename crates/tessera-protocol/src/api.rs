@@ -85,6 +85,11 @@ pub struct RunSpec {
     pub outer: OuterSpec,
     /// Codec of submitted pseudo-gradients.
     pub codec: Codec,
+    /// Per-round decay β of each contributor's error-feedback residual (e ← β·e + Δ): 1 is
+    /// plain error feedback; below 1 the residual doubles as a local momentum (SparseLoCo),
+    /// usually with outer momentum 0.
+    #[serde(default = "no_decay")]
+    pub feedback_decay: f32,
     /// Codec of the published per-round weight updates (the hub keeps error feedback).
     pub broadcast_codec: Codec,
     /// A round closes as soon as this many submissions are accepted…
@@ -98,6 +103,10 @@ pub struct RunSpec {
     pub seed: u64,
 }
 
+fn no_decay() -> f32 {
+    1.0
+}
+
 impl RunSpec {
     pub fn num_params(&self) -> u64 {
         self.tensors.iter().map(TensorSpec::numel).sum()
@@ -107,6 +116,9 @@ impl RunSpec {
     pub fn validate(&self) -> Result<(), String> {
         self.codec.validate().map_err(|e| format!("codec: {e}"))?;
         self.broadcast_codec.validate().map_err(|e| format!("broadcast codec: {e}"))?;
+        if !(self.feedback_decay > 0.0 && self.feedback_decay <= 1.0) {
+            return Err(format!("feedback decay {} must be in (0, 1]", self.feedback_decay));
+        }
         if self.tensors.is_empty() {
             return Err("the model has no tensors".into());
         }

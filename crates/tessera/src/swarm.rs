@@ -65,6 +65,11 @@ pub struct RunArgs {
     /// Codec of the per-round weight updates contributors download.
     #[arg(long, default_value = "int8:64", value_parser = parse_codec)]
     broadcast_codec: Codec,
+    /// Per-round decay of each contributor's error-feedback residual: 1 is plain error
+    /// feedback; e.g. 0.95 with --outer-momentum 0 --outer-lr 1 makes the residual the momentum
+    /// (SparseLoCo), the better choice for top-k
+    #[arg(long, default_value_t = 1.0)]
+    feedback_decay: f32,
     /// A round closes when this many submissions are in…
     #[arg(long, default_value_t = 4)]
     quorum: u32,
@@ -171,6 +176,7 @@ fn run_spec(args: &RunArgs, dataset: &Dataset, model: &Llama) -> Result<RunSpec>
         rounds: args.rounds,
         outer: OuterSpec { lr: args.outer_lr, momentum: args.outer_momentum, nesterov: true },
         codec: args.codec,
+        feedback_decay: args.feedback_decay,
         broadcast_codec: args.broadcast_codec,
         quorum: args.quorum,
         round_deadline_ms: (args.deadline * 1000.0) as u64,
@@ -337,6 +343,8 @@ fn run_flags(r: &RunArgs) -> Vec<String> {
         r.codec.to_string(),
         "--broadcast-codec".into(),
         r.broadcast_codec.to_string(),
+        "--feedback-decay".into(),
+        r.feedback_decay.to_string(),
         "--quorum".into(),
         r.quorum.to_string(),
         "--deadline".into(),
@@ -628,6 +636,7 @@ pub fn bench_swarm(args: BenchSwarmArgs) -> Result<()> {
         rounds: args.rounds,
         outer: OuterSpec { lr: 0.7, momentum: 0.9, nesterov: true },
         codec: args.codec,
+        feedback_decay: 1.0,
         broadcast_codec: args.codec,
         quorum: args.contributors as u32,
         round_deadline_ms: 600_000,
