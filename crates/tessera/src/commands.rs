@@ -55,6 +55,29 @@ pub fn run(command: Command) -> Result<()> {
     }
 }
 
+/// Loads libtorch's CUDA half. The binary links it, but nothing names its symbols, so linkers
+/// that drop unused libraries (`--as-needed`, Debian's and Ubuntu's default) leave it out;
+/// loading it only when a GPU is asked for keeps CPU runs from mapping the CUDA libraries.
+fn load_torch_cuda() -> Result<()> {
+    static LOADED: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+    let loaded = LOADED.get_or_init(|| {
+        // SAFETY: the library's initialisers register libtorch's CUDA backend with the libtorch
+        // this binary already runs (the same installation, found through the binary's rpath or
+        // LD_LIBRARY_PATH); it is never unloaded, so nothing it registered can dangle.
+        match unsafe { libloading::Library::new("libtorch_cuda.so") } {
+            Ok(library) => {
+                std::mem::forget(library);
+                Ok(())
+            }
+            Err(e) => Err(e.to_string()),
+        }
+    });
+    match loaded {
+        Ok(()) => Ok(()),
+        Err(e) => bail!("--device cuda: libtorch's CUDA library could not be loaded ({e}); is this PyTorch a CPU-only build?"),
+    }
+}
+
 pub(crate) fn setup_runtime(runtime: &RuntimeArgs) -> Result<Device> {
     if let Some(n) = runtime.threads {
         if n < 1 {
@@ -71,6 +94,9 @@ pub(crate) fn setup_runtime(runtime: &RuntimeArgs) -> Result<Device> {
         },
     };
     if let Device::Cuda(i) = device {
+        if !tch::Cuda::is_available() {
+            load_torch_cuda()?;
+        }
         let count = tch::Cuda::device_count();
         if !tch::Cuda::is_available() || i as i64 >= count {
             bail!("CUDA device {i} requested but {count} CUDA device(s) are available");
