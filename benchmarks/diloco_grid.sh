@@ -35,8 +35,16 @@ experiment() {
     emb-m4-h50-int8)  run "$1" --workers 4 --inner-steps 50 --rounds 50 --eval-every 5 --codec int8 --broadcast-codec int8 ;;
     emb-m4-h50-int4)  run "$1" --workers 4 --inner-steps 50 --rounds 50 --eval-every 5 --codec int4 --broadcast-codec int4 ;;
     emb-m4-h50-topk)  run "$1" --workers 4 --inner-steps 50 --rounds 50 --eval-every 5 --codec topk --topk-chunk 4096 --topk-k 16 --broadcast-codec int8 ;;
-    # Top-k at just over 100× smaller than f32: 53 of every 4096 values (4 + 3·53 = 163 bytes).
-    emb-m4-h50-topk100) run "$1" --workers 4 --inner-steps 50 --rounds 50 --eval-every 5 --codec topk --topk-chunk 4096 --topk-k 53 --broadcast-codec int8 ;;
+    # Top-k with error feedback, Elias–Fano positions and 2-bit values. 120 of every 4096 values
+    # keeps whole messages (headers and the small norm tensors included) 103× smaller than f32;
+    # 128 (topk128, sparse128) was 98×.
+    emb-m4-h50-topk100) run "$1" --workers 4 --inner-steps 50 --rounds 50 --eval-every 5 --codec topk --topk-chunk 4096 --topk-k 120 --broadcast-codec int8 ;;
+    emb-m4-h50-topk128) run "$1" --workers 4 --inner-steps 50 --rounds 50 --eval-every 5 --codec topk --topk-chunk 4096 --topk-k 128 --broadcast-codec int8 ;;
+    # The same bytes, SparseLoCo-style: the error-feedback residual decays (β = 0.95) and stands
+    # in for the outer momentum, so the outer step is plain averaging (momentum 0).
+    emb-m4-h50-sparse100) run "$1" --workers 4 --inner-steps 50 --rounds 50 --eval-every 5 --codec topk --topk-chunk 4096 --topk-k 120 --broadcast-codec int8 --feedback-decay 0.95 --outer-lr 1 --outer-momentum 0 ;;
+    emb-m4-h50-sparse100-olr1.5) run "$1" --workers 4 --inner-steps 50 --rounds 50 --eval-every 5 --codec topk --topk-chunk 4096 --topk-k 120 --broadcast-codec int8 --feedback-decay 0.95 --outer-lr 1.5 --outer-momentum 0 ;;
+    emb-m4-h50-sparse128) run "$1" --workers 4 --inner-steps 50 --rounds 50 --eval-every 5 --codec topk --topk-chunk 4096 --topk-k 128 --broadcast-codec int8 --feedback-decay 0.95 --outer-lr 1 --outer-momentum 0 ;;
     emb-m4-base-lr2e-3) run "$1" --workers 4 --inner-steps 50 --rounds 50 --eval-every 5 --baseline-only --baseline-lr 2e-3 ;;
     emb-m4-h50-lr2e-3) run "$1" --workers 4 --inner-steps 50 --rounds 50 --eval-every 5 --codec f32 --lr 2e-3 ;;
     shk-m4-h50-f32)   run "$1" --data "$SHAKESPEARE" --workers 4 --inner-steps 50 --rounds 50 --eval-every 5 --codec f32 ;;
@@ -57,7 +65,7 @@ experiment() {
     emb-m8-base)      run "$1" --workers 8 --inner-steps 50 --rounds 50 --eval-every 5 --baseline-only ;;
     emb-m8-h200-f32)  run "$1" --workers 8 --inner-steps 200 --rounds 50 --eval-every 5 --codec f32 ;;
     emb-m8-h200-base) run "$1" --workers 8 --inner-steps 200 --rounds 50 --eval-every 5 --baseline-only ;;
-    --list) sed -n 's/^    \([a-z0-9-]*\))  *run.*/\1/p' "$0" ;;
+    --list) sed -n 's/^    \([a-z0-9.-]*\))  *run.*/\1/p' "$0" ;;
     *) echo "unknown experiment $1 (--list lists them)" >&2; exit 2 ;;
     esac
 }

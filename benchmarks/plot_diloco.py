@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def curves(path):
-    config, runs, baseline_lr = {}, {}, None
+    config, runs, baseline_lr, finished, last_round = {}, {}, None, False, None
     with open(path) as f:
         for line in f:
             event = json.loads(line)
@@ -24,12 +24,19 @@ def curves(path):
                 config = event
             elif event["event"] == "summary" and event["run"] == "baseline":
                 baseline_lr = event.get("lr")
+            elif event["event"] == "summary":
+                finished = True
             elif event["event"] == "eval":
                 runs.setdefault(event["run"], []).append((event["tokens"], event["val_loss"]))
+                last_round = event.get("round", last_round)
     label = (
         f"DiLoCo M={config.get('workers')} H={config.get('inner_steps')} "
         f"{config.get('codec')} up / {config.get('broadcast_codec')} down, lr {config.get('lr')}"
     )
+    if config.get("feedback_decay", 1.0) != 1.0:
+        label += f", EF β {config['feedback_decay']:g}, outer lr {config['outer_lr']:g} μ {config['outer_momentum']:g}"
+    if runs.get("diloco") and not finished:
+        label += f" (stopped after round {last_round} of {config.get('rounds')})"
     out = []
     if runs.get("diloco"):
         out.append((label, runs["diloco"], "-"))

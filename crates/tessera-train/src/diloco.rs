@@ -109,8 +109,7 @@ pub fn run_diloco(
     let n_params: u64 = lengths.iter().map(|&n| n as u64).sum();
     let mut outer = OuterOptimizer::new(config.outer, &lengths);
     let mut broadcast_residual: Vec<Vec<f32>> = lengths.iter().map(|&n| vec![0.0; n]).collect();
-    let mut feedback: Vec<Vec<ErrorFeedback>> =
-        (0..config.workers)
+    let mut feedback: Vec<Vec<ErrorFeedback>> = (0..config.workers)
         .map(|_| lengths.iter().map(|&n| ErrorFeedback::new(n).with_decay(config.feedback_decay)).collect())
         .collect();
     let run_id = [0u8; 16];
@@ -189,6 +188,9 @@ pub fn run_diloco(
     })
 }
 
+/// A worker's round: the sum of its inner losses and its weights after them.
+type Trained = (f64, Vec<Vec<f32>>);
+
 /// Every worker starts from `theta` and takes `steps` inner steps; returns each worker's loss
 /// sum and local weights, in worker order. On CUDA the workers run on their own threads, so the
 /// host-side kernel launches of small models overlap; on the CPU they run one after another,
@@ -198,8 +200,8 @@ fn train_workers(
     theta: &[Vec<f32>],
     steps: u64,
     device: Device,
-) -> Vec<Result<(f64, Vec<Vec<f32>>), TrainError>> {
-    let train = |worker: &mut Trainer| -> Result<(f64, Vec<Vec<f32>>), TrainError> {
+) -> Vec<Result<Trained, TrainError>> {
+    let train = |worker: &mut Trainer| -> Result<Trained, TrainError> {
         write_params(&worker.model, theta)?;
         let mut loss = 0.0;
         for _ in 0..steps {

@@ -74,7 +74,9 @@ fn load_torch_cuda() -> Result<()> {
     });
     match loaded {
         Ok(()) => Ok(()),
-        Err(e) => bail!("--device cuda: libtorch's CUDA library could not be loaded ({e}); is this PyTorch a CPU-only build?"),
+        Err(e) => {
+            bail!("--device cuda: libtorch's CUDA library could not be loaded ({e}); is this PyTorch a CPU-only build?")
+        }
     }
 }
 
