@@ -507,6 +507,10 @@ impl Hub {
         };
         let rounds = self.db.rounds().await?;
         let subs = self.db.submissions(None).await?;
+        let mut by_contributor: HashMap<u64, Vec<&SubmissionRow>> = HashMap::new();
+        for s in &subs {
+            by_contributor.entry(s.contributor).or_default().push(s);
+        }
         let rejected: HashMap<u64, u64> = self.db.rejection_counts().await?.into_iter().collect();
         let contributors = self
             .db
@@ -514,7 +518,7 @@ impl Hub {
             .await?
             .into_iter()
             .map(|(id, name, _)| {
-                let mine: Vec<&SubmissionRow> = subs.iter().filter(|s| s.contributor == id).collect();
+                let mine = by_contributor.remove(&id).unwrap_or_default();
                 let losses: Vec<f64> = mine.iter().filter_map(|s| s.inner_loss).collect();
                 ContributorStats {
                     id,
