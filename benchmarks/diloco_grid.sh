@@ -49,6 +49,10 @@ experiment() {
     emb-m4-h50-lr2e-3) run "$1" --workers 4 --inner-steps 50 --rounds 50 --eval-every 5 --codec f32 --lr 2e-3 ;;
     shk-m4-h50-f32)   run "$1" --data "$SHAKESPEARE" --workers 4 --inner-steps 50 --rounds 50 --eval-every 5 --codec f32 ;;
     shk-m4-base)      run "$1" --data "$SHAKESPEARE" --workers 4 --inner-steps 50 --rounds 50 --eval-every 5 --baseline-only ;;
+    shk-m4-h50-lr2e-3) run "$1" --data "$SHAKESPEARE" --workers 4 --inner-steps 50 --rounds 50 --eval-every 5 --codec f32 --lr 2e-3 ;;
+    shk-m4-h50-lr4e-3) run "$1" --data "$SHAKESPEARE" --workers 4 --inner-steps 50 --rounds 50 --eval-every 5 --codec f32 --lr 4e-3 ;;
+    shk-m4-h50-lr2e-3-olr1) run "$1" --data "$SHAKESPEARE" --workers 4 --inner-steps 50 --rounds 50 --eval-every 5 --codec f32 --lr 2e-3 --outer-lr 1 ;;
+    shk-m4-base-lr2e-3) run "$1" --data "$SHAKESPEARE" --workers 4 --inner-steps 50 --rounds 50 --eval-every 5 --baseline-only --baseline-lr 2e-3 ;;
     shk-m4-h50-int8)  run "$1" --data "$SHAKESPEARE" --workers 4 --inner-steps 50 --rounds 50 --eval-every 5 --codec int8 --broadcast-codec int8 ;;
     # The rest of the grid: M in {2, 4, 8} by H in {10, 50, 200}. H=10 runs 250 rounds and
     # shares its baseline with H=50 (2,500 steps either way); H=200 runs 50 rounds (10,000 steps).
