@@ -237,10 +237,26 @@ fn the_networked_run_matches_the_in_process_simulation() {
         "--lr",
         "0.003",
     ];
-    for (up, down) in [("f32", "f32"), ("int8", "int8:64")] {
+    // (name, the hub's flags, the simulation's flags): lossless; int8 both ways; top-k with
+    // decaying error feedback and plain outer SGD (the SparseLoCo recipe).
+    let sparse = ["--feedback-decay", "0.9", "--outer-lr", "1.5", "--outer-momentum", "0", "--broadcast-codec", "int8"];
+    let cases: [(&str, Vec<&str>, Vec<&str>); 3] = [
+        ("f32", vec!["--codec", "f32", "--broadcast-codec", "f32"], vec!["--codec", "f32", "--broadcast-codec", "f32"]),
+        (
+            "int8",
+            vec!["--codec", "int8", "--broadcast-codec", "int8"],
+            vec!["--codec", "int8", "--broadcast-codec", "int8"],
+        ),
+        (
+            "topk",
+            [&["--codec", "topk:64:8"][..], &sparse].concat(),
+            [&["--codec", "topk", "--topk-chunk", "64", "--topk-k", "8"][..], &sparse].concat(),
+        ),
+    ];
+    for (up, hub_flags, sim_flags) in cases {
         let d: PathBuf = dir.path().join(up);
-        let mut demo_args =
-            vec!["demo", "--contributors", "2", "--codec", up, "--broadcast-codec", down, "--dir", d.to_str().unwrap()];
+        let mut demo_args = vec!["demo", "--contributors", "2", "--dir", d.to_str().unwrap()];
+        demo_args.extend(&hub_flags);
         demo_args.extend(common);
         let demo = run(&demo_args);
         let out = String::from_utf8_lossy(&demo.stdout).into_owned();
@@ -250,8 +266,8 @@ fn the_networked_run_matches_the_in_process_simulation() {
         }
         assert!(d.join("final/config.json").exists() && d.join("final/model.safetensors").exists());
 
-        let mut sim_args =
-            vec!["bench", "diloco", "--workers", "2", "--codec", up, "--broadcast-codec", down, "--threads", "1"];
+        let mut sim_args = vec!["bench", "diloco", "--workers", "2", "--threads", "1"];
+        sim_args.extend(&sim_flags);
         sim_args.extend(common);
         let sim = run(&sim_args);
         let sim_out = String::from_utf8_lossy(&sim.stdout).into_owned();
