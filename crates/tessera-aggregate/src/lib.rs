@@ -19,7 +19,7 @@
 
 pub mod bench;
 
-use tessera_protocol::{Codec, MessageView, PseudoGradient};
+use tessera_protocol::{Codec, ErrorFeedback, MessageView, PseudoGradient};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AggregateError {
@@ -257,13 +257,11 @@ pub fn broadcast_step(
     check_shapes(&lengths, &residual.iter().map(Vec::as_slice).collect::<Vec<_>>())?;
     let mut encoded = Vec::with_capacity(theta.len());
     for ((t, goal), e) in theta.iter_mut().zip(target).zip(residual.iter_mut()) {
-        let wanted: Vec<f32> = goal.iter().zip(t.iter()).zip(e.iter()).map(|((g, t), e)| g - t + e).collect();
-        let bytes = codec.encode(&wanted)?;
-        let sent = codec.decode(&bytes, wanted.len() as u64)?;
-        for (((t, e), w), s) in t.iter_mut().zip(e.iter_mut()).zip(&wanted).zip(&sent) {
-            *t += s;
-            *e = w - s;
-        }
+        let delta: Vec<f32> = goal.iter().zip(t.iter()).map(|(g, t)| g - t).collect();
+        let mut feedback = ErrorFeedback::from_residual(std::mem::take(e));
+        let (bytes, sent) = feedback.encode_sent(codec, &delta)?;
+        t.iter_mut().zip(&sent).for_each(|(t, s)| *t += s);
+        *e = feedback.into_residual();
         encoded.push(bytes);
     }
     Ok(encoded)

@@ -297,6 +297,11 @@ impl ErrorFeedback {
 
     /// Encodes `delta + decay · residual` and keeps what the encoding lost as the new residual.
     pub fn encode(&mut self, codec: &Codec, delta: &[f32]) -> Result<Vec<u8>, CodecError> {
+        Ok(self.encode_sent(codec, delta)?.0)
+    }
+
+    /// [`ErrorFeedback::encode`], also returning what the receiver will decode.
+    pub fn encode_sent(&mut self, codec: &Codec, delta: &[f32]) -> Result<(Vec<u8>, Vec<f32>), CodecError> {
         assert_eq!(delta.len(), self.residual.len(), "error feedback sized for another tensor");
         let decay = self.decay;
         let corrected: Vec<f32> = delta.iter().zip(&self.residual).map(|(d, r)| d + decay * r).collect();
@@ -305,7 +310,7 @@ impl ErrorFeedback {
         for ((r, c), s) in self.residual.iter_mut().zip(&corrected).zip(&sent) {
             *r = c - s;
         }
-        Ok(bytes)
+        Ok((bytes, sent))
     }
 
     /// Resumes error feedback from a saved [`ErrorFeedback::residual`].
@@ -315,6 +320,10 @@ impl ErrorFeedback {
 
     pub fn residual(&self) -> &[f32] {
         &self.residual
+    }
+
+    pub fn into_residual(self) -> Vec<f32> {
+        self.residual
     }
 }
 
