@@ -58,13 +58,23 @@ pub fn run(command: Command) -> Result<()> {
 /// Loads libtorch's CUDA half. The binary links it, but nothing names its symbols, so linkers
 /// that drop unused libraries (`--as-needed`, Debian's and Ubuntu's default) leave it out;
 /// loading it only when a GPU is asked for keeps CPU runs from mapping the CUDA libraries.
+/// Loading it again when it is already there (a linker that kept it) changes nothing.
 fn load_torch_cuda() -> Result<()> {
     static LOADED: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
     let loaded = LOADED.get_or_init(|| {
-        // SAFETY: the library's initialisers register libtorch's CUDA backend with the libtorch
-        // this binary already runs (the same installation, found through the binary's rpath or
-        // LD_LIBRARY_PATH); it is never unloaded, so nothing it registered can dangle.
-        match unsafe { libloading::Library::new("libtorch_cuda.so") } {
+        // SAFETY (both loads below): the library's initialisers register libtorch's CUDA
+        // backend with the libtorch this binary already runs (the same installation, found
+        // through the binary's rpath or LD_LIBRARY_PATH); it is never unloaded, so nothing it
+        // registered can dangle.
+        // Global, as a preloaded library would be, so later libraries resolve against it too.
+        #[cfg(unix)]
+        let library = unsafe {
+            use libloading::os::unix::{Library, RTLD_GLOBAL, RTLD_NOW};
+            Library::open(Some("libtorch_cuda.so"), RTLD_NOW | RTLD_GLOBAL)
+        };
+        #[cfg(not(unix))]
+        let library = unsafe { libloading::Library::new("torch_cuda.dll") };
+        match library {
             Ok(library) => {
                 std::mem::forget(library);
                 Ok(())
@@ -96,9 +106,9 @@ pub(crate) fn setup_runtime(runtime: &RuntimeArgs) -> Result<Device> {
         },
     };
     if let Device::Cuda(i) = device {
-        if !tch::Cuda::is_available() {
-            load_torch_cuda()?;
-        }
+        // Before any CUDA query: libtorch settles on its CUDA hooks at the first one, and a
+        // query made before the CUDA library is loaded disables CUDA for the whole process.
+        load_torch_cuda()?;
         let count = tch::Cuda::device_count();
         if !tch::Cuda::is_available() || i as i64 >= count {
             bail!("CUDA device {i} requested but {count} CUDA device(s) are available");
