@@ -250,6 +250,8 @@ impl Contributor {
         if run.protocol != PROTOCOL_VERSION {
             return Err(ContributorError::Protocol(run.protocol));
         }
+        // The spec came over the network: hold it to what a hub must check before serving it.
+        run.spec.validate().map_err(|e| ContributorError::Data(format!("the hub's run spec: {e}")))?;
         let id_path = dir.join("identity.json");
         let saved: Option<Identity> = std::fs::read(&id_path)
             .ok()

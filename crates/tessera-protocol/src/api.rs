@@ -116,9 +116,7 @@ impl RunSpec {
     pub fn validate(&self) -> Result<(), String> {
         self.codec.validate().map_err(|e| format!("codec: {e}"))?;
         self.broadcast_codec.validate().map_err(|e| format!("broadcast codec: {e}"))?;
-        if !(self.feedback_decay > 0.0 && self.feedback_decay <= 1.0) {
-            return Err(format!("feedback decay {} must be in (0, 1]", self.feedback_decay));
-        }
+        crate::ErrorFeedback::check_decay(self.feedback_decay).map_err(|e| e.to_string())?;
         if self.tensors.is_empty() {
             return Err("the model has no tensors".into());
         }

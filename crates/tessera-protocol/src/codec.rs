@@ -56,6 +56,8 @@ pub enum CodecError {
     IndicesOutOfOrder { chunk: u64 },
     #[error("top-k chunk {chunk} codes {got} indices, {expected} expected")]
     IndexCount { chunk: u64, expected: u32, got: u32 },
+    #[error("feedback decay {0} must be in (0, 1]")]
+    BadDecay(String),
     #[error("non-finite value in the input at position {0}")]
     NonFiniteInput(u64),
 }
@@ -289,7 +291,13 @@ impl ErrorFeedback {
         ErrorFeedback { residual: vec![0.0; n], decay: 1.0 }
     }
 
-    /// Error feedback whose residual decays by `decay` (in (0, 1]) each round.
+    /// Checks a decay that may have come from a run spec: it must be in (0, 1].
+    pub fn check_decay(decay: f32) -> Result<(), CodecError> {
+        if decay > 0.0 && decay <= 1.0 { Ok(()) } else { Err(CodecError::BadDecay(decay.to_string())) }
+    }
+
+    /// Error feedback whose residual decays by `decay` (in (0, 1], see
+    /// [`ErrorFeedback::check_decay`]) each round.
     pub fn with_decay(mut self, decay: f32) -> ErrorFeedback {
         self.decay = decay;
         self

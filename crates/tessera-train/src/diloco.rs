@@ -89,9 +89,7 @@ pub fn run_diloco(
     if config.workers == 0 || config.inner_steps == 0 || config.rounds == 0 || config.eval_every == 0 {
         return Err(TrainError::Invalid("workers, inner steps, rounds and eval interval must be positive".into()));
     }
-    if !(config.feedback_decay > 0.0 && config.feedback_decay <= 1.0) {
-        return Err(TrainError::Invalid(format!("feedback decay {} must be in (0, 1]", config.feedback_decay)));
-    }
+    ErrorFeedback::check_decay(config.feedback_decay)?;
     config.codec.validate()?;
     config.broadcast.validate()?;
     let total_inner = config.rounds * config.inner_steps;
