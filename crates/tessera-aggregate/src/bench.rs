@@ -101,3 +101,55 @@ fn memcpy_bandwidth(n: usize) -> f64 {
     }
     (n * 4) as f64 / best / 1e9
 }
+
+/// One robust rule's time on a round of `contributors` pseudo-gradients of `params` values.
+#[derive(Debug, Clone)]
+pub struct RobustBench {
+    pub rule: tessera_protocol::Aggregation,
+    /// Best of `repeats` runs.
+    pub seconds: f64,
+    pub clipped: usize,
+}
+
+/// Times each of `rules` on the same decoded round: `contributors` distinct, deterministic
+/// pseudo-gradients in tensors of `tensor_len` (all held in memory, as the hub holds them for
+/// a robust rule), one of them scaled ×100 so the clipping rules have work to do.
+pub fn robust_round(
+    params: u64,
+    tensor_len: u64,
+    contributors: usize,
+    rules: &[tessera_protocol::Aggregation],
+    repeats: usize,
+) -> Result<Vec<RobustBench>, AggregateError> {
+    let n_tensors = params.div_ceil(tensor_len) as usize;
+    let lengths: Vec<usize> = (0..n_tensors).map(|i| tensor_len.min(params - i as u64 * tensor_len) as usize).collect();
+    let deltas: Vec<Vec<Vec<f32>>> = (0..contributors)
+        .map(|c| {
+            let scale = if c == 0 { 100.0 } else { 1.0 };
+            lengths
+                .iter()
+                .enumerate()
+                .map(|(t, &n)| {
+                    let phase = 0.618 * (c + 1) as f32 + t as f32;
+                    (0..n).map(|j| scale * ((j as f32 * 0.754_877 + phase) % 1.0 - 0.5) * 1e-3).collect()
+                })
+                .collect()
+        })
+        .collect();
+    let inputs: Vec<Vec<&[f32]>> = deltas.iter().map(|d| d.iter().map(Vec::as_slice).collect()).collect();
+    let weights = vec![1.0; contributors];
+    let mut out = Vec::with_capacity(rules.len());
+    for rule in rules {
+        let mut seconds = f64::INFINITY;
+        let mut clipped = 0;
+        for _ in 0..repeats.max(1) {
+            let started = Instant::now();
+            let (mean, report) = crate::robust::aggregate(rule, &inputs, &weights)?;
+            seconds = seconds.min(started.elapsed().as_secs_f64());
+            std::hint::black_box(mean);
+            clipped = report.clipped;
+        }
+        out.push(RobustBench { rule: *rule, seconds, clipped });
+    }
+    Ok(out)
+}

@@ -18,6 +18,7 @@
 //! contributors, ≈ 16 × 400 MB read + 3 × 400 MB read/write ≈ 8 GB of memory traffic.
 
 pub mod bench;
+pub mod robust;
 
 use tessera_protocol::{Codec, ErrorFeedback, MessageView, PseudoGradient};
 

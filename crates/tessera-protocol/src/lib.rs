@@ -9,9 +9,11 @@
 pub mod api;
 pub mod codec;
 pub mod pseudograd;
+pub mod rule;
 pub mod weights;
 
 pub use api::{ApiError, ErrorCode, PROTOCOL_VERSION, RunSpec, TensorSpec};
 pub use codec::{Codec, CodecError, ErrorFeedback};
 pub use pseudograd::{MessageView, PseudoGradient, TensorEntry, TensorView, WireError};
+pub use rule::Aggregation;
 pub use weights::{WeightsError, decode_weights, encode_weights, weights_hash};

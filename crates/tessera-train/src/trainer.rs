@@ -190,10 +190,20 @@ impl Trainer {
     pub fn train_step(&mut self) -> Result<StepStats, TrainError> {
         let c = &self.config;
         let step = self.opt.step;
-        // The step's windows depend only on (seed, worker, step); accumulation only decides how
-        // many go through the model at once, so a small-memory worker computes the same update.
-        let starts =
-            train_windows(c.seed, c.worker, step, c.batch_size * c.grad_accum, c.seq_len, self.dataset.train.len());
+        // The schedule's step: the run's global inner-step count for a DiLoCo contributor, the
+        // optimizer's own step otherwise.
+        let schedule_step = (step as i64).saturating_add(self.schedule_shift).max(0) as u64;
+        // The step's windows depend only on (seed, worker, schedule step), so a validator can
+        // replay which data an assignment trained on; accumulation only decides how many go
+        // through the model at once, so a small-memory worker computes the same update.
+        let starts = train_windows(
+            c.seed,
+            c.worker,
+            schedule_step,
+            c.batch_size * c.grad_accum,
+            c.seq_len,
+            self.dataset.train.len(),
+        );
         let mut loss_sum = 0.0;
         for micro in starts.chunks(c.batch_size) {
             let (x, y) = self.batch(&self.dataset.train, micro);
@@ -206,11 +216,33 @@ impl Trainer {
             return Err(TrainError::Diverged { step, loss });
         }
         let grad_norm = self.opt.clip_grad_norm(c.grad_clip);
-        let schedule_step = (step as i64).saturating_add(self.schedule_shift).max(0) as u64;
         let lr = lr_at(schedule_step, c.lr, c.min_lr, c.warmup_steps, c.steps);
         self.opt.step(lr);
         self.opt.zero_grad();
         Ok(StepStats { step, loss, lr, grad_norm })
+    }
+
+    /// Mean loss per token of the current model on the windows of `tokens` starting at `starts`
+    /// (each `seq_len + 1` tokens), `batch_size` at a time, without gradients.
+    pub fn window_loss(&self, tokens: &[u32], starts: &[usize]) -> Result<f64, TrainError> {
+        let c = &self.config;
+        if let Some(&s) = starts.iter().find(|&&s| s.saturating_add(c.seq_len + 1) > tokens.len()) {
+            return Err(TrainError::Invalid(format!(
+                "window at {s} of {} tokens runs past the end of {} tokens",
+                c.seq_len + 1,
+                tokens.len()
+            )));
+        }
+        let mut total = 0.0;
+        tch::no_grad(|| -> Result<(), TrainError> {
+            for chunk in starts.chunks(c.batch_size.max(1)) {
+                let (x, y) = self.batch(tokens, chunk);
+                let losses = self.model.token_losses(&x, &y)?.to_kind(Kind::Double);
+                total += f64::try_from(losses.sum(Kind::Double))?;
+            }
+            Ok(())
+        })?;
+        Ok(total / (starts.len().max(1) * c.seq_len) as f64)
     }
 
     pub fn evaluate(&self) -> Result<EvalStats, TrainError> {

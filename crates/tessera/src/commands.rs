@@ -49,6 +49,9 @@ pub fn run(command: Command) -> Result<()> {
         Command::Hub(args) => crate::swarm::hub(*args),
         Command::Contribute(args) => crate::swarm::contribute(*args),
         Command::Demo(args) => crate::swarm::demo(*args),
+        Command::Bench(BenchCommand::Robust { params, tensor_len, contributors, rules, repeats }) => {
+            bench_robust(params, tensor_len, contributors, &rules, repeats)
+        }
         Command::Bench(BenchCommand::Hub { params, tensor_len, contributors, codecs, codec }) => {
             bench_hub(params, tensor_len, contributors, &codecs, codec)
         }
@@ -678,6 +681,32 @@ fn bench_hub(params: u64, tensor_len: u64, contributors: usize, codecs: &[CodecN
             r.verify_seconds,
             r.arrival_seconds
         );
+    }
+    Ok(())
+}
+
+fn bench_robust(
+    params: u64,
+    tensor_len: u64,
+    contributors: usize,
+    rules: &[tessera_protocol::Aggregation],
+    repeats: usize,
+) -> Result<()> {
+    if params == 0 || tensor_len == 0 || contributors == 0 || rules.is_empty() {
+        bail!("--params, --tensor-len, --contributors and --rules must be non-empty");
+    }
+    println!(
+        "robust aggregation: {} parameters in tensors of {tensor_len}, {contributors} decoded submissions \
+         ({} in memory), {} threads, best of {repeats}",
+        human(params as f64),
+        gib(params * 4 * contributors as u64),
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    );
+    let results = tessera_aggregate::bench::robust_round(params, tensor_len, contributors, rules, repeats)?;
+    let base = results[0].seconds;
+    println!("{:<22} {:>10} {:>10} {:>9}", "rule", "seconds", "vs first", "clipped");
+    for r in &results {
+        println!("{:<22} {:>10.3} {:>9.2}x {:>9}", r.rule.to_string(), r.seconds, r.seconds / base, r.clipped);
     }
     Ok(())
 }

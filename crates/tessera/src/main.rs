@@ -279,6 +279,25 @@ enum BenchCommand {
         #[command(flatten)]
         codec: CodecArgs,
     },
+    /// Each robust aggregation rule on one round of N contributors' decoded pseudo-gradients
+    /// (one of them scaled ×100), as seconds and as a multiple of the plain mean's time
+    /// measured in the same run.
+    Robust {
+        /// Model parameters.
+        #[arg(long, default_value_t = 100_000_000)]
+        params: u64,
+        /// Values per tensor.
+        #[arg(long, default_value_t = 4_000_000)]
+        tensor_len: u64,
+        #[arg(long, default_value_t = 16)]
+        contributors: usize,
+        /// Rules to time, comma-separated; the first is the baseline.
+        #[arg(long, value_delimiter = ',', default_value = "mean,norm-clip,trimmed-mean,median,centered-clip")]
+        rules: Vec<tessera_protocol::Aggregation>,
+        /// Runs per rule (the best is reported).
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
+    },
     /// DiLoCo simulated in one process (M workers, H inner steps, outer Nesterov), optionally
     /// against synchronous data parallel on the same number of tokens.
     Diloco(Box<DilocoArgs>),

@@ -1,0 +1,77 @@
+//! Exact reward splitting: `units` are divided among shares by the largest-remainder method in
+//! integer arithmetic, so the parts always add up to exactly `units` (nothing lost or created
+//! by rounding) and the result is the same on every machine.
+
+/// Shares are turned into integers with this many bits below the largest before splitting.
+const SHARE_BITS: u32 = 40;
+
+/// Splits `units` in proportion to `shares` (non-negative, finite; anything else counts as 0).
+/// Returns one amount per share, summing to exactly `units` — or all zeros when no share is
+/// positive (the units are then not emitted at all). Remainders go to the largest fractional
+/// parts, ties to the lower index.
+pub fn split_units(units: u64, shares: &[f64]) -> Vec<u64> {
+    let max = shares.iter().copied().filter(|s| s.is_finite() && *s > 0.0).fold(0.0f64, f64::max);
+    if max <= 0.0 {
+        return vec![0; shares.len()];
+    }
+    let scale = (1u64 << SHARE_BITS) as f64 / max;
+    let q: Vec<u128> =
+        shares.iter().map(|&s| if s.is_finite() && s > 0.0 { (s * scale).round() as u128 } else { 0 }).collect();
+    let total: u128 = q.iter().sum();
+    if total == 0 {
+        return vec![0; shares.len()];
+    }
+    let units_wide = u128::from(units);
+    let mut out: Vec<u64> = q.iter().map(|&qi| (units_wide * qi / total) as u64).collect();
+    let given: u64 = out.iter().sum();
+    let mut order: Vec<usize> = (0..shares.len()).filter(|&i| q[i] > 0).collect();
+    // Largest remainder first; the index breaks ties so the split is deterministic.
+    order.sort_by(|&a, &b| ((units_wide * q[b]) % total).cmp(&((units_wide * q[a]) % total)).then(a.cmp(&b)));
+    for &i in order.iter().take((units - given) as usize) {
+        out[i] += 1;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn splits_exactly() {
+        assert_eq!(split_units(10, &[1.0, 1.0, 1.0]), vec![4, 3, 3]);
+        assert_eq!(split_units(100, &[3.0, 1.0, 0.0, -2.0, f64::NAN]), vec![75, 25, 0, 0, 0]);
+        assert_eq!(split_units(7, &[0.0, -1.0]), vec![0, 0]);
+        assert_eq!(split_units(0, &[1.0, 2.0]), vec![0, 0]);
+        assert_eq!(
+            split_units(u64::MAX, &[1.0, 1.0]).iter().map(|&x| u128::from(x)).sum::<u128>(),
+            u128::from(u64::MAX)
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn nothing_is_lost_or_created(units in any::<u64>(), shares in proptest::collection::vec(prop_oneof![Just(0.0), 0.0f64..1e6, Just(f64::NAN), -5.0f64..0.0], 0..40)) {
+            let out = split_units(units, &shares);
+            prop_assert_eq!(out.len(), shares.len());
+            let any_positive = shares.iter().any(|s| s.is_finite() && *s > 0.0);
+            let sum: u128 = out.iter().map(|&x| u128::from(x)).sum();
+            prop_assert_eq!(sum, if any_positive { u128::from(units) } else { 0 });
+            for (o, s) in out.iter().zip(&shares) {
+                if !(s.is_finite() && *s > 0.0) {
+                    prop_assert_eq!(*o, 0);
+                }
+            }
+            if any_positive {
+                // Each part is within one unit of its exact proportional value.
+                let positive: Vec<f64> = shares.iter().map(|&s| if s.is_finite() && s > 0.0 { s } else { 0.0 }).collect();
+                let total: f64 = positive.iter().sum();
+                for (o, s) in out.iter().zip(&positive) {
+                    let exact = units as f64 * s / total;
+                    prop_assert!((*o as f64 - exact).abs() <= 1.0 + exact * 1e-9, "{o} vs {exact}");
+                }
+            }
+        }
+    }
+}
