@@ -298,6 +298,23 @@ fn check_table(lengths: &[usize], message: &MessageView<'_>) -> Result<(), Aggre
     Ok(())
 }
 
+/// Decodes every tensor of `message` (which must match `lengths`) into f32, refusing
+/// non-finite values: what a robust rule, which needs all submissions at once, works on.
+pub fn decode_view(lengths: &[usize], message: &MessageView<'_>) -> Result<Vec<Vec<f32>>, AggregateError> {
+    check_table(lengths, message)?;
+    let mut out: Vec<Vec<f32>> = lengths.iter().map(|&n| vec![0.0; n]).collect();
+    let codec = message.codec;
+    let mut no_scratch = vec![Vec::new(); threads().min(lengths.len().max(1))];
+    per_tensor(&mut out, &mut no_scratch, |i, t, _| {
+        codec.decode_into(message.tensors[i].encoded, t).map_err(tessera_protocol::WireError::from)?;
+        match t.iter().position(|v| !v.is_finite()) {
+            Some(position) => Err(AggregateError::NonFinite { index: i, position }),
+            None => Ok(()),
+        }
+    })?;
+    Ok(out)
+}
+
 /// Checks that every tensor of `message` decodes to `lengths` finite values, on all cores.
 /// The hub runs this when a submission arrives, so a bad one is refused then and there.
 pub fn check_view(lengths: &[usize], message: &MessageView<'_>) -> Result<(), AggregateError> {

@@ -15,7 +15,8 @@ use rand_distr::{Distribution, Normal};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Adversary {
-    /// NaN values in the pseudo-gradient.
+    /// NaN in the encoded pseudo-gradient (written into the bytes after encoding, since the
+    /// codecs refuse to encode it).
     Nan,
     /// Gaussian noise 100× the size of an honest Δ in place of it.
     Noise,
@@ -103,13 +104,8 @@ impl Adversary {
     pub fn tamper(&self, delta: &mut [Vec<f32>], others: &[&[Vec<f32>]], n: usize, attackers: usize, seed: u64) {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         match self {
-            Adversary::Nan => {
-                for t in delta.iter_mut() {
-                    for v in t.iter_mut().step_by(97) {
-                        *v = f32::NAN;
-                    }
-                }
-            }
+            // Codecs refuse to encode NaN, so the driver writes it into the encoded bytes.
+            Adversary::Nan => {}
             Adversary::Noise => {
                 for t in delta.iter_mut() {
                     let std = 100.0 * rms(t);
@@ -233,7 +229,6 @@ mod tests {
         assert_eq!(run(Adversary::SignFlip, &[]), vec![vec![-1.0, 2.0, -3.0]]);
         assert_eq!(run(Adversary::Scale, &[]), vec![vec![100.0, -200.0, 300.0]]);
         assert_eq!(run(Adversary::Zero, &[]), vec![vec![0.0; 3]]);
-        assert!(run(Adversary::Nan, &[])[0][0].is_nan());
         assert_eq!(run(Adversary::Copy, &[&other]), other);
         assert_eq!(run(Adversary::Ipm, &[&honest, &other]), vec![vec![-1.0, 1.0, -1.0]]);
         let alie = run(Adversary::Alie, &[&honest, &other]);

@@ -2,7 +2,9 @@
 //! and a share of the round's reward units.
 //!
 //! Rules, in order: a copy, a submission whose gain on its assigned data is not above its gain
-//! on random data by `min_data_fit` (not trained on what it was given), and one whose held-out
+//! on random data by `min_data_fit` when one is set (not trained on what it was given; the
+//! measurement is noisy at small sample sizes, so it is recorded but not enforced by default),
+//! and one whose held-out
 //! score is not positive (it does not help) are left out and earn nothing. Of the rest, the best
 //! `top` (all if unset) are aggregated with their staleness weight and earn in proportion to
 //! score^`reward_power` (a power above 1 pays consistent, large contributions more than many
@@ -49,13 +51,13 @@ impl Flag {
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Policy {
     pub reward_power: f64,
-    pub min_data_fit: f64,
+    pub min_data_fit: Option<f64>,
     pub top: Option<usize>,
 }
 
 impl Default for Policy {
     fn default() -> Self {
-        Policy { reward_power: 2.0, min_data_fit: 0.0, top: None }
+        Policy { reward_power: 2.0, min_data_fit: None, top: None }
     }
 }
 
@@ -64,7 +66,7 @@ impl Policy {
         if !(self.reward_power.is_finite() && self.reward_power > 0.0 && self.reward_power <= 8.0) {
             return Err(format!("reward power {} must be in (0, 8]", self.reward_power));
         }
-        if !self.min_data_fit.is_finite() {
+        if self.min_data_fit.is_some_and(|m| !m.is_finite()) {
             return Err("minimum data fit must be finite".into());
         }
         if self.top == Some(0) {
@@ -90,7 +92,7 @@ pub fn judge(scored: &[Scored], policy: &Policy) -> Vec<Judged> {
         .map(|s| {
             let flag = if s.copy_of.is_some() {
                 Some(Flag::Copy)
-            } else if s.data_fit.is_nan() || s.data_fit <= policy.min_data_fit {
+            } else if policy.min_data_fit.is_some_and(|m| s.data_fit.is_nan() || s.data_fit <= m) {
                 Some(Flag::WrongData)
             } else if !(s.score.is_finite() && s.score > 0.0) {
                 Some(Flag::NotPositive)
@@ -131,7 +133,7 @@ mod tests {
             s(-0.5, 0.01, None),
             s(f64::NAN, 0.01, None),
         ];
-        let j = judge(&round, &Policy::default());
+        let j = judge(&round, &Policy { min_data_fit: Some(0.0), ..Policy::default() });
         let flags: Vec<Option<Flag>> = j.iter().map(|x| x.flag).collect();
         assert_eq!(
             flags,
@@ -139,7 +141,8 @@ mod tests {
         );
         assert!((j[0].share / j[1].share - 4.0).abs() < 1e-9);
         assert_eq!(j[2].weight, 0.0);
-        let top1 = judge(&round, &Policy { top: Some(1), ..Policy::default() });
+        let top1 = judge(&round, &Policy { top: Some(1), min_data_fit: Some(0.0), ..Policy::default() });
+        assert_eq!(judge(&round, &Policy::default())[3].flag, None);
         assert_eq!(top1[1].flag, Some(Flag::BelowTop));
         assert_eq!(top1[0].flag, None);
     }

@@ -10,6 +10,8 @@
 //! trainer (weights, AdamW moments, step), the error-feedback residuals and the cached base
 //! weights. A contributor killed at any moment restarts from the last round it finished.
 
+pub mod adversary;
+
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -68,6 +70,9 @@ pub struct ContributorConfig {
     pub max_rounds: Option<u64>,
     /// How long to keep retrying while the hub is unreachable or failing.
     pub patience: Duration,
+    /// Testing tool: behave as this attack (see `tessera_contest::Adversary`). Never set in
+    /// normal use.
+    pub adversary: Option<tessera_contest::Adversary>,
 }
 
 /// What one finished round looked like from the contributor's side.
@@ -121,6 +126,8 @@ pub struct Contributor {
     base: Option<Base>,
     /// The last base round this contributor submitted for.
     last_submitted: Option<u64>,
+    /// Adversaries only: the last message sent (replay resends it).
+    last_body: Option<Vec<u8>>,
 }
 
 fn state_err(path: &Path, e: impl std::fmt::Display) -> ContributorError {
@@ -314,7 +321,7 @@ impl Contributor {
         let base = load_base(dir, table);
         let last_submitted =
             std::fs::read_to_string(dir.join("last_submitted")).ok().and_then(|s| s.trim().parse().ok());
-        Ok(Contributor { config, http, run, identity, trainer, feedback, base, last_submitted })
+        Ok(Contributor { config, http, run, identity, trainer, feedback, base, last_submitted, last_body: None })
     }
 
     pub fn id(&self) -> u64 {
@@ -362,22 +369,42 @@ impl Contributor {
         write_params(&self.trainer.model, &base.weights)?;
         self.trainer.schedule_shift = a.schedule_step as i64 - self.trainer.step() as i64;
         let start = Instant::now();
+        let adversary = self.config.adversary;
+        if adversary == Some(tessera_contest::Adversary::WrongData) {
+            self.trainer.config.worker = a.slot + 1_000_003; // Someone else's windows.
+        }
+        let steps = adversary.map_or(a.inner_steps, |k| k.inner_steps(a.inner_steps));
         let mut loss_sum = 0.0;
-        for _ in 0..a.inner_steps {
+        for _ in 0..steps {
             loss_sum += self.trainer.train_step()?.loss;
         }
-        let inner_loss = loss_sum / a.inner_steps as f64;
+        let inner_loss = loss_sum / steps.max(1) as f64;
         let train_s = start.elapsed().as_secs_f64();
         let local = read_params(&self.trainer.model)?;
+        let mut deltas: Vec<Vec<f32>> =
+            base.weights.iter().zip(&local).map(|(b, l)| b.iter().zip(l).map(|(b, l)| b - l).collect()).collect();
+        if let Some(kind) = adversary {
+            // Alone, an attacker sees no one else's work: copies take the last published update
+            // (the only other pseudo-gradient a contributor can download); ALIE and IPM estimate
+            // the honest mean from its own Δ.
+            let public = match kind {
+                tessera_contest::Adversary::Copy | tessera_contest::Adversary::CopyNoise if a.round > 0 => {
+                    Some(self.published_update(a.round)?)
+                }
+                _ => None,
+            };
+            let others: Vec<&[Vec<f32>]> = public.iter().map(Vec::as_slice).collect();
+            let n = self.run.spec.quorum as usize;
+            kind.tamper(&mut deltas, &others, n.max(2), 1, a.round ^ a.slot);
+        }
         let spec = &self.run.spec;
         let mut tensors = Vec::with_capacity(spec.tensors.len());
-        for ((t, (b, l)), ef) in spec.tensors.iter().zip(base.weights.iter().zip(&local)).zip(&mut self.feedback) {
-            let delta: Vec<f32> = b.iter().zip(l).map(|(b, l)| b - l).collect();
-            tensors.push(TensorEntry {
-                name: t.name.clone(),
-                shape: t.shape.clone(),
-                encoded: ef.encode(&spec.codec, &delta)?,
-            });
+        for (k, ((t, delta), ef)) in spec.tensors.iter().zip(&deltas).zip(&mut self.feedback).enumerate() {
+            let mut encoded = ef.encode(&spec.codec, delta)?;
+            if k == 0 && adversary == Some(tessera_contest::Adversary::Nan) {
+                adversary::poison(&spec.codec, &mut encoded);
+            }
+            tensors.push(TensorEntry { name: t.name.clone(), shape: t.shape.clone(), encoded });
         }
         let message = PseudoGradient {
             codec: spec.codec,
@@ -386,11 +413,52 @@ impl Contributor {
             base_checkpoint: hex_array(&a.base_checkpoint)?,
             tensors,
         };
-        let body = message.to_bytes();
+        let mut body = message.to_bytes();
+        match adversary {
+            Some(tessera_contest::Adversary::Replay) => {
+                if let Some(old) = self.last_body.replace(body.clone()) {
+                    body = old;
+                }
+            }
+            Some(tessera_contest::Adversary::Stale) => self.wait_until_stale(a.round)?,
+            _ => {}
+        }
         let bytes_up = body.len() as u64;
         let outcome = self.upload(body, inner_loss)?;
         self.save_state(a.round)?;
         Ok(RoundReport { round: a.round, inner_loss, bytes_up, bytes_down, outcome, train_s })
+    }
+
+    /// Adversaries only: the decoded update the hub published into `round`.
+    fn published_update(&self, round: u64) -> Result<Vec<Vec<f32>>> {
+        let url = format!("{}/v1/updates/{round}", self.config.hub);
+        let hub = self.hub();
+        let r = hub.send("update", || self.http.get(&url))?;
+        let status = r.status();
+        let bytes = r.bytes().map_err(|e| hub.http_err("update", e))?;
+        if !status.is_success() {
+            return Err(hub.refusal("update", status, &bytes));
+        }
+        let view = MessageView::parse(&bytes)?;
+        let zeros: Vec<Vec<f32>> = self.run.spec.tensors.iter().map(|t| vec![0.0; t.numel() as usize]).collect();
+        // The update moves θ by +u; as a pseudo-gradient (θ − θ_local) that is −u.
+        Ok(view.apply_to(&zeros)?.into_iter().map(|t| t.into_iter().map(|v| -v).collect()).collect())
+    }
+
+    /// Adversaries only: holds a finished round's work until the run has moved past the
+    /// staleness it accepts.
+    fn wait_until_stale(&self, base_round: u64) -> Result<()> {
+        let target = base_round + self.run.spec.max_staleness + 1;
+        let url = format!("{}/v1/run", self.config.hub);
+        let hub = self.hub();
+        let started = Instant::now();
+        loop {
+            let info: RunInfo = hub.json("run", hub.send("run", || self.http.get(&url))?)?;
+            if info.round >= target || info.finished || started.elapsed() > self.config.patience {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
     }
 
     fn upload(&self, body: Vec<u8>, inner_loss: f64) -> Result<Outcome> {
@@ -402,7 +470,10 @@ impl Contributor {
         match hub.json::<Receipt>("submit", response) {
             Ok(r) => Ok(Outcome::Accepted(r)),
             Err(ContributorError::Refused(e)) if e.code == ErrorCode::Duplicate => Ok(Outcome::AlreadyAccepted),
-            Err(ContributorError::Refused(e)) if matches!(e.code, ErrorCode::Stale | ErrorCode::RunFinished) => {
+            // An adversary is refused by design; it goes on to the next round.
+            Err(ContributorError::Refused(e))
+                if matches!(e.code, ErrorCode::Stale | ErrorCode::RunFinished) || self.config.adversary.is_some() =>
+            {
                 tracing::warn!(reason = %e.message, "submission not used");
                 Ok(Outcome::NotUsed(e.message))
             }

@@ -5,6 +5,7 @@
 use sqlx::any::{AnyPoolOptions, install_default_drivers};
 use sqlx::migrate::Migrator;
 use sqlx::{AnyPool, Row};
+use tessera_contest::{Rating, Ratings};
 use tessera_protocol::api::RoundState;
 
 use crate::HubError;
@@ -67,12 +68,30 @@ pub struct Publication<'a> {
     pub bytes_up: u64,
     /// The run is over after this round.
     pub finished: bool,
+    /// Scores and rewards of the round's submissions (scored runs).
+    pub scores: &'a [ScoreRow],
+    /// Ratings changed by this round.
+    pub ratings: &'a [(u64, Rating)],
+}
+
+/// One submission's score, flag, aggregation weight and reward.
+#[derive(Debug, Clone)]
+pub struct ScoreRow {
+    pub contributor: u64,
+    pub base_round: u64,
+    pub round: u64,
+    pub score: Option<f64>,
+    pub data_fit: Option<f64>,
+    pub flag: Option<String>,
+    pub weight: f64,
+    pub reward: u64,
 }
 
 fn state_name(s: RoundState) -> &'static str {
     match s {
         RoundState::Open => "open",
         RoundState::Collecting => "collecting",
+        RoundState::Scoring => "scoring",
         RoundState::Aggregating => "aggregating",
         RoundState::Published => "published",
     }
@@ -82,6 +101,7 @@ fn parse_state(s: &str) -> Result<RoundState, HubError> {
     Ok(match s {
         "open" => RoundState::Open,
         "collecting" => RoundState::Collecting,
+        "scoring" => RoundState::Scoring,
         "aggregating" => RoundState::Aggregating,
         "published" => RoundState::Published,
         other => return Err(HubError::Corrupt(format!("unknown round state {other:?}"))),
@@ -283,17 +303,21 @@ impl Db {
     pub async fn insert_rejection(
         &self,
         contributor: u64,
+        round: u64,
         code: &str,
         message: &str,
         now: i64,
     ) -> Result<(), HubError> {
-        sqlx::query("INSERT INTO rejections (contributor, code, message, received_ms) VALUES ($1, $2, $3, $4)")
-            .bind(contributor as i64)
-            .bind(code)
-            .bind(message)
-            .bind(now)
-            .execute(&self.pool)
-            .await?;
+        sqlx::query(
+            "INSERT INTO rejections (contributor, round, code, message, received_ms) VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(contributor as i64)
+        .bind(round as i64)
+        .bind(code)
+        .bind(message)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
         Ok(())
     }
 
@@ -305,6 +329,78 @@ impl Db {
             *counts.entry(u(r.try_get("contributor")?)).or_insert(0u64) += 1;
         }
         Ok(counts.into_iter().collect())
+    }
+
+    /// (contributor, code, message) of every rejection recorded while `round` was open.
+    pub async fn rejections(&self, round: u64) -> Result<Vec<(u64, String, String)>, HubError> {
+        let rows = sqlx::query("SELECT contributor, code, message FROM rejections WHERE round = $1")
+            .bind(round as i64)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(|r| Ok((u(r.try_get("contributor")?), r.try_get("code")?, r.try_get("message")?))).collect()
+    }
+
+    /// Every rejection: (contributor, round, code).
+    pub async fn all_rejections(&self) -> Result<Vec<(u64, Option<u64>, String)>, HubError> {
+        let rows = sqlx::query("SELECT contributor, round, code FROM rejections").fetch_all(&self.pool).await?;
+        rows.iter()
+            .map(|r| {
+                Ok((u(r.try_get("contributor")?), r.try_get::<Option<i64>, _>("round")?.map(u), r.try_get("code")?))
+            })
+            .collect()
+    }
+
+    /// The contributor whose accepted submission is stored as `blob`, if any.
+    pub async fn blob_owner(&self, blob: &str) -> Result<Option<u64>, HubError> {
+        let row = sqlx::query("SELECT contributor FROM submissions WHERE blob = $1")
+            .bind(blob)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| Ok(u(r.try_get("contributor")?))).transpose()
+    }
+
+    /// Round `round`'s evaluation seed and commitment (hex).
+    pub async fn eval_seed(&self, round: u64) -> Result<(String, String), HubError> {
+        let r = sqlx::query("SELECT eval_seed, eval_commitment FROM rounds WHERE round = $1")
+            .bind(round as i64)
+            .fetch_one(&self.pool)
+            .await?;
+        let seed: Option<String> = r.try_get("eval_seed")?;
+        let commitment: Option<String> = r.try_get("eval_commitment")?;
+        seed.zip(commitment).ok_or_else(|| HubError::Corrupt(format!("round {round} has no evaluation seed")))
+    }
+
+    pub async fn ratings(&self) -> Result<Ratings, HubError> {
+        let rows = sqlx::query("SELECT contributor, mu, sigma, rounds FROM ratings").fetch_all(&self.pool).await?;
+        let mut out = Ratings::default();
+        for r in &rows {
+            let rating = Rating { mu: r.try_get("mu")?, sigma: r.try_get("sigma")?, rounds: u(r.try_get("rounds")?) };
+            out.0.insert(u(r.try_get("contributor")?), rating);
+        }
+        Ok(out)
+    }
+
+    pub async fn scores(&self) -> Result<Vec<ScoreRow>, HubError> {
+        let rows = sqlx::query(
+            "SELECT contributor, base_round, round, score, data_fit, flag, weight, reward FROM scores \
+             ORDER BY round, contributor",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(ScoreRow {
+                    contributor: u(r.try_get("contributor")?),
+                    base_round: u(r.try_get("base_round")?),
+                    round: u(r.try_get("round")?),
+                    score: r.try_get("score")?,
+                    data_fit: r.try_get("data_fit")?,
+                    flag: r.try_get("flag")?,
+                    weight: r.try_get("weight")?,
+                    reward: u(r.try_get("reward")?),
+                })
+            })
+            .collect()
     }
 
     /// Closes `p.round`, opens the next one (unless the run finished) and moves the run to it.
@@ -324,6 +420,35 @@ impl Db {
         .bind(p.round as i64)
         .execute(&mut *tx)
         .await?;
+        for sc in p.scores {
+            sqlx::query(
+                "INSERT INTO scores (contributor, base_round, round, score, data_fit, flag, weight, reward) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+            )
+            .bind(sc.contributor as i64)
+            .bind(sc.base_round as i64)
+            .bind(sc.round as i64)
+            .bind(sc.score)
+            .bind(sc.data_fit)
+            .bind(sc.flag.as_deref())
+            .bind(sc.weight)
+            .bind(i64::try_from(sc.reward).map_err(|_| HubError::Corrupt("reward beyond i64".into()))?)
+            .execute(&mut *tx)
+            .await?;
+        }
+        for (contributor, r) in p.ratings {
+            sqlx::query("DELETE FROM ratings WHERE contributor = $1")
+                .bind(*contributor as i64)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query("INSERT INTO ratings (contributor, mu, sigma, rounds) VALUES ($1, $2, $3, $4)")
+                .bind(*contributor as i64)
+                .bind(r.mu)
+                .bind(r.sigma)
+                .bind(r.rounds as i64)
+                .execute(&mut *tx)
+                .await?;
+        }
         let next = p.round + 1;
         if !p.finished {
             open_round(&mut tx, next, p.result_checkpoint, p.closed_ms).await?;
@@ -339,19 +464,26 @@ impl Db {
     }
 }
 
+/// Opens `round` with a fresh secret evaluation seed; only its commitment is shown until the
+/// round's submissions close.
 async fn open_round(
     tx: &mut sqlx::Transaction<'_, sqlx::Any>,
     round: u64,
     base: &str,
     now: i64,
 ) -> Result<(), HubError> {
+    let mut seed = [0u8; 32];
+    getrandom::fill(&mut seed).map_err(|e| HubError::Config(format!("no randomness: {e}")))?;
+    let commitment = tessera_contest::commit::commitment(&seed);
     sqlx::query(
-        "INSERT INTO rounds (round, base_checkpoint, state, opened_ms, accepted, weight, bytes_up) \
-         VALUES ($1, $2, 'open', $3, 0, 0, 0)",
+        "INSERT INTO rounds (round, base_checkpoint, state, opened_ms, accepted, weight, bytes_up, eval_seed, \
+         eval_commitment) VALUES ($1, $2, 'open', $3, 0, 0, 0, $4, $5)",
     )
     .bind(round as i64)
     .bind(base)
     .bind(now)
+    .bind(hex::encode(seed))
+    .bind(hex::encode(commitment))
     .execute(&mut **tx)
     .await?;
     Ok(())

@@ -11,7 +11,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use tessera_protocol::api::{CONTRIBUTOR_HEADER, INNER_LOSS_HEADER, RegisterRequest};
+use tessera_protocol::api::{CONTRIBUTOR_HEADER, INNER_LOSS_HEADER, RegisterRequest, ScoreReport};
 use tessera_protocol::{ApiError, ErrorCode};
 
 use crate::hub::{Hub, checkpoint_key, update_key};
@@ -35,7 +35,12 @@ pub fn status_of(code: ErrorCode) -> StatusCode {
         | ErrorCode::TensorMismatch
         | ErrorCode::BaseMismatch
         | ErrorCode::FutureRound => StatusCode::UNPROCESSABLE_ENTITY,
-        ErrorCode::Stale | ErrorCode::Duplicate | ErrorCode::RunFinished => StatusCode::CONFLICT,
+        ErrorCode::Stale
+        | ErrorCode::Duplicate
+        | ErrorCode::Replay
+        | ErrorCode::RunFinished
+        | ErrorCode::NotScoring => StatusCode::CONFLICT,
+        ErrorCode::Busy => StatusCode::SERVICE_UNAVAILABLE,
         ErrorCode::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
         ErrorCode::RangeNotSatisfiable => StatusCode::RANGE_NOT_SATISFIABLE,
         ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
@@ -63,6 +68,12 @@ pub fn router(hub: Arc<Hub>) -> Router {
         .route("/v1/submissions", post(submit).layer(DefaultBodyLimit::max(limit)))
         .route("/v1/checkpoints/{hash}", get(checkpoint))
         .route("/v1/updates/{round}", get(update))
+        .route("/v1/leaderboard", get(leaderboard))
+        .route("/api/leaderboard", get(leaderboard))
+        .route("/v1/rounds/{round}/eval-seed", get(eval_seed))
+        .route("/v1/validator/job", get(validator_job))
+        .route("/v1/validator/submissions/{blob}", get(validator_blob))
+        .route("/v1/validator/scores", post(validator_scores))
         .fallback(|| async { refuse(ErrorCode::NotFound, "no such endpoint") })
         .with_state(hub)
 }
@@ -207,4 +218,58 @@ async fn update(
         ));
     }
     serve_blob(&hub, &update_key(round), &headers).await
+}
+
+async fn leaderboard(State(hub): State<Arc<Hub>>) -> Result<impl IntoResponse, Refusal> {
+    hub.leaderboard().await.map(Json).map_err(|e| refuse(ErrorCode::Internal, e.to_string()))
+}
+
+/// A round's evaluation-seed commitment, and the seed itself once the round's submissions have
+/// closed, so anyone can check the validator's evaluation data was fixed in advance.
+async fn eval_seed(State(hub): State<Arc<Hub>>, Path(round): Path<String>) -> Result<impl IntoResponse, Refusal> {
+    let round: u64 =
+        round.parse().map_err(|_| refuse(ErrorCode::BadRequest, format!("round {round:?} is not a number")))?;
+    Ok(Json(hub.eval_seed(round).await?))
+}
+
+/// Checks the validator's bearer token.
+fn validator(hub: &Hub, headers: &HeaderMap) -> Result<(), Refusal> {
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or_else(|| refuse(ErrorCode::Unauthorized, "missing `authorization: Bearer <validator token>` header"))?;
+    Ok(hub.authenticate_validator(token.trim())?)
+}
+
+/// The round waiting for scores: 200 with the job, or 204 when there is none.
+async fn validator_job(State(hub): State<Arc<Hub>>, headers: HeaderMap) -> Result<Response, Refusal> {
+    validator(&hub, &headers)?;
+    match hub.scoring_job().await.map_err(|e| refuse(ErrorCode::Internal, e.to_string()))? {
+        Some(job) => Ok(Json(job).into_response()),
+        None => Ok(StatusCode::NO_CONTENT.into_response()),
+    }
+}
+
+async fn validator_blob(
+    State(hub): State<Arc<Hub>>,
+    Path(blob): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, Refusal> {
+    validator(&hub, &headers)?;
+    let bytes = hub.submission_blob(&blob).await?;
+    Ok((StatusCode::OK, [(header::CONTENT_TYPE, "application/octet-stream")], Body::from(bytes)).into_response())
+}
+
+async fn validator_scores(
+    State(hub): State<Arc<Hub>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<impl IntoResponse, Refusal> {
+    validator(&hub, &headers)?;
+    let body = body_or_refusal(body)?;
+    let report: ScoreReport =
+        serde_json::from_slice(&body).map_err(|e| refuse(ErrorCode::BadRequest, format!("scores: {e}")))?;
+    hub.post_scores(report).await?;
+    Ok(StatusCode::NO_CONTENT)
 }

@@ -1,8 +1,11 @@
-//! The run's state machine. Every round moves open → collecting → aggregating → published:
-//! open when its base checkpoint is published, collecting from its first accepted submission,
-//! aggregating at quorum or when its deadline passes, published when the new checkpoint, the
-//! compressed update and the outer-optimizer state are in the store and one database
-//! transaction has closed the round and opened the next.
+//! The run's state machine. Every round moves open → collecting → (scoring) → aggregating →
+//! published: open when its base checkpoint is published, collecting from its first accepted
+//! submission; at quorum or when its deadline passes its submissions close, and in a scored run
+//! it waits for the validator's scores (its evaluation seed is revealed then; submissions
+//! arriving meanwhile are told to retry); aggregating with the weights the scores give, and
+//! published when the new checkpoint, the compressed update and the outer-optimizer state are
+//! in the store and one database transaction has closed the round (scores, rewards, ratings
+//! included) and opened the next.
 //!
 //! Crash safety: a submission is acknowledged only after its blob is stored and its row
 //! committed; a round's outputs are written (content-addressed or keyed by round, so rewriting
@@ -16,18 +19,23 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use tessera_aggregate::{Accumulator, AggregateError, OuterConfig, OuterOptimizer, broadcast_step, check_view};
+use tessera_aggregate::{
+    Accumulator, AggregateError, OuterConfig, OuterOptimizer, broadcast_step, check_view, decode_view,
+};
+use tessera_contest::rating::Standing;
+use tessera_contest::{Policy, Ratings, Scored, judge, split_units};
 use tessera_protocol::api::{
-    Assignment, ContributorStats, HubStatus, Receipt, Registration, RoundState, RoundSummary, RunInfo,
+    Assignment, ContributorStats, HubStatus, JobSubmission, LeaderRow, Leaderboard, Receipt, Registration, RoundState,
+    RoundSummary, RunInfo, ScoreReport, ScoringJob,
 };
 use tessera_protocol::{
-    ApiError, ErrorCode, MessageView, PROTOCOL_VERSION, PseudoGradient, RunSpec, TensorEntry, TensorSpec,
+    Aggregation, ApiError, ErrorCode, MessageView, PROTOCOL_VERSION, PseudoGradient, RunSpec, TensorEntry, TensorSpec,
     decode_weights, encode_weights, weights_hash,
 };
 use tokio::sync::{Mutex, watch};
 
 use crate::HubError;
-use crate::db::{Db, Publication, SubmissionRow};
+use crate::db::{Db, Publication, ScoreRow, SubmissionRow};
 use crate::store::Store;
 
 pub fn now_ms() -> i64 {
@@ -81,6 +89,16 @@ struct State {
     residual: Vec<Vec<f32>>,
     accepted: u64,
     first_accept_ms: Option<i64>,
+    /// Hex commitment to the current round's evaluation seed.
+    commitment: String,
+    /// Set while the round's submissions are closed and its scores awaited.
+    scoring: Option<Scoring>,
+    ratings: Ratings,
+}
+
+struct Scoring {
+    since_ms: i64,
+    closed_by: String,
 }
 
 pub struct Hub {
@@ -94,6 +112,8 @@ pub struct Hub {
     tokens: std::sync::RwLock<HashMap<u64, String>>,
     round_tx: watch::Sender<u64>,
     bytes_down: AtomicU64,
+    /// BLAKE3 of the validator's bearer token; no validator can report without one.
+    validator_token: std::sync::RwLock<Option<String>>,
 }
 
 /// What the hub checks of a submission before it looks at the run's state.
@@ -173,6 +193,8 @@ impl Hub {
         }
         let round = run.round;
         let pending = if run.finished { Vec::new() } else { db.submissions(Some(round)).await? };
+        let commitment = if run.finished { String::new() } else { db.eval_seed(round).await?.1 };
+        let ratings = db.ratings().await?;
         let mut tokens = HashMap::new();
         for (id, _, hash) in db.contributors().await? {
             tokens.insert(id, hash);
@@ -186,6 +208,9 @@ impl Hub {
             residual,
             accepted: pending.len() as u64,
             first_accept_ms: pending.iter().map(|s| s.received_ms).min(),
+            commitment,
+            scoring: None,
+            ratings,
         };
         let hub = Arc::new(Hub {
             db,
@@ -198,11 +223,14 @@ impl Hub {
             tokens: std::sync::RwLock::new(tokens),
             round_tx: watch::Sender::new(round),
             bytes_down: AtomicU64::new(0),
+            validator_token: std::sync::RwLock::new(None),
         });
         {
             let mut state = hub.state.lock().await;
-            let aggregating = rounds.iter().any(|r| r.round == round && r.state == RoundState::Aggregating);
-            if !state.finished && (aggregating || state.accepted >= u64::from(hub.spec.quorum)) {
+            let closed = rounds
+                .iter()
+                .any(|r| r.round == round && matches!(r.state, RoundState::Aggregating | RoundState::Scoring));
+            if !state.finished && (closed || state.accepted >= u64::from(hub.spec.quorum)) {
                 tracing::info!(round, "finishing the round that was closing when the hub stopped");
                 hub.close_round(&mut state, "quorum").await?;
             }
@@ -244,6 +272,36 @@ impl Hub {
         }
     }
 
+    /// Sets the token the validator authenticates with (its hash is kept).
+    pub fn set_validator_token(&self, token: &str) {
+        if let Ok(mut t) = self.validator_token.write() {
+            *t = Some(token_hash(token));
+        }
+    }
+
+    pub fn authenticate_validator(&self, token: &str) -> Result<(), ApiError> {
+        let known = self.validator_token.read().map_err(|_| api(ErrorCode::Internal, "validator token poisoned"))?;
+        match known.as_deref() {
+            Some(h) if h == token_hash(token) => Ok(()),
+            Some(_) => Err(api(ErrorCode::Unauthorized, "wrong validator token")),
+            None => Err(api(ErrorCode::Unauthorized, "this hub has no validator token configured")),
+        }
+    }
+
+    /// Round `round`'s evaluation-seed commitment, with the seed once its submissions closed.
+    pub async fn eval_seed(&self, round: u64) -> Result<tessera_protocol::api::EvalSeed, ApiError> {
+        let (current, scoring) = {
+            let s = self.state.lock().await;
+            (s.round, s.scoring.is_some())
+        };
+        if round > current {
+            return Err(api(ErrorCode::NotFound, format!("round {round} has not opened")));
+        }
+        let (seed, commitment) = self.db.eval_seed(round).await.map_err(internal)?;
+        let revealed = round < current || scoring;
+        Ok(tessera_protocol::api::EvalSeed { round, commitment, seed: revealed.then_some(seed) })
+    }
+
     /// The contributor's next round. If it has already submitted for the current round, waits
     /// (up to `wait`) for the round to close first.
     pub async fn assign(&self, contributor: u64, wait: Duration) -> Result<Assignment, ApiError> {
@@ -268,6 +326,7 @@ impl Hub {
             inner_steps: h,
             schedule_step: state.round.min(self.spec.rounds) * h,
             schedule_total: self.spec.rounds * h,
+            eval_commitment: self.spec.contest.as_ref().map(|_| state.commitment.clone()),
         })
     }
 
@@ -285,10 +344,11 @@ impl Hub {
         inner_loss: Option<f64>,
     ) -> Result<Receipt, ApiError> {
         let result = self.submit_inner(contributor, body, inner_loss).await;
-        if let Err(e) = &result {
+        if let Some(e) = result.as_ref().err().filter(|e| e.code != ErrorCode::Busy) {
             let code =
                 serde_json::to_value(e.code).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
-            if let Err(db) = self.db.insert_rejection(contributor, &code, &e.message, now_ms()).await {
+            let round = *self.round_tx.borrow();
+            if let Err(db) = self.db.insert_rejection(contributor, round, &code, &e.message, now_ms()).await {
                 tracing::warn!(error = %db, "could not record a rejection");
             }
             tracing::info!(contributor, code, message = %e.message, "submission rejected");
@@ -351,6 +411,12 @@ impl Hub {
             return Err(api(ErrorCode::RunFinished, "the run has finished"));
         }
         let round = state.round;
+        if state.scoring.is_some() {
+            return Err(api(
+                ErrorCode::Busy,
+                format!("round {round} is being scored; retry when it is published (this submission is kept for you)"),
+            ));
+        }
         if base_round > round {
             return Err(api(
                 ErrorCode::FutureRound,
@@ -375,6 +441,12 @@ impl Hub {
                      {} accepted; fetch a new assignment",
                     self.spec.max_staleness
                 ),
+            ));
+        }
+        if let Some(owner) = self.db.blob_owner(&blob).await.map_err(internal)? {
+            return Err(api(
+                ErrorCode::Replay,
+                format!("these exact bytes were already submitted (by contributor {owner}); a submission is new work"),
             ));
         }
         let weight = self.spec.staleness_decay.powi(staleness as i32);
@@ -426,9 +498,18 @@ impl Hub {
         Ok(())
     }
 
-    /// Closes the round if its deadline has passed. Called periodically.
+    /// Closes the round if its deadline has passed, or aggregates it unscored if its scores
+    /// are overdue. Called periodically.
     pub async fn tick(&self) -> Result<(), HubError> {
         let mut state = self.state.lock().await;
+        if let (Some(scoring), Some(contest)) = (&state.scoring, &self.spec.contest) {
+            if now_ms() >= scoring.since_ms + contest.score_timeout_ms as i64 {
+                let closed_by = format!("{} (scores timed out)", scoring.closed_by);
+                tracing::warn!(round = state.round, "no scores arrived in time; aggregating unscored");
+                self.finish_round(&mut state, &closed_by, None).await?;
+            }
+            return Ok(());
+        }
         let due = state.first_accept_ms.is_some_and(|t| now_ms() >= t + self.spec.round_deadline_ms as i64);
         if !state.finished && state.accepted > 0 && due {
             self.close_round(&mut state, "deadline").await?;
@@ -436,14 +517,117 @@ impl Hub {
         Ok(())
     }
 
+    /// Ends a round's submissions: aggregates at once, or in a scored run reveals the seed and
+    /// waits for the validator.
     async fn close_round(&self, state: &mut State, closed_by: &str) -> Result<(), HubError> {
+        if self.spec.contest.is_none() {
+            return self.finish_round(state, closed_by, None).await;
+        }
+        if state.scoring.is_none() {
+            self.db.set_round_state(state.round, RoundState::Scoring).await?;
+            tracing::info!(round = state.round, closed_by, "submissions closed; waiting for scores");
+            state.scoring = Some(Scoring { since_ms: now_ms(), closed_by: closed_by.to_owned() });
+        }
+        Ok(())
+    }
+
+    /// The round waiting for scores, if any: its submissions in arrival order and the revealed
+    /// evaluation seed.
+    pub async fn scoring_job(&self) -> Result<Option<ScoringJob>, HubError> {
+        let state = self.state.lock().await;
+        if state.scoring.is_none() {
+            return Ok(None);
+        }
+        let round = state.round;
+        let (eval_seed, eval_commitment) = self.db.eval_seed(round).await?;
+        let h = self.spec.inner_steps;
+        let submissions = self
+            .arrival_order(round)
+            .await?
+            .into_iter()
+            .map(|r| JobSubmission {
+                contributor: r.contributor,
+                slot: r.contributor,
+                base_round: r.base_round,
+                schedule_step: r.base_round * h,
+                inner_steps: h,
+                weight: r.weight,
+                blob: r.blob,
+                received_ms: r.received_ms,
+            })
+            .collect();
+        Ok(Some(ScoringJob {
+            round,
+            base_checkpoint: state.bases[round as usize].clone(),
+            eval_seed,
+            eval_commitment,
+            submissions,
+        }))
+    }
+
+    /// A stored submission's bytes, for the validator.
+    pub async fn submission_blob(&self, blob: &str) -> Result<Bytes, ApiError> {
+        if blob.len() != 64 || !blob.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(api(ErrorCode::BadRequest, "a submission is named by 64 hex digits"));
+        }
+        if self.db.blob_owner(blob).await.map_err(internal)?.is_none() {
+            return Err(api(ErrorCode::NotFound, format!("no submission {blob}")));
+        }
+        self.store.get(&submission_key(blob)).await.map_err(internal)
+    }
+
+    /// Takes the validator's scores for the round being scored and publishes it.
+    pub async fn post_scores(&self, report: ScoreReport) -> Result<(), ApiError> {
+        let mut state = self.state.lock().await;
+        if state.scoring.is_none() || report.round != state.round {
+            return Err(api(
+                ErrorCode::NotScoring,
+                format!("round {} is not waiting for scores (the run is at round {})", report.round, state.round),
+            ));
+        }
+        let rows = self.arrival_order(state.round).await.map_err(internal)?;
+        if rows.len() != report.scores.len()
+            || rows.iter().zip(&report.scores).any(|(r, s)| r.contributor != s.contributor)
+        {
+            return Err(api(
+                ErrorCode::NotScoring,
+                "the scores do not list the round's submissions in the job's order",
+            ));
+        }
+        for (i, s) in report.scores.iter().enumerate() {
+            if !s.score.is_finite() || !s.data_fit.is_finite() || s.copy_of.is_some_and(|j| j as usize >= i) {
+                return Err(api(ErrorCode::BadRequest, format!("score {i} is not finite or copies a later one")));
+            }
+        }
+        let closed_by = state.scoring.as_ref().map(|s| s.closed_by.clone()).unwrap_or_default();
+        self.finish_round(&mut state, &closed_by, Some(&report)).await.map_err(internal)
+    }
+
+    /// The round's submissions in arrival order (ties by contributor).
+    async fn arrival_order(&self, round: u64) -> Result<Vec<SubmissionRow>, HubError> {
+        let mut rows = self.db.submissions(Some(round)).await?;
+        rows.sort_by_key(|r| (r.received_ms, r.contributor));
+        Ok(rows)
+    }
+
+    /// Judges (when scored), rates and pays the round, aggregates it and publishes it.
+    async fn finish_round(
+        &self,
+        state: &mut State,
+        closed_by: &str,
+        report: Option<&ScoreReport>,
+    ) -> Result<(), HubError> {
         let round = state.round;
         self.db.set_round_state(round, RoundState::Aggregating).await?;
-        let rows = self.db.submissions(Some(round)).await?;
+        let rows = self.arrival_order(round).await?;
+        let (weights, score_rows, rated) = self.judge_round(state, &rows, report).await?;
         let mut inputs = Vec::with_capacity(rows.len());
-        for row in &rows {
+        for (row, &w) in rows.iter().zip(&weights) {
+            if w <= 0.0 {
+                continue;
+            }
             match self.store.get(&submission_key(&row.blob)).await {
-                Ok(bytes) => inputs.push((row.weight as f32, bytes)),
+                Ok(bytes) => inputs.push((w as f32, bytes)),
                 Err(e) => {
                     tracing::error!(contributor = row.contributor, error = %e, "submission blob unreadable; left out")
                 }
@@ -466,6 +650,9 @@ impl Hub {
         self.store.put(&outer_key(round + 1), Bytes::from(agg.outer_bytes)).await?;
         let losses: Vec<f64> = rows.iter().filter_map(|r| r.inner_loss).collect();
         let finished = round + 1 >= self.spec.rounds;
+        let changed: Vec<(u64, tessera_contest::Rating)> = rated.as_ref().map_or_else(Vec::new, |r| {
+            r.0.iter().filter(|(id, v)| state.ratings.0.get(id) != Some(v)).map(|(id, v)| (*id, *v)).collect()
+        });
         self.db
             .publish(&Publication {
                 round,
@@ -477,8 +664,17 @@ impl Hub {
                 mean_inner_loss: (!losses.is_empty()).then(|| losses.iter().sum::<f64>() / losses.len() as f64),
                 bytes_up: rows.iter().map(|r| r.bytes).sum(),
                 finished,
+                scores: &score_rows,
+                ratings: &changed,
             })
             .await?;
+        if let Some(r) = rated {
+            state.ratings = r;
+        }
+        state.scoring = None;
+        if !finished {
+            state.commitment = self.db.eval_seed(round + 1).await?.1;
+        }
         state.theta = agg.theta;
         state.outer = agg.outer;
         state.residual = agg.residual;
@@ -490,6 +686,120 @@ impl Hub {
         self.round_tx.send_replace(round + 1);
         tracing::info!(round, closed_by, submissions = agg.used, checkpoint = %hash, finished, "round published");
         Ok(())
+    }
+
+    /// Weights for `rows` (arrival order); with scores, also their rows (flags, rewards) and
+    /// the ratings after this round.
+    async fn judge_round(
+        &self,
+        state: &State,
+        rows: &[SubmissionRow],
+        report: Option<&ScoreReport>,
+    ) -> Result<(Vec<f64>, Vec<ScoreRow>, Option<Ratings>), HubError> {
+        let row_of =
+            |r: &SubmissionRow, score: Option<f64>, data_fit: Option<f64>, flag: Option<&str>, weight, reward| {
+                ScoreRow {
+                    contributor: r.contributor,
+                    base_round: r.base_round,
+                    round: r.round,
+                    score,
+                    data_fit,
+                    flag: flag.map(str::to_owned),
+                    weight,
+                    reward,
+                }
+            };
+        let (Some(contest), Some(report)) = (&self.spec.contest, report) else {
+            let weights: Vec<f64> = rows.iter().map(|r| r.weight).collect();
+            let scored_run = self.spec.contest.is_some();
+            let score_rows = if scored_run {
+                rows.iter().map(|r| row_of(r, None, None, Some("unscored"), r.weight, 0)).collect()
+            } else {
+                Vec::new()
+            };
+            return Ok((weights, score_rows, None));
+        };
+        let scored: Vec<Scored> = rows
+            .iter()
+            .zip(&report.scores)
+            .map(|(r, s)| Scored {
+                contributor: r.contributor,
+                score: s.score,
+                data_fit: s.data_fit,
+                copy_of: s.copy_of.map(|j| j as usize),
+                weight: r.weight,
+            })
+            .collect();
+        let policy = Policy {
+            reward_power: contest.reward_power,
+            min_data_fit: contest.min_data_fit,
+            top: contest.top.map(|t| t as usize),
+        };
+        let judged = judge(&scored, &policy);
+        let shares: Vec<f64> = judged.iter().map(|j| j.share).collect();
+        let rewards = split_units(contest.reward_units, &shares);
+        let mut standings: Vec<Standing> = scored
+            .iter()
+            .zip(&judged)
+            .map(|(s, j)| Standing { contributor: s.contributor, score: j.flag.is_none().then_some(s.score) })
+            .collect();
+        // A contributor whose submission was refused this round takes part, in last place
+        // (not for a repeat of an accepted submission or the hub's own trouble).
+        for (contributor, code, _) in self.db.rejections(state.round).await? {
+            if !matches!(code.as_str(), "duplicate" | "internal" | "run_finished" | "busy") {
+                standings.push(Standing { contributor, score: None });
+            }
+        }
+        let mut ratings = state.ratings.clone();
+        ratings.update(&standings);
+        let score_rows = rows
+            .iter()
+            .zip(&scored)
+            .zip(judged.iter().zip(&rewards))
+            .map(|((r, s), (j, &reward))| {
+                row_of(r, Some(s.score), Some(s.data_fit), j.flag.map(|f| f.as_str()), j.weight, reward)
+            })
+            .collect();
+        Ok((judged.iter().map(|j| j.weight).collect(), score_rows, Some(ratings)))
+    }
+
+    /// Contributors ranked by rating, with their records; at the end of the run the top
+    /// `promote_top` are marked qualified for the next phase.
+    pub async fn leaderboard(&self) -> Result<Leaderboard, HubError> {
+        let (round, finished, ratings) = {
+            let s = self.state.lock().await;
+            (s.round, s.finished, s.ratings.clone())
+        };
+        let contributors = self.db.contributors().await?;
+        let scores = self.db.scores().await?;
+        let subs = self.db.submissions(None).await?;
+        let rejections = self.db.all_rejections().await?;
+        let promote_top = self.spec.contest.as_ref().map_or(0, |c| c.promote_top);
+        let names: HashMap<u64, String> = contributors.iter().map(|(id, n, _)| (*id, n.clone())).collect();
+        let rows = ratings
+            .leaderboard(contributors.iter().map(|c| c.0))
+            .into_iter()
+            .enumerate()
+            .map(|(i, (id, r))| {
+                let mine: Vec<&ScoreRow> = scores.iter().filter(|s| s.contributor == id).collect();
+                let scored: Vec<f64> = mine.iter().filter_map(|s| s.score).collect();
+                LeaderRow {
+                    rank: i as u64 + 1,
+                    id,
+                    name: names.get(&id).cloned().unwrap_or_default(),
+                    mu: r.mu,
+                    sigma: r.sigma,
+                    ordinal: r.ordinal(),
+                    rounds: r.rounds,
+                    accepted: subs.iter().filter(|s| s.contributor == id).count() as u64,
+                    rejected: rejections.iter().filter(|x| x.0 == id).count() as u64,
+                    rewards: mine.iter().map(|s| s.reward).sum(),
+                    mean_score: (!scored.is_empty()).then(|| scored.iter().sum::<f64>() / scored.len() as f64),
+                    qualified: finished && (i as u64) < u64::from(promote_top),
+                }
+            })
+            .collect();
+        Ok(Leaderboard { run_id: self.run_id.clone(), round, finished, promote_top, rows })
     }
 
     pub fn note_download(&self, bytes: u64) {
@@ -581,8 +891,28 @@ fn aggregate(
     residual: &[Vec<f32>],
     inputs: &[(f32, Bytes)],
 ) -> Result<Aggregated, HubError> {
-    // Every submission was checked on arrival, so one decode pass each; should one fail after
-    // all (a damaged blob), start again without it rather than fail or poison the round.
+    let (mean, weight, used) = if spec.aggregation == Aggregation::Mean {
+        streaming_mean(lengths, inputs)?
+    } else {
+        robust_mean(&spec.aggregation, lengths, inputs)?
+    };
+    let mut target = theta.to_vec();
+    let mut outer = outer.clone();
+    {
+        let mean_views: Vec<&[f32]> = mean.iter().map(Vec::as_slice).collect();
+        let mut param_views: Vec<&mut [f32]> = target.iter_mut().map(Vec::as_mut_slice).collect();
+        outer.step(&mut param_views, &mean_views)?;
+    }
+    finish_aggregate(spec, run_id, round, base, theta, outer, residual, target, weight, used)
+}
+
+/// Δ̄ of the submissions (zero if none), their total weight and how many were used.
+type Mean = (Vec<Vec<f32>>, f64, u64);
+
+/// The weighted mean, one submission at a time. Every submission was checked on arrival, so one
+/// decode pass each; should one fail after all (a damaged blob), start again without it rather
+/// than fail or poison the round.
+fn streaming_mean(lengths: &[usize], inputs: &[(f32, Bytes)]) -> Result<Mean, HubError> {
     let mut left_out = vec![false; inputs.len()];
     let (acc, weight) = 'accumulate: loop {
         let mut acc = Accumulator::new(lengths);
@@ -604,10 +934,48 @@ fn aggregate(
         break (acc, weight);
     };
     let used = acc.count() as u64;
-    let mut target = theta.to_vec();
-    let mut outer = outer.clone();
-    outer.apply(&mut target, acc)?;
+    let mean = if used == 0 { lengths.iter().map(|&n| vec![0.0; n]).collect() } else { acc.finish()? };
+    Ok((mean, weight, used))
+}
 
+/// The run's robust rule over every submission, decoded at once; a blob that no longer decodes
+/// is left out.
+fn robust_mean(rule: &Aggregation, lengths: &[usize], inputs: &[(f32, Bytes)]) -> Result<Mean, HubError> {
+    let mut decoded = Vec::with_capacity(inputs.len());
+    let mut weights = Vec::with_capacity(inputs.len());
+    for (w, bytes) in inputs {
+        match MessageView::parse(bytes).map_err(AggregateError::from).and_then(|v| decode_view(lengths, &v)) {
+            Ok(d) => {
+                decoded.push(d);
+                weights.push(*w);
+            }
+            Err(e) => tracing::error!(error = %e, "a stored submission no longer decodes; aggregating without it"),
+        }
+    }
+    if decoded.is_empty() {
+        return Ok((lengths.iter().map(|&n| vec![0.0; n]).collect(), 0.0, 0));
+    }
+    let views: Vec<Vec<&[f32]>> = decoded.iter().map(|d| d.iter().map(Vec::as_slice).collect()).collect();
+    let (mean, report) = tessera_aggregate::robust::aggregate(rule, &views, &weights)?;
+    tracing::info!(rule = %rule, clipped = report.clipped, radius = ?report.radius, "robust aggregation");
+    let weight = weights.iter().map(|&w| f64::from(w)).sum();
+    Ok((mean, weight, decoded.len() as u64))
+}
+
+/// Quantises the step to `target` with the broadcast codec and encodes what the round publishes.
+#[allow(clippy::too_many_arguments)]
+fn finish_aggregate(
+    spec: &RunSpec,
+    run_id: [u8; 16],
+    round: u64,
+    base: &str,
+    theta: &[Vec<f32>],
+    outer: OuterOptimizer,
+    residual: &[Vec<f32>],
+    target: Vec<Vec<f32>>,
+    weight: f64,
+    used: u64,
+) -> Result<Aggregated, HubError> {
     let mut base_hash = [0u8; 32];
     hex::decode_to_slice(base, &mut base_hash).map_err(|e| HubError::Corrupt(format!("base checkpoint hash: {e}")))?;
     let codec = spec.broadcast_codec;

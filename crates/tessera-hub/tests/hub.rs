@@ -47,6 +47,8 @@ fn spec(quorum: u32) -> RunSpec {
         max_staleness: 1,
         staleness_decay: 0.5,
         seed: 7,
+        aggregation: tessera_protocol::Aggregation::Mean,
+        contest: None,
     }
 }
 

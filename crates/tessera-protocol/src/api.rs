@@ -9,7 +9,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::Codec;
+use crate::{Aggregation, Codec};
 
 /// Bumped on any breaking change to the JSON messages or the binary formats.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -101,10 +101,77 @@ pub struct RunSpec {
     /// …with weight `staleness_decay ^ staleness`.
     pub staleness_decay: f64,
     pub seed: u64,
+    /// How the round's pseudo-gradients are combined (specs from before this field: the mean).
+    #[serde(default = "mean_rule")]
+    pub aggregation: Aggregation,
+    /// Scoring, ratings and rewards; `None`: every accepted submission counts, nothing is paid.
+    #[serde(default)]
+    pub contest: Option<ContestSpec>,
 }
 
 fn no_decay() -> f32 {
     1.0
+}
+
+fn mean_rule() -> Aggregation {
+    Aggregation::Mean
+}
+
+/// A scored run: each round's submissions close, a validator scores them, and the hub weights,
+/// rates and pays by the scores.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ContestSpec {
+    /// Reward units each round emits, split among the accepted submissions by score.
+    pub reward_units: u64,
+    /// Reward share ∝ score^power (of positive, unflagged scores).
+    pub reward_power: f64,
+    /// If set, a submission's gain on its assigned windows must beat its gain on random windows
+    /// by more than this (nats per token); otherwise the data fit is only recorded.
+    pub min_data_fit: Option<f64>,
+    /// Aggregate only the best this many by score (`None`: every positive one).
+    pub top: Option<u32>,
+    /// Held-out windows per score, and windows per side of the data-fit check.
+    pub eval_windows: u32,
+    pub fit_windows: u32,
+    /// A round whose scores have not arrived this long after its submissions closed is
+    /// aggregated unscored (staleness weights only, no rewards, ratings unchanged).
+    pub score_timeout_ms: u64,
+    /// At the end of the run (a phase boundary), this many contributors at the top of the
+    /// leaderboard qualify for the next phase.
+    pub promote_top: u32,
+}
+
+impl ContestSpec {
+    pub fn validate(&self) -> Result<(), String> {
+        if !(self.reward_power.is_finite() && self.reward_power > 0.0 && self.reward_power <= 8.0) {
+            return Err(format!("reward power {} must be in (0, 8]", self.reward_power));
+        }
+        if self.min_data_fit.is_some_and(|m| !m.is_finite()) {
+            return Err("minimum data fit must be finite".into());
+        }
+        if self.top == Some(0) || self.eval_windows == 0 || self.fit_windows == 0 {
+            return Err("top, evaluation windows and data-fit windows must be positive".into());
+        }
+        if self.eval_windows > 4096 || self.fit_windows > 4096 {
+            return Err("at most 4096 evaluation or data-fit windows".into());
+        }
+        Ok(())
+    }
+}
+
+impl Default for ContestSpec {
+    fn default() -> Self {
+        ContestSpec {
+            reward_units: 1_000_000,
+            reward_power: 2.0,
+            min_data_fit: None,
+            top: None,
+            eval_windows: 32,
+            fit_windows: 16,
+            score_timeout_ms: 600_000,
+            promote_top: 10,
+        }
+    }
 }
 
 impl RunSpec {
@@ -117,6 +184,10 @@ impl RunSpec {
         self.codec.validate().map_err(|e| format!("codec: {e}"))?;
         self.broadcast_codec.validate().map_err(|e| format!("broadcast codec: {e}"))?;
         crate::ErrorFeedback::check_decay(self.feedback_decay).map_err(|e| e.to_string())?;
+        self.aggregation.validate().map_err(|e| format!("aggregation: {e}"))?;
+        if let Some(c) = &self.contest {
+            c.validate().map_err(|e| format!("contest: {e}"))?;
+        }
         if self.tensors.is_empty() {
             return Err("the model has no tensors".into());
         }
@@ -176,6 +247,98 @@ pub struct Assignment {
     pub schedule_step: u64,
     /// Total inner steps of the run (the schedule's length).
     pub schedule_total: u64,
+    /// Hex commitment to this round's evaluation seed (scored runs), revealed once the round's
+    /// submissions close: the evaluation data cannot be known while training.
+    #[serde(default)]
+    pub eval_commitment: Option<String>,
+}
+
+/// A round waiting for its scores: what the validator must score.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ScoringJob {
+    pub round: u64,
+    /// Hex BLAKE3 of the round's base checkpoint: the weights the submissions are applied to.
+    pub base_checkpoint: String,
+    /// The revealed evaluation seed (hex, 32 bytes) and the commitment published with the
+    /// round's assignments; a validator checks one against the other.
+    pub eval_seed: String,
+    pub eval_commitment: String,
+    /// In arrival order.
+    pub submissions: Vec<JobSubmission>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobSubmission {
+    pub contributor: u64,
+    /// The data slot, the run's inner step its round started at and its inner steps: which
+    /// windows it was assigned.
+    pub slot: u64,
+    pub base_round: u64,
+    pub schedule_step: u64,
+    pub inner_steps: u64,
+    /// Staleness weight.
+    pub weight: f64,
+    /// Fetch with `GET /v1/validator/submissions/{blob}`.
+    pub blob: String,
+    pub received_ms: i64,
+}
+
+/// A round's evaluation-seed commitment, and the seed once the round's submissions closed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvalSeed {
+    pub round: u64,
+    pub commitment: String,
+    pub seed: Option<String>,
+}
+
+/// The validator's measurements for a round, one per job submission, in the job's order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ScoreReport {
+    pub round: u64,
+    pub scores: Vec<SubmissionScore>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct SubmissionScore {
+    pub contributor: u64,
+    /// Held-out loss before minus after applying the submission alone.
+    pub score: f64,
+    /// Gain on assigned windows minus gain on random windows.
+    pub data_fit: f64,
+    /// Position in the job of the earlier submission this one copies.
+    pub copy_of: Option<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Leaderboard {
+    pub run_id: String,
+    pub round: u64,
+    pub finished: bool,
+    /// How many qualify for the next phase when the run finishes.
+    pub promote_top: u32,
+    /// Best first.
+    pub rows: Vec<LeaderRow>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LeaderRow {
+    pub rank: u64,
+    pub id: u64,
+    pub name: String,
+    /// Weng–Lin rating: skill estimate, its uncertainty, and μ − 3σ (what the rank is by).
+    pub mu: f64,
+    pub sigma: f64,
+    pub ordinal: f64,
+    /// Rounds rated.
+    pub rounds: u64,
+    pub accepted: u64,
+    pub rejected: u64,
+    /// Reward units earned, all rounds.
+    pub rewards: u64,
+    /// Mean score of its scored submissions.
+    pub mean_score: Option<f64>,
+    /// The run has finished and this contributor is among the top `promote_top`.
+    pub qualified: bool,
 }
 
 /// The hub's answer to an accepted submission.
@@ -195,6 +358,8 @@ pub struct Receipt {
 pub enum RoundState {
     Open,
     Collecting,
+    /// Submissions closed; waiting for the validator's scores.
+    Scoring,
     Aggregating,
     Published,
 }
@@ -256,6 +421,12 @@ pub enum ErrorCode {
     FutureRound,
     Stale,
     Duplicate,
+    /// The exact bytes of an earlier submission.
+    Replay,
+    /// The round is being scored; retry once it is published.
+    Busy,
+    /// No round is waiting for scores, or they do not match it.
+    NotScoring,
     TooLarge,
     RunFinished,
     NotFound,
@@ -362,6 +533,9 @@ mod tests {
             let _ = serde_json::from_str::<Assignment>(&s);
             let _ = serde_json::from_str::<ApiError>(&s);
             let _ = serde_json::from_str::<HubStatus>(&s);
+            let _ = serde_json::from_str::<ScoringJob>(&s);
+            let _ = serde_json::from_str::<ScoreReport>(&s);
+            let _ = serde_json::from_str::<Leaderboard>(&s);
         }
     }
 }

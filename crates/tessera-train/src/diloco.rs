@@ -119,7 +119,8 @@ pub fn run_diloco(
         let base = checkpoint_hash(&theta);
         let mut acc = Accumulator::new(&lengths);
         let (mut loss_sum, mut round_up) = (0.0, 0u64);
-        for (w, trained) in train_workers(&mut workers, &theta, config.inner_steps, device).into_iter().enumerate() {
+        let jobs = vec![(theta.as_slice(), config.inner_steps); workers.len()];
+        for (w, trained) in train_workers(&mut workers, &jobs, device).into_iter().enumerate() {
             let (worker_loss, local) = trained?;
             loss_sum += worker_loss;
             let mut tensors = Vec::with_capacity(names.len());
@@ -187,19 +188,18 @@ pub fn run_diloco(
 }
 
 /// A worker's round: the sum of its inner losses and its weights after them.
-type Trained = (f64, Vec<Vec<f32>>);
+pub type Trained = (f64, Vec<Vec<f32>>);
 
-/// Every worker starts from `theta` and takes `steps` inner steps; returns each worker's loss
-/// sum and local weights, in worker order. On CUDA the workers run on their own threads, so the
-/// host-side kernel launches of small models overlap; on the CPU they run one after another,
+/// Worker i starts from `jobs[i].0` and takes `jobs[i].1` inner steps; returns each worker's
+/// loss sum and local weights, in worker order. On CUDA the workers run on their own threads, so
+/// the host-side kernel launches of small models overlap; on the CPU they run one after another,
 /// since libtorch already spreads each operation over every core.
-fn train_workers(
+pub fn train_workers(
     workers: &mut [Trainer],
-    theta: &[Vec<f32>],
-    steps: u64,
+    jobs: &[(&[Vec<f32>], u64)],
     device: Device,
 ) -> Vec<Result<Trained, TrainError>> {
-    let train = |worker: &mut Trainer| -> Result<Trained, TrainError> {
+    let train = |(worker, &(theta, steps)): (&mut Trainer, &(&[Vec<f32>], u64))| -> Result<Trained, TrainError> {
         write_params(&worker.model, theta)?;
         let mut loss = 0.0;
         for _ in 0..steps {
@@ -208,10 +208,10 @@ fn train_workers(
         Ok((loss, read_params(&worker.model)?))
     };
     if !device.is_cuda() || workers.len() < 2 {
-        return workers.iter_mut().map(train).collect();
+        return workers.iter_mut().zip(jobs).map(train).collect();
     }
     std::thread::scope(|s| {
-        let handles: Vec<_> = workers.iter_mut().map(|w| s.spawn(move || train(w))).collect();
+        let handles: Vec<_> = workers.iter_mut().zip(jobs).map(|w| s.spawn(move || train(w))).collect();
         handles.into_iter().map(|h| h.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))).collect()
     })
 }

@@ -45,8 +45,11 @@ pub fn run(command: Command) -> Result<()> {
             bench_train(&models, batch_size, steps, warmup, json, &runtime)
         }
         Command::Bench(BenchCommand::Diloco(args)) => bench_diloco(*args),
+        Command::Bench(BenchCommand::Arena(args)) => crate::arena::bench_arena(*args),
         Command::Bench(BenchCommand::Swarm(args)) => crate::swarm::bench_swarm(args),
         Command::Hub(args) => crate::swarm::hub(*args),
+        Command::Validate(args) => crate::swarm::validate(*args),
+        Command::Leaderboard(args) => crate::swarm::leaderboard(args),
         Command::Contribute(args) => crate::swarm::contribute(*args),
         Command::Demo(args) => crate::swarm::demo(*args),
         Command::Bench(BenchCommand::Robust { params, tensor_len, contributors, rules, repeats }) => {

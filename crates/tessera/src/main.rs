@@ -1,6 +1,7 @@
 //! `tessera`: the command line. Parsing only parses and validates; each subcommand's work lives
 //! in the library crates (`tessera-data`, `tessera-model`, `tessera-train`).
 
+mod arena;
 mod commands;
 mod swarm;
 
@@ -38,6 +39,13 @@ enum Command {
     /// Join a hub's run: train H inner steps per round from the published weights and upload
     /// the compressed pseudo-gradient, until the run finishes.
     Contribute(Box<swarm::ContributeArgs>),
+    /// Score every submission of a scored run (`tessera hub --scored`): held-out loss before and
+    /// after each submission alone, on data drawn from the round's committed seed; a check that
+    /// it was trained on its assigned data; copy detection. Reports to the hub.
+    Validate(Box<swarm::ValidateArgs>),
+    /// A hub's leaderboard: contributors by rating (μ − 3σ), rewards, and who qualifies for the
+    /// next phase once the run has finished.
+    Leaderboard(swarm::LeaderboardArgs),
     /// Train a model (by default `nano` on the embedded synthetic corpus).
     Train(Box<TrainArgs>),
     /// Sample text from a checkpoint with a KV cache.
@@ -298,6 +306,9 @@ enum BenchCommand {
         #[arg(long, default_value_t = 3)]
         repeats: usize,
     },
+    /// A scored run under attack: N contributors (some adversaries) against a real in-process
+    /// hub and validator; final loss, rejections, attackers' rewards and ranks per scenario.
+    Arena(Box<arena::ArenaArgs>),
     /// DiLoCo simulated in one process (M workers, H inner steps, outer Nesterov), optionally
     /// against synchronous data parallel on the same number of tokens.
     Diloco(Box<DilocoArgs>),

@@ -12,7 +12,7 @@ use tessera_contributor::{Contributor, ContributorConfig, Outcome, inner_config,
 use tessera_data::Dataset;
 use tessera_hub::{Db, Hub, NewRun, Store};
 use tessera_model::{Llama, LlamaConfig, save_checkpoint};
-use tessera_protocol::api::{DataSource, DataSpec, HubStatus, InnerSpec, OuterSpec, RunInfo};
+use tessera_protocol::api::{ContestSpec, DataSource, DataSpec, HubStatus, InnerSpec, OuterSpec, RunInfo};
 use tessera_protocol::{Codec, RunSpec, TensorSpec, decode_weights};
 use tessera_train::diloco::{read_params, write_params};
 use tessera_train::trainer::{describe_eval, print_above};
@@ -84,6 +84,63 @@ pub struct RunArgs {
     staleness_decay: f64,
     #[arg(long, default_value_t = 1337)]
     seed: u64,
+    /// How each round's pseudo-gradients are combined: mean, norm-clip[:factor],
+    /// trimmed-mean[:trim], median, centered-clip[:factor[:iters]] (default: centered-clip with
+    /// --scored, else mean).
+    #[arg(long)]
+    aggregation: Option<tessera_protocol::Aggregation>,
+    #[command(flatten)]
+    contest: ContestArgs,
+}
+
+/// Scoring, ratings, rewards and promotion.
+#[derive(Args, Clone)]
+pub struct ContestArgs {
+    /// Score every submission with a validator (`tessera validate`) before aggregating: weights
+    /// from scores, ratings, rewards and the leaderboard.
+    #[arg(long)]
+    scored: bool,
+    /// Reward units each round emits, split by score.
+    #[arg(long, default_value_t = 1_000_000)]
+    reward_units: u64,
+    /// Reward share ∝ score^power.
+    #[arg(long, default_value_t = 2.0)]
+    reward_power: f64,
+    /// Refuse weight and reward to a submission whose gain on its assigned data does not beat
+    /// its gain on random data by this much (nats/token); unset: record the data fit only.
+    #[arg(long, allow_hyphen_values = true)]
+    min_data_fit: Option<f64>,
+    /// Aggregate only the best N scores (default: every positive one).
+    #[arg(long)]
+    top: Option<u32>,
+    /// Held-out windows per score.
+    #[arg(long, default_value_t = 32)]
+    eval_windows: u32,
+    /// Windows per side of the data-fit check.
+    #[arg(long, default_value_t = 16)]
+    fit_windows: u32,
+    /// Aggregate unscored if no scores arrive this many seconds after submissions close.
+    #[arg(long, default_value_t = 600.0)]
+    score_timeout: f64,
+    /// At the end of the run, this many contributors at the top of the leaderboard qualify for
+    /// the next phase.
+    #[arg(long, default_value_t = 10)]
+    promote_top: u32,
+}
+
+impl ContestArgs {
+    fn spec(&self) -> Option<ContestSpec> {
+        self.scored.then_some(ContestSpec {
+            reward_units: self.reward_units,
+            reward_power: self.reward_power,
+            min_data_fit: self.min_data_fit,
+            top: self.top,
+            eval_windows: self.eval_windows,
+            fit_windows: self.fit_windows,
+            score_timeout_ms: (self.score_timeout * 1000.0) as u64,
+            promote_top: self.promote_top,
+        })
+    }
 }
 
 #[derive(Args)]
@@ -102,6 +159,9 @@ pub struct HubArgs {
     /// Write the address actually bound to this file.
     #[arg(long)]
     addr_file: Option<PathBuf>,
+    /// The bearer token `tessera validate` must present (scored runs).
+    #[arg(long, env = "TESSERA_VALIDATOR_TOKEN", hide_env_values = true)]
+    validator_token: Option<String>,
 }
 
 #[derive(Args)]
@@ -127,6 +187,11 @@ pub struct ContributeArgs {
     /// Keep retrying an unreachable hub for this many seconds.
     #[arg(long, default_value_t = 300)]
     patience: u64,
+    /// TESTING TOOL — attack the run instead of helping it, to check the hub and validator:
+    /// nan, noise, sign-flip, scale, alie, ipm, zero, lazy, stale, replay, wrong-data, copy,
+    /// copy-noise. Never use on a run you do not own.
+    #[arg(long)]
+    adversary: Option<tessera_contest::Adversary>,
     #[command(flatten)]
     runtime: RuntimeArgs,
 }
@@ -183,6 +248,12 @@ fn run_spec(args: &RunArgs, dataset: &Dataset, model: &Llama) -> Result<RunSpec>
         max_staleness: args.max_staleness,
         staleness_decay: args.staleness_decay,
         seed: args.seed,
+        aggregation: args.aggregation.unwrap_or(if args.contest.scored {
+            tessera_protocol::Aggregation::DEFAULT
+        } else {
+            tessera_protocol::Aggregation::Mean
+        }),
+        contest: args.contest.spec(),
     })
 }
 
@@ -205,6 +276,14 @@ pub fn hub(args: HubArgs) -> Result<()> {
             None
         };
         let hub = Hub::open(db, store, new).await?;
+        match (&args.validator_token, &hub.spec.contest) {
+            (Some(token), _) => hub.set_validator_token(token),
+            (None, Some(_)) => tracing::warn!(
+                "a scored run without --validator-token: no validator can report, so every round is aggregated \
+                 unscored after its score timeout"
+            ),
+            (None, None) => {}
+        }
         let listener =
             tokio::net::TcpListener::bind(&args.listen).await.with_context(|| format!("listen on {}", args.listen))?;
         let addr = listener.local_addr()?;
@@ -215,14 +294,17 @@ pub fn hub(args: HubArgs) -> Result<()> {
         }
         let info = hub.info().await;
         eprintln!(
-            "tessera hub: run {} ({}), round {}/{}, {} parameters, codec {} / broadcast {}, listening on http://{addr}",
+            "tessera hub: run {} ({}), round {}/{}, {} parameters, codec {} / broadcast {}, aggregation {}{}, \
+             listening on http://{addr}",
             info.run_id,
             info.spec.name,
             info.round,
             info.spec.rounds,
             info.spec.num_params(),
             info.spec.codec,
-            info.spec.broadcast_codec
+            info.spec.broadcast_codec,
+            info.spec.aggregation,
+            if info.spec.contest.is_some() { ", scored" } else { "" }
         );
         tessera_hub::serve(hub, listener, async {
             let _ = tokio::signal::ctrl_c().await;
@@ -251,7 +333,11 @@ pub fn contribute(args: ContributeArgs) -> Result<()> {
         data,
         max_rounds: args.max_rounds,
         patience: Duration::from_secs(args.patience),
+        adversary: args.adversary,
     };
+    if let Some(kind) = args.adversary {
+        tracing::warn!(%kind, "ADVERSARY MODE (a testing tool): this contributor attacks the run");
+    }
     let mut contributor = Contributor::join(config)?;
     eprintln!(
         "tessera contribute: contributor {} in run {} ({}), H = {}, codec {}",
@@ -643,6 +729,8 @@ pub fn bench_swarm(args: BenchSwarmArgs) -> Result<()> {
         max_staleness: 1,
         staleness_decay: 0.5,
         seed: 0,
+        aggregation: tessera_protocol::Aggregation::Mean,
+        contest: None,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
@@ -760,4 +848,120 @@ pub fn bench_swarm(args: BenchSwarmArgs) -> Result<()> {
         }
         Ok(())
     })
+}
+
+#[derive(Args)]
+pub struct ValidateArgs {
+    /// The hub's URL.
+    #[arg(long, default_value = "http://127.0.0.1:7070")]
+    hub: String,
+    /// The token the hub was started with (`tessera hub --validator-token`).
+    #[arg(long, env = "TESSERA_VALIDATOR_TOKEN", hide_env_values = true)]
+    token: String,
+    /// Training data, for runs that do not use the embedded corpus.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    #[arg(long, default_value = "char")]
+    tokenizer: String,
+    /// Stop after scoring this many rounds (default: until the run finishes).
+    #[arg(long)]
+    max_rounds: Option<u64>,
+    #[command(flatten)]
+    runtime: RuntimeArgs,
+}
+
+pub fn validate(args: ValidateArgs) -> Result<()> {
+    let device = setup_runtime(&args.runtime)?;
+    let data = match &args.data {
+        Some(_) => Some(load_dataset(&DataArgs {
+            data: args.data.clone(),
+            tokenizer: args.tokenizer.clone(),
+            synthetic_chars: 0,
+            synthetic_seed: 0,
+        })?),
+        None => None,
+    };
+    let config = tessera_validator::client::ValidatorConfig {
+        hub: args.hub.trim_end_matches('/').to_owned(),
+        token: args.token.clone(),
+        device,
+        data,
+        poll: Duration::from_millis(500),
+    };
+    let mut validator = tessera_validator::client::Validator::connect(config)?;
+    eprintln!("tessera validate: scoring rounds of {} as they close", args.hub);
+    let rounds = validator.run(args.max_rounds, |r| {
+        eprintln!(
+            "round {:>4}: {} submissions scored in {:.1} s ({} windows forward), {} copies, best score {}",
+            r.round,
+            r.submissions,
+            r.cost.seconds,
+            r.cost.windows_forward,
+            r.copies,
+            r.best.map_or("–".into(), |b| format!("{b:.4}"))
+        );
+    })?;
+    eprintln!("tessera validate: scored {rounds} rounds");
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct LeaderboardArgs {
+    /// The hub's URL.
+    #[arg(long, default_value = "http://127.0.0.1:7070")]
+    hub: String,
+    /// Print the hub's JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Show at most this many rows.
+    #[arg(long, default_value_t = 50)]
+    limit: usize,
+}
+
+pub fn leaderboard(args: LeaderboardArgs) -> Result<()> {
+    let url = format!("{}/api/leaderboard", args.hub.trim_end_matches('/'));
+    let response = reqwest::blocking::get(&url).with_context(|| format!("GET {url}"))?;
+    let status = response.status();
+    let body = response.text().with_context(|| format!("GET {url}"))?;
+    if !status.is_success() {
+        bail!("{url}: {status}: {body}");
+    }
+    if args.json {
+        println!("{body}");
+        return Ok(());
+    }
+    let board: tessera_protocol::api::Leaderboard =
+        serde_json::from_str(&body).with_context(|| format!("{url}: unexpected answer"))?;
+    println!(
+        "run {} at round {}{}",
+        board.run_id,
+        board.round,
+        if board.finished {
+            format!(", finished: the top {} qualify for the next phase", board.promote_top)
+        } else {
+            String::new()
+        }
+    );
+    println!(
+        "{:>4} {:>5} {:<20} {:>8} {:>7} {:>8} {:>6} {:>8} {:>8} {:>12} {:>10}",
+        "rank", "id", "name", "μ−3σ", "μ", "σ", "rounds", "accepted", "rejected", "rewards", "mean score"
+    );
+    for r in board.rows.iter().take(args.limit) {
+        println!(
+            "{:>4} {:>5} {:<20} {:>8.2} {:>7.2} {:>8.3} {:>6} {:>8} {:>8} {:>12} {:>10}{}",
+            r.rank,
+            r.id,
+            r.name.chars().take(20).collect::<String>(),
+            r.ordinal,
+            r.mu,
+            r.sigma,
+            r.rounds,
+            r.accepted,
+            r.rejected,
+            r.rewards,
+            r.mean_score.map_or("–".into(), |s| format!("{s:.4}")),
+            if r.qualified { "  qualified" } else { "" }
+        );
+    }
+    Ok(())
 }

@@ -1,0 +1,223 @@
+//! The validator against a hub over HTTP (`tessera validate`): wait for a round whose
+//! submissions have closed, check the revealed evaluation seed against the commitment the round
+//! was opened with, download the round's weights and submissions, score them, report.
+
+use std::time::{Duration, Instant};
+
+use reqwest::StatusCode;
+use reqwest::blocking::Client;
+use tch::Device;
+use tessera_contest::commit;
+use tessera_data::Dataset;
+use tessera_model::LlamaConfig;
+use tessera_protocol::api::{ApiError, RunInfo, ScoreReport, ScoringJob, SubmissionScore};
+use tessera_protocol::{MessageView, decode_weights, weights_hash};
+
+use crate::{Candidate, ScoreConfig, ScoreCost, Scorer};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ValidatorError {
+    #[error("hub {url}: {message}")]
+    Http { url: String, message: String },
+    #[error("the hub refused: {0}")]
+    Refused(ApiError),
+    #[error("the run is not scored (started without --scored)")]
+    NotScored,
+    #[error("round {round}: {message}")]
+    Bad { round: u64, message: String },
+    #[error(transparent)]
+    Train(#[from] tessera_train::TrainError),
+    #[error(transparent)]
+    Model(#[from] tessera_model::ModelError),
+    #[error(transparent)]
+    Contributor(#[from] tessera_contributor::ContributorError),
+    #[error(transparent)]
+    Wire(#[from] tessera_protocol::WireError),
+    #[error(transparent)]
+    Weights(#[from] tessera_protocol::WeightsError),
+    #[error(transparent)]
+    Aggregate(#[from] tessera_aggregate::AggregateError),
+}
+
+type Result<T> = std::result::Result<T, ValidatorError>;
+
+pub struct ValidatorConfig {
+    pub hub: String,
+    pub token: String,
+    pub device: Device,
+    /// Training data for runs whose data source is external.
+    pub data: Option<Dataset>,
+    /// How often to ask for a job when there is none.
+    pub poll: Duration,
+}
+
+/// One scored round, for progress output.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RoundScored {
+    pub round: u64,
+    pub submissions: usize,
+    pub copies: usize,
+    pub best: Option<f64>,
+    pub cost: ScoreCost,
+}
+
+pub struct Validator {
+    config: ValidatorConfig,
+    http: Client,
+    run: RunInfo,
+    scorer: Scorer,
+}
+
+impl Validator {
+    pub fn connect(config: ValidatorConfig) -> Result<Validator> {
+        let http = Client::builder()
+            .timeout(Duration::from_secs(300))
+            .build()
+            .map_err(|e| ValidatorError::Http { url: config.hub.clone(), message: e.to_string() })?;
+        let run: RunInfo = get_json(&http, &format!("{}/v1/run", config.hub), None)?;
+        let contest = run.spec.contest.clone().ok_or(ValidatorError::NotScored)?;
+        let dataset = tessera_contributor::run_dataset(&run, config.data.clone())?;
+        let model_config = LlamaConfig::from_json(run.spec.model.clone())
+            .map_err(|e| ValidatorError::Bad { round: run.round, message: format!("the run's model config: {e}") })?;
+        let score =
+            ScoreConfig { eval_windows: contest.eval_windows as usize, fit_windows: contest.fit_windows as usize };
+        let inner = tessera_contributor::inner_config(&run, 0);
+        let scorer = Scorer::new(inner, &model_config, dataset, config.device, score)?;
+        Ok(Validator { config, http, run, scorer })
+    }
+
+    /// Scores rounds until the run finishes (or `max_rounds` are scored).
+    pub fn run(&mut self, max_rounds: Option<u64>, mut on_round: impl FnMut(&RoundScored)) -> Result<u64> {
+        let mut done = 0;
+        while max_rounds.is_none_or(|m| done < m) {
+            match self.job()? {
+                Some(job) => {
+                    let scored = self.score(&job)?;
+                    on_round(&scored);
+                    done += 1;
+                }
+                None => {
+                    let info: RunInfo = get_json(&self.http, &format!("{}/v1/run", self.config.hub), None)?;
+                    if info.finished {
+                        break;
+                    }
+                    std::thread::sleep(self.config.poll);
+                }
+            }
+        }
+        Ok(done)
+    }
+
+    fn job(&self) -> Result<Option<ScoringJob>> {
+        let url = format!("{}/v1/validator/job", self.config.hub);
+        let r = self.http.get(&url).bearer_auth(&self.config.token).send().map_err(|e| http_err(&url, e))?;
+        if r.status() == StatusCode::NO_CONTENT {
+            return Ok(None);
+        }
+        parse(&url, r).map(Some)
+    }
+
+    fn bytes(&self, url: &str, auth: bool) -> Result<Vec<u8>> {
+        let mut req = self.http.get(url);
+        if auth {
+            req = req.bearer_auth(&self.config.token);
+        }
+        let r = req.send().map_err(|e| http_err(url, e))?;
+        let status = r.status();
+        let body = r.bytes().map_err(|e| http_err(url, e))?;
+        if !status.is_success() {
+            return Err(refusal(url, status, &body));
+        }
+        Ok(body.to_vec())
+    }
+
+    /// Scores one job and reports it.
+    pub fn score(&mut self, job: &ScoringJob) -> Result<RoundScored> {
+        let round = job.round;
+        let bad = |message: String| ValidatorError::Bad { round, message };
+        let (mut seed, mut commitment) = ([0u8; 32], [0u8; 32]);
+        hex::decode_to_slice(&job.eval_seed, &mut seed).map_err(|e| bad(format!("seed: {e}")))?;
+        hex::decode_to_slice(&job.eval_commitment, &mut commitment).map_err(|e| bad(format!("commitment: {e}")))?;
+        if !commit::verify(&commitment, &seed) {
+            return Err(bad("the revealed evaluation seed does not match its commitment".into()));
+        }
+        let hub = &self.config.hub;
+        let weights = self.bytes(&format!("{hub}/v1/checkpoints/{}", job.base_checkpoint), false)?;
+        if hex::encode(weights_hash(&weights)) != job.base_checkpoint {
+            return Err(bad("the base checkpoint arrived with a different hash".into()));
+        }
+        let theta = decode_weights(&weights, &self.run.spec.tensors)?;
+        let lengths: Vec<usize> = self.run.spec.tensors.iter().map(|t| t.numel() as usize).collect();
+        let mut candidates = Vec::with_capacity(job.submissions.len());
+        for s in &job.submissions {
+            let bytes = self.bytes(&format!("{hub}/v1/validator/submissions/{}", s.blob), true)?;
+            let delta = tessera_aggregate::decode_view(&lengths, &MessageView::parse(&bytes)?)?;
+            candidates.push(Candidate {
+                contributor: s.contributor,
+                slot: s.slot,
+                schedule_step: s.schedule_step,
+                inner_steps: s.inner_steps,
+                delta,
+                weight: s.weight,
+            });
+        }
+        let (scores, cost) = self.scorer.score(&theta, &candidates, &seed)?;
+        let report = ScoreReport {
+            round,
+            scores: scores
+                .iter()
+                .map(|s| SubmissionScore {
+                    contributor: s.contributor,
+                    score: s.score,
+                    data_fit: s.data_fit,
+                    copy_of: s.copy_of.map(|j| j as u32),
+                })
+                .collect(),
+        };
+        let url = format!("{hub}/v1/validator/scores");
+        let started = Instant::now();
+        let r =
+            self.http.post(&url).bearer_auth(&self.config.token).json(&report).send().map_err(|e| http_err(&url, e))?;
+        let status = r.status();
+        if !status.is_success() {
+            let body = r.bytes().map_err(|e| http_err(&url, e))?;
+            return Err(refusal(&url, status, &body));
+        }
+        tracing::debug!(round, post_s = started.elapsed().as_secs_f64(), "scores reported");
+        Ok(RoundScored {
+            round,
+            submissions: scores.len(),
+            copies: scores.iter().filter(|s| s.copy_of.is_some()).count(),
+            best: scores.iter().map(|s| s.score).reduce(f64::max),
+            cost,
+        })
+    }
+}
+
+fn http_err(url: &str, e: impl std::fmt::Display) -> ValidatorError {
+    ValidatorError::Http { url: url.to_owned(), message: e.to_string() }
+}
+
+fn refusal(url: &str, status: StatusCode, body: &[u8]) -> ValidatorError {
+    match serde_json::from_slice::<ApiError>(body) {
+        Ok(e) => ValidatorError::Refused(e),
+        Err(_) => http_err(url, format!("{status}: {}", String::from_utf8_lossy(&body[..body.len().min(200)]))),
+    }
+}
+
+fn parse<T: serde::de::DeserializeOwned>(url: &str, r: reqwest::blocking::Response) -> Result<T> {
+    let status = r.status();
+    let body = r.bytes().map_err(|e| http_err(url, e))?;
+    if !status.is_success() {
+        return Err(refusal(url, status, &body));
+    }
+    serde_json::from_slice(&body).map_err(|e| http_err(url, format!("unexpected answer: {e}")))
+}
+
+fn get_json<T: serde::de::DeserializeOwned>(http: &Client, url: &str, token: Option<&str>) -> Result<T> {
+    let mut req = http.get(url);
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    parse(url, req.send().map_err(|e| http_err(url, e))?)
+}
