@@ -7,11 +7,11 @@ use std::time::Duration;
 use reqwest::StatusCode;
 use tessera_hub::{Db, Hub, NewRun, Store};
 use tessera_protocol::api::{
-    Assignment, CONTRIBUTOR_HEADER, DataSource, DataSpec, HubStatus, InnerSpec, OuterSpec, Receipt, Registration,
-    RunInfo,
+    Assignment, CONTRIBUTOR_HEADER, ContestSpec, DataSource, DataSpec, EvalSeed, HubStatus, InnerSpec, Leaderboard,
+    OuterSpec, Receipt, Registration, RunInfo, ScoreReport, ScoringJob, SubmissionScore,
 };
 use tessera_protocol::{
-    ApiError, Codec, ErrorCode, MessageView, PseudoGradient, RunSpec, TensorSpec, decode_weights, weights_hash,
+    Aggregation, ApiError, Codec, ErrorCode, MessageView, PseudoGradient, RunSpec, TensorSpec, decode_weights, weights_hash,
 };
 
 fn spec(quorum: u32) -> RunSpec {
@@ -467,5 +467,151 @@ async fn the_run_finishes_after_its_rounds() {
     let (s, e) = a.submit(&run, 1, &status(&url).await.history[1].base_checkpoint, &delta(0.1)).await.unwrap_err();
     assert_eq!((s, e.code), (StatusCode::CONFLICT, ErrorCode::RunFinished));
     tokio::time::sleep(Duration::from_millis(10)).await;
+    server.stop().await;
+}
+
+const VALIDATOR: &str = "validator-secret";
+
+async fn validator_get(url: &str, path: &str, token: Option<&str>) -> reqwest::Response {
+    let mut r = reqwest::Client::new().get(format!("{url}{path}"));
+    if let Some(t) = token {
+        r = r.bearer_auth(t);
+    }
+    r.send().await.unwrap()
+}
+
+async fn post_scores(url: &str, report: &ScoreReport) -> StatusCode {
+    reqwest::Client::new()
+        .post(format!("{url}/v1/validator/scores"))
+        .bearer_auth(VALIDATOR)
+        .json(report)
+        .send()
+        .await
+        .unwrap()
+        .status()
+}
+
+/// A scored round end to end over HTTP: the seed commitment, its reveal when submissions close,
+/// contributors told to retry while scoring, the validator's job and blobs behind its token,
+/// scores checked against the job, exact rewards, ratings and the leaderboard — which survive a
+/// restart — and a replayed message refused with a recorded reason.
+async fn scored_rounds(kind: &str) {
+    let Some(b) = backend(kind).await else { return };
+    let contest = ContestSpec { reward_units: 1000, promote_top: 2, ..ContestSpec::default() };
+    let spec = RunSpec { rounds: 3, aggregation: Aggregation::DEFAULT, contest: Some(contest), ..spec(3) };
+    let server = Server::start(&b, spec.clone()).await;
+    server.hub.set_validator_token(VALIDATOR);
+    let url = server.url.clone();
+    let run = info(&url).await;
+    let clients = [Client::register(&url, "a").await, Client::register(&url, "b").await, Client::register(&url, "c").await];
+    let late = Client::register(&url, "late").await;
+    let commitment = clients[0].assignment(0).await.eval_commitment.expect("a scored run commits to its seed");
+    let seed: EvalSeed = reqwest::get(format!("{url}/v1/rounds/0/eval-seed")).await.unwrap().json().await.unwrap();
+    assert_eq!((seed.commitment.as_str(), seed.seed), (commitment.as_str(), None), "revealed before the round closed");
+    assert_eq!(validator_get(&url, "/v1/validator/job", Some(VALIDATOR)).await.status(), StatusCode::NO_CONTENT);
+
+    let bodies: Vec<Vec<u8>> =
+        [0.1f32, 0.2, -0.3].iter().map(|&s| message(&run, run.spec.codec, 0, &run.checkpoint, &delta(s))).collect();
+    for (c, body) in clients.iter().zip(&bodies) {
+        c.submit_raw(body.clone()).await.unwrap();
+    }
+    // Quorum closed the submissions; the round waits for scores.
+    assert_eq!(info(&url).await.round, 0);
+    let (s, e) = late.submit(&run, 0, &run.checkpoint, &delta(0.05)).await.unwrap_err();
+    assert_eq!((s, e.code), (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Busy));
+    let seed: EvalSeed = reqwest::get(format!("{url}/v1/rounds/0/eval-seed")).await.unwrap().json().await.unwrap();
+    let mut seed_bytes = [0u8; 32];
+    hex::decode_to_slice(seed.seed.expect("revealed once submissions closed"), &mut seed_bytes).unwrap();
+    let mut commitment_bytes = [0u8; 32];
+    hex::decode_to_slice(&commitment, &mut commitment_bytes).unwrap();
+    assert!(tessera_contest::commit::verify(&commitment_bytes, &seed_bytes));
+
+    assert_eq!(validator_get(&url, "/v1/validator/job", None).await.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(validator_get(&url, "/v1/validator/job", Some("guess")).await.status(), StatusCode::UNAUTHORIZED);
+    let job: ScoringJob = validator_get(&url, "/v1/validator/job", Some(VALIDATOR)).await.json().await.unwrap();
+    assert_eq!(job.round, 0);
+    let order: Vec<u64> = job.submissions.iter().map(|s| s.contributor).collect();
+    assert_eq!(order, clients.iter().map(|c| c.id).collect::<Vec<_>>());
+    let blob = validator_get(&url, &format!("/v1/validator/submissions/{}", job.submissions[1].blob), Some(VALIDATOR)).await;
+    assert_eq!(blob.bytes().await.unwrap().to_vec(), bodies[1]);
+    let blob = validator_get(&url, &format!("/v1/validator/submissions/{}", job.submissions[1].blob), None).await;
+    assert_eq!(blob.status(), StatusCode::UNAUTHORIZED);
+
+    let score = |contributor, score| SubmissionScore { contributor, score, data_fit: 0.01, copy_of: None };
+    let mut report = ScoreReport {
+        round: 0,
+        scores: vec![score(clients[1].id, 0.01), score(clients[0].id, 0.02), score(clients[2].id, -0.5)],
+    };
+    assert_eq!(post_scores(&url, &report).await, StatusCode::CONFLICT, "scores out of the job's order");
+    report.scores.swap(0, 1);
+    report.scores[2].copy_of = Some(2);
+    assert_eq!(post_scores(&url, &report).await, StatusCode::BAD_REQUEST, "a copy of itself");
+    report.scores[2].copy_of = None;
+    assert_eq!(post_scores(&url, &report).await, StatusCode::NO_CONTENT);
+    assert_eq!(post_scores(&url, &report).await, StatusCode::CONFLICT, "the round is no longer scoring");
+    let after = info(&url).await;
+    assert_eq!(after.round, 1);
+    // Only the two positive scores were aggregated: centred clipping of two inputs stays between them.
+    let theta = decode_weights(&download(&url, &format!("/v1/checkpoints/{}", after.checkpoint)).await, &spec.tensors).unwrap();
+    let (lo, hi) = (initial()[0][7] - 0.2 * 4.0, initial()[0][7] - 0.1 * 4.0);
+    assert!((lo - 1e-5..=hi + 1e-5).contains(&theta[0][7]), "{} not in [{lo}, {hi}]", theta[0][7]);
+
+    let board: Leaderboard = reqwest::get(format!("{url}/api/leaderboard")).await.unwrap().json().await.unwrap();
+    let played: Vec<_> = board.rows.iter().filter(|r| r.id != late.id).collect();
+    assert_eq!(played.iter().map(|r| r.id).collect::<Vec<_>>(), clients.iter().map(|c| c.id).collect::<Vec<_>>());
+    let rewards: Vec<u64> = played.iter().map(|r| r.rewards).collect();
+    // Shares ∝ score²: 0.02² : 0.01² = 4 : 1 of 1000 units; the negative score earns nothing.
+    assert_eq!((rewards[0], rewards[1], rewards[2], rewards.iter().sum::<u64>()), (800, 200, 0, 1000));
+    assert!(board.rows.iter().all(|r| !r.qualified), "nobody qualifies before the run ends");
+
+    // Round 1: round 0's bytes again (staleness 1 would be accepted) are a replay, refused and
+    // recorded; being told to retry while scoring was not a refusal.
+    let (s, e) = clients[0].submit_raw(bodies[0].clone()).await.unwrap_err();
+    assert_eq!((s, e.code), (StatusCode::CONFLICT, ErrorCode::Replay));
+    let st = status(&url).await;
+    let rejected = |id: u64| st.contributors.iter().find(|c| c.id == id).map(|c| c.rejected);
+    assert_eq!((rejected(clients[0].id), rejected(late.id)), (Some(1), Some(0)));
+    let board: Leaderboard = reqwest::get(format!("{url}/api/leaderboard")).await.unwrap().json().await.unwrap();
+    server.stop().await;
+
+    // Ratings, rewards and the leaderboard come back after a restart.
+    let server = Server::start(&b, spec.clone()).await;
+    let board2: Leaderboard = reqwest::get(format!("{}/api/leaderboard", server.url)).await.unwrap().json().await.unwrap();
+    assert_eq!(board2.rows, board.rows);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn scored_rounds_sqlite() {
+    scored_rounds("sqlite").await;
+}
+
+#[tokio::test]
+async fn scored_rounds_postgres() {
+    scored_rounds("postgres").await;
+}
+
+/// A scored round whose validator never reports is aggregated unscored after its timeout:
+/// staleness weights, no rewards, ratings unchanged.
+#[tokio::test]
+async fn scores_that_never_come() {
+    let b = backend("sqlite").await.unwrap();
+    let contest = ContestSpec { score_timeout_ms: 400, ..ContestSpec::default() };
+    let server = Server::start(&b, RunSpec { contest: Some(contest), ..spec(1) }).await;
+    let url = server.url.clone();
+    let run = info(&url).await;
+    let a = Client::register(&url, "a").await;
+    a.submit(&run, 0, &run.checkpoint, &delta(0.1)).await.unwrap();
+    assert_eq!(info(&url).await.round, 0, "waiting for scores");
+    server.hub.tick().await.unwrap();
+    assert_eq!(info(&url).await.round, 0, "not yet timed out");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    server.hub.tick().await.unwrap();
+    let after = info(&url).await;
+    assert_eq!(after.round, 1);
+    let theta = decode_weights(&download(&url, &format!("/v1/checkpoints/{}", after.checkpoint)).await, &run.spec.tensors).unwrap();
+    assert!((theta[0][7] - (initial()[0][7] - 0.4)).abs() < 1e-6, "the unscored mean was applied");
+    let board: Leaderboard = reqwest::get(format!("{url}/api/leaderboard")).await.unwrap().json().await.unwrap();
+    assert_eq!((board.rows[0].rewards, board.rows[0].rounds), (0, 0));
     server.stop().await;
 }
