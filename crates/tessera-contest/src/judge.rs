@@ -1,14 +1,14 @@
 //! From a round's scores to what each submission gets: a weight in the aggregate (0: left out)
 //! and a share of the round's reward units.
 //!
-//! Rules, in order: a copy, a submission whose gain on its assigned data is not above its gain
-//! on random data by `min_data_fit` when one is set (not trained on what it was given; the
-//! measurement is noisy at small sample sizes, so it is recorded but not enforced by default),
-//! and one whose held-out
-//! score is not positive (it does not help) are left out and earn nothing. Of the rest, the best
-//! `top` (all if unset) are aggregated with their staleness weight and earn in proportion to
-//! score^`reward_power` (a power above 1 pays consistent, large contributions more than many
-//! small ones: a submission with half the score earns a quarter at power 2).
+//! A copy, and a submission whose held-out score is not positive (it does not help), are left
+//! out and earn nothing. Every other submission's score is discounted by its contributor's
+//! *fit factor* — how much of its gain comes from the data it was assigned ([`fit_factors`]):
+//! about 1 for honest work, near 0 for work trained on other data, a fraction for an update
+//! pooled from several assignments (a colluding group's). Of the rest, the best `top` (all if
+//! unset) are aggregated with their staleness weight × fit factor and earn in proportion to
+//! (score × fit factor)^`reward_power`: a power above 1 pays consistent, large contributions
+//! more than many small ones (half the score earns a quarter at power 2).
 
 use serde::{Deserialize, Serialize};
 
@@ -19,13 +19,15 @@ pub struct Scored {
     /// Held-out loss before minus after applying this submission alone (nats per token):
     /// positive when it helps.
     pub score: f64,
-    /// Loss gain on the windows the assignment trained on minus the gain on random training
-    /// windows (nats per token).
-    pub data_fit: f64,
+    /// Loss gain on windows the assignment trained on minus the other submissions' median gain
+    /// on the same windows (nats per token); `None` when not measured this round.
+    pub data_fit: Option<f64>,
     /// Index (in the round's list) of the earlier submission this one copies.
     pub copy_of: Option<usize>,
     /// The hub's staleness weight.
     pub weight: f64,
+    /// From [`fit_factors`]: 1 when unknown.
+    pub fit_factor: f64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -51,13 +53,12 @@ impl Flag {
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Policy {
     pub reward_power: f64,
-    pub min_data_fit: Option<f64>,
     pub top: Option<usize>,
 }
 
 impl Default for Policy {
     fn default() -> Self {
-        Policy { reward_power: 2.0, min_data_fit: None, top: None }
+        Policy { reward_power: 2.0, top: None }
     }
 }
 
@@ -65,9 +66,6 @@ impl Policy {
     pub fn validate(&self) -> Result<(), String> {
         if !(self.reward_power.is_finite() && self.reward_power > 0.0 && self.reward_power <= 8.0) {
             return Err(format!("reward power {} must be in (0, 8]", self.reward_power));
-        }
-        if self.min_data_fit.is_some_and(|m| !m.is_finite()) {
-            return Err("minimum data fit must be finite".into());
         }
         if self.top == Some(0) {
             return Err("top must be at least 1".into());
@@ -82,7 +80,55 @@ pub struct Judged {
     pub weight: f64,
     /// Relative share of the round's rewards (0: none).
     pub share: f64,
+    /// Score × fit factor: what the round's rating ranks by (`None`: last place).
+    pub effective: Option<f64>,
     pub flag: Option<Flag>,
+}
+
+/// Each submission's fit factor, from its contributor's data-fit record: `history[i]` the sum
+/// and count of that contributor's earlier measured fits, `now[i]` this round's (if measured).
+///
+/// A contributor's fit is the mean of its record and this round's, shrunk toward the round's
+/// median as if it had [`PRIOR_ROUNDS`] more rounds at that median (one round's measurement is
+/// noisy; a newcomer gets the benefit of the doubt, and the record soon speaks for itself). The factor is that fit over the median, clamped to
+/// [0, 1]: honest contributors sit around 1, work trained on other data near 0. When the median
+/// is not clearly positive (nothing to compare against) every factor is 1.
+pub const PRIOR_ROUNDS: u64 = 2;
+
+pub fn fit_factors(history: &[(f64, u64)], now: &[Option<f64>]) -> Vec<f64> {
+    let raw: Vec<Option<f64>> = history
+        .iter()
+        .zip(now)
+        .map(|(&(sum, count), f)| {
+            let (sum, count) = (sum + f.unwrap_or(0.0), count + u64::from(f.is_some()));
+            (count > 0).then(|| sum / count as f64)
+        })
+        .collect();
+    let mut known: Vec<f64> = raw.iter().flatten().copied().filter(|v| v.is_finite()).collect();
+    known.sort_by(f64::total_cmp);
+    let median = match known.len() {
+        0 => return vec![1.0; now.len()],
+        n if n % 2 == 1 => known[n / 2],
+        n => 0.5 * (known[n / 2 - 1] + known[n / 2]),
+    };
+    // The median must stand clear of the spread of the records (2 standard errors, the spread
+    // estimated robustly), or there is nothing yet to compare against: early in a run, or when
+    // the check cannot see memorisation, every factor is 1.
+    let mut deviations: Vec<f64> = known.iter().map(|v| (v - median).abs()).collect();
+    deviations.sort_by(f64::total_cmp);
+    let mad = deviations[deviations.len() / 2];
+    if !(median > 2.0 * 1.4826 * mad / (known.len() as f64).sqrt()) {
+        return vec![1.0; now.len()];
+    }
+    history
+        .iter()
+        .zip(now)
+        .map(|(&(sum, count), f)| {
+            let (sum, count) = (sum + f.unwrap_or(0.0), count + u64::from(f.is_some()));
+            let shrunk = (sum + PRIOR_ROUNDS as f64 * median) / (count + PRIOR_ROUNDS) as f64;
+            if shrunk.is_finite() { (shrunk / median).clamp(0.0, 1.0) } else { 0.0 }
+        })
+        .collect()
 }
 
 /// Judges a round's scored submissions (in arrival order).
@@ -92,16 +138,22 @@ pub fn judge(scored: &[Scored], policy: &Policy) -> Vec<Judged> {
         .map(|s| {
             let flag = if s.copy_of.is_some() {
                 Some(Flag::Copy)
-            } else if policy.min_data_fit.is_some_and(|m| s.data_fit.is_nan() || s.data_fit <= m) {
-                Some(Flag::WrongData)
             } else if !(s.score.is_finite() && s.score > 0.0) {
                 Some(Flag::NotPositive)
+            } else if !(s.fit_factor > 0.0) {
+                Some(Flag::WrongData)
             } else {
                 None
             };
+            let fit = s.fit_factor.clamp(0.0, 1.0);
             match flag {
-                Some(_) => Judged { weight: 0.0, share: 0.0, flag },
-                None => Judged { weight: s.weight, share: s.score.powf(policy.reward_power), flag: None },
+                Some(_) => Judged { weight: 0.0, share: 0.0, effective: None, flag },
+                None => Judged {
+                    weight: s.weight * fit,
+                    share: (s.score * fit).powf(policy.reward_power),
+                    effective: Some(s.score * fit),
+                    flag: None,
+                },
             }
         })
         .collect();
@@ -109,7 +161,7 @@ pub fn judge(scored: &[Scored], policy: &Policy) -> Vec<Judged> {
         let mut eligible: Vec<usize> = (0..scored.len()).filter(|&i| out[i].flag.is_none()).collect();
         eligible.sort_by(|&a, &b| scored[b].score.total_cmp(&scored[a].score).then(a.cmp(&b)));
         for &i in eligible.iter().skip(top) {
-            out[i] = Judged { weight: 0.0, share: 0.0, flag: Some(Flag::BelowTop) };
+            out[i] = Judged { weight: 0.0, share: 0.0, flag: Some(Flag::BelowTop), ..out[i] };
         }
     }
     out
@@ -119,8 +171,8 @@ pub fn judge(scored: &[Scored], policy: &Policy) -> Vec<Judged> {
 mod tests {
     use super::*;
 
-    fn s(score: f64, data_fit: f64, copy_of: Option<usize>) -> Scored {
-        Scored { contributor: 0, score, data_fit, copy_of, weight: 1.0 }
+    fn s(score: f64, fit_factor: f64, copy_of: Option<usize>) -> Scored {
+        Scored { contributor: 0, score, data_fit: None, copy_of, weight: 1.0, fit_factor }
     }
 
     #[test]
@@ -133,7 +185,7 @@ mod tests {
             s(-0.5, 0.01, None),
             s(f64::NAN, 0.01, None),
         ];
-        let j = judge(&round, &Policy { min_data_fit: Some(0.0), ..Policy::default() });
+        let j = judge(&round, &Policy::default());
         let flags: Vec<Option<Flag>> = j.iter().map(|x| x.flag).collect();
         assert_eq!(
             flags,
@@ -141,9 +193,25 @@ mod tests {
         );
         assert!((j[0].share / j[1].share - 4.0).abs() < 1e-9);
         assert_eq!(j[2].weight, 0.0);
-        let top1 = judge(&round, &Policy { top: Some(1), min_data_fit: Some(0.0), ..Policy::default() });
-        assert_eq!(judge(&round, &Policy::default())[3].flag, None);
+        let top1 = judge(&round, &Policy { top: Some(1), ..Policy::default() });
         assert_eq!(top1[1].flag, Some(Flag::BelowTop));
         assert_eq!(top1[0].flag, None);
+    }
+
+    #[test]
+    fn fit_factors_follow_the_record() {
+        // Honest contributors around 0.02; one at 0 for many rounds; a newcomer; one unmeasured.
+        let history = [(0.2, 10), (0.22, 10), (0.18, 10), (0.0, 10), (0.0, 0), (0.0, 0)];
+        let now = [Some(0.02), Some(0.03), Some(0.01), Some(-0.01), Some(0.0), None];
+        let f = fit_factors(&history, &now);
+        assert!(f[..3].iter().all(|&x| x > 0.85), "{f:?}");
+        assert!(f[3] < 0.25, "{f:?}");
+        assert!((f[4] - 2.0 / 3.0).abs() < 0.05, "a newcomer at 0 keeps most of the benefit of the doubt: {f:?}");
+        assert_eq!(f[5], 1.0);
+        assert_eq!(fit_factors(&[(0.0, 0); 2], &[None, None]), vec![1.0, 1.0]);
+        assert_eq!(fit_factors(&[(-1.0, 2); 2], &[Some(-0.5), Some(-0.5)]), vec![1.0, 1.0]);
+        // A median lost in the noise compares nothing.
+        let noisy = [Some(0.03), Some(-0.02), Some(0.001), Some(-0.01), Some(0.02)];
+        assert_eq!(fit_factors(&[(0.0, 0); 5], &noisy), vec![1.0; 5]);
     }
 }

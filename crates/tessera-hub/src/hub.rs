@@ -23,7 +23,7 @@ use tessera_aggregate::{
     Accumulator, AggregateError, OuterConfig, OuterOptimizer, broadcast_step, check_view, decode_view,
 };
 use tessera_contest::rating::Standing;
-use tessera_contest::{Policy, Ratings, Scored, judge, split_units};
+use tessera_contest::{Policy, Ratings, Scored, fit_factors, judge, split_units};
 use tessera_protocol::api::{
     Assignment, ContributorStats, HubStatus, JobSubmission, LeaderRow, Leaderboard, Receipt, Registration, RoundState,
     RoundSummary, RunInfo, ScoreReport, ScoringJob,
@@ -595,7 +595,10 @@ impl Hub {
             ));
         }
         for (i, s) in report.scores.iter().enumerate() {
-            if !s.score.is_finite() || !s.data_fit.is_finite() || s.copy_of.is_some_and(|j| j as usize >= i) {
+            if !s.score.is_finite()
+                || s.data_fit.is_some_and(|f| !f.is_finite())
+                || s.copy_of.is_some_and(|j| j as usize >= i)
+            {
                 return Err(api(ErrorCode::BadRequest, format!("score {i} is not finite or copies a later one")));
             }
         }
@@ -719,29 +722,39 @@ impl Hub {
             };
             return Ok((weights, score_rows, None));
         };
+        // Each contributor's data-fit record so far.
+        let mut record: HashMap<u64, (f64, u64)> = HashMap::new();
+        for past in self.db.scores().await? {
+            if let Some(f) = past.data_fit.filter(|f| f.is_finite()) {
+                let e = record.entry(past.contributor).or_default();
+                *e = (e.0 + f, e.1 + 1);
+            }
+        }
+        let history: Vec<(f64, u64)> =
+            rows.iter().map(|r| record.get(&r.contributor).copied().unwrap_or_default()).collect();
+        let now: Vec<Option<f64>> = report.scores.iter().map(|s| s.data_fit).collect();
+        let factors = fit_factors(&history, &now);
         let scored: Vec<Scored> = rows
             .iter()
             .zip(&report.scores)
-            .map(|(r, s)| Scored {
+            .zip(factors)
+            .map(|((r, s), fit_factor)| Scored {
                 contributor: r.contributor,
                 score: s.score,
                 data_fit: s.data_fit,
                 copy_of: s.copy_of.map(|j| j as usize),
                 weight: r.weight,
+                fit_factor,
             })
             .collect();
-        let policy = Policy {
-            reward_power: contest.reward_power,
-            min_data_fit: contest.min_data_fit,
-            top: contest.top.map(|t| t as usize),
-        };
+        let policy = Policy { reward_power: contest.reward_power, top: contest.top.map(|t| t as usize) };
         let judged = judge(&scored, &policy);
         let shares: Vec<f64> = judged.iter().map(|j| j.share).collect();
         let rewards = split_units(contest.reward_units, &shares);
         let mut standings: Vec<Standing> = scored
             .iter()
             .zip(&judged)
-            .map(|(s, j)| Standing { contributor: s.contributor, score: j.flag.is_none().then_some(s.score) })
+            .map(|(s, j)| Standing { contributor: s.contributor, score: j.effective })
             .collect();
         // A contributor whose submission was refused this round takes part, in last place
         // (not for a repeat of an accepted submission or the hub's own trouble).
@@ -750,6 +763,19 @@ impl Hub {
                 standings.push(Standing { contributor, score: None });
             }
         }
+        for ((s, j), reward) in scored.iter().zip(&judged).zip(&rewards) {
+            tracing::debug!(
+                round = state.round,
+                contributor = s.contributor,
+                score = s.score,
+                data_fit = s.data_fit,
+                fit_factor = s.fit_factor,
+                weight = j.weight,
+                reward,
+                flag = j.flag.map(|f| f.as_str()),
+                "judged"
+            );
+        }
         let mut ratings = state.ratings.clone();
         ratings.update(&standings);
         let score_rows = rows
@@ -757,7 +783,7 @@ impl Hub {
             .zip(&scored)
             .zip(judged.iter().zip(&rewards))
             .map(|((r, s), (j, &reward))| {
-                row_of(r, Some(s.score), Some(s.data_fit), j.flag.map(|f| f.as_str()), j.weight, reward)
+                row_of(r, Some(s.score), s.data_fit, j.flag.map(|f| f.as_str()), j.weight, reward)
             })
             .collect();
         Ok((judged.iter().map(|j| j.weight).collect(), score_rows, Some(ratings)))

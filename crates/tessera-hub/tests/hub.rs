@@ -11,7 +11,8 @@ use tessera_protocol::api::{
     OuterSpec, Receipt, Registration, RunInfo, ScoreReport, ScoringJob, SubmissionScore,
 };
 use tessera_protocol::{
-    Aggregation, ApiError, Codec, ErrorCode, MessageView, PseudoGradient, RunSpec, TensorSpec, decode_weights, weights_hash,
+    Aggregation, ApiError, Codec, ErrorCode, MessageView, PseudoGradient, RunSpec, TensorSpec, decode_weights,
+    weights_hash,
 };
 
 fn spec(quorum: u32) -> RunSpec {
@@ -503,7 +504,8 @@ async fn scored_rounds(kind: &str) {
     server.hub.set_validator_token(VALIDATOR);
     let url = server.url.clone();
     let run = info(&url).await;
-    let clients = [Client::register(&url, "a").await, Client::register(&url, "b").await, Client::register(&url, "c").await];
+    let clients =
+        [Client::register(&url, "a").await, Client::register(&url, "b").await, Client::register(&url, "c").await];
     let late = Client::register(&url, "late").await;
     let commitment = clients[0].assignment(0).await.eval_commitment.expect("a scored run commits to its seed");
     let seed: EvalSeed = reqwest::get(format!("{url}/v1/rounds/0/eval-seed")).await.unwrap().json().await.unwrap();
@@ -532,12 +534,13 @@ async fn scored_rounds(kind: &str) {
     assert_eq!(job.round, 0);
     let order: Vec<u64> = job.submissions.iter().map(|s| s.contributor).collect();
     assert_eq!(order, clients.iter().map(|c| c.id).collect::<Vec<_>>());
-    let blob = validator_get(&url, &format!("/v1/validator/submissions/{}", job.submissions[1].blob), Some(VALIDATOR)).await;
+    let blob =
+        validator_get(&url, &format!("/v1/validator/submissions/{}", job.submissions[1].blob), Some(VALIDATOR)).await;
     assert_eq!(blob.bytes().await.unwrap().to_vec(), bodies[1]);
     let blob = validator_get(&url, &format!("/v1/validator/submissions/{}", job.submissions[1].blob), None).await;
     assert_eq!(blob.status(), StatusCode::UNAUTHORIZED);
 
-    let score = |contributor, score| SubmissionScore { contributor, score, data_fit: 0.01, copy_of: None };
+    let score = |contributor, score| SubmissionScore { contributor, score, data_fit: Some(0.01), copy_of: None };
     let mut report = ScoreReport {
         round: 0,
         scores: vec![score(clients[1].id, 0.01), score(clients[0].id, 0.02), score(clients[2].id, -0.5)],
@@ -552,7 +555,8 @@ async fn scored_rounds(kind: &str) {
     let after = info(&url).await;
     assert_eq!(after.round, 1);
     // Only the two positive scores were aggregated: centred clipping of two inputs stays between them.
-    let theta = decode_weights(&download(&url, &format!("/v1/checkpoints/{}", after.checkpoint)).await, &spec.tensors).unwrap();
+    let theta =
+        decode_weights(&download(&url, &format!("/v1/checkpoints/{}", after.checkpoint)).await, &spec.tensors).unwrap();
     let (lo, hi) = (initial()[0][7] - 0.2 * 4.0, initial()[0][7] - 0.1 * 4.0);
     assert!((lo - 1e-5..=hi + 1e-5).contains(&theta[0][7]), "{} not in [{lo}, {hi}]", theta[0][7]);
 
@@ -576,7 +580,8 @@ async fn scored_rounds(kind: &str) {
 
     // Ratings, rewards and the leaderboard come back after a restart.
     let server = Server::start(&b, spec.clone()).await;
-    let board2: Leaderboard = reqwest::get(format!("{}/api/leaderboard", server.url)).await.unwrap().json().await.unwrap();
+    let board2: Leaderboard =
+        reqwest::get(format!("{}/api/leaderboard", server.url)).await.unwrap().json().await.unwrap();
     assert_eq!(board2.rows, board.rows);
     server.stop().await;
 }
@@ -609,7 +614,9 @@ async fn scores_that_never_come() {
     server.hub.tick().await.unwrap();
     let after = info(&url).await;
     assert_eq!(after.round, 1);
-    let theta = decode_weights(&download(&url, &format!("/v1/checkpoints/{}", after.checkpoint)).await, &run.spec.tensors).unwrap();
+    let theta =
+        decode_weights(&download(&url, &format!("/v1/checkpoints/{}", after.checkpoint)).await, &run.spec.tensors)
+            .unwrap();
     assert!((theta[0][7] - (initial()[0][7] - 0.4)).abs() < 1e-6, "the unscored mean was applied");
     let board: Leaderboard = reqwest::get(format!("{url}/api/leaderboard")).await.unwrap().json().await.unwrap();
     assert_eq!((board.rows[0].rewards, board.rows[0].rounds), (0, 0));

@@ -125,12 +125,9 @@ pub struct ContestSpec {
     pub reward_units: u64,
     /// Reward share ∝ score^power (of positive, unflagged scores).
     pub reward_power: f64,
-    /// If set, a submission's gain on its assigned windows must beat its gain on random windows
-    /// by more than this (nats per token); otherwise the data fit is only recorded.
-    pub min_data_fit: Option<f64>,
     /// Aggregate only the best this many by score (`None`: every positive one).
     pub top: Option<u32>,
-    /// Held-out windows per score, and windows per side of the data-fit check.
+    /// Held-out windows per score, and assigned windows per contributor in the data-fit check.
     pub eval_windows: u32,
     pub fit_windows: u32,
     /// A round whose scores have not arrived this long after its submissions closed is
@@ -145,9 +142,6 @@ impl ContestSpec {
     pub fn validate(&self) -> Result<(), String> {
         if !(self.reward_power.is_finite() && self.reward_power > 0.0 && self.reward_power <= 8.0) {
             return Err(format!("reward power {} must be in (0, 8]", self.reward_power));
-        }
-        if self.min_data_fit.is_some_and(|m| !m.is_finite()) {
-            return Err("minimum data fit must be finite".into());
         }
         if self.top == Some(0) || self.eval_windows == 0 || self.fit_windows == 0 {
             return Err("top, evaluation windows and data-fit windows must be positive".into());
@@ -164,7 +158,6 @@ impl Default for ContestSpec {
         ContestSpec {
             reward_units: 1_000_000,
             reward_power: 2.0,
-            min_data_fit: None,
             top: None,
             eval_windows: 32,
             fit_windows: 16,
@@ -303,8 +296,9 @@ pub struct SubmissionScore {
     pub contributor: u64,
     /// Held-out loss before minus after applying the submission alone.
     pub score: f64,
-    /// Gain on assigned windows minus gain on random windows.
-    pub data_fit: f64,
+    /// Gain on its assigned windows minus the other submissions' median gain on them; `None`
+    /// when it was not in the round's data-fit sample.
+    pub data_fit: Option<f64>,
     /// Position in the job of the earlier submission this one copies.
     pub copy_of: Option<u32>,
 }

@@ -225,6 +225,12 @@ impl Trainer {
     /// Mean loss per token of the current model on the windows of `tokens` starting at `starts`
     /// (each `seq_len + 1` tokens), `batch_size` at a time, without gradients.
     pub fn window_loss(&self, tokens: &[u32], starts: &[usize]) -> Result<f64, TrainError> {
+        let per_window = self.window_losses(tokens, starts)?;
+        Ok(per_window.iter().sum::<f64>() / per_window.len().max(1) as f64)
+    }
+
+    /// The mean loss per token of each window, in `starts` order.
+    pub fn window_losses(&self, tokens: &[u32], starts: &[usize]) -> Result<Vec<f64>, TrainError> {
         let c = &self.config;
         if let Some(&s) = starts.iter().find(|&&s| s.saturating_add(c.seq_len + 1) > tokens.len()) {
             return Err(TrainError::Invalid(format!(
@@ -233,16 +239,16 @@ impl Trainer {
                 tokens.len()
             )));
         }
-        let mut total = 0.0;
+        let mut out = Vec::with_capacity(starts.len());
         tch::no_grad(|| -> Result<(), TrainError> {
             for chunk in starts.chunks(c.batch_size.max(1)) {
                 let (x, y) = self.batch(tokens, chunk);
-                let losses = self.model.token_losses(&x, &y)?.to_kind(Kind::Double);
-                total += f64::try_from(losses.sum(Kind::Double))?;
+                let losses = self.model.token_losses(&x, &y)?.to_kind(Kind::Double).mean_dim(1, false, Kind::Double);
+                out.extend(Vec::<f64>::try_from(losses.to_device(tch::Device::Cpu))?);
             }
             Ok(())
         })?;
-        Ok(total / (starts.len().max(1) * c.seq_len) as f64)
+        Ok(out)
     }
 
     pub fn evaluate(&self) -> Result<EvalStats, TrainError> {

@@ -3,8 +3,8 @@
 //! evaluation seed, committed before the round and revealed after its submissions closed):
 //!
 //! - **score**: held-out loss before minus after applying that submission alone (θ − Δ);
-//! - **data fit**: the loss gain on windows its assignment trained on minus the gain on random
-//!   training windows — near zero for a Δ trained on other data;
+//! - **data fit**: the loss gain on windows its assignment trained on minus the median gain of
+//!   the other submissions on those windows — near zero for a Δ trained on other data;
 //! - **copies**: cosine similarity with every earlier submission on seeded sample coordinates.
 //!
 //! The hub turns these into weights, ratings and rewards (`tessera-contest`). [`client`] runs
@@ -29,7 +29,7 @@ use tessera_train::{TrainConfig, TrainError, Trainer};
 pub struct ScoreConfig {
     /// Held-out validation windows for the score (the same for every submission of a round).
     pub eval_windows: usize,
-    /// Assigned windows, and random training windows, for the data-fit check.
+    /// Assigned windows per submission in the data-fit check.
     pub fit_windows: usize,
 }
 
@@ -37,6 +37,18 @@ impl Default for ScoreConfig {
     fn default() -> Self {
         ScoreConfig { eval_windows: 32, fit_windows: 16 }
     }
+}
+
+/// Other submissions evaluated on each submission's assigned windows, as its control.
+pub const FIT_CONTROLS: usize = 4;
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    if n == 0 {
+        return 0.0;
+    }
+    if n % 2 == 1 { values[n / 2] } else { 0.5 * (values[n / 2 - 1] + values[n / 2]) }
 }
 
 /// One submission to score, decoded.
@@ -84,6 +96,11 @@ impl Scorer {
 
     /// Scores `candidates` (in arrival order) against the round's weights `theta`, with the
     /// round's revealed evaluation `seed`.
+    ///
+    /// The data-fit check is paired: a submission's fit is its gain on `fit_windows` of its own
+    /// assigned windows minus the median gain of [`FIT_CONTROLS`] other submissions (seeded) on
+    /// those same windows — they never trained on them, so what a window's content does to any
+    /// update cancels, and what is left is what training on it did.
     pub fn score(
         &mut self,
         theta: &[Vec<f32>],
@@ -92,54 +109,93 @@ impl Scorer {
     ) -> Result<(Vec<Scored>, ScoreCost), TrainError> {
         let started = std::time::Instant::now();
         let c = self.trainer.config.clone();
-        let (train_len, val_len) = (self.trainer.dataset.train.len(), self.trainer.dataset.validation.len());
+        let val_len = self.trainer.dataset.validation.len();
         let span = |n: usize| n.saturating_sub(c.seq_len + 1).max(1);
-        let draw = |what: &str, n: usize, len: usize| -> Vec<usize> {
-            let mut rng = ChaCha8Rng::seed_from_u64(derive(seed, what));
-            (0..n).map(|_| rng.random_range(0..span(len))).collect()
-        };
-        let eval = draw("held-out evaluation windows", self.config.eval_windows, val_len);
-        let random = draw("random training windows", self.config.fit_windows, train_len);
+        let mut rng = ChaCha8Rng::seed_from_u64(derive(seed, "held-out evaluation windows"));
+        let eval: Vec<usize> = (0..self.config.eval_windows).map(|_| rng.random_range(0..span(val_len))).collect();
 
         let views: Vec<Vec<&[f32]>> = candidates.iter().map(|k| k.delta.iter().map(Vec::as_slice).collect()).collect();
         let copy_seed = derive(seed, "copy detection coordinates");
         let samples: Vec<Vec<f32>> = views.iter().map(|v| sample(v, copy_seed)).collect();
         let (copy_of, _) = find_copies(&samples);
 
+        // The data-fit check: each submission's own assigned windows, and a seeded few other
+        // submissions (the controls) evaluated on the same windows.
+        let n = candidates.len();
+        let mut pick = ChaCha8Rng::seed_from_u64(derive(seed, "data fit controls"));
+        let controls: Vec<Vec<usize>> = (0..n)
+            .map(|i| {
+                let mut others: Vec<usize> = (0..n).filter(|&j| j != i).collect();
+                for k in (1..others.len()).rev() {
+                    others.swap(k, pick.random_range(0..=k));
+                }
+                others.truncate(FIT_CONTROLS);
+                others
+            })
+            .collect();
+        let own: Vec<Vec<usize>> = candidates.iter().map(|k| self.assigned_windows(k, seed)).collect();
+        // Which windows each submission is evaluated on: its own, and those it controls for.
+        let mut duties: Vec<Vec<usize>> = (0..n).map(|i| vec![i]).collect();
+        for (i, cs) in controls.iter().enumerate() {
+            for &j in cs {
+                duties[j].push(i);
+            }
+        }
+
         write_params(&self.trainer.model, theta)?;
         let val = &self.trainer.dataset.validation;
         let train = &self.trainer.dataset.train;
         let before_eval = self.trainer.window_loss(val, &eval)?;
-        let before_random = self.trainer.window_loss(train, &random)?;
-        let mut forward = (eval.len() + random.len()) as u64;
-        let mut befores = Vec::with_capacity(candidates.len());
-        let mut assigned_all = Vec::with_capacity(candidates.len());
-        for k in candidates {
-            let assigned = self.assigned_windows(k, seed);
-            befores.push(self.trainer.window_loss(train, &assigned)?);
-            forward += assigned.len() as u64;
-            assigned_all.push(assigned);
+        let mut forward = eval.len() as u64;
+        let mut before_own = Vec::with_capacity(n);
+        for w in &own {
+            before_own.push(self.trainer.window_losses(train, w)?);
+            forward += w.len() as u64;
         }
-        let mut out = Vec::with_capacity(candidates.len());
-        for ((k, assigned), (before_assigned, copy)) in
-            candidates.iter().zip(&assigned_all).zip(befores.into_iter().zip(&copy_of))
-        {
+        let mut after_eval = Vec::with_capacity(n);
+        // gain[j][i]: submission j's gain per window on submission i's windows (where evaluated).
+        let mut gain: Vec<Vec<Option<Vec<f64>>>> = vec![vec![None; n]; n];
+        for (j, k) in candidates.iter().enumerate() {
             let applied: Vec<Vec<f32>> =
                 theta.iter().zip(&k.delta).map(|(t, d)| t.iter().zip(d).map(|(t, d)| t - d).collect()).collect();
             write_params(&self.trainer.model, &applied)?;
-            let after_eval = self.trainer.window_loss(val, &eval)?;
-            let after_assigned = self.trainer.window_loss(train, assigned)?;
-            let after_random = self.trainer.window_loss(train, &random)?;
-            forward += (eval.len() + assigned.len() + random.len()) as u64;
-            out.push(Scored {
-                contributor: k.contributor,
-                score: before_eval - after_eval,
-                data_fit: (before_assigned - after_assigned) - (before_random - after_random),
-                copy_of: *copy,
-                weight: k.weight,
-            });
+            after_eval.push(self.trainer.window_loss(val, &eval)?);
+            forward += eval.len() as u64;
+            for &i in &duties[j] {
+                let after = self.trainer.window_losses(train, &own[i])?;
+                forward += after.len() as u64;
+                gain[j][i] = Some(before_own[i].iter().zip(&after).map(|(b, a)| b - a).collect());
+            }
         }
         write_params(&self.trainer.model, theta)?;
+
+        let fit = |i: usize| -> Option<f64> {
+            let mine = gain[i][i].as_ref()?;
+            let ctrl: Vec<&Vec<f64>> = controls[i].iter().filter_map(|&j| gain[j][i].as_ref()).collect();
+            if ctrl.is_empty() || mine.is_empty() {
+                return None;
+            }
+            let excess: f64 = (0..mine.len())
+                .map(|w| {
+                    let mut others: Vec<f64> = ctrl.iter().map(|g| g[w]).collect();
+                    mine[w] - median(&mut others)
+                })
+                .sum();
+            Some(excess / mine.len() as f64)
+        };
+        let out = candidates
+            .iter()
+            .enumerate()
+            .map(|(i, k)| Scored {
+                contributor: k.contributor,
+                score: before_eval - after_eval[i],
+                data_fit: fit(i).filter(|f| f.is_finite()),
+                copy_of: copy_of[i],
+                weight: k.weight,
+                // The hub knows each contributor's record; the validator reports this round's.
+                fit_factor: 1.0,
+            })
+            .collect();
         Ok((out, ScoreCost { windows_forward: forward, seconds: started.elapsed().as_secs_f64() }))
     }
 

@@ -65,7 +65,7 @@ pub struct ArenaArgs {
     /// The robust rule of the scored scenarios.
     #[arg(long, default_value_t = Aggregation::DEFAULT)]
     aggregation: Aggregation,
-    /// Held-out windows per score, and windows per side of the data-fit check.
+    /// Held-out windows per score, and assigned windows per contributor in the data-fit check.
     #[arg(long, default_value_t = 32)]
     eval_windows: u32,
     #[arg(long, default_value_t = 16)]
@@ -418,7 +418,7 @@ fn run_scenario(
             let (scores, cost) = scorer.score(base, &candidates, &seed)?;
             for s in &scores {
                 let side = if attacker_ids_now.contains(&s.contributor) { 1 } else { 0 };
-                fits[side].push(s.data_fit);
+                fits[side].extend(s.data_fit);
                 score_lists[side].push(s.score);
             }
             for (s, k) in scores.iter().zip(&candidates) {

@@ -106,17 +106,13 @@ pub struct ContestArgs {
     /// Reward share ∝ score^power.
     #[arg(long, default_value_t = 2.0)]
     reward_power: f64,
-    /// Refuse weight and reward to a submission whose gain on its assigned data does not beat
-    /// its gain on random data by this much (nats/token); unset: record the data fit only.
-    #[arg(long, allow_hyphen_values = true)]
-    min_data_fit: Option<f64>,
     /// Aggregate only the best N scores (default: every positive one).
     #[arg(long)]
     top: Option<u32>,
     /// Held-out windows per score.
     #[arg(long, default_value_t = 32)]
     eval_windows: u32,
-    /// Windows per side of the data-fit check.
+    /// Assigned windows per submission in the data-fit check.
     #[arg(long, default_value_t = 16)]
     fit_windows: u32,
     /// Aggregate unscored if no scores arrive this many seconds after submissions close.
@@ -133,7 +129,6 @@ impl ContestArgs {
         self.scored.then_some(ContestSpec {
             reward_units: self.reward_units,
             reward_power: self.reward_power,
-            min_data_fit: self.min_data_fit,
             top: self.top,
             eval_windows: self.eval_windows,
             fit_windows: self.fit_windows,
