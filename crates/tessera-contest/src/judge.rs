@@ -117,7 +117,7 @@ pub fn fit_factors(history: &[(f64, u64)], now: &[Option<f64>]) -> Vec<f64> {
     let mut deviations: Vec<f64> = known.iter().map(|v| (v - median).abs()).collect();
     deviations.sort_by(f64::total_cmp);
     let mad = deviations[deviations.len() / 2];
-    if !(median > 2.0 * 1.4826 * mad / (known.len() as f64).sqrt()) {
+    if median.is_nan() || median <= 2.0 * 1.4826 * mad / (known.len() as f64).sqrt() {
         return vec![1.0; now.len()];
     }
     history
@@ -140,7 +140,7 @@ pub fn judge(scored: &[Scored], policy: &Policy) -> Vec<Judged> {
                 Some(Flag::Copy)
             } else if !(s.score.is_finite() && s.score > 0.0) {
                 Some(Flag::NotPositive)
-            } else if !(s.fit_factor > 0.0) {
+            } else if s.fit_factor.is_nan() || s.fit_factor <= 0.0 {
                 Some(Flag::WrongData)
             } else {
                 None
