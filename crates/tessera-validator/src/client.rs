@@ -49,6 +49,8 @@ pub struct ValidatorConfig {
     pub data: Option<Dataset>,
     /// How often to ask for a job when there is none.
     pub poll: Duration,
+    /// How long to keep retrying while the hub is unreachable or failing (5xx).
+    pub patience: Duration,
 }
 
 /// One scored round, for progress output.
@@ -74,7 +76,7 @@ impl Validator {
             .timeout(Duration::from_secs(300))
             .build()
             .map_err(|e| ValidatorError::Http { url: config.hub.clone(), message: e.to_string() })?;
-        let run: RunInfo = get_json(&http, &format!("{}/v1/run", config.hub), None)?;
+        let run: RunInfo = patiently(config.patience, || get_json(&http, &format!("{}/v1/run", config.hub), None))?;
         let contest = run.spec.contest.clone().ok_or(ValidatorError::NotScored)?;
         let dataset = tessera_contributor::run_dataset(&run, config.data.clone())?;
         let model_config = LlamaConfig::from_json(run.spec.model.clone())
@@ -97,7 +99,8 @@ impl Validator {
                     done += 1;
                 }
                 None => {
-                    let info: RunInfo = get_json(&self.http, &format!("{}/v1/run", self.config.hub), None)?;
+                    let url = format!("{}/v1/run", self.config.hub);
+                    let info: RunInfo = patiently(self.config.patience, || get_json(&self.http, &url, None))?;
                     if info.finished {
                         break;
                     }
@@ -110,11 +113,13 @@ impl Validator {
 
     fn job(&self) -> Result<Option<ScoringJob>> {
         let url = format!("{}/v1/validator/job", self.config.hub);
-        let r = self.http.get(&url).bearer_auth(&self.config.token).send().map_err(|e| http_err(&url, e))?;
-        if r.status() == StatusCode::NO_CONTENT {
-            return Ok(None);
-        }
-        parse(&url, r).map(Some)
+        patiently(self.config.patience, || {
+            let r = self.http.get(&url).bearer_auth(&self.config.token).send().map_err(|e| http_err(&url, e))?;
+            if r.status() == StatusCode::NO_CONTENT {
+                return Ok(None);
+            }
+            parse(&url, r).map(Some)
+        })
     }
 
     fn bytes(&self, url: &str, auth: bool) -> Result<Vec<u8>> {
@@ -194,14 +199,32 @@ impl Validator {
     }
 }
 
+/// Retries `f` while the hub is unreachable or answers 5xx, with backoff, for `patience`;
+/// a refusal (4xx) is final.
+fn patiently<T>(patience: Duration, mut f: impl FnMut() -> Result<T>) -> Result<T> {
+    let started = Instant::now();
+    let mut delay = Duration::from_millis(200);
+    loop {
+        match f() {
+            Err(e @ ValidatorError::Http { .. }) if started.elapsed() < patience => {
+                tracing::warn!(error = %e, retry_in = ?delay, "hub unavailable; retrying");
+                std::thread::sleep(delay);
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+            other => return other,
+        }
+    }
+}
+
 fn http_err(url: &str, e: impl std::fmt::Display) -> ValidatorError {
     ValidatorError::Http { url: url.to_owned(), message: e.to_string() }
 }
 
 fn refusal(url: &str, status: StatusCode, body: &[u8]) -> ValidatorError {
     match serde_json::from_slice::<ApiError>(body) {
-        Ok(e) => ValidatorError::Refused(e),
-        Err(_) => http_err(url, format!("{status}: {}", String::from_utf8_lossy(&body[..body.len().min(200)]))),
+        // The hub's own trouble is worth retrying; a refusal is not.
+        Ok(e) if !status.is_server_error() => ValidatorError::Refused(e),
+        _ => http_err(url, format!("{status}: {}", String::from_utf8_lossy(&body[..body.len().min(200)]))),
     }
 }
 

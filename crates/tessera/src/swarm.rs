@@ -861,6 +861,9 @@ pub struct ValidateArgs {
     /// Stop after scoring this many rounds (default: until the run finishes).
     #[arg(long)]
     max_rounds: Option<u64>,
+    /// Keep retrying an unreachable hub for this many seconds.
+    #[arg(long, default_value_t = 300)]
+    patience: u64,
     #[command(flatten)]
     runtime: RuntimeArgs,
 }
@@ -882,6 +885,7 @@ pub fn validate(args: ValidateArgs) -> Result<()> {
         device,
         data,
         poll: Duration::from_millis(500),
+        patience: Duration::from_secs(args.patience),
     };
     let mut validator = tessera_validator::client::Validator::connect(config)?;
     eprintln!("tessera validate: scoring rounds of {} as they close", args.hub);

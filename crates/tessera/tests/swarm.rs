@@ -81,7 +81,11 @@ fn hub(dir: &Path, port: u16, extra: &[&str]) -> Proc {
 }
 
 fn contributor(dir: &Path, port: u16, name: &str) -> Proc {
-    let args: Vec<String> = vec![
+    contributor_with(dir, port, name, &[])
+}
+
+fn contributor_with(dir: &Path, port: u16, name: &str, extra: &[&str]) -> Proc {
+    let mut args: Vec<String> = vec![
         "contribute".into(),
         "--hub".into(),
         format!("http://127.0.0.1:{port}"),
@@ -94,6 +98,7 @@ fn contributor(dir: &Path, port: u16, name: &str) -> Proc {
         "--patience".into(),
         "120".into(),
     ];
+    args.extend(extra.iter().map(|s| s.to_string()));
     spawn(&args, &dir.join(format!("{name}.log")))
 }
 
@@ -275,4 +280,70 @@ fn the_networked_run_matches_the_in_process_simulation() {
         let (net, local) = (final_loss(&out, "final global model"), final_loss(&sim_out, "DiLoCo: final"));
         assert!((net - local).abs() < 1e-3, "{up}: network {net} vs simulation {local}\n{out}\n{sim_out}");
     }
+}
+
+/// A scored run with real processes: two honest contributors, one that scales its Δ ×100
+/// (`--adversary scale`), and `tessera validate` scoring every round over HTTP. The attacker
+/// earns nothing and ranks last; `tessera leaderboard` shows who qualifies.
+#[test]
+fn a_scored_run_with_a_validator_and_an_attacker() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let port = free_port();
+    let rounds = 4u64;
+    let flags = [
+        "--inner-steps",
+        "4",
+        "--rounds",
+        "4",
+        "--quorum",
+        "3",
+        "--deadline",
+        "60",
+        "--codec",
+        "int8",
+        "--scored",
+        "--validator-token",
+        "tok",
+        "--reward-units",
+        "1000",
+        "--promote-top",
+        "2",
+        "--eval-windows",
+        "8",
+        "--fit-windows",
+        "4",
+    ];
+    let _h = hub(d, port, &flags);
+    let url = format!("http://127.0.0.1:{port}");
+    let mut workers = [
+        contributor(d, port, "a"),
+        contributor(d, port, "b"),
+        contributor_with(d, port, "bad", &["--adversary", "scale"]),
+    ];
+    let validate: Vec<String> =
+        ["validate", "--hub", &url, "--token", "tok", "--threads", "1"].iter().map(|s| s.to_string()).collect();
+    let mut v = spawn(&validate, &d.join("validator.log"));
+    for (w, name) in workers.iter_mut().zip(["a", "b", "bad"]) {
+        w.wait_success(Duration::from_secs(240), &d.join(format!("{name}.log")));
+    }
+    v.wait_success(Duration::from_secs(60), &d.join("validator.log"));
+    let last = wait_for(port, Duration::from_secs(30), "the finished run", |s| s.finished);
+    assert_eq!(last.round, rounds, "{}", logs(d));
+
+    let out = Command::new(BIN).args(["leaderboard", "--hub", &url, "--json"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let board: tessera_protocol::api::Leaderboard = serde_json::from_slice(&out.stdout).unwrap();
+    let row = |name: &str| board.rows.iter().find(|r| r.name == name).unwrap_or_else(|| panic!("no {name}"));
+    assert_eq!(row("bad").rewards, 0, "{}", logs(d));
+    assert_eq!(board.rows.last().map(|r| r.name.as_str()), Some("bad"), "{board:?}");
+    let paid: u64 = board.rows.iter().map(|r| r.rewards).sum();
+    assert!(paid > 0 && paid <= 1000 * rounds && paid % 1000 == 0, "whole rounds of units, exactly: {paid}");
+    assert!(row("a").qualified && row("b").qualified && !row("bad").qualified, "{board:?}");
+    assert_eq!(row("a").rounds, rounds);
+    let table = Command::new(BIN).args(["leaderboard", "--hub", &url]).output().unwrap();
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(table.contains("qualified") && table.contains("bad"), "{table}");
+    let log = std::fs::read_to_string(d.join("validator.log")).unwrap();
+    assert_eq!(log.matches("submissions scored").count() as u64, rounds, "{log}");
 }
