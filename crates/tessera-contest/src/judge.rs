@@ -93,7 +93,7 @@ pub struct Judged {
 /// noisy; a newcomer gets the benefit of the doubt, and the record soon speaks for itself). The factor is that fit over the median, clamped to
 /// [0, 1]: honest contributors sit around 1, work trained on other data near 0. When the median
 /// is not clearly positive (nothing to compare against) every factor is 1.
-pub const PRIOR_ROUNDS: u64 = 2;
+pub const PRIOR_ROUNDS: u64 = 1;
 
 pub fn fit_factors(history: &[(f64, u64)], now: &[Option<f64>]) -> Vec<f64> {
     let raw: Vec<Option<f64>> = history
@@ -205,8 +205,8 @@ mod tests {
         let now = [Some(0.02), Some(0.03), Some(0.01), Some(-0.01), Some(0.0), None];
         let f = fit_factors(&history, &now);
         assert!(f[..3].iter().all(|&x| x > 0.85), "{f:?}");
-        assert!(f[3] < 0.25, "{f:?}");
-        assert!((f[4] - 2.0 / 3.0).abs() < 0.05, "a newcomer at 0 keeps most of the benefit of the doubt: {f:?}");
+        assert!(f[3] < 0.15, "{f:?}");
+        assert!((f[4] - 0.5).abs() < 0.05, "a newcomer at 0 keeps half the benefit of the doubt: {f:?}");
         assert_eq!(f[5], 1.0);
         assert_eq!(fit_factors(&[(0.0, 0); 2], &[None, None]), vec![1.0, 1.0]);
         assert_eq!(fit_factors(&[(-1.0, 2); 2], &[Some(-0.5), Some(-0.5)]), vec![1.0, 1.0]);

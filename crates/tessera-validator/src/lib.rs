@@ -97,10 +97,11 @@ impl Scorer {
     /// Scores `candidates` (in arrival order) against the round's weights `theta`, with the
     /// round's revealed evaluation `seed`.
     ///
-    /// The data-fit check is paired: a submission's fit is its gain on `fit_windows` of its own
-    /// assigned windows minus the median gain of [`FIT_CONTROLS`] other submissions (seeded) on
-    /// those same windows — they never trained on them, so what a window's content does to any
-    /// update cancels, and what is left is what training on it did.
+    /// The data-fit check is a difference of differences: a submission's excess gain over
+    /// [`FIT_CONTROLS`] other submissions (seeded) on `fit_windows` of its own assigned windows —
+    /// they never trained on them, so what a window's content does to any update cancels — less
+    /// its excess over the controls on other contributors' windows, so an update that is simply
+    /// better everywhere gains nothing. What is left is what training on its own windows did.
     pub fn score(
         &mut self,
         theta: &[Vec<f32>],
@@ -169,19 +170,32 @@ impl Scorer {
         }
         write_params(&self.trainer.model, theta)?;
 
-        let fit = |i: usize| -> Option<f64> {
-            let mine = gain[i][i].as_ref()?;
-            let ctrl: Vec<&Vec<f64>> = controls[i].iter().filter_map(|&j| gain[j][i].as_ref()).collect();
+        // Submission i's excess gain over the controls on windows of set k.
+        let excess = |i: usize, k: usize| -> Option<f64> {
+            let mine = gain[i][k].as_ref()?;
+            let ctrl: Vec<&Vec<f64>> =
+                controls[k].iter().filter(|&&j| j != i).filter_map(|&j| gain[j][k].as_ref()).collect();
             if ctrl.is_empty() || mine.is_empty() {
                 return None;
             }
-            let excess: f64 = (0..mine.len())
+            let sum: f64 = (0..mine.len())
                 .map(|w| {
                     let mut others: Vec<f64> = ctrl.iter().map(|g| g[w]).collect();
                     mine[w] - median(&mut others)
                 })
                 .sum();
-            Some(excess / mine.len() as f64)
+            Some(sum / mine.len() as f64)
+        };
+        // Its excess on its own windows, less its excess on the windows of those it controls
+        // for: an update that is better everywhere (pooled from several assignments, say) gains
+        // nothing here; only what training on its own windows did remains.
+        let fit = |i: usize| -> Option<f64> {
+            let own = excess(i, i)?;
+            let elsewhere: Vec<f64> = duties[i].iter().filter(|&&k| k != i).filter_map(|&k| excess(i, k)).collect();
+            if elsewhere.is_empty() {
+                return Some(own);
+            }
+            Some(own - elsewhere.iter().sum::<f64>() / elsewhere.len() as f64)
         };
         let out = candidates
             .iter()
