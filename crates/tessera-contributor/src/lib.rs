@@ -429,8 +429,8 @@ impl Contributor {
         Ok(RoundReport { round: a.round, inner_loss, bytes_up, bytes_down, outcome, train_s })
     }
 
-    /// Adversaries only: the decoded update the hub published into `round`.
-    fn published_update(&self, round: u64) -> Result<Vec<Vec<f32>>> {
+    /// The bytes of the update the hub published into `round`.
+    fn fetch_update(&self, round: u64) -> Result<Vec<u8>> {
         let url = format!("{}/v1/updates/{round}", self.config.hub);
         let hub = self.hub();
         let r = hub.send("update", || self.http.get(&url))?;
@@ -439,6 +439,12 @@ impl Contributor {
         if !status.is_success() {
             return Err(hub.refusal("update", status, &bytes));
         }
+        Ok(bytes.to_vec())
+    }
+
+    /// Adversaries only: the decoded update the hub published into `round`.
+    fn published_update(&self, round: u64) -> Result<Vec<Vec<f32>>> {
+        let bytes = self.fetch_update(round)?;
         let view = MessageView::parse(&bytes)?;
         let zeros: Vec<Vec<f32>> = self.run.spec.tensors.iter().map(|t| vec![0.0; t.numel() as usize]).collect();
         // The update moves θ by +u; as a pseudo-gradient (θ − θ_local) that is −u.
@@ -529,14 +535,7 @@ impl Contributor {
     }
 
     fn apply_update(&self, base: &Base, round: u64) -> Result<(Base, u64)> {
-        let url = format!("{}/v1/updates/{round}", self.config.hub);
-        let hub = self.hub();
-        let r = hub.send("update", || self.http.get(&url))?;
-        let status = r.status();
-        let bytes = r.bytes().map_err(|e| hub.http_err("update", e))?;
-        if !status.is_success() {
-            return Err(hub.refusal("update", status, &bytes));
-        }
+        let bytes = self.fetch_update(round)?;
         let view = MessageView::parse(&bytes)?;
         if hex::encode(view.base_checkpoint) != base.hash || view.round != round {
             return Err(ContributorError::Data(format!("update {round} does not start from round {}", base.round)));

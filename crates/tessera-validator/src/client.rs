@@ -10,8 +10,8 @@ use tch::Device;
 use tessera_contest::commit;
 use tessera_data::Dataset;
 use tessera_model::LlamaConfig;
-use tessera_protocol::api::{ApiError, RunInfo, ScoreReport, ScoringJob, SubmissionScore};
-use tessera_protocol::{MessageView, decode_weights, weights_hash};
+use tessera_protocol::api::{ApiError, RunInfo, ScoringJob};
+use tessera_protocol::{decode_weights, weights_hash};
 
 use crate::{Candidate, ScoreConfig, ScoreCost, Scorer};
 
@@ -156,29 +156,10 @@ impl Validator {
         let mut candidates = Vec::with_capacity(job.submissions.len());
         for s in &job.submissions {
             let bytes = self.bytes(&format!("{hub}/v1/validator/submissions/{}", s.blob), true)?;
-            let delta = tessera_aggregate::decode_view(&lengths, &MessageView::parse(&bytes)?)?;
-            candidates.push(Candidate {
-                contributor: s.contributor,
-                slot: s.slot,
-                schedule_step: s.schedule_step,
-                inner_steps: s.inner_steps,
-                delta,
-                weight: s.weight,
-            });
+            candidates.push(Candidate::from_job(s, &bytes, &lengths)?);
         }
         let (scores, cost) = self.scorer.score(&theta, &candidates, &seed)?;
-        let report = ScoreReport {
-            round,
-            scores: scores
-                .iter()
-                .map(|s| SubmissionScore {
-                    contributor: s.contributor,
-                    score: s.score,
-                    data_fit: s.data_fit,
-                    copy_of: s.copy_of.map(|j| j as u32),
-                })
-                .collect(),
-        };
+        let report = crate::report(round, &scores);
         let url = format!("{hub}/v1/validator/scores");
         let started = Instant::now();
         let r =

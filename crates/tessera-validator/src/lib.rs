@@ -65,6 +65,41 @@ pub struct Candidate {
     pub weight: f64,
 }
 
+impl Candidate {
+    /// A job's submission from its message bytes, decoded and checked against `lengths`.
+    pub fn from_job(
+        s: &tessera_protocol::api::JobSubmission,
+        bytes: &[u8],
+        lengths: &[usize],
+    ) -> Result<Candidate, TrainError> {
+        let view = tessera_protocol::MessageView::parse(bytes)?;
+        Ok(Candidate {
+            contributor: s.contributor,
+            slot: s.slot,
+            schedule_step: s.schedule_step,
+            inner_steps: s.inner_steps,
+            delta: tessera_aggregate::decode_view(lengths, &view)?,
+            weight: s.weight,
+        })
+    }
+}
+
+/// The hub's report of a round's scores, in the job's order.
+pub fn report(round: u64, scores: &[Scored]) -> tessera_protocol::api::ScoreReport {
+    tessera_protocol::api::ScoreReport {
+        round,
+        scores: scores
+            .iter()
+            .map(|s| tessera_protocol::api::SubmissionScore {
+                contributor: s.contributor,
+                score: s.score,
+                data_fit: s.data_fit,
+                copy_of: s.copy_of.map(|j| j as u32),
+            })
+            .collect(),
+    }
+}
+
 /// What scoring one round cost, for the validator-cost figure.
 #[derive(Debug, Clone, Copy, Default, serde::Serialize)]
 pub struct ScoreCost {

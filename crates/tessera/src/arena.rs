@@ -20,10 +20,8 @@ use tessera_contributor::inner_config;
 use tessera_data::Dataset;
 use tessera_hub::{Db, Hub, NewRun, Store};
 use tessera_model::{Llama, LlamaConfig};
-use tessera_protocol::api::{ContestSpec, DataSource, DataSpec, InnerSpec, OuterSpec, ScoreReport, SubmissionScore};
-use tessera_protocol::{
-    Aggregation, Codec, ErrorFeedback, MessageView, PseudoGradient, RunSpec, TensorEntry, TensorSpec, decode_weights,
-};
+use tessera_protocol::api::{ContestSpec, InnerSpec, OuterSpec};
+use tessera_protocol::{Aggregation, Codec, ErrorFeedback, PseudoGradient, RunSpec, TensorEntry, decode_weights};
 use tessera_train::diloco::{read_params, train_workers, write_params};
 use tessera_train::{TrainConfig, Trainer};
 use tessera_validator::{Candidate, ScoreConfig, Scorer};
@@ -404,15 +402,7 @@ fn run_scenario(
             let mut candidates = Vec::with_capacity(job.submissions.len());
             for s in &job.submissions {
                 let bytes = rt.block_on(hub.submission_blob(&s.blob)).map_err(anyhow::Error::msg)?;
-                let delta = tessera_aggregate::decode_view(&lengths, &MessageView::parse(&bytes)?)?;
-                candidates.push(Candidate {
-                    contributor: s.contributor,
-                    slot: s.slot,
-                    schedule_step: s.schedule_step,
-                    inner_steps: s.inner_steps,
-                    delta,
-                    weight: s.weight,
-                });
+                candidates.push(Candidate::from_job(s, &bytes, &lengths)?);
             }
             let base = &history[round as usize].0;
             let (scores, cost) = scorer.score(base, &candidates, &seed)?;
@@ -427,18 +417,7 @@ fn run_scenario(
             score_seconds += cost.seconds;
             score_windows += cost.windows_forward;
             scored_subs += candidates.len() as u64;
-            let report = ScoreReport {
-                round: job.round,
-                scores: scores
-                    .iter()
-                    .map(|s| SubmissionScore {
-                        contributor: s.contributor,
-                        score: s.score,
-                        data_fit: s.data_fit,
-                        copy_of: s.copy_of.map(|j| j as u32),
-                    })
-                    .collect(),
-            };
+            let report = tessera_validator::report(job.round, &scores);
             rt.block_on(hub.post_scores(report)).map_err(anyhow::Error::msg)?;
         }
         if rt.block_on(hub.info()).round != round + 1 {
@@ -497,23 +476,12 @@ fn run_scenario(
 
 fn arena_spec(args: &ArenaArgs, sc: &Scenario, dataset: &Dataset, model: &Llama) -> Result<RunSpec> {
     let total = args.rounds * args.inner_steps;
-    let source = match &args.data.data {
-        None => DataSource::Embedded {
-            seed: args.data.synthetic_seed,
-            train_chars: args.data.synthetic_chars as u64,
-            val_chars: args.data.synthetic_chars as u64 / 10,
-        },
-        Some(_) => DataSource::External,
-    };
+    let (tensors, data) = crate::swarm::model_tables(model, dataset, &args.data);
     let spec = RunSpec {
         name: format!("arena {}", sc.name),
         model: serde_json::to_value(&model.config)?,
-        tensors: model
-            .named_parameters()
-            .iter()
-            .map(|(n, t)| TensorSpec { name: n.clone(), shape: t.size().iter().map(|&d| d as u64).collect() })
-            .collect(),
-        data: DataSpec { name: dataset.info.name.clone(), fingerprint: dataset.info.fingerprint.clone(), source },
+        tensors,
+        data,
         inner: InnerSpec {
             batch_size: args.batch_size,
             seq_len: model.config.max_position_embeddings as u32,

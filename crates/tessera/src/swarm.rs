@@ -206,23 +206,12 @@ pub struct DemoArgs {
 fn run_spec(args: &RunArgs, dataset: &Dataset, model: &Llama) -> Result<RunSpec> {
     let seq_len = args.seq_len.unwrap_or(model.config.max_position_embeddings as u32);
     let total = args.rounds * args.inner_steps;
-    let source = match &args.data.data {
-        None => DataSource::Embedded {
-            seed: args.data.synthetic_seed,
-            train_chars: args.data.synthetic_chars as u64,
-            val_chars: args.data.synthetic_chars as u64 / 10,
-        },
-        Some(_) => DataSource::External,
-    };
+    let (tensors, data) = model_tables(model, dataset, &args.data);
     Ok(RunSpec {
         name: format!("{} on {}", args.model, dataset.info.name),
         model: serde_json::to_value(&model.config)?,
-        tensors: model
-            .named_parameters()
-            .iter()
-            .map(|(n, t)| TensorSpec { name: n.clone(), shape: t.size().iter().map(|&d| d as u64).collect() })
-            .collect(),
-        data: DataSpec { name: dataset.info.name.clone(), fingerprint: dataset.info.fingerprint.clone(), source },
+        tensors,
+        data,
         inner: InnerSpec {
             batch_size: args.batch_size,
             seq_len,
@@ -311,15 +300,7 @@ pub fn hub(args: HubArgs) -> Result<()> {
 
 pub fn contribute(args: ContributeArgs) -> Result<()> {
     let device = setup_runtime(&args.runtime)?;
-    let data = match &args.data {
-        Some(_) => Some(load_dataset(&DataArgs {
-            data: args.data.clone(),
-            tokenizer: args.tokenizer.clone(),
-            synthetic_chars: 0,
-            synthetic_seed: 0,
-        })?),
-        None => None,
-    };
+    let data = external_data(&args.data, &args.tokenizer)?;
     let config = ContributorConfig {
         hub: args.hub.trim_end_matches('/').to_owned(),
         state_dir: args.state_dir.clone(),
@@ -870,15 +851,7 @@ pub struct ValidateArgs {
 
 pub fn validate(args: ValidateArgs) -> Result<()> {
     let device = setup_runtime(&args.runtime)?;
-    let data = match &args.data {
-        Some(_) => Some(load_dataset(&DataArgs {
-            data: args.data.clone(),
-            tokenizer: args.tokenizer.clone(),
-            synthetic_chars: 0,
-            synthetic_seed: 0,
-        })?),
-        None => None,
-    };
+    let data = external_data(&args.data, &args.tokenizer)?;
     let config = tessera_validator::client::ValidatorConfig {
         hub: args.hub.trim_end_matches('/').to_owned(),
         token: args.token.clone(),
@@ -963,4 +936,32 @@ pub fn leaderboard(args: LeaderboardArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The run spec's tensor table for `model` and its data description (embedded source, or an
+/// external dataset checked by fingerprint).
+pub(crate) fn model_tables(model: &Llama, dataset: &Dataset, data: &DataArgs) -> (Vec<TensorSpec>, DataSpec) {
+    let source = match &data.data {
+        None => DataSource::Embedded {
+            seed: data.synthetic_seed,
+            train_chars: data.synthetic_chars as u64,
+            val_chars: data.synthetic_chars as u64 / 10,
+        },
+        Some(_) => DataSource::External,
+    };
+    let tensors = model
+        .named_parameters()
+        .iter()
+        .map(|(n, t)| TensorSpec { name: n.clone(), shape: t.size().iter().map(|&d| d as u64).collect() })
+        .collect();
+    let data = DataSpec { name: dataset.info.name.clone(), fingerprint: dataset.info.fingerprint.clone(), source };
+    (tensors, data)
+}
+
+/// The dataset given with `--data` (for runs whose data is external), if any.
+fn external_data(data: &Option<PathBuf>, tokenizer: &str) -> Result<Option<Dataset>> {
+    let Some(path) = data else { return Ok(None) };
+    let args =
+        DataArgs { data: Some(path.clone()), tokenizer: tokenizer.to_owned(), synthetic_chars: 0, synthetic_seed: 0 };
+    Ok(Some(load_dataset(&args)?))
 }
