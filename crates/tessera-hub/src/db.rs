@@ -72,6 +72,8 @@ pub struct Publication<'a> {
     pub scores: &'a [ScoreRow],
     /// Ratings changed by this round.
     pub ratings: &'a [(u64, Rating)],
+    /// Set when this round is the phase boundary: who qualified, best first.
+    pub qualified: &'a [u64],
 }
 
 /// One submission's score, flag, aggregation weight and reward.
@@ -350,6 +352,12 @@ impl Db {
             .collect()
     }
 
+    /// Who qualified at the phase boundary (contributor ids, best first).
+    pub async fn qualified(&self) -> Result<Vec<u64>, HubError> {
+        let rows = sqlx::query("SELECT contributor FROM qualified ORDER BY rank").fetch_all(&self.pool).await?;
+        rows.iter().map(|r| Ok(u(r.try_get("contributor")?))).collect()
+    }
+
     /// The contributor whose accepted submission is stored as `blob`, if any.
     pub async fn blob_owner(&self, blob: &str) -> Result<Option<u64>, HubError> {
         let row = sqlx::query("SELECT contributor FROM submissions WHERE blob = $1")
@@ -446,6 +454,14 @@ impl Db {
                 .bind(r.mu)
                 .bind(r.sigma)
                 .bind(r.rounds as i64)
+                .execute(&mut *tx)
+                .await?;
+        }
+        for (rank, contributor) in p.qualified.iter().enumerate() {
+            sqlx::query("INSERT INTO qualified (contributor, round, rank) VALUES ($1, $2, $3)")
+                .bind(*contributor as i64)
+                .bind(p.round as i64)
+                .bind(rank as i64 + 1)
                 .execute(&mut *tx)
                 .await?;
         }

@@ -653,6 +653,15 @@ impl Hub {
         self.store.put(&outer_key(round + 1), Bytes::from(agg.outer_bytes)).await?;
         let losses: Vec<f64> = rows.iter().filter_map(|r| r.inner_loss).collect();
         let finished = round + 1 >= self.spec.rounds;
+        // The phase boundary: the leaderboard after this round decides who moves on.
+        let qualified: Vec<u64> = match &self.spec.contest {
+            Some(c) if round + 1 == c.promote_at.unwrap_or(self.spec.rounds).min(self.spec.rounds) => {
+                let ratings = rated.as_ref().unwrap_or(&state.ratings);
+                let ids = self.db.contributors().await?.into_iter().map(|c| c.0);
+                ratings.leaderboard(ids).into_iter().take(c.promote_top as usize).map(|(id, _)| id).collect()
+            }
+            _ => Vec::new(),
+        };
         let changed: Vec<(u64, tessera_contest::Rating)> = rated.as_ref().map_or_else(Vec::new, |r| {
             r.0.iter().filter(|(id, v)| state.ratings.0.get(id) != Some(v)).map(|(id, v)| (*id, *v)).collect()
         });
@@ -669,6 +678,7 @@ impl Hub {
                 finished,
                 scores: &score_rows,
                 ratings: &changed,
+                qualified: &qualified,
             })
             .await?;
         if let Some(r) = rated {
@@ -789,8 +799,8 @@ impl Hub {
         Ok((judged.iter().map(|j| j.weight).collect(), score_rows, Some(ratings)))
     }
 
-    /// Contributors ranked by rating, with their records; at the end of the run the top
-    /// `promote_top` are marked qualified for the next phase.
+    /// Contributors ranked by rating, with their records, and who qualified for the next phase
+    /// (fixed at the phase boundary).
     pub async fn leaderboard(&self) -> Result<Leaderboard, HubError> {
         let (round, finished, ratings) = {
             let s = self.state.lock().await;
@@ -801,6 +811,9 @@ impl Hub {
         let subs = self.db.submissions(None).await?;
         let rejections = self.db.all_rejections().await?;
         let promote_top = self.spec.contest.as_ref().map_or(0, |c| c.promote_top);
+        let promote_at =
+            self.spec.contest.as_ref().and_then(|c| c.promote_at).unwrap_or(self.spec.rounds).min(self.spec.rounds);
+        let qualified = self.db.qualified().await?;
         let names: HashMap<u64, String> = contributors.iter().map(|(id, n, _)| (*id, n.clone())).collect();
         let rows = ratings
             .leaderboard(contributors.iter().map(|c| c.0))
@@ -821,11 +834,19 @@ impl Hub {
                     rejected: rejections.iter().filter(|x| x.0 == id).count() as u64,
                     rewards: mine.iter().map(|s| s.reward).sum(),
                     mean_score: (!scored.is_empty()).then(|| scored.iter().sum::<f64>() / scored.len() as f64),
-                    qualified: finished && (i as u64) < u64::from(promote_top),
+                    qualified: qualified.contains(&id),
                 }
             })
             .collect();
-        Ok(Leaderboard { run_id: self.run_id.clone(), round, finished, promote_top, rows })
+        Ok(Leaderboard {
+            run_id: self.run_id.clone(),
+            round,
+            finished,
+            promote_top,
+            promote_at,
+            promoted: round >= promote_at,
+            rows,
+        })
     }
 
     pub fn note_download(&self, bytes: u64) {

@@ -498,7 +498,7 @@ async fn post_scores(url: &str, report: &ScoreReport) -> StatusCode {
 /// restart — and a replayed message refused with a recorded reason.
 async fn scored_rounds(kind: &str) {
     let Some(b) = backend(kind).await else { return };
-    let contest = ContestSpec { reward_units: 1000, promote_top: 2, ..ContestSpec::default() };
+    let contest = ContestSpec { reward_units: 1000, promote_top: 2, promote_at: Some(1), ..ContestSpec::default() };
     let spec = RunSpec { rounds: 3, aggregation: Aggregation::DEFAULT, contest: Some(contest), ..spec(3) };
     let server = Server::start(&b, spec.clone()).await;
     server.hub.set_validator_token(VALIDATOR);
@@ -566,7 +566,10 @@ async fn scored_rounds(kind: &str) {
     let rewards: Vec<u64> = played.iter().map(|r| r.rewards).collect();
     // Shares ∝ score²: 0.02² : 0.01² = 4 : 1 of 1000 units; the negative score earns nothing.
     assert_eq!((rewards[0], rewards[1], rewards[2], rewards.iter().sum::<u64>()), (800, 200, 0, 1000));
-    assert!(board.rows.iter().all(|r| !r.qualified), "nobody qualifies before the run ends");
+    // Round 0 was the phase boundary: the top two qualified, and the run goes on.
+    assert!(board.promoted && board.promote_at == 1);
+    let qualified: Vec<u64> = board.rows.iter().filter(|r| r.qualified).map(|r| r.id).collect();
+    assert_eq!(qualified, vec![clients[0].id, clients[1].id]);
 
     // Round 1: round 0's bytes again (staleness 1 would be accepted) are a replay, refused and
     // recorded; being told to retry while scoring was not a refusal.

@@ -133,9 +133,13 @@ pub struct ContestSpec {
     /// A round whose scores have not arrived this long after its submissions closed is
     /// aggregated unscored (staleness weights only, no rewards, ratings unchanged).
     pub score_timeout_ms: u64,
-    /// At the end of the run (a phase boundary), this many contributors at the top of the
-    /// leaderboard qualify for the next phase.
+    /// At the phase boundary, this many contributors at the top of the leaderboard qualify for
+    /// the next phase…
     pub promote_top: u32,
+    /// …the boundary being the publication of this round (`None`: the run's last); the run goes
+    /// on after it for everyone else.
+    #[serde(default)]
+    pub promote_at: Option<u64>,
 }
 
 impl ContestSpec {
@@ -145,6 +149,9 @@ impl ContestSpec {
         }
         if self.top == Some(0) || self.eval_windows == 0 || self.fit_windows == 0 {
             return Err("top, evaluation windows and data-fit windows must be positive".into());
+        }
+        if self.promote_at == Some(0) {
+            return Err("the phase boundary comes after a round: promote_at must be at least 1".into());
         }
         if self.eval_windows > 4096 || self.fit_windows > 4096 {
             return Err("at most 4096 evaluation or data-fit windows".into());
@@ -163,6 +170,7 @@ impl Default for ContestSpec {
             fit_windows: 16,
             score_timeout_ms: 600_000,
             promote_top: 10,
+            promote_at: None,
         }
     }
 }
@@ -308,8 +316,12 @@ pub struct Leaderboard {
     pub run_id: String,
     pub round: u64,
     pub finished: bool,
-    /// How many qualify for the next phase when the run finishes.
+    /// How many qualify for the next phase at the boundary, and when it is (the round whose
+    /// publication fixes who qualified).
     pub promote_top: u32,
+    pub promote_at: u64,
+    /// The boundary has passed: `qualified` is final.
+    pub promoted: bool,
     /// Best first.
     pub rows: Vec<LeaderRow>,
 }
@@ -331,7 +343,7 @@ pub struct LeaderRow {
     pub rewards: u64,
     /// Mean score of its scored submissions.
     pub mean_score: Option<f64>,
-    /// The run has finished and this contributor is among the top `promote_top`.
+    /// Qualified for the next phase at the boundary (frozen then).
     pub qualified: bool,
 }
 

@@ -508,6 +508,7 @@ fn arena_spec(args: &ArenaArgs, sc: &Scenario, dataset: &Dataset, model: &Llama)
             eval_windows: args.eval_windows,
             fit_windows: args.fit_windows,
             promote_top: 0,
+            promote_at: None,
             ..ContestSpec::default()
         }),
     };

@@ -118,10 +118,14 @@ pub struct ContestArgs {
     /// Aggregate unscored if no scores arrive this many seconds after submissions close.
     #[arg(long, default_value_t = 600.0)]
     score_timeout: f64,
-    /// At the end of the run, this many contributors at the top of the leaderboard qualify for
+    /// At the phase boundary, this many contributors at the top of the leaderboard qualify for
     /// the next phase.
     #[arg(long, default_value_t = 10)]
     promote_top: u32,
+    /// The boundary: after this round is published (default: the run's last); everyone else
+    /// keeps contributing to this run.
+    #[arg(long)]
+    promote_at: Option<u64>,
 }
 
 impl ContestArgs {
@@ -134,6 +138,7 @@ impl ContestArgs {
             fit_windows: self.fit_windows,
             score_timeout_ms: (self.score_timeout * 1000.0) as u64,
             promote_top: self.promote_top,
+            promote_at: self.promote_at,
         })
     }
 }
@@ -908,10 +913,10 @@ pub fn leaderboard(args: LeaderboardArgs) -> Result<()> {
         "run {} at round {}{}",
         board.run_id,
         board.round,
-        if board.finished {
-            format!(", finished: the top {} qualify for the next phase", board.promote_top)
+        if board.promoted {
+            format!(", phase boundary passed at round {}: the top {} qualified", board.promote_at, board.promote_top)
         } else {
-            String::new()
+            format!(", the top {} qualify after round {}", board.promote_top, board.promote_at)
         }
     );
     println!(
