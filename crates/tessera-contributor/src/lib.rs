@@ -469,7 +469,12 @@ impl Contributor {
 
     fn upload(&self, body: Vec<u8>, inner_loss: f64) -> Result<Outcome> {
         let url = format!("{}/v1/submissions", self.config.hub);
-        let hub = self.hub();
+        // In a scored run the hub answers 503 `busy` while it waits for a round's scores: that
+        // can last up to the run's score timeout, which patience alone might not cover.
+        let mut hub = self.hub();
+        if let Some(c) = &self.run.spec.contest {
+            hub.patience = hub.patience.max(Duration::from_millis(c.score_timeout_ms) + Duration::from_secs(60));
+        }
         let response = hub.send("submit", || {
             self.authed(self.http.post(&url)).header(INNER_LOSS_HEADER, inner_loss.to_string()).body(body.clone())
         })?;
