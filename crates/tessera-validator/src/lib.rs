@@ -2,7 +2,8 @@
 //! measures, on data the contributor could not know in advance (windows drawn from the round's
 //! evaluation seed, committed before the round and revealed after its submissions closed):
 //!
-//! - **score**: held-out loss before minus after applying that submission alone (θ − Δ);
+//! - **score**: held-out loss before minus after applying that submission alone (θ − Δ; a Δ
+//!   longer than twice the round's median norm at that length, its score shrunk to match);
 //! - **data fit**: the loss gain on windows its assignment trained on minus the median gain of
 //!   the other submissions on those windows — near zero for a Δ trained on other data;
 //! - **copies**: cosine similarity with every earlier submission on seeded sample coordinates.
@@ -41,6 +42,10 @@ impl Default for ScoreConfig {
 
 /// Other submissions evaluated on each submission's assigned windows, as its control.
 pub const FIT_CONTROLS: usize = 4;
+
+fn norm(delta: &[Vec<f32>]) -> f64 {
+    delta.iter().flatten().map(|&v| f64::from(v) * f64::from(v)).sum::<f64>().sqrt()
+}
 
 fn median(values: &mut [f64]) -> f64 {
     values.sort_by(f64::total_cmp);
@@ -189,11 +194,18 @@ impl Scorer {
             forward += w.len() as u64;
         }
         let mut after_eval = Vec::with_capacity(n);
+        // A Δ longer than twice the round's median norm is applied at that length (as the
+        // robust rules bound its influence) and its score shrunk by the same factor: size alone
+        // earns nothing, however far from converged the model is.
+        let norms: Vec<f64> = candidates.iter().map(|k| norm(&k.delta)).collect();
+        let radius = 2.0 * median(&mut norms.clone());
+        let shrink: Vec<f64> = norms.iter().map(|&n| if n > radius && n > 0.0 { radius / n } else { 1.0 }).collect();
         // gain[j][i]: submission j's gain per window on submission i's windows (where evaluated).
         let mut gain: Vec<Vec<Option<Vec<f64>>>> = vec![vec![None; n]; n];
         for (j, k) in candidates.iter().enumerate() {
+            let s = shrink[j] as f32;
             let applied: Vec<Vec<f32>> =
-                theta.iter().zip(&k.delta).map(|(t, d)| t.iter().zip(d).map(|(t, d)| t - d).collect()).collect();
+                theta.iter().zip(&k.delta).map(|(t, d)| t.iter().zip(d).map(|(t, d)| t - s * d).collect()).collect();
             write_params(&self.trainer.model, &applied)?;
             after_eval.push(self.trainer.window_loss(val, &eval)?);
             forward += eval.len() as u64;
@@ -237,7 +249,7 @@ impl Scorer {
             .enumerate()
             .map(|(i, k)| Scored {
                 contributor: k.contributor,
-                score: before_eval - after_eval[i],
+                score: (before_eval - after_eval[i]) * shrink[i],
                 data_fit: fit(i).filter(|f| f.is_finite()),
                 copy_of: copy_of[i],
                 weight: k.weight,

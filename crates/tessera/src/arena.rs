@@ -31,10 +31,12 @@ use crate::{DataArgs, RuntimeArgs};
 
 #[derive(Args)]
 pub struct ArenaArgs {
+    /// A preset name or a config.json.
     #[arg(long, default_value = "nano")]
     model: String,
     #[command(flatten)]
     data: DataArgs,
+    /// Contributors in every scenario, attackers included.
     #[arg(long, default_value_t = 20)]
     contributors: usize,
     /// How many of the contributors attack (the last ones to register).
@@ -46,18 +48,22 @@ pub struct ArenaArgs {
     /// kind, rotating every round), or `all`.
     #[arg(long, value_delimiter = ',', default_value = "all")]
     scenarios: Vec<String>,
+    /// H: inner AdamW steps per round.
     #[arg(long, default_value_t = 20)]
     inner_steps: u64,
-    #[arg(long, default_value_t = 12)]
+    #[arg(long, default_value_t = 15)]
     rounds: u64,
+    /// Sequences per contributor per inner step.
     #[arg(long, default_value_t = 8)]
     batch_size: u32,
+    /// Inner peak learning rate.
     #[arg(long, default_value_t = 1e-3)]
     lr: f64,
     #[arg(long, default_value_t = 0.7)]
     outer_lr: f32,
     #[arg(long, default_value_t = 0.9)]
     outer_momentum: f32,
+    /// Codec of pseudo-gradients and of the published updates.
     #[arg(long, default_value = "int8:64")]
     codec: Codec,
     /// The robust rule of the scored scenarios.
@@ -191,7 +197,7 @@ pub fn bench_arena(args: ArenaArgs) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let mut reference: Option<f64> = None;
     println!(
-        "{:<14} {:<20} {:>9} {:>8} {:>9} {:>22} {:>10} {:>8}",
+        "{:<14} {:<26} {:>9} {:>8} {:>9} {:>22} {:>10} {:>8}",
         "scenario", "aggregation", "val loss", "vs ref", "atk subs", "rejected", "atk reward", "ranking"
     );
     for sc in &list {
@@ -202,14 +208,14 @@ pub fn bench_arena(args: ArenaArgs) -> Result<()> {
         }
         let rejected: Vec<String> = out.rejected.iter().map(|(k, v)| format!("{k}:{v}")).collect();
         println!(
-            "{:<14} {:<20} {:>9.4} {:>8} {:>9} {:>22} {:>9.2}% {:>8}",
+            "{:<14} {:<26} {:>9.4} {:>8} {:>9} {:>22} {:>10} {:>8}",
             out.scenario,
             format!("{}{}", out.aggregation, if out.scored { "+scored" } else { "" }),
             out.final_val_loss,
             reference.map_or("–".into(), |r| format!("{:.4}x", out.final_val_loss / r)),
             out.attacker_submissions,
             if rejected.is_empty() { "–".into() } else { rejected.join(",") },
-            100.0 * out.attacker_reward_fraction,
+            if out.scored { format!("{:.2}%", 100.0 * out.attacker_reward_fraction) } else { "–".into() },
             if !out.scored || args.attackers == 0 || sc.kind.is_none() && !sc.mixed {
                 "–".to_string()
             } else if out.honest_above_attackers {
@@ -279,6 +285,11 @@ fn run_scenario(
     let (mut score_seconds, mut scored_subs, mut train_seconds, mut score_windows) = (0.0, 0u64, 0.0, 0u64);
     let mut diverged = false;
     let h = args.inner_steps;
+    let bar = indicatif::ProgressBar::new(args.rounds).with_style(
+        indicatif::ProgressStyle::with_template("{elapsed_precise} [{bar:30}] round {pos}/{len} {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar.set_message(sc.name.clone());
     let attacker_ids_now: Vec<u64> = ids[honest..].to_vec();
     let (mut fits, mut score_lists): ([Vec<f64>; 2], [Vec<f64>; 2]) = Default::default();
     let mean = |v: &Vec<f64>| (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64);
@@ -423,7 +434,9 @@ fn run_scenario(
         if rt.block_on(hub.info()).round != round + 1 {
             bail!("round {round} was not published");
         }
+        bar.inc(1);
     }
+    bar.finish_and_clear();
     let final_val_loss = if diverged {
         f64::INFINITY
     } else {

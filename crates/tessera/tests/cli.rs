@@ -195,3 +195,49 @@ fn diloco_simulation_runs_with_a_baseline_and_checks_codec_parameters() {
     bad.extend_from_slice(&small);
     assert!(fails(&bad).contains("must be even"));
 }
+
+/// The arena on the tiny model: NaN and replayed submissions are refused by the real hub with
+/// their reason, no honest one is, a scaled Δ earns next to nothing, and an unknown attack is
+/// an error.
+#[test]
+fn arena_refuses_and_pays_as_it_should() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("arena.jsonl");
+    let common = [
+        "bench",
+        "arena",
+        "--model",
+        "tiny",
+        "--synthetic-chars",
+        "20000",
+        "--contributors",
+        "4",
+        "--attackers",
+        "1",
+        "--rounds",
+        "2",
+        "--inner-steps",
+        "3",
+        "--batch-size",
+        "4",
+        "--eval-windows",
+        "4",
+        "--fit-windows",
+        "4",
+        "--val-windows",
+        "8",
+    ];
+    ok(&[&common[..], &["--scenarios", "nan,replay,scale", "--json-out", p(&out)]].concat());
+    let rows: Vec<serde_json::Value> =
+        std::fs::read_to_string(&out).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let get = |name: &str| rows.iter().find(|r| r["scenario"] == name).unwrap_or_else(|| panic!("no {name}"));
+    assert_eq!(get("nan")["rejected"]["malformed_message"], 2);
+    assert_eq!(get("replay")["rejected"]["replay"], 2);
+    for r in &rows {
+        assert_eq!(r["honest_rejected"], 0, "{r}");
+    }
+    // Early on a ×100 step can lower the loss; size earns nothing all the same.
+    assert!(get("scale")["attacker_reward_fraction"].as_f64().unwrap() < 0.01, "{}", get("scale"));
+    let err = fails(&[&common[..], &["--scenarios", "bribery"]].concat());
+    assert!(err.contains("unknown adversary"), "{err}");
+}
