@@ -359,10 +359,15 @@ struct Proc {
 
 impl Proc {
     fn spawn(name: &str, log: PathBuf, args: &[String]) -> Result<Proc> {
+        Proc::spawn_with(name, log, args, &[])
+    }
+
+    fn spawn_with(name: &str, log: PathBuf, args: &[String], env: &[(&str, &str)]) -> Result<Proc> {
         let exe = std::env::current_exe()?;
         let out = std::fs::File::create(&log).with_context(|| format!("create {}", log.display()))?;
         let child = Command::new(exe)
             .args(args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
             .stderr(out)
@@ -438,6 +443,29 @@ fn run_flags(r: &RunArgs) -> Vec<String> {
     if let Some(d) = &r.data.data {
         v.extend(["--data".into(), d.display().to_string()]);
     }
+    if let Some(a) = &r.aggregation {
+        v.extend(["--aggregation".into(), a.to_string()]);
+    }
+    let c = &r.contest;
+    if c.scored {
+        v.push("--scored".into());
+        for (flag, value) in [
+            ("--reward-units", c.reward_units.to_string()),
+            ("--reward-power", c.reward_power.to_string()),
+            ("--eval-windows", c.eval_windows.to_string()),
+            ("--fit-windows", c.fit_windows.to_string()),
+            ("--score-timeout", c.score_timeout.to_string()),
+            ("--promote-top", c.promote_top.to_string()),
+        ] {
+            v.extend([flag.into(), value]);
+        }
+        if let Some(t) = c.top {
+            v.extend(["--top".into(), t.to_string()]);
+        }
+        if let Some(at) = c.promote_at {
+            v.extend(["--promote-at".into(), at.to_string()]);
+        }
+    }
     v
 }
 
@@ -459,7 +487,12 @@ pub fn demo(args: DemoArgs) -> Result<()> {
     for entry in std::fs::read_dir(dir)? {
         let p = entry?.path();
         let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_owned();
-        if name.starts_with("hub.") || name == "store" || name.starts_with("contributor-") || name == "final" {
+        if name.starts_with("hub.")
+            || name == "store"
+            || name.starts_with("contributor-")
+            || name == "final"
+            || name == "validator.log"
+        {
             if p.is_dir() { std::fs::remove_dir_all(&p)? } else { std::fs::remove_file(&p)? }
         }
     }
@@ -491,7 +524,12 @@ pub fn demo(args: DemoArgs) -> Result<()> {
         addr_file.display().to_string(),
     ];
     hub_args.extend(run_flags(&run));
-    let mut hub = Proc::spawn("hub", dir.join("hub.log"), &hub_args)?;
+    // A scored demo runs a validator too; its token goes to both through the environment.
+    let mut raw = [0u8; 32];
+    getrandom::fill(&mut raw).map_err(|e| anyhow::anyhow!("no randomness for the validator token: {e}"))?;
+    let token = hex::encode(raw);
+    let secret = [("TESSERA_VALIDATOR_TOKEN", token.as_str())];
+    let mut hub = Proc::spawn_with("hub", dir.join("hub.log"), &hub_args, &secret)?;
     let start = Instant::now();
     let addr = loop {
         if let Ok(a) = std::fs::read_to_string(&addr_file) {
@@ -525,6 +563,16 @@ pub fn demo(args: DemoArgs) -> Result<()> {
         }
         workers.push(Proc::spawn(&name, dir.join(format!("{name}.log")), &a)?);
     }
+    let _validator = if run.contest.scored {
+        let mut a: Vec<String> =
+            vec!["validate".into(), "--hub".into(), url.clone(), "--threads".into(), threads.to_string()];
+        if let Some(d) = &run.data.data {
+            a.extend(["--data".into(), d.display().to_string(), "--tokenizer".into(), run.data.tokenizer.clone()]);
+        }
+        Some(Proc::spawn_with("validator", dir.join("validator.log"), &a, &secret)?)
+    } else {
+        None
+    };
 
     let http = reqwest::blocking::Client::builder().timeout(Duration::from_secs(30)).build()?;
     let bar = indicatif::ProgressBar::new(run.rounds);
