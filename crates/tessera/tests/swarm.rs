@@ -347,3 +347,35 @@ fn a_scored_run_with_a_validator_and_an_attacker() {
     let log = std::fs::read_to_string(d.join("validator.log")).unwrap();
     assert_eq!(log.matches("submissions scored").count() as u64, rounds, "{log}");
 }
+
+/// `tessera demo --scored` runs a validator beside the hub and contributors, and passes the
+/// run's rule and contest flags to the hub.
+#[test]
+fn a_scored_demo_runs_its_own_validator() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let args = [
+        "demo",
+        "--contributors",
+        "2",
+        "--inner-steps",
+        "3",
+        "--rounds",
+        "3",
+        "--scored",
+        "--aggregation",
+        "median",
+        "--eval-windows",
+        "4",
+        "--fit-windows",
+        "4",
+        "--dir",
+        d.to_str().unwrap(),
+    ];
+    let out = Command::new(BIN).args(args).args(RUN).output().unwrap();
+    assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stderr), logs(d));
+    let validator = std::fs::read_to_string(d.join("validator.log")).unwrap();
+    assert!(validator.contains("scored 3 rounds"), "{validator}");
+    let hub = std::fs::read_to_string(d.join("hub.log")).unwrap();
+    assert!(hub.contains("aggregation median, scored"), "{hub}");
+}
