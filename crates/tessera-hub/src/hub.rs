@@ -94,6 +94,8 @@ struct State {
     /// Set while the round's submissions are closed and its scores awaited.
     scoring: Option<Scoring>,
     ratings: Ratings,
+    /// Each contributor's measured data fits so far: (sum, count).
+    fit_record: HashMap<u64, (f64, u64)>,
 }
 
 struct Scoring {
@@ -195,6 +197,13 @@ impl Hub {
         let pending = if run.finished { Vec::new() } else { db.submissions(Some(round)).await? };
         let commitment = if run.finished { String::new() } else { db.eval_seed(round).await?.1 };
         let ratings = db.ratings().await?;
+        let mut fit_record: HashMap<u64, (f64, u64)> = HashMap::new();
+        for past in db.scores().await? {
+            if let Some(f) = past.data_fit.filter(|f| f.is_finite()) {
+                let e = fit_record.entry(past.contributor).or_default();
+                *e = (e.0 + f, e.1 + 1);
+            }
+        }
         let mut tokens = HashMap::new();
         for (id, _, hash) in db.contributors().await? {
             tokens.insert(id, hash);
@@ -211,6 +220,7 @@ impl Hub {
             commitment,
             scoring: None,
             ratings,
+            fit_record,
         };
         let hub = Arc::new(Hub {
             db,
@@ -684,6 +694,12 @@ impl Hub {
         if let Some(r) = rated {
             state.ratings = r;
         }
+        for row in &score_rows {
+            if let Some(f) = row.data_fit.filter(|f| f.is_finite()) {
+                let e = state.fit_record.entry(row.contributor).or_default();
+                *e = (e.0 + f, e.1 + 1);
+            }
+        }
         state.scoring = None;
         if !finished {
             state.commitment = self.db.eval_seed(round + 1).await?.1;
@@ -732,16 +748,8 @@ impl Hub {
             };
             return Ok((weights, score_rows, None));
         };
-        // Each contributor's data-fit record so far.
-        let mut record: HashMap<u64, (f64, u64)> = HashMap::new();
-        for past in self.db.scores().await? {
-            if let Some(f) = past.data_fit.filter(|f| f.is_finite()) {
-                let e = record.entry(past.contributor).or_default();
-                *e = (e.0 + f, e.1 + 1);
-            }
-        }
         let history: Vec<(f64, u64)> =
-            rows.iter().map(|r| record.get(&r.contributor).copied().unwrap_or_default()).collect();
+            rows.iter().map(|r| state.fit_record.get(&r.contributor).copied().unwrap_or_default()).collect();
         let now: Vec<Option<f64>> = report.scores.iter().map(|s| s.data_fit).collect();
         let factors = fit_factors(&history, &now);
         let scored: Vec<Scored> = rows
@@ -815,13 +823,37 @@ impl Hub {
             self.spec.contest.as_ref().and_then(|c| c.promote_at).unwrap_or(self.spec.rounds).min(self.spec.rounds);
         let qualified = self.db.qualified().await?;
         let names: HashMap<u64, String> = contributors.iter().map(|(id, n, _)| (*id, n.clone())).collect();
+        // Per contributor, in one pass each: accepted, rejected, rewards, (score sum, scored).
+        #[derive(Default)]
+        struct Record {
+            accepted: u64,
+            rejected: u64,
+            rewards: u64,
+            score_sum: f64,
+            scored: u64,
+        }
+        let mut records: HashMap<u64, Record> = HashMap::new();
+        for s in &subs {
+            records.entry(s.contributor).or_default().accepted += 1;
+        }
+        for r in &rejections {
+            records.entry(r.0).or_default().rejected += 1;
+        }
+        for s in &scores {
+            let rec = records.entry(s.contributor).or_default();
+            rec.rewards += s.reward;
+            if let Some(x) = s.score {
+                rec.score_sum += x;
+                rec.scored += 1;
+            }
+        }
+        let qualified: std::collections::HashSet<u64> = qualified.into_iter().collect();
         let rows = ratings
             .leaderboard(contributors.iter().map(|c| c.0))
             .into_iter()
             .enumerate()
             .map(|(i, (id, r))| {
-                let mine: Vec<&ScoreRow> = scores.iter().filter(|s| s.contributor == id).collect();
-                let scored: Vec<f64> = mine.iter().filter_map(|s| s.score).collect();
+                let rec = records.remove(&id).unwrap_or_default();
                 LeaderRow {
                     rank: i as u64 + 1,
                     id,
@@ -830,10 +862,10 @@ impl Hub {
                     sigma: r.sigma,
                     ordinal: r.ordinal(),
                     rounds: r.rounds,
-                    accepted: subs.iter().filter(|s| s.contributor == id).count() as u64,
-                    rejected: rejections.iter().filter(|x| x.0 == id).count() as u64,
-                    rewards: mine.iter().map(|s| s.reward).sum(),
-                    mean_score: (!scored.is_empty()).then(|| scored.iter().sum::<f64>() / scored.len() as f64),
+                    accepted: rec.accepted,
+                    rejected: rec.rejected,
+                    rewards: rec.rewards,
+                    mean_score: (rec.scored > 0).then(|| rec.score_sum / rec.scored as f64),
                     qualified: qualified.contains(&id),
                 }
             })
