@@ -43,8 +43,8 @@ enum Command {
     /// after each submission alone, on data drawn from the round's committed seed; a check that
     /// it was trained on its assigned data; copy detection. Reports to the hub.
     Validate(Box<swarm::ValidateArgs>),
-    /// A hub's leaderboard: contributors by rating (μ − 3σ), rewards, and who qualifies for the
-    /// next phase once the run has finished.
+    /// A hub's leaderboard: contributors by rating (μ − 3σ), rewards, and who qualified for the
+    /// next phase at the phase boundary.
     Leaderboard(swarm::LeaderboardArgs),
     /// Train a model (by default `nano` on the embedded synthetic corpus).
     Train(Box<TrainArgs>),

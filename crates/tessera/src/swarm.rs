@@ -887,9 +887,10 @@ pub struct ValidateArgs {
     /// The token the hub was started with (`tessera hub --validator-token`).
     #[arg(long, env = "TESSERA_VALIDATOR_TOKEN", hide_env_values = true)]
     token: String,
-    /// Training data, for runs that do not use the embedded corpus.
+    /// Training data, for runs that do not use the embedded corpus (must match the run's fingerprint).
     #[arg(long)]
     data: Option<PathBuf>,
+    /// Tokenizer for --data: `char`, `byte` or a tokenizer.json.
     #[arg(long, default_value = "char")]
     tokenizer: String,
     /// Stop after scoring this many rounds (default: until the run finishes).
