@@ -194,12 +194,14 @@ impl Scorer {
             forward += w.len() as u64;
         }
         let mut after_eval = Vec::with_capacity(n);
-        // A Δ longer than twice the round's median norm is applied at that length (as the
-        // robust rules bound its influence) and its score shrunk by the same factor: size alone
-        // earns nothing, however far from converged the model is.
+        // A Δ longer than twice the round's median norm scores the lesser of what it does at full
+        // length and what it does at that length (as the robust rules bound it) shrunk by the
+        // same factor: size alone earns nothing, however far from converged the model is, and
+        // an oversized Δ that hurts at full length is still scored as hurting.
         let norms: Vec<f64> = candidates.iter().map(|k| norm(&k.delta)).collect();
         let radius = 2.0 * median(&mut norms.clone());
         let shrink: Vec<f64> = norms.iter().map(|&n| if n > radius && n > 0.0 { radius / n } else { 1.0 }).collect();
+        let mut scores = Vec::with_capacity(n);
         // gain[j][i]: submission j's gain per window on submission i's windows (where evaluated).
         let mut gain: Vec<Vec<Option<Vec<f64>>>> = vec![vec![None; n]; n];
         for (j, k) in candidates.iter().enumerate() {
@@ -213,6 +215,17 @@ impl Scorer {
                 let after = self.trainer.window_losses(train, &own[i])?;
                 forward += after.len() as u64;
                 gain[j][i] = Some(before_own[i].iter().zip(&after).map(|(b, a)| b - a).collect());
+            }
+            let clipped_score = (before_eval - after_eval[j]) * shrink[j];
+            if shrink[j] < 1.0 {
+                let full: Vec<Vec<f32>> =
+                    theta.iter().zip(&k.delta).map(|(t, d)| t.iter().zip(d).map(|(t, d)| t - d).collect()).collect();
+                write_params(&self.trainer.model, &full)?;
+                let full_score = before_eval - self.trainer.window_loss(val, &eval)?;
+                forward += eval.len() as u64;
+                scores.push(clipped_score.min(full_score));
+            } else {
+                scores.push(clipped_score);
             }
         }
         write_params(&self.trainer.model, theta)?;
@@ -249,7 +262,7 @@ impl Scorer {
             .enumerate()
             .map(|(i, k)| Scored {
                 contributor: k.contributor,
-                score: (before_eval - after_eval[i]) * shrink[i],
+                score: scores[i],
                 data_fit: fit(i).filter(|f| f.is_finite()),
                 copy_of: copy_of[i],
                 weight: k.weight,
