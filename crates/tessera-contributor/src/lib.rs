@@ -292,7 +292,7 @@ impl Contributor {
             .map_err(|e| ContributorError::Data(format!("the run's model config: {e}")))?;
         let train_config = inner_config(&run, identity.contributor_id);
         let trainer_dir = dir.join("trainer");
-        let trainer = if trainer_dir.join("trainer_state.json").exists() {
+        let trainer = if Trainer::recover(&trainer_dir)? {
             Trainer::resume(&trainer_dir, dataset, config.device, Some(train_config.steps))?
         } else {
             let model = Llama::zeroed(&model_config, config.device)?;

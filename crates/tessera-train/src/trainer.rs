@@ -305,10 +305,24 @@ impl Trainer {
         Ok(())
     }
 
+    /// Finishes a [`Trainer::save`] that was killed between removing the old checkpoint and
+    /// renaming the new one into place: the complete new one (its state file is written last)
+    /// takes its place. Returns whether a checkpoint is now at `dir`.
+    pub fn recover(dir: &Path) -> Result<bool, TrainError> {
+        let tmp = dir.with_extension("partial");
+        if !dir.exists() && tmp.join(STATE_FILE).exists() {
+            std::fs::rename(&tmp, dir)
+                .map_err(|e| TrainError::Io { path: dir.display().to_string(), message: e.to_string() })?;
+            tracing::warn!(path = %dir.display(), "finished a checkpoint save that was interrupted");
+        }
+        Ok(dir.join(STATE_FILE).exists())
+    }
+
     /// Continues a run from a checkpoint written by [`Trainer::save`]. The dataset must be the
     /// one the run trained on; `steps` may extend the run.
     pub fn resume(dir: &Path, dataset: Dataset, device: Device, steps: Option<u64>) -> Result<Trainer, TrainError> {
         let err = |m: String| TrainError::Resume { path: dir.display().to_string(), message: m };
+        Trainer::recover(dir)?;
         let state_path = dir.join(STATE_FILE);
         let text = std::fs::read_to_string(&state_path).map_err(|e| err(format!("{STATE_FILE}: {e}")))?;
         let state: serde_json::Value = serde_json::from_str(&text).map_err(|e| err(format!("{STATE_FILE}: {e}")))?;

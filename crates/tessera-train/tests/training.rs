@@ -112,3 +112,23 @@ fn bad_setups_are_refused() {
     let err = Trainer::new(long, &preset("tiny").unwrap(), dataset(), Device::Cpu).err().unwrap().to_string();
     assert!(err.contains("exceeds the model's context"), "{err}");
 }
+
+/// A save killed after removing the old checkpoint but before renaming the new one into place
+/// leaves only the complete `.partial`: resuming finishes the save and loses nothing.
+#[test]
+fn a_save_interrupted_before_its_rename_is_recovered() {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = dir.path().join("ckpt");
+    let mut t = trainer(6);
+    for _ in 0..3 {
+        t.train_step().unwrap();
+    }
+    t.save(&ckpt).unwrap();
+    // What the kill leaves behind: the new checkpoint under its side name, no old one.
+    std::fs::rename(&ckpt, ckpt.with_extension("partial")).unwrap();
+    assert!(Trainer::recover(&ckpt).unwrap());
+    let resumed = Trainer::resume(&ckpt, dataset(), Device::Cpu, None).unwrap();
+    assert_eq!(resumed.step(), 3);
+    // Nothing to recover: an empty directory stays without a checkpoint.
+    assert!(!Trainer::recover(&dir.path().join("none")).unwrap());
+}
