@@ -221,8 +221,12 @@ impl OuterOptimizer {
 
     /// Ends a round: averages what `acc` gathered and takes the outer step on `params`.
     pub fn apply(&mut self, params: &mut [Vec<f32>], acc: Accumulator) -> Result<(), AggregateError> {
-        let mean = acc.finish()?;
-        let mean_views: Vec<&[f32]> = mean.iter().map(Vec::as_slice).collect();
+        self.step_to(params, &acc.finish()?)
+    }
+
+    /// [`OuterOptimizer::step`] on owned buffers: the outer step with Δ̄ = `mean_delta`.
+    pub fn step_to(&mut self, params: &mut [Vec<f32>], mean_delta: &[Vec<f32>]) -> Result<(), AggregateError> {
+        let mean_views: Vec<&[f32]> = mean_delta.iter().map(Vec::as_slice).collect();
         let mut param_views: Vec<&mut [f32]> = params.iter_mut().map(Vec::as_mut_slice).collect();
         self.step(&mut param_views, &mean_views)
     }

@@ -197,12 +197,9 @@ impl Hub {
         let pending = if run.finished { Vec::new() } else { db.submissions(Some(round)).await? };
         let commitment = if run.finished { String::new() } else { db.eval_seed(round).await?.1 };
         let ratings = db.ratings().await?;
-        let mut fit_record: HashMap<u64, (f64, u64)> = HashMap::new();
+        let mut fit_record = HashMap::new();
         for past in db.scores().await? {
-            if let Some(f) = past.data_fit.filter(|f| f.is_finite()) {
-                let e = fit_record.entry(past.contributor).or_default();
-                *e = (e.0 + f, e.1 + 1);
-            }
+            note_fit(&mut fit_record, &past);
         }
         let mut tokens = HashMap::new();
         for (id, _, hash) in db.contributors().await? {
@@ -665,7 +662,7 @@ impl Hub {
         let finished = round + 1 >= self.spec.rounds;
         // The phase boundary: the leaderboard after this round decides who moves on.
         let qualified: Vec<u64> = match &self.spec.contest {
-            Some(c) if round + 1 == c.promote_at.unwrap_or(self.spec.rounds).min(self.spec.rounds) => {
+            Some(c) if round + 1 == c.boundary(self.spec.rounds) => {
                 let ratings = rated.as_ref().unwrap_or(&state.ratings);
                 let ids = self.db.contributors().await?.into_iter().map(|c| c.0);
                 ratings.leaderboard(ids).into_iter().take(c.promote_top as usize).map(|(id, _)| id).collect()
@@ -695,10 +692,7 @@ impl Hub {
             state.ratings = r;
         }
         for row in &score_rows {
-            if let Some(f) = row.data_fit.filter(|f| f.is_finite()) {
-                let e = state.fit_record.entry(row.contributor).or_default();
-                *e = (e.0 + f, e.1 + 1);
-            }
+            note_fit(&mut state.fit_record, row);
         }
         state.scoring = None;
         if !finished {
@@ -819,8 +813,7 @@ impl Hub {
         let subs = self.db.submissions(None).await?;
         let rejections = self.db.all_rejections().await?;
         let promote_top = self.spec.contest.as_ref().map_or(0, |c| c.promote_top);
-        let promote_at =
-            self.spec.contest.as_ref().and_then(|c| c.promote_at).unwrap_or(self.spec.rounds).min(self.spec.rounds);
+        let promote_at = self.spec.contest.as_ref().map_or(self.spec.rounds, |c| c.boundary(self.spec.rounds));
         let qualified = self.db.qualified().await?;
         let names: HashMap<u64, String> = contributors.iter().map(|(id, n, _)| (*id, n.clone())).collect();
         // Per contributor, in one pass each: accepted, rejected, rewards, (score sum, scored).
@@ -977,12 +970,43 @@ fn aggregate(
     };
     let mut target = theta.to_vec();
     let mut outer = outer.clone();
-    {
-        let mean_views: Vec<&[f32]> = mean.iter().map(Vec::as_slice).collect();
-        let mut param_views: Vec<&mut [f32]> = target.iter_mut().map(Vec::as_mut_slice).collect();
-        outer.step(&mut param_views, &mean_views)?;
+    outer.step_to(&mut target, &mean)?;
+
+    let mut base_hash = [0u8; 32];
+    hex::decode_to_slice(base, &mut base_hash).map_err(|e| HubError::Corrupt(format!("base checkpoint hash: {e}")))?;
+    let codec = spec.broadcast_codec;
+    let mut new_theta = theta.to_vec();
+    let mut new_residual = residual.to_vec();
+    let encoded = broadcast_step(&codec, &mut new_theta, &target, &mut new_residual)?;
+    let entries = spec
+        .tensors
+        .iter()
+        .zip(encoded)
+        .map(|(t, encoded)| TensorEntry { name: t.name.clone(), shape: t.shape.clone(), encoded })
+        .collect();
+    let update = PseudoGradient { codec, run_id, round: round + 1, base_checkpoint: base_hash, tensors: entries };
+    let weights_bytes = encode_weights(&spec.tensors, &new_theta)?;
+    let mut saved: Vec<Vec<f32>> = outer.momentum().to_vec();
+    saved.extend(new_residual.iter().cloned());
+    let outer_bytes = encode_weights(&outer_table(&spec.tensors), &saved)?;
+    Ok(Aggregated {
+        theta: new_theta,
+        outer,
+        residual: new_residual,
+        weights_bytes,
+        update_bytes: update.to_bytes(),
+        outer_bytes,
+        weight,
+        used,
+    })
+}
+
+/// Adds a scored submission's data fit, if measured, to its contributor's record.
+fn note_fit(record: &mut HashMap<u64, (f64, u64)>, row: &ScoreRow) {
+    if let Some(f) = row.data_fit.filter(|f| f.is_finite()) {
+        let e = record.entry(row.contributor).or_default();
+        *e = (e.0 + f, e.1 + 1);
     }
-    finish_aggregate(spec, run_id, round, base, theta, outer, residual, target, weight, used)
 }
 
 /// Δ̄ of the submissions (zero if none), their total weight and how many were used.
@@ -1039,47 +1063,4 @@ fn robust_mean(rule: &Aggregation, lengths: &[usize], inputs: &[(f32, Bytes)]) -
     tracing::info!(rule = %rule, clipped = report.clipped, radius = ?report.radius, "robust aggregation");
     let weight = weights.iter().map(|&w| f64::from(w)).sum();
     Ok((mean, weight, decoded.len() as u64))
-}
-
-/// Quantises the step to `target` with the broadcast codec and encodes what the round publishes.
-#[allow(clippy::too_many_arguments)]
-fn finish_aggregate(
-    spec: &RunSpec,
-    run_id: [u8; 16],
-    round: u64,
-    base: &str,
-    theta: &[Vec<f32>],
-    outer: OuterOptimizer,
-    residual: &[Vec<f32>],
-    target: Vec<Vec<f32>>,
-    weight: f64,
-    used: u64,
-) -> Result<Aggregated, HubError> {
-    let mut base_hash = [0u8; 32];
-    hex::decode_to_slice(base, &mut base_hash).map_err(|e| HubError::Corrupt(format!("base checkpoint hash: {e}")))?;
-    let codec = spec.broadcast_codec;
-    let mut new_theta = theta.to_vec();
-    let mut new_residual = residual.to_vec();
-    let encoded = broadcast_step(&codec, &mut new_theta, &target, &mut new_residual)?;
-    let entries = spec
-        .tensors
-        .iter()
-        .zip(encoded)
-        .map(|(t, encoded)| TensorEntry { name: t.name.clone(), shape: t.shape.clone(), encoded })
-        .collect();
-    let update = PseudoGradient { codec, run_id, round: round + 1, base_checkpoint: base_hash, tensors: entries };
-    let weights_bytes = encode_weights(&spec.tensors, &new_theta)?;
-    let mut saved: Vec<Vec<f32>> = outer.momentum().to_vec();
-    saved.extend(new_residual.iter().cloned());
-    let outer_bytes = encode_weights(&outer_table(&spec.tensors), &saved)?;
-    Ok(Aggregated {
-        theta: new_theta,
-        outer,
-        residual: new_residual,
-        weights_bytes,
-        update_bytes: update.to_bytes(),
-        outer_bytes,
-        weight,
-        used,
-    })
 }

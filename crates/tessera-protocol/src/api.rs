@@ -143,6 +143,11 @@ pub struct ContestSpec {
 }
 
 impl ContestSpec {
+    /// The round whose publication is the phase boundary, in a run of `rounds`.
+    pub fn boundary(&self, rounds: u64) -> u64 {
+        self.promote_at.unwrap_or(rounds).min(rounds)
+    }
+
     pub fn validate(&self) -> Result<(), String> {
         if !(self.reward_power.is_finite() && self.reward_power > 0.0 && self.reward_power <= 8.0) {
             return Err(format!("reward power {} must be in (0, 8]", self.reward_power));
