@@ -7,7 +7,6 @@ use std::time::{Duration, Instant};
 use reqwest::StatusCode;
 use reqwest::blocking::Client;
 use tch::Device;
-use tessera_contest::commit;
 use tessera_data::Dataset;
 use tessera_model::LlamaConfig;
 use tessera_protocol::api::{ApiError, RunInfo, ScoringJob};
@@ -140,12 +139,7 @@ impl Validator {
     pub fn score(&mut self, job: &ScoringJob) -> Result<RoundScored> {
         let round = job.round;
         let bad = |message: String| ValidatorError::Bad { round, message };
-        let (mut seed, mut commitment) = ([0u8; 32], [0u8; 32]);
-        hex::decode_to_slice(&job.eval_seed, &mut seed).map_err(|e| bad(format!("seed: {e}")))?;
-        hex::decode_to_slice(&job.eval_commitment, &mut commitment).map_err(|e| bad(format!("commitment: {e}")))?;
-        if !commit::verify(&commitment, &seed) {
-            return Err(bad("the revealed evaluation seed does not match its commitment".into()));
-        }
+        let seed = crate::revealed_seed(job).map_err(bad)?;
         let hub = &self.config.hub;
         let weights = self.bytes(&format!("{hub}/v1/checkpoints/{}", job.base_checkpoint), false)?;
         if hex::encode(weights_hash(&weights)) != job.base_checkpoint {

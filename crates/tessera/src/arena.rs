@@ -403,13 +403,7 @@ fn run_scenario(
         rt.block_on(hub.tick())?;
         if sc.scored {
             let job = rt.block_on(hub.scoring_job())?.context("a scored round did not wait for scores")?;
-            let mut seed = [0u8; 32];
-            hex::decode_to_slice(&job.eval_seed, &mut seed)?;
-            let mut commitment = [0u8; 32];
-            hex::decode_to_slice(&job.eval_commitment, &mut commitment)?;
-            if !tessera_contest::commit::verify(&commitment, &seed) {
-                bail!("the revealed evaluation seed does not match its commitment");
-            }
+            let seed = tessera_validator::revealed_seed(&job).map_err(anyhow::Error::msg)?;
             let mut candidates = Vec::with_capacity(job.submissions.len());
             for s in &job.submissions {
                 let bytes = rt.block_on(hub.submission_blob(&s.blob)).map_err(anyhow::Error::msg)?;
