@@ -37,17 +37,23 @@ fn delta(dataset: &Dataset, theta: &[Vec<f32>], data_slot: u64) -> Vec<Vec<f32>>
     theta.iter().zip(&local).map(|(a, b)| a.iter().zip(b).map(|(a, b)| a - b).collect()).collect()
 }
 
-#[test]
-fn scores_fits_and_copies() {
-    tch::manual_seed(0);
+/// The dataset and weights trained 2H steps from initialisation, where almost any step lowers
+/// the loss.
+fn trained_base() -> (Dataset, Vec<Vec<f32>>) {
     let dataset = Dataset::synthetic(SyntheticSpec::default(), 60_000, 6_000).unwrap();
-    let config = preset("tiny").unwrap();
-    // Past initialisation, where almost any step lowers the loss.
-    let mut base = Trainer::new(inner(99), &config, dataset.clone(), Device::Cpu).unwrap();
+    let mut base = Trainer::new(inner(99), &preset("tiny").unwrap(), dataset.clone(), Device::Cpu).unwrap();
     for _ in 0..2 * H {
         base.train_step().unwrap();
     }
     let theta = read_params(&base.model).unwrap();
+    (dataset, theta)
+}
+
+#[test]
+fn scores_fits_and_copies() {
+    tch::manual_seed(0);
+    let (dataset, theta) = trained_base();
+    let config = preset("tiny").unwrap();
     let candidate = |contributor: u64, delta: Vec<Vec<f32>>| Candidate {
         contributor,
         slot: contributor,
@@ -91,13 +97,8 @@ fn scores_fits_and_copies() {
 /// measurement is noisy; the hub judges a contributor by its record).
 #[test]
 fn the_data_fit_tells_assigned_from_other_windows() {
-    let dataset = Dataset::synthetic(SyntheticSpec::default(), 60_000, 6_000).unwrap();
+    let (dataset, theta) = trained_base();
     let config = preset("tiny").unwrap();
-    let mut base = Trainer::new(inner(99), &config, dataset.clone(), Device::Cpu).unwrap();
-    for _ in 0..2 * H {
-        base.train_step().unwrap();
-    }
-    let theta = read_params(&base.model).unwrap();
     let candidates: Vec<Candidate> = (0..9u64)
         .map(|slot| Candidate {
             contributor: slot,
