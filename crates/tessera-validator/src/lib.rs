@@ -14,6 +14,7 @@
 
 pub mod client;
 
+use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tch::Device;
@@ -178,9 +179,7 @@ impl Scorer {
         let controls: Vec<Vec<usize>> = (0..n)
             .map(|i| {
                 let mut others: Vec<usize> = (0..n).filter(|&j| j != i).collect();
-                for k in (1..others.len()).rev() {
-                    others.swap(k, pick.random_range(0..=k));
-                }
+                others.shuffle(&mut pick);
                 others.truncate(FIT_CONTROLS);
                 others
             })
@@ -204,7 +203,6 @@ impl Scorer {
             before_own.push(self.trainer.window_losses(train, w)?);
             forward += w.len() as u64;
         }
-        let mut after_eval = Vec::with_capacity(n);
         // A Δ longer than twice the round's median norm scores the lesser of what it does at full
         // length and what it does at that length (as the robust rules bound it) shrunk by the
         // same factor: size alone earns nothing, however far from converged the model is, and
@@ -215,23 +213,21 @@ impl Scorer {
         let mut scores = Vec::with_capacity(n);
         // gain[j][i]: submission j's gain per window on submission i's windows (where evaluated).
         let mut gain: Vec<Vec<Option<Vec<f64>>>> = vec![vec![None; n]; n];
+        // θ − s·Δ: the weights with a submission applied at `s` of its length.
+        let applied = |delta: &[Vec<f32>], s: f32| -> Vec<Vec<f32>> {
+            theta.iter().zip(delta).map(|(t, d)| t.iter().zip(d).map(|(t, d)| t - s * d).collect()).collect()
+        };
         for (j, k) in candidates.iter().enumerate() {
-            let s = shrink[j] as f32;
-            let applied: Vec<Vec<f32>> =
-                theta.iter().zip(&k.delta).map(|(t, d)| t.iter().zip(d).map(|(t, d)| t - s * d).collect()).collect();
-            write_params(&self.trainer.model, &applied)?;
-            after_eval.push(self.trainer.window_loss(val, &eval)?);
+            write_params(&self.trainer.model, &applied(&k.delta, shrink[j] as f32))?;
+            let clipped_score = (before_eval - self.trainer.window_loss(val, &eval)?) * shrink[j];
             forward += eval.len() as u64;
             for &i in &duties[j] {
                 let after = self.trainer.window_losses(train, &own[i])?;
                 forward += after.len() as u64;
                 gain[j][i] = Some(before_own[i].iter().zip(&after).map(|(b, a)| b - a).collect());
             }
-            let clipped_score = (before_eval - after_eval[j]) * shrink[j];
             if shrink[j] < 1.0 {
-                let full: Vec<Vec<f32>> =
-                    theta.iter().zip(&k.delta).map(|(t, d)| t.iter().zip(d).map(|(t, d)| t - d).collect()).collect();
-                write_params(&self.trainer.model, &full)?;
+                write_params(&self.trainer.model, &applied(&k.delta, 1.0))?;
                 let full_score = before_eval - self.trainer.window_loss(val, &eval)?;
                 forward += eval.len() as u64;
                 scores.push(clipped_score.min(full_score));
