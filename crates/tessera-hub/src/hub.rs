@@ -297,11 +297,12 @@ impl Hub {
 
     /// Round `round`'s evaluation-seed commitment, with the seed once its submissions closed.
     pub async fn eval_seed(&self, round: u64) -> Result<tessera_protocol::api::EvalSeed, ApiError> {
-        let (current, scoring) = {
+        let (current, scoring, finished) = {
             let s = self.state.lock().await;
-            (s.round, s.scoring.is_some())
+            (s.round, s.scoring.is_some(), s.finished)
         };
-        if round > current {
+        // A finished run's `round` counts the rounds it had; none of that number ever opened.
+        if round > current || (finished && round == current) {
             return Err(api(ErrorCode::NotFound, format!("round {round} has not opened")));
         }
         let (seed, commitment) = self.db.eval_seed(round).await.map_err(internal)?;

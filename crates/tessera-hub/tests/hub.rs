@@ -465,6 +465,10 @@ async fn the_run_finishes_after_its_rounds() {
     assert!(asg.finished);
     let run = info(&url).await;
     assert!(run.finished);
+    // Every round's evaluation seed is public now; there is no round 2 to ask about.
+    let seed: EvalSeed = reqwest::get(format!("{url}/v1/rounds/1/eval-seed")).await.unwrap().json().await.unwrap();
+    assert!(seed.seed.is_some());
+    assert_eq!(reqwest::get(format!("{url}/v1/rounds/2/eval-seed")).await.unwrap().status(), StatusCode::NOT_FOUND);
     let (s, e) = a.submit(&run, 1, &status(&url).await.history[1].base_checkpoint, &delta(0.1)).await.unwrap_err();
     assert_eq!((s, e.code), (StatusCode::CONFLICT, ErrorCode::RunFinished));
     tokio::time::sleep(Duration::from_millis(10)).await;
