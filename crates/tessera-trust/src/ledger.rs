@@ -1,0 +1,688 @@
+//! The reward ledger: an append-only log of signed entries, hash-chained, committed by signed
+//! Merkle roots (RFC 6962, through `ct-merkle`), that anyone can verify from its bytes alone.
+//!
+//! ```text
+//! entry   offset  size  field
+//!              0     4  magic "TLE1"
+//!              4     4  length n of the rest (u32 LE)
+//!              8     8  seq: its index in the log (u64 LE)
+//!             16     8  round
+//!             24     8  time (Unix ms, i64 LE)
+//!             32    32  prev: BLAKE3 of the previous entry's bytes (zeros for the first)
+//!             64     1  insecure: 1 if signed by a validator with no TEE behind it
+//!             65     1  kind (see `Body`), then its fields
+//!              …    32  signer's Ed25519 key
+//!              …    64  signature over everything before it, under the domain "tessera-ledger-v1"
+//! ```
+//!
+//! Integers are little-endian; strings and byte strings are a u32 length then the bytes; an
+//! optional f64 is a presence byte then its bits. A ledger file is its entries back to back, in
+//! order; a leaf of the Merkle tree is an entry's bytes.
+//!
+//! Who may sign what: the genesis entry (first, and only first) names the run, the hub's key and
+//! the attestation policy. A `Validator` entry is signed by the key its attestation binds and must
+//! verify under the genesis policy; receipts, emissions and roots are signed by a validator so
+//! introduced, and carry its insecure flag; usage and payouts are signed by the hub.
+
+use std::collections::{BTreeMap, HashMap};
+
+use ct_merkle::mem_backed_tree::MemoryBackedTree;
+use ct_merkle::{InclusionProof, RootHash};
+use serde::{Deserialize, Serialize};
+use sha2::Sha256;
+
+use crate::{AttestationPolicy, Identity, PublicKey, ValidatorAttestation};
+
+const MAGIC: &[u8; 4] = b"TLE1";
+const DOMAIN: &[u8] = b"tessera-ledger-v1";
+/// Largest entry accepted (a TDX attestation with its collateral is about 50 kB).
+pub const MAX_ENTRY_BYTES: usize = 1 << 20;
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum LedgerError {
+    #[error("entry at byte {offset}: malformed: {reason}")]
+    Malformed { offset: usize, reason: String },
+    #[error("entry {index} says it is entry {seq}: entries were deleted, inserted or reordered")]
+    OutOfOrder { index: u64, seq: u64 },
+    #[error("entry {seq}: does not chain to the entry before it (altered, or something before it was)")]
+    BrokenChain { seq: u64 },
+    #[error("entry {seq}: bad signature")]
+    BadSignature { seq: u64 },
+    #[error("entry {seq}: signed by {signer}, who may not sign a {kind}")]
+    UnknownSigner { seq: u64, signer: String, kind: &'static str },
+    #[error("entry {seq}: the genesis entry must come first, and only once")]
+    Genesis { seq: u64 },
+    #[error("entry {seq}: validator attestation refused: {reason}")]
+    BadAttestation { seq: u64, reason: String },
+    #[error("entry {seq}: its insecure flag does not match its signer's attestation")]
+    HiddenInsecurity { seq: u64 },
+    #[error("entry {seq}: Merkle root does not match the entries before it")]
+    BadRoot { seq: u64 },
+    #[error("round {round}: receipts pay {receipts} units but the round emitted {emitted}")]
+    Unbalanced { round: u64, receipts: u64, emitted: u64 },
+    #[error("epoch {epoch}: payouts {paid} exceed the epoch's revenue {revenue}")]
+    Overpaid { epoch: u64, paid: u64, revenue: u64 },
+    #[error("entries from {from} on are not committed by a signed root")]
+    Uncommitted { from: u64 },
+    #[error("the ledger is empty")]
+    Empty,
+}
+
+impl LedgerError {
+    /// A short stable name of the kind of tamper, for tests and tools.
+    pub fn name(&self) -> &'static str {
+        match self {
+            LedgerError::Malformed { .. } => "malformed",
+            LedgerError::OutOfOrder { .. } => "out-of-order",
+            LedgerError::BrokenChain { .. } => "broken-chain",
+            LedgerError::BadSignature { .. } => "bad-signature",
+            LedgerError::UnknownSigner { .. } => "unknown-signer",
+            LedgerError::Genesis { .. } => "genesis",
+            LedgerError::BadAttestation { .. } => "bad-attestation",
+            LedgerError::HiddenInsecurity { .. } => "hidden-insecurity",
+            LedgerError::BadRoot { .. } => "bad-root",
+            LedgerError::Unbalanced { .. } => "unbalanced",
+            LedgerError::Overpaid { .. } => "overpaid",
+            LedgerError::Uncommitted { .. } => "uncommitted",
+            LedgerError::Empty => "empty",
+        }
+    }
+}
+
+/// What an entry records.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Body {
+    /// The run, the hub's key and the attestation policy validators must meet. Signed by the hub.
+    Genesis { run_id: String, policy: AttestationPolicy },
+    /// A validator's keys and their attestation. Signed by the key it attests.
+    Validator { attestation: ValidatorAttestation },
+    /// One scored submission and what it earned.
+    Receipt {
+        contributor: String,
+        /// Hex BLAKE3 of the sealed submission.
+        submission: String,
+        score: f64,
+        data_fit: Option<f64>,
+        /// Why it earned nothing, if it did not (`copy`, `non_positive`, `malformed`…); empty if not.
+        flag: String,
+        units: u64,
+    },
+    /// The units a round emitted: its receipts' units sum to exactly this.
+    Emission { units: u64 },
+    /// Tokens served to an API account in an epoch, and the revenue they brought. Signed by the hub.
+    Usage { epoch: u64, account: String, prompt_tokens: u64, completion_tokens: u64, revenue: u64 },
+    /// Revenue paid to a holder for an epoch. Signed by the hub.
+    Payout { epoch: u64, holder: String, amount: u64 },
+    /// The Merkle root of the first `size` entries (all before this one). Signed by a validator.
+    Root { size: u64, root: String },
+}
+
+impl Body {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Body::Genesis { .. } => "genesis",
+            Body::Validator { .. } => "validator",
+            Body::Receipt { .. } => "receipt",
+            Body::Emission { .. } => "emission",
+            Body::Usage { .. } => "usage",
+            Body::Payout { .. } => "payout",
+            Body::Root { .. } => "root",
+        }
+    }
+}
+
+/// One decoded entry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Entry {
+    pub seq: u64,
+    pub round: u64,
+    pub time_ms: i64,
+    /// Hex BLAKE3 of the previous entry.
+    pub prev: String,
+    pub insecure: bool,
+    pub body: Body,
+    pub signer: String,
+    pub signature: String,
+}
+
+struct Writer(Vec<u8>);
+
+impl Writer {
+    fn u8(&mut self, v: u8) {
+        self.0.push(v);
+    }
+    fn u64(&mut self, v: u64) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn bytes(&mut self, b: &[u8]) {
+        self.0.extend_from_slice(&(b.len() as u32).to_le_bytes());
+        self.0.extend_from_slice(b);
+    }
+    fn hex32(&mut self, h: &str) -> Result<(), String> {
+        let mut b = [0u8; 32];
+        hex::decode_to_slice(h, &mut b).map_err(|_| format!("{h:?} is not 64 hex digits"))?;
+        self.0.extend_from_slice(&b);
+        Ok(())
+    }
+}
+
+struct Reader<'a> {
+    b: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
+        let end = self.at.checked_add(n).filter(|&e| e <= self.b.len()).ok_or("truncated")?;
+        let s = &self.b[self.at..end];
+        self.at = end;
+        Ok(s)
+    }
+    fn u8(&mut self) -> Result<u8, String> {
+        Ok(self.take(1)?[0])
+    }
+    fn u64(&mut self) -> Result<u64, String> {
+        let mut a = [0u8; 8];
+        a.copy_from_slice(self.take(8)?);
+        Ok(u64::from_le_bytes(a))
+    }
+    fn bytes(&mut self) -> Result<&'a [u8], String> {
+        let mut a = [0u8; 4];
+        a.copy_from_slice(self.take(4)?);
+        self.take(u32::from_le_bytes(a) as usize)
+    }
+    fn string(&mut self) -> Result<String, String> {
+        String::from_utf8(self.bytes()?.to_vec()).map_err(|_| "a string is not UTF-8".into())
+    }
+    fn hex32(&mut self) -> Result<String, String> {
+        Ok(hex::encode(self.take(32)?))
+    }
+    fn flag(&mut self) -> Result<bool, String> {
+        match self.u8()? {
+            0 => Ok(false),
+            1 => Ok(true),
+            v => Err(format!("a flag byte is {v}")),
+        }
+    }
+}
+
+fn encode_body(w: &mut Writer, body: &Body) -> Result<(), String> {
+    match body {
+        Body::Genesis { run_id, policy } => {
+            w.u8(0);
+            w.bytes(run_id.as_bytes());
+            w.bytes(&serde_json::to_vec(policy).map_err(|e| e.to_string())?);
+        }
+        Body::Validator { attestation } => {
+            w.u8(1);
+            w.bytes(&serde_json::to_vec(attestation).map_err(|e| e.to_string())?);
+        }
+        Body::Receipt { contributor, submission, score, data_fit, flag, units } => {
+            w.u8(2);
+            w.hex32(contributor)?;
+            w.hex32(submission)?;
+            w.u64(score.to_bits());
+            match data_fit {
+                Some(f) => {
+                    w.u8(1);
+                    w.u64(f.to_bits());
+                }
+                None => w.u8(0),
+            }
+            w.bytes(flag.as_bytes());
+            w.u64(*units);
+        }
+        Body::Emission { units } => {
+            w.u8(3);
+            w.u64(*units);
+        }
+        Body::Usage { epoch, account, prompt_tokens, completion_tokens, revenue } => {
+            w.u8(4);
+            w.u64(*epoch);
+            w.bytes(account.as_bytes());
+            w.u64(*prompt_tokens);
+            w.u64(*completion_tokens);
+            w.u64(*revenue);
+        }
+        Body::Payout { epoch, holder, amount } => {
+            w.u8(5);
+            w.u64(*epoch);
+            w.bytes(holder.as_bytes());
+            w.u64(*amount);
+        }
+        Body::Root { size, root } => {
+            w.u8(6);
+            w.u64(*size);
+            w.hex32(root)?;
+        }
+    }
+    Ok(())
+}
+
+fn decode_body(r: &mut Reader) -> Result<Body, String> {
+    Ok(match r.u8()? {
+        0 => Body::Genesis {
+            run_id: r.string()?,
+            policy: serde_json::from_slice(r.bytes()?).map_err(|e| format!("policy: {e}"))?,
+        },
+        1 => Body::Validator {
+            attestation: serde_json::from_slice(r.bytes()?).map_err(|e| format!("attestation: {e}"))?,
+        },
+        2 => Body::Receipt {
+            contributor: r.hex32()?,
+            submission: r.hex32()?,
+            score: f64::from_bits(r.u64()?),
+            data_fit: if r.flag()? { Some(f64::from_bits(r.u64()?)) } else { None },
+            flag: r.string()?,
+            units: r.u64()?,
+        },
+        3 => Body::Emission { units: r.u64()? },
+        4 => Body::Usage {
+            epoch: r.u64()?,
+            account: r.string()?,
+            prompt_tokens: r.u64()?,
+            completion_tokens: r.u64()?,
+            revenue: r.u64()?,
+        },
+        5 => Body::Payout { epoch: r.u64()?, holder: r.string()?, amount: r.u64()? },
+        6 => Body::Root { size: r.u64()?, root: r.hex32()? },
+        k => return Err(format!("unknown entry kind {k}")),
+    })
+}
+
+/// The bytes a signature covers: everything up to and including the signer's key.
+fn unsigned_bytes(
+    seq: u64,
+    round: u64,
+    time_ms: i64,
+    prev: &str,
+    insecure: bool,
+    body: &Body,
+    signer: &PublicKey,
+) -> Result<Vec<u8>, String> {
+    let mut w = Writer(Vec::with_capacity(256));
+    w.0.extend_from_slice(MAGIC);
+    w.0.extend_from_slice(&[0; 4]);
+    w.u64(seq);
+    w.u64(round);
+    w.u64(time_ms as u64);
+    w.hex32(prev)?;
+    w.u8(u8::from(insecure));
+    encode_body(&mut w, body)?;
+    w.0.extend_from_slice(&signer.0);
+    let n = (w.0.len() - 8 + 64) as u32;
+    w.0[4..8].copy_from_slice(&n.to_le_bytes());
+    Ok(w.0)
+}
+
+fn signing_message(unsigned: &[u8]) -> Vec<u8> {
+    [DOMAIN, unsigned].concat()
+}
+
+/// Decodes one entry at the start of `bytes`: the entry and its encoded length.
+pub fn decode_entry(bytes: &[u8]) -> Result<(Entry, usize), String> {
+    if bytes.len() < 8 {
+        return Err("truncated".into());
+    }
+    if &bytes[..4] != MAGIC {
+        return Err("bad magic".into());
+    }
+    let n = u32::from_le_bytes([bytes[4], bytes[5], bytes[6], bytes[7]]) as usize;
+    if n > MAX_ENTRY_BYTES {
+        return Err(format!("{n} bytes is over the {MAX_ENTRY_BYTES}-byte limit"));
+    }
+    let total = 8 + n;
+    if bytes.len() < total || n < 64 + 32 {
+        return Err("truncated".into());
+    }
+    let mut r = Reader { b: &bytes[..total - 96], at: 8 };
+    let seq = r.u64()?;
+    let round = r.u64()?;
+    let time_ms = r.u64()? as i64;
+    let prev = r.hex32()?;
+    let insecure = r.flag()?;
+    let body = decode_body(&mut r)?;
+    if r.at != total - 96 {
+        return Err("trailing bytes in the entry".into());
+    }
+    Ok((
+        Entry {
+            seq,
+            round,
+            time_ms,
+            prev,
+            insecure,
+            body,
+            signer: hex::encode(&bytes[total - 96..total - 64]),
+            signature: hex::encode(&bytes[total - 64..total]),
+        },
+        total,
+    ))
+}
+
+/// Signs and encodes an entry.
+pub fn encode_entry(
+    seq: u64,
+    round: u64,
+    time_ms: i64,
+    prev: &str,
+    insecure: bool,
+    body: &Body,
+    signer: &Identity,
+) -> Result<Vec<u8>, String> {
+    let mut b = unsigned_bytes(seq, round, time_ms, prev, insecure, body, &signer.public())?;
+    let sig = signer.sign(&signing_message(&b));
+    b.extend_from_slice(&sig);
+    Ok(b)
+}
+
+/// A validator known to the ledger.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct KnownValidator {
+    pub key: String,
+    pub seq: u64,
+    pub kind: String,
+    pub measurement: String,
+    pub insecure: bool,
+}
+
+/// An inclusion proof of one entry under a signed root.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Proof {
+    pub seq: u64,
+    /// The entry's bytes (hex).
+    pub entry: String,
+    /// The root entry that commits to it, its bytes (hex).
+    pub root_entry: String,
+    /// Sibling hashes, leaf to root (hex SHA-256 each, concatenated).
+    pub path: String,
+}
+
+/// A verified ledger, and what it says.
+#[derive(Debug, Clone, Default)]
+pub struct Ledger {
+    bytes: Vec<u8>,
+    /// Byte offset of each entry.
+    offsets: Vec<usize>,
+    tree: MemoryBackedTree<Sha256, Vec<u8>>,
+    last_hash: [u8; 32],
+    hub: Option<PublicKey>,
+    run_id: String,
+    policy: AttestationPolicy,
+    validators: BTreeMap<PublicKey, KnownValidator>,
+    /// Receipts' units per round not yet matched by an emission.
+    pending: BTreeMap<u64, u64>,
+    emitted: BTreeMap<u64, u64>,
+    revenue: HashMap<u64, u64>,
+    paid: HashMap<u64, u64>,
+    /// Reward units per contributor key, and payouts per holder.
+    pub units: BTreeMap<String, u64>,
+    pub payouts: BTreeMap<String, u64>,
+    /// Seq of the last root entry, if any.
+    last_root: Option<u64>,
+}
+
+impl Ledger {
+    /// Verifies a whole ledger from its bytes (see the module docs for what is checked).
+    pub fn from_bytes(bytes: &[u8]) -> Result<Ledger, LedgerError> {
+        let mut ledger = Ledger::default();
+        ledger.extend(bytes)?;
+        if ledger.offsets.is_empty() {
+            return Err(LedgerError::Empty);
+        }
+        ledger.check_committed()?;
+        Ok(ledger)
+    }
+
+    /// Appends entries (their bytes back to back), checking each; on error nothing is appended.
+    pub fn extend(&mut self, bytes: &[u8]) -> Result<(), LedgerError> {
+        let mut next = self.clone();
+        let mut at = 0;
+        while at < bytes.len() {
+            let offset = self.bytes.len() + at;
+            let (entry, n) = decode_entry(&bytes[at..]).map_err(|reason| LedgerError::Malformed { offset, reason })?;
+            next.append_checked(&entry, &bytes[at..at + n])?;
+            at += n;
+        }
+        *self = next;
+        Ok(())
+    }
+
+    fn append_checked(&mut self, e: &Entry, raw: &[u8]) -> Result<(), LedgerError> {
+        let index = self.offsets.len() as u64;
+        let seq = e.seq;
+        if seq != index {
+            return Err(LedgerError::OutOfOrder { index, seq });
+        }
+        if e.prev != hex::encode(self.last_hash) {
+            return Err(LedgerError::BrokenChain { seq });
+        }
+        let signer = PublicKey::parse(&e.signer).map_err(|_| LedgerError::BadSignature { seq })?;
+        signer
+            .verify(&signing_message(&raw[..raw.len() - 64]), &raw[raw.len() - 64..])
+            .map_err(|_| LedgerError::BadSignature { seq })?;
+        let kind = e.body.kind();
+        let unknown = || LedgerError::UnknownSigner { seq, signer: e.signer.clone(), kind };
+        let by_validator = |l: &Ledger| -> Result<(), LedgerError> {
+            let v = l.validators.get(&signer).ok_or_else(unknown)?;
+            if v.insecure != e.insecure {
+                return Err(LedgerError::HiddenInsecurity { seq });
+            }
+            Ok(())
+        };
+        let by_hub = |l: &Ledger| if l.hub == Some(signer) && !e.insecure { Ok(()) } else { Err(unknown()) };
+        match &e.body {
+            Body::Genesis { run_id, policy } => {
+                if seq != 0 || e.insecure {
+                    return Err(LedgerError::Genesis { seq });
+                }
+                self.hub = Some(signer);
+                self.run_id = run_id.clone();
+                self.policy = policy.clone();
+            }
+            _ if seq == 0 => return Err(LedgerError::Genesis { seq }),
+            Body::Validator { attestation } => {
+                if attestation.signing_key != e.signer {
+                    return Err(unknown());
+                }
+                let now_secs = (e.time_ms.max(0) / 1000) as u64;
+                let v = attestation
+                    .verify(&self.policy, now_secs)
+                    .map_err(|err| LedgerError::BadAttestation { seq, reason: err.to_string() })?;
+                if v.insecure != e.insecure {
+                    return Err(LedgerError::HiddenInsecurity { seq });
+                }
+                self.validators.insert(
+                    signer,
+                    KnownValidator {
+                        key: e.signer.clone(),
+                        seq,
+                        kind: v.kind,
+                        measurement: v.measurement,
+                        insecure: v.insecure,
+                    },
+                );
+            }
+            Body::Receipt { contributor, units, .. } => {
+                by_validator(self)?;
+                if self.emitted.contains_key(&e.round) {
+                    return Err(LedgerError::Unbalanced {
+                        round: e.round,
+                        receipts: *units,
+                        emitted: self.emitted[&e.round],
+                    });
+                }
+                *self.pending.entry(e.round).or_default() += units;
+                *self.units.entry(contributor.clone()).or_default() += units;
+            }
+            Body::Emission { units } => {
+                by_validator(self)?;
+                let receipts = self.pending.remove(&e.round).unwrap_or(0);
+                if receipts != *units || self.emitted.contains_key(&e.round) {
+                    return Err(LedgerError::Unbalanced { round: e.round, receipts, emitted: *units });
+                }
+                self.emitted.insert(e.round, *units);
+            }
+            Body::Usage { epoch, revenue, .. } => {
+                by_hub(self)?;
+                *self.revenue.entry(*epoch).or_default() += revenue;
+            }
+            Body::Payout { epoch, holder, amount } => {
+                by_hub(self)?;
+                let paid = self.paid.entry(*epoch).or_default();
+                *paid += amount;
+                let revenue = self.revenue.get(epoch).copied().unwrap_or(0);
+                if *paid > revenue {
+                    return Err(LedgerError::Overpaid { epoch: *epoch, paid: *paid, revenue });
+                }
+                *self.payouts.entry(holder.clone()).or_default() += amount;
+            }
+            Body::Root { size, root } => {
+                by_validator(self)?;
+                if *size != seq || *root != hex::encode(self.tree.root().as_bytes()) {
+                    return Err(LedgerError::BadRoot { seq });
+                }
+                if let Some((&round, &receipts)) = self.pending.iter().next() {
+                    return Err(LedgerError::Unbalanced { round, receipts, emitted: 0 });
+                }
+                self.last_root = Some(seq);
+            }
+        }
+        self.offsets.push(self.bytes.len());
+        self.bytes.extend_from_slice(raw);
+        self.tree.push(raw.to_vec());
+        self.last_hash = *blake3::hash(raw).as_bytes();
+        Ok(())
+    }
+
+    /// Every entry must be under a signed root: the log ends with one.
+    pub fn check_committed(&self) -> Result<(), LedgerError> {
+        let n = self.offsets.len() as u64;
+        match self.last_root {
+            Some(r) if r + 1 == n => Ok(()),
+            Some(r) => Err(LedgerError::Uncommitted { from: r + 1 }),
+            None => Err(LedgerError::Uncommitted { from: 0 }),
+        }
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    pub fn len(&self) -> u64 {
+        self.offsets.len() as u64
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.offsets.is_empty()
+    }
+
+    /// The entries from `seq` on, as bytes.
+    pub fn bytes_from(&self, seq: u64) -> &[u8] {
+        match self.offsets.get(seq as usize) {
+            Some(&o) => &self.bytes[o..],
+            None => &[],
+        }
+    }
+
+    pub fn entry_bytes(&self, seq: u64) -> Option<&[u8]> {
+        let i = seq as usize;
+        let start = *self.offsets.get(i)?;
+        let end = self.offsets.get(i + 1).copied().unwrap_or(self.bytes.len());
+        Some(&self.bytes[start..end])
+    }
+
+    pub fn entry(&self, seq: u64) -> Option<Entry> {
+        decode_entry(self.entry_bytes(seq)?).ok().map(|(e, _)| e)
+    }
+
+    pub fn entries(&self) -> Vec<Entry> {
+        (0..self.len()).filter_map(|s| self.entry(s)).collect()
+    }
+
+    /// Hex BLAKE3 of the last entry: what the next one's `prev` must be.
+    pub fn head(&self) -> String {
+        hex::encode(self.last_hash)
+    }
+
+    /// Hex Merkle root of all entries so far (what a root entry appended now must carry).
+    pub fn root(&self) -> String {
+        hex::encode(self.tree.root().as_bytes())
+    }
+
+    pub fn run_id(&self) -> &str {
+        &self.run_id
+    }
+
+    pub fn hub(&self) -> Option<PublicKey> {
+        self.hub
+    }
+
+    pub fn policy(&self) -> &AttestationPolicy {
+        &self.policy
+    }
+
+    pub fn validators(&self) -> impl Iterator<Item = &KnownValidator> {
+        self.validators.values()
+    }
+
+    /// Signs `body` as the next entry and appends it.
+    pub fn append(
+        &mut self,
+        round: u64,
+        time_ms: i64,
+        insecure: bool,
+        body: Body,
+        signer: &Identity,
+    ) -> Result<Vec<u8>, LedgerError> {
+        let offset = self.bytes.len();
+        let raw = encode_entry(self.len(), round, time_ms, &self.head(), insecure, &body, signer)
+            .map_err(|reason| LedgerError::Malformed { offset, reason })?;
+        self.extend(&raw)?;
+        Ok(raw)
+    }
+
+    /// Proof that entry `seq` is under the latest root entry that covers it.
+    pub fn prove(&self, seq: u64) -> Option<Proof> {
+        let root_seq =
+            (seq + 1..self.len()).find(|&s| matches!(self.entry(s).map(|e| e.body), Some(Body::Root { .. })))?;
+        let mut tree: MemoryBackedTree<Sha256, Vec<u8>> = MemoryBackedTree::new();
+        for s in 0..root_seq {
+            tree.push(self.entry_bytes(s)?.to_vec());
+        }
+        let path = tree.prove_inclusion(seq as usize);
+        Some(Proof {
+            seq,
+            entry: hex::encode(self.entry_bytes(seq)?),
+            root_entry: hex::encode(self.entry_bytes(root_seq)?),
+            path: hex::encode(path.as_bytes()),
+        })
+    }
+}
+
+/// Checks a proof on its own: the root entry's signature by `validator` and the path from the
+/// entry to its root. Returns the entry.
+pub fn verify_proof(proof: &Proof, validator: &PublicKey) -> Result<Entry, String> {
+    let raw = hex::decode(&proof.entry).map_err(|_| "entry is not hex")?;
+    let root_raw = hex::decode(&proof.root_entry).map_err(|_| "root entry is not hex")?;
+    let (entry, n) = decode_entry(&raw)?;
+    let (root_entry, m) = decode_entry(&root_raw)?;
+    if n != raw.len() || m != root_raw.len() || entry.seq != proof.seq {
+        return Err("entry bytes do not match the proof".into());
+    }
+    if root_entry.signer != validator.hex() {
+        return Err("the root is not signed by that validator".into());
+    }
+    validator
+        .verify(&signing_message(&root_raw[..m - 64]), &root_raw[m - 64..])
+        .map_err(|_| "the root's signature does not verify")?;
+    let Body::Root { size, root } = root_entry.body else { return Err("not a root entry".into()) };
+    let mut digest = [0u8; 32];
+    hex::decode_to_slice(&root, &mut digest).map_err(|_| "root is not hex")?;
+    let root = RootHash::<Sha256>::new(digest.into(), size);
+    let path = InclusionProof::<Sha256>::try_from_bytes(hex::decode(&proof.path).map_err(|_| "path is not hex")?)
+        .map_err(|_| "malformed path")?;
+    root.verify_inclusion(&raw, entry.seq, &path).map_err(|_| "the entry is not under that root")?;
+    Ok(entry)
+}
