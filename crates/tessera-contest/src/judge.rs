@@ -167,6 +167,29 @@ pub fn judge(scored: &[Scored], policy: &Policy) -> Vec<Judged> {
     out
 }
 
+/// A round settled: each submission's measurements (with its fit factor), what it gets, and its
+/// reward units (summing to exactly the round's units, or to 0 if nothing earned).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settlement {
+    pub scored: Vec<Scored>,
+    pub judged: Vec<Judged>,
+    pub rewards: Vec<u64>,
+}
+
+/// Settles a round: fit factors from each contributor's record (`history`: sum and count of
+/// its earlier data-fit measurements, per submission), then [`judge`], then the exact split of
+/// `reward_units`. The hub runs this for scored runs; a sealed run's validator runs it itself.
+pub fn settle(mut scored: Vec<Scored>, history: &[(f64, u64)], policy: &Policy, reward_units: u64) -> Settlement {
+    let now: Vec<Option<f64>> = scored.iter().map(|s| s.data_fit).collect();
+    for (s, f) in scored.iter_mut().zip(fit_factors(history, &now)) {
+        s.fit_factor = f;
+    }
+    let judged = judge(&scored, policy);
+    let shares: Vec<f64> = judged.iter().map(|j| j.share).collect();
+    let rewards = crate::split_units(reward_units, &shares);
+    Settlement { scored, judged, rewards }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

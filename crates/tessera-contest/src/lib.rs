@@ -21,6 +21,6 @@ pub mod rating;
 pub mod reward;
 
 pub use adversary::Adversary;
-pub use judge::{Flag, Judged, Policy, Scored, fit_factors, judge};
+pub use judge::{Flag, Judged, Policy, Scored, Settlement, fit_factors, judge, settle};
 pub use rating::{Rating, Ratings};
 pub use reward::split_units;

@@ -6,7 +6,12 @@
 //! on the slot's windows; encode Δ = θ_base − θ_local with error feedback; upload with retries;
 //! save the inner optimizer state; repeat until the run finishes.
 //!
-//! Everything a restart needs lives in the state directory: identity (id and token), the inner
+//! Every request is signed with the contributor's Ed25519 key (`identity.pem` in the state
+//! directory unless given); the hub's answers are checked against the hub key pinned at first
+//! contact. In a sealed run the pseudo-gradient is sealed with HPKE to the validator, whose
+//! attestation is verified against the run's policy first.
+//!
+//! Everything a restart needs lives in the state directory: identity (key, id, hub key), the inner
 //! trainer (weights, AdamW moments, step), the error-feedback residuals and the cached base
 //! weights. A contributor killed at any moment restarts from the last round it finished.
 
@@ -22,7 +27,7 @@ use tessera_data::Dataset;
 use tessera_data::synthetic::SyntheticSpec;
 use tessera_model::{Llama, LlamaConfig};
 use tessera_protocol::api::{
-    Assignment, CONTRIBUTOR_HEADER, DataSource, INNER_LOSS_HEADER, Receipt, RegisterRequest, Registration, RunInfo,
+    Assignment, DataSource, INNER_LOSS_HEADER, Receipt, RegisterRequest, Registration, RunInfo, ValidatorInfo,
 };
 use tessera_protocol::{
     ApiError, Codec, ErrorCode, ErrorFeedback, MessageView, PROTOCOL_VERSION, PseudoGradient, TensorEntry, TensorSpec,
@@ -30,6 +35,8 @@ use tessera_protocol::{
 };
 use tessera_train::diloco::{read_params, write_params};
 use tessera_train::{AdamWConfig, TrainConfig, TrainError, Trainer};
+use tessera_trust::identity::HUB_SIGNATURE_HEADER;
+use tessera_trust::{PublicKey, SealedHeader, SealingKey, ValidatorAttestation};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ContributorError {
@@ -53,6 +60,8 @@ pub enum ContributorError {
     Wire(#[from] tessera_protocol::WireError),
     #[error("codec: {0}")]
     Codec(#[from] tessera_protocol::CodecError),
+    #[error(transparent)]
+    Trust(#[from] tessera_trust::TrustError),
 }
 
 type Result<T> = std::result::Result<T, ContributorError>;
@@ -63,6 +72,9 @@ pub struct ContributorConfig {
     pub hub: String,
     pub state_dir: PathBuf,
     pub name: String,
+    /// The Ed25519 key file (`tessera keygen`); default `identity.pem` in the state directory,
+    /// created if missing.
+    pub key: Option<PathBuf>,
     pub device: Device,
     /// Training data for runs whose data source is external (checked by fingerprint).
     pub data: Option<Dataset>,
@@ -96,11 +108,19 @@ pub enum Outcome {
     NotUsed(String),
 }
 
+/// Who this contributor is to the hub it joined, and the hub key it pinned then.
 #[derive(serde::Serialize, serde::Deserialize)]
 struct Identity {
     hub_run: String,
     contributor_id: u64,
-    token: String,
+    public_key: String,
+    hub_key: String,
+}
+
+/// A verified validator this contributor seals to.
+struct Recipient {
+    key: SealingKey,
+    ledger_seq: u64,
 }
 
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -121,6 +141,9 @@ pub struct Contributor {
     http: Client,
     pub run: RunInfo,
     identity: Identity,
+    key: tessera_trust::Identity,
+    hub_key: Option<PublicKey>,
+    recipient: Option<Recipient>,
     trainer: Trainer,
     feedback: Vec<ErrorFeedback>,
     base: Option<Base>,
@@ -216,6 +239,13 @@ impl Hub<'_> {
         }
     }
 
+    /// A success body's bytes, or a refusal as an [`ApiError`].
+    fn body(&self, what: &str, r: Response) -> Result<Vec<u8>> {
+        let status = r.status();
+        let bytes = r.bytes().map_err(|e| self.http_err(what, e))?;
+        if status.is_success() { Ok(bytes.to_vec()) } else { Err(self.refusal(what, status, &bytes)) }
+    }
+
     /// Parses a success body as JSON, or a refusal as an [`ApiError`].
     fn json<T: serde::de::DeserializeOwned>(&self, what: &str, r: Response) -> Result<T> {
         let status = r.status();
@@ -253,36 +283,59 @@ impl Contributor {
         let dir = &config.state_dir;
         std::fs::create_dir_all(dir).map_err(|e| state_err(dir, e))?;
         let hub = Hub { url: &config.hub, patience: config.patience };
-        let run: RunInfo = hub.json("run", hub.send("run", || http.get(format!("{}/v1/run", config.hub)))?)?;
+        let key_path = config.key.clone().unwrap_or_else(|| dir.join("identity.pem"));
+        let key = tessera_trust::Identity::load_or_create(&key_path)?;
+        let response = hub.send("run", || http.get(format!("{}/v1/run", config.hub)))?;
+        let signature = response.headers().get(HUB_SIGNATURE_HEADER).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let body = hub.body("run", response)?;
+        let run: RunInfo = serde_json::from_slice(&body).map_err(|e| hub.http_err("run", e))?;
         if run.protocol != PROTOCOL_VERSION {
             return Err(ContributorError::Protocol(run.protocol));
         }
+        let hub_key = PublicKey::parse(&run.hub_key)?;
+        check_hub_signature(&hub_key, &body, signature.as_deref())?;
         // The spec came over the network: hold it to what a hub must check before serving it.
         run.spec.validate().map_err(|e| ContributorError::Data(format!("the hub's run spec: {e}")))?;
         let id_path = dir.join("identity.json");
         let saved: Option<Identity> = std::fs::read(&id_path)
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok())
-            .filter(|i: &Identity| i.hub_run == run.run_id);
+            .filter(|i: &Identity| i.hub_run == run.run_id && i.public_key == key.public().hex());
+        if let Some(i) = &saved
+            && i.hub_key != run.hub_key
+        {
+            return Err(ContributorError::Data(format!(
+                "the hub now signs with key {}, not the key {} it had when this contributor joined: refusing to trust it",
+                run.hub_key, i.hub_key
+            )));
+        }
         let identity = match saved {
             Some(i) => {
                 tracing::info!(contributor = i.contributor_id, "rejoining with the saved identity");
                 i
             }
             None => {
-                let request = RegisterRequest { name: config.name.clone() };
+                let request = serde_json::to_vec(&RegisterRequest { name: config.name.clone() })
+                    .map_err(|e| ContributorError::Data(e.to_string()))?;
                 let reg: Registration = hub.json(
                     "register",
-                    hub.send("register", || http.post(format!("{}/v1/contributors", config.hub)).json(&request))?,
+                    hub.send("register", || {
+                        sign(&http, &key, &config.hub, "POST", "/v1/contributors", request.clone())
+                    })?,
                 )?;
-                let i = Identity { hub_run: run.run_id.clone(), contributor_id: reg.contributor_id, token: reg.token };
+                let i = Identity {
+                    hub_run: run.run_id.clone(),
+                    contributor_id: reg.contributor_id,
+                    public_key: key.public().hex(),
+                    hub_key: run.hub_key.clone(),
+                };
                 write_atomic(&id_path, &serde_json::to_vec_pretty(&i).map_err(|e| state_err(&id_path, e))?)?;
                 // A new identity starts from scratch: drop any state of another run.
                 for stale in ["trainer", "feedback.safetensors", "base.safetensors", "base.json"] {
                     let p = dir.join(stale);
                     let _ = if p.is_dir() { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) };
                 }
-                tracing::info!(contributor = i.contributor_id, "registered");
+                tracing::info!(contributor = i.contributor_id, key = %key.public(), "registered");
                 i
             }
         };
@@ -321,7 +374,20 @@ impl Contributor {
         let base = load_base(dir, table);
         let last_submitted =
             std::fs::read_to_string(dir.join("last_submitted")).ok().and_then(|s| s.trim().parse().ok());
-        Ok(Contributor { config, http, run, identity, trainer, feedback, base, last_submitted, last_body: None })
+        Ok(Contributor {
+            config,
+            http,
+            run,
+            identity,
+            key,
+            hub_key: Some(hub_key),
+            recipient: None,
+            trainer,
+            feedback,
+            base,
+            last_submitted,
+            last_body: None,
+        })
     }
 
     pub fn id(&self) -> u64 {
@@ -332,14 +398,66 @@ impl Contributor {
         Hub { url: &self.config.hub, patience: self.config.patience }
     }
 
-    fn authed(&self, b: reqwest::blocking::RequestBuilder) -> reqwest::blocking::RequestBuilder {
-        b.header(CONTRIBUTOR_HEADER, self.identity.contributor_id.to_string()).bearer_auth(&self.identity.token)
+    /// A request signed with this contributor's key.
+    fn signed(&self, method: &str, path: &str, body: Vec<u8>) -> reqwest::blocking::RequestBuilder {
+        sign(&self.http, &self.key, &self.config.hub, method, path, body)
     }
 
     fn assignment(&self) -> Result<Assignment> {
-        let url = format!("{}/v1/assignments?wait_ms=20000", self.config.hub);
+        let path = "/v1/assignments?wait_ms=20000";
         let hub = self.hub();
-        hub.json("assignment", hub.send("assignment", || self.authed(self.http.post(&url)))?)
+        let r = hub.send("assignment", || self.signed("POST", path, Vec::new()))?;
+        let signature = r.headers().get(HUB_SIGNATURE_HEADER).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let body = hub.body("assignment", r)?;
+        if let Some(k) = &self.hub_key {
+            check_hub_signature(k, &body, signature.as_deref())?;
+        }
+        serde_json::from_slice(&body).map_err(|e| hub.http_err("assignment", e))
+    }
+
+    /// The run's validator, its attestation verified against the run's policy (once per
+    /// validator the hub announces).
+    fn recipient(&mut self) -> Result<SealingKey> {
+        let Some(policy) = self.run.spec.trust.clone() else {
+            return Err(ContributorError::Data("this run does not seal submissions".into()));
+        };
+        let url = format!("{}/v1/validator", self.config.hub);
+        let hub = self.hub();
+        // 503 `no_validator` is retried with the rest of the hub's 5xx answers.
+        let info: ValidatorInfo = hub.json("validator", hub.send("validator", || self.http.get(&url))?)?;
+        if let Some(r) = &self.recipient
+            && r.ledger_seq == info.ledger_seq
+        {
+            return Ok(r.key.clone());
+        }
+        let attestation: ValidatorAttestation = serde_json::from_value(info.attestation)
+            .map_err(|e| ContributorError::Data(format!("the validator's attestation: {e}")))?;
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let verified = attestation.verify(&policy, now)?;
+        if verified.insecure {
+            tracing::warn!(
+                "the run's validator uses the INSECURE development attester: nothing proves who can read your \
+                 submissions"
+            );
+        } else {
+            tracing::info!(attestation = %verified, "validator attestation verified");
+        }
+        let key = SealingKey::parse(&attestation.sealing_key)?;
+        self.recipient = Some(Recipient { key: key.clone(), ledger_seq: info.ledger_seq });
+        Ok(key)
+    }
+
+    /// Seals a message to the run's attested validator.
+    fn seal(&mut self, a: &Assignment, message: &[u8]) -> Result<Vec<u8>> {
+        let key = self.recipient()?;
+        let header = SealedHeader {
+            run_id: hex_array(&self.run.run_id)?,
+            base_round: a.round,
+            base_checkpoint: hex_array(&a.base_checkpoint)?,
+            contributor: self.key.public(),
+            recipient: key.fingerprint(),
+        };
+        Ok(key.seal(header, message)?)
     }
 
     /// Runs rounds until the run finishes (or `max_rounds`), calling `on_round` after each.
@@ -413,7 +531,9 @@ impl Contributor {
             base_checkpoint: hex_array(&a.base_checkpoint)?,
             tensors,
         };
-        let mut body = message.to_bytes();
+        let plain = message.to_bytes();
+        let sealed = self.run.spec.trust.is_some();
+        let mut body = if sealed { self.seal(a, &plain)? } else { plain.clone() };
         match adversary {
             Some(tessera_contest::Adversary::Replay) => {
                 if let Some(old) = self.last_body.replace(body.clone()) {
@@ -424,7 +544,15 @@ impl Contributor {
             _ => {}
         }
         let bytes_up = body.len() as u64;
-        let outcome = self.upload(body, inner_loss)?;
+        let outcome = match self.upload(body, inner_loss) {
+            // The validator changed since this was sealed: seal to the new one, once.
+            Err(ContributorError::Refused(e)) if sealed && e.code == ErrorCode::WrongValidator => {
+                self.recipient = None;
+                let resealed = self.seal(a, &plain)?;
+                self.upload(resealed, inner_loss)?
+            }
+            other => other?,
+        };
         self.save_state(a.round)?;
         Ok(RoundReport { round: a.round, inner_loss, bytes_up, bytes_down, outcome, train_s })
     }
@@ -468,7 +596,6 @@ impl Contributor {
     }
 
     fn upload(&self, body: Vec<u8>, inner_loss: f64) -> Result<Outcome> {
-        let url = format!("{}/v1/submissions", self.config.hub);
         // In a scored run the hub answers 503 `busy` while it waits for a round's scores: that
         // can last up to the run's score timeout, which patience alone might not cover.
         let mut hub = self.hub();
@@ -476,7 +603,7 @@ impl Contributor {
             hub.patience = hub.patience.max(Duration::from_millis(c.score_timeout_ms) + Duration::from_secs(60));
         }
         let response = hub.send("submit", || {
-            self.authed(self.http.post(&url)).header(INNER_LOSS_HEADER, inner_loss.to_string()).body(body.clone())
+            self.signed("POST", "/v1/submissions", body.clone()).header(INNER_LOSS_HEADER, inner_loss.to_string())
         })?;
         match hub.json::<Receipt>("submit", response) {
             Ok(r) => Ok(Outcome::Accepted(r)),
@@ -587,6 +714,38 @@ impl Contributor {
         let meta = BaseMeta { round: base.round, hash: base.hash.clone() };
         write_atomic(&dir.join("base.json"), &serde_json::to_vec(&meta).map_err(|e| state_err(dir, e))?)
     }
+}
+
+/// A request to `hub` + `path`, signed by `key` over its method, path and body.
+fn sign(
+    http: &Client,
+    key: &tessera_trust::Identity,
+    hub: &str,
+    method: &str,
+    path: &str,
+    body: Vec<u8>,
+) -> reqwest::blocking::RequestBuilder {
+    let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap_or(reqwest::Method::POST);
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+    let mut b = http.request(m, format!("{hub}{path}"));
+    match key.sign_request(method, path, &body, now) {
+        Ok(headers) => {
+            for (k, v) in headers {
+                b = b.header(k, v);
+            }
+        }
+        // The hub refuses the unsigned request with a clear error.
+        Err(e) => tracing::error!(error = %e, "could not sign a request"),
+    }
+    b.body(body)
+}
+
+/// Checks the hub's signature over an answer it published.
+fn check_hub_signature(hub_key: &PublicKey, body: &[u8], signature: Option<&str>) -> Result<()> {
+    let signature = signature.ok_or_else(|| ContributorError::Data("the hub's answer is not signed".into()))?;
+    hub_key
+        .verify_hex(&tessera_trust::identity::publication_message(body), signature)
+        .map_err(|_| ContributorError::Data("the hub's signature on its answer does not verify".into()))
 }
 
 /// The cached base weights, if present and intact.

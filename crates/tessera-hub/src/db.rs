@@ -74,6 +74,8 @@ pub struct Publication<'a> {
     pub ratings: &'a [(u64, Rating)],
     /// Set when this round is the phase boundary: who qualified, best first.
     pub qualified: &'a [u64],
+    /// Ledger entries recording the round (sealed runs): `(seq, hex bytes)`.
+    pub ledger: &'a [(u64, String)],
 }
 
 /// One submission's score, flag, aggregation weight and reward.
@@ -203,28 +205,75 @@ impl Db {
         Ok(())
     }
 
-    /// Registers a contributor under the next free id.
-    pub async fn register(&self, name: &str, token_hash: &str, now: i64) -> Result<u64, HubError> {
+    /// Registers a contributor's public key under the next free id (or returns the id it
+    /// already has).
+    pub async fn register(&self, name: &str, public_key: &str, now: i64) -> Result<u64, HubError> {
         let mut tx = self.pool.begin().await?;
+        let known = sqlx::query("SELECT id FROM contributors WHERE public_key = $1")
+            .bind(public_key)
+            .fetch_optional(&mut *tx)
+            .await?;
+        if let Some(row) = known {
+            return Ok(u(row.try_get("id")?));
+        }
         let next: Option<i64> =
             sqlx::query("SELECT MAX(id) AS m FROM contributors").fetch_one(&mut *tx).await?.try_get("m")?;
         let id = next.map_or(0, |m| m + 1);
-        sqlx::query("INSERT INTO contributors (id, name, token_hash, registered_ms) VALUES ($1, $2, $3, $4)")
-            .bind(id)
-            .bind(name)
-            .bind(token_hash)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query(
+            "INSERT INTO contributors (id, name, token_hash, public_key, registered_ms) VALUES ($1, $2, '', $3, $4)",
+        )
+        .bind(id)
+        .bind(name)
+        .bind(public_key)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
         tx.commit().await?;
         Ok(id as u64)
     }
 
-    /// (id, name, token hash) of every contributor.
+    /// (id, name, public key) of every contributor.
     pub async fn contributors(&self) -> Result<Vec<(u64, String, String)>, HubError> {
         let rows =
-            sqlx::query("SELECT id, name, token_hash FROM contributors ORDER BY id").fetch_all(&self.pool).await?;
-        rows.iter().map(|r| Ok((u(r.try_get("id")?), r.try_get("name")?, r.try_get("token_hash")?))).collect()
+            sqlx::query("SELECT id, name, public_key FROM contributors ORDER BY id").fetch_all(&self.pool).await?;
+        rows.iter()
+            .map(|r| {
+                let key: Option<String> = r.try_get("public_key")?;
+                Ok((u(r.try_get("id")?), r.try_get("name")?, key.unwrap_or_default()))
+            })
+            .collect()
+    }
+
+    /// Records a signed request's nonce; `Ok(false)` if this key used it before.
+    pub async fn use_nonce(&self, public_key: &str, nonce: &str, now: i64) -> Result<bool, HubError> {
+        let r =
+            sqlx::query("INSERT INTO nonces (public_key, nonce, seen_ms) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING")
+                .bind(public_key)
+                .bind(nonce)
+                .bind(now)
+                .execute(&self.pool)
+                .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    /// Forgets nonces seen before `before` (their requests' timestamps are no longer accepted).
+    pub async fn forget_nonces(&self, before: i64) -> Result<(), HubError> {
+        sqlx::query("DELETE FROM nonces WHERE seen_ms < $1").bind(before).execute(&self.pool).await?;
+        Ok(())
+    }
+
+    /// The ledger's entries, in order (hex bytes).
+    pub async fn ledger(&self) -> Result<Vec<String>, HubError> {
+        let rows = sqlx::query("SELECT entry FROM ledger ORDER BY seq").fetch_all(&self.pool).await?;
+        rows.iter().map(|r| Ok(r.try_get("entry")?)).collect()
+    }
+
+    /// Appends ledger entries (`(seq, hex bytes)`), all or none.
+    pub async fn append_ledger(&self, entries: &[(u64, String)]) -> Result<(), HubError> {
+        let mut tx = self.pool.begin().await?;
+        insert_ledger(&mut tx, entries).await?;
+        tx.commit().await?;
+        Ok(())
     }
 
     /// Records an accepted submission; `Ok(false)` if this contributor already submitted for
@@ -465,6 +514,7 @@ impl Db {
                 .execute(&mut *tx)
                 .await?;
         }
+        insert_ledger(&mut tx, p.ledger).await?;
         let next = p.round + 1;
         if !p.finished {
             open_round(&mut tx, next, p.result_checkpoint, p.closed_ms).await?;
@@ -478,6 +528,17 @@ impl Db {
         tx.commit().await?;
         Ok(())
     }
+}
+
+async fn insert_ledger(tx: &mut sqlx::Transaction<'_, sqlx::Any>, entries: &[(u64, String)]) -> Result<(), HubError> {
+    for (seq, entry) in entries {
+        sqlx::query("INSERT INTO ledger (seq, entry) VALUES ($1, $2)")
+            .bind(*seq as i64)
+            .bind(entry)
+            .execute(&mut **tx)
+            .await?;
+    }
+    Ok(())
 }
 
 /// Opens `round` with a fresh secret evaluation seed; only its commitment is shown until the

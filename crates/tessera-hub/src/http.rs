@@ -7,12 +7,14 @@ use std::time::Duration;
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use tessera_protocol::api::{CONTRIBUTOR_HEADER, INNER_LOSS_HEADER, RegisterRequest, ScoreReport};
+use tessera_protocol::api::{INNER_LOSS_HEADER, RegisterRequest, ScoreReport, Verdict};
 use tessera_protocol::{ApiError, ErrorCode};
+use tessera_trust::identity::HUB_SIGNATURE_HEADER;
+use tessera_trust::{SignedBy, ValidatorAttestation};
 
 use crate::hub::{Hub, checkpoint_key, update_key};
 
@@ -39,7 +41,10 @@ pub fn status_of(code: ErrorCode) -> StatusCode {
         | ErrorCode::Duplicate
         | ErrorCode::Replay
         | ErrorCode::RunFinished
-        | ErrorCode::NotScoring => StatusCode::CONFLICT,
+        | ErrorCode::NotScoring
+        | ErrorCode::ReplayedRequest
+        | ErrorCode::WrongValidator => StatusCode::CONFLICT,
+        ErrorCode::NoValidator => StatusCode::SERVICE_UNAVAILABLE,
         ErrorCode::Busy => StatusCode::SERVICE_UNAVAILABLE,
         ErrorCode::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
         ErrorCode::RangeNotSatisfiable => StatusCode::RANGE_NOT_SATISFIABLE,
@@ -74,12 +79,33 @@ pub fn router(hub: Arc<Hub>) -> Router {
         .route("/v1/validator/job", get(validator_job))
         .route("/v1/validator/submissions/{blob}", get(validator_blob))
         .route("/v1/validator/scores", post(validator_scores))
+        .route("/v1/validator", get(validator_info))
+        .route("/v1/validator/attestation", post(validator_attestation))
+        .route("/v1/validator/aggregate/{round}", post(validator_aggregate).layer(DefaultBodyLimit::max(limit)))
+        .route("/v1/validator/verdict", post(validator_verdict).layer(DefaultBodyLimit::max(64 << 20)))
+        .route("/v1/ledger", get(ledger))
+        .route("/v1/ledger/proof/{seq}", get(ledger_proof))
         .fallback(|| async { refuse(ErrorCode::NotFound, "no such endpoint") })
         .with_state(hub)
 }
 
-async fn run_info(State(hub): State<Arc<Hub>>) -> impl IntoResponse {
-    Json(hub.info().await)
+/// JSON the hub publishes, signed: `x-tessera-hub-signature` over the body's BLAKE3.
+fn signed_json(hub: &Hub, value: &impl serde::Serialize) -> Result<Response, Refusal> {
+    let body = serde_json::to_vec(value).map_err(|e| refuse(ErrorCode::Internal, e.to_string()))?;
+    let signature = hub.sign_publication(&body);
+    Ok((
+        StatusCode::OK,
+        [
+            (header::CONTENT_TYPE, "application/json".to_owned()),
+            (header::HeaderName::from_static(HUB_SIGNATURE_HEADER), signature),
+        ],
+        body,
+    )
+        .into_response())
+}
+
+async fn run_info(State(hub): State<Arc<Hub>>) -> Result<Response, Refusal> {
+    signed_json(&hub, &hub.info().await)
 }
 
 async fn status(State(hub): State<Arc<Hub>>) -> Result<impl IntoResponse, Refusal> {
@@ -96,30 +122,35 @@ fn body_or_refusal(body: Result<Bytes, BytesRejection>) -> Result<Bytes, Refusal
 
 async fn register(
     State(hub): State<Arc<Hub>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<impl IntoResponse, Refusal> {
     let body = body_or_refusal(body)?;
+    let signed = signed(&hub, &method, &uri, &headers, &body).await?;
     let request: RegisterRequest =
         serde_json::from_slice(&body).map_err(|e| refuse(ErrorCode::BadRequest, format!("registration: {e}")))?;
-    Ok((StatusCode::CREATED, Json(hub.register(&request.name).await?)))
+    Ok((StatusCode::CREATED, Json(hub.register(&request.name, signed.key).await?)))
 }
 
-/// The authenticated contributor of a request.
-fn contributor(hub: &Hub, headers: &HeaderMap) -> Result<u64, Refusal> {
-    let id = headers
-        .get(CONTRIBUTOR_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .ok_or_else(|| {
-        refuse(ErrorCode::Unauthorized, format!("missing or malformed {CONTRIBUTOR_HEADER} header"))
-    })?;
-    let token = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .ok_or_else(|| refuse(ErrorCode::Unauthorized, "missing `authorization: Bearer <token>` header"))?;
-    hub.authenticate(id, token.trim())?;
-    Ok(id)
+/// A signed request's verified signer (signature, timestamp, fresh nonce).
+async fn signed(hub: &Hub, method: &Method, uri: &Uri, headers: &HeaderMap, body: &[u8]) -> Result<SignedBy, Refusal> {
+    let path = uri.path_and_query().map_or(uri.path(), |p| p.as_str());
+    let get = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    Ok(hub.verify_signed(get, method.as_str(), path, body).await?)
+}
+
+/// The registered contributor who signed a request, and its key.
+async fn contributor(
+    hub: &Hub,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<(u64, tessera_trust::PublicKey), Refusal> {
+    let signed = signed(hub, method, uri, headers, body).await?;
+    Ok((hub.contributor_of(&signed.key)?, signed.key))
 }
 
 #[derive(serde::Deserialize)]
@@ -130,23 +161,29 @@ struct WaitQuery {
 
 async fn assignment(
     State(hub): State<Arc<Hub>>,
+    method: Method,
+    uri: Uri,
     headers: HeaderMap,
     Query(q): Query<WaitQuery>,
-) -> Result<impl IntoResponse, Refusal> {
-    let id = contributor(&hub, &headers)?;
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, Refusal> {
+    let body = body_or_refusal(body)?;
+    let (id, _) = contributor(&hub, &method, &uri, &headers, &body).await?;
     let wait = Duration::from_millis(q.wait_ms.unwrap_or(20_000).min(30_000));
-    Ok(Json(hub.assign(id, wait).await?))
+    signed_json(&hub, &hub.assign(id, wait).await?)
 }
 
 async fn submit(
     State(hub): State<Arc<Hub>>,
+    method: Method,
+    uri: Uri,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<impl IntoResponse, Refusal> {
-    let id = contributor(&hub, &headers)?;
     let body = body_or_refusal(body)?;
+    let (id, key) = contributor(&hub, &method, &uri, &headers, &body).await?;
     let loss = headers.get(INNER_LOSS_HEADER).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<f64>().ok());
-    Ok((StatusCode::ACCEPTED, Json(hub.submit(id, body, loss).await?)))
+    Ok((StatusCode::ACCEPTED, Json(hub.submit(id, key, body, loss).await?)))
 }
 
 /// Serves a stored blob, honouring a single-range `Range` header.
@@ -272,4 +309,74 @@ async fn validator_scores(
         serde_json::from_slice(&body).map_err(|e| refuse(ErrorCode::BadRequest, format!("scores: {e}")))?;
     hub.post_scores(report).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// The validator submissions are sealed to: its attestation, for contributors to verify.
+async fn validator_info(State(hub): State<Arc<Hub>>) -> Result<Response, Refusal> {
+    match hub.validator_info() {
+        Some(v) => signed_json(&hub, &v),
+        None => Err(refuse(ErrorCode::NoValidator, "no attested validator has registered")),
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct AttestationPost {
+    attestation: ValidatorAttestation,
+    /// Its signed `Validator` ledger entry (hex).
+    entry: String,
+}
+
+async fn validator_attestation(
+    State(hub): State<Arc<Hub>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<impl IntoResponse, Refusal> {
+    validator(&hub, &headers)?;
+    let body = body_or_refusal(body)?;
+    let post: AttestationPost =
+        serde_json::from_slice(&body).map_err(|e| refuse(ErrorCode::BadRequest, format!("attestation: {e}")))?;
+    let seq = hub.register_validator(post.attestation, &post.entry).await?;
+    Ok((StatusCode::CREATED, Json(serde_json::json!({ "ledger_seq": seq }))))
+}
+
+async fn validator_aggregate(
+    State(hub): State<Arc<Hub>>,
+    Path(round): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<impl IntoResponse, Refusal> {
+    validator(&hub, &headers)?;
+    let round: u64 =
+        round.parse().map_err(|_| refuse(ErrorCode::BadRequest, format!("round {round:?} is not a number")))?;
+    hub.post_aggregate(round, body_or_refusal(body)?).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn validator_verdict(
+    State(hub): State<Arc<Hub>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<impl IntoResponse, Refusal> {
+    validator(&hub, &headers)?;
+    let body = body_or_refusal(body)?;
+    let verdict: Verdict =
+        serde_json::from_slice(&body).map_err(|e| refuse(ErrorCode::BadRequest, format!("verdict: {e}")))?;
+    hub.post_verdict(verdict).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(serde::Deserialize)]
+struct FromQuery {
+    from: Option<u64>,
+}
+
+/// The ledger's entries (from `?from=N`), back to back: verify with `tessera ledger verify`.
+async fn ledger(State(hub): State<Arc<Hub>>, Query(q): Query<FromQuery>) -> impl IntoResponse {
+    let bytes = hub.ledger_bytes(q.from.unwrap_or(0));
+    (StatusCode::OK, [(header::CONTENT_TYPE, "application/octet-stream")], bytes)
+}
+
+async fn ledger_proof(State(hub): State<Arc<Hub>>, Path(seq): Path<String>) -> Result<impl IntoResponse, Refusal> {
+    let seq: u64 = seq.parse().map_err(|_| refuse(ErrorCode::BadRequest, format!("entry {seq:?} is not a number")))?;
+    Ok(Json(hub.ledger_proof(seq)?))
 }

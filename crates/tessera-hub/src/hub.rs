@@ -23,15 +23,18 @@ use tessera_aggregate::{
     Accumulator, AggregateError, OuterConfig, OuterOptimizer, broadcast_step, check_view, decode_view,
 };
 use tessera_contest::rating::Standing;
-use tessera_contest::{Policy, Ratings, Scored, fit_factors, judge, split_units};
+use tessera_contest::{Policy, Ratings, Scored, Settlement, settle};
 use tessera_protocol::api::{
     Assignment, ContributorStats, HubStatus, JobSubmission, LeaderRow, Leaderboard, Receipt, Registration, RoundState,
     RoundSummary, RunInfo, ScoreReport, ScoringJob,
 };
+use tessera_protocol::api::{Settled, ValidatorInfo, Verdict};
 use tessera_protocol::{
     Aggregation, ApiError, ErrorCode, MessageView, PROTOCOL_VERSION, PseudoGradient, RunSpec, TensorEntry, TensorSpec,
     decode_weights, encode_weights, weights_hash,
 };
+use tessera_trust::ledger::{Body as LedgerBody, Ledger};
+use tessera_trust::{Identity, PublicKey, SealedHeader, SignedBy, ValidatorAttestation, Verified};
 use tokio::sync::{Mutex, watch};
 
 use crate::HubError;
@@ -67,6 +70,26 @@ fn submission_key(hash: &str) -> String {
     format!("submissions/{hash}.tpg")
 }
 
+/// How a round's submissions were judged.
+enum Judgement<'a> {
+    /// Staleness weights only (no validator, or its scores timed out).
+    Unscored,
+    /// A validator's scores, judged here.
+    Scored(&'a ScoreReport),
+    /// A sealed run: the validator judged and aggregated what only it can read.
+    Sealed { verdict: &'a Verdict, mean: Vec<Vec<f32>>, ledger: Vec<(u64, String)>, next: Box<Ledger> },
+}
+
+/// The attested validator submissions are sealed to.
+#[derive(Clone)]
+struct CurrentValidator {
+    attestation: ValidatorAttestation,
+    verified: Verified,
+    /// BLAKE3 of its HPKE key: what a sealed header must name.
+    recipient: [u8; 32],
+    seq: u64,
+}
+
 fn token_hash(token: &str) -> String {
     blake3::hash(token.as_bytes()).to_hex().to_string()
 }
@@ -96,6 +119,8 @@ struct State {
     ratings: Ratings,
     /// Each contributor's measured data fits so far: (sum, count).
     fit_record: HashMap<u64, (f64, u64)>,
+    /// A sealed run's aggregate for the round being scored, from the validator.
+    sealed_mean: Option<(u64, Vec<Vec<f32>>)>,
 }
 
 struct Scoring {
@@ -111,7 +136,12 @@ pub struct Hub {
     run_id_bytes: [u8; 16],
     lengths: Vec<usize>,
     state: Mutex<State>,
-    tokens: std::sync::RwLock<HashMap<u64, String>>,
+    /// Contributors by key, and keys by id.
+    keys: std::sync::RwLock<(HashMap<PublicKey, u64>, HashMap<u64, PublicKey>)>,
+    /// Signs what the hub publishes and its ledger entries.
+    identity: Identity,
+    ledger: std::sync::RwLock<Ledger>,
+    validator: std::sync::RwLock<Option<CurrentValidator>>,
     round_tx: watch::Sender<u64>,
     bytes_down: AtomicU64,
     /// BLAKE3 of the validator's bearer token; no validator can report without one.
@@ -151,7 +181,7 @@ fn outer_table(tensors: &[TensorSpec]) -> Vec<TensorSpec> {
 
 impl Hub {
     /// Opens the run in `db` and `store`, creating it from `new` if the database holds none.
-    pub async fn open(db: Db, store: Store, new: Option<NewRun>) -> Result<Arc<Hub>, HubError> {
+    pub async fn open(db: Db, store: Store, new: Option<NewRun>, identity: Identity) -> Result<Arc<Hub>, HubError> {
         let run = match db.load_run().await? {
             Some(run) => {
                 if new.is_some() {
@@ -201,10 +231,14 @@ impl Hub {
         for past in db.scores().await? {
             note_fit(&mut fit_record, &past);
         }
-        let mut tokens = HashMap::new();
-        for (id, _, hash) in db.contributors().await? {
-            tokens.insert(id, hash);
+        let mut keys = (HashMap::new(), HashMap::new());
+        for (id, _, key) in db.contributors().await? {
+            if let Ok(k) = PublicKey::parse(&key) {
+                keys.0.insert(k, id);
+                keys.1.insert(id, k);
+            }
         }
+        let (ledger, validator) = open_ledger(&db, &run.id, &spec, &identity).await?;
         let state = State {
             round,
             finished: run.finished,
@@ -218,6 +252,7 @@ impl Hub {
             scoring: None,
             ratings,
             fit_record,
+            sealed_mean: None,
         };
         let hub = Arc::new(Hub {
             db,
@@ -227,7 +262,10 @@ impl Hub {
             run_id_bytes,
             lengths,
             state: Mutex::new(state),
-            tokens: std::sync::RwLock::new(tokens),
+            keys: std::sync::RwLock::new(keys),
+            identity,
+            ledger: std::sync::RwLock::new(ledger),
+            validator: std::sync::RwLock::new(validator),
             round_tx: watch::Sender::new(round),
             bytes_down: AtomicU64::new(0),
             validator_token: std::sync::RwLock::new(None),
@@ -254,29 +292,57 @@ impl Hub {
             round: state.round,
             checkpoint: state.bases.last().cloned().unwrap_or_default(),
             finished: state.finished,
+            hub_key: self.identity.public().hex(),
         }
     }
 
-    pub async fn register(&self, name: &str) -> Result<Registration, ApiError> {
+    /// The hub's signature (hex) over a body it publishes.
+    pub fn sign_publication(&self, body: &[u8]) -> String {
+        self.identity.sign_hex(&tessera_trust::identity::publication_message(body))
+    }
+
+    /// Checks a signed request and that its nonce is new; returns who signed it.
+    pub async fn verify_signed<'a>(
+        &self,
+        header: impl Fn(&str) -> Option<&'a str>,
+        method: &str,
+        path: &str,
+        body: &[u8],
+    ) -> Result<SignedBy, ApiError> {
+        let signed = tessera_trust::verify_request(header, method, path, body, now_ms())
+            .map_err(|e| api(ErrorCode::Unauthorized, e.to_string()))?;
+        if !self.db.use_nonce(&signed.key.hex(), &signed.nonce, now_ms()).await.map_err(internal)? {
+            return Err(api(
+                ErrorCode::ReplayedRequest,
+                "this signed request was already received (same key and nonce): a replay is refused",
+            ));
+        }
+        Ok(signed)
+    }
+
+    /// The registered contributor a verified request comes from.
+    pub fn contributor_of(&self, key: &PublicKey) -> Result<u64, ApiError> {
+        let keys = self.keys.read().map_err(|_| api(ErrorCode::Internal, "key table poisoned"))?;
+        keys.0.get(key).copied().ok_or_else(|| {
+            api(ErrorCode::Unauthorized, format!("key {key} is not registered: POST /v1/contributors first"))
+        })
+    }
+
+    /// Registers `key` under `name`; the same key gets the same id again.
+    pub async fn register(&self, name: &str, key: PublicKey) -> Result<Registration, ApiError> {
         let name: String = name.chars().filter(|c| !c.is_control()).take(64).collect();
-        let mut raw = [0u8; 32];
-        getrandom::fill(&mut raw).map_err(|e| api(ErrorCode::Internal, format!("no randomness: {e}")))?;
-        let token = hex::encode(raw);
-        let hash = token_hash(&token);
         // Serialise registrations so ids are dense.
         let _state = self.state.lock().await;
-        let id = self.db.register(&name, &hash, now_ms()).await.map_err(internal)?;
-        self.tokens.write().map_err(|_| api(ErrorCode::Internal, "token table poisoned"))?.insert(id, hash);
-        tracing::info!(contributor = id, name, "registered");
-        Ok(Registration { contributor_id: id, token })
+        let id = self.db.register(&name, &key.hex(), now_ms()).await.map_err(internal)?;
+        let mut keys = self.keys.write().map_err(|_| api(ErrorCode::Internal, "key table poisoned"))?;
+        keys.0.insert(key, id);
+        keys.1.insert(id, key);
+        tracing::info!(contributor = id, name, key = %key, "registered");
+        Ok(Registration { contributor_id: id, public_key: key.hex() })
     }
 
-    pub fn authenticate(&self, contributor: u64, token: &str) -> Result<(), ApiError> {
-        let tokens = self.tokens.read().map_err(|_| api(ErrorCode::Internal, "token table poisoned"))?;
-        match tokens.get(&contributor) {
-            Some(h) if *h == token_hash(token) => Ok(()),
-            _ => Err(api(ErrorCode::Unauthorized, format!("unknown contributor {contributor} or wrong token"))),
-        }
+    fn key_of(&self, contributor: u64) -> Option<PublicKey> {
+        self.keys.read().ok()?.1.get(&contributor).copied()
     }
 
     /// Sets the token the validator authenticates with (its hash is kept).
@@ -348,10 +414,15 @@ impl Hub {
     pub async fn submit(
         self: &Arc<Self>,
         contributor: u64,
+        key: PublicKey,
         body: Bytes,
         inner_loss: Option<f64>,
     ) -> Result<Receipt, ApiError> {
-        let result = self.submit_inner(contributor, body, inner_loss).await;
+        let result = if self.spec.trust.is_some() {
+            self.submit_sealed(contributor, key, body, inner_loss).await
+        } else {
+            self.submit_inner(contributor, body, inner_loss).await
+        };
         if let Some(e) = result.as_ref().err().filter(|e| e.code != ErrorCode::Busy) {
             let code =
                 serde_json::to_value(e.code).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
@@ -403,6 +474,50 @@ impl Hub {
         tokio::spawn(async move { hub.record(contributor, base_round, base_hash, blob, bytes, inner_loss).await })
             .await
             .map_err(|e| api(ErrorCode::Internal, e.to_string()))?
+    }
+
+    /// A sealed run's submission: the hub checks the envelope's clear header (run, base, sender,
+    /// recipient) and stores the ciphertext; only the validator can check the rest.
+    async fn submit_sealed(
+        self: &Arc<Self>,
+        contributor: u64,
+        key: PublicKey,
+        body: Bytes,
+        inner_loss: Option<f64>,
+    ) -> Result<Receipt, ApiError> {
+        let header = SealedHeader::parse(&body).map_err(|e| api(ErrorCode::MalformedMessage, e.to_string()))?;
+        if header.run_id != self.run_id_bytes {
+            return Err(api(
+                ErrorCode::WrongRun,
+                format!("sealed for run {}, this is {}", hex::encode(header.run_id), self.run_id),
+            ));
+        }
+        if header.contributor != key {
+            return Err(api(
+                ErrorCode::Unauthorized,
+                "the envelope names another contributor: only its sender may submit it",
+            ));
+        }
+        let current = self.validator.read().map_err(|_| api(ErrorCode::Internal, "validator poisoned"))?.clone();
+        let Some(current) = current else {
+            return Err(api(ErrorCode::NoValidator, "no attested validator has registered yet; retry shortly"));
+        };
+        if header.recipient != current.recipient {
+            return Err(api(
+                ErrorCode::WrongValidator,
+                "sealed to a validator key that is not the current one: fetch GET /v1/validator and seal again",
+            ));
+        }
+        let blob = blake3::hash(&body).to_hex().to_string();
+        let bytes = body.len() as u64;
+        self.store.put(&submission_key(&blob), body).await.map_err(internal)?;
+        let base_hash = hex::encode(header.base_checkpoint);
+        let hub = self.clone();
+        tokio::spawn(
+            async move { hub.record(contributor, header.base_round, base_hash, blob, bytes, inner_loss).await },
+        )
+        .await
+        .map_err(|e| api(ErrorCode::Internal, e.to_string()))?
     }
 
     async fn record(
@@ -509,12 +624,13 @@ impl Hub {
     /// Closes the round if its deadline has passed, or aggregates it unscored if its scores
     /// are overdue. Called periodically.
     pub async fn tick(&self) -> Result<(), HubError> {
+        self.db.forget_nonces(now_ms() - 2 * tessera_trust::identity::MAX_SKEW_MS).await?;
         let mut state = self.state.lock().await;
         if let (Some(scoring), Some(contest)) = (&state.scoring, &self.spec.contest) {
             if now_ms() >= scoring.since_ms + contest.score_timeout_ms as i64 {
                 let closed_by = format!("{} (scores timed out)", scoring.closed_by);
                 tracing::warn!(round = state.round, "no scores arrived in time; aggregating unscored");
-                self.finish_round(&mut state, &closed_by, None).await?;
+                self.finish_round(&mut state, &closed_by, Judgement::Unscored).await?;
             }
             return Ok(());
         }
@@ -529,7 +645,7 @@ impl Hub {
     /// waits for the validator.
     async fn close_round(&self, state: &mut State, closed_by: &str) -> Result<(), HubError> {
         if self.spec.contest.is_none() {
-            return self.finish_round(state, closed_by, None).await;
+            return self.finish_round(state, closed_by, Judgement::Unscored).await;
         }
         if state.scoring.is_none() {
             self.db.set_round_state(state.round, RoundState::Scoring).await?;
@@ -560,6 +676,7 @@ impl Hub {
                 schedule_step: r.base_round * h,
                 inner_steps: h,
                 weight: r.weight,
+                contributor_key: self.key_of(r.contributor).map(|k| k.hex()).unwrap_or_default(),
                 blob: r.blob,
                 received_ms: r.received_ms,
             })
@@ -586,7 +703,17 @@ impl Hub {
 
     /// Takes the validator's scores for the round being scored and publishes it.
     pub async fn post_scores(&self, report: ScoreReport) -> Result<(), ApiError> {
+        if self.spec.trust.is_some() {
+            return Err(api(ErrorCode::BadRequest, "a sealed run is settled with POST /v1/validator/verdict"));
+        }
         let mut state = self.state.lock().await;
+        self.check_report(&state, &report).await?;
+        let closed_by = state.scoring.as_ref().map(|s| s.closed_by.clone()).unwrap_or_default();
+        self.finish_round(&mut state, &closed_by, Judgement::Scored(&report)).await.map_err(internal)
+    }
+
+    /// Checks a score report against the round being scored.
+    async fn check_report(&self, state: &State, report: &ScoreReport) -> Result<Vec<SubmissionRow>, ApiError> {
         if state.scoring.is_none() || report.round != state.round {
             return Err(api(
                 ErrorCode::NotScoring,
@@ -610,8 +737,171 @@ impl Hub {
                 return Err(api(ErrorCode::BadRequest, format!("score {i} is not finite or copies a later one")));
             }
         }
+        Ok(rows)
+    }
+
+    /// A sealed run: the validator's aggregate Δ̄ of the round being scored (an f32 message
+    /// whose base is the round's checkpoint). Kept until its verdict arrives.
+    pub async fn post_aggregate(&self, round: u64, body: Bytes) -> Result<(), ApiError> {
+        if self.spec.trust.is_none() {
+            return Err(api(ErrorCode::BadRequest, "only a sealed run takes its aggregate from the validator"));
+        }
+        let mut state = self.state.lock().await;
+        if state.scoring.is_none() || round != state.round {
+            return Err(api(ErrorCode::NotScoring, format!("round {round} is not being scored")));
+        }
+        let lengths = self.lengths.clone();
+        let (header, mean) = tokio::task::spawn_blocking(move || {
+            let view = MessageView::parse(&body)?;
+            let header = Header {
+                round: view.round,
+                base: hex::encode(view.base_checkpoint),
+                run_id: view.run_id,
+                codec: view.codec,
+                table: view.tensors.iter().map(|t| (t.name.to_owned(), t.shape.clone())).collect(),
+            };
+            Ok::<_, tessera_protocol::WireError>((header, decode_view(&lengths, &view)))
+        })
+        .await
+        .map_err(|e| api(ErrorCode::Internal, e.to_string()))?
+        .map_err(|e| api(ErrorCode::MalformedMessage, e.to_string()))?;
+        if header.run_id != self.run_id_bytes || header.round != round || header.base != state.bases[round as usize] {
+            return Err(api(ErrorCode::BaseMismatch, "the aggregate is not for this run's round and base"));
+        }
+        if header.codec != tessera_protocol::Codec::F32 {
+            return Err(api(ErrorCode::CodecMismatch, "the aggregate travels in f32"));
+        }
+        let mean = mean.map_err(|e| api(ErrorCode::MalformedMessage, e.to_string()))?;
+        state.sealed_mean = Some((round, mean));
+        Ok(())
+    }
+
+    /// A sealed run: the validator's verdict on the round being scored, with the ledger entries
+    /// that record it. Publishes the round.
+    pub async fn post_verdict(&self, verdict: Verdict) -> Result<(), ApiError> {
+        if self.spec.trust.is_none() {
+            return Err(api(ErrorCode::BadRequest, "only a sealed run is settled by the validator"));
+        }
+        let mut state = self.state.lock().await;
+        let rows = self.check_report(&state, &verdict.report).await?;
+        if verdict.settled.len() != rows.len() {
+            return Err(api(ErrorCode::BadRequest, "the verdict does not settle every submission of the round"));
+        }
+        if verdict.settled.iter().any(|s| !(s.weight.is_finite() && s.weight >= 0.0)) {
+            return Err(api(ErrorCode::BadRequest, "aggregation weights must be finite and non-negative"));
+        }
+        let mean = match state.sealed_mean.take() {
+            Some((r, mean)) if r == state.round => mean,
+            _ => {
+                return Err(api(
+                    ErrorCode::NotScoring,
+                    "post the round's aggregate (POST /v1/validator/aggregate/{round}) before its verdict",
+                ));
+            }
+        };
+        // The entries must chain onto the ledger, be signed by the attested validator, and pay
+        // exactly what the verdict says to the round's submitters.
+        let raw = hex::decode(&verdict.ledger).map_err(|_| api(ErrorCode::BadRequest, "ledger entries are not hex"))?;
+        let mut next = self.ledger.read().map_err(|_| api(ErrorCode::Internal, "ledger poisoned"))?.clone();
+        let from = next.len();
+        if verdict.ledger_from != from {
+            state.sealed_mean = Some((state.round, mean));
+            return Err(api(
+                ErrorCode::NotScoring,
+                format!("the ledger has {from} entries, not {}: fetch it again and re-sign", verdict.ledger_from),
+            ));
+        }
+        if let Err(e) = next.extend(&raw) {
+            state.sealed_mean = Some((state.round, mean));
+            return Err(api(ErrorCode::BadRequest, format!("ledger entries refused: {e}")));
+        }
+        let added: Vec<tessera_trust::ledger::Entry> = (from..next.len()).filter_map(|s| next.entry(s)).collect();
+        let receipts: Vec<_> = added.iter().filter(|e| matches!(e.body, LedgerBody::Receipt { .. })).collect();
+        let matches = receipts.len() == rows.len()
+            && rows.iter().zip(&receipts).zip(&verdict.settled).all(|((row, e), s)| match &e.body {
+                LedgerBody::Receipt { contributor, submission, units, .. } => {
+                    e.round == row.round
+                        && *submission == row.blob
+                        && *units == s.reward
+                        && self.key_of(row.contributor).is_some_and(|k| k.hex() == *contributor)
+                }
+                _ => false,
+            });
+        if !matches || next.check_committed().is_err() {
+            state.sealed_mean = Some((state.round, mean));
+            return Err(api(
+                ErrorCode::BadRequest,
+                "the ledger entries must be one receipt per submission (in the job's order, paying what the \
+                 verdict says), the round's emission, and a signed root",
+            ));
+        }
+        let ledger = (from..next.len()).filter_map(|s| next.entry_bytes(s).map(|b| (s, hex::encode(b)))).collect();
         let closed_by = state.scoring.as_ref().map(|s| s.closed_by.clone()).unwrap_or_default();
-        self.finish_round(&mut state, &closed_by, Some(&report)).await.map_err(internal)
+        self.finish_round(
+            &mut state,
+            &closed_by,
+            Judgement::Sealed { verdict: &verdict, mean, ledger, next: Box::new(next) },
+        )
+        .await
+        .map_err(internal)
+    }
+
+    /// Registers an attested validator: its attestation must verify under the run's policy now,
+    /// and `entry` must be its signed `Validator` ledger entry chained onto the ledger.
+    pub async fn register_validator(&self, attestation: ValidatorAttestation, entry: &str) -> Result<u64, ApiError> {
+        let Some(policy) = &self.spec.trust else {
+            return Err(api(ErrorCode::BadRequest, "this run does not seal submissions; no attestation is needed"));
+        };
+        let verified = attestation
+            .verify(policy, (now_ms() / 1000) as u64)
+            .map_err(|e| api(ErrorCode::Unauthorized, e.to_string()))?;
+        let raw = hex::decode(entry).map_err(|_| api(ErrorCode::BadRequest, "the ledger entry is not hex"))?;
+        let _state = self.state.lock().await; // No round publishes meanwhile.
+        let mut next = self.ledger.read().map_err(|_| api(ErrorCode::Internal, "ledger poisoned"))?.clone();
+        let seq = next.len();
+        next.extend(&raw).map_err(|e| api(ErrorCode::BadRequest, format!("ledger entry refused: {e}")))?;
+        match next.entry(seq).map(|e| e.body) {
+            Some(LedgerBody::Validator { attestation: a }) if a == attestation && next.len() == seq + 1 => {}
+            _ => return Err(api(ErrorCode::BadRequest, "the entry must be this attestation's validator entry")),
+        }
+        self.db.append_ledger(&[(seq, hex::encode(&raw))]).await.map_err(internal)?;
+        if verified.insecure {
+            tracing::warn!(key = %attestation.signing_key, "validator registered with an INSECURE development attestation (no TEE)");
+        } else {
+            tracing::info!(key = %attestation.signing_key, attestation = %verified, "validator attested");
+        }
+        let recipient = tessera_trust::SealingKey::parse(&attestation.sealing_key)
+            .map_err(|e| api(ErrorCode::BadRequest, e.to_string()))?
+            .fingerprint();
+        *self.ledger.write().map_err(|_| api(ErrorCode::Internal, "ledger poisoned"))? = next;
+        *self.validator.write().map_err(|_| api(ErrorCode::Internal, "validator poisoned"))? =
+            Some(CurrentValidator { attestation, verified, recipient, seq });
+        Ok(seq)
+    }
+
+    /// The validator submissions are sealed to, if one is registered.
+    pub fn validator_info(&self) -> Option<ValidatorInfo> {
+        let v = self.validator.read().ok()?.clone()?;
+        Some(ValidatorInfo {
+            attestation: serde_json::to_value(&v.attestation).ok()?,
+            verified: serde_json::to_value(&v.verified).ok()?,
+            insecure: v.verified.insecure,
+            ledger_seq: v.seq,
+        })
+    }
+
+    /// The ledger's bytes from entry `from` on.
+    pub fn ledger_bytes(&self, from: u64) -> Vec<u8> {
+        self.ledger.read().map(|l| l.bytes_from(from).to_vec()).unwrap_or_default()
+    }
+
+    /// An inclusion proof of entry `seq` under the first signed root after it.
+    pub fn ledger_proof(&self, seq: u64) -> Result<tessera_trust::ledger::Proof, ApiError> {
+        let l = self.ledger.read().map_err(|_| api(ErrorCode::Internal, "ledger poisoned"))?;
+        if seq >= l.len() {
+            return Err(api(ErrorCode::NotFound, format!("the ledger has {} entries", l.len())));
+        }
+        l.prove(seq).ok_or_else(|| api(ErrorCode::NotFound, format!("entry {seq} is not under a signed root yet")))
     }
 
     /// The round's submissions in arrival order (ties by contributor).
@@ -622,19 +912,21 @@ impl Hub {
     }
 
     /// Judges (when scored), rates and pays the round, aggregates it and publishes it.
-    async fn finish_round(
-        &self,
-        state: &mut State,
-        closed_by: &str,
-        report: Option<&ScoreReport>,
-    ) -> Result<(), HubError> {
+    async fn finish_round(&self, state: &mut State, closed_by: &str, judgement: Judgement<'_>) -> Result<(), HubError> {
         let round = state.round;
         self.db.set_round_state(round, RoundState::Aggregating).await?;
         let rows = self.arrival_order(round).await?;
-        let (weights, score_rows, rated) = self.judge_round(state, &rows, report).await?;
+        let (weights, score_rows, rated) = self.judge_round(state, &rows, &judgement).await?;
+        let sealed = self.spec.trust.is_some();
+        let (mean, ledger, next_ledger) = match judgement {
+            Judgement::Sealed { mean, ledger, next, .. } => (Some(mean), ledger, Some(next)),
+            // A sealed round nobody settled: the hub cannot read it, so nothing is aggregated.
+            _ if sealed => (Some(self.lengths.iter().map(|&n| vec![0.0; n]).collect()), Vec::new(), None),
+            _ => (None, Vec::new(), None),
+        };
         let mut inputs = Vec::with_capacity(rows.len());
         for (row, &w) in rows.iter().zip(&weights) {
-            if w <= 0.0 {
+            if w <= 0.0 || mean.is_some() {
                 continue;
             }
             match self.store.get(&submission_key(&row.blob)).await {
@@ -649,8 +941,10 @@ impl Hub {
         let outer = state.outer.clone();
         let residual = state.residual.clone();
         let ctx = (self.spec.clone(), self.run_id_bytes, state.bases[round as usize].clone(), self.lengths.clone());
+        let used_weight = (weights.iter().filter(|&&w| w > 0.0).count() as u64, weights.iter().sum::<f64>());
         let agg = tokio::task::spawn_blocking(move || {
-            aggregate(&ctx.0, ctx.1, round, &ctx.2, &ctx.3, &theta, &outer, &residual, &inputs)
+            let mean = mean.map(|m| (m, used_weight.1, used_weight.0));
+            aggregate(&ctx.0, ctx.1, round, &ctx.2, &ctx.3, &theta, &outer, &residual, &inputs, mean)
         })
         .await
         .map_err(|e| HubError::Corrupt(format!("aggregation task failed: {e}")))??;
@@ -687,8 +981,14 @@ impl Hub {
                 scores: &score_rows,
                 ratings: &changed,
                 qualified: &qualified,
+                ledger: &ledger,
             })
             .await?;
+        if let Some(next) = next_ledger
+            && let Ok(mut l) = self.ledger.write()
+        {
+            *l = *next;
+        }
         if let Some(r) = rated {
             state.ratings = r;
         }
@@ -718,7 +1018,7 @@ impl Hub {
         &self,
         state: &State,
         rows: &[SubmissionRow],
-        report: Option<&ScoreReport>,
+        judgement: &Judgement<'_>,
     ) -> Result<(Vec<f64>, Vec<ScoreRow>, Option<Ratings>), HubError> {
         let row_of =
             |r: &SubmissionRow, score: Option<f64>, data_fit: Option<f64>, flag: Option<&str>, weight, reward| {
@@ -733,7 +1033,26 @@ impl Hub {
                     reward,
                 }
             };
-        let (Some(contest), Some(report)) = (&self.spec.contest, report) else {
+        if let Judgement::Sealed { verdict, .. } = judgement {
+            let standings: Vec<Standing> = rows
+                .iter()
+                .zip(&verdict.settled)
+                .map(|(r, s)| Standing { contributor: r.contributor, score: s.effective })
+                .chain(self.refused_standings(state.round).await?)
+                .collect();
+            let mut ratings = state.ratings.clone();
+            ratings.update(&standings);
+            let score_rows = rows
+                .iter()
+                .zip(&verdict.report.scores)
+                .zip(&verdict.settled)
+                .map(|((r, sc), st): ((&SubmissionRow, _), &Settled)| {
+                    row_of(r, Some(sc.score), sc.data_fit, st.flag.as_deref(), st.weight, st.reward)
+                })
+                .collect();
+            return Ok((verdict.settled.iter().map(|s| s.weight).collect(), score_rows, Some(ratings)));
+        }
+        let (Some(contest), Judgement::Scored(report)) = (&self.spec.contest, judgement) else {
             let weights: Vec<f64> = rows.iter().map(|r| r.weight).collect();
             let scored_run = self.spec.contest.is_some();
             let score_rows = if scored_run {
@@ -745,37 +1064,26 @@ impl Hub {
         };
         let history: Vec<(f64, u64)> =
             rows.iter().map(|r| state.fit_record.get(&r.contributor).copied().unwrap_or_default()).collect();
-        let now: Vec<Option<f64>> = report.scores.iter().map(|s| s.data_fit).collect();
-        let factors = fit_factors(&history, &now);
         let scored: Vec<Scored> = rows
             .iter()
             .zip(&report.scores)
-            .zip(factors)
-            .map(|((r, s), fit_factor)| Scored {
+            .map(|(r, s)| Scored {
                 contributor: r.contributor,
                 score: s.score,
                 data_fit: s.data_fit,
                 copy_of: s.copy_of.map(|j| j as usize),
                 weight: r.weight,
-                fit_factor,
+                fit_factor: 1.0,
             })
             .collect();
         let policy = Policy { reward_power: contest.reward_power, top: contest.top.map(|t| t as usize) };
-        let judged = judge(&scored, &policy);
-        let shares: Vec<f64> = judged.iter().map(|j| j.share).collect();
-        let rewards = split_units(contest.reward_units, &shares);
-        let mut standings: Vec<Standing> = scored
+        let Settlement { scored, judged, rewards } = settle(scored, &history, &policy, contest.reward_units);
+        let standings: Vec<Standing> = scored
             .iter()
             .zip(&judged)
             .map(|(s, j)| Standing { contributor: s.contributor, score: j.effective })
+            .chain(self.refused_standings(state.round).await?)
             .collect();
-        // A contributor whose submission was refused this round takes part, in last place
-        // (not for a repeat of an accepted submission or the hub's own trouble).
-        for (contributor, code, _) in self.db.rejections(state.round).await? {
-            if !matches!(code.as_str(), "duplicate" | "internal" | "run_finished" | "busy") {
-                standings.push(Standing { contributor, score: None });
-            }
-        }
         for ((s, j), reward) in scored.iter().zip(&judged).zip(&rewards) {
             tracing::debug!(
                 round = state.round,
@@ -800,6 +1108,21 @@ impl Hub {
             })
             .collect();
         Ok((judged.iter().map(|j| j.weight).collect(), score_rows, Some(ratings)))
+    }
+
+    /// A contributor whose submission was refused this round takes part in its rating, in last
+    /// place (not for a repeat of an accepted submission or the hub's own trouble).
+    async fn refused_standings(&self, round: u64) -> Result<Vec<Standing>, HubError> {
+        Ok(self
+            .db
+            .rejections(round)
+            .await?
+            .into_iter()
+            .filter(|(_, code, _)| {
+                !matches!(code.as_str(), "duplicate" | "internal" | "run_finished" | "busy" | "replayed_request")
+            })
+            .map(|(contributor, _, _)| Standing { contributor, score: None })
+            .collect())
     }
 
     /// Contributors ranked by rating, with their records, and who qualified for the next phase
@@ -949,7 +1272,8 @@ impl Hub {
     }
 }
 
-/// Averages the round's pseudo-gradients (weighted), takes the outer step, and quantises the
+/// Averages the round's pseudo-gradients (weighted; or takes `given`, a sealed run's mean from
+/// the validator), takes the outer step, and quantises the
 /// resulting weight change with the broadcast codec (error feedback in `residual`). The new
 /// global weights are θ + decode(update), exactly what a contributor computes from the update.
 #[allow(clippy::too_many_arguments)]
@@ -963,11 +1287,12 @@ fn aggregate(
     outer: &OuterOptimizer,
     residual: &[Vec<f32>],
     inputs: &[(f32, Bytes)],
+    given: Option<Mean>,
 ) -> Result<Aggregated, HubError> {
-    let (mean, weight, used) = if spec.aggregation == Aggregation::Mean {
-        streaming_mean(lengths, inputs)?
-    } else {
-        robust_mean(&spec.aggregation, lengths, inputs)?
+    let (mean, weight, used) = match given {
+        Some(m) => m,
+        None if spec.aggregation == Aggregation::Mean => streaming_mean(lengths, inputs)?,
+        None => robust_mean(&spec.aggregation, lengths, inputs)?,
     };
     let mut target = theta.to_vec();
     let mut outer = outer.clone();
@@ -1064,4 +1389,48 @@ fn robust_mean(rule: &Aggregation, lengths: &[usize], inputs: &[(f32, Bytes)]) -
     tracing::info!(rule = %rule, clipped = report.clipped, radius = ?report.radius, "robust aggregation");
     let weight = weights.iter().map(|&w| f64::from(w)).sum();
     Ok((mean, weight, decoded.len() as u64))
+}
+
+/// Loads and verifies the run's ledger, writing its genesis (signed by `identity`) if it has
+/// none; the validator submissions are sealed to is the last one it registered.
+async fn open_ledger(
+    db: &Db,
+    run_id: &str,
+    spec: &RunSpec,
+    identity: &Identity,
+) -> Result<(Ledger, Option<CurrentValidator>), HubError> {
+    let mut raw = Vec::new();
+    for entry in db.ledger().await? {
+        raw.extend(hex::decode(&entry).map_err(|e| HubError::Corrupt(format!("ledger entry: {e}")))?);
+    }
+    let mut ledger = Ledger::default();
+    ledger.extend(&raw).map_err(|e| HubError::Corrupt(format!("the run's ledger does not verify: {e}")))?;
+    if ledger.is_empty() {
+        let policy = spec.trust.clone().unwrap_or_default();
+        let genesis = LedgerBody::Genesis { run_id: run_id.to_owned(), policy };
+        let bytes = ledger
+            .append(0, now_ms(), false, genesis, identity)
+            .map_err(|e| HubError::Corrupt(format!("ledger genesis: {e}")))?;
+        db.append_ledger(&[(0, hex::encode(bytes))]).await?;
+    } else if ledger.hub() != Some(identity.public()) {
+        return Err(HubError::Config(format!(
+            "this hub's key {} is not the key {} that signed the run's ledger: start it with the run's key file",
+            identity.public(),
+            ledger.hub().map(|k| k.hex()).unwrap_or_default()
+        )));
+    }
+    let mut validator = None;
+    for e in ledger.entries() {
+        if let LedgerBody::Validator { attestation } = e.body {
+            let policy = spec.trust.clone().unwrap_or_default();
+            let verified = attestation
+                .verify(&policy, (e.time_ms.max(0) / 1000) as u64)
+                .map_err(|err| HubError::Corrupt(format!("ledger validator {}: {err}", e.seq)))?;
+            let recipient = tessera_trust::SealingKey::parse(&attestation.sealing_key)
+                .map_err(|err| HubError::Corrupt(err.to_string()))?
+                .fingerprint();
+            validator = Some(CurrentValidator { attestation, verified, recipient, seq: e.seq });
+        }
+    }
+    Ok((ledger, validator))
 }

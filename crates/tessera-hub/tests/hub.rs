@@ -7,8 +7,8 @@ use std::time::Duration;
 use reqwest::StatusCode;
 use tessera_hub::{Db, Hub, NewRun, Store};
 use tessera_protocol::api::{
-    Assignment, CONTRIBUTOR_HEADER, ContestSpec, DataSource, DataSpec, EvalSeed, HubStatus, InnerSpec, Leaderboard,
-    OuterSpec, Receipt, Registration, RunInfo, ScoreReport, ScoringJob, SubmissionScore,
+    Assignment, ContestSpec, DataSource, DataSpec, EvalSeed, HubStatus, InnerSpec, Leaderboard, OuterSpec, Receipt,
+    Registration, RunInfo, ScoreReport, ScoringJob, SubmissionScore,
 };
 use tessera_protocol::{
     Aggregation, ApiError, Codec, ErrorCode, MessageView, PseudoGradient, RunSpec, TensorSpec, decode_weights,
@@ -50,6 +50,7 @@ fn spec(quorum: u32) -> RunSpec {
         seed: 7,
         aggregation: tessera_protocol::Aggregation::Mean,
         contest: None,
+        trust: None,
     }
 }
 
@@ -73,6 +74,8 @@ fn initial() -> Vec<Vec<f32>> {
 struct Backend {
     db: String,
     store: String,
+    /// The hub's key file: a restarted hub serves the run with the key it was created with.
+    key: std::path::PathBuf,
     _dir: tempfile::TempDir,
 }
 
@@ -113,7 +116,8 @@ async fn backend(kind: &str) -> Option<Backend> {
         },
         _ => dir.path().join("store").display().to_string(),
     };
-    Some(Backend { db, store, _dir: dir })
+    let key = dir.path().join("hub-key.pem");
+    Some(Backend { db, store, key, _dir: dir })
 }
 
 struct Server {
@@ -127,7 +131,8 @@ impl Server {
     async fn start(b: &Backend, spec: RunSpec) -> Server {
         let db = Db::connect(&b.db).await.unwrap();
         let store = Store::open(&b.store).unwrap();
-        let hub = Hub::open(db, store, Some(NewRun { spec, weights: initial() })).await.unwrap();
+        let key = tessera_trust::Identity::load_or_create(&b.key).unwrap();
+        let hub = Hub::open(db, store, Some(NewRun { spec, weights: initial() }), key).await.unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -154,42 +159,61 @@ struct Client {
     http: reqwest::Client,
     url: String,
     id: u64,
-    token: String,
+    key: Arc<tessera_trust::Identity>,
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64
+}
+
+/// A POST to `url` + `path` signed by `key`: the headers, to send again as they are if wanted.
+fn signed_headers(key: &tessera_trust::Identity, path: &str, body: &[u8]) -> Vec<(&'static str, String)> {
+    key.sign_request("POST", path, body, now_ms()).unwrap()
+}
+
+async fn post_signed(
+    http: &reqwest::Client,
+    url: &str,
+    path: &str,
+    headers: &[(&'static str, String)],
+    body: Vec<u8>,
+) -> reqwest::Response {
+    let mut b = http.post(format!("{url}{path}"));
+    for (k, v) in headers {
+        b = b.header(*k, v);
+    }
+    b.body(body).send().await.unwrap()
 }
 
 impl Client {
     async fn register(url: &str, name: &str) -> Client {
+        Client::register_key(url, name, Arc::new(tessera_trust::Identity::generate().unwrap())).await
+    }
+
+    async fn register_key(url: &str, name: &str, key: Arc<tessera_trust::Identity>) -> Client {
         let http = reqwest::Client::new();
-        let r =
-            http.post(format!("{url}/v1/contributors")).json(&serde_json::json!({"name": name})).send().await.unwrap();
+        let body = serde_json::to_vec(&serde_json::json!({"name": name})).unwrap();
+        let h = signed_headers(&key, "/v1/contributors", &body);
+        let r = post_signed(&http, url, "/v1/contributors", &h, body).await;
         assert_eq!(r.status(), StatusCode::CREATED);
         let reg: Registration = r.json().await.unwrap();
-        Client { http, url: url.to_owned(), id: reg.contributor_id, token: reg.token }
+        assert_eq!(reg.public_key, key.public().hex());
+        Client { http, url: url.to_owned(), id: reg.contributor_id, key }
+    }
+
+    async fn post(&self, path: &str, body: Vec<u8>) -> reqwest::Response {
+        let h = signed_headers(&self.key, path, &body);
+        post_signed(&self.http, &self.url, path, &h, body).await
     }
 
     async fn assignment(&self, wait_ms: u64) -> Assignment {
-        let r = self
-            .http
-            .post(format!("{}/v1/assignments?wait_ms={wait_ms}", self.url))
-            .header(CONTRIBUTOR_HEADER, self.id.to_string())
-            .bearer_auth(&self.token)
-            .send()
-            .await
-            .unwrap();
+        let r = self.post(&format!("/v1/assignments?wait_ms={wait_ms}"), Vec::new()).await;
         assert_eq!(r.status(), StatusCode::OK);
         r.json().await.unwrap()
     }
 
     async fn submit_raw(&self, body: Vec<u8>) -> Result<Receipt, (StatusCode, ApiError)> {
-        let r = self
-            .http
-            .post(format!("{}/v1/submissions", self.url))
-            .header(CONTRIBUTOR_HEADER, self.id.to_string())
-            .bearer_auth(&self.token)
-            .body(body)
-            .send()
-            .await
-            .unwrap();
+        let r = self.post("/v1/submissions", body).await;
         let status = r.status();
         if status == StatusCode::ACCEPTED {
             Ok(r.json().await.unwrap())
@@ -353,11 +377,35 @@ async fn bad_submissions_get_typed_refusals() {
     let (s, e) = a.submit(&run, 0, &base, &delta(2.0)).await.unwrap_err();
     assert_eq!((s, e.code), (StatusCode::CONFLICT, ErrorCode::Duplicate));
 
-    let impostor = Client { token: "0".repeat(64), ..Client::register(&url, "x").await };
-    let (s, e) = impostor.submit(&run, 0, &base, &delta(1.0)).await.unwrap_err();
+    // An unregistered key; a request signed by one key but claiming another; no signature; a
+    // replayed request (same nonce); a request from a clock far off.
+    let stranger =
+        Client { key: Arc::new(tessera_trust::Identity::generate().unwrap()), ..Client::register(&url, "x").await };
+    let (s, e) = stranger.submit(&run, 0, &base, &delta(1.0)).await.unwrap_err();
     assert_eq!((s, e.code), (StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized));
+    assert!(e.message.contains("not registered"), "{}", e.message);
+    let body = message(&run, Codec::F32, 0, &base, &delta(3.0));
+    let mut forged = signed_headers(&stranger.key, "/v1/submissions", &body);
+    forged[0].1 = a.key.public().hex();
+    let r = post_signed(&a.http, &url, "/v1/submissions", &forged, body.clone()).await;
+    let e: ApiError = r.json().await.unwrap();
+    assert_eq!(e.code, ErrorCode::Unauthorized);
+    assert!(e.message.contains("signature"), "{}", e.message);
     let r = reqwest::Client::new().post(format!("{url}/v1/assignments")).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    let e: ApiError = r.json().await.unwrap();
+    assert!(e.message.contains("x-tessera-key"), "{}", e.message);
+    let x = Client::register(&url, "y").await;
+    let once = signed_headers(&x.key, "/v1/assignments?wait_ms=0", b"");
+    let r = post_signed(&x.http, &url, "/v1/assignments?wait_ms=0", &once, Vec::new()).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let r = post_signed(&x.http, &url, "/v1/assignments?wait_ms=0", &once, Vec::new()).await;
+    assert_eq!(r.status(), StatusCode::CONFLICT);
+    assert_eq!(r.json::<ApiError>().await.unwrap().code, ErrorCode::ReplayedRequest);
+    let stale = x.key.sign_request("POST", "/v1/assignments", b"", now_ms() - 3_600_000).unwrap();
+    let r = post_signed(&x.http, &url, "/v1/assignments", &stale, Vec::new()).await;
+    let e: ApiError = r.json().await.unwrap();
+    assert!(e.code == ErrorCode::Unauthorized && e.message.contains("clock"), "{e:?}");
 
     // Nothing refused was counted: the round still waits for its second submission.
     let st = status(&url).await;
@@ -417,7 +465,7 @@ async fn a_round_closes_at_its_deadline_without_the_missing() {
 }
 
 #[tokio::test]
-async fn a_restarted_hub_keeps_accepted_submissions_and_tokens() {
+async fn a_restarted_hub_keeps_accepted_submissions_and_keys() {
     let b = backend("sqlite").await.unwrap();
     let server = Server::start(&b, RunSpec { broadcast_codec: Codec::Int8 { block: 16 }, ..spec(2) }).await;
     let url = server.url.clone();
@@ -434,6 +482,8 @@ async fn a_restarted_hub_keeps_accepted_submissions_and_tokens() {
     assert_eq!((resumed.run_id.as_str(), resumed.spec.quorum), (run.run_id.as_str(), 2));
     assert_eq!(status(&url2).await.history[0].accepted, 0, "not closed yet");
     let c = Client { url: url2.clone(), ..c };
+    // A key registers once: registering again gets the same id.
+    assert_eq!(Client::register_key(&url2, "c again", c.key.clone()).await.id, c.id);
     c.submit(&run, 0, &run.checkpoint, &delta(-1.0)).await.unwrap();
     let after = info(&url2).await;
     assert_eq!(after.round, 1);
@@ -627,5 +677,255 @@ async fn scores_that_never_come() {
     assert!((theta[0][7] - (initial()[0][7] - 0.4)).abs() < 1e-6, "the unscored mean was applied");
     let board: Leaderboard = reqwest::get(format!("{url}/api/leaderboard")).await.unwrap().json().await.unwrap();
     assert_eq!((board.rows[0].rewards, board.rows[0].rounds), (0, 0));
+    server.stop().await;
+}
+
+/// The validator's side of a sealed run, done by hand with the trust crate (the real validator
+/// needs libtorch to score; its tests drive it end to end).
+struct TestValidator {
+    opening: tessera_trust::OpeningKey,
+    signing: tessera_trust::Identity,
+    attestation: tessera_trust::ValidatorAttestation,
+    ledger: tessera_trust::ledger::Ledger,
+}
+
+impl TestValidator {
+    fn new() -> TestValidator {
+        let opening = tessera_trust::OpeningKey::generate().unwrap();
+        let signing = tessera_trust::Identity::generate().unwrap();
+        let data = tessera_trust::report_data(&opening.public().0, &signing.public().0);
+        let attestation = tessera_trust::ValidatorAttestation {
+            sealing_key: hex::encode(opening.public().0),
+            signing_key: signing.public().hex(),
+            evidence: tessera_trust::Evidence::insecure_dev(&data, "test"),
+        };
+        TestValidator { opening, signing, attestation, ledger: tessera_trust::ledger::Ledger::default() }
+    }
+
+    async fn sync(&mut self, url: &str) {
+        let bytes = download(url, &format!("/v1/ledger?from={}", self.ledger.len())).await;
+        self.ledger.extend(&bytes).unwrap();
+    }
+
+    async fn register(&mut self, url: &str, attestation: &tessera_trust::ValidatorAttestation) -> StatusCode {
+        self.sync(url).await;
+        let mut next = self.ledger.clone();
+        let body = tessera_trust::ledger::Body::Validator { attestation: self.attestation.clone() };
+        let entry = next.append(0, now_ms(), true, body, &self.signing).unwrap();
+        let post = serde_json::json!({ "attestation": attestation, "entry": hex::encode(entry) });
+        let r = reqwest::Client::new()
+            .post(format!("{url}/v1/validator/attestation"))
+            .bearer_auth(VALIDATOR)
+            .json(&post)
+            .send()
+            .await
+            .unwrap();
+        if r.status().is_success() {
+            self.ledger = next;
+        }
+        r.status()
+    }
+}
+
+fn seal(v: &TestValidator, c: &Client, run: &RunInfo, plain: &[u8]) -> Vec<u8> {
+    let mut run_id = [0u8; 16];
+    hex::decode_to_slice(&run.run_id, &mut run_id).unwrap();
+    let mut base = [0u8; 32];
+    hex::decode_to_slice(&run.checkpoint, &mut base).unwrap();
+    let header = tessera_trust::SealedHeader {
+        run_id,
+        base_round: 0,
+        base_checkpoint: base,
+        contributor: c.key.public(),
+        recipient: [0; 32],
+    };
+    v.opening.public().seal(header, plain).unwrap()
+}
+
+/// Every file under `dir` and the database file: does any contain `needle`?
+fn anywhere(dir: &std::path::Path, needle: &[u8]) -> bool {
+    std::fs::read_dir(dir).unwrap().flatten().any(|e| {
+        let p = e.path();
+        if p.is_dir() {
+            anywhere(&p, needle)
+        } else {
+            std::fs::read(&p).unwrap_or_default().windows(needle.len()).any(|w| w == needle)
+        }
+    })
+}
+
+/// A sealed run over HTTP: nothing is accepted before a validator attests; an attestation that
+/// does not bind its keys is refused; the hub stores only ciphertext (no submission's plaintext
+/// is anywhere in its database or store); another contributor can neither claim nor open one;
+/// the validator's verdict must pay exactly what its signed receipts say; and the published
+/// ledger verifies, with inclusion proofs under the validator's root.
+#[tokio::test]
+async fn sealed_rounds() {
+    use tessera_protocol::api::{Settled, Verdict};
+    use tessera_trust::ledger::{Body, Ledger, verify_proof};
+
+    let b = backend("sqlite").await.unwrap();
+    let trust = tessera_protocol::api::AttestationPolicy { allow_insecure_dev: true, ..Default::default() };
+    let contest = ContestSpec { reward_units: 1000, ..ContestSpec::default() };
+    let sealed = RunSpec { rounds: 2, contest: Some(contest), trust: Some(trust), ..spec(2) };
+    let server = Server::start(&b, sealed).await;
+    server.hub.set_validator_token(VALIDATOR);
+    let url = server.url.clone();
+    let run = info(&url).await;
+    let (a, c) = (Client::register(&url, "a").await, Client::register(&url, "c").await);
+    let (plain_a, plain_c) = (
+        message(&run, Codec::F32, 0, &run.checkpoint, &delta(0.5)),
+        message(&run, Codec::F32, 0, &run.checkpoint, &delta(-0.25)),
+    );
+
+    // No validator yet: nothing can be sealed to one.
+    assert_eq!(reqwest::get(format!("{url}/v1/validator")).await.unwrap().status(), StatusCode::SERVICE_UNAVAILABLE);
+    let mut v = TestValidator::new();
+    let (_, e) = a.submit_raw(seal(&v, &a, &run, &plain_a)).await.unwrap_err();
+    assert_eq!(e.code, ErrorCode::NoValidator);
+    // An attestation whose report data commits to other keys is refused.
+    let mut lying = v.attestation.clone();
+    lying.sealing_key = hex::encode(tessera_trust::OpeningKey::generate().unwrap().public().0);
+    assert_eq!(v.register(&url, &lying).await, StatusCode::UNAUTHORIZED);
+    let honest = v.attestation.clone();
+    assert_eq!(v.register(&url, &honest).await, StatusCode::CREATED);
+    let shown: tessera_protocol::api::ValidatorInfo =
+        reqwest::get(format!("{url}/v1/validator")).await.unwrap().json().await.unwrap();
+    assert!(shown.insecure, "the development attester is shown as insecure");
+
+    // Plaintext is refused; someone else's envelope cannot be claimed.
+    let (_, e) = a.submit_raw(plain_a.clone()).await.unwrap_err();
+    assert_eq!(e.code, ErrorCode::MalformedMessage);
+    let sealed_a = seal(&v, &a, &run, &plain_a);
+    let (s, e) = c.submit_raw(sealed_a.clone()).await.unwrap_err();
+    assert_eq!((s, e.code), (StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized));
+    // …and rewriting its header to claim it makes it unreadable.
+    let mut claimed = sealed_a.clone();
+    claimed[62..94].copy_from_slice(&c.key.public().0);
+    assert!(v.opening.open(&claimed).is_err());
+    // Sealed to a key that is not the validator's: refused by name.
+    let other = TestValidator::new();
+    let (_, e) = a.submit_raw(seal(&other, &a, &run, &plain_a)).await.unwrap_err();
+    assert_eq!(e.code, ErrorCode::WrongValidator);
+
+    a.submit_raw(sealed_a.clone()).await.unwrap();
+    let (_, e) = a.submit_raw(sealed_a.clone()).await.unwrap_err();
+    assert_eq!(e.code, ErrorCode::Replay);
+    c.submit_raw(seal(&v, &c, &run, &plain_c)).await.unwrap();
+
+    // Only ciphertext at rest: no submission's tensor bytes in the database or the store.
+    let needle_a = &plain_a[plain_a.len() - 32 - 64..plain_a.len() - 32];
+    let needle_c = &plain_c[plain_c.len() - 32 - 64..plain_c.len() - 32];
+    for needle in [needle_a, needle_c] {
+        assert!(!anywhere(b._dir.path(), needle), "plaintext found at rest");
+    }
+
+    // The validator's round: open, settle, aggregate, sign.
+    let job: ScoringJob = validator_get(&url, "/v1/validator/job", Some(VALIDATOR)).await.json().await.unwrap();
+    assert_eq!(job.submissions.len(), 2);
+    let mut deltas = Vec::new();
+    for s in &job.submissions {
+        let env = validator_get(&url, &format!("/v1/validator/submissions/{}", s.blob), Some(VALIDATOR)).await;
+        let (header, msg) = v.opening.open(&env.bytes().await.unwrap()).unwrap();
+        assert_eq!(header.contributor.hex(), s.contributor_key);
+        deltas.push(MessageView::parse(&msg).unwrap().apply_to(&[vec![0.0; 8], vec![0.0; 32]]).unwrap());
+    }
+    let mean: Vec<Vec<f32>> =
+        (0..2).map(|t| deltas[0][t].iter().zip(&deltas[1][t]).map(|(x, y)| 0.5 * (x + y)).collect()).collect();
+    let agg = message(&run, Codec::F32, 0, &run.checkpoint, &mean);
+    let post = |path: String, body: Vec<u8>| {
+        let url = url.clone();
+        async move {
+            reqwest::Client::new().post(format!("{url}{path}")).bearer_auth(VALIDATOR).body(body).send().await.unwrap()
+        }
+    };
+    assert_eq!(post("/v1/validator/aggregate/0".into(), agg).await.status(), StatusCode::NO_CONTENT);
+    let rewards = [700u64, 300];
+    v.sync(&url).await;
+    let entries = |signer: &tessera_trust::Identity, pay: [u64; 2], ledger: &Ledger| {
+        let mut next = ledger.clone();
+        for (s, units) in job.submissions.iter().zip(pay) {
+            let body = Body::Receipt {
+                contributor: s.contributor_key.clone(),
+                submission: s.blob.clone(),
+                score: 0.01,
+                data_fit: None,
+                flag: String::new(),
+                units,
+            };
+            next.append(0, now_ms(), true, body, signer).unwrap();
+        }
+        next.append(0, now_ms(), true, Body::Emission { units: pay.iter().sum() }, signer).unwrap();
+        let root = Body::Root { size: next.len(), root: next.root() };
+        next.append(0, now_ms(), true, root, signer).unwrap();
+        (ledger.len(), hex::encode(next.bytes_from(ledger.len())))
+    };
+    let verdict = |(from, ledger): (u64, String)| Verdict {
+        report: ScoreReport {
+            round: 0,
+            scores: job
+                .submissions
+                .iter()
+                .map(|s| SubmissionScore { contributor: s.contributor, score: 0.01, data_fit: None, copy_of: None })
+                .collect(),
+        },
+        settled: rewards
+            .iter()
+            .map(|&r| Settled { weight: 1.0, reward: r, effective: Some(0.01), flag: None })
+            .collect(),
+        ledger_from: from,
+        ledger,
+    };
+    // Receipts paying other amounts than the verdict, or signed by anyone but the validator.
+    let wrong = verdict(entries(&v.signing, [300, 700], &v.ledger));
+    let r = post("/v1/validator/verdict".into(), serde_json::to_vec(&wrong).unwrap()).await;
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    let rogue = tessera_trust::Identity::generate().unwrap();
+    let body = Body::Receipt {
+        contributor: job.submissions[0].contributor_key.clone(),
+        submission: job.submissions[0].blob.clone(),
+        score: 9.0,
+        data_fit: None,
+        flag: String::new(),
+        units: 1000,
+    };
+    let raw = tessera_trust::ledger::encode_entry(v.ledger.len(), 0, now_ms(), &v.ledger.head(), true, &body, &rogue)
+        .unwrap();
+    let forged = verdict((v.ledger.len(), hex::encode(raw)));
+    let r = post("/v1/validator/verdict".into(), serde_json::to_vec(&forged).unwrap()).await;
+    let e: ApiError = r.json().await.unwrap();
+    assert!(e.message.contains("unknown") || e.message.contains("may not sign"), "{}", e.message);
+    let good = verdict(entries(&v.signing, rewards, &v.ledger));
+    let r = post("/v1/validator/verdict".into(), serde_json::to_vec(&good).unwrap()).await;
+    assert_eq!(r.status(), StatusCode::NO_CONTENT, "{}", r.text().await.unwrap());
+
+    // Published: θ − mean, rewards on the leaderboard, and a ledger anyone can verify.
+    let after = info(&url).await;
+    assert_eq!(after.round, 1);
+    let theta =
+        decode_weights(&download(&url, &format!("/v1/checkpoints/{}", after.checkpoint)).await, &run.spec.tensors)
+            .unwrap();
+    assert!((theta[0][7] - (initial()[0][7] - mean[0][7])).abs() < 1e-6);
+    let board: Leaderboard = reqwest::get(format!("{url}/api/leaderboard")).await.unwrap().json().await.unwrap();
+    assert_eq!(board.rows.iter().map(|r| r.rewards).sum::<u64>(), 1000);
+    let ledger = Ledger::from_bytes(&download(&url, "/v1/ledger").await).unwrap();
+    assert_eq!(ledger.units.get(&a.key.public().hex()), Some(&700));
+    assert_eq!(ledger.hub(), Some(tessera_trust::PublicKey::parse(&run.hub_key).unwrap()));
+    for seq in 0..ledger.len() - 1 {
+        let proof: tessera_trust::ledger::Proof =
+            reqwest::get(format!("{url}/v1/ledger/proof/{seq}")).await.unwrap().json().await.unwrap();
+        assert_eq!(verify_proof(&proof, &v.signing.public()).unwrap().seq, seq);
+    }
+    for needle in [needle_a, needle_c] {
+        assert!(!anywhere(b._dir.path(), needle), "plaintext found at rest after publishing");
+    }
+    server.stop().await;
+
+    // The ledger survives a restart, and so does the validator sealed to.
+    let server = Server::start(&b, RunSpec { trust: None, ..spec(2) }).await;
+    let resumed: tessera_protocol::api::ValidatorInfo =
+        reqwest::get(format!("{}/v1/validator", server.url)).await.unwrap().json().await.unwrap();
+    assert_eq!(resumed.attestation["signing_key"], v.signing.public().hex());
+    assert_eq!(Ledger::from_bytes(&download(&server.url, "/v1/ledger").await).unwrap().len(), ledger.len());
     server.stop().await;
 }

@@ -14,8 +14,6 @@ use crate::{Aggregation, Codec};
 /// Bumped on any breaking change to the JSON messages or the binary formats.
 pub const PROTOCOL_VERSION: u32 = 1;
 
-/// Header carrying the contributor id on authenticated requests (with `authorization: Bearer`).
-pub const CONTRIBUTOR_HEADER: &str = "x-tessera-contributor";
 /// Optional header on a submission: the mean training loss of its inner steps.
 pub const INNER_LOSS_HEADER: &str = "x-tessera-inner-loss";
 
@@ -107,6 +105,41 @@ pub struct RunSpec {
     /// Scoring, ratings and rewards; `None`: every accepted submission counts, nothing is paid.
     #[serde(default)]
     pub contest: Option<ContestSpec>,
+    /// Sealed submissions (scored runs): the attestation a validator must present before
+    /// contributors seal their pseudo-gradients to it. `None`: submissions travel in the clear.
+    #[serde(default)]
+    pub trust: Option<AttestationPolicy>,
+}
+
+/// What a run accepts as a validator's attestation, pinned in its spec.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttestationPolicy {
+    /// SEV-SNP launch measurements accepted (96 hex digits each).
+    #[serde(default)]
+    pub sev_snp_measurements: Vec<String>,
+    /// TDX MRTD values accepted (96 hex digits each).
+    #[serde(default)]
+    pub tdx_mrtds: Vec<String>,
+    /// TDX TCB statuses accepted; empty means only `UpToDate`.
+    #[serde(default)]
+    pub tdx_statuses: Vec<String>,
+    /// Accept the software attester (development only: anyone can forge it).
+    #[serde(default)]
+    pub allow_insecure_dev: bool,
+}
+
+impl AttestationPolicy {
+    pub fn validate(&self) -> Result<(), String> {
+        for m in self.sev_snp_measurements.iter().chain(&self.tdx_mrtds) {
+            if m.len() != 96 || !m.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(format!("measurement {m:?} is not 96 hex digits"));
+            }
+        }
+        if self.sev_snp_measurements.is_empty() && self.tdx_mrtds.is_empty() && !self.allow_insecure_dev {
+            return Err("no measurement is accepted: pin a SEV-SNP or TDX measurement (or allow the insecure development attester)".into());
+        }
+        Ok(())
+    }
 }
 
 fn no_decay() -> f32 {
@@ -194,6 +227,12 @@ impl RunSpec {
         if let Some(c) = &self.contest {
             c.validate().map_err(|e| format!("contest: {e}"))?;
         }
+        if let Some(t) = &self.trust {
+            t.validate().map_err(|e| format!("trust: {e}"))?;
+            if self.contest.is_none() {
+                return Err("sealed submissions need a scored run: only the validator can read them".into());
+            }
+        }
         if self.tensors.is_empty() {
             return Err("the model has no tensors".into());
         }
@@ -221,8 +260,14 @@ pub struct RunInfo {
     /// Hex BLAKE3 of the current global weights.
     pub checkpoint: String,
     pub finished: bool,
+    /// The hub's Ed25519 key (hex): it signs this answer, every assignment and the ledger's
+    /// genesis (`x-tessera-hub-signature`).
+    #[serde(default)]
+    pub hub_key: String,
 }
 
+/// Registers the request's signing key under a display name. Registering again with the same
+/// key returns the same id.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RegisterRequest {
     pub name: String,
@@ -231,8 +276,8 @@ pub struct RegisterRequest {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Registration {
     pub contributor_id: u64,
-    /// Bearer token for this contributor's later requests. Shown once; the hub keeps its hash.
-    pub token: String,
+    /// The key it is registered under (hex).
+    pub public_key: String,
 }
 
 /// What a contributor should do next.
@@ -287,6 +332,9 @@ pub struct JobSubmission {
     /// Fetch with `GET /v1/validator/submissions/{blob}`.
     pub blob: String,
     pub received_ms: i64,
+    /// The contributor's public key (hex).
+    #[serde(default)]
+    pub contributor_key: String,
 }
 
 /// A round's evaluation-seed commitment, and the seed once the round's submissions closed.
@@ -350,6 +398,43 @@ pub struct LeaderRow {
     pub mean_score: Option<f64>,
     /// Qualified for the next phase at the boundary (frozen then).
     pub qualified: bool,
+}
+
+/// A sealed run's round, settled by the validator: what the hub could not compute without
+/// reading the submissions. Posted after the round's aggregate (`POST /v1/validator/aggregate`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Verdict {
+    pub report: ScoreReport,
+    /// Per job submission, in the job's order.
+    pub settled: Vec<Settled>,
+    /// The ledger entries recording it (receipts, emission, root), back to back, hex; chained
+    /// onto the hub's ledger at `ledger_from`.
+    pub ledger_from: u64,
+    pub ledger: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Settled {
+    /// Aggregation weight (0: left out).
+    pub weight: f64,
+    pub reward: u64,
+    /// The score the rating ranks by (`None`: it places last).
+    pub effective: Option<f64>,
+    pub flag: Option<String>,
+}
+
+/// The validator a sealed run seals to, as the hub verified it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ValidatorInfo {
+    /// `tessera_trust::ValidatorAttestation` as JSON: keys and evidence.
+    pub attestation: serde_json::Value,
+    /// What the hub's verification established (`tessera_trust::Verified`); contributors check
+    /// the evidence themselves.
+    pub verified: serde_json::Value,
+    /// INSECURE: the development attester, no TEE.
+    pub insecure: bool,
+    /// Its entry in the ledger.
+    pub ledger_seq: u64,
 }
 
 /// The hub's answer to an accepted submission.
@@ -440,6 +525,12 @@ pub enum ErrorCode {
     NotScoring,
     TooLarge,
     RunFinished,
+    /// A signed request whose (key, nonce) the hub has seen before.
+    ReplayedRequest,
+    /// A sealed submission for a validator key that is not the run's current one.
+    WrongValidator,
+    /// No attested validator yet: sealed submissions cannot be accepted.
+    NoValidator,
     NotFound,
     RangeNotSatisfiable,
     Internal,

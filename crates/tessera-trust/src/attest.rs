@@ -55,22 +55,7 @@ impl Evidence {
     }
 }
 
-/// What a run accepts, pinned in its config.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AttestationPolicy {
-    /// SEV-SNP launch measurements accepted (96 hex digits each).
-    #[serde(default)]
-    pub sev_snp_measurements: Vec<String>,
-    /// TDX MRTD values accepted (96 hex digits each).
-    #[serde(default)]
-    pub tdx_mrtds: Vec<String>,
-    /// TDX TCB statuses accepted; empty means only `UpToDate`.
-    #[serde(default)]
-    pub tdx_statuses: Vec<String>,
-    /// Accept the software attester (development only: anyone can forge it).
-    #[serde(default)]
-    pub allow_insecure_dev: bool,
-}
+pub use tessera_protocol::api::AttestationPolicy;
 
 /// What verification established.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

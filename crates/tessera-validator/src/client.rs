@@ -1,16 +1,28 @@
-//! The validator against a hub over HTTP (`tessera validate`): wait for a round whose
+//! The validator against a hub over HTTP (`tessera validator`): wait for a round whose
 //! submissions have closed, check the revealed evaluation seed against the commitment the round
 //! was opened with, download the round's weights and submissions, score them, report.
+//!
+//! In a sealed run it first makes its keys (an HPKE key pair submissions are sealed to and an
+//! Ed25519 signing key), obtains evidence binding both ([`crate::tee::Attester`]), and registers
+//! with the hub by appending its signed `Validator` entry to the ledger. Each round it opens the
+//! envelopes, scores, settles (weights and rewards, `tessera_contest::settle`, with the data-fit
+//! records its own receipts hold), aggregates, and signs the round's receipts, emission and
+//! Merkle root; the hub sees only the aggregate.
+
+use std::collections::HashMap;
 
 use std::time::{Duration, Instant};
 
 use reqwest::StatusCode;
 use reqwest::blocking::Client;
 use tch::Device;
+use tessera_contest::{Policy, Scored, Settlement, settle};
 use tessera_data::Dataset;
 use tessera_model::LlamaConfig;
-use tessera_protocol::api::{ApiError, RunInfo, ScoringJob};
-use tessera_protocol::{decode_weights, weights_hash};
+use tessera_protocol::api::{ApiError, JobSubmission, RunInfo, ScoringJob, Settled, Verdict};
+use tessera_protocol::{Codec, MessageView, PseudoGradient, TensorEntry, decode_weights, weights_hash};
+use tessera_trust::ledger::{Body as LedgerBody, Ledger};
+use tessera_trust::{OpeningKey, ValidatorAttestation, Verified};
 
 use crate::{Candidate, ScoreConfig, ScoreCost, Scorer};
 
@@ -36,6 +48,10 @@ pub enum ValidatorError {
     Weights(#[from] tessera_protocol::WeightsError),
     #[error(transparent)]
     Aggregate(#[from] tessera_aggregate::AggregateError),
+    #[error(transparent)]
+    Trust(#[from] tessera_trust::TrustError),
+    #[error("attestation: {0}")]
+    Attestation(String),
 }
 
 type Result<T> = std::result::Result<T, ValidatorError>;
@@ -50,6 +66,18 @@ pub struct ValidatorConfig {
     pub poll: Duration,
     /// How long to keep retrying while the hub is unreachable or failing (5xx).
     pub patience: Duration,
+    /// Where a sealed run's attestation comes from (`None`: refuse sealed runs).
+    pub attester: Option<crate::tee::Attester>,
+}
+
+/// A sealed run's validator state: keys made here, the ledger as verified, and every
+/// contributor's data-fit record from its receipts.
+struct Sealed {
+    opening: OpeningKey,
+    signing: tessera_trust::Identity,
+    verified: Verified,
+    ledger: Ledger,
+    fit: HashMap<String, (f64, u64)>,
 }
 
 /// One scored round, for progress output.
@@ -67,6 +95,7 @@ pub struct Validator {
     http: Client,
     run: RunInfo,
     scorer: Scorer,
+    sealed: Option<Sealed>,
 }
 
 impl Validator {
@@ -84,7 +113,89 @@ impl Validator {
             ScoreConfig { eval_windows: contest.eval_windows as usize, fit_windows: contest.fit_windows as usize };
         let inner = tessera_contributor::inner_config(&run, 0);
         let scorer = Scorer::new(inner, &model_config, dataset, config.device, score)?;
-        Ok(Validator { config, http, run, scorer })
+        let mut v = Validator { config, http, run, scorer, sealed: None };
+        if v.run.spec.trust.is_some() {
+            v.sealed = Some(v.attest()?);
+        }
+        Ok(v)
+    }
+
+    /// The validator's attestation, if the run is sealed (with what verifying it established).
+    pub fn attestation(&self) -> Option<&Verified> {
+        self.sealed.as_ref().map(|s| &s.verified)
+    }
+
+    /// Makes the keys, gets them attested and registers them with the hub.
+    fn attest(&self) -> Result<Sealed> {
+        let policy = self.run.spec.trust.clone().unwrap_or_default();
+        let attester = self.config.attester.as_ref().ok_or_else(|| {
+            ValidatorError::Attestation(
+                "this run seals submissions to an attested validator: run inside a SEV-SNP or TDX guest \
+                 (or, for development only, pass --insecure-dev-tee)"
+                    .into(),
+            )
+        })?;
+        let opening = OpeningKey::generate()?;
+        let signing = tessera_trust::Identity::generate()?;
+        let data = tessera_trust::report_data(&opening.public().0, &signing.public().0);
+        let evidence = attester.evidence(&data).map_err(ValidatorError::Attestation)?;
+        let attestation = ValidatorAttestation {
+            sealing_key: hex::encode(opening.public().0),
+            signing_key: signing.public().hex(),
+            evidence,
+        };
+        let verified = attestation.verify(&policy, unix_secs())?;
+        if verified.insecure {
+            tracing::warn!("INSECURE development attestation: no TEE protects this validator's keys");
+        }
+        let mut ledger = Ledger::default();
+        for attempt in 0.. {
+            self.sync_ledger(&mut ledger)?;
+            let mut next = ledger.clone();
+            let body = LedgerBody::Validator { attestation: attestation.clone() };
+            let entry = next
+                .append(self.run.round, now_ms(), verified.insecure, body, &signing)
+                .map_err(tessera_trust::TrustError::from)?;
+            let url = format!("{}/v1/validator/attestation", self.config.hub);
+            let post = serde_json::json!({ "attestation": attestation, "entry": hex::encode(entry) });
+            let r = self
+                .http
+                .post(&url)
+                .bearer_auth(&self.config.token)
+                .json(&post)
+                .send()
+                .map_err(|e| http_err(&url, e))?;
+            let status = r.status();
+            let body = r.bytes().map_err(|e| http_err(&url, e))?;
+            if status.is_success() {
+                ledger = next;
+                break;
+            }
+            // Another entry landed first: chain onto it and try again.
+            if attempt >= 3 || !status.is_client_error() {
+                return Err(refusal(&url, status, &body));
+            }
+        }
+        let mut fit: HashMap<String, (f64, u64)> = HashMap::new();
+        for e in ledger.entries() {
+            if let LedgerBody::Receipt { contributor, data_fit: Some(f), .. } = e.body
+                && f.is_finite()
+            {
+                let r = fit.entry(contributor).or_default();
+                *r = (r.0 + f, r.1 + 1);
+            }
+        }
+        tracing::info!(key = %signing.public(), attestation = %verified, "registered with the hub");
+        Ok(Sealed { opening, signing, verified, ledger, fit })
+    }
+
+    /// Brings a ledger mirror up to the hub's, verifying every new entry.
+    fn sync_ledger(&self, ledger: &mut Ledger) -> Result<()> {
+        let url = format!("{}/v1/ledger?from={}", self.config.hub, ledger.len());
+        let bytes = patiently(self.config.patience, || self.bytes(&url, false))?;
+        ledger
+            .extend(&bytes)
+            .map_err(|e| ValidatorError::Bad { round: self.run.round, message: format!("the hub's ledger: {e}") })
     }
 
     /// Scores rounds until the run finishes (or `max_rounds` are scored).
@@ -147,6 +258,9 @@ impl Validator {
         }
         let theta = decode_weights(&weights, &self.run.spec.tensors)?;
         let lengths: Vec<usize> = self.run.spec.tensors.iter().map(|t| t.numel() as usize).collect();
+        if self.sealed.is_some() {
+            return self.settle_sealed(job, &theta, &lengths, &seed);
+        }
         let mut candidates = Vec::with_capacity(job.submissions.len());
         for s in &job.submissions {
             let bytes = self.bytes(&format!("{hub}/v1/validator/submissions/{}", s.blob), true)?;
@@ -172,6 +286,218 @@ impl Validator {
             cost,
         })
     }
+}
+
+impl Validator {
+    /// A sealed round: open, score, settle, aggregate, sign, report.
+    fn settle_sealed(
+        &mut self,
+        job: &ScoringJob,
+        theta: &[Vec<f32>],
+        lengths: &[usize],
+        seed: &[u8; 32],
+    ) -> Result<RoundScored> {
+        let round = job.round;
+        let hub = self.config.hub.clone();
+        let contest = self.run.spec.contest.clone().ok_or(ValidatorError::NotScored)?;
+        // Open every envelope; one that does not open or decode is refused with its reason.
+        let (mut candidates, mut index) = (Vec::new(), Vec::new());
+        let mut malformed: Vec<Option<String>> = vec![None; job.submissions.len()];
+        for (i, s) in job.submissions.iter().enumerate() {
+            let bytes = self.bytes(&format!("{hub}/v1/validator/submissions/{}", s.blob), true)?;
+            match self.open(s, &bytes, lengths) {
+                Ok(c) => {
+                    candidates.push(c);
+                    index.push(i);
+                }
+                Err(reason) => {
+                    tracing::warn!(round, contributor = s.contributor, reason, "sealed submission refused");
+                    malformed[i] = Some(reason);
+                }
+            }
+        }
+        let (scores, cost) = if candidates.is_empty() {
+            (Vec::new(), ScoreCost::default())
+        } else {
+            self.scorer.score(theta, &candidates, seed)?
+        };
+        let mut all: Vec<Scored> = job
+            .submissions
+            .iter()
+            .map(|s| Scored {
+                contributor: s.contributor,
+                score: 0.0,
+                data_fit: None,
+                copy_of: None,
+                weight: s.weight,
+                fit_factor: 1.0,
+            })
+            .collect();
+        for (k, sc) in scores.into_iter().enumerate() {
+            all[index[k]] = Scored { copy_of: sc.copy_of.map(|j| index[j]), ..sc };
+        }
+        let sealed = self.sealed.as_mut().ok_or(ValidatorError::NotScored)?;
+        let history: Vec<(f64, u64)> =
+            job.submissions.iter().map(|s| sealed.fit.get(&s.contributor_key).copied().unwrap_or_default()).collect();
+        let policy = Policy { reward_power: contest.reward_power, top: contest.top.map(|t| t as usize) };
+        let Settlement { scored, judged, rewards } = settle(all, &history, &policy, contest.reward_units);
+        let flags: Vec<Option<String>> = judged
+            .iter()
+            .zip(&malformed)
+            .map(|(j, m)| {
+                m.as_ref().map(|r| format!("malformed: {r}")).or_else(|| j.flag.map(|f| f.as_str().to_owned()))
+            })
+            .collect();
+
+        // The aggregate: the run's rule over the opened submissions, with the settled weights.
+        let mut views = Vec::new();
+        let mut weights = Vec::new();
+        for (k, c) in candidates.iter().enumerate() {
+            let w = judged[index[k]].weight;
+            if w > 0.0 {
+                views.push(c.delta.iter().map(Vec::as_slice).collect::<Vec<&[f32]>>());
+                weights.push(w as f32);
+            }
+        }
+        let mean = if views.is_empty() {
+            lengths.iter().map(|&n| vec![0.0; n]).collect()
+        } else {
+            tessera_aggregate::robust::aggregate(&self.run.spec.aggregation, &views, &weights)?.0
+        };
+        let message = aggregate_message(&self.run, job, &mean)?;
+        let url = format!("{hub}/v1/validator/aggregate/{round}");
+        self.post(&url, reqwest::blocking::Body::from(message), "application/octet-stream")?;
+
+        // The ledger: one receipt per submission, the round's emission, a signed root.
+        let sealed = self.sealed.as_mut().ok_or(ValidatorError::NotScored)?;
+        let mut mirror = std::mem::take(&mut sealed.ledger);
+        let synced = self.sync_ledger(&mut mirror);
+        let sealed = self.sealed.as_mut().ok_or(ValidatorError::NotScored)?;
+        sealed.ledger = mirror;
+        synced?;
+        let mut next = sealed.ledger.clone();
+        let from = next.len();
+        let (now, insecure) = (now_ms(), sealed.verified.insecure);
+        let append = |next: &mut Ledger, body: LedgerBody, signing: &tessera_trust::Identity| {
+            next.append(round, now, insecure, body, signing).map_err(tessera_trust::TrustError::from)
+        };
+        for (i, s) in job.submissions.iter().enumerate() {
+            let body = LedgerBody::Receipt {
+                contributor: s.contributor_key.clone(),
+                submission: s.blob.clone(),
+                score: scored[i].score,
+                data_fit: scored[i].data_fit,
+                flag: flags[i].clone().unwrap_or_default(),
+                units: rewards[i],
+            };
+            append(&mut next, body, &sealed.signing)?;
+        }
+        append(&mut next, LedgerBody::Emission { units: rewards.iter().sum() }, &sealed.signing)?;
+        let root = LedgerBody::Root { size: next.len(), root: next.root() };
+        append(&mut next, root, &sealed.signing)?;
+        let verdict = Verdict {
+            report: crate::report(round, &scored),
+            settled: judged
+                .iter()
+                .zip(&rewards)
+                .zip(&flags)
+                .map(|((j, &reward), flag)| Settled {
+                    weight: j.weight,
+                    reward,
+                    effective: j.effective,
+                    flag: flag.clone(),
+                })
+                .collect(),
+            ledger_from: from,
+            ledger: hex::encode(next.bytes_from(from)),
+        };
+        let url = format!("{hub}/v1/validator/verdict");
+        let body = serde_json::to_vec(&verdict).map_err(|e| http_err(&url, e))?;
+        self.post(&url, reqwest::blocking::Body::from(body), "application/json")?;
+        let sealed = self.sealed.as_mut().ok_or(ValidatorError::NotScored)?;
+        sealed.ledger = next;
+        for (s, sc) in job.submissions.iter().zip(&scored) {
+            if let Some(f) = sc.data_fit.filter(|f| f.is_finite()) {
+                let r = sealed.fit.entry(s.contributor_key.clone()).or_default();
+                *r = (r.0 + f, r.1 + 1);
+            }
+        }
+        Ok(RoundScored {
+            round,
+            submissions: scored.len(),
+            copies: scored.iter().filter(|s| s.copy_of.is_some()).count(),
+            best: scored.iter().map(|s| s.score).reduce(f64::max),
+            cost,
+        })
+    }
+
+    /// Opens one sealed submission and checks it says what its clear header and the job say.
+    fn open(&self, s: &JobSubmission, envelope: &[u8], lengths: &[usize]) -> std::result::Result<Candidate, String> {
+        let sealed = self.sealed.as_ref().ok_or("not a sealed run")?;
+        let (header, plain) = sealed.opening.open(envelope).map_err(|e| e.to_string())?;
+        if hex::encode(header.run_id) != self.run.run_id
+            || header.base_round != s.base_round
+            || header.contributor.hex() != s.contributor_key
+        {
+            return Err("the envelope's header does not match the submission the hub recorded".into());
+        }
+        let view = MessageView::parse(&plain).map_err(|e| e.to_string())?;
+        if view.run_id != header.run_id
+            || view.round != header.base_round
+            || view.base_checkpoint != header.base_checkpoint
+        {
+            return Err("the sealed message contradicts its envelope's header".into());
+        }
+        if view.codec != self.run.spec.codec {
+            return Err(format!("codec {} where the run uses {}", view.codec, self.run.spec.codec));
+        }
+        let table_ok = view.tensors.len() == self.run.spec.tensors.len()
+            && view.tensors.iter().zip(&self.run.spec.tensors).all(|(t, s)| t.name == s.name && t.shape == s.shape);
+        if !table_ok {
+            return Err("its tensors are not the model's".into());
+        }
+        Candidate::from_job(s, &plain, lengths).map_err(|e| e.to_string())
+    }
+
+    fn post(&self, url: &str, body: reqwest::blocking::Body, content_type: &str) -> Result<()> {
+        let r = self
+            .http
+            .post(url)
+            .bearer_auth(&self.config.token)
+            .header(reqwest::header::CONTENT_TYPE, content_type)
+            .body(body)
+            .send()
+            .map_err(|e| http_err(url, e))?;
+        let status = r.status();
+        if !status.is_success() {
+            let body = r.bytes().map_err(|e| http_err(url, e))?;
+            return Err(refusal(url, status, &body));
+        }
+        Ok(())
+    }
+}
+
+/// A round's aggregate Δ̄ as an f32 message on the round's base.
+fn aggregate_message(run: &RunInfo, job: &ScoringJob, mean: &[Vec<f32>]) -> Result<Vec<u8>> {
+    let bad = |message: String| ValidatorError::Bad { round: job.round, message };
+    let mut run_id = [0u8; 16];
+    hex::decode_to_slice(&run.run_id, &mut run_id).map_err(|e| bad(format!("run id: {e}")))?;
+    let mut base = [0u8; 32];
+    hex::decode_to_slice(&job.base_checkpoint, &mut base).map_err(|e| bad(format!("base: {e}")))?;
+    let mut tensors = Vec::with_capacity(mean.len());
+    for (t, values) in run.spec.tensors.iter().zip(mean) {
+        let encoded = Codec::F32.encode(values).map_err(|e| bad(e.to_string()))?;
+        tensors.push(TensorEntry { name: t.name.clone(), shape: t.shape.clone(), encoded });
+    }
+    Ok(PseudoGradient { codec: Codec::F32, run_id, round: job.round, base_checkpoint: base, tensors }.to_bytes())
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+fn unix_secs() -> u64 {
+    (now_ms() / 1000) as u64
 }
 
 /// Retries `f` while the hub is unreachable or answers 5xx, with backoff, for `patience`;

@@ -13,6 +13,7 @@
 //! `tessera bench arena`.
 
 pub mod client;
+pub mod tee;
 
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};

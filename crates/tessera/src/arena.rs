@@ -252,12 +252,16 @@ fn run_scenario(
     let hub = rt.block_on(async {
         let db = Db::connect(&format!("sqlite://{}/hub.db", tmp.path().display())).await?;
         let store = Store::open(&tmp.path().join("store").display().to_string())?;
-        anyhow::Ok(Hub::open(db, store, Some(NewRun { spec: spec.clone(), weights })).await?)
+        let key = tessera_trust::Identity::generate()?;
+        anyhow::Ok(Hub::open(db, store, Some(NewRun { spec: spec.clone(), weights }), key).await?)
     })?;
     let mut ids = Vec::with_capacity(n);
+    let mut keys = Vec::with_capacity(n);
     for i in 0..n {
         let name = if i < honest { format!("honest-{i}") } else { format!("attacker-{}", i - honest) };
-        ids.push(rt.block_on(hub.register(&name)).map_err(anyhow::Error::msg)?.contributor_id);
+        let key = tessera_trust::Identity::generate()?.public();
+        ids.push(rt.block_on(hub.register(&name, key)).map_err(anyhow::Error::msg)?.contributor_id);
+        keys.push(key);
     }
     let info = rt.block_on(hub.info());
     let mut trainers: Vec<Trainer> = ids
@@ -385,7 +389,7 @@ fn run_scenario(
             if kinds[i] == Some(Adversary::Stale) && round < 2 {
                 continue; // Nothing old enough to be stale yet.
             }
-            let result = rt.block_on(hub.submit(ids[i], Bytes::from(bodies[i].clone()), Some(losses[i])));
+            let result = rt.block_on(hub.submit(ids[i], keys[i], Bytes::from(bodies[i].clone()), Some(losses[i])));
             if i >= honest {
                 attacker_submissions += 1;
             }
@@ -511,6 +515,7 @@ fn arena_spec(args: &ArenaArgs, sc: &Scenario, dataset: &Dataset, model: &Llama)
         staleness_decay: 0.5,
         seed: args.seed,
         aggregation: sc.aggregation,
+        trust: None,
         contest: sc.scored.then(|| ContestSpec {
             eval_windows: args.eval_windows,
             fit_windows: args.fit_windows,

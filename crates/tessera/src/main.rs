@@ -4,6 +4,7 @@
 mod arena;
 mod commands;
 mod swarm;
+mod trust;
 
 use std::path::PathBuf;
 
@@ -39,10 +40,18 @@ enum Command {
     /// Join a hub's run: train H inner steps per round from the published weights and upload
     /// the compressed pseudo-gradient, until the run finishes.
     Contribute(Box<swarm::ContributeArgs>),
-    /// Score every submission of a scored run (`tessera hub --scored`): held-out loss before and
-    /// after each submission alone, on data drawn from the round's committed seed; a check that
-    /// it was trained on its assigned data; copy detection. Reports to the hub.
-    Validate(Box<swarm::ValidateArgs>),
+    /// The validator role: score every submission of a scored run (`tessera hub --scored`) —
+    /// held-out loss before and after each submission alone, on data drawn from the round's
+    /// committed seed; a check that it was trained on its assigned data; copy detection. In a
+    /// sealed run it attests its keys (SEV-SNP or TDX), opens the sealed submissions, settles
+    /// and aggregates each round and signs the reward ledger.
+    #[command(alias = "validate")]
+    Validator(Box<swarm::ValidateArgs>),
+    /// Make an Ed25519 identity (owner-only PEM file) for `tessera contribute --key`.
+    Keygen(trust::KeygenArgs),
+    /// The reward ledger: verify a hub's (or an exported file) from its bytes alone.
+    #[command(subcommand)]
+    Ledger(trust::LedgerCommand),
     /// A hub's leaderboard: contributors by rating (μ − 3σ), rewards, and who qualified for the
     /// next phase at the phase boundary.
     Leaderboard(swarm::LeaderboardArgs),

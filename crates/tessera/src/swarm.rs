@@ -12,7 +12,9 @@ use tessera_contributor::{Contributor, ContributorConfig, Outcome, inner_config,
 use tessera_data::Dataset;
 use tessera_hub::{Db, Hub, NewRun, Store};
 use tessera_model::{Llama, LlamaConfig, save_checkpoint};
-use tessera_protocol::api::{ContestSpec, DataSource, DataSpec, HubStatus, InnerSpec, OuterSpec, RunInfo};
+use tessera_protocol::api::{
+    AttestationPolicy, ContestSpec, DataSource, DataSpec, HubStatus, InnerSpec, OuterSpec, RunInfo,
+};
 use tessera_protocol::{Codec, RunSpec, TensorSpec, decode_weights};
 use tessera_train::diloco::{read_params, write_params};
 use tessera_train::trainer::{describe_eval, print_above};
@@ -126,6 +128,23 @@ pub struct ContestArgs {
     /// keeps contributing to this run.
     #[arg(long)]
     promote_at: Option<u64>,
+    /// Seal submissions with HPKE to an attested validator (with --scored): the hub stores
+    /// only ciphertext, and the validator settles rounds and signs the reward ledger.
+    #[arg(long, requires = "scored")]
+    sealed: bool,
+    /// A SEV-SNP launch measurement (96 hex digits) the validator may run (repeatable).
+    #[arg(long, requires = "sealed")]
+    sev_snp_measurement: Vec<String>,
+    /// A TDX MRTD (96 hex digits) the validator may run (repeatable).
+    #[arg(long, requires = "sealed")]
+    tdx_mrtd: Vec<String>,
+    /// A TDX TCB status accepted besides UpToDate (e.g. SWHardeningNeeded; repeatable).
+    #[arg(long, requires = "sealed")]
+    tdx_status: Vec<String>,
+    /// DEVELOPMENT ONLY, INSECURE: accept a validator with no TEE (its software attestation
+    /// proves nothing). Shown as INSECURE in logs, the API and every ledger entry it signs.
+    #[arg(long, requires = "sealed")]
+    insecure_dev_tee: bool,
 }
 
 impl ContestArgs {
@@ -139,6 +158,19 @@ impl ContestArgs {
             score_timeout_ms: (self.score_timeout * 1000.0) as u64,
             promote_top: self.promote_top,
             promote_at: self.promote_at,
+        })
+    }
+
+    fn trust(&self) -> Option<AttestationPolicy> {
+        let mut statuses = self.tdx_status.clone();
+        if !statuses.is_empty() && !statuses.iter().any(|s| s == "UpToDate") {
+            statuses.push("UpToDate".into());
+        }
+        self.sealed.then(|| AttestationPolicy {
+            sev_snp_measurements: self.sev_snp_measurement.iter().map(|m| m.to_ascii_lowercase()).collect(),
+            tdx_mrtds: self.tdx_mrtd.iter().map(|m| m.to_ascii_lowercase()).collect(),
+            tdx_statuses: statuses,
+            allow_insecure_dev: self.insecure_dev_tee,
         })
     }
 }
@@ -159,9 +191,13 @@ pub struct HubArgs {
     /// Write the address actually bound to this file.
     #[arg(long)]
     addr_file: Option<PathBuf>,
-    /// The bearer token `tessera validate` must present (scored runs).
+    /// The bearer token `tessera validator` must present (scored runs).
     #[arg(long, env = "TESSERA_VALIDATOR_TOKEN", hide_env_values = true)]
     validator_token: Option<String>,
+    /// The hub's Ed25519 key (created, owner-only, if missing): it signs the run's ledger
+    /// genesis, assignments and run info. A run must be served with the key it was created with.
+    #[arg(long, default_value = "runs/hub/hub-key.pem")]
+    key: PathBuf,
 }
 
 #[derive(Args)]
@@ -175,6 +211,10 @@ pub struct ContributeArgs {
     /// A name shown on the hub's status page.
     #[arg(long, default_value = "anonymous")]
     name: String,
+    /// Your Ed25519 identity (`tessera keygen`); default: identity.pem in the state directory,
+    /// created if missing. Every request is signed with it; rewards are credited to it.
+    #[arg(long)]
+    key: Option<PathBuf>,
     /// Training data, for runs that do not use the embedded corpus (must match the run's fingerprint).
     #[arg(long)]
     data: Option<PathBuf>,
@@ -243,6 +283,7 @@ fn run_spec(args: &RunArgs, dataset: &Dataset, model: &Llama) -> Result<RunSpec>
             tessera_protocol::Aggregation::Mean
         }),
         contest: args.contest.spec(),
+        trust: args.contest.trust(),
     })
 }
 
@@ -264,7 +305,16 @@ pub fn hub(args: HubArgs) -> Result<()> {
         } else {
             None
         };
-        let hub = Hub::open(db, store, new).await?;
+        if let Some(dir) = args.key.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+        }
+        let key = tessera_trust::Identity::load_or_create(&args.key)?;
+        let hub = Hub::open(db, store, new, key).await?;
+        if hub.spec.trust.as_ref().is_some_and(|t| t.allow_insecure_dev) {
+            tracing::warn!(
+                "this run accepts an INSECURE development validator (no TEE): submissions are not protected"
+            );
+        }
         match (&args.validator_token, &hub.spec.contest) {
             (Some(token), _) => hub.set_validator_token(token),
             (None, Some(_)) => tracing::warn!(
@@ -293,8 +343,14 @@ pub fn hub(args: HubArgs) -> Result<()> {
             info.spec.codec,
             info.spec.broadcast_codec,
             info.spec.aggregation,
-            if info.spec.contest.is_some() { ", scored" } else { "" }
+            match (&info.spec.contest, &info.spec.trust) {
+                (_, Some(t)) if t.allow_insecure_dev => ", scored, sealed (INSECURE development validator allowed)",
+                (_, Some(_)) => ", scored, sealed to an attested validator",
+                (Some(_), None) => ", scored",
+                (None, _) => "",
+            }
         );
+        eprintln!("hub key {} (signs the ledger genesis, assignments and run info)", info.hub_key);
         tessera_hub::serve(hub, listener, async {
             let _ = tokio::signal::ctrl_c().await;
         })
@@ -310,6 +366,7 @@ pub fn contribute(args: ContributeArgs) -> Result<()> {
         hub: args.hub.trim_end_matches('/').to_owned(),
         state_dir: args.state_dir.clone(),
         name: args.name.clone(),
+        key: args.key.clone(),
         device,
         data,
         max_rounds: args.max_rounds,
@@ -465,6 +522,21 @@ fn run_flags(r: &RunArgs) -> Vec<String> {
         if let Some(at) = c.promote_at {
             v.extend(["--promote-at".into(), at.to_string()]);
         }
+        if c.sealed {
+            v.push("--sealed".into());
+            for m in &c.sev_snp_measurement {
+                v.extend(["--sev-snp-measurement".into(), m.clone()]);
+            }
+            for m in &c.tdx_mrtd {
+                v.extend(["--tdx-mrtd".into(), m.clone()]);
+            }
+            for st in &c.tdx_status {
+                v.extend(["--tdx-status".into(), st.clone()]);
+            }
+            if c.insecure_dev_tee {
+                v.push("--insecure-dev-tee".into());
+            }
+        }
     }
     v
 }
@@ -522,6 +594,8 @@ pub fn demo(args: DemoArgs) -> Result<()> {
         "127.0.0.1:0".into(),
         "--addr-file".into(),
         addr_file.display().to_string(),
+        "--key".into(),
+        dir.join("hub.key.pem").display().to_string(),
     ];
     hub_args.extend(run_flags(&run));
     // A scored demo runs a validator too; its token goes to both through the environment.
@@ -565,7 +639,10 @@ pub fn demo(args: DemoArgs) -> Result<()> {
     }
     let _validator = if run.contest.scored {
         let mut a: Vec<String> =
-            vec!["validate".into(), "--hub".into(), url.clone(), "--threads".into(), threads.to_string()];
+            vec!["validator".into(), "--hub".into(), url.clone(), "--threads".into(), threads.to_string()];
+        if run.contest.insecure_dev_tee {
+            a.push("--insecure-dev-tee".into());
+        }
         if let Some(d) = &run.data.data {
             a.extend(["--data".into(), d.display().to_string(), "--tokenizer".into(), run.data.tokenizer.clone()]);
         }
@@ -720,7 +797,7 @@ pub struct BenchSwarmArgs {
 /// submission of real messages; reports errors and submission latency percentiles.
 pub fn bench_swarm(args: BenchSwarmArgs) -> Result<()> {
     use tessera_protocol::PseudoGradient;
-    use tessera_protocol::api::{Assignment, CONTRIBUTOR_HEADER, Registration};
+    use tessera_protocol::api::{Assignment, Registration};
 
     if args.contributors == 0 || args.rounds == 0 || args.params == 0 {
         bail!("--contributors, --rounds and --params must be positive");
@@ -760,10 +837,13 @@ pub fn bench_swarm(args: BenchSwarmArgs) -> Result<()> {
         seed: 0,
         aggregation: tessera_protocol::Aggregation::Mean,
         contest: None,
+        trust: None,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
-        let hub = Hub::open(Db::connect(&database).await?, Store::open(&store)?, Some(NewRun { spec, weights })).await?;
+        let key = tessera_trust::Identity::generate()?;
+        let hub =
+            Hub::open(Db::connect(&database).await?, Store::open(&store)?, Some(NewRun { spec, weights }), key).await?;
         let info = hub.info().await;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let url = format!("http://{}", listener.local_addr()?);
@@ -787,24 +867,21 @@ pub fn bench_swarm(args: BenchSwarmArgs) -> Result<()> {
             tasks.spawn(async move {
                 let mut latencies = Vec::new();
                 let mut errors = Vec::new();
-                let reg: Registration = http
-                    .post(format!("{url}/v1/contributors"))
-                    .json(&serde_json::json!({"name": format!("sim-{i}")}))
-                    .send()
-                    .await?
-                    .json()
-                    .await?;
+                let me = tessera_trust::Identity::generate()?;
+                let signed = |path: &str, body: Vec<u8>| -> Result<reqwest::RequestBuilder> {
+                    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis() as i64;
+                    let mut b = http.post(format!("{url}{path}"));
+                    for (k, v) in me.sign_request("POST", path, &body, now)? {
+                        b = b.header(k, v);
+                    }
+                    Ok(b.body(body))
+                };
+                let name = serde_json::to_vec(&serde_json::json!({"name": format!("sim-{i}")}))?;
+                let _reg: Registration = signed("/v1/contributors", name)?.send().await?.json().await?;
                 let mut run_id = [0u8; 16];
                 hex::decode_to_slice(&info.run_id, &mut run_id)?;
                 loop {
-                    let a: Assignment = http
-                        .post(format!("{url}/v1/assignments"))
-                        .header(CONTRIBUTOR_HEADER, reg.contributor_id.to_string())
-                        .bearer_auth(&reg.token)
-                        .send()
-                        .await?
-                        .json()
-                        .await?;
+                    let a: Assignment = signed("/v1/assignments", Vec::new())?.send().await?.json().await?;
                     if a.finished {
                         break;
                     }
@@ -830,13 +907,7 @@ pub fn bench_swarm(args: BenchSwarmArgs) -> Result<()> {
                     })
                     .await??;
                     let t = Instant::now();
-                    let r = http
-                        .post(format!("{url}/v1/submissions"))
-                        .header(CONTRIBUTOR_HEADER, reg.contributor_id.to_string())
-                        .bearer_auth(&reg.token)
-                        .body(body)
-                        .send()
-                        .await?;
+                    let r = signed("/v1/submissions", body)?.send().await?;
                     latencies.push(t.elapsed().as_secs_f64());
                     if r.status() != reqwest::StatusCode::ACCEPTED {
                         errors.push(format!("{}: {}", r.status(), r.text().await.unwrap_or_default()));
@@ -899,6 +970,20 @@ pub struct ValidateArgs {
     /// Keep retrying an unreachable hub for this many seconds.
     #[arg(long, default_value_t = 300)]
     patience: u64,
+    /// Sealed runs, SEV-SNP guests: this chip's VCEK (DER), fetched ahead of time from AMD's
+    /// key distribution service.
+    #[arg(long)]
+    vcek: Option<PathBuf>,
+    /// Sealed runs, TDX guests: the quote's DCAP collateral (JSON), fetched ahead of time.
+    #[arg(long)]
+    tdx_collateral: Option<PathBuf>,
+    /// The kernel's configfs-tsm report directory.
+    #[arg(long, default_value = tessera_validator::tee::TSM_REPORTS)]
+    tsm_dir: PathBuf,
+    /// DEVELOPMENT ONLY, INSECURE: attest with a software stand-in instead of a TEE (the run
+    /// must allow it). Nothing about this validator is proven; it says so everywhere.
+    #[arg(long)]
+    insecure_dev_tee: bool,
     #[command(flatten)]
     runtime: RuntimeArgs,
 }
@@ -913,9 +998,22 @@ pub fn validate(args: ValidateArgs) -> Result<()> {
         data,
         poll: Duration::from_millis(500),
         patience: Duration::from_secs(args.patience),
+        attester: Some(if args.insecure_dev_tee {
+            tracing::warn!("--insecure-dev-tee: attesting with an INSECURE software stand-in, not a TEE");
+            tessera_validator::tee::Attester::InsecureDev
+        } else {
+            tessera_validator::tee::Attester::Tsm {
+                reports: args.tsm_dir.clone(),
+                vcek: args.vcek.clone(),
+                tdx_collateral: args.tdx_collateral.clone(),
+            }
+        }),
     };
     let mut validator = tessera_validator::client::Validator::connect(config)?;
-    eprintln!("tessera validate: scoring rounds of {} as they close", args.hub);
+    match validator.attestation() {
+        Some(v) => eprintln!("tessera validator: attested as {v}; settling rounds of {} as they close", args.hub),
+        None => eprintln!("tessera validator: scoring rounds of {} as they close", args.hub),
+    }
     let rounds = validator.run(args.max_rounds, |r| {
         eprintln!(
             "round {:>4}: {} submissions scored in {:.1} s ({} windows forward), {} copies, best score {}",
@@ -927,7 +1025,7 @@ pub fn validate(args: ValidateArgs) -> Result<()> {
             r.best.map_or("–".into(), |b| format!("{b:.4}"))
         );
     })?;
-    eprintln!("tessera validate: scored {rounds} rounds");
+    eprintln!("tessera validator: scored {rounds} rounds");
     Ok(())
 }
 

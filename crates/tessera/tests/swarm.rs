@@ -75,6 +75,8 @@ fn hub(dir: &Path, port: u16, extra: &[&str]) -> Proc {
         dir.join("store").display().to_string(),
         "--listen".into(),
         format!("127.0.0.1:{port}"),
+        "--key".into(),
+        dir.join("hub-key.pem").display().to_string(),
     ];
     args.extend(RUN.iter().chain(extra).map(|s| s.to_string()));
     spawn(&args, &dir.join("hub.log"))
@@ -282,11 +284,13 @@ fn the_networked_run_matches_the_in_process_simulation() {
     }
 }
 
-/// A scored run with real processes: two honest contributors, one that scales its Δ ×100
-/// (`--adversary scale`), and `tessera validate` scoring every round over HTTP. The attacker
-/// earns nothing and ranks last; `tessera leaderboard` shows who qualifies.
+/// A sealed, scored run with real processes: two honest contributors, one that scales its Δ
+/// ×100 (`--adversary scale`), and `tessera validator` (attesting with the INSECURE development
+/// stand-in the run allows) opening, scoring and settling every round over HTTP. A validator
+/// without a TEE is refused; the attacker earns nothing and ranks last; `tessera leaderboard`
+/// shows who qualifies; `tessera ledger verify` checks the hub's ledger and names a tamper.
 #[test]
-fn a_scored_run_with_a_validator_and_an_attacker() {
+fn a_sealed_scored_run_with_a_validator_and_an_attacker() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let port = free_port();
@@ -313,6 +317,8 @@ fn a_scored_run_with_a_validator_and_an_attacker() {
         "8",
         "--fit-windows",
         "4",
+        "--sealed",
+        "--insecure-dev-tee",
     ];
     let _h = hub(d, port, &flags);
     let url = format!("http://127.0.0.1:{port}");
@@ -321,8 +327,14 @@ fn a_scored_run_with_a_validator_and_an_attacker() {
         contributor(d, port, "b"),
         contributor_with(d, port, "bad", &["--adversary", "scale"]),
     ];
-    let validate: Vec<String> =
-        ["validate", "--hub", &url, "--token", "tok", "--threads", "1"].iter().map(|s| s.to_string()).collect();
+    let mut validate: Vec<String> =
+        ["validator", "--hub", &url, "--token", "tok", "--threads", "1"].iter().map(|s| s.to_string()).collect();
+    // No TEE here: without the development flag the validator refuses to start.
+    let mut untrusted = spawn(&validate, &d.join("untrusted.log"));
+    let code = untrusted.0.wait().unwrap();
+    let said = std::fs::read_to_string(d.join("untrusted.log")).unwrap();
+    assert!(!code.success() && said.contains("no TEE here") && said.contains("--insecure-dev-tee"), "{said}");
+    validate.push("--insecure-dev-tee".into());
     let mut v = spawn(&validate, &d.join("validator.log"));
     for (w, name) in workers.iter_mut().zip(["a", "b", "bad"]) {
         w.wait_success(Duration::from_secs(240), &d.join(format!("{name}.log")));
@@ -346,6 +358,28 @@ fn a_scored_run_with_a_validator_and_an_attacker() {
     assert!(table.contains("qualified") && table.contains("bad"), "{table}");
     let log = std::fs::read_to_string(d.join("validator.log")).unwrap();
     assert_eq!(log.matches("submissions scored").count() as u64, rounds, "{log}");
+    assert!(log.contains("INSECURE"), "{log}");
+
+    // The ledger: verified from the hub, exported, and a tampered copy refused by name.
+    let export = d.join("ledger.bin");
+    let out = Command::new(BIN).args(["ledger", "verify", "--hub", &url, "--export"]).arg(&export).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        text.contains("verified") && text.contains("INSECURE") && text.contains(&format!("{rounds} settled rounds")),
+        "{text}"
+    );
+    let out = Command::new(BIN).args(["ledger", "verify", "--json", "--file"]).arg(&export).output().unwrap();
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let units: u64 = json["units"].as_object().unwrap().values().map(|v| v.as_u64().unwrap()).sum();
+    assert_eq!(units, paid, "the ledger's balances are the leaderboard's rewards");
+    let mut bytes = std::fs::read(&export).unwrap();
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x04;
+    std::fs::write(&export, &bytes).unwrap();
+    let out = Command::new(BIN).args(["ledger", "verify", "--file"]).arg(&export).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("does not verify") && err.contains("entry"), "{err}");
 }
 
 /// `tessera demo --scored` runs a validator beside the hub and contributors, and passes the
