@@ -394,6 +394,11 @@ impl Contributor {
         self.identity.contributor_id
     }
 
+    /// The key this contributor signs with and is credited under.
+    pub fn public_key(&self) -> PublicKey {
+        self.key.public()
+    }
+
     fn hub(&self) -> Hub<'_> {
         Hub { url: &self.config.hub, patience: self.config.patience }
     }

@@ -816,6 +816,11 @@ impl Hub {
             return Err(api(ErrorCode::BadRequest, format!("ledger entries refused: {e}")));
         }
         let added: Vec<tessera_trust::ledger::Entry> = (from..next.len()).filter_map(|s| next.entry(s)).collect();
+        let current = self.validator.read().ok().and_then(|v| v.as_ref().map(|v| v.attestation.signing_key.clone()));
+        if added.iter().any(|e| Some(&e.signer) != current.as_ref()) {
+            state.sealed_mean = Some((state.round, mean));
+            return Err(api(ErrorCode::WrongValidator, "a round is settled by the current validator's key only"));
+        }
         let receipts: Vec<_> = added.iter().filter(|e| matches!(e.body, LedgerBody::Receipt { .. })).collect();
         let matches = receipts.len() == rows.len()
             && rows.iter().zip(&receipts).zip(&verdict.settled).all(|((row, e), s)| match &e.body {

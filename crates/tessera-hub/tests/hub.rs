@@ -813,6 +813,11 @@ async fn sealed_rounds() {
     assert_eq!(e.code, ErrorCode::Replay);
     c.submit_raw(seal(&v, &c, &run, &plain_c)).await.unwrap();
 
+    // Contributors cannot fetch submissions: that takes the validator's token.
+    let job_blob = blake3::hash(&sealed_a).to_hex().to_string();
+    let r = validator_get(&url, &format!("/v1/validator/submissions/{job_blob}"), None).await;
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+
     // Only ciphertext at rest: no submission's tensor bytes in the database or the store.
     let needle_a = &plain_a[plain_a.len() - 32 - 64..plain_a.len() - 32];
     let needle_c = &plain_c[plain_c.len() - 32 - 64..plain_c.len() - 32];

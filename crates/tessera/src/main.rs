@@ -279,6 +279,10 @@ enum BenchCommand {
         #[command(flatten)]
         runtime: RuntimeArgs,
     },
+    /// What trust costs: sealing and opening a submission with HPKE (against BLAKE3 and memcpy
+    /// of the same bytes, measured in the same run), signing and verifying a request, and
+    /// writing and verifying ledger entries.
+    Trust(crate::trust::BenchTrustArgs),
     /// The hub's round: parse, checksum, decode and average pseudo-gradients from N contributors,
     /// then one outer step; reported against memcpy bandwidth measured in the same run.
     Hub {

@@ -378,13 +378,15 @@ pub fn contribute(args: ContributeArgs) -> Result<()> {
     }
     let mut contributor = Contributor::join(config)?;
     eprintln!(
-        "tessera contribute: contributor {} in run {} ({}), H = {}, codec {}",
+        "tessera contribute: contributor {} in run {} ({}), H = {}, codec {}{}",
         contributor.id(),
         contributor.run.run_id,
         contributor.run.spec.name,
         contributor.run.spec.inner_steps,
-        contributor.run.spec.codec
+        contributor.run.spec.codec,
+        if contributor.run.spec.trust.is_some() { ", submissions sealed to the attested validator" } else { "" }
     );
+    eprintln!("your key {} (rewards are credited to it)", contributor.public_key());
     let rounds = contributor.run(|r| {
         let outcome = match &r.outcome {
             Outcome::Accepted(rc) if rc.staleness > 0 => {
@@ -711,6 +713,22 @@ pub fn demo(args: DemoArgs) -> Result<()> {
 
     // Evaluate the final global weights here, where libtorch is.
     let info: RunInfo = get_json(&http, &format!("{url}/v1/run"))?;
+    let ledger_line = if info.spec.trust.is_some() {
+        let bytes = http.get(format!("{url}/v1/ledger")).send()?.error_for_status()?.bytes()?;
+        std::fs::write(dir.join("ledger.bin"), &bytes)?;
+        let ledger = tessera_trust::ledger::Ledger::from_bytes(&bytes)
+            .map_err(|e| anyhow::anyhow!("the run's ledger does not verify: {e}"))?;
+        let insecure = ledger.validators().any(|v| v.insecure);
+        Some(format!(
+            "ledger: {} entries verified (signatures, chain, Merkle roots, attestations, balances){}; saved to {} \
+             (`tessera ledger verify --file` it)",
+            ledger.len(),
+            if insecure { ", signed by an INSECURE development validator" } else { "" },
+            dir.join("ledger.bin").display()
+        ))
+    } else {
+        None
+    };
     let bytes = http.get(format!("{url}/v1/checkpoints/{}", info.checkpoint)).send()?.error_for_status()?.bytes()?;
     drop(hub);
     let weights = decode_weights(&bytes, &info.spec.tensors)?;
@@ -723,6 +741,9 @@ pub fn demo(args: DemoArgs) -> Result<()> {
     let trainer = Trainer::from_model(inner_config(&info, 0), model, dataset)?;
     let eval = EvalStats { step: info.spec.rounds * info.spec.inner_steps, ..trainer.evaluate()? };
     summary(&info, &status, &eval, elapsed, &final_dir);
+    if let Some(line) = ledger_line {
+        println!("{line}");
+    }
     Ok(())
 }
 

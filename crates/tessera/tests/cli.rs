@@ -241,3 +241,26 @@ fn arena_refuses_and_pays_as_it_should() {
     let err = fails(&[&common[..], &["--scenarios", "bribery"]].concat());
     assert!(err.contains("unknown adversary"), "{err}");
 }
+
+/// `tessera keygen` writes an owner-only key and never overwrites one; `bench trust` runs and
+/// checks that what it sealed opens; `ledger verify` refuses what is not a ledger.
+#[test]
+fn keys_trust_bench_and_ledger_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("me.pem");
+    let public = ok(&["keygen", "--out", p(&key)]);
+    assert_eq!(public.trim().len(), 64, "{public}");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(&key).unwrap().permissions().mode() & 0o777, 0o600);
+    }
+    assert!(fails(&["keygen", "--out", p(&key)]).contains("me.pem"));
+    let out = ok(&["bench", "trust", "--bytes", "100000", "--requests", "10", "--entries", "20", "--repeats", "1"]);
+    assert!(out.contains("HPKE open") && out.contains("entries/s"), "{out}");
+    let junk = dir.path().join("junk.bin");
+    std::fs::write(&junk, b"not a ledger").unwrap();
+    let err = fails(&["ledger", "verify", "--file", p(&junk)]);
+    assert!(err.contains("does not verify") && err.contains("malformed"), "{err}");
+    assert!(fails(&["ledger", "verify"]).contains("--hub"));
+}
