@@ -304,11 +304,15 @@ async fn validator_scores(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<impl IntoResponse, Refusal> {
     validator(&hub, &headers)?;
-    let body = body_or_refusal(body)?;
-    let report: ScoreReport =
-        serde_json::from_slice(&body).map_err(|e| refuse(ErrorCode::BadRequest, format!("scores: {e}")))?;
+    let report: ScoreReport = json_body(body, "scores")?;
     hub.post_scores(report).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// A JSON request body, or `bad_request` naming what it should have been.
+fn json_body<T: serde::de::DeserializeOwned>(body: Result<Bytes, BytesRejection>, what: &str) -> Result<T, Refusal> {
+    let body = body_or_refusal(body)?;
+    serde_json::from_slice(&body).map_err(|e| refuse(ErrorCode::BadRequest, format!("{what}: {e}")))
 }
 
 /// The validator submissions are sealed to: its attestation, for contributors to verify.
@@ -332,9 +336,7 @@ async fn validator_attestation(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<impl IntoResponse, Refusal> {
     validator(&hub, &headers)?;
-    let body = body_or_refusal(body)?;
-    let post: AttestationPost =
-        serde_json::from_slice(&body).map_err(|e| refuse(ErrorCode::BadRequest, format!("attestation: {e}")))?;
+    let post: AttestationPost = json_body(body, "attestation")?;
     let seq = hub.register_validator(post.attestation, &post.entry).await?;
     Ok((StatusCode::CREATED, Json(serde_json::json!({ "ledger_seq": seq }))))
 }
@@ -358,9 +360,7 @@ async fn validator_verdict(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<impl IntoResponse, Refusal> {
     validator(&hub, &headers)?;
-    let body = body_or_refusal(body)?;
-    let verdict: Verdict =
-        serde_json::from_slice(&body).map_err(|e| refuse(ErrorCode::BadRequest, format!("verdict: {e}")))?;
+    let verdict: Verdict = json_body(body, "verdict")?;
     hub.post_verdict(verdict).await?;
     Ok(StatusCode::NO_CONTENT)
 }

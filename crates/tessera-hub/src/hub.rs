@@ -157,6 +157,18 @@ struct Header {
     table: Vec<(String, Vec<u64>)>,
 }
 
+impl Header {
+    fn of(view: &MessageView<'_>) -> Header {
+        Header {
+            round: view.round,
+            base: hex::encode(view.base_checkpoint),
+            run_id: view.run_id,
+            codec: view.codec,
+            table: view.tensors.iter().map(|t| (t.name.to_owned(), t.shape.clone())).collect(),
+        }
+    }
+}
+
 /// The result of aggregating one round, not yet published.
 struct Aggregated {
     theta: Vec<Vec<f32>>,
@@ -441,23 +453,7 @@ impl Hub {
         body: Bytes,
         inner_loss: Option<f64>,
     ) -> Result<Receipt, ApiError> {
-        // Parsing verifies the checksum of the whole body: off the async workers.
-        let checked = body.clone();
-        let lengths = self.lengths.clone();
-        let (header, decoded) = tokio::task::spawn_blocking(move || {
-            let view = MessageView::parse(&checked)?;
-            let header = Header {
-                round: view.round,
-                base: hex::encode(view.base_checkpoint),
-                run_id: view.run_id,
-                codec: view.codec,
-                table: view.tensors.iter().map(|t| (t.name.to_owned(), t.shape.clone())).collect(),
-            };
-            Ok::<_, tessera_protocol::WireError>((header, check_view(&lengths, &view)))
-        })
-        .await
-        .map_err(|e| api(ErrorCode::Internal, e.to_string()))?
-        .map_err(|e| api(ErrorCode::MalformedMessage, e.to_string()))?;
+        let (header, decoded) = self.parse_off_thread(body.clone(), check_view).await?;
         self.check_header(&header)?;
         // Only now that names and shapes match the model does a decoding failure mean bad values.
         decoded.map_err(|e| api(ErrorCode::MalformedMessage, e.to_string()))?;
@@ -588,6 +584,23 @@ impl Hub {
             self.close_round(&mut state, "quorum").await.map_err(internal)?;
         }
         Ok(Receipt { round, base_round, staleness, weight, bytes })
+    }
+
+    /// Parses a message (which verifies the checksum of the whole body) and runs `decode` on it,
+    /// off the async workers. A body that does not parse is `malformed_message`.
+    async fn parse_off_thread<T: Send + 'static>(
+        &self,
+        body: Bytes,
+        decode: fn(&[usize], &MessageView<'_>) -> T,
+    ) -> Result<(Header, T), ApiError> {
+        let lengths = self.lengths.clone();
+        tokio::task::spawn_blocking(move || {
+            let view = MessageView::parse(&body)?;
+            Ok::<_, tessera_protocol::WireError>((Header::of(&view), decode(&lengths, &view)))
+        })
+        .await
+        .map_err(|e| api(ErrorCode::Internal, e.to_string()))?
+        .map_err(|e| api(ErrorCode::MalformedMessage, e.to_string()))
     }
 
     fn check_header(&self, h: &Header) -> Result<(), ApiError> {
@@ -750,21 +763,7 @@ impl Hub {
         if state.scoring.is_none() || round != state.round {
             return Err(api(ErrorCode::NotScoring, format!("round {round} is not being scored")));
         }
-        let lengths = self.lengths.clone();
-        let (header, mean) = tokio::task::spawn_blocking(move || {
-            let view = MessageView::parse(&body)?;
-            let header = Header {
-                round: view.round,
-                base: hex::encode(view.base_checkpoint),
-                run_id: view.run_id,
-                codec: view.codec,
-                table: view.tensors.iter().map(|t| (t.name.to_owned(), t.shape.clone())).collect(),
-            };
-            Ok::<_, tessera_protocol::WireError>((header, decode_view(&lengths, &view)))
-        })
-        .await
-        .map_err(|e| api(ErrorCode::Internal, e.to_string()))?
-        .map_err(|e| api(ErrorCode::MalformedMessage, e.to_string()))?;
+        let (header, mean) = self.parse_off_thread(body, decode_view).await?;
         if header.run_id != self.run_id_bytes || header.round != round || header.base != state.bases[round as usize] {
             return Err(api(ErrorCode::BaseMismatch, "the aggregate is not for this run's round and base"));
         }

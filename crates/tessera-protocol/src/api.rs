@@ -638,6 +638,9 @@ mod tests {
             let _ = serde_json::from_str::<ScoringJob>(&s);
             let _ = serde_json::from_str::<ScoreReport>(&s);
             let _ = serde_json::from_str::<Leaderboard>(&s);
+            let _ = serde_json::from_str::<Verdict>(&s);
+            let _ = serde_json::from_str::<ValidatorInfo>(&s);
+            let _ = serde_json::from_str::<AttestationPolicy>(&s);
         }
     }
 }

@@ -186,4 +186,12 @@ proptest::proptest! {
         q.truncate(len.max(1));
         let _ = attest::verify(&tdx(&q, TDX_COLLATERAL), &tdx_policy(TDX_QUOTE), &tdx_report_data(TDX_QUOTE), TDX_NOW);
     }
+
+    /// Hostile JSON where a validator's attestation is expected: an error, never a panic.
+    #[test]
+    fn hostile_attestation_json_never_panics(s in ".{0,300}") {
+        if let Ok(a) = serde_json::from_str::<tessera_trust::ValidatorAttestation>(&s) {
+            let _ = a.verify(&sev_policy(), TDX_NOW);
+        }
+    }
 }

@@ -301,7 +301,7 @@ fn a_sealed_scored_run_with_a_validator_and_an_attacker() {
         "--rounds",
         "4",
         "--quorum",
-        "3",
+        "4",
         "--deadline",
         "60",
         "--codec",
@@ -326,6 +326,7 @@ fn a_sealed_scored_run_with_a_validator_and_an_attacker() {
         contributor(d, port, "a"),
         contributor(d, port, "b"),
         contributor_with(d, port, "bad", &["--adversary", "scale"]),
+        contributor_with(d, port, "nan", &["--adversary", "nan"]),
     ];
     let mut validate: Vec<String> =
         ["validator", "--hub", &url, "--token", "tok", "--threads", "1"].iter().map(|s| s.to_string()).collect();
@@ -336,7 +337,7 @@ fn a_sealed_scored_run_with_a_validator_and_an_attacker() {
     assert!(!code.success() && said.contains("no TEE here") && said.contains("--insecure-dev-tee"), "{said}");
     validate.push("--insecure-dev-tee".into());
     let mut v = spawn(&validate, &d.join("validator.log"));
-    for (w, name) in workers.iter_mut().zip(["a", "b", "bad"]) {
+    for (w, name) in workers.iter_mut().zip(["a", "b", "bad", "nan"]) {
         w.wait_success(Duration::from_secs(240), &d.join(format!("{name}.log")));
     }
     v.wait_success(Duration::from_secs(60), &d.join("validator.log"));
@@ -348,10 +349,12 @@ fn a_sealed_scored_run_with_a_validator_and_an_attacker() {
     let board: tessera_protocol::api::Leaderboard = serde_json::from_slice(&out.stdout).unwrap();
     let row = |name: &str| board.rows.iter().find(|r| r.name == name).unwrap_or_else(|| panic!("no {name}"));
     assert_eq!(row("bad").rewards, 0, "{}", logs(d));
-    assert_eq!(board.rows.last().map(|r| r.name.as_str()), Some("bad"), "{board:?}");
+    assert_eq!(row("nan").rewards, 0, "{}", logs(d));
+    let last_two: Vec<&str> = board.rows.iter().rev().take(2).map(|r| r.name.as_str()).collect();
+    assert!(last_two.contains(&"bad") && last_two.contains(&"nan"), "{board:?}");
     let paid: u64 = board.rows.iter().map(|r| r.rewards).sum();
     assert!(paid > 0 && paid <= 1000 * rounds && paid.is_multiple_of(1000), "whole rounds of units, exactly: {paid}");
-    assert!(row("a").qualified && row("b").qualified && !row("bad").qualified, "{board:?}");
+    assert!(row("a").qualified && row("b").qualified && !row("bad").qualified && !row("nan").qualified, "{board:?}");
     assert_eq!(row("a").rounds, rounds);
     let table = Command::new(BIN).args(["leaderboard", "--hub", &url]).output().unwrap();
     let table = String::from_utf8_lossy(&table.stdout);
@@ -359,6 +362,8 @@ fn a_sealed_scored_run_with_a_validator_and_an_attacker() {
     let log = std::fs::read_to_string(d.join("validator.log")).unwrap();
     assert_eq!(log.matches("submissions scored").count() as u64, rounds, "{log}");
     assert!(log.contains("INSECURE"), "{log}");
+    // The hub cannot look inside a sealed NaN; the validator can, and refuses it by name.
+    assert!(log.contains("sealed submission refused") && log.contains("non-finite"), "{log}");
 
     // The ledger: verified from the hub, exported, and a tampered copy refused by name.
     let export = d.join("ledger.bin");
