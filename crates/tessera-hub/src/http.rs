@@ -75,6 +75,7 @@ pub fn router(hub: Arc<Hub>) -> Router {
         .route("/v1/updates/{round}", get(update))
         .route("/v1/leaderboard", get(leaderboard))
         .route("/api/leaderboard", get(leaderboard))
+        .route("/v1/rounds/{round}", get(round_announcement))
         .route("/v1/rounds/{round}/eval-seed", get(eval_seed))
         .route("/v1/validator/job", get(validator_job))
         .route("/v1/validator/submissions/{blob}", get(validator_blob))
@@ -237,7 +238,20 @@ async fn checkpoint(
     if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()) {
         return Err(refuse(ErrorCode::BadRequest, "a checkpoint is named by 64 lowercase hex digits"));
     }
-    serve_blob(&hub, &checkpoint_key(&hash), &headers).await
+    let mut response = serve_blob(&hub, &checkpoint_key(&hash), &headers).await?;
+    // The hub vouches for what it published: its signature over the checkpoint's BLAKE3 (its
+    // name), checkable once the whole checkpoint is in hand.
+    let signature = HeaderValue::from_str(&hub.sign_published_hash(&hash))
+        .map_err(|e| refuse(ErrorCode::Internal, e.to_string()))?;
+    response.headers_mut().insert(header::HeaderName::from_static(HUB_SIGNATURE_HEADER), signature);
+    Ok(response)
+}
+
+/// A round's signed announcement.
+async fn round_announcement(State(hub): State<Arc<Hub>>, Path(round): Path<String>) -> Result<Response, Refusal> {
+    let round: u64 =
+        round.parse().map_err(|_| refuse(ErrorCode::BadRequest, format!("round {round:?} is not a number")))?;
+    signed_json(&hub, &hub.announcement(round).await?)
 }
 
 async fn update(

@@ -313,6 +313,34 @@ impl Hub {
         self.identity.sign_hex(&tessera_trust::identity::publication_message(body))
     }
 
+    /// The hub's signature (hex) over a published body named by its BLAKE3 (a checkpoint).
+    pub fn sign_published_hash(&self, blake3_hex: &str) -> String {
+        self.identity.sign_hex(&tessera_trust::identity::publication_message_for(blake3_hex))
+    }
+
+    /// Round `round` as announced: its base, its seed commitment, what it published.
+    pub async fn announcement(&self, round: u64) -> Result<tessera_protocol::api::RoundAnnouncement, ApiError> {
+        let rounds = self.db.rounds().await.map_err(internal)?;
+        let r = rounds
+            .into_iter()
+            .find(|r| r.round == round)
+            .ok_or_else(|| api(ErrorCode::NotFound, format!("round {round} has not opened")))?;
+        let eval_commitment = match &self.spec.contest {
+            Some(_) => Some(self.db.eval_seed(round).await.map_err(internal)?.1),
+            None => None,
+        };
+        Ok(tessera_protocol::api::RoundAnnouncement {
+            run_id: self.run_id.clone(),
+            round,
+            state: r.state,
+            base_checkpoint: r.base_checkpoint,
+            eval_commitment,
+            result_checkpoint: r.result_checkpoint,
+            opened_ms: r.opened_ms,
+            closed_ms: r.closed_ms,
+        })
+    }
+
     /// Checks a signed request and that its nonce is new; returns who signed it.
     pub async fn verify_signed<'a>(
         &self,

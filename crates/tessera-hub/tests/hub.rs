@@ -818,6 +818,21 @@ async fn sealed_rounds() {
     let r = validator_get(&url, &format!("/v1/validator/submissions/{job_blob}"), None).await;
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
 
+    // What the hub publishes is signed with the key its run info names: the checkpoint (over its
+    // BLAKE3) and the round's announcement.
+    let hub_key = tessera_trust::PublicKey::parse(&run.hub_key).unwrap();
+    let r = reqwest::get(format!("{url}/v1/checkpoints/{}", run.checkpoint)).await.unwrap();
+    let sig = r.headers()["x-tessera-hub-signature"].to_str().unwrap().to_owned();
+    let bytes = r.bytes().await.unwrap();
+    hub_key.verify_hex(&tessera_trust::identity::publication_message(&bytes), &sig).unwrap();
+    let r = reqwest::get(format!("{url}/v1/rounds/0")).await.unwrap();
+    let sig = r.headers()["x-tessera-hub-signature"].to_str().unwrap().to_owned();
+    let bytes = r.bytes().await.unwrap();
+    hub_key.verify_hex(&tessera_trust::identity::publication_message(&bytes), &sig).unwrap();
+    let round0: tessera_protocol::api::RoundAnnouncement = serde_json::from_slice(&bytes).unwrap();
+    assert_eq!((round0.base_checkpoint.as_str(), round0.eval_commitment.is_some()), (run.checkpoint.as_str(), true));
+    assert_eq!(reqwest::get(format!("{url}/v1/rounds/7")).await.unwrap().status(), StatusCode::NOT_FOUND);
+
     // Only ciphertext at rest: no submission's tensor bytes in the database or the store.
     let needle_a = &plain_a[plain_a.len() - 32 - 64..plain_a.len() - 32];
     let needle_c = &plain_c[plain_c.len() - 32 - 64..plain_c.len() - 32];

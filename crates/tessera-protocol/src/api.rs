@@ -400,6 +400,21 @@ pub struct LeaderRow {
     pub qualified: bool,
 }
 
+/// A round as the hub announces it (`GET /v1/rounds/{r}`, signed): what it starts from, the
+/// commitment to its evaluation seed, and what it published.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RoundAnnouncement {
+    pub run_id: String,
+    pub round: u64,
+    pub state: RoundState,
+    pub base_checkpoint: String,
+    #[serde(default)]
+    pub eval_commitment: Option<String>,
+    pub result_checkpoint: Option<String>,
+    pub opened_ms: i64,
+    pub closed_ms: Option<i64>,
+}
+
 /// A sealed run's round, settled by the validator: what the hub could not compute without
 /// reading the submissions. Posted after the round's aggregate (`POST /v1/validator/aggregate`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -202,7 +202,12 @@ pub fn request_message(method: &str, path: &str, timestamp_ms: i64, nonce: &str,
 
 /// The bytes the hub's signature over a published answer covers.
 pub fn publication_message(body: &[u8]) -> Vec<u8> {
-    format!("tessera-hub-v1\n{}", blake3::hash(body).to_hex()).into_bytes()
+    publication_message_for(&blake3::hash(body).to_hex())
+}
+
+/// [`publication_message`] of a body whose BLAKE3 (hex) is known: a checkpoint, by its name.
+pub fn publication_message_for(blake3_hex: &str) -> Vec<u8> {
+    format!("tessera-hub-v1\n{blake3_hex}").into_bytes()
 }
 
 /// A verified request: who signed it and the nonce the verifier must not accept again.
