@@ -142,7 +142,8 @@ pub struct Contributor {
     pub run: RunInfo,
     identity: Identity,
     key: tessera_trust::Identity,
-    hub_key: Option<PublicKey>,
+    /// The hub's key, pinned at registration: its answers must be signed by it.
+    hub_key: PublicKey,
     recipient: Option<Recipient>,
     trainer: Trainer,
     feedback: Vec<ErrorFeedback>,
@@ -380,7 +381,7 @@ impl Contributor {
             run,
             identity,
             key,
-            hub_key: Some(hub_key),
+            hub_key,
             recipient: None,
             trainer,
             feedback,
@@ -414,9 +415,7 @@ impl Contributor {
         let r = hub.send("assignment", || self.signed("POST", path, Vec::new()))?;
         let signature = r.headers().get(HUB_SIGNATURE_HEADER).and_then(|v| v.to_str().ok()).map(str::to_owned);
         let body = hub.body("assignment", r)?;
-        if let Some(k) = &self.hub_key {
-            check_hub_signature(k, &body, signature.as_deref())?;
-        }
+        check_hub_signature(&self.hub_key, &body, signature.as_deref())?;
         serde_json::from_slice(&body).map_err(|e| hub.http_err("assignment", e))
     }
 
