@@ -71,6 +71,22 @@ def main():
         ok &= same
         ok &= check("tessera → transformers (GQA, untied)", logits, hf_logits(model, tokens))
 
+        # 1b. A grown checkpoint (wider, more heads, deeper) is an ordinary Llama to transformers,
+        #     and computes what the model it grew from did.
+        with open(os.path.join(ours, "config.json")) as f:
+            target = json.load(f)
+        target.update(hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=6,
+                      num_key_value_heads=3)
+        target_path = os.path.join(tmp, "target.json")
+        with open(target_path, "w") as f:
+            json.dump(target, f)
+        grown_dir = os.path.join(tmp, "tessera-grown")
+        tessera("grow", "--checkpoint", ours, "--to", target_path, "--out", grown_dir, "--seed", "5")
+        grown = AutoModelForCausalLM.from_pretrained(grown_dir, dtype=torch.float32).eval()
+        g_tokens, g_logits = tessera_logits(grown_dir, TEXT)
+        ok &= check("grown: tessera → transformers", g_logits, hf_logits(grown, g_tokens))
+        ok &= check("grown: same function as before growing", hf_logits(model, tokens), hf_logits(grown, g_tokens))
+
         # 2. transformers writes, Tessera reads.
         for tied in (False, True):
             config = LlamaConfig(

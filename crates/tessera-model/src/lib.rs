@@ -8,11 +8,13 @@
 pub mod checkpoint;
 pub mod config;
 pub mod generate;
+pub mod grow;
 pub mod llama;
 
 pub use checkpoint::{load_checkpoint, save_checkpoint};
 pub use config::{LlamaConfig, Preset, TrainingMemory, preset, presets};
 pub use generate::{SamplingParams, generate};
+pub use grow::{Growth, grow};
 pub use llama::{KvCache, Llama};
 
 #[derive(Debug, thiserror::Error)]

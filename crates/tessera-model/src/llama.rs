@@ -268,7 +268,7 @@ impl Llama {
 }
 
 /// `n` samples of N(0, std²) from the ChaCha stream keyed by `(seed, name)`.
-fn seeded_normal(seed: u64, name: &str, n: usize, std: f32) -> Vec<f32> {
+pub(crate) fn seeded_normal(seed: u64, name: &str, n: usize, std: f32) -> Vec<f32> {
     use rand::SeedableRng;
     use rand_distr::Distribution;
     let mut key = seed.to_le_bytes().to_vec();

@@ -51,6 +51,8 @@ pub fn run(command: Command) -> Result<()> {
         Command::Hub(args) => crate::swarm::hub(*args),
         Command::Validator(args) => crate::swarm::validate(*args),
         Command::Keygen(args) => crate::trust::keygen(args),
+        Command::Phases(args) => crate::phases::phases(args),
+        Command::Grow(args) => grow(args),
         Command::Ledger(cmd) => crate::trust::ledger(cmd),
         Command::Leaderboard(args) => crate::swarm::leaderboard(args),
         Command::Contribute(args) => crate::swarm::contribute(*args),
@@ -714,5 +716,40 @@ fn bench_robust(
     for r in &results {
         println!("{:<22} {:>10.3} {:>9.2}x {:>9}", r.rule.to_string(), r.seconds, r.seconds / base, r.clipped);
     }
+    Ok(())
+}
+
+fn grow(args: crate::GrowArgs) -> Result<()> {
+    let (model, tokenizer) = tessera_model::load_checkpoint(&args.checkpoint, tch::Device::Cpu)
+        .with_context(|| format!("load {}", args.checkpoint.display()))?;
+    let mut target = tessera_model::LlamaConfig::from_preset_or_path(&args.to)?;
+    // Presets leave the vocabulary to the tokenizer; growth keeps the checkpoint's.
+    if tessera_model::preset(&args.to).is_some() {
+        target.vocab_size = model.config.vocab_size;
+        target.tie_word_embeddings = model.config.tie_word_embeddings;
+    }
+    let (grown, growth) = tessera_model::grow(&model, &target, args.seed)?;
+    tessera_model::save_checkpoint(&grown, tokenizer.as_ref(), &args.out)?;
+    let (a, b) = (&growth.from, &growth.to);
+    println!(
+        "grew {} → {} parameters: layers {} → {}, hidden {} → {}, MLP {} → {}, heads {}/{} → {}/{} (head size {}); \
+         RMSNorm ε {:e} → {:e}; written to {}",
+        a.num_params(),
+        b.num_params(),
+        a.num_hidden_layers,
+        b.num_hidden_layers,
+        a.hidden_size,
+        b.hidden_size,
+        a.intermediate_size,
+        b.intermediate_size,
+        a.num_attention_heads,
+        a.kv_heads(),
+        b.num_attention_heads,
+        b.kv_heads(),
+        b.head_dim(),
+        a.rms_norm_eps,
+        b.rms_norm_eps,
+        args.out.display()
+    );
     Ok(())
 }

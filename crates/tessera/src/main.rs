@@ -3,6 +3,7 @@
 
 mod arena;
 mod commands;
+mod phases;
 mod swarm;
 mod trust;
 
@@ -47,6 +48,13 @@ enum Command {
     /// and aggregates each round and signs the reward ledger.
     #[command(alias = "validate")]
     Validator(Box<swarm::ValidateArgs>),
+    /// The seven-phase plan: each phase's model, token budget, memory per contributor (and
+    /// whether one contributor can hold it), bytes per round by codec against synchronous data
+    /// parallel, and who qualifies — computed from the model configurations.
+    Phases(phases::PhasesArgs),
+    /// Grow a checkpoint into a larger model that computes exactly the same function
+    /// (wider hidden size, MLP, more heads, more layers), written as a Hugging Face checkpoint.
+    Grow(GrowArgs),
     /// Make an Ed25519 identity (owner-only PEM file) for `tessera contribute --key`.
     Keygen(trust::KeygenArgs),
     /// The reward ledger: verify a hub's (or an exported file) from its bytes alone.
@@ -71,6 +79,23 @@ enum Command {
     /// Measure performance.
     #[command(subcommand)]
     Bench(BenchCommand),
+}
+
+#[derive(Args)]
+struct GrowArgs {
+    /// The Hugging Face checkpoint directory to grow.
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// The target sizes: a preset or a config.json (hidden size, MLP size, heads, K/V heads,
+    /// layers and context may grow; head size, RoPE and vocabulary are kept).
+    #[arg(long)]
+    to: String,
+    /// Where to write the grown checkpoint.
+    #[arg(long)]
+    out: PathBuf,
+    /// Seed of the new weights.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
 }
 
 #[derive(Clone, Copy, ValueEnum)]

@@ -264,3 +264,37 @@ fn keys_trust_bench_and_ledger_errors() {
     assert!(err.contains("does not verify") && err.contains("malformed"), "{err}");
     assert!(fails(&["ledger", "verify"]).contains("--hub"));
 }
+
+/// `tessera phases` computes the plan; `tessera grow` writes a bigger checkpoint whose logits are
+/// the small one's, and refuses to shrink.
+#[test]
+fn phases_and_growth() {
+    let plan: serde_json::Value = serde_json::from_str(&ok(&["phases", "--json"])).unwrap();
+    let rows = plan.as_array().unwrap();
+    assert_eq!(rows.len(), 7);
+    assert_eq!(rows[0]["fits"], true);
+    assert_eq!(rows[6]["fits"], false);
+    assert!(ok(&["phases"]).contains("sync DP"));
+
+    let dir = tempfile::tempdir().unwrap();
+    let (small, big) = (dir.path().join("small"), dir.path().join("big"));
+    ok(&["model", "init", "--model", "tiny", "--seed", "3", "--out", p(&small)]);
+    let said = ok(&["grow", "--checkpoint", p(&small), "--to", "nano", "--out", p(&big)]);
+    assert!(said.contains("grew") && said.contains("layers 2 → 4"), "{said}");
+    let logits = |ckpt: &Path| -> Vec<f64> {
+        let v: serde_json::Value =
+            serde_json::from_str(&ok(&["model", "logits", "--checkpoint", p(ckpt), "--text", "kaze no oto"])).unwrap();
+        v["logits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()))
+            .collect()
+    };
+    let (a, b) = (logits(&small), logits(&big));
+    assert_eq!(a.len(), b.len());
+    let diff = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max);
+    assert!(diff <= 1e-5, "growth changed the logits by {diff}");
+    let err = fails(&["grow", "--checkpoint", p(&big), "--to", "tiny", "--out", p(&dir.path().join("x"))]);
+    assert!(err.contains("shrink"), "{err}");
+}
