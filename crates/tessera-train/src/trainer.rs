@@ -166,6 +166,42 @@ impl Trainer {
         Ok(Trainer { config, model, opt, dataset, schedule_shift: 0 })
     }
 
+    /// This trainer grown to `to`'s sizes (`tessera_model::grow`: the same function, more room),
+    /// its AdamW moments carried over by the same map (`Growth::moments`: copied where the
+    /// weights were, zero where they are new, rescaled where a norm gain was), its step and
+    /// learning-rate schedule kept. Vocabulary and head tying are the model's own.
+    pub fn grow(self, to: &LlamaConfig, seed: u64) -> Result<Trainer, TrainError> {
+        let to = LlamaConfig {
+            vocab_size: self.model.config.vocab_size,
+            tie_word_embeddings: self.model.config.tie_word_embeddings,
+            ..to.clone()
+        };
+        let (model, growth) = tessera_model::grow(&self.model, &to, seed)?;
+        let state = self.opt.state();
+        let moments = |prefix: &str| -> std::collections::HashMap<String, Tensor> {
+            state
+                .iter()
+                .filter_map(|(n, t)| n.strip_prefix(prefix).map(|k| (k.to_owned(), t.shallow_clone())))
+                .collect()
+        };
+        let m = growth.moments(&moments("exp_avg."), -1)?;
+        let v = growth.moments(&moments("exp_avg_sq."), -2)?;
+        let (step, shift) = (self.opt.step, self.schedule_shift);
+        let mut grown = Trainer::from_model(self.config, model, self.dataset)?;
+        grown
+            .opt
+            .load_state(step, |key| {
+                let (table, name) = match key.strip_prefix("exp_avg_sq.") {
+                    Some(name) => (&v, name),
+                    None => (&m, key.strip_prefix("exp_avg.").unwrap_or(key)),
+                };
+                table.get(name).map(Tensor::shallow_clone)
+            })
+            .map_err(TrainError::Invalid)?;
+        grown.schedule_shift = shift;
+        Ok(grown)
+    }
+
     /// The step the next call to [`Trainer::train_step`] performs (0-based).
     pub fn step(&self) -> u64 {
         self.opt.step

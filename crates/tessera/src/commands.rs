@@ -48,6 +48,7 @@ pub fn run(command: Command) -> Result<()> {
         Command::Bench(BenchCommand::Arena(args)) => crate::arena::bench_arena(*args),
         Command::Bench(BenchCommand::Swarm(args)) => crate::swarm::bench_swarm(args),
         Command::Bench(BenchCommand::Trust(args)) => crate::trust::bench_trust(args),
+        Command::Bench(BenchCommand::Grow(args)) => crate::growbench::bench_grow(*args),
         Command::Hub(args) => crate::swarm::hub(*args),
         Command::Validator(args) => crate::swarm::validate(*args),
         Command::Keygen(args) => crate::trust::keygen(args),

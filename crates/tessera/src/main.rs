@@ -3,6 +3,7 @@
 
 mod arena;
 mod commands;
+mod growbench;
 mod phases;
 mod swarm;
 mod trust;
@@ -308,6 +309,9 @@ enum BenchCommand {
     /// of the same bytes, measured in the same run), signing and verifying a request, and
     /// writing and verifying ledger entries.
     Trust(crate::trust::BenchTrustArgs),
+    /// Growth against training from scratch: a model half as wide and deep, grown into the
+    /// target part-way, on a fraction of the baseline's tokens; final losses side by side.
+    Grow(Box<crate::growbench::BenchGrowArgs>),
     /// The hub's round: parse, checksum, decode and average pseudo-gradients from N contributors,
     /// then one outer step; reported against memcpy bandwidth measured in the same run.
     Hub {

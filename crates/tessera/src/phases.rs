@@ -59,7 +59,19 @@ pub struct PhaseRow {
     pub upload: Vec<(String, u64)>,
     pub sync_dp_bytes: u64,
     pub qualify: String,
+    /// Training FLOPs of the phase's token budget (6N + attention, per token at its sequence
+    /// length), H100-hours at 40% of its dense bf16 peak, and H100s to finish in 90 days.
+    pub train_flops: f64,
+    pub h100_hours: f64,
+    pub h100s_for_90_days: f64,
+    /// Accelerators of this phase's size that must share one model replica (1: a contributor
+    /// holds it alone).
+    pub contributors_per_replica: u64,
 }
+
+/// NVIDIA H100 SXM dense bf16 peak, FLOP/s, and the utilisation the plan assumes.
+const H100_BF16: f64 = 989.4e12;
+const PLANNED_MFU: f64 = 0.4;
 
 /// Activation memory of one micro-batch during the backward pass: 34·s·b·h bytes per layer
 /// (Korthikanti et al. 2022, bf16, without the s² attention-score term that memory-efficient
@@ -98,7 +110,13 @@ fn row(p: &Phase, previous: Option<&Phase>) -> Result<PhaseRow> {
         (k, Some(prev)) => format!("top {k} of {}", prev.name),
         (k, None) => bail!("{}: qualify_top {k} but there is no previous phase to qualify in", p.name),
     };
+    let train_flops = p.tokens * c.train_flops_per_token(p.seq_len) as f64;
+    let h100_hours = train_flops / (H100_BF16 * PLANNED_MFU) / 3600.0;
     Ok(PhaseRow {
+        train_flops,
+        h100_hours,
+        h100s_for_90_days: h100_hours / (90.0 * 24.0),
+        contributors_per_replica: total.div_ceil(contributor),
         name: p.name.clone(),
         model: p.model.clone(),
         params: n,
@@ -155,6 +173,14 @@ fn size(bytes: u64) -> String {
         _ if b >= (1u64 << 40) as f64 => format!("{:.1} TiB", b / (1u64 << 40) as f64),
         _ if b >= (1u64 << 30) as f64 => format!("{:.1} GiB", b / (1u64 << 30) as f64),
         _ => format!("{:.0} MiB", b / (1u64 << 20) as f64),
+    }
+}
+
+fn approx(x: f64) -> String {
+    match x {
+        _ if x >= 1e6 => format!("{:.1}M", x / 1e6),
+        _ if x >= 1e3 => format!("{:.1}k", x / 1e3),
+        _ => format!("{x:.0}"),
     }
 }
 
@@ -231,6 +257,25 @@ pub fn phases(args: PhasesArgs) -> Result<()> {
         println!(" {:>13} {:>11.0}×", size(r.sync_dp_bytes), r.sync_dp_bytes as f64 / int8 as f64);
     }
     println!(
+        "\ncompute at {:.0}% of an H100's dense bf16 peak ({:.0} TFLOP/s):",
+        100.0 * PLANNED_MFU,
+        H100_BF16 / 1e12
+    );
+    println!(
+        "{:<20} {:>12} {:>12} {:>16} {:>22}",
+        "phase", "train FLOPs", "H100-hours", "H100s for 90 days", "contributors / replica"
+    );
+    for r in &rows {
+        println!(
+            "{:<20} {:>12.2e} {:>12} {:>16.0} {:>22}",
+            r.name.chars().take(20).collect::<String>(),
+            r.train_flops,
+            approx(r.h100_hours),
+            r.h100s_for_90_days.ceil(),
+            r.contributors_per_replica
+        );
+    }
+    println!(
         "\nmemory: f32 weights, gradients and AdamW moments (16 B/param); DiLoCo's base weights and error-feedback \
          residual (8 B/param); activations of one micro-batch (bf16, 34·s·b·d per layer, memory-efficient attention) \
          and f32 logits. A phase that does not fit one contributor needs the model split across contributors."
@@ -256,6 +301,10 @@ mod tests {
         let int8 = first.upload.iter().find(|(n, _)| n == "int8:64").unwrap().1;
         assert!(int8 > first.params && int8 < first.params + first.params / 10);
         assert!(rows[1].qualify.starts_with("top 1000 of phase 1"));
+        assert_eq!(first.contributors_per_replica, 1);
+        assert!(rows[6].contributors_per_replica > 1);
+        let c = tessera_model::preset("phase1").unwrap();
+        assert_eq!(first.train_flops, 10e9 * c.train_flops_per_token(2048) as f64);
     }
 
     #[test]

@@ -297,4 +297,31 @@ fn phases_and_growth() {
     assert!(diff <= 1e-5, "growth changed the logits by {diff}");
     let err = fails(&["grow", "--checkpoint", p(&big), "--to", "tiny", "--out", p(&dir.path().join("x"))]);
     assert!(err.contains("shrink"), "{err}");
+
+    let jsonl = dir.path().join("grow.jsonl");
+    let out = ok(&[
+        "bench",
+        "grow",
+        "--model",
+        "tiny",
+        "--synthetic-chars",
+        "20000",
+        "--steps",
+        "20",
+        "--batch-size",
+        "4",
+        "--budgets",
+        "0.5,1.0",
+        "--eval-windows",
+        "4",
+        "--threads",
+        "1",
+        "--json-out",
+        p(&jsonl),
+    ]);
+    assert!(out.contains("scratch, 50% budget") && out.contains("grown, 100% budget"), "{out}");
+    let runs: Vec<serde_json::Value> =
+        std::fs::read_to_string(&jsonl).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(runs.len(), 4);
+    assert!(runs.iter().all(|r| r["val_loss"].as_f64().unwrap().is_finite()));
 }
