@@ -404,6 +404,45 @@ impl Contributor {
         Hub { url: &self.config.hub, patience: self.config.patience }
     }
 
+    /// The run has grown into a new phase: fetch its spec and start training the new model (from
+    /// the grown checkpoint the next round downloads), with fresh inner optimizer state and error
+    /// feedback. What was saved for the old model is dropped first, so a restart lands in the
+    /// new phase too.
+    fn switch_phase(&mut self) -> Result<()> {
+        let hub = self.hub();
+        let response = hub.send("run", || self.http.get(format!("{}/v1/run", self.config.hub)))?;
+        let signature = response.headers().get(HUB_SIGNATURE_HEADER).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let body = hub.body("run", response)?;
+        check_hub_signature(&self.hub_key, &body, signature.as_deref())?;
+        let run: RunInfo = serde_json::from_slice(&body).map_err(|e| hub.http_err("run", e))?;
+        run.spec.validate().map_err(|e| ContributorError::Data(format!("the hub's run spec: {e}")))?;
+        let model_config = LlamaConfig::from_json(run.spec.model.clone())
+            .map_err(|e| ContributorError::Data(format!("the run's model config: {e}")))?;
+        let model = Llama::zeroed(&model_config, self.config.device)?;
+        let ours: Vec<TensorSpec> = model
+            .named_parameters()
+            .iter()
+            .map(|(n, t)| TensorSpec { name: n.clone(), shape: t.size().iter().map(|&d| d as u64).collect() })
+            .collect();
+        if ours != run.spec.tensors {
+            return Err(ContributorError::Data("the new phase's tensor table does not match its model config".into()));
+        }
+        let dir = self.config.state_dir.clone();
+        for stale in ["trainer", "feedback.safetensors", "base.safetensors", "base.json"] {
+            let p = dir.join(stale);
+            let _ = if p.is_dir() { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) };
+        }
+        let dataset = self.trainer.dataset.clone();
+        self.trainer = Trainer::from_model(inner_config(&run, self.identity.contributor_id), model, dataset)?;
+        let decay = run.spec.feedback_decay;
+        self.feedback =
+            run.spec.tensors.iter().map(|t| ErrorFeedback::new(t.numel() as usize).with_decay(decay)).collect();
+        self.base = None;
+        tracing::info!(phase = run.phase, params = run.spec.num_params(), "the run grew: training its new model");
+        self.run = run;
+        Ok(())
+    }
+
     /// A request signed with this contributor's key.
     fn signed(&self, method: &str, path: &str, body: Vec<u8>) -> reqwest::blocking::RequestBuilder {
         sign(&self.http, &self.key, &self.config.hub, method, path, body)
@@ -472,6 +511,9 @@ impl Contributor {
             if a.finished {
                 tracing::info!("the run has finished");
                 break;
+            }
+            if a.phase != self.run.phase {
+                self.switch_phase()?;
             }
             if self.last_submitted == Some(a.round) {
                 continue; // The hub's wait ran out; the round is still collecting.

@@ -121,6 +121,32 @@ struct State {
     fit_record: HashMap<u64, (f64, u64)>,
     /// A sealed run's aggregate for the round being scored, from the validator.
     sealed_mean: Option<(u64, Vec<Vec<f32>>)>,
+    /// The run's phase: its model's tensor table and their lengths.
+    phase: usize,
+    tensors: Vec<TensorSpec>,
+    lengths: Vec<usize>,
+}
+
+/// What growing a run's state into its next phase gives.
+pub struct Grown {
+    pub theta: Vec<Vec<f32>>,
+    pub momentum: Vec<Vec<f32>>,
+    pub residual: Vec<Vec<f32>>,
+}
+
+/// Grows the global state into the next phase's model, function-preserving (the hub links no
+/// libtorch; the binary supplies this from `tessera_model::grow`). `from` and `to` are the run's
+/// spec at the two phases; momentum and the broadcast residual live in weight space.
+pub trait Grower: Send + Sync {
+    fn grow(
+        &self,
+        from: &RunSpec,
+        to: &RunSpec,
+        seed: u64,
+        theta: &[Vec<f32>],
+        momentum: &[Vec<f32>],
+        residual: &[Vec<f32>],
+    ) -> Result<Grown, String>;
 }
 
 struct Scoring {
@@ -134,8 +160,8 @@ pub struct Hub {
     pub spec: RunSpec,
     pub run_id: String,
     run_id_bytes: [u8; 16],
-    lengths: Vec<usize>,
     state: Mutex<State>,
+    grower: std::sync::RwLock<Option<Arc<dyn Grower>>>,
     /// Contributors by key, and keys by id.
     keys: std::sync::RwLock<(HashMap<PublicKey, u64>, HashMap<u64, PublicKey>)>,
     /// Signs what the hub publishes and its ledger entries.
@@ -219,19 +245,22 @@ impl Hub {
             serde_json::from_str(&run.spec).map_err(|e| HubError::Corrupt(format!("stored run spec: {e}")))?;
         let mut run_id_bytes = [0u8; 16];
         hex::decode_to_slice(&run.id, &mut run_id_bytes).map_err(|e| HubError::Corrupt(format!("run id: {e}")))?;
-        let lengths: Vec<usize> = spec.tensors.iter().map(|t| t.numel() as usize).collect();
+        // The current phase's model: what the stored weights and outer state are shaped as.
+        let phase = spec.phase_of(run.round);
+        let tensors = spec.at_phase(phase).tensors;
+        let lengths: Vec<usize> = tensors.iter().map(|t| t.numel() as usize).collect();
 
         let rounds = db.rounds().await?;
         let bases: Vec<String> = rounds.iter().map(|r| r.base_checkpoint.clone()).collect();
         let current = bases.last().ok_or_else(|| HubError::Corrupt("run has no rounds".into()))?.clone();
-        let theta = decode_weights(&store.get(&checkpoint_key(&current)).await?, &spec.tensors)?;
+        let theta = decode_weights(&store.get(&checkpoint_key(&current)).await?, &tensors)?;
         let outer_config =
             OuterConfig { lr: spec.outer.lr, momentum: spec.outer.momentum, nesterov: spec.outer.nesterov };
         let mut outer = OuterOptimizer::new(outer_config, &lengths);
         let mut residual: Vec<Vec<f32>> = lengths.iter().map(|&n| vec![0.0; n]).collect();
         let last_published = rounds.iter().rev().find(|r| r.state == RoundState::Published).map(|r| r.round + 1);
         if let Some(r) = last_published {
-            let mut saved = decode_weights(&store.get(&outer_key(r)).await?, &outer_table(&spec.tensors))?;
+            let mut saved = decode_weights(&store.get(&outer_key(r)).await?, &outer_table(&tensors))?;
             residual = saved.split_off(lengths.len());
             outer.set_momentum(r, saved)?;
         }
@@ -265,6 +294,9 @@ impl Hub {
             ratings,
             fit_record,
             sealed_mean: None,
+            phase,
+            tensors,
+            lengths,
         };
         let hub = Arc::new(Hub {
             db,
@@ -272,8 +304,8 @@ impl Hub {
             spec,
             run_id: run.id,
             run_id_bytes,
-            lengths,
             state: Mutex::new(state),
+            grower: std::sync::RwLock::new(None),
             keys: std::sync::RwLock::new(keys),
             identity,
             ledger: std::sync::RwLock::new(ledger),
@@ -300,11 +332,19 @@ impl Hub {
         RunInfo {
             protocol: PROTOCOL_VERSION,
             run_id: self.run_id.clone(),
-            spec: self.spec.clone(),
+            spec: self.spec.at_phase(state.phase),
+            phase: state.phase as u32,
             round: state.round,
             checkpoint: state.bases.last().cloned().unwrap_or_default(),
             finished: state.finished,
             hub_key: self.identity.public().hex(),
+        }
+    }
+
+    /// Sets how the run's state grows into its next phase (needed by a run with phases).
+    pub fn set_grower(&self, grower: Arc<dyn Grower>) {
+        if let Ok(mut g) = self.grower.write() {
+            *g = Some(grower);
         }
     }
 
@@ -441,13 +481,15 @@ impl Hub {
             schedule_step: state.round.min(self.spec.rounds) * h,
             schedule_total: self.spec.rounds * h,
             eval_commitment: self.spec.contest.as_ref().map(|_| state.commitment.clone()),
+            phase: state.phase as u32,
         })
     }
 
     /// Largest acceptable submission: an f32 message plus its table.
     pub fn max_submission_bytes(&self) -> usize {
-        let table: usize = self.spec.tensors.iter().map(|t| t.name.len() + 16 + 8 * t.shape.len()).sum();
-        4 * self.spec.num_params() as usize + table + 4096
+        let table = |tensors: &[TensorSpec]| -> usize { tensors.iter().map(|t| t.name.len() + 16 + 8 * t.shape.len()).sum() };
+        let tables = self.spec.phases.iter().map(|p| table(&p.tensors)).chain([table(&self.spec.tensors)]).max().unwrap_or(0);
+        4 * self.spec.max_params() as usize + tables + 4096
     }
 
     /// Validates, stores and records one submission. Closes the round at quorum.
@@ -481,8 +523,12 @@ impl Hub {
         body: Bytes,
         inner_loss: Option<f64>,
     ) -> Result<Receipt, ApiError> {
-        let (header, decoded) = self.parse_off_thread(body.clone(), check_view).await?;
-        self.check_header(&header)?;
+        let (tensors, lengths) = {
+            let s = self.state.lock().await;
+            (s.tensors.clone(), s.lengths.clone())
+        };
+        let (header, decoded) = self.parse_off_thread(body.clone(), lengths, check_view).await?;
+        self.check_header(&header, &tensors)?;
         // Only now that names and shapes match the model does a decoding failure mean bad values.
         decoded.map_err(|e| api(ErrorCode::MalformedMessage, e.to_string()))?;
         let (base_round, base_hash) = (header.round, header.base);
@@ -579,6 +625,12 @@ impl Hub {
                 ),
             ));
         }
+        if self.spec.phase_of(base_round) != state.phase {
+            return Err(api(
+                ErrorCode::Stale,
+                format!("trained on an earlier phase's model (round {base_round}); the run has grown: fetch a new assignment"),
+            ));
+        }
         let staleness = round - base_round;
         if staleness > self.spec.max_staleness {
             return Err(api(
@@ -619,9 +671,9 @@ impl Hub {
     async fn parse_off_thread<T: Send + 'static>(
         &self,
         body: Bytes,
+        lengths: Vec<usize>,
         decode: fn(&[usize], &MessageView<'_>) -> T,
     ) -> Result<(Header, T), ApiError> {
-        let lengths = self.lengths.clone();
         tokio::task::spawn_blocking(move || {
             let view = MessageView::parse(&body)?;
             Ok::<_, tessera_protocol::WireError>((Header::of(&view), decode(&lengths, &view)))
@@ -631,7 +683,7 @@ impl Hub {
         .map_err(|e| api(ErrorCode::MalformedMessage, e.to_string()))
     }
 
-    fn check_header(&self, h: &Header) -> Result<(), ApiError> {
+    fn check_header(&self, h: &Header, tensors: &[TensorSpec]) -> Result<(), ApiError> {
         let (run_id, codec, table) = (h.run_id, h.codec, &h.table);
         if run_id != self.run_id_bytes {
             return Err(api(
@@ -645,13 +697,13 @@ impl Hub {
                 format!("message uses codec {codec}, the run uses {}", self.spec.codec),
             ));
         }
-        if table.len() != self.spec.tensors.len() {
+        if table.len() != tensors.len() {
             return Err(api(
                 ErrorCode::TensorMismatch,
-                format!("message has {} tensors, the model {}", table.len(), self.spec.tensors.len()),
+                format!("message has {} tensors, the model {}", table.len(), tensors.len()),
             ));
         }
-        for ((name, shape), s) in table.iter().zip(&self.spec.tensors) {
+        for ((name, shape), s) in table.iter().zip(tensors) {
             if *name != s.name || *shape != s.shape {
                 return Err(api(
                     ErrorCode::TensorMismatch,
@@ -724,6 +776,7 @@ impl Hub {
             .collect();
         Ok(Some(ScoringJob {
             round,
+            phase: state.phase as u32,
             base_checkpoint: state.bases[round as usize].clone(),
             eval_seed,
             eval_commitment,
@@ -791,7 +844,7 @@ impl Hub {
         if state.scoring.is_none() || round != state.round {
             return Err(api(ErrorCode::NotScoring, format!("round {round} is not being scored")));
         }
-        let (header, mean) = self.parse_off_thread(body, decode_view).await?;
+        let (header, mean) = self.parse_off_thread(body, state.lengths.clone(), decode_view).await?;
         if header.run_id != self.run_id_bytes || header.round != round || header.base != state.bases[round as usize] {
             return Err(api(ErrorCode::BaseMismatch, "the aggregate is not for this run's round and base"));
         }
@@ -953,7 +1006,7 @@ impl Hub {
         let (mean, ledger, next_ledger) = match judgement {
             Judgement::Sealed { mean, ledger, next, .. } => (Some(mean), ledger, Some(next)),
             // A sealed round nobody settled: the hub cannot read it, so nothing is aggregated.
-            _ if sealed => (Some(self.lengths.iter().map(|&n| vec![0.0; n]).collect()), Vec::new(), None),
+            _ if sealed => (Some(state.lengths.iter().map(|&n| vec![0.0; n]).collect()), Vec::new(), None),
             _ => (None, Vec::new(), None),
         };
         let mut inputs = Vec::with_capacity(rows.len());
@@ -972,7 +1025,8 @@ impl Hub {
         let theta = state.theta.clone();
         let outer = state.outer.clone();
         let residual = state.residual.clone();
-        let ctx = (self.spec.clone(), self.run_id_bytes, state.bases[round as usize].clone(), self.lengths.clone());
+        let ctx =
+            (self.spec.at_phase(state.phase), self.run_id_bytes, state.bases[round as usize].clone(), state.lengths.clone());
         let used_weight = (weights.iter().filter(|&&w| w > 0.0).count() as u64, weights.iter().sum::<f64>());
         let agg = tokio::task::spawn_blocking(move || {
             let mean = mean.map(|m| (m, used_weight.1, used_weight.0));
@@ -980,13 +1034,19 @@ impl Hub {
         })
         .await
         .map_err(|e| HubError::Corrupt(format!("aggregation task failed: {e}")))??;
+        // The last round of a phase publishes the next phase's model: grown, the same function.
+        let finished = round + 1 >= self.spec.rounds;
+        let next_phase = (!finished && self.spec.phase_of(round + 1) != state.phase).then_some(state.phase + 1);
+        let agg = match next_phase {
+            Some(next) => self.grow(agg, state.phase, next, round + 1).await?,
+            None => agg,
+        };
 
         let hash = hex::encode(weights_hash(&agg.weights_bytes));
         self.store.put(&checkpoint_key(&hash), Bytes::from(agg.weights_bytes)).await?;
         self.store.put(&update_key(round + 1), Bytes::from(agg.update_bytes)).await?;
         self.store.put(&outer_key(round + 1), Bytes::from(agg.outer_bytes)).await?;
         let losses: Vec<f64> = rows.iter().filter_map(|r| r.inner_loss).collect();
-        let finished = round + 1 >= self.spec.rounds;
         // The phase boundary: the leaderboard after this round decides who moves on.
         let qualified: Vec<u64> = match &self.spec.contest {
             Some(c) if round + 1 == c.boundary(self.spec.rounds) => {
@@ -1039,9 +1099,52 @@ impl Hub {
         state.bases.push(hash.clone());
         state.accepted = 0;
         state.first_accept_ms = None;
+        if let Some(next) = next_phase {
+            state.tensors = self.spec.at_phase(next).tensors;
+            state.lengths = state.tensors.iter().map(|t| t.numel() as usize).collect();
+            state.phase = next;
+            tracing::info!(
+                phase = next,
+                name = %self.spec.phases[next - 1].name,
+                params = self.spec.at_phase(next).num_params(),
+                "the run grew into its next phase"
+            );
+        }
         self.round_tx.send_replace(round + 1);
         tracing::info!(round, closed_by, submissions = agg.used, checkpoint = %hash, finished, "round published");
         Ok(())
+    }
+
+    /// A phase's last round, aggregated, grown into phase `next`'s model: weights, outer momentum
+    /// and broadcast residual, re-encoded (the published update stays the pre-growth one, so a
+    /// contributor following updates falls back to downloading the grown checkpoint).
+    async fn grow(&self, agg: Aggregated, phase: usize, next: usize, step: u64) -> Result<Aggregated, HubError> {
+        let grower = self.grower.read().ok().and_then(|g| g.clone()).ok_or_else(|| {
+            HubError::Config(format!("the run grows into phase {next} but this hub has no grower"))
+        })?;
+        let (from, to) = (self.spec.at_phase(phase), self.spec.at_phase(next));
+        let seed = self.spec.phases[next - 1].seed;
+        let outer_config = OuterConfig { lr: to.outer.lr, momentum: to.outer.momentum, nesterov: to.outer.nesterov };
+        tokio::task::spawn_blocking(move || {
+            let grown = grower
+                .grow(&from, &to, seed, &agg.theta, agg.outer.momentum(), &agg.residual)
+                .map_err(|e| HubError::Corrupt(format!("growing into phase {next}: {e}")))?;
+            let lengths: Vec<usize> = to.tensors.iter().map(|t| t.numel() as usize).collect();
+            let mut outer = OuterOptimizer::new(outer_config, &lengths);
+            outer.set_momentum(step, grown.momentum.clone())?;
+            let mut saved = grown.momentum;
+            saved.extend(grown.residual.iter().cloned());
+            Ok(Aggregated {
+                weights_bytes: encode_weights(&to.tensors, &grown.theta)?,
+                outer_bytes: encode_weights(&outer_table(&to.tensors), &saved)?,
+                theta: grown.theta,
+                outer,
+                residual: grown.residual,
+                ..agg
+            })
+        })
+        .await
+        .map_err(|e| HubError::Corrupt(format!("growth task failed: {e}")))?
     }
 
     /// Weights for `rows` (arrival order); with scores, also their rows (flags, rewards) and

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use db::Db;
-pub use hub::{Hub, NewRun, checkpoint_key};
+pub use hub::{Grower, Grown, Hub, NewRun, checkpoint_key};
 pub use store::Store;
 
 #[derive(Debug, thiserror::Error)]

@@ -51,6 +51,7 @@ fn spec(quorum: u32) -> RunSpec {
         aggregation: tessera_protocol::Aggregation::Mean,
         contest: None,
         trust: None,
+        phases: Vec::new(),
     }
 }
 

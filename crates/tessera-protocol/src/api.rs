@@ -109,6 +109,24 @@ pub struct RunSpec {
     /// contributors seal their pseudo-gradients to it. `None`: submissions travel in the clear.
     #[serde(default)]
     pub trust: Option<AttestationPolicy>,
+    /// Later phases, in order: after the rounds before each, the hub grows the model to that
+    /// phase's configuration (function-preserving) and the run goes on. `rounds` counts every
+    /// phase's rounds; the first phase (`model`, `tensors`) has what the later ones leave.
+    #[serde(default)]
+    pub phases: Vec<PhaseSpec>,
+}
+
+/// A later phase of a run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PhaseSpec {
+    pub name: String,
+    /// The grown model's `config.json` (fixed when the run is created).
+    pub model: serde_json::Value,
+    pub tensors: Vec<TensorSpec>,
+    /// Rounds of this phase.
+    pub rounds: u64,
+    /// Seed of the weights growth adds.
+    pub seed: u64,
 }
 
 /// What a run accepts as a validator's attestation, pinned in its spec.
@@ -218,6 +236,34 @@ impl RunSpec {
         self.tensors.iter().map(TensorSpec::numel).sum()
     }
 
+    /// The round phase `k` starts at (phase 0 is the spec's own model).
+    pub fn phase_start(&self, k: usize) -> u64 {
+        if k == 0 {
+            return 0;
+        }
+        let later: u64 = self.phases.iter().map(|p| p.rounds).sum();
+        let first = self.rounds.saturating_sub(later);
+        first + self.phases.iter().take(k - 1).map(|p| p.rounds).sum::<u64>()
+    }
+
+    /// The phase round `round` belongs to (a finished run's count of rounds: its last phase).
+    pub fn phase_of(&self, round: u64) -> usize {
+        (1..=self.phases.len()).rev().find(|&k| round >= self.phase_start(k)).unwrap_or(0)
+    }
+
+    /// The spec as it stands in phase `k`: that phase's model and tensor table.
+    pub fn at_phase(&self, k: usize) -> RunSpec {
+        match k.checked_sub(1).and_then(|i| self.phases.get(i)) {
+            Some(p) => RunSpec { model: p.model.clone(), tensors: p.tensors.clone(), ..self.clone() },
+            None => self.clone(),
+        }
+    }
+
+    /// The largest model of the run, in parameters.
+    pub fn max_params(&self) -> u64 {
+        self.phases.iter().map(|p| p.tensors.iter().map(TensorSpec::numel).sum()).chain([self.num_params()]).max().unwrap_or(0)
+    }
+
     /// Checks what a hub must check before it accepts a spec.
     pub fn validate(&self) -> Result<(), String> {
         self.codec.validate().map_err(|e| format!("codec: {e}"))?;
@@ -235,6 +281,15 @@ impl RunSpec {
         }
         if self.tensors.is_empty() {
             return Err("the model has no tensors".into());
+        }
+        let later: u64 = self.phases.iter().map(|p| p.rounds).sum();
+        if !self.phases.is_empty() && later >= self.rounds {
+            return Err(format!("the later phases' {later} rounds leave none of the {} for the first", self.rounds));
+        }
+        for p in &self.phases {
+            if p.tensors.is_empty() || p.rounds == 0 {
+                return Err(format!("phase {:?} needs tensors and at least one round", p.name));
+            }
         }
         if self.inner_steps == 0 || self.rounds == 0 || self.quorum == 0 {
             return Err("inner steps, rounds and quorum must be positive".into());
@@ -260,6 +315,9 @@ pub struct RunInfo {
     /// Hex BLAKE3 of the current global weights.
     pub checkpoint: String,
     pub finished: bool,
+    /// The current phase; `spec` shows its model and tensor table.
+    #[serde(default)]
+    pub phase: u32,
     /// The hub's Ed25519 key (hex): it signs this answer, every assignment and the ledger's
     /// genesis (`x-tessera-hub-signature`).
     #[serde(default)]
@@ -302,12 +360,19 @@ pub struct Assignment {
     /// submissions close: the evaluation data cannot be known while training.
     #[serde(default)]
     pub eval_commitment: Option<String>,
+    /// The run's phase (its model): a contributor that trained another one fetches `GET /v1/run`
+    /// again and switches.
+    #[serde(default)]
+    pub phase: u32,
 }
 
 /// A round waiting for its scores: what the validator must score.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ScoringJob {
     pub round: u64,
+    /// The run's phase for this round (its model).
+    #[serde(default)]
+    pub phase: u32,
     /// Hex BLAKE3 of the round's base checkpoint: the weights the submissions are applied to.
     pub base_checkpoint: String,
     /// The revealed evaluation seed (hex, 32 bytes) and the commitment published with the

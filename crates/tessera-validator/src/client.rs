@@ -120,6 +120,18 @@ impl Validator {
         Ok(v)
     }
 
+    /// The run has grown: score with its new model from now on.
+    fn switch_phase(&mut self) -> Result<()> {
+        let url = format!("{}/v1/run", self.config.hub);
+        let run: RunInfo = patiently(self.config.patience, || get_json(&self.http, &url, None))?;
+        let model_config = LlamaConfig::from_json(run.spec.model.clone())
+            .map_err(|e| ValidatorError::Bad { round: run.round, message: format!("the run's model config: {e}") })?;
+        self.scorer = self.scorer.with_model(&model_config)?;
+        tracing::info!(phase = run.phase, params = run.spec.num_params(), "the run grew: scoring with its new model");
+        self.run = run;
+        Ok(())
+    }
+
     /// The validator's attestation, if the run is sealed (with what verifying it established).
     pub fn attestation(&self) -> Option<&Verified> {
         self.sealed.as_ref().map(|s| &s.verified)
@@ -249,6 +261,9 @@ impl Validator {
     /// Scores one job and reports it.
     pub fn score(&mut self, job: &ScoringJob) -> Result<RoundScored> {
         let round = job.round;
+        if job.phase != self.run.phase {
+            self.switch_phase()?;
+        }
         let bad = |message: String| ValidatorError::Bad { round, message };
         let seed = crate::revealed_seed(job).map_err(bad)?;
         let hub = &self.config.hub;

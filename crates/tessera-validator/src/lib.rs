@@ -147,6 +147,13 @@ impl Scorer {
         Ok(Scorer { trainer: Trainer::new(inner, model_config, dataset, device)?, config })
     }
 
+    /// The same scorer for another model (a run that grew into its next phase).
+    pub fn with_model(&self, model_config: &LlamaConfig) -> Result<Scorer, TrainError> {
+        let t = &self.trainer;
+        let trainer = Trainer::new(t.config.clone(), model_config, t.dataset.clone(), t.model.device())?;
+        Ok(Scorer { trainer, config: self.config })
+    }
+
     /// Scores `candidates` (in arrival order) against the round's weights `theta`, with the
     /// round's revealed evaluation `seed`.
     ///

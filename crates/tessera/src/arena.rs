@@ -516,6 +516,7 @@ fn arena_spec(args: &ArenaArgs, sc: &Scenario, dataset: &Dataset, model: &Llama)
         seed: args.seed,
         aggregation: sc.aggregation,
         trust: None,
+        phases: Vec::new(),
         contest: sc.scored.then(|| ContestSpec {
             eval_windows: args.eval_windows,
             fit_windows: args.fit_windows,

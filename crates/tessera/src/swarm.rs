@@ -91,6 +91,12 @@ pub struct RunArgs {
     /// --scored, else mean).
     #[arg(long)]
     aggregation: Option<tessera_protocol::Aggregation>,
+    /// Grow the model into a later phase: MODEL:ROUNDS (a preset or config.json, and that
+    /// phase's rounds), repeatable, in order. --rounds is then the first phase's rounds. The hub
+    /// grows the model function-preservingly at each phase boundary; contributors switch on
+    /// their own.
+    #[arg(long, value_name = "MODEL:ROUNDS")]
+    grow_to: Vec<String>,
     #[command(flatten)]
     contest: ContestArgs,
 }
@@ -248,9 +254,86 @@ pub struct DemoArgs {
     run: RunArgs,
 }
 
+/// The later phases of `--grow-to`: each model planned as a function-preserving growth of the
+/// one before (so its config and tensor table are fixed now).
+fn grow_phases(args: &RunArgs, first: &LlamaConfig) -> Result<Vec<tessera_protocol::api::PhaseSpec>> {
+    let mut prev = first.clone();
+    let mut phases = Vec::new();
+    for (i, g) in args.grow_to.iter().enumerate() {
+        let (model, rounds) = g.rsplit_once(':').with_context(|| format!("--grow-to {g:?}: expected MODEL:ROUNDS"))?;
+        let rounds: u64 = rounds.parse().with_context(|| format!("--grow-to {g:?}: {rounds:?} is not a number of rounds"))?;
+        let mut target = LlamaConfig::from_preset_or_path(model)?;
+        target.vocab_size = prev.vocab_size;
+        target.tie_word_embeddings = prev.tie_word_embeddings;
+        let seed = args.seed.wrapping_add(1 + i as u64);
+        let growth = tessera_model::Growth::plan(&prev, &target, seed)?;
+        let tensors = growth
+            .to
+            .parameter_shapes()
+            .into_iter()
+            .map(|(name, shape)| TensorSpec { name, shape: shape.iter().map(|&d| d as u64).collect() })
+            .collect();
+        phases.push(tessera_protocol::api::PhaseSpec {
+            name: format!("phase {} ({model})", i + 2),
+            model: serde_json::to_value(&growth.to)?,
+            tensors,
+            rounds,
+            seed,
+        });
+        prev = growth.to;
+    }
+    Ok(phases)
+}
+
+/// The hub's growth between phases: `tessera_model::grow` on the flat buffers the hub keeps.
+pub struct TorchGrower;
+
+impl tessera_hub::Grower for TorchGrower {
+    fn grow(
+        &self,
+        from: &RunSpec,
+        to: &RunSpec,
+        seed: u64,
+        theta: &[Vec<f32>],
+        momentum: &[Vec<f32>],
+        residual: &[Vec<f32>],
+    ) -> Result<tessera_hub::Grown, String> {
+        use std::collections::HashMap;
+        let config = |v: &serde_json::Value| LlamaConfig::from_json(v.clone());
+        let growth = tessera_model::Growth::plan(&config(&from.model)?, &config(&to.model)?, seed).map_err(|e| e.to_string())?;
+        let named = |buffers: &[Vec<f32>]| -> HashMap<String, tch::Tensor> {
+            from.tensors
+                .iter()
+                .zip(buffers)
+                .map(|(t, b)| {
+                    let shape: Vec<i64> = t.shape.iter().map(|&d| d as i64).collect();
+                    (t.name.clone(), tch::Tensor::from_slice(b).view(shape.as_slice()))
+                })
+                .collect()
+        };
+        let flat = |grown: HashMap<String, tch::Tensor>| -> Result<Vec<Vec<f32>>, String> {
+            to.tensors
+                .iter()
+                .map(|t| {
+                    let g = grown.get(&t.name).ok_or_else(|| format!("growth produced no {}", t.name))?;
+                    Vec::<f32>::try_from(g.flatten(0, -1)).map_err(|e| e.to_string())
+                })
+                .collect()
+        };
+        let err = |e: tessera_model::ModelError| e.to_string();
+        Ok(tessera_hub::Grown {
+            theta: flat(growth.weights(&named(theta)).map_err(err)?)?,
+            momentum: flat(growth.moments(&named(momentum), 1).map_err(err)?)?,
+            residual: flat(growth.moments(&named(residual), 1).map_err(err)?)?,
+        })
+    }
+}
+
 fn run_spec(args: &RunArgs, dataset: &Dataset, model: &Llama) -> Result<RunSpec> {
     let seq_len = args.seq_len.unwrap_or(model.config.max_position_embeddings as u32);
-    let total = args.rounds * args.inner_steps;
+    let phases = grow_phases(args, &model.config)?;
+    let rounds = args.rounds + phases.iter().map(|p| p.rounds).sum::<u64>();
+    let total = rounds * args.inner_steps;
     let (tensors, data) = model_tables(model, dataset, &args.data);
     Ok(RunSpec {
         name: format!("{} on {}", args.model, dataset.info.name),
@@ -267,7 +350,7 @@ fn run_spec(args: &RunArgs, dataset: &Dataset, model: &Llama) -> Result<RunSpec>
             weight_decay: args.weight_decay,
         },
         inner_steps: args.inner_steps,
-        rounds: args.rounds,
+        rounds,
         outer: OuterSpec { lr: args.outer_lr, momentum: args.outer_momentum, nesterov: true },
         codec: args.codec,
         feedback_decay: args.feedback_decay,
@@ -284,6 +367,7 @@ fn run_spec(args: &RunArgs, dataset: &Dataset, model: &Llama) -> Result<RunSpec>
         }),
         contest: args.contest.spec(),
         trust: args.contest.trust(),
+        phases,
     })
 }
 
@@ -310,6 +394,7 @@ pub fn hub(args: HubArgs) -> Result<()> {
         }
         let key = tessera_trust::Identity::load_or_create(&args.key)?;
         let hub = Hub::open(db, store, new, key).await?;
+        hub.set_grower(std::sync::Arc::new(TorchGrower));
         if hub.spec.trust.as_ref().is_some_and(|t| t.allow_insecure_dev) {
             tracing::warn!(
                 "this run accepts an INSECURE development validator (no TEE): submissions are not protected"
@@ -505,6 +590,9 @@ fn run_flags(r: &RunArgs) -> Vec<String> {
     if let Some(a) = &r.aggregation {
         v.extend(["--aggregation".into(), a.to_string()]);
     }
+    for g in &r.grow_to {
+        v.extend(["--grow-to".into(), g.clone()]);
+    }
     let c = &r.contest;
     if c.scored {
         v.push("--scored".into());
@@ -677,7 +765,8 @@ pub fn demo(args: DemoArgs) -> Result<()> {
             );
         }
         reported = published.len();
-        bar.set_position(status.round.min(run.rounds));
+        bar.set_length(status.rounds);
+        bar.set_position(status.round.min(status.rounds));
         let current = status.history.last().map_or(0, |r| r.accepted);
         bar.set_message(format!(
             "· {current}/{} in · {} up, {} down",
@@ -859,6 +948,7 @@ pub fn bench_swarm(args: BenchSwarmArgs) -> Result<()> {
         aggregation: tessera_protocol::Aggregation::Mean,
         contest: None,
         trust: None,
+        phases: Vec::new(),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
@@ -1137,4 +1227,52 @@ fn external_data(data: &Option<PathBuf>, tokenizer: &str) -> Result<Option<Datas
     let args =
         DataArgs { data: Some(path.clone()), tokenizer: tokenizer.to_owned(), synthetic_chars: 0, synthetic_seed: 0 };
     Ok(Some(load_dataset(&args)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The hub's grower, on the flat buffers the hub keeps, computes the grown model's function
+    /// exactly: logits before and after match.
+    #[test]
+    fn the_hubs_grower_preserves_the_function_on_flat_buffers() {
+        let small = tessera_model::preset("tiny").unwrap();
+        let model = Llama::new(&small, Device::Cpu, 5).unwrap();
+        let table = |m: &Llama| -> Vec<TensorSpec> {
+            m.named_parameters()
+                .iter()
+                .map(|(n, t)| TensorSpec { name: n.clone(), shape: t.size().iter().map(|&d| d as u64).collect() })
+                .collect()
+        };
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            run: RunArgs,
+        }
+        let args = <Cli as clap::Parser>::try_parse_from(["x", "--grow-to", "nano:1"]).unwrap().run;
+        let phases = grow_phases(&args, &small).unwrap();
+        let from = RunSpec { model: serde_json::to_value(&small).unwrap(), tensors: table(&model), ..dummy_spec() };
+        let to = RunSpec { model: phases[0].model.clone(), tensors: phases[0].tensors.clone(), ..dummy_spec() };
+        let theta = read_params(&model).unwrap();
+        let zeros: Vec<Vec<f32>> = theta.iter().map(|t| vec![0.0; t.len()]).collect();
+        let grown = tessera_hub::Grower::grow(&TorchGrower, &from, &to, phases[0].seed, &theta, &zeros, &zeros).unwrap();
+        let big = Llama::zeroed(&LlamaConfig::from_json(to.model.clone()).unwrap(), Device::Cpu).unwrap();
+        assert_eq!(table(&big), to.tensors);
+        write_params(&big, &grown.theta).unwrap();
+        let tokens = tch::Tensor::from_slice(&[1i64, 5, 9, 2, 7, 3, 3, 8]).view([1, 8]);
+        let (a, b) = (model.forward(&tokens, None).unwrap(), big.forward(&tokens, None).unwrap());
+        assert!(f64::try_from((a - b).abs().max()).unwrap() <= 1e-5);
+        assert!(grown.momentum.iter().flatten().all(|&v| v == 0.0));
+    }
+
+    fn dummy_spec() -> RunSpec {
+        serde_json::from_value(serde_json::json!({
+            "name": "t", "model": {}, "tensors": [], "data": {"name": "d", "fingerprint": "", "source": {"kind": "external"}},
+            "inner": {"batch_size": 1, "seq_len": 8, "lr": 0.001, "min_lr": 0.0001, "warmup_steps": 1, "grad_clip": 1.0, "weight_decay": 0.0},
+            "inner_steps": 1, "rounds": 2, "outer": {"lr": 0.7, "momentum": 0.9, "nesterov": true}, "codec": "f32",
+            "broadcast_codec": "f32", "quorum": 1, "round_deadline_ms": 1000, "max_staleness": 1, "staleness_decay": 0.5, "seed": 1
+        }))
+        .unwrap()
+    }
 }

@@ -418,3 +418,34 @@ fn a_scored_demo_runs_its_own_validator() {
     let hub = std::fs::read_to_string(d.join("hub.log")).unwrap();
     assert!(hub.contains("aggregation median, scored"), "{hub}");
 }
+
+/// A run that grows: two `tiny` rounds, then the hub grows the model into `nano`'s sizes
+/// (function-preserving) and two more rounds train it. The contributors switch to the new model
+/// on their own, without a restart, and the run finishes on the grown model.
+#[test]
+fn a_run_grows_into_its_next_phase_and_contributors_follow() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let port = free_port();
+    let flags = ["--inner-steps", "3", "--rounds", "2", "--grow-to", "nano:2", "--quorum", "2", "--deadline", "60"];
+    let _h = hub(d, port, &flags);
+    let mut workers = [contributor(d, port, "a"), contributor(d, port, "b")];
+    for (w, name) in workers.iter_mut().zip(["a", "b"]) {
+        w.wait_success(Duration::from_secs(240), &d.join(format!("{name}.log")));
+    }
+    let last = wait_for(port, Duration::from_secs(30), "the finished run", |s| s.finished);
+    assert_eq!(last.round, 4, "{}", logs(d));
+    assert!(last.history.iter().all(|r| r.accepted == 2), "every round had both contributors: {:?}", last.history);
+    let info: tessera_protocol::api::RunInfo =
+        reqwest::blocking::get(format!("http://127.0.0.1:{port}/v1/run")).unwrap().json().unwrap();
+    assert_eq!(info.phase, 1);
+    assert!(info.spec.tensors.iter().any(|t| t.name.starts_with("model.layers.3.")), "grown to four layers");
+    let nano = tessera_model::preset("nano").unwrap();
+    assert!(info.spec.tensors.iter().any(|t| t.shape.contains(&(nano.hidden_size as u64))));
+    let hub_log = std::fs::read_to_string(d.join("hub.log")).unwrap();
+    assert!(hub_log.contains("the run grew into its next phase"), "{hub_log}");
+    for name in ["a", "b"] {
+        let log = std::fs::read_to_string(d.join(format!("{name}.log"))).unwrap();
+        assert!(log.contains("the run grew: training its new model"), "{log}");
+    }
+}
