@@ -507,7 +507,14 @@ impl Contributor {
     pub fn run(&mut self, mut on_round: impl FnMut(&RoundReport)) -> Result<u64> {
         let mut done = 0;
         while self.config.max_rounds.is_none_or(|m| done < m) {
-            let a = self.assignment()?;
+            let a = match self.assignment() {
+                Err(ContributorError::Refused(e)) if e.code == ErrorCode::NotQualified => {
+                    tracing::warn!(reason = %e.message, "not admitted to the run's new phase; stopping");
+                    eprintln!("not admitted to the run's new phase: {}", e.message);
+                    break;
+                }
+                other => other?,
+            };
             if a.finished {
                 tracing::info!("the run has finished");
                 break;

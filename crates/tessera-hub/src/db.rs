@@ -76,6 +76,9 @@ pub struct Publication<'a> {
     pub qualified: &'a [u64],
     /// Ledger entries recording the round (sealed runs): `(seq, hex bytes)`.
     pub ledger: &'a [(u64, String)],
+    /// When this round ends a phase whose successor admits only the top of the leaderboard:
+    /// that phase and who may train in it, best first.
+    pub members: Option<(u64, &'a [u64])>,
 }
 
 /// One submission's score, flag, aggregation weight and reward.
@@ -401,6 +404,15 @@ impl Db {
             .collect()
     }
 
+    /// Who may train in `phase` (contributor ids, best first).
+    pub async fn phase_members(&self, phase: u64) -> Result<Vec<u64>, HubError> {
+        let rows = sqlx::query("SELECT contributor FROM phase_members WHERE phase = $1 ORDER BY rank")
+            .bind(phase as i64)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(|r| Ok(u(r.try_get("contributor")?))).collect()
+    }
+
     /// Who qualified at the phase boundary (contributor ids, best first).
     pub async fn qualified(&self) -> Result<Vec<u64>, HubError> {
         let rows = sqlx::query("SELECT contributor FROM qualified ORDER BY rank").fetch_all(&self.pool).await?;
@@ -515,6 +527,16 @@ impl Db {
                 .await?;
         }
         insert_ledger(&mut tx, p.ledger).await?;
+        if let Some((phase, members)) = p.members {
+            for (rank, contributor) in members.iter().enumerate() {
+                sqlx::query("INSERT INTO phase_members (phase, contributor, rank) VALUES ($1, $2, $3)")
+                    .bind(phase as i64)
+                    .bind(*contributor as i64)
+                    .bind(rank as i64 + 1)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+        }
         let next = p.round + 1;
         if !p.finished {
             open_round(&mut tx, next, p.result_checkpoint, p.closed_ms).await?;

@@ -45,6 +45,7 @@ pub fn status_of(code: ErrorCode) -> StatusCode {
         | ErrorCode::ReplayedRequest
         | ErrorCode::WrongValidator => StatusCode::CONFLICT,
         ErrorCode::NoValidator => StatusCode::SERVICE_UNAVAILABLE,
+        ErrorCode::NotQualified => StatusCode::FORBIDDEN,
         ErrorCode::Busy => StatusCode::SERVICE_UNAVAILABLE,
         ErrorCode::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
         ErrorCode::RangeNotSatisfiable => StatusCode::RANGE_NOT_SATISFIABLE,

@@ -121,6 +121,8 @@ struct State {
     fit_record: HashMap<u64, (f64, u64)>,
     /// A sealed run's aggregate for the round being scored, from the validator.
     sealed_mean: Option<(u64, Vec<Vec<f32>>)>,
+    /// Who may train in the current phase (`None`: everyone).
+    members: Option<std::collections::HashSet<u64>>,
     /// The run's phase: its model's tensor table and their lengths.
     phase: usize,
     tensors: Vec<TensorSpec>,
@@ -280,6 +282,10 @@ impl Hub {
             }
         }
         let (ledger, validator) = open_ledger(&db, &run.id, &spec, &identity).await?;
+        let members = match phase.checked_sub(1).and_then(|i| spec.phases[i].qualify_top) {
+            Some(_) => Some(db.phase_members(phase as u64).await?.into_iter().collect()),
+            None => None,
+        };
         let state = State {
             round,
             finished: run.finished,
@@ -294,6 +300,7 @@ impl Hub {
             ratings,
             fit_record,
             sealed_mean: None,
+            members,
             phase,
             tensors,
             lengths,
@@ -469,6 +476,7 @@ impl Hub {
             }
         }
         let state = self.state.lock().await;
+        self.check_member(&state, contributor)?;
         let h = self.spec.inner_steps;
         Ok(Assignment {
             run_id: self.run_id.clone(),
@@ -487,8 +495,10 @@ impl Hub {
 
     /// Largest acceptable submission: an f32 message plus its table.
     pub fn max_submission_bytes(&self) -> usize {
-        let table = |tensors: &[TensorSpec]| -> usize { tensors.iter().map(|t| t.name.len() + 16 + 8 * t.shape.len()).sum() };
-        let tables = self.spec.phases.iter().map(|p| table(&p.tensors)).chain([table(&self.spec.tensors)]).max().unwrap_or(0);
+        let table =
+            |tensors: &[TensorSpec]| -> usize { tensors.iter().map(|t| t.name.len() + 16 + 8 * t.shape.len()).sum() };
+        let tables =
+            self.spec.phases.iter().map(|p| table(&p.tensors)).chain([table(&self.spec.tensors)]).max().unwrap_or(0);
         4 * self.spec.max_params() as usize + tables + 4096
     }
 
@@ -625,10 +635,13 @@ impl Hub {
                 ),
             ));
         }
+        self.check_member(&state, contributor)?;
         if self.spec.phase_of(base_round) != state.phase {
             return Err(api(
                 ErrorCode::Stale,
-                format!("trained on an earlier phase's model (round {base_round}); the run has grown: fetch a new assignment"),
+                format!(
+                    "trained on an earlier phase's model (round {base_round}); the run has grown: fetch a new assignment"
+                ),
             ));
         }
         let staleness = round - base_round;
@@ -681,6 +694,22 @@ impl Hub {
         .await
         .map_err(|e| api(ErrorCode::Internal, e.to_string()))?
         .map_err(|e| api(ErrorCode::MalformedMessage, e.to_string()))
+    }
+
+    /// Refuses a contributor the current phase does not admit.
+    fn check_member(&self, state: &State, contributor: u64) -> Result<(), ApiError> {
+        match &state.members {
+            Some(m) if !m.contains(&contributor) => Err(api(
+                ErrorCode::NotQualified,
+                format!(
+                    "phase {} admits only the {} contributors who led the leaderboard when it began; contributor \
+                     {contributor} did not qualify",
+                    state.phase + 1,
+                    m.len()
+                ),
+            )),
+            _ => Ok(()),
+        }
     }
 
     fn check_header(&self, h: &Header, tensors: &[TensorSpec]) -> Result<(), ApiError> {
@@ -1025,8 +1054,12 @@ impl Hub {
         let theta = state.theta.clone();
         let outer = state.outer.clone();
         let residual = state.residual.clone();
-        let ctx =
-            (self.spec.at_phase(state.phase), self.run_id_bytes, state.bases[round as usize].clone(), state.lengths.clone());
+        let ctx = (
+            self.spec.at_phase(state.phase),
+            self.run_id_bytes,
+            state.bases[round as usize].clone(),
+            state.lengths.clone(),
+        );
         let used_weight = (weights.iter().filter(|&&w| w > 0.0).count() as u64, weights.iter().sum::<f64>());
         let agg = tokio::task::spawn_blocking(move || {
             let mean = mean.map(|m| (m, used_weight.1, used_weight.0));
@@ -1056,6 +1089,15 @@ impl Hub {
             }
             _ => Vec::new(),
         };
+        // A phase that admits only the top of the leaderboard: who that is now.
+        let members: Option<Vec<u64>> = match next_phase.and_then(|k| self.spec.phases[k - 1].qualify_top) {
+            Some(top) => {
+                let ratings = rated.as_ref().unwrap_or(&state.ratings);
+                let ids = self.db.contributors().await?.into_iter().map(|c| c.0);
+                Some(ratings.leaderboard(ids).into_iter().take(top as usize).map(|(id, _)| id).collect())
+            }
+            None => None,
+        };
         let changed: Vec<(u64, tessera_contest::Rating)> = rated.as_ref().map_or_else(Vec::new, |r| {
             r.0.iter().filter(|(id, v)| state.ratings.0.get(id) != Some(v)).map(|(id, v)| (*id, *v)).collect()
         });
@@ -1074,6 +1116,7 @@ impl Hub {
                 ratings: &changed,
                 qualified: &qualified,
                 ledger: &ledger,
+                members: next_phase.zip(members.as_deref()).map(|(k, m)| (k as u64, m)),
             })
             .await?;
         if let Some(next) = next_ledger
@@ -1100,6 +1143,10 @@ impl Hub {
         state.accepted = 0;
         state.first_accept_ms = None;
         if let Some(next) = next_phase {
+            if let Some(m) = &members {
+                tracing::info!(phase = next, members = ?m, "the next phase admits the top of the leaderboard");
+            }
+            state.members = members.map(|m| m.into_iter().collect());
             state.tensors = self.spec.at_phase(next).tensors;
             state.lengths = state.tensors.iter().map(|t| t.numel() as usize).collect();
             state.phase = next;
@@ -1119,9 +1166,10 @@ impl Hub {
     /// and broadcast residual, re-encoded (the published update stays the pre-growth one, so a
     /// contributor following updates falls back to downloading the grown checkpoint).
     async fn grow(&self, agg: Aggregated, phase: usize, next: usize, step: u64) -> Result<Aggregated, HubError> {
-        let grower = self.grower.read().ok().and_then(|g| g.clone()).ok_or_else(|| {
-            HubError::Config(format!("the run grows into phase {next} but this hub has no grower"))
-        })?;
+        let grower =
+            self.grower.read().ok().and_then(|g| g.clone()).ok_or_else(|| {
+                HubError::Config(format!("the run grows into phase {next} but this hub has no grower"))
+            })?;
         let (from, to) = (self.spec.at_phase(phase), self.spec.at_phase(next));
         let seed = self.spec.phases[next - 1].seed;
         let outer_config = OuterConfig { lr: to.outer.lr, momentum: to.outer.momentum, nesterov: to.outer.nesterov };

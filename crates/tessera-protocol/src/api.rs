@@ -127,6 +127,10 @@ pub struct PhaseSpec {
     pub rounds: u64,
     /// Seed of the weights growth adds.
     pub seed: u64,
+    /// Only this many contributors, the top of the leaderboard when the phase begins, may train
+    /// in it (scored runs); `None`: everyone.
+    #[serde(default)]
+    pub qualify_top: Option<u32>,
 }
 
 /// What a run accepts as a validator's attestation, pinned in its spec.
@@ -261,7 +265,12 @@ impl RunSpec {
 
     /// The largest model of the run, in parameters.
     pub fn max_params(&self) -> u64 {
-        self.phases.iter().map(|p| p.tensors.iter().map(TensorSpec::numel).sum()).chain([self.num_params()]).max().unwrap_or(0)
+        self.phases
+            .iter()
+            .map(|p| p.tensors.iter().map(TensorSpec::numel).sum())
+            .chain([self.num_params()])
+            .max()
+            .unwrap_or(0)
     }
 
     /// Checks what a hub must check before it accepts a spec.
@@ -289,6 +298,12 @@ impl RunSpec {
         for p in &self.phases {
             if p.tensors.is_empty() || p.rounds == 0 {
                 return Err(format!("phase {:?} needs tensors and at least one round", p.name));
+            }
+            if p.qualify_top.is_some() && self.contest.is_none() {
+                return Err(format!("phase {:?} admits the top of the leaderboard: that needs a scored run", p.name));
+            }
+            if p.qualify_top == Some(0) {
+                return Err(format!("phase {:?} would admit nobody", p.name));
             }
         }
         if self.inner_steps == 0 || self.rounds == 0 || self.quorum == 0 {
@@ -611,6 +626,8 @@ pub enum ErrorCode {
     WrongValidator,
     /// No attested validator yet: sealed submissions cannot be accepted.
     NoValidator,
+    /// The run's current phase admits only the contributors who qualified for it.
+    NotQualified,
     NotFound,
     RangeNotSatisfiable,
     Internal,

@@ -91,10 +91,10 @@ pub struct RunArgs {
     /// --scored, else mean).
     #[arg(long)]
     aggregation: Option<tessera_protocol::Aggregation>,
-    /// Grow the model into a later phase: MODEL:ROUNDS (a preset or config.json, and that
-    /// phase's rounds), repeatable, in order. --rounds is then the first phase's rounds. The hub
-    /// grows the model function-preservingly at each phase boundary; contributors switch on
-    /// their own.
+    /// Grow the model into a later phase: MODEL:ROUNDS[:TOP] (a preset or config.json, that
+    /// phase's rounds, and in a scored run how many of the leaderboard's top may train in it),
+    /// repeatable, in order. --rounds is then the first phase's rounds. The hub grows the model
+    /// function-preservingly at each phase boundary; contributors switch on their own.
     #[arg(long, value_name = "MODEL:ROUNDS")]
     grow_to: Vec<String>,
     #[command(flatten)]
@@ -260,8 +260,19 @@ fn grow_phases(args: &RunArgs, first: &LlamaConfig) -> Result<Vec<tessera_protoc
     let mut prev = first.clone();
     let mut phases = Vec::new();
     for (i, g) in args.grow_to.iter().enumerate() {
-        let (model, rounds) = g.rsplit_once(':').with_context(|| format!("--grow-to {g:?}: expected MODEL:ROUNDS"))?;
-        let rounds: u64 = rounds.parse().with_context(|| format!("--grow-to {g:?}: {rounds:?} is not a number of rounds"))?;
+        let parts: Vec<&str> = g.split(':').collect();
+        let (model, rounds, top) = match parts.as_slice() {
+            [m, r] => (*m, *r, None),
+            [m, r, t] => (*m, *r, Some(*t)),
+            _ => bail!("--grow-to {g:?}: expected MODEL:ROUNDS or MODEL:ROUNDS:TOP"),
+        };
+        let rounds: u64 =
+            rounds.parse().with_context(|| format!("--grow-to {g:?}: {rounds:?} is not a number of rounds"))?;
+        let qualify_top = top
+            .map(|t| {
+                t.parse::<u32>().with_context(|| format!("--grow-to {g:?}: {t:?} is not a number of contributors"))
+            })
+            .transpose()?;
         let mut target = LlamaConfig::from_preset_or_path(model)?;
         target.vocab_size = prev.vocab_size;
         target.tie_word_embeddings = prev.tie_word_embeddings;
@@ -279,6 +290,7 @@ fn grow_phases(args: &RunArgs, first: &LlamaConfig) -> Result<Vec<tessera_protoc
             tensors,
             rounds,
             seed,
+            qualify_top,
         });
         prev = growth.to;
     }
@@ -300,7 +312,8 @@ impl tessera_hub::Grower for TorchGrower {
     ) -> Result<tessera_hub::Grown, String> {
         use std::collections::HashMap;
         let config = |v: &serde_json::Value| LlamaConfig::from_json(v.clone());
-        let growth = tessera_model::Growth::plan(&config(&from.model)?, &config(&to.model)?, seed).map_err(|e| e.to_string())?;
+        let growth =
+            tessera_model::Growth::plan(&config(&from.model)?, &config(&to.model)?, seed).map_err(|e| e.to_string())?;
         let named = |buffers: &[Vec<f32>]| -> HashMap<String, tch::Tensor> {
             from.tensors
                 .iter()
@@ -1256,7 +1269,8 @@ mod tests {
         let to = RunSpec { model: phases[0].model.clone(), tensors: phases[0].tensors.clone(), ..dummy_spec() };
         let theta = read_params(&model).unwrap();
         let zeros: Vec<Vec<f32>> = theta.iter().map(|t| vec![0.0; t.len()]).collect();
-        let grown = tessera_hub::Grower::grow(&TorchGrower, &from, &to, phases[0].seed, &theta, &zeros, &zeros).unwrap();
+        let grown =
+            tessera_hub::Grower::grow(&TorchGrower, &from, &to, phases[0].seed, &theta, &zeros, &zeros).unwrap();
         let big = Llama::zeroed(&LlamaConfig::from_json(to.model.clone()).unwrap(), Device::Cpu).unwrap();
         assert_eq!(table(&big), to.tensors);
         write_params(&big, &grown.theta).unwrap();

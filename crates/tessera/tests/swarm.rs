@@ -449,3 +449,57 @@ fn a_run_grows_into_its_next_phase_and_contributors_follow() {
         assert!(log.contains("the run grew: training its new model"), "{log}");
     }
 }
+
+/// A scored run whose second phase admits only the top two of the leaderboard: the attacker
+/// (`--adversary scale`) ranks last, is refused by the grown phase with its reason and stops;
+/// the two honest contributors and the validator carry on with the grown model.
+#[test]
+fn a_grown_phase_admits_only_who_qualified() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let port = free_port();
+    let flags = [
+        "--inner-steps",
+        "3",
+        "--rounds",
+        "2",
+        "--grow-to",
+        "nano:2:2",
+        "--quorum",
+        "3",
+        "--deadline",
+        "4",
+        "--scored",
+        "--validator-token",
+        "tok",
+        "--eval-windows",
+        "8",
+        "--fit-windows",
+        "4",
+    ];
+    let _h = hub(d, port, &flags);
+    let url = format!("http://127.0.0.1:{port}");
+    let mut workers = [
+        contributor(d, port, "a"),
+        contributor(d, port, "b"),
+        contributor_with(d, port, "bad", &["--adversary", "scale"]),
+    ];
+    let validate: Vec<String> =
+        ["validator", "--hub", &url, "--token", "tok", "--threads", "1"].iter().map(|s| s.to_string()).collect();
+    let mut v = spawn(&validate, &d.join("validator.log"));
+    for (w, name) in workers.iter_mut().zip(["a", "b", "bad"]) {
+        w.wait_success(Duration::from_secs(240), &d.join(format!("{name}.log")));
+    }
+    v.wait_success(Duration::from_secs(60), &d.join("validator.log"));
+    let last = wait_for(port, Duration::from_secs(30), "the finished run", |s| s.finished);
+    assert_eq!(last.round, 4, "{}", logs(d));
+    assert_eq!(last.history[2].accepted, 2, "{:?}", last.history);
+    let bad = std::fs::read_to_string(d.join("bad.log")).unwrap();
+    assert!(bad.contains("not admitted") && bad.contains("did not qualify"), "{bad}");
+    for name in ["a", "b"] {
+        let log = std::fs::read_to_string(d.join(format!("{name}.log"))).unwrap();
+        assert!(log.contains("the run grew: training its new model"), "{log}");
+    }
+    let validator = std::fs::read_to_string(d.join("validator.log")).unwrap();
+    assert!(validator.contains("scoring with its new model"), "{validator}");
+}
