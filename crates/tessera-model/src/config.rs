@@ -124,6 +124,43 @@ pub fn presets() -> Vec<Preset> {
             summary: "6 layers, 6 heads, width 384, context 256",
             config: shape(384, 6, 6, 6, 1024, 66, 256, true, 10_000.0),
         },
+        // The demo ladder: seven phases small enough for two CPU cores, each a function-preserving
+        // growth of the one before (head size 16, full multi-head attention, context 64).
+        Preset {
+            name: "ladder1",
+            summary: "demo ladder, phase 1",
+            config: shape(32, 2, 2, 2, 96, 66, 64, true, 10_000.0),
+        },
+        Preset {
+            name: "ladder2",
+            summary: "demo ladder, phase 2",
+            config: shape(48, 2, 3, 3, 128, 66, 64, true, 10_000.0),
+        },
+        Preset {
+            name: "ladder3",
+            summary: "demo ladder, phase 3",
+            config: shape(64, 3, 4, 4, 192, 66, 64, true, 10_000.0),
+        },
+        Preset {
+            name: "ladder4",
+            summary: "demo ladder, phase 4",
+            config: shape(80, 3, 5, 5, 224, 66, 64, true, 10_000.0),
+        },
+        Preset {
+            name: "ladder5",
+            summary: "demo ladder, phase 5",
+            config: shape(96, 4, 6, 6, 256, 66, 64, true, 10_000.0),
+        },
+        Preset {
+            name: "ladder6",
+            summary: "demo ladder, phase 6",
+            config: shape(112, 4, 7, 7, 320, 66, 64, true, 10_000.0),
+        },
+        Preset {
+            name: "ladder7",
+            summary: "demo ladder, phase 7",
+            config: shape(128, 5, 8, 8, 384, 66, 64, true, 10_000.0),
+        },
         Preset {
             name: "phase1",
             summary: "≈0.5B prototype anyone can train today",

@@ -250,6 +250,11 @@ pub struct DemoArgs {
     /// Working directory: database, store, contributor state, logs and the final checkpoint.
     #[arg(long, default_value = "runs/swarm")]
     dir: PathBuf,
+    /// The seven-phase demo ladder: start from `ladder1` and grow through `ladder7` (presets
+    /// small enough for two cores), --rounds rounds per phase (default here: 4); with --scored,
+    /// each phase after the first admits the top --promote-top of the leaderboard.
+    #[arg(long)]
+    phases: bool,
     #[command(flatten)]
     run: RunArgs,
 }
@@ -671,7 +676,22 @@ pub fn demo(args: DemoArgs) -> Result<()> {
             if p.is_dir() { std::fs::remove_dir_all(&p)? } else { std::fs::remove_file(&p)? }
         }
     }
-    let run = RunArgs { quorum: args.run.quorum.min(args.contributors as u32), ..args.run.clone() };
+    let mut run = RunArgs { quorum: args.run.quorum.min(args.contributors as u32), ..args.run.clone() };
+    if args.phases {
+        if !run.grow_to.is_empty() || run.model != "nano" {
+            bail!("--phases sets the model and its growth itself; leave out --model and --grow-to");
+        }
+        // 20 rounds is the single-phase default; a ladder phase gets 4 unless told otherwise.
+        let per_phase = if run.rounds == 20 { 4 } else { run.rounds };
+        let top = run.contest.scored.then(|| format!(":{}", run.contest.promote_top.min(args.contributors as u32)));
+        run.model = "ladder1".into();
+        run.rounds = per_phase;
+        run.grow_to = (2..=7).map(|k| format!("ladder{k}:{per_phase}{}", top.as_deref().unwrap_or(""))).collect();
+        // Each phase must still reach its quorum with the contributors it admits.
+        if let Some(t) = run.contest.scored.then_some(run.contest.promote_top) {
+            run.quorum = run.quorum.min(t.max(1));
+        }
+    }
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let threads = (cores / args.contributors).max(1);
     println!(
@@ -684,6 +704,21 @@ pub fn demo(args: DemoArgs) -> Result<()> {
         run.codec,
         run.broadcast_codec
     );
+    if !run.grow_to.is_empty() {
+        let first = LlamaConfig::from_preset_or_path(&run.model)?;
+        let phases = grow_phases(&run, &first)?;
+        let sizes: Vec<String> = std::iter::once(format!("{} ({} rounds)", run.model, run.rounds))
+            .chain(phases.iter().map(|p| {
+                let n: u64 = p.tensors.iter().map(TensorSpec::numel).sum();
+                format!(
+                    "{n} parameters ({} rounds{})",
+                    p.rounds,
+                    p.qualify_top.map_or(String::new(), |t| format!(", top {t}"))
+                )
+            }))
+            .collect();
+        println!("phases, each grown from the one before: {}", sizes.join(" → "));
+    }
     println!("logs and state: {}", dir.display());
 
     let addr_file = dir.join("hub.addr");

@@ -503,3 +503,41 @@ fn a_grown_phase_admits_only_who_qualified() {
     let validator = std::fs::read_to_string(d.join("validator.log")).unwrap();
     assert!(validator.contains("scoring with its new model"), "{validator}");
 }
+
+/// `tessera demo --phases`: the seven-phase ladder, each phase grown from the one before, runs to
+/// the end with its contributors switching models on their own.
+#[test]
+fn the_demo_ladder_runs_all_seven_phases() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let args = [
+        "demo",
+        "--phases",
+        "--contributors",
+        "2",
+        "--rounds",
+        "1",
+        "--inner-steps",
+        "3",
+        "--batch-size",
+        "4",
+        "--synthetic-chars",
+        "20000",
+        "--warmup-steps",
+        "2",
+        "--dir",
+        d.to_str().unwrap(),
+    ];
+    let out = Command::new(BIN).args(args).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}\n{}", String::from_utf8_lossy(&out.stderr), logs(d));
+    assert!(
+        stdout.contains("phases, each grown from the one before") && stdout.contains("finished: 7 rounds"),
+        "{stdout}"
+    );
+    // The final model is the last rung's size (its head size and ε carried through growth).
+    let grown = tessera_model::checkpoint::load_config(&d.join("final")).unwrap();
+    let top = tessera_model::preset("ladder7").unwrap();
+    assert_eq!((grown.hidden_size, grown.num_hidden_layers), (top.hidden_size, top.num_hidden_layers));
+    assert!(grown.rms_norm_eps < top.rms_norm_eps, "ε shrank with every widening: {}", grown.rms_norm_eps);
+}
