@@ -533,11 +533,21 @@ impl Hub {
         body: Bytes,
         inner_loss: Option<f64>,
     ) -> Result<Receipt, ApiError> {
-        let (tensors, lengths) = {
+        let (tensors, lengths, phase) = {
             let s = self.state.lock().await;
-            (s.tensors.clone(), s.lengths.clone())
+            (s.tensors.clone(), s.lengths.clone(), s.phase)
         };
         let (header, decoded) = self.parse_off_thread(body.clone(), lengths, check_view).await?;
+        // Work on an earlier phase's model is stale, not malformed: its table is that model's.
+        if header.run_id == self.run_id_bytes && self.spec.phase_of(header.round) < phase {
+            return Err(api(
+                ErrorCode::Stale,
+                format!(
+                    "trained on an earlier phase's model (round {}); the run has grown: fetch a new assignment",
+                    header.round
+                ),
+            ));
+        }
         self.check_header(&header, &tensors)?;
         // Only now that names and shapes match the model does a decoding failure mean bad values.
         decoded.map_err(|e| api(ErrorCode::MalformedMessage, e.to_string()))?;

@@ -504,8 +504,10 @@ fn a_grown_phase_admits_only_who_qualified() {
     assert!(validator.contains("scoring with its new model"), "{validator}");
 }
 
-/// `tessera demo --phases`: the seven-phase ladder, each phase grown from the one before, runs to
-/// the end with its contributors switching models on their own.
+/// `tessera demo --phases --scored`: the seven-phase ladder, each phase grown from the one before
+/// and admitting the top two, runs to the end with the contributors and the validator switching
+/// models on their own (work trained on a phase that has since grown is refused as stale, never
+/// as malformed).
 #[test]
 fn the_demo_ladder_runs_all_seven_phases() {
     let dir = tempfile::tempdir().unwrap();
@@ -513,8 +515,11 @@ fn the_demo_ladder_runs_all_seven_phases() {
     let args = [
         "demo",
         "--phases",
-        "--contributors",
+        "--scored",
+        "--promote-top",
         "2",
+        "--contributors",
+        "3",
         "--rounds",
         "1",
         "--inner-steps",
@@ -525,6 +530,10 @@ fn the_demo_ladder_runs_all_seven_phases() {
         "20000",
         "--warmup-steps",
         "2",
+        "--eval-windows",
+        "4",
+        "--fit-windows",
+        "4",
         "--dir",
         d.to_str().unwrap(),
     ];
