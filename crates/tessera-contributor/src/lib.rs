@@ -544,6 +544,15 @@ impl Contributor {
         if adversary == Some(tessera_contest::Adversary::WrongData) {
             self.trainer.config.worker = a.slot + 1_000_003; // Someone else's windows.
         }
+        // A layer-sharded run: only this contributor's fragment learns (the rest is frozen, so it
+        // gets no gradients) and only it is submitted.
+        let keep: Vec<usize> = match a.fragment {
+            Some(f) => self.run.spec.fragment_tensors(f),
+            None => (0..self.run.spec.tensors.len()).collect(),
+        };
+        for (i, (_, t)) in self.trainer.model.named_parameters().into_iter().enumerate() {
+            let _ = t.set_requires_grad(keep.binary_search(&i).is_ok());
+        }
         let steps = adversary.map_or(a.inner_steps, |k| k.inner_steps(a.inner_steps));
         let mut loss_sum = 0.0;
         for _ in 0..steps {
@@ -571,6 +580,9 @@ impl Contributor {
         let spec = &self.run.spec;
         let mut tensors = Vec::with_capacity(spec.tensors.len());
         for (k, ((t, delta), ef)) in spec.tensors.iter().zip(&deltas).zip(&mut self.feedback).enumerate() {
+            if keep.binary_search(&k).is_err() {
+                continue;
+            }
             let mut encoded = ef.encode(&spec.codec, delta)?;
             if k == 0 && adversary == Some(tessera_contest::Adversary::Nan) {
                 adversary::poison(&spec.codec, &mut encoded);

@@ -490,6 +490,7 @@ impl Hub {
             schedule_total: self.spec.rounds * h,
             eval_commitment: self.spec.contest.as_ref().map(|_| state.commitment.clone()),
             phase: state.phase as u32,
+            fragment: (self.spec.fragments > 1).then(|| self.spec.fragment_of(contributor)),
         })
     }
 
@@ -533,10 +534,16 @@ impl Hub {
         body: Bytes,
         inner_loss: Option<f64>,
     ) -> Result<Receipt, ApiError> {
-        let (tensors, lengths, phase) = {
+        let (mut tensors, mut lengths, phase) = {
             let s = self.state.lock().await;
             (s.tensors.clone(), s.lengths.clone(), s.phase)
         };
+        // A layer-sharded run: the contributor's fragment is the whole message.
+        if self.spec.fragments > 1 {
+            let keep = self.spec.fragment_tensors(self.spec.fragment_of(contributor));
+            tensors = keep.iter().map(|&i| tensors[i].clone()).collect();
+            lengths = keep.iter().map(|&i| lengths[i]).collect();
+        }
         let (header, decoded) = self.parse_off_thread(body.clone(), lengths, check_view).await?;
         // Work on an earlier phase's model is stale, not malformed: its table is that model's.
         if header.run_id == self.run_id_bytes && self.spec.phase_of(header.round) < phase {
@@ -1049,17 +1056,35 @@ impl Hub {
             _ => (None, Vec::new(), None),
         };
         let mut inputs = Vec::with_capacity(rows.len());
+        let mut fragments = Vec::with_capacity(rows.len());
         for (row, &w) in rows.iter().zip(&weights) {
             if w <= 0.0 || mean.is_some() {
                 continue;
             }
             match self.store.get(&submission_key(&row.blob)).await {
-                Ok(bytes) => inputs.push((w as f32, bytes)),
+                Ok(bytes) => {
+                    inputs.push((w as f32, bytes));
+                    fragments.push(self.spec.fragment_tensors(self.spec.fragment_of(row.contributor)));
+                }
                 Err(e) => {
                     tracing::error!(contributor = row.contributor, error = %e, "submission blob unreadable; left out")
                 }
             }
         }
+        // A layer-sharded run: each tensor is the mean of the submissions that carry it.
+        let mean = match mean {
+            None if self.spec.fragments > 1 => {
+                let lengths = state.lengths.clone();
+                let inputs = std::mem::take(&mut inputs);
+                Some(
+                    tokio::task::spawn_blocking(move || fragment_mean(&lengths, &inputs, &fragments))
+                        .await
+                        .map_err(|e| HubError::Corrupt(format!("aggregation task failed: {e}")))??
+                        .0,
+                )
+            }
+            m => m,
+        };
         // Copies, not moves: whatever happens to this call, the state stays whole.
         let theta = state.theta.clone();
         let outer = state.outer.clone();
@@ -1558,6 +1583,39 @@ fn streaming_mean(lengths: &[usize], inputs: &[(f32, Bytes)]) -> Result<Mean, Hu
     let used = acc.count() as u64;
     let mean = if used == 0 { lengths.iter().map(|&n| vec![0.0; n]).collect() } else { acc.finish()? };
     Ok((mean, weight, used))
+}
+
+/// A layer-sharded round's mean: every tensor averaged (weighted) over the submissions whose
+/// fragment carries it; a tensor nobody trained stays at zero. The mean's weight and count are
+/// the round's. A blob that no longer decodes is left out.
+fn fragment_mean(lengths: &[usize], inputs: &[(f32, Bytes)], fragments: &[Vec<usize>]) -> Result<Mean, HubError> {
+    let mut sum: Vec<Vec<f32>> = lengths.iter().map(|&n| vec![0.0; n]).collect();
+    let mut weight_of = vec![0.0f64; lengths.len()];
+    let (mut weight, mut used) = (0.0f64, 0u64);
+    for ((w, bytes), keep) in inputs.iter().zip(fragments) {
+        let subset: Vec<usize> = keep.iter().map(|&i| lengths[i]).collect();
+        let decoded = MessageView::parse(bytes).map_err(AggregateError::from).and_then(|v| decode_view(&subset, &v));
+        match decoded {
+            Ok(d) => {
+                for (&i, values) in keep.iter().zip(d) {
+                    for (s, v) in sum[i].iter_mut().zip(values) {
+                        *s += w * v;
+                    }
+                    weight_of[i] += f64::from(*w);
+                }
+                weight += f64::from(*w);
+                used += 1;
+            }
+            Err(e) => tracing::error!(error = %e, "a stored submission no longer decodes; aggregating without it"),
+        }
+    }
+    for (t, &w) in sum.iter_mut().zip(&weight_of) {
+        if w > 0.0 {
+            let inv = (1.0 / w) as f32;
+            t.iter_mut().for_each(|v| *v *= inv);
+        }
+    }
+    Ok((sum, weight, used))
 }
 
 /// The run's robust rule over every submission, decoded at once; a blob that no longer decodes

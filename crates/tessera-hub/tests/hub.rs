@@ -52,6 +52,7 @@ fn spec(quorum: u32) -> RunSpec {
         contest: None,
         trust: None,
         phases: Vec::new(),
+        fragments: 0,
     }
 }
 
@@ -949,4 +950,62 @@ async fn sealed_rounds() {
     assert_eq!(resumed.attestation["signing_key"], v.signing.public().hex());
     assert_eq!(Ledger::from_bytes(&download(&server.url, "/v1/ledger").await).unwrap().len(), ledger.len());
     server.stop().await;
+}
+
+/// A layer-sharded run: each contributor submits only its fragment (its layers plus the shared
+/// tensors); the whole model is refused; each tensor is averaged over the submissions that
+/// carry it.
+#[tokio::test]
+async fn layer_sharded_rounds_average_each_tensor_over_its_trainers() {
+    let b = backend("sqlite").await.unwrap();
+    let tensors = vec![
+        TensorSpec { name: "model.layers.0.w".into(), shape: vec![4] },
+        TensorSpec { name: "model.layers.1.w".into(), shape: vec![4] },
+        TensorSpec { name: "model.norm.weight".into(), shape: vec![4] },
+    ];
+    let sharded = RunSpec { tensors, fragments: 2, ..spec(2) };
+    sharded.validate().unwrap();
+    assert!(RunSpec { fragments: 3, ..sharded.clone() }.validate().unwrap_err().contains("fragments"));
+    let db = Db::connect(&b.db).await.unwrap();
+    let store = Store::open(&b.store).unwrap();
+    let key = tessera_trust::Identity::load_or_create(&b.key).unwrap();
+    let hub = Hub::open(db, store, Some(NewRun { spec: sharded, weights: vec![vec![1.0; 4]; 3] }), key).await.unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(tessera_hub::serve(hub, listener, async move {
+        let _ = rx.await;
+    }));
+    let run = info(&url).await;
+    let (a, c) = (Client::register(&url, "a").await, Client::register(&url, "c").await);
+    let (fa, fc) = (a.assignment(0).await.fragment, c.assignment(0).await.fragment);
+    assert_eq!((fa, fc), (Some(0), Some(1)));
+    let partial = |keep: &[usize], values: &[f32]| {
+        let mut run_id = [0u8; 16];
+        hex::decode_to_slice(&run.run_id, &mut run_id).unwrap();
+        let mut base = [0u8; 32];
+        hex::decode_to_slice(&run.checkpoint, &mut base).unwrap();
+        let deltas: Vec<Vec<f32>> = values.iter().map(|&v| vec![v; 4]).collect();
+        let t = keep
+            .iter()
+            .zip(&deltas)
+            .map(|(&i, d)| (run.spec.tensors[i].name.as_str(), run.spec.tensors[i].shape.as_slice(), d.as_slice()));
+        PseudoGradient::build(Codec::F32, run_id, 0, base, t).unwrap().to_bytes()
+    };
+    // The whole model, or another fragment's tensors, is not this contributor's fragment.
+    let (_, e) = a.submit(&run, 0, &run.checkpoint, &[vec![0.1; 4], vec![0.1; 4], vec![0.1; 4]]).await.unwrap_err();
+    assert_eq!(e.code, ErrorCode::TensorMismatch);
+    let (_, e) = a.submit_raw(partial(&[1, 2], &[0.1, 0.1])).await.unwrap_err();
+    assert_eq!(e.code, ErrorCode::TensorMismatch);
+    a.submit_raw(partial(&[0, 2], &[0.5, 0.25])).await.unwrap();
+    c.submit_raw(partial(&[1, 2], &[0.75, -0.25])).await.unwrap();
+    let after = info(&url).await;
+    assert_eq!(after.round, 1);
+    let theta =
+        decode_weights(&download(&url, &format!("/v1/checkpoints/{}", after.checkpoint)).await, &run.spec.tensors)
+            .unwrap();
+    // Outer lr 1, no momentum: θ − mean, each tensor over those that trained it.
+    assert_eq!((theta[0][0], theta[1][0], theta[2][0]), (0.5, 0.25, 1.0));
+    let _ = tx.send(());
+    let _ = task.await;
 }

@@ -114,6 +114,12 @@ pub struct RunSpec {
     /// phase's rounds; the first phase (`model`, `tensors`) has what the later ones leave.
     #[serde(default)]
     pub phases: Vec<PhaseSpec>,
+    /// Layer-sharded training: split the decoder layers into this many contiguous fragments;
+    /// a contributor trains and submits only its fragment (slot mod fragments) plus the shared
+    /// embedding, final norm and head, and the hub averages each tensor over the submissions
+    /// that carry it. 0 or 1: every contributor trains the whole model.
+    #[serde(default)]
+    pub fragments: u32,
 }
 
 /// A later phase of a run.
@@ -263,6 +269,25 @@ impl RunSpec {
         }
     }
 
+    /// Indices (into `tensors`) of what fragment `fragment` trains: its layers' tensors and
+    /// every tensor outside the layers. All of them when the run is not sharded.
+    pub fn fragment_tensors(&self, fragment: u32) -> Vec<usize> {
+        let layer = |name: &str| -> Option<u64> { name.strip_prefix("model.layers.")?.split('.').next()?.parse().ok() };
+        let layers = self.tensors.iter().filter_map(|t| layer(&t.name)).max().map_or(0, |m| m + 1);
+        let f = u64::from(self.fragments.max(1));
+        (0..self.tensors.len())
+            .filter(|&i| match layer(&self.tensors[i].name) {
+                Some(l) if f > 1 => l * f / layers.max(1) == u64::from(fragment) % f,
+                _ => true,
+            })
+            .collect()
+    }
+
+    /// The fragment a data slot trains.
+    pub fn fragment_of(&self, slot: u64) -> u32 {
+        (slot % u64::from(self.fragments.max(1))) as u32
+    }
+
     /// The largest model of the run, in parameters.
     pub fn max_params(&self) -> u64 {
         self.phases
@@ -290,6 +315,23 @@ impl RunSpec {
         }
         if self.tensors.is_empty() {
             return Err("the model has no tensors".into());
+        }
+        if self.fragments > 1 {
+            let has_layers =
+                |f: u32| self.fragment_tensors(f).iter().any(|&i| self.tensors[i].name.starts_with("model.layers."));
+            if !(0..self.fragments).all(has_layers) {
+                return Err(format!(
+                    "{} fragments leave some without a layer: use at most as many as the model has layers",
+                    self.fragments
+                ));
+            }
+            if self.contest.is_some()
+                || self.trust.is_some()
+                || !self.phases.is_empty()
+                || self.aggregation != Aggregation::Mean
+            {
+                return Err("layer-sharded runs are unscored, unsealed, single-phase and use the plain mean".into());
+            }
         }
         let later: u64 = self.phases.iter().map(|p| p.rounds).sum();
         if !self.phases.is_empty() && later >= self.rounds {
@@ -379,6 +421,9 @@ pub struct Assignment {
     /// again and switches.
     #[serde(default)]
     pub phase: u32,
+    /// Layer-sharded runs: the fragment to train and submit (`RunSpec::fragment_tensors`).
+    #[serde(default)]
+    pub fragment: Option<u32>,
 }
 
 /// A round waiting for its scores: what the validator must score.

@@ -517,6 +517,7 @@ fn arena_spec(args: &ArenaArgs, sc: &Scenario, dataset: &Dataset, model: &Llama)
         aggregation: sc.aggregation,
         trust: None,
         phases: Vec::new(),
+        fragments: 0,
         contest: sc.scored.then(|| ContestSpec {
             eval_windows: args.eval_windows,
             fit_windows: args.fit_windows,

@@ -97,6 +97,10 @@ pub struct RunArgs {
     /// function-preservingly at each phase boundary; contributors switch on their own.
     #[arg(long, value_name = "MODEL:ROUNDS")]
     grow_to: Vec<String>,
+    /// Layer-sharded training: each contributor trains and submits only one of this many
+    /// contiguous groups of layers (plus the shared embedding and head); unscored runs.
+    #[arg(long, default_value_t = 1)]
+    fragments: u32,
     #[command(flatten)]
     contest: ContestArgs,
 }
@@ -386,6 +390,7 @@ fn run_spec(args: &RunArgs, dataset: &Dataset, model: &Llama) -> Result<RunSpec>
         contest: args.contest.spec(),
         trust: args.contest.trust(),
         phases,
+        fragments: args.fragments,
     })
 }
 
@@ -610,6 +615,9 @@ fn run_flags(r: &RunArgs) -> Vec<String> {
     }
     for g in &r.grow_to {
         v.extend(["--grow-to".into(), g.clone()]);
+    }
+    if r.fragments > 1 {
+        v.extend(["--fragments".into(), r.fragments.to_string()]);
     }
     let c = &r.contest;
     if c.scored {
@@ -997,6 +1005,7 @@ pub fn bench_swarm(args: BenchSwarmArgs) -> Result<()> {
         contest: None,
         trust: None,
         phases: Vec::new(),
+        fragments: 0,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {

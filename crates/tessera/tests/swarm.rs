@@ -550,3 +550,33 @@ fn the_demo_ladder_runs_all_seven_phases() {
     assert_eq!((grown.hidden_size, grown.num_hidden_layers), (top.hidden_size, top.num_hidden_layers));
     assert!(grown.rms_norm_eps < top.rms_norm_eps, "ε shrank with every widening: {}", grown.rms_norm_eps);
 }
+
+/// `tessera demo --fragments 2`: contributors train and submit only their half of the layers
+/// (plus the shared tensors), and the run finishes with every submission accepted.
+#[test]
+fn a_layer_sharded_demo_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let args = [
+        "demo",
+        "--fragments",
+        "2",
+        "--contributors",
+        "2",
+        "--rounds",
+        "2",
+        "--inner-steps",
+        "3",
+        "--dir",
+        d.to_str().unwrap(),
+    ];
+    let out = Command::new(BIN).args(args).args(RUN).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}\n{}", String::from_utf8_lossy(&out.stderr), logs(d));
+    assert!(stdout.contains("finished: 2 rounds"), "{stdout}");
+    // Each contributor's row: id, name, accepted, rejected, …
+    let rows: Vec<Vec<&str>> =
+        stdout.lines().filter(|l| l.contains("contributor-")).map(|l| l.split_whitespace().collect()).collect();
+    assert_eq!(rows.len(), 2, "{stdout}");
+    assert!(rows.iter().all(|r| r[2] == "2" && r[3] == "0"), "{stdout}");
+}
