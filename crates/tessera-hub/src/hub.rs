@@ -1124,12 +1124,14 @@ impl Hub {
             }
             _ => Vec::new(),
         };
-        // A phase that admits only the top of the leaderboard: who that is now.
+        // A phase that admits only the top of the leaderboard: who that is now, among those the
+        // ending phase admitted (the best of each phase move up; nobody comes back).
         let members: Option<Vec<u64>> = match next_phase.and_then(|k| self.spec.phases[k - 1].qualify_top) {
             Some(top) => {
                 let ratings = rated.as_ref().unwrap_or(&state.ratings);
                 let ids = self.db.contributors().await?.into_iter().map(|c| c.0);
-                Some(ratings.leaderboard(ids).into_iter().take(top as usize).map(|(id, _)| id).collect())
+                let admitted = ids.filter(|id| state.members.as_ref().is_none_or(|m| m.contains(id)));
+                Some(ratings.leaderboard(admitted).into_iter().take(top as usize).map(|(id, _)| id).collect())
             }
             None => None,
         };
