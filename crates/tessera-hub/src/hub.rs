@@ -672,11 +672,23 @@ impl Hub {
                 ),
             ));
         }
-        if let Some(owner) = self.db.blob_owner(&blob).await.map_err(internal)? {
-            return Err(api(
-                ErrorCode::Replay,
-                format!("these exact bytes were already submitted (by contributor {owner}); a submission is new work"),
-            ));
+        match self.db.blob_owner(&blob).await.map_err(internal)? {
+            // Its own accepted submission again: a retry after a lost answer (or a hub restart).
+            Some(owner) if owner == contributor => {
+                return Err(api(
+                    ErrorCode::Duplicate,
+                    format!("these exact bytes are contributor {owner}'s accepted submission for round {base_round}"),
+                ));
+            }
+            Some(owner) => {
+                return Err(api(
+                    ErrorCode::Replay,
+                    format!(
+                        "these exact bytes were already submitted by contributor {owner}; a submission is new work"
+                    ),
+                ));
+            }
+            None => {}
         }
         let weight = self.spec.staleness_decay.powi(staleness as i32);
         let now = now_ms();

@@ -627,13 +627,16 @@ async fn scored_rounds(kind: &str) {
     let qualified: Vec<u64> = board.rows.iter().filter(|r| r.qualified).map(|r| r.id).collect();
     assert_eq!(qualified, vec![clients[0].id, clients[1].id]);
 
-    // Round 1: round 0's bytes again (staleness 1 would be accepted) are a replay, refused and
-    // recorded; being told to retry while scoring was not a refusal.
-    let (s, e) = clients[0].submit_raw(bodies[0].clone()).await.unwrap_err();
+    // Round 1: someone else's round-0 bytes (staleness 1 would be accepted) are a replay, refused
+    // and recorded; its own bytes again are its accepted submission (what a retry after a lost
+    // answer sends); being told to retry while scoring was not a refusal.
+    let (s, e) = clients[1].submit_raw(bodies[0].clone()).await.unwrap_err();
     assert_eq!((s, e.code), (StatusCode::CONFLICT, ErrorCode::Replay));
+    let (s, e) = clients[0].submit_raw(bodies[0].clone()).await.unwrap_err();
+    assert_eq!((s, e.code), (StatusCode::CONFLICT, ErrorCode::Duplicate));
     let st = status(&url).await;
     let rejected = |id: u64| st.contributors.iter().find(|c| c.id == id).map(|c| c.rejected);
-    assert_eq!((rejected(clients[0].id), rejected(late.id)), (Some(1), Some(0)));
+    assert_eq!((rejected(clients[1].id), rejected(late.id)), (Some(1), Some(0)));
     let board: Leaderboard = reqwest::get(format!("{url}/api/leaderboard")).await.unwrap().json().await.unwrap();
     server.stop().await;
 
@@ -812,7 +815,7 @@ async fn sealed_rounds() {
 
     a.submit_raw(sealed_a.clone()).await.unwrap();
     let (_, e) = a.submit_raw(sealed_a.clone()).await.unwrap_err();
-    assert_eq!(e.code, ErrorCode::Replay);
+    assert_eq!(e.code, ErrorCode::Duplicate, "its own envelope again: already accepted");
     c.submit_raw(seal(&v, &c, &run, &plain_c)).await.unwrap();
 
     // Contributors cannot fetch submissions: that takes the validator's token.
