@@ -121,6 +121,11 @@ fn wait_for(port: u16, within: Duration, what: &str, pred: impl Fn(&HubStatus) -
     }
 }
 
+/// One process's log in `dir` (`name.log`).
+fn log_of(dir: &Path, name: &str) -> String {
+    std::fs::read_to_string(dir.join(format!("{name}.log"))).unwrap_or_default()
+}
+
 fn logs(dir: &Path) -> String {
     let mut out = String::new();
     for e in std::fs::read_dir(dir).unwrap() {
@@ -333,7 +338,7 @@ fn a_sealed_scored_run_with_a_validator_and_an_attacker() {
     // No TEE here: without the development flag the validator refuses to start.
     let mut untrusted = spawn(&validate, &d.join("untrusted.log"));
     let code = untrusted.0.wait().unwrap();
-    let said = std::fs::read_to_string(d.join("untrusted.log")).unwrap();
+    let said = log_of(d, "untrusted");
     assert!(!code.success() && said.contains("no TEE here") && said.contains("--insecure-dev-tee"), "{said}");
     validate.push("--insecure-dev-tee".into());
     let mut v = spawn(&validate, &d.join("validator.log"));
@@ -359,7 +364,7 @@ fn a_sealed_scored_run_with_a_validator_and_an_attacker() {
     let table = Command::new(BIN).args(["leaderboard", "--hub", &url]).output().unwrap();
     let table = String::from_utf8_lossy(&table.stdout);
     assert!(table.contains("qualified") && table.contains("bad"), "{table}");
-    let log = std::fs::read_to_string(d.join("validator.log")).unwrap();
+    let log = log_of(d, "validator");
     assert_eq!(log.matches("submissions scored").count() as u64, rounds, "{log}");
     assert!(log.contains("INSECURE"), "{log}");
     // The hub cannot look inside a sealed NaN; the validator can, and refuses it by name.
@@ -413,9 +418,9 @@ fn a_scored_demo_runs_its_own_validator() {
     ];
     let out = Command::new(BIN).args(args).args(RUN).output().unwrap();
     assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stderr), logs(d));
-    let validator = std::fs::read_to_string(d.join("validator.log")).unwrap();
+    let validator = log_of(d, "validator");
     assert!(validator.contains("scored 3 rounds"), "{validator}");
-    let hub = std::fs::read_to_string(d.join("hub.log")).unwrap();
+    let hub = log_of(d, "hub");
     assert!(hub.contains("aggregation median, scored"), "{hub}");
 }
 
@@ -442,10 +447,10 @@ fn a_run_grows_into_its_next_phase_and_contributors_follow() {
     assert!(info.spec.tensors.iter().any(|t| t.name.starts_with("model.layers.3.")), "grown to four layers");
     let nano = tessera_model::preset("nano").unwrap();
     assert!(info.spec.tensors.iter().any(|t| t.shape.contains(&(nano.hidden_size as u64))));
-    let hub_log = std::fs::read_to_string(d.join("hub.log")).unwrap();
+    let hub_log = log_of(d, "hub");
     assert!(hub_log.contains("the run grew into its next phase"), "{hub_log}");
     for name in ["a", "b"] {
-        let log = std::fs::read_to_string(d.join(format!("{name}.log"))).unwrap();
+        let log = log_of(d, name);
         assert!(log.contains("the run grew: training its new model"), "{log}");
     }
 }
@@ -494,13 +499,13 @@ fn a_grown_phase_admits_only_who_qualified() {
     let last = wait_for(port, Duration::from_secs(30), "the finished run", |s| s.finished);
     assert_eq!(last.round, 4, "{}", logs(d));
     assert_eq!(last.history[2].accepted, 2, "{:?}", last.history);
-    let bad = std::fs::read_to_string(d.join("bad.log")).unwrap();
+    let bad = log_of(d, "bad");
     assert!(bad.contains("not admitted") && bad.contains("did not qualify"), "{bad}");
     for name in ["a", "b"] {
-        let log = std::fs::read_to_string(d.join(format!("{name}.log"))).unwrap();
+        let log = log_of(d, name);
         assert!(log.contains("the run grew: training its new model"), "{log}");
     }
-    let validator = std::fs::read_to_string(d.join("validator.log")).unwrap();
+    let validator = log_of(d, "validator");
     assert!(validator.contains("scoring with its new model"), "{validator}");
 }
 
