@@ -79,6 +79,8 @@ pub struct Publication<'a> {
     /// When this round ends a phase whose successor admits only the top of the leaderboard:
     /// that phase and who may train in it, best first.
     pub members: Option<(u64, &'a [u64])>,
+    /// When this round ends a phase: the next phase and the round it starts at.
+    pub phase_start: Option<(u64, u64)>,
 }
 
 /// One submission's score, flag, aggregation weight and reward.
@@ -404,6 +406,12 @@ impl Db {
             .collect()
     }
 
+    /// The round each later phase began at, by phase.
+    pub async fn phase_starts(&self) -> Result<Vec<(u64, u64)>, HubError> {
+        let rows = sqlx::query("SELECT phase, round FROM phase_starts ORDER BY phase").fetch_all(&self.pool).await?;
+        rows.iter().map(|r| Ok((u(r.try_get("phase")?), u(r.try_get("round")?)))).collect()
+    }
+
     /// Who may train in `phase` (contributor ids, best first).
     pub async fn phase_members(&self, phase: u64) -> Result<Vec<u64>, HubError> {
         let rows = sqlx::query("SELECT contributor FROM phase_members WHERE phase = $1 ORDER BY rank")
@@ -527,6 +535,13 @@ impl Db {
                 .await?;
         }
         insert_ledger(&mut tx, p.ledger).await?;
+        if let Some((phase, round)) = p.phase_start {
+            sqlx::query("INSERT INTO phase_starts (phase, round) VALUES ($1, $2)")
+                .bind(phase as i64)
+                .bind(round as i64)
+                .execute(&mut *tx)
+                .await?;
+        }
         if let Some((phase, members)) = p.members {
             for (rank, contributor) in members.iter().enumerate() {
                 sqlx::query("INSERT INTO phase_members (phase, contributor, rank) VALUES ($1, $2, $3)")

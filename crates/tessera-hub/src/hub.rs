@@ -123,6 +123,8 @@ struct State {
     sealed_mean: Option<(u64, Vec<Vec<f32>>)>,
     /// Who may train in the current phase (`None`: everyone).
     members: Option<std::collections::HashSet<u64>>,
+    /// The round each phase so far began at (`starts[0]` = 0).
+    starts: Vec<u64>,
     /// The run's phase: its model's tensor table and their lengths.
     phase: usize,
     tensors: Vec<TensorSpec>,
@@ -248,7 +250,9 @@ impl Hub {
         let mut run_id_bytes = [0u8; 16];
         hex::decode_to_slice(&run.id, &mut run_id_bytes).map_err(|e| HubError::Corrupt(format!("run id: {e}")))?;
         // The current phase's model: what the stored weights and outer state are shaped as.
-        let phase = spec.phase_of(run.round);
+        let mut starts = vec![0];
+        starts.extend(db.phase_starts().await?.into_iter().map(|(_, r)| r));
+        let phase = starts.len() - 1;
         let tensors = spec.at_phase(phase).tensors;
         let lengths: Vec<usize> = tensors.iter().map(|t| t.numel() as usize).collect();
 
@@ -301,6 +305,7 @@ impl Hub {
             fit_record,
             sealed_mean: None,
             members,
+            starts,
             phase,
             tensors,
             lengths,
@@ -534,9 +539,9 @@ impl Hub {
         body: Bytes,
         inner_loss: Option<f64>,
     ) -> Result<Receipt, ApiError> {
-        let (mut tensors, mut lengths, phase) = {
+        let (mut tensors, mut lengths, phase, starts) = {
             let s = self.state.lock().await;
-            (s.tensors.clone(), s.lengths.clone(), s.phase)
+            (s.tensors.clone(), s.lengths.clone(), s.phase, s.starts.clone())
         };
         // A layer-sharded run: the contributor's fragment is the whole message.
         if self.spec.fragments > 1 {
@@ -546,7 +551,7 @@ impl Hub {
         }
         let (header, decoded) = self.parse_off_thread(body.clone(), lengths, check_view).await?;
         // Work on an earlier phase's model is stale, not malformed: its table is that model's.
-        if header.run_id == self.run_id_bytes && self.spec.phase_of(header.round) < phase {
+        if header.run_id == self.run_id_bytes && phase_at(&starts, header.round) < phase {
             return Err(api(
                 ErrorCode::Stale,
                 format!(
@@ -653,7 +658,7 @@ impl Hub {
             ));
         }
         self.check_member(&state, contributor)?;
-        if self.spec.phase_of(base_round) != state.phase {
+        if phase_at(&state.starts, base_round) != state.phase {
             return Err(api(
                 ErrorCode::Stale,
                 format!(
@@ -1116,7 +1121,15 @@ impl Hub {
         .map_err(|e| HubError::Corrupt(format!("aggregation task failed: {e}")))??;
         // The last round of a phase publishes the next phase's model: grown, the same function.
         let finished = round + 1 >= self.spec.rounds;
-        let next_phase = (!finished && self.spec.phase_of(round + 1) != state.phase).then_some(state.phase + 1);
+        let losses: Vec<f64> = rows.iter().filter_map(|r| r.inner_loss).collect();
+        let mean_inner_loss = (!losses.is_empty()).then(|| losses.iter().sum::<f64>() / losses.len() as f64);
+        let planned = self.spec.phase_of(round + 1) > state.phase;
+        let target_met = self.spec.until_loss(state.phase).zip(mean_inner_loss).is_some_and(|(t, l)| l <= t);
+        let next_phase =
+            (!finished && state.phase < self.spec.phases.len() && (planned || target_met)).then_some(state.phase + 1);
+        if target_met && !planned && next_phase.is_some() {
+            tracing::info!(round, loss = ?mean_inner_loss, "the phase reached its loss target: growing early");
+        }
         let agg = match next_phase {
             Some(next) => self.grow(agg, state.phase, next, round + 1).await?,
             None => agg,
@@ -1126,7 +1139,6 @@ impl Hub {
         self.store.put(&checkpoint_key(&hash), Bytes::from(agg.weights_bytes)).await?;
         self.store.put(&update_key(round + 1), Bytes::from(agg.update_bytes)).await?;
         self.store.put(&outer_key(round + 1), Bytes::from(agg.outer_bytes)).await?;
-        let losses: Vec<f64> = rows.iter().filter_map(|r| r.inner_loss).collect();
         // The phase boundary: the leaderboard after this round decides who moves on.
         let qualified: Vec<u64> = match &self.spec.contest {
             Some(c) if round + 1 == c.boundary(self.spec.rounds) => {
@@ -1158,7 +1170,7 @@ impl Hub {
                 closed_ms: now_ms(),
                 accepted: agg.used,
                 weight: agg.weight,
-                mean_inner_loss: (!losses.is_empty()).then(|| losses.iter().sum::<f64>() / losses.len() as f64),
+                mean_inner_loss,
                 bytes_up: rows.iter().map(|r| r.bytes).sum(),
                 finished,
                 scores: &score_rows,
@@ -1166,6 +1178,7 @@ impl Hub {
                 qualified: &qualified,
                 ledger: &ledger,
                 members: next_phase.zip(members.as_deref()).map(|(k, m)| (k as u64, m)),
+                phase_start: next_phase.map(|k| (k as u64, round + 1)),
             })
             .await?;
         if let Some(next) = next_ledger
@@ -1196,6 +1209,7 @@ impl Hub {
                 tracing::info!(phase = next, members = ?m, "the next phase admits the top of the leaderboard");
             }
             state.members = members.map(|m| m.into_iter().collect());
+            state.starts.push(round + 1);
             state.tensors = self.spec.at_phase(next).tensors;
             state.lengths = state.tensors.iter().map(|t| t.numel() as usize).collect();
             state.phase = next;
@@ -1654,6 +1668,11 @@ fn robust_mean(rule: &Aggregation, lengths: &[usize], inputs: &[(f32, Bytes)]) -
     tracing::info!(rule = %rule, clipped = report.clipped, radius = ?report.radius, "robust aggregation");
     let weight = weights.iter().map(|&w| f64::from(w)).sum();
     Ok((mean, weight, decoded.len() as u64))
+}
+
+/// The phase round `round` belongs to, given the round each phase began at.
+fn phase_at(starts: &[u64], round: u64) -> usize {
+    starts.iter().rposition(|&s| s <= round).unwrap_or(0)
 }
 
 /// Loads and verifies the run's ledger, writing its genesis (signed by `identity`) if it has

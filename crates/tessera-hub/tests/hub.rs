@@ -53,6 +53,7 @@ fn spec(quorum: u32) -> RunSpec {
         trust: None,
         phases: Vec::new(),
         fragments: 0,
+        until_loss: None,
     }
 }
 

@@ -120,6 +120,10 @@ pub struct RunSpec {
     /// that carry it. 0 or 1: every contributor trains the whole model.
     #[serde(default)]
     pub fragments: u32,
+    /// The first phase also ends (and the run grows) once a round's mean inner loss is at or
+    /// below this.
+    #[serde(default)]
+    pub until_loss: Option<f64>,
 }
 
 /// A later phase of a run.
@@ -137,6 +141,10 @@ pub struct PhaseSpec {
     /// in it (scored runs); `None`: everyone.
     #[serde(default)]
     pub qualify_top: Option<u32>,
+    /// This phase also ends (and the run grows into the next) once a round's mean inner loss is
+    /// at or below this; the next phase then has the rounds left.
+    #[serde(default)]
+    pub until_loss: Option<f64>,
 }
 
 /// What a run accepts as a validator's attestation, pinned in its spec.
@@ -256,7 +264,16 @@ impl RunSpec {
         first + self.phases.iter().take(k - 1).map(|p| p.rounds).sum::<u64>()
     }
 
-    /// The phase round `round` belongs to (a finished run's count of rounds: its last phase).
+    /// Phase `k`'s loss target, if it has one.
+    pub fn until_loss(&self, k: usize) -> Option<f64> {
+        match k.checked_sub(1) {
+            None => self.until_loss,
+            Some(i) => self.phases.get(i).and_then(|p| p.until_loss),
+        }
+    }
+
+    /// The phase round `round` belongs to as planned (a finished run's count of rounds: its
+    /// last phase); a phase that reached its loss target ends earlier (the hub records when).
     pub fn phase_of(&self, round: u64) -> usize {
         (1..=self.phases.len()).rev().find(|&k| round >= self.phase_start(k)).unwrap_or(0)
     }
@@ -336,6 +353,13 @@ impl RunSpec {
         let later: u64 = self.phases.iter().map(|p| p.rounds).sum();
         if !self.phases.is_empty() && later >= self.rounds {
             return Err(format!("the later phases' {later} rounds leave none of the {} for the first", self.rounds));
+        }
+        let targets = self.phases.iter().map(|p| p.until_loss).chain([self.until_loss]);
+        if targets.flatten().any(|l| !l.is_finite()) {
+            return Err("a phase's loss target must be a finite number".into());
+        }
+        if self.until_loss.is_some() && self.phases.is_empty() {
+            return Err("a loss target ends a phase early: it needs a later phase to grow into".into());
         }
         for p in &self.phases {
             if p.tensors.is_empty() || p.rounds == 0 {

@@ -518,6 +518,7 @@ fn arena_spec(args: &ArenaArgs, sc: &Scenario, dataset: &Dataset, model: &Llama)
         trust: None,
         phases: Vec::new(),
         fragments: 0,
+        until_loss: None,
         contest: sc.scored.then(|| ContestSpec {
             eval_windows: args.eval_windows,
             fit_windows: args.fit_windows,

@@ -91,16 +91,21 @@ pub struct RunArgs {
     /// --scored, else mean).
     #[arg(long)]
     aggregation: Option<tessera_protocol::Aggregation>,
-    /// Grow the model into a later phase: MODEL:ROUNDS[:TOP] (a preset or config.json, that
-    /// phase's rounds, and in a scored run how many of the leaderboard's top may train in it),
-    /// repeatable, in order. --rounds is then the first phase's rounds. The hub grows the model
-    /// function-preservingly at each phase boundary; contributors switch on their own.
+    /// Grow the model into a later phase: MODEL:ROUNDS[:TOP][:loss=X] (a preset or config.json;
+    /// that phase's rounds; in a scored run how many of the leaderboard's top may train in it;
+    /// and a loss that ends it early), repeatable, in order. --rounds is then the first phase's
+    /// rounds. The hub grows the model function-preservingly at each phase boundary;
+    /// contributors switch on their own.
     #[arg(long, value_name = "MODEL:ROUNDS")]
     grow_to: Vec<String>,
     /// Layer-sharded training: each contributor trains and submits only one of this many
     /// contiguous groups of layers (plus the shared embedding and head); unscored runs.
     #[arg(long, default_value_t = 1)]
     fragments: u32,
+    /// With --grow-to: the first phase also ends once a round's mean inner loss is at or below
+    /// this (the next phase gets the rounds left).
+    #[arg(long)]
+    until_loss: Option<f64>,
     #[command(flatten)]
     contest: ContestArgs,
 }
@@ -270,18 +275,24 @@ fn grow_phases(args: &RunArgs, first: &LlamaConfig) -> Result<Vec<tessera_protoc
     let mut phases = Vec::new();
     for (i, g) in args.grow_to.iter().enumerate() {
         let parts: Vec<&str> = g.split(':').collect();
-        let (model, rounds, top) = match parts.as_slice() {
-            [m, r] => (*m, *r, None),
-            [m, r, t] => (*m, *r, Some(*t)),
-            _ => bail!("--grow-to {g:?}: expected MODEL:ROUNDS or MODEL:ROUNDS:TOP"),
+        let [model, rounds, extra @ ..] = parts.as_slice() else {
+            bail!("--grow-to {g:?}: expected MODEL:ROUNDS[:TOP][:loss=X]");
         };
+        let model = *model;
         let rounds: u64 =
             rounds.parse().with_context(|| format!("--grow-to {g:?}: {rounds:?} is not a number of rounds"))?;
-        let qualify_top = top
-            .map(|t| {
-                t.parse::<u32>().with_context(|| format!("--grow-to {g:?}: {t:?} is not a number of contributors"))
-            })
-            .transpose()?;
+        let (mut qualify_top, mut until_loss) = (None, None);
+        for e in extra {
+            if let Some(x) = e.strip_prefix("loss=") {
+                until_loss = Some(x.parse::<f64>().with_context(|| format!("--grow-to {g:?}: {x:?} is not a loss"))?);
+            } else {
+                let t = e.strip_prefix("top=").unwrap_or(e);
+                qualify_top = Some(
+                    t.parse::<u32>()
+                        .with_context(|| format!("--grow-to {g:?}: {t:?} is not a number of contributors"))?,
+                );
+            }
+        }
         let mut target = LlamaConfig::from_preset_or_path(model)?;
         target.vocab_size = prev.vocab_size;
         target.tie_word_embeddings = prev.tie_word_embeddings;
@@ -300,6 +311,7 @@ fn grow_phases(args: &RunArgs, first: &LlamaConfig) -> Result<Vec<tessera_protoc
             rounds,
             seed,
             qualify_top,
+            until_loss,
         });
         prev = growth.to;
     }
@@ -391,6 +403,7 @@ fn run_spec(args: &RunArgs, dataset: &Dataset, model: &Llama) -> Result<RunSpec>
         trust: args.contest.trust(),
         phases,
         fragments: args.fragments,
+        until_loss: args.until_loss,
     })
 }
 
@@ -618,6 +631,9 @@ fn run_flags(r: &RunArgs) -> Vec<String> {
     }
     if r.fragments > 1 {
         v.extend(["--fragments".into(), r.fragments.to_string()]);
+    }
+    if let Some(l) = r.until_loss {
+        v.extend(["--until-loss".into(), l.to_string()]);
     }
     let c = &r.contest;
     if c.scored {
@@ -1006,6 +1022,7 @@ pub fn bench_swarm(args: BenchSwarmArgs) -> Result<()> {
         trust: None,
         phases: Vec::new(),
         fragments: 0,
+        until_loss: None,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {

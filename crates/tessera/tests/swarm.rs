@@ -585,3 +585,40 @@ fn a_layer_sharded_demo_runs() {
     assert_eq!(rows.len(), 2, "{stdout}");
     assert!(rows.iter().all(|r| r[2] == "2" && r[3] == "0"), "{stdout}");
 }
+
+/// `--until-loss`: the first phase ends as soon as a round's mean inner loss reaches its target
+/// (here at once, after round 0, instead of after its planned 3 rounds); the next phase takes
+/// the rounds left and the run still ends after 5.
+#[test]
+fn a_phase_that_reaches_its_loss_target_grows_early() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let port = free_port();
+    let flags = [
+        "--inner-steps",
+        "3",
+        "--rounds",
+        "3",
+        "--grow-to",
+        "nano:2",
+        "--until-loss",
+        "100",
+        "--quorum",
+        "2",
+        "--deadline",
+        "60",
+    ];
+    let _h = hub(d, port, &flags);
+    let mut workers = [contributor(d, port, "a"), contributor(d, port, "b")];
+    for (w, name) in workers.iter_mut().zip(["a", "b"]) {
+        w.wait_success(Duration::from_secs(240), &d.join(format!("{name}.log")));
+    }
+    let last = wait_for(port, Duration::from_secs(30), "the finished run", |s| s.finished);
+    assert_eq!(last.round, 5, "{}", logs(d));
+    assert!(log_of(d, "hub").contains("reached its loss target"), "{}", log_of(d, "hub"));
+    // Round 1 already started from the grown checkpoint: bigger than round 0's.
+    let size = |hash: &str| {
+        reqwest::blocking::get(format!("http://127.0.0.1:{port}/v1/checkpoints/{hash}")).unwrap().bytes().unwrap().len()
+    };
+    assert!(size(&last.history[1].base_checkpoint) > 2 * size(&last.history[0].base_checkpoint));
+}
