@@ -933,35 +933,29 @@ impl Hub {
         if verdict.settled.iter().any(|s| !(s.weight.is_finite() && s.weight >= 0.0)) {
             return Err(api(ErrorCode::BadRequest, "aggregation weights must be finite and non-negative"));
         }
-        let mean = match state.sealed_mean.take() {
-            Some((r, mean)) if r == state.round => mean,
-            _ => {
-                return Err(api(
-                    ErrorCode::NotScoring,
-                    "post the round's aggregate (POST /v1/validator/aggregate/{round}) before its verdict",
-                ));
-            }
-        };
+        // The aggregate stays posted until the verdict is accepted: a refused verdict can be
+        // fixed and sent again.
+        if !matches!(state.sealed_mean, Some((r, _)) if r == state.round) {
+            return Err(api(
+                ErrorCode::NotScoring,
+                "post the round's aggregate (POST /v1/validator/aggregate/{round}) before its verdict",
+            ));
+        }
         // The entries must chain onto the ledger, be signed by the attested validator, and pay
         // exactly what the verdict says to the round's submitters.
         let raw = hex::decode(&verdict.ledger).map_err(|_| api(ErrorCode::BadRequest, "ledger entries are not hex"))?;
         let mut next = self.ledger.read().map_err(|_| api(ErrorCode::Internal, "ledger poisoned"))?.clone();
         let from = next.len();
         if verdict.ledger_from != from {
-            state.sealed_mean = Some((state.round, mean));
             return Err(api(
                 ErrorCode::NotScoring,
                 format!("the ledger has {from} entries, not {}: fetch it again and re-sign", verdict.ledger_from),
             ));
         }
-        if let Err(e) = next.extend(&raw) {
-            state.sealed_mean = Some((state.round, mean));
-            return Err(api(ErrorCode::BadRequest, format!("ledger entries refused: {e}")));
-        }
+        next.extend(&raw).map_err(|e| api(ErrorCode::BadRequest, format!("ledger entries refused: {e}")))?;
         let added: Vec<tessera_trust::ledger::Entry> = (from..next.len()).filter_map(|s| next.entry(s)).collect();
         let current = self.validator.read().ok().and_then(|v| v.as_ref().map(|v| v.attestation.signing_key.clone()));
         if added.iter().any(|e| Some(&e.signer) != current.as_ref()) {
-            state.sealed_mean = Some((state.round, mean));
             return Err(api(ErrorCode::WrongValidator, "a round is settled by the current validator's key only"));
         }
         let receipts: Vec<_> = added.iter().filter(|e| matches!(e.body, LedgerBody::Receipt { .. })).collect();
@@ -976,7 +970,6 @@ impl Hub {
                 _ => false,
             });
         if !matches || next.check_committed().is_err() {
-            state.sealed_mean = Some((state.round, mean));
             return Err(api(
                 ErrorCode::BadRequest,
                 "the ledger entries must be one receipt per submission (in the job's order, paying what the \
@@ -984,6 +977,9 @@ impl Hub {
             ));
         }
         let ledger = (from..next.len()).filter_map(|s| next.entry_bytes(s).map(|b| (s, hex::encode(b)))).collect();
+        let Some((_, mean)) = state.sealed_mean.take() else {
+            return Err(api(ErrorCode::Internal, "the posted aggregate vanished"));
+        };
         let closed_by = state.scoring.as_ref().map(|s| s.closed_by.clone()).unwrap_or_default();
         self.finish_round(
             &mut state,
@@ -1096,8 +1092,7 @@ impl Hub {
                 Some(
                     tokio::task::spawn_blocking(move || fragment_mean(&lengths, &inputs, &fragments))
                         .await
-                        .map_err(|e| HubError::Corrupt(format!("aggregation task failed: {e}")))??
-                        .0,
+                        .map_err(|e| HubError::Corrupt(format!("aggregation task failed: {e}")))?,
                 )
             }
             m => m,
@@ -1614,12 +1609,11 @@ fn streaming_mean(lengths: &[usize], inputs: &[(f32, Bytes)]) -> Result<Mean, Hu
 }
 
 /// A layer-sharded round's mean: every tensor averaged (weighted) over the submissions whose
-/// fragment carries it; a tensor nobody trained stays at zero. The mean's weight and count are
-/// the round's. A blob that no longer decodes is left out.
-fn fragment_mean(lengths: &[usize], inputs: &[(f32, Bytes)], fragments: &[Vec<usize>]) -> Result<Mean, HubError> {
+/// fragment carries it; a tensor nobody trained stays at zero. A blob that no longer decodes is
+/// left out.
+fn fragment_mean(lengths: &[usize], inputs: &[(f32, Bytes)], fragments: &[Vec<usize>]) -> Vec<Vec<f32>> {
     let mut sum: Vec<Vec<f32>> = lengths.iter().map(|&n| vec![0.0; n]).collect();
     let mut weight_of = vec![0.0f64; lengths.len()];
-    let (mut weight, mut used) = (0.0f64, 0u64);
     for ((w, bytes), keep) in inputs.iter().zip(fragments) {
         let subset: Vec<usize> = keep.iter().map(|&i| lengths[i]).collect();
         let decoded = MessageView::parse(bytes).map_err(AggregateError::from).and_then(|v| decode_view(&subset, &v));
@@ -1631,8 +1625,6 @@ fn fragment_mean(lengths: &[usize], inputs: &[(f32, Bytes)], fragments: &[Vec<us
                     }
                     weight_of[i] += f64::from(*w);
                 }
-                weight += f64::from(*w);
-                used += 1;
             }
             Err(e) => tracing::error!(error = %e, "a stored submission no longer decodes; aggregating without it"),
         }
@@ -1643,7 +1635,7 @@ fn fragment_mean(lengths: &[usize], inputs: &[(f32, Bytes)], fragments: &[Vec<us
             t.iter_mut().for_each(|v| *v *= inv);
         }
     }
-    Ok((sum, weight, used))
+    sum
 }
 
 /// The run's robust rule over every submission, decoded at once; a blob that no longer decodes
