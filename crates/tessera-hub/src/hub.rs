@@ -1695,18 +1695,20 @@ async fn open_ledger(
             ledger.hub().map(|k| k.hex()).unwrap_or_default()
         )));
     }
+    // The last validator registered; the ledger verified its attestation when it was read.
+    let last = ledger.entries().into_iter().rev().find_map(|e| match e.body {
+        LedgerBody::Validator { attestation } => Some((e.seq, attestation)),
+        _ => None,
+    });
     let mut validator = None;
-    for e in ledger.entries() {
-        if let LedgerBody::Validator { attestation } = e.body {
-            let policy = spec.trust.clone().unwrap_or_default();
-            let verified = attestation
-                .verify(&policy, (e.time_ms.max(0) / 1000) as u64)
-                .map_err(|err| HubError::Corrupt(format!("ledger validator {}: {err}", e.seq)))?;
-            let recipient = tessera_trust::SealingKey::parse(&attestation.sealing_key)
-                .map_err(|err| HubError::Corrupt(err.to_string()))?
-                .fingerprint();
-            validator = Some(CurrentValidator { attestation, verified, recipient, seq: e.seq });
-        }
+    if let Some((seq, attestation)) = last {
+        let corrupt = |m: String| HubError::Corrupt(format!("ledger validator {seq}: {m}"));
+        let key = PublicKey::parse(&attestation.signing_key).map_err(|e| corrupt(e.to_string()))?;
+        let verified = ledger.validator(&key).ok_or_else(|| corrupt("not known to the ledger".into()))?.verified();
+        let recipient = tessera_trust::SealingKey::parse(&attestation.sealing_key)
+            .map_err(|e| corrupt(e.to_string()))?
+            .fingerprint();
+        validator = Some(CurrentValidator { attestation, verified, recipient, seq });
     }
     Ok((ledger, validator))
 }

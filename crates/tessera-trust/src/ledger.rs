@@ -31,7 +31,7 @@ use ct_merkle::{InclusionProof, RootHash};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
-use crate::{AttestationPolicy, Identity, PublicKey, ValidatorAttestation};
+use crate::{AttestationPolicy, Identity, PublicKey, ValidatorAttestation, Verified};
 
 const MAGIC: &[u8; 4] = b"TLE1";
 const DOMAIN: &[u8] = b"tessera-ledger-v1";
@@ -384,7 +384,21 @@ pub struct KnownValidator {
     pub seq: u64,
     pub kind: String,
     pub measurement: String,
+    /// What its attestation established of the platform's TCB (`Verified::tcb`).
+    pub tcb: String,
     pub insecure: bool,
+}
+
+impl KnownValidator {
+    /// What verifying its attestation (at its entry's time) established.
+    pub fn verified(&self) -> Verified {
+        Verified {
+            kind: self.kind.clone(),
+            measurement: self.measurement.clone(),
+            tcb: self.tcb.clone(),
+            insecure: self.insecure,
+        }
+    }
 }
 
 /// An inclusion proof of one entry under a signed root.
@@ -500,6 +514,7 @@ impl Ledger {
                         seq,
                         kind: v.kind,
                         measurement: v.measurement,
+                        tcb: v.tcb,
                         insecure: v.insecure,
                     },
                 );
@@ -625,6 +640,11 @@ impl Ledger {
 
     pub fn validators(&self) -> impl Iterator<Item = &KnownValidator> {
         self.validators.values()
+    }
+
+    /// The validator introduced with signing key `key`, if any.
+    pub fn validator(&self, key: &PublicKey) -> Option<&KnownValidator> {
+        self.validators.get(key)
     }
 
     /// Signs `body` as the next entry and appends it.
