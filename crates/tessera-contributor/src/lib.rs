@@ -286,17 +286,8 @@ impl Contributor {
         let hub = Hub { url: &config.hub, patience: config.patience };
         let key_path = config.key.clone().unwrap_or_else(|| dir.join("identity.pem"));
         let key = tessera_trust::Identity::load_or_create(&key_path)?;
-        let response = hub.send("run", || http.get(format!("{}/v1/run", config.hub)))?;
-        let signature = response.headers().get(HUB_SIGNATURE_HEADER).and_then(|v| v.to_str().ok()).map(str::to_owned);
-        let body = hub.body("run", response)?;
-        let run: RunInfo = serde_json::from_slice(&body).map_err(|e| hub.http_err("run", e))?;
-        if run.protocol != PROTOCOL_VERSION {
-            return Err(ContributorError::Protocol(run.protocol));
-        }
+        let run = fetch_run(&hub, &http, None)?;
         let hub_key = PublicKey::parse(&run.hub_key)?;
-        check_hub_signature(&hub_key, &body, signature.as_deref())?;
-        // The spec came over the network: hold it to what a hub must check before serving it.
-        run.spec.validate().map_err(|e| ContributorError::Data(format!("the hub's run spec: {e}")))?;
         let id_path = dir.join("identity.json");
         let saved: Option<Identity> = std::fs::read(&id_path)
             .ok()
@@ -353,17 +344,7 @@ impl Contributor {
             Trainer::from_model(train_config, model, dataset)?
         };
         let table = &run.spec.tensors;
-        // The hub's table must be exactly the model its config describes (names and shapes):
-        // everything later indexes both in this order.
-        let ours: Vec<TensorSpec> = trainer
-            .model
-            .named_parameters()
-            .iter()
-            .map(|(n, t)| TensorSpec { name: n.clone(), shape: t.size().iter().map(|&d| d as u64).collect() })
-            .collect();
-        if ours != *table {
-            return Err(ContributorError::Data("the run's tensor table does not match its model config".into()));
-        }
+        check_table(&trainer.model, table)?;
         let decay = run.spec.feedback_decay;
         let feedback = match std::fs::read(dir.join("feedback.safetensors")) {
             Ok(bytes) => decode_weights(&bytes, table)?
@@ -409,24 +390,11 @@ impl Contributor {
     /// feedback. What was saved for the old model is dropped first, so a restart lands in the
     /// new phase too.
     fn switch_phase(&mut self) -> Result<()> {
-        let hub = self.hub();
-        let response = hub.send("run", || self.http.get(format!("{}/v1/run", self.config.hub)))?;
-        let signature = response.headers().get(HUB_SIGNATURE_HEADER).and_then(|v| v.to_str().ok()).map(str::to_owned);
-        let body = hub.body("run", response)?;
-        check_hub_signature(&self.hub_key, &body, signature.as_deref())?;
-        let run: RunInfo = serde_json::from_slice(&body).map_err(|e| hub.http_err("run", e))?;
-        run.spec.validate().map_err(|e| ContributorError::Data(format!("the hub's run spec: {e}")))?;
+        let run = fetch_run(&self.hub(), &self.http, Some(&self.hub_key))?;
         let model_config = LlamaConfig::from_json(run.spec.model.clone())
             .map_err(|e| ContributorError::Data(format!("the run's model config: {e}")))?;
         let model = Llama::zeroed(&model_config, self.config.device)?;
-        let ours: Vec<TensorSpec> = model
-            .named_parameters()
-            .iter()
-            .map(|(n, t)| TensorSpec { name: n.clone(), shape: t.size().iter().map(|&d| d as u64).collect() })
-            .collect();
-        if ours != run.spec.tensors {
-            return Err(ContributorError::Data("the new phase's tensor table does not match its model config".into()));
-        }
+        check_table(&model, &run.spec.tensors)?;
         let dir = self.config.state_dir.clone();
         for stale in ["trainer", "feedback.safetensors", "base.safetensors", "base.json"] {
             let p = dir.join(stale);
@@ -803,6 +771,39 @@ fn sign(
         Err(e) => tracing::error!(error = %e, "could not sign a request"),
     }
     b.body(body)
+}
+
+/// The hub's run, its signature checked (against `pinned`, or the key the answer names on first
+/// contact) and its spec held to what a hub must check before serving it.
+fn fetch_run(hub: &Hub, http: &Client, pinned: Option<&PublicKey>) -> Result<RunInfo> {
+    let response = hub.send("run", || http.get(format!("{}/v1/run", hub.url)))?;
+    let signature = response.headers().get(HUB_SIGNATURE_HEADER).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let body = hub.body("run", response)?;
+    let run: RunInfo = serde_json::from_slice(&body).map_err(|e| hub.http_err("run", e))?;
+    if run.protocol != PROTOCOL_VERSION {
+        return Err(ContributorError::Protocol(run.protocol));
+    }
+    let key = match pinned {
+        Some(k) => *k,
+        None => PublicKey::parse(&run.hub_key)?,
+    };
+    check_hub_signature(&key, &body, signature.as_deref())?;
+    run.spec.validate().map_err(|e| ContributorError::Data(format!("the hub's run spec: {e}")))?;
+    Ok(run)
+}
+
+/// The run's tensor table must be exactly the model its config describes (names and shapes):
+/// everything later indexes both in this order.
+fn check_table(model: &Llama, table: &[TensorSpec]) -> Result<()> {
+    let ours: Vec<TensorSpec> = model
+        .named_parameters()
+        .iter()
+        .map(|(n, t)| TensorSpec { name: n.clone(), shape: t.size().iter().map(|&d| d as u64).collect() })
+        .collect();
+    if ours != table {
+        return Err(ContributorError::Data("the run's tensor table does not match its model config".into()));
+    }
+    Ok(())
 }
 
 /// Checks the hub's signature over an answer it published.
