@@ -131,8 +131,17 @@ impl Growth {
     }
 
     fn map(&self, source: &HashMap<String, Tensor>, fill: Fill) -> Result<HashMap<String, Tensor>, ModelError> {
+        // Every source tensor must have its config's shape: the copies below index by it.
+        let shapes: HashMap<String, Vec<i64>> = self.from.parameter_shapes().into_iter().collect();
         let get = |name: &str| -> Result<Tensor, ModelError> {
             let t = source.get(name).ok_or_else(|| bad(format!("the source has no tensor {name}")))?;
+            if shapes.get(name) != Some(&t.size()) {
+                return Err(bad(format!(
+                    "source tensor {name} has shape {:?}, its config {:?}",
+                    t.size(),
+                    shapes.get(name)
+                )));
+            }
             Ok(t.to_device(tch::Device::Cpu).to_kind(Kind::Float))
         };
         let mut out = HashMap::new();

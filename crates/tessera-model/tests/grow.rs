@@ -186,3 +186,14 @@ fn a_tied_head_grows_too() {
     let (big, _) = grow(&small, &to, 2).unwrap();
     assert!(max_logit_diff(&small, &big) <= 1e-5);
 }
+
+#[test]
+fn a_source_tensor_of_the_wrong_shape_is_an_error_not_a_panic() {
+    let small = source();
+    let growth = Growth::plan(&small.config, &LlamaConfig { hidden_size: 48, head_dim: Some(8), ..base() }, 0).unwrap();
+    let mut weights: std::collections::HashMap<String, Tensor> =
+        small.named_parameters().into_iter().map(|(n, t)| (n, t.detach())).collect();
+    weights.insert("model.norm.weight".into(), Tensor::ones([7], (Kind::Float, Device::Cpu)));
+    let e = growth.weights(&weights).unwrap_err();
+    assert!(e.to_string().contains("model.norm.weight"), "{e}");
+}

@@ -335,13 +335,15 @@ impl tessera_hub::Grower for TorchGrower {
         let config = |v: &serde_json::Value| LlamaConfig::from_json(v.clone());
         let growth =
             tessera_model::Growth::plan(&config(&from.model)?, &config(&to.model)?, seed).map_err(|e| e.to_string())?;
-        let named = |buffers: &[Vec<f32>]| -> HashMap<String, tch::Tensor> {
+        let named = |buffers: &[Vec<f32>]| -> Result<HashMap<String, tch::Tensor>, String> {
             from.tensors
                 .iter()
                 .zip(buffers)
                 .map(|(t, b)| {
                     let shape: Vec<i64> = t.shape.iter().map(|&d| d as i64).collect();
-                    (t.name.clone(), tch::Tensor::from_slice(b).view(shape.as_slice()))
+                    let v =
+                        tch::Tensor::from_slice(b).f_view(shape.as_slice()).map_err(|e| format!("{}: {e}", t.name))?;
+                    Ok((t.name.clone(), v))
                 })
                 .collect()
         };
@@ -356,9 +358,9 @@ impl tessera_hub::Grower for TorchGrower {
         };
         let err = |e: tessera_model::ModelError| e.to_string();
         Ok(tessera_hub::Grown {
-            theta: flat(growth.weights(&named(theta)).map_err(err)?)?,
-            momentum: flat(growth.moments(&named(momentum), 1).map_err(err)?)?,
-            residual: flat(growth.moments(&named(residual), 1).map_err(err)?)?,
+            theta: flat(growth.weights(&named(theta)?).map_err(err)?)?,
+            momentum: flat(growth.moments(&named(momentum)?, 1).map_err(err)?)?,
+            residual: flat(growth.moments(&named(residual)?, 1).map_err(err)?)?,
         })
     }
 }
