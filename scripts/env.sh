@@ -6,3 +6,6 @@ export VIRTUAL_ENV="$TESSERA_ROOT/.venv"
 export PATH="$VIRTUAL_ENV/bin:$PATH"
 # torch-sys: link against the libtorch shipped inside the torch wheel.
 export LIBTORCH_USE_PYTORCH=1
+# Incremental caches roughly double a debug build's disk use and buy nothing on a clean
+# CI build; set CARGO_INCREMENTAL=1 to keep them for edit-compile loops.
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
