@@ -22,7 +22,8 @@
 //!   `down_proj` at zero: the identity on the residual stream.
 //!
 //! The AdamW moments of a grown parameter follow the same map with zeros for everything new
-//! ([`Growth::moments`]); where a norm gain was scaled by c its gradient scales by 1/c, so the
+//! ([`Growth::moments`]), except that a new entry's second moment starts at the mean of the
+//! carried ones of its kind ([`Growth::second_moments`], which says why); where a norm gain was scaled by c its gradient scales by 1/c, so the
 //! first moment is scaled by 1/c and the second by 1/c². A duplicated K/V head starts from the
 //! original's moments (its gradient is now the share of its own query heads: an approximation).
 //! RoPE's θ and the head size are kept; the context length may grow.
@@ -120,9 +121,46 @@ impl Growth {
         self.map(source, Fill::Weights)
     }
 
-    /// The grown AdamW first (`power` −1) or second (`power` −2) moments, from the source's.
+    /// The grown AdamW first (`power` −1) or second (`power` −2) moments, from the source's:
+    /// carried entries follow the weights' map, new entries are zero.
     pub fn moments(&self, source: &HashMap<String, Tensor>, power: i32) -> Result<HashMap<String, Tensor>, ModelError> {
         self.map(source, Fill::Moments { power })
+    }
+
+    /// The grown second moments with every new entry set to the mean of the carried entries of
+    /// its kind of tensor (the same name in every layer, e.g. all `mlp.down_proj.weight`).
+    ///
+    /// AdamW's bias correction uses one step count for the whole model, so after growth at step
+    /// t it is ≈ 1: a new entry whose second moment started at zero would take updates several
+    /// times the learning rate (m/√v ≈ 0.1g/√(0.001g²) ≈ 3 at its first step, more over the next
+    /// tens) until v catches up over ~1/(1−β₂) steps. Starting v at the typical size of its kind,
+    /// with the first moment at zero, makes a new entry's first updates small instead.
+    pub fn second_moments(&self, source: &HashMap<String, Tensor>) -> Result<HashMap<String, Tensor>, ModelError> {
+        let mut out = self.moments(source, -2)?;
+        // 1 where an entry was carried over, 0 where it is new.
+        let ones: HashMap<String, Tensor> = source.iter().map(|(n, t)| (n.clone(), t.ones_like())).collect();
+        let carried = self.map(&ones, Fill::Moments { power: 0 })?;
+        let kind = |name: &str| -> String {
+            match name.strip_prefix("model.layers.").and_then(|r| r.split_once('.')) {
+                Some((_, rest)) => rest.to_owned(),
+                None => name.to_owned(),
+            }
+        };
+        let mut sums: HashMap<String, (f64, f64)> = HashMap::new();
+        for (name, v) in &out {
+            let mask = &carried[name];
+            let e = sums.entry(kind(name)).or_default();
+            e.0 += f64::try_from((v * mask).sum(Kind::Double)).unwrap_or(0.0);
+            e.1 += f64::try_from(mask.sum(Kind::Double)).unwrap_or(0.0);
+        }
+        for (name, v) in out.iter_mut() {
+            let (sum, count) = sums[&kind(name)];
+            if count > 0.0 {
+                let fresh = carried[name].ones_like() - &carried[name];
+                *v = &*v + fresh * (sum / count);
+            }
+        }
+        Ok(out)
     }
 
     /// √(d/d′): how much every old norm gain shrinks.

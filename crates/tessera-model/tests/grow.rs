@@ -161,6 +161,48 @@ fn moments_follow_the_weights_with_zeros_for_everything_new() {
     assert_eq!(total, 0.0);
 }
 
+/// New second moments start at the mean of the carried ones of their kind, never at zero.
+#[test]
+fn new_second_moments_start_at_their_kinds_mean() {
+    let small = source();
+    let to = LlamaConfig {
+        hidden_size: 48,
+        num_attention_heads: 6,
+        num_key_value_heads: Some(3),
+        num_hidden_layers: 3,
+        ..base()
+    };
+    let growth = Growth::plan(&small.config, &to, 1).unwrap();
+    // Layer k's second moments are all k + 1, the rest 5.
+    let v: std::collections::HashMap<String, Tensor> = small
+        .named_parameters()
+        .into_iter()
+        .map(|(n, t)| {
+            let k = n
+                .strip_prefix("model.layers.")
+                .and_then(|r| r.split('.').next())
+                .map_or(5.0, |k| k.parse::<f64>().unwrap() + 1.0);
+            (n, t.ones_like() * k)
+        })
+        .collect();
+    let grown = growth.second_moments(&v).unwrap();
+    let layers = small.config.num_hidden_layers;
+    let mean = (1..=layers).map(|k| k as f64).sum::<f64>() / layers as f64;
+    let q0 = &grown["model.layers.0.self_attn.q_proj.weight"];
+    assert_eq!(f64::try_from(q0.get(0).get(0)).unwrap(), 1.0, "a carried entry keeps its moment");
+    assert!((f64::try_from(q0.get(0).get(40)).unwrap() - mean).abs() < 1e-6, "a new column gets its kind's mean");
+    let inserted = growth.to.num_hidden_layers - 1;
+    let down = &grown[&format!("model.layers.{inserted}.mlp.down_proj.weight")];
+    assert!((f64::try_from(down.min()).unwrap() - mean).abs() < 1e-6);
+    assert!((f64::try_from(down.max()).unwrap() - mean).abs() < 1e-6);
+    let emb = &grown["model.embed_tokens.weight"];
+    assert_eq!(f64::try_from(emb.get(0).get(40)).unwrap(), 5.0);
+    // Nothing new anywhere is zero.
+    for (name, t) in &grown {
+        assert!(f64::try_from(t.min()).unwrap() > 0.0, "{name} has a zero second moment");
+    }
+}
+
 #[test]
 fn shrinking_or_changing_the_vocabulary_is_refused() {
     for to in [

@@ -8,7 +8,7 @@ pub mod optim;
 pub mod trainer;
 
 pub use optim::{AdamW, AdamWConfig, lr_at};
-pub use trainer::{EvalStats, RunSummary, StepStats, TrainConfig, Trainer};
+pub use trainer::{EvalStats, NewMoments, RunSummary, StepStats, TrainConfig, Trainer};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {

@@ -130,6 +130,18 @@ pub struct Trainer {
     pub schedule_shift: i64,
 }
 
+/// How a grown parameter's new entries start their AdamW second moment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum NewMoments {
+    /// The mean of the carried entries of the same kind of tensor (the default; see
+    /// `tessera_model::Growth::second_moments`).
+    #[default]
+    KindMean,
+    /// Zero, like the first moment: under the model-wide bias correction a new entry's first
+    /// updates are then several times the learning rate.
+    Zero,
+}
+
 impl Trainer {
     /// A fresh model of `model_config` (vocabulary set to the tokenizer's), initialised from `config.seed`.
     pub fn new(
@@ -168,9 +180,15 @@ impl Trainer {
 
     /// This trainer grown to `to`'s sizes (`tessera_model::grow`: the same function, more room),
     /// its AdamW moments carried over by the same map (`Growth::moments`: copied where the
-    /// weights were, zero where they are new, rescaled where a norm gain was), its step and
-    /// learning-rate schedule kept. Vocabulary and head tying are the model's own.
+    /// weights were, rescaled where a norm gain was; new first moments zero, new second moments
+    /// the mean of their kind, `Growth::second_moments`), its step and learning-rate schedule
+    /// kept. Vocabulary and head tying are the model's own.
     pub fn grow(self, to: &LlamaConfig, seed: u64) -> Result<Trainer, TrainError> {
+        self.grow_with(to, seed, NewMoments::KindMean)
+    }
+
+    /// [`Trainer::grow`] with a choice of how new entries' second moments start.
+    pub fn grow_with(self, to: &LlamaConfig, seed: u64, new_moments: NewMoments) -> Result<Trainer, TrainError> {
         let to = LlamaConfig {
             vocab_size: self.model.config.vocab_size,
             tie_word_embeddings: self.model.config.tie_word_embeddings,
@@ -185,7 +203,10 @@ impl Trainer {
                 .collect()
         };
         let m = growth.moments(&moments("exp_avg."), -1)?;
-        let v = growth.moments(&moments("exp_avg_sq."), -2)?;
+        let v = match new_moments {
+            NewMoments::KindMean => growth.second_moments(&moments("exp_avg_sq."))?,
+            NewMoments::Zero => growth.moments(&moments("exp_avg_sq."), -2)?,
+        };
         let (step, shift) = (self.opt.step, self.schedule_shift);
         let mut grown = Trainer::from_model(self.config, model, self.dataset)?;
         grown

@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use anyhow::{Result, bail};
 use clap::Args;
 use tessera_model::LlamaConfig;
-use tessera_train::{TrainConfig, Trainer};
+use tessera_train::{NewMoments, TrainConfig, Trainer};
 
 use crate::commands::{load_dataset, setup_runtime};
 use crate::{DataArgs, RuntimeArgs};
@@ -39,6 +39,10 @@ pub struct BenchGrowArgs {
     /// What the small model halves: `both` (width and depth), `width` or `depth`.
     #[arg(long, value_enum, default_value = "both")]
     shrink: Shrink,
+    /// How new entries' AdamW second moments start at growth: `mean` (of their kind of tensor,
+    /// what `Trainer::grow` does) or `zero`.
+    #[arg(long, value_enum, default_value = "mean")]
+    new_moments: NewMomentsArg,
     /// Share of a growth run's budget spent training the small model.
     #[arg(long, default_value_t = 0.4)]
     small_share: f64,
@@ -51,6 +55,12 @@ pub struct BenchGrowArgs {
     json_out: Option<PathBuf>,
     #[command(flatten)]
     runtime: RuntimeArgs,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum NewMomentsArg {
+    Mean,
+    Zero,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -77,9 +87,23 @@ pub fn half(c: &LlamaConfig, shrink: Shrink) -> LlamaConfig {
     small
 }
 
+fn shrink_name(shrink: Shrink) -> &'static str {
+    match shrink {
+        Shrink::Both => "both",
+        Shrink::Width => "width",
+        Shrink::Depth => "depth",
+    }
+}
+
 #[derive(serde::Serialize)]
 struct Outcome {
     run: String,
+    model: String,
+    /// What the small model halved, its share of the budget and how new second moments
+    /// started (empty for the from-scratch runs).
+    shrink: &'static str,
+    small_share: f64,
+    new_moments: &'static str,
     steps: u64,
     small_steps: u64,
     tokens: u64,
@@ -144,14 +168,27 @@ pub fn bench_grow(args: BenchGrowArgs) -> Result<()> {
         let mut trainer = Trainer::new(config(steps), first, dataset.clone(), device)?;
         for step in 0..steps {
             if step == small_steps && small_steps > 0 {
-                trainer = trainer.grow(&big, args.seed ^ 0x67726f77)?;
+                let new_moments = match args.new_moments {
+                    NewMomentsArg::Mean => NewMoments::KindMean,
+                    NewMomentsArg::Zero => NewMoments::Zero,
+                };
+                trainer = trainer.grow_with(&big, args.seed ^ 0x67726f77, new_moments)?;
             }
             trainer.train_step()?;
             bar.inc(1);
         }
         let eval = trainer.evaluate()?;
+        let grown = small_steps > 0;
         Ok(Outcome {
             run: name,
+            model: args.model.clone(),
+            shrink: if grown { shrink_name(args.shrink) } else { "" },
+            small_share: if grown { args.small_share } else { 0.0 },
+            new_moments: match (grown, args.new_moments) {
+                (false, _) => "",
+                (true, NewMomentsArg::Mean) => "mean",
+                (true, NewMomentsArg::Zero) => "zero",
+            },
             steps,
             small_steps,
             tokens: steps * tokens_per_step,
