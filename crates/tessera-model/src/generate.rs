@@ -73,7 +73,9 @@ pub fn generate(
     Ok(out)
 }
 
-fn sample(logits: &[f32], params: &SamplingParams, rng: &mut ChaCha8Rng) -> u32 {
+/// One token from next-token `logits` under `params` (greedy at temperature 0, else
+/// temperature and nucleus sampling drawn from `rng`).
+pub fn sample(logits: &[f32], params: &SamplingParams, rng: &mut ChaCha8Rng) -> u32 {
     let argmax = || logits.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map_or(0, |(i, _)| i as u32);
     if params.temperature <= 0.0 {
         return argmax();

@@ -13,9 +13,9 @@ pub mod llama;
 
 pub use checkpoint::{load_checkpoint, save_checkpoint};
 pub use config::{LlamaConfig, Preset, TrainingMemory, preset, presets};
-pub use generate::{SamplingParams, generate};
+pub use generate::{SamplingParams, generate, sample};
 pub use grow::{Growth, grow};
-pub use llama::{KvCache, Llama};
+pub use llama::{BatchCache, KvCache, Llama};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {

@@ -60,6 +60,66 @@ impl KvCache {
     }
 }
 
+/// Decoding slots that share one cache, so several sequences of different lengths advance in one
+/// forward pass: per layer, keys and values `[slots, kv_heads, context, head_dim]` (allocated at
+/// the first write, in the kind the model computes in), and each slot's length. A sequence is
+/// prefilled alone ([`Llama::forward`] with a [`KvCache`]) and moved into a free slot with
+/// [`BatchCache::load`]; [`Llama::decode_step`] then advances any set of slots by one token.
+pub struct BatchCache {
+    slots: usize,
+    context: i64,
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    lens: Vec<i64>,
+}
+
+impl BatchCache {
+    pub fn new(model: &Llama, slots: usize) -> BatchCache {
+        BatchCache {
+            slots,
+            context: model.config.max_position_embeddings,
+            layers: (0..model.layers.len()).map(|_| None).collect(),
+            lens: vec![0; slots],
+        }
+    }
+
+    pub fn slots(&self) -> usize {
+        self.slots
+    }
+
+    /// Positions held by `slot`.
+    pub fn len(&self, slot: usize) -> i64 {
+        self.lens.get(slot).copied().unwrap_or(0)
+    }
+
+    /// Whether `slot` can take another token.
+    pub fn has_room(&self, slot: usize) -> bool {
+        self.len(slot) < self.context
+    }
+
+    /// Moves a prefilled single-sequence cache into `slot`, replacing what it held.
+    pub fn load(&mut self, slot: usize, prefilled: &KvCache) -> Result<(), ModelError> {
+        if slot >= self.slots || prefilled.layers.len() != self.layers.len() {
+            return Err(ModelError::Config {
+                path: "<batch cache>".into(),
+                message: format!("slot {slot} of {} or a cache of another model", self.slots),
+            });
+        }
+        let len = prefilled.len();
+        for (layer, held) in self.layers.iter_mut().zip(&prefilled.layers) {
+            let Some((k, v)) = held else { continue };
+            let (kvh, hd) = (k.size()[1], k.size()[3]);
+            let (ck, cv) = layer.get_or_insert_with(|| {
+                let shape = [self.slots as i64, kvh, self.context, hd];
+                (Tensor::zeros(shape, (k.kind(), k.device())), Tensor::zeros(shape, (v.kind(), v.device())))
+            });
+            ck.get(slot as i64).narrow(1, 0, len).copy_(&k.get(0));
+            cv.get(slot as i64).narrow(1, 0, len).copy_(&v.get(0));
+        }
+        self.lens[slot] = len;
+        Ok(())
+    }
+}
+
 pub struct Llama {
     pub config: LlamaConfig,
     pub vs: nn::VarStore,
@@ -198,6 +258,80 @@ impl Llama {
         let x = self.rms_norm(&x, &self.norm);
         let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
         Ok(upcast(&self.linear(&x, head)))
+    }
+
+    /// One decoding step: `tokens[i]` continues the sequence in slot `slots[i]`. Returns the
+    /// next-token logits `[slots.len(), vocab]` and extends each slot by one position. Every
+    /// slot must hold a loaded sequence with room left.
+    #[allow(clippy::assign_op_pattern)]
+    pub fn decode_step(&self, slots: &[usize], tokens: &[i64], cache: &mut BatchCache) -> Result<Tensor, ModelError> {
+        let n = slots.len();
+        let bad = |message: String| ModelError::Config { path: "<decode step>".into(), message };
+        if n == 0 || tokens.len() != n {
+            return Err(bad(format!("{} tokens for {n} slots", tokens.len())));
+        }
+        for &s in slots {
+            if s >= cache.slots || cache.lens[s] == 0 {
+                return Err(bad(format!("slot {s} holds no sequence")));
+            }
+            if cache.lens[s] >= cache.context {
+                return Err(ModelError::TooLong { len: cache.lens[s] + 1, max: cache.context });
+            }
+        }
+        let device = self.device();
+        let index = Tensor::from_slice(&slots.iter().map(|&s| s as i64).collect::<Vec<_>>()).to_device(device);
+        let pos: Vec<i64> = slots.iter().map(|&s| cache.lens[s]).collect();
+        let positions = Tensor::from_slice(&pos).to_device(device);
+        let angles = positions.to_kind(Kind::Float).outer(&self.inv_freq);
+        let emb = Tensor::cat(&[&angles, &angles], -1).view([n as i64, 1, 1, -1]);
+        let (cos, sin) = (emb.cos(), emb.sin());
+        // Slot i sees its own positions 0..=pos[i].
+        let mask = Tensor::arange(cache.context, (Kind::Int64, device))
+            .view([1, 1, 1, -1])
+            .le_tensor(&positions.view([-1, 1, 1, 1]));
+        let whole = n == cache.slots && slots.iter().enumerate().all(|(i, &s)| i == s);
+        let c = &self.config;
+        let (h, kvh, hd) = (c.num_attention_heads, c.kv_heads(), c.head_dim());
+        let tokens = Tensor::from_slice(tokens).view([n as i64, 1]).to_device(device);
+        let mut x = Tensor::embedding(&self.embed_tokens, &tokens, -1, false, false);
+        for (layer, held) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            let (ck, cv) = held.as_mut().ok_or_else(|| bad("the batch cache holds no sequence".into()))?;
+            let a = &layer.self_attn;
+            let hn = self.rms_norm(&x, &layer.input_layernorm);
+            let q = rope(&self.linear(&hn, &a.q_proj).view([n as i64, 1, h, hd]).transpose(1, 2), &cos, &sin);
+            let k = rope(&self.linear(&hn, &a.k_proj).view([n as i64, 1, kvh, hd]).transpose(1, 2), &cos, &sin);
+            let v = self.linear(&hn, &a.v_proj).view([n as i64, 1, kvh, hd]).transpose(1, 2);
+            // Write this position's keys and values into each slot.
+            let at = [Some(index.shallow_clone()), None, Some(positions.shallow_clone())];
+            let _ = ck.index_put_(&at, &k.squeeze_dim(2).to_kind(ck.kind()), false);
+            let _ = cv.index_put_(&at, &v.squeeze_dim(2).to_kind(cv.kind()), false);
+            let (keys, values) = if whole {
+                (ck.shallow_clone(), cv.shallow_clone())
+            } else {
+                (ck.index_select(0, &index), cv.index_select(0, &index))
+            };
+            let (keys, values) = (repeat_kv(&keys, h / kvh), repeat_kv(&values, h / kvh));
+            let y = Tensor::scaled_dot_product_attention(
+                &q.to_kind(keys.kind()),
+                &keys,
+                &values,
+                Some(&mask),
+                0.0,
+                false,
+                None,
+                false,
+            );
+            x = x + self.linear(&y.transpose(1, 2).contiguous().view([n as i64, 1, h * hd]), &a.o_proj);
+            let hn = self.rms_norm(&x, &layer.post_attention_layernorm);
+            let m = &layer.mlp;
+            x = x + self.linear(&(self.linear(&hn, &m.gate_proj).silu() * self.linear(&hn, &m.up_proj)), &m.down_proj);
+        }
+        for &s in slots {
+            cache.lens[s] += 1;
+        }
+        let x = self.rms_norm(&x, &self.norm);
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
+        Ok(upcast(&self.linear(&x, head)).view([n as i64, -1]))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -354,6 +488,41 @@ mod tests {
         let la = m.forward(&a, None).unwrap().narrow(1, 0, 3);
         let lb = m.forward(&b, None).unwrap().narrow(1, 0, 3);
         assert!(la.allclose(&lb, 1e-6, 1e-6, false));
+    }
+
+    /// Sequences of different lengths advanced together give what each gives alone.
+    #[test]
+    fn batched_decoding_matches_each_sequence_alone() {
+        let m = tiny();
+        let prompts: [&[i64]; 3] = [&[1, 2, 3, 4, 5], &[7], &[9, 8, 7]];
+        let mut batch = BatchCache::new(&m, 4);
+        // Slots 0, 2 and 3 hold the prompts; slot 1 stays empty.
+        let slots = [0usize, 2, 3];
+        let mut next = Vec::new();
+        for (&slot, p) in slots.iter().zip(prompts) {
+            let mut kv = KvCache::new();
+            let logits = m.forward(&Tensor::from_slice(p).view([1, -1]), Some(&mut kv)).unwrap();
+            batch.load(slot, &kv).unwrap();
+            next.push(logits.get(0).get(-1).argmax(0, false).int64_value(&[]));
+        }
+        let mut seqs: Vec<Vec<i64>> = prompts.iter().map(|p| p.to_vec()).collect();
+        for _ in 0..4 {
+            for (s, &t) in seqs.iter_mut().zip(&next) {
+                s.push(t);
+            }
+            let logits = m.decode_step(&slots, &next, &mut batch).unwrap();
+            for (i, s) in seqs.iter().enumerate() {
+                let alone = m.forward(&Tensor::from_slice(s).view([1, -1]), None).unwrap().get(0).get(-1);
+                let diff = f64::try_from((&alone - logits.get(i as i64)).abs().max()).unwrap();
+                assert!(diff < 1e-4, "sequence {i} differs by {diff}");
+            }
+            next = (0..3).map(|i| logits.get(i).argmax(0, false).int64_value(&[])).collect();
+        }
+        // A subset of slots, out of order, advances alone.
+        let before = batch.len(2);
+        let _ = m.decode_step(&[3, 0], &[1, 1], &mut batch).unwrap();
+        assert_eq!((batch.len(2), batch.len(3)), (before, seqs[2].len() as i64 + 1));
+        assert!(m.decode_step(&[1], &[1], &mut batch).is_err(), "an empty slot is refused");
     }
 
     #[test]
