@@ -22,7 +22,16 @@
 //! Who may sign what: the genesis entry (first, and only first) names the run, the hub's key and
 //! the attestation policy. A `Validator` entry is signed by the key its attestation binds and must
 //! verify under the genesis policy; receipts, emissions and roots are signed by a validator so
-//! introduced, and carry its insecure flag; usage and payouts are signed by the hub.
+//! introduced, and carry its insecure flag; allocations, usage, epoch closings and payouts are
+//! signed by the hub; a root may be signed by a validator or by the hub (each commits what it
+//! added).
+//!
+//! The economy: a holder's balance is its allocations (e.g. the sale that funded the run) plus
+//! the reward units its key earned in receipts. An `EpochClose` fixes an epoch's revenue (the
+//! sum of its usage entries), the share that funds the next phase, and what is paid out; the
+//! payouts must follow it immediately, one per holder with a non-zero share in holder order, each
+//! exactly its largest-remainder share of the payable amount by balance ([`split_pro_rata`]), so
+//! they sum to it exactly. No usage may be added to an epoch once it is closed.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -62,6 +71,8 @@ pub enum LedgerError {
     Unbalanced { round: u64, receipts: u64, emitted: u64 },
     #[error("epoch {epoch}: payouts {paid} exceed the epoch's revenue {revenue}")]
     Overpaid { epoch: u64, paid: u64, revenue: u64 },
+    #[error("entry {seq}: {reason}")]
+    Economy { seq: u64, reason: String },
     #[error("entries from {from} on are not committed by a signed root")]
     Uncommitted { from: u64 },
     #[error("the ledger is empty")]
@@ -83,6 +94,7 @@ impl LedgerError {
             LedgerError::BadRoot { .. } => "bad-root",
             LedgerError::Unbalanced { .. } => "unbalanced",
             LedgerError::Overpaid { .. } => "overpaid",
+            LedgerError::Economy { .. } => "economy",
             LedgerError::Uncommitted { .. } => "uncommitted",
             LedgerError::Empty => "empty",
         }
@@ -114,6 +126,13 @@ pub enum Body {
     Usage { epoch: u64, account: String, prompt_tokens: u64, completion_tokens: u64, revenue: u64 },
     /// Revenue paid to a holder for an epoch. Signed by the hub.
     Payout { epoch: u64, holder: String, amount: u64 },
+    /// Tokens allocated to a holder outside of rewards (the sale that funded the run). Signed by
+    /// the hub.
+    Allocation { holder: String, amount: u64 },
+    /// The end of an epoch: its revenue (the sum of its usage entries), the part that funds the
+    /// next phase (`revenue · funding_ppm / 10⁶`, rounded down; all of it when no one holds
+    /// anything) and the rest, paid out by the payouts that follow. Signed by the hub.
+    EpochClose { epoch: u64, revenue: u64, funding_ppm: u32, funding: u64, payable: u64 },
     /// The Merkle root of the first `size` entries (all before this one). Signed by a validator.
     Root { size: u64, root: String },
 }
@@ -127,6 +146,8 @@ impl Body {
             Body::Emission { .. } => "emission",
             Body::Usage { .. } => "usage",
             Body::Payout { .. } => "payout",
+            Body::Allocation { .. } => "allocation",
+            Body::EpochClose { .. } => "epoch close",
             Body::Root { .. } => "root",
         }
     }
@@ -256,6 +277,19 @@ fn encode_body(w: &mut Writer, body: &Body) -> Result<(), String> {
             w.u64(*size);
             w.hex32(root)?;
         }
+        Body::Allocation { holder, amount } => {
+            w.u8(7);
+            w.bytes(holder.as_bytes());
+            w.u64(*amount);
+        }
+        Body::EpochClose { epoch, revenue, funding_ppm, funding, payable } => {
+            w.u8(8);
+            w.u64(*epoch);
+            w.u64(*revenue);
+            w.u64(u64::from(*funding_ppm));
+            w.u64(*funding);
+            w.u64(*payable);
+        }
     }
     Ok(())
 }
@@ -287,6 +321,14 @@ fn decode_body(r: &mut Reader) -> Result<Body, String> {
         },
         5 => Body::Payout { epoch: r.u64()?, holder: r.string()?, amount: r.u64()? },
         6 => Body::Root { size: r.u64()?, root: r.hex32()? },
+        7 => Body::Allocation { holder: r.string()?, amount: r.u64()? },
+        8 => Body::EpochClose {
+            epoch: r.u64()?,
+            revenue: r.u64()?,
+            funding_ppm: u32::try_from(r.u64()?).map_err(|_| "funding_ppm is over u32".to_string())?,
+            funding: r.u64()?,
+            payable: r.u64()?,
+        },
         k => return Err(format!("unknown entry kind {k}")),
     })
 }
@@ -377,6 +419,53 @@ pub fn encode_entry(
     Ok(b)
 }
 
+/// What an epoch closing fixed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ClosedEpoch {
+    pub revenue: u64,
+    pub funding_ppm: u32,
+    pub funding: u64,
+    pub payable: u64,
+    /// Holders with a balance when it closed, and their balances' sum.
+    pub holders: u64,
+    pub balance_total: u64,
+}
+
+/// An epoch's revenue split into (funding for the next phase, payable to holders): the funding
+/// is `revenue · funding_ppm / 10⁶` rounded down, or all of it when no one holds anything.
+pub fn epoch_split(revenue: u64, funding_ppm: u32, balances: &BTreeMap<String, u64>) -> (u64, u64) {
+    if balances.values().all(|&b| b == 0) {
+        return (revenue, 0);
+    }
+    let funding = (u128::from(revenue) * u128::from(funding_ppm.min(1_000_000)) / 1_000_000) as u64;
+    (funding, revenue - funding)
+}
+
+/// `amount` split pro rata to `balances` by the largest-remainder method: each holder gets the
+/// floor of its exact share, and the units left over go one each to the largest remainders
+/// (ties to the holder that sorts first). The parts sum to `amount` exactly and each is within
+/// one unit of the exact share. Holders with nothing to receive are left out; in holder order.
+pub fn split_pro_rata(amount: u64, balances: &BTreeMap<String, u64>) -> Vec<(String, u64)> {
+    let total: u128 = balances.values().map(|&b| u128::from(b)).sum();
+    if total == 0 || amount == 0 {
+        return Vec::new();
+    }
+    let mut parts: Vec<(&String, u64, u128)> = balances
+        .iter()
+        .map(|(h, &b)| {
+            let exact = u128::from(amount) * u128::from(b);
+            (h, (exact / total) as u64, exact % total)
+        })
+        .collect();
+    let floor: u64 = parts.iter().map(|p| p.1).sum();
+    let mut order: Vec<usize> = (0..parts.len()).collect();
+    order.sort_by(|&a, &b| parts[b].2.cmp(&parts[a].2).then(parts[a].0.cmp(parts[b].0)));
+    for &i in order.iter().take((amount - floor) as usize) {
+        parts[i].1 += 1;
+    }
+    parts.into_iter().filter(|p| p.1 > 0).map(|(h, a, _)| (h.clone(), a)).collect()
+}
+
 /// A validator known to the ledger.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct KnownValidator {
@@ -433,6 +522,14 @@ pub struct Ledger {
     /// Reward units per contributor key, and payouts per holder.
     pub units: BTreeMap<String, u64>,
     pub payouts: BTreeMap<String, u64>,
+    /// Allocated tokens per holder.
+    pub allocations: BTreeMap<String, u64>,
+    /// Closed epochs, by number.
+    pub epochs: BTreeMap<u64, ClosedEpoch>,
+    /// Usage per epoch and account: (prompt tokens, completion tokens, revenue).
+    pub usage: BTreeMap<u64, BTreeMap<String, (u64, u64, u64)>>,
+    /// Payouts the last epoch closing still owes, in order.
+    owed: std::collections::VecDeque<(u64, String, u64)>,
     /// Seq of the last root entry, if any.
     last_root: Option<u64>,
 }
@@ -486,6 +583,13 @@ impl Ledger {
             Ok(())
         };
         let by_hub = |l: &Ledger| if l.hub == Some(signer) && !e.insecure { Ok(()) } else { Err(unknown()) };
+        let economy = |reason: String| LedgerError::Economy { seq, reason };
+        if !self.owed.is_empty() && !matches!(e.body, Body::Payout { .. }) {
+            return Err(economy(format!(
+                "a {kind} before the {} payouts the last epoch closing owes",
+                self.owed.len()
+            )));
+        }
         match &e.body {
             Body::Genesis { run_id, policy } => {
                 if seq != 0 || e.insecure {
@@ -539,12 +643,68 @@ impl Ledger {
                 }
                 self.emitted.insert(e.round, *units);
             }
-            Body::Usage { epoch, revenue, .. } => {
+            Body::Usage { epoch, account, prompt_tokens, completion_tokens, revenue } => {
                 by_hub(self)?;
-                *self.revenue.entry(*epoch).or_default() += revenue;
+                if self.epochs.contains_key(epoch) || self.epochs.keys().next_back().is_some_and(|&last| *epoch < last)
+                {
+                    return Err(economy(format!("usage for epoch {epoch}, which is closed")));
+                }
+                let total = self.revenue.entry(*epoch).or_default();
+                *total = total.checked_add(*revenue).ok_or_else(|| economy("revenue overflows".into()))?;
+                let row = self.usage.entry(*epoch).or_default().entry(account.clone()).or_default();
+                row.0 = row.0.saturating_add(*prompt_tokens);
+                row.1 = row.1.saturating_add(*completion_tokens);
+                row.2 = row.2.saturating_add(*revenue);
+            }
+            Body::Allocation { holder, amount } => {
+                by_hub(self)?;
+                if holder.is_empty() || *amount == 0 {
+                    return Err(economy("an allocation needs a holder and a positive amount".into()));
+                }
+                let a = self.allocations.entry(holder.clone()).or_default();
+                *a = a.checked_add(*amount).ok_or_else(|| economy("allocations overflow".into()))?;
+            }
+            Body::EpochClose { epoch, revenue, funding_ppm, funding, payable } => {
+                by_hub(self)?;
+                if self.epochs.keys().next_back().is_some_and(|&last| *epoch <= last) {
+                    return Err(economy(format!("epoch {epoch} closes out of order")));
+                }
+                let earned = self.revenue.get(epoch).copied().unwrap_or(0);
+                let balances = self.balances();
+                let (want_funding, want_payable) = epoch_split(earned, *funding_ppm, &balances);
+                if *revenue != earned
+                    || *funding_ppm > 1_000_000
+                    || (*funding, *payable) != (want_funding, want_payable)
+                {
+                    return Err(economy(format!(
+                        "epoch {epoch} closes with revenue {revenue}, funding {funding}, payable {payable}; its usage \
+                         and balances give {earned}, {want_funding}, {want_payable}"
+                    )));
+                }
+                self.owed = split_pro_rata(*payable, &balances).into_iter().map(|(h, a)| (*epoch, h, a)).collect();
+                self.epochs.insert(
+                    *epoch,
+                    ClosedEpoch {
+                        revenue: *revenue,
+                        funding_ppm: *funding_ppm,
+                        funding: *funding,
+                        payable: *payable,
+                        holders: balances.len() as u64,
+                        balance_total: balances.values().sum(),
+                    },
+                );
             }
             Body::Payout { epoch, holder, amount } => {
                 by_hub(self)?;
+                match self.owed.pop_front() {
+                    Some((e, h, a)) if (e, &h, a) == (*epoch, holder, *amount) => {}
+                    Some((e, h, a)) => {
+                        return Err(economy(format!(
+                            "pays {amount} to {holder} for epoch {epoch}; the closing owes {a} to {h} for epoch {e} next"
+                        )));
+                    }
+                    None => return Err(economy(format!("a payout for epoch {epoch} that no epoch closing owes"))),
+                }
                 let paid = self.paid.entry(*epoch).or_default();
                 *paid += amount;
                 let revenue = self.revenue.get(epoch).copied().unwrap_or(0);
@@ -554,7 +714,7 @@ impl Ledger {
                 *self.payouts.entry(holder.clone()).or_default() += amount;
             }
             Body::Root { size, root } => {
-                by_validator(self)?;
+                by_validator(self).or_else(|_| by_hub(self))?;
                 if *size != seq || *root != hex::encode(self.tree.root().as_bytes()) {
                     return Err(LedgerError::BadRoot { seq });
                 }
@@ -569,6 +729,22 @@ impl Ledger {
         self.tree.push(raw.to_vec());
         self.last_hash = *blake3::hash(raw).as_bytes();
         Ok(())
+    }
+
+    /// Each holder's balance: allocations plus reward units earned.
+    pub fn balances(&self) -> BTreeMap<String, u64> {
+        let mut b = self.allocations.clone();
+        for (holder, units) in &self.units {
+            let v = b.entry(holder.clone()).or_default();
+            *v = v.saturating_add(*units);
+        }
+        b.retain(|_, v| *v > 0);
+        b
+    }
+
+    /// The epoch closings' payouts not yet written, in the order they must come.
+    pub fn owed_payouts(&self) -> impl Iterator<Item = &(u64, String, u64)> {
+        self.owed.iter()
     }
 
     /// Every entry must be under a signed root: the log ends with one.

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use tessera_trust::ledger::{Body, Ledger, LedgerError, decode_entry, encode_entry, verify_proof};
+use tessera_trust::ledger::{Body, Ledger, LedgerError, decode_entry, encode_entry, split_pro_rata, verify_proof};
 use tessera_trust::{AttestationPolicy, Evidence, Identity, OpeningKey, ValidatorAttestation, report_data};
 
 struct World {
@@ -33,14 +33,15 @@ fn receipt(c: &Identity, units: u64, score: f64) -> Body {
     }
 }
 
-/// Genesis, a validator, two scored rounds, an epoch of usage and payouts; each block ends in a
-/// signed root.
+/// Genesis, a backer's allocation, a validator, two scored rounds, an epoch of usage closed
+/// with its payouts; each block ends in a signed root.
 fn world() -> World {
     let (hub, validator) = (Identity::generate().unwrap(), Identity::generate().unwrap());
     let contributors: Vec<Identity> = (0..3).map(|_| Identity::generate().unwrap()).collect();
     let mut l = Ledger::default();
     let policy = AttestationPolicy { allow_insecure_dev: true, ..Default::default() };
     l.append(0, 1, false, Body::Genesis { run_id: "run".into(), policy }, &hub).unwrap();
+    l.append(0, 1, false, Body::Allocation { holder: "backer".into(), amount: 2000 }, &hub).unwrap();
     l.append(0, 2, true, Body::Validator { attestation: attestation(&validator) }, &validator).unwrap();
     for round in 0..2u64 {
         let split = [(0, 600), (1, 300), (2, 100)];
@@ -52,13 +53,21 @@ fn world() -> World {
         l.append(round, 12, true, root, &validator).unwrap();
     }
     l.append(2, 20, false, usage(500), &hub).unwrap();
-    for (c, amount) in [(0, 300), (1, 200)] {
-        l.append(2, 21, false, Body::Payout { epoch: 0, holder: contributors[c].public().hex(), amount }, &hub)
-            .unwrap();
-    }
+    close_epoch(&mut l, &hub, 0, 200_000);
     let root = Body::Root { size: l.len(), root: l.root() };
     l.append(2, 22, true, root, &validator).unwrap();
     World { hub, validator, contributors, ledger: l }
+}
+
+/// Closes `epoch` with the funding share `ppm` and writes its payouts, as the hub does.
+fn close_epoch(l: &mut Ledger, hub: &Identity, epoch: u64, ppm: u32) {
+    let revenue = l.usage.get(&epoch).map_or(0, |u| u.values().map(|r| r.2).sum());
+    let (funding, payable) = tessera_trust::ledger::epoch_split(revenue, ppm, &l.balances());
+    let close = Body::EpochClose { epoch, revenue, funding_ppm: ppm, funding, payable };
+    l.append(2, 21, false, close, hub).unwrap();
+    for (holder, amount) in split_pro_rata(payable, &l.balances()) {
+        l.append(2, 21, false, Body::Payout { epoch, holder, amount }, hub).unwrap();
+    }
 }
 
 fn usage(revenue: u64) -> Body {
@@ -81,11 +90,18 @@ fn spans(bytes: &[u8]) -> Vec<(usize, usize)> {
 fn an_honest_ledger_verifies_and_recomputes_every_balance() {
     let w = world();
     let l = Ledger::from_bytes(w.ledger.bytes()).unwrap();
-    assert_eq!(l.len(), 16);
+    assert_eq!(l.len(), 20);
     let units: BTreeMap<String, u64> =
         [(0, 1201), (1, 601), (2, 201)].into_iter().map(|(c, u)| (w.contributors[c].public().hex(), u)).collect();
     assert_eq!(l.units, units);
-    assert_eq!(l.payouts.values().sum::<u64>(), 500);
+    // 500 of revenue, 20% (100) funds the next phase, 400 goes to balances of 2000 + 2003:
+    // exact shares 199.85, 120.01, 60.05, 20.09; the one unit left goes to the largest remainder.
+    let epoch = &l.epochs[&0];
+    assert_eq!((epoch.revenue, epoch.funding, epoch.payable, epoch.balance_total), (500, 100, 400, 4003));
+    assert_eq!(l.payouts["backer"], 200);
+    assert_eq!(l.payouts[&w.contributors[0].public().hex()], 120);
+    assert_eq!(l.payouts[&w.contributors[1].public().hex()], 60);
+    assert_eq!(l.payouts[&w.contributors[2].public().hex()], 20);
     let v: Vec<_> = l.validators().collect();
     assert_eq!(v.len(), 1);
     assert!(v[0].insecure, "the development attester is on the record as insecure");
@@ -148,10 +164,10 @@ fn deleted_reordered_truncated_and_forged_entries_are_detected() {
     // A receipt the validator signs without its insecure flag.
     let hidden = l.append(3, 30, false, receipt(&w.contributors[0], 1, 0.1), &w.validator).unwrap_err();
     assert_eq!(hidden.name(), "hidden-insecurity");
-    // Paying out more than the epoch earned; emitting less than the receipts pay.
+    // Paying out what no epoch closing owes; emitting less than the receipts pay.
     assert_eq!(
         l.append(3, 30, false, Body::Payout { epoch: 0, holder: "x".into(), amount: 1 }, &w.hub).unwrap_err().name(),
-        "overpaid"
+        "economy"
     );
     l.append(3, 30, true, receipt(&w.contributors[1], 5, 0.1), &w.validator).unwrap();
     let e = l.append(3, 31, true, Body::Emission { units: 6 }, &w.validator).unwrap_err();
@@ -175,11 +191,107 @@ fn deleted_reordered_truncated_and_forged_entries_are_detected() {
     );
     // Entries are appended whole or not at all.
     let before = l.len();
-    let good = encode_entry(before, 3, 30, &l.head(), false, &usage(1), &w.hub).unwrap();
+    let next_epoch =
+        Body::Usage { epoch: 1, account: "key-1".into(), prompt_tokens: 1, completion_tokens: 1, revenue: 1 };
+    let good = encode_entry(before, 3, 30, &l.head(), false, &next_epoch, &w.hub).unwrap();
+    l.clone().extend(&good).unwrap();
     let mut batch = good.clone();
     batch.extend_from_slice(&good);
     assert!(l.extend(&batch).is_err());
     assert_eq!(l.len(), before);
+}
+
+/// Even the hub cannot pay out other than the ledger's own arithmetic, or bill a closed epoch.
+#[test]
+fn payouts_must_be_exactly_the_pro_rata_split() {
+    let w = world();
+    let mut base = Ledger::default();
+    let s = spans(w.ledger.bytes());
+    // Everything up to the usage entry, then the hub's own (re-signed) variations.
+    let usage_end = s[s.len() - 7].1;
+    base.extend(&w.ledger.bytes()[..usage_end]).unwrap();
+    let balances = base.balances();
+    let good = Body::EpochClose { epoch: 0, revenue: 500, funding_ppm: 200_000, funding: 100, payable: 400 };
+    let cases: Vec<(&str, Vec<Body>)> = vec![
+        (
+            "funding not the stated share",
+            vec![Body::EpochClose { epoch: 0, revenue: 500, funding_ppm: 200_000, funding: 50, payable: 450 }],
+        ),
+        (
+            "revenue not the usage's",
+            vec![Body::EpochClose { epoch: 0, revenue: 600, funding_ppm: 200_000, funding: 120, payable: 480 }],
+        ),
+        ("a share moved between holders", {
+            let mut v = vec![good.clone()];
+            let split = split_pro_rata(400, &balances);
+            for (i, (holder, amount)) in split.into_iter().enumerate() {
+                let amount = if i == 0 {
+                    amount + 1
+                } else if i == 1 {
+                    amount - 1
+                } else {
+                    amount
+                };
+                v.push(Body::Payout { epoch: 0, holder, amount });
+            }
+            v
+        }),
+        (
+            "a payout to someone else",
+            vec![good.clone(), Body::Payout { epoch: 0, holder: "hub-friend".into(), amount: 200 }],
+        ),
+        ("something before the payouts", vec![good.clone(), usage(1)]),
+        ("usage after the close", {
+            let mut v = vec![good.clone()];
+            v.extend(split_pro_rata(400, &balances).into_iter().map(|(holder, amount)| Body::Payout {
+                epoch: 0,
+                holder,
+                amount,
+            }));
+            v.push(usage(10));
+            v
+        }),
+        ("a payout no closing owes", vec![Body::Payout { epoch: 0, holder: "backer".into(), amount: 1 }]),
+    ];
+    for (what, bodies) in cases {
+        let mut l = base.clone();
+        let refused = bodies.into_iter().any(|b| l.append(2, 30, false, b, &w.hub).is_err());
+        assert!(refused, "{what} was accepted");
+    }
+    // The honest closing is accepted, and a root the hub signs commits it.
+    let mut l = base.clone();
+    close_epoch(&mut l, &w.hub, 0, 200_000);
+    let root = Body::Root { size: l.len(), root: l.root() };
+    l.append(2, 31, false, root, &w.hub).unwrap();
+    assert_eq!(Ledger::from_bytes(l.bytes()).unwrap().payouts.values().sum::<u64>(), 400);
+}
+
+proptest::proptest! {
+    /// Largest remainder: the parts sum to the amount exactly, each within one unit of its
+    /// exact share, and a larger balance never gets less.
+    #[test]
+    fn pro_rata_split_is_exact(amount in 0u64..u64::MAX / 2, balances in proptest::collection::btree_map("[a-z]{1,6}", 0u64..1u64 << 40, 0..12)) {
+        let parts = split_pro_rata(amount, &balances);
+        let total: u128 = balances.values().map(|&b| u128::from(b)).sum();
+        if total == 0 {
+            proptest::prop_assert!(parts.is_empty());
+        } else {
+            proptest::prop_assert_eq!(parts.iter().map(|p| u128::from(p.1)).sum::<u128>(), u128::from(amount));
+            let got: BTreeMap<&String, u64> = parts.iter().map(|(h, a)| (h, *a)).collect();
+            for (h, &b) in &balances {
+                let exact = u128::from(amount) * u128::from(b);
+                let a = u128::from(got.get(h).copied().unwrap_or(0));
+                proptest::prop_assert!(a * total >= exact.saturating_sub(total) && a * total <= exact + total, "{} off its share", h);
+            }
+            for (h1, &b1) in &balances {
+                for (h2, &b2) in &balances {
+                    if b1 > b2 {
+                        proptest::prop_assert!(got.get(h1).copied().unwrap_or(0) >= got.get(h2).copied().unwrap_or(0));
+                    }
+                }
+            }
+        }
+    }
 }
 
 proptest::proptest! {
