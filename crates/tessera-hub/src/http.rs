@@ -46,6 +46,7 @@ pub fn status_of(code: ErrorCode) -> StatusCode {
         | ErrorCode::WrongValidator => StatusCode::CONFLICT,
         ErrorCode::NoValidator => StatusCode::SERVICE_UNAVAILABLE,
         ErrorCode::NotQualified => StatusCode::FORBIDDEN,
+        ErrorCode::Conflict => StatusCode::CONFLICT,
         ErrorCode::Busy => StatusCode::SERVICE_UNAVAILABLE,
         ErrorCode::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
         ErrorCode::RangeNotSatisfiable => StatusCode::RANGE_NOT_SATISFIABLE,
@@ -87,6 +88,7 @@ pub fn router(hub: Arc<Hub>) -> Router {
         .route("/v1/validator/verdict", post(validator_verdict).layer(DefaultBodyLimit::max(64 << 20)))
         .route("/v1/ledger", get(ledger))
         .route("/v1/ledger/proof/{seq}", get(ledger_proof))
+        .route("/v1/economy/epochs", post(close_epoch))
         .fallback(|| async { refuse(ErrorCode::NotFound, "no such endpoint") })
         .with_state(hub)
 }
@@ -343,6 +345,23 @@ struct AttestationPost {
     attestation: ValidatorAttestation,
     /// Its signed `Validator` ledger entry (hex).
     entry: String,
+}
+
+/// The API operator closes an epoch: its usage, the funding share and the payouts go into the
+/// ledger, signed by the hub.
+async fn close_epoch(
+    State(hub): State<Arc<Hub>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<impl IntoResponse, Refusal> {
+    let body = body_or_refusal(body)?;
+    let signer = signed(&hub, &method, &uri, &headers, &body).await?;
+    let report: tessera_protocol::api::EpochReport = serde_json::from_slice(&body)
+        .map_err(|e| refuse(ErrorCode::BadRequest, format!("the epoch report is not valid JSON: {e}")))?;
+    let settled = hub.close_epoch(&signer.key, report).await?;
+    Ok((StatusCode::CREATED, Json(settled)))
 }
 
 async fn validator_attestation(

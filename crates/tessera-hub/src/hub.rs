@@ -1023,6 +1023,79 @@ impl Hub {
         Ok(seq)
     }
 
+    /// Closes an epoch of API usage, reported by the run's operator: writes a usage entry per
+    /// account, the epoch closing (revenue, the funding share, what is payable) and a payout per
+    /// holder by the ledger's own largest-remainder split of the balances, then a root over them
+    /// all — signed by the hub, in one transaction.
+    pub async fn close_epoch(
+        &self,
+        signer: &PublicKey,
+        report: tessera_protocol::api::EpochReport,
+    ) -> Result<tessera_protocol::api::EpochSettled, ApiError> {
+        let Some(economy) = &self.spec.economy else {
+            return Err(api(ErrorCode::BadRequest, "this run has no usage economy (start the hub with --operator)"));
+        };
+        if signer.hex() != economy.operator {
+            return Err(api(ErrorCode::Unauthorized, "only the run's API operator may report usage"));
+        }
+        let mut accounts = std::collections::BTreeSet::new();
+        if report.usage.iter().any(|u| u.account.is_empty() || !accounts.insert(u.account.as_str())) {
+            return Err(api(ErrorCode::BadRequest, "each account must appear once, with a name"));
+        }
+        let state = self.state.lock().await; // No round publishes meanwhile.
+        let round = state.round;
+        let mut next = self.ledger.read().map_err(|_| api(ErrorCode::Internal, "ledger poisoned"))?.clone();
+        if let Some(last) = next.epochs.keys().next_back().copied().filter(|&l| report.epoch <= l) {
+            return Err(api(
+                ErrorCode::Conflict,
+                format!("epoch {} is not after the last closed epoch {last}", report.epoch),
+            ));
+        }
+        let from = next.len();
+        let refused =
+            |e: tessera_trust::ledger::LedgerError| api(ErrorCode::BadRequest, format!("refused by the ledger: {e}"));
+        for u in &report.usage {
+            let body = LedgerBody::Usage {
+                epoch: report.epoch,
+                account: u.account.clone(),
+                prompt_tokens: u.prompt_tokens,
+                completion_tokens: u.completion_tokens,
+                revenue: u.revenue,
+            };
+            next.append(round, now_ms(), false, body, &self.identity).map_err(refused)?;
+        }
+        let revenue = report.usage.iter().try_fold(0u64, |a, u| a.checked_add(u.revenue));
+        let revenue = revenue.ok_or_else(|| api(ErrorCode::BadRequest, "the epoch's revenue overflows"))?;
+        let balances = next.balances();
+        let (funding, payable) = tessera_trust::ledger::epoch_split(revenue, economy.funding_ppm, &balances);
+        let close =
+            LedgerBody::EpochClose { epoch: report.epoch, revenue, funding_ppm: economy.funding_ppm, funding, payable };
+        next.append(round, now_ms(), false, close, &self.identity).map_err(refused)?;
+        let payouts = tessera_trust::ledger::split_pro_rata(payable, &balances);
+        for (holder, amount) in &payouts {
+            let body = LedgerBody::Payout { epoch: report.epoch, holder: holder.clone(), amount: *amount };
+            next.append(round, now_ms(), false, body, &self.identity).map_err(refused)?;
+        }
+        let root = LedgerBody::Root { size: next.len(), root: next.root() };
+        next.append(round, now_ms(), false, root, &self.identity).map_err(refused)?;
+        let to = next.len();
+        let rows: Vec<(u64, String)> =
+            (from..to).filter_map(|s| next.entry_bytes(s).map(|b| (s, hex::encode(b)))).collect();
+        self.db.append_ledger(&rows).await.map_err(internal)?;
+        *self.ledger.write().map_err(|_| api(ErrorCode::Internal, "ledger poisoned"))? = next;
+        drop(state);
+        tracing::info!(epoch = report.epoch, revenue, funding, payable, holders = payouts.len(), "epoch closed");
+        Ok(tessera_protocol::api::EpochSettled {
+            epoch: report.epoch,
+            revenue,
+            funding,
+            payable,
+            payouts,
+            ledger_from: from,
+            ledger_to: to,
+        })
+    }
+
     /// The validator submissions are sealed to, if one is registered.
     pub fn validator_info(&self) -> Option<ValidatorInfo> {
         let v = self.validator.read().ok()?.clone()?;
@@ -1687,7 +1760,22 @@ async fn open_ledger(
         let bytes = ledger
             .append(0, now_ms(), false, genesis, identity)
             .map_err(|e| HubError::Corrupt(format!("ledger genesis: {e}")))?;
-        db.append_ledger(&[(0, hex::encode(bytes))]).await?;
+        let mut rows = vec![(0, hex::encode(bytes))];
+        // The run's allocations are part of it from the start.
+        for (holder, amount) in spec.economy.iter().flat_map(|e| e.allocations.iter()) {
+            let body = LedgerBody::Allocation { holder: holder.clone(), amount: *amount };
+            let bytes = ledger
+                .append(0, now_ms(), false, body, identity)
+                .map_err(|e| HubError::Config(format!("allocation to {holder:?}: {e}")))?;
+            rows.push((ledger.len() - 1, hex::encode(bytes)));
+        }
+        if ledger.len() > 1 {
+            let root = LedgerBody::Root { size: ledger.len(), root: ledger.root() };
+            let bytes =
+                ledger.append(0, now_ms(), false, root, identity).map_err(|e| HubError::Corrupt(e.to_string()))?;
+            rows.push((ledger.len() - 1, hex::encode(bytes)));
+        }
+        db.append_ledger(&rows).await?;
     } else if ledger.hub() != Some(identity.public()) {
         return Err(HubError::Config(format!(
             "this hub's key {} is not the key {} that signed the run's ledger: start it with the run's key file",

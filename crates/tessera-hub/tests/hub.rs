@@ -54,6 +54,7 @@ fn spec(quorum: u32) -> RunSpec {
         phases: Vec::new(),
         fragments: 0,
         until_loss: None,
+        economy: None,
     }
 }
 
@@ -1012,4 +1013,51 @@ async fn layer_sharded_rounds_average_each_tensor_over_its_trainers() {
     assert_eq!((theta[0][0], theta[1][0], theta[2][0]), (0.5, 0.25, 1.0));
     let _ = tx.send(());
     let _ = task.await;
+}
+
+/// Only the run's operator may close an epoch; the hub writes usage, the closing, exact payouts
+/// and a root, which verify from the ledger's bytes alone; an epoch closes once.
+#[tokio::test]
+async fn epochs_of_usage_close_into_the_ledger_with_exact_payouts() {
+    let b = backend("sqlite").await.unwrap();
+    let operator = Arc::new(tessera_trust::Identity::generate().unwrap());
+    let economy = tessera_protocol::api::EconomySpec {
+        operator: operator.public().hex(),
+        funding_ppm: 100_000,
+        allocations: vec![("alice".into(), 2), ("bob".into(), 1)],
+    };
+    let server = Server::start(&b, RunSpec { economy: Some(economy), ..spec(2) }).await;
+    let http = reqwest::Client::new();
+    let path = "/v1/economy/epochs";
+    let report = |epoch: u64, revenue: u64| {
+        serde_json::to_vec(&tessera_protocol::api::EpochReport {
+            epoch,
+            usage: vec![tessera_protocol::api::AccountUsage {
+                account: "key-a".into(),
+                prompt_tokens: 10,
+                completion_tokens: 5,
+                revenue,
+            }],
+        })
+        .unwrap()
+    };
+    // Anyone else, even a registered contributor, is refused.
+    let stranger = Client::register(&server.url, "stranger").await;
+    let r = stranger.post(path, report(0, 1000)).await;
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    let body = report(0, 1000);
+    let r = post_signed(&http, &server.url, path, &signed_headers(&operator, path, &body), body).await;
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let settled: tessera_protocol::api::EpochSettled = r.json().await.unwrap();
+    // 1000 revenue, 10% funding; 900 split 2:1.
+    assert_eq!((settled.revenue, settled.funding, settled.payable), (1000, 100, 900));
+    assert_eq!(settled.payouts, vec![("alice".to_string(), 600), ("bob".to_string(), 300)]);
+    let body = report(0, 5);
+    let r = post_signed(&http, &server.url, path, &signed_headers(&operator, path, &body), body).await;
+    assert_eq!(r.status(), StatusCode::CONFLICT);
+    let bytes = http.get(format!("{}/v1/ledger", server.url)).send().await.unwrap().bytes().await.unwrap();
+    let ledger = tessera_trust::ledger::Ledger::from_bytes(&bytes).unwrap();
+    assert_eq!(ledger.payouts.values().sum::<u64>(), 900);
+    assert_eq!(ledger.allocations.len(), 2);
+    server.stop().await;
 }

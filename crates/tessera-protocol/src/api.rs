@@ -124,6 +124,52 @@ pub struct RunSpec {
     /// below this.
     #[serde(default)]
     pub until_loss: Option<f64>,
+    /// The usage economy: who may report served usage, and how revenue is split.
+    #[serde(default)]
+    pub economy: Option<EconomySpec>,
+}
+
+/// The usage economy of a run: written into its ledger when the run is created.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EconomySpec {
+    /// Hex Ed25519 key of the API operator, the only one who may report an epoch's usage.
+    pub operator: String,
+    /// Parts per million of each epoch's revenue that fund the next phase.
+    pub funding_ppm: u32,
+    /// Tokens held from the start (e.g. the sale that funded the run): (holder, amount).
+    #[serde(default)]
+    pub allocations: Vec<(String, u64)>,
+}
+
+/// One account's usage in an epoch, as the API operator metered and priced it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccountUsage {
+    pub account: String,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    /// In micro-units of the revenue currency.
+    pub revenue: u64,
+}
+
+/// `POST /v1/economy/epochs`, signed by the operator: closes `epoch` with this usage.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EpochReport {
+    pub epoch: u64,
+    pub usage: Vec<AccountUsage>,
+}
+
+/// What closing an epoch wrote to the ledger.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EpochSettled {
+    pub epoch: u64,
+    pub revenue: u64,
+    pub funding: u64,
+    pub payable: u64,
+    /// (holder, amount), in holder order.
+    pub payouts: Vec<(String, u64)>,
+    /// Ledger entries written, first and one past the last.
+    pub ledger_from: u64,
+    pub ledger_to: u64,
 }
 
 /// A later phase of a run.
@@ -697,6 +743,9 @@ pub enum ErrorCode {
     NoValidator,
     /// The run's current phase admits only the contributors who qualified for it.
     NotQualified,
+    /// The request is well formed but conflicts with what is recorded (e.g. an epoch that is
+    /// already closed).
+    Conflict,
     NotFound,
     RangeNotSatisfiable,
     Internal,

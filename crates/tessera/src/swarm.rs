@@ -106,6 +106,18 @@ pub struct RunArgs {
     /// this (the next phase gets the rounds left).
     #[arg(long)]
     until_loss: Option<f64>,
+    /// The usage economy: the hex Ed25519 public key of the API operator (`tessera keygen`,
+    /// then `tessera economy close --key` with it), the only one who may close epochs of served
+    /// usage into this run's ledger.
+    #[arg(long, value_name = "HEX")]
+    operator: Option<String>,
+    /// With --operator: the share of each epoch's revenue that funds the next phase.
+    #[arg(long, default_value_t = 0.2)]
+    funding_share: f64,
+    /// With --operator: tokens held from the start (e.g. the sale that funded the run), a TOML
+    /// file of `HOLDER = AMOUNT` lines; written into the ledger when the run is created.
+    #[arg(long)]
+    allocations: Option<PathBuf>,
     #[command(flatten)]
     contest: ContestArgs,
 }
@@ -406,7 +418,37 @@ fn run_spec(args: &RunArgs, dataset: &Dataset, model: &Llama) -> Result<RunSpec>
         phases,
         fragments: args.fragments,
         until_loss: args.until_loss,
+        economy: economy_spec(args)?,
     })
+}
+
+/// The run's usage economy from --operator, --funding-share and --allocations.
+fn economy_spec(args: &RunArgs) -> Result<Option<tessera_protocol::api::EconomySpec>> {
+    let Some(operator) = &args.operator else {
+        if args.allocations.is_some() {
+            bail!("--allocations needs --operator (who reports the usage that pays holders)");
+        }
+        return Ok(None);
+    };
+    let key = tessera_trust::PublicKey::parse(operator).map_err(|e| anyhow::anyhow!("--operator: {e}"))?;
+    if !(0.0..=1.0).contains(&args.funding_share) {
+        bail!("--funding-share must be from 0 to 1");
+    }
+    let mut allocations = Vec::new();
+    if let Some(path) = &args.allocations {
+        let text = std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
+        let table: std::collections::BTreeMap<String, u64> =
+            toml::from_str(&text).with_context(|| format!("{}: expected HOLDER = AMOUNT lines", path.display()))?;
+        if table.values().any(|&a| a == 0) {
+            bail!("{}: every allocation must be positive", path.display());
+        }
+        allocations = table.into_iter().collect();
+    }
+    Ok(Some(tessera_protocol::api::EconomySpec {
+        operator: key.hex(),
+        funding_ppm: (args.funding_share * 1e6).round() as u32,
+        allocations,
+    }))
 }
 
 pub fn hub(args: HubArgs) -> Result<()> {
@@ -1025,6 +1067,7 @@ pub fn bench_swarm(args: BenchSwarmArgs) -> Result<()> {
         phases: Vec::new(),
         fragments: 0,
         until_loss: None,
+        economy: None,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
