@@ -20,6 +20,9 @@ pub fn run(command: Command) -> Result<()> {
     match command {
         Command::Train(args) => train(*args),
         Command::Generate(args) => generate_text(args),
+        Command::Serve(args) => crate::serving::serve(*args),
+        Command::Keys(cmd) => crate::serving::keys(cmd),
+        Command::Economy(cmd) => crate::serving::economy(cmd),
         Command::Model(ModelCommand::Info { model, seq_len, json }) => model_info(model.as_deref(), seq_len, json),
         Command::Model(ModelCommand::Init { model, tokenizer, seed, out }) => {
             model_init(&model, &tokenizer, seed, &out)

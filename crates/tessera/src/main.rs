@@ -5,6 +5,7 @@ mod arena;
 mod commands;
 mod growbench;
 mod phases;
+mod serving;
 mod swarm;
 mod trust;
 
@@ -68,6 +69,17 @@ enum Command {
     Train(Box<TrainArgs>),
     /// Sample text from a checkpoint with a KV cache.
     Generate(GenerateArgs),
+    /// Serve a checkpoint through an OpenAI-compatible API (`/v1/models`, `/v1/completions`,
+    /// `/v1/chat/completions`, streaming included): concurrent requests are decoded together
+    /// with a shared KV cache, every request needs an API key and is metered under it.
+    Serve(Box<serving::ServeArgs>),
+    /// API keys for `tessera serve`: create (shown once, stored hashed), revoke, list.
+    #[command(subcommand)]
+    Keys(serving::KeysCommand),
+    /// The usage economy: close an epoch of served usage into a run's ledger (exact pro-rata
+    /// payouts to token holders), and report epochs, revenue, payouts and returns.
+    #[command(subcommand)]
+    Economy(serving::EconomyCommand),
     /// Inspect model configurations and presets.
     #[command(subcommand)]
     Model(ModelCommand),

@@ -1,0 +1,230 @@
+//! The model's own thread: continuous batching over a fixed set of decoding slots.
+//!
+//! Requests arrive on a channel. Each one is prefilled alone (its prompt in one forward pass),
+//! then moved into a free slot of a [`BatchCache`]; every step after that advances all occupied
+//! slots by one token in one forward pass, so concurrent requests share the model instead of
+//! queueing behind one another. A request leaves its slot when it ends (end of text, its token
+//! limit, the context is full) or when whoever asked stops listening, and a waiting request
+//! takes the slot at the next step.
+//!
+//! libtorch runs on this one thread; the HTTP side never touches a tensor.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, mpsc};
+
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use tch::{Kind, Tensor};
+use tessera_model::{BatchCache, KvCache, Llama, SamplingParams, sample};
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::ServeError;
+
+/// One generation request, tokenized and checked.
+pub struct Job {
+    pub prompt: Vec<u32>,
+    /// At most this many new tokens (at least one).
+    pub max_tokens: usize,
+    pub temperature: f64,
+    pub top_p: f64,
+    pub seed: u64,
+    pub events: UnboundedSender<Event>,
+}
+
+/// What the engine tells a request's owner, in order: tokens, then one `Done` or `Failed`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    Token(u32),
+    Done(Finish),
+    Failed(String),
+}
+
+/// Why generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Finish {
+    /// The model produced its end-of-text token (not sent as a `Token`).
+    EndOfText,
+    /// The request's `max_tokens`, or the context, is used up.
+    Length,
+}
+
+/// A handle on the engine thread: cheap to clone, send jobs through it.
+#[derive(Clone)]
+pub struct Engine {
+    jobs: mpsc::Sender<Job>,
+    stats: std::sync::Arc<Stats>,
+}
+
+/// What the engine has done so far.
+#[derive(Default, Debug)]
+pub struct Stats {
+    /// Decoding steps (forward passes after prefill).
+    pub steps: AtomicU64,
+    /// Tokens those steps produced, summed over the slots in each.
+    pub step_tokens: AtomicU64,
+    /// The most slots one step advanced together.
+    pub widest_step: AtomicU64,
+    pub prefills: AtomicU64,
+}
+
+struct Running {
+    events: UnboundedSender<Event>,
+    params: SamplingParams,
+    rng: ChaCha8Rng,
+    produced: usize,
+    max_tokens: usize,
+    /// The token the next step feeds in.
+    next: u32,
+}
+
+impl Engine {
+    /// Starts the engine thread on `model` with `slots` decoding slots. `eos` ends a sequence.
+    pub fn start(model: Llama, slots: usize, eos: u32) -> Engine {
+        let (tx, rx) = mpsc::channel::<Job>();
+        let stats = Arc::new(Stats::default());
+        let shared = stats.clone();
+        std::thread::Builder::new()
+            .name("tessera-engine".into())
+            .spawn(move || run(model, slots.max(1), eos, rx, &shared))
+            .expect("spawning the engine thread");
+        Engine { jobs: tx, stats }
+    }
+
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    pub fn submit(&self, job: Job) -> Result<(), ServeError> {
+        self.jobs.send(job).map_err(|_| ServeError::EngineStopped)
+    }
+}
+
+fn run(model: Llama, slots: usize, eos: u32, jobs: mpsc::Receiver<Job>, stats: &Stats) {
+    let _guard = tch::no_grad_guard();
+    let mut cache = BatchCache::new(&model, slots);
+    let mut running: Vec<Option<Running>> = (0..slots).map(|_| None).collect();
+    let mut waiting: VecDeque<Job> = VecDeque::new();
+    loop {
+        // Block only when there is nothing to do.
+        if waiting.is_empty() && running.iter().all(Option::is_none) {
+            match jobs.recv() {
+                Ok(job) => waiting.push_back(job),
+                Err(_) => return,
+            }
+        }
+        while let Ok(job) = jobs.try_recv() {
+            waiting.push_back(job);
+        }
+        // Requests whose owner left give their slot up.
+        for slot in running.iter_mut() {
+            if slot.as_ref().is_some_and(|r| r.events.is_closed()) {
+                *slot = None;
+            }
+        }
+        while let Some(free) = running.iter().position(Option::is_none) {
+            let Some(job) = waiting.pop_front() else { break };
+            if job.events.is_closed() {
+                continue;
+            }
+            stats.prefills.fetch_add(1, Ordering::Relaxed);
+            match admit(&model, &mut cache, free, eos, job) {
+                Ok(Some(r)) => running[free] = Some(r),
+                Ok(None) => {}
+                Err((events, e)) => {
+                    tracing::warn!(error = %e, "prefill failed");
+                    let _ = events.send(Event::Failed(e.to_string()));
+                }
+            }
+        }
+        let active: Vec<usize> = (0..slots).filter(|&s| running[s].is_some()).collect();
+        if active.is_empty() {
+            continue;
+        }
+        let tokens: Vec<i64> = active.iter().filter_map(|&s| running[s].as_ref().map(|r| i64::from(r.next))).collect();
+        let logits = model
+            .decode_step(&active, &tokens, &mut cache)
+            .and_then(|l| Ok(Vec::<f32>::try_from(l.to_kind(Kind::Float).to_device(tch::Device::Cpu).view([-1]))?));
+        let logits = match logits {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(error = %e, "decoding step failed");
+                for &s in &active {
+                    if let Some(r) = running[s].take() {
+                        let _ = r.events.send(Event::Failed(e.to_string()));
+                    }
+                }
+                continue;
+            }
+        };
+        stats.steps.fetch_add(1, Ordering::Relaxed);
+        stats.step_tokens.fetch_add(active.len() as u64, Ordering::Relaxed);
+        stats.widest_step.fetch_max(active.len() as u64, Ordering::Relaxed);
+        let vocab = logits.len() / active.len();
+        for (i, &s) in active.iter().enumerate() {
+            let Some(r) = running[s].as_mut() else { continue };
+            let token = sample(&logits[i * vocab..(i + 1) * vocab], &r.params, &mut r.rng);
+            if step(r, token, eos, cache.has_room(s)) {
+                running[s] = None;
+            }
+        }
+    }
+}
+
+/// Prefills `job` into `slot` and samples its first token; `None` when that already ended it.
+fn admit(
+    model: &Llama,
+    cache: &mut BatchCache,
+    slot: usize,
+    eos: u32,
+    job: Job,
+) -> Result<Option<Running>, (UnboundedSender<Event>, ServeError)> {
+    let prompt: Vec<i64> =
+        if job.prompt.is_empty() { vec![i64::from(eos)] } else { job.prompt.iter().map(|&t| i64::from(t)).collect() };
+    let mut kv = KvCache::new();
+    let prefill = model
+        .forward(&Tensor::from_slice(&prompt).view([1, -1]).to_device(model.device()), Some(&mut kv))
+        .and_then(|logits| {
+            cache.load(slot, &kv)?;
+            Ok(Vec::<f32>::try_from(logits.get(0).get(-1).to_kind(Kind::Float).to_device(tch::Device::Cpu))?)
+        });
+    let last = match prefill {
+        Ok(l) => l,
+        Err(e) => return Err((job.events, e.into())),
+    };
+    let params = SamplingParams {
+        max_new_tokens: job.max_tokens,
+        temperature: job.temperature,
+        top_p: job.top_p,
+        seed: job.seed,
+        stop_token: Some(eos),
+    };
+    let mut r = Running {
+        events: job.events,
+        params,
+        rng: ChaCha8Rng::seed_from_u64(job.seed),
+        produced: 0,
+        max_tokens: job.max_tokens.max(1),
+        next: eos,
+    };
+    let token = sample(&last, &r.params, &mut r.rng);
+    Ok((!step(&mut r, token, eos, cache.has_room(slot))).then_some(r))
+}
+
+/// Hands `token` to the request; true when the request has ended.
+fn step(r: &mut Running, token: u32, eos: u32, room: bool) -> bool {
+    if token == eos {
+        let _ = r.events.send(Event::Done(Finish::EndOfText));
+        return true;
+    }
+    r.produced += 1;
+    if r.events.send(Event::Token(token)).is_err() {
+        return true;
+    }
+    if r.produced >= r.max_tokens || !room {
+        let _ = r.events.send(Event::Done(Finish::Length));
+        return true;
+    }
+    r.next = token;
+    false
+}

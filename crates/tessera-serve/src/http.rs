@@ -1,0 +1,540 @@
+//! The HTTP side: OpenAI's routes, auth, rate limits, streaming, metering.
+
+use std::collections::{HashMap, VecDeque};
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::{Value, json};
+use tessera_data::TessTokenizer;
+use tokio::sync::mpsc::UnboundedReceiver;
+
+use crate::engine::{Engine, Event, Finish, Job};
+use crate::keys::{KeyInfo, Store, hash_key};
+use crate::openai::{self, ApiError, Generation};
+
+/// Everything a request handler needs.
+pub struct AppState {
+    pub engine: Engine,
+    pub tokenizer: TessTokenizer,
+    /// The one model this server serves, by the id clients name it with.
+    pub model_id: String,
+    /// The model's context length, in tokens.
+    pub context: usize,
+    pub store: Store,
+    /// The largest request body accepted, in bytes.
+    pub body_limit: usize,
+    /// When the model was loaded (Unix seconds), for `/v1/models`.
+    pub created: u64,
+    limiter: Mutex<HashMap<i64, Bucket>>,
+}
+
+impl AppState {
+    pub fn new(
+        engine: Engine,
+        tokenizer: TessTokenizer,
+        model_id: String,
+        context: usize,
+        store: Store,
+        body_limit: usize,
+    ) -> AppState {
+        AppState {
+            engine,
+            tokenizer,
+            model_id,
+            context,
+            store,
+            body_limit,
+            created: unix_seconds(),
+            limiter: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+/// A token bucket per key: `requests_per_minute` deep, refilled evenly over a minute.
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+fn unix_seconds() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        (status, Json(self.body())).into_response()
+    }
+}
+
+pub fn router(state: Arc<AppState>) -> Router {
+    let limit = state.body_limit;
+    Router::new()
+        .route("/health", get(|| async { "ok" }))
+        .route("/v1/models", get(list_models))
+        .route("/v1/models/{id}", get(get_model))
+        .route("/v1/completions", post(completions))
+        .route("/v1/chat/completions", post(chat_completions))
+        .fallback(|| async {
+            ApiError {
+                status: 404,
+                message: "Unknown route.".into(),
+                kind: "invalid_request_error",
+                param: None,
+                code: None,
+            }
+        })
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(state)
+}
+
+/// The caller's key, checked against the store and its rate limit.
+async fn authorize(state: &AppState, headers: &HeaderMap) -> Result<KeyInfo, ApiError> {
+    let header = headers.get("authorization").and_then(|v| v.to_str().ok()).unwrap_or("");
+    let key = header.strip_prefix("Bearer ").map(str::trim).filter(|k| !k.is_empty()).ok_or_else(|| {
+        ApiError::unauthorized(
+            "You didn't provide an API key. Send it as 'Authorization: Bearer KEY' (create one with `tessera keys create`).",
+        )
+    })?;
+    let info = state
+        .store
+        .find_key(&hash_key(key))
+        .await
+        .map_err(|e| ApiError::server(e.to_string()))?
+        .ok_or_else(|| ApiError::unauthorized("Incorrect API key provided, or the key was revoked."))?;
+    let rpm = f64::from(info.requests_per_minute);
+    let mut buckets = state.limiter.lock().map_err(|_| ApiError::server("rate limiter poisoned"))?;
+    let now = Instant::now();
+    let bucket = buckets.entry(info.id).or_insert(Bucket { tokens: rpm, at: now });
+    bucket.tokens = (bucket.tokens + now.duration_since(bucket.at).as_secs_f64() * rpm / 60.0).min(rpm);
+    bucket.at = now;
+    if bucket.tokens < 1.0 {
+        return Err(ApiError::rate_limited(info.requests_per_minute));
+    }
+    bucket.tokens -= 1.0;
+    Ok(info)
+}
+
+fn model_object(state: &AppState) -> Value {
+    json!({"id": state.model_id, "object": "model", "created": state.created, "owned_by": "tessera"})
+}
+
+async fn list_models(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
+    authorize(&state, &headers).await?;
+    Ok(Json(json!({"object": "list", "data": [model_object(&state)]})))
+}
+
+async fn get_model(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    authorize(&state, &headers).await?;
+    if id != state.model_id {
+        return Err(ApiError::model_not_found(&id));
+    }
+    Ok(Json(model_object(&state)))
+}
+
+fn body_bytes(state: &AppState, body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    body.map_err(|e| match e.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::too_large(state.body_limit),
+        _ => ApiError::bad_request(format!("We could not read the request body: {e}")),
+    })
+}
+
+async fn completions(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let key = authorize(&state, &headers).await?;
+    let request = openai::parse_completion(&body_bytes(&state, body)?)?;
+    let echo = request.echo.then(|| request.prompt.clone());
+    run(state, key, Kind::Completion { echo }, &request.prompt, request.generation).await
+}
+
+async fn chat_completions(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let key = authorize(&state, &headers).await?;
+    let mut request = openai::parse_chat(&body_bytes(&state, body)?)?;
+    if request.generation.stop.is_empty() {
+        request.generation.stop.push(openai::CHAT_STOP.to_owned());
+    }
+    let prompt = openai::chat_prompt(&request.messages);
+    run(state, key, Kind::Chat, &prompt, request.generation).await
+}
+
+#[derive(Clone)]
+enum Kind {
+    Completion { echo: Option<String> },
+    Chat,
+}
+
+/// Checks, tokenizes and submits one generation; answers in one body or as a stream.
+async fn run(
+    state: Arc<AppState>,
+    key: KeyInfo,
+    kind: Kind,
+    prompt: &str,
+    g: Generation,
+) -> Result<Response, ApiError> {
+    if g.model != state.model_id {
+        return Err(ApiError::model_not_found(&g.model));
+    }
+    let tokens = state.tokenizer.encode(prompt).map_err(|e| ApiError::invalid("prompt", e.to_string()))?;
+    let prompt_tokens = tokens.len().max(1);
+    let max_tokens = g.max_tokens.unwrap_or(state.context.saturating_sub(prompt_tokens));
+    if prompt_tokens + max_tokens > state.context || max_tokens == 0 {
+        let param = match kind {
+            Kind::Completion { .. } => "prompt",
+            Kind::Chat => "messages",
+        };
+        return Err(ApiError::invalid(
+            param,
+            format!(
+                "This model's maximum context length is {} tokens. However, you requested {} tokens ({} in the \
+                 prompt, {} for the completion). Please reduce the length of the prompt or of max_tokens.",
+                state.context,
+                prompt_tokens + max_tokens.max(1),
+                prompt_tokens,
+                max_tokens.max(1)
+            ),
+        )
+        .with_code("context_length_exceeded"));
+    }
+    let seed = match g.seed {
+        Some(s) => s,
+        None => {
+            let mut b = [0u8; 8];
+            getrandom::fill(&mut b).map_err(|e| ApiError::server(format!("no OS randomness: {e}")))?;
+            u64::from_le_bytes(b)
+        }
+    };
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    state
+        .engine
+        .submit(Job { prompt: tokens, max_tokens, temperature: g.temperature, top_p: g.top_p, seed, events: tx })
+        .map_err(|e| ApiError::server(e.to_string()))?;
+    let text = Text::new(state.tokenizer.clone(), g.stop.clone());
+    let meta = Meta {
+        id: response_id(&kind),
+        created: unix_seconds(),
+        model: state.model_id.clone(),
+        kind,
+        key_id: key.id,
+        prompt_tokens,
+    };
+    if g.stream {
+        let stream = Streamer { state, meta, rx: Some(rx), text, queue: VecDeque::new(), started: false };
+        let events =
+            futures::stream::unfold(stream, |mut s| async move { s.next().await.map(|e| (Ok::<_, Infallible>(e), s)) });
+        return Ok(Sse::new(events).keep_alive(KeepAlive::default()).into_response());
+    }
+    let (text, finish, completion_tokens) = collect(rx, text).await?;
+    bill(&state, &meta, completion_tokens).await?;
+    let usage = openai::usage(meta.prompt_tokens, completion_tokens);
+    let body = match &meta.kind {
+        Kind::Completion { echo } => json!({
+            "id": meta.id, "object": "text_completion", "created": meta.created, "model": meta.model,
+            "choices": [{"text": format!("{}{text}", echo.as_deref().unwrap_or("")), "index": 0, "logprobs": null, "finish_reason": finish}],
+            "usage": usage,
+        }),
+        Kind::Chat => json!({
+            "id": meta.id, "object": "chat.completion", "created": meta.created, "model": meta.model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "refusal": null}, "logprobs": null, "finish_reason": finish}],
+            "usage": usage,
+        }),
+    };
+    Ok(Json(body).into_response())
+}
+
+struct Meta {
+    id: String,
+    created: u64,
+    model: String,
+    kind: Kind,
+    key_id: i64,
+    prompt_tokens: usize,
+}
+
+fn response_id(kind: &Kind) -> String {
+    let mut b = [0u8; 12];
+    let _ = getrandom::fill(&mut b);
+    let prefix = match kind {
+        Kind::Completion { .. } => "cmpl",
+        Kind::Chat => "chatcmpl",
+    };
+    format!("{prefix}-{}", hex::encode(b))
+}
+
+async fn bill(state: &AppState, meta: &Meta, completion_tokens: usize) -> Result<(), ApiError> {
+    let endpoint = match meta.kind {
+        Kind::Completion { .. } => "completions",
+        Kind::Chat => "chat.completions",
+    };
+    state
+        .store
+        .record(meta.key_id, endpoint, meta.prompt_tokens as u64, completion_tokens as u64)
+        .await
+        .map_err(|e| ApiError::server(e.to_string()))
+}
+
+/// The completion's text as tokens arrive: decoded whole each time (so multi-byte characters
+/// appear only when complete), cut at the first stop sequence, and never releasing a tail
+/// that might still become one.
+struct Text {
+    tokenizer: TessTokenizer,
+    stops: Vec<String>,
+    tokens: Vec<u32>,
+    /// Bytes of the text already handed out.
+    released: usize,
+    stopped: bool,
+}
+
+impl Text {
+    fn new(tokenizer: TessTokenizer, stops: Vec<String>) -> Text {
+        Text { tokenizer, stops, tokens: Vec::new(), released: 0, stopped: false }
+    }
+
+    /// Adds a token; returns the text that may be released now.
+    fn push(&mut self, token: u32) -> Result<String, ApiError> {
+        self.tokens.push(token);
+        let text = self.tokenizer.decode(&self.tokens).map_err(|e| ApiError::server(e.to_string()))?;
+        if let Some(cut) = self.stops.iter().filter_map(|s| text.find(s.as_str())).min() {
+            self.stopped = true;
+            return Ok(self.release(&text, cut));
+        }
+        let mut safe = text.len();
+        if text.ends_with('\u{FFFD}') {
+            safe -= '\u{FFFD}'.len_utf8();
+        }
+        // Hold back the longest tail that is a proper prefix of a stop sequence.
+        for stop in &self.stops {
+            for (i, _) in stop.char_indices().skip(1) {
+                if text[..safe].ends_with(&stop[..i]) {
+                    safe = safe.min(text[..safe].len() - i);
+                }
+            }
+        }
+        Ok(self.release(&text, safe))
+    }
+
+    /// Everything not yet released (at the end of generation).
+    fn finish(&mut self) -> Result<String, ApiError> {
+        if self.stopped {
+            return Ok(String::new());
+        }
+        let text = self.tokenizer.decode(&self.tokens).map_err(|e| ApiError::server(e.to_string()))?;
+        let end = text.len();
+        Ok(self.release(&text, end))
+    }
+
+    fn release(&mut self, text: &str, upto: usize) -> String {
+        let mut upto = upto.max(self.released).min(text.len());
+        while !text.is_char_boundary(upto) {
+            upto -= 1;
+        }
+        let out = text.get(self.released..upto).unwrap_or("").to_owned();
+        self.released = self.released.max(upto);
+        out
+    }
+}
+
+fn finish_reason(finish: Finish, stopped: bool) -> &'static str {
+    match (finish, stopped) {
+        (_, true) | (Finish::EndOfText, _) => "stop",
+        (Finish::Length, false) => "length",
+    }
+}
+
+/// Waits for the whole completion: (text, finish reason, completion tokens).
+async fn collect(mut rx: UnboundedReceiver<Event>, mut text: Text) -> Result<(String, &'static str, usize), ApiError> {
+    let mut out = String::new();
+    loop {
+        match rx.recv().await {
+            Some(Event::Token(t)) => {
+                out.push_str(&text.push(t)?);
+                if text.stopped {
+                    return Ok((out, "stop", text.tokens.len()));
+                }
+            }
+            Some(Event::Done(f)) => {
+                out.push_str(&text.finish()?);
+                return Ok((out, finish_reason(f, false), text.tokens.len()));
+            }
+            Some(Event::Failed(e)) => return Err(ApiError::server(format!("generation failed: {e}"))),
+            None => return Err(ApiError::server("the engine dropped the request")),
+        }
+    }
+}
+
+/// Server-sent events for one streamed request, in OpenAI's chunk format, ending with a chunk
+/// that carries `usage` and then `[DONE]`.
+struct Streamer {
+    state: Arc<AppState>,
+    meta: Meta,
+    rx: Option<UnboundedReceiver<Event>>,
+    text: Text,
+    queue: VecDeque<SseEvent>,
+    started: bool,
+}
+
+impl Streamer {
+    fn chunk(&self, delta: Option<&str>, finish: Option<&str>, role: bool) -> SseEvent {
+        let m = &self.meta;
+        let body = match &m.kind {
+            Kind::Completion { .. } => json!({
+                "id": m.id, "object": "text_completion", "created": m.created, "model": m.model,
+                "choices": [{"text": delta.unwrap_or(""), "index": 0, "logprobs": null, "finish_reason": finish}],
+            }),
+            Kind::Chat => {
+                let mut d = serde_json::Map::new();
+                if role {
+                    d.insert("role".into(), json!("assistant"));
+                }
+                if let Some(t) = delta {
+                    d.insert("content".into(), json!(t));
+                }
+                json!({
+                    "id": m.id, "object": "chat.completion.chunk", "created": m.created, "model": m.model,
+                    "choices": [{"index": 0, "delta": d, "logprobs": null, "finish_reason": finish}],
+                })
+            }
+        };
+        SseEvent::default().data(body.to_string())
+    }
+
+    fn usage_chunk(&self, completion_tokens: usize) -> SseEvent {
+        let m = &self.meta;
+        let object = match m.kind {
+            Kind::Completion { .. } => "text_completion",
+            Kind::Chat => "chat.completion.chunk",
+        };
+        let body = json!({
+            "id": m.id, "object": object, "created": m.created, "model": m.model, "choices": [],
+            "usage": openai::usage(m.prompt_tokens, completion_tokens),
+        });
+        SseEvent::default().data(body.to_string())
+    }
+
+    fn error_event(e: &ApiError) -> SseEvent {
+        SseEvent::default().data(e.body().to_string())
+    }
+
+    async fn end(&mut self, finish: &str) {
+        self.rx = None;
+        let completion_tokens = self.text.tokens.len();
+        self.queue.push_back(self.chunk(None, Some(finish), false));
+        match bill(&self.state, &self.meta, completion_tokens).await {
+            Ok(()) => self.queue.push_back(self.usage_chunk(completion_tokens)),
+            Err(e) => self.queue.push_back(Streamer::error_event(&e)),
+        }
+        self.queue.push_back(SseEvent::default().data("[DONE]"));
+    }
+
+    async fn next(&mut self) -> Option<SseEvent> {
+        loop {
+            if let Some(e) = self.queue.pop_front() {
+                return Some(e);
+            }
+            if !self.started {
+                self.started = true;
+                let first = match &self.meta.kind {
+                    Kind::Chat => Some(self.chunk(Some(""), None, true)),
+                    Kind::Completion { echo: Some(p) } => Some(self.chunk(Some(p), None, false)),
+                    Kind::Completion { echo: None } => None,
+                };
+                if let Some(first) = first {
+                    return Some(first);
+                }
+            }
+            let rx = self.rx.as_mut()?;
+            match rx.recv().await {
+                Some(Event::Token(t)) => match self.text.push(t) {
+                    Ok(delta) => {
+                        if !delta.is_empty() {
+                            self.queue.push_back(self.chunk(Some(&delta), None, false));
+                        }
+                        if self.text.stopped {
+                            self.end("stop").await;
+                        }
+                    }
+                    Err(e) => {
+                        self.rx = None;
+                        self.queue.push_back(Streamer::error_event(&e));
+                    }
+                },
+                Some(Event::Done(f)) => {
+                    match self.text.finish() {
+                        Ok(rest) if !rest.is_empty() => self.queue.push_back(self.chunk(Some(&rest), None, false)),
+                        Ok(_) => {}
+                        Err(e) => {
+                            self.rx = None;
+                            self.queue.push_back(Streamer::error_event(&e));
+                            continue;
+                        }
+                    }
+                    self.end(finish_reason(f, false)).await;
+                }
+                Some(Event::Failed(e)) => {
+                    self.rx = None;
+                    self.queue.push_back(Streamer::error_event(&ApiError::server(format!("generation failed: {e}"))));
+                }
+                None => {
+                    self.rx = None;
+                    self.queue.push_back(Streamer::error_event(&ApiError::server("the engine dropped the request")));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn text(stops: &[&str]) -> Text {
+        Text::new(TessTokenizer::byte_level(), stops.iter().map(|s| s.to_string()).collect())
+    }
+
+    fn feed(t: &mut Text, s: &str) -> String {
+        let tok = TessTokenizer::byte_level();
+        let mut out = String::new();
+        for id in tok.encode(s).unwrap() {
+            out.push_str(&t.push(id).unwrap());
+            if t.stopped {
+                break;
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn text_is_cut_at_a_stop_and_holds_back_what_might_become_one() {
+        let mut t = text(&["\nUser:"]);
+        assert_eq!(feed(&mut t, "Hello\nUs"), "Hello");
+        assert_eq!(feed(&mut t, "ed to"), "\nUsed to");
+        assert!(!t.stopped);
+        assert_eq!(feed(&mut t, " it\nUser: more"), " it");
+        assert!(t.stopped);
+        assert_eq!(t.finish().unwrap(), "");
+        // Without a stop the tail comes out at the end; multi-byte characters arrive whole.
+        let mut t = text(&["###"]);
+        let mut out = feed(&mut t, "é#");
+        out.push_str(&t.finish().unwrap());
+        assert_eq!(out, "é#");
+    }
+}

@@ -1,0 +1,381 @@
+//! The OpenAI wire format: request parsing that names the offending parameter, and the response,
+//! chunk and error shapes the official clients expect.
+//!
+//! Parsing is tolerant: unknown fields are ignored, as OpenAI's own API ignores fields it does
+//! not use. Every field Tessera does use is checked, and a bad one is a 400 naming it.
+
+use serde_json::{Map, Value, json};
+
+/// An error in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApiError {
+    pub status: u16,
+    pub message: String,
+    pub kind: &'static str,
+    pub param: Option<String>,
+    pub code: Option<&'static str>,
+}
+
+impl ApiError {
+    pub fn invalid(param: &str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status: 400,
+            message: message.into(),
+            kind: "invalid_request_error",
+            param: Some(param.to_owned()),
+            code: None,
+        }
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> ApiError {
+        ApiError { status: 400, message: message.into(), kind: "invalid_request_error", param: None, code: None }
+    }
+
+    pub fn with_code(mut self, code: &'static str) -> ApiError {
+        self.code = Some(code);
+        self
+    }
+
+    pub fn unauthorized(message: impl Into<String>) -> ApiError {
+        ApiError {
+            status: 401,
+            message: message.into(),
+            kind: "invalid_request_error",
+            param: None,
+            code: Some("invalid_api_key"),
+        }
+    }
+
+    pub fn model_not_found(model: &str) -> ApiError {
+        ApiError {
+            status: 404,
+            message: format!("The model `{model}` does not exist or you do not have access to it."),
+            kind: "invalid_request_error",
+            param: Some("model".into()),
+            code: Some("model_not_found"),
+        }
+    }
+
+    pub fn rate_limited(limit: u32) -> ApiError {
+        ApiError {
+            status: 429,
+            message: format!("Rate limit reached: this key may make {limit} requests per minute. Try again shortly."),
+            kind: "requests",
+            param: None,
+            code: Some("rate_limit_exceeded"),
+        }
+    }
+
+    pub fn too_large(limit: usize) -> ApiError {
+        ApiError {
+            status: 413,
+            message: format!("The request body is larger than {limit} bytes."),
+            kind: "invalid_request_error",
+            param: None,
+            code: Some("request_too_large"),
+        }
+    }
+
+    pub fn server(message: impl Into<String>) -> ApiError {
+        ApiError { status: 500, message: message.into(), kind: "server_error", param: None, code: None }
+    }
+
+    pub fn body(&self) -> Value {
+        json!({"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}})
+    }
+}
+
+/// One chat message after parsing.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Message {
+    pub role: String,
+    pub content: String,
+}
+
+/// What both endpoints ask for, after checking.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Generation {
+    pub model: String,
+    pub max_tokens: Option<usize>,
+    pub temperature: f64,
+    pub top_p: f64,
+    pub stream: bool,
+    pub stop: Vec<String>,
+    pub seed: Option<u64>,
+}
+
+/// A parsed `/v1/completions` body.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CompletionRequest {
+    pub prompt: String,
+    pub echo: bool,
+    pub generation: Generation,
+}
+
+/// A parsed `/v1/chat/completions` body.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChatRequest {
+    pub messages: Vec<Message>,
+    pub generation: Generation,
+}
+
+/// The most tokens one request may ask for; the context usually binds first.
+pub const MAX_TOKENS_LIMIT: u64 = 1 << 20;
+
+fn object(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
+    let value: Value = serde_json::from_slice(body).map_err(|e| {
+        ApiError::bad_request(format!("We could not parse the JSON body of your request ({e}). Send a JSON object."))
+    })?;
+    match value {
+        Value::Object(m) => Ok(m),
+        _ => Err(ApiError::bad_request("The request body must be a JSON object.")),
+    }
+}
+
+fn present<'a>(m: &'a Map<String, Value>, key: &str) -> Option<&'a Value> {
+    m.get(key).filter(|v| !v.is_null())
+}
+
+fn number(
+    m: &Map<String, Value>,
+    key: &str,
+    default: f64,
+    range: std::ops::RangeInclusive<f64>,
+) -> Result<f64, ApiError> {
+    match present(m, key) {
+        None => Ok(default),
+        Some(v) => match v.as_f64() {
+            Some(x) if x.is_finite() && range.contains(&x) => Ok(x),
+            _ => Err(ApiError::invalid(
+                key,
+                format!("{v} is not valid for '{key}': it must be a number from {} to {}.", range.start(), range.end()),
+            )),
+        },
+    }
+}
+
+fn boolean(m: &Map<String, Value>, key: &str) -> Result<bool, ApiError> {
+    match present(m, key) {
+        None => Ok(false),
+        Some(Value::Bool(b)) => Ok(*b),
+        Some(v) => Err(ApiError::invalid(key, format!("{v} is not valid for '{key}': it must be a boolean."))),
+    }
+}
+
+fn generation(m: &Map<String, Value>, max_tokens_keys: &[&str]) -> Result<Generation, ApiError> {
+    let model = match present(m, "model") {
+        Some(Value::String(s)) if !s.is_empty() => s.clone(),
+        Some(_) => return Err(ApiError::invalid("model", "'model' must be a non-empty string.")),
+        None => return Err(ApiError::invalid("model", "You must provide a model parameter.")),
+    };
+    let mut max_tokens = None;
+    for &key in max_tokens_keys {
+        if let Some(v) = present(m, key) {
+            match v.as_u64() {
+                Some(n) if (1..=MAX_TOKENS_LIMIT).contains(&n) => max_tokens = Some(n as usize),
+                _ => {
+                    return Err(ApiError::invalid(
+                        key,
+                        format!("{v} is not valid for '{key}': it must be an integer from 1 to {MAX_TOKENS_LIMIT}."),
+                    ));
+                }
+            }
+        }
+    }
+    if let Some(v) = present(m, "n") {
+        match v.as_u64() {
+            Some(1) => {}
+            _ => {
+                return Err(ApiError::invalid(
+                    "n",
+                    format!("{v} is not supported for 'n': this server returns one choice."),
+                ));
+            }
+        }
+    }
+    let stop = match present(m, "stop") {
+        None => Vec::new(),
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Array(a)) if a.len() <= 4 => a
+            .iter()
+            .map(|v| v.as_str().map(str::to_owned))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| ApiError::invalid("stop", "'stop' must be a string or an array of up to 4 strings."))?,
+        Some(_) => return Err(ApiError::invalid("stop", "'stop' must be a string or an array of up to 4 strings.")),
+    };
+    if stop.iter().any(String::is_empty) {
+        return Err(ApiError::invalid("stop", "Stop sequences must not be empty."));
+    }
+    let seed = match present(m, "seed") {
+        None => None,
+        Some(v) => match (v.as_u64(), v.as_i64()) {
+            (Some(s), _) => Some(s),
+            (None, Some(s)) => Some(s as u64),
+            _ => return Err(ApiError::invalid("seed", format!("{v} is not valid for 'seed': it must be an integer."))),
+        },
+    };
+    Ok(Generation {
+        model,
+        max_tokens,
+        temperature: number(m, "temperature", 1.0, 0.0..=2.0)?,
+        top_p: {
+            let p = number(m, "top_p", 1.0, 0.0..=1.0)?;
+            if p == 0.0 {
+                return Err(ApiError::invalid("top_p", "0 is not valid for 'top_p': it must be above 0."));
+            }
+            p
+        },
+        stream: boolean(m, "stream")?,
+        stop,
+        seed,
+    })
+}
+
+pub fn parse_completion(body: &[u8]) -> Result<CompletionRequest, ApiError> {
+    let m = object(body)?;
+    let prompt = match present(&m, "prompt") {
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Array(a)) if a.len() == 1 && a[0].is_string() => a[0].as_str().unwrap_or_default().to_owned(),
+        Some(Value::Array(_)) => {
+            return Err(ApiError::invalid("prompt", "'prompt' must be one string: batched prompts are not supported."));
+        }
+        Some(_) => return Err(ApiError::invalid("prompt", "'prompt' must be a string.")),
+        None => return Err(ApiError::invalid("prompt", "You must provide a prompt.")),
+    };
+    let mut generation = generation(&m, &["max_tokens"])?;
+    // OpenAI's completions endpoint writes 16 tokens unless told otherwise.
+    generation.max_tokens.get_or_insert(16);
+    Ok(CompletionRequest { prompt, echo: boolean(&m, "echo")?, generation })
+}
+
+pub fn parse_chat(body: &[u8]) -> Result<ChatRequest, ApiError> {
+    let m = object(body)?;
+    let messages = match present(&m, "messages") {
+        Some(Value::Array(a)) if !a.is_empty() => a,
+        Some(Value::Array(_)) => return Err(ApiError::invalid("messages", "'messages' must not be empty.")),
+        Some(_) => return Err(ApiError::invalid("messages", "'messages' must be an array of messages.")),
+        None => return Err(ApiError::invalid("messages", "You must provide messages.")),
+    };
+    let mut parsed = Vec::with_capacity(messages.len());
+    for (i, msg) in messages.iter().enumerate() {
+        let param = format!("messages.[{i}]");
+        let role = match msg.get("role").and_then(Value::as_str) {
+            Some(r @ ("system" | "developer" | "user" | "assistant")) => r.to_owned(),
+            Some(r) => return Err(ApiError::invalid(&format!("{param}.role"), format!("Unsupported role {r:?}."))),
+            None => return Err(ApiError::invalid(&format!("{param}.role"), "Each message needs a 'role'.")),
+        };
+        let content = match msg.get("content") {
+            Some(Value::String(s)) => s.clone(),
+            // Content parts: text parts are joined; anything else is refused.
+            Some(Value::Array(parts)) => {
+                let mut text = String::new();
+                for part in parts {
+                    match (part.get("type").and_then(Value::as_str), part.get("text").and_then(Value::as_str)) {
+                        (Some("text"), Some(t)) => text.push_str(t),
+                        _ => {
+                            return Err(ApiError::invalid(
+                                &format!("{param}.content"),
+                                "Only text content parts are supported.",
+                            ));
+                        }
+                    }
+                }
+                text
+            }
+            Some(Value::Null) if role == "assistant" => String::new(),
+            _ => return Err(ApiError::invalid(&format!("{param}.content"), "Each message needs string 'content'.")),
+        };
+        parsed.push(Message { role, content });
+    }
+    let generation = generation(&m, &["max_tokens", "max_completion_tokens"])?;
+    Ok(ChatRequest { messages: parsed, generation })
+}
+
+/// The text a chat turns into for a base language model: one line-led turn per message, then
+/// the assistant's cue. Generation stops where the model starts the user's next turn.
+pub fn chat_prompt(messages: &[Message]) -> String {
+    let mut prompt = String::new();
+    for m in messages {
+        let who = match m.role.as_str() {
+            "system" | "developer" => "System",
+            "assistant" => "Assistant",
+            _ => "User",
+        };
+        prompt.push_str(&format!("{who}: {}\n", m.content));
+    }
+    prompt.push_str("Assistant:");
+    prompt
+}
+
+/// Where a chat reply ends unless the request says otherwise.
+pub const CHAT_STOP: &str = "\nUser:";
+
+pub fn usage(prompt_tokens: usize, completion_tokens: usize) -> Value {
+    json!({
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_parameters_are_named() {
+        let cases: &[(&str, Option<&str>)] = &[
+            ("{", None),
+            ("[1]", None),
+            (r#"{"prompt":"x"}"#, Some("model")),
+            (r#"{"model":"m","prompt":"x","max_tokens":-1}"#, Some("max_tokens")),
+            (r#"{"model":"m","prompt":"x","max_tokens":0}"#, Some("max_tokens")),
+            (r#"{"model":"m","prompt":"x","max_tokens":1e30}"#, Some("max_tokens")),
+            (r#"{"model":"m","prompt":"x","temperature":3}"#, Some("temperature")),
+            (r#"{"model":"m","prompt":"x","temperature":"hot"}"#, Some("temperature")),
+            (r#"{"model":"m","prompt":"x","top_p":0}"#, Some("top_p")),
+            (r#"{"model":"m","prompt":"x","n":2}"#, Some("n")),
+            (r#"{"model":"m","prompt":"x","stop":["a","b","c","d","e"]}"#, Some("stop")),
+            (r#"{"model":"m","prompt":"x","stream":"yes"}"#, Some("stream")),
+            (r#"{"model":"m","prompt":["a","b"]}"#, Some("prompt")),
+            (r#"{"model":"m"}"#, Some("prompt")),
+        ];
+        for (body, param) in cases {
+            let e = parse_completion(body.as_bytes()).unwrap_err();
+            assert_eq!(e.status, 400, "{body}");
+            assert_eq!(e.param.as_deref(), *param, "{body}");
+        }
+        let e = parse_chat(br#"{"model":"m","messages":[{"role":"robot","content":"hi"}]}"#).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("messages.[0].role"));
+        assert!(parse_chat(br#"{"model":"m","messages":[]}"#).is_err());
+    }
+
+    #[test]
+    fn good_requests_parse_with_openai_defaults() {
+        let c = parse_completion(br#"{"model":"m","prompt":"Hello","unknown_field":1}"#).unwrap();
+        assert_eq!((c.prompt.as_str(), c.generation.max_tokens, c.generation.temperature), ("Hello", Some(16), 1.0));
+        let chat = parse_chat(
+            br#"{"model":"m","messages":[{"role":"system","content":"Be brief."},{"role":"user","content":[{"type":"text","text":"Hi"}]}],"max_completion_tokens":5,"stream":true,"stop":"\n"}"#,
+        )
+        .unwrap();
+        assert_eq!(chat.generation.max_tokens, Some(5));
+        assert!(chat.generation.stream);
+        assert_eq!(chat.generation.stop, vec!["\n".to_string()]);
+        assert_eq!(chat_prompt(&chat.messages), "System: Be brief.\nUser: Hi\nAssistant:");
+    }
+
+    proptest::proptest! {
+        /// Whatever the bytes, parsing answers with a request or a 400, never a panic.
+        #[test]
+        fn arbitrary_bodies_never_panic(body in proptest::collection::vec(proptest::num::u8::ANY, 0..256)) {
+            if let Err(e) = parse_completion(&body) { proptest::prop_assert_eq!(e.status, 400); }
+            if let Err(e) = parse_chat(&body) { proptest::prop_assert_eq!(e.status, 400); }
+        }
+
+        #[test]
+        fn arbitrary_json_never_panics(s in "\\{(\"(model|prompt|messages|max_tokens|stop|n|seed|temperature|top_p|stream)\":(null|-?[0-9]{1,30}(\\.[0-9]+)?|\"[a-z]*\"|\\[[^\\]]{0,20}\\]|true|\\{\\}),?){0,6}\\}") {
+            let _ = parse_completion(s.as_bytes());
+            let _ = parse_chat(s.as_bytes());
+        }
+    }
+}

@@ -1,0 +1,156 @@
+//! The API on a real socket, with a real (small, random) model: concurrent requests are
+//! decoded together and each gets exactly what it would alone; keys, limits and billing hold.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use serde_json::{Value, json};
+use tessera_data::TessTokenizer;
+use tessera_model::{Llama, LlamaConfig, SamplingParams, generate, preset};
+use tessera_serve::{AppState, Engine, Store};
+
+struct Server {
+    url: String,
+    key: String,
+    store: Store,
+    engine: Engine,
+    model: Llama,
+    tokenizer: TessTokenizer,
+    _dir: tempfile::TempDir,
+}
+
+fn config() -> LlamaConfig {
+    let tokenizer = TessTokenizer::byte_level();
+    LlamaConfig { vocab_size: tokenizer.vocab_size() as i64, max_position_embeddings: 64, ..preset("tiny").unwrap() }
+}
+
+async fn start(slots: usize, rpm: u32, body_limit: usize) -> Server {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("serve.sqlite")).await.unwrap();
+    let (key, _) = store.create_key("tester", rpm).await.unwrap();
+    let tokenizer = TessTokenizer::byte_level();
+    let engine = Engine::start(Llama::new(&config(), tch::Device::Cpu, 7).unwrap(), slots, tokenizer.eos_id());
+    let context = config().max_position_embeddings as usize;
+    let state =
+        Arc::new(AppState::new(engine.clone(), tokenizer.clone(), "tiny".into(), context, store.clone(), body_limit));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, tessera_serve::router(state)).await });
+    Server { url, key, store, engine, model: Llama::new(&config(), tch::Device::Cpu, 7).unwrap(), tokenizer, _dir: dir }
+}
+
+async fn post(s: &Server, path: &str, body: &Value, key: &str) -> (u16, Value) {
+    let r = reqwest::Client::new().post(format!("{}{path}", s.url)).bearer_auth(key).json(body).send().await.unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_share_decoding_steps_and_match_generation_alone() {
+    let s = start(8, 10_000, 1 << 20).await;
+    let prompts = ["Once upon", "The hub", "A", "Twelve tokens of text", "xyz", "Hello, world", "DiLoCo", "q"];
+    let mut tasks = Vec::new();
+    for p in prompts {
+        let body = json!({"model": "tiny", "prompt": p, "max_tokens": 24, "temperature": 0});
+        let (url, key) = (s.url.clone(), s.key.clone());
+        tasks.push(tokio::spawn(async move {
+            let r = reqwest::Client::new()
+                .post(format!("{url}/v1/completions"))
+                .bearer_auth(key)
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            let status = r.status();
+            let out = r.json::<Value>().await.unwrap();
+            assert_eq!(status, 200, "{out}");
+            out
+        }));
+    }
+    let mut billed = 0;
+    for (p, t) in prompts.iter().zip(tasks) {
+        let out = t.await.unwrap();
+        // Greedy decoding alone, with the plain KV cache, gives the same tokens.
+        let ids = s.tokenizer.encode(p).unwrap();
+        let params = SamplingParams {
+            max_new_tokens: 24,
+            temperature: 0.0,
+            stop_token: Some(s.tokenizer.eos_id()),
+            ..Default::default()
+        };
+        let alone: Vec<u32> = generate(&s.model, &ids, &params, |_| {})
+            .unwrap()
+            .into_iter()
+            .filter(|&t| t != s.tokenizer.eos_id())
+            .collect();
+        let text = s.tokenizer.decode(&alone).unwrap();
+        assert_eq!(out["choices"][0]["text"].as_str().unwrap(), text, "prompt {p:?}");
+        let usage = &out["usage"];
+        assert_eq!(usage["prompt_tokens"].as_u64().unwrap() as usize, ids.len());
+        assert_eq!(usage["completion_tokens"].as_u64().unwrap() as usize, alone.len());
+        billed += ids.len() + alone.len();
+    }
+    let stats = s.engine.stats();
+    assert!(stats.widest_step.load(Ordering::Relaxed) > 1, "requests were decoded one at a time");
+    assert!(stats.steps.load(Ordering::Relaxed) < stats.step_tokens.load(Ordering::Relaxed));
+    let (_, usage) = s.store.close_epoch().await.unwrap();
+    assert_eq!(usage.len(), 1);
+    assert_eq!(usage[0].requests, 8);
+    assert_eq!((usage[0].prompt_tokens + usage[0].completion_tokens) as usize, billed);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_have_openai_shape_and_cost_nothing() {
+    let s = start(2, 1000, 2000).await;
+    let ok = json!({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2});
+    let cases = [
+        (
+            "/v1/chat/completions",
+            json!({"model": "nope", "messages": [{"role": "user", "content": "hi"}]}),
+            404,
+            Some("model_not_found"),
+        ),
+        (
+            "/v1/completions",
+            json!({"model": "tiny", "prompt": "x".repeat(100), "max_tokens": 1}),
+            400,
+            Some("context_length_exceeded"),
+        ),
+        (
+            "/v1/completions",
+            json!({"model": "tiny", "prompt": "x", "max_tokens": 64}),
+            400,
+            Some("context_length_exceeded"),
+        ),
+        ("/v1/completions", json!({"model": "tiny", "prompt": "x", "temperature": -1}), 400, None),
+        ("/v1/completions", json!({"model": "tiny", "prompt": "y".repeat(3000)}), 413, Some("request_too_large")),
+    ];
+    for (path, body, status, code) in cases {
+        let (got, err) = post(&s, path, &body, &s.key).await;
+        assert_eq!(got, status, "{body}: {err}");
+        assert_eq!(err["error"]["code"].as_str(), code, "{err}");
+        assert!(err["error"]["message"].as_str().is_some_and(|m| !m.is_empty()));
+    }
+    let (status, err) = post(&s, "/v1/chat/completions", &ok, "tsk_wrong").await;
+    assert_eq!((status, err["error"]["code"].as_str()), (401, Some("invalid_api_key")));
+    let r = reqwest::Client::new()
+        .post(format!("{}/v1/completions", s.url))
+        .bearer_auth(&s.key)
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(r.json::<Value>().await.unwrap()["error"]["type"], "invalid_request_error");
+    // Nothing above was billed.
+    assert_eq!(s.store.usage(0).await.unwrap(), vec![]);
+    // A key allowed 2 requests a minute gets 2, then 429 (refused requests count too).
+    let (limited, _) = s.store.create_key("limited", 2).await.unwrap();
+    for _ in 0..2 {
+        assert_eq!(post(&s, "/v1/chat/completions", &ok, &limited).await.0, 200);
+    }
+    let (status, err) = post(&s, "/v1/chat/completions", &ok, &limited).await;
+    assert_eq!((status, err["error"]["code"].as_str()), (429, Some("rate_limit_exceeded")));
+    let usage = s.store.usage(0).await.unwrap();
+    assert_eq!((usage.len(), usage[0].account.as_str(), usage[0].requests), (1, "limited", 2));
+}

@@ -1,0 +1,187 @@
+"""Drives `tessera serve` with the official OpenAI Python client, then closes the epoch of usage
+it metered into a hub's ledger and checks the payouts.
+
+Run by scripts/test after the Rust tests, against the same debug build:
+    TESSERA_BIN=target/debug/tessera python scripts/openai_client_test.py
+"""
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import urllib.error
+import urllib.request
+import openai
+from openai import OpenAI
+
+BIN = os.environ.get("TESSERA_BIN", "target/debug/tessera")
+
+
+def run(*args, **kw):
+    return subprocess.run([BIN, *args], check=True, capture_output=True, text=True, **kw).stdout.strip()
+
+
+def wait_for(path: Path, proc: subprocess.Popen, what: str) -> str:
+    for _ in range(600):
+        if path.exists() and path.read_text().strip():
+            return path.read_text().strip()
+        if proc.poll() is not None:
+            sys.exit(f"{what} exited early: {proc.stderr.read() if proc.stderr else ''}")
+        time.sleep(0.1)
+    sys.exit(f"{what} did not start")
+
+
+def expect(exc_type, fn, status, code=None):
+    try:
+        fn()
+    except exc_type as e:
+        assert e.status_code == status, (e.status_code, e)
+        body = e.body if isinstance(e.body, dict) else {}
+        if code is not None:
+            assert body.get("code") == code, body
+        assert body.get("message"), body
+        return
+    raise AssertionError(f"expected {exc_type.__name__} ({status})")
+
+
+def main():
+    tmp = Path(tempfile.mkdtemp(prefix="tessera-openai-"))
+    ckpt, db = tmp / "ckpt", tmp / "serve.sqlite"
+    run("model", "init", "--model", "nano", "--tokenizer", "byte", "--out", str(ckpt))
+    key = run("keys", "create", "tester", "--db", str(db))
+    limited = run("keys", "create", "limited", "--rpm", "2", "--db", str(db))
+    revoked = run("keys", "create", "gone", "--db", str(db))
+    run("keys", "revoke", "gone", "--db", str(db))
+    addr_file = tmp / "serve.addr"
+    serve = subprocess.Popen(
+        [BIN, "serve", "--checkpoint", str(ckpt), "--db", str(db), "--addr", "127.0.0.1:0",
+         "--addr-file", str(addr_file), "--model-id", "tessera-nano", "--max-body-bytes", "4096"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    hub = None
+    try:
+        base = f"http://{wait_for(addr_file, serve, 'tessera serve')}/v1"
+        client = OpenAI(base_url=base, api_key=key, max_retries=0)
+        billed = 0  # successful requests made with `key`
+
+        models = client.models.list()
+        assert [m.id for m in models.data] == ["tessera-nano"], models
+        assert client.models.retrieve("tessera-nano").owned_by == "tessera"
+
+        messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hi"}]
+        chat = client.chat.completions.create(model="tessera-nano", messages=messages, max_tokens=6, temperature=0)
+        billed += 1
+        choice = chat.choices[0]
+        assert chat.object == "chat.completion" and choice.message.role == "assistant"
+        assert isinstance(choice.message.content, str) and choice.finish_reason in ("stop", "length")
+        u = chat.usage
+        assert u.prompt_tokens > 0 and u.total_tokens == u.prompt_tokens + u.completion_tokens
+        assert u.completion_tokens <= 6
+
+        stream = client.chat.completions.create(
+            model="tessera-nano", messages=messages, max_tokens=6, temperature=0, stream=True)
+        parts, finish, usage = [], None, None
+        for chunk in stream:
+            assert chunk.object == "chat.completion.chunk"
+            if chunk.usage is not None:
+                usage = chunk.usage
+            for c in chunk.choices:
+                if c.delta.content:
+                    parts.append(c.delta.content)
+                finish = c.finish_reason or finish
+        billed += 1
+        assert "".join(parts) == choice.message.content, (parts, choice.message.content)
+        assert finish == choice.finish_reason and usage is not None and usage.total_tokens == u.total_tokens
+
+        comp = client.completions.create(model="tessera-nano", prompt="To be, or", max_tokens=8, temperature=0)
+        billed += 1
+        assert comp.object == "text_completion" and comp.usage.completion_tokens <= 8
+        text = "".join(
+            c.choices[0].text
+            for c in client.completions.create(
+                model="tessera-nano", prompt="To be, or", max_tokens=8, temperature=0, stream=True)
+            if c.choices)
+        billed += 1
+        assert text == comp.choices[0].text, (text, comp.choices[0].text)
+
+        # Seeded sampling repeats itself.
+        a = client.completions.create(model="tessera-nano", prompt="A", max_tokens=10, temperature=1.0, seed=7)
+        b = client.completions.create(model="tessera-nano", prompt="A", max_tokens=10, temperature=1.0, seed=7)
+        billed += 2
+        assert a.choices[0].text == b.choices[0].text
+
+        # Every refusal has OpenAI's shape, and none is billed.
+        expect(openai.AuthenticationError, lambda: OpenAI(base_url=base, api_key="tsk_nope", max_retries=0).models.list(), 401, "invalid_api_key")
+        expect(openai.AuthenticationError, lambda: OpenAI(base_url=base, api_key=revoked, max_retries=0).models.list(), 401, "invalid_api_key")
+        expect(openai.NotFoundError, lambda: client.chat.completions.create(model="gpt-4", messages=messages), 404, "model_not_found")
+        expect(openai.BadRequestError, lambda: client.completions.create(model="tessera-nano", prompt="x", temperature=5), 400)
+        expect(openai.BadRequestError, lambda: client.completions.create(model="tessera-nano", prompt="x", max_tokens=-3), 400)
+        expect(openai.BadRequestError, lambda: client.completions.create(model="tessera-nano", prompt="x" * 200, max_tokens=1), 400, "context_length_exceeded")
+        expect(openai.APIStatusError, lambda: client.completions.create(model="tessera-nano", prompt="x" * 5000, max_tokens=1), 413, "request_too_large")
+        raw = urllib.request.Request(f"{base}/chat/completions", data=b"{oops", method="POST",
+                                     headers={"authorization": f"Bearer {key}", "content-type": "application/json"})
+        try:
+            urllib.request.urlopen(raw)
+            raise AssertionError("malformed JSON was accepted")
+        except urllib.error.HTTPError as e:
+            assert e.code == 400 and json.loads(e.read())["error"]["type"] == "invalid_request_error"
+        lim = OpenAI(base_url=base, api_key=limited, max_retries=0)
+        for _ in range(2):
+            lim.completions.create(model="tessera-nano", prompt="x", max_tokens=1)
+        expect(openai.RateLimitError, lambda: lim.completions.create(model="tessera-nano", prompt="x", max_tokens=1), 429, "rate_limit_exceeded")
+
+        con = sqlite3.connect(db)
+        rows = dict(con.execute("SELECT k.name, COUNT(*) FROM usage u JOIN api_keys k ON k.id = u.key_id GROUP BY k.name"))
+        assert rows == {"tester": billed, "limited": 2}, rows
+        stored = [r[0] for r in con.execute("SELECT hash FROM api_keys")]
+        assert key not in stored and all(len(h) == 64 for h in stored)
+        con.close()
+
+        # The epoch's usage, priced, goes into a hub's ledger and pays holders exactly.
+        op = tmp / "operator.pem"
+        operator = run("keygen", "--out", str(op)).splitlines()[0]
+        alloc = tmp / "allocations.toml"
+        alloc.write_text('backers = 7000\n"early-backer" = 3000\n')
+        hub_addr = tmp / "hub.addr"
+        hub = subprocess.Popen(
+            [BIN, "hub", "--model", "tiny", "--synthetic-chars", "20000", "--rounds", "1", "--operator", operator,
+             "--funding-share", "0.25", "--allocations", str(alloc), "--database", f"sqlite://{tmp / 'hub.sqlite'}",
+             "--store", str(tmp / "blobs"), "--listen", "127.0.0.1:0", "--addr-file", str(hub_addr),
+             "--key", str(tmp / "hub.pem")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        hub_url = f"http://{wait_for(hub_addr, hub, 'tessera hub')}"
+        prices = tmp / "prices.toml"
+        prices.write_text("prompt_per_million = 1000000\ncompletion_per_million = 3000000\n")
+        out = run("economy", "close", "--db", str(db), "--hub", hub_url, "--key", str(op), "--prices", str(prices))
+        assert "epoch 0 closed" in out, out
+        report = json.loads(run("economy", "report", "--hub", hub_url, "--json"))
+        tokens = {name: (p, c) for name, p, c in sqlite3.connect(db).execute(
+            "SELECT k.name, SUM(prompt_tokens), SUM(completion_tokens) FROM usage u JOIN api_keys k ON k.id = u.key_id GROUP BY k.name")}
+        revenue = sum(p * 1 + c * 3 for p, c in tokens.values())
+        epoch = report["epochs"]["0"]
+        assert epoch["revenue"] == revenue and epoch["funding"] == revenue // 4, (epoch, revenue)
+        paid = report["payouts"]
+        assert sum(paid.values()) == epoch["payable"] == revenue - revenue // 4, paid
+        assert abs(paid["backers"] - 0.7 * epoch["payable"]) <= 1 and abs(paid["early-backer"] - 0.3 * epoch["payable"]) <= 1
+        verified = json.loads(run("ledger", "verify", "--hub", hub_url, "--json"))
+        assert verified["verified"] and verified["payouts"] == paid
+        # The same epoch cannot be closed twice.
+        again = subprocess.run([BIN, "economy", "close", "--db", str(db), "--hub", hub_url, "--key", str(op), "--epoch", "0"],
+                               capture_output=True, text=True)
+        assert again.returncode != 0 and "409" in again.stderr, again.stderr
+        print(f"openai {openai.__version__} client: models, chat, completions (plain and streamed), seeded sampling "
+              f"and 9 kinds of refusal OK; {billed + 2} requests billed; epoch 0: revenue {revenue} µ, "
+              f"payouts {paid}")
+    finally:
+        for p in (serve, hub):
+            if p is not None:
+                p.terminate()
+                p.wait(timeout=30)
+
+
+if __name__ == "__main__":
+    main()
