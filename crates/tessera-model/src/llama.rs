@@ -285,10 +285,10 @@ impl Llama {
         let angles = positions.to_kind(Kind::Float).outer(&self.inv_freq);
         let emb = Tensor::cat(&[&angles, &angles], -1).view([n as i64, 1, 1, -1]);
         let (cos, sin) = (emb.cos(), emb.sin());
-        // Slot i sees its own positions 0..=pos[i].
-        let mask = Tensor::arange(cache.context, (Kind::Int64, device))
-            .view([1, 1, 1, -1])
-            .le_tensor(&positions.view([-1, 1, 1, 1]));
+        // Attention reads only the positions some slot has reached; slot i sees its own 0..=pos[i].
+        let span = pos.iter().max().copied().unwrap_or(0) + 1;
+        let mask =
+            Tensor::arange(span, (Kind::Int64, device)).view([1, 1, 1, -1]).le_tensor(&positions.view([-1, 1, 1, 1]));
         let whole = n == cache.slots && slots.iter().enumerate().all(|(i, &s)| i == s);
         let c = &self.config;
         let (h, kvh, hd) = (c.num_attention_heads, c.kv_heads(), c.head_dim());
@@ -305,11 +305,9 @@ impl Llama {
             let at = [Some(index.shallow_clone()), None, Some(positions.shallow_clone())];
             let _ = ck.index_put_(&at, &k.squeeze_dim(2).to_kind(ck.kind()), false);
             let _ = cv.index_put_(&at, &v.squeeze_dim(2).to_kind(cv.kind()), false);
-            let (keys, values) = if whole {
-                (ck.shallow_clone(), cv.shallow_clone())
-            } else {
-                (ck.index_select(0, &index), cv.index_select(0, &index))
-            };
+            let (held_k, held_v) = (ck.narrow(2, 0, span), cv.narrow(2, 0, span));
+            let (keys, values) =
+                if whole { (held_k, held_v) } else { (held_k.index_select(0, &index), held_v.index_select(0, &index)) };
             let (keys, values) = (repeat_kv(&keys, h / kvh), repeat_kv(&values, h / kvh));
             let y = Tensor::scaled_dot_product_attention(
                 &q.to_kind(keys.kind()),
