@@ -29,6 +29,8 @@ pub struct Job {
     pub temperature: f64,
     pub top_p: f64,
     pub seed: u64,
+    /// Keep going past the end-of-text token (benchmarks: a fixed number of tokens).
+    pub ignore_eos: bool,
     pub events: UnboundedSender<Event>,
 }
 
@@ -74,6 +76,7 @@ struct Running {
     rng: ChaCha8Rng,
     produced: usize,
     max_tokens: usize,
+    stop_at_eos: bool,
     /// The token the next step feeds in.
     next: u32,
 }
@@ -205,6 +208,7 @@ fn admit(
         rng: ChaCha8Rng::seed_from_u64(job.seed),
         produced: 0,
         max_tokens: job.max_tokens.max(1),
+        stop_at_eos: !job.ignore_eos,
         next: eos,
     };
     let token = sample(&last, &r.params, &mut r.rng);
@@ -213,7 +217,7 @@ fn admit(
 
 /// Hands `token` to the request; true when the request has ended.
 fn step(r: &mut Running, token: u32, eos: u32, room: bool) -> bool {
-    if token == eos {
+    if token == eos && r.stop_at_eos {
         let _ = r.events.send(Event::Done(Finish::EndOfText));
         return true;
     }

@@ -226,7 +226,15 @@ async fn run(
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     state
         .engine
-        .submit(Job { prompt: tokens, max_tokens, temperature: g.temperature, top_p: g.top_p, seed, events: tx })
+        .submit(Job {
+            prompt: tokens,
+            max_tokens,
+            temperature: g.temperature,
+            top_p: g.top_p,
+            seed,
+            ignore_eos: g.ignore_eos,
+            events: tx,
+        })
         .map_err(|e| ApiError::server(e.to_string()))?;
     let text = Text::new(state.tokenizer.clone(), g.stop.clone());
     let meta = Meta {

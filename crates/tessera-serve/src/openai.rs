@@ -102,6 +102,8 @@ pub struct Generation {
     pub stream: bool,
     pub stop: Vec<String>,
     pub seed: Option<u64>,
+    /// vLLM's extension: generate past the end-of-text token, to exactly `max_tokens`.
+    pub ignore_eos: bool,
 }
 
 /// A parsed `/v1/completions` body.
@@ -228,6 +230,7 @@ fn generation(m: &Map<String, Value>, max_tokens_keys: &[&str]) -> Result<Genera
         stream: boolean(m, "stream")?,
         stop,
         seed,
+        ignore_eos: boolean(m, "ignore_eos")?,
     })
 }
 

@@ -154,3 +154,38 @@ async fn refusals_have_openai_shape_and_cost_nothing() {
     let usage = s.store.usage(0).await.unwrap();
     assert_eq!((usage.len(), usage[0].account.as_str(), usage[0].requests), (1, "limited", 2));
 }
+
+/// `ignore_eos` (vLLM's extension) generates exactly `max_tokens`; streaming ends with usage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ignore_eos_generates_exactly_max_tokens_and_streams_end_with_usage() {
+    let s = start(2, 1000, 1 << 20).await;
+    for seed in 0..4 {
+        let body = json!({"model": "tiny", "prompt": "a", "max_tokens": 40, "seed": seed, "ignore_eos": true});
+        let (status, out) = post(&s, "/v1/completions", &body, &s.key).await;
+        assert_eq!(status, 200, "{out}");
+        assert_eq!(out["usage"]["completion_tokens"], 40);
+        assert_eq!(out["choices"][0]["finish_reason"], "length");
+    }
+    let body = json!({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "stream": true, "ignore_eos": true});
+    let text = reqwest::Client::new()
+        .post(format!("{}/v1/chat/completions", s.url))
+        .bearer_auth(&s.key)
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let events: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("data: ")).collect();
+    assert_eq!(events.last(), Some(&"[DONE]"));
+    let chunks: Vec<Value> = events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).unwrap()).collect();
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let usage = &chunks.last().unwrap()["usage"];
+    assert!(usage["completion_tokens"].as_u64().unwrap() <= 5);
+    assert_eq!(
+        usage["total_tokens"],
+        usage["prompt_tokens"].as_u64().unwrap() + usage["completion_tokens"].as_u64().unwrap()
+    );
+    assert!(chunks.iter().all(|c| c["object"] == "chat.completion.chunk"));
+}
