@@ -124,6 +124,19 @@ fn body_or_refusal(body: Result<Bytes, BytesRejection>) -> Result<Bytes, Refusal
     })
 }
 
+/// A signed request's signer and its JSON body (`what` names it in a refusal).
+async fn signed_body<T: serde::de::DeserializeOwned>(
+    hub: &Hub,
+    (method, uri, headers): (&Method, &Uri, &HeaderMap),
+    body: Result<Bytes, BytesRejection>,
+    what: &str,
+) -> Result<(SignedBy, T), Refusal> {
+    let body = body_or_refusal(body)?;
+    let signer = signed(hub, method, uri, headers, &body).await?;
+    let value = serde_json::from_slice(&body).map_err(|e| refuse(ErrorCode::BadRequest, format!("{what}: {e}")))?;
+    Ok((signer, value))
+}
+
 async fn register(
     State(hub): State<Arc<Hub>>,
     method: Method,
@@ -131,10 +144,8 @@ async fn register(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<impl IntoResponse, Refusal> {
-    let body = body_or_refusal(body)?;
-    let signed = signed(&hub, &method, &uri, &headers, &body).await?;
-    let request: RegisterRequest =
-        serde_json::from_slice(&body).map_err(|e| refuse(ErrorCode::BadRequest, format!("registration: {e}")))?;
+    let (signed, request): (_, RegisterRequest) =
+        signed_body(&hub, (&method, &uri, &headers), body, "registration").await?;
     Ok((StatusCode::CREATED, Json(hub.register(&request.name, signed.key).await?)))
 }
 
@@ -356,10 +367,8 @@ async fn close_epoch(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<impl IntoResponse, Refusal> {
-    let body = body_or_refusal(body)?;
-    let signer = signed(&hub, &method, &uri, &headers, &body).await?;
-    let report: tessera_protocol::api::EpochReport = serde_json::from_slice(&body)
-        .map_err(|e| refuse(ErrorCode::BadRequest, format!("the epoch report is not valid JSON: {e}")))?;
+    let (signer, report): (_, tessera_protocol::api::EpochReport) =
+        signed_body(&hub, (&method, &uri, &headers), body, "the epoch report").await?;
     let settled = hub.close_epoch(&signer.key, report).await?;
     Ok((StatusCode::CREATED, Json(settled)))
 }
