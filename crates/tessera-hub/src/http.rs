@@ -68,6 +68,7 @@ pub fn router(hub: Arc<Hub>) -> Router {
     let limit = hub.max_submission_bytes();
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
+        .route("/metrics", get(metrics_text))
         .route("/v1/run", get(run_info))
         .route("/v1/status", get(status))
         .route("/v1/contributors", post(register))
@@ -188,6 +189,12 @@ async fn assignment(
     signed_json(&hub, &hub.assign(id, wait).await?)
 }
 
+/// Prometheus metrics of this process (`tessera_hub_*`: rounds, submissions by outcome, bytes,
+/// aggregation time).
+async fn metrics_text() -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, tessera_protocol::telemetry::CONTENT_TYPE)], tessera_protocol::telemetry::render())
+}
+
 async fn submit(
     State(hub): State<Arc<Hub>>,
     method: Method,
@@ -195,10 +202,22 @@ async fn submit(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<impl IntoResponse, Refusal> {
-    let body = body_or_refusal(body)?;
-    let (id, key) = contributor(&hub, &method, &uri, &headers, &body).await?;
-    let loss = headers.get(INNER_LOSS_HEADER).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<f64>().ok());
-    Ok((StatusCode::ACCEPTED, Json(hub.submit(id, key, body, loss).await?)))
+    let result = async {
+        let body = body_or_refusal(body)?;
+        let (id, key) = contributor(&hub, &method, &uri, &headers, &body).await?;
+        let loss = headers.get(INNER_LOSS_HEADER).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<f64>().ok());
+        let bytes = body.len() as u64;
+        let receipt = hub.submit(id, key, body, loss).await?;
+        metrics::counter!("tessera_hub_bytes_total", "direction" => "up").increment(bytes);
+        Ok::<_, Refusal>(receipt)
+    }
+    .await;
+    let outcome = match &result {
+        Ok(_) => "accepted".to_owned(),
+        Err(r) => serde_json::to_value(r.0.code).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default(),
+    };
+    metrics::counter!("tessera_hub_submissions_total", "outcome" => outcome).increment(1);
+    Ok((StatusCode::ACCEPTED, Json(result?)))
 }
 
 /// Serves a stored blob, honouring a single-range `Range` header.

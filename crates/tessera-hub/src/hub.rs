@@ -224,6 +224,8 @@ fn outer_table(tensors: &[TensorSpec]) -> Vec<TensorSpec> {
 impl Hub {
     /// Opens the run in `db` and `store`, creating it from `new` if the database holds none.
     pub async fn open(db: Db, store: Store, new: Option<NewRun>, identity: Identity) -> Result<Arc<Hub>, HubError> {
+        // Metrics are recorded from the start (GET /metrics renders them).
+        let _ = tessera_protocol::telemetry::prometheus();
         let run = match db.load_run().await? {
             Some(run) => {
                 if new.is_some() {
@@ -1181,12 +1183,14 @@ impl Hub {
             state.lengths.clone(),
         );
         let used_weight = (weights.iter().filter(|&&w| w > 0.0).count() as u64, weights.iter().sum::<f64>());
+        let aggregation_started = std::time::Instant::now();
         let agg = tokio::task::spawn_blocking(move || {
             let mean = mean.map(|m| (m, used_weight.1, used_weight.0));
             aggregate(&ctx.0, ctx.1, round, &ctx.2, &ctx.3, &theta, &outer, &residual, &inputs, mean)
         })
         .await
         .map_err(|e| HubError::Corrupt(format!("aggregation task failed: {e}")))??;
+        metrics::histogram!("tessera_hub_aggregation_seconds").record(aggregation_started.elapsed().as_secs_f64());
         // The last round of a phase publishes the next phase's model: grown, the same function.
         let finished = round + 1 >= self.spec.rounds;
         let losses: Vec<f64> = rows.iter().filter_map(|r| r.inner_loss).collect();
@@ -1290,6 +1294,8 @@ impl Hub {
         }
         self.round_tx.send_replace(round + 1);
         tracing::info!(round, closed_by, submissions = agg.used, checkpoint = %hash, finished, "round published");
+        metrics::counter!("tessera_hub_rounds_published_total").increment(1);
+        metrics::gauge!("tessera_hub_round").set((round + 1) as f64);
         Ok(())
     }
 
@@ -1514,6 +1520,7 @@ impl Hub {
 
     pub fn note_download(&self, bytes: u64) {
         self.bytes_down.fetch_add(bytes, Ordering::Relaxed);
+        metrics::counter!("tessera_hub_bytes_total", "direction" => "down").increment(bytes);
     }
 
     pub fn store(&self) -> &Store {

@@ -525,6 +525,16 @@ async fn the_run_finishes_after_its_rounds() {
     assert_eq!(reqwest::get(format!("{url}/v1/rounds/2/eval-seed")).await.unwrap().status(), StatusCode::NOT_FOUND);
     let (s, e) = a.submit(&run, 1, &status(&url).await.history[1].base_checkpoint, &delta(0.1)).await.unwrap_err();
     assert_eq!((s, e.code), (StatusCode::CONFLICT, ErrorCode::RunFinished));
+    // Prometheus counts rounds and submissions by outcome (other tests in this process too).
+    let metrics = reqwest::get(format!("{url}/metrics")).await.unwrap().text().await.unwrap();
+    for needle in [
+        "tessera_hub_rounds_published_total",
+        "outcome=\"accepted\"",
+        "outcome=\"run_finished\"",
+        "tessera_hub_aggregation_seconds_bucket",
+    ] {
+        assert!(metrics.contains(needle), "{needle} missing from {metrics}");
+    }
     tokio::time::sleep(Duration::from_millis(10)).await;
     server.stop().await;
 }

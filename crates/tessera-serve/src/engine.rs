@@ -111,6 +111,7 @@ fn run(model: Llama, slots: usize, eos: u32, jobs: mpsc::Receiver<Job>, stats: &
     loop {
         // Block only when there is nothing to do.
         if waiting.is_empty() && running.iter().all(Option::is_none) {
+            metrics::gauge!("tessera_serve_active_sequences").set(0.0);
             match jobs.recv() {
                 Ok(job) => waiting.push_back(job),
                 Err(_) => return,
@@ -161,6 +162,8 @@ fn run(model: Llama, slots: usize, eos: u32, jobs: mpsc::Receiver<Job>, stats: &
             }
         };
         stats.steps.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("tessera_serve_decode_steps_total").increment(1);
+        metrics::gauge!("tessera_serve_active_sequences").set(active.len() as f64);
         stats.step_tokens.fetch_add(active.len() as u64, Ordering::Relaxed);
         stats.widest_step.fetch_max(active.len() as u64, Ordering::Relaxed);
         let vocab = logits.len() / active.len();

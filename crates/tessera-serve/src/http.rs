@@ -56,6 +56,12 @@ impl AppState {
             created: unix_seconds(),
             limiter: Mutex::new(HashMap::new()),
         }
+        .with_metrics()
+    }
+
+    fn with_metrics(self) -> AppState {
+        let _ = tessera_protocol::telemetry::prometheus();
+        self
     }
 }
 
@@ -80,6 +86,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     let limit = state.body_limit;
     Router::new()
         .route("/health", get(|| async { "ok" }))
+        .route("/metrics", get(metrics_text))
         .route("/v1/models", get(list_models))
         .route("/v1/models/{id}", get(get_model))
         .route("/v1/completions", post(completions))
@@ -124,6 +131,23 @@ async fn authorize(state: &AppState, headers: &HeaderMap) -> Result<KeyInfo, Api
     Ok(info)
 }
 
+/// Prometheus metrics of this process (`tessera_serve_*`: requests by endpoint and status,
+/// latencies, tokens served, decoding steps).
+async fn metrics_text() -> impl IntoResponse {
+    ([("content-type", tessera_protocol::telemetry::CONTENT_TYPE)], tessera_protocol::telemetry::render())
+}
+
+/// Counts a response by endpoint and status.
+fn count(endpoint: &'static str, result: Result<Response, ApiError>) -> Result<Response, ApiError> {
+    let status = match &result {
+        Ok(r) => r.status().as_u16(),
+        Err(e) => e.status,
+    };
+    metrics::counter!("tessera_serve_requests_total", "endpoint" => endpoint, "status" => status.to_string())
+        .increment(1);
+    result
+}
+
 fn model_object(state: &AppState) -> Value {
     json!({"id": state.model_id, "object": "model", "created": state.created, "owned_by": "tessera"})
 }
@@ -157,10 +181,14 @@ async fn completions(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let key = authorize(&state, &headers).await?;
-    let request = openai::parse_completion(&body_bytes(&state, body)?)?;
-    let echo = request.echo.then(|| request.prompt.clone());
-    run(state, key, Kind::Completion { echo }, &request.prompt, request.generation).await
+    let result = async {
+        let key = authorize(&state, &headers).await?;
+        let request = openai::parse_completion(&body_bytes(&state, body)?)?;
+        let echo = request.echo.then(|| request.prompt.clone());
+        run(state, key, Kind::Completion { echo }, &request.prompt, request.generation).await
+    }
+    .await;
+    count("completions", result)
 }
 
 async fn chat_completions(
@@ -168,13 +196,17 @@ async fn chat_completions(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let key = authorize(&state, &headers).await?;
-    let mut request = openai::parse_chat(&body_bytes(&state, body)?)?;
-    if request.generation.stop.is_empty() {
-        request.generation.stop.push(openai::CHAT_STOP.to_owned());
+    let result = async {
+        let key = authorize(&state, &headers).await?;
+        let mut request = openai::parse_chat(&body_bytes(&state, body)?)?;
+        if request.generation.stop.is_empty() {
+            request.generation.stop.push(openai::CHAT_STOP.to_owned());
+        }
+        let prompt = openai::chat_prompt(&request.messages);
+        run(state, key, Kind::Chat, &prompt, request.generation).await
     }
-    let prompt = openai::chat_prompt(&request.messages);
-    run(state, key, Kind::Chat, &prompt, request.generation).await
+    .await;
+    count("chat.completions", result)
 }
 
 #[derive(Clone)]
@@ -238,6 +270,7 @@ async fn run(
         .map_err(|e| ApiError::server(e.to_string()))?;
     let text = Text::new(state.tokenizer.clone(), g.stop.clone());
     let meta = Meta {
+        started: std::time::Instant::now(),
         id: response_id(&kind),
         created: unix_seconds(),
         model: state.model_id.clone(),
@@ -270,6 +303,7 @@ async fn run(
 }
 
 struct Meta {
+    started: std::time::Instant,
     id: String,
     created: u64,
     model: String,
@@ -293,6 +327,10 @@ async fn bill(state: &AppState, meta: &Meta, completion_tokens: usize) -> Result
         Kind::Completion { .. } => "completions",
         Kind::Chat => "chat.completions",
     };
+    metrics::histogram!("tessera_serve_request_seconds", "endpoint" => endpoint)
+        .record(meta.started.elapsed().as_secs_f64());
+    metrics::counter!("tessera_serve_tokens_total", "kind" => "prompt").increment(meta.prompt_tokens as u64);
+    metrics::counter!("tessera_serve_tokens_total", "kind" => "completion").increment(completion_tokens as u64);
     state
         .store
         .record(meta.key_id, endpoint, meta.prompt_tokens as u64, completion_tokens as u64)

@@ -90,6 +90,21 @@ async fn concurrent_requests_share_decoding_steps_and_match_generation_alone() {
         assert_eq!(usage["completion_tokens"].as_u64().unwrap() as usize, alone.len());
         billed += ids.len() + alone.len();
     }
+    // Prometheus sees the same tokens (at least: other tests in this process count too).
+    let metrics = reqwest::get(format!("{}/metrics", s.url)).await.unwrap().text().await.unwrap();
+    let completion: f64 = metrics
+        .lines()
+        .find(|l| l.starts_with("tessera_serve_tokens_total{kind=\"completion\"}"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{metrics}"));
+    assert!(
+        completion >= (billed - prompts.iter().map(|p| s.tokenizer.encode(p).unwrap().len()).sum::<usize>()) as f64
+    );
+    assert!(
+        metrics.contains("tessera_serve_request_seconds_bucket") && metrics.contains("status=\"200\""),
+        "{metrics}"
+    );
     let stats = s.engine.stats();
     assert!(stats.widest_step.load(Ordering::Relaxed) > 1, "requests were decoded one at a time");
     assert!(stats.steps.load(Ordering::Relaxed) < stats.step_tokens.load(Ordering::Relaxed));

@@ -216,7 +216,14 @@ impl Validator {
         while max_rounds.is_none_or(|m| done < m) {
             match self.job()? {
                 Some(job) => {
+                    let started = std::time::Instant::now();
                     let scored = self.score(&job)?;
+                    metrics::histogram!("tessera_validator_round_seconds").record(started.elapsed().as_secs_f64());
+                    metrics::counter!("tessera_validator_rounds_scored_total").increment(1);
+                    metrics::counter!("tessera_validator_submissions_scored_total")
+                        .increment(scored.submissions as u64);
+                    metrics::counter!("tessera_validator_copies_total").increment(scored.copies as u64);
+                    metrics::gauge!("tessera_validator_round").set((scored.round + 1) as f64);
                     on_round(&scored);
                     done += 1;
                 }

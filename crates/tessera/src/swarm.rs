@@ -1214,11 +1214,46 @@ pub struct ValidateArgs {
     /// must allow it). Nothing about this validator is proven; it says so everywhere.
     #[arg(long)]
     insecure_dev_tee: bool,
+    /// Serve Prometheus metrics (`tessera_validator_*`: rounds and submissions scored, time per
+    /// round) at http://ADDR/metrics.
+    #[arg(long, value_name = "ADDR")]
+    metrics_addr: Option<std::net::SocketAddr>,
     #[command(flatten)]
     runtime: RuntimeArgs,
 }
 
+/// Serves this process's Prometheus metrics at `addr`/metrics from a thread of its own.
+fn serve_metrics(addr: std::net::SocketAddr) -> Result<()> {
+    tessera_protocol::telemetry::prometheus().context("a metrics recorder is already installed")?;
+    let listener = std::net::TcpListener::bind(addr).with_context(|| format!("metrics on {addr}"))?;
+    listener.set_nonblocking(true)?;
+    std::thread::Builder::new().name("metrics".into()).spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build();
+        let Ok(rt) = rt else { return };
+        rt.block_on(async move {
+            let Ok(listener) = tokio::net::TcpListener::from_std(listener) else { return };
+            let app = axum::Router::new().route(
+                "/metrics",
+                axum::routing::get(|| async {
+                    (
+                        [("content-type", tessera_protocol::telemetry::CONTENT_TYPE)],
+                        tessera_protocol::telemetry::render(),
+                    )
+                }),
+            );
+            if let Err(e) = axum::serve(listener, app).await {
+                tracing::error!(error = %e, "the metrics server stopped");
+            }
+        });
+    })?;
+    eprintln!("tessera validator: metrics at http://{addr}/metrics");
+    Ok(())
+}
+
 pub fn validate(args: ValidateArgs) -> Result<()> {
+    if let Some(addr) = args.metrics_addr {
+        serve_metrics(addr)?;
+    }
     let device = setup_runtime(&args.runtime)?;
     let data = external_data(&args.data, &args.tokenizer)?;
     let config = tessera_validator::client::ValidatorConfig {

@@ -341,11 +341,40 @@ fn a_sealed_scored_run_with_a_validator_and_an_attacker() {
     let said = log_of(d, "untrusted");
     assert!(!code.success() && said.contains("no TEE here") && said.contains("--insecure-dev-tee"), "{said}");
     validate.push("--insecure-dev-tee".into());
+    // The validator's Prometheus metrics, scraped while it works; the last answer is kept.
+    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    validate.extend(["--metrics-addr".to_string(), format!("127.0.0.1:{metrics_port}")]);
     let mut v = spawn(&validate, &d.join("validator.log"));
+    let scraped = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let scraping = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let scraper = {
+        let (scraped, scraping) = (scraped.clone(), scraping.clone());
+        std::thread::spawn(move || {
+            while scraping.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Ok(text) =
+                    reqwest::blocking::get(format!("http://127.0.0.1:{metrics_port}/metrics")).and_then(|r| r.text())
+                {
+                    *scraped.lock().unwrap() = text;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        })
+    };
     for (w, name) in workers.iter_mut().zip(["a", "b", "bad", "nan"]) {
         w.wait_success(Duration::from_secs(240), &d.join(format!("{name}.log")));
     }
     v.wait_success(Duration::from_secs(60), &d.join("validator.log"));
+    scraping.store(false, std::sync::atomic::Ordering::Relaxed);
+    scraper.join().unwrap();
+    let metrics = scraped.lock().unwrap().clone();
+    assert!(metrics.contains("tessera_validator_rounds_scored_total"), "{metrics}");
+    assert!(metrics.contains("tessera_validator_round_seconds_bucket"), "{metrics}");
+    // The hub's own metrics count the same run.
+    let hub_metrics = reqwest::blocking::get(format!("{url}/metrics")).unwrap().text().unwrap();
+    assert!(
+        hub_metrics.contains("tessera_hub_rounds_published_total") && hub_metrics.contains("outcome=\"accepted\""),
+        "{hub_metrics}"
+    );
     let last = wait_for(port, Duration::from_secs(30), "the finished run", |s| s.finished);
     assert_eq!(last.round, rounds, "{}", logs(d));
 
