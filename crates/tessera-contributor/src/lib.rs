@@ -98,6 +98,39 @@ pub struct RoundReport {
     pub train_s: f64,
 }
 
+/// Live progress within a round, for a status display ([`Contributor::on_progress`]).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Progress {
+    /// A round begins: its number, the run's phase, and the inner steps it will train.
+    Round { round: u64, phase: u32, steps: u64 },
+    /// Inner step `step` (1-based) finished with this training loss.
+    Step { step: u64, loss: f64 },
+    /// Bytes of the submission sent so far, of `total`.
+    Upload { sent: u64, total: u64 },
+    /// Scored runs, before each round: this contributor's place on the leaderboard.
+    Standing { rank: u64, of: usize, mean_score: Option<f64>, rewards: u64 },
+}
+
+/// Receives [`Progress`]; called from the training thread and the upload, so it must be quick.
+pub type ProgressFn = std::sync::Arc<dyn Fn(&Progress) + Send + Sync>;
+
+/// A submission body that reports how much of it has been read (sent).
+struct Counted {
+    bytes: std::sync::Arc<Vec<u8>>,
+    at: usize,
+    progress: ProgressFn,
+}
+
+impl std::io::Read for Counted {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = buf.len().min(self.bytes.len() - self.at);
+        buf[..n].copy_from_slice(&self.bytes[self.at..self.at + n]);
+        self.at += n;
+        (self.progress)(&Progress::Upload { sent: self.at as u64, total: self.bytes.len() as u64 });
+        Ok(n)
+    }
+}
+
 /// What became of a round's submission.
 #[derive(Debug, Clone, serde::Serialize)]
 pub enum Outcome {
@@ -152,6 +185,7 @@ pub struct Contributor {
     last_submitted: Option<u64>,
     /// Adversaries only: the last message sent (replay resends it).
     last_body: Option<Vec<u8>>,
+    progress: Option<ProgressFn>,
 }
 
 fn state_err(path: &Path, e: impl std::fmt::Display) -> ContributorError {
@@ -369,7 +403,30 @@ impl Contributor {
             base,
             last_submitted,
             last_body: None,
+            progress: None,
         })
+    }
+
+    /// Reports live progress (round, phase, each inner step's loss, upload bytes) to `f`.
+    pub fn on_progress(&mut self, f: ProgressFn) {
+        self.progress = Some(f);
+    }
+
+    fn report(&self, p: Progress) {
+        if let Some(f) = &self.progress {
+            f(&p);
+        }
+    }
+
+    /// This contributor's row of the run's leaderboard (rank, rating, rewards, mean score), and
+    /// how many rows there are; `None` if it is not on the board yet.
+    pub fn standing(&self) -> Result<Option<(tessera_protocol::api::LeaderRow, usize)>> {
+        let url = format!("{}/v1/leaderboard", self.config.hub);
+        let hub = self.hub();
+        let r = hub.send("leaderboard", || self.http.get(&url))?;
+        let board: tessera_protocol::api::Leaderboard = hub.json("leaderboard", r)?;
+        let total = board.rows.len();
+        Ok(board.rows.into_iter().find(|r| r.id == self.identity.contributor_id).map(|r| (r, total)))
     }
 
     pub fn id(&self) -> u64 {
@@ -493,6 +550,17 @@ impl Contributor {
             if self.last_submitted == Some(a.round) {
                 continue; // The hub's wait ran out; the round is still collecting.
             }
+            if self.progress.is_some()
+                && self.run.spec.contest.is_some()
+                && let Ok(Some((row, of))) = self.standing()
+            {
+                self.report(Progress::Standing {
+                    rank: row.rank,
+                    of,
+                    mean_score: row.mean_score,
+                    rewards: row.rewards,
+                });
+            }
             let report = self.round(&a)?;
             on_round(&report);
             done += 1;
@@ -522,9 +590,12 @@ impl Contributor {
             let _ = t.set_requires_grad(keep.binary_search(&i).is_ok());
         }
         let steps = adversary.map_or(a.inner_steps, |k| k.inner_steps(a.inner_steps));
+        self.report(Progress::Round { round: a.round, phase: a.phase, steps });
         let mut loss_sum = 0.0;
-        for _ in 0..steps {
-            loss_sum += self.trainer.train_step()?.loss;
+        for step in 0..steps {
+            let loss = self.trainer.train_step()?.loss;
+            loss_sum += loss;
+            self.report(Progress::Step { step: step + 1, loss });
         }
         let inner_loss = loss_sum / steps.max(1) as f64;
         let train_s = start.elapsed().as_secs_f64();
@@ -635,8 +706,19 @@ impl Contributor {
         if let Some(c) = &self.run.spec.contest {
             hub.patience = hub.patience.max(Duration::from_millis(c.score_timeout_ms) + Duration::from_secs(60));
         }
+        let shared = std::sync::Arc::new(body);
         let response = hub.send("submit", || {
-            self.signed("POST", "/v1/submissions", body.clone()).header(INNER_LOSS_HEADER, inner_loss.to_string())
+            let request = self
+                .signed("POST", "/v1/submissions", shared.to_vec())
+                .header(INNER_LOSS_HEADER, inner_loss.to_string());
+            match &self.progress {
+                // The same bytes, read through a counter (the signature covers them either way).
+                Some(p) => request.body(reqwest::blocking::Body::sized(
+                    Counted { bytes: shared.clone(), at: 0, progress: p.clone() },
+                    shared.len() as u64,
+                )),
+                None => request,
+            }
         })?;
         match hub.json::<Receipt>("submit", response) {
             Ok(r) => Ok(Outcome::Accepted(r)),

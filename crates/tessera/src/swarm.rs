@@ -552,6 +552,49 @@ pub fn contribute(args: ContributeArgs) -> Result<()> {
         if contributor.run.spec.trust.is_some() { ", submissions sealed to the attested validator" } else { "" }
     );
     eprintln!("your key {} (rewards are credited to it)", contributor.public_key());
+    // Live status on a terminal (hidden when stderr is not one): phase, round, inner step and
+    // loss, then the upload; a line per round stays above it.
+    let bar = indicatif::ProgressBar::new(0);
+    let training =
+        indicatif::ProgressStyle::with_template("{prefix} [{bar:30}] step {pos}/{len} · loss {msg} · {elapsed}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+    let uploading = indicatif::ProgressStyle::with_template(
+        "{prefix} uploading [{bar:30}] {bytes}/{total_bytes} · {bytes_per_sec}",
+    )
+    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+    let phases = contributor.run.spec.phases.len() + 1;
+    let scored = contributor.run.spec.contest.is_some();
+    {
+        let bar = bar.clone();
+        let standing = std::sync::Mutex::new(String::new());
+        contributor.on_progress(std::sync::Arc::new(move |p: &tessera_contributor::Progress| match *p {
+            tessera_contributor::Progress::Standing { rank, of, mean_score, rewards } => {
+                if let Ok(mut s) = standing.lock() {
+                    let score = mean_score.map_or("–".into(), |s| format!("{s:+.4}"));
+                    *s = format!(" · rank {rank}/{of}, mean score {score}, {rewards} units");
+                }
+            }
+            tessera_contributor::Progress::Round { round, phase, steps } => {
+                bar.set_style(training.clone());
+                let standing = standing.lock().map(|s| s.clone()).unwrap_or_default();
+                bar.set_prefix(format!("phase {}/{phases} · round {round}{standing}", phase + 1));
+                bar.set_length(steps);
+                bar.set_position(0);
+                bar.reset_elapsed();
+            }
+            tessera_contributor::Progress::Step { step, loss } => {
+                bar.set_position(step);
+                bar.set_message(format!("{loss:.4}"));
+            }
+            tessera_contributor::Progress::Upload { sent, total } => {
+                if bar.length() != Some(total) {
+                    bar.set_style(uploading.clone());
+                    bar.set_length(total);
+                }
+                bar.set_position(sent);
+            }
+        }));
+    }
     let rounds = contributor.run(|r| {
         let outcome = match &r.outcome {
             Outcome::Accepted(rc) if rc.staleness > 0 => {
@@ -561,15 +604,32 @@ pub fn contribute(args: ContributeArgs) -> Result<()> {
             Outcome::AlreadyAccepted => "already accepted (an earlier attempt's answer was lost)".to_owned(),
             Outcome::NotUsed(why) => format!("not used: {why}"),
         };
-        eprintln!(
-            "round {:>4}: inner loss {:.4} | {:.1} s training | ↑ {} ↓ {} | {outcome}",
-            r.round,
-            r.inner_loss,
-            r.train_s,
-            gib(r.bytes_up),
-            gib(r.bytes_down)
-        );
+        bar.suspend(|| {
+            eprintln!(
+                "round {:>4}: inner loss {:.4} | {:.1} s training | ↑ {} ↓ {} | {outcome}",
+                r.round,
+                r.inner_loss,
+                r.train_s,
+                gib(r.bytes_up),
+                gib(r.bytes_down)
+            )
+        });
     })?;
+    bar.finish_and_clear();
+    if scored {
+        match contributor.standing() {
+            Ok(Some((row, of))) => eprintln!(
+                "standing: rank {}/{of} · rating μ−3σ {:.2} · mean score {} · {} reward units · {}",
+                row.rank,
+                row.ordinal,
+                row.mean_score.map_or("–".into(), |s| format!("{s:+.5}")),
+                row.rewards,
+                if row.qualified { "qualified for the next phase" } else { "not (yet) qualified" }
+            ),
+            Ok(None) => eprintln!("standing: not on the leaderboard yet"),
+            Err(e) => eprintln!("standing: could not read the leaderboard: {e}"),
+        }
+    }
     eprintln!("tessera contribute: done after {rounds} round(s)");
     Ok(())
 }
