@@ -83,15 +83,15 @@ struct Running {
 
 impl Engine {
     /// Starts the engine thread on `model` with `slots` decoding slots. `eos` ends a sequence.
-    pub fn start(model: Llama, slots: usize, eos: u32) -> Engine {
+    pub fn start(model: Llama, slots: usize, eos: u32) -> Result<Engine, ServeError> {
         let (tx, rx) = mpsc::channel::<Job>();
         let stats = Arc::new(Stats::default());
         let shared = stats.clone();
         std::thread::Builder::new()
             .name("tessera-engine".into())
             .spawn(move || run(model, slots.max(1), eos, rx, &shared))
-            .expect("spawning the engine thread");
-        Engine { jobs: tx, stats }
+            .map_err(|e| ServeError::Invalid(format!("could not start the engine thread: {e}")))?;
+        Ok(Engine { jobs: tx, stats })
     }
 
     pub fn stats(&self) -> &Stats {

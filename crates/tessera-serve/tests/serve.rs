@@ -29,7 +29,7 @@ async fn start(slots: usize, rpm: u32, body_limit: usize) -> Server {
     let store = Store::open(&dir.path().join("serve.sqlite")).await.unwrap();
     let (key, _) = store.create_key("tester", rpm).await.unwrap();
     let tokenizer = TessTokenizer::byte_level();
-    let engine = Engine::start(Llama::new(&config(), tch::Device::Cpu, 7).unwrap(), slots, tokenizer.eos_id());
+    let engine = Engine::start(Llama::new(&config(), tch::Device::Cpu, 7).unwrap(), slots, tokenizer.eos_id()).unwrap();
     let context = config().max_position_embeddings as usize;
     let state =
         Arc::new(AppState::new(engine.clone(), tokenizer.clone(), "tiny".into(), context, store.clone(), body_limit));

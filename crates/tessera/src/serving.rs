@@ -114,10 +114,18 @@ pub fn serve(args: ServeArgs) -> Result<()> {
     let (model, tokenizer) = tessera_model::load_checkpoint(&args.checkpoint, device)
         .with_context(|| format!("loading {}", args.checkpoint.display()))?;
     let tokenizer = tokenizer.with_context(|| format!("{} has no tokenizer.json", args.checkpoint.display()))?;
+    if tokenizer.vocab_size() as i64 > model.config.vocab_size {
+        bail!(
+            "{}: the tokenizer has {} tokens but the model only {}: this checkpoint cannot be served",
+            args.checkpoint.display(),
+            tokenizer.vocab_size(),
+            model.config.vocab_size
+        );
+    }
     let model_id = args.model_id.clone().unwrap_or_else(|| default_model_id(&args.checkpoint));
     let context = model.config.max_position_embeddings as usize;
     let params = model.config.num_params();
-    let engine = Engine::start(model, args.slots, tokenizer.eos_id());
+    let engine = Engine::start(model, args.slots, tokenizer.eos_id())?;
     let rt = runtime()?;
     rt.block_on(async {
         let store = Store::open(&args.db).await?;
