@@ -67,6 +67,9 @@ fn refuse(code: ErrorCode, message: impl Into<String>) -> Refusal {
 pub fn router(hub: Arc<Hub>) -> Router {
     let limit = hub.max_submission_bytes();
     Router::new()
+        .route("/", get(dashboard_page))
+        .route("/assets/{file}", get(dashboard_asset))
+        .route("/v1/economy", get(economy))
         .route("/healthz", get(|| async { "ok" }))
         .route("/metrics", get(metrics_text))
         .route("/v1/run", get(run_info))
@@ -187,6 +190,29 @@ async fn assignment(
     let (id, _) = contributor(&hub, &method, &uri, &headers, &body).await?;
     let wait = Duration::from_millis(q.wait_ms.unwrap_or(20_000).min(30_000));
     signed_json(&hub, &hub.assign(id, wait).await?)
+}
+
+/// The dashboard (`dashboard/`): one page, its script and style, and the charting library that
+/// build.rs fetched with npm — all embedded, so the hub serves it by itself.
+async fn dashboard_page() -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], include_str!("../dashboard/index.html"))
+}
+
+async fn dashboard_asset(Path(file): Path<String>) -> Result<impl IntoResponse, Refusal> {
+    let (kind, body): (&str, &'static [u8]) = match file.as_str() {
+        "app.js" => ("text/javascript", include_bytes!("../dashboard/app.js")),
+        "style.css" => ("text/css", include_bytes!("../dashboard/style.css")),
+        "uPlot.iife.min.js" => ("text/javascript", include_bytes!(concat!(env!("OUT_DIR"), "/uPlot.iife.min.js"))),
+        "uPlot.min.css" => ("text/css", include_bytes!(concat!(env!("OUT_DIR"), "/uPlot.min.css"))),
+        _ => return Err(refuse(ErrorCode::NotFound, format!("no asset {file:?}"))),
+    };
+    Ok(([(header::CONTENT_TYPE, kind)], body))
+}
+
+/// The usage economy as the ledger records it: closed epochs, usage per account, balances,
+/// allocations and payouts (`docs/economy.md`).
+async fn economy(State(hub): State<Arc<Hub>>) -> Result<impl IntoResponse, Refusal> {
+    Ok(Json(hub.economy()?))
 }
 
 /// Prometheus metrics of this process (`tessera_hub_*`: rounds, submissions by outcome, bytes,

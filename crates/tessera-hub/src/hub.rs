@@ -1109,6 +1109,20 @@ impl Hub {
         })
     }
 
+    /// The economy the ledger records, as JSON: closed epochs, usage, balances, allocations,
+    /// reward units and payouts.
+    pub fn economy(&self) -> Result<serde_json::Value, ApiError> {
+        let l = self.ledger.read().map_err(|_| api(ErrorCode::Internal, "ledger poisoned"))?;
+        Ok(serde_json::json!({
+            "epochs": l.epochs,
+            "usage": l.usage,
+            "balances": l.balances(),
+            "allocations": l.allocations,
+            "reward_units": l.units,
+            "payouts": l.payouts,
+        }))
+    }
+
     /// The ledger's bytes from entry `from` on.
     pub fn ledger_bytes(&self, from: u64) -> Vec<u8> {
         self.ledger.read().map(|l| l.bytes_from(from).to_vec()).unwrap_or_default()

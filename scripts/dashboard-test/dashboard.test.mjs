@@ -1,0 +1,132 @@
+// Drives the hub's dashboard in headless Chromium against a short real run: a scored hub with
+// an operator and allocations, two contributors and a validator, then an epoch closed into the
+// ledger. Checks that pages load without console errors, the charts show the run's points, the
+// leaderboard order is the API's, and the ledger explorer's in-browser proof check passes for a
+// real entry and fails for a tampered copy. Screenshots go to $SCREENSHOTS.
+//
+//   TESSERA_BIN=target/debug/tessera SCREENSHOTS=target/dashboard node scripts/dashboard-test/dashboard.test.mjs
+
+import { execFileSync, spawn } from "node:child_process";
+import { existsSync, mkdirSync, mkdtempSync, readFileSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { chromium } from "playwright-core";
+
+const BIN = process.env.TESSERA_BIN ?? "target/debug/tessera";
+const SHOTS = process.env.SCREENSHOTS ?? "target/dashboard-screenshots";
+const CHROMIUM = process.env.CHROMIUM ?? "/usr/bin/chromium";
+const tmp = mkdtempSync(join(tmpdir(), "tessera-dashboard-"));
+mkdirSync(SHOTS, { recursive: true });
+const procs = [];
+
+function fail(message) {
+  console.error(`dashboard test FAILED: ${message}`);
+  for (const p of procs) p.kill("SIGKILL");
+  process.exit(1);
+}
+
+function check(cond, message) {
+  if (!cond) fail(message);
+}
+
+function start(args, name) {
+  const p = spawn(BIN, args, { stdio: ["ignore", "ignore", "pipe"] });
+  let log = "";
+  p.stderr.on("data", (d) => { log += d; });
+  p.log = () => log;
+  p.name = name;
+  procs.push(p);
+  return p;
+}
+
+function exited(p, seconds) {
+  return new Promise((resolve) => {
+    const timer = setTimeout(() => fail(`${p.name} still running after ${seconds} s:\n${p.log()}`), seconds * 1000);
+    p.on("exit", (code) => { clearTimeout(timer); code === 0 ? resolve() : fail(`${p.name} exited ${code}:\n${p.log()}`); });
+  });
+}
+
+async function waitFile(path, p) {
+  for (let i = 0; i < 600; i++) {
+    if (existsSync(path) && readFileSync(path, "utf8").trim()) return readFileSync(path, "utf8").trim();
+    if (p.exitCode !== null) fail(`${p.name} exited early:\n${p.log()}`);
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  fail(`${p.name} did not start`);
+}
+
+const get = async (url) => (await fetch(url)).json();
+
+// A short real run.
+const op = join(tmp, "operator.pem");
+const operator = execFileSync(BIN, ["keygen", "--out", op], { encoding: "utf8" }).trim().split("\n")[0];
+writeFileSync(join(tmp, "allocations.toml"), "backers = 7000\n");
+const hub = start(["hub", "--model", "tiny", "--synthetic-chars", "20000", "--batch-size", "4", "--warmup-steps", "2",
+  "--inner-steps", "5", "--rounds", "3", "--quorum", "2", "--scored", "--validator-token", "tok",
+  "--operator", operator, "--allocations", join(tmp, "allocations.toml"),
+  "--database", `sqlite://${join(tmp, "hub.db")}`, "--store", join(tmp, "store"), "--listen", "127.0.0.1:0",
+  "--addr-file", join(tmp, "hub.addr"), "--key", join(tmp, "hub.pem")], "hub");
+const url = `http://${await waitFile(join(tmp, "hub.addr"), hub)}`;
+const workers = ["ada", "bo"].map((n) => start(["contribute", "--hub", url, "--state-dir", join(tmp, n), "--name", n, "--threads", "1"], n));
+const validator = start(["validator", "--hub", url, "--token", "tok", "--threads", "1", "--insecure-dev-tee"], "validator");
+await Promise.all([...workers, validator].map((p) => exited(p, 240)));
+execFileSync(BIN, ["economy", "close", "--db", join(tmp, "serve.sqlite"), "--hub", url, "--key", op], { encoding: "utf8" });
+
+const status = await get(`${url}/v1/status`);
+const board = await get(`${url}/v1/leaderboard`);
+check(status.finished && board.rows.length === 2, `the run did not finish with two rated contributors: ${JSON.stringify(board)}`);
+
+const browser = await chromium.launch({
+  executablePath: CHROMIUM,
+  args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync"],
+});
+const page = await browser.newPage({ viewport: { width: 1280, height: 900 } });
+const errors = [];
+page.on("console", (m) => { if (m.type() === "error") errors.push(m.text()); });
+page.on("pageerror", (e) => errors.push(String(e)));
+
+async function open(hash) {
+  await page.goto(`${url}/${hash}`);
+  await page.waitForSelector('body[data-ready="1"]', { timeout: 30000 });
+}
+
+try {
+  // The run: charts carry every round's point, the leaderboard is the API's order.
+  await open("");
+  const points = Number(await page.getAttribute("#loss-chart", "data-points"));
+  const losses = status.history.filter((h) => h.mean_inner_loss != null).length;
+  check(points === losses && losses === 3, `the loss chart has ${points} points; the run has ${losses} rounds with a loss`);
+  check(await page.locator("#loss-chart canvas").count() > 0, "the loss chart drew no canvas");
+  check(Number(await page.getAttribute("#bytes-chart", "data-points")) === status.history.length, "the bytes chart misses rounds");
+  const order = await page.locator("#leaderboard tbody tr").evaluateAll((rows) => rows.map((r) => Number(r.dataset.id)));
+  check(JSON.stringify(order) === JSON.stringify(board.rows.map((r) => r.id)), `leaderboard order ${order} is not the API's`);
+  check((await page.textContent("main")).includes("epoch"), "the serving section is missing");
+  await page.screenshot({ path: join(SHOTS, "run.png"), fullPage: true });
+
+  // A contributor's page.
+  await open(`#/contributor/${board.rows[0].id}`);
+  check((await page.textContent("#submitted-rounds")).includes("0"), "the contributor page lists no rounds");
+  await page.screenshot({ path: join(SHOTS, "contributor.png"), fullPage: true });
+
+  // The ledger explorer: a real entry's proof verifies in the browser; a tampered copy does not.
+  await open("#/ledger");
+  const row = page.locator('#ledger tr[data-seq="1"]');
+  await row.locator("button.check").click();
+  await row.locator(".verdict.ok, .verdict.fail").waitFor({ timeout: 30000 });
+  const good = await row.locator(".verdict").textContent();
+  check(good.startsWith("✓ valid"), `the proof of entry 1 did not verify: ${good}`);
+  await row.locator("button.tamper").click();
+  await page.waitForFunction(() => document.querySelector('#ledger tr[data-seq="1"] .verdict')?.textContent.startsWith("✗"), null, { timeout: 30000 });
+  const bad = await row.locator(".verdict").textContent();
+  check(bad.startsWith("✗ invalid"), `a tampered entry was not refused: ${bad}`);
+  await page.screenshot({ path: join(SHOTS, "ledger.png"), fullPage: true });
+
+  check(errors.length === 0, `console errors: ${errors.join("\n")}`);
+  console.log(`dashboard: run, contributor and ledger pages in Chromium OK (${points} loss points, leaderboard ${order}, proof ✓ and tamper ✗); screenshots in ${SHOTS}`);
+} catch (e) {
+  fail(String(e.stack ?? e));
+} finally {
+  await browser.close();
+  for (const p of procs) p.kill("SIGKILL");
+}
