@@ -98,6 +98,10 @@ try {
   const losses = status.history.filter((h) => h.mean_inner_loss != null).length;
   check(points === losses && losses === 3, `the loss chart has ${points} points; the run has ${losses} rounds with a loss`);
   check(await page.locator("#loss-chart canvas").count() > 0, "the loss chart drew no canvas");
+  const run = await get(`${url}/v1/run`);
+  const floor = Number(await page.getAttribute("#loss-chart", "data-floor"));
+  check(run.spec.data.loss_floor > 0 && floor === run.spec.data.loss_floor, `the loss chart's entropy floor ${floor} is not the run's ${run.spec.data.loss_floor}`);
+  check((await page.textContent("#loss-chart")).includes("entropy floor"), "the loss chart has no entropy floor series");
   check(Number(await page.getAttribute("#bytes-chart", "data-points")) === status.history.length, "the bytes chart misses rounds");
   const order = await page.locator("#leaderboard tbody tr").evaluateAll((rows) => rows.map((r) => Number(r.dataset.id)));
   check(JSON.stringify(order) === JSON.stringify(board.rows.map((r) => r.id)), `leaderboard order ${order} is not the API's`);

@@ -82,7 +82,11 @@ async function overview() {
     ${epochs.length ? table(["epoch", "revenue (µ)", "funding (µ)", "paid out (µ)", "holders"], epochs) : `<p class="muted">No epoch of served usage has closed.</p>`}
     <h2>Rounds</h2>
     ${table(["round", "state", "accepted", "mean inner loss", "uploaded", "closed by", "seconds"], timeline)}`;
-  chart(document.getElementById("loss-chart"), "mean inner loss per round", rounds.map((h) => h.round), [{ label: "mean inner loss", ys: rounds.map((h) => h.mean_inner_loss) }]);
+  const lossSeries = [{ label: "mean inner loss", ys: rounds.map((h) => h.mean_inner_loss) }];
+  const floor = run.spec.data.loss_floor;
+  if (floor != null) lossSeries.push({ label: "entropy floor", ys: rounds.map(() => floor), dash: [6, 4] });
+  chart(document.getElementById("loss-chart"), "mean inner loss per round", rounds.map((h) => h.round), lossSeries);
+  document.getElementById("loss-chart").dataset.floor = floor ?? "";
   chart(document.getElementById("bytes-chart"), "bytes uploaded per round (MiB)", status.history.map((h) => h.round), [{ label: "MiB", ys: status.history.map((h) => h.bytes_up / 1048576) }]);
 }
 

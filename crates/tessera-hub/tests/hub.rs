@@ -27,6 +27,7 @@ fn spec(quorum: u32) -> RunSpec {
             name: "embedded".into(),
             fingerprint: "f".into(),
             source: DataSource::Embedded { seed: 1, train_chars: 100, val_chars: 10 },
+            loss_floor: None,
         },
         inner: InnerSpec {
             batch_size: 2,

@@ -58,6 +58,10 @@ pub struct DataSpec {
     /// `DatasetInfo::fingerprint`: BLAKE3 of the tokenised splits.
     pub fingerprint: String,
     pub source: DataSource,
+    /// The data's exact entropy rate in nats per token, when it is known (the embedded corpus):
+    /// no model's loss can go below it.
+    #[serde(default)]
+    pub loss_floor: Option<f64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]

@@ -1100,7 +1100,12 @@ pub fn bench_swarm(args: BenchSwarmArgs) -> Result<()> {
         name: "bench".into(),
         model: serde_json::json!({}),
         tensors,
-        data: DataSpec { name: "none".into(), fingerprint: String::new(), source: DataSource::External },
+        data: DataSpec {
+            name: "none".into(),
+            fingerprint: String::new(),
+            source: DataSource::External,
+            loss_floor: None,
+        },
         inner: InnerSpec {
             batch_size: 1,
             seq_len: 1,
@@ -1431,7 +1436,12 @@ pub(crate) fn model_tables(model: &Llama, dataset: &Dataset, data: &DataArgs) ->
         .iter()
         .map(|(n, t)| TensorSpec { name: n.clone(), shape: t.size().iter().map(|&d| d as u64).collect() })
         .collect();
-    let data = DataSpec { name: dataset.info.name.clone(), fingerprint: dataset.info.fingerprint.clone(), source };
+    let data = DataSpec {
+        name: dataset.info.name.clone(),
+        fingerprint: dataset.info.fingerprint.clone(),
+        source,
+        loss_floor: dataset.info.loss_floor,
+    };
     (tensors, data)
 }
 
