@@ -111,6 +111,9 @@ try {
   // A contributor's page.
   await open(`#/contributor/${board.rows[0].id}`);
   check((await page.textContent("#submitted-rounds")).includes("0"), "the contributor page lists no rounds");
+  const history = await get(`${url}/v1/contributors/${board.rows[0].id}/history`);
+  check(history.ratings.length === 3 && Number(await page.getAttribute("#rating-chart", "data-points")) === 3, `the rating chart does not show the 3 rated rounds: ${JSON.stringify(history.ratings)}`);
+  check(await page.locator("#scores tbody tr").count() === history.scores.length && history.scores.length === 3, "the scored submissions table misses rows");
   await page.screenshot({ path: join(SHOTS, "contributor.png"), fullPage: true });
 
   // The ledger explorer: a real entry's proof verifies in the browser; a tampered copy does not.

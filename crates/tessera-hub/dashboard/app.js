@@ -91,7 +91,7 @@ async function overview() {
 }
 
 async function contributor(id) {
-  const [status, board] = await Promise.all([json("/v1/status"), json("/v1/leaderboard")]);
+  const [status, board, history] = await Promise.all([json("/v1/status"), json("/v1/leaderboard"), json(`/v1/contributors/${id}/history`)]);
   const c = status.contributors.find((x) => String(x.id) === id);
   if (!c) { page.innerHTML = `<p class="fail">No contributor ${esc(id)}.</p>`; return; }
   const row = board.rows.find((r) => String(r.id) === id);
@@ -107,8 +107,18 @@ async function contributor(id) {
       ${card("uploaded", bytes(c.bytes_up))}
       ${card("mean inner loss", c.mean_inner_loss?.toFixed(4) ?? "–")}
     </div>
+    <h2>Rating</h2>
+    <div class="charts"><div class="chart" id="rating-chart"></div></div>
+    <h2>Scored submissions</h2>
+    ${history.scores.length ? table(["round", "trained from", "score", "data fit", "weight", "reward units", "earned nothing because"], history.scores.map((s) =>
+      `<tr><td>${s.round}</td><td>${s.base_round}</td><td>${s.score?.toFixed(5) ?? "–"}</td><td>${s.data_fit?.toFixed(5) ?? "–"}</td><td>${s.weight.toFixed(3)}</td><td>${s.reward}</td><td>${esc(s.flag ?? "")}</td></tr>`), "scores") : `<p class="muted">No scored submission yet (unscored run, or none scored).</p>`}
     <h2>Rounds submitted</h2>
     <p id="submitted-rounds">${c.submitted_rounds.join(", ") || "none yet"}</p>`;
+  const r = history.ratings;
+  chart(document.getElementById("rating-chart"), "rating after each round", r.map((x) => x[0]), [
+    { label: "μ", ys: r.map((x) => x[1]) },
+    { label: "μ − 3σ (ranked by)", ys: r.map((x) => x[1] - 3 * x[2]) },
+  ]);
 }
 
 // ---- The ledger explorer: entries decoded from /v1/ledger, proofs checked here, in the browser.

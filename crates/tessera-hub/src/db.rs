@@ -6,7 +6,7 @@ use sqlx::any::{AnyPoolOptions, install_default_drivers};
 use sqlx::migrate::Migrator;
 use sqlx::{AnyPool, Row};
 use tessera_contest::{Rating, Ratings};
-use tessera_protocol::api::RoundState;
+use tessera_protocol::api::{ContributorHistory, RoundState, ScoredSubmission};
 
 use crate::HubError;
 
@@ -447,6 +447,36 @@ impl Db {
         seed.zip(commitment).ok_or_else(|| HubError::Corrupt(format!("round {round} has no evaluation seed")))
     }
 
+    /// One contributor's scored submissions (round, base round, score, data fit, flag, weight,
+    /// reward) and its rating after each round that changed it (round, μ, σ), oldest first.
+    pub async fn contributor_history(&self, contributor: u64) -> Result<ContributorHistory, HubError> {
+        let rows = sqlx::query(
+            "SELECT round, base_round, score, data_fit, flag, weight, reward FROM scores \
+             WHERE contributor = $1 ORDER BY round, base_round",
+        )
+        .bind(contributor as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        let scores = rows
+            .iter()
+            .map(|r| ScoredSubmission {
+                round: r.get::<i64, _>(0) as u64,
+                base_round: r.get::<i64, _>(1) as u64,
+                score: r.get(2),
+                data_fit: r.get(3),
+                flag: r.get(4),
+                weight: r.get(5),
+                reward: r.get::<i64, _>(6).max(0) as u64,
+            })
+            .collect();
+        let rows = sqlx::query("SELECT round, mu, sigma FROM rating_history WHERE contributor = $1 ORDER BY round")
+            .bind(contributor as i64)
+            .fetch_all(&self.pool)
+            .await?;
+        let ratings = rows.iter().map(|r| (r.get::<i64, _>(0) as u64, r.get(1), r.get(2))).collect();
+        Ok(ContributorHistory { contributor, scores, ratings })
+    }
+
     pub async fn ratings(&self) -> Result<Ratings, HubError> {
         let rows = sqlx::query("SELECT contributor, mu, sigma, rounds FROM ratings").fetch_all(&self.pool).await?;
         let mut out = Ratings::default();
@@ -523,6 +553,13 @@ impl Db {
                 .bind(r.mu)
                 .bind(r.sigma)
                 .bind(r.rounds as i64)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query("INSERT INTO rating_history (contributor, round, mu, sigma) VALUES ($1, $2, $3, $4)")
+                .bind(*contributor as i64)
+                .bind(p.round as i64)
+                .bind(r.mu)
+                .bind(r.sigma)
                 .execute(&mut *tx)
                 .await?;
         }

@@ -70,6 +70,7 @@ pub fn router(hub: Arc<Hub>) -> Router {
         .route("/", get(dashboard_page))
         .route("/assets/{file}", get(dashboard_asset))
         .route("/v1/economy", get(economy))
+        .route("/v1/contributors/{id}/history", get(contributor_history))
         .route("/healthz", get(|| async { "ok" }))
         .route("/metrics", get(metrics_text))
         .route("/v1/run", get(run_info))
@@ -207,6 +208,16 @@ async fn dashboard_asset(Path(file): Path<String>) -> Result<impl IntoResponse, 
         _ => return Err(refuse(ErrorCode::NotFound, format!("no asset {file:?}"))),
     };
     Ok(([(header::CONTENT_TYPE, kind)], body))
+}
+
+/// A contributor's scored submissions (with the reason any earned nothing) and rating history.
+async fn contributor_history(
+    State(hub): State<Arc<Hub>>,
+    Path(id): Path<String>,
+) -> Result<impl IntoResponse, Refusal> {
+    let id: u64 =
+        id.parse().map_err(|_| refuse(ErrorCode::BadRequest, format!("contributor {id:?} is not a number")))?;
+    Ok(Json(hub.contributor_history(id).await?))
 }
 
 /// The usage economy as the ledger records it: closed epochs, usage per account, balances,

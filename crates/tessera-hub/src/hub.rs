@@ -1109,6 +1109,15 @@ impl Hub {
         })
     }
 
+    /// A registered contributor's scored submissions and rating history.
+    pub async fn contributor_history(&self, id: u64) -> Result<tessera_protocol::api::ContributorHistory, ApiError> {
+        let known = self.keys.read().map_err(|_| api(ErrorCode::Internal, "keys poisoned"))?.1.contains_key(&id);
+        if !known {
+            return Err(api(ErrorCode::NotFound, format!("no contributor {id}")));
+        }
+        self.db.contributor_history(id).await.map_err(internal)
+    }
+
     /// The economy the ledger records, as JSON: closed epochs, usage, balances, allocations,
     /// reward units and payouts.
     pub fn economy(&self) -> Result<serde_json::Value, ApiError> {

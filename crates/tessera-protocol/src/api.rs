@@ -599,6 +599,30 @@ pub struct LeaderRow {
     pub qualified: bool,
 }
 
+/// `GET /v1/contributors/{id}/history`: a contributor's scored submissions and rating history.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ContributorHistory {
+    pub contributor: u64,
+    /// Oldest first.
+    pub scores: Vec<ScoredSubmission>,
+    /// (round, μ, σ) after each round that changed the rating, oldest first.
+    pub ratings: Vec<(u64, f64, f64)>,
+}
+
+/// One scored submission as the round that used it recorded it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ScoredSubmission {
+    /// The round it was scored in, and the round it was trained from.
+    pub round: u64,
+    pub base_round: u64,
+    pub score: Option<f64>,
+    pub data_fit: Option<f64>,
+    /// Why it earned nothing (`copy`, `non_positive`, `malformed`…), if it did not.
+    pub flag: Option<String>,
+    pub weight: f64,
+    pub reward: u64,
+}
+
 /// A round as the hub announces it (`GET /v1/rounds/{r}`, signed): what it starts from, the
 /// commitment to its evaluation seed, and what it published.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
