@@ -68,13 +68,17 @@ const hub = start(["hub", "--model", "tiny", "--synthetic-chars", "20000", "--ba
   "--addr-file", join(tmp, "hub.addr"), "--key", join(tmp, "hub.pem")], "hub");
 const url = `http://${await waitFile(join(tmp, "hub.addr"), hub)}`;
 const workers = ["ada", "bo"].map((n) => start(["contribute", "--hub", url, "--state-dir", join(tmp, n), "--name", n, "--threads", "1"], n));
+// A testing adversary whose NaN submissions the hub refuses: its page must show why.
+workers.push(start(["contribute", "--hub", url, "--state-dir", join(tmp, "eve"), "--name", "eve", "--threads", "1", "--adversary", "nan"], "eve"));
 const validator = start(["validator", "--hub", url, "--token", "tok", "--threads", "1", "--insecure-dev-tee"], "validator");
 await Promise.all([...workers, validator].map((p) => exited(p, 240)));
 execFileSync(BIN, ["economy", "close", "--db", join(tmp, "serve.sqlite"), "--hub", url, "--key", op], { encoding: "utf8" });
 
 const status = await get(`${url}/v1/status`);
 const board = await get(`${url}/v1/leaderboard`);
-check(status.finished && board.rows.length === 2, `the run did not finish with two rated contributors: ${JSON.stringify(board)}`);
+check(status.finished && board.rows.length >= 2, `the run did not finish with rated contributors: ${JSON.stringify(board)}`);
+const eve = status.contributors.find((c) => c.name === "eve");
+check(eve && eve.rejected > 0, `the NaN adversary was not refused: ${JSON.stringify(status.contributors)}`);
 
 const browser = await chromium.launch({
   executablePath: CHROMIUM,
@@ -115,6 +119,10 @@ try {
   check(history.ratings.length === 3 && Number(await page.getAttribute("#rating-chart", "data-points")) === 3, `the rating chart does not show the 3 rated rounds: ${JSON.stringify(history.ratings)}`);
   check(await page.locator("#scores tbody tr").count() === history.scores.length && history.scores.length === 3, "the scored submissions table misses rows");
   await page.screenshot({ path: join(SHOTS, "contributor.png"), fullPage: true });
+  await open(`#/contributor/${eve.id}`);
+  const refused = await page.locator("#rejections tbody tr").count();
+  check(refused === eve.rejected && (await page.textContent("#rejections")).includes("malformed"), `eve's page shows ${refused} refusals, the hub counts ${eve.rejected}`);
+  await page.screenshot({ path: join(SHOTS, "refused.png"), fullPage: true });
 
   // The ledger explorer: a real entry's proof verifies in the browser; a tampered copy does not.
   await open("#/ledger");

@@ -112,6 +112,9 @@ async function contributor(id) {
     <h2>Scored submissions</h2>
     ${history.scores.length ? table(["round", "trained from", "score", "data fit", "weight", "reward units", "earned nothing because"], history.scores.map((s) =>
       `<tr><td>${s.round}</td><td>${s.base_round}</td><td>${s.score?.toFixed(5) ?? "–"}</td><td>${s.data_fit?.toFixed(5) ?? "–"}</td><td>${s.weight.toFixed(3)}</td><td>${s.reward}</td><td>${esc(s.flag ?? "")}</td></tr>`), "scores") : `<p class="muted">No scored submission yet (unscored run, or none scored).</p>`}
+    <h2>Refused submissions</h2>
+    ${history.rejections.length ? table(["round open", "code", "reason", "received"], history.rejections.map((j) =>
+      `<tr><td>${j.round ?? "–"}</td><td>${esc(j.code)}</td><td>${esc(j.message)}</td><td>${new Date(j.received_ms).toISOString()}</td></tr>`), "rejections") : `<p class="muted" id="rejections">None.</p>`}
     <h2>Rounds submitted</h2>
     <p id="submitted-rounds">${c.submitted_rounds.join(", ") || "none yet"}</p>`;
   const r = history.ratings;

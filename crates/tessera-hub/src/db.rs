@@ -6,7 +6,7 @@ use sqlx::any::{AnyPoolOptions, install_default_drivers};
 use sqlx::migrate::Migrator;
 use sqlx::{AnyPool, Row};
 use tessera_contest::{Rating, Ratings};
-use tessera_protocol::api::{ContributorHistory, RoundState, ScoredSubmission};
+use tessera_protocol::api::{ContributorHistory, Rejection, RoundState, ScoredSubmission};
 
 use crate::HubError;
 
@@ -474,7 +474,22 @@ impl Db {
             .fetch_all(&self.pool)
             .await?;
         let ratings = rows.iter().map(|r| (r.get::<i64, _>(0) as u64, r.get(1), r.get(2))).collect();
-        Ok(ContributorHistory { contributor, scores, ratings })
+        let rows = sqlx::query(
+            "SELECT round, code, message, received_ms FROM rejections WHERE contributor = $1 ORDER BY received_ms",
+        )
+        .bind(contributor as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        let rejections = rows
+            .iter()
+            .map(|r| Rejection {
+                round: r.get::<Option<i64>, _>(0).map(u),
+                code: r.get(1),
+                message: r.get(2),
+                received_ms: r.get(3),
+            })
+            .collect();
+        Ok(ContributorHistory { contributor, scores, ratings, rejections })
     }
 
     pub async fn ratings(&self) -> Result<Ratings, HubError> {

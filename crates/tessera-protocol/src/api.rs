@@ -607,6 +607,20 @@ pub struct ContributorHistory {
     pub scores: Vec<ScoredSubmission>,
     /// (round, μ, σ) after each round that changed the rating, oldest first.
     pub ratings: Vec<(u64, f64, f64)>,
+    /// Submissions the hub refused, oldest first.
+    #[serde(default)]
+    pub rejections: Vec<Rejection>,
+}
+
+/// A submission the hub refused, and why.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Rejection {
+    /// The round open when it arrived.
+    pub round: Option<u64>,
+    /// The refusal's `ErrorCode`, snake_case.
+    pub code: String,
+    pub message: String,
+    pub received_ms: i64,
 }
 
 /// One scored submission as the round that used it recorded it.
