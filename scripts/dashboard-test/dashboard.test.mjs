@@ -137,8 +137,25 @@ try {
   check(bad.startsWith("✗ invalid"), `a tampered entry was not refused: ${bad}`);
   await page.screenshot({ path: join(SHOTS, "ledger.png"), fullPage: true });
 
+  // A sealed run whose validator attests with the INSECURE development stand-in: said plainly.
+  const sealed = start(["hub", "--model", "tiny", "--synthetic-chars", "20000", "--rounds", "1", "--quorum", "1",
+    "--scored", "--sealed", "--insecure-dev-tee", "--validator-token", "tok",
+    "--database", `sqlite://${join(tmp, "sealed.db")}`, "--store", join(tmp, "sealed-store"), "--listen", "127.0.0.1:0",
+    "--addr-file", join(tmp, "sealed.addr"), "--key", join(tmp, "sealed.pem")], "sealed hub");
+  const sealedUrl = `http://${await waitFile(join(tmp, "sealed.addr"), sealed)}`;
+  start(["validator", "--hub", sealedUrl, "--token", "tok", "--threads", "1", "--insecure-dev-tee"], "sealed validator");
+  for (let i = 0; (await fetch(`${sealedUrl}/v1/validator`)).status !== 200; i++) {
+    check(i < 600, "the sealed run's validator never registered");
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  await page.goto(`${sealedUrl}/`);
+  await page.waitForSelector('body[data-ready="1"]', { timeout: 30000 });
+  const banner = await page.textContent("#validator-status");
+  check(banner.includes("INSECURE") && (await page.getAttribute("#validator-status", "class")) === "insecure", `no INSECURE banner: ${banner}`);
+  await page.screenshot({ path: join(SHOTS, "insecure-validator.png"), fullPage: true });
+
   check(errors.length === 0, `console errors: ${errors.join("\n")}`);
-  console.log(`dashboard: run, contributor and ledger pages in Chromium OK (${points} loss points, leaderboard ${order}, proof ✓ and tamper ✗); screenshots in ${SHOTS}`);
+  console.log(`dashboard: run, contributor, refusals, ledger and INSECURE-validator pages in Chromium OK (${points} loss points, leaderboard ${order}, proof ✓ and tamper ✗); screenshots in ${SHOTS}`);
 } catch (e) {
   fail(String(e.stack ?? e));
 } finally {
