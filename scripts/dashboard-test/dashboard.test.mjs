@@ -79,6 +79,7 @@ const board = await get(`${url}/v1/leaderboard`);
 check(status.finished && board.rows.length >= 2, `the run did not finish with rated contributors: ${JSON.stringify(board)}`);
 const eve = status.contributors.find((c) => c.name === "eve");
 check(eve && eve.rejected > 0, `the NaN adversary was not refused: ${JSON.stringify(status.contributors)}`);
+check(!board.rows.find((r) => r.id === eve.id).qualified, "a contributor that earned nothing qualified for the next phase");
 
 const browser = await chromium.launch({
   executablePath: CHROMIUM,
@@ -107,6 +108,8 @@ try {
   check(run.spec.data.loss_floor > 0 && floor === run.spec.data.loss_floor, `the loss chart's entropy floor ${floor} is not the run's ${run.spec.data.loss_floor}`);
   check((await page.textContent("#loss-chart")).includes("entropy floor"), "the loss chart has no entropy floor series");
   check(Number(await page.getAttribute("#bytes-chart", "data-points")) === status.history.length, "the bytes chart misses rounds");
+  const closedRounds = status.history.filter((h) => h.closed_ms && h.closed_ms > h.opened_ms).length;
+  check(closedRounds === 3 && Number(await page.getAttribute("#throughput-chart", "data-points")) === closedRounds, "the throughput chart misses rounds");
   const order = await page.locator("#leaderboard tbody tr").evaluateAll((rows) => rows.map((r) => Number(r.dataset.id)));
   check(JSON.stringify(order) === JSON.stringify(board.rows.map((r) => r.id)), `leaderboard order ${order} is not the API's`);
   check((await page.textContent("main")).includes("epoch"), "the serving section is missing");

@@ -75,7 +75,7 @@ async function overview() {
     </div>
     <h2>Validator</h2>${await validatorStatus(run)}
     <h2>Training</h2>
-    <div class="charts"><div class="chart" id="loss-chart"></div><div class="chart" id="bytes-chart"></div></div>
+    <div class="charts"><div class="chart" id="loss-chart"></div><div class="chart" id="throughput-chart"></div><div class="chart" id="bytes-chart"></div></div>
     <h2>Leaderboard</h2>
     ${board.rows.length ? table(["rank", "contributor", "μ − 3σ", "reward units", "accepted", "rejected", "mean score", "qualified"], leaders, "leaderboard") : `<p class="muted">Nobody is rated yet (unscored run, or no round scored).</p>`}
     <h2>Serving: usage and revenue</h2>
@@ -87,6 +87,12 @@ async function overview() {
   if (floor != null) lossSeries.push({ label: "entropy floor", ys: rounds.map(() => floor), dash: [6, 4] });
   chart(document.getElementById("loss-chart"), "mean inner loss per round", rounds.map((h) => h.round), lossSeries);
   document.getElementById("loss-chart").dataset.floor = floor ?? "";
+  // Tokens trained into each round (accepted submissions × H × batch × sequence) over its time open.
+  const perSubmission = run.spec.inner_steps * run.spec.inner.batch_size * run.spec.inner.seq_len;
+  const closed = status.history.filter((h) => h.closed_ms && h.closed_ms > h.opened_ms);
+  chart(document.getElementById("throughput-chart"), "tokens trained per second", closed.map((h) => h.round), [
+    { label: "tokens/s", ys: closed.map((h) => (h.accepted * perSubmission) / ((h.closed_ms - h.opened_ms) / 1000)) },
+  ]);
   chart(document.getElementById("bytes-chart"), "bytes uploaded per round (MiB)", status.history.map((h) => h.round), [{ label: "MiB", ys: status.history.map((h) => h.bytes_up / 1048576) }]);
 }
 

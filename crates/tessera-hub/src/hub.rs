@@ -1234,11 +1234,19 @@ impl Hub {
         self.store.put(&checkpoint_key(&hash), Bytes::from(agg.weights_bytes)).await?;
         self.store.put(&update_key(round + 1), Bytes::from(agg.update_bytes)).await?;
         self.store.put(&outer_key(round + 1), Bytes::from(agg.outer_bytes)).await?;
-        // The phase boundary: the leaderboard after this round decides who moves on.
+        // The phase boundary: the leaderboard after this round decides who moves on, among those
+        // who earned something (a contributor whose every submission was refused or worthless
+        // never qualifies, however few others there are).
+        let earned: std::collections::HashSet<u64> = {
+            let mut e: std::collections::HashSet<u64> =
+                self.db.rewards().await?.into_iter().filter(|&(_, r)| r > 0).map(|(id, _)| id).collect();
+            e.extend(score_rows.iter().filter(|s| s.reward > 0).map(|s| s.contributor));
+            e
+        };
         let qualified: Vec<u64> = match &self.spec.contest {
             Some(c) if round + 1 == c.boundary(self.spec.rounds) => {
                 let ratings = rated.as_ref().unwrap_or(&state.ratings);
-                let ids = self.db.contributors().await?.into_iter().map(|c| c.0);
+                let ids = self.db.contributors().await?.into_iter().map(|c| c.0).filter(|id| earned.contains(id));
                 ratings.leaderboard(ids).into_iter().take(c.promote_top as usize).map(|(id, _)| id).collect()
             }
             _ => Vec::new(),
