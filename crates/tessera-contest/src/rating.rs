@@ -89,11 +89,17 @@ impl Ratings {
         }
     }
 
-    /// Contributor ids, best first by μ − 3σ (ties: higher μ, then lower id).
+    /// Contributor ids, best first by μ − 3σ (ties: higher μ, then lower id); everyone rated in
+    /// at least one round comes before everyone never rated, whose default μ − 3σ of 0 says
+    /// nothing about them.
     pub fn leaderboard(&self, contributors: impl IntoIterator<Item = u64>) -> Vec<(u64, Rating)> {
         let mut rows: Vec<(u64, Rating)> = contributors.into_iter().map(|c| (c, self.get(c))).collect();
         rows.sort_by(|(a, ra), (b, rb)| {
-            rb.ordinal().total_cmp(&ra.ordinal()).then(rb.mu.total_cmp(&ra.mu)).then(a.cmp(b))
+            (rb.rounds > 0)
+                .cmp(&(ra.rounds > 0))
+                .then(rb.ordinal().total_cmp(&ra.ordinal()))
+                .then(rb.mu.total_cmp(&ra.mu))
+                .then(a.cmp(b))
         });
         rows.dedup_by_key(|(c, _)| *c);
         rows
@@ -103,6 +109,15 @@ impl Ratings {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn never_rated_contributors_rank_after_every_rated_one() {
+        let mut r = Ratings::default();
+        // One rated contributor far below the default ordinal of 0.
+        r.0.insert(1, Rating { mu: 10.0, sigma: 5.0, rounds: 3 });
+        let board: Vec<u64> = r.leaderboard([7, 1]).into_iter().map(|(id, _)| id).collect();
+        assert_eq!(board, vec![1, 7]);
+    }
 
     fn st(contributor: u64, score: Option<f64>) -> Standing {
         Standing { contributor, score }
