@@ -16,6 +16,7 @@
 //! weights. A contributor killed at any moment restarts from the last round it finished.
 
 pub mod adversary;
+pub mod link;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -85,6 +86,9 @@ pub struct ContributorConfig {
     /// Testing tool: behave as this attack (see `tessera_contest::Adversary`). Never set in
     /// normal use.
     pub adversary: Option<tessera_contest::Adversary>,
+    /// Emulated link limits, bytes per second (`None`: as fast as the network goes).
+    pub max_upload_bps: Option<f64>,
+    pub max_download_bps: Option<f64>,
 }
 
 /// What one finished round looked like from the contributor's side.
@@ -114,19 +118,24 @@ pub enum Progress {
 /// Receives [`Progress`]; called from the training thread and the upload, so it must be quick.
 pub type ProgressFn = std::sync::Arc<dyn Fn(&Progress) + Send + Sync>;
 
-/// A submission body that reports how much of it has been read (sent).
+/// A submission body that reports how much of it has been read (sent), no faster than the
+/// upload link allows.
 struct Counted {
     bytes: std::sync::Arc<Vec<u8>>,
     at: usize,
-    progress: ProgressFn,
+    progress: Option<ProgressFn>,
+    link: Option<link::Link>,
 }
 
 impl std::io::Read for Counted {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = buf.len().min(self.bytes.len() - self.at);
+        let n = buf.len().min(self.bytes.len() - self.at).min(link::chunk(self.link.as_ref()));
+        link::pass(self.link.as_ref(), n);
         buf[..n].copy_from_slice(&self.bytes[self.at..self.at + n]);
         self.at += n;
-        (self.progress)(&Progress::Upload { sent: self.at as u64, total: self.bytes.len() as u64 });
+        if let Some(p) = &self.progress {
+            p(&Progress::Upload { sent: self.at as u64, total: self.bytes.len() as u64 });
+        }
         Ok(n)
     }
 }
@@ -186,6 +195,9 @@ pub struct Contributor {
     /// Adversaries only: the last message sent (replay resends it).
     last_body: Option<Vec<u8>>,
     progress: Option<ProgressFn>,
+    /// Emulated link limits, shared by every transfer in each direction.
+    upload: Option<link::Link>,
+    download: Option<link::Link>,
 }
 
 fn state_err(path: &Path, e: impl std::fmt::Display) -> ContributorError {
@@ -390,6 +402,8 @@ impl Contributor {
         let base = load_base(dir, table);
         let last_submitted =
             std::fs::read_to_string(dir.join("last_submitted")).ok().and_then(|s| s.trim().parse().ok());
+        let upload = config.max_upload_bps.map(link::Bucket::shared);
+        let download = config.max_download_bps.map(link::Bucket::shared);
         Ok(Contributor {
             config,
             http,
@@ -404,6 +418,8 @@ impl Contributor {
             last_submitted,
             last_body: None,
             progress: None,
+            upload,
+            download,
         })
     }
 
@@ -667,7 +683,7 @@ impl Contributor {
         let hub = self.hub();
         let r = hub.send("update", || self.http.get(&url))?;
         let status = r.status();
-        let bytes = r.bytes().map_err(|e| hub.http_err("update", e))?;
+        let bytes = link::read_all(r, self.download.as_ref()).map_err(|e| hub.http_err("update", e))?;
         if !status.is_success() {
             return Err(hub.refusal("update", status, &bytes));
         }
@@ -711,14 +727,13 @@ impl Contributor {
             let request = self
                 .signed("POST", "/v1/submissions", shared.to_vec())
                 .header(INNER_LOSS_HEADER, inner_loss.to_string());
-            match &self.progress {
-                // The same bytes, read through a counter (the signature covers them either way).
-                Some(p) => request.body(reqwest::blocking::Body::sized(
-                    Counted { bytes: shared.clone(), at: 0, progress: p.clone() },
-                    shared.len() as u64,
-                )),
-                None => request,
+            if self.progress.is_none() && self.upload.is_none() {
+                return request;
             }
+            // The same bytes, read through a counter and the link (the signature covers them).
+            let body =
+                Counted { bytes: shared.clone(), at: 0, progress: self.progress.clone(), link: self.upload.clone() };
+            request.body(reqwest::blocking::Body::sized(body, shared.len() as u64))
         })?;
         match hub.json::<Receipt>("submit", response) {
             Ok(r) => Ok(Outcome::Accepted(r)),
@@ -804,7 +819,7 @@ impl Contributor {
             if have.is_empty() { b } else { b.header(reqwest::header::RANGE, format!("bytes={}-", have.len())) }
         })?;
         let status = r.status();
-        let body = r.bytes().map_err(|e| hub.http_err("checkpoint", e))?;
+        let body = link::read_all(r, self.download.as_ref()).map_err(|e| hub.http_err("checkpoint", e))?;
         match status {
             StatusCode::OK => have = body.to_vec(),
             StatusCode::PARTIAL_CONTENT => have.extend_from_slice(&body),

@@ -259,8 +259,25 @@ pub struct ContributeArgs {
     /// copy-noise. Never use on a run you do not own.
     #[arg(long)]
     adversary: Option<tessera_contest::Adversary>,
+    /// Emulate a slower uplink: upload no faster than this many megabits per second (a token
+    /// bucket over every submission).
+    #[arg(long, value_name = "MBPS")]
+    max_upload_mbps: Option<f64>,
+    /// Emulate a slower downlink: download checkpoints and updates no faster than this many
+    /// megabits per second.
+    #[arg(long, value_name = "MBPS")]
+    max_download_mbps: Option<f64>,
     #[command(flatten)]
     runtime: RuntimeArgs,
+}
+
+/// Megabits per second as bytes per second; refuses what is not a positive finite rate.
+fn mbps(flag: &str, v: Option<f64>) -> Result<Option<f64>> {
+    match v {
+        Some(m) if m.is_finite() && m > 0.0 => Ok(Some(m * 1e6 / 8.0)),
+        Some(m) => bail!("{flag} must be a positive number of megabits per second, not {m}"),
+        None => Ok(None),
+    }
 }
 
 #[derive(Args)]
@@ -537,6 +554,8 @@ pub fn contribute(args: ContributeArgs) -> Result<()> {
         max_rounds: args.max_rounds,
         patience: Duration::from_secs(args.patience),
         adversary: args.adversary,
+        max_upload_bps: mbps("--max-upload-mbps", args.max_upload_mbps)?,
+        max_download_bps: mbps("--max-download-mbps", args.max_download_mbps)?,
     };
     if let Some(kind) = args.adversary {
         tracing::warn!(%kind, "ADVERSARY MODE (a testing tool): this contributor attacks the run");

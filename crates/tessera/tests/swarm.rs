@@ -652,8 +652,9 @@ fn a_phase_that_reaches_its_loss_target_grows_early() {
     assert!(size(&last.history[1].base_checkpoint) > 2 * size(&last.history[0].base_checkpoint));
 }
 
-/// On a terminal, `tessera contribute` shows live status: phase, round, inner step and loss
-/// (run under a pseudo-terminal by `script`, where the progress bar is drawn).
+/// On a terminal, `tessera contribute` shows live status: phase, round, inner step and loss, then
+/// the upload, here slowed to 0.05 Mbit/s by the emulated link so that it is seen (run under a
+/// pseudo-terminal by `script`, where the progress bar is drawn).
 #[test]
 fn a_contributor_on_a_terminal_shows_live_status() {
     let dir = tempfile::tempdir().unwrap();
@@ -662,13 +663,13 @@ fn a_contributor_on_a_terminal_shows_live_status() {
     let _hub = hub(d, port, &["--quorum", "1", "--rounds", "1"]);
     wait_for(port, Duration::from_secs(60), "the hub", |_| true);
     let command = format!(
-        "{BIN} contribute --hub http://127.0.0.1:{port} --state-dir {} --name tty --threads 1 --max-rounds 1",
+        "{BIN} contribute --hub http://127.0.0.1:{port} --state-dir {} --name tty --threads 1 --max-rounds 1 --max-upload-mbps 0.05",
         d.join("tty").display()
     );
     let out = Command::new("script").args(["-qec", &command, "/dev/null"]).env("TERM", "xterm").output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
-    for needle in ["phase 1/1 · round 0", "step ", "loss ", "round    0: inner loss"] {
+    for needle in ["phase 1/1 · round 0", "step ", "loss ", "uploading", "round    0: inner loss"] {
         assert!(text.contains(needle), "{needle:?} missing from the terminal:\n{text}");
     }
 }
