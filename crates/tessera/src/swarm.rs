@@ -614,7 +614,10 @@ pub fn contribute(args: ContributeArgs) -> Result<()> {
             }
         }));
     }
+    let started = Instant::now();
+    let mut training_s = 0.0;
     let rounds = contributor.run(|r| {
+        training_s += r.train_s;
         let outcome = match &r.outcome {
             Outcome::Accepted(rc) if rc.staleness > 0 => {
                 format!("accepted into round {} at weight {}", rc.round, rc.weight)
@@ -649,7 +652,13 @@ pub fn contribute(args: ContributeArgs) -> Result<()> {
             Err(e) => eprintln!("standing: could not read the leaderboard: {e}"),
         }
     }
-    eprintln!("tessera contribute: done after {rounds} round(s)");
+    let wall = started.elapsed().as_secs_f64();
+    eprintln!(
+        "tessera contribute: done after {rounds} round(s); training {:.1} s of {:.1} s ({:.1}% compute utilisation)",
+        training_s,
+        wall,
+        100.0 * training_s / wall.max(1e-9)
+    );
     Ok(())
 }
 

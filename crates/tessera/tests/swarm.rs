@@ -669,7 +669,9 @@ fn a_contributor_on_a_terminal_shows_live_status() {
     let out = Command::new("script").args(["-qec", &command, "/dev/null"]).env("TERM", "xterm").output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
-    for needle in ["phase 1/1 · round 0", "step ", "loss ", "uploading", "round    0: inner loss"] {
+    for needle in
+        ["phase 1/1 · round 0", "step ", "loss ", "uploading", "round    0: inner loss", "% compute utilisation"]
+    {
         assert!(text.contains(needle), "{needle:?} missing from the terminal:\n{text}");
     }
 }
