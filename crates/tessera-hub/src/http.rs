@@ -251,7 +251,7 @@ async fn submit(
     .await;
     let outcome = match &result {
         Ok(_) => "accepted".to_owned(),
-        Err(r) => serde_json::to_value(r.0.code).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default(),
+        Err(r) => r.0.code.wire_name(),
     };
     metrics::counter!("tessera_hub_submissions_total", "outcome" => outcome).increment(1);
     Ok((StatusCode::ACCEPTED, Json(result?)))

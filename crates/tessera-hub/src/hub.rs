@@ -524,8 +524,7 @@ impl Hub {
             self.submit_inner(contributor, body, inner_loss).await
         };
         if let Some(e) = result.as_ref().err().filter(|e| e.code != ErrorCode::Busy) {
-            let code =
-                serde_json::to_value(e.code).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
+            let code = e.code.wire_name();
             let round = *self.round_tx.borrow();
             if let Err(db) = self.db.insert_rejection(contributor, round, &code, &e.message, now_ms()).await {
                 tracing::warn!(error = %db, "could not record a rejection");

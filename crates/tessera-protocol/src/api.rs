@@ -800,6 +800,13 @@ pub struct ApiError {
     pub message: String,
 }
 
+impl ErrorCode {
+    /// Its name on the wire (`malformed_message`, `run_finished`…), as in an `ApiError`'s JSON.
+    pub fn wire_name(self) -> String {
+        serde_json::to_value(self).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default()
+    }
+}
+
 impl fmt::Display for Codec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match *self {

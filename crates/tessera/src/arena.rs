@@ -394,7 +394,7 @@ fn run_scenario(
                 attacker_submissions += 1;
             }
             if let Err(e) = result {
-                let code = serde_json::to_value(e.code)?.as_str().unwrap_or_default().to_owned();
+                let code = e.code.wire_name();
                 if i < honest {
                     honest_rejected += 1;
                     tracing::warn!(contributor = i, %e, "an honest submission was rejected");
