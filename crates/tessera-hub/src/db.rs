@@ -492,17 +492,6 @@ impl Db {
         Ok(ContributorHistory { contributor, scores, ratings, rejections })
     }
 
-    /// Reward units earned so far, per contributor.
-    pub async fn rewards(&self) -> Result<Vec<(u64, u64)>, HubError> {
-        let rows = sqlx::query("SELECT contributor, reward FROM scores").fetch_all(&self.pool).await?;
-        let mut sums = std::collections::BTreeMap::new();
-        for r in &rows {
-            let reward: i64 = r.try_get("reward")?;
-            *sums.entry(u(r.try_get("contributor")?)).or_insert(0u64) += reward.max(0) as u64;
-        }
-        Ok(sums.into_iter().collect())
-    }
-
     pub async fn ratings(&self) -> Result<Ratings, HubError> {
         let rows = sqlx::query("SELECT contributor, mu, sigma, rounds FROM ratings").fetch_all(&self.pool).await?;
         let mut out = Ratings::default();

@@ -1236,14 +1236,13 @@ impl Hub {
         // The phase boundary: the leaderboard after this round decides who moves on, among those
         // who earned something (a contributor whose every submission was refused or worthless
         // never qualifies, however few others there are).
-        let earned: std::collections::HashSet<u64> = {
-            let mut e: std::collections::HashSet<u64> =
-                self.db.rewards().await?.into_iter().filter(|&(_, r)| r > 0).map(|(id, _)| id).collect();
-            e.extend(score_rows.iter().filter(|s| s.reward > 0).map(|s| s.contributor));
-            e
-        };
         let qualified: Vec<u64> = match &self.spec.contest {
             Some(c) if round + 1 == c.boundary(self.spec.rounds) => {
+                let earned: std::collections::HashSet<u64> = (self.db.scores().await?.iter())
+                    .chain(&score_rows)
+                    .filter(|s| s.reward > 0)
+                    .map(|s| s.contributor)
+                    .collect();
                 let ratings = rated.as_ref().unwrap_or(&state.ratings);
                 let ids = self.db.contributors().await?.into_iter().map(|c| c.0).filter(|id| earned.contains(id));
                 ratings.leaderboard(ids).into_iter().take(c.promote_top as usize).map(|(id, _)| id).collect()
