@@ -1119,16 +1119,8 @@ impl Hub {
 
     /// The economy the ledger records, as JSON: closed epochs, usage, balances, allocations,
     /// reward units and payouts.
-    pub fn economy(&self) -> Result<serde_json::Value, ApiError> {
-        let l = self.ledger.read().map_err(|_| api(ErrorCode::Internal, "ledger poisoned"))?;
-        Ok(serde_json::json!({
-            "epochs": l.epochs,
-            "usage": l.usage,
-            "balances": l.balances(),
-            "allocations": l.allocations,
-            "reward_units": l.units,
-            "payouts": l.payouts,
-        }))
+    pub fn economy(&self) -> Result<tessera_trust::ledger::Economy, ApiError> {
+        Ok(self.ledger.read().map_err(|_| api(ErrorCode::Internal, "ledger poisoned"))?.economy())
     }
 
     /// The ledger's bytes from entry `from` on.

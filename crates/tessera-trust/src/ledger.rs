@@ -419,6 +419,18 @@ pub fn encode_entry(
     Ok(b)
 }
 
+/// The economy a ledger records, for reports (`GET /v1/economy`, `tessera economy report --json`).
+#[derive(Debug, Clone, Serialize)]
+pub struct Economy {
+    pub epochs: BTreeMap<u64, ClosedEpoch>,
+    /// Per epoch and account: (prompt tokens, completion tokens, revenue).
+    pub usage: BTreeMap<u64, BTreeMap<String, (u64, u64, u64)>>,
+    pub balances: BTreeMap<String, u64>,
+    pub allocations: BTreeMap<String, u64>,
+    pub reward_units: BTreeMap<String, u64>,
+    pub payouts: BTreeMap<String, u64>,
+}
+
 /// What an epoch closing fixed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ClosedEpoch {
@@ -729,6 +741,18 @@ impl Ledger {
         self.tree.push(raw.to_vec());
         self.last_hash = *blake3::hash(raw).as_bytes();
         Ok(())
+    }
+
+    /// Everything the ledger says about the economy.
+    pub fn economy(&self) -> Economy {
+        Economy {
+            epochs: self.epochs.clone(),
+            usage: self.usage.clone(),
+            balances: self.balances(),
+            allocations: self.allocations.clone(),
+            reward_units: self.units.clone(),
+            payouts: self.payouts.clone(),
+        }
     }
 
     /// Each holder's balance: allocations plus reward units earned.

@@ -282,31 +282,12 @@ fn close_epoch(
 }
 
 fn economy_report(hub: Option<&str>, file: Option<&std::path::Path>, json: bool) -> Result<()> {
-    let bytes = match (hub, file) {
-        (Some(hub), _) => {
-            let url = format!("{}/v1/ledger", hub.trim_end_matches('/'));
-            let r = reqwest::blocking::get(&url).with_context(|| format!("GET {url}"))?;
-            if !r.status().is_success() {
-                bail!("GET {url}: {}", r.status());
-            }
-            r.bytes()?.to_vec()
-        }
-        (None, Some(f)) => std::fs::read(f).with_context(|| format!("read {}", f.display()))?,
-        (None, None) => bail!("give --hub URL or --file PATH"),
-    };
+    let (bytes, source) = crate::trust::ledger_bytes(hub, file)?;
     let ledger = tessera_trust::ledger::Ledger::from_bytes(&bytes)
-        .map_err(|e| anyhow::anyhow!("the ledger does not verify: {e}"))?;
+        .map_err(|e| anyhow::anyhow!("{source}: the ledger does not verify: {e}"))?;
     let balances = ledger.balances();
     if json {
-        let out = serde_json::json!({
-            "epochs": ledger.epochs,
-            "usage": ledger.usage,
-            "balances": balances,
-            "allocations": ledger.allocations,
-            "reward_units": ledger.units,
-            "payouts": ledger.payouts,
-        });
-        println!("{}", serde_json::to_string_pretty(&out)?);
+        println!("{}", serde_json::to_string_pretty(&ledger.economy())?);
         return Ok(());
     }
     println!(

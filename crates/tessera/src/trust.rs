@@ -50,9 +50,9 @@ pub struct VerifyArgs {
     json: bool,
 }
 
-pub fn ledger(cmd: LedgerCommand) -> Result<()> {
-    let LedgerCommand::Verify(args) = cmd;
-    let (bytes, source) = match (&args.hub, &args.file) {
+/// A ledger's bytes, from a hub (`GET /v1/ledger`) or a file, and where they came from.
+pub(crate) fn ledger_bytes(hub: Option<&str>, file: Option<&std::path::Path>) -> Result<(Vec<u8>, String)> {
+    Ok(match (hub, file) {
         (Some(hub), _) => {
             let url = format!("{}/v1/ledger", hub.trim_end_matches('/'));
             let r = reqwest::blocking::get(&url).with_context(|| format!("GET {url}"))?;
@@ -65,7 +65,12 @@ pub fn ledger(cmd: LedgerCommand) -> Result<()> {
             (std::fs::read(file).with_context(|| format!("read {}", file.display()))?, file.display().to_string())
         }
         (None, None) => bail!("give --hub URL or --file PATH"),
-    };
+    })
+}
+
+pub fn ledger(cmd: LedgerCommand) -> Result<()> {
+    let LedgerCommand::Verify(args) = cmd;
+    let (bytes, source) = ledger_bytes(args.hub.as_deref(), args.file.as_deref())?;
     if let Some(out) = &args.export {
         std::fs::write(out, &bytes).with_context(|| format!("write {}", out.display()))?;
     }
