@@ -229,7 +229,7 @@ async fn economy(State(hub): State<Arc<Hub>>) -> Result<impl IntoResponse, Refus
 /// Prometheus metrics of this process (`tessera_hub_*`: rounds, submissions by outcome, bytes,
 /// aggregation time).
 async fn metrics_text() -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, tessera_protocol::telemetry::CONTENT_TYPE)], tessera_protocol::telemetry::render())
+    tessera_protocol::telemetry::exposition()
 }
 
 async fn submit(

@@ -31,3 +31,8 @@ pub fn render() -> String {
 
 /// The content type of [`render`]'s output.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4";
+
+/// A `/metrics` answer: the content-type header and [`render`]'s text (an axum response as it is).
+pub fn exposition() -> ([(&'static str, &'static str); 1], String) {
+    ([("content-type", CONTENT_TYPE)], render())
+}

@@ -46,6 +46,8 @@ impl AppState {
         store: Store,
         body_limit: usize,
     ) -> AppState {
+        // Metrics are recorded from the start (GET /metrics renders them).
+        let _ = tessera_protocol::telemetry::prometheus();
         AppState {
             engine,
             tokenizer,
@@ -56,12 +58,6 @@ impl AppState {
             created: unix_seconds(),
             limiter: Mutex::new(HashMap::new()),
         }
-        .with_metrics()
-    }
-
-    fn with_metrics(self) -> AppState {
-        let _ = tessera_protocol::telemetry::prometheus();
-        self
     }
 }
 
@@ -134,7 +130,7 @@ async fn authorize(state: &AppState, headers: &HeaderMap) -> Result<KeyInfo, Api
 /// Prometheus metrics of this process (`tessera_serve_*`: requests by endpoint and status,
 /// latencies, tokens served, decoding steps).
 async fn metrics_text() -> impl IntoResponse {
-    ([("content-type", tessera_protocol::telemetry::CONTENT_TYPE)], tessera_protocol::telemetry::render())
+    tessera_protocol::telemetry::exposition()
 }
 
 /// Counts a response by endpoint and status.

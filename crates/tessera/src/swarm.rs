@@ -1325,15 +1325,8 @@ fn serve_metrics(addr: std::net::SocketAddr) -> Result<()> {
         let Ok(rt) = rt else { return };
         rt.block_on(async move {
             let Ok(listener) = tokio::net::TcpListener::from_std(listener) else { return };
-            let app = axum::Router::new().route(
-                "/metrics",
-                axum::routing::get(|| async {
-                    (
-                        [("content-type", tessera_protocol::telemetry::CONTENT_TYPE)],
-                        tessera_protocol::telemetry::render(),
-                    )
-                }),
-            );
+            let app = axum::Router::new()
+                .route("/metrics", axum::routing::get(|| async { tessera_protocol::telemetry::exposition() }));
             if let Err(e) = axum::serve(listener, app).await {
                 tracing::error!(error = %e, "the metrics server stopped");
             }
