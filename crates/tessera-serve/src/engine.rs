@@ -72,11 +72,10 @@ pub struct Stats {
 
 struct Running {
     events: UnboundedSender<Event>,
+    /// How to sample, how many tokens at most, and the token that ends it (`None`: ignore EOS).
     params: SamplingParams,
     rng: ChaCha8Rng,
     produced: usize,
-    max_tokens: usize,
-    stop_at_eos: bool,
     /// The token the next step feeds in.
     next: u32,
 }
@@ -170,7 +169,7 @@ fn run(model: Llama, slots: usize, eos: u32, jobs: mpsc::Receiver<Job>, stats: &
         for (i, &s) in active.iter().enumerate() {
             let Some(r) = running[s].as_mut() else { continue };
             let token = sample(&logits[i * vocab..(i + 1) * vocab], &r.params, &mut r.rng);
-            if step(r, token, eos, cache.has_room(s)) {
+            if step(r, token, cache.has_room(s)) {
                 running[s] = None;
             }
         }
@@ -199,28 +198,21 @@ fn admit(
         Err(e) => return Err((job.events, e.into())),
     };
     let params = SamplingParams {
-        max_new_tokens: job.max_tokens,
+        max_new_tokens: job.max_tokens.max(1),
         temperature: job.temperature,
         top_p: job.top_p,
         seed: job.seed,
-        stop_token: Some(eos),
+        stop_token: (!job.ignore_eos).then_some(eos),
     };
-    let mut r = Running {
-        events: job.events,
-        params,
-        rng: ChaCha8Rng::seed_from_u64(job.seed),
-        produced: 0,
-        max_tokens: job.max_tokens.max(1),
-        stop_at_eos: !job.ignore_eos,
-        next: eos,
-    };
+    let mut r =
+        Running { events: job.events, params, rng: ChaCha8Rng::seed_from_u64(job.seed), produced: 0, next: eos };
     let token = sample(&last, &r.params, &mut r.rng);
-    Ok((!step(&mut r, token, eos, cache.has_room(slot))).then_some(r))
+    Ok((!step(&mut r, token, cache.has_room(slot))).then_some(r))
 }
 
 /// Hands `token` to the request; true when the request has ended.
-fn step(r: &mut Running, token: u32, eos: u32, room: bool) -> bool {
-    if token == eos && r.stop_at_eos {
+fn step(r: &mut Running, token: u32, room: bool) -> bool {
+    if Some(token) == r.params.stop_token {
         let _ = r.events.send(Event::Done(Finish::EndOfText));
         return true;
     }
@@ -228,7 +220,7 @@ fn step(r: &mut Running, token: u32, eos: u32, room: bool) -> bool {
     if r.events.send(Event::Token(token)).is_err() {
         return true;
     }
-    if r.produced >= r.max_tokens || !room {
+    if r.produced >= r.params.max_new_tokens || !room {
         let _ = r.events.send(Event::Done(Finish::Length));
         return true;
     }
