@@ -87,12 +87,9 @@ pub fn half(c: &LlamaConfig, shrink: Shrink) -> LlamaConfig {
     small
 }
 
-fn shrink_name(shrink: Shrink) -> &'static str {
-    match shrink {
-        Shrink::Both => "both",
-        Shrink::Width => "width",
-        Shrink::Depth => "depth",
-    }
+/// A flag value's name as `--help` shows it (what the JSON records).
+fn flag_name(v: impl clap::ValueEnum) -> String {
+    v.to_possible_value().map(|p| p.get_name().to_owned()).unwrap_or_default()
 }
 
 #[derive(serde::Serialize)]
@@ -101,9 +98,9 @@ struct Outcome {
     model: String,
     /// What the small model halved, its share of the budget and how new second moments
     /// started (empty for the from-scratch runs).
-    shrink: &'static str,
+    shrink: String,
     small_share: f64,
-    new_moments: &'static str,
+    new_moments: String,
     steps: u64,
     small_steps: u64,
     tokens: u64,
@@ -182,13 +179,9 @@ pub fn bench_grow(args: BenchGrowArgs) -> Result<()> {
         Ok(Outcome {
             run: name,
             model: args.model.clone(),
-            shrink: if grown { shrink_name(args.shrink) } else { "" },
+            shrink: if grown { flag_name(args.shrink) } else { String::new() },
             small_share: if grown { args.small_share } else { 0.0 },
-            new_moments: match (grown, args.new_moments) {
-                (false, _) => "",
-                (true, NewMomentsArg::Mean) => "mean",
-                (true, NewMomentsArg::Zero) => "zero",
-            },
+            new_moments: if grown { flag_name(args.new_moments) } else { String::new() },
             steps,
             small_steps,
             tokens: steps * tokens_per_step,
