@@ -17,27 +17,28 @@
 
 pub mod adversary;
 pub mod link;
+mod net;
+pub mod overlap;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use reqwest::StatusCode;
-use reqwest::blocking::{Client, Response};
+use reqwest::blocking::Client;
 use tch::Device;
 use tessera_data::Dataset;
 use tessera_data::synthetic::SyntheticSpec;
 use tessera_model::{Llama, LlamaConfig};
-use tessera_protocol::api::{
-    Assignment, DataSource, INNER_LOSS_HEADER, Receipt, RegisterRequest, Registration, RunInfo, ValidatorInfo,
-};
+use tessera_protocol::api::{Assignment, DataSource, Receipt, RegisterRequest, Registration, RunInfo, ValidatorInfo};
 use tessera_protocol::{
     ApiError, Codec, ErrorCode, ErrorFeedback, MessageView, PROTOCOL_VERSION, PseudoGradient, TensorEntry, TensorSpec,
-    decode_weights, encode_weights, weights_hash,
+    decode_weights, encode_weights,
 };
 use tessera_train::diloco::{read_params, write_params};
 use tessera_train::{AdamWConfig, TrainConfig, TrainError, Trainer};
-use tessera_trust::identity::HUB_SIGNATURE_HEADER;
 use tessera_trust::{PublicKey, SealedHeader, SealingKey, ValidatorAttestation};
+
+use net::{Base, Hub, Net, fetch_run, load_base, sign};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ContributorError {
@@ -89,6 +90,9 @@ pub struct ContributorConfig {
     /// Emulated link limits, bytes per second (`None`: as fast as the network goes).
     pub max_upload_bps: Option<f64>,
     pub max_download_bps: Option<f64>,
+    /// Upload each round and download the next checkpoint while the next round already trains
+    /// (a one-round-delayed outer update; see [`overlap`]).
+    pub overlap: bool,
 }
 
 /// What one finished round looked like from the contributor's side.
@@ -100,6 +104,29 @@ pub struct RoundReport {
     pub bytes_down: u64,
     pub outcome: Outcome,
     pub train_s: f64,
+    /// Overlapped rounds: how long training waited for this round's upload and the next base
+    /// after the following round's inner steps were done (the transfers not hidden).
+    pub waited_s: Option<f64>,
+}
+
+/// What [`Contributor::run`] added up to.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Summary {
+    /// Rounds submitted.
+    pub rounds: u64,
+    /// Seconds spent in the inner steps of submitted rounds (work dropped is not counted).
+    pub training_s: f64,
+    /// Seconds from the first inner step to the end: the steady state.
+    pub wall_s: f64,
+    /// Seconds before the first inner step: fetching the first base checkpoint.
+    pub joining_s: f64,
+}
+
+impl Summary {
+    /// Compute utilisation: training time over wall time, from the first inner step.
+    pub fn utilisation(&self) -> f64 {
+        self.training_s / self.wall_s.max(1e-9)
+    }
 }
 
 /// Live progress within a round, for a status display ([`Contributor::on_progress`]).
@@ -117,28 +144,6 @@ pub enum Progress {
 
 /// Receives [`Progress`]; called from the training thread and the upload, so it must be quick.
 pub type ProgressFn = std::sync::Arc<dyn Fn(&Progress) + Send + Sync>;
-
-/// A submission body that reports how much of it has been read (sent), no faster than the
-/// upload link allows.
-struct Counted {
-    bytes: std::sync::Arc<Vec<u8>>,
-    at: usize,
-    progress: Option<ProgressFn>,
-    link: Option<link::Link>,
-}
-
-impl std::io::Read for Counted {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = buf.len().min(self.bytes.len() - self.at).min(link::chunk(self.link.as_ref()));
-        link::pass(self.link.as_ref(), n);
-        buf[..n].copy_from_slice(&self.bytes[self.at..self.at + n]);
-        self.at += n;
-        if let Some(p) = &self.progress {
-            p(&Progress::Upload { sent: self.at as u64, total: self.bytes.len() as u64 });
-        }
-        Ok(n)
-    }
-}
 
 /// What became of a round's submission.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -159,33 +164,28 @@ struct Identity {
     hub_key: String,
 }
 
+/// A round's submission, ready to send.
+struct Packaged {
+    /// The message before sealing (a sealed run may have to seal it again).
+    plain: Vec<u8>,
+    /// What goes to the hub.
+    body: Vec<u8>,
+    /// Δ, before encoding.
+    deltas: Vec<Vec<f32>>,
+}
+
 /// A verified validator this contributor seals to.
 struct Recipient {
     key: SealingKey,
     ledger_seq: u64,
 }
 
-#[derive(serde::Serialize, serde::Deserialize)]
-struct BaseMeta {
-    round: u64,
-    hash: String,
-}
-
-/// The weights of one published round, verified against its hash.
-struct Base {
-    round: u64,
-    hash: String,
-    weights: Vec<Vec<f32>>,
-}
-
 pub struct Contributor {
     config: ContributorConfig,
-    http: Client,
+    /// The hub, this contributor's key and links: what a transfer needs.
+    net: Net,
     pub run: RunInfo,
     identity: Identity,
-    key: tessera_trust::Identity,
-    /// The hub's key, pinned at registration: its answers must be signed by it.
-    hub_key: PublicKey,
     recipient: Option<Recipient>,
     trainer: Trainer,
     feedback: Vec<ErrorFeedback>,
@@ -194,10 +194,8 @@ pub struct Contributor {
     last_submitted: Option<u64>,
     /// Adversaries only: the last message sent (replay resends it).
     last_body: Option<Vec<u8>>,
-    progress: Option<ProgressFn>,
-    /// Emulated link limits, shared by every transfer in each direction.
-    upload: Option<link::Link>,
-    download: Option<link::Link>,
+    /// When this run's first inner step began.
+    first_step: Option<Instant>,
 }
 
 fn state_err(path: &Path, e: impl std::fmt::Display) -> ContributorError {
@@ -253,69 +251,6 @@ pub fn inner_config(run: &RunInfo, slot: u64) -> TrainConfig {
         seed: s.seed,
         worker: slot,
         ..TrainConfig::default()
-    }
-}
-
-/// HTTP with the contributor's patience: transport errors and 5xx are retried with backoff.
-struct Hub<'a> {
-    url: &'a str,
-    patience: Duration,
-}
-
-impl Hub<'_> {
-    fn send(&self, what: &str, build: impl Fn() -> reqwest::blocking::RequestBuilder) -> Result<Response> {
-        let start = Instant::now();
-        let mut delay = Duration::from_millis(200);
-        loop {
-            let failure = match build().send() {
-                Ok(r) if r.status().is_server_error() || r.status() == StatusCode::TOO_MANY_REQUESTS => {
-                    format!("{} {}", r.status(), r.text().unwrap_or_default())
-                }
-                Ok(r) => return Ok(r),
-                Err(e) => e.to_string(),
-            };
-            if start.elapsed() > self.patience {
-                return Err(ContributorError::Http {
-                    url: self.url.to_owned(),
-                    message: format!("{what}: {failure} (gave up after {:.0?})", start.elapsed()),
-                });
-            }
-            tracing::warn!(what, failure, retry_in = ?delay, "hub unavailable; retrying");
-            std::thread::sleep(delay);
-            delay = (delay * 2).min(Duration::from_secs(5));
-        }
-    }
-
-    /// A success body's bytes, or a refusal as an [`ApiError`].
-    fn body(&self, what: &str, r: Response) -> Result<Vec<u8>> {
-        let status = r.status();
-        let bytes = r.bytes().map_err(|e| self.http_err(what, e))?;
-        if status.is_success() { Ok(bytes.to_vec()) } else { Err(self.refusal(what, status, &bytes)) }
-    }
-
-    /// Parses a success body as JSON, or a refusal as an [`ApiError`].
-    fn json<T: serde::de::DeserializeOwned>(&self, what: &str, r: Response) -> Result<T> {
-        let status = r.status();
-        let bytes = r.bytes().map_err(|e| self.http_err(what, e))?;
-        if status.is_success() {
-            serde_json::from_slice(&bytes)
-                .map_err(|e| self.http_err(what, format!("unexpected answer ({status}): {e}")))
-        } else {
-            Err(self.refusal(what, status, &bytes))
-        }
-    }
-
-    fn refusal(&self, what: &str, status: StatusCode, body: &[u8]) -> ContributorError {
-        match serde_json::from_slice::<ApiError>(body) {
-            Ok(e) => ContributorError::Refused(e),
-            Err(_) => {
-                self.http_err(what, format!("{status}: {}", String::from_utf8_lossy(&body[..body.len().min(200)])))
-            }
-        }
-    }
-
-    fn http_err(&self, what: &str, e: impl std::fmt::Display) -> ContributorError {
-        ContributorError::Http { url: self.url.to_owned(), message: format!("{what}: {e}") }
     }
 }
 
@@ -402,34 +337,39 @@ impl Contributor {
         let base = load_base(dir, table);
         let last_submitted =
             std::fs::read_to_string(dir.join("last_submitted")).ok().and_then(|s| s.trim().parse().ok());
-        let upload = config.max_upload_bps.map(link::Bucket::shared);
-        let download = config.max_download_bps.map(link::Bucket::shared);
+        let net = Net {
+            url: config.hub.clone(),
+            patience: config.patience,
+            http,
+            key: Arc::new(key),
+            hub_key,
+            state_dir: config.state_dir.clone(),
+            progress: None,
+            upload: config.max_upload_bps.map(link::Bucket::shared),
+            download: config.max_download_bps.map(link::Bucket::shared),
+        };
         Ok(Contributor {
             config,
-            http,
+            net,
             run,
             identity,
-            key,
-            hub_key,
             recipient: None,
             trainer,
             feedback,
             base,
             last_submitted,
             last_body: None,
-            progress: None,
-            upload,
-            download,
+            first_step: None,
         })
     }
 
     /// Reports live progress (round, phase, each inner step's loss, upload bytes) to `f`.
     pub fn on_progress(&mut self, f: ProgressFn) {
-        self.progress = Some(f);
+        self.net.progress = Some(f);
     }
 
     fn report(&self, p: Progress) {
-        if let Some(f) = &self.progress {
+        if let Some(f) = &self.net.progress {
             f(&p);
         }
     }
@@ -437,12 +377,7 @@ impl Contributor {
     /// This contributor's row of the run's leaderboard (rank, rating, rewards, mean score), and
     /// how many rows there are; `None` if it is not on the board yet.
     pub fn standing(&self) -> Result<Option<(tessera_protocol::api::LeaderRow, usize)>> {
-        let url = format!("{}/v1/leaderboard", self.config.hub);
-        let hub = self.hub();
-        let r = hub.send("leaderboard", || self.http.get(&url))?;
-        let board: tessera_protocol::api::Leaderboard = hub.json("leaderboard", r)?;
-        let total = board.rows.len();
-        Ok(board.rows.into_iter().find(|r| r.id == self.identity.contributor_id).map(|r| (r, total)))
+        self.net.standing(self.identity.contributor_id)
     }
 
     pub fn id(&self) -> u64 {
@@ -451,11 +386,7 @@ impl Contributor {
 
     /// The key this contributor signs with and is credited under.
     pub fn public_key(&self) -> PublicKey {
-        self.key.public()
-    }
-
-    fn hub(&self) -> Hub<'_> {
-        Hub { url: &self.config.hub, patience: self.config.patience }
+        self.net.key.public()
     }
 
     /// The run has grown into a new phase: fetch its spec and start training the new model (from
@@ -463,7 +394,7 @@ impl Contributor {
     /// feedback. What was saved for the old model is dropped first, so a restart lands in the
     /// new phase too.
     fn switch_phase(&mut self) -> Result<()> {
-        let run = fetch_run(&self.hub(), &self.http, Some(&self.hub_key))?;
+        let run = fetch_run(&self.net.hub(), &self.net.http, Some(&self.net.hub_key))?;
         let model_config = LlamaConfig::from_json(run.spec.model.clone())
             .map_err(|e| ContributorError::Data(format!("the run's model config: {e}")))?;
         let model = Llama::zeroed(&model_config, self.config.device)?;
@@ -484,31 +415,16 @@ impl Contributor {
         Ok(())
     }
 
-    /// A request signed with this contributor's key.
-    fn signed(&self, method: &str, path: &str, body: Vec<u8>) -> reqwest::blocking::RequestBuilder {
-        sign(&self.http, &self.key, &self.config.hub, method, path, body)
-    }
-
-    fn assignment(&self) -> Result<Assignment> {
-        let path = "/v1/assignments?wait_ms=20000";
-        let hub = self.hub();
-        let r = hub.send("assignment", || self.signed("POST", path, Vec::new()))?;
-        let signature = r.headers().get(HUB_SIGNATURE_HEADER).and_then(|v| v.to_str().ok()).map(str::to_owned);
-        let body = hub.body("assignment", r)?;
-        check_hub_signature(&self.hub_key, &body, signature.as_deref())?;
-        serde_json::from_slice(&body).map_err(|e| hub.http_err("assignment", e))
-    }
-
     /// The run's validator, its attestation verified against the run's policy (once per
     /// validator the hub announces).
     fn recipient(&mut self) -> Result<SealingKey> {
         let Some(policy) = self.run.spec.trust.clone() else {
             return Err(ContributorError::Data("this run does not seal submissions".into()));
         };
-        let url = format!("{}/v1/validator", self.config.hub);
-        let hub = self.hub();
+        let url = format!("{}/v1/validator", self.net.url);
+        let hub = self.net.hub();
         // 503 `no_validator` is retried with the rest of the hub's 5xx answers.
-        let info: ValidatorInfo = hub.json("validator", hub.send("validator", || self.http.get(&url))?)?;
+        let info: ValidatorInfo = hub.json("validator", hub.send("validator", || self.net.http.get(&url))?)?;
         if let Some(r) = &self.recipient
             && r.ledger_seq == info.ledger_seq
         {
@@ -538,27 +454,59 @@ impl Contributor {
             run_id: hex_array(&self.run.run_id)?,
             base_round: a.round,
             base_checkpoint: hex_array(&a.base_checkpoint)?,
-            contributor: self.key.public(),
+            contributor: self.net.key.public(),
             recipient: key.fingerprint(),
         };
         Ok(key.seal(header, message)?)
     }
 
     /// Runs rounds until the run finishes (or `max_rounds`), calling `on_round` after each.
-    pub fn run(&mut self, mut on_round: impl FnMut(&RoundReport)) -> Result<u64> {
-        let mut done = 0;
-        while self.config.max_rounds.is_none_or(|m| done < m) {
-            let a = match self.assignment() {
+    /// With [`ContributorConfig::overlap`], each round's upload and the next download run while
+    /// the next round trains (see [`overlap`]).
+    pub fn run(&mut self, mut on_round: impl FnMut(&RoundReport)) -> Result<Summary> {
+        let began = Instant::now();
+        self.first_step = None;
+        let mut training_s = 0.0;
+        let mut count = |r: &RoundReport| {
+            training_s += r.train_s;
+            on_round(r);
+        };
+        let rounds = if self.config.overlap {
+            self.run_overlapped(&mut count)?
+        } else {
+            let mut done = 0;
+            while self.config.max_rounds.is_none_or(|m| done < m) {
+                let Some(a) = self.next_assignment()? else { break };
+                let report = self.round(&a)?;
+                count(&report);
+                done += 1;
+            }
+            done
+        };
+        let first = self.first_step.unwrap_or_else(Instant::now);
+        Ok(Summary {
+            rounds,
+            training_s,
+            wall_s: first.elapsed().as_secs_f64(),
+            joining_s: first.saturating_duration_since(began).as_secs_f64(),
+        })
+    }
+
+    /// The next round to train: one the hub has opened and this contributor has not submitted
+    /// for, in the run's current phase (switching to it if the run grew). `None` once the run
+    /// finished or did not admit this contributor to its new phase.
+    fn next_assignment(&mut self) -> Result<Option<Assignment>> {
+        loop {
+            let a = match self.net.assignment() {
                 Err(ContributorError::Refused(e)) if e.code == ErrorCode::NotQualified => {
-                    tracing::warn!(reason = %e.message, "not admitted to the run's new phase; stopping");
-                    eprintln!("not admitted to the run's new phase: {}", e.message);
-                    break;
+                    not_admitted(&e);
+                    return Ok(None);
                 }
                 other => other?,
             };
             if a.finished {
                 tracing::info!("the run has finished");
-                break;
+                return Ok(None);
             }
             if a.phase != self.run.phase {
                 self.switch_phase()?;
@@ -566,7 +514,7 @@ impl Contributor {
             if self.last_submitted == Some(a.round) {
                 continue; // The hub's wait ran out; the round is still collecting.
             }
-            if self.progress.is_some()
+            if self.net.progress.is_some()
                 && self.run.spec.contest.is_some()
                 && let Ok(Some((row, of))) = self.standing()
             {
@@ -577,21 +525,54 @@ impl Contributor {
                     rewards: row.rewards,
                 });
             }
-            let report = self.round(&a)?;
-            on_round(&report);
-            done += 1;
+            return Ok(Some(a));
         }
-        Ok(done)
     }
 
     /// One round: base weights, H inner steps, encode, upload, save.
     pub fn round(&mut self, a: &Assignment) -> Result<RoundReport> {
-        let bytes_down = self.ensure_base(a.round, &a.base_checkpoint)?;
-        let base =
-            self.base.as_ref().ok_or_else(|| ContributorError::Data("no base weights after fetching them".into()))?;
-        write_params(&self.trainer.model, &base.weights)?;
+        let (base, bytes_down) =
+            self.net.ensure_base(self.base.take(), a.round, &a.base_checkpoint, &self.run.spec.tensors)?;
+        let (keep, inner_loss, train_s) = self.train_from(a, &base.weights)?;
+        let Packaged { plain, mut body, .. } = self.package(a, &keep, &base.weights)?;
+        self.base = Some(base);
+        match self.config.adversary {
+            Some(tessera_contest::Adversary::Replay) => {
+                if let Some(old) = self.last_body.replace(body.clone()) {
+                    body = old;
+                }
+            }
+            Some(tessera_contest::Adversary::Stale) => self.wait_until_stale(a.round)?,
+            _ => {}
+        }
+        let bytes_up = body.len() as u64;
+        let sent = self.upload(body, inner_loss);
+        let outcome = self.resend_if_resealed(a, &plain, inner_loss, sent)?;
+        self.save_state()?;
+        self.mark_submitted(a.round)?;
+        Ok(RoundReport { round: a.round, inner_loss, bytes_up, bytes_down, outcome, train_s, waited_s: None })
+    }
+
+    /// Loads `start` into the model and trains round `a`'s inner steps from it. Returns the
+    /// tensors this contributor trains (all, or its fragment's), the mean inner loss and the
+    /// seconds the steps took.
+    fn train_from(&mut self, a: &Assignment, start: &[Vec<f32>]) -> Result<(Vec<usize>, f64, f64)> {
+        let began = Instant::now();
+        let (keep, steps) = self.begin_round(a, start)?;
+        let mut loss_sum = 0.0;
+        for step in 0..steps {
+            loss_sum += self.inner_step(step)?;
+        }
+        Ok((keep, loss_sum / steps.max(1) as f64, began.elapsed().as_secs_f64()))
+    }
+
+    /// Sets the trainer up for round `a` from the weights `start`: the schedule, the data slot,
+    /// and which tensors learn. Returns those tensors (all, or its fragment's) and the number of
+    /// inner steps to train.
+    fn begin_round(&mut self, a: &Assignment, start: &[Vec<f32>]) -> Result<(Vec<usize>, u64)> {
+        write_params(&self.trainer.model, start)?;
+        self.first_step.get_or_insert_with(Instant::now);
         self.trainer.schedule_shift = a.schedule_step as i64 - self.trainer.step() as i64;
-        let start = Instant::now();
         let adversary = self.config.adversary;
         if adversary == Some(tessera_contest::Adversary::WrongData) {
             self.trainer.config.worker = a.slot + 1_000_003; // Someone else's windows.
@@ -607,17 +588,23 @@ impl Contributor {
         }
         let steps = adversary.map_or(a.inner_steps, |k| k.inner_steps(a.inner_steps));
         self.report(Progress::Round { round: a.round, phase: a.phase, steps });
-        let mut loss_sum = 0.0;
-        for step in 0..steps {
-            let loss = self.trainer.train_step()?.loss;
-            loss_sum += loss;
-            self.report(Progress::Step { step: step + 1, loss });
-        }
-        let inner_loss = loss_sum / steps.max(1) as f64;
-        let train_s = start.elapsed().as_secs_f64();
+        Ok((keep, steps))
+    }
+
+    /// Inner step `step` (0-based) of the round; returns its loss.
+    fn inner_step(&mut self, step: u64) -> Result<f64> {
+        let loss = self.trainer.train_step()?.loss;
+        self.report(Progress::Step { step: step + 1, loss });
+        Ok(loss)
+    }
+
+    /// The round's submission: Δ = `start` − the trained weights, encoded with error feedback
+    /// (tampered with, for an adversary), sealed in a sealed run.
+    fn package(&mut self, a: &Assignment, keep: &[usize], start: &[Vec<f32>]) -> Result<Packaged> {
+        let adversary = self.config.adversary;
         let local = read_params(&self.trainer.model)?;
         let mut deltas: Vec<Vec<f32>> =
-            base.weights.iter().zip(&local).map(|(b, l)| b.iter().zip(l).map(|(b, l)| b - l).collect()).collect();
+            start.iter().zip(&local).map(|(b, l)| b.iter().zip(l).map(|(b, l)| b - l).collect()).collect();
         if let Some(kind) = adversary {
             // Alone, an attacker sees no one else's work: copies take the last published update
             // (the only other pseudo-gradient a contributor can download); ALIE and IPM estimate
@@ -652,47 +639,44 @@ impl Contributor {
             tensors,
         };
         let plain = message.to_bytes();
-        let sealed = self.run.spec.trust.is_some();
-        let mut body = if sealed { self.seal(a, &plain)? } else { plain.clone() };
-        match adversary {
-            Some(tessera_contest::Adversary::Replay) => {
-                if let Some(old) = self.last_body.replace(body.clone()) {
-                    body = old;
-                }
-            }
-            Some(tessera_contest::Adversary::Stale) => self.wait_until_stale(a.round)?,
-            _ => {}
-        }
-        let bytes_up = body.len() as u64;
-        let outcome = match self.upload(body, inner_loss) {
-            // The validator changed since this was sealed: seal to the new one, once.
-            Err(ContributorError::Refused(e)) if sealed && e.code == ErrorCode::WrongValidator => {
-                self.recipient = None;
-                let resealed = self.seal(a, &plain)?;
-                self.upload(resealed, inner_loss)?
-            }
-            other => other?,
-        };
-        self.save_state(a.round)?;
-        Ok(RoundReport { round: a.round, inner_loss, bytes_up, bytes_down, outcome, train_s })
+        let body = if self.run.spec.trust.is_some() { self.seal(a, &plain)? } else { plain.clone() };
+        Ok(Packaged { plain, body, deltas })
     }
 
-    /// The bytes of the update the hub published into `round`.
-    fn fetch_update(&self, round: u64) -> Result<Vec<u8>> {
-        let url = format!("{}/v1/updates/{round}", self.config.hub);
-        let hub = self.hub();
-        let r = hub.send("update", || self.http.get(&url))?;
-        let status = r.status();
-        let bytes = link::read_all(r, self.download.as_ref()).map_err(|e| hub.http_err("update", e))?;
-        if !status.is_success() {
-            return Err(hub.refusal("update", status, &bytes));
+    /// Sends a submission with this run's patience (a scored run's hub answers 503 `busy` for
+    /// as long as it waits for a round's scores, which patience alone might not cover).
+    fn upload(&self, body: Vec<u8>, inner_loss: f64) -> Result<Outcome> {
+        self.net.upload(body, inner_loss, self.busy_patience(), self.config.adversary.is_some())
+    }
+
+    fn busy_patience(&self) -> Option<Duration> {
+        self.run.spec.contest.as_ref().map(|c| Duration::from_millis(c.score_timeout_ms) + Duration::from_secs(60))
+    }
+
+    /// `sent`: what sending round `a`'s sealed `plain` gave. If the validator changed since it
+    /// was sealed, seals it to the new one and sends it once more.
+    fn resend_if_resealed(
+        &mut self,
+        a: &Assignment,
+        plain: &[u8],
+        inner_loss: f64,
+        sent: Result<Outcome>,
+    ) -> Result<Outcome> {
+        match sent {
+            Err(ContributorError::Refused(e))
+                if self.run.spec.trust.is_some() && e.code == ErrorCode::WrongValidator =>
+            {
+                self.recipient = None;
+                let resealed = self.seal(a, plain)?;
+                self.upload(resealed, inner_loss)
+            }
+            other => other,
         }
-        Ok(bytes.to_vec())
     }
 
     /// Adversaries only: the decoded update the hub published into `round`.
     fn published_update(&self, round: u64) -> Result<Vec<Vec<f32>>> {
-        let bytes = self.fetch_update(round)?;
+        let bytes = self.net.fetch_update(round)?;
         let view = MessageView::parse(&bytes)?;
         let zeros: Vec<Vec<f32>> = self.run.spec.tensors.iter().map(|t| vec![0.0; t.numel() as usize]).collect();
         // The update moves θ by +u; as a pseudo-gradient (θ − θ_local) that is −u.
@@ -703,11 +687,11 @@ impl Contributor {
     /// staleness it accepts.
     fn wait_until_stale(&self, base_round: u64) -> Result<()> {
         let target = base_round + self.run.spec.max_staleness + 1;
-        let url = format!("{}/v1/run", self.config.hub);
-        let hub = self.hub();
+        let url = format!("{}/v1/run", self.net.url);
+        let hub = self.net.hub();
         let started = Instant::now();
         loop {
-            let info: RunInfo = hub.json("run", hub.send("run", || self.http.get(&url))?)?;
+            let info: RunInfo = hub.json("run", hub.send("run", || self.net.http.get(&url))?)?;
             if info.round >= target || info.finished || started.elapsed() > self.config.patience {
                 return Ok(());
             }
@@ -715,178 +699,29 @@ impl Contributor {
         }
     }
 
-    fn upload(&self, body: Vec<u8>, inner_loss: f64) -> Result<Outcome> {
-        // In a scored run the hub answers 503 `busy` while it waits for a round's scores: that
-        // can last up to the run's score timeout, which patience alone might not cover.
-        let mut hub = self.hub();
-        if let Some(c) = &self.run.spec.contest {
-            hub.patience = hub.patience.max(Duration::from_millis(c.score_timeout_ms) + Duration::from_secs(60));
-        }
-        let shared = std::sync::Arc::new(body);
-        let response = hub.send("submit", || {
-            let request = self
-                .signed("POST", "/v1/submissions", shared.to_vec())
-                .header(INNER_LOSS_HEADER, inner_loss.to_string());
-            if self.progress.is_none() && self.upload.is_none() {
-                return request;
-            }
-            // The same bytes, read through a counter and the link (the signature covers them).
-            let body =
-                Counted { bytes: shared.clone(), at: 0, progress: self.progress.clone(), link: self.upload.clone() };
-            request.body(reqwest::blocking::Body::sized(body, shared.len() as u64))
-        })?;
-        match hub.json::<Receipt>("submit", response) {
-            Ok(r) => Ok(Outcome::Accepted(r)),
-            Err(ContributorError::Refused(e)) if e.code == ErrorCode::Duplicate => Ok(Outcome::AlreadyAccepted),
-            // An adversary is refused by design; it goes on to the next round.
-            Err(ContributorError::Refused(e))
-                if matches!(e.code, ErrorCode::Stale | ErrorCode::RunFinished) || self.config.adversary.is_some() =>
-            {
-                tracing::warn!(reason = %e.message, "submission not used");
-                Ok(Outcome::NotUsed(e.message))
-            }
-            Err(e) => Err(e),
-        }
-    }
-
-    /// Persists what a restart needs after a finished round.
-    fn save_state(&mut self, round: u64) -> Result<()> {
+    /// Persists what a restart needs after a trained round: the inner trainer and the
+    /// error-feedback residuals.
+    fn save_state(&mut self) -> Result<()> {
         let dir = self.config.state_dir.clone();
         self.trainer.save(&dir.join("trainer"))?;
         if self.run.spec.codec != Codec::F32 {
             let residuals: Vec<Vec<f32>> = self.feedback.iter().map(|f| f.residual().to_vec()).collect();
             write_atomic(&dir.join("feedback.safetensors"), &encode_weights(&self.run.spec.tensors, &residuals)?)?;
         }
-        write_atomic(&dir.join("last_submitted"), round.to_string().as_bytes())?;
-        self.last_submitted = Some(round);
         Ok(())
     }
 
-    /// Brings the cached weights to round `round`'s base checkpoint `hash`; returns the bytes
-    /// downloaded. Follows published updates when it can, else downloads the checkpoint.
-    fn ensure_base(&mut self, round: u64, hash: &str) -> Result<u64> {
-        if self.base.as_ref().is_some_and(|b| b.hash == hash) {
-            return Ok(0);
-        }
-        let mut downloaded = 0;
-        if let Some(mut base) = self.base.take().filter(|b| b.round < round) {
-            let followed = (|| -> Result<Base> {
-                for r in base.round + 1..=round {
-                    let (next, n) = self.apply_update(&base, r)?;
-                    downloaded += n;
-                    base = next;
-                }
-                Ok(base)
-            })();
-            match followed {
-                Ok(b) if b.hash == hash => {
-                    self.base = Some(b);
-                    self.save_base()?;
-                    return Ok(downloaded);
-                }
-                Ok(b) => tracing::warn!(got = %b.hash, want = hash, "updates did not reproduce the checkpoint"),
-                Err(e) => tracing::warn!(error = %e, "could not follow the published updates"),
-            }
-        }
-        let bytes = self.download_checkpoint(hash)?;
-        downloaded += bytes.len() as u64;
-        let weights = decode_weights(&bytes, &self.run.spec.tensors)?;
-        self.base = Some(Base { round, hash: hash.to_owned(), weights });
-        self.save_base()?;
-        Ok(downloaded)
-    }
-
-    fn apply_update(&self, base: &Base, round: u64) -> Result<(Base, u64)> {
-        let bytes = self.fetch_update(round)?;
-        let view = MessageView::parse(&bytes)?;
-        if hex::encode(view.base_checkpoint) != base.hash || view.round != round {
-            return Err(ContributorError::Data(format!("update {round} does not start from round {}", base.round)));
-        }
-        let weights = view.apply_to(&base.weights)?;
-        let hash = hex::encode(weights_hash(&encode_weights(&self.run.spec.tensors, &weights)?));
-        Ok((Base { round, hash, weights }, bytes.len() as u64))
-    }
-
-    /// Downloads a checkpoint into the state directory, resuming a partial download with a
-    /// range request, and checks its hash.
-    fn download_checkpoint(&self, hash: &str) -> Result<Vec<u8>> {
-        let part = self.config.state_dir.join(format!("{hash}.part"));
-        let url = format!("{}/v1/checkpoints/{hash}", self.config.hub);
-        let hub = self.hub();
-        let mut have = std::fs::read(&part).unwrap_or_default();
-        let r = hub.send("checkpoint", || {
-            let b = self.http.get(&url);
-            if have.is_empty() { b } else { b.header(reqwest::header::RANGE, format!("bytes={}-", have.len())) }
-        })?;
-        let status = r.status();
-        let body = link::read_all(r, self.download.as_ref()).map_err(|e| hub.http_err("checkpoint", e))?;
-        match status {
-            StatusCode::OK => have = body.to_vec(),
-            StatusCode::PARTIAL_CONTENT => have.extend_from_slice(&body),
-            // The partial file is longer than the object, or otherwise wrong: start over.
-            StatusCode::RANGE_NOT_SATISFIABLE => {
-                let _ = std::fs::remove_file(&part);
-                return self.download_checkpoint(hash);
-            }
-            _ => return Err(hub.refusal("checkpoint", status, &body)),
-        }
-        let _ = std::fs::remove_file(&part);
-        if hex::encode(weights_hash(&have)) != hash {
-            return Err(ContributorError::Data(format!("checkpoint {hash} arrived with a different hash")));
-        }
-        Ok(have)
-    }
-
-    fn save_base(&self) -> Result<()> {
-        let Some(base) = &self.base else { return Ok(()) };
-        let dir = &self.config.state_dir;
-        write_atomic(&dir.join("base.safetensors"), &encode_weights(&self.run.spec.tensors, &base.weights)?)?;
-        let meta = BaseMeta { round: base.round, hash: base.hash.clone() };
-        write_atomic(&dir.join("base.json"), &serde_json::to_vec(&meta).map_err(|e| state_err(dir, e))?)
+    /// Records that round `round`'s submission reached the hub.
+    fn mark_submitted(&mut self, round: u64) -> Result<()> {
+        write_atomic(&self.config.state_dir.join("last_submitted"), round.to_string().as_bytes())?;
+        self.last_submitted = Some(round);
+        Ok(())
     }
 }
 
-/// A request to `hub` + `path`, signed by `key` over its method, path and body.
-fn sign(
-    http: &Client,
-    key: &tessera_trust::Identity,
-    hub: &str,
-    method: &str,
-    path: &str,
-    body: Vec<u8>,
-) -> reqwest::blocking::RequestBuilder {
-    let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap_or(reqwest::Method::POST);
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
-    let mut b = http.request(m, format!("{hub}{path}"));
-    match key.sign_request(method, path, &body, now) {
-        Ok(headers) => {
-            for (k, v) in headers {
-                b = b.header(k, v);
-            }
-        }
-        // The hub refuses the unsigned request with a clear error.
-        Err(e) => tracing::error!(error = %e, "could not sign a request"),
-    }
-    b.body(body)
-}
-
-/// The hub's run, its signature checked (against `pinned`, or the key the answer names on first
-/// contact) and its spec held to what a hub must check before serving it.
-fn fetch_run(hub: &Hub, http: &Client, pinned: Option<&PublicKey>) -> Result<RunInfo> {
-    let response = hub.send("run", || http.get(format!("{}/v1/run", hub.url)))?;
-    let signature = response.headers().get(HUB_SIGNATURE_HEADER).and_then(|v| v.to_str().ok()).map(str::to_owned);
-    let body = hub.body("run", response)?;
-    let run: RunInfo = serde_json::from_slice(&body).map_err(|e| hub.http_err("run", e))?;
-    if run.protocol != PROTOCOL_VERSION {
-        return Err(ContributorError::Protocol(run.protocol));
-    }
-    let key = match pinned {
-        Some(k) => *k,
-        None => PublicKey::parse(&run.hub_key)?,
-    };
-    check_hub_signature(&key, &body, signature.as_deref())?;
-    run.spec.validate().map_err(|e| ContributorError::Data(format!("the hub's run spec: {e}")))?;
-    Ok(run)
+fn not_admitted(e: &ApiError) {
+    tracing::warn!(reason = %e.message, "not admitted to the run's new phase; stopping");
+    eprintln!("not admitted to the run's new phase: {}", e.message);
 }
 
 /// The run's tensor table must be exactly the model its config describes (names and shapes):
@@ -901,26 +736,6 @@ fn check_table(model: &Llama, table: &[TensorSpec]) -> Result<()> {
         return Err(ContributorError::Data("the run's tensor table does not match its model config".into()));
     }
     Ok(())
-}
-
-/// Checks the hub's signature over an answer it published.
-fn check_hub_signature(hub_key: &PublicKey, body: &[u8], signature: Option<&str>) -> Result<()> {
-    let signature = signature.ok_or_else(|| ContributorError::Data("the hub's answer is not signed".into()))?;
-    hub_key
-        .verify_hex(&tessera_trust::identity::publication_message(body), signature)
-        .map_err(|_| ContributorError::Data("the hub's signature on its answer does not verify".into()))
-}
-
-/// The cached base weights, if present and intact.
-fn load_base(dir: &Path, table: &[TensorSpec]) -> Option<Base> {
-    let meta: BaseMeta = serde_json::from_slice(&std::fs::read(dir.join("base.json")).ok()?).ok()?;
-    let bytes = std::fs::read(dir.join("base.safetensors")).ok()?;
-    if hex::encode(weights_hash(&bytes)) != meta.hash {
-        tracing::warn!("cached base weights do not match their hash; ignoring them");
-        return None;
-    }
-    let weights = decode_weights(&bytes, table).ok()?;
-    Some(Base { round: meta.round, hash: meta.hash, weights })
 }
 
 fn hex_array<const N: usize>(s: &str) -> Result<[u8; N]> {

@@ -267,6 +267,15 @@ pub struct ContributeArgs {
     /// megabits per second.
     #[arg(long, value_name = "MBPS")]
     max_download_mbps: Option<f64>,
+    /// Keep training while talking to the hub: upload each round's pseudo-gradient and
+    /// download the next checkpoint while the next round already trains. That round starts from
+    /// an estimate of the hub's next weights (its outer step, with this contributor's own
+    /// pseudo-gradient for the mean) and moves onto the real ones as soon as they arrive.
+    #[arg(long)]
+    overlap: bool,
+    /// Write a JSON line per submitted round, then one with the totals, to this file.
+    #[arg(long, value_name = "FILE")]
+    report: Option<PathBuf>,
     #[command(flatten)]
     runtime: RuntimeArgs,
 }
@@ -293,8 +302,31 @@ pub struct DemoArgs {
     /// each phase after the first admits the top --promote-top of the leaderboard.
     #[arg(long)]
     phases: bool,
+    /// Contributors overlap their uploads and downloads with training (`contribute --overlap`).
+    #[arg(long)]
+    overlap: bool,
+    /// Each contributor uploads no faster than this (`contribute --max-upload-mbps`).
+    #[arg(long, value_name = "MBPS")]
+    max_upload_mbps: Option<f64>,
+    /// Each contributor downloads no faster than this (`contribute --max-download-mbps`).
+    #[arg(long, value_name = "MBPS")]
+    max_download_mbps: Option<f64>,
     #[command(flatten)]
     run: RunArgs,
+}
+
+/// A finished local run: what the hub reported, the final model's evaluation, and each
+/// contributor's totals.
+pub struct SwarmRun {
+    pub info: RunInfo,
+    pub status: HubStatus,
+    pub eval: EvalStats,
+    pub elapsed: f64,
+    pub final_dir: PathBuf,
+    /// A line about the verified ledger (sealed runs).
+    pub ledger_line: Option<String>,
+    /// Per contributor, the totals from its `--report` (absent if it wrote none).
+    pub contributors: Vec<Option<tessera_contributor::Summary>>,
 }
 
 /// The later phases of `--grow-to`: each model planned as a function-preserving growth of the
@@ -556,19 +588,30 @@ pub fn contribute(args: ContributeArgs) -> Result<()> {
         adversary: args.adversary,
         max_upload_bps: mbps("--max-upload-mbps", args.max_upload_mbps)?,
         max_download_bps: mbps("--max-download-mbps", args.max_download_mbps)?,
+        overlap: args.overlap,
+    };
+    if args.overlap && args.adversary.is_some() {
+        bail!("--overlap and --adversary do not go together: an attack's rounds are not overlapped");
+    }
+    let mut report = match &args.report {
+        Some(p) => Some(std::io::BufWriter::new(
+            std::fs::File::create(p).with_context(|| format!("create the report {}", p.display()))?,
+        )),
+        None => None,
     };
     if let Some(kind) = args.adversary {
         tracing::warn!(%kind, "ADVERSARY MODE (a testing tool): this contributor attacks the run");
     }
     let mut contributor = Contributor::join(config)?;
     eprintln!(
-        "tessera contribute: contributor {} in run {} ({}), H = {}, codec {}{}",
+        "tessera contribute: contributor {} in run {} ({}), H = {}, codec {}{}{}",
         contributor.id(),
         contributor.run.run_id,
         contributor.run.spec.name,
         contributor.run.spec.inner_steps,
         contributor.run.spec.codec,
-        if contributor.run.spec.trust.is_some() { ", submissions sealed to the attested validator" } else { "" }
+        if contributor.run.spec.trust.is_some() { ", submissions sealed to the attested validator" } else { "" },
+        if args.overlap { ", transfers overlapped with training" } else { "" }
     );
     eprintln!("your key {} (rewards are credited to it)", contributor.public_key());
     // Live status on a terminal (hidden when stderr is not one): phase, round, inner step and
@@ -614,10 +657,13 @@ pub fn contribute(args: ContributeArgs) -> Result<()> {
             }
         }));
     }
-    let started = Instant::now();
-    let mut training_s = 0.0;
-    let rounds = contributor.run(|r| {
-        training_s += r.train_s;
+    let mut report_error = None;
+    let summary = contributor.run(|r| {
+        if let Some(w) = report.as_mut()
+            && let Err(e) = serde_json::to_writer(&mut *w, r).map_err(std::io::Error::from).and_then(|()| writeln!(w))
+        {
+            report_error.get_or_insert(e);
+        }
         let outcome = match &r.outcome {
             Outcome::Accepted(rc) if rc.staleness > 0 => {
                 format!("accepted into round {} at weight {}", rc.round, rc.weight)
@@ -626,9 +672,10 @@ pub fn contribute(args: ContributeArgs) -> Result<()> {
             Outcome::AlreadyAccepted => "already accepted (an earlier attempt's answer was lost)".to_owned(),
             Outcome::NotUsed(why) => format!("not used: {why}"),
         };
+        let waited = r.waited_s.map_or(String::new(), |w| format!(" (+{w:.1} s waiting)"));
         bar.suspend(|| {
             eprintln!(
-                "round {:>4}: inner loss {:.4} | {:.1} s training | ↑ {} ↓ {} | {outcome}",
+                "round {:>4}: inner loss {:.4} | {:.1} s training{waited} | ↑ {} ↓ {} | {outcome}",
                 r.round,
                 r.inner_loss,
                 r.train_s,
@@ -652,13 +699,23 @@ pub fn contribute(args: ContributeArgs) -> Result<()> {
             Err(e) => eprintln!("standing: could not read the leaderboard: {e}"),
         }
     }
-    let wall = started.elapsed().as_secs_f64();
     eprintln!(
-        "tessera contribute: done after {rounds} round(s); training {:.1} s of {:.1} s ({:.1}% compute utilisation)",
-        training_s,
-        wall,
-        100.0 * training_s / wall.max(1e-9)
+        "tessera contribute: done after {} round(s); training {:.1} s of {:.1} s since the first step \
+         ({:.1}% compute utilisation; {:.1} s joining before it)",
+        summary.rounds,
+        summary.training_s,
+        summary.wall_s,
+        100.0 * summary.utilisation(),
+        summary.joining_s
     );
+    if let Some(mut w) = report {
+        serde_json::to_writer(&mut w, &summary)?;
+        writeln!(w)?;
+        w.flush()?;
+    }
+    if let Some(e) = report_error {
+        bail!("writing the report: {e}");
+    }
     Ok(())
 }
 
@@ -814,6 +871,17 @@ fn get_json<T: serde::de::DeserializeOwned>(http: &reqwest::blocking::Client, ur
 }
 
 pub fn demo(args: DemoArgs) -> Result<()> {
+    let r = run_swarm(&args)?;
+    summary(&r.info, &r.status, &r.eval, r.elapsed, &r.final_dir);
+    if let Some(line) = r.ledger_line {
+        println!("{line}");
+    }
+    Ok(())
+}
+
+/// Runs a hub and `--contributors` contributor processes on localhost until the run finishes,
+/// then evaluates the final weights.
+pub fn run_swarm(args: &DemoArgs) -> Result<SwarmRun> {
     if args.contributors == 0 {
         bail!("--contributors must be at least 1");
     }
@@ -925,9 +993,20 @@ pub fn demo(args: DemoArgs) -> Result<()> {
             name.clone(),
             "--threads".into(),
             threads.to_string(),
+            "--report".into(),
+            dir.join(format!("{name}.report.jsonl")).display().to_string(),
         ];
         if let Some(d) = &run.data.data {
             a.extend(["--data".into(), d.display().to_string(), "--tokenizer".into(), run.data.tokenizer.clone()]);
+        }
+        if args.overlap {
+            a.push("--overlap".into());
+        }
+        for (flag, v) in [("--max-upload-mbps", args.max_upload_mbps), ("--max-download-mbps", args.max_download_mbps)]
+        {
+            if let Some(v) = v {
+                a.extend([flag.into(), v.to_string()]);
+            }
         }
         workers.push(Proc::spawn(&name, dir.join(format!("{name}.log")), &a)?);
     }
@@ -1033,11 +1112,13 @@ pub fn demo(args: DemoArgs) -> Result<()> {
     save_checkpoint(&model, Some(&dataset.tokenizer), &final_dir)?;
     let trainer = Trainer::from_model(inner_config(&info, 0), model, dataset)?;
     let eval = EvalStats { step: info.spec.rounds * info.spec.inner_steps, ..trainer.evaluate()? };
-    summary(&info, &status, &eval, elapsed, &final_dir);
-    if let Some(line) = ledger_line {
-        println!("{line}");
-    }
-    Ok(())
+    let contributors = (0..args.contributors)
+        .map(|i| {
+            let text = std::fs::read_to_string(dir.join(format!("contributor-{i}.report.jsonl"))).ok()?;
+            serde_json::from_str(text.lines().last()?).ok()
+        })
+        .collect();
+    Ok(SwarmRun { info, status, eval, elapsed, final_dir, ledger_line, contributors })
 }
 
 fn summary(info: &RunInfo, status: &HubStatus, eval: &EvalStats, elapsed: f64, final_dir: &Path) {

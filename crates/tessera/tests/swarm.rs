@@ -230,25 +230,16 @@ fn final_loss(stdout: &str, prefix: &str) -> f64 {
     rest.split_whitespace().next().unwrap().parse().unwrap()
 }
 
+/// A run small enough for a test: the tiny model on a short embedded corpus, H = 4.
+const TINY_RUN: [&str; 10] =
+    ["--model", "tiny", "--synthetic-chars", "20000", "--batch-size", "4", "--inner-steps", "4", "--lr", "0.003"];
+
 /// The hub and contributors over HTTP compute what the in-process simulation computes, codecs
 /// and broadcast updates included: the final global model is the same up to float rounding.
 #[test]
 fn the_networked_run_matches_the_in_process_simulation() {
     let dir = tempfile::tempdir().unwrap();
-    let common = [
-        "--model",
-        "tiny",
-        "--synthetic-chars",
-        "20000",
-        "--batch-size",
-        "4",
-        "--inner-steps",
-        "4",
-        "--rounds",
-        "3",
-        "--lr",
-        "0.003",
-    ];
+    let common = [&TINY_RUN[..], &["--rounds", "3"]].concat();
     // (name, the hub's flags, the simulation's flags): lossless; int8 both ways; top-k with
     // decaying error feedback and plain outer SGD (the SparseLoCo recipe).
     let sparse = ["--feedback-decay", "0.9", "--outer-lr", "1.5", "--outer-momentum", "0", "--broadcast-codec", "int8"];
@@ -269,7 +260,7 @@ fn the_networked_run_matches_the_in_process_simulation() {
         let d: PathBuf = dir.path().join(up);
         let mut demo_args = vec!["demo", "--contributors", "2", "--dir", d.to_str().unwrap()];
         demo_args.extend(&hub_flags);
-        demo_args.extend(common);
+        demo_args.extend(&common);
         let demo = run(&demo_args);
         let out = String::from_utf8_lossy(&demo.stdout).into_owned();
         assert!(demo.status.success(), "{out}\n{}", String::from_utf8_lossy(&demo.stderr));
@@ -280,13 +271,51 @@ fn the_networked_run_matches_the_in_process_simulation() {
 
         let mut sim_args = vec!["bench", "diloco", "--workers", "2", "--threads", "1"];
         sim_args.extend(&sim_flags);
-        sim_args.extend(common);
+        sim_args.extend(&common);
         let sim = run(&sim_args);
         let sim_out = String::from_utf8_lossy(&sim.stdout).into_owned();
         assert!(sim.status.success(), "{sim_out}\n{}", String::from_utf8_lossy(&sim.stderr));
         let (net, local) = (final_loss(&out, "final global model"), final_loss(&sim_out, "DiLoCo: final"));
         assert!((net - local).abs() < 1e-3, "{up}: network {net} vs simulation {local}\n{out}\n{sim_out}");
     }
+}
+
+/// A lone contributor that overlaps its transfers with training reconstructs the hub's outer
+/// step exactly, so with lossless codecs its run ends where the plain run ends; its report shows
+/// every round submitted and the waits it measured.
+#[test]
+fn an_overlapped_lone_contributor_follows_the_plain_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let common =
+        [&TINY_RUN[..], &["--rounds", "4", "--codec", "f32", "--broadcast-codec", "f32", "--contributors", "1"]]
+            .concat();
+    let mut losses = Vec::new();
+    for overlap in [false, true] {
+        let d: PathBuf = dir.path().join(if overlap { "overlapped" } else { "plain" });
+        let mut args = vec!["demo", "--dir", d.to_str().unwrap()];
+        args.extend(&common);
+        if overlap {
+            args.push("--overlap");
+        }
+        let demo = run(&args);
+        let out = String::from_utf8_lossy(&demo.stdout).into_owned();
+        assert!(demo.status.success(), "{out}\n{}", String::from_utf8_lossy(&demo.stderr));
+        losses.push(final_loss(&out, "final global model"));
+        let report = std::fs::read_to_string(d.join("contributor-0.report.jsonl")).unwrap();
+        let lines: Vec<serde_json::Value> = report.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        assert_eq!(lines.len(), 5, "four rounds and the totals:\n{report}");
+        for (r, line) in lines[..4].iter().enumerate() {
+            assert_eq!(line["round"], r as u64, "{report}");
+            assert!(line["outcome"]["Accepted"].is_object(), "{report}");
+            // Overlapped rounds but the last were sent while the next one trained.
+            assert_eq!(line["waited_s"].is_number(), overlap && r < 3, "{report}");
+        }
+        assert_eq!(lines[4]["rounds"], 4);
+        let log = log_of(&d, "contributor-0");
+        assert_eq!(log.contains("transfers overlapped with training"), overlap, "{log}");
+    }
+    let (plain, overlapped) = (losses[0], losses[1]);
+    assert!((plain - overlapped).abs() < 1e-3, "plain {plain} vs overlapped {overlapped}");
 }
 
 /// A sealed, scored run with real processes: two honest contributors, one that scales its Δ
@@ -463,7 +492,9 @@ fn a_run_grows_into_its_next_phase_and_contributors_follow() {
     let port = free_port();
     let flags = ["--inner-steps", "3", "--rounds", "2", "--grow-to", "nano:2", "--quorum", "2", "--deadline", "60"];
     let _h = hub(d, port, &flags);
-    let mut workers = [contributor(d, port, "a"), contributor(d, port, "b")];
+    // One contributor trains ahead while it talks to the hub: at the phase boundary the round it
+    // trained ahead is not the one the hub opens, and it must drop that work and follow.
+    let mut workers = [contributor(d, port, "a"), contributor_with(d, port, "b", &["--overlap"])];
     for (w, name) in workers.iter_mut().zip(["a", "b"]) {
         w.wait_success(Duration::from_secs(240), &d.join(format!("{name}.log")));
     }
@@ -482,6 +513,8 @@ fn a_run_grows_into_its_next_phase_and_contributors_follow() {
         let log = log_of(d, name);
         assert!(log.contains("the run grew: training its new model"), "{log}");
     }
+    let overlapped = log_of(d, "b");
+    assert!(overlapped.contains("trained ahead: that work is dropped"), "{overlapped}");
 }
 
 /// A scored run whose second phase admits only the top two of the leaderboard: the attacker
@@ -534,6 +567,8 @@ fn a_grown_phase_admits_only_who_qualified() {
         let log = log_of(d, name);
         assert!(log.contains("the run grew: training its new model"), "{log}");
     }
+    let overlapped = log_of(d, "b");
+    assert!(overlapped.contains("trained ahead: that work is dropped"), "{overlapped}");
     let validator = log_of(d, "validator");
     assert!(validator.contains("scoring with its new model"), "{validator}");
 }
