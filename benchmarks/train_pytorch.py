@@ -5,9 +5,12 @@ Builds the identical Llama (shapes from `tessera model info PRESET --json`), run
 backward, global-norm clipping and AdamW (decay on matrices only) on the same batch and thread
 count, and runs `tessera bench train` for the same settings. The two alternate for `--rounds`
 rounds (a shared machine's speed drifts); the ratio reported is median Tessera tokens/s ÷
-median PyTorch tokens/s, with the range of the per-round ratios.
+median PyTorch tokens/s, with the per-round ratios. Each side also reports the peak resident
+memory of its process during the timed steps (Linux: VmHWM after resetting it), and on a GPU
+its model FLOPs utilisation with bf16 autocast.
 
-    .venv/bin/python benchmarks/train_pytorch.py --models nano,micro --threads 2
+    .venv/bin/python benchmarks/train_pytorch.py --models nano,micro,small --threads 2
+    python benchmarks/train_pytorch.py --device cuda --models micro,small --steps 50
 """
 import argparse
 import json
@@ -85,9 +88,26 @@ class Llama(nn.Module):
         return F.linear(x, self.embed.weight) if self.lm_head is None else self.lm_head(x)
 
 
-def bench_pytorch(config, batch, steps, warmup):
+def status_mib(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field):
+                return int(line.split()[1]) / 1024.0
+    return None
+
+
+def reset_peak_rss():
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def bench_pytorch(config, batch, steps, warmup, device, bf16):
     torch.manual_seed(0)
-    model = Llama(config)
+    model = Llama(config).to(device)
     t = config["max_position_embeddings"]
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
@@ -95,13 +115,14 @@ def bench_pytorch(config, batch, steps, warmup):
         [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
         lr=1e-3, betas=(0.9, 0.99), eps=1e-8,
     )
-    data = torch.randint(0, config["vocab_size"], (batch * 4, t + 1))
+    data = torch.randint(0, config["vocab_size"], (batch * 4, t + 1), device=device)
 
     def step(i):
-        rows = data[(torch.arange(batch) + i * batch) % data.shape[0]]
+        rows = data[(torch.arange(batch, device=device) + i * batch) % data.shape[0]]
         x, y = rows[:, :-1], rows[:, 1:]
-        logits = model(x)
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+        with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=bf16):
+            logits = model(x)
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -110,11 +131,17 @@ def bench_pytorch(config, batch, steps, warmup):
 
     for i in range(warmup):
         step(i)
+    before = status_mib("VmRSS:") if reset_peak_rss() else None
+    if device == "cuda":
+        torch.cuda.synchronize()
     start = time.perf_counter()
     for i in range(steps):
         step(i)
+    if device == "cuda":
+        torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
-    return steps * batch * t / elapsed
+    peak = status_mib("VmHWM:") if before is not None else None
+    return steps * batch * t / elapsed, (before, peak)
 
 
 def main():
@@ -126,25 +153,60 @@ def main():
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--precision", choices=["bf16", "f32"], help="default: bf16 autocast on cuda, f32 on cpu")
+    ap.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak (default: tessera's table)")
     ap.add_argument("--tessera", default=os.path.join(root, "target", "release", "tessera"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {args.threads} threads, batch {args.batch_size}")
+    precision = args.precision or ("bf16" if args.device == "cuda" else "f32")
+    bf16 = precision == "bf16"
+    where = torch.cuda.get_device_name(0) if args.device == "cuda" else f"{args.threads} CPU threads"
+    print(f"torch {torch.__version__}, {where}, batch {args.batch_size}, {precision}")
     print(f"{args.rounds} alternating rounds of {args.steps} timed steps each; medians")
-    print(f"{'model':<8} {'pytorch tok/s':>14} {'tessera tok/s':>14} {'ratio':>7}  per-round ratios")
+    print("peak RSS: the process's peak resident memory during the timed steps; step: that peak less")
+    print("its resident memory when they began (what the steps themselves add)")
+    print(f"{'model':<8} {'pytorch tok/s':>14} {'tessera tok/s':>14} {'ratio':>7} {'pytorch RSS':>12} "
+          f"{'tessera RSS':>12} {'RSS ratio':>9} {'pytorch step':>12} {'tessera step':>12} "
+          f"{'pytorch MFU':>11} {'tessera MFU':>11}  per-round ratios")
     for name in args.models.split(","):
         info = json.loads(subprocess.check_output([args.tessera, "model", "info", name, "--json"]))
-        py_runs, rs_runs = [], []
+        flops_per_token = info["train_flops_per_token"]
+        py_runs, rs_runs, py_rss, rs_rss, py_step, rs_step, rs_mfu = [], [], [], [], [], [], []
         for _ in range(args.rounds):
-            py_runs.append(bench_pytorch(info["config"], args.batch_size, args.steps, args.warmup))
-            out = subprocess.check_output([
+            tps, rss = bench_pytorch(info["config"], args.batch_size, args.steps, args.warmup, args.device, bf16)
+            py_runs.append(tps)
+            py_rss.append(rss[1])
+            py_step.append(rss[1] - rss[0] if None not in rss else None)
+            cmd = [
                 args.tessera, "bench", "train", "--models", name, "--json", "--threads", str(args.threads),
                 "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--warmup", str(args.warmup),
-            ])
-            rs_runs.append(json.loads(out.decode().strip().splitlines()[-1])["tokens_per_s"])
+                "--device", args.device, "--precision", precision,
+            ]
+            if args.peak_tflops:
+                cmd += ["--peak-tflops", str(args.peak_tflops)]
+            r = json.loads(subprocess.check_output(cmd).decode().strip().splitlines()[-1])
+            rs_runs.append(r["tokens_per_s"])
+            rs_rss.append(r.get("peak_rss_mib"))
+            before = r.get("rss_before_mib")
+            rs_step.append(rs_rss[-1] - before if None not in (before, rs_rss[-1]) else None)
+            rs_mfu.append(r.get("mfu"))
         py, rs = statistics.median(py_runs), statistics.median(rs_runs)
         ratios = ", ".join(f"{r / p:.3f}" for r, p in zip(rs_runs, py_runs))
-        print(f"{name:<8} {py:>14.0f} {rs:>14.0f} {rs / py:>7.3f}  {ratios}", flush=True)
+        peak_py = max((x for x in py_rss if x is not None), default=None)
+        peak_rs = max((x for x in rs_rss if x is not None), default=None)
+        mib = lambda x: "–" if x is None else f"{x:.0f} MiB"
+        step_py = max((x for x in py_step if x is not None), default=None)
+        step_rs = max((x for x in rs_step if x is not None), default=None)
+        rss_ratio = f"{peak_rs / peak_py:.3f}" if peak_py and peak_rs else "–"
+        # Tessera's own table gives the peak; the same peak turns PyTorch's tokens/s into MFU.
+        mfus = [m for m in rs_mfu if m is not None]
+        peak_flops = args.peak_tflops * 1e12 if args.peak_tflops else (
+            statistics.median(rs_runs) * flops_per_token / statistics.median(mfus) if mfus else None)
+        py_mfu = f"{100 * py * flops_per_token / peak_flops:.1f}%" if peak_flops else "–"
+        rs_mfu_s = f"{100 * statistics.median(mfus):.1f}%" if mfus else "–"
+        print(f"{name:<8} {py:>14.0f} {rs:>14.0f} {rs / py:>7.3f} {mib(peak_py):>12} {mib(peak_rs):>12} "
+              f"{rss_ratio:>9} {mib(step_py):>12} {mib(step_rs):>12} {py_mfu:>11} {rs_mfu_s:>11}  {ratios}", flush=True)
 
 
 if __name__ == "__main__":

@@ -124,6 +124,11 @@ pub fn presets() -> Vec<Preset> {
             summary: "6 layers, 6 heads, width 384, context 256",
             config: shape(384, 6, 6, 6, 1024, 66, 256, true, 10_000.0),
         },
+        Preset {
+            name: "small",
+            summary: "8 layers, width 512, grouped-query attention (8 heads, 2 K/V), context 512",
+            config: shape(512, 8, 8, 2, 1408, 66, 512, true, 10_000.0),
+        },
         // The demo ladder: seven phases small enough for two CPU cores, each a function-preserving
         // growth of the one before (head size 16, full multi-head attention, context 64).
         Preset {

@@ -206,6 +206,11 @@ impl Llama {
         self.vs.device()
     }
 
+    /// The kind matrix multiplies run in.
+    pub fn compute_kind(&self) -> Kind {
+        self.compute_kind
+    }
+
     /// Overrides the kind matrix multiplies run in (f32 on CPU, bf16 on CUDA by default).
     pub fn set_compute_kind(&mut self, kind: Kind) {
         self.compute_kind = kind;

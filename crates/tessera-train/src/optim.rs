@@ -42,26 +42,43 @@ impl AdamW {
         }
     }
 
-    /// Scales gradients so their global L2 norm is at most `max_norm`; returns the norm before.
-    pub fn clip_grad_norm(&mut self, max_norm: f64) -> f64 {
+    /// The global L2 norm of the gradients, left on the device (reading it is a host sync);
+    /// `None` without gradients.
+    pub fn grad_norm(&self) -> Option<Tensor> {
         tch::no_grad(|| {
             let norms: Vec<Tensor> =
                 self.params.iter().map(|(_, p)| p.grad()).filter(|g| g.defined()).map(|g| g.norm()).collect();
-            if norms.is_empty() {
-                return 0.0;
-            }
-            let total = f64::try_from(Tensor::stack(&norms, 0).norm()).unwrap_or(f64::NAN);
-            if total.is_finite() && total > max_norm {
-                let scale = max_norm / (total + 1e-6);
-                for (_, p) in &self.params {
-                    let mut g = p.grad();
-                    if g.defined() {
-                        let _ = g.g_mul_scalar_(scale);
-                    }
+            (!norms.is_empty()).then(|| Tensor::stack(&norms, 0).norm())
+        })
+    }
+
+    /// The factor that brings gradients of global norm `norm` to at most `max_norm` (1 when
+    /// they are within it, or the norm is not finite).
+    pub fn clip_factor(norm: f64, max_norm: f64) -> f64 {
+        if norm.is_finite() && norm > max_norm { max_norm / (norm + 1e-6) } else { 1.0 }
+    }
+
+    /// Multiplies every gradient by `factor`.
+    pub fn scale_grads(&mut self, factor: f64) {
+        if factor == 1.0 {
+            return;
+        }
+        tch::no_grad(|| {
+            for (_, p) in &self.params {
+                let mut g = p.grad();
+                if g.defined() {
+                    let _ = g.g_mul_scalar_(factor);
                 }
             }
-            total
-        })
+        });
+    }
+
+    /// Scales gradients so their global L2 norm is at most `max_norm`; returns the norm before.
+    pub fn clip_grad_norm(&mut self, max_norm: f64) -> f64 {
+        let Some(norm) = self.grad_norm() else { return 0.0 };
+        let total = f64::try_from(norm).unwrap_or(f64::NAN);
+        self.scale_grads(Self::clip_factor(total, max_norm));
+        total
     }
 
     /// One AdamW update at learning rate `lr`.

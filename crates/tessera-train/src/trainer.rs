@@ -128,6 +128,47 @@ pub struct Trainer {
     /// Added to the optimizer step to index the learning-rate schedule: a DiLoCo contributor
     /// follows the run's global inner-step count, not its own.
     pub schedule_shift: i64,
+    /// When set, [`Trainer::train_step`] adds the time of each of its stages here (on a GPU it
+    /// then waits for the device at every stage, which a plain step never does).
+    pub profile: Option<StepProfile>,
+}
+
+/// Where training steps' time went, summed over the steps profiled.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct StepProfile {
+    pub steps: u64,
+    /// Drawing the windows and building the batch on the device.
+    pub data_s: f64,
+    pub forward_s: f64,
+    pub backward_s: f64,
+    /// The gradients' global norm, reading it with the loss (the step's one host sync) and
+    /// clipping.
+    pub clip_s: f64,
+    /// The AdamW update and zeroing the gradients.
+    pub optimizer_s: f64,
+}
+
+/// Marks the end of each stage of a profiled step.
+struct Stages {
+    device: tch::Device,
+    at: std::time::Instant,
+}
+
+impl Stages {
+    fn new(device: tch::Device) -> Stages {
+        Stages { device, at: std::time::Instant::now() }
+    }
+
+    /// Seconds since the last mark, once the device has finished the work queued so far.
+    fn lap(&mut self) -> f64 {
+        if let tch::Device::Cuda(i) = self.device {
+            tch::Cuda::synchronize(i as i64);
+        }
+        let now = std::time::Instant::now();
+        let s = now.duration_since(self.at).as_secs_f64();
+        self.at = now;
+        s
+    }
 }
 
 /// How a grown parameter's new entries start their AdamW second moment.
@@ -175,7 +216,7 @@ impl Trainer {
             }
         }
         let opt = AdamW::new(model.named_parameters(), config.adamw);
-        Ok(Trainer { config, model, opt, dataset, schedule_shift: 0 })
+        Ok(Trainer { config, model, opt, dataset, schedule_shift: 0, profile: None })
     }
 
     /// This trainer grown to `to`'s sizes (`tessera_model::grow`: the same function, more room),
@@ -261,21 +302,46 @@ impl Trainer {
             c.seq_len,
             self.dataset.train.len(),
         );
-        let mut loss_sum = 0.0;
+        let mut stages = self.profile.is_some().then(|| Stages::new(self.model.device()));
+        let lap = |stages: &mut Option<Stages>| stages.as_mut().map_or(0.0, Stages::lap);
+        let mut took = StepProfile { steps: 1, ..StepProfile::default() };
+        // The loss stays on the device until the step's one host sync, below.
+        let mut loss_sum: Option<Tensor> = None;
         for micro in starts.chunks(c.batch_size) {
             let (x, y) = self.batch(&self.dataset.train, micro);
+            took.data_s += lap(&mut stages);
             let loss = self.model.loss(&x, &y)?;
+            took.forward_s += lap(&mut stages);
             (&loss / c.grad_accum as f64).f_backward()?;
-            loss_sum += f64::try_from(&loss)?;
+            took.backward_s += lap(&mut stages);
+            let loss = loss.detach();
+            loss_sum = Some(match loss_sum {
+                Some(sum) => sum + loss,
+                None => loss,
+            });
         }
-        let loss = loss_sum / c.grad_accum as f64;
+        let loss_sum = loss_sum.ok_or_else(|| TrainError::Invalid("a step with no batch".into()))?;
+        // Loss and gradient norm come to the host together: the step's only sync.
+        let norm = self.opt.grad_norm().unwrap_or_else(|| loss_sum.zeros_like());
+        let both = Vec::<f64>::try_from(Tensor::stack(&[loss_sum.to_kind(Kind::Float), norm.to_kind(Kind::Float)], 0))?;
+        let (loss, grad_norm) = (both[0] / c.grad_accum as f64, both[1]);
         if !loss.is_finite() {
             return Err(TrainError::Diverged { step, loss });
         }
-        let grad_norm = self.opt.clip_grad_norm(c.grad_clip);
+        self.opt.scale_grads(AdamW::clip_factor(grad_norm, c.grad_clip));
+        took.clip_s += lap(&mut stages);
         let lr = lr_at(schedule_step, c.lr, c.min_lr, c.warmup_steps, c.steps);
         self.opt.step(lr);
         self.opt.zero_grad();
+        took.optimizer_s += lap(&mut stages);
+        if let Some(p) = self.profile.as_mut() {
+            p.steps += took.steps;
+            p.data_s += took.data_s;
+            p.forward_s += took.forward_s;
+            p.backward_s += took.backward_s;
+            p.clip_s += took.clip_s;
+            p.optimizer_s += took.optimizer_s;
+        }
         Ok(StepStats { step, loss, lr, grad_norm })
     }
 

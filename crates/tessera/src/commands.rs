@@ -7,7 +7,7 @@ use anyhow::{Context, Result, bail};
 use tch::Device;
 use tessera_data::{Dataset, SyntheticSource, SyntheticSpec, TessTokenizer, TextSource, TokenizerKind};
 use tessera_model::{LlamaConfig, SamplingParams, TrainingMemory, generate, load_checkpoint, presets};
-use tessera_train::bench::train_throughput;
+use tessera_train::bench::{BenchOptions, train_throughput};
 use tessera_train::trainer::{describe_eval, print_above};
 use tessera_train::{AdamWConfig, TrainConfig, Trainer};
 
@@ -44,14 +44,13 @@ pub fn run(command: Command) -> Result<()> {
             Ok(())
         }
         Command::Tokenizer(TokenizerCommand::Train { data, vocab, out }) => train_tokenizer(&data, vocab, &out),
-        Command::Bench(BenchCommand::Train { models, batch_size, steps, warmup, json, runtime }) => {
-            bench_train(&models, batch_size, steps, warmup, json, &runtime)
-        }
+        Command::Bench(BenchCommand::Train(args)) => bench_train(&args),
         Command::Bench(BenchCommand::Diloco(args)) => bench_diloco(*args),
         Command::Bench(BenchCommand::Arena(args)) => crate::arena::bench_arena(*args),
         Command::Bench(BenchCommand::Swarm(args)) => crate::swarm::bench_swarm(args),
         Command::Bench(BenchCommand::Trust(args)) => crate::trust::bench_trust(args),
         Command::Bench(BenchCommand::Grow(args)) => crate::growbench::bench_grow(*args),
+        Command::Bench(BenchCommand::Overlap(args)) => crate::overlapbench::bench_overlap(*args),
         Command::Hub(args) => crate::swarm::hub(*args),
         Command::Validator(args) => crate::swarm::validate(*args),
         Command::Keygen(args) => crate::trust::keygen(args),
@@ -466,43 +465,85 @@ fn train_tokenizer(data: &Path, vocab: usize, out: &Path) -> Result<()> {
     Ok(())
 }
 
-fn bench_train(
-    models: &[String],
-    batch: usize,
-    steps: u64,
-    warmup: u64,
-    json: bool,
-    runtime: &RuntimeArgs,
-) -> Result<()> {
-    let device = setup_runtime(runtime)?;
-    if steps == 0 || batch == 0 {
+fn bench_train(args: &crate::BenchTrainArgs) -> Result<()> {
+    let device = setup_runtime(&args.runtime)?;
+    if args.steps == 0 || args.batch_size == 0 {
         bail!("--steps and --batch-size must be positive");
     }
-    if !json {
+    let peak_flops = match args.peak_tflops {
+        Some(t) if t.is_finite() && t > 0.0 => Some(t * 1e12),
+        Some(t) => bail!("--peak-tflops must be positive, not {t}"),
+        None if device.is_cuda() => gpu_name().as_deref().and_then(tessera_train::bench::known_gpu_peak),
+        None => None,
+    };
+    let options = BenchOptions {
+        batch_size: args.batch_size,
+        steps: args.steps,
+        warmup: args.warmup,
+        device,
+        bf16: args.precision.as_deref().map(|p| p == "bf16"),
+        peak_flops,
+    };
+    let mut results = Vec::new();
+    if !args.json {
         println!(
-            "{:<8} {:>9} {:>9} {:>8} {:>10} {:>12} {:>10}",
-            "model", "params", "batch×seq", "threads", "step ms", "tokens/s", "GFLOP/s"
+            "{:<8} {:>9} {:>9} {:>8} {:>5} {:>10} {:>12} {:>10} {:>7} {:>10}",
+            "model", "params", "batch×seq", "threads", "prec", "step ms", "tokens/s", "GFLOP/s", "MFU", "peak RSS"
         );
     }
-    for name in models {
+    for name in &args.models {
         let config = LlamaConfig::from_preset_or_path(name)?;
-        let r = train_throughput(name, &config, batch, steps, warmup, device)?;
-        if json {
+        let r = train_throughput(name, &config, &options)?;
+        if args.json {
             println!("{}", serde_json::to_string(&r)?);
         } else {
             println!(
-                "{:<8} {:>9} {:>9} {:>8} {:>10.2} {:>12.0} {:>10.2}",
+                "{:<8} {:>9} {:>9} {:>8} {:>5} {:>10.2} {:>12.0} {:>10.2} {:>7} {:>10}",
                 r.preset,
                 human(r.params as f64),
                 format!("{}×{}", r.batch_size, r.seq_len),
                 r.threads,
+                r.precision,
                 r.step_ms,
                 r.tokens_per_s,
-                r.gflops
+                r.gflops,
+                r.mfu.map_or("–".into(), |m| format!("{:.1}%", 100.0 * m)),
+                r.peak_rss_mib.map_or("–".into(), |m| format!("{m:.0} MiB")),
+            );
+        }
+        results.push(r);
+    }
+    if !args.json {
+        println!("\nwhere a step's time goes (a few more steps, timed stage by stage):");
+        println!(
+            "{:<8} {:>8} {:>8} {:>8} {:>9} {:>8} {:>10}",
+            "model", "data", "forward", "backward", "clip+sync", "AdamW", "step ms"
+        );
+        for r in &results {
+            let p = &r.profile;
+            let total = p.data_s + p.forward_s + p.backward_s + p.clip_s + p.optimizer_s;
+            let pct = |x: f64| format!("{:.1}%", 100.0 * x / total.max(1e-12));
+            println!(
+                "{:<8} {:>8} {:>8} {:>8} {:>9} {:>8} {:>10.2}",
+                r.preset,
+                pct(p.data_s),
+                pct(p.forward_s),
+                pct(p.backward_s),
+                pct(p.clip_s),
+                pct(p.optimizer_s),
+                1e3 * total / p.steps.max(1) as f64
             );
         }
     }
     Ok(())
+}
+
+/// The first GPU's name, from `nvidia-smi`.
+fn gpu_name() -> Option<String> {
+    let out =
+        std::process::Command::new("nvidia-smi").args(["--query-gpu=name", "--format=csv,noheader"]).output().ok()?;
+    let name = String::from_utf8(out.stdout).ok()?.lines().next()?.trim().to_owned();
+    (!name.is_empty()).then_some(name)
 }
 
 fn bench_diloco(args: DilocoArgs) -> Result<()> {

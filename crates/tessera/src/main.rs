@@ -4,6 +4,7 @@
 mod arena;
 mod commands;
 mod growbench;
+mod overlapbench;
 mod phases;
 mod serving;
 mod swarm;
@@ -296,27 +297,40 @@ enum TokenizerCommand {
     },
 }
 
+#[derive(Args)]
+struct BenchTrainArgs {
+    /// Comma-separated presets.
+    #[arg(long, default_value = "nano,micro", value_delimiter = ',')]
+    models: Vec<String>,
+    #[arg(long, default_value_t = 12)]
+    batch_size: usize,
+    /// Timed steps per model.
+    #[arg(long, default_value_t = 40)]
+    steps: u64,
+    /// Untimed warm-up steps per model.
+    #[arg(long, default_value_t = 5)]
+    warmup: u64,
+    /// Matrix multiplies in `bf16` (weights, norms and the optimizer stay f32, as under
+    /// autocast) or `f32`; default bf16 on CUDA, f32 on the CPU.
+    #[arg(long, value_parser = ["bf16", "f32"])]
+    precision: Option<String>,
+    /// The device's peak dense TFLOP/s at that precision, for model FLOPs utilisation (known
+    /// for H100, H200 and A100 from their names).
+    #[arg(long)]
+    peak_tflops: Option<f64>,
+    /// Print JSON lines instead of a table.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    runtime: RuntimeArgs,
+}
+
 #[derive(Subcommand)]
 enum BenchCommand {
-    /// Training throughput (tokens/s, GFLOP/s) of presets on this machine.
-    Train {
-        /// Comma-separated presets.
-        #[arg(long, default_value = "nano,micro", value_delimiter = ',')]
-        models: Vec<String>,
-        #[arg(long, default_value_t = 12)]
-        batch_size: usize,
-        /// Timed steps per model.
-        #[arg(long, default_value_t = 40)]
-        steps: u64,
-        /// Untimed warm-up steps per model.
-        #[arg(long, default_value_t = 5)]
-        warmup: u64,
-        /// Print JSON lines instead of a table.
-        #[arg(long)]
-        json: bool,
-        #[command(flatten)]
-        runtime: RuntimeArgs,
-    },
+    /// Training throughput of presets on this machine: tokens/s, achieved GFLOP/s, model FLOPs
+    /// utilisation (when the device's peak is known), peak resident memory while training, and
+    /// where a step's time goes. `benchmarks/train_pytorch.py` runs it next to Python PyTorch.
+    Train(BenchTrainArgs),
     /// What trust costs: sealing and opening a submission with HPKE (against BLAKE3 and memcpy
     /// of the same bytes, measured in the same run), signing and verifying a request, and
     /// writing and verifying ledger entries.
@@ -324,6 +338,10 @@ enum BenchCommand {
     /// Growth against training from scratch: a model half as wide and deep, grown into the
     /// target part-way, on a fraction of the baseline's tokens; final losses side by side.
     Grow(Box<crate::growbench::BenchGrowArgs>),
+    /// A contributor's compute utilisation on links limited so that one transfer of a round's
+    /// payload takes a set share of a round's compute, without and with `--overlap`, and the
+    /// final loss of each run.
+    Overlap(Box<crate::overlapbench::BenchOverlapArgs>),
     /// The hub's round: parse, checksum, decode and average pseudo-gradients from N contributors,
     /// then one outer step; reported against memcpy bandwidth measured in the same run.
     Hub {

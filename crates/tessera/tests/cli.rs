@@ -182,6 +182,33 @@ fn bad_input_gets_a_clear_error() {
     assert!(err.contains("tokenizer.json") && err.contains("not a valid tokenizer.json"), "{err}");
 }
 
+/// `bench train` through the bf16 path a GPU takes (exercised here on the CPU): the JSON names
+/// the precision, MFU follows from the peak given, peak memory and the stage profile are there,
+/// and an absurd peak is refused.
+#[test]
+fn bench_train_reports_precision_mfu_memory_and_profile() {
+    let common = ["bench", "train", "--models", "tiny", "--steps", "3", "--warmup", "1", "--threads", "1", "--json"];
+    let line = |extra: &[&str]| -> serde_json::Value {
+        let out = ok(&[&common[..], extra].concat());
+        serde_json::from_str(out.lines().last().unwrap()).unwrap()
+    };
+    let bf16 = line(&["--precision", "bf16", "--peak-tflops", "0.5"]);
+    assert_eq!(bf16["precision"], "bf16");
+    let mfu = bf16["mfu"].as_f64().unwrap();
+    let gflops = bf16["gflops"].as_f64().unwrap();
+    assert!((mfu - gflops / 500.0).abs() < 1e-9, "MFU {mfu} is achieved {gflops} GFLOP/s over 500");
+    assert_eq!(bf16["profile"]["steps"], 3);
+    assert!(bf16["profile"]["backward_s"].as_f64().unwrap() > 0.0);
+    if cfg!(target_os = "linux") {
+        let (before, peak) = (bf16["rss_before_mib"].as_f64().unwrap(), bf16["peak_rss_mib"].as_f64().unwrap());
+        assert!(peak >= before && before > 10.0, "resident memory {before} → peak {peak} MiB");
+    }
+    let f32 = line(&[]);
+    assert_eq!(f32["precision"], "f32");
+    assert!(f32["mfu"].is_null(), "no peak known for a CPU");
+    assert!(fails(&[&common[..], &["--peak-tflops", "0"]].concat()).contains("--peak-tflops must be positive"));
+}
+
 #[test]
 fn diloco_simulation_runs_with_a_baseline_and_checks_codec_parameters() {
     let small =

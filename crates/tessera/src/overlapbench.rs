@@ -1,0 +1,230 @@
+//! `tessera bench overlap`: how busy a contributor keeps its accelerator, with and without
+//! overlapping its transfers with training, on emulated links.
+//!
+//! It first times the model's training step here (at the thread count each contributor will
+//! get), so that a round's compute is known, then limits each contributor's uplink and downlink
+//! so that one transfer of a round's payload (the encoded pseudo-gradient up, the encoded update
+//! down) takes `--transfer-share` of that compute. The same run is then made twice with
+//! `tessera demo`'s machinery — a hub and contributor processes on localhost — once plain and
+//! once with `--overlap`; each contributor reports its compute utilisation (training time over
+//! wall time from its first inner step) and the final global model is evaluated.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser};
+use tch::Device;
+use tessera_model::LlamaConfig;
+use tessera_protocol::Codec;
+use tessera_train::bench::{BenchOptions, train_throughput};
+
+use crate::swarm::{DemoArgs, SwarmRun, run_swarm};
+
+#[derive(Args)]
+pub struct BenchOverlapArgs {
+    /// The model: a preset or a config.json.
+    #[arg(long, default_value = "micro")]
+    model: String,
+    /// Contributor processes (the cores are split between them).
+    #[arg(long, default_value_t = 1)]
+    contributors: usize,
+    #[arg(long, default_value_t = 8)]
+    rounds: u64,
+    /// H: inner steps per round.
+    #[arg(long, default_value_t = 20)]
+    inner_steps: u64,
+    #[arg(long, default_value_t = 12)]
+    batch_size: u32,
+    /// One transfer of a round's payload takes this share of a round's compute.
+    #[arg(long, default_value_t = 0.1)]
+    transfer_share: f64,
+    /// Codec of uploads and of the updates downloaded.
+    #[arg(long, default_value = "int8:64")]
+    codec: String,
+    /// Working directory (one subdirectory per run).
+    #[arg(long, default_value = "runs/bench-overlap")]
+    dir: PathBuf,
+    /// Also write the results as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// More `tessera demo` flags for both runs, after `--` (e.g. `-- --lr 2e-3`).
+    #[arg(last = true)]
+    demo_flags: Vec<String>,
+}
+
+/// `tessera demo`'s flags, parsed as the command line would be.
+#[derive(Parser)]
+struct DemoLine {
+    #[command(flatten)]
+    demo: DemoArgs,
+}
+
+#[derive(serde::Serialize)]
+struct Arm {
+    overlap: bool,
+    wall_s: f64,
+    /// Per contributor: training over wall time from its first inner step.
+    utilisation: Vec<f64>,
+    /// Per contributor: seconds before its first inner step (the first checkpoint download).
+    joining_s: Vec<f64>,
+    /// Per contributor: tokens trained per second of training.
+    train_tokens_per_s: Vec<f64>,
+    val_loss: f64,
+    val_loss_warm: f64,
+}
+
+#[derive(serde::Serialize)]
+struct Results {
+    model: String,
+    params: u64,
+    contributors: usize,
+    threads: usize,
+    rounds: u64,
+    inner_steps: u64,
+    step_s: f64,
+    round_compute_s: f64,
+    upload_bytes: u64,
+    download_bytes: u64,
+    upload_mbps: f64,
+    download_mbps: f64,
+    transfer_share: f64,
+    plain: Arm,
+    overlapped: Arm,
+}
+
+fn mean(v: &[f64]) -> f64 {
+    v.iter().sum::<f64>() / v.len().max(1) as f64
+}
+
+fn arm(overlap: bool, r: &SwarmRun, tokens_per_round: f64) -> Result<Arm> {
+    let mut utilisation = Vec::new();
+    let mut joining_s = Vec::new();
+    let mut train_tokens_per_s = Vec::new();
+    for (i, s) in r.contributors.iter().enumerate() {
+        let s = s.as_ref().with_context(|| format!("contributor {i} wrote no report"))?;
+        utilisation.push(s.utilisation());
+        joining_s.push(s.joining_s);
+        train_tokens_per_s.push(s.rounds as f64 * tokens_per_round / s.training_s.max(1e-9));
+    }
+    Ok(Arm {
+        overlap,
+        wall_s: r.elapsed,
+        utilisation,
+        joining_s,
+        train_tokens_per_s,
+        val_loss: r.eval.val_loss,
+        val_loss_warm: r.eval.val_loss_warm,
+    })
+}
+
+pub fn bench_overlap(args: BenchOverlapArgs) -> Result<()> {
+    if args.contributors == 0 || args.rounds < 2 || args.inner_steps == 0 {
+        bail!("--contributors and --inner-steps must be positive, and --rounds at least 2");
+    }
+    if !(args.transfer_share > 0.0 && args.transfer_share.is_finite()) {
+        bail!("--transfer-share must be a positive fraction of a round's compute");
+    }
+    let codec: Codec = args.codec.parse().map_err(|e| anyhow::anyhow!("--codec: {e}"))?;
+    let config = LlamaConfig::from_preset_or_path(&args.model)?;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = (cores / args.contributors).max(1);
+    tch::set_num_threads(threads as i32);
+    println!("timing {}'s training step on {threads} thread(s)…", args.model);
+    let options = BenchOptions {
+        batch_size: args.batch_size as usize,
+        steps: 5,
+        warmup: 2,
+        device: Device::Cpu,
+        bf16: None,
+        peak_flops: None,
+    };
+    let timed = train_throughput(&args.model, &config, &options)?;
+    let step_s = timed.step_ms / 1e3;
+    let round_s = step_s * args.inner_steps as f64;
+    let shapes = config.parameter_shapes();
+    // Each message also carries its tensor table and header: a few hundred bytes.
+    let payload =
+        |c: &Codec| -> u64 { shapes.iter().map(|(_, s)| c.encoded_len(s.iter().product::<i64>() as u64)).sum() };
+    let (up, down) = (payload(&codec), payload(&codec));
+    let transfer_s = args.transfer_share * round_s;
+    let mbps = |bytes: u64| bytes as f64 * 8.0 / 1e6 / transfer_s;
+    let (up_mbps, down_mbps) = (mbps(up), mbps(down));
+    println!(
+        "a round is {} × {:.3} s = {round_s:.1} s of compute; {up} bytes up and {down} down each take {transfer_s:.1} s \
+         at {up_mbps:.2} / {down_mbps:.2} Mbit/s",
+        args.inner_steps, step_s
+    );
+    let run = |overlap: bool| -> Result<SwarmRun> {
+        let mut argv: Vec<String> = vec!["demo".into()];
+        for (flag, v) in [
+            ("--model", args.model.clone()),
+            ("--contributors", args.contributors.to_string()),
+            ("--quorum", args.contributors.to_string()),
+            ("--rounds", args.rounds.to_string()),
+            ("--inner-steps", args.inner_steps.to_string()),
+            ("--batch-size", args.batch_size.to_string()),
+            ("--codec", args.codec.clone()),
+            ("--broadcast-codec", args.codec.clone()),
+            ("--max-upload-mbps", up_mbps.to_string()),
+            ("--max-download-mbps", down_mbps.to_string()),
+            ("--dir", args.dir.join(if overlap { "overlapped" } else { "plain" }).display().to_string()),
+        ] {
+            argv.extend([flag.to_owned(), v]);
+        }
+        if overlap {
+            argv.push("--overlap".into());
+        }
+        argv.extend(args.demo_flags.iter().cloned());
+        let line = DemoLine::try_parse_from(&argv).map_err(|e| anyhow::anyhow!("the demo flags: {e}"))?;
+        println!("\n{} run:", if overlap { "overlapped" } else { "plain" });
+        run_swarm(&line.demo)
+    };
+    let plain = run(false)?;
+    let overlapped = run(true)?;
+    let tokens_per_round = (args.inner_steps * u64::from(args.batch_size) * timed.seq_len as u64) as f64;
+    let results = Results {
+        model: args.model.clone(),
+        params: config.num_params(),
+        contributors: args.contributors,
+        threads,
+        rounds: args.rounds,
+        inner_steps: args.inner_steps,
+        step_s,
+        round_compute_s: round_s,
+        upload_bytes: up,
+        download_bytes: down,
+        upload_mbps: up_mbps,
+        download_mbps: down_mbps,
+        transfer_share: args.transfer_share,
+        plain: arm(false, &plain, tokens_per_round)?,
+        overlapped: arm(true, &overlapped, tokens_per_round)?,
+    };
+    println!(
+        "\n{:<11} {:>9} {:>13} {:>12} {:>16} {:>10} {:>10}",
+        "run", "wall s", "utilisation", "joining s", "train tokens/s", "val loss", "warm loss"
+    );
+    for a in [&results.plain, &results.overlapped] {
+        println!(
+            "{:<11} {:>9.1} {:>12.2}% {:>12.1} {:>16.0} {:>10.4} {:>10.4}",
+            if a.overlap { "overlapped" } else { "plain" },
+            a.wall_s,
+            100.0 * mean(&a.utilisation),
+            mean(&a.joining_s),
+            mean(&a.train_tokens_per_s),
+            a.val_loss,
+            a.val_loss_warm
+        );
+    }
+    let (p, o) = (&results.plain, &results.overlapped);
+    println!(
+        "\noverlap: utilisation {:.2}% → {:.2}% (target ≥ 97%); final loss {:+.2}% against the plain run (target within 1%)",
+        100.0 * mean(&p.utilisation),
+        100.0 * mean(&o.utilisation),
+        100.0 * (o.val_loss / p.val_loss - 1.0)
+    );
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_vec_pretty(&results)?)
+            .with_context(|| format!("write {}", path.display()))?;
+    }
+    Ok(())
+}
