@@ -26,9 +26,9 @@
 //! C_{r+1}, like a plain contributor's. Only the inner steps before the base arrives see the
 //! others' work of round r late. The hub's momentum v_r is not sent anywhere: the contributor
 //! reconstructs it from the steps the hub published (each C_{r+1} − C_r gives Δ̄_r once v_r is
-//! known, starting from v = 0), so a lone contributor's estimate is exact up to compression
-//! and its overlapped run follows the plain run's weights. `docs/benchmarks.md` measures what
-//! overlap costs in loss with several contributors.
+//! known, starting from v = 0), so a lone contributor's estimate is exact up to compression.
+//! `docs/benchmarks.md` measures what overlap costs in loss; on short runs it is a few percent,
+//! not yet within the 1% it should be.
 //!
 //! Round r+1 is trained before the hub has opened it, on the assignment the hub will give: the
 //! same slot, inner steps and phase, the next round number and schedule step. When the real
