@@ -142,13 +142,12 @@ pub fn bench_overlap(args: BenchOverlapArgs) -> Result<()> {
     let step_s = timed.step_ms / 1e3;
     let round_s = step_s * args.inner_steps as f64;
     let shapes = config.parameter_shapes();
-    // Each message also carries its tensor table and header: a few hundred bytes.
-    let payload =
-        |c: &Codec| -> u64 { shapes.iter().map(|(_, s)| c.encoded_len(s.iter().product::<i64>() as u64)).sum() };
-    let (up, down) = (payload(&codec), payload(&codec));
+    // Uploads and the updates downloaded share one codec, so a round's payload is the same both
+    // ways (each message also carries its tensor table and header: a few hundred bytes).
+    let payload: u64 = shapes.iter().map(|(_, s)| codec.encoded_len(s.iter().product::<i64>() as u64)).sum();
     let transfer_s = args.transfer_share * round_s;
-    let mbps = |bytes: u64| bytes as f64 * 8.0 / 1e6 / transfer_s;
-    let (up_mbps, down_mbps) = (mbps(up), mbps(down));
+    let link_mbps = payload as f64 * 8.0 / 1e6 / transfer_s;
+    let (up, down, up_mbps, down_mbps) = (payload, payload, link_mbps, link_mbps);
     println!(
         "a round is {} × {:.3} s = {round_s:.1} s of compute; {up} bytes up and {down} down each take {transfer_s:.1} s \
          at {up_mbps:.2} / {down_mbps:.2} Mbit/s",
