@@ -8,6 +8,10 @@
 //! `tessera demo`'s machinery — a hub and contributor processes on localhost — once plain and
 //! once with `--overlap`; each contributor reports its compute utilisation (training time over
 //! wall time from its first inner step) and the final global model is evaluated.
+//!
+//! One pair of runs says little about loss: a short run's final loss moves by several percent
+//! under perturbations as small as f32 rounding, so `--seeds` repeats the pair for each seed and
+//! reports the mean change and its standard error.
 
 use std::path::PathBuf;
 
@@ -47,6 +51,11 @@ pub struct BenchOverlapArgs {
     /// Also write the results as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Run the pair (plain, then overlapped) once per seed (the demo's `--seed`: the initial
+    /// weights and every contributor's data), and report the loss change's mean and standard
+    /// error over the pairs.
+    #[arg(long, value_delimiter = ',', default_value = "1337")]
+    seeds: Vec<u64>,
     /// More `tessera demo` flags for both runs, after `--` (e.g. `-- --lr 2e-3`).
     #[arg(last = true)]
     demo_flags: Vec<String>,
@@ -88,12 +97,35 @@ struct Results {
     upload_mbps: f64,
     download_mbps: f64,
     transfer_share: f64,
+    pairs: Vec<Pair>,
+    /// Mean over the pairs of each arm's mean utilisation.
+    utilisation_plain: f64,
+    utilisation_overlapped: f64,
+    /// Mean over the pairs of `loss_change`, and its standard error (absent for one pair).
+    loss_change_mean: f64,
+    loss_change_se: Option<f64>,
+}
+
+#[derive(serde::Serialize)]
+struct Pair {
+    seed: u64,
     plain: Arm,
     overlapped: Arm,
+    /// The overlapped run's final loss over the plain run's, minus one.
+    loss_change: f64,
 }
 
 fn mean(v: &[f64]) -> f64 {
     v.iter().sum::<f64>() / v.len().max(1) as f64
+}
+
+/// The standard error of `v`'s mean (sample standard deviation over √n); `None` below two.
+fn standard_error(v: &[f64]) -> Option<f64> {
+    let n = v.len();
+    (n >= 2).then(|| {
+        let m = mean(v);
+        (v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (n - 1) as f64 / n as f64).sqrt()
+    })
 }
 
 fn arm(overlap: bool, r: &SwarmRun, tokens_per_round: f64) -> Result<Arm> {
@@ -124,6 +156,12 @@ pub fn bench_overlap(args: BenchOverlapArgs) -> Result<()> {
     if !(args.transfer_share > 0.0 && args.transfer_share.is_finite()) {
         bail!("--transfer-share must be a positive fraction of a round's compute");
     }
+    if args.seeds.is_empty() {
+        bail!("--seeds needs at least one seed");
+    }
+    if args.demo_flags.iter().any(|f| f == "--seed" || f.starts_with("--seed=")) {
+        bail!("give the demo's seed with --seeds, not after `--`");
+    }
     let codec: Codec = args.codec.parse().map_err(|e| anyhow::anyhow!("--codec: {e}"))?;
     let config = LlamaConfig::from_preset_or_path(&args.model)?;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -153,7 +191,8 @@ pub fn bench_overlap(args: BenchOverlapArgs) -> Result<()> {
          at {up_mbps:.2} / {down_mbps:.2} Mbit/s",
         args.inner_steps, step_s
     );
-    let run = |overlap: bool| -> Result<SwarmRun> {
+    let run = |seed: u64, overlap: bool| -> Result<SwarmRun> {
+        let dir = args.dir.join(format!("seed-{seed}")).join(if overlap { "overlapped" } else { "plain" });
         let mut argv: Vec<String> = vec!["demo".into()];
         for (flag, v) in [
             ("--model", args.model.clone()),
@@ -166,7 +205,8 @@ pub fn bench_overlap(args: BenchOverlapArgs) -> Result<()> {
             ("--broadcast-codec", args.codec.clone()),
             ("--max-upload-mbps", up_mbps.to_string()),
             ("--max-download-mbps", down_mbps.to_string()),
-            ("--dir", args.dir.join(if overlap { "overlapped" } else { "plain" }).display().to_string()),
+            ("--seed", seed.to_string()),
+            ("--dir", dir.display().to_string()),
         ] {
             argv.extend([flag.to_owned(), v]);
         }
@@ -175,12 +215,19 @@ pub fn bench_overlap(args: BenchOverlapArgs) -> Result<()> {
         }
         argv.extend(args.demo_flags.iter().cloned());
         let line = DemoLine::try_parse_from(&argv).map_err(|e| anyhow::anyhow!("the demo flags: {e}"))?;
-        println!("\n{} run:", if overlap { "overlapped" } else { "plain" });
+        println!("\n{} run, seed {seed}:", if overlap { "overlapped" } else { "plain" });
         run_swarm(&line.demo)
     };
-    let plain = run(false)?;
-    let overlapped = run(true)?;
     let tokens_per_round = (args.inner_steps * u64::from(args.batch_size) * timed.seq_len as u64) as f64;
+    let mut pairs = Vec::with_capacity(args.seeds.len());
+    for &seed in &args.seeds {
+        let plain = arm(false, &run(seed, false)?, tokens_per_round)?;
+        let overlapped = arm(true, &run(seed, true)?, tokens_per_round)?;
+        let loss_change = overlapped.val_loss / plain.val_loss - 1.0;
+        pairs.push(Pair { seed, plain, overlapped, loss_change });
+    }
+    let changes: Vec<f64> = pairs.iter().map(|p| p.loss_change).collect();
+    let utilisation = |f: fn(&Pair) -> &Arm| mean(&pairs.iter().map(|p| mean(&f(p).utilisation)).collect::<Vec<_>>());
     let results = Results {
         model: args.model.clone(),
         params: config.num_params(),
@@ -195,35 +242,61 @@ pub fn bench_overlap(args: BenchOverlapArgs) -> Result<()> {
         upload_mbps: up_mbps,
         download_mbps: down_mbps,
         transfer_share: args.transfer_share,
-        plain: arm(false, &plain, tokens_per_round)?,
-        overlapped: arm(true, &overlapped, tokens_per_round)?,
+        utilisation_plain: utilisation(|p| &p.plain),
+        utilisation_overlapped: utilisation(|p| &p.overlapped),
+        loss_change_mean: mean(&changes),
+        loss_change_se: standard_error(&changes),
+        pairs,
     };
     println!(
-        "\n{:<11} {:>9} {:>13} {:>12} {:>16} {:>10} {:>10}",
-        "run", "wall s", "utilisation", "joining s", "train tokens/s", "val loss", "warm loss"
+        "\n{:>6} {:<11} {:>9} {:>13} {:>12} {:>16} {:>10} {:>10} {:>9}",
+        "seed", "run", "wall s", "utilisation", "joining s", "train tokens/s", "val loss", "warm loss", "change"
     );
-    for a in [&results.plain, &results.overlapped] {
-        println!(
-            "{:<11} {:>9.1} {:>12.2}% {:>12.1} {:>16.0} {:>10.4} {:>10.4}",
-            if a.overlap { "overlapped" } else { "plain" },
-            a.wall_s,
-            100.0 * mean(&a.utilisation),
-            mean(&a.joining_s),
-            mean(&a.train_tokens_per_s),
-            a.val_loss,
-            a.val_loss_warm
-        );
+    for p in &results.pairs {
+        for a in [&p.plain, &p.overlapped] {
+            let change = if a.overlap { format!("{:+.2}%", 100.0 * p.loss_change) } else { String::new() };
+            println!(
+                "{:>6} {:<11} {:>9.1} {:>12.2}% {:>12.1} {:>16.0} {:>10.4} {:>10.4} {:>9}",
+                p.seed,
+                if a.overlap { "overlapped" } else { "plain" },
+                a.wall_s,
+                100.0 * mean(&a.utilisation),
+                mean(&a.joining_s),
+                mean(&a.train_tokens_per_s),
+                a.val_loss,
+                a.val_loss_warm,
+                change
+            );
+        }
     }
-    let (p, o) = (&results.plain, &results.overlapped);
+    let spread = results.loss_change_se.map_or(String::new(), |se| {
+        format!(" ± {:.2}% (standard error over {} seeds)", 100.0 * se, results.pairs.len())
+    });
     println!(
-        "\noverlap: utilisation {:.2}% → {:.2}% (target ≥ 97%); final loss {:+.2}% against the plain run (target within 1%)",
-        100.0 * mean(&p.utilisation),
-        100.0 * mean(&o.utilisation),
-        100.0 * (o.val_loss / p.val_loss - 1.0)
+        "\noverlap: utilisation {:.2}% → {:.2}% (target ≥ 97%); final loss {:+.2}%{spread} against the plain run \
+         (target within 1%)",
+        100.0 * results.utilisation_plain,
+        100.0 * results.utilisation_overlapped,
+        100.0 * results.loss_change_mean,
     );
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_vec_pretty(&results)?)
             .with_context(|| format!("write {}", path.display()))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The standard error of the mean: sample standard deviation over √n, and none for one
+    /// pair, where there is no spread to measure.
+    #[test]
+    fn the_standard_error_is_the_sample_deviation_over_root_n() {
+        let se = standard_error(&[1.0, 2.0, 3.0]).unwrap();
+        assert!((se - 1.0 / 3f64.sqrt()).abs() < 1e-12, "{se}");
+        assert_eq!(standard_error(&[0.5]), None);
+        assert_eq!(standard_error(&[0.25, 0.25]), Some(0.0));
+    }
 }
