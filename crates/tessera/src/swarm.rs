@@ -84,6 +84,7 @@ pub struct RunArgs {
     /// …weighted by this to the power of their staleness.
     #[arg(long, default_value_t = 0.5)]
     staleness_decay: f64,
+    /// Seed of the initial weights and of every contributor's data windows.
     #[arg(long, default_value_t = 1337)]
     seed: u64,
     /// How each round's pseudo-gradients are combined: mean, norm-clip[:factor],
@@ -271,6 +272,9 @@ pub struct ContributeArgs {
     /// download the next checkpoint while the next round already trains. That round starts from
     /// an estimate of the hub's next weights (its outer step, with this contributor's own
     /// pseudo-gradient for the mean) and moves onto the real ones as soon as they arrive.
+    /// Alone on a run it loses nothing. Among several contributors the steps trained before
+    /// the real weights arrive are worth less: with short rounds (H = 20) the loss after the
+    /// same rounds was several percent higher, with H = 50 within 1% (docs/benchmarks.md).
     #[arg(long)]
     overlap: bool,
     /// Write a JSON line per submitted round, then one with the totals, to this file.
@@ -615,7 +619,8 @@ pub fn contribute(args: ContributeArgs) -> Result<()> {
     );
     eprintln!("your key {} (rewards are credited to it)", contributor.public_key());
     // Live status on a terminal (hidden when stderr is not one): phase, round, inner step and
-    // loss, then the upload; a line per round stays above it.
+    // loss, then the upload (with --overlap, its share sent beside the loss, as the next round
+    // trains meanwhile); a line per round stays above it.
     let bar = indicatif::ProgressBar::new(0);
     let training =
         indicatif::ProgressStyle::with_template("{prefix} [{bar:30}] step {pos}/{len} · loss {msg} · {elapsed}")
@@ -629,6 +634,21 @@ pub fn contribute(args: ContributeArgs) -> Result<()> {
     {
         let bar = bar.clone();
         let standing = std::sync::Mutex::new(String::new());
+        let overlap = args.overlap;
+        // With --overlap: the last loss, and the share of the submission in flight sent so far.
+        let beside = std::sync::Mutex::new((String::new(), None::<u64>));
+        let show = move |bar: &indicatif::ProgressBar, loss: Option<f64>, sending: Option<Option<u64>>| {
+            if let Ok(mut b) = beside.lock() {
+                if let Some(l) = loss {
+                    b.0 = format!("{l:.4}");
+                }
+                if let Some(s) = sending {
+                    b.1 = s;
+                }
+                let sending = b.1.map_or(String::new(), |p| format!(" · sending {p}%"));
+                bar.set_message(format!("{}{sending}", b.0));
+            }
+        };
         contributor.on_progress(std::sync::Arc::new(move |p: &tessera_contributor::Progress| match *p {
             tessera_contributor::Progress::Standing { rank, of, mean_score, rewards } => {
                 if let Ok(mut s) = standing.lock() {
@@ -646,7 +666,11 @@ pub fn contribute(args: ContributeArgs) -> Result<()> {
             }
             tessera_contributor::Progress::Step { step, loss } => {
                 bar.set_position(step);
-                bar.set_message(format!("{loss:.4}"));
+                show(&bar, Some(loss), None);
+            }
+            tessera_contributor::Progress::Upload { sent, total } if overlap => {
+                let share = (sent < total).then(|| 100 * sent / total.max(1));
+                show(&bar, None, Some(share));
             }
             tessera_contributor::Progress::Upload { sent, total } => {
                 if bar.length() != Some(total) {
