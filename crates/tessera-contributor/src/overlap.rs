@@ -109,7 +109,8 @@ struct Transfers {
     base: Option<Base>,
     bytes_down: u64,
     track: OuterTrack,
-    /// ‖C_{r+1} − C_r‖, the hub's step observed (0 when none was).
+    /// ‖C_{r+1} − C_r‖, the hub's step observed, for the debug log (0 when none was, or when
+    /// that log is off).
     step_norm: f64,
 }
 
@@ -200,7 +201,7 @@ fn transfer(net: Net, o: Outgoing) -> Transfers {
                     let step_norm = match old {
                         Some(old) => {
                             track.observe(&old, &b.weights);
-                            distance(&b.weights, &old)
+                            if tracing::enabled!(tracing::Level::DEBUG) { distance(&b.weights, &old) } else { 0.0 }
                         }
                         // A gap: the momentum cannot be followed; start again from zero.
                         None => {
