@@ -577,6 +577,24 @@ pub fn hub(args: HubArgs) -> Result<()> {
     })
 }
 
+/// The training bar's message: the last loss and, with --overlap, the share sent so far of the
+/// submission uploading beside the training.
+#[derive(Default)]
+struct StepMessage {
+    loss: String,
+    sending: Option<u64>,
+}
+
+impl std::fmt::Display for StepMessage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.loss)?;
+        match self.sending {
+            Some(p) => write!(f, " · sending {p}%"),
+            None => Ok(()),
+        }
+    }
+}
+
 pub fn contribute(args: ContributeArgs) -> Result<()> {
     let device = setup_runtime(&args.runtime)?;
     let data = external_data(&args.data, &args.tokenizer)?;
@@ -635,20 +653,7 @@ pub fn contribute(args: ContributeArgs) -> Result<()> {
         let bar = bar.clone();
         let standing = std::sync::Mutex::new(String::new());
         let overlap = args.overlap;
-        // With --overlap: the last loss, and the share of the submission in flight sent so far.
-        let beside = std::sync::Mutex::new((String::new(), None::<u64>));
-        let show = move |bar: &indicatif::ProgressBar, loss: Option<f64>, sending: Option<Option<u64>>| {
-            if let Ok(mut b) = beside.lock() {
-                if let Some(l) = loss {
-                    b.0 = format!("{l:.4}");
-                }
-                if let Some(s) = sending {
-                    b.1 = s;
-                }
-                let sending = b.1.map_or(String::new(), |p| format!(" · sending {p}%"));
-                bar.set_message(format!("{}{sending}", b.0));
-            }
-        };
+        let message = std::sync::Mutex::new(StepMessage::default());
         contributor.on_progress(std::sync::Arc::new(move |p: &tessera_contributor::Progress| match *p {
             tessera_contributor::Progress::Standing { rank, of, mean_score, rewards } => {
                 if let Ok(mut s) = standing.lock() {
@@ -666,11 +671,16 @@ pub fn contribute(args: ContributeArgs) -> Result<()> {
             }
             tessera_contributor::Progress::Step { step, loss } => {
                 bar.set_position(step);
-                show(&bar, Some(loss), None);
+                if let Ok(mut m) = message.lock() {
+                    m.loss = format!("{loss:.4}");
+                    bar.set_message(m.to_string());
+                }
             }
             tessera_contributor::Progress::Upload { sent, total } if overlap => {
-                let share = (sent < total).then(|| 100 * sent / total.max(1));
-                show(&bar, None, Some(share));
+                if let Ok(mut m) = message.lock() {
+                    m.sending = (sent < total).then(|| 100 * sent / total.max(1));
+                    bar.set_message(m.to_string());
+                }
             }
             tessera_contributor::Progress::Upload { sent, total } => {
                 if bar.length() != Some(total) {
