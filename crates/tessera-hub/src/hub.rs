@@ -658,7 +658,8 @@ impl Hub {
                 ),
             ));
         }
-        self.check_member(&state, contributor)?;
+        // Late work from an earlier phase is stale whoever sent it: its sender learns that the
+        // new phase did not admit it from its next assignment, and stops there without an error.
         if phase_at(&state.starts, base_round) != state.phase {
             return Err(api(
                 ErrorCode::Stale,
@@ -667,6 +668,7 @@ impl Hub {
                 ),
             ));
         }
+        self.check_member(&state, contributor)?;
         let staleness = round - base_round;
         if staleness > self.spec.max_staleness {
             return Err(api(
