@@ -236,7 +236,8 @@ pub fn verify_request<'a>(
     if nonce.len() < 16 || nonce.len() > 64 || !nonce.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(TrustError::BadRequest("the nonce must be 16 to 64 hex digits".into()));
     }
-    if (timestamp_ms.saturating_sub(now_ms)).abs() > MAX_SKEW_MS {
+    // `abs_diff`: a timestamp at either end of i64's range cannot wrap the check.
+    if timestamp_ms.abs_diff(now_ms) > MAX_SKEW_MS.unsigned_abs() {
         return Err(TrustError::Expired { timestamp_ms, now_ms });
     }
     key.verify_hex(&request_message(method, path, timestamp_ms, nonce, body), get(SIGNATURE_HEADER)?)?;
@@ -282,6 +283,20 @@ mod tests {
         let mut missing = h.clone();
         missing.remove(3);
         assert!(matches!(check(&missing, "POST", "/v1/submissions", b"body", 1_000_000), Err(TrustError::Unsigned(_))));
+    }
+
+    /// A validly signed request from the far ends of time is expired: the skew check must not
+    /// wrap (`i64::MIN - now` overflows, and its absolute value is negative in a release build).
+    #[test]
+    fn timestamps_at_the_ends_of_the_range_are_expired() {
+        let id = Identity::generate().unwrap();
+        for ts in [i64::MIN, i64::MIN + 1, i64::MAX] {
+            let h = id.sign_request("POST", "/v1/submissions", b"body", ts).unwrap();
+            for now in [0, 1_000_000, 1_800_000_000_000] {
+                let checked = check(&h, "POST", "/v1/submissions", b"body", now);
+                assert!(matches!(checked, Err(TrustError::Expired { .. })), "{ts} at {now}: {checked:?}");
+            }
+        }
     }
 
     #[test]
