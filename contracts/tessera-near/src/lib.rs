@@ -87,26 +87,7 @@ pub struct Contract {
 /// its exact share, the units left over go one each to the largest remainders (ties to the
 /// account that sorts first). The parts sum to `amount` exactly; zero parts are left out.
 pub fn split_pro_rata(amount: u128, balances: &[(AccountId, u128)]) -> Vec<(AccountId, u128)> {
-    let total: U256 = balances.iter().fold(U256::zero(), |t, (_, b)| t + U256::from(*b));
-    if total.is_zero() || amount == 0 {
-        return Vec::new();
-    }
-    let mut sorted: Vec<&(AccountId, u128)> = balances.iter().collect();
-    sorted.sort_by(|a, b| a.0.cmp(&b.0));
-    let mut parts: Vec<(AccountId, u128, U256)> = sorted
-        .into_iter()
-        .map(|(a, b)| {
-            let exact = U256::from(amount) * U256::from(*b);
-            (a.clone(), (exact / total).as_u128(), exact % total)
-        })
-        .collect();
-    let floor: u128 = parts.iter().map(|p| p.1).sum();
-    let mut order: Vec<usize> = (0..parts.len()).collect();
-    order.sort_by(|&x, &y| parts[y].2.cmp(&parts[x].2).then(parts[x].0.cmp(&parts[y].0)));
-    for &i in order.iter().take((amount - floor) as usize) {
-        parts[i].1 += 1;
-    }
-    parts.into_iter().filter(|p| p.1 > 0).map(|(a, n, _)| (a, n)).collect()
+    tessera_split::pro_rata(amount, balances.iter().cloned())
 }
 
 #[near]
@@ -469,6 +450,27 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    proptest::proptest! {
+        /// The contract pays an epoch out by the very split the ledger verifies
+        /// (`tessera_trust::ledger::split_pro_rata`): on random balances and amounts, the
+        /// contract's payouts are the ledger's, holder for holder.
+        #[test]
+        fn the_contracts_split_is_the_ledgers(
+            amount in 0u64..u64::MAX,
+            balances in proptest::collection::btree_map("[a-z0-9]{2,8}", 0u64..u64::MAX / 64, 0..10),
+        ) {
+            let ledger = tessera_trust::ledger::split_pro_rata(amount, &balances);
+            // ".near" sorts below every character of the names, so the order is the same.
+            let accounts: Vec<(AccountId, u128)> =
+                balances.iter().map(|(h, &b)| (acct(&format!("{h}.near")), u128::from(b))).collect();
+            let contract: Vec<(String, u64)> = split_pro_rata(u128::from(amount), &accounts)
+                .into_iter()
+                .map(|(a, p)| (a.as_str().trim_end_matches(".near").to_owned(), p as u64))
+                .collect();
+            proptest::prop_assert_eq!(contract, ledger);
         }
     }
 }

@@ -18,20 +18,8 @@ pub fn split_units(units: u64, shares: &[f64]) -> Vec<u64> {
     let scale = (1u64 << SHARE_BITS) as f64 / max;
     let q: Vec<u128> =
         shares.iter().map(|&s| if s.is_finite() && s > 0.0 { (s * scale).round() as u128 } else { 0 }).collect();
-    let total: u128 = q.iter().sum();
-    if total == 0 {
-        return vec![0; shares.len()];
-    }
-    let units_wide = u128::from(units);
-    let mut out: Vec<u64> = q.iter().map(|&qi| (units_wide * qi / total) as u64).collect();
-    let given: u64 = out.iter().sum();
-    let mut order: Vec<usize> = (0..shares.len()).filter(|&i| q[i] > 0).collect();
-    // Largest remainder first; the index breaks ties so the split is deterministic.
-    order.sort_by(|&a, &b| ((units_wide * q[b]) % total).cmp(&((units_wide * q[a]) % total)).then(a.cmp(&b)));
-    for &i in order.iter().take((units - given) as usize) {
-        out[i] += 1;
-    }
-    out
+    // Each part is at most `units`, so it fits a u64.
+    tessera_split::largest_remainder(u128::from(units), &q).into_iter().map(|p| p as u64).collect()
 }
 
 #[cfg(test)]

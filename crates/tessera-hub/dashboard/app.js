@@ -132,7 +132,7 @@ async function contributor(id) {
 
 // ---- The ledger explorer: entries decoded from /v1/ledger, proofs checked here, in the browser.
 
-const KINDS = ["genesis", "validator", "receipt", "emission", "usage", "payout", "root", "allocation", "epoch close"];
+const KINDS = ["genesis", "validator", "receipt", "emission", "usage", "payout", "root", "allocation", "epoch close", "funding"];
 const hex = (b) => Array.from(b, (x) => x.toString(16).padStart(2, "0")).join("");
 const unhex = (s) => new Uint8Array(s.match(/../g).map((h) => parseInt(h, 16)));
 const u64 = (b, at) => new DataView(b.buffer, b.byteOffset + at, 8).getBigUint64(0, true);

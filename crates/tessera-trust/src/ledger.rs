@@ -127,8 +127,11 @@ pub enum Body {
     /// Revenue paid to a holder for an epoch. Signed by the hub.
     Payout { epoch: u64, holder: String, amount: u64 },
     /// Tokens allocated to a holder outside of rewards (the sale that funded the run). Signed by
-    /// the hub.
+    /// the hub, and only among the run's opening entries: nobody can dilute holders later.
     Allocation { holder: String, amount: u64 },
+    /// The share of each epoch's revenue (parts per million) that funds the next phase, fixed
+    /// once among the run's opening entries; every epoch closing uses it. Signed by the hub.
+    Funding { ppm: u32 },
     /// The end of an epoch: its revenue (the sum of its usage entries), the part that funds the
     /// next phase (`revenue · funding_ppm / 10⁶`, rounded down; all of it when no one holds
     /// anything) and the rest, paid out by the payouts that follow. Signed by the hub.
@@ -147,6 +150,7 @@ impl Body {
             Body::Usage { .. } => "usage",
             Body::Payout { .. } => "payout",
             Body::Allocation { .. } => "allocation",
+            Body::Funding { .. } => "funding",
             Body::EpochClose { .. } => "epoch close",
             Body::Root { .. } => "root",
         }
@@ -290,6 +294,10 @@ fn encode_body(w: &mut Writer, body: &Body) -> Result<(), String> {
             w.u64(*funding);
             w.u64(*payable);
         }
+        Body::Funding { ppm } => {
+            w.u8(9);
+            w.u64(u64::from(*ppm));
+        }
     }
     Ok(())
 }
@@ -329,6 +337,7 @@ fn decode_body(r: &mut Reader) -> Result<Body, String> {
             funding: r.u64()?,
             payable: r.u64()?,
         },
+        9 => Body::Funding { ppm: u32::try_from(r.u64()?).map_err(|_| "funding ppm is over u32".to_string())? },
         k => return Err(format!("unknown entry kind {k}")),
     })
 }
@@ -458,24 +467,9 @@ pub fn epoch_split(revenue: u64, funding_ppm: u32, balances: &BTreeMap<String, u
 /// (ties to the holder that sorts first). The parts sum to `amount` exactly and each is within
 /// one unit of the exact share. Holders with nothing to receive are left out; in holder order.
 pub fn split_pro_rata(amount: u64, balances: &BTreeMap<String, u64>) -> Vec<(String, u64)> {
-    let total: u128 = balances.values().map(|&b| u128::from(b)).sum();
-    if total == 0 || amount == 0 {
-        return Vec::new();
-    }
-    let mut parts: Vec<(&String, u64, u128)> = balances
-        .iter()
-        .map(|(h, &b)| {
-            let exact = u128::from(amount) * u128::from(b);
-            (h, (exact / total) as u64, exact % total)
-        })
-        .collect();
-    let floor: u64 = parts.iter().map(|p| p.1).sum();
-    let mut order: Vec<usize> = (0..parts.len()).collect();
-    order.sort_by(|&a, &b| parts[b].2.cmp(&parts[a].2).then(parts[a].0.cmp(parts[b].0)));
-    for &i in order.iter().take((amount - floor) as usize) {
-        parts[i].1 += 1;
-    }
-    parts.into_iter().filter(|p| p.1 > 0).map(|(h, a, _)| (h.clone(), a)).collect()
+    let weights = balances.iter().map(|(h, &b)| (h.clone(), u128::from(b)));
+    // Each part is at most `amount`, so it fits a u64.
+    tessera_split::pro_rata(u128::from(amount), weights).into_iter().map(|(h, a)| (h, a as u64)).collect()
 }
 
 /// A validator known to the ledger.
@@ -544,6 +538,11 @@ pub struct Ledger {
     owed: std::collections::VecDeque<(u64, String, u64)>,
     /// Seq of the last root entry, if any.
     last_root: Option<u64>,
+    /// Set by the first entry that is not one of the run's opening entries (genesis,
+    /// allocations, the funding share): from then on none of those is accepted.
+    opened: bool,
+    /// The funding share the opening entries fixed, if they fixed one.
+    pub funding_ppm: Option<u32>,
 }
 
 impl Ledger {
@@ -602,6 +601,14 @@ impl Ledger {
                 self.owed.len()
             )));
         }
+        // (A second genesis is refused as such below.)
+        let opening = matches!(e.body, Body::Genesis { .. } | Body::Allocation { .. } | Body::Funding { .. });
+        if opening && self.opened && !matches!(e.body, Body::Genesis { .. }) {
+            return Err(economy(format!(
+                "a {kind} after the run's opening entries: allocations and the funding share are fixed at genesis"
+            )));
+        }
+        self.opened |= !opening;
         match &e.body {
             Body::Genesis { run_id, policy } => {
                 if seq != 0 || e.insecure {
@@ -676,10 +683,23 @@ impl Ledger {
                 let a = self.allocations.entry(holder.clone()).or_default();
                 *a = a.checked_add(*amount).ok_or_else(|| economy("allocations overflow".into()))?;
             }
+            Body::Funding { ppm } => {
+                by_hub(self)?;
+                if self.funding_ppm.is_some() || *ppm > 1_000_000 {
+                    return Err(economy(format!("a funding share of {ppm} ppm: it is fixed once, at most 10⁶")));
+                }
+                self.funding_ppm = Some(*ppm);
+            }
             Body::EpochClose { epoch, revenue, funding_ppm, funding, payable } => {
                 by_hub(self)?;
                 if self.epochs.keys().next_back().is_some_and(|&last| *epoch <= last) {
                     return Err(economy(format!("epoch {epoch} closes out of order")));
+                }
+                if self.funding_ppm != Some(*funding_ppm) {
+                    return Err(economy(format!(
+                        "epoch {epoch} closes with a funding share of {funding_ppm} ppm; the run's genesis fixed {}",
+                        self.funding_ppm.map_or("none".to_owned(), |p| format!("{p} ppm"))
+                    )));
                 }
                 let earned = self.revenue.get(epoch).copied().unwrap_or(0);
                 let balances = self.balances();

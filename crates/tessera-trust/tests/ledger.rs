@@ -42,6 +42,7 @@ fn world() -> World {
     let policy = AttestationPolicy { allow_insecure_dev: true, ..Default::default() };
     l.append(0, 1, false, Body::Genesis { run_id: "run".into(), policy }, &hub).unwrap();
     l.append(0, 1, false, Body::Allocation { holder: "backer".into(), amount: 2000 }, &hub).unwrap();
+    l.append(0, 1, false, Body::Funding { ppm: 200_000 }, &hub).unwrap();
     l.append(0, 2, true, Body::Validator { attestation: attestation(&validator) }, &validator).unwrap();
     for round in 0..2u64 {
         let split = [(0, 600), (1, 300), (2, 100)];
@@ -90,7 +91,7 @@ fn spans(bytes: &[u8]) -> Vec<(usize, usize)> {
 fn an_honest_ledger_verifies_and_recomputes_every_balance() {
     let w = world();
     let l = Ledger::from_bytes(w.ledger.bytes()).unwrap();
-    assert_eq!(l.len(), 20);
+    assert_eq!(l.len(), 21);
     let units: BTreeMap<String, u64> =
         [(0, 1201), (1, 601), (2, 201)].into_iter().map(|(c, u)| (w.contributors[c].public().hex(), u)).collect();
     assert_eq!(l.units, units);
@@ -199,6 +200,36 @@ fn deleted_reordered_truncated_and_forged_entries_are_detected() {
     batch.extend_from_slice(&good);
     assert!(l.extend(&batch).is_err());
     assert_eq!(l.len(), before);
+}
+
+/// The hub cannot dilute holders after the run began, nor change the funding share it fixed:
+/// allocations and the share belong to the run's opening entries.
+#[test]
+fn allocations_and_the_funding_share_are_fixed_at_genesis() {
+    let w = world();
+    let late: Vec<(&str, Vec<Body>)> = vec![
+        ("an allocation after the opening", vec![Body::Allocation { holder: "friend".into(), amount: 1_000_000 }]),
+        ("a second funding share", vec![Body::Funding { ppm: 0 }]),
+        ("an epoch closed at another share", {
+            let revenue = 1000;
+            let (funding, payable) = tessera_trust::ledger::epoch_split(revenue, 0, &w.ledger.balances());
+            let usage = Body::Usage { epoch: 1, account: "a".into(), prompt_tokens: 1, completion_tokens: 1, revenue };
+            vec![usage, Body::EpochClose { epoch: 1, revenue, funding_ppm: 0, funding, payable }]
+        }),
+    ];
+    for (what, bodies) in late {
+        let mut l = w.ledger.clone();
+        let refused = bodies.into_iter().any(|b| l.append(3, 40, false, b, &w.hub).is_err());
+        assert!(refused, "{what} was accepted");
+    }
+    // A run whose opening fixed no share cannot close an epoch at all.
+    let mut l = Ledger::default();
+    let policy = tessera_trust::AttestationPolicy::default();
+    l.append(0, 1, false, Body::Genesis { run_id: "run".into(), policy }, &w.hub).unwrap();
+    l.append(0, 1, false, Body::Allocation { holder: "backer".into(), amount: 10 }, &w.hub).unwrap();
+    l.append(0, 2, false, usage(100), &w.hub).unwrap();
+    let close = Body::EpochClose { epoch: 0, revenue: 100, funding_ppm: 0, funding: 0, payable: 100 };
+    assert!(l.append(0, 3, false, close, &w.hub).is_err());
 }
 
 /// Even the hub cannot pay out other than the ledger's own arithmetic, or bill a closed epoch.
