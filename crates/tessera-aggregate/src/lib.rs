@@ -19,10 +19,18 @@
 
 pub mod bench;
 pub mod robust;
+pub mod round;
 
 use tessera_protocol::{Codec, ErrorFeedback, MessageView, PseudoGradient};
 
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+/// The largest magnitude a pseudo-gradient value (or a validator's aggregate of them) may have.
+/// No honest Δ comes within many orders of magnitude of it (weights move by far less than one
+/// per round), while a million contributors at this bound sum to 1e15 and the outer step
+/// multiplies by at most (1 + μ)/(1 − μ) ≈ 20 at μ = 0.9: far from f32's 3.4e38, so no
+/// submission, however chosen, can overflow the sum, the momentum or the weights to infinity.
+pub const DELTA_ABS_MAX: f32 = 1e9;
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum AggregateError {
     #[error("pseudo-gradient has {got} tensors, the model has {expected}")]
     TensorCount { expected: usize, got: usize },
@@ -32,12 +40,22 @@ pub enum AggregateError {
     BadWeight(String),
     #[error("non-finite value in tensor {index} at {position}")]
     NonFinite { index: usize, position: usize },
+    #[error(
+        "value {value:e} in tensor {index} at {position} is beyond ±{DELTA_ABS_MAX:e}, the most a pseudo-gradient may hold"
+    )]
+    OutOfRange { index: usize, position: usize, value: f32 },
     #[error("no pseudo-gradient was accumulated")]
     Empty,
     #[error("pseudo-gradient message: {0}")]
     Decode(#[from] tessera_protocol::WireError),
     #[error("broadcast codec: {0}")]
     Codec(#[from] tessera_protocol::CodecError),
+    #[error("weights: {0}")]
+    Weights(#[from] tessera_protocol::WeightsError),
+    #[error("growing into the next phase: {0}")]
+    Grow(String),
+    #[error("the outer state is not finite even when the weights are held")]
+    NonFiniteState,
 }
 
 fn check_shapes(expected: &[usize], tensors: &[&[f32]]) -> Result<(), AggregateError> {
@@ -86,9 +104,7 @@ impl Accumulator {
         }
         check_shapes(&self.lengths(), delta)?;
         for (index, t) in delta.iter().enumerate() {
-            if let Some(position) = t.iter().position(|v| !v.is_finite()) {
-                return Err(AggregateError::NonFinite { index, position });
-            }
+            check_values(index, 0, t)?;
         }
         let mut no_scratch = vec![Vec::new(); threads().min(delta.len().max(1))];
         per_tensor(&mut self.sums, &mut no_scratch, |i, sum, _| {
@@ -141,10 +157,7 @@ impl Accumulator {
                 let bytes = &encoded[codec.encoded_len(start as u64) as usize..codec.encoded_len(end as u64) as usize];
                 let out = &mut scratch[..end - start];
                 codec.decode_into(bytes, out).map_err(tessera_protocol::WireError::from)?;
-                if !all_finite(out) {
-                    let p = out.iter().position(|v| !v.is_finite()).unwrap_or(0);
-                    return Err(AggregateError::NonFinite { index: i, position: start + p });
-                }
+                check_values(i, start, out)?;
                 for (s, &d) in sum[start..end].iter_mut().zip(out.iter()) {
                     *s += weight * d;
                 }
@@ -280,10 +293,20 @@ fn piece_len(codec: &Codec) -> usize {
     TARGET.div_ceil(unit) * unit
 }
 
-/// Whether every value is finite, without an early exit so the loop vectorizes.
-fn all_finite(values: &[f32]) -> bool {
-    const EXPONENT: u32 = 0x7f80_0000;
-    values.iter().fold(0u32, |bad, v| bad | u32::from(v.to_bits() & EXPONENT == EXPONENT)) == 0
+/// Refuses a non-finite value or one beyond ±[`DELTA_ABS_MAX`] in `values` (tensor `index`,
+/// starting at `offset`). The common case is one pass with no early exit, so it vectorizes.
+pub fn check_values(index: usize, offset: usize, values: &[f32]) -> Result<(), AggregateError> {
+    let out = |v: f32| v.is_nan() | (v.abs() > DELTA_ABS_MAX);
+    if !values.iter().fold(false, |bad, &v| bad | out(v)) {
+        return Ok(());
+    }
+    let (p, &value) = values.iter().enumerate().find(|(_, v)| out(**v)).unwrap_or((0, &0.0));
+    let position = offset + p;
+    Err(if value.is_finite() {
+        AggregateError::OutOfRange { index, position, value }
+    } else {
+        AggregateError::NonFinite { index, position }
+    })
 }
 
 fn threads() -> usize {
@@ -303,7 +326,8 @@ fn check_table(lengths: &[usize], message: &MessageView<'_>) -> Result<(), Aggre
 }
 
 /// Decodes every tensor of `message` (which must match `lengths`) into f32, refusing
-/// non-finite values: what a robust rule, which needs all submissions at once, works on.
+/// non-finite values and values beyond ±[`DELTA_ABS_MAX`]: what a robust rule, which needs all
+/// submissions at once, works on.
 pub fn decode_view(lengths: &[usize], message: &MessageView<'_>) -> Result<Vec<Vec<f32>>, AggregateError> {
     check_table(lengths, message)?;
     let mut out: Vec<Vec<f32>> = lengths.iter().map(|&n| vec![0.0; n]).collect();
@@ -311,15 +335,13 @@ pub fn decode_view(lengths: &[usize], message: &MessageView<'_>) -> Result<Vec<V
     let mut no_scratch = vec![Vec::new(); threads().min(lengths.len().max(1))];
     per_tensor(&mut out, &mut no_scratch, |i, t, _| {
         codec.decode_into(message.tensors[i].encoded, t).map_err(tessera_protocol::WireError::from)?;
-        match t.iter().position(|v| !v.is_finite()) {
-            Some(position) => Err(AggregateError::NonFinite { index: i, position }),
-            None => Ok(()),
-        }
+        check_values(i, 0, t)
     })?;
     Ok(out)
 }
 
-/// Checks that every tensor of `message` decodes to `lengths` finite values, on all cores.
+/// Checks that every tensor of `message` decodes to `lengths` finite values within
+/// ±[`DELTA_ABS_MAX`], on all cores.
 /// The hub runs this when a submission arrives, so a bad one is refused then and there.
 pub fn check_view(lengths: &[usize], message: &MessageView<'_>) -> Result<(), AggregateError> {
     check_table(lengths, message)?;
@@ -332,10 +354,7 @@ pub fn check_view(lengths: &[usize], message: &MessageView<'_>) -> Result<(), Ag
     per_tensor(&mut slots, &mut scratch, |i, _, scratch| {
         let out = &mut scratch[..lengths[i]];
         codec.decode_into(message.tensors[i].encoded, out).map_err(tessera_protocol::WireError::from)?;
-        match out.iter().position(|v| !v.is_finite()) {
-            Some(position) => Err(AggregateError::NonFinite { index: i, position }),
-            None => Ok(()),
-        }
+        check_values(i, 0, out)
     })
 }
 
@@ -382,6 +401,34 @@ where
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// A finite but huge Δ is refused like a NaN, before anything is added: otherwise two of
+    /// them at 3e38 sum to infinity, and so does one through the outer step.
+    #[test]
+    fn huge_values_are_refused_before_summing() {
+        let mut acc = Accumulator::new(&[2]);
+        assert_eq!(
+            acc.add(1.0, &[&[1.0, 3e38]]),
+            Err(AggregateError::OutOfRange { index: 0, position: 1, value: 3e38 })
+        );
+        acc.add(1.0, &[&[1.0, -DELTA_ABS_MAX]]).unwrap();
+        let huge =
+            PseudoGradient::build(Codec::F32, [0; 16], 0, [0; 32], [("a", &[2u64][..], &[3e38f32, 0.0][..])]).unwrap();
+        assert!(matches!(check_view(&[2], &huge.view()), Err(AggregateError::OutOfRange { position: 0, .. })));
+        assert!(matches!(decode_view(&[2], &huge.view()), Err(AggregateError::OutOfRange { .. })));
+        assert!(matches!(acc.add_message(1.0, &huge), Err(AggregateError::OutOfRange { .. })));
+        assert_eq!(acc.finish().unwrap(), vec![vec![1.0, -DELTA_ABS_MAX]]);
+        // An int8 block whose scale is huge decodes to huge values: refused the same way.
+        let scaled = PseudoGradient::build(
+            Codec::Int8 { block: 2 },
+            [0; 16],
+            0,
+            [0; 32],
+            [("a", &[2u64][..], &[2e12f32, -1e12][..])],
+        )
+        .unwrap();
+        assert!(matches!(check_view(&[2], &scaled.view()), Err(AggregateError::OutOfRange { .. })));
+    }
 
     #[test]
     fn weighted_mean() {

@@ -25,7 +25,8 @@ pub struct RobustReport {
 }
 
 /// Combines `inputs` (submission → tensor → values, every submission the same shapes) under
-/// `rule` with `weights` (finite, positive). Non-finite inputs are refused.
+/// `rule` with `weights` (finite, positive). Non-finite inputs, and inputs beyond
+/// ±[`crate::DELTA_ABS_MAX`], are refused.
 pub fn aggregate(
     rule: &Aggregation,
     inputs: &[Vec<&[f32]>],
@@ -42,9 +43,7 @@ pub fn aggregate(
             return Err(AggregateError::BadWeight(w.to_string()));
         }
         for (index, t) in x.iter().enumerate() {
-            if let Some(position) = t.iter().position(|v| !v.is_finite()) {
-                return Err(AggregateError::NonFinite { index, position });
-            }
+            crate::check_values(index, 0, t)?;
         }
     }
     let mut out: Vec<Vec<f32>> = lengths.iter().map(|&n| vec![0.0; n]).collect();
@@ -132,7 +131,8 @@ fn median_in_place(values: &mut [f32]) -> f32 {
         return hi;
     }
     let lo = values[..n / 2].iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    0.5 * (lo + hi)
+    // In f64: `lo + hi` in f32 overflows to infinity for values beyond ±1.7e38.
+    ((f64::from(lo) + f64::from(hi)) * 0.5) as f32
 }
 
 fn median_of(values: &[f64]) -> f64 {
@@ -159,7 +159,7 @@ fn distance(x: &[&[f32]], v: &[Vec<f32>]) -> f64 {
             t.iter()
                 .zip(v)
                 .map(|(&a, &b)| {
-                    let d = f64::from(a - b);
+                    let d = f64::from(a) - f64::from(b);
                     d * d
                 })
                 .sum::<f64>()
@@ -208,6 +208,14 @@ mod tests {
         assert!(clipped[1] > 0.0, "{clipped:?}");
         let cc = run("centered-clip:1:5", &xs, &ones);
         assert!((cc[0] - 2.0).abs() < 1.5 && (cc[1] - 20.0).abs() < 15.0, "{cc:?}");
+    }
+
+    /// The midpoint of two huge values of the same sign is theirs, not infinity.
+    #[test]
+    fn the_median_of_huge_values_does_not_overflow() {
+        assert_eq!(median_in_place(&mut [3e38, 3e38]), 3e38);
+        assert_eq!(median_in_place(&mut [-3e38, -3e38, 1.0, -3.2e38]), -3e38);
+        assert_eq!(median_in_place(&mut [f32::MAX, -f32::MAX]), 0.0);
     }
 
     #[test]
