@@ -11,11 +11,18 @@ use serde::{Deserialize, Serialize};
 
 use crate::{Aggregation, Codec};
 
-/// Bumped on any breaking change to the JSON messages or the binary formats.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// Bumped on any breaking change to the JSON messages or the binary formats. 2: the inner loss
+/// travels in the signed path, and the ledger pins the funding share at genesis.
+pub const PROTOCOL_VERSION: u32 = 2;
 
-/// Optional header on a submission: the mean training loss of its inner steps.
-pub const INNER_LOSS_HEADER: &str = "x-tessera-inner-loss";
+/// Optional query parameter of a submission: the mean training loss of its inner steps
+/// (`POST /v1/submissions?inner_loss=0.8123`). The path a request signs includes its query, so
+/// nobody on the way can change what the hub reads.
+pub const INNER_LOSS_PARAM: &str = "inner_loss";
+
+/// Where protocol 1 sent the inner loss, outside the signature; the hub refuses a submission
+/// that carries it, so an old client learns why instead of having its loss ignored.
+pub const UNSIGNED_INNER_LOSS_HEADER: &str = "x-tessera-inner-loss";
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TensorSpec {
@@ -549,6 +556,11 @@ pub struct EvalSeed {
 pub struct ScoreReport {
     pub round: u64,
     pub scores: Vec<SubmissionScore>,
+    /// The held-out loss of the round's weights on the round's evaluation windows. A scored
+    /// run's loss target (`until_loss`) is judged on this, never on the inner losses
+    /// contributors report about themselves.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held_out_loss: Option<f64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]

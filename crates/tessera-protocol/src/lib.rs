@@ -10,7 +10,6 @@ pub mod api;
 pub mod codec;
 pub mod pseudograd;
 pub mod rule;
-pub mod telemetry;
 pub mod weights;
 
 pub use api::{ApiError, ErrorCode, PROTOCOL_VERSION, RunSpec, TensorSpec};

@@ -47,7 +47,7 @@ impl AppState {
         body_limit: usize,
     ) -> AppState {
         // Metrics are recorded from the start (GET /metrics renders them).
-        let _ = tessera_protocol::telemetry::prometheus();
+        let _ = tessera_telemetry::prometheus();
         AppState {
             engine,
             tokenizer,
@@ -130,7 +130,7 @@ async fn authorize(state: &AppState, headers: &HeaderMap) -> Result<KeyInfo, Api
 /// Prometheus metrics of this process (`tessera_serve_*`: requests by endpoint and status,
 /// latencies, tokens served, decoding steps).
 async fn metrics_text() -> impl IntoResponse {
-    tessera_protocol::telemetry::exposition()
+    tessera_telemetry::exposition()
 }
 
 /// Counts a response by endpoint and status.

@@ -1,4 +1,4 @@
-//! Prometheus metrics: one recorder per process, shared by every component in it (a hub, a
+//! `tessera-telemetry`: Prometheus metrics: one recorder per process, shared by every component in it (a hub, a
 //! server and a validator may share a process in tests), rendered as Prometheus text at
 //! `/metrics`. Components record with the `metrics` macros; until [`prometheus`] installs the
 //! recorder those are no-ops.
