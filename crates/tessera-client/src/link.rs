@@ -1,5 +1,7 @@
 //! Bandwidth limits: a token bucket per direction, so that one machine can emulate a home or
-//! datacenter link (`tessera contribute --max-upload-mbps / --max-download-mbps`).
+//! datacenter link (`tessera contribute --max-upload-mbps / --max-download-mbps`). The client
+//! reads every body it downloads through the download link and sends submissions through the
+//! upload link.
 
 use std::io::Read;
 use std::sync::{Arc, Mutex};
@@ -60,6 +62,33 @@ pub fn pass(link: Option<&Link>, n: usize) {
 /// The largest piece to move at once through `link` (64 KiB without one).
 pub fn chunk(link: Option<&Link>) -> usize {
     link.and_then(|l| l.lock().ok().map(|b| b.chunk())).unwrap_or(64 * 1024)
+}
+
+/// A body that reports how much of it has been read (sent), no faster than the link allows.
+pub(crate) struct Counted {
+    bytes: Arc<Vec<u8>>,
+    at: usize,
+    progress: Option<crate::UploadProgress>,
+    link: Option<Link>,
+}
+
+impl Counted {
+    pub(crate) fn new(bytes: Arc<Vec<u8>>, progress: Option<crate::UploadProgress>, link: Option<Link>) -> Counted {
+        Counted { bytes, at: 0, progress, link }
+    }
+}
+
+impl Read for Counted {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = buf.len().min(self.bytes.len() - self.at).min(chunk(self.link.as_ref()));
+        pass(self.link.as_ref(), n);
+        buf[..n].copy_from_slice(&self.bytes[self.at..self.at + n]);
+        self.at += n;
+        if let Some(p) = &self.progress {
+            p(self.at as u64, self.bytes.len() as u64);
+        }
+        Ok(n)
+    }
 }
 
 /// Reads all of `r`, no faster than `link` allows.

@@ -16,7 +16,6 @@
 //! weights. A contributor killed at any moment restarts from the last round it finished.
 
 pub mod adversary;
-pub mod link;
 mod net;
 pub mod overlap;
 
@@ -24,30 +23,26 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use reqwest::blocking::Client;
 use tch::Device;
+use tessera_client::{ClientError, HubClient};
 use tessera_data::Dataset;
-use tessera_data::synthetic::SyntheticSpec;
 use tessera_model::{Llama, LlamaConfig};
-use tessera_protocol::api::{Assignment, DataSource, Receipt, RegisterRequest, Registration, RunInfo, ValidatorInfo};
+use tessera_protocol::api::{Assignment, Receipt, RunInfo};
 use tessera_protocol::{
-    ApiError, Codec, ErrorCode, ErrorFeedback, MessageView, PROTOCOL_VERSION, PseudoGradient, TensorEntry, TensorSpec,
-    decode_weights, encode_weights,
+    ApiError, Codec, ErrorCode, ErrorFeedback, MessageView, PseudoGradient, TensorEntry, TensorSpec, decode_weights,
+    encode_weights,
 };
 use tessera_train::diloco::{read_params, write_params};
-use tessera_train::{AdamWConfig, TrainConfig, TrainError, Trainer};
+use tessera_train::run::{inner_config, run_dataset};
+use tessera_train::{TrainError, Trainer};
 use tessera_trust::{PublicKey, SealedHeader, SealingKey, ValidatorAttestation};
 
-use net::{Base, Hub, Net, fetch_run, load_base, sign};
+use net::{Base, Net, load_base};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ContributorError {
-    #[error("hub {url}: {message}")]
-    Http { url: String, message: String },
-    #[error("hub refused: {0}")]
-    Refused(ApiError),
-    #[error("the hub speaks protocol {0}, this contributor {PROTOCOL_VERSION}")]
-    Protocol(u32),
+    #[error(transparent)]
+    Hub(#[from] ClientError),
     #[error("{0}")]
     Data(String),
     #[error("state directory {path}: {message}")]
@@ -182,6 +177,8 @@ struct Recipient {
 
 pub struct Contributor {
     config: ContributorConfig,
+    /// The key this contributor signs with.
+    key: PublicKey,
     /// The hub, this contributor's key and links: what a transfer needs.
     net: Net,
     pub run: RunInfo,
@@ -209,66 +206,21 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     std::fs::rename(&tmp, path).map_err(|e| state_err(path, e))
 }
 
-/// Builds the run's dataset, or checks the one given, against the run's fingerprint.
-pub fn run_dataset(run: &RunInfo, given: Option<Dataset>) -> Result<Dataset> {
-    let data = &run.spec.data;
-    let dataset = match (&data.source, given) {
-        (_, Some(d)) => d,
-        (DataSource::Embedded { seed, train_chars, val_chars }, None) => {
-            let spec = SyntheticSpec { seed: *seed, ..SyntheticSpec::default() };
-            Dataset::synthetic(spec, *train_chars as usize, *val_chars as usize)
-                .map_err(|e| ContributorError::Data(e.to_string()))?
-        }
-        (DataSource::External, None) => {
-            return Err(ContributorError::Data(format!(
-                "the run trains on {:?}: pass the same data with --data (fingerprint {})",
-                data.name, data.fingerprint
-            )));
-        }
-    };
-    if dataset.info.fingerprint != data.fingerprint {
-        return Err(ContributorError::Data(format!(
-            "this data ({}, fingerprint {}) is not the run's ({}, fingerprint {})",
-            dataset.info.name, dataset.info.fingerprint, data.name, data.fingerprint
-        )));
-    }
-    Ok(dataset)
-}
-
-/// The inner trainer's configuration for a run and data slot.
-pub fn inner_config(run: &RunInfo, slot: u64) -> TrainConfig {
-    let s = &run.spec;
-    TrainConfig {
-        steps: s.rounds * s.inner_steps,
-        batch_size: s.inner.batch_size as usize,
-        seq_len: s.inner.seq_len as usize,
-        grad_accum: 1,
-        lr: s.inner.lr,
-        min_lr: s.inner.min_lr,
-        warmup_steps: s.inner.warmup_steps,
-        grad_clip: s.inner.grad_clip,
-        adamw: AdamWConfig { weight_decay: s.inner.weight_decay, ..AdamWConfig::default() },
-        seed: s.seed,
-        worker: slot,
-        ..TrainConfig::default()
-    }
-}
-
 impl Contributor {
     /// Connects to the hub, registers (or reuses the identity in the state directory) and
     /// restores the inner trainer from the state directory if it holds one for this run.
     pub fn join(config: ContributorConfig) -> Result<Contributor> {
-        let http = Client::builder()
-            .timeout(Duration::from_secs(120))
-            .build()
-            .map_err(|e| ContributorError::Http { url: config.hub.clone(), message: e.to_string() })?;
         let dir = &config.state_dir;
         std::fs::create_dir_all(dir).map_err(|e| state_err(dir, e))?;
-        let hub = Hub { url: &config.hub, patience: config.patience };
         let key_path = config.key.clone().unwrap_or_else(|| dir.join("identity.pem"));
-        let key = tessera_trust::Identity::load_or_create(&key_path)?;
-        let run = fetch_run(&hub, &http, None)?;
+        let key = Arc::new(tessera_trust::Identity::load_or_create(&key_path)?);
+        let client = HubClient::new(&config.hub)?.with_patience(config.patience).signed_by(key.clone());
+        let run = client.run()?;
         let hub_key = PublicKey::parse(&run.hub_key)?;
+        let client = client.pinning(hub_key).with_links(
+            config.max_upload_bps.map(tessera_client::Bucket::shared),
+            config.max_download_bps.map(tessera_client::Bucket::shared),
+        );
         let id_path = dir.join("identity.json");
         let saved: Option<Identity> = std::fs::read(&id_path)
             .ok()
@@ -288,14 +240,7 @@ impl Contributor {
                 i
             }
             None => {
-                let request = serde_json::to_vec(&RegisterRequest { name: config.name.clone() })
-                    .map_err(|e| ContributorError::Data(e.to_string()))?;
-                let reg: Registration = hub.json(
-                    "register",
-                    hub.send("register", || {
-                        sign(&http, &key, &config.hub, "POST", "/v1/contributors", request.clone())
-                    })?,
-                )?;
+                let reg = client.register(&config.name)?;
                 let i = Identity {
                     hub_run: run.run_id.clone(),
                     contributor_id: reg.contributor_id,
@@ -337,19 +282,11 @@ impl Contributor {
         let base = load_base(dir, table);
         let last_submitted =
             std::fs::read_to_string(dir.join("last_submitted")).ok().and_then(|s| s.trim().parse().ok());
-        let net = Net {
-            url: config.hub.clone(),
-            patience: config.patience,
-            http,
-            key: Arc::new(key),
-            hub_key,
-            state_dir: config.state_dir.clone(),
-            progress: None,
-            upload: config.max_upload_bps.map(link::Bucket::shared),
-            download: config.max_download_bps.map(link::Bucket::shared),
-        };
+        let net = Net { client, state_dir: config.state_dir.clone(), progress: None };
+        let key = key.public();
         Ok(Contributor {
             config,
+            key,
             net,
             run,
             identity,
@@ -386,7 +323,7 @@ impl Contributor {
 
     /// The key this contributor signs with and is credited under.
     pub fn public_key(&self) -> PublicKey {
-        self.net.key.public()
+        self.key
     }
 
     /// The run has grown into a new phase: fetch its spec and start training the new model (from
@@ -394,7 +331,7 @@ impl Contributor {
     /// feedback. What was saved for the old model is dropped first, so a restart lands in the
     /// new phase too.
     fn switch_phase(&mut self) -> Result<()> {
-        let run = fetch_run(&self.net.hub(), &self.net.http, Some(&self.net.hub_key))?;
+        let run = self.net.client.run()?;
         let model_config = LlamaConfig::from_json(run.spec.model.clone())
             .map_err(|e| ContributorError::Data(format!("the run's model config: {e}")))?;
         let model = Llama::zeroed(&model_config, self.config.device)?;
@@ -421,10 +358,8 @@ impl Contributor {
         let Some(policy) = self.run.spec.trust.clone() else {
             return Err(ContributorError::Data("this run does not seal submissions".into()));
         };
-        let url = format!("{}/v1/validator", self.net.url);
-        let hub = self.net.hub();
         // 503 `no_validator` is retried with the rest of the hub's 5xx answers.
-        let info: ValidatorInfo = hub.json("validator", hub.send("validator", || self.net.http.get(&url))?)?;
+        let info = self.net.client.validator()?;
         if let Some(r) = &self.recipient
             && r.ledger_seq == info.ledger_seq
         {
@@ -454,7 +389,7 @@ impl Contributor {
             run_id: hex_array(&self.run.run_id)?,
             base_round: a.round,
             base_checkpoint: hex_array(&a.base_checkpoint)?,
-            contributor: self.net.key.public(),
+            contributor: self.key,
             recipient: key.fingerprint(),
         };
         Ok(key.seal(header, message)?)
@@ -498,7 +433,9 @@ impl Contributor {
     fn next_assignment(&mut self) -> Result<Option<Assignment>> {
         loop {
             let a = match self.net.assignment() {
-                Err(ContributorError::Refused(e)) if e.code == ErrorCode::NotQualified => {
+                Err(ContributorError::Hub(ClientError::Refused { error: e, .. }))
+                    if e.code == ErrorCode::NotQualified =>
+                {
                     not_admitted(&e);
                     return Ok(None);
                 }
@@ -663,7 +600,7 @@ impl Contributor {
         sent: Result<Outcome>,
     ) -> Result<Outcome> {
         match sent {
-            Err(ContributorError::Refused(e))
+            Err(ContributorError::Hub(ClientError::Refused { error: e, .. }))
                 if self.run.spec.trust.is_some() && e.code == ErrorCode::WrongValidator =>
             {
                 self.recipient = None;
@@ -687,11 +624,9 @@ impl Contributor {
     /// staleness it accepts.
     fn wait_until_stale(&self, base_round: u64) -> Result<()> {
         let target = base_round + self.run.spec.max_staleness + 1;
-        let url = format!("{}/v1/run", self.net.url);
-        let hub = self.net.hub();
         let started = Instant::now();
         loop {
-            let info: RunInfo = hub.json("run", hub.send("run", || self.net.http.get(&url))?)?;
+            let info: RunInfo = self.net.client.run()?;
             if info.round >= target || info.finished || started.elapsed() > self.config.patience {
                 return Ok(());
             }

@@ -388,7 +388,9 @@ impl Contributor {
             None => following(&self.net, f.assignment.round),
         };
         let next = match next {
-            Err(ContributorError::Refused(e)) if e.code == ErrorCode::NotQualified => {
+            Err(ContributorError::Hub(tessera_client::ClientError::Refused { error: e, .. }))
+                if e.code == ErrorCode::NotQualified =>
+            {
                 not_admitted(&e);
                 None
             }

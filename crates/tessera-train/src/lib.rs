@@ -4,9 +4,12 @@
 
 pub mod bench;
 pub mod diloco;
+pub mod grow;
 pub mod optim;
+pub mod run;
 pub mod trainer;
 
+pub use grow::{PhaseTarget, TorchGrower, plan_phases};
 pub use optim::{AdamW, AdamWConfig, lr_at};
 pub use trainer::{EvalStats, NewMoments, RunSummary, StepStats, TrainConfig, Trainer};
 
@@ -24,6 +27,9 @@ pub enum TrainError {
     Resume { path: String, message: String },
     #[error("invalid training setup: {0}")]
     Invalid(String),
+    /// The run's data is not what was given, or cannot be built.
+    #[error("{0}")]
+    Data(String),
     #[error(transparent)]
     Wire(#[from] tessera_protocol::WireError),
     #[error(transparent)]

@@ -10,17 +10,16 @@
 //! Merkle root; the hub sees only the aggregate.
 
 use std::collections::HashMap;
-
 use std::time::{Duration, Instant};
 
-use reqwest::StatusCode;
-use reqwest::blocking::Client;
 use tch::Device;
+use tessera_client::{ClientError, HubClient};
 use tessera_contest::{Policy, Scored, Settlement, settle};
 use tessera_data::Dataset;
 use tessera_model::LlamaConfig;
-use tessera_protocol::api::{ApiError, JobSubmission, RunInfo, ScoringJob, Settled, Verdict};
-use tessera_protocol::{Codec, MessageView, PseudoGradient, TensorEntry, decode_weights, weights_hash};
+use tessera_protocol::api::{JobSubmission, RunInfo, ScoringJob, Settled, Verdict};
+use tessera_protocol::{Codec, MessageView, PseudoGradient, TensorEntry, decode_weights};
+use tessera_train::run::{inner_config, run_dataset};
 use tessera_trust::ledger::{Body as LedgerBody, Ledger};
 use tessera_trust::{OpeningKey, ValidatorAttestation, Verified};
 
@@ -28,10 +27,8 @@ use crate::{Candidate, ScoreConfig, ScoreCost, Scorer};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ValidatorError {
-    #[error("hub {url}: {message}")]
-    Http { url: String, message: String },
-    #[error("the hub refused: {0}")]
-    Refused(ApiError),
+    #[error(transparent)]
+    Hub(#[from] ClientError),
     #[error("the run is not scored (started without --scored)")]
     NotScored,
     #[error("round {round}: {message}")]
@@ -40,8 +37,6 @@ pub enum ValidatorError {
     Train(#[from] tessera_train::TrainError),
     #[error(transparent)]
     Model(#[from] tessera_model::ModelError),
-    #[error(transparent)]
-    Contributor(#[from] tessera_contributor::ContributorError),
     #[error(transparent)]
     Wire(#[from] tessera_protocol::WireError),
     #[error(transparent)]
@@ -92,7 +87,7 @@ pub struct RoundScored {
 
 pub struct Validator {
     config: ValidatorConfig,
-    http: Client,
+    hub: HubClient,
     run: RunInfo,
     scorer: Scorer,
     sealed: Option<Sealed>,
@@ -100,20 +95,18 @@ pub struct Validator {
 
 impl Validator {
     pub fn connect(config: ValidatorConfig) -> Result<Validator> {
-        let http = Client::builder()
-            .timeout(Duration::from_secs(300))
-            .build()
-            .map_err(|e| ValidatorError::Http { url: config.hub.clone(), message: e.to_string() })?;
-        let run: RunInfo = patiently(config.patience, || get_json(&http, &format!("{}/v1/run", config.hub), None))?;
+        let hub = HubClient::new(&config.hub)?.with_patience(config.patience).with_validator_token(&config.token);
+        let run = hub.run()?;
+        let hub = hub.pinning(tessera_trust::PublicKey::parse(&run.hub_key)?);
         let contest = run.spec.contest.clone().ok_or(ValidatorError::NotScored)?;
-        let dataset = tessera_contributor::run_dataset(&run, config.data.clone())?;
+        let dataset = run_dataset(&run, config.data.clone())?;
         let model_config = LlamaConfig::from_json(run.spec.model.clone())
             .map_err(|e| ValidatorError::Bad { round: run.round, message: format!("the run's model config: {e}") })?;
         let score =
             ScoreConfig { eval_windows: contest.eval_windows as usize, fit_windows: contest.fit_windows as usize };
-        let inner = tessera_contributor::inner_config(&run, 0);
+        let inner = inner_config(&run, 0);
         let scorer = Scorer::new(inner, &model_config, dataset, config.device, score)?;
-        let mut v = Validator { config, http, run, scorer, sealed: None };
+        let mut v = Validator { config, hub, run, scorer, sealed: None };
         if v.run.spec.trust.is_some() {
             v.sealed = Some(v.attest()?);
         }
@@ -122,8 +115,7 @@ impl Validator {
 
     /// The run has grown: score with its new model from now on.
     fn switch_phase(&mut self) -> Result<()> {
-        let url = format!("{}/v1/run", self.config.hub);
-        let run: RunInfo = patiently(self.config.patience, || get_json(&self.http, &url, None))?;
+        let run = self.hub.run()?;
         let model_config = LlamaConfig::from_json(run.spec.model.clone())
             .map_err(|e| ValidatorError::Bad { round: run.round, message: format!("the run's model config: {e}") })?;
         self.scorer = self.scorer.with_model(&model_config)?;
@@ -168,24 +160,14 @@ impl Validator {
             let entry = next
                 .append(self.run.round, now_ms(), verified.insecure, body, &signing)
                 .map_err(tessera_trust::TrustError::from)?;
-            let url = format!("{}/v1/validator/attestation", self.config.hub);
-            let post = serde_json::json!({ "attestation": attestation, "entry": hex::encode(entry) });
-            let r = self
-                .http
-                .post(&url)
-                .bearer_auth(&self.config.token)
-                .json(&post)
-                .send()
-                .map_err(|e| http_err(&url, e))?;
-            let status = r.status();
-            let body = r.bytes().map_err(|e| http_err(&url, e))?;
-            if status.is_success() {
-                ledger = next;
-                break;
-            }
-            // Another entry landed first: chain onto it and try again.
-            if attempt >= 3 || !status.is_client_error() {
-                return Err(refusal(&url, status, &body));
+            match self.hub.post_attestation(&attestation, &hex::encode(entry)) {
+                Ok(_) => {
+                    ledger = next;
+                    break;
+                }
+                // Another entry landed first: chain onto it and try again.
+                Err(ClientError::Refused { .. }) if attempt < 3 => {}
+                Err(e) => return Err(e.into()),
             }
         }
         let mut fit: HashMap<String, (f64, u64)> = HashMap::new();
@@ -203,8 +185,7 @@ impl Validator {
 
     /// Brings a ledger mirror up to the hub's, verifying every new entry.
     fn sync_ledger(&self, ledger: &mut Ledger) -> Result<()> {
-        let url = format!("{}/v1/ledger?from={}", self.config.hub, ledger.len());
-        let bytes = patiently(self.config.patience, || self.bytes(&url, false))?;
+        let bytes = self.hub.ledger(ledger.len())?;
         ledger
             .extend(&bytes)
             .map_err(|e| ValidatorError::Bad { round: self.run.round, message: format!("the hub's ledger: {e}") })
@@ -214,7 +195,7 @@ impl Validator {
     pub fn run(&mut self, max_rounds: Option<u64>, mut on_round: impl FnMut(&RoundScored)) -> Result<u64> {
         let mut done = 0;
         while max_rounds.is_none_or(|m| done < m) {
-            match self.job()? {
+            match self.hub.job()? {
                 Some(job) => {
                     let started = std::time::Instant::now();
                     let scored = self.score(&job)?;
@@ -228,8 +209,7 @@ impl Validator {
                     done += 1;
                 }
                 None => {
-                    let url = format!("{}/v1/run", self.config.hub);
-                    let info: RunInfo = patiently(self.config.patience, || get_json(&self.http, &url, None))?;
+                    let info: RunInfo = self.hub.run()?;
                     if info.finished {
                         break;
                     }
@@ -240,31 +220,6 @@ impl Validator {
         Ok(done)
     }
 
-    fn job(&self) -> Result<Option<ScoringJob>> {
-        let url = format!("{}/v1/validator/job", self.config.hub);
-        patiently(self.config.patience, || {
-            let r = self.http.get(&url).bearer_auth(&self.config.token).send().map_err(|e| http_err(&url, e))?;
-            if r.status() == StatusCode::NO_CONTENT {
-                return Ok(None);
-            }
-            parse(&url, r).map(Some)
-        })
-    }
-
-    fn bytes(&self, url: &str, auth: bool) -> Result<Vec<u8>> {
-        let mut req = self.http.get(url);
-        if auth {
-            req = req.bearer_auth(&self.config.token);
-        }
-        let r = req.send().map_err(|e| http_err(url, e))?;
-        let status = r.status();
-        let body = r.bytes().map_err(|e| http_err(url, e))?;
-        if !status.is_success() {
-            return Err(refusal(url, status, &body));
-        }
-        Ok(body.to_vec())
-    }
-
     /// Scores one job and reports it.
     pub fn score(&mut self, job: &ScoringJob) -> Result<RoundScored> {
         let round = job.round;
@@ -273,11 +228,8 @@ impl Validator {
         }
         let bad = |message: String| ValidatorError::Bad { round, message };
         let seed = crate::revealed_seed(job).map_err(bad)?;
-        let hub = &self.config.hub;
-        let weights = self.bytes(&format!("{hub}/v1/checkpoints/{}", job.base_checkpoint), false)?;
-        if hex::encode(weights_hash(&weights)) != job.base_checkpoint {
-            return Err(bad("the base checkpoint arrived with a different hash".into()));
-        }
+        // Checked against its name (its BLAKE3) and the hub's signature.
+        let weights = self.hub.checkpoint(&job.base_checkpoint, None)?;
         let theta = decode_weights(&weights, &self.run.spec.tensors)?;
         let lengths: Vec<usize> = self.run.spec.tensors.iter().map(|t| t.numel() as usize).collect();
         if self.sealed.is_some() {
@@ -285,20 +237,14 @@ impl Validator {
         }
         let mut candidates = Vec::with_capacity(job.submissions.len());
         for s in &job.submissions {
-            let bytes = self.bytes(&format!("{hub}/v1/validator/submissions/{}", s.blob), true)?;
+            let bytes = self.hub.submission(&s.blob)?;
             candidates.push(Candidate::from_job(s, &bytes, &lengths)?);
         }
-        let (scores, cost) = self.scorer.score(&theta, &candidates, &seed)?;
-        let report = crate::report(round, &scores);
-        let url = format!("{hub}/v1/validator/scores");
+        let crate::RoundScores { scored: scores, held_out_loss, cost } =
+            self.scorer.score(&theta, &candidates, &seed)?;
+        let report = crate::report(round, &scores, Some(held_out_loss));
         let started = Instant::now();
-        let r =
-            self.http.post(&url).bearer_auth(&self.config.token).json(&report).send().map_err(|e| http_err(&url, e))?;
-        let status = r.status();
-        if !status.is_success() {
-            let body = r.bytes().map_err(|e| http_err(&url, e))?;
-            return Err(refusal(&url, status, &body));
-        }
+        self.hub.post_scores(&report)?;
         tracing::debug!(round, post_s = started.elapsed().as_secs_f64(), "scores reported");
         Ok(RoundScored {
             round,
@@ -320,13 +266,12 @@ impl Validator {
         seed: &[u8; 32],
     ) -> Result<RoundScored> {
         let round = job.round;
-        let hub = self.config.hub.clone();
         let contest = self.run.spec.contest.clone().ok_or(ValidatorError::NotScored)?;
         // Open every envelope; one that does not open or decode is refused with its reason.
         let (mut candidates, mut index) = (Vec::new(), Vec::new());
         let mut malformed: Vec<Option<String>> = vec![None; job.submissions.len()];
         for (i, s) in job.submissions.iter().enumerate() {
-            let bytes = self.bytes(&format!("{hub}/v1/validator/submissions/{}", s.blob), true)?;
+            let bytes = self.hub.submission(&s.blob)?;
             match self.open(s, &bytes, lengths) {
                 Ok(c) => {
                     candidates.push(c);
@@ -338,10 +283,11 @@ impl Validator {
                 }
             }
         }
-        let (scores, cost) = if candidates.is_empty() {
-            (Vec::new(), ScoreCost::default())
+        let (scores, held_out_loss, cost) = if candidates.is_empty() {
+            (Vec::new(), None, ScoreCost::default())
         } else {
-            self.scorer.score(theta, &candidates, seed)?
+            let r = self.scorer.score(theta, &candidates, seed)?;
+            (r.scored, Some(r.held_out_loss), r.cost)
         };
         let mut all: Vec<Scored> = job
             .submissions
@@ -387,8 +333,7 @@ impl Validator {
             tessera_aggregate::robust::aggregate(&self.run.spec.aggregation, &views, &weights)?.0
         };
         let message = aggregate_message(&self.run, job, &mean)?;
-        let url = format!("{hub}/v1/validator/aggregate/{round}");
-        self.post(&url, reqwest::blocking::Body::from(message), "application/octet-stream")?;
+        self.hub.post_aggregate(round, message)?;
 
         // The ledger: one receipt per submission, the round's emission, a signed root.
         let sealed = self.sealed.as_mut().ok_or(ValidatorError::NotScored)?;
@@ -418,7 +363,7 @@ impl Validator {
         let root = LedgerBody::Root { size: next.len(), root: next.root() };
         append(&mut next, root, &sealed.signing)?;
         let verdict = Verdict {
-            report: crate::report(round, &scored),
+            report: crate::report(round, &scored, held_out_loss),
             settled: judged
                 .iter()
                 .zip(&rewards)
@@ -433,9 +378,7 @@ impl Validator {
             ledger_from: from,
             ledger: hex::encode(next.bytes_from(from)),
         };
-        let url = format!("{hub}/v1/validator/verdict");
-        let body = serde_json::to_vec(&verdict).map_err(|e| http_err(&url, e))?;
-        self.post(&url, reqwest::blocking::Body::from(body), "application/json")?;
+        self.hub.post_verdict(&verdict)?;
         let sealed = self.sealed.as_mut().ok_or(ValidatorError::NotScored)?;
         sealed.ledger = next;
         for (s, sc) in job.submissions.iter().zip(&scored) {
@@ -480,23 +423,6 @@ impl Validator {
         }
         Candidate::from_job(s, &plain, lengths).map_err(|e| e.to_string())
     }
-
-    fn post(&self, url: &str, body: reqwest::blocking::Body, content_type: &str) -> Result<()> {
-        let r = self
-            .http
-            .post(url)
-            .bearer_auth(&self.config.token)
-            .header(reqwest::header::CONTENT_TYPE, content_type)
-            .body(body)
-            .send()
-            .map_err(|e| http_err(url, e))?;
-        let status = r.status();
-        if !status.is_success() {
-            let body = r.bytes().map_err(|e| http_err(url, e))?;
-            return Err(refusal(url, status, &body));
-        }
-        Ok(())
-    }
 }
 
 /// A round's aggregate Δ̄ as an f32 message on the round's base.
@@ -520,50 +446,4 @@ fn now_ms() -> i64 {
 
 fn unix_secs() -> u64 {
     (now_ms() / 1000) as u64
-}
-
-/// Retries `f` while the hub is unreachable or answers 5xx, with backoff, for `patience`;
-/// a refusal (4xx) is final.
-fn patiently<T>(patience: Duration, mut f: impl FnMut() -> Result<T>) -> Result<T> {
-    let started = Instant::now();
-    let mut delay = Duration::from_millis(200);
-    loop {
-        match f() {
-            Err(e @ ValidatorError::Http { .. }) if started.elapsed() < patience => {
-                tracing::warn!(error = %e, retry_in = ?delay, "hub unavailable; retrying");
-                std::thread::sleep(delay);
-                delay = (delay * 2).min(Duration::from_secs(5));
-            }
-            other => return other,
-        }
-    }
-}
-
-fn http_err(url: &str, e: impl std::fmt::Display) -> ValidatorError {
-    ValidatorError::Http { url: url.to_owned(), message: e.to_string() }
-}
-
-fn refusal(url: &str, status: StatusCode, body: &[u8]) -> ValidatorError {
-    match serde_json::from_slice::<ApiError>(body) {
-        // The hub's own trouble is worth retrying; a refusal is not.
-        Ok(e) if !status.is_server_error() => ValidatorError::Refused(e),
-        _ => http_err(url, format!("{status}: {}", String::from_utf8_lossy(&body[..body.len().min(200)]))),
-    }
-}
-
-fn parse<T: serde::de::DeserializeOwned>(url: &str, r: reqwest::blocking::Response) -> Result<T> {
-    let status = r.status();
-    let body = r.bytes().map_err(|e| http_err(url, e))?;
-    if !status.is_success() {
-        return Err(refusal(url, status, &body));
-    }
-    serde_json::from_slice(&body).map_err(|e| http_err(url, format!("unexpected answer: {e}")))
-}
-
-fn get_json<T: serde::de::DeserializeOwned>(http: &Client, url: &str, token: Option<&str>) -> Result<T> {
-    let mut req = http.get(url);
-    if let Some(t) = token {
-        req = req.bearer_auth(t);
-    }
-    parse(url, req.send().map_err(|e| http_err(url, e))?)
 }

@@ -102,10 +102,12 @@ pub fn revealed_seed(job: &tessera_protocol::api::ScoringJob) -> Result<[u8; 32]
     Ok(seed)
 }
 
-/// The hub's report of a round's scores, in the job's order.
-pub fn report(round: u64, scores: &[Scored]) -> tessera_protocol::api::ScoreReport {
+/// The hub's report of a round's scores, in the job's order, with the held-out loss of the
+/// round's weights that a loss target is judged on.
+pub fn report(round: u64, scores: &[Scored], held_out_loss: Option<f64>) -> tessera_protocol::api::ScoreReport {
     tessera_protocol::api::ScoreReport {
         round,
+        held_out_loss: held_out_loss.filter(|l| l.is_finite()),
         scores: scores
             .iter()
             .map(|s| tessera_protocol::api::SubmissionScore {
@@ -124,6 +126,16 @@ pub struct ScoreCost {
     /// Windows run forward (no gradients), all submissions together.
     pub windows_forward: u64,
     pub seconds: f64,
+}
+
+/// A round's scores, in the candidates' order, and what measuring them cost.
+#[derive(Debug, Clone)]
+pub struct RoundScores {
+    pub scored: Vec<Scored>,
+    /// The held-out loss of the round's weights θ on the evaluation windows (before any
+    /// submission is applied).
+    pub held_out_loss: f64,
+    pub cost: ScoreCost,
 }
 
 pub struct Scorer {
@@ -167,7 +179,7 @@ impl Scorer {
         theta: &[Vec<f32>],
         candidates: &[Candidate],
         seed: &[u8; 32],
-    ) -> Result<(Vec<Scored>, ScoreCost), TrainError> {
+    ) -> Result<RoundScores, TrainError> {
         let started = std::time::Instant::now();
         let c = self.trainer.config.clone();
         let val_len = self.trainer.dataset.validation.len();
@@ -285,7 +297,8 @@ impl Scorer {
                 fit_factor: 1.0,
             })
             .collect();
-        Ok((out, ScoreCost { windows_forward: forward, seconds: started.elapsed().as_secs_f64() }))
+        let cost = ScoreCost { windows_forward: forward, seconds: started.elapsed().as_secs_f64() };
+        Ok(RoundScores { scored: out, held_out_loss: before_eval, cost })
     }
 
     /// A seeded sample of the windows `k`'s assignment trained on: random (step, position)

@@ -74,7 +74,9 @@ fn scores_fits_and_copies() {
         Scorer::new(inner(0), &config, dataset.clone(), Device::Cpu, ScoreConfig { eval_windows: 16, fit_windows: 16 })
             .unwrap();
     let seed = [3u8; 32];
-    let (scores, cost) = scorer.score(&theta, &candidates, &seed).unwrap();
+    let tessera_validator::RoundScores { scored: scores, cost, held_out_loss } =
+        scorer.score(&theta, &candidates, &seed).unwrap();
+    assert!(held_out_loss.is_finite() && held_out_loss > 0.0);
     assert!(cost.windows_forward > 0);
     for s in &scores[..5] {
         assert!(s.score > 0.0, "trained work helps: {s:?}");
@@ -86,9 +88,9 @@ fn scores_fits_and_copies() {
     );
     assert!(scores.iter().all(|s| s.data_fit.is_some_and(f64::is_finite)));
     // Everything the scorer samples is a function of the seed.
-    let (again, _) = scorer.score(&theta, &candidates, &seed).unwrap();
+    let again = scorer.score(&theta, &candidates, &seed).unwrap().scored;
     assert_eq!(again, scores);
-    let (other, _) = scorer.score(&theta, &candidates, &[4u8; 32]).unwrap();
+    let other = scorer.score(&theta, &candidates, &[4u8; 32]).unwrap().scored;
     assert_ne!(other, scores);
 }
 
@@ -114,7 +116,7 @@ fn the_data_fit_tells_assigned_from_other_windows() {
             .unwrap();
     let (mut honest, mut wrong) = (Vec::new(), Vec::new());
     for seed in 0..4u8 {
-        let (scores, _) = scorer.score(&theta, &candidates, &[seed; 32]).unwrap();
+        let scores = scorer.score(&theta, &candidates, &[seed; 32]).unwrap().scored;
         for s in scores {
             let f = s.data_fit.unwrap();
             if s.contributor < 6 { honest.push(f) } else { wrong.push(f) }
