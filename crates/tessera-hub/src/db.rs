@@ -1,14 +1,27 @@
 //! Run metadata in SQL, through sqlx's `Any` driver: SQLite by default, PostgreSQL given a
 //! `postgres://` URL. One migration set serves both (portable types only; no SQL aggregates
 //! whose result type differs between the two).
+//!
+//! The round core's events are persisted here, each in one transaction, as
+//! [`tessera_round::Snapshot::record`] describes them table by table; [`Db::snapshot`] reads
+//! them back for [`tessera_round::Run::restore`].
 
 use sqlx::any::{AnyPoolOptions, install_default_drivers};
 use sqlx::migrate::Migrator;
 use sqlx::{AnyPool, Row};
 use tessera_contest::{Rating, Ratings};
+use tessera_protocol::RunSpec;
 use tessera_protocol::api::{ContributorHistory, Rejection, RoundState, ScoredSubmission};
+use tessera_round::{Accepted, Closed, Publication, ScoreRow, Snapshot, counts_against_sender};
 
 use crate::HubError;
+
+macro_rules! select_rounds {
+    () => {
+        "SELECT round, base_checkpoint, state, opened_ms, closed_ms, closed_by, accepted, weight, \
+         result_checkpoint, mean_inner_loss, bytes_up FROM rounds"
+    };
+}
 
 macro_rules! select_submissions {
     () => {
@@ -44,56 +57,21 @@ pub struct RoundRow {
     pub bytes_up: u64,
 }
 
-#[derive(Debug, Clone)]
-pub struct SubmissionRow {
-    pub contributor: u64,
-    pub base_round: u64,
-    pub round: u64,
-    pub weight: f64,
-    pub bytes: u64,
-    pub inner_loss: Option<f64>,
-    pub blob: String,
-    pub received_ms: i64,
+/// A new round's evaluation seed and its commitment (hex): the seed stays secret until the
+/// round's submissions close.
+pub struct Seed {
+    pub seed: String,
+    pub commitment: String,
 }
 
-/// What closing a round writes, in one transaction.
-pub struct Publication<'a> {
-    pub round: u64,
-    pub result_checkpoint: &'a str,
-    pub closed_by: &'a str,
-    pub closed_ms: i64,
-    pub accepted: u64,
-    pub weight: f64,
-    pub mean_inner_loss: Option<f64>,
-    pub bytes_up: u64,
-    /// The run is over after this round.
-    pub finished: bool,
-    /// Scores and rewards of the round's submissions (scored runs).
-    pub scores: &'a [ScoreRow],
-    /// Ratings changed by this round.
-    pub ratings: &'a [(u64, Rating)],
-    /// Set when this round is the phase boundary: who qualified, best first.
-    pub qualified: &'a [u64],
-    /// Ledger entries recording the round (sealed runs): `(seq, hex bytes)`.
-    pub ledger: &'a [(u64, String)],
-    /// When this round ends a phase whose successor admits only the top of the leaderboard:
-    /// that phase and who may train in it, best first.
-    pub members: Option<(u64, &'a [u64])>,
-    /// When this round ends a phase: the next phase and the round it starts at.
-    pub phase_start: Option<(u64, u64)>,
-}
-
-/// One submission's score, flag, aggregation weight and reward.
-#[derive(Debug, Clone)]
-pub struct ScoreRow {
-    pub contributor: u64,
-    pub base_round: u64,
-    pub round: u64,
-    pub score: Option<f64>,
-    pub data_fit: Option<f64>,
-    pub flag: Option<String>,
-    pub weight: f64,
-    pub reward: u64,
+impl Seed {
+    /// A fresh secret seed from the operating system.
+    pub fn fresh() -> Result<Seed, HubError> {
+        let mut seed = [0u8; 32];
+        getrandom::fill(&mut seed).map_err(|e| HubError::Config(format!("no randomness: {e}")))?;
+        let commitment = tessera_contest::commit::commitment(&seed);
+        Ok(Seed { seed: hex::encode(seed), commitment: hex::encode(commitment) })
+    }
 }
 
 fn state_name(s: RoundState) -> &'static str {
@@ -159,7 +137,14 @@ impl Db {
         })
     }
 
-    pub async fn create_run(&self, id: &str, spec: &str, checkpoint: &str, now: i64) -> Result<(), HubError> {
+    pub async fn create_run(
+        &self,
+        id: &str,
+        spec: &str,
+        checkpoint: &str,
+        now: i64,
+        seed: &Seed,
+    ) -> Result<(), HubError> {
         let mut tx = self.pool.begin().await?;
         sqlx::query(
             "INSERT INTO runs (id, spec, round, checkpoint, finished, created_ms) VALUES ($1, $2, 0, $3, 0, $4)",
@@ -170,43 +155,124 @@ impl Db {
         .bind(now)
         .execute(&mut *tx)
         .await?;
-        open_round(&mut tx, 0, checkpoint, now).await?;
+        open_round(&mut tx, 0, checkpoint, now, seed).await?;
         tx.commit().await?;
         Ok(())
     }
 
-    pub async fn rounds(&self) -> Result<Vec<RoundRow>, HubError> {
+    /// What the round core needs of the run `run`, read back: the recent rounds' bases, the
+    /// current round (its commitment, whether it closed), the phases, who may train, every
+    /// contributor, the current round's submissions and counted refusals, ratings, data fits
+    /// and who ever earned. Scans the scores once (O(history)), at start-up only.
+    pub async fn snapshot(&self, run: &RunRow, spec: RunSpec) -> Result<Snapshot, HubError> {
+        let oldest = run.round.saturating_sub(spec.max_staleness);
         let rows = sqlx::query(
-            "SELECT round, base_checkpoint, state, opened_ms, closed_ms, closed_by, accepted, weight, \
-             result_checkpoint, mean_inner_loss, bytes_up FROM rounds ORDER BY round",
+            "SELECT round, base_checkpoint, state, opened_ms, closed_ms, closed_by, eval_commitment FROM rounds \
+             WHERE round >= $1 ORDER BY round",
         )
+        .bind(oldest as i64)
         .fetch_all(&self.pool)
         .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(RoundRow {
-                    round: u(r.try_get("round")?),
-                    base_checkpoint: r.try_get("base_checkpoint")?,
-                    state: parse_state(&r.try_get::<String, _>("state")?)?,
-                    opened_ms: r.try_get("opened_ms")?,
-                    closed_ms: r.try_get("closed_ms")?,
-                    closed_by: r.try_get("closed_by")?,
-                    accepted: u(r.try_get("accepted")?),
-                    weight: r.try_get("weight")?,
-                    result_checkpoint: r.try_get("result_checkpoint")?,
-                    mean_inner_loss: r.try_get("mean_inner_loss")?,
-                    bytes_up: u(r.try_get("bytes_up")?),
-                })
-            })
-            .collect()
+        let mut bases = Vec::with_capacity(rows.len() + 1);
+        let (mut closed, mut commitment) = (None, String::new());
+        for r in &rows {
+            let round = u(r.try_get("round")?);
+            bases.push((round, r.try_get::<String, _>("base_checkpoint")?));
+            if round == run.round && !run.finished {
+                commitment = r.try_get::<Option<String>, _>("eval_commitment")?.unwrap_or_default();
+                let state = parse_state(&r.try_get::<String, _>("state")?)?;
+                if matches!(state, RoundState::Scoring | RoundState::Aggregating) {
+                    let opened: i64 = r.try_get("opened_ms")?;
+                    let closed_by: Option<String> = r.try_get("closed_by")?;
+                    let at_ms: Option<i64> = r.try_get("closed_ms")?;
+                    closed = Some(Closed {
+                        closed_by: closed_by.unwrap_or_else(|| "quorum".into()),
+                        at_ms: at_ms.unwrap_or(opened),
+                    });
+                }
+            }
+        }
+        if run.finished {
+            // The final weights: the result of the last round.
+            let last = sqlx::query("SELECT result_checkpoint FROM rounds WHERE round = $1")
+                .bind(run.round as i64 - 1)
+                .fetch_optional(&self.pool)
+                .await?;
+            let hash: Option<String> = last.map(|r| r.try_get("result_checkpoint")).transpose()?.flatten();
+            bases.push((run.round, hash.ok_or_else(|| HubError::Corrupt("a finished run without a result".into()))?));
+        }
+        let starts: Vec<u64> = self.phase_starts().await?.into_iter().map(|(_, r)| r).collect();
+        let phase = starts.len();
+        let members = match phase.checked_sub(1).and_then(|i| spec.phases.get(i)).and_then(|p| p.qualify_top) {
+            Some(_) => Some(self.phase_members(phase as u64).await?),
+            None => None,
+        };
+        let contributors = self.contributors().await?.into_iter().map(|c| c.0).collect();
+        let pending = if run.finished { Vec::new() } else { self.submissions(Some(run.round)).await? };
+        let mut refused: Vec<u64> = self
+            .rejections(run.round)
+            .await?
+            .into_iter()
+            .filter(|(_, code, _)| code_counts(code))
+            .map(|(c, _, _)| c)
+            .collect();
+        refused.sort_unstable();
+        refused.dedup();
+        let mut fit: Vec<(u64, f64, u64)> = Vec::new();
+        let mut earned = std::collections::BTreeSet::new();
+        for s in self.scores().await? {
+            if let Some(f) = s.data_fit.filter(|f| f.is_finite()) {
+                match fit.iter_mut().find(|e| e.0 == s.contributor) {
+                    Some(e) => {
+                        e.1 += f;
+                        e.2 += 1;
+                    }
+                    None => fit.push((s.contributor, f, 1)),
+                }
+            }
+            if s.reward > 0 {
+                earned.insert(s.contributor);
+            }
+        }
+        Ok(Snapshot {
+            spec,
+            run_id: run.id.clone(),
+            round: run.round,
+            finished: run.finished,
+            bases,
+            commitment,
+            closed,
+            starts,
+            members,
+            contributors,
+            pending,
+            refused,
+            ratings: self.ratings().await?,
+            fit,
+            earned: earned.into_iter().collect(),
+        })
     }
 
-    pub async fn set_round_state(&self, round: u64, state: RoundState) -> Result<(), HubError> {
-        sqlx::query("UPDATE rounds SET state = $1 WHERE round = $2")
-            .bind(state_name(state))
+    /// One round's row.
+    pub async fn round(&self, round: u64) -> Result<Option<RoundRow>, HubError> {
+        let row = sqlx::query(concat!(select_rounds!(), " WHERE round = $1"))
             .bind(round as i64)
-            .execute(&self.pool)
+            .fetch_optional(&self.pool)
             .await?;
+        row.as_ref().map(round_row).transpose()
+    }
+
+    pub async fn rounds(&self) -> Result<Vec<RoundRow>, HubError> {
+        let rows = sqlx::query(concat!(select_rounds!(), " ORDER BY round")).fetch_all(&self.pool).await?;
+        rows.iter().map(round_row).collect()
+    }
+
+    /// The current round's submissions closed: a scored run's round waits for its scores
+    /// (`scoring`), an unscored one is being aggregated (`aggregating`).
+    pub async fn close_round(&self, round: u64, closed: &Closed, scored: bool) -> Result<(), HubError> {
+        let mut tx = self.pool.begin().await?;
+        set_closed(&mut tx, round, closed, scored).await?;
+        tx.commit().await?;
         Ok(())
     }
 
@@ -281,9 +347,10 @@ impl Db {
         Ok(())
     }
 
-    /// Records an accepted submission; `Ok(false)` if this contributor already submitted for
-    /// this base round. Marks the round as collecting.
-    pub async fn insert_submission(&self, s: &SubmissionRow) -> Result<bool, HubError> {
+    /// Records an accepted submission and, when it completed the quorum, that the round
+    /// closed; `Ok(false)` (nothing written) if this contributor already submitted for this
+    /// base round.
+    pub async fn accept(&self, s: &Accepted, closed: Option<&Closed>, scored: bool) -> Result<bool, HubError> {
         let mut tx = self.pool.begin().await?;
         let exists = sqlx::query("SELECT 1 AS one FROM submissions WHERE contributor = $1 AND base_round = $2")
             .bind(s.contributor as i64)
@@ -312,6 +379,9 @@ impl Db {
             .bind(s.round as i64)
             .execute(&mut *tx)
             .await?;
+        if let Some(c) = closed {
+            set_closed(&mut tx, s.round, c, scored).await?;
+        }
         tx.commit().await?;
         Ok(true)
     }
@@ -325,14 +395,17 @@ impl Db {
             .is_some())
     }
 
-    /// Submissions applied in `round` (all rounds if `None`), in a fixed order.
-    pub async fn submissions(&self, round: Option<u64>) -> Result<Vec<SubmissionRow>, HubError> {
+    /// Submissions applied in `round` (in the order they arrived) or in every round.
+    pub async fn submissions(&self, round: Option<u64>) -> Result<Vec<Accepted>, HubError> {
         let rows = match round {
             Some(r) => {
-                sqlx::query(concat!(select_submissions!(), " WHERE round = $1 ORDER BY contributor, base_round"))
-                    .bind(r as i64)
-                    .fetch_all(&self.pool)
-                    .await?
+                sqlx::query(concat!(
+                    select_submissions!(),
+                    " WHERE round = $1 ORDER BY received_ms, contributor, base_round"
+                ))
+                .bind(r as i64)
+                .fetch_all(&self.pool)
+                .await?
             }
             None => {
                 sqlx::query(concat!(select_submissions!(), " ORDER BY round, contributor, base_round"))
@@ -342,7 +415,7 @@ impl Db {
         };
         rows.iter()
             .map(|r| {
-                Ok(SubmissionRow {
+                Ok(Accepted {
                     contributor: u(r.try_get("contributor")?),
                     base_round: u(r.try_get("base_round")?),
                     round: u(r.try_get("round")?),
@@ -525,24 +598,30 @@ impl Db {
             .collect()
     }
 
-    /// Closes `p.round`, opens the next one (unless the run finished) and moves the run to it.
-    pub async fn publish(&self, p: &Publication<'_>) -> Result<(), HubError> {
+    /// Publishes `p.round` and opens the next one with `next` (unless the run finished), with
+    /// the ledger entries that record it (sealed runs), in one transaction.
+    pub async fn publish(
+        &self,
+        p: &Publication,
+        next: Option<&Seed>,
+        ledger: &[(u64, String)],
+    ) -> Result<(), HubError> {
         let mut tx = self.pool.begin().await?;
         sqlx::query(
             "UPDATE rounds SET state = 'published', closed_ms = $1, closed_by = $2, accepted = $3, weight = $4, \
              result_checkpoint = $5, mean_inner_loss = $6, bytes_up = $7 WHERE round = $8",
         )
         .bind(p.closed_ms)
-        .bind(p.closed_by)
-        .bind(p.accepted as i64)
+        .bind(&p.closed_by)
+        .bind(p.used as i64)
         .bind(p.weight)
-        .bind(p.result_checkpoint)
+        .bind(&p.result_checkpoint)
         .bind(p.mean_inner_loss)
         .bind(p.bytes_up as i64)
         .bind(p.round as i64)
         .execute(&mut *tx)
         .await?;
-        for sc in p.scores {
+        for sc in &p.scores {
             sqlx::query(
                 "INSERT INTO scores (contributor, base_round, round, score, data_fit, flag, weight, reward) \
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
@@ -558,7 +637,7 @@ impl Db {
             .execute(&mut *tx)
             .await?;
         }
-        for (contributor, r) in p.ratings {
+        for (contributor, r) in &p.ratings {
             sqlx::query("DELETE FROM ratings WHERE contributor = $1")
                 .bind(*contributor as i64)
                 .execute(&mut *tx)
@@ -586,7 +665,7 @@ impl Db {
                 .execute(&mut *tx)
                 .await?;
         }
-        insert_ledger(&mut tx, p.ledger).await?;
+        insert_ledger(&mut tx, ledger).await?;
         if let Some((phase, round)) = p.phase_start {
             sqlx::query("INSERT INTO phase_starts (phase, round) VALUES ($1, $2)")
                 .bind(phase as i64)
@@ -594,29 +673,70 @@ impl Db {
                 .execute(&mut *tx)
                 .await?;
         }
-        if let Some((phase, members)) = p.members {
+        if let Some((phase, members)) = &p.members {
             for (rank, contributor) in members.iter().enumerate() {
                 sqlx::query("INSERT INTO phase_members (phase, contributor, rank) VALUES ($1, $2, $3)")
-                    .bind(phase as i64)
+                    .bind(*phase as i64)
                     .bind(*contributor as i64)
                     .bind(rank as i64 + 1)
                     .execute(&mut *tx)
                     .await?;
             }
         }
-        let next = p.round + 1;
-        if !p.finished {
-            open_round(&mut tx, next, p.result_checkpoint, p.closed_ms).await?;
+        let next_round = p.round + 1;
+        match (p.finished, next) {
+            (false, Some(seed)) => open_round(&mut tx, next_round, &p.result_checkpoint, p.closed_ms, seed).await?,
+            (false, None) => return Err(HubError::Corrupt("a round opened without an evaluation seed".into())),
+            (true, _) => {}
         }
         sqlx::query("UPDATE runs SET round = $1, checkpoint = $2, finished = $3")
-            .bind(next as i64)
-            .bind(p.result_checkpoint)
+            .bind(next_round as i64)
+            .bind(&p.result_checkpoint)
             .bind(i64::from(p.finished))
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
         Ok(())
     }
+}
+
+/// Whether a refusal recorded with the wire name `code` counts against its sender.
+fn code_counts(code: &str) -> bool {
+    serde_json::from_value::<tessera_protocol::ErrorCode>(serde_json::Value::String(code.to_owned()))
+        .map_or(true, counts_against_sender)
+}
+
+fn round_row(r: &sqlx::any::AnyRow) -> Result<RoundRow, HubError> {
+    Ok(RoundRow {
+        round: u(r.try_get("round")?),
+        base_checkpoint: r.try_get("base_checkpoint")?,
+        state: parse_state(&r.try_get::<String, _>("state")?)?,
+        opened_ms: r.try_get("opened_ms")?,
+        closed_ms: r.try_get("closed_ms")?,
+        closed_by: r.try_get("closed_by")?,
+        accepted: u(r.try_get("accepted")?),
+        weight: r.try_get("weight")?,
+        result_checkpoint: r.try_get("result_checkpoint")?,
+        mean_inner_loss: r.try_get("mean_inner_loss")?,
+        bytes_up: u(r.try_get("bytes_up")?),
+    })
+}
+
+async fn set_closed(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    round: u64,
+    closed: &Closed,
+    scored: bool,
+) -> Result<(), HubError> {
+    let state = if scored { RoundState::Scoring } else { RoundState::Aggregating };
+    sqlx::query("UPDATE rounds SET state = $1, closed_by = $2, closed_ms = $3 WHERE round = $4")
+        .bind(state_name(state))
+        .bind(&closed.closed_by)
+        .bind(closed.at_ms)
+        .bind(round as i64)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
 }
 
 async fn insert_ledger(tx: &mut sqlx::Transaction<'_, sqlx::Any>, entries: &[(u64, String)]) -> Result<(), HubError> {
@@ -630,17 +750,15 @@ async fn insert_ledger(tx: &mut sqlx::Transaction<'_, sqlx::Any>, entries: &[(u6
     Ok(())
 }
 
-/// Opens `round` with a fresh secret evaluation seed; only its commitment is shown until the
+/// Opens `round` with its secret evaluation seed; only the commitment is shown until the
 /// round's submissions close.
 async fn open_round(
     tx: &mut sqlx::Transaction<'_, sqlx::Any>,
     round: u64,
     base: &str,
     now: i64,
+    seed: &Seed,
 ) -> Result<(), HubError> {
-    let mut seed = [0u8; 32];
-    getrandom::fill(&mut seed).map_err(|e| HubError::Config(format!("no randomness: {e}")))?;
-    let commitment = tessera_contest::commit::commitment(&seed);
     sqlx::query(
         "INSERT INTO rounds (round, base_checkpoint, state, opened_ms, accepted, weight, bytes_up, eval_seed, \
          eval_commitment) VALUES ($1, $2, 'open', $3, 0, 0, 0, $4, $5)",
@@ -648,8 +766,8 @@ async fn open_round(
     .bind(round as i64)
     .bind(base)
     .bind(now)
-    .bind(hex::encode(seed))
-    .bind(hex::encode(commitment))
+    .bind(&seed.seed)
+    .bind(&seed.commitment)
     .execute(&mut **tx)
     .await?;
     Ok(())

@@ -11,12 +11,13 @@ use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use tessera_protocol::api::{INNER_LOSS_HEADER, RegisterRequest, ScoreReport, Verdict};
+use tessera_protocol::api::{RegisterRequest, ScoreReport, UNSIGNED_INNER_LOSS_HEADER, Verdict};
 use tessera_protocol::{ApiError, ErrorCode};
 use tessera_trust::identity::HUB_SIGNATURE_HEADER;
 use tessera_trust::{SignedBy, ValidatorAttestation};
 
-use crate::hub::{Hub, checkpoint_key, update_key};
+use crate::hub::Hub;
+use crate::store::{checkpoint_key, update_key};
 
 /// An [`ApiError`] on its way out.
 pub struct Refusal(pub ApiError);
@@ -229,7 +230,13 @@ async fn economy(State(hub): State<Arc<Hub>>) -> Result<impl IntoResponse, Refus
 /// Prometheus metrics of this process (`tessera_hub_*`: rounds, submissions by outcome, bytes,
 /// aggregation time).
 async fn metrics_text() -> impl IntoResponse {
-    tessera_protocol::telemetry::exposition()
+    tessera_telemetry::exposition()
+}
+
+#[derive(serde::Deserialize)]
+struct SubmitQuery {
+    /// The mean training loss of the submission's inner steps (signed with the path).
+    inner_loss: Option<f64>,
 }
 
 async fn submit(
@@ -237,12 +244,24 @@ async fn submit(
     method: Method,
     uri: Uri,
     headers: HeaderMap,
+    query: Result<Query<SubmitQuery>, axum::extract::rejection::QueryRejection>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<impl IntoResponse, Refusal> {
     let result = async {
+        if headers.contains_key(UNSIGNED_INNER_LOSS_HEADER) {
+            return Err(refuse(
+                ErrorCode::BadRequest,
+                format!(
+                    "{UNSIGNED_INNER_LOSS_HEADER} is outside the request's signature: send the loss as \
+                     ?inner_loss= in the signed path (protocol {})",
+                    tessera_protocol::PROTOCOL_VERSION
+                ),
+            ));
+        }
+        let Query(query) = query.map_err(|e| refuse(ErrorCode::BadRequest, e.body_text()))?;
         let body = body_or_refusal(body)?;
         let (id, key) = contributor(&hub, &method, &uri, &headers, &body).await?;
-        let loss = headers.get(INNER_LOSS_HEADER).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<f64>().ok());
+        let loss = query.inner_loss;
         let bytes = body.len() as u64;
         let receipt = hub.submit(id, key, body, loss).await?;
         metrics::counter!("tessera_hub_bytes_total", "direction" => "up").increment(bytes);

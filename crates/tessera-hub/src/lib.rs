@@ -3,20 +3,28 @@
 //! at quorum or deadline, and publishes content-addressed checkpoints and compressed updates.
 //!
 //! No libtorch: the hub works on f32 buffers (`tessera-aggregate`) and bytes
-//! (`tessera-protocol`). Metadata goes to SQL (`db`), blobs to an object store (`store`).
+//! (`tessera-protocol`). Every decision is the round core's (`tessera-round`); this crate is
+//! its shell: metadata in SQL (`db`), blobs in an object store (`store`), HTTP (`http`), and
+//! the hub's work split along its seams (`intake`, `rounds`, `validator`, `economy`, `views`).
 
 pub mod db;
+mod economy;
 pub mod http;
 pub mod hub;
+mod intake;
+mod rounds;
 pub mod store;
+mod validator;
+mod views;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 pub use db::Db;
-pub use hub::{Grower, Grown, Hub, NewRun, checkpoint_key};
-pub use store::Store;
+pub use hub::{Hub, HubConfig, NewRun};
+pub use store::{Store, checkpoint_key};
+pub use tessera_aggregate::round::{Grower, Grown};
 
 #[derive(Debug, thiserror::Error)]
 pub enum HubError {
@@ -32,6 +40,8 @@ pub enum HubError {
     Aggregate(#[from] tessera_aggregate::AggregateError),
     #[error("codec: {0}")]
     Codec(#[from] tessera_protocol::CodecError),
+    #[error("round core: {0}")]
+    Round(#[from] tessera_round::RoundError),
     #[error("configuration: {0}")]
     Config(String),
     #[error("inconsistent hub state: {0}")]

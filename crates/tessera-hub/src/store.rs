@@ -14,6 +14,26 @@ use object_store::{GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutPayload
 
 use crate::HubError;
 
+/// Where a checkpoint lives: named by its BLAKE3 (hex), so rewriting it is harmless.
+pub fn checkpoint_key(hash: &str) -> String {
+    format!("checkpoints/{hash}.safetensors")
+}
+
+/// The compressed update published into `round`.
+pub fn update_key(round: u64) -> String {
+    format!("updates/{round:08}.tpg")
+}
+
+/// The outer momentum and broadcast residual going into `round`.
+pub fn outer_key(round: u64) -> String {
+    format!("outer/{round:08}.safetensors")
+}
+
+/// A submission's bytes, named by their BLAKE3 (hex).
+pub fn submission_key(hash: &str) -> String {
+    format!("submissions/{hash}.tpg")
+}
+
 #[derive(Clone)]
 pub struct Store {
     inner: Arc<dyn ObjectStore>,

@@ -1,0 +1,259 @@
+//! Contributors' requests: signatures and nonces, registration, assignments and submissions.
+//!
+//! Cost per submission: the body is parsed and decoded once off the async workers (O(P)), its
+//! blob stored, then two indexed lookups (blob owner; an earlier submission for the same base
+//! round) and one transaction; nothing here reads more than the current round.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tessera_aggregate::check_view;
+use tessera_protocol::api::{Assignment, Receipt, Registration};
+use tessera_protocol::{ApiError, ErrorCode, MessageView};
+use tessera_round::{Event, Facts, MessageHeader, Submission};
+use tessera_trust::{PublicKey, SealedHeader, SignedBy};
+
+use crate::hub::{Hub, api, internal, now_ms};
+use crate::store::submission_key;
+
+impl Hub {
+    /// Checks a signed request and that its nonce is new; returns who signed it.
+    pub async fn verify_signed<'a>(
+        &self,
+        header: impl Fn(&str) -> Option<&'a str>,
+        method: &str,
+        path: &str,
+        body: &[u8],
+    ) -> Result<SignedBy, ApiError> {
+        let signed = tessera_trust::verify_request(header, method, path, body, now_ms())
+            .map_err(|e| api(ErrorCode::Unauthorized, e.to_string()))?;
+        if !self.db.use_nonce(&signed.key.hex(), &signed.nonce, now_ms()).await.map_err(internal)? {
+            return Err(api(
+                ErrorCode::ReplayedRequest,
+                "this signed request was already received (same key and nonce): a replay is refused",
+            ));
+        }
+        Ok(signed)
+    }
+
+    /// The registered contributor a verified request comes from.
+    pub fn contributor_of(&self, key: &PublicKey) -> Result<u64, ApiError> {
+        let keys = self.keys.read().map_err(|_| api(ErrorCode::Internal, "key table poisoned"))?;
+        keys.ids.get(key).copied().ok_or_else(|| {
+            api(ErrorCode::Unauthorized, format!("key {key} is not registered: POST /v1/contributors first"))
+        })
+    }
+
+    /// Registers `key` under `name`; the same key gets the same id again.
+    pub async fn register(&self, name: &str, key: PublicKey) -> Result<Registration, ApiError> {
+        let name: String = name.chars().filter(|c| !c.is_control()).take(64).collect();
+        // Serialised with the run's decisions, so ids are dense.
+        let mut live = self.live.lock().await;
+        let id = self.db.register(&name, &key.hex(), now_ms()).await.map_err(internal)?;
+        live.run
+            .apply(&Event::Registered { contributor: id })
+            .map_err(|e| internal(crate::HubError::Corrupt(e.to_string())))?;
+        let mut keys = self.keys.write().map_err(|_| api(ErrorCode::Internal, "key table poisoned"))?;
+        keys.ids.insert(key, id);
+        keys.keys.insert(id, key);
+        tracing::info!(contributor = id, name, key = %key, "registered");
+        Ok(Registration { contributor_id: id, public_key: key.hex() })
+    }
+
+    /// The contributor's next round. If it has already submitted for the current round, waits
+    /// (up to `wait`) for the round to close first.
+    pub async fn assign(&self, contributor: u64, wait: Duration) -> Result<Assignment, ApiError> {
+        let mut rx = self.round_tx.subscribe();
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            rx.borrow_and_update();
+            let done = self.live.lock().await.run.has_submitted(contributor);
+            if !done || tokio::time::timeout_at(deadline, rx.changed()).await.is_err() {
+                break;
+            }
+        }
+        self.live.lock().await.run.assignment(contributor)
+    }
+
+    /// Validates, stores and records one submission; closes the round at quorum. Every
+    /// refusal but `busy` is recorded with its reason.
+    pub async fn submit(
+        self: &Arc<Self>,
+        contributor: u64,
+        key: PublicKey,
+        body: Bytes,
+        inner_loss: Option<f64>,
+    ) -> Result<Receipt, ApiError> {
+        let result = if self.spec().trust.is_some() {
+            self.submit_sealed(contributor, key, body, inner_loss).await
+        } else {
+            self.submit_clear(contributor, body, inner_loss).await
+        };
+        if let Err(e) = &result {
+            let mut live = self.live.lock().await;
+            if let Some(event) = live.run.refused(contributor, e, now_ms()) {
+                let recorded = self
+                    .db
+                    .insert_rejection(contributor, live.run.round(), &e.code.wire_name(), &e.message, now_ms())
+                    .await;
+                match recorded {
+                    Ok(()) => {
+                        if let Err(err) = live.run.apply(&event) {
+                            tracing::error!(error = %err, "could not apply a refusal");
+                        }
+                    }
+                    Err(db) => tracing::warn!(error = %db, "could not record a rejection"),
+                }
+                tracing::info!(contributor, code = %e.code.wire_name(), message = %e.message, "submission rejected");
+            }
+        }
+        result
+    }
+
+    async fn submit_clear(
+        self: &Arc<Self>,
+        contributor: u64,
+        body: Bytes,
+        inner_loss: Option<f64>,
+    ) -> Result<Receipt, ApiError> {
+        let lengths: Vec<usize> = {
+            let live = self.live.lock().await;
+            let all = live.run.lengths();
+            live.run.carried(contributor).into_iter().map(|i| all[i]).collect()
+        };
+        // Parse (which verifies the checksum of the whole body) and decode, off the async workers.
+        let parsed = tokio::task::spawn_blocking(move || {
+            let view = MessageView::parse(&body)?;
+            let header = MessageHeader {
+                run_id: view.run_id,
+                round: view.round,
+                codec: view.codec,
+                table: view.tensors.iter().map(|t| (t.name.to_owned(), t.shape.clone())).collect(),
+            };
+            let base = hex::encode(view.base_checkpoint);
+            let decoded = check_view(&lengths, &view);
+            drop(view);
+            Ok::<_, tessera_protocol::WireError>((header, base, decoded, body))
+        })
+        .await
+        .map_err(|e| api(ErrorCode::Internal, e.to_string()))?
+        .map_err(|e| api(ErrorCode::MalformedMessage, e.to_string()))?;
+        let (header, base_hash, decoded, body) = parsed;
+        self.live.lock().await.run.check_message(contributor, &header)?;
+        // Only now that names and shapes match the model does a decoding failure mean bad values.
+        decoded.map_err(|e| api(ErrorCode::MalformedMessage, e.to_string()))?;
+        // The message ends with the BLAKE3 of everything before it (verified by the parse):
+        // that names the blob.
+        let blob = hex::encode(&body[body.len().saturating_sub(32)..]);
+        let submission =
+            Submission { contributor, base_round: header.round, base_hash, blob, bytes: body.len() as u64, inner_loss };
+        self.store_and_record(submission, body).await
+    }
+
+    /// A sealed run's submission: the hub checks the envelope's clear header (run, base, sender,
+    /// recipient) and stores the ciphertext; only the validator can check the rest.
+    async fn submit_sealed(
+        self: &Arc<Self>,
+        contributor: u64,
+        key: PublicKey,
+        body: Bytes,
+        inner_loss: Option<f64>,
+    ) -> Result<Receipt, ApiError> {
+        let header = SealedHeader::parse(&body).map_err(|e| api(ErrorCode::MalformedMessage, e.to_string()))?;
+        if hex::encode(header.run_id) != self.run_id() {
+            return Err(api(
+                ErrorCode::WrongRun,
+                format!("sealed for run {}, this is {}", hex::encode(header.run_id), self.run_id()),
+            ));
+        }
+        if header.contributor != key {
+            return Err(api(
+                ErrorCode::Unauthorized,
+                "the envelope names another contributor: only its sender may submit it",
+            ));
+        }
+        let recipient = self
+            .trust
+            .read()
+            .map_err(|_| api(ErrorCode::Internal, "trust poisoned"))?
+            .validator
+            .as_ref()
+            .map(|v| v.recipient);
+        let Some(recipient) = recipient else {
+            return Err(api(ErrorCode::NoValidator, "no attested validator has registered yet; retry shortly"));
+        };
+        if header.recipient != recipient {
+            return Err(api(
+                ErrorCode::WrongValidator,
+                "sealed to a validator key that is not the current one: fetch GET /v1/validator and seal again",
+            ));
+        }
+        let submission = Submission {
+            contributor,
+            base_round: header.base_round,
+            base_hash: hex::encode(header.base_checkpoint),
+            blob: blake3::hash(&body).to_hex().to_string(),
+            bytes: body.len() as u64,
+            inner_loss,
+        };
+        self.store_and_record(submission, body).await
+    }
+
+    /// Stores the blob, then records the submission as its own task: if the client hangs up,
+    /// the request's future is dropped, but a half-done state change must never be.
+    async fn store_and_record(self: &Arc<Self>, submission: Submission, body: Bytes) -> Result<Receipt, ApiError> {
+        self.store.put(&submission_key(&submission.blob), body).await.map_err(internal)?;
+        let hub = self.clone();
+        tokio::spawn(async move { hub.record(submission).await })
+            .await
+            .map_err(|e| api(ErrorCode::Internal, e.to_string()))?
+    }
+
+    async fn record(&self, s: Submission) -> Result<Receipt, ApiError> {
+        let mut live = self.live.lock().await;
+        let facts = Facts {
+            blob_owner: self.db.blob_owner(&s.blob).await.map_err(internal)?,
+            submitted_for_base: self.db.has_submitted(s.contributor, s.base_round).await.map_err(internal)?,
+        };
+        let admission = live.run.admit(&s, facts, now_ms())?;
+        let (accepted, closed) = match admission.events.as_slice() {
+            [Event::Accepted(a)] => (a, None),
+            [Event::Accepted(a), Event::Closed { closed, .. }] => (a, Some(closed)),
+            _ => return Err(api(ErrorCode::Internal, "an admission without its submission")),
+        };
+        let scored = self.spec().contest.is_some();
+        if !self.db.accept(accepted, closed, scored).await.map_err(internal)? {
+            return Err(api(
+                ErrorCode::Duplicate,
+                format!("contributor {} already submitted for round {}", s.contributor, s.base_round),
+            ));
+        }
+        for event in &admission.events {
+            live.run.apply(event).map_err(|e| internal(crate::HubError::Corrupt(e.to_string())))?;
+        }
+        let r = &admission.receipt;
+        tracing::info!(
+            contributor = s.contributor,
+            round = r.round,
+            base_round = r.base_round,
+            weight = r.weight,
+            bytes = r.bytes,
+            accepted = live.run.pending().len(),
+            "submission accepted"
+        );
+        if let Some(closed) = closed {
+            if scored {
+                tracing::info!(round = r.round, closed_by = %closed.closed_by, "submissions closed; waiting for scores");
+            } else {
+                // The submission is in either way: should publishing fail, the next tick retries.
+                let closed_by = closed.closed_by.clone();
+                let sealed = crate::rounds::Sealed::default();
+                if let Err(e) = self.finish(&mut live, tessera_round::Judgement::Unscored, &closed_by, sealed).await {
+                    tracing::error!(round = r.round, error = %e, "publishing the round failed; retrying at the next tick");
+                }
+            }
+        }
+        Ok(admission.receipt)
+    }
+}

@@ -1,0 +1,178 @@
+//! Closing and publishing rounds: the clock's tick (deadlines, overdue scores, a closed round
+//! left over from a restart), and `finish`: the core's plan, the aggregation arithmetic
+//! (`tessera_aggregate::round`) off the async workers, growth at a phase boundary, the
+//! round's outputs in the store, then one transaction, then the core applies it.
+//!
+//! Cost per round for N submissions of P parameters: N blob reads, the mean (see
+//! `tessera_aggregate::round`), three writes of O(P) bytes and one transaction of O(N) rows.
+
+use bytes::Bytes;
+use tessera_aggregate::round::{Input, Mean, grow, mean, step};
+use tessera_protocol::weights_hash;
+use tessera_round::{Event, Judgement, Outcome, Tick};
+use tessera_trust::ledger::Ledger;
+
+use crate::HubError;
+use crate::db::Seed;
+use crate::hub::{Hub, Live, now_ms};
+use crate::store::{checkpoint_key, outer_key, submission_key, update_key};
+
+/// What a sealed round's verdict brings besides its judgement.
+#[derive(Default)]
+pub(crate) struct Sealed {
+    /// The validator's aggregate Δ̄.
+    pub mean: Option<Vec<Vec<f32>>>,
+    /// Its ledger entries (`(seq, hex)`) and the ledger with them.
+    pub ledger: Vec<(u64, String)>,
+    pub next: Option<Ledger>,
+}
+
+impl Hub {
+    /// What the clock asks for: closes a round whose deadline passed, aggregates unscored a
+    /// round whose scores are overdue (or an unscored round left closed), and forgets nonces
+    /// too old to be accepted again. Called periodically by [`crate::serve`].
+    pub async fn tick(&self) -> Result<(), HubError> {
+        self.db.forget_nonces(now_ms() - 2 * tessera_trust::identity::MAX_SKEW_MS).await?;
+        let mut live = self.live.lock().await;
+        let scored = self.spec().contest.is_some();
+        // A close is applied before the round is finished, so at most two steps.
+        for _ in 0..2 {
+            match live.run.tick(now_ms()) {
+                Some(Tick::Close(event)) => {
+                    let Event::Closed { round, closed } = &event else {
+                        return Err(HubError::Corrupt("the clock closed nothing".into()));
+                    };
+                    self.db.close_round(*round, closed, scored).await?;
+                    live.run.apply(&event).map_err(|e| HubError::Corrupt(e.to_string()))?;
+                    tracing::info!(round, closed_by = %closed.closed_by, "submissions closed");
+                }
+                Some(Tick::Finish { closed_by }) => {
+                    if scored {
+                        tracing::warn!(round = live.run.round(), "no scores arrived in time; aggregating unscored");
+                    }
+                    self.finish(&mut live, Judgement::Unscored, &closed_by, Sealed::default()).await?;
+                    break;
+                }
+                None => break,
+            }
+        }
+        Ok(())
+    }
+
+    /// Judges, aggregates and publishes the closed round.
+    pub(crate) async fn finish(
+        &self,
+        live: &mut Live,
+        judgement: Judgement<'_>,
+        closed_by: &str,
+        sealed: Sealed,
+    ) -> Result<(), HubError> {
+        let plan = live.run.plan(judgement, closed_by).map_err(|e| HubError::Corrupt(e.message))?;
+        let round = plan.round;
+        let current = live.run.current().clone();
+        let lengths = live.run.lengths();
+        let mean = match sealed.mean {
+            Some(m) => {
+                Mean::given(m, plan.weights.iter().sum(), plan.weights.iter().filter(|&&w| w > 0.0).count() as u64)
+            }
+            // A sealed round nobody settled: the hub cannot read it, so nothing is aggregated.
+            None if self.spec().trust.is_some() => Mean::given(
+                lengths.iter().map(|&n| vec![0.0; n]).collect(),
+                plan.weights.iter().sum(),
+                plan.weights.iter().filter(|&&w| w > 0.0).count() as u64,
+            ),
+            None => {
+                let mut inputs = Vec::with_capacity(plan.rows.len());
+                for (row, &w) in plan.rows.iter().zip(&plan.weights) {
+                    if w <= 0.0 {
+                        continue;
+                    }
+                    match self.store.get(&submission_key(&row.blob)).await {
+                        Ok(bytes) => {
+                            let carries = (self.spec().fragments > 1).then(|| live.run.carried(row.contributor));
+                            inputs.push(Input { weight: w as f32, bytes, carries });
+                        }
+                        Err(e) => {
+                            tracing::error!(contributor = row.contributor, error = %e, "submission blob unreadable; left out")
+                        }
+                    }
+                }
+                let rule = current.aggregation;
+                let lengths = lengths.clone();
+                tokio::task::spawn_blocking(move || mean(&rule, &lengths, &inputs))
+                    .await
+                    .map_err(|e| HubError::Corrupt(format!("aggregation task failed: {e}")))??
+            }
+        };
+        for (k, e) in &mean.left_out {
+            tracing::error!(submission = k, error = %e, "a stored submission no longer decodes; aggregated without it");
+        }
+        if let Some(r) = &mean.robust {
+            tracing::info!(rule = %current.aggregation, clipped = r.clipped, radius = ?r.radius, "robust aggregation");
+        }
+        let started = std::time::Instant::now();
+        let mut base = [0u8; 32];
+        hex::decode_to_slice(live.run.checkpoint(), &mut base)
+            .map_err(|e| HubError::Corrupt(format!("base checkpoint: {e}")))?;
+        let (run_id, state) = (live.run.run_id(), live.outer.clone());
+        let spec_now = current.clone();
+        let delta = mean.mean;
+        let mut agg = tokio::task::spawn_blocking(move || step(&spec_now, run_id, round, base, &state, &delta))
+            .await
+            .map_err(|e| HubError::Corrupt(format!("aggregation task failed: {e}")))??;
+        if agg.held {
+            tracing::error!(round, "the outer step would leave non-finite weights: the round holds them instead");
+        }
+        metrics::histogram!("tessera_hub_aggregation_seconds").record(started.elapsed().as_secs_f64());
+        // The last round of a phase publishes the next phase's model: grown, the same function.
+        if let Some(next) = plan.next_phase {
+            if plan.early {
+                tracing::info!(round, loss = ?plan.target_loss, "the phase reached its loss target: growing early");
+            }
+            let grower = self.grower.clone().ok_or_else(|| {
+                HubError::Config(format!("the run grows into phase {next} but this hub has no grower"))
+            })?;
+            let (from, to) = (current.clone(), self.spec().at_phase(next));
+            let seed = self.spec().phases[next - 1].seed;
+            agg = tokio::task::spawn_blocking(move || grow(agg, grower.as_ref(), &from, &to, seed))
+                .await
+                .map_err(|e| HubError::Corrupt(format!("growth task failed: {e}")))??;
+        }
+        let hash = hex::encode(weights_hash(&agg.weights_bytes));
+        self.store.put(&checkpoint_key(&hash), Bytes::from(std::mem::take(&mut agg.weights_bytes))).await?;
+        self.store.put(&update_key(round + 1), Bytes::from(std::mem::take(&mut agg.update_bytes))).await?;
+        self.store.put(&outer_key(round + 1), Bytes::from(std::mem::take(&mut agg.outer_bytes))).await?;
+        let seed = if plan.finished { None } else { Some(Seed::fresh()?) };
+        let used = mean.used;
+        let outcome = Outcome { result_checkpoint: hash.clone(), used, weight: mean.weight };
+        let next_phase = plan.next_phase;
+        let event = live.run.publish(plan, outcome, now_ms(), seed.as_ref().map(|s| s.commitment.clone()));
+        let Event::Published(publication) = &event else {
+            return Err(HubError::Corrupt("publishing gave no publication".into()));
+        };
+        self.db.publish(publication, seed.as_ref(), &sealed.ledger).await?;
+        // Committed: now the state moves.
+        if let Some(next) = sealed.next
+            && let Ok(mut t) = self.trust.write()
+        {
+            t.ledger = next;
+        }
+        live.run.apply(&event).map_err(|e| HubError::Corrupt(e.to_string()))?;
+        live.outer = agg.state;
+        live.sealed_mean = None;
+        if let Some(next) = next_phase {
+            tracing::info!(
+                phase = next,
+                name = %self.spec().phases[next - 1].name,
+                params = live.run.current().num_params(),
+                members = ?live.run.members(),
+                "the run grew into its next phase"
+            );
+        }
+        self.round_tx.send_replace(round + 1);
+        tracing::info!(round, closed_by, submissions = used, checkpoint = %hash, finished = live.run.finished(), "round published");
+        metrics::counter!("tessera_hub_rounds_published_total").increment(1);
+        metrics::gauge!("tessera_hub_round").set((round + 1) as f64);
+        Ok(())
+    }
+}

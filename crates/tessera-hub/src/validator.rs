@@ -1,0 +1,210 @@
+//! The validator's side of the protocol: the round waiting for scores and its submissions,
+//! the scores (or, in a sealed run, the aggregate and the verdict with its ledger entries),
+//! and an attested validator's registration.
+
+use bytes::Bytes;
+use tessera_aggregate::decode_view;
+use tessera_protocol::api::{JobSubmission, ScoreReport, ScoringJob, ValidatorInfo, Verdict};
+use tessera_protocol::{ApiError, Codec, ErrorCode, MessageView};
+use tessera_round::Judgement;
+use tessera_trust::ValidatorAttestation;
+use tessera_trust::ledger::Body as LedgerBody;
+
+use crate::HubError;
+use crate::hub::{CurrentValidator, Hub, api, internal, now_ms};
+use crate::rounds::Sealed;
+use crate::store::submission_key;
+
+impl Hub {
+    /// The round waiting for scores, if any: its submissions in arrival order and the revealed
+    /// evaluation seed.
+    pub async fn scoring_job(&self) -> Result<Option<ScoringJob>, HubError> {
+        let live = self.live.lock().await;
+        let run = &live.run;
+        if run.closed().is_none() || run.finished() || self.spec().contest.is_none() {
+            return Ok(None);
+        }
+        let round = run.round();
+        let (eval_seed, eval_commitment) = self.db.eval_seed(round).await?;
+        let h = self.spec().inner_steps;
+        let submissions = run
+            .arrival_order()
+            .into_iter()
+            .map(|r| JobSubmission {
+                contributor: r.contributor,
+                slot: r.contributor,
+                base_round: r.base_round,
+                schedule_step: r.base_round * h,
+                inner_steps: h,
+                weight: r.weight,
+                contributor_key: self.key_of(r.contributor).map(|k| k.hex()).unwrap_or_default(),
+                blob: r.blob,
+                received_ms: r.received_ms,
+            })
+            .collect();
+        Ok(Some(ScoringJob {
+            round,
+            phase: run.phase() as u32,
+            base_checkpoint: run.checkpoint().to_owned(),
+            eval_seed,
+            eval_commitment,
+            submissions,
+        }))
+    }
+
+    /// A stored submission's bytes, for the validator.
+    pub async fn submission_blob(&self, blob: &str) -> Result<Bytes, ApiError> {
+        if blob.len() != 64 || !blob.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(api(ErrorCode::BadRequest, "a submission is named by 64 hex digits"));
+        }
+        if self.db.blob_owner(blob).await.map_err(internal)?.is_none() {
+            return Err(api(ErrorCode::NotFound, format!("no submission {blob}")));
+        }
+        self.store.get(&submission_key(blob)).await.map_err(internal)
+    }
+
+    /// Takes the validator's scores for the round being scored and publishes it.
+    pub async fn post_scores(&self, report: ScoreReport) -> Result<(), ApiError> {
+        if self.spec().trust.is_some() {
+            return Err(api(ErrorCode::BadRequest, "a sealed run is settled with POST /v1/validator/verdict"));
+        }
+        let mut live = self.live.lock().await;
+        live.run.check_report(&report)?;
+        let closed_by = live.run.closed().map(|c| c.closed_by.clone()).unwrap_or_default();
+        self.finish(&mut live, Judgement::Scored(&report), &closed_by, Sealed::default()).await.map_err(internal)
+    }
+
+    /// A sealed run: the validator's aggregate Δ̄ of the round being scored (an f32 message
+    /// whose base is the round's checkpoint). Kept until its verdict arrives.
+    pub async fn post_aggregate(&self, round: u64, body: Bytes) -> Result<(), ApiError> {
+        if self.spec().trust.is_none() {
+            return Err(api(ErrorCode::BadRequest, "only a sealed run takes its aggregate from the validator"));
+        }
+        let mut live = self.live.lock().await;
+        let run = &live.run;
+        if run.closed().is_none() || run.finished() || round != run.round() {
+            return Err(api(ErrorCode::NotScoring, format!("round {round} is not being scored")));
+        }
+        let (lengths, base, run_id) = (run.lengths(), run.checkpoint().to_owned(), run.run_id());
+        let decoded = tokio::task::spawn_blocking(move || {
+            let view = MessageView::parse(&body).map_err(|e| api(ErrorCode::MalformedMessage, e.to_string()))?;
+            if view.run_id != run_id || view.round != round || hex::encode(view.base_checkpoint) != base {
+                return Err(api(ErrorCode::BaseMismatch, "the aggregate is not for this run's round and base"));
+            }
+            if view.codec != Codec::F32 {
+                return Err(api(ErrorCode::CodecMismatch, "the aggregate travels in f32"));
+            }
+            decode_view(&lengths, &view).map_err(|e| api(ErrorCode::MalformedMessage, e.to_string()))
+        })
+        .await
+        .map_err(|e| api(ErrorCode::Internal, e.to_string()))??;
+        live.sealed_mean = Some((round, decoded));
+        Ok(())
+    }
+
+    /// A sealed run: the validator's verdict on the round being scored, with the ledger entries
+    /// that record it. Publishes the round.
+    pub async fn post_verdict(&self, verdict: Verdict) -> Result<(), ApiError> {
+        if self.spec().trust.is_none() {
+            return Err(api(ErrorCode::BadRequest, "only a sealed run is settled by the validator"));
+        }
+        let mut live = self.live.lock().await;
+        let rows = live.run.check_verdict(&verdict)?;
+        // The aggregate stays posted until the verdict is accepted: a refused verdict can be
+        // fixed and sent again.
+        if !matches!(live.sealed_mean, Some((r, _)) if r == live.run.round()) {
+            return Err(api(
+                ErrorCode::NotScoring,
+                "post the round's aggregate (POST /v1/validator/aggregate/{round}) before its verdict",
+            ));
+        }
+        // The entries must chain onto the ledger, be signed by the attested validator, and pay
+        // exactly what the verdict says to the round's submitters.
+        let raw = hex::decode(&verdict.ledger).map_err(|_| api(ErrorCode::BadRequest, "ledger entries are not hex"))?;
+        let (mut next, current) = {
+            let t = self.trust.read().map_err(|_| api(ErrorCode::Internal, "trust poisoned"))?;
+            (t.ledger.clone(), t.validator.as_ref().map(|v| v.attestation.signing_key.clone()))
+        };
+        let from = next.len();
+        if verdict.ledger_from != from {
+            return Err(api(
+                ErrorCode::NotScoring,
+                format!("the ledger has {from} entries, not {}: fetch it again and re-sign", verdict.ledger_from),
+            ));
+        }
+        next.extend(&raw).map_err(|e| api(ErrorCode::BadRequest, format!("ledger entries refused: {e}")))?;
+        let added: Vec<tessera_trust::ledger::Entry> = (from..next.len()).filter_map(|s| next.entry(s)).collect();
+        if added.iter().any(|e| Some(&e.signer) != current.as_ref()) {
+            return Err(api(ErrorCode::WrongValidator, "a round is settled by the current validator's key only"));
+        }
+        let receipts: Vec<_> = added.iter().filter(|e| matches!(e.body, LedgerBody::Receipt { .. })).collect();
+        let matches = receipts.len() == rows.len()
+            && rows.iter().zip(&receipts).zip(&verdict.settled).all(|((row, e), s)| match &e.body {
+                LedgerBody::Receipt { contributor, submission, units, .. } => {
+                    e.round == row.round
+                        && *submission == row.blob
+                        && *units == s.reward
+                        && self.key_of(row.contributor).is_some_and(|k| k.hex() == *contributor)
+                }
+                _ => false,
+            });
+        if !matches || next.check_committed().is_err() {
+            return Err(api(
+                ErrorCode::BadRequest,
+                "the ledger entries must be one receipt per submission (in the job's order, paying what the \
+                 verdict says), the round's emission, and a signed root",
+            ));
+        }
+        let ledger = (from..next.len()).filter_map(|s| next.entry_bytes(s).map(|b| (s, hex::encode(b)))).collect();
+        let Some((_, mean)) = live.sealed_mean.take() else {
+            return Err(api(ErrorCode::Internal, "the posted aggregate vanished"));
+        };
+        let closed_by = live.run.closed().map(|c| c.closed_by.clone()).unwrap_or_default();
+        let sealed = Sealed { mean: Some(mean), ledger, next: Some(next) };
+        self.finish(&mut live, Judgement::Sealed(&verdict), &closed_by, sealed).await.map_err(internal)
+    }
+
+    /// Registers an attested validator: its attestation must verify under the run's policy now,
+    /// and `entry` must be its signed `Validator` ledger entry chained onto the ledger.
+    pub async fn register_validator(&self, attestation: ValidatorAttestation, entry: &str) -> Result<u64, ApiError> {
+        let Some(policy) = &self.spec().trust else {
+            return Err(api(ErrorCode::BadRequest, "this run does not seal submissions; no attestation is needed"));
+        };
+        let verified = attestation
+            .verify(policy, (now_ms() / 1000) as u64)
+            .map_err(|e| api(ErrorCode::Unauthorized, e.to_string()))?;
+        let raw = hex::decode(entry).map_err(|_| api(ErrorCode::BadRequest, "the ledger entry is not hex"))?;
+        let _live = self.live.lock().await; // No round publishes meanwhile.
+        let mut next = self.trust.read().map_err(|_| api(ErrorCode::Internal, "trust poisoned"))?.ledger.clone();
+        let seq = next.len();
+        next.extend(&raw).map_err(|e| api(ErrorCode::BadRequest, format!("ledger entry refused: {e}")))?;
+        match next.entry(seq).map(|e| e.body) {
+            Some(LedgerBody::Validator { attestation: a }) if a == attestation && next.len() == seq + 1 => {}
+            _ => return Err(api(ErrorCode::BadRequest, "the entry must be this attestation's validator entry")),
+        }
+        let recipient = tessera_trust::SealingKey::parse(&attestation.sealing_key)
+            .map_err(|e| api(ErrorCode::BadRequest, e.to_string()))?
+            .fingerprint();
+        self.db.append_ledger(&[(seq, hex::encode(&raw))]).await.map_err(internal)?;
+        if verified.insecure {
+            tracing::warn!(key = %attestation.signing_key, "validator registered with an INSECURE development attestation (no TEE)");
+        } else {
+            tracing::info!(key = %attestation.signing_key, attestation = %verified, "validator attested");
+        }
+        let mut t = self.trust.write().map_err(|_| api(ErrorCode::Internal, "trust poisoned"))?;
+        t.ledger = next;
+        t.validator = Some(CurrentValidator { attestation, verified, recipient, seq });
+        Ok(seq)
+    }
+
+    /// The validator submissions are sealed to, if one is registered.
+    pub fn validator_info(&self) -> Option<ValidatorInfo> {
+        let v = self.trust.read().ok()?.validator.clone()?;
+        Some(ValidatorInfo {
+            attestation: serde_json::to_value(&v.attestation).ok()?,
+            verified: serde_json::to_value(&v.verified).ok()?,
+            insecure: v.verified.insecure,
+            ledger_seq: v.seq,
+        })
+    }
+}

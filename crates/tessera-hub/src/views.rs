@@ -1,0 +1,195 @@
+//! Read-only answers: a round's announcement and evaluation seed, the run's status, the
+//! leaderboard, a contributor's history.
+//!
+//! Cost: `status` and `leaderboard` read every round, submission, score and rejection
+//! (O(history) rows per request); the rest read one round or one contributor.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+
+use tessera_protocol::api::{ContributorStats, HubStatus, LeaderRow, Leaderboard, RoundSummary};
+use tessera_protocol::{ApiError, ErrorCode};
+
+use crate::HubError;
+use crate::hub::{Hub, api, internal};
+
+impl Hub {
+    /// Round `round` as announced: its base, its seed commitment, what it published.
+    pub async fn announcement(&self, round: u64) -> Result<tessera_protocol::api::RoundAnnouncement, ApiError> {
+        let r = (self.db.round(round).await.map_err(internal)?)
+            .ok_or_else(|| api(ErrorCode::NotFound, format!("round {round} has not opened")))?;
+        let eval_commitment = match &self.spec().contest {
+            Some(_) => Some(self.db.eval_seed(round).await.map_err(internal)?.1),
+            None => None,
+        };
+        Ok(tessera_protocol::api::RoundAnnouncement {
+            run_id: self.run_id().to_owned(),
+            round,
+            state: r.state,
+            base_checkpoint: r.base_checkpoint,
+            eval_commitment,
+            result_checkpoint: r.result_checkpoint,
+            opened_ms: r.opened_ms,
+            closed_ms: r.closed_ms,
+        })
+    }
+
+    /// Round `round`'s evaluation-seed commitment, with the seed once its submissions closed.
+    pub async fn eval_seed(&self, round: u64) -> Result<tessera_protocol::api::EvalSeed, ApiError> {
+        let revealed = self.live.lock().await.run.seed_revealed(round)?;
+        let (seed, commitment) = self.db.eval_seed(round).await.map_err(internal)?;
+        Ok(tessera_protocol::api::EvalSeed { round, commitment, seed: revealed.then_some(seed) })
+    }
+
+    /// A registered contributor's scored submissions and rating history.
+    pub async fn contributor_history(&self, id: u64) -> Result<tessera_protocol::api::ContributorHistory, ApiError> {
+        let known = self.keys.read().map_err(|_| api(ErrorCode::Internal, "keys poisoned"))?.keys.contains_key(&id);
+        if !known {
+            return Err(api(ErrorCode::NotFound, format!("no contributor {id}")));
+        }
+        self.db.contributor_history(id).await.map_err(internal)
+    }
+
+    /// Contributors ranked by rating, with their records, and who qualified for the next phase
+    /// (fixed at the phase boundary).
+    pub async fn leaderboard(&self) -> Result<Leaderboard, HubError> {
+        let (round, finished, ratings) = {
+            let live = self.live.lock().await;
+            (live.run.round(), live.run.finished(), live.run.ratings().clone())
+        };
+        let contributors = self.db.contributors().await?;
+        let scores = self.db.scores().await?;
+        let subs = self.db.submissions(None).await?;
+        let rejections = self.db.all_rejections().await?;
+        let promote_top = self.spec().contest.as_ref().map_or(0, |c| c.promote_top);
+        let promote_at = self.spec().contest.as_ref().map_or(self.spec().rounds, |c| c.boundary(self.spec().rounds));
+        let qualified = self.db.qualified().await?;
+        let names: HashMap<u64, String> = contributors.iter().map(|(id, n, _)| (*id, n.clone())).collect();
+        // Per contributor, in one pass each: accepted, rejected, rewards, (score sum, scored).
+        #[derive(Default)]
+        struct Record {
+            accepted: u64,
+            rejected: u64,
+            rewards: u64,
+            score_sum: f64,
+            scored: u64,
+        }
+        let mut records: HashMap<u64, Record> = HashMap::new();
+        for s in &subs {
+            records.entry(s.contributor).or_default().accepted += 1;
+        }
+        for r in &rejections {
+            records.entry(r.0).or_default().rejected += 1;
+        }
+        for s in &scores {
+            let rec = records.entry(s.contributor).or_default();
+            rec.rewards += s.reward;
+            if let Some(x) = s.score {
+                rec.score_sum += x;
+                rec.scored += 1;
+            }
+        }
+        let qualified: std::collections::HashSet<u64> = qualified.into_iter().collect();
+        let rows = ratings
+            .leaderboard(contributors.iter().map(|c| c.0))
+            .into_iter()
+            .enumerate()
+            .map(|(i, (id, r))| {
+                let rec = records.remove(&id).unwrap_or_default();
+                LeaderRow {
+                    rank: i as u64 + 1,
+                    id,
+                    name: names.get(&id).cloned().unwrap_or_default(),
+                    mu: r.mu,
+                    sigma: r.sigma,
+                    ordinal: r.ordinal(),
+                    rounds: r.rounds,
+                    accepted: rec.accepted,
+                    rejected: rec.rejected,
+                    rewards: rec.rewards,
+                    mean_score: (rec.scored > 0).then(|| rec.score_sum / rec.scored as f64),
+                    qualified: qualified.contains(&id),
+                }
+            })
+            .collect();
+        Ok(Leaderboard {
+            run_id: self.run_id().to_owned(),
+            round,
+            finished,
+            promote_top,
+            promote_at,
+            promoted: round >= promote_at,
+            rows,
+        })
+    }
+
+    pub fn note_download(&self, bytes: u64) {
+        self.bytes_down.fetch_add(bytes, Ordering::Relaxed);
+        metrics::counter!("tessera_hub_bytes_total", "direction" => "down").increment(bytes);
+    }
+
+    pub async fn status(&self) -> Result<HubStatus, HubError> {
+        let (round, finished) = {
+            let live = self.live.lock().await;
+            (live.run.round(), live.run.finished())
+        };
+        let rounds = self.db.rounds().await?;
+        let subs = self.db.submissions(None).await?;
+        let mut by_contributor: HashMap<u64, Vec<&tessera_round::Accepted>> = HashMap::new();
+        for s in &subs {
+            by_contributor.entry(s.contributor).or_default().push(s);
+        }
+        let rejected: HashMap<u64, u64> = self.db.rejection_counts().await?.into_iter().collect();
+        let contributors = self
+            .db
+            .contributors()
+            .await?
+            .into_iter()
+            .map(|(id, name, _)| {
+                let mine = by_contributor.remove(&id).unwrap_or_default();
+                let losses: Vec<f64> = mine.iter().filter_map(|s| s.inner_loss).collect();
+                ContributorStats {
+                    id,
+                    name,
+                    accepted: mine.len() as u64,
+                    rejected: rejected.get(&id).copied().unwrap_or(0),
+                    submitted_rounds: {
+                        let mut r: Vec<u64> = mine.iter().map(|s| s.base_round).collect();
+                        r.sort_unstable();
+                        r
+                    },
+                    bytes_up: mine.iter().map(|s| s.bytes).sum(),
+                    mean_inner_loss: (!losses.is_empty()).then(|| losses.iter().sum::<f64>() / losses.len() as f64),
+                    last_seen_ms: mine.iter().map(|s| s.received_ms).max(),
+                }
+            })
+            .collect();
+        let history = rounds
+            .into_iter()
+            .map(|r| RoundSummary {
+                round: r.round,
+                state: r.state,
+                base_checkpoint: r.base_checkpoint,
+                result_checkpoint: r.result_checkpoint,
+                accepted: r.accepted,
+                weight: r.weight,
+                mean_inner_loss: r.mean_inner_loss,
+                bytes_up: r.bytes_up,
+                closed_by: r.closed_by,
+                opened_ms: r.opened_ms,
+                closed_ms: r.closed_ms,
+            })
+            .collect();
+        Ok(HubStatus {
+            run_id: self.run_id().to_owned(),
+            round,
+            rounds: self.spec().rounds,
+            finished,
+            num_params: self.spec().num_params(),
+            bytes_up: subs.iter().map(|s| s.bytes).sum(),
+            bytes_down: self.bytes_down.load(Ordering::Relaxed),
+            history,
+            contributors,
+        })
+    }
+}
