@@ -352,3 +352,50 @@ fn phases_and_growth() {
     assert_eq!(runs.len(), 4);
     assert!(runs.iter().all(|r| r["val_loss"].as_f64().unwrap().is_finite()));
 }
+
+/// A run is one file: `hub --print-spec` writes what the flags describe, `hub --spec` reads it
+/// back (and prints the same), a run flag beside `--spec` is an error, and a key that is no
+/// flag is named.
+#[test]
+fn a_run_is_described_by_one_spec_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = ok(&["hub", "--print-spec", "--rounds", "7", "--scored", "--codec", "int4:32"]);
+    assert!(spec.contains("rounds = 7") && spec.contains("scored = true") && spec.contains("int4:32"), "{spec}");
+    let file = dir.path().join("run.toml");
+    std::fs::write(&file, &spec).unwrap();
+    assert_eq!(ok(&["hub", "--print-spec", "--spec", p(&file)]), spec);
+    let err = fails(&["hub", "--spec", p(&file), "--rounds", "3"]);
+    assert!(err.contains("--rounds") && err.contains("--spec"), "{err}");
+    std::fs::write(&file, "rounds = 3\nquorom = 2\n").unwrap();
+    let err = fails(&["hub", "--print-spec", "--spec", p(&file)]);
+    assert!(err.contains("quorom") && err.contains("run.toml"), "{err}");
+}
+
+/// `tessera --help` introduces the whole system and where to start.
+#[test]
+fn help_introduces_the_system() {
+    let help = ok(&["--help"]);
+    for needle in ["tessera demo", "tessera contribute", "tessera hub", "--spec"] {
+        assert!(help.contains(needle), "{needle} missing from:\n{help}");
+    }
+    assert!(!help.contains("Start with `tessera train`"), "{help}");
+}
+
+/// Output into a closed pipe (`tessera model info micro | head -3`) ends the process quietly,
+/// as any Unix tool does: no panic, no stack trace.
+#[cfg(unix)]
+#[test]
+fn a_closed_pipe_ends_the_output_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = Command::new(env!("CARGO_BIN_EXE_tessera"))
+        .args(["model", "info", "micro"])
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked") && !err.contains("Broken pipe"), "{err}");
+    assert!(out.status.success() || out.status.signal() == Some(13), "{:?}", out.status);
+}

@@ -16,18 +16,17 @@ use clap::Args;
 use tch::Device;
 use tessera_contest::Adversary;
 use tessera_contributor::adversary::poison;
-use tessera_contributor::inner_config;
 use tessera_data::Dataset;
-use tessera_hub::{Db, Hub, NewRun, Store};
+use tessera_hub::{Db, Hub, HubConfig, NewRun, Store};
 use tessera_model::{Llama, LlamaConfig};
 use tessera_protocol::api::{ContestSpec, InnerSpec, OuterSpec};
 use tessera_protocol::{Aggregation, Codec, ErrorFeedback, PseudoGradient, RunSpec, TensorEntry, decode_weights};
 use tessera_train::diloco::{read_params, train_workers, write_params};
+use tessera_train::run::inner_config;
 use tessera_train::{TrainConfig, Trainer};
 use tessera_validator::{Candidate, ScoreConfig, Scorer};
 
-use crate::commands::{load_dataset, setup_runtime};
-use crate::{DataArgs, RuntimeArgs};
+use crate::args::{DataArgs, RuntimeArgs, load_dataset, setup_runtime};
 
 #[derive(Args)]
 pub struct ArenaArgs {
@@ -253,7 +252,7 @@ fn run_scenario(
         let db = Db::connect(&format!("sqlite://{}/hub.db", tmp.path().display())).await?;
         let store = Store::open(&tmp.path().join("store").display().to_string())?;
         let key = tessera_trust::Identity::generate()?;
-        anyhow::Ok(Hub::open(db, store, Some(NewRun { spec: spec.clone(), weights }), key).await?)
+        anyhow::Ok(Hub::open(db, store, Some(NewRun { spec: spec.clone(), weights }), key, HubConfig::default()).await?)
     })?;
     let mut ids = Vec::with_capacity(n);
     let mut keys = Vec::with_capacity(n);
@@ -414,7 +413,8 @@ fn run_scenario(
                 candidates.push(Candidate::from_job(s, &bytes, &lengths)?);
             }
             let base = &history[round as usize].0;
-            let (scores, cost) = scorer.score(base, &candidates, &seed)?;
+            let tessera_validator::RoundScores { scored: scores, held_out_loss, cost } =
+                scorer.score(base, &candidates, &seed)?;
             for s in &scores {
                 let side = if attacker_ids_now.contains(&s.contributor) { 1 } else { 0 };
                 fits[side].extend(s.data_fit);
@@ -426,7 +426,7 @@ fn run_scenario(
             score_seconds += cost.seconds;
             score_windows += cost.windows_forward;
             scored_subs += candidates.len() as u64;
-            let report = tessera_validator::report(job.round, &scores);
+            let report = tessera_validator::report(job.round, &scores, Some(held_out_loss));
             rt.block_on(hub.post_scores(report)).map_err(anyhow::Error::msg)?;
         }
         if rt.block_on(hub.info()).round != round + 1 {
@@ -487,7 +487,7 @@ fn run_scenario(
 
 fn arena_spec(args: &ArenaArgs, sc: &Scenario, dataset: &Dataset, model: &Llama) -> Result<RunSpec> {
     let total = args.rounds * args.inner_steps;
-    let (tensors, data) = crate::swarm::model_tables(model, dataset, &args.data);
+    let (tensors, data) = crate::spec::model_tables(model, dataset, &args.data);
     let spec = RunSpec {
         name: format!("arena {}", sc.name),
         model: serde_json::to_value(&model.config)?,

@@ -15,8 +15,7 @@ use clap::Args;
 use tessera_model::LlamaConfig;
 use tessera_train::{NewMoments, TrainConfig, Trainer};
 
-use crate::commands::{load_dataset, setup_runtime};
-use crate::{DataArgs, RuntimeArgs};
+use crate::args::{DataArgs, RuntimeArgs, load_dataset, setup_runtime};
 
 #[derive(Args)]
 pub struct BenchGrowArgs {

@@ -22,7 +22,7 @@ use tessera_model::LlamaConfig;
 use tessera_protocol::Codec;
 use tessera_train::bench::{BenchOptions, train_throughput};
 
-use crate::swarm::{DemoArgs, SwarmRun, run_swarm};
+use crate::cmd::demo::{DemoArgs, SwarmRun, run_swarm};
 
 #[derive(Args)]
 pub struct BenchOverlapArgs {

@@ -10,7 +10,7 @@ use tessera_model::{LlamaConfig, TrainingMemory};
 use tessera_protocol::Codec;
 
 /// The plan Tessera ships with (the repository's `phases.toml`).
-pub const DEFAULT_PLAN: &str = include_str!("../../../phases.toml");
+pub const DEFAULT_PLAN: &str = include_str!("../../../../phases.toml");
 
 #[derive(Debug, Deserialize)]
 struct Plan {

@@ -8,8 +8,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 use tessera_serve::{AppState, Engine, Store};
 
-use crate::RuntimeArgs;
-use crate::commands::setup_runtime;
+use crate::args::{RuntimeArgs, setup_runtime};
 
 /// Where keys and usage live unless `--db` says otherwise.
 const DEFAULT_DB: &str = "runs/serve/serve.sqlite";
@@ -248,26 +247,12 @@ fn close_epoch(
             })
             .collect(),
     };
-    let body = serde_json::to_vec(&report)?;
-    let path = "/v1/economy/epochs";
-    let now = tessera_serve::keys::now_ms();
-    let mut request = reqwest::blocking::Client::new().post(format!("{}{path}", hub.trim_end_matches('/')));
-    for (k, v) in identity.sign_request("POST", path, &body, now)? {
-        request = request.header(k, v);
-    }
-    let response = request
-        .header("content-type", "application/json")
-        .body(body)
-        .send()
-        .with_context(|| format!("POST {hub}{path}"))?;
-    let status = response.status();
-    let text = response.text()?;
-    if !status.is_success() {
-        bail!(
-            "the hub refused epoch {epoch} ({status}): {text}\n(retry with: tessera economy close --epoch {epoch} …)"
-        );
-    }
-    let settled: tessera_protocol::api::EpochSettled = serde_json::from_str(&text).context("the hub's answer")?;
+    let client = tessera_client::HubClient::new(hub)?.signed_by(Arc::new(identity));
+    let settled = client.close_epoch(&report).map_err(|e| {
+        anyhow::anyhow!(
+            "epoch {epoch} was not closed into the ledger: {e}\n(retry with: tessera economy close --epoch {epoch} …)"
+        )
+    })?;
     println!(
         "epoch {epoch} closed: {} accounts, revenue {} µ, funding {} µ, paid out {} µ to {} holders (ledger entries {}..{})",
         report.usage.len(),
@@ -282,7 +267,7 @@ fn close_epoch(
 }
 
 fn economy_report(hub: Option<&str>, file: Option<&std::path::Path>, json: bool) -> Result<()> {
-    let (bytes, source) = crate::trust::ledger_bytes(hub, file)?;
+    let (bytes, source) = crate::cmd::trust::ledger_bytes(hub, file)?;
     let ledger = tessera_trust::ledger::Ledger::from_bytes(&bytes)
         .map_err(|e| anyhow::anyhow!("{source}: the ledger does not verify: {e}"))?;
     let balances = ledger.balances();

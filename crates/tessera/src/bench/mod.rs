@@ -1,0 +1,63 @@
+//! `tessera bench`: speed, memory and quality measurements, each against a baseline measured
+//! in the same run (`docs/benchmarks.md` has their numbers and commands).
+
+mod arena;
+mod diloco;
+mod grow;
+mod hub;
+mod overlap;
+mod swarm;
+mod train;
+mod trust;
+
+use anyhow::Result;
+use clap::Subcommand;
+
+#[derive(Subcommand)]
+pub enum BenchCommand {
+    /// Training throughput of presets on this machine: tokens/s, achieved GFLOP/s, model FLOPs
+    /// utilisation (when the device's peak is known), peak resident memory while training, and
+    /// where a step's time goes. `benchmarks/train_pytorch.py` runs it next to Python PyTorch.
+    Train(train::BenchTrainArgs),
+    /// What trust costs: sealing and opening a submission with HPKE (against BLAKE3 and memcpy
+    /// of the same bytes, measured in the same run), signing and verifying a request, and
+    /// writing and verifying ledger entries.
+    Trust(trust::BenchTrustArgs),
+    /// Growth against training from scratch: a model half as wide and deep, grown into the
+    /// target part-way, on a fraction of the baseline's tokens; final losses side by side.
+    Grow(Box<grow::BenchGrowArgs>),
+    /// A contributor's compute utilisation on links limited so that one transfer of a round's
+    /// payload takes a set share of a round's compute, without and with `--overlap`, and the
+    /// final loss of each run.
+    Overlap(Box<overlap::BenchOverlapArgs>),
+    /// The hub's round: parse, checksum, decode and average pseudo-gradients from N contributors,
+    /// then one outer step; reported against memcpy bandwidth measured in the same run.
+    Hub(hub::HubBenchArgs),
+    /// Each robust aggregation rule on one round of N contributors' decoded pseudo-gradients
+    /// (one of them scaled ×100), as seconds and as a multiple of the plain mean's time
+    /// measured in the same run.
+    Robust(hub::RobustArgs),
+    /// A scored run under attack: N contributors (some adversaries) against a real in-process
+    /// hub and validator; final loss, rejections, attackers' rewards and ranks per scenario.
+    Arena(Box<arena::ArenaArgs>),
+    /// DiLoCo simulated in one process (M workers, H inner steps, outer Nesterov), optionally
+    /// against synchronous data parallel on the same number of tokens.
+    Diloco(Box<diloco::DilocoArgs>),
+    /// Many simulated contributors (real HTTP, real messages, no training) against one hub:
+    /// errors and submission latency percentiles.
+    Swarm(swarm::BenchSwarmArgs),
+}
+
+pub fn run(command: BenchCommand) -> Result<()> {
+    match command {
+        BenchCommand::Train(args) => train::bench_train(&args),
+        BenchCommand::Trust(args) => trust::bench_trust(args),
+        BenchCommand::Grow(args) => grow::bench_grow(*args),
+        BenchCommand::Overlap(args) => overlap::bench_overlap(*args),
+        BenchCommand::Hub(args) => hub::bench_hub(args),
+        BenchCommand::Robust(args) => hub::bench_robust(args),
+        BenchCommand::Arena(args) => arena::bench_arena(*args),
+        BenchCommand::Diloco(args) => diloco::bench_diloco(*args),
+        BenchCommand::Swarm(args) => swarm::bench_swarm(args),
+    }
+}

@@ -1,0 +1,119 @@
+//! `tessera hub`: serve a run, described by its flags or by one spec file.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use tessera_hub::{Db, Hub, HubConfig, Store};
+
+use crate::spec::RunArgs;
+
+#[derive(Args)]
+pub struct HubArgs {
+    #[command(flatten)]
+    pub run: RunArgs,
+    /// The run's description: a TOML file whose keys are the run flags above (`--print-spec`
+    /// writes one). Used when the database holds no run yet; a run flag on the command line
+    /// beside it is an error.
+    #[arg(long, value_name = "FILE")]
+    pub spec: Option<PathBuf>,
+    /// Print the run spec the flags (or --spec) describe, as TOML, and exit: edit it, then
+    /// serve it with `--spec`.
+    #[arg(long)]
+    pub print_spec: bool,
+    /// Metadata database: sqlite://FILE or postgres://…
+    #[arg(long, default_value = "sqlite://runs/hub/hub.db")]
+    pub database: String,
+    /// Blob store: a directory, or s3://bucket[/prefix] (AWS_* environment variables).
+    #[arg(long, default_value = "runs/hub/store")]
+    pub store: String,
+    /// Address to listen on (port 0: any free port).
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    pub listen: String,
+    /// Write the address actually bound to this file.
+    #[arg(long)]
+    pub addr_file: Option<PathBuf>,
+    /// The bearer token `tessera validator` must present (scored runs).
+    #[arg(long, env = "TESSERA_VALIDATOR_TOKEN", hide_env_values = true)]
+    pub validator_token: Option<String>,
+    /// The hub's Ed25519 key (created, owner-only, if missing): it signs the run's ledger
+    /// genesis, assignments and run info. A run must be served with the key it was created with.
+    #[arg(long, default_value = "runs/hub/hub-key.pem")]
+    pub key: PathBuf,
+}
+
+/// The run `args` describe: its spec file, or its flags (never both).
+pub fn run_args(args: &HubArgs) -> Result<RunArgs> {
+    let Some(path) = &args.spec else { return Ok(args.run.clone()) };
+    let given = args.run.changed()?;
+    if !given.is_empty() {
+        bail!(
+            "--spec {} describes the whole run, so run flags cannot be added to it (given: {}); put them in the file",
+            path.display(),
+            given.iter().map(|k| format!("--{}", k.replace('_', "-"))).collect::<Vec<_>>().join(", ")
+        );
+    }
+    RunArgs::read(path)
+}
+
+pub fn hub(args: HubArgs) -> Result<()> {
+    let run = run_args(&args)?;
+    if args.print_spec {
+        print!("{}", run.to_toml()?);
+        return Ok(());
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async move {
+        let db = Db::connect(&args.database).await.with_context(|| format!("database {}", args.database))?;
+        let store = Store::open(&args.store).with_context(|| format!("store {}", args.store))?;
+        // Build the initial model only if the database holds no run yet.
+        let new = if db.load_run().await?.is_none() { Some(run.new_run()?) } else { None };
+        if let Some(dir) = args.key.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+        }
+        let key = tessera_trust::Identity::load_or_create(&args.key)?;
+        let config = HubConfig {
+            grower: Some(std::sync::Arc::new(tessera_train::TorchGrower)),
+            validator_token: args.validator_token.clone(),
+        };
+        let hub = Hub::open(db, store, new, key, config).await?;
+        if hub.spec().trust.as_ref().is_some_and(|t| t.allow_insecure_dev) {
+            tracing::warn!(
+                "this run accepts an INSECURE development validator (no TEE): submissions are not protected"
+            );
+        }
+        let listener =
+            tokio::net::TcpListener::bind(&args.listen).await.with_context(|| format!("listen on {}", args.listen))?;
+        let addr = listener.local_addr()?;
+        if let Some(path) = &args.addr_file {
+            let tmp = path.with_extension("tmp");
+            std::fs::write(&tmp, addr.to_string())?;
+            std::fs::rename(&tmp, path)?;
+        }
+        let info = hub.info().await;
+        eprintln!(
+            "tessera hub: run {} ({}), round {}/{}, {} parameters, codec {} / broadcast {}, aggregation {}{}, \
+             listening on http://{addr}",
+            info.run_id,
+            info.spec.name,
+            info.round,
+            info.spec.rounds,
+            info.spec.num_params(),
+            info.spec.codec,
+            info.spec.broadcast_codec,
+            info.spec.aggregation,
+            match (&info.spec.contest, &info.spec.trust) {
+                (_, Some(t)) if t.allow_insecure_dev => ", scored, sealed (INSECURE development validator allowed)",
+                (_, Some(_)) => ", scored, sealed to an attested validator",
+                (Some(_), None) => ", scored",
+                (None, _) => "",
+            }
+        );
+        eprintln!("hub key {} (signs the ledger genesis, assignments and run info)", info.hub_key);
+        tessera_hub::serve(hub, listener, async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await?;
+        Ok(())
+    })
+}
