@@ -238,6 +238,8 @@ struct Training {
 impl Contributor {
     /// [`Contributor::run`] with overlapped rounds (see the module's documentation).
     pub(crate) fn run_overlapped(&mut self, on_round: &mut dyn FnMut(&RoundReport)) -> Result<u64> {
+        // Long on purpose: the overlapped loop's states (training, waiting, switching) in one
+        // place, so what happens to the transfer thread's results is visible at once.
         if self.config.adversary.is_some() {
             return Err(ContributorError::Data("an adversary's rounds are not overlapped".into()));
         }

@@ -9,7 +9,7 @@
 use bytes::Bytes;
 use tessera_aggregate::round::{Input, Mean, grow, mean, step};
 use tessera_protocol::weights_hash;
-use tessera_round::{Event, Judgement, Outcome, Tick};
+use tessera_round::{Event, Judgement, Outcome, Plan, Tick};
 use tessera_trust::ledger::Ledger;
 
 use crate::HubError;
@@ -70,46 +70,7 @@ impl Hub {
         let plan = live.run.plan(judgement, closed_by).map_err(|e| HubError::Corrupt(e.message))?;
         let round = plan.round;
         let current = live.run.current().clone();
-        let lengths = live.run.lengths();
-        let mean = match sealed.mean {
-            Some(m) => {
-                Mean::given(m, plan.weights.iter().sum(), plan.weights.iter().filter(|&&w| w > 0.0).count() as u64)
-            }
-            // A sealed round nobody settled: the hub cannot read it, so nothing is aggregated.
-            None if self.spec().trust.is_some() => Mean::given(
-                lengths.iter().map(|&n| vec![0.0; n]).collect(),
-                plan.weights.iter().sum(),
-                plan.weights.iter().filter(|&&w| w > 0.0).count() as u64,
-            ),
-            None => {
-                let mut inputs = Vec::with_capacity(plan.rows.len());
-                for (row, &w) in plan.rows.iter().zip(&plan.weights) {
-                    if w <= 0.0 {
-                        continue;
-                    }
-                    match self.store.get(&submission_key(&row.blob)).await {
-                        Ok(bytes) => {
-                            let carries = (self.spec().fragments > 1).then(|| live.run.carried(row.contributor));
-                            inputs.push(Input { weight: w as f32, bytes, carries });
-                        }
-                        Err(e) => {
-                            tracing::error!(contributor = row.contributor, error = %e, "submission blob unreadable; left out")
-                        }
-                    }
-                }
-                let rule = current.aggregation;
-                let lengths = lengths.clone();
-                tokio::task::spawn_blocking(move || mean(&rule, &lengths, &inputs))
-                    .await
-                    .map_err(|e| HubError::Corrupt(format!("aggregation task failed: {e}")))??
-            }
-        };
-        for (k, e) in &mean.left_out {
-            tracing::error!(submission = k, error = %e, "a stored submission no longer decodes; aggregated without it");
-        }
-        if let Some(r) = &mean.robust {
-            tracing::info!(rule = %current.aggregation, clipped = r.clipped, radius = ?r.radius, "robust aggregation");
-        }
+        let mean = self.round_mean(live, &plan, sealed.mean).await?;
         let started = std::time::Instant::now();
         let mut base = [0u8; 32];
         hex::decode_to_slice(live.run.checkpoint(), &mut base)
@@ -174,5 +135,45 @@ impl Hub {
         metrics::counter!("tessera_hub_rounds_published_total").increment(1);
         metrics::gauge!("tessera_hub_round").set((round + 1) as f64);
         Ok(())
+    }
+
+    /// The round's Δ̄: a sealed run's from its validator (zeros if nobody settled it: the hub
+    /// cannot read it), else the run's rule over the stored submissions with a weight.
+    async fn round_mean(&self, live: &Live, plan: &Plan, given: Option<Vec<Vec<f32>>>) -> Result<Mean, HubError> {
+        let lengths = live.run.lengths();
+        let used = plan.weights.iter().filter(|&&w| w > 0.0).count() as u64;
+        let weight = plan.weights.iter().sum();
+        if let Some(m) = given {
+            return Ok(Mean::given(m, weight, used));
+        }
+        if self.spec().trust.is_some() {
+            return Ok(Mean::given(lengths.iter().map(|&n| vec![0.0; n]).collect(), weight, used));
+        }
+        let mut inputs = Vec::with_capacity(plan.rows.len());
+        for (row, &w) in plan.rows.iter().zip(&plan.weights) {
+            if w <= 0.0 {
+                continue;
+            }
+            match self.store.get(&submission_key(&row.blob)).await {
+                Ok(bytes) => {
+                    let carries = (self.spec().fragments > 1).then(|| live.run.carried(row.contributor));
+                    inputs.push(Input { weight: w as f32, bytes, carries });
+                }
+                Err(e) => {
+                    tracing::error!(contributor = row.contributor, error = %e, "submission blob unreadable; left out")
+                }
+            }
+        }
+        let rule = live.run.current().aggregation;
+        let mean = tokio::task::spawn_blocking(move || mean(&rule, &lengths, &inputs))
+            .await
+            .map_err(|e| HubError::Corrupt(format!("aggregation task failed: {e}")))??;
+        for (k, e) in &mean.left_out {
+            tracing::error!(submission = k, error = %e, "a stored submission no longer decodes; aggregated without it");
+        }
+        if let Some(r) = &mean.robust {
+            tracing::info!(rule = %rule, clipped = r.clipped, radius = ?r.radius, "robust aggregation");
+        }
+        Ok(mean)
     }
 }

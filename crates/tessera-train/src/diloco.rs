@@ -86,6 +86,7 @@ pub fn run_diloco(
     device: Device,
     mut on_round: impl FnMut(&RoundStats),
 ) -> Result<DilocoSummary, TrainError> {
+    // Long on purpose: the simulation's round, top to bottom, as the hub and contributors do it.
     if config.workers == 0 || config.inner_steps == 0 || config.rounds == 0 || config.eval_every == 0 {
         return Err(TrainError::Invalid("workers, inner steps, rounds and eval interval must be positive".into()));
     }

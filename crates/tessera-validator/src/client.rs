@@ -265,6 +265,8 @@ impl Validator {
         lengths: &[usize],
         seed: &[u8; 32],
     ) -> Result<RoundScored> {
+        // Long on purpose: a sealed round's steps in order (open, score, settle, aggregate,
+        // sign, report), each needing what the one before produced.
         let round = job.round;
         let contest = self.run.spec.contest.clone().ok_or(ValidatorError::NotScored)?;
         // Open every envelope; one that does not open or decode is refused with its reason.

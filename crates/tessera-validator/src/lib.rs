@@ -180,6 +180,8 @@ impl Scorer {
         candidates: &[Candidate],
         seed: &[u8; 32],
     ) -> Result<RoundScores, TrainError> {
+        // Long on purpose: the measurement's steps share the sampled windows and the losses
+        // before and after each submission; split, they would pass them all around.
         let started = std::time::Instant::now();
         let c = self.trainer.config.clone();
         let val_len = self.trainer.dataset.validation.len();

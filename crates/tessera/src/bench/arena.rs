@@ -239,6 +239,8 @@ fn run_scenario(
     device: Device,
     rt: &tokio::runtime::Runtime,
 ) -> Result<Outcome> {
+    // Long on purpose: one scenario's rounds read top to bottom (train, attack, submit, score,
+    // publish), sharing the counters the report is made of.
     let started = Instant::now();
     let n = args.contributors;
     let attackers = if sc.kind.is_some() || sc.mixed { args.attackers } else { 0 };

@@ -75,6 +75,7 @@ pub struct DilocoArgs {
 }
 
 pub fn bench_diloco(args: DilocoArgs) -> Result<()> {
+    // Long on purpose: set-up, the run with its JSON log, and the report, in order.
     use tessera_aggregate::OuterConfig;
     use tessera_train::diloco::{DilocoConfig, run_diloco};
 

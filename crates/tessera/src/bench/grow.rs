@@ -112,6 +112,7 @@ struct Outcome {
 }
 
 pub fn bench_grow(args: BenchGrowArgs) -> Result<()> {
+    // Long on purpose: the baseline, then each budget grown and from scratch, then the table.
     if args.steps == 0
         || args.budgets.iter().any(|b| !(*b > 0.0 && *b <= 1.0))
         || !(0.0..1.0).contains(&args.small_share)

@@ -150,6 +150,7 @@ fn arm(overlap: bool, r: &SwarmRun, tokens_per_round: f64) -> Result<Arm> {
 }
 
 pub fn bench_overlap(args: BenchOverlapArgs) -> Result<()> {
+    // Long on purpose: calibration, the plain and overlapped pair per seed, and the report.
     if args.contributors == 0 || args.rounds < 2 || args.inner_steps == 0 {
         bail!("--contributors and --inner-steps must be positive, and --rounds at least 2");
     }

@@ -36,6 +36,8 @@ pub struct BenchSwarmArgs {
 /// Many contributors against one hub over real HTTP on loopback: registration, assignment and
 /// submission of real messages; reports errors and submission latency percentiles.
 pub fn bench_swarm(args: BenchSwarmArgs) -> Result<()> {
+    // Long on purpose: the run's spec, the hub, the simulated contributors and the report, in
+    // the order they happen.
     if args.contributors == 0 || args.rounds == 0 || args.params == 0 {
         bail!("--contributors, --rounds and --params must be positive");
     }

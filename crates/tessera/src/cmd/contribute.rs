@@ -129,57 +129,9 @@ pub fn contribute(args: ContributeArgs) -> Result<()> {
     // loss, then the upload (with --overlap, its share sent beside the loss, as the next round
     // trains meanwhile); a line per round stays above it.
     let bar = indicatif::ProgressBar::new(0);
-    let training =
-        indicatif::ProgressStyle::with_template("{prefix} [{bar:30}] step {pos}/{len} · loss {msg} · {elapsed}")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
-    let uploading = indicatif::ProgressStyle::with_template(
-        "{prefix} uploading [{bar:30}] {bytes}/{total_bytes} · {bytes_per_sec}",
-    )
-    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
     let phases = contributor.run.spec.phases.len() + 1;
     let scored = contributor.run.spec.contest.is_some();
-    {
-        let bar = bar.clone();
-        let standing = std::sync::Mutex::new(String::new());
-        let overlap = args.overlap;
-        let message = std::sync::Mutex::new(StepMessage::default());
-        contributor.on_progress(std::sync::Arc::new(move |p: &tessera_contributor::Progress| match *p {
-            tessera_contributor::Progress::Standing { rank, of, mean_score, rewards } => {
-                if let Ok(mut s) = standing.lock() {
-                    let score = mean_score.map_or("–".into(), |s| format!("{s:+.4}"));
-                    *s = format!(" · rank {rank}/{of}, mean score {score}, {rewards} units");
-                }
-            }
-            tessera_contributor::Progress::Round { round, phase, steps } => {
-                bar.set_style(training.clone());
-                let standing = standing.lock().map(|s| s.clone()).unwrap_or_default();
-                bar.set_prefix(format!("phase {}/{phases} · round {round}{standing}", phase + 1));
-                bar.set_length(steps);
-                bar.set_position(0);
-                bar.reset_elapsed();
-            }
-            tessera_contributor::Progress::Step { step, loss } => {
-                bar.set_position(step);
-                if let Ok(mut m) = message.lock() {
-                    m.loss = format!("{loss:.4}");
-                    bar.set_message(m.to_string());
-                }
-            }
-            tessera_contributor::Progress::Upload { sent, total } if overlap => {
-                if let Ok(mut m) = message.lock() {
-                    m.sending = (sent < total).then(|| 100 * sent / total.max(1));
-                    bar.set_message(m.to_string());
-                }
-            }
-            tessera_contributor::Progress::Upload { sent, total } => {
-                if bar.length() != Some(total) {
-                    bar.set_style(uploading.clone());
-                    bar.set_length(total);
-                }
-                bar.set_position(sent);
-            }
-        }));
-    }
+    contributor.on_progress(progress_display(bar.clone(), phases, args.overlap));
     let mut report_error = None;
     let summary = contributor.run(|r| {
         if let Some(w) = report.as_mut()
@@ -240,4 +192,55 @@ pub fn contribute(args: ContributeArgs) -> Result<()> {
         bail!("writing the report: {e}");
     }
     Ok(())
+}
+
+/// The live status line on a terminal (hidden when stderr is not one): phase, round, inner step
+/// and loss, then the upload (with `--overlap`, its share sent beside the loss, as the next round
+/// trains meanwhile).
+fn progress_display(bar: indicatif::ProgressBar, phases: usize, overlap: bool) -> tessera_contributor::ProgressFn {
+    let training =
+        indicatif::ProgressStyle::with_template("{prefix} [{bar:30}] step {pos}/{len} · loss {msg} · {elapsed}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+    let uploading = indicatif::ProgressStyle::with_template(
+        "{prefix} uploading [{bar:30}] {bytes}/{total_bytes} · {bytes_per_sec}",
+    )
+    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+    let standing = std::sync::Mutex::new(String::new());
+    let message = std::sync::Mutex::new(StepMessage::default());
+    std::sync::Arc::new(move |p: &tessera_contributor::Progress| match *p {
+        tessera_contributor::Progress::Standing { rank, of, mean_score, rewards } => {
+            if let Ok(mut s) = standing.lock() {
+                let score = mean_score.map_or("–".into(), |s| format!("{s:+.4}"));
+                *s = format!(" · rank {rank}/{of}, mean score {score}, {rewards} units");
+            }
+        }
+        tessera_contributor::Progress::Round { round, phase, steps } => {
+            bar.set_style(training.clone());
+            let standing = standing.lock().map(|s| s.clone()).unwrap_or_default();
+            bar.set_prefix(format!("phase {}/{phases} · round {round}{standing}", phase + 1));
+            bar.set_length(steps);
+            bar.set_position(0);
+            bar.reset_elapsed();
+        }
+        tessera_contributor::Progress::Step { step, loss } => {
+            bar.set_position(step);
+            if let Ok(mut m) = message.lock() {
+                m.loss = format!("{loss:.4}");
+                bar.set_message(m.to_string());
+            }
+        }
+        tessera_contributor::Progress::Upload { sent, total } if overlap => {
+            if let Ok(mut m) = message.lock() {
+                m.sending = (sent < total).then(|| 100 * sent / total.max(1));
+                bar.set_message(m.to_string());
+            }
+        }
+        tessera_contributor::Progress::Upload { sent, total } => {
+            if bar.length() != Some(total) {
+                bar.set_style(uploading.clone());
+                bar.set_length(total);
+            }
+            bar.set_position(sent);
+        }
+    })
 }

@@ -155,6 +155,8 @@ pub fn hub_command(dir: &Path, spec_file: &Path, addr_file: &Path) -> Vec<String
 /// Runs a hub and `--contributors` contributor processes on localhost until the run finishes,
 /// then evaluates the final weights.
 pub fn run_swarm(args: &DemoArgs) -> Result<SwarmRun> {
+    // Long on purpose: the processes' lives in order (clean up, start the hub, the
+    // contributors and the validator, follow the run, evaluate), sharing their handles.
     if args.contributors == 0 {
         bail!("--contributors must be at least 1");
     }
@@ -176,31 +178,7 @@ pub fn run_swarm(args: &DemoArgs) -> Result<SwarmRun> {
     let run = demo_run(args)?;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let threads = (cores / args.contributors).max(1);
-    println!(
-        "tessera demo: a hub and {} contributors on localhost, `{}` on {}, {} rounds × H = {} inner steps, codec {} up / {} down",
-        args.contributors,
-        run.model,
-        if run.data.data.is_some() { "your data" } else { "the embedded corpus" },
-        run.rounds,
-        run.inner_steps,
-        run.codec,
-        run.broadcast_codec
-    );
-    if !run.grow_to.is_empty() {
-        let first = LlamaConfig::from_preset_or_path(&run.model)?;
-        let phases = run.phases(&first)?;
-        let sizes: Vec<String> = std::iter::once(format!("{} ({} rounds)", run.model, run.rounds))
-            .chain(phases.iter().map(|p| {
-                let n: u64 = p.tensors.iter().map(TensorSpec::numel).sum();
-                format!(
-                    "{n} parameters ({} rounds{})",
-                    p.rounds,
-                    p.qualify_top.map_or(String::new(), |t| format!(", top {t}"))
-                )
-            }))
-            .collect();
-        println!("phases, each grown from the one before: {}", sizes.join(" → "));
-    }
+    announce(args, &run)?;
     println!("logs and state: {}", dir.display());
 
     let addr_file = dir.join("hub.addr");
@@ -330,9 +308,57 @@ pub fn run_swarm(args: &DemoArgs) -> Result<SwarmRun> {
         }
     }
 
-    // Evaluate the final global weights here, where libtorch is.
+    let (info, eval, final_dir, ledger_line) = evaluate_final(&hub_client, hub, &run, dir)?;
+    let contributors = (0..args.contributors)
+        .map(|i| {
+            let text = std::fs::read_to_string(dir.join(format!("contributor-{i}.report.jsonl"))).ok()?;
+            serde_json::from_str(text.lines().last()?).ok()
+        })
+        .collect();
+    Ok(SwarmRun { info, status, eval, elapsed, final_dir, ledger_line, contributors })
+}
+
+/// Says what the demo is about to run.
+fn announce(args: &DemoArgs, run: &RunArgs) -> Result<()> {
+    println!(
+        "tessera demo: a hub and {} contributors on localhost, `{}` on {}, {} rounds × H = {} inner steps, codec {} up / {} down",
+        args.contributors,
+        run.model,
+        if run.data.data.is_some() { "your data" } else { "the embedded corpus" },
+        run.rounds,
+        run.inner_steps,
+        run.codec,
+        run.broadcast_codec
+    );
+    if !run.grow_to.is_empty() {
+        let first = LlamaConfig::from_preset_or_path(&run.model)?;
+        let phases = run.phases(&first)?;
+        let sizes: Vec<String> = std::iter::once(format!("{} ({} rounds)", run.model, run.rounds))
+            .chain(phases.iter().map(|p| {
+                let n: u64 = p.tensors.iter().map(TensorSpec::numel).sum();
+                format!(
+                    "{n} parameters ({} rounds{})",
+                    p.rounds,
+                    p.qualify_top.map_or(String::new(), |t| format!(", top {t}"))
+                )
+            }))
+            .collect();
+        println!("phases, each grown from the one before: {}", sizes.join(" → "));
+    }
+    Ok(())
+}
+
+/// The run's final global weights, saved as a checkpoint and evaluated here (where libtorch
+/// is), and a line about its verified ledger in a sealed run. Stops the hub once the weights
+/// are in hand.
+fn evaluate_final(
+    hub_client: &tessera_client::HubClient,
+    hub: Proc,
+    run: &RunArgs,
+    dir: &Path,
+) -> Result<(RunInfo, EvalStats, PathBuf, Option<String>)> {
     let info: RunInfo = hub_client.run()?;
-    let hub_client = hub_client.pinning(tessera_trust::PublicKey::parse(&info.hub_key)?);
+    let hub_client = hub_client.clone().pinning(tessera_trust::PublicKey::parse(&info.hub_key)?);
     let ledger_line = if info.spec.trust.is_some() {
         let bytes = hub_client.ledger(0)?;
         std::fs::write(dir.join("ledger.bin"), &bytes)?;
@@ -360,13 +386,7 @@ pub fn run_swarm(args: &DemoArgs) -> Result<SwarmRun> {
     save_checkpoint(&model, Some(&dataset.tokenizer), &final_dir)?;
     let trainer = Trainer::from_model(inner_config(&info, 0), model, dataset)?;
     let eval = EvalStats { step: info.spec.rounds * info.spec.inner_steps, ..trainer.evaluate()? };
-    let contributors = (0..args.contributors)
-        .map(|i| {
-            let text = std::fs::read_to_string(dir.join(format!("contributor-{i}.report.jsonl"))).ok()?;
-            serde_json::from_str(text.lines().last()?).ok()
-        })
-        .collect();
-    Ok(SwarmRun { info, status, eval, elapsed, final_dir, ledger_line, contributors })
+    Ok((info, eval, final_dir, ledger_line))
 }
 
 fn summary(info: &RunInfo, status: &HubStatus, eval: &EvalStats, elapsed: f64, final_dir: &Path) {
