@@ -517,3 +517,30 @@ fn layer_sharded_rounds_average_each_tensor_over_its_trainers() {
     assert_eq!((theta[0][0], theta[1][0], theta[2][0]), (0.5, 0.25, 1.0));
     server.stop();
 }
+
+/// A run that grows needs its grower from the start: opening one without it fails at once,
+/// naming what is missing, not at the phase boundary rounds later.
+#[test]
+fn a_run_with_phases_does_not_open_without_a_grower() {
+    let b = backend("sqlite").unwrap();
+    let later = tessera_protocol::api::PhaseSpec {
+        name: "two".into(),
+        model: serde_json::json!({}),
+        tensors: spec(1).tensors,
+        rounds: 2,
+        seed: 1,
+        qualify_top: None,
+        until_loss: None,
+    };
+    let phased = RunSpec { rounds: 4, phases: vec![later], ..spec(1) };
+    phased.validate().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let opened = rt.block_on(async {
+        let db = Db::connect(&b.db).await.unwrap();
+        let store = Store::open(&b.store).unwrap();
+        let key = tessera_trust::Identity::load_or_create(&b.key).unwrap();
+        Hub::open(db, store, Some(NewRun { spec: phased, weights: initial() }), key, HubConfig::default()).await
+    });
+    let e = opened.err().expect("a phased run without a grower must not open").to_string();
+    assert!(e.contains("grower"), "{e}");
+}

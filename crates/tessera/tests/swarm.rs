@@ -104,9 +104,14 @@ fn contributor_with(dir: &Path, port: u16, name: &str, extra: &[&str]) -> Proc {
     spawn(&args, &dir.join(format!("{name}.log")))
 }
 
+/// A client of the hub on `port`, trying once (the hub may be restarting).
+fn client(port: u16) -> tessera_client::HubClient {
+    let url = format!("http://127.0.0.1:{port}");
+    tessera_client::HubClient::new(&url).expect("a hub URL").with_patience(std::time::Duration::ZERO)
+}
+
 fn status(port: u16) -> Option<HubStatus> {
-    let r = reqwest::blocking::get(format!("http://127.0.0.1:{port}/v1/status")).ok()?;
-    r.json().ok()
+    client(port).status().ok()
 }
 
 /// Polls the hub until `pred` holds (the hub may be restarting meanwhile).
@@ -399,7 +404,7 @@ fn a_sealed_scored_run_with_a_validator_and_an_attacker() {
     assert!(metrics.contains("tessera_validator_rounds_scored_total"), "{metrics}");
     assert!(metrics.contains("tessera_validator_round_seconds_bucket"), "{metrics}");
     // The hub's own metrics count the same run.
-    let hub_metrics = reqwest::blocking::get(format!("{url}/metrics")).unwrap().text().unwrap();
+    let hub_metrics = tessera_client::HubClient::new(&url).unwrap().metrics().unwrap();
     assert!(
         hub_metrics.contains("tessera_hub_rounds_published_total") && hub_metrics.contains("outcome=\"accepted\""),
         "{hub_metrics}"
@@ -501,8 +506,7 @@ fn a_run_grows_into_its_next_phase_and_contributors_follow() {
     let last = wait_for(port, Duration::from_secs(30), "the finished run", |s| s.finished);
     assert_eq!(last.round, 4, "{}", logs(d));
     assert!(last.history.iter().all(|r| r.accepted == 2), "every round had both contributors: {:?}", last.history);
-    let info: tessera_protocol::api::RunInfo =
-        reqwest::blocking::get(format!("http://127.0.0.1:{port}/v1/run")).unwrap().json().unwrap();
+    let info = client(port).run().unwrap();
     assert_eq!(info.phase, 1);
     assert!(info.spec.tensors.iter().any(|t| t.name.starts_with("model.layers.3.")), "grown to four layers");
     let nano = tessera_model::preset("nano").unwrap();
@@ -679,9 +683,7 @@ fn a_phase_that_reaches_its_loss_target_grows_early() {
     assert_eq!(last.round, 5, "{}", logs(d));
     assert!(log_of(d, "hub").contains("reached its loss target"), "{}", log_of(d, "hub"));
     // Round 1 already started from the grown checkpoint: bigger than round 0's.
-    let size = |hash: &str| {
-        reqwest::blocking::get(format!("http://127.0.0.1:{port}/v1/checkpoints/{hash}")).unwrap().bytes().unwrap().len()
-    };
+    let size = |hash: &str| client(port).checkpoint(hash, None).unwrap().len();
     assert!(size(&last.history[1].base_checkpoint) > 2 * size(&last.history[0].base_checkpoint));
 }
 
