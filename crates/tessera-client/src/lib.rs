@@ -210,13 +210,18 @@ impl HubClient {
         format!("{}{path}", self.url)
     }
 
-    fn signed(&self, method: reqwest::Method, path: &str, body: Vec<u8>) -> Result<RequestBuilder> {
-        let headers = self.signature(method.as_str(), path, &body, now_ms())?;
+    /// A request carrying the signature of `body`, which the caller attaches.
+    fn signed_for(&self, method: reqwest::Method, path: &str, body: &[u8]) -> Result<RequestBuilder> {
+        let headers = self.signature(method.as_str(), path, body, now_ms())?;
         let mut b = self.http.request(method, self.endpoint(path));
         for (k, v) in headers {
             b = b.header(k, v);
         }
-        Ok(b.body(body))
+        Ok(b)
+    }
+
+    fn signed(&self, method: reqwest::Method, path: &str, body: Vec<u8>) -> Result<RequestBuilder> {
+        Ok(self.signed_for(method, path, &body)?.body(body))
     }
 
     fn authorized(&self, b: RequestBuilder) -> Result<RequestBuilder> {
@@ -476,11 +481,12 @@ impl HubClient {
             None => "/v1/submissions".to_owned(),
         };
         let r = self.send("submit", || {
-            let request = self.signed(reqwest::Method::POST, &path, body.to_vec())?;
+            let request = self.signed_for(reqwest::Method::POST, &path, &body)?;
             if self.progress.is_none() && self.upload.is_none() {
-                return Ok(request);
+                return Ok(request.body(body.to_vec()));
             }
-            // The same bytes, read through a counter and the link (the signature covers them).
+            // The same bytes, read through a counter and the link (the signature covers them),
+            // without a copy of the submission.
             let counted = link::Counted::new(body.clone(), self.progress.clone(), self.upload.clone());
             Ok(request.body(reqwest::blocking::Body::sized(counted, body.len() as u64)))
         })?;

@@ -162,7 +162,7 @@ impl Hub {
             )));
         }
         let snapshot: Snapshot = db.snapshot(&run, spec.clone()).await?;
-        let core = Run::restore(snapshot).map_err(|e| HubError::Corrupt(e.to_string()))?;
+        let core = Run::restore(snapshot)?;
         let current = core.current().clone();
         let weights = store.get(&checkpoint_key(core.checkpoint())).await?;
         let saved = match core.round() {

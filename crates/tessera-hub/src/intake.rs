@@ -51,9 +51,7 @@ impl Hub {
         // Serialised with the run's decisions, so ids are dense.
         let mut live = self.live.lock().await;
         let id = self.db.register(&name, &key.hex(), now_ms()).await.map_err(internal)?;
-        live.run
-            .apply(&Event::Registered { contributor: id })
-            .map_err(|e| internal(crate::HubError::Corrupt(e.to_string())))?;
+        live.run.apply(&Event::Registered { contributor: id }).map_err(|e| internal(e.into()))?;
         let mut keys = self.keys.write().map_err(|_| api(ErrorCode::Internal, "key table poisoned"))?;
         keys.ids.insert(key, id);
         keys.keys.insert(id, key);
@@ -230,7 +228,7 @@ impl Hub {
             ));
         }
         for event in &admission.events {
-            live.run.apply(event).map_err(|e| internal(crate::HubError::Corrupt(e.to_string())))?;
+            live.run.apply(event).map_err(|e| internal(e.into()))?;
         }
         let r = &admission.receipt;
         tracing::info!(

@@ -43,7 +43,7 @@ impl Hub {
                         return Err(HubError::Corrupt("the clock closed nothing".into()));
                     };
                     self.db.close_round(*round, closed, scored).await?;
-                    live.run.apply(&event).map_err(|e| HubError::Corrupt(e.to_string()))?;
+                    live.run.apply(&event)?;
                     tracing::info!(round, closed_by = %closed.closed_by, "submissions closed");
                 }
                 Some(Tick::Finish { closed_by }) => {
@@ -118,7 +118,7 @@ impl Hub {
         {
             t.ledger = next;
         }
-        live.run.apply(&event).map_err(|e| HubError::Corrupt(e.to_string()))?;
+        live.run.apply(&event)?;
         live.outer = agg.state;
         live.sealed_mean = None;
         if let Some(next) = next_phase {

@@ -199,18 +199,13 @@ impl Run {
                 weight,
                 reward,
             };
-        // A contributor refused this round takes part in its rating, in last place.
-        let refused = self.refused.iter().map(|&contributor| Standing { contributor, score: None });
         match (judgement, &self.spec.contest) {
             (Judgement::Sealed(verdict), _) => {
-                let standings: Vec<Standing> = rows
-                    .iter()
-                    .zip(&verdict.settled)
-                    .map(|(r, s)| Standing { contributor: r.contributor, score: s.effective })
-                    .chain(refused)
-                    .collect();
-                let mut ratings = self.ratings.clone();
-                ratings.update(&standings);
+                let ratings = self.rated(
+                    rows.iter()
+                        .zip(&verdict.settled)
+                        .map(|(r, s)| Standing { contributor: r.contributor, score: s.effective }),
+                );
                 let scores = rows
                     .iter()
                     .zip(&verdict.report.scores)
@@ -238,14 +233,12 @@ impl Run {
                     .collect();
                 let policy = Policy { reward_power: contest.reward_power, top: contest.top.map(|t| t as usize) };
                 let Settlement { scored, judged, rewards } = settle(scored, &history, &policy, contest.reward_units);
-                let standings: Vec<Standing> = scored
-                    .iter()
-                    .zip(&judged)
-                    .map(|(s, j)| Standing { contributor: s.contributor, score: j.effective })
-                    .chain(refused)
-                    .collect();
-                let mut ratings = self.ratings.clone();
-                ratings.update(&standings);
+                let ratings = self.rated(
+                    scored
+                        .iter()
+                        .zip(&judged)
+                        .map(|(s, j)| Standing { contributor: s.contributor, score: j.effective }),
+                );
                 let scores = rows
                     .iter()
                     .zip(&scored)
@@ -265,6 +258,16 @@ impl Run {
                 (weights, scores, None)
             }
         }
+    }
+
+    /// The ratings after a round with these standings; a contributor refused this round takes
+    /// part too, in last place.
+    fn rated(&self, standings: impl Iterator<Item = Standing>) -> Ratings {
+        let refused = self.refused.iter().map(|&contributor| Standing { contributor, score: None });
+        let standings: Vec<Standing> = standings.chain(refused).collect();
+        let mut ratings = self.ratings.clone();
+        ratings.update(&standings);
+        ratings
     }
 
     /// The publication of a planned round whose aggregate is `outcome`: it closes the round,
