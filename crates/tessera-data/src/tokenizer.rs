@@ -7,8 +7,12 @@ use std::path::{Path, PathBuf};
 use serde_json::json;
 use tokenizers::Tokenizer;
 
-/// The end-of-text token, present in every Tessera tokenizer; separates documents.
+/// The end-of-text token of the tokenizers Tessera builds itself (byte, character, trained BPE).
+/// A loaded `tokenizer.json` names its own (`tokenizer_config.json`'s `eos_token`, or a flag).
 pub const EOS_TOKEN: &str = "<|endoftext|>";
+/// End-of-text tokens recognised among a loaded tokenizer's special tokens when no
+/// `tokenizer_config.json` or flag names one: GPT-2's, Llama-3's, and SentencePiece's.
+const KNOWN_EOS: [&str; 4] = ["<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>"];
 const UNK_TOKEN: &str = "<unk>";
 /// Text is encoded in chunks of about this many bytes, cut after a newline.
 const ENCODE_CHUNK_BYTES: usize = 1 << 16;
@@ -19,8 +23,13 @@ pub enum TokenizerError {
     Load { path: PathBuf, message: String },
     #[error("writing tokenizer {path}: {message}")]
     Save { path: PathBuf, message: String },
-    #[error("tokenizer has no {EOS_TOKEN} token")]
-    NoEos,
+    #[error("tokenizer has no end-of-text token {0:?}")]
+    NoEos(String),
+    #[error(
+        "tokenizer names no end-of-text token: put a tokenizer_config.json with \"eos_token\" beside it, \
+         or name it (--eos-token); its special tokens are {0:?}"
+    )]
+    EosUnknown(Vec<String>),
     #[error("BPE vocabulary size {0} is too small: it must exceed the 256 byte symbols plus {EOS_TOKEN}")]
     VocabTooSmall(usize),
     #[error("tokenizer: {0}")]
@@ -76,9 +85,42 @@ fn added_token(id: u32, content: &str) -> serde_json::Value {
            "normalized": false, "special": true})
 }
 
+/// `eos_token` from the `tokenizer_config.json` beside `tokenizer`, if there is one. It is a
+/// string or an added-token object (`{"content": …}`).
+fn configured_eos(tokenizer: &Path) -> Result<Option<String>, String> {
+    let config = tokenizer.with_file_name("tokenizer_config.json");
+    let text = match std::fs::read_to_string(&config) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("{}: {e}", config.display())),
+    };
+    let value: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| format!("{}: not JSON: {e}", config.display()))?;
+    Ok(match value.get("eos_token") {
+        Some(serde_json::Value::String(s)) => Some(s.clone()),
+        Some(serde_json::Value::Object(o)) => o.get("content").and_then(|c| c.as_str()).map(str::to_owned),
+        _ => None,
+    })
+}
+
+/// The one well-known end-of-text token among `inner`'s special tokens.
+fn known_eos(inner: &Tokenizer) -> Result<String, TokenizerError> {
+    let specials: Vec<String> =
+        inner.get_added_tokens_decoder().values().filter(|t| t.special).map(|t| t.content.clone()).collect();
+    let found: Vec<&str> = KNOWN_EOS.iter().copied().filter(|k| specials.iter().any(|s| s == k)).collect();
+    match found.as_slice() {
+        [one] => Ok((*one).to_owned()),
+        _ => Err(TokenizerError::EosUnknown(specials.into_iter().take(8).collect())),
+    }
+}
+
 impl TessTokenizer {
     fn from_inner(inner: Tokenizer) -> Result<TessTokenizer, TokenizerError> {
-        let eos_id = inner.token_to_id(EOS_TOKEN).ok_or(TokenizerError::NoEos)?;
+        TessTokenizer::with_eos(inner, EOS_TOKEN)
+    }
+
+    fn with_eos(inner: Tokenizer, eos: &str) -> Result<TessTokenizer, TokenizerError> {
+        let eos_id = inner.token_to_id(eos).ok_or_else(|| TokenizerError::NoEos(eos.to_owned()))?;
         Ok(TessTokenizer { inner, eos_id })
     }
 
@@ -168,7 +210,15 @@ impl TessTokenizer {
         TessTokenizer::from_inner(inner)
     }
 
+    /// Loads a Hugging Face `tokenizer.json` (BPE, byte-level, WordPiece, Unigram…). Its
+    /// end-of-text token is the `eos_token` of a `tokenizer_config.json` beside it, else the one
+    /// known end-of-text token among its special tokens.
     pub fn load(path: &Path) -> Result<TessTokenizer, TokenizerError> {
+        TessTokenizer::load_with_eos(path, None)
+    }
+
+    /// [`TessTokenizer::load`], with the end-of-text token named by the caller when `eos` is set.
+    pub fn load_with_eos(path: &Path, eos: Option<&str>) -> Result<TessTokenizer, TokenizerError> {
         let load_err = |message: String| TokenizerError::Load { path: path.to_owned(), message };
         let text = std::fs::read_to_string(path).map_err(|e| load_err(e.to_string()))?;
         let invalid = |e: String| load_err(format!("not a valid tokenizer.json: {e}"));
@@ -182,7 +232,19 @@ impl TessTokenizer {
             Ok(Err(e)) => return Err(invalid(e.to_string())),
             Err(_) => return Err(invalid("the tokenizers library rejected it".to_owned())),
         };
-        TessTokenizer::from_inner(inner).map_err(|e| load_err(e.to_string()))
+        let eos = match eos {
+            Some(e) => e.to_owned(),
+            None => match configured_eos(path).map_err(load_err)? {
+                Some(e) => e,
+                None => known_eos(&inner)?,
+            },
+        };
+        TessTokenizer::with_eos(inner, &eos).map_err(|e| load_err(e.to_string()))
+    }
+
+    /// The end-of-text token's text.
+    pub fn eos_token(&self) -> String {
+        self.inner.id_to_token(self.eos_id).unwrap_or_default()
     }
 
     pub fn save(&self, path: &Path) -> Result<(), TokenizerError> {
@@ -194,7 +256,7 @@ impl TessTokenizer {
     pub fn hf_tokenizer_config(&self) -> serde_json::Value {
         json!({
             "tokenizer_class": "PreTrainedTokenizerFast",
-            "eos_token": EOS_TOKEN,
+            "eos_token": self.eos_token(),
             "model_max_length": 1_000_000_000_000_000_000u64,
             "clean_up_tokenization_spaces": false,
         })
