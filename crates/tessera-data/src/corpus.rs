@@ -4,6 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::manifest::Manifest;
 use crate::shard::{Shard, ShardError};
 use crate::synthetic::{SyntheticSource, SyntheticSpec};
 use crate::tokenizer::{TessTokenizer, TokenizerError, TokenizerKind};
@@ -214,6 +215,40 @@ impl Dataset {
         let manifest = serde_json::to_string_pretty(&self.info).map_err(|e| io_err(dir, e))?;
         std::fs::write(dir.join(MANIFEST), manifest).map_err(|e| io_err(&dir.join(MANIFEST), e))?;
         Ok(n)
+    }
+
+    /// Reads a whole published dataset (a manifest file or the directory holding
+    /// `manifest.json`, its `tokenizer.json` and `shards/`) into memory, checking the tokenizer
+    /// and every shard against the manifest. Its fingerprint is the manifest's identity. For local
+    /// training and small runs: a contributor holds only the shards it is assigned.
+    pub fn from_manifest(path: &Path) -> Result<Dataset, CorpusError> {
+        use crate::manifest::{self, Split};
+        let (m, id) = Manifest::read(path).map_err(|e| io_err(path, e))?;
+        let root = if path.is_dir() { path.to_owned() } else { path.parent().unwrap_or(Path::new(".")).to_owned() };
+        let tokenizer_path = root.join(manifest::TOKENIZER_FILE);
+        let tokenizer_bytes = std::fs::read(&tokenizer_path).map_err(|e| io_err(&tokenizer_path, e))?;
+        if manifest::hash_hex(&tokenizer_bytes) != m.tokenizer.hash {
+            return Err(io_err(&tokenizer_path, "this is not the tokenizer the manifest names (hash differs)"));
+        }
+        let tokenizer = TessTokenizer::load_with_eos(&tokenizer_path, Some(&m.tokenizer.eos_token))?;
+        if tokenizer.vocab_size() as u32 != m.tokenizer.vocab_size || tokenizer.eos_id() != m.tokenizer.eos_id {
+            return Err(io_err(&tokenizer_path, "vocabulary or end-of-text id differs from the manifest's"));
+        }
+        let read = |split| -> Result<Vec<u32>, CorpusError> {
+            let mut out = Vec::with_capacity(m.tokens(split) as usize);
+            for entry in m.split(split) {
+                out.extend(manifest::read_shard(&root, entry, m.tokenizer.vocab_size).map_err(|e| io_err(&root, e))?);
+            }
+            Ok(out)
+        };
+        let info = DatasetInfo { name: m.name.clone(), loss_floor: m.loss_floor, fingerprint: id };
+        Ok(Dataset { info, tokenizer, train: read(Split::Train)?, validation: read(Split::Validation)? })
+    }
+
+    /// Whether `path` is a manifest file or a directory holding one.
+    pub fn is_manifest(path: &Path) -> bool {
+        path.join(crate::manifest::MANIFEST_FILE).is_file()
+            || (path.is_file() && path.extension().is_some_and(|e| e == "json"))
     }
 
     /// Whether `dir` looks like a directory written by [`Dataset::write_dir`].

@@ -6,13 +6,15 @@
 //! (`tessera-train`) turns the token windows it produces into tensors.
 
 pub mod corpus;
+pub mod manifest;
 pub mod sampler;
 pub mod shard;
 pub mod synthetic;
 pub mod tokenizer;
 
 pub use corpus::{Dataset, TextSource};
-pub use sampler::{assign_shard, eval_windows, train_windows};
+pub use manifest::{Manifest, ManifestError, ShardEntry, Split};
+pub use sampler::{eval_window_count, eval_windows, train_windows};
 pub use shard::{Shard, ShardError};
 pub use synthetic::{SyntheticSource, SyntheticSpec};
 pub use tokenizer::{TessTokenizer, TokenizerError, TokenizerKind};

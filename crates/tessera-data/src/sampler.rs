@@ -1,4 +1,4 @@
-//! Deterministic data assignment: which shard and which token windows a worker trains on at a
+//! Deterministic windows: which token windows a worker trains on at a
 //! step is a pure function of `(seed, worker, step)`. A resumed run, a verifier replaying a
 //! contributor's work, and the contributor itself all compute the same windows.
 
@@ -13,12 +13,6 @@ fn rng_for(domain: &str, seed: u64, worker: u64, step: u64) -> ChaCha8Rng {
     ChaCha8Rng::from_seed(blake3::derive_key(domain, &input))
 }
 
-/// The shard `worker` reads at `step`, out of `n_shards`.
-pub fn assign_shard(seed: u64, worker: u64, step: u64, n_shards: u32) -> u32 {
-    assert!(n_shards > 0, "no shards to assign");
-    rng_for("tessera 2026 shard assignment v1", seed, worker, step).random_range(0..n_shards)
-}
-
 /// Start offsets of the `batch` training windows of `seq_len + 1` tokens (inputs plus the shifted
 /// targets) that `worker` uses at `step`, within a token stream of length `n_tokens`.
 pub fn train_windows(seed: u64, worker: u64, step: u64, batch: usize, seq_len: usize, n_tokens: usize) -> Vec<usize> {
@@ -27,10 +21,20 @@ pub fn train_windows(seed: u64, worker: u64, step: u64, batch: usize, seq_len: u
     (0..batch).map(|_| rng.random_range(0..n_tokens - seq_len - 1)).collect()
 }
 
-/// The fixed evaluation windows: consecutive, non-overlapping, from the start of the validation
-/// stream, at most `max_windows` of them.
+/// How many non-overlapping evaluation windows of `seq_len` (+1 target) fit in `n_tokens`.
+pub fn eval_window_count(seq_len: usize, n_tokens: usize) -> usize {
+    n_tokens.saturating_sub(1) / seq_len.max(1)
+}
+
+/// The fixed evaluation windows: of the split's non-overlapping windows, all of them when
+/// `max_windows` is 0 or at least their number, else `max_windows` evenly spaced over the whole
+/// split (window `⌊i·total/max⌋` for each i), so the sample covers all of it rather than its start.
 pub fn eval_windows(seq_len: usize, n_tokens: usize, max_windows: usize) -> Vec<usize> {
-    (0..n_tokens.saturating_sub(1) / seq_len).take(max_windows).map(|i| i * seq_len).collect()
+    let total = eval_window_count(seq_len, n_tokens);
+    if max_windows == 0 || max_windows >= total {
+        return (0..total).map(|i| i * seq_len).collect();
+    }
+    (0..max_windows).map(|i| (i * total / max_windows) * seq_len).collect()
 }
 
 #[cfg(test)]
@@ -48,19 +52,15 @@ mod tests {
     }
 
     #[test]
-    fn shard_assignment_spreads_over_all_shards() {
-        let mut seen = [0u32; 5];
-        for step in 0..500 {
-            seen[assign_shard(1, 2, step, 5) as usize] += 1;
-        }
-        assert!(seen.iter().all(|&c| c > 50), "{seen:?}");
-    }
-
-    #[test]
-    fn eval_windows_do_not_overlap_and_fit() {
+    fn eval_windows_do_not_overlap_fit_and_spread_over_the_split() {
         let w = eval_windows(10, 105, 100);
         assert_eq!(w.len(), 10);
         assert!(w.iter().all(|&s| s + 11 <= 105));
-        assert_eq!(eval_windows(10, 105, 3).len(), 3);
+        assert_eq!(eval_windows(10, 105, 0), w);
+        assert_eq!(eval_windows(10, 105, 3), vec![0, 30, 60]);
+        let spread = eval_windows(16, 1_000_000, 200);
+        assert_eq!(spread.len(), 200);
+        assert!(spread.windows(2).all(|p| p[1] >= p[0] + 16));
+        assert!(*spread.last().unwrap() > 990_000 - 16 * 400, "the sample reaches the split's end");
     }
 }

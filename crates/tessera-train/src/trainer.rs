@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use serde_json::json;
 use tch::{Device, Kind, Tensor};
-use tessera_data::{Dataset, eval_windows, train_windows};
+use tessera_data::{Dataset, eval_window_count, eval_windows, train_windows};
 use tessera_model::checkpoint::{read_safetensors, write_safetensors};
 use tessera_model::{Llama, LlamaConfig, load_checkpoint, save_checkpoint};
 
@@ -109,6 +109,10 @@ pub struct EvalStats {
     pub val_loss_warm: f64,
     /// `val_loss_warm` minus the source's true entropy rate, when it is known.
     pub floor_gap: Option<f64>,
+    /// Windows evaluated, out of the validation split's non-overlapping windows: all of them, or
+    /// an evenly spaced sample over the whole split.
+    pub windows: usize,
+    pub split_windows: usize,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -377,6 +381,7 @@ impl Trainer {
     pub fn evaluate(&self) -> Result<EvalStats, TrainError> {
         let c = &self.config;
         let starts = eval_windows(c.seq_len, self.dataset.validation.len(), c.eval_windows);
+        let split_windows = eval_window_count(c.seq_len, self.dataset.validation.len());
         let half = c.seq_len / 2;
         let (mut total, mut warm) = (0.0, 0.0);
         tch::no_grad(|| -> Result<(), TrainError> {
@@ -396,6 +401,8 @@ impl Trainer {
             val_loss,
             val_loss_warm,
             floor_gap: self.dataset.info.loss_floor.map(|f| val_loss_warm - f),
+            windows: starts.len(),
+            split_windows,
         })
     }
 
@@ -559,7 +566,17 @@ pub fn describe_eval(e: &EvalStats) -> String {
     if let Some(gap) = e.floor_gap {
         s.push_str(&format!(" | {gap:+.4} nats from the entropy floor"));
     }
+    s.push_str(&describe_coverage(e));
     s
+}
+
+/// Which part of the validation split an evaluation covered.
+pub fn describe_coverage(e: &EvalStats) -> String {
+    if e.windows >= e.split_windows {
+        format!(" | whole validation split ({} windows)", e.windows)
+    } else {
+        format!(" | {} of {} validation windows, evenly spaced over the split", e.windows, e.split_windows)
+    }
 }
 
 /// Prints a line above `bar`, or plainly when the bar is hidden (not a terminal), where

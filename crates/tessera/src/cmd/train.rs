@@ -50,7 +50,7 @@ pub struct TrainArgs {
     pub grad_clip: f64,
     #[arg(long, default_value_t = 250)]
     pub eval_interval: u64,
-    /// Validation windows per evaluation.
+    /// Validation windows per evaluation, evenly spaced over the whole split (0: every window).
     #[arg(long, default_value_t = 200)]
     pub eval_windows: usize,
     /// Checkpoint every N steps (0: only at the end).
@@ -162,8 +162,12 @@ pub fn train(args: TrainArgs) -> Result<()> {
     }
     let summary = trainer.run(Some(&args.out), args.stop_at, true)?;
     println!(
-        "done: {} steps in {:.1} s, {:.0} tokens/s | final val loss {:.4}",
-        summary.steps, summary.elapsed_s, summary.tokens_per_s, summary.final_eval.val_loss
+        "done: {} steps in {:.1} s, {:.0} tokens/s | final val loss {:.4}{}",
+        summary.steps,
+        summary.elapsed_s,
+        summary.tokens_per_s,
+        summary.final_eval.val_loss,
+        tessera_train::trainer::describe_coverage(&summary.final_eval)
     );
     if let Some(gap) = summary.final_eval.floor_gap {
         println!("distance to the entropy floor (warm-context val loss − floor): {gap:+.4} nats/token");
