@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::manifest::Manifest;
-use crate::shard::{Shard, ShardError};
+use crate::shard::ShardError;
 use crate::synthetic::{SyntheticSource, SyntheticSpec};
 use crate::tokenizer::{TessTokenizer, TokenizerError, TokenizerKind};
 
@@ -13,7 +13,6 @@ use crate::tokenizer::{TessTokenizer, TokenizerError, TokenizerKind};
 pub const VALIDATION_FRACTION: f64 = 0.1;
 /// Files larger than this are refused: a corpus that size belongs in prepared shards.
 pub const TEXT_FILE_BYTES_MAX: u64 = 4 << 30;
-const MANIFEST: &str = "dataset.json";
 
 #[derive(Debug, thiserror::Error)]
 pub enum CorpusError {
@@ -199,22 +198,61 @@ impl Dataset {
         Dataset::from_documents(&path.display().to_string(), &docs, tokenizer)
     }
 
-    /// Writes the dataset as `train-NNNNN.tshard` files of at most `tokens_per_shard` tokens, a
-    /// `val.tshard`, the `tokenizer.json` and a `dataset.json` manifest.
-    pub fn write_dir(&self, dir: &Path, tokens_per_shard: usize) -> Result<usize, CorpusError> {
-        assert!(tokens_per_shard > 0);
-        std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
-        let vocab = self.tokenizer.vocab_size() as u32;
-        let mut n = 0;
-        for (i, chunk) in self.train.chunks(tokens_per_shard).enumerate() {
-            Shard::new(vocab, chunk.to_vec())?.write(&dir.join(format!("train-{i:05}.tshard")))?;
-            n += 1;
+    /// Writes the dataset as a published dataset in `dir` (`manifest.json`, `tokenizer.json`,
+    /// `shards/`), each split cut into shards of at most `shard_tokens`; a shard's provenance is
+    /// its token range in the split. Returns the manifest and its identity.
+    pub fn write_manifest(&self, dir: &Path, shard_tokens: u64) -> Result<(Manifest, String), CorpusError> {
+        use crate::manifest::{self, PrepareStats, Provenance, Split, TokenizerInfo};
+        if shard_tokens == 0 {
+            return Err(io_err(dir, "shard size must be positive"));
         }
-        Shard::new(vocab, self.validation.clone())?.write(&dir.join("val.tshard"))?;
-        self.tokenizer.save(&dir.join("tokenizer.json"))?;
-        let manifest = serde_json::to_string_pretty(&self.info).map_err(|e| io_err(dir, e))?;
-        std::fs::write(dir.join(MANIFEST), manifest).map_err(|e| io_err(&dir.join(MANIFEST), e))?;
-        Ok(n)
+        std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
+        let tokenizer_path = dir.join(manifest::TOKENIZER_FILE);
+        self.tokenizer.save(&tokenizer_path)?;
+        let tokenizer_bytes = std::fs::read(&tokenizer_path).map_err(|e| io_err(&tokenizer_path, e))?;
+        let vocab = self.tokenizer.vocab_size() as u32;
+        let eos = self.tokenizer.eos_id();
+        let mut shards = Vec::new();
+        for (split, tokens, what) in
+            [(Split::Train, &self.train, "train"), (Split::Validation, &self.validation, "validation")]
+        {
+            for (i, chunk) in tokens.chunks(shard_tokens as usize).enumerate() {
+                let start = i as u64 * shard_tokens;
+                let sources = vec![Provenance {
+                    source: format!("{} ({what} tokens)", self.info.name),
+                    rows: [start, start + chunk.len() as u64],
+                }];
+                let documents = chunk.iter().filter(|&&t| t == eos).count() as u64;
+                let entry = manifest::write_shard(dir, split, chunk.to_vec(), vocab, documents, sources)
+                    .map_err(|e| io_err(dir, e))?;
+                shards.push(entry);
+            }
+        }
+        let total = (self.train.len() + self.validation.len()).max(1) as f64;
+        let m = Manifest {
+            format: manifest::FORMAT.into(),
+            name: self.info.name.clone(),
+            tokenizer: TokenizerInfo {
+                hash: manifest::hash_hex(&tokenizer_bytes),
+                vocab_size: vocab,
+                eos_id: eos,
+                eos_token: self.tokenizer.eos_token(),
+            },
+            shard_tokens,
+            validation_per_mille: ((self.validation.len() as f64 / total) * 1000.0).round() as u32,
+            shards,
+            stats: PrepareStats {
+                train_tokens: self.train.len() as u64,
+                validation_tokens: self.validation.len() as u64,
+                ..PrepareStats::default()
+            },
+            loss_floor: self.info.loss_floor,
+        };
+        m.check().map_err(|e| io_err(dir, e))?;
+        let bytes = m.to_bytes();
+        let path = dir.join(manifest::MANIFEST_FILE);
+        std::fs::write(&path, &bytes).map_err(|e| io_err(&path, e))?;
+        Ok((m, manifest::hash_hex(&bytes)))
     }
 
     /// Reads a whole published dataset (a manifest file or the directory holding
@@ -250,48 +288,6 @@ impl Dataset {
         path.join(crate::manifest::MANIFEST_FILE).is_file()
             || (path.is_file() && path.extension().is_some_and(|e| e == "json"))
     }
-
-    /// Whether `dir` looks like a directory written by [`Dataset::write_dir`].
-    pub fn is_prepared_dir(dir: &Path) -> bool {
-        dir.join(MANIFEST).is_file()
-    }
-
-    /// Reads a prepared dataset, verifying every shard against its checksum and vocabulary.
-    pub fn read_dir(dir: &Path) -> Result<Dataset, CorpusError> {
-        let manifest_path = dir.join(MANIFEST);
-        let text = std::fs::read_to_string(&manifest_path).map_err(|e| io_err(&manifest_path, e))?;
-        let info: DatasetInfo = serde_json::from_str(&text).map_err(|e| io_err(&manifest_path, e))?;
-        let tokenizer = TessTokenizer::load(&dir.join("tokenizer.json"))?;
-        let vocab = tokenizer.vocab_size() as u32;
-        let mut names: Vec<PathBuf> = std::fs::read_dir(dir)
-            .map_err(|e| io_err(dir, e))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("train-")))
-            .collect();
-        names.sort();
-        let mut train = Vec::new();
-        for path in &names {
-            let shard = Shard::read(path)?;
-            if shard.vocab_size != vocab {
-                return Err(io_err(
-                    path,
-                    format!("shard vocabulary {} != tokenizer vocabulary {vocab}", shard.vocab_size),
-                ));
-            }
-            train.extend(shard.tokens);
-        }
-        let validation = Shard::read(&dir.join("val.tshard"))?.tokens;
-        if train.is_empty() || validation.is_empty() {
-            return Err(CorpusError::Empty { path: dir.to_owned() });
-        }
-        if fingerprint(&train, &validation) != info.fingerprint {
-            return Err(io_err(
-                &manifest_path,
-                "the shards do not match the manifest's fingerprint (missing or extra shards?)",
-            ));
-        }
-        Ok(Dataset { info, tokenizer, train, validation })
-    }
 }
 
 #[cfg(test)]
@@ -324,30 +320,34 @@ mod tests {
     }
 
     #[test]
-    fn split_is_ninety_ten_and_shards_round_trip() {
+    fn split_is_ninety_ten_and_manifests_round_trip() {
         let text = "abcdefghij".repeat(100);
         let ds = Dataset::from_documents("t", &[text], TessTokenizer::char_level("abcdefghij")).unwrap();
         assert_eq!(ds.train.len(), 900);
         assert_eq!(ds.validation.len(), 100);
         let dir = tempfile::tempdir().unwrap();
-        assert_eq!(ds.write_dir(dir.path(), 400).unwrap(), 3);
-        let back = Dataset::read_dir(dir.path()).unwrap();
-        assert_eq!(back.train, ds.train);
-        assert_eq!(back.validation, ds.validation);
-        assert_eq!(back.info, ds.info);
-        // A missing shard is caught by the fingerprint even though every remaining shard is valid.
-        std::fs::rename(dir.path().join("train-00002.tshard"), dir.path().join("moved.bin")).unwrap();
-        let err = Dataset::read_dir(dir.path()).unwrap_err().to_string();
-        assert!(err.contains("fingerprint"), "{err}");
-        std::fs::rename(dir.path().join("moved.bin"), dir.path().join("train-00002.tshard")).unwrap();
-        // Corrupting a shard is caught and the error names it.
-        let shard = dir.path().join("train-00001.tshard");
-        let mut bytes = std::fs::read(&shard).unwrap();
+        let (m, id) = ds.write_manifest(dir.path(), 400).unwrap();
+        assert_eq!(m.shards.len(), 4);
+        let back = Dataset::from_manifest(dir.path()).unwrap();
+        assert_eq!((&back.train, &back.validation), (&ds.train, &ds.validation));
+        assert_eq!(back.info.fingerprint, id);
+        let shard = |i: usize| dir.path().join(crate::manifest::shard_path(&m.shards[i].hash));
+        // A missing shard is named.
+        std::fs::rename(shard(2), dir.path().join("moved.bin")).unwrap();
+        let err = Dataset::from_manifest(dir.path()).unwrap_err().to_string();
+        assert!(err.contains(&m.shards[2].hash), "{err}");
+        std::fs::rename(dir.path().join("moved.bin"), shard(2)).unwrap();
+        // A corrupt shard is caught by its hash and named.
+        let mut bytes = std::fs::read(shard(1)).unwrap();
         let last = bytes.len() - 1;
         bytes[last] ^= 1;
-        std::fs::write(&shard, bytes).unwrap();
-        let err = Dataset::read_dir(dir.path()).unwrap_err().to_string();
-        assert!(err.contains("train-00001.tshard") && err.contains("checksum"), "{err}");
+        std::fs::write(shard(1), bytes).unwrap();
+        let err = Dataset::from_manifest(dir.path()).unwrap_err().to_string();
+        assert!(err.contains(&m.shards[1].hash) && err.contains("corrupt"), "{err}");
+        // So is a tokenizer that is not the manifest's.
+        TessTokenizer::byte_level().save(&dir.path().join("tokenizer.json")).unwrap();
+        let err = Dataset::from_manifest(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("tokenizer"), "{err}");
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! directories. Whatever they hold, the result is a value or an error, never a panic.
 
 use proptest::prelude::*;
-use tessera_data::{Dataset, TessTokenizer, TextSource};
+use tessera_data::{Dataset, Manifest, TessTokenizer, TextSource};
 
 proptest! {
     #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
@@ -52,8 +52,23 @@ proptest! {
     fn prepared_dirs_with_mangled_manifests_never_panic(manifest in "\\PC{0,80}") {
         let dir = tempfile::tempdir().unwrap();
         let ds = Dataset::from_documents("m", &["abcdefgh".repeat(20)], TessTokenizer::char_level("abcdefgh")).unwrap();
-        ds.write_dir(dir.path(), 50).unwrap();
-        std::fs::write(dir.path().join("dataset.json"), &manifest).unwrap();
-        let _ = Dataset::read_dir(dir.path());
+        ds.write_manifest(dir.path(), 50).unwrap();
+        std::fs::write(dir.path().join("manifest.json"), &manifest).unwrap();
+        let _ = Dataset::from_manifest(dir.path());
+    }
+
+    #[test]
+    fn manifests_with_a_mangled_byte_never_panic(at in any::<prop::sample::Index>(), byte in any::<u8>()) {
+        let dir = tempfile::tempdir().unwrap();
+        let ds = Dataset::from_documents("m", &["abcdefgh".repeat(20)], TessTokenizer::char_level("abcdefgh")).unwrap();
+        let (m, _) = ds.write_manifest(dir.path(), 50).unwrap();
+        let mut bytes = m.to_bytes();
+        let i = at.index(bytes.len());
+        bytes[i] = byte;
+        if let Ok((parsed, _)) = Manifest::parse(&bytes) {
+            prop_assert!(parsed.check().is_ok());
+        }
+        std::fs::write(dir.path().join("manifest.json"), &bytes).unwrap();
+        let _ = Dataset::from_manifest(dir.path());
     }
 }

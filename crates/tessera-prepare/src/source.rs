@@ -199,7 +199,7 @@ fn resolve_local(name: &str, out: &mut Vec<Input>) -> Result<(), PrepareError> {
     let meta = std::fs::metadata(root).map_err(|e| err(e.to_string()))?;
     let store: Arc<dyn ObjectStore> = Arc::new(LocalFileSystem::new());
     let mut push = |file: &std::path::Path, kind: Kind, size: u64| -> Result<(), PrepareError> {
-        let abs = std::path::absolute(file).map_err(|e| err(e.to_string()))?;
+        let abs = std::fs::canonicalize(file).map_err(|e| err(e.to_string()))?;
         let path = ObjPath::from_absolute_path(&abs).map_err(|e| err(e.to_string()))?;
         out.push(Input { store: store.clone(), path, name: file.display().to_string(), size, kind });
         Ok(())

@@ -15,8 +15,9 @@ use tessera_protocol::Codec;
 #[derive(Args, Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DataArgs {
-    /// A UTF-8 text file, a directory of them, JSONL with a `text` field, or a directory written
-    /// by `tessera data prepare`. Default: the embedded synthetic corpus.
+    /// A prepared dataset (its manifest.json or directory, from `tessera data prepare`), a UTF-8
+    /// text file, a directory of them, or JSONL with a `text` field. Default: the embedded
+    /// synthetic corpus.
     #[arg(long)]
     pub data: Option<PathBuf>,
     /// Tokenizer for --data: `char`, `byte`, or a tokenizer.json (e.g. from `tessera tokenizer train`).
@@ -173,8 +174,8 @@ pub fn load_dataset(args: &DataArgs) -> Result<Dataset> {
         let spec = SyntheticSpec { seed: args.synthetic_seed, ..SyntheticSpec::default() };
         return Ok(Dataset::synthetic(spec, args.synthetic_chars, args.synthetic_chars / 10)?);
     };
-    if Dataset::is_prepared_dir(path) {
-        return Ok(Dataset::read_dir(path)?);
+    if Dataset::is_manifest(path) {
+        return Ok(Dataset::from_manifest(path)?);
     }
     let (tokenizer, kind) = match args.tokenizer.as_str() {
         "char" => (None, TokenizerKind::Char),

@@ -95,22 +95,37 @@ fn real_text_with_prepared_shards_and_a_bpe_tokenizer() {
     let out = ok(&["tokenizer", "train", "--data", p(&text), "--vocab", "300", "--out", p(&tok)]);
     assert!(out.contains("characters per token"), "{out}");
 
+    // Documents as JSONL, each a variation, so both splits get some.
+    let jsonl = dir.path().join("docs.jsonl");
+    let lines: String = (0..400)
+        .map(|i| {
+            serde_json::json!({"id": format!("d{i}"), "text": format!("{i}: {}", verse.repeat(1 + i % 3))}).to_string()
+                + "\n"
+        })
+        .collect();
+    std::fs::write(&jsonl, lines).unwrap();
     let prepared = dir.path().join("prepared");
-    ok(&[
+    let out = ok(&[
         "data",
         "prepare",
-        "--data",
-        p(&text),
+        p(&jsonl),
         "--tokenizer",
         p(&tok),
         "--out",
         p(&prepared),
         "--shard-tokens",
         "1000",
+        "--validation-per-mille",
+        "100",
     ]);
-    assert!(prepared.join("train-00000.tshard").is_file() && prepared.join("val.tshard").is_file());
-    let info = ok(&["data", "info", "--data", p(&prepared)]);
-    assert!(info.contains("vocabulary   300"), "{info}");
+    assert!(out.contains("400 read"), "{out}");
+    assert!(prepared.join("manifest.json").is_file() && prepared.join("shards").is_dir());
+    let info = ok(&["data", "info", p(&prepared)]);
+    assert!(info.contains("vocabulary 300") && info.contains("merkle"), "{info}");
+    let published = dir.path().join("published");
+    let out = ok(&["data", "publish", p(&prepared), p(&published)]);
+    assert!(out.contains("uploaded"), "{out}");
+    assert_eq!(ok(&["data", "info", p(&published)]), info);
 
     let run = dir.path().join("run");
     ok(&[
@@ -133,6 +148,65 @@ fn real_text_with_prepared_shards_and_a_bpe_tokenizer() {
     let config: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(run.join("checkpoint/config.json")).unwrap()).unwrap();
     assert_eq!(config["vocab_size"], 300);
+}
+
+/// A preparation killed with SIGKILL mid-way resumes from its journal: the shards it finished
+/// are not written again, and the dataset comes out byte for byte as an uninterrupted run's.
+#[test]
+fn a_killed_preparation_resumes_without_redoing_finished_shards() {
+    let dir = tempfile::tempdir().unwrap();
+    let jsonl = dir.path().join("web.jsonl");
+    let mut text = String::new();
+    for i in 0..60_000u64 {
+        let words: String = (0..40).map(|w| format!("w{} ", (i * 31 + w * 7) % 997)).collect();
+        text.push_str(&serde_json::json!({"id": i, "text": words}).to_string());
+        text.push('\n');
+    }
+    std::fs::write(&jsonl, text).unwrap();
+    let args = |out: &Path| -> Vec<String> {
+        ["data", "prepare", p(&jsonl), "--out", p(out), "--shard-tokens", "20000", "--threads", "1"]
+            .map(str::to_owned)
+            .to_vec()
+    };
+    let whole = dir.path().join("whole");
+    ok(&args(&whole).iter().map(String::as_str).collect::<Vec<_>>());
+
+    let killed = dir.path().join("killed");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tessera"))
+        .args(args(&killed))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let journal = killed.join(".prepare").join("shards.jsonl");
+    let started = std::time::Instant::now();
+    while std::fs::read_to_string(&journal).map_or(0, |t| t.lines().count()) < 5 {
+        assert!(child.try_wait().unwrap().is_none(), "the preparation ended before it could be killed");
+        assert!(started.elapsed().as_secs() < 120, "no shard after 2 minutes");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let done: Vec<String> = std::fs::read_to_string(&journal)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["hash"].as_str().unwrap().to_owned())
+        .collect();
+    let shard = |h: &str| killed.join("shards").join(format!("{h}.tshard"));
+    let written: Vec<std::time::SystemTime> =
+        done.iter().map(|h| std::fs::metadata(shard(h)).unwrap().modified().unwrap()).collect();
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    let out = tessera(&args(&killed).iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("resuming"), "{}", String::from_utf8_lossy(&out.stderr));
+    for (h, t) in done.iter().zip(written) {
+        assert_eq!(std::fs::metadata(shard(h)).unwrap().modified().unwrap(), t, "shard {h} was written again");
+    }
+    assert_eq!(
+        std::fs::read(killed.join("manifest.json")).unwrap(),
+        std::fs::read(whole.join("manifest.json")).unwrap()
+    );
+    assert!(!killed.join(".prepare").exists());
 }
 
 #[test]
