@@ -12,10 +12,13 @@
 //!   checkpoints) are checked against its key: pinned at first contact, or given.
 //! - [`link`] emulates a slower connection in each direction for the transfers that carry
 //!   model-sized bodies.
+//! - [`dataset`] fetches a published dataset's manifest and only the shards asked for, checked
+//!   by hash, resumable, into a capped disk cache, with prefetching.
 //!
 //! Blocking (reqwest's blocking client): the contributor and the validator do their work on
 //! threads; async callers move a client onto a blocking thread.
 
+pub mod dataset;
 pub mod link;
 
 use std::path::Path;
@@ -35,6 +38,7 @@ use tessera_protocol::{ApiError, ErrorCode, PROTOCOL_VERSION, weights_hash};
 use tessera_trust::identity::HUB_SIGNATURE_HEADER;
 use tessera_trust::{Identity, PublicKey, ValidatorAttestation};
 
+pub use dataset::{FetchStats, ShardCache};
 pub use link::{Bucket, Link};
 
 #[derive(Debug, thiserror::Error)]

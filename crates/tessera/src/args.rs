@@ -15,9 +15,9 @@ use tessera_protocol::Codec;
 #[derive(Args, Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DataArgs {
-    /// A prepared dataset (its manifest.json or directory, from `tessera data prepare`), a UTF-8
-    /// text file, a directory of them, or JSONL with a `text` field. Default: the embedded
-    /// synthetic corpus.
+    /// A prepared dataset (its manifest.json or directory, from `tessera data prepare`; or the
+    /// http(s) URL it is published under, fetched into ~/.cache/tessera), a UTF-8 text file, a
+    /// directory of them, or JSONL with a `text` field. Default: the embedded synthetic corpus.
     #[arg(long)]
     pub data: Option<PathBuf>,
     /// Tokenizer for --data: `char`, `byte`, or a tokenizer.json (e.g. from `tessera tokenizer train`).
@@ -174,6 +174,10 @@ pub fn load_dataset(args: &DataArgs) -> Result<Dataset> {
         let spec = SyntheticSpec { seed: args.synthetic_seed, ..SyntheticSpec::default() };
         return Ok(Dataset::synthetic(spec, args.synthetic_chars, args.synthetic_chars / 10)?);
     };
+    let name = path.to_string_lossy();
+    if name.starts_with("http://") || name.starts_with("https://") {
+        return published_dataset(&name);
+    }
     if Dataset::is_manifest(path) {
         return Ok(Dataset::from_manifest(path)?);
     }
@@ -183,6 +187,38 @@ pub fn load_dataset(args: &DataArgs) -> Result<Dataset> {
         file => (Some(TessTokenizer::load(Path::new(file))?), TokenizerKind::Byte),
     };
     Ok(Dataset::from_path(path, tokenizer, kind)?)
+}
+
+/// A published dataset at `url`, every shard fetched (checked by hash) into the user's cache.
+fn published_dataset(url: &str) -> Result<Dataset> {
+    use tessera_data::manifest::Split;
+    let home = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(std::env::temp_dir);
+    let key = blake3::hash(url.as_bytes()).to_hex();
+    let cache = tessera_client::ShardCache::open(
+        &[url.to_owned()],
+        None,
+        &home.join("tessera").join("datasets").join(&key.as_str()[..16]),
+        u64::MAX,
+        None,
+    )?;
+    let tokenizer = TessTokenizer::load_with_eos(&cache.tokenizer_path(), Some(&cache.manifest.tokenizer.eos_token))?;
+    let (mut train, mut validation) = (Vec::new(), Vec::new());
+    for (i, entry) in cache.manifest.shards.iter().enumerate() {
+        let tokens = cache.shard(i)?;
+        match entry.split {
+            Split::Train => train.extend(tokens),
+            Split::Validation => validation.extend(tokens),
+        }
+    }
+    let info = tessera_data::corpus::DatasetInfo {
+        name: cache.manifest.name.clone(),
+        loss_floor: cache.manifest.loss_floor,
+        fingerprint: cache.id.clone(),
+    };
+    Ok(Dataset { info, tokenizer, train, validation })
 }
 
 /// The dataset given with `--data` (for runs whose data is external), if any.

@@ -92,6 +92,8 @@ pub struct Server {
     pub addr: SocketAddr,
     pub log: Arc<Mutex<Vec<String>>>,
     pub fail_after: Arc<Mutex<Option<(String, usize)>>>,
+    /// The next `n` GETs of a path send only its first `bytes` bytes, then drop the connection.
+    pub cut: Arc<Mutex<Option<(String, usize, usize)>>>,
 }
 
 impl Server {
@@ -114,7 +116,12 @@ struct Served {
 pub fn serve(root: &Path) -> Server {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     listener.set_nonblocking(true).unwrap();
-    let server = Server { addr: listener.local_addr().unwrap(), log: Arc::default(), fail_after: Arc::default() };
+    let server = Server {
+        addr: listener.local_addr().unwrap(),
+        log: Arc::default(),
+        fail_after: Arc::default(),
+        cut: Arc::default(),
+    };
     let state = Served { root: root.to_owned(), server: server.clone() };
     std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
@@ -161,7 +168,30 @@ async fn handle(State(s): State<Served>, req: Request) -> Response {
         },
     };
     headers.insert(header::CONTENT_LENGTH, body.len().into());
-    let mut response = Response::new(Body::from(body));
+    let cut = {
+        let mut cut = s.server.cut.lock().unwrap();
+        match cut.as_mut() {
+            Some((p, bytes, n)) if *p == path && *n > 0 => {
+                *n -= 1;
+                Some(*bytes)
+            }
+            _ => None,
+        }
+    };
+    let body = match cut {
+        Some(keep) if keep < body.len() => {
+            let head = bytes::Bytes::from(body[..keep].to_vec());
+            use futures::StreamExt;
+            // The bytes go out; a moment later the connection breaks.
+            let broken = futures::stream::once(async {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                Err::<bytes::Bytes, _>(std::io::Error::other("connection cut by the test server"))
+            });
+            Body::from_stream(futures::stream::iter([Ok(head)]).chain(broken))
+        }
+        _ => Body::from(body),
+    };
+    let mut response = Response::new(body);
     *response.status_mut() = code;
     *response.headers_mut() = headers;
     response
