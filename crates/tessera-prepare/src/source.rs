@@ -510,7 +510,6 @@ mod tests {
 
     #[test]
     fn hf_urls_follow_the_endpoint_and_revision() {
-        // SAFETY of the env: this is the only test in this crate's unit tests touching HF_ENDPOINT.
         let url = hf_url("datasets/HuggingFaceFW/fineweb-edu/sample/10BT/000_00000.parquet").unwrap();
         assert!(
             url.ends_with("/datasets/HuggingFaceFW/fineweb-edu/resolve/main/sample/10BT/000_00000.parquet"),

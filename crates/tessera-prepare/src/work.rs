@@ -93,6 +93,25 @@ fn config_hash(config: &PrepareConfig, inputs: &[Input], tokenizer_hash: &str) -
     manifest::hash_hex(described.to_string().as_bytes())
 }
 
+/// A document after the checks that need no shared state.
+enum Checked {
+    Empty,
+    NotUtf8,
+    Text { hash: u128, split: Split, text: String },
+}
+
+fn check(RawDoc { id, text }: RawDoc, per_mille: u32) -> Checked {
+    let Some(bytes) = text else { return Checked::Empty };
+    match String::from_utf8(bytes) {
+        Err(_) => Checked::NotUtf8,
+        Ok(text) if text.trim().is_empty() => Checked::Empty,
+        Ok(text) => {
+            let hash = text_hash(&text);
+            Checked::Text { hash, split: split_of(id.as_deref(), hash, per_mille), text }
+        }
+    }
+}
+
 /// Whitespace-normalised text's hash: documents that differ only in spacing are duplicates.
 fn text_hash(text: &str) -> u128 {
     let mut h = blake3::Hasher::new();
@@ -270,36 +289,26 @@ impl Job<'_> {
     fn take(&mut self, batch: Batch) -> Result<bool, PrepareError> {
         let input = &self.inputs[batch.input];
         let rows = batch.docs.len() as u64;
-        let mut kept: Vec<(u64, Split, String)> = Vec::with_capacity(batch.docs.len());
-        for (offset, RawDoc { id, text }) in batch.docs.into_iter().enumerate() {
+        let per_mille = self.config.validation_per_mille;
+        // UTF-8, blank and hash checks on every core; only the dedup set is touched in order.
+        let checked: Vec<Checked> = batch.docs.into_par_iter().map(|doc| check(doc, per_mille)).collect();
+        let mut kept: Vec<(u64, Split, String)> = Vec::with_capacity(checked.len());
+        for (offset, doc) in checked.into_iter().enumerate() {
             let row = batch.first_row + offset as u64;
             let stats = &mut self.state.stats;
             stats.documents_read += 1;
-            let Some(bytes) = text else {
-                stats.empty += 1;
-                continue;
-            };
-            let text = match String::from_utf8(bytes) {
-                Ok(t) => t,
-                Err(_) if self.config.refuse_invalid_utf8 => {
+            match doc {
+                Checked::Empty => stats.empty += 1,
+                Checked::NotUtf8 if self.config.refuse_invalid_utf8 => {
                     return Err(PrepareError::InvalidUtf8 { input: input.name.clone(), row });
                 }
-                Err(_) => {
-                    stats.invalid_utf8 += 1;
-                    continue;
+                Checked::NotUtf8 => stats.invalid_utf8 += 1,
+                Checked::Text { hash, .. } if !self.seen.insert(hash) => stats.duplicates += 1,
+                Checked::Text { hash, split, text } => {
+                    self.new_seen.push(hash);
+                    kept.push((row, split, text));
                 }
-            };
-            if text.trim().is_empty() {
-                stats.empty += 1;
-                continue;
             }
-            let hash = text_hash(&text);
-            if !self.seen.insert(hash) {
-                stats.duplicates += 1;
-                continue;
-            }
-            self.new_seen.push(hash);
-            kept.push((row, split_of(id.as_deref(), hash, self.config.validation_per_mille), text));
         }
         let tokenizer = &self.tokenizer;
         let encoded: Vec<Vec<u32>> =
