@@ -17,6 +17,7 @@
 //!   fetched).
 
 pub mod publish;
+pub mod serve;
 pub mod source;
 mod work;
 

@@ -209,6 +209,30 @@ fn a_killed_preparation_resumes_without_redoing_finished_shards() {
     assert!(!killed.join(".prepare").exists());
 }
 
+/// `tessera data serve` and `bench feed` share the dataset server; the bench trains on shards
+/// fetched over HTTP through a limited link and reports each round's stall.
+#[test]
+fn bench_feed_trains_on_fetched_shards_and_reports_stalls() {
+    let out = ok(&[
+        "bench",
+        "feed",
+        "--model",
+        "tiny",
+        "--rounds",
+        "3",
+        "--inner-steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--shard-tokens",
+        "20000",
+        "--dataset-shards",
+        "4",
+    ]);
+    assert!(out.contains("later rounds") && out.contains("peak resident memory"), "{out}");
+    assert_eq!(out.lines().filter(|l| l.trim_start().starts_with(|c: char| c.is_ascii_digit())).count(), 3, "{out}");
+}
+
 #[test]
 fn model_info_reports_exact_counts() {
     let out = ok(&["model", "info", "nano", "--json"]);

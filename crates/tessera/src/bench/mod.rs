@@ -3,6 +3,7 @@
 
 mod arena;
 mod diloco;
+mod feed;
 mod grow;
 mod hub;
 mod overlap;
@@ -43,6 +44,10 @@ pub enum BenchCommand {
     /// DiLoCo simulated in one process (M workers, H inner steps, outer Nesterov), optionally
     /// against synchronous data parallel on the same number of tokens.
     Diloco(Box<diloco::DilocoArgs>),
+    /// A contributor's data path: shards of a dataset served over local HTTP, fetched through a
+    /// link limited to what a round needs, prefetched while real training runs on the current
+    /// one; the stall per round (target: 0 after the first) and the peak memory.
+    Feed(feed::BenchFeedArgs),
     /// Many simulated contributors (real HTTP, real messages, no training) against one hub:
     /// errors and submission latency percentiles.
     Swarm(swarm::BenchSwarmArgs),
@@ -58,6 +63,7 @@ pub fn run(command: BenchCommand) -> Result<()> {
         BenchCommand::Robust(args) => hub::bench_robust(args),
         BenchCommand::Arena(args) => arena::bench_arena(*args),
         BenchCommand::Diloco(args) => diloco::bench_diloco(*args),
+        BenchCommand::Feed(args) => feed::bench_feed(&args),
         BenchCommand::Swarm(args) => swarm::bench_swarm(args),
     }
 }

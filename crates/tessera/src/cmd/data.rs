@@ -38,6 +38,13 @@ pub enum DataCommand {
         /// A directory or s3://bucket/prefix.
         dest: String,
     },
+    /// Serve a published dataset's directory over HTTP with Range requests (for a local run or
+    /// a test; a real run uses any web server or bucket that answers Range requests).
+    Serve {
+        dir: PathBuf,
+        #[arg(long, default_value = "127.0.0.1:8090")]
+        addr: String,
+    },
 }
 
 #[derive(clap::Args)]
@@ -106,6 +113,16 @@ pub fn data(command: DataCommand) -> Result<()> {
         DataCommand::Info { manifest: Some(path), .. } => manifest_info(&path),
         DataCommand::Info { manifest: None, data } => data_info(&data),
         DataCommand::Prepare(args) => prepare(&args),
+        DataCommand::Serve { dir, addr } => {
+            let (m, id) = tessera_data::Manifest::read(&dir)?;
+            let runtime = tokio::runtime::Runtime::new()?;
+            runtime.block_on(async {
+                let listener = tokio::net::TcpListener::bind(&addr).await?;
+                println!("serving dataset {id} ({} shards) at http://{}/", m.shards.len(), listener.local_addr()?);
+                axum::serve(listener, tessera_prepare::serve::router(dir)).await?;
+                Ok::<_, anyhow::Error>(())
+            })
+        }
         DataCommand::Publish { dir, dest } => {
             let report = tessera_prepare::publish(&dir, &dest)?;
             println!(
