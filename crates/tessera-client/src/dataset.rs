@@ -139,7 +139,7 @@ impl ShardCache {
     /// The tokens of shard `index` (manifest order), fetched if it is not in the cache.
     pub fn shard(&self, index: usize) -> Result<Vec<u32>> {
         let entry = self.entry(index)?.clone();
-        let path = self.ensure(&entry, true)?;
+        let (path, _claim) = self.ensure(&entry, true)?;
         let bytes = std::fs::read(&path).map_err(|e| io(&path, e))?;
         match manifest::decode_shard(&bytes, &entry, self.manifest.tokenizer.vocab_size) {
             Ok(tokens) => Ok(tokens),
@@ -169,10 +169,11 @@ impl ShardCache {
         })
     }
 
-    /// Makes sure the shard is on disk and whole; returns its path. A shard another thread is
-    /// fetching (a prefetch) is waited for, not fetched twice. `asked`: a caller needs it now, so
-    /// any wait counts as a stall.
-    fn ensure(&self, entry: &ShardEntry, asked: bool) -> Result<PathBuf> {
+    /// Makes sure the shard is on disk and whole; returns its path and a claim on it: while the
+    /// claim lives no eviction removes the file. A shard another thread is fetching (a prefetch)
+    /// is waited for, not fetched twice. `asked`: a caller needs it now, so any wait counts as a
+    /// stall.
+    fn ensure(&self, entry: &ShardEntry, asked: bool) -> Result<(PathBuf, Claim<'_>)> {
         let path = self.shard_file(entry);
         let started = Instant::now();
         let mut waited = false;
@@ -180,22 +181,20 @@ impl ShardCache {
             waited = true;
             std::thread::sleep(Duration::from_millis(5));
         }
+        let claim = Claim { cache: self, hash: entry.hash.clone() };
         let fetched = !path.is_file();
-        let result = if fetched {
-            self.download(entry, &path).map(|()| self.evict(&entry.hash))
+        if fetched {
+            self.download(entry, &path)?;
+            self.evict();
         } else {
             touch(&path);
             self.bump(|s| s.cache_hits += 1);
-            Ok(())
-        };
-        if let Ok(mut b) = self.busy.lock() {
-            b.remove(&entry.hash);
         }
         if asked && (waited || fetched) {
             let stall = started.elapsed().as_secs_f64();
             self.bump(|s| s.stall_s += stall);
         }
-        result.map(|()| path)
+        Ok((path, claim))
     }
 
     /// Downloads a shard into `<hash>.partial`, resuming from what is there, then checks its
@@ -298,9 +297,9 @@ impl ShardCache {
         Ok(())
     }
 
-    /// Drops the least recently used shards (but never `keep`, nor one being fetched) until the
-    /// cache fits its cap.
-    fn evict(&self, keep: &str) {
+    /// Drops the least recently used shards (never a claimed one: being fetched or read) until
+    /// the cache fits its cap.
+    fn evict(&self) {
         let Ok(entries) = std::fs::read_dir(&self.dir) else { return };
         let mut shards: Vec<(std::time::SystemTime, u64, PathBuf)> = entries
             .filter_map(|e| e.ok())
@@ -318,7 +317,7 @@ impl ShardCache {
                 break;
             }
             let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-            if stem == keep || busy.contains(&stem) {
+            if busy.contains(&stem) {
                 continue;
             }
             if std::fs::remove_file(&path).is_ok() {
@@ -351,6 +350,20 @@ fn small(http: &Client, sources: &[String], name: &str) -> Result<Vec<u8>> {
         }
     }
     Err(ClientError::Unavailable { url: sources.join(", "), message: last })
+}
+
+/// A shard in use: eviction leaves it alone until this is dropped.
+struct Claim<'a> {
+    cache: &'a ShardCache,
+    hash: String,
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut busy) = self.cache.busy.lock() {
+            busy.remove(&self.hash);
+        }
+    }
 }
 
 /// Marks a cached shard as just used.
