@@ -18,7 +18,9 @@ use std::time::{Duration, Instant};
 use reqwest::StatusCode;
 use reqwest::blocking::Client;
 use reqwest::header::{CONTENT_RANGE, RANGE};
-use tessera_data::manifest::{self, Manifest, ShardEntry};
+use tessera_data::corpus::DatasetInfo;
+use tessera_data::manifest::{self, Manifest, ShardEntry, Split};
+use tessera_data::{Dataset, TessTokenizer};
 
 use crate::link::{Link, pass};
 use crate::{ClientError, Result};
@@ -115,6 +117,36 @@ impl ShardCache {
         let path = cache.tokenizer_path();
         std::fs::write(&path, tokenizer).map_err(|e| io(&path, e))?;
         Ok(cache)
+    }
+
+    /// The dataset's tokenizer, with the manifest's end-of-text token.
+    pub fn tokenizer(&self) -> Result<TessTokenizer> {
+        let path = self.tokenizer_path();
+        TessTokenizer::load_with_eos(&path, Some(&self.manifest.tokenizer.eos_token)).map_err(|e| io(&path, e))
+    }
+
+    /// A dataset of this manifest's tokenizer and identity holding the tokens given.
+    pub fn dataset(&self, train: Vec<u32>, validation: Vec<u32>) -> Result<Dataset> {
+        let info = DatasetInfo {
+            name: self.manifest.name.clone(),
+            loss_floor: self.manifest.loss_floor,
+            fingerprint: self.id.clone(),
+        };
+        Ok(Dataset { info, tokenizer: self.tokenizer()?, train, validation })
+    }
+
+    /// The whole dataset in memory: every training shard, then every validation shard, in
+    /// manifest order (each fetched and checked). For local training and the validator.
+    pub fn whole(&self) -> Result<Dataset> {
+        let (mut train, mut validation) = (Vec::new(), Vec::new());
+        for (i, entry) in self.manifest.shards.iter().enumerate() {
+            let tokens = self.shard(i)?;
+            match entry.split {
+                Split::Train => train.extend(tokens),
+                Split::Validation => validation.extend(tokens),
+            }
+        }
+        self.dataset(train, validation)
     }
 
     /// The dataset's `tokenizer.json`, checked against the manifest, in the cache.

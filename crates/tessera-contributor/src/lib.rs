@@ -24,10 +24,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tch::Device;
-use tessera_client::{ClientError, HubClient};
+use tessera_client::{ClientError, HubClient, ShardCache};
 use tessera_data::Dataset;
 use tessera_model::{Llama, LlamaConfig};
-use tessera_protocol::api::{Assignment, Receipt, RunInfo};
+use tessera_protocol::api::{Assignment, DataSource, Receipt, RunInfo};
 use tessera_protocol::{
     ApiError, Codec, ErrorCode, ErrorFeedback, MessageView, PseudoGradient, TensorEntry, TensorSpec, decode_weights,
     encode_weights,
@@ -88,6 +88,8 @@ pub struct ContributorConfig {
     /// Upload each round and download the next checkpoint while the next round already trains
     /// (a one-round-delayed outer update; see [`overlap`]).
     pub overlap: bool,
+    /// Runs on a published dataset: the most bytes of shards kept on disk.
+    pub data_cache_bytes: u64,
 }
 
 /// What one finished round looked like from the contributor's side.
@@ -193,6 +195,8 @@ pub struct Contributor {
     last_body: Option<Vec<u8>>,
     /// When this run's first inner step began.
     first_step: Option<Instant>,
+    /// Runs on a published dataset: its shards, fetched one assignment at a time.
+    shards: Option<Arc<ShardCache>>,
 }
 
 fn state_err(path: &Path, e: impl std::fmt::Display) -> ContributorError {
@@ -217,10 +221,10 @@ impl Contributor {
         let client = HubClient::new(&config.hub)?.with_patience(config.patience).signed_by(key.clone());
         let run = client.run()?;
         let hub_key = PublicKey::parse(&run.hub_key)?;
-        let client = client.pinning(hub_key).with_links(
-            config.max_upload_bps.map(tessera_client::Bucket::shared),
-            config.max_download_bps.map(tessera_client::Bucket::shared),
-        );
+        let download = config.max_download_bps.map(tessera_client::Bucket::shared);
+        let client = client
+            .pinning(hub_key)
+            .with_links(config.max_upload_bps.map(tessera_client::Bucket::shared), download.clone());
         let id_path = dir.join("identity.json");
         let saved: Option<Identity> = std::fs::read(&id_path)
             .ok()
@@ -258,7 +262,28 @@ impl Contributor {
             }
         };
 
-        let dataset = run_dataset(&run, config.data.clone())?;
+        let shards = match &run.spec.data.source {
+            DataSource::Manifest { urls, .. } => Some(Arc::new(ShardCache::open(
+                urls,
+                Some(&run.spec.data.fingerprint),
+                &dir.join("data"),
+                config.data_cache_bytes,
+                download,
+            )?)),
+            _ => None,
+        };
+        let dataset = match &shards {
+            // Until the first round swaps in its shard, the training tokens are a validation
+            // shard's (fetched anyway): nothing is downloaded that no round assigned.
+            Some(cache) => {
+                let first = (0..cache.manifest.shards.len())
+                    .find(|&i| cache.manifest.shards[i].split == tessera_data::Split::Validation)
+                    .ok_or_else(|| ContributorError::Data("the run's dataset has no validation shard".into()))?;
+                let validation = cache.shard(first)?;
+                cache.dataset(validation.clone(), validation)?
+            }
+            None => run_dataset(&run, config.data.clone())?,
+        };
         let model_config = LlamaConfig::from_json(run.spec.model.clone())
             .map_err(|e| ContributorError::Data(format!("the run's model config: {e}")))?;
         let train_config = inner_config(&run, identity.contributor_id);
@@ -297,6 +322,7 @@ impl Contributor {
             last_submitted,
             last_body: None,
             first_step: None,
+            shards,
         })
     }
 
@@ -508,6 +534,7 @@ impl Contributor {
     /// inner steps to train.
     fn begin_round(&mut self, a: &Assignment, start: &[Vec<f32>]) -> Result<(Vec<usize>, u64)> {
         write_params(&self.trainer.model, start)?;
+        self.take_shard(a)?;
         self.first_step.get_or_insert_with(Instant::now);
         self.trainer.schedule_shift = a.schedule_step as i64 - self.trainer.step() as i64;
         let adversary = self.config.adversary;
@@ -526,6 +553,35 @@ impl Contributor {
         let steps = adversary.map_or(a.inner_steps, |k| k.inner_steps(a.inner_steps));
         self.report(Progress::Round { round: a.round, phase: a.phase, steps });
         Ok((keep, steps))
+    }
+
+    /// Runs on a published dataset: trains round `a` on its assigned shard (fetched, or already
+    /// prefetched) and starts fetching the next round's, which is this slot's pick for the next
+    /// round.
+    fn take_shard(&mut self, a: &Assignment) -> Result<()> {
+        let (Some(cache), Some(d)) = (&self.shards, &a.data) else { return Ok(()) };
+        let index = |shard: u32| {
+            cache.manifest.train_shard(shard).ok_or_else(|| {
+                ContributorError::Data(format!("the assignment names training shard {shard}, the dataset has fewer"))
+            })
+        };
+        let tokens = cache.shard(index(d.shard)?)?;
+        let need = self.trainer.config.seq_len + 2;
+        if tokens.len() < need {
+            return Err(ContributorError::Data(format!(
+                "training shard {} holds {} tokens, fewer than one window of {need}",
+                d.shard,
+                tokens.len()
+            )));
+        }
+        self.trainer.dataset.train = tokens;
+        if let Some(next) =
+            tessera_protocol::data::data_assignment(&self.run.spec, a.round + 1, self.identity.contributor_id)
+        {
+            // Detached: a failed prefetch is fetched again when the next round asks for it.
+            drop(cache.prefetch(vec![index(next.shard)?]));
+        }
+        Ok(())
     }
 
     /// Inner step `step` (0-based) of the round; returns its loss.

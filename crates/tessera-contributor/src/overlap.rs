@@ -133,7 +133,9 @@ struct InFlight {
 
 /// The assignment the hub gives after round `a` when nothing changes: the next round, its
 /// schedule step, the same slot, steps, phase and fragment. Its base is not known yet.
-fn predict(a: &Assignment) -> Assignment {
+/// `data`: the next round's shard, for a run on a published dataset
+/// (`data::data_assignment`, a pure function of the spec, the round and the contributor).
+fn predict(a: &Assignment, data: Option<tessera_protocol::api::DataAssignment>) -> Assignment {
     let round = a.round + 1;
     let total = a.schedule_total / a.inner_steps.max(1);
     Assignment {
@@ -141,6 +143,7 @@ fn predict(a: &Assignment) -> Assignment {
         base_checkpoint: String::new(),
         schedule_step: round.min(total) * a.inner_steps,
         eval_commitment: None,
+        data,
         ..a.clone()
     }
 }
@@ -149,7 +152,7 @@ fn predict(a: &Assignment) -> Assignment {
 fn as_predicted(p: &Assignment, real: &Assignment) -> bool {
     !real.finished
         && p.run_id == real.run_id
-        && (p.round, p.slot, p.seed, p.inner_steps, p.schedule_step, p.schedule_total, p.phase, p.fragment)
+        && (p.round, p.slot, p.seed, p.inner_steps, p.schedule_step, p.schedule_total, p.phase, p.fragment, p.data)
             == (
                 real.round,
                 real.slot,
@@ -159,6 +162,7 @@ fn as_predicted(p: &Assignment, real: &Assignment) -> bool {
                 real.schedule_total,
                 real.phase,
                 real.fragment,
+                real.data,
             )
 }
 
@@ -358,7 +362,17 @@ impl Contributor {
                     bytes_down,
                 });
                 bytes_down = 0;
-                now = Training { assignment: predict(&current), start: next_start };
+                now = Training {
+                    assignment: predict(
+                        &current,
+                        tessera_protocol::data::data_assignment(
+                            &self.run.spec,
+                            current.round + 1,
+                            self.identity.contributor_id,
+                        ),
+                    ),
+                    start: next_start,
+                };
             }
         }
         Ok(done)
@@ -476,6 +490,7 @@ mod tests {
             eval_commitment: Some(format!("c{round}")),
             phase: 0,
             fragment: None,
+            data: None,
         }
     }
 
@@ -483,15 +498,21 @@ mod tests {
     /// hub might say (finished, another round, phase or fragment) is told apart.
     #[test]
     fn predictions_match_the_next_assignment_and_nothing_else() {
-        let p = predict(&assignment(2));
+        let p = predict(&assignment(2), None);
         assert!(as_predicted(&p, &assignment(3)));
         assert!(!as_predicted(&p, &assignment(4)), "the hub moved past the round trained ahead");
         assert!(!as_predicted(&p, &Assignment { finished: true, ..assignment(3) }));
         assert!(!as_predicted(&p, &Assignment { phase: 1, ..assignment(3) }));
         assert!(!as_predicted(&p, &Assignment { fragment: Some(1), ..assignment(3) }));
         assert!(!as_predicted(&p, &Assignment { slot: 4, ..assignment(3) }));
+        let shard = tessera_protocol::api::DataAssignment { slot: 2, epoch: 0, shard: 5 };
+        assert!(!as_predicted(&p, &Assignment { data: Some(shard), ..assignment(3) }));
+        assert!(as_predicted(
+            &predict(&assignment(2), Some(shard)),
+            &Assignment { data: Some(shard), ..assignment(3) }
+        ));
         // The schedule step stops at the run's end, as the hub's does.
-        assert_eq!(predict(&assignment(5)).schedule_step, 50);
+        assert_eq!(predict(&assignment(5), None).schedule_step, 50);
     }
 
     /// Following the hub's published steps, the contributor's copy of the outer optimizer

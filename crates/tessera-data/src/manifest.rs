@@ -12,18 +12,13 @@
 //! shards/<blake3>.tshard one per manifest.shards entry (the `shard` format)
 //! ```
 //!
-//! [`assigned_shard`] is the assignment: which training shard a data slot trains on in a round, a
-//! pure function of (run seed, round, slot) over a seeded permutation of the training shards per
-//! epoch, so within an epoch no shard is handed out twice and anyone can recompute who trained
-//! what.
+//! Which training shard a data slot trains on in a round is `tessera_protocol::data::assigned_shard`:
+//! the hub, contributors and validators must agree on it.
 
 use std::path::Path;
 
 use ct_merkle::mem_backed_tree::MemoryBackedTree;
 use ct_merkle::{InclusionProof, RootHash};
-use rand::SeedableRng;
-use rand::seq::SliceRandom;
-use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
@@ -215,6 +210,18 @@ impl Manifest {
         Ok(())
     }
 
+    /// How many training shards a run hands out: the full ones (all but a shorter last one), or
+    /// the one there is when the dataset is smaller than a shard. They come first, in order.
+    pub fn assignable_train_shards(&self) -> u32 {
+        let full = self.split(Split::Train).take_while(|e| e.tokens == self.shard_tokens).count();
+        full.max(1) as u32
+    }
+
+    /// The manifest index of the `k`-th training shard.
+    pub fn train_shard(&self, k: u32) -> Option<usize> {
+        self.shards.iter().enumerate().filter(|(_, e)| e.split == Split::Train).nth(k as usize).map(|(i, _)| i)
+    }
+
     /// The shards of one split, in manifest order.
     pub fn split(&self, split: Split) -> impl Iterator<Item = &ShardEntry> {
         self.shards.iter().filter(move |s| s.split == split)
@@ -308,39 +315,6 @@ pub fn decode_shard(bytes: &[u8], entry: &ShardEntry, vocab_size: u32) -> Result
     Ok(shard.tokens)
 }
 
-/// The order training shards are handed out in during `epoch`: a permutation of
-/// `0..n_train`, seeded by (run seed, epoch). Costs `n_train` words of memory.
-pub fn epoch_order(seed: u64, epoch: u64, n_train: u32) -> Vec<u32> {
-    let mut input = [0u8; 16];
-    input[..8].copy_from_slice(&seed.to_le_bytes());
-    input[8..].copy_from_slice(&epoch.to_le_bytes());
-    let mut rng = ChaCha8Rng::from_seed(blake3::derive_key("tessera 2026 shard order v1", &input));
-    let mut order: Vec<u32> = (0..n_train).collect();
-    order.shuffle(&mut rng);
-    order
-}
-
-/// Which training shard a data slot trains on in a round, and in which epoch.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ShardPick {
-    pub epoch: u64,
-    /// Index among the manifest's training shards (manifest order).
-    pub shard: u32,
-}
-
-/// The assignment: data slot `slot` (< `slots_per_round`) of round `round` takes position
-/// `round × slots_per_round + slot` of the concatenated per-epoch permutations of the `n_train`
-/// training shards. Within an epoch no shard is taken twice; the next epoch reshuffles.
-pub fn assigned_shard(seed: u64, round: u64, slot: u64, slots_per_round: u64, n_train: u32) -> Option<ShardPick> {
-    if n_train == 0 || slot >= slots_per_round {
-        return None;
-    }
-    let position = round.checked_mul(slots_per_round)?.checked_add(slot)?;
-    let epoch = position / u64::from(n_train);
-    let within = (position % u64::from(n_train)) as usize;
-    Some(ShardPick { epoch, shard: epoch_order(seed, epoch, n_train)[within] })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -413,28 +387,5 @@ mod tests {
             }
             assert!(m.prove(m.shards.len()).is_none());
         }
-    }
-
-    #[test]
-    fn an_epoch_hands_out_every_shard_once_and_the_next_reshuffles() {
-        let (n, slots) = (10u32, 3u64);
-        let mut epochs: Vec<Vec<u32>> = vec![Vec::new(); 4];
-        for round in 0..13 {
-            for slot in 0..slots {
-                let pick = assigned_shard(9, round, slot, slots, n).unwrap();
-                epochs[pick.epoch as usize].push(pick.shard);
-            }
-        }
-        for e in &epochs[..3] {
-            let mut sorted = e.clone();
-            sorted.sort_unstable();
-            assert_eq!(sorted, (0..n).collect::<Vec<_>>());
-        }
-        assert_ne!(epochs[0], epochs[1]);
-        assert_eq!(assigned_shard(9, 4, 1, slots, n), assigned_shard(9, 4, 1, slots, n));
-        assert_ne!(epoch_order(9, 0, n), epoch_order(10, 0, n));
-        assert_eq!(assigned_shard(9, 0, 3, slots, n), None);
-        assert_eq!(assigned_shard(9, 0, 0, slots, 0), None);
-        assert_eq!(assigned_shard(9, u64::MAX, 1, slots, n), None);
     }
 }

@@ -8,6 +8,7 @@
 
 pub mod api;
 pub mod codec;
+pub mod data;
 pub mod pseudograd;
 pub mod rule;
 pub mod weights;

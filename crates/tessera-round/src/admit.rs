@@ -88,6 +88,7 @@ impl Run {
             eval_commitment: spec.contest.as_ref().map(|_| self.commitment.clone()),
             phase: self.phase() as u32,
             fragment: (spec.fragments > 1).then(|| spec.fragment_of(contributor)),
+            data: tessera_protocol::data::data_assignment(spec, self.round, contributor),
         })
     }
 

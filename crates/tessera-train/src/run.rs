@@ -18,6 +18,12 @@ pub fn run_dataset(run: &RunInfo, given: Option<Dataset>) -> Result<Dataset, Tra
             Dataset::synthetic(spec, *train_chars as usize, *val_chars as usize)
                 .map_err(|e| TrainError::Data(e.to_string()))?
         }
+        (DataSource::Manifest { urls, .. }, None) => {
+            return Err(TrainError::Data(format!(
+                "the run's data is published at {}: fetch it with tessera_client::ShardCache",
+                urls.join(", ")
+            )));
+        }
         (DataSource::External, None) => {
             return Err(TrainError::Data(format!(
                 "the run trains on {:?}: pass the same data with --data (fingerprint {})",

@@ -13,17 +13,17 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use tch::Device;
-use tessera_client::{ClientError, HubClient};
+use tessera_client::{ClientError, HubClient, ShardCache};
 use tessera_contest::{Policy, Scored, Settlement, settle};
 use tessera_data::Dataset;
 use tessera_model::LlamaConfig;
-use tessera_protocol::api::{JobSubmission, RunInfo, ScoringJob, Settled, Verdict};
+use tessera_protocol::api::{DataSource, JobSubmission, RunInfo, ScoringJob, Settled, Verdict};
 use tessera_protocol::{Codec, MessageView, PseudoGradient, TensorEntry, decode_weights};
 use tessera_train::run::{inner_config, run_dataset};
 use tessera_trust::ledger::{Body as LedgerBody, Ledger};
 use tessera_trust::{OpeningKey, ValidatorAttestation, Verified};
 
-use crate::{Candidate, ScoreConfig, ScoreCost, Scorer};
+use crate::{Candidate, ScoreConfig, ScoreCost, Scorer, ShardRanges};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ValidatorError {
@@ -99,13 +99,33 @@ impl Validator {
         let run = hub.run()?;
         let hub = hub.pinning(tessera_trust::PublicKey::parse(&run.hub_key)?);
         let contest = run.spec.contest.clone().ok_or(ValidatorError::NotScored)?;
-        let dataset = run_dataset(&run, config.data.clone())?;
+        // A run on a published dataset: the validator holds all of it (the held-out windows
+        // come from every validation shard), and knows where each assignable shard lies.
+        let (dataset, shards) = match &run.spec.data.source {
+            DataSource::Manifest { urls, train_shards, .. } => {
+                let cache_dir =
+                    std::env::temp_dir().join(format!("tessera-validator-{}", &run.spec.data.fingerprint[..16]));
+                let cache = ShardCache::open(urls, Some(&run.spec.data.fingerprint), &cache_dir, u64::MAX, None)?;
+                let mut ranges = Vec::new();
+                let mut offset = 0usize;
+                for entry in cache.manifest.split(tessera_data::Split::Train) {
+                    ranges.push((offset, entry.tokens as usize));
+                    offset += entry.tokens as usize;
+                }
+                ranges.truncate(*train_shards as usize);
+                (cache.whole()?, Some(ShardRanges { spec: run.spec.clone(), ranges }))
+            }
+            _ => (run_dataset(&run, config.data.clone())?, None),
+        };
         let model_config = LlamaConfig::from_json(run.spec.model.clone())
             .map_err(|e| ValidatorError::Bad { round: run.round, message: format!("the run's model config: {e}") })?;
         let score =
             ScoreConfig { eval_windows: contest.eval_windows as usize, fit_windows: contest.fit_windows as usize };
         let inner = inner_config(&run, 0);
-        let scorer = Scorer::new(inner, &model_config, dataset, config.device, score)?;
+        let mut scorer = Scorer::new(inner, &model_config, dataset, config.device, score)?;
+        if let Some(shards) = shards {
+            scorer = scorer.with_shards(shards);
+        }
         let mut v = Validator { config, hub, run, scorer, sealed: None };
         if v.run.spec.trust.is_some() {
             v.sealed = Some(v.attest()?);

@@ -67,6 +67,8 @@ pub struct Candidate {
     pub slot: u64,
     pub schedule_step: u64,
     pub inner_steps: u64,
+    /// The round whose assignment it trained for (a manifest run's shard depends on it).
+    pub base_round: u64,
     pub delta: Vec<Vec<f32>>,
     /// The hub's staleness weight, passed through.
     pub weight: f64,
@@ -85,6 +87,7 @@ impl Candidate {
             slot: s.slot,
             schedule_step: s.schedule_step,
             inner_steps: s.inner_steps,
+            base_round: s.base_round,
             delta: tessera_aggregate::decode_view(lengths, &view)?,
             weight: s.weight,
         })
@@ -141,6 +144,25 @@ pub struct RoundScores {
 pub struct Scorer {
     trainer: Trainer,
     config: ScoreConfig,
+    shards: Option<ShardRanges>,
+}
+
+/// A run on a published dataset: where each assignable training shard lies in the scorer's
+/// training tokens (all training shards, in manifest order), so a submission's windows are
+/// drawn within the shard its assignment named, as the contributor drew them.
+#[derive(Debug, Clone)]
+pub struct ShardRanges {
+    pub spec: tessera_protocol::api::RunSpec,
+    /// (offset, length) in the training tokens of each assignable training shard.
+    pub ranges: Vec<(usize, usize)>,
+}
+
+impl ShardRanges {
+    /// The training-token range contributor `k` trained in.
+    fn of(&self, k: &Candidate) -> Option<(usize, usize)> {
+        let d = tessera_protocol::data::data_assignment(&self.spec, k.base_round, k.contributor)?;
+        self.ranges.get(d.shard as usize).copied()
+    }
 }
 
 impl Scorer {
@@ -156,14 +178,20 @@ impl Scorer {
         if config.eval_windows == 0 || config.fit_windows == 0 {
             return Err(TrainError::Invalid("evaluation and data-fit windows must be positive".into()));
         }
-        Ok(Scorer { trainer: Trainer::new(inner, model_config, dataset, device)?, config })
+        Ok(Scorer { trainer: Trainer::new(inner, model_config, dataset, device)?, config, shards: None })
+    }
+
+    /// The same scorer for a run on a published dataset: data-fit windows come from the shard
+    /// each submission was assigned.
+    pub fn with_shards(self, shards: ShardRanges) -> Scorer {
+        Scorer { shards: Some(shards), ..self }
     }
 
     /// The same scorer for another model (a run that grew into its next phase).
     pub fn with_model(&self, model_config: &LlamaConfig) -> Result<Scorer, TrainError> {
         let t = &self.trainer;
         let trainer = Trainer::new(t.config.clone(), model_config, t.dataset.clone(), t.model.device())?;
-        Ok(Scorer { trainer, config: self.config })
+        Ok(Scorer { trainer, config: self.config, shards: self.shards.clone() })
     }
 
     /// Scores `candidates` (in arrival order) against the round's weights `theta`, with the
@@ -308,13 +336,13 @@ impl Scorer {
     fn assigned_windows(&self, k: &Candidate, seed: &[u8; 32]) -> Vec<usize> {
         let c = &self.trainer.config;
         let per_step = c.batch_size * c.grad_accum;
-        let n = self.trainer.dataset.train.len();
+        let (offset, n) = self.shards.as_ref().and_then(|s| s.of(k)).unwrap_or((0, self.trainer.dataset.train.len()));
         let mut rng = ChaCha8Rng::seed_from_u64(derive(seed, "assigned windows") ^ k.contributor);
         (0..self.config.fit_windows)
             .map(|_| {
                 let step = k.schedule_step + rng.random_range(0..k.inner_steps.max(1));
                 let i = rng.random_range(0..per_step.max(1));
-                train_windows(c.seed, k.slot, step, per_step, c.seq_len, n)[i]
+                offset + train_windows(c.seed, k.slot, step, per_step, c.seq_len, n)[i]
             })
             .collect()
     }

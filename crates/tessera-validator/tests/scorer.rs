@@ -59,6 +59,7 @@ fn scores_fits_and_copies() {
         slot: contributor,
         schedule_step: 0,
         inner_steps: H,
+        base_round: 0,
         delta,
         weight: 1.0,
     };
@@ -107,6 +108,7 @@ fn the_data_fit_tells_assigned_from_other_windows() {
             slot,
             schedule_step: 0,
             inner_steps: H,
+            base_round: 0,
             delta: delta(&dataset, &theta, if slot < 6 { slot } else { slot + 1000 }),
             weight: 1.0,
         })

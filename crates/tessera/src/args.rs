@@ -174,9 +174,8 @@ pub fn load_dataset(args: &DataArgs) -> Result<Dataset> {
         let spec = SyntheticSpec { seed: args.synthetic_seed, ..SyntheticSpec::default() };
         return Ok(Dataset::synthetic(spec, args.synthetic_chars, args.synthetic_chars / 10)?);
     };
-    let name = path.to_string_lossy();
-    if name.starts_with("http://") || name.starts_with("https://") {
-        return published_dataset(&name);
+    if is_url(path) {
+        return Ok(published(&path.to_string_lossy())?.whole()?);
     }
     if Dataset::is_manifest(path) {
         return Ok(Dataset::from_manifest(path)?);
@@ -189,9 +188,14 @@ pub fn load_dataset(args: &DataArgs) -> Result<Dataset> {
     Ok(Dataset::from_path(path, tokenizer, kind)?)
 }
 
-/// A published dataset at `url`, every shard fetched (checked by hash) into the user's cache.
-fn published_dataset(url: &str) -> Result<Dataset> {
-    use tessera_data::manifest::Split;
+/// Whether a --data value is an http(s) URL (a published dataset).
+pub fn is_url(path: &Path) -> bool {
+    let name = path.to_string_lossy();
+    name.starts_with("http://") || name.starts_with("https://")
+}
+
+/// The published dataset at `url`, with a cache of its shards in the user's cache directory.
+pub fn published(url: &str) -> Result<tessera_client::ShardCache> {
     let home = std::env::var_os("XDG_CACHE_HOME")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
@@ -204,21 +208,7 @@ fn published_dataset(url: &str) -> Result<Dataset> {
         u64::MAX,
         None,
     )?;
-    let tokenizer = TessTokenizer::load_with_eos(&cache.tokenizer_path(), Some(&cache.manifest.tokenizer.eos_token))?;
-    let (mut train, mut validation) = (Vec::new(), Vec::new());
-    for (i, entry) in cache.manifest.shards.iter().enumerate() {
-        let tokens = cache.shard(i)?;
-        match entry.split {
-            Split::Train => train.extend(tokens),
-            Split::Validation => validation.extend(tokens),
-        }
-    }
-    let info = tessera_data::corpus::DatasetInfo {
-        name: cache.manifest.name.clone(),
-        loss_floor: cache.manifest.loss_floor,
-        fingerprint: cache.id.clone(),
-    };
-    Ok(Dataset { info, tokenizer, train, validation })
+    Ok(cache)
 }
 
 /// The dataset given with `--data` (for runs whose data is external), if any.

@@ -27,6 +27,11 @@ pub struct RunArgs {
     pub model: String,
     #[command(flatten)]
     pub data: DataArgs,
+    /// Data slots per round of a run on a published dataset (--data MANIFEST_DIR or URL):
+    /// contributor c trains the shard of slot c mod N each round; use at least as many as
+    /// contributors, or some will share shards.
+    #[arg(long, default_value_t = 64)]
+    pub data_slots: u32,
     /// H: inner AdamW steps per round.
     #[arg(long, default_value_t = 50)]
     pub inner_steps: u64,
@@ -301,7 +306,7 @@ fn run_spec(args: &RunArgs, dataset: &Dataset, model: &Llama) -> Result<RunSpec>
     let phases = args.phases(&model.config)?;
     let rounds = args.rounds + phases.iter().map(|p| p.rounds).sum::<u64>();
     let total = rounds * args.inner_steps;
-    let (tensors, data) = model_tables(model, dataset, &args.data);
+    let (tensors, data) = model_tables(model, dataset, &args.data, args.data_slots)?;
     Ok(RunSpec {
         name: format!("{} on {}", args.model, dataset.info.name),
         model: serde_json::to_value(&model.config)?,
@@ -370,15 +375,39 @@ fn economy_spec(args: &RunArgs) -> Result<Option<tessera_protocol::api::EconomyS
     }))
 }
 
-/// The run spec's tensor table for `model` and its data description (embedded source, or an
-/// external dataset checked by fingerprint).
-pub fn model_tables(model: &Llama, dataset: &Dataset, data: &DataArgs) -> (Vec<TensorSpec>, DataSpec) {
+/// The run spec's tensor table for `model` and its data description: the embedded source, a
+/// published dataset (a manifest directory or URL, which contributors fetch a shard at a time,
+/// `data_slots` per round), or an external dataset checked by fingerprint.
+pub fn model_tables(
+    model: &Llama,
+    dataset: &Dataset,
+    data: &DataArgs,
+    data_slots: u32,
+) -> Result<(Vec<TensorSpec>, DataSpec)> {
     let source = match &data.data {
         None => DataSource::Embedded {
             seed: data.synthetic_seed,
             train_chars: data.synthetic_chars as u64,
             val_chars: data.synthetic_chars as u64 / 10,
         },
+        Some(path) if crate::args::is_url(path) || Dataset::is_manifest(path) => {
+            let (manifest, source) = if crate::args::is_url(path) {
+                let url = path.to_string_lossy().into_owned();
+                (crate::args::published(&url)?.manifest.clone(), url)
+            } else {
+                let dir = if path.is_dir() { path.clone() } else { path.parent().unwrap_or(path).to_owned() };
+                let dir = std::fs::canonicalize(&dir)?;
+                (tessera_data::Manifest::read(&dir)?.0, dir.display().to_string())
+            };
+            if data_slots == 0 {
+                anyhow::bail!("--data-slots must be at least 1");
+            }
+            DataSource::Manifest {
+                urls: vec![source],
+                train_shards: manifest.assignable_train_shards(),
+                slots_per_round: data_slots,
+            }
+        }
         Some(_) => DataSource::External,
     };
     let tensors = model
@@ -392,7 +421,7 @@ pub fn model_tables(model: &Llama, dataset: &Dataset, data: &DataArgs) -> (Vec<T
         source,
         loss_floor: dataset.info.loss_floor,
     };
-    (tensors, data)
+    Ok((tensors, data))
 }
 
 #[cfg(test)]

@@ -285,6 +285,92 @@ fn the_networked_run_matches_the_in_process_simulation() {
     }
 }
 
+/// A run on a published dataset: the hub names the manifest, each round assigns every
+/// contributor one training shard (its data slot's pick), and each contributor fetches only its
+/// own shards (and the next round's, prefetched): its cache holds exactly those, never the
+/// whole dataset.
+#[test]
+fn contributors_fetch_only_their_assigned_shards() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("dataset");
+    let prepared = run(&[
+        "data",
+        "prepare",
+        "--out",
+        data.to_str().unwrap(),
+        "--synthetic-chars",
+        "200000",
+        "--shard-tokens",
+        "10000",
+    ]);
+    assert!(prepared.status.success(), "{}", String::from_utf8_lossy(&prepared.stderr));
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(data.join("manifest.json")).unwrap()).unwrap();
+    let train: Vec<String> = manifest["shards"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["split"] == "train")
+        .map(|e| e["hash"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(train.len(), 20);
+    let d = dir.path().join("run");
+    let mut args = vec![
+        "demo",
+        "--dir",
+        d.to_str().unwrap(),
+        "--contributors",
+        "2",
+        "--rounds",
+        "3",
+        "--data",
+        data.to_str().unwrap(),
+        "--tokenizer",
+        "char",
+    ];
+    args.extend(&TINY_RUN[..2]);
+    args.extend(&TINY_RUN[4..]);
+    let demo = run(&args);
+    let out = String::from_utf8_lossy(&demo.stdout).into_owned();
+    assert!(
+        demo.status.success(),
+        "{out}
+{}",
+        String::from_utf8_lossy(&demo.stderr)
+    );
+    assert!(out.contains("finished: 3 rounds"), "{out}");
+    let mut fetched_by_all = std::collections::HashSet::new();
+    for c in 0..2u64 {
+        let cache = d.join(format!("contributor-{c}")).join("data");
+        let mut held: Vec<String> = std::fs::read_dir(&cache)
+            .unwrap()
+            .filter_map(|e| e.unwrap().file_name().to_string_lossy().strip_suffix(".tshard").map(str::to_owned))
+            .collect();
+        held.sort();
+        // Data slot = contributor id (ids count from 0, in registration order); rounds 0..=3,
+        // the last only prefetched. The run's seed is the default, 1337.
+        let identity: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(d.join(format!("contributor-{c}")).join("identity.json")).unwrap())
+                .unwrap();
+        let slot = identity["contributor_id"].as_u64().unwrap();
+        let mut expected: Vec<String> = (0..=3u64)
+            .map(|round| {
+                let pick = tessera_protocol::data::assigned_shard(1337, round, slot, 64, 20).unwrap();
+                train[pick.shard as usize].clone()
+            })
+            .collect();
+        expected.sort();
+        expected.dedup();
+        let trained: Vec<&String> = expected.iter().collect();
+        // Its validation shard is fetched too (its held-out tokens).
+        let own: Vec<&String> = held.iter().filter(|h| train.contains(h)).collect();
+        assert!(own.iter().all(|h| expected.contains(h)), "contributor {c} holds {own:?}, was assigned {trained:?}");
+        assert!(own.len() >= 3, "contributor {c} holds {own:?}");
+        fetched_by_all.extend(own.into_iter().cloned());
+    }
+    assert!(fetched_by_all.len() < train.len(), "nobody fetched the whole dataset");
+}
+
 /// A lone contributor that overlaps its transfers with training reconstructs the hub's outer
 /// step exactly, so with lossless codecs its run ends where the plain run ends; its report shows
 /// every round submitted and the waits it measured.

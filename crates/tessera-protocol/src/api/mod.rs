@@ -90,6 +90,19 @@ pub struct Assignment {
     /// Layer-sharded runs: the fragment to train and submit (`RunSpec::fragment_tensors`).
     #[serde(default)]
     pub fragment: Option<u32>,
+    /// Manifest runs: the training shard this round's windows come from.
+    #[serde(default)]
+    pub data: Option<DataAssignment>,
+}
+
+/// Which shard of a manifest run's dataset a contributor trains on in a round: the `shard`-th
+/// training shard of the manifest, from data slot `slot` in `epoch`
+/// (`data::assigned_shard(seed, round, slot, slots_per_round, train_shards)`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataAssignment {
+    pub slot: u64,
+    pub epoch: u64,
+    pub shard: u32,
 }
 
 /// A round waiting for its scores: what the validator must score.

@@ -39,6 +39,24 @@ pub enum DataSource {
     Embedded { seed: u64, train_chars: u64, val_chars: u64 },
     /// A dataset the contributor supplies (`--data`), checked by fingerprint.
     External,
+    /// A published dataset (`tessera data publish`): its manifest's identity is the
+    /// fingerprint; contributors fetch from `urls` (mirrors, or a directory) only the shard each
+    /// round assigns them (`Assignment::data`, `data::assigned_shard`).
+    Manifest {
+        urls: Vec<String>,
+        /// Training shards handed out: the manifest's first `train_shards` training shards.
+        train_shards: u32,
+        /// Data slots per round: contributor `c` takes slot `c mod slots_per_round`.
+        slots_per_round: u32,
+    },
+}
+
+impl DataSource {
+    /// The data slot contributor `contributor` (the hub's ids count from 0, densely) takes in
+    /// a manifest run.
+    pub fn data_slot(contributor: u64, slots_per_round: u32) -> u64 {
+        contributor % u64::from(slots_per_round.max(1))
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -371,6 +389,11 @@ impl RunSpec {
         }
         if self.tensors.is_empty() {
             return Err("the model has no tensors".into());
+        }
+        if let DataSource::Manifest { urls, train_shards, slots_per_round } = &self.data.source
+            && (urls.is_empty() || *train_shards == 0 || *slots_per_round == 0)
+        {
+            return Err("a manifest source needs a URL, a training shard and a data slot".into());
         }
         if self.fragments > 1 {
             let has_layers =

@@ -489,7 +489,7 @@ fn run_scenario(
 
 fn arena_spec(args: &ArenaArgs, sc: &Scenario, dataset: &Dataset, model: &Llama) -> Result<RunSpec> {
     let total = args.rounds * args.inner_steps;
-    let (tensors, data) = crate::spec::model_tables(model, dataset, &args.data);
+    let (tensors, data) = crate::spec::model_tables(model, dataset, &args.data, 1)?;
     let spec = RunSpec {
         name: format!("arena {}", sc.name),
         model: serde_json::to_value(&model.config)?,

@@ -15,8 +15,9 @@ use clap::Args;
 use tch::Device;
 use tessera_client::ShardCache;
 use tessera_client::link::Bucket;
-use tessera_data::manifest::{Split, assigned_shard};
+use tessera_data::manifest::Split;
 use tessera_data::{Dataset, SyntheticSpec, TessTokenizer};
+use tessera_protocol::data::assigned_shard;
 use tessera_train::{TrainConfig, Trainer};
 
 use tessera_model::LlamaConfig;

@@ -50,6 +50,10 @@ pub struct ContributeArgs {
     /// megabits per second.
     #[arg(long, value_name = "MBPS")]
     pub max_download_mbps: Option<f64>,
+    /// Runs on a published dataset: keep at most this many GiB of its shards on disk (the
+    /// current round's and the next, prefetched while training, at least).
+    #[arg(long, value_name = "GIB", default_value_t = 8.0)]
+    pub data_cache_gib: f64,
     /// Keep training while talking to the hub: upload each round's pseudo-gradient and
     /// download the next checkpoint while the next round already trains. That round starts from
     /// an estimate of the hub's next weights (its outer step, with this contributor's own
@@ -87,6 +91,9 @@ impl std::fmt::Display for StepMessage {
 pub fn contribute(args: ContributeArgs) -> Result<()> {
     let device = setup_runtime(&args.runtime)?;
     let data = external_data(&args.data, &args.tokenizer)?;
+    if !args.data_cache_gib.is_finite() || args.data_cache_gib <= 0.0 {
+        bail!("--data-cache-gib must be positive");
+    }
     let config = ContributorConfig {
         hub: args.hub.trim_end_matches('/').to_owned(),
         state_dir: args.state_dir.clone(),
@@ -100,6 +107,7 @@ pub fn contribute(args: ContributeArgs) -> Result<()> {
         max_upload_bps: mbps("--max-upload-mbps", args.max_upload_mbps)?,
         max_download_bps: mbps("--max-download-mbps", args.max_download_mbps)?,
         overlap: args.overlap,
+        data_cache_bytes: (args.data_cache_gib * (1u64 << 30) as f64) as u64,
     };
     if args.overlap && args.adversary.is_some() {
         bail!("--overlap and --adversary do not go together: an attack's rounds are not overlapped");

@@ -221,7 +221,7 @@ pub fn run_swarm(args: &DemoArgs) -> Result<SwarmRun> {
             "--report".into(),
             dir.join(format!("{name}.report.jsonl")).display().to_string(),
         ];
-        if let Some(d) = &run.data.data {
+        if let Some(d) = external(&run.data.data) {
             a.extend(["--data".into(), d.display().to_string(), "--tokenizer".into(), run.data.tokenizer.clone()]);
         }
         if args.overlap {
@@ -241,7 +241,7 @@ pub fn run_swarm(args: &DemoArgs) -> Result<SwarmRun> {
         if run.contest.insecure_dev_tee {
             a.push("--insecure-dev-tee".into());
         }
-        if let Some(d) = &run.data.data {
+        if let Some(d) = external(&run.data.data) {
             a.extend(["--data".into(), d.display().to_string(), "--tokenizer".into(), run.data.tokenizer.clone()]);
         }
         Some(Proc::spawn_with("validator", dir.join("validator.log"), &a, &secret)?)
@@ -433,4 +433,10 @@ fn summary(info: &RunInfo, status: &HubStatus, eval: &EvalStats, elapsed: f64, f
         );
     }
     let _ = writeln!(out, "\nfinal checkpoint (Hugging Face format): {}", final_dir.display());
+}
+
+/// The dataset contributors and the validator must be given: an external one. A published
+/// dataset (a manifest directory or URL) they fetch themselves, a shard at a time.
+fn external(data: &Option<std::path::PathBuf>) -> Option<&std::path::PathBuf> {
+    data.as_ref().filter(|d| !crate::args::is_url(d) && !tessera_data::Dataset::is_manifest(d))
 }
