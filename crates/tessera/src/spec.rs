@@ -452,6 +452,7 @@ mod tests {
         ("tokenizer", "byte"),
         ("synthetic_chars", "50000"),
         ("synthetic_seed", "9"),
+        ("data_slots", "9"),
         ("inner_steps", "7"),
         ("rounds", "11"),
         ("batch_size", "5"),
