@@ -188,13 +188,35 @@ pub fn load_dataset(args: &DataArgs) -> Result<Dataset> {
     Ok(Dataset::from_path(path, tokenizer, kind)?)
 }
 
+/// What creating a run needs of its data: all of it for the embedded source and plain text; for
+/// a prepared or published dataset only the manifest and the tokenizer (no shard is read, so a
+/// hub creates a run on a dataset of any size in constant memory).
+pub fn dataset_header(args: &DataArgs) -> Result<Dataset> {
+    match &args.data {
+        Some(path) if is_url(path) || Dataset::is_manifest(path) => {
+            let source = if is_url(path) {
+                path.to_string_lossy().into_owned()
+            } else {
+                let dir = if path.is_dir() { path.clone() } else { path.parent().unwrap_or(path).to_owned() };
+                std::fs::canonicalize(&dir)?.display().to_string()
+            };
+            // Only the manifest and the tokenizer are read: a scratch cache will do.
+            let scratch = tempfile::tempdir()?;
+            let cache = tessera_client::ShardCache::open(&[source], None, scratch.path(), 0, None)?;
+            Ok(cache.dataset(Vec::new(), Vec::new())?)
+        }
+        _ => load_dataset(args),
+    }
+}
+
 /// Whether a --data value is an http(s) URL (a published dataset).
 pub fn is_url(path: &Path) -> bool {
     let name = path.to_string_lossy();
     name.starts_with("http://") || name.starts_with("https://")
 }
 
-/// The published dataset at `url`, with a cache of its shards in the user's cache directory.
+/// The published dataset at `url` (or a prepared dataset's directory), with a cache of its
+/// shards in the user's cache directory.
 pub fn published(url: &str) -> Result<tessera_client::ShardCache> {
     let home = std::env::var_os("XDG_CACHE_HOME")
         .map(PathBuf::from)

@@ -16,7 +16,7 @@ use tessera_protocol::{Codec, RunSpec, TensorSpec};
 use tessera_train::diloco::read_params;
 use tessera_train::{PhaseTarget, plan_phases};
 
-use crate::args::{DataArgs, clap_defaults, load_dataset, parse_codec};
+use crate::args::{DataArgs, clap_defaults, dataset_header, parse_codec};
 
 /// What defines a run (used by `tessera hub` when it creates one, and by `tessera demo`).
 #[derive(Args, Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -291,7 +291,7 @@ impl RunArgs {
 
     /// The run this describes, ready for a hub to create: its spec and initial weights.
     pub fn new_run(&self) -> Result<NewRun> {
-        let dataset = load_dataset(&self.data)?;
+        let dataset = dataset_header(&self.data)?;
         let mut config = LlamaConfig::from_preset_or_path(&self.model)?;
         config.vocab_size = dataset.tokenizer.vocab_size() as i64;
         let model = Llama::new(&config, Device::Cpu, self.seed)?;

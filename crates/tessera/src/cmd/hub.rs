@@ -66,8 +66,10 @@ pub fn hub(args: HubArgs) -> Result<()> {
     runtime.block_on(async move {
         let db = Db::connect(&args.database).await.with_context(|| format!("database {}", args.database))?;
         let store = Store::open(&args.store).with_context(|| format!("store {}", args.store))?;
-        // Build the initial model only if the database holds no run yet.
-        let new = if db.load_run().await?.is_none() { Some(run.new_run()?) } else { None };
+        // Build the initial model only if the database holds no run yet. Off the async
+        // threads: it may fetch a published dataset's manifest with a blocking client.
+        let new =
+            if db.load_run().await?.is_none() { Some(tokio::task::block_in_place(|| run.new_run())?) } else { None };
         if let Some(dir) = args.key.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
         }
