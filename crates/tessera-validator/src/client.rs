@@ -103,8 +103,8 @@ impl Validator {
         // come from every validation shard), and knows where each assignable shard lies.
         let (dataset, shards) = match &run.spec.data.source {
             DataSource::Manifest { urls, train_shards, .. } => {
-                let cache_dir =
-                    std::env::temp_dir().join(format!("tessera-validator-{}", &run.spec.data.fingerprint[..16]));
+                let key = blake3::hash(run.spec.data.fingerprint.as_bytes()).to_hex();
+                let cache_dir = std::env::temp_dir().join(format!("tessera-validator-{}", &key.as_str()[..16]));
                 let cache = ShardCache::open(urls, Some(&run.spec.data.fingerprint), &cache_dir, u64::MAX, None)?;
                 let mut ranges = Vec::new();
                 let mut offset = 0usize;

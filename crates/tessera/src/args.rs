@@ -192,21 +192,28 @@ pub fn load_dataset(args: &DataArgs) -> Result<Dataset> {
 /// a prepared or published dataset only the manifest and the tokenizer (no shard is read, so a
 /// hub creates a run on a dataset of any size in constant memory).
 pub fn dataset_header(args: &DataArgs) -> Result<Dataset> {
-    match &args.data {
-        Some(path) if is_url(path) || Dataset::is_manifest(path) => {
-            let source = if is_url(path) {
-                path.to_string_lossy().into_owned()
-            } else {
-                let dir = if path.is_dir() { path.clone() } else { path.parent().unwrap_or(path).to_owned() };
-                std::fs::canonicalize(&dir)?.display().to_string()
-            };
+    match args.data.as_deref().map(published_source).transpose()?.flatten() {
+        Some(source) => {
             // Only the manifest and the tokenizer are read: a scratch cache will do.
             let scratch = tempfile::tempdir()?;
             let cache = tessera_client::ShardCache::open(&[source], None, scratch.path(), 0, None)?;
             Ok(cache.dataset(Vec::new(), Vec::new())?)
         }
-        _ => load_dataset(args),
+        None => load_dataset(args),
     }
+}
+
+/// Where a published or prepared dataset given as --data is fetched from: its URL, or its
+/// directory's absolute path. `None` for other data (text, JSONL).
+pub fn published_source(path: &Path) -> Result<Option<String>> {
+    if is_url(path) {
+        return Ok(Some(path.to_string_lossy().into_owned()));
+    }
+    if !Dataset::is_manifest(path) {
+        return Ok(None);
+    }
+    let dir = if path.is_dir() { path } else { path.parent().unwrap_or(path) };
+    Ok(Some(std::fs::canonicalize(dir)?.display().to_string()))
 }
 
 /// Whether a --data value is an http(s) URL (a published dataset).

@@ -390,14 +390,12 @@ pub fn model_tables(
             train_chars: data.synthetic_chars as u64,
             val_chars: data.synthetic_chars as u64 / 10,
         },
-        Some(path) if crate::args::is_url(path) || Dataset::is_manifest(path) => {
-            let (manifest, source) = if crate::args::is_url(path) {
-                let url = path.to_string_lossy().into_owned();
-                (crate::args::published(&url)?.manifest.clone(), url)
+        Some(path) if crate::args::published_source(path)?.is_some() => {
+            let source = crate::args::published_source(path)?.unwrap_or_default();
+            let manifest = if crate::args::is_url(path) {
+                crate::args::published(&source)?.manifest.clone()
             } else {
-                let dir = if path.is_dir() { path.clone() } else { path.parent().unwrap_or(path).to_owned() };
-                let dir = std::fs::canonicalize(&dir)?;
-                (tessera_data::Manifest::read(&dir)?.0, dir.display().to_string())
+                tessera_data::Manifest::read(Path::new(&source))?.0
             };
             if data_slots == 0 {
                 anyhow::bail!("--data-slots must be at least 1");
