@@ -78,7 +78,8 @@ impl ShardCache {
         }
         let http = Client::builder()
             .connect_timeout(Duration::from_secs(10))
-            .timeout(None)
+            // A stalled server is cut off; the next attempt resumes where this one stopped.
+            .timeout(crate::REQUEST_TIMEOUT)
             .build()
             .map_err(|e| ClientError::Usage(e.to_string()))?;
         std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
@@ -298,10 +299,17 @@ impl ShardCache {
         }
         let chunk = self.link.as_ref().and_then(|l| l.lock().ok().map(|b| b.chunk())).unwrap_or(64 << 10).min(64 << 10);
         let mut buf = vec![0u8; chunk.max(1024)];
+        let mut at = have;
         loop {
             let n = response.read(&mut buf).map_err(|e| format!("connection dropped: {e}"))?;
             if n == 0 {
                 break;
+            }
+            at += n as u64;
+            if at > total {
+                // A server sending more than the shard holds is not serving this shard.
+                let _ = std::fs::remove_file(partial);
+                return Err(format!("the server sent more than the shard's {total} bytes"));
             }
             pass(self.link.as_ref(), n);
             file.write_all(&buf[..n]).map_err(|e| e.to_string())?;
@@ -374,14 +382,25 @@ fn small(http: &Client, sources: &[String], name: &str) -> Result<Vec<u8>> {
         }
         let url = format!("{source}/{name}");
         for _ in 0..ATTEMPTS {
-            match http.get(&url).send().and_then(|r| r.error_for_status()).and_then(|r| r.bytes()) {
-                Ok(b) => return Ok(b.to_vec()),
+            let got = http.get(&url).send().and_then(|r| r.error_for_status()).map_err(|e| e.to_string());
+            match got.and_then(|r| read_capped(r, manifest::MANIFEST_BYTES_MAX)) {
+                Ok(b) => return Ok(b),
                 Err(e) => last = format!("{url}: {e}"),
             }
             std::thread::sleep(Duration::from_millis(200));
         }
     }
     Err(ClientError::Unavailable { url: sources.join(", "), message: last })
+}
+
+/// A response body of at most `cap` bytes; a longer one is refused before it is all in memory.
+fn read_capped(response: reqwest::blocking::Response, cap: usize) -> std::result::Result<Vec<u8>, String> {
+    let mut out = Vec::new();
+    response.take(cap as u64 + 1).read_to_end(&mut out).map_err(|e| e.to_string())?;
+    if out.len() > cap {
+        return Err(format!("the answer is over {cap} bytes"));
+    }
+    Ok(out)
 }
 
 /// A shard in use: eviction leaves it alone until this is dropped.

@@ -79,6 +79,16 @@ fn a_dropped_connection_resumes_with_a_range_and_corrupt_bytes_are_refused() {
     let err = cache.shard(1).unwrap_err().to_string();
     assert!(err.contains(&other.hash) && err.contains("corrupt"), "{err}");
     assert!(!dir.path().join("cache").join(format!("{}.tshard", other.hash)).exists());
+
+    // A server that sends more bytes than the shard holds is cut off, nothing kept.
+    let third = cache.manifest.shards[2].clone();
+    let served = dir.path().join("published").join(manifest::shard_path(&third.hash));
+    let mut longer = std::fs::read(&served).unwrap();
+    longer.extend_from_slice(&[0u8; 4096]);
+    std::fs::write(&served, longer).unwrap();
+    let err = cache.shard(2).unwrap_err().to_string();
+    assert!(err.contains("more than the shard"), "{err}");
+    assert!(!dir.path().join("cache").join(format!("{}.partial", third.hash)).exists());
 }
 
 #[test]
