@@ -30,9 +30,9 @@ use reqwest::StatusCode;
 use reqwest::blocking::{Client, RequestBuilder, Response};
 use serde::de::DeserializeOwned;
 use tessera_protocol::api::{
-    Assignment, ContributorHistory, EpochReport, EpochSettled, EvalSeed, HubStatus, INNER_LOSS_PARAM, Leaderboard,
-    Receipt, RegisterRequest, Registration, RoundAnnouncement, RunInfo, ScoreReport, ScoringJob, ValidatorInfo,
-    Verdict,
+    Assignment, ContributorHistory, DataAssignment, EpochReport, EpochSettled, EvalSeed, HubStatus, INNER_LOSS_PARAM,
+    Leaderboard, Receipt, RegisterRequest, Registration, RoundAnnouncement, RunInfo, ScoreReport, ScoringJob,
+    ValidatorInfo, Verdict,
 };
 use tessera_protocol::{ApiError, ErrorCode, PROTOCOL_VERSION, weights_hash};
 use tessera_trust::identity::HUB_SIGNATURE_HEADER;
@@ -477,12 +477,20 @@ impl HubClient {
     }
 
     /// Sends a submission (a pseudo-gradient message, or a sealed envelope) with the mean
-    /// loss of its inner steps, which the signature covers. Uploads through the upload link,
-    /// reporting progress.
-    pub fn submit(&self, body: Arc<Vec<u8>>, inner_loss: Option<f64>) -> Result<Receipt> {
-        let path = match inner_loss.filter(|l| l.is_finite()) {
-            Some(l) => format!("/v1/submissions?{INNER_LOSS_PARAM}={l}"),
-            None => "/v1/submissions".to_owned(),
+    /// loss of its inner steps and, in a manifest run, the data it was trained on (its
+    /// assignment's `data`), both of which the signature covers. Uploads through the upload
+    /// link, reporting progress.
+    pub fn submit(&self, body: Arc<Vec<u8>>, inner_loss: Option<f64>, data: Option<DataAssignment>) -> Result<Receipt> {
+        let mut query: Vec<String> = Vec::new();
+        if let Some(l) = inner_loss.filter(|l| l.is_finite()) {
+            query.push(format!("{INNER_LOSS_PARAM}={l}"));
+        }
+        if let Some(d) = data {
+            query.push(d.query());
+        }
+        let path = match query.is_empty() {
+            true => "/v1/submissions".to_owned(),
+            false => format!("/v1/submissions?{}", query.join("&")),
         };
         let r = self.send("submit", || {
             let request = self.signed_for(reqwest::Method::POST, &path, &body)?;

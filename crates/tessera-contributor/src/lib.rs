@@ -509,7 +509,7 @@ impl Contributor {
             _ => {}
         }
         let bytes_up = body.len() as u64;
-        let sent = self.upload(body, inner_loss);
+        let sent = self.upload(a, body, inner_loss);
         let outcome = self.resend_if_resealed(a, &plain, inner_loss, sent)?;
         self.save_state()?;
         self.mark_submitted(a.round)?;
@@ -638,8 +638,9 @@ impl Contributor {
 
     /// Sends a submission with this run's patience (a scored run's hub answers 503 `busy` for
     /// as long as it waits for a round's scores, which patience alone might not cover).
-    fn upload(&self, body: Vec<u8>, inner_loss: f64) -> Result<Outcome> {
-        self.net.upload(body, inner_loss, self.busy_patience(), self.config.adversary.is_some())
+    /// The submission claims the data `a` assigned.
+    fn upload(&self, a: &Assignment, body: Vec<u8>, inner_loss: f64) -> Result<Outcome> {
+        self.net.upload(body, inner_loss, a.data, self.busy_patience(), self.config.adversary.is_some())
     }
 
     fn busy_patience(&self) -> Option<Duration> {
@@ -661,7 +662,7 @@ impl Contributor {
             {
                 self.recipient = None;
                 let resealed = self.seal(a, plain)?;
-                self.upload(resealed, inner_loss)
+                self.upload(a, resealed, inner_loss)
             }
             other => other,
         }

@@ -61,11 +61,13 @@ impl Net {
 
     /// Sends one submission. `busy_patience`: how long a scored run's hub may answer 503 `busy`
     /// while it waits for a round's scores (longer than patience alone might cover).
+    /// `data`: the data it claims to have trained on (its assignment's).
     /// `tolerant`: every refusal is an outcome, not an error (adversaries are refused by design).
     pub fn upload(
         &self,
         body: Vec<u8>,
         inner_loss: f64,
+        data: Option<tessera_protocol::api::DataAssignment>,
         busy_patience: Option<Duration>,
         tolerant: bool,
     ) -> Result<Outcome> {
@@ -74,7 +76,7 @@ impl Net {
             let patience = client.patience().max(p);
             client = client.with_patience(patience);
         }
-        match client.submit(Arc::new(body), Some(inner_loss)) {
+        match client.submit(Arc::new(body), Some(inner_loss), data) {
             Ok(r) => Ok(Outcome::Accepted(r)),
             Err(ClientError::Refused { error: e, .. }) if e.code == ErrorCode::Duplicate => {
                 Ok(Outcome::AlreadyAccepted)

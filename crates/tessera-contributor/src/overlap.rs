@@ -181,6 +181,8 @@ fn following(net: &Net, submitted: u64) -> Result<Assignment> {
 struct Outgoing {
     body: Vec<u8>,
     inner_loss: f64,
+    /// The data the submission claims (its assignment's).
+    data: Option<tessera_protocol::api::DataAssignment>,
     busy: Option<Duration>,
     round: u64,
     phase: u32,
@@ -192,8 +194,8 @@ struct Outgoing {
 /// The transfer thread: send round `round`'s submission, wait for the next round, fetch its
 /// base and observe the hub's step to it.
 fn transfer(net: Net, o: Outgoing) -> Transfers {
-    let Outgoing { body, inner_loss, busy, round, phase, base, tensors, mut track } = o;
-    let sent = net.upload(body, inner_loss, busy, false);
+    let Outgoing { body, inner_loss, data, busy, round, phase, base, tensors, mut track } = o;
+    let sent = net.upload(body, inner_loss, data, busy, false);
     if sent.is_err() {
         return Transfers { sent, next: None, base, bytes_down: 0, track, step_norm: 0.0 };
     }
@@ -320,7 +322,7 @@ impl Contributor {
                 let last = current.round + 1 >= total || self.config.max_rounds.is_some_and(|m| done + 1 >= m);
                 if last {
                     // Nothing left to train ahead: send it and finish as usual.
-                    let sent = self.upload(body, inner_loss);
+                    let sent = self.upload(&current, body, inner_loss);
                     let outcome = self.resend_if_resealed(&current, &plain, inner_loss, sent)?;
                     self.mark_submitted(current.round)?;
                     done += 1;
@@ -340,6 +342,7 @@ impl Contributor {
                 let outgoing = Outgoing {
                     body,
                     inner_loss,
+                    data: current.data,
                     busy: self.busy_patience(),
                     round: current.round,
                     phase: current.phase,

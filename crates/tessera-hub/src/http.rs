@@ -11,7 +11,7 @@ use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use tessera_protocol::api::{RegisterRequest, ScoreReport, UNSIGNED_INNER_LOSS_HEADER, Verdict};
+use tessera_protocol::api::{DataAssignment, RegisterRequest, ScoreReport, UNSIGNED_INNER_LOSS_HEADER, Verdict};
 use tessera_protocol::{ApiError, ErrorCode};
 use tessera_trust::identity::HUB_SIGNATURE_HEADER;
 use tessera_trust::{SignedBy, ValidatorAttestation};
@@ -37,6 +37,7 @@ pub fn status_of(code: ErrorCode) -> StatusCode {
         | ErrorCode::CodecMismatch
         | ErrorCode::TensorMismatch
         | ErrorCode::BaseMismatch
+        | ErrorCode::WrongData
         | ErrorCode::FutureRound => StatusCode::UNPROCESSABLE_ENTITY,
         ErrorCode::Stale
         | ErrorCode::Duplicate
@@ -237,6 +238,26 @@ async fn metrics_text() -> impl IntoResponse {
 struct SubmitQuery {
     /// The mean training loss of the submission's inner steps (signed with the path).
     inner_loss: Option<f64>,
+    /// A manifest run's data claim (`DataAssignment::query`), all three or none.
+    data_slot: Option<u64>,
+    epoch: Option<u64>,
+    shard: Option<u32>,
+}
+
+impl SubmitQuery {
+    fn claim(&self) -> Result<crate::Claim, Refusal> {
+        let data = match (self.data_slot, self.epoch, self.shard) {
+            (Some(slot), Some(epoch), Some(shard)) => Some(DataAssignment { slot, epoch, shard }),
+            (None, None, None) => None,
+            _ => {
+                return Err(refuse(
+                    ErrorCode::BadRequest,
+                    "a submission's data claim needs all of data_slot, epoch and shard, or none of them",
+                ));
+            }
+        };
+        Ok(crate::Claim { inner_loss: self.inner_loss, data })
+    }
 }
 
 async fn submit(
@@ -261,9 +282,9 @@ async fn submit(
         let Query(query) = query.map_err(|e| refuse(ErrorCode::BadRequest, e.body_text()))?;
         let body = body_or_refusal(body)?;
         let (id, key) = contributor(&hub, &method, &uri, &headers, &body).await?;
-        let loss = query.inner_loss;
+        let claim = query.claim()?;
         let bytes = body.len() as u64;
-        let receipt = hub.submit(id, key, body, loss).await?;
+        let receipt = hub.submit(id, key, body, claim).await?;
         metrics::counter!("tessera_hub_bytes_total", "direction" => "up").increment(bytes);
         Ok::<_, Refusal>(receipt)
     }

@@ -9,13 +9,21 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use tessera_aggregate::check_view;
-use tessera_protocol::api::{Assignment, Receipt, Registration};
+use tessera_protocol::api::{Assignment, DataAssignment, Receipt, Registration};
 use tessera_protocol::{ApiError, ErrorCode, MessageView};
 use tessera_round::{Event, Facts, MessageHeader, Submission};
 use tessera_trust::{PublicKey, SealedHeader, SignedBy};
 
 use crate::hub::{Hub, api, internal, now_ms};
 use crate::store::submission_key;
+
+/// What a submission's signed query says about it: the mean loss of its inner steps and, in a
+/// manifest run, the data it was trained on (`DataAssignment::query`).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Claim {
+    pub inner_loss: Option<f64>,
+    pub data: Option<DataAssignment>,
+}
 
 impl Hub {
     /// Checks a signed request and that its nonce is new; returns who signed it.
@@ -81,12 +89,12 @@ impl Hub {
         contributor: u64,
         key: PublicKey,
         body: Bytes,
-        inner_loss: Option<f64>,
+        claim: Claim,
     ) -> Result<Receipt, ApiError> {
         let result = if self.spec().trust.is_some() {
-            self.submit_sealed(contributor, key, body, inner_loss).await
+            self.submit_sealed(contributor, key, body, claim).await
         } else {
-            self.submit_clear(contributor, body, inner_loss).await
+            self.submit_clear(contributor, body, claim).await
         };
         if let Err(e) = &result {
             let mut live = self.live.lock().await;
@@ -109,12 +117,7 @@ impl Hub {
         result
     }
 
-    async fn submit_clear(
-        self: &Arc<Self>,
-        contributor: u64,
-        body: Bytes,
-        inner_loss: Option<f64>,
-    ) -> Result<Receipt, ApiError> {
+    async fn submit_clear(self: &Arc<Self>, contributor: u64, body: Bytes, claim: Claim) -> Result<Receipt, ApiError> {
         let lengths: Vec<usize> = {
             let live = self.live.lock().await;
             let all = live.run.lengths();
@@ -144,8 +147,15 @@ impl Hub {
         // The message ends with the BLAKE3 of everything before it (verified by the parse):
         // that names the blob.
         let blob = hex::encode(&body[body.len().saturating_sub(32)..]);
-        let submission =
-            Submission { contributor, base_round: header.round, base_hash, blob, bytes: body.len() as u64, inner_loss };
+        let submission = Submission {
+            contributor,
+            base_round: header.round,
+            base_hash,
+            blob,
+            bytes: body.len() as u64,
+            inner_loss: claim.inner_loss,
+            data: claim.data,
+        };
         self.store_and_record(submission, body).await
     }
 
@@ -156,7 +166,7 @@ impl Hub {
         contributor: u64,
         key: PublicKey,
         body: Bytes,
-        inner_loss: Option<f64>,
+        claim: Claim,
     ) -> Result<Receipt, ApiError> {
         let header = SealedHeader::parse(&body).map_err(|e| api(ErrorCode::MalformedMessage, e.to_string()))?;
         if hex::encode(header.run_id) != self.run_id() {
@@ -193,7 +203,8 @@ impl Hub {
             base_hash: hex::encode(header.base_checkpoint),
             blob: blake3::hash(&body).to_hex().to_string(),
             bytes: body.len() as u64,
-            inner_loss,
+            inner_loss: claim.inner_loss,
+            data: claim.data,
         };
         self.store_and_record(submission, body).await
     }

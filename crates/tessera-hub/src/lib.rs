@@ -23,6 +23,7 @@ use std::time::Duration;
 
 pub use db::Db;
 pub use hub::{Hub, HubConfig, NewRun};
+pub use intake::Claim;
 pub use store::{Store, checkpoint_key};
 pub use tessera_aggregate::round::{Grower, Grown};
 

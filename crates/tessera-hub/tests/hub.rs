@@ -91,6 +91,34 @@ fn lifecycle_s3() {
     lifecycle("s3");
 }
 
+/// A run on a published dataset: each submission names, in its signed path, the data its
+/// assignment gave it. No claim, another shard or half a claim is refused with its reason; the
+/// claim its assignment made is accepted.
+#[test]
+fn a_submission_claims_the_shard_it_was_assigned() {
+    let b = backend("sqlite").unwrap();
+    let mut manifest_run = spec(2);
+    manifest_run.data.source =
+        DataSource::Manifest { urls: vec!["http://127.0.0.1:9/data".into()], train_shards: 6, slots_per_round: 4 };
+    let server = Server::start(&b, manifest_run);
+    let url = server.url.clone();
+    let run = info(&url);
+    let a = Client::register(&url, "a");
+    let assigned = a.assignment(0).data.expect("a manifest run assigns a shard");
+    let body = message(&run, Codec::F32, 0, &run.checkpoint, &delta(1.0));
+    let send = |data| a.hub.submit(Arc::new(body.clone()), Some(0.5), data).map_err(refused);
+    let (s, e) = send(None).unwrap_err();
+    assert_eq!((s, e.code), (StatusCode::UNPROCESSABLE_ENTITY, ErrorCode::WrongData));
+    assert!(e.message.contains(&format!("shard {}", assigned.shard)), "{}", e.message);
+    let other = tessera_protocol::api::DataAssignment { shard: (assigned.shard + 1) % 6, ..assigned };
+    let (_, e) = send(Some(other)).unwrap_err();
+    assert_eq!(e.code, ErrorCode::WrongData);
+    let r = a.post(&format!("/v1/submissions?shard={}", assigned.shard), body.clone());
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    assert!(r.text().unwrap().contains("data_slot, epoch and shard"));
+    send(Some(assigned)).unwrap();
+}
+
 #[test]
 fn bad_submissions_get_typed_refusals() {
     let b = backend("sqlite").unwrap();

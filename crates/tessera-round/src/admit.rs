@@ -3,7 +3,7 @@
 //! replays and duplicates), which closes the round at quorum.
 
 use tessera_protocol::Codec;
-use tessera_protocol::api::{ApiError, Assignment, ErrorCode, Receipt};
+use tessera_protocol::api::{ApiError, Assignment, DataAssignment, ErrorCode, Receipt};
 
 use crate::{Accepted, Closed, Event, Run, refusal};
 
@@ -29,6 +29,9 @@ pub struct Submission {
     pub bytes: u64,
     /// The mean loss of its inner steps, as its (signed) request said.
     pub inner_loss: Option<f64>,
+    /// The data its (signed) request says it trained on: in a manifest run, the round must
+    /// have assigned exactly this.
+    pub data: Option<DataAssignment>,
 }
 
 /// What only the shell's store knows about a submission.
@@ -49,6 +52,30 @@ pub struct Admission {
 }
 
 impl Run {
+    /// Refuses a submission whose claimed data is not what its round assigned its sender: in a
+    /// manifest run it must name the data slot, epoch and shard of `data::data_assignment` for
+    /// its base round; elsewhere it must name none.
+    pub fn check_data(&self, s: &Submission) -> Result<(), ApiError> {
+        let assigned = tessera_protocol::data::data_assignment(&self.spec, s.base_round, s.contributor);
+        if s.data == assigned {
+            return Ok(());
+        }
+        let show = |d: Option<DataAssignment>| match d {
+            Some(d) => format!("data slot {}, epoch {}, shard {}", d.slot, d.epoch, d.shard),
+            None => "no data".to_owned(),
+        };
+        Err(refusal(
+            ErrorCode::WrongData,
+            format!(
+                "the submission claims {} but round {} assigned contributor {} {}",
+                show(s.data),
+                s.base_round,
+                s.contributor,
+                show(assigned)
+            ),
+        ))
+    }
+
     /// Refuses a contributor the current phase does not admit.
     pub fn check_member(&self, contributor: u64) -> Result<(), ApiError> {
         match &self.members {
@@ -176,6 +203,7 @@ impl Run {
         if staleness > self.spec.max_staleness {
             return Err(stale());
         }
+        self.check_data(s)?;
         match facts.blob_owner {
             // Its own accepted submission again: a retry after a lost answer (or a hub restart).
             Some(owner) if owner == s.contributor => {

@@ -326,6 +326,7 @@ impl Shell {
             blob,
             bytes: 100,
             inner_loss: Some(f64::from(loss) / 64.0),
+            data: tessera_protocol::data::data_assignment(self.run.spec(), base_round, who),
         };
         let facts = Facts {
             blob_owner: self.owners.get(&s.blob).copied(),
@@ -441,4 +442,46 @@ fn a_phase_that_admits_the_top_refuses_the_rest() {
     // Work trained on the first phase's model is stale, whoever sent it, before membership.
     let old = MessageHeader { run_id: shell.run.run_id(), round: 2, codec: Codec::F32, table: vec![] };
     assert_eq!(shell.run.check_message(outsider, &old).unwrap_err().code, ErrorCode::Stale);
+}
+
+/// A manifest run's submission must claim exactly the data its base round assigned its sender:
+/// none, another shard, another slot or another round's shard is refused with its reason.
+#[test]
+fn a_manifest_submission_must_claim_its_assigned_shard() {
+    let mut s = spec(4, 1, false, false, None);
+    s.data.source = DataSource::Manifest { urls: vec!["http://d/".into()], train_shards: 5, slots_per_round: 2 };
+    let mut shell = Shell::new(s, false);
+    for _ in 0..3 {
+        shell.step(&Op::Register);
+    }
+    let spec = shell.run.spec().clone();
+    let assigned = |round, who| tessera_protocol::data::data_assignment(&spec, round, who);
+    let submission = |who: u64, data| Submission {
+        contributor: who,
+        base_round: 0,
+        base_hash: hash(0),
+        blob: format!("{who:064x}"),
+        bytes: 100,
+        inner_loss: None,
+        data,
+    };
+    let mine = assigned(0, 1).expect("a manifest run assigns data");
+    assert_eq!(shell.run.assignment(1).unwrap().data, Some(mine));
+    let other_shard = tessera_protocol::api::DataAssignment { shard: (mine.shard + 1) % 5, ..mine };
+    let other_slot = tessera_protocol::api::DataAssignment { slot: 0, ..mine };
+    for (claim, what) in [
+        (None, "no data"),
+        (Some(other_shard), "another shard"),
+        (Some(other_slot), "another slot"),
+        (assigned(1, 1), "the next round's shard"),
+    ] {
+        let e = shell.run.admit(&submission(1, claim), Facts::default(), 1).unwrap_err();
+        assert_eq!(e.code, ErrorCode::WrongData, "{what}: {e:?}");
+        assert!(e.message.contains(&format!("shard {}", mine.shard)), "{what}: {}", e.message);
+    }
+    let admitted = shell.run.admit(&submission(1, Some(mine)), Facts::default(), 1).unwrap();
+    shell.commit(&admitted.events);
+    // Contributor 2 shares slot 0 with contributor 0 (ids mod 2): its own assignment is slot 0's.
+    assert_eq!(assigned(0, 2).unwrap().slot, 0);
+    shell.run.admit(&submission(2, assigned(0, 2)), Facts::default(), 2).unwrap();
 }

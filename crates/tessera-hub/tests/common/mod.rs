@@ -245,7 +245,7 @@ impl Client {
     }
 
     pub fn submit_raw(&self, body: Vec<u8>) -> Result<Receipt, (StatusCode, ApiError)> {
-        self.hub.submit(Arc::new(body), None).map_err(refused)
+        self.hub.submit(Arc::new(body), None, None).map_err(refused)
     }
 
     pub fn submit(

@@ -12,13 +12,21 @@ use serde::{Deserialize, Serialize};
 use crate::Codec;
 
 /// Bumped on any breaking change to the JSON messages or the binary formats. 2: the inner loss
-/// travels in the signed path, and the ledger pins the funding share at genesis.
-pub const PROTOCOL_VERSION: u32 = 2;
+/// travels in the signed path, and the ledger pins the funding share at genesis. 3: a manifest
+/// run's submission names its assigned data in the signed path.
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Optional query parameter of a submission: the mean training loss of its inner steps
 /// (`POST /v1/submissions?inner_loss=0.8123`). The path a request signs includes its query, so
 /// nobody on the way can change what the hub reads.
 pub const INNER_LOSS_PARAM: &str = "inner_loss";
+
+/// Query parameters by which a manifest run's submission commits to the data it was trained on
+/// (`POST /v1/submissions?inner_loss=…&data_slot=3&epoch=0&shard=17`), signed with the path: the
+/// hub refuses one whose claim is not what the round assigned it (`ErrorCode::WrongData`).
+pub const DATA_SLOT_PARAM: &str = "data_slot";
+pub const EPOCH_PARAM: &str = "epoch";
+pub const SHARD_PARAM: &str = "shard";
 
 /// Where protocol 1 sent the inner loss, outside the signature; the hub refuses a submission
 /// that carries it, so an old client learns why instead of having its loss ignored.
@@ -103,6 +111,13 @@ pub struct DataAssignment {
     pub slot: u64,
     pub epoch: u64,
     pub shard: u32,
+}
+
+impl DataAssignment {
+    /// Its form in a submission's signed query (`data_slot=…&epoch=…&shard=…`).
+    pub fn query(&self) -> String {
+        format!("{DATA_SLOT_PARAM}={}&{EPOCH_PARAM}={}&{SHARD_PARAM}={}", self.slot, self.epoch, self.shard)
+    }
 }
 
 /// A round waiting for its scores: what the validator must score.
@@ -395,6 +410,9 @@ pub enum ErrorCode {
     NoValidator,
     /// The run's current phase admits only the contributors who qualified for it.
     NotQualified,
+    /// A manifest run's submission that does not name, in its signed query, the data slot,
+    /// epoch and shard its round assigned it.
+    WrongData,
     /// The request is well formed but conflicts with what is recorded (e.g. an epoch that is
     /// already closed).
     Conflict,

@@ -390,7 +390,12 @@ fn run_scenario(
             if kinds[i] == Some(Adversary::Stale) && round < 2 {
                 continue; // Nothing old enough to be stale yet.
             }
-            let result = rt.block_on(hub.submit(ids[i], keys[i], Bytes::from(bodies[i].clone()), Some(losses[i])));
+            let result = rt.block_on(hub.submit(
+                ids[i],
+                keys[i],
+                Bytes::from(bodies[i].clone()),
+                tessera_hub::Claim { inner_loss: Some(losses[i]), data: None },
+            ));
             if i >= honest {
                 attacker_submissions += 1;
             }

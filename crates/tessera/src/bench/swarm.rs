@@ -186,7 +186,7 @@ fn simulate(i: usize, base: tessera_client::HubClient, info: &RunInfo) -> Result
             info.spec.tensors.iter().zip(&deltas).map(|(t, d)| (t.name.as_str(), t.shape.as_slice(), d.as_slice()));
         let body = PseudoGradient::build(info.spec.codec, run_id, a.round, base, tensors)?.to_bytes();
         let t = Instant::now();
-        let result = client.submit(std::sync::Arc::new(body), None);
+        let result = client.submit(std::sync::Arc::new(body), None, None);
         latencies.push(t.elapsed().as_secs_f64());
         if let Err(e) = result {
             errors.push(e.to_string());
