@@ -150,6 +150,20 @@ impl ShardCache {
         self.dataset(train, validation)
     }
 
+    /// What evaluating a model on this dataset needs: every validation shard (fetched and
+    /// checked), and no training shard. A `Trainer` wants a training split; it gets the same
+    /// tokens, since nothing trains on it (the validator cuts each submission's data-fit windows
+    /// from the shard its assignment named).
+    pub fn held_out(&self) -> Result<Dataset> {
+        let mut validation = Vec::new();
+        for (i, entry) in self.manifest.shards.iter().enumerate() {
+            if entry.split == Split::Validation {
+                validation.extend(self.shard(i)?);
+            }
+        }
+        self.dataset(validation.clone(), validation)
+    }
+
     /// The dataset's `tokenizer.json`, checked against the manifest, in the cache.
     pub fn tokenizer_path(&self) -> PathBuf {
         self.dir.join("tokenizer.json")

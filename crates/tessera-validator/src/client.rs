@@ -10,6 +10,7 @@
 //! Merkle root; the hub sees only the aggregate.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use tch::Device;
@@ -23,7 +24,7 @@ use tessera_train::run::{inner_config, run_dataset};
 use tessera_trust::ledger::{Body as LedgerBody, Ledger};
 use tessera_trust::{OpeningKey, ValidatorAttestation, Verified};
 
-use crate::{Candidate, ScoreConfig, ScoreCost, Scorer, ShardRanges};
+use crate::{Candidate, ScoreConfig, ScoreCost, Scorer};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ValidatorError {
@@ -63,6 +64,11 @@ pub struct ValidatorConfig {
     pub patience: Duration,
     /// Where a sealed run's attestation comes from (`None`: refuse sealed runs).
     pub attester: Option<crate::tee::Attester>,
+    /// A run on a published dataset: where its shards are cached (`None`: a directory in the
+    /// system's temporary directory named by the dataset) and how many bytes they may take
+    /// there (the least recently used go first).
+    pub data_cache: Option<PathBuf>,
+    pub data_cache_bytes: u64,
 }
 
 /// A sealed run's validator state: keys made here, the ledger as verified, and every
@@ -91,6 +97,8 @@ pub struct Validator {
     run: RunInfo,
     scorer: Scorer,
     sealed: Option<Sealed>,
+    /// A run on a published dataset: its shards, cached on disk up to `data_cache_bytes`.
+    shards: Option<ShardCache>,
 }
 
 impl Validator {
@@ -99,21 +107,27 @@ impl Validator {
         let run = hub.run()?;
         let hub = hub.pinning(tessera_trust::PublicKey::parse(&run.hub_key)?);
         let contest = run.spec.contest.clone().ok_or(ValidatorError::NotScored)?;
-        // A run on a published dataset: the validator holds all of it (the held-out windows
-        // come from every validation shard), and knows where each assignable shard lies.
+        // A run on a published dataset: the validator holds its validation shards (the
+        // held-out windows come from all of them) and fetches each submission's assigned shard
+        // by hash as it scores it.
         let (dataset, shards) = match &run.spec.data.source {
-            DataSource::Manifest { urls, train_shards, .. } => {
-                let key = blake3::hash(run.spec.data.fingerprint.as_bytes()).to_hex();
-                let cache_dir = std::env::temp_dir().join(format!("tessera-validator-{}", &key.as_str()[..16]));
-                let cache = ShardCache::open(urls, Some(&run.spec.data.fingerprint), &cache_dir, u64::MAX, None)?;
-                let mut ranges = Vec::new();
-                let mut offset = 0usize;
-                for entry in cache.manifest.split(tessera_data::Split::Train) {
-                    ranges.push((offset, entry.tokens as usize));
-                    offset += entry.tokens as usize;
-                }
-                ranges.truncate(*train_shards as usize);
-                (cache.whole()?, Some(ShardRanges { spec: run.spec.clone(), ranges }))
+            DataSource::Manifest { urls, .. } => {
+                let cache_dir = match &config.data_cache {
+                    Some(dir) => dir.clone(),
+                    None => {
+                        let key = blake3::hash(run.spec.data.fingerprint.as_bytes()).to_hex();
+                        std::env::temp_dir().join(format!("tessera-validator-{}", &key.as_str()[..16]))
+                    }
+                };
+                let cache = ShardCache::open(
+                    urls,
+                    Some(&run.spec.data.fingerprint),
+                    &cache_dir,
+                    config.data_cache_bytes,
+                    None,
+                )?;
+                let dataset = cache.held_out()?;
+                (dataset, Some(cache))
             }
             _ => (run_dataset(&run, config.data.clone())?, None),
         };
@@ -122,15 +136,29 @@ impl Validator {
         let score =
             ScoreConfig { eval_windows: contest.eval_windows as usize, fit_windows: contest.fit_windows as usize };
         let inner = inner_config(&run, 0);
-        let mut scorer = Scorer::new(inner, &model_config, dataset, config.device, score)?;
-        if let Some(shards) = shards {
-            scorer = scorer.with_shards(shards);
-        }
-        let mut v = Validator { config, hub, run, scorer, sealed: None };
+        let scorer = Scorer::new(inner, &model_config, dataset, config.device, score)?;
+        let mut v = Validator { config, hub, run, scorer, sealed: None, shards };
         if v.run.spec.trust.is_some() {
             v.sealed = Some(v.attest()?);
         }
         Ok(v)
+    }
+
+    /// A run on a published dataset: `k` with the tokens of its data-fit windows, cut from the
+    /// shard its base round assigned it (`data::data_assignment`), fetched by hash and checked.
+    /// One shard is in memory at a time; the disk cache keeps those other submissions share.
+    fn with_assigned(&self, mut k: Candidate, seed: &[u8; 32]) -> Result<Candidate> {
+        let Some(cache) = &self.shards else { return Ok(k) };
+        let bad = |message: String| ValidatorError::Bad { round: k.base_round, message };
+        let d = tessera_protocol::data::data_assignment(&self.run.spec, k.base_round, k.contributor)
+            .ok_or_else(|| bad(format!("no data assignment for contributor {}", k.contributor)))?;
+        let index = cache
+            .manifest
+            .train_shard(d.shard)
+            .ok_or_else(|| bad(format!("the dataset has no training shard {}", d.shard)))?;
+        let shard = cache.shard(index)?;
+        k.assigned = Some(self.scorer.assigned_tokens(&k, seed, &shard)?);
+        Ok(k)
     }
 
     /// The run has grown: score with its new model from now on.
@@ -258,7 +286,8 @@ impl Validator {
         let mut candidates = Vec::with_capacity(job.submissions.len());
         for s in &job.submissions {
             let bytes = self.hub.submission(&s.blob)?;
-            candidates.push(Candidate::from_job(s, &bytes, &lengths)?);
+            let candidate = Candidate::from_job(s, &bytes, &lengths)?;
+            candidates.push(self.with_assigned(candidate, &seed)?);
         }
         let crate::RoundScores { scored: scores, held_out_loss, cost } =
             self.scorer.score(&theta, &candidates, &seed)?;
@@ -296,7 +325,7 @@ impl Validator {
             let bytes = self.hub.submission(&s.blob)?;
             match self.open(s, &bytes, lengths) {
                 Ok(c) => {
-                    candidates.push(c);
+                    candidates.push(self.with_assigned(c, seed)?);
                     index.push(i);
                 }
                 Err(reason) => {

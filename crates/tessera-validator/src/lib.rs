@@ -72,6 +72,10 @@ pub struct Candidate {
     pub delta: Vec<Vec<f32>>,
     /// The hub's staleness weight, passed through.
     pub weight: f64,
+    /// A run on a published dataset: the tokens of its data-fit windows, cut from the shard its
+    /// assignment named ([`Scorer::assigned_tokens`]), one window after another. `None`: the
+    /// windows lie in the scorer's own training split.
+    pub assigned: Option<Vec<u32>>,
 }
 
 impl Candidate {
@@ -90,6 +94,7 @@ impl Candidate {
             base_round: s.base_round,
             delta: tessera_aggregate::decode_view(lengths, &view)?,
             weight: s.weight,
+            assigned: None,
         })
     }
 }
@@ -144,25 +149,6 @@ pub struct RoundScores {
 pub struct Scorer {
     trainer: Trainer,
     config: ScoreConfig,
-    shards: Option<ShardRanges>,
-}
-
-/// A run on a published dataset: where each assignable training shard lies in the scorer's
-/// training tokens (all training shards, in manifest order), so a submission's windows are
-/// drawn within the shard its assignment named, as the contributor drew them.
-#[derive(Debug, Clone)]
-pub struct ShardRanges {
-    pub spec: tessera_protocol::api::RunSpec,
-    /// (offset, length) in the training tokens of each assignable training shard.
-    pub ranges: Vec<(usize, usize)>,
-}
-
-impl ShardRanges {
-    /// The training-token range contributor `k` trained in.
-    fn of(&self, k: &Candidate) -> Option<(usize, usize)> {
-        let d = tessera_protocol::data::data_assignment(&self.spec, k.base_round, k.contributor)?;
-        self.ranges.get(d.shard as usize).copied()
-    }
 }
 
 impl Scorer {
@@ -178,20 +164,14 @@ impl Scorer {
         if config.eval_windows == 0 || config.fit_windows == 0 {
             return Err(TrainError::Invalid("evaluation and data-fit windows must be positive".into()));
         }
-        Ok(Scorer { trainer: Trainer::new(inner, model_config, dataset, device)?, config, shards: None })
-    }
-
-    /// The same scorer for a run on a published dataset: data-fit windows come from the shard
-    /// each submission was assigned.
-    pub fn with_shards(self, shards: ShardRanges) -> Scorer {
-        Scorer { shards: Some(shards), ..self }
+        Ok(Scorer { trainer: Trainer::new(inner, model_config, dataset, device)?, config })
     }
 
     /// The same scorer for another model (a run that grew into its next phase).
     pub fn with_model(&self, model_config: &LlamaConfig) -> Result<Scorer, TrainError> {
         let t = &self.trainer;
         let trainer = Trainer::new(t.config.clone(), model_config, t.dataset.clone(), t.model.device())?;
-        Ok(Scorer { trainer, config: self.config, shards: self.shards.clone() })
+        Ok(Scorer { trainer, config: self.config })
     }
 
     /// Scores `candidates` (in arrival order) against the round's weights `theta`, with the
@@ -234,7 +214,17 @@ impl Scorer {
                 others
             })
             .collect();
-        let own: Vec<Vec<usize>> = candidates.iter().map(|k| self.assigned_windows(k, seed)).collect();
+        // Each submission's windows: in the scorer's training split, or (a published dataset)
+        // the tokens it brought, cut from its assigned shard one window after another.
+        let train = &self.trainer.dataset.train;
+        let stride = c.seq_len + 1;
+        let own: Vec<(&[u32], Vec<usize>)> = candidates
+            .iter()
+            .map(|k| match &k.assigned {
+                Some(tokens) => (tokens.as_slice(), (0..tokens.len() / stride).map(|w| w * stride).collect()),
+                None => (train.as_slice(), self.assigned_windows(k, seed, train.len())),
+            })
+            .collect();
         // Which windows each submission is evaluated on: its own, and those it controls for.
         let mut duties: Vec<Vec<usize>> = (0..n).map(|i| vec![i]).collect();
         for (i, cs) in controls.iter().enumerate() {
@@ -245,12 +235,11 @@ impl Scorer {
 
         write_params(&self.trainer.model, theta)?;
         let val = &self.trainer.dataset.validation;
-        let train = &self.trainer.dataset.train;
         let before_eval = self.trainer.window_loss(val, &eval)?;
         let mut forward = eval.len() as u64;
         let mut before_own = Vec::with_capacity(n);
-        for w in &own {
-            before_own.push(self.trainer.window_losses(train, w)?);
+        for (tokens, w) in &own {
+            before_own.push(self.trainer.window_losses(tokens, w)?);
             forward += w.len() as u64;
         }
         // A Δ longer than twice the round's median norm scores the lesser of what it does at full
@@ -272,7 +261,7 @@ impl Scorer {
             let clipped_score = (before_eval - self.trainer.window_loss(val, &eval)?) * shrink[j];
             forward += eval.len() as u64;
             for &i in &duties[j] {
-                let after = self.trainer.window_losses(train, &own[i])?;
+                let after = self.trainer.window_losses(own[i].0, &own[i].1)?;
                 forward += after.len() as u64;
                 gain[j][i] = Some(before_own[i].iter().zip(&after).map(|(b, a)| b - a).collect());
             }
@@ -332,18 +321,37 @@ impl Scorer {
     }
 
     /// A seeded sample of the windows `k`'s assignment trained on: random (step, position)
-    /// pairs within its inner steps, through the same window function the trainer uses.
-    fn assigned_windows(&self, k: &Candidate, seed: &[u8; 32]) -> Vec<usize> {
+    /// pairs within its inner steps, through the same window function the trainer uses, over
+    /// the `n` tokens it drew from (the training split, or its assigned shard).
+    fn assigned_windows(&self, k: &Candidate, seed: &[u8; 32], n: usize) -> Vec<usize> {
         let c = &self.trainer.config;
         let per_step = c.batch_size * c.grad_accum;
-        let (offset, n) = self.shards.as_ref().and_then(|s| s.of(k)).unwrap_or((0, self.trainer.dataset.train.len()));
         let mut rng = ChaCha8Rng::seed_from_u64(derive(seed, "assigned windows") ^ k.contributor);
         (0..self.config.fit_windows)
             .map(|_| {
                 let step = k.schedule_step + rng.random_range(0..k.inner_steps.max(1));
                 let i = rng.random_range(0..per_step.max(1));
-                offset + train_windows(c.seed, k.slot, step, per_step, c.seq_len, n)[i]
+                train_windows(c.seed, k.slot, step, per_step, c.seq_len, n)[i]
             })
             .collect()
+    }
+
+    /// A run on a published dataset: the tokens of `k`'s data-fit windows in `shard`, the
+    /// tokens of the shard its assignment named, one window after another (`Candidate::assigned`).
+    /// Costs `fit_windows × (seq_len + 1)` tokens, whatever the shard's size.
+    pub fn assigned_tokens(&self, k: &Candidate, seed: &[u8; 32], shard: &[u32]) -> Result<Vec<u32>, TrainError> {
+        let stride = self.trainer.config.seq_len + 1;
+        if shard.len() < stride {
+            return Err(TrainError::Invalid(format!(
+                "contributor {}'s assigned shard holds {} tokens, fewer than one window of {stride}",
+                k.contributor,
+                shard.len()
+            )));
+        }
+        let mut tokens = Vec::with_capacity(self.config.fit_windows * stride);
+        for w in self.assigned_windows(k, seed, shard.len()) {
+            tokens.extend_from_slice(&shard[w..w + stride]);
+        }
+        Ok(tokens)
     }
 }

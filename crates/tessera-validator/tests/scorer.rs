@@ -62,6 +62,7 @@ fn scores_fits_and_copies() {
         base_round: 0,
         delta,
         weight: 1.0,
+        assigned: None,
     };
     let honest: Vec<Vec<Vec<f32>>> = (0..4).map(|slot| delta(&dataset, &theta, slot)).collect();
     let mut candidates: Vec<Candidate> =
@@ -93,6 +94,22 @@ fn scores_fits_and_copies() {
     assert_eq!(again, scores);
     let other = scorer.score(&theta, &candidates, &[4u8; 32]).unwrap().scored;
     assert_ne!(other, scores);
+    // A run on a published dataset brings each submission's windows cut from its shard: with
+    // the training split as every shard, the measurement is the same, to the bit.
+    for k in &mut candidates {
+        k.assigned = Some(scorer.assigned_tokens(k, &seed, &dataset.train).unwrap());
+    }
+    assert_eq!(scorer.score(&theta, &candidates, &seed).unwrap().scored, scores);
+    // Cut from the wrong data, the data fit moves.
+    for k in &mut candidates {
+        k.assigned = Some(scorer.assigned_tokens(k, &seed, &dataset.validation).unwrap());
+    }
+    let elsewhere = scorer.score(&theta, &candidates, &seed).unwrap().scored;
+    assert_ne!(
+        elsewhere.iter().map(|s| s.data_fit).collect::<Vec<_>>(),
+        scores.iter().map(|s| s.data_fit).collect::<Vec<_>>()
+    );
+    assert!(scorer.assigned_tokens(&candidates[0], &seed, &dataset.train[..4]).is_err());
 }
 
 /// Work trained on its assigned windows fits them better than work trained on other windows:
@@ -111,6 +128,7 @@ fn the_data_fit_tells_assigned_from_other_windows() {
             base_round: 0,
             delta: delta(&dataset, &theta, if slot < 6 { slot } else { slot + 1000 }),
             weight: 1.0,
+            assigned: None,
         })
         .collect();
     let mut scorer =

@@ -188,6 +188,15 @@ pub fn load_dataset(args: &DataArgs) -> Result<Dataset> {
     Ok(Dataset::from_path(path, tokenizer, kind)?)
 }
 
+/// What evaluating a model on `--data` needs: for a published dataset at a URL, only its
+/// validation shards (`ShardCache::held_out`); anything else is loaded as it is.
+pub fn evaluation_dataset(args: &DataArgs) -> Result<Dataset> {
+    match &args.data {
+        Some(path) if is_url(path) => Ok(published(&path.to_string_lossy())?.held_out()?),
+        _ => load_dataset(args),
+    }
+}
+
 /// What creating a run needs of its data: all of it for the embedded source and plain text; for
 /// a prepared or published dataset only the manifest and the tokenizer (no shard is read, so a
 /// hub creates a run on a dataset of any size in constant memory).
