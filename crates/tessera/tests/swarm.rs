@@ -285,10 +285,11 @@ fn the_networked_run_matches_the_in_process_simulation() {
     }
 }
 
-/// A run on a published dataset: the hub names the manifest, each round assigns every
-/// contributor one training shard (its data slot's pick), and each contributor fetches only its
-/// own shards (and the next round's, prefetched): its cache holds exactly those, never the
-/// whole dataset.
+/// A run on a published dataset, end to end: prepare, publish to a directory, serve it over
+/// HTTP with an access log, and train through the hub with two contributors. Each round assigns
+/// every contributor one training shard (its data slot's pick); the server's access log shows
+/// that exactly those shards were fetched (and the next round's, prefetched), never the whole
+/// dataset, and each contributor's cache holds only its own.
 #[test]
 fn contributors_fetch_only_their_assigned_shards() {
     let dir = tempfile::tempdir().unwrap();
@@ -304,71 +305,110 @@ fn contributors_fetch_only_their_assigned_shards() {
         "10000",
     ]);
     assert!(prepared.status.success(), "{}", String::from_utf8_lossy(&prepared.stderr));
+    let published = dir.path().join("published");
+    let publish = run(&["data", "publish", data.to_str().unwrap(), published.to_str().unwrap()]);
+    assert!(publish.status.success(), "{}", String::from_utf8_lossy(&publish.stderr));
     let manifest: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(data.join("manifest.json")).unwrap()).unwrap();
-    let train: Vec<String> = manifest["shards"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|e| e["split"] == "train")
-        .map(|e| e["hash"].as_str().unwrap().to_owned())
-        .collect();
+        serde_json::from_slice(&std::fs::read(published.join("manifest.json")).unwrap()).unwrap();
+    let split = |which: &str| -> Vec<String> {
+        manifest["shards"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["split"] == which)
+            .map(|e| e["hash"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let (train, validation) = (split("train"), split("validation"));
     assert_eq!(train.len(), 20);
+
+    let port = free_port();
+    let access = dir.path().join("access.jsonl");
+    let _server = spawn(
+        &[
+            "data".into(),
+            "serve".into(),
+            published.display().to_string(),
+            "--addr".into(),
+            format!("127.0.0.1:{port}"),
+            "--access-log".into(),
+            access.display().to_string(),
+        ],
+        &dir.path().join("serve.log"),
+    );
+    let url = format!("http://127.0.0.1:{port}");
+    let started = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(started.elapsed() < Duration::from_secs(30), "tessera data serve did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
     let d = dir.path().join("run");
-    let mut args = vec![
-        "demo",
-        "--dir",
-        d.to_str().unwrap(),
-        "--contributors",
-        "2",
-        "--rounds",
-        "3",
-        "--data",
-        data.to_str().unwrap(),
-        "--tokenizer",
-        "char",
-    ];
+    let mut args = vec!["demo", "--dir", d.to_str().unwrap(), "--contributors", "2", "--rounds", "3", "--data", &url];
     args.extend(&TINY_RUN[..2]);
     args.extend(&TINY_RUN[4..]);
-    let demo = run(&args);
+    let demo =
+        Command::new(BIN).args(&args).env("RUST_LOG", "warn").env("XDG_CACHE_HOME", dir.path()).output().unwrap();
     let out = String::from_utf8_lossy(&demo.stdout).into_owned();
-    assert!(
-        demo.status.success(),
-        "{out}
-{}",
-        String::from_utf8_lossy(&demo.stderr)
-    );
+    assert!(demo.status.success(), "{out}\n{}", String::from_utf8_lossy(&demo.stderr));
     assert!(out.contains("finished: 3 rounds"), "{out}");
-    let mut fetched_by_all = std::collections::HashSet::new();
+
+    // Who was assigned what: data slot = contributor id mod 64 (ids count from 0); rounds
+    // 0..=3, the last only prefetched. The run's seed is the default, 1337.
+    let mut assigned = std::collections::BTreeSet::new();
     for c in 0..2u64 {
-        let cache = d.join(format!("contributor-{c}")).join("data");
-        let mut held: Vec<String> = std::fs::read_dir(&cache)
-            .unwrap()
-            .filter_map(|e| e.unwrap().file_name().to_string_lossy().strip_suffix(".tshard").map(str::to_owned))
-            .collect();
-        held.sort();
-        // Data slot = contributor id (ids count from 0, in registration order); rounds 0..=3,
-        // the last only prefetched. The run's seed is the default, 1337.
+        let state = d.join(format!("contributor-{c}"));
         let identity: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(d.join(format!("contributor-{c}")).join("identity.json")).unwrap())
-                .unwrap();
+            serde_json::from_slice(&std::fs::read(state.join("identity.json")).unwrap()).unwrap();
         let slot = identity["contributor_id"].as_u64().unwrap();
-        let mut expected: Vec<String> = (0..=3u64)
+        let mine: std::collections::BTreeSet<String> = (0..=3u64)
             .map(|round| {
-                let pick = tessera_protocol::data::assigned_shard(1337, round, slot, 64, 20).unwrap();
-                train[pick.shard as usize].clone()
+                train[tessera_protocol::data::assigned_shard(1337, round, slot, 64, 20).unwrap().shard as usize].clone()
             })
             .collect();
-        expected.sort();
-        expected.dedup();
-        let trained: Vec<&String> = expected.iter().collect();
-        // Its validation shard is fetched too (its held-out tokens).
-        let own: Vec<&String> = held.iter().filter(|h| train.contains(h)).collect();
-        assert!(own.iter().all(|h| expected.contains(h)), "contributor {c} holds {own:?}, was assigned {trained:?}");
-        assert!(own.len() >= 3, "contributor {c} holds {own:?}");
-        fetched_by_all.extend(own.into_iter().cloned());
+        let held: std::collections::BTreeSet<String> = std::fs::read_dir(state.join("data"))
+            .unwrap()
+            .filter_map(|e| e.unwrap().file_name().to_string_lossy().strip_suffix(".tshard").map(str::to_owned))
+            .filter(|h| train.contains(h))
+            .collect();
+        assert!(held.is_subset(&mine), "contributor {c} holds {held:?}, was assigned {mine:?}");
+        assert!(held.len() >= 3, "contributor {c} holds {held:?}");
+        assigned.extend(mine);
     }
-    assert!(fetched_by_all.len() < train.len(), "nobody fetched the whole dataset");
+    assert!(assigned.len() < train.len());
+
+    // The server's access log: every training shard fetched was assigned to someone, every
+    // shard a round trained on was fetched, and only validation shards besides (the held-out
+    // tokens of the contributors and of the final evaluation).
+    let log = std::fs::read_to_string(&access).unwrap();
+    let mut fetched_train = std::collections::BTreeSet::new();
+    for line in log.lines() {
+        let entry: serde_json::Value = serde_json::from_str(line).unwrap();
+        let path = entry["path"].as_str().unwrap();
+        let Some(hash) = path.strip_prefix("/shards/").and_then(|p| p.strip_suffix(".tshard")) else {
+            assert!(["/manifest.json", "/tokenizer.json"].contains(&path), "unexpected request {line}");
+            continue;
+        };
+        assert_eq!(entry["method"], "GET", "{line}");
+        if validation.iter().any(|v| v == hash) {
+            continue;
+        }
+        assert!(assigned.contains(hash), "shard {hash} was fetched but assigned to nobody: {line}");
+        fetched_train.insert(hash.to_owned());
+    }
+    for c in 0..2u64 {
+        let state = d.join(format!("contributor-{c}"));
+        let slot = serde_json::from_slice::<serde_json::Value>(&std::fs::read(state.join("identity.json")).unwrap())
+            .unwrap()["contributor_id"]
+            .as_u64()
+            .unwrap();
+        for round in 0..3u64 {
+            let shard =
+                &train[tessera_protocol::data::assigned_shard(1337, round, slot, 64, 20).unwrap().shard as usize];
+            assert!(fetched_train.contains(shard), "contributor {c}'s round-{round} shard {shard} was never fetched");
+        }
+    }
+    assert!(fetched_train.len() < train.len(), "the whole dataset was fetched: {log}");
 }
 
 /// A lone contributor that overlaps its transfers with training reconstructs the hub's outer

@@ -71,7 +71,8 @@ pub fn bench_feed(args: &BenchFeedArgs) -> Result<()> {
     let runtime = tokio::runtime::Runtime::new()?;
     let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
     let url = format!("http://{}", listener.local_addr()?);
-    runtime.spawn(async move { axum::serve(listener, tessera_prepare::serve::router(dir)).await });
+    let router = tessera_prepare::serve::router(dir, None)?;
+    runtime.spawn(async move { axum::serve(listener, router).await });
 
     // What a round needs: one training shard per round's compute, measured on the first shard.
     let probe = ShardCache::open(std::slice::from_ref(&url), None, &scratch.path().join("probe"), u64::MAX, None)?;

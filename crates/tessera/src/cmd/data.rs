@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use clap::Subcommand;
 use tessera_data::{Dataset, SyntheticSource, SyntheticSpec, TessTokenizer, TextSource};
 
@@ -42,8 +42,13 @@ pub enum DataCommand {
     /// a test; a real run uses any web server or bucket that answers Range requests).
     Serve {
         dir: PathBuf,
+        /// Where to listen; port 0 picks a free one (the address is printed).
         #[arg(long, default_value = "127.0.0.1:8090")]
         addr: String,
+        /// Append every request to this file, one JSON line each: method, path, Range header,
+        /// status and bytes answered.
+        #[arg(long, value_name = "FILE")]
+        access_log: Option<PathBuf>,
     },
 }
 
@@ -113,13 +118,15 @@ pub fn data(command: DataCommand) -> Result<()> {
         DataCommand::Info { manifest: Some(path), .. } => manifest_info(&path),
         DataCommand::Info { manifest: None, data } => data_info(&data),
         DataCommand::Prepare(args) => prepare(&args),
-        DataCommand::Serve { dir, addr } => {
+        DataCommand::Serve { dir, addr, access_log } => {
             let (m, id) = tessera_data::Manifest::read(&dir)?;
+            let router = tessera_prepare::serve::router(dir, access_log.as_deref())
+                .with_context(|| format!("opening the access log {}", access_log.unwrap_or_default().display()))?;
             let runtime = tokio::runtime::Runtime::new()?;
             runtime.block_on(async {
                 let listener = tokio::net::TcpListener::bind(&addr).await?;
                 println!("serving dataset {id} ({} shards) at http://{}/", m.shards.len(), listener.local_addr()?);
-                axum::serve(listener, tessera_prepare::serve::router(dir)).await?;
+                axum::serve(listener, router).await?;
                 Ok::<_, anyhow::Error>(())
             })
         }
