@@ -18,7 +18,7 @@ use tessera_train::run::{inner_config, run_dataset};
 use tessera_train::trainer::{describe_eval, print_above};
 use tessera_train::{EvalStats, Trainer};
 
-use crate::args::{gib, load_dataset};
+use crate::args::{evaluation_dataset, gib};
 use crate::spec::RunArgs;
 
 #[derive(Args)]
@@ -171,14 +171,18 @@ pub fn run_swarm(args: &DemoArgs) -> Result<SwarmRun> {
             || name.starts_with("contributor-")
             || name == "final"
             || name == "validator.log"
+            || name == "dataset"
         {
             if p.is_dir() { std::fs::remove_dir_all(&p)? } else { std::fs::remove_file(&p)? }
         }
     }
-    let run = demo_run(args)?;
+    let mut run = demo_run(args)?;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let threads = (cores / args.contributors).max(1);
     announce(args, &run)?;
+    if run.data.data.is_none() {
+        run.data.data = Some(embedded_manifest(&run, &dir.join("dataset"))?);
+    }
     println!("logs and state: {}", dir.display());
 
     let addr_file = dir.join("hub.addr");
@@ -318,6 +322,19 @@ pub fn run_swarm(args: &DemoArgs) -> Result<SwarmRun> {
     Ok(SwarmRun { info, status, eval, elapsed, final_dir, ledger_line, contributors })
 }
 
+/// The embedded corpus as a published dataset in `out`, so the demo runs the same path as a
+/// real run: the hub names the manifest, contributors fetch and check its shards, the validator
+/// its validation shards. One training shard holds the whole training split, so every
+/// contributor draws its windows from the same tokens as on the corpus in memory, and the run
+/// computes exactly what `tessera bench diloco` does.
+fn embedded_manifest(run: &RunArgs, out: &Path) -> Result<PathBuf> {
+    let dataset = crate::args::load_dataset(&run.data)?;
+    dataset
+        .write_manifest(out, dataset.train.len() as u64)
+        .with_context(|| format!("writing the embedded corpus to {}", out.display()))?;
+    Ok(out.to_path_buf())
+}
+
 /// Says what the demo is about to run.
 fn announce(args: &DemoArgs, run: &RunArgs) -> Result<()> {
     println!(
@@ -378,7 +395,7 @@ fn evaluate_final(
     let bytes = hub_client.checkpoint(&info.checkpoint, None)?;
     drop(hub);
     let weights = decode_weights(&bytes, &info.spec.tensors)?;
-    let dataset = run_dataset(&info, run.data.data.as_ref().map(|_| load_dataset(&run.data)).transpose()?)?;
+    let dataset = run_dataset(&info, run.data.data.as_ref().map(|_| evaluation_dataset(&run.data)).transpose()?)?;
     let config = LlamaConfig::from_json(info.spec.model.clone()).map_err(anyhow::Error::msg)?;
     let model = Llama::zeroed(&config, Device::Cpu)?;
     write_params(&model, &weights)?;
