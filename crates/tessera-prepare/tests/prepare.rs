@@ -203,6 +203,13 @@ fn bad_inputs_get_clear_errors() {
     refuse.refuse_invalid_utf8 = true;
     let e = run(&refuse).unwrap_err().to_string();
     assert!(e.contains("mixed.parquet") && e.contains("row 7") && e.contains("UTF-8"), "{e}");
+    // Invalid bytes in a column annotated as a string (as FineWeb's text is) break the file's
+    // own promise: the parquet decoder checks a batch at a time, and the file is refused with
+    // an error that names it, not a panic and not a silently shorter dataset.
+    let labelled = dir.path().join("labelled.parquet");
+    write_mislabelled_parquet(&labelled, &refs);
+    let e = run(&config(vec![labelled.display().to_string()], &out("o5s"), &tokenizer, 4096)).unwrap_err().to_string();
+    assert!(e.contains("labelled.parquet") && e.to_lowercase().contains("utf"), "{e}");
 
     // A server that stops answering mid-file: retried, then an error naming the input.
     let served = dir.path().join("served");

@@ -52,6 +52,31 @@ pub fn write_binary_parquet(path: &Path, rows: &[&[u8]]) {
     write_batch(path, &batch, 1000);
 }
 
+/// A parquet file whose `text` column is annotated as a string, as FineWeb's is, yet holds the
+/// raw bytes given (some not UTF-8): written with the low-level writer, which does not check.
+pub fn write_mislabelled_parquet(path: &Path, rows: &[&[u8]]) {
+    use parquet::data_type::{ByteArray, ByteArrayType};
+    use parquet::file::writer::SerializedFileWriter;
+    let schema = parquet::schema::parser::parse_message_type(
+        "message doc { REQUIRED BYTE_ARRAY text (UTF8); REQUIRED BYTE_ARRAY id (UTF8); }",
+    )
+    .unwrap();
+    let props = Arc::new(WriterProperties::builder().build());
+    let mut w = SerializedFileWriter::new(std::fs::File::create(path).unwrap(), Arc::new(schema), props).unwrap();
+    let mut group = w.next_row_group().unwrap();
+    let columns: [Vec<ByteArray>; 2] = [
+        rows.iter().map(|r| ByteArray::from(r.to_vec())).collect(),
+        (0..rows.len()).map(|i| ByteArray::from(format!("s{i}").into_bytes())).collect(),
+    ];
+    for values in &columns {
+        let mut column = group.next_column().unwrap().unwrap();
+        column.typed::<ByteArrayType>().write_batch(values, None, None).unwrap();
+        column.close().unwrap();
+    }
+    group.close().unwrap();
+    w.close().unwrap();
+}
+
 fn write_batch(path: &Path, batch: &RecordBatch, row_group: usize) {
     let props = WriterProperties::builder()
         .set_max_row_group_row_count(Some(row_group))
