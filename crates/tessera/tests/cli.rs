@@ -178,9 +178,19 @@ fn a_killed_preparation_resumes_without_redoing_finished_shards() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
+    // A shard is finished once the journal's state counts it (it is written, and listed in
+    // shards.jsonl, before the state that counts it): kill after five are.
     let journal = killed.join(".prepare").join("shards.jsonl");
+    let state = killed.join(".prepare").join("state.json");
+    let counted = || -> usize {
+        std::fs::read(&state)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .and_then(|v| v["shards"].as_u64())
+            .unwrap_or(0) as usize
+    };
     let started = std::time::Instant::now();
-    while std::fs::read_to_string(&journal).map_or(0, |t| t.lines().count()) < 5 {
+    while counted() < 5 {
         assert!(child.try_wait().unwrap().is_none(), "the preparation ended before it could be killed");
         assert!(started.elapsed().as_secs() < 120, "no shard after 2 minutes");
         std::thread::sleep(std::time::Duration::from_millis(20));
@@ -190,6 +200,7 @@ fn a_killed_preparation_resumes_without_redoing_finished_shards() {
     let done: Vec<String> = std::fs::read_to_string(&journal)
         .unwrap()
         .lines()
+        .take(counted())
         .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["hash"].as_str().unwrap().to_owned())
         .collect();
     let shard = |h: &str| killed.join("shards").join(format!("{h}.tshard"));
