@@ -356,11 +356,13 @@ fn contributors_fetch_only_their_assigned_shards() {
     // Who was assigned what: data slot = contributor id mod 64 (ids count from 0); rounds
     // 0..=3, the last only prefetched. The run's seed is the default, 1337.
     let mut assigned = std::collections::BTreeSet::new();
+    let mut slots = Vec::new();
     for c in 0..2u64 {
         let state = d.join(format!("contributor-{c}"));
         let identity: serde_json::Value =
             serde_json::from_slice(&std::fs::read(state.join("identity.json")).unwrap()).unwrap();
         let slot = identity["contributor_id"].as_u64().unwrap();
+        slots.push(slot);
         let mine: std::collections::BTreeSet<String> = (0..=3u64)
             .map(|round| {
                 train[tessera_protocol::data::assigned_shard(1337, round, slot, 64, 20).unwrap().shard as usize].clone()
@@ -396,12 +398,7 @@ fn contributors_fetch_only_their_assigned_shards() {
         assert!(assigned.contains(hash), "shard {hash} was fetched but assigned to nobody: {line}");
         fetched_train.insert(hash.to_owned());
     }
-    for c in 0..2u64 {
-        let state = d.join(format!("contributor-{c}"));
-        let slot = serde_json::from_slice::<serde_json::Value>(&std::fs::read(state.join("identity.json")).unwrap())
-            .unwrap()["contributor_id"]
-            .as_u64()
-            .unwrap();
+    for (c, &slot) in slots.iter().enumerate() {
         for round in 0..3u64 {
             let shard =
                 &train[tessera_protocol::data::assigned_shard(1337, round, slot, 64, 20).unwrap().shard as usize];
