@@ -137,17 +137,9 @@ impl ShardCache {
     }
 
     /// The whole dataset in memory: every training shard, then every validation shard, in
-    /// manifest order (each fetched and checked). For local training and the validator.
+    /// manifest order (each fetched and checked). For local training.
     pub fn whole(&self) -> Result<Dataset> {
-        let (mut train, mut validation) = (Vec::new(), Vec::new());
-        for (i, entry) in self.manifest.shards.iter().enumerate() {
-            let tokens = self.shard(i)?;
-            match entry.split {
-                Split::Train => train.extend(tokens),
-                Split::Validation => validation.extend(tokens),
-            }
-        }
-        self.dataset(train, validation)
+        self.dataset(self.split_tokens(Split::Train)?, self.split_tokens(Split::Validation)?)
     }
 
     /// What evaluating a model on this dataset needs: every validation shard (fetched and
@@ -155,13 +147,29 @@ impl ShardCache {
     /// tokens, since nothing trains on it (the validator cuts each submission's data-fit windows
     /// from the shard its assignment named).
     pub fn held_out(&self) -> Result<Dataset> {
-        let mut validation = Vec::new();
+        let validation = self.split_tokens(Split::Validation)?;
+        self.dataset(validation.clone(), validation)
+    }
+
+    /// Every shard of `split`, in manifest order, one after another.
+    fn split_tokens(&self, split: Split) -> Result<Vec<u32>> {
+        let mut tokens = Vec::with_capacity(self.manifest.tokens(split) as usize);
         for (i, entry) in self.manifest.shards.iter().enumerate() {
-            if entry.split == Split::Validation {
-                validation.extend(self.shard(i)?);
+            if entry.split == split {
+                tokens.extend(self.shard(i)?);
             }
         }
-        self.dataset(validation.clone(), validation)
+        Ok(tokens)
+    }
+
+    /// The manifest index of the `k`-th training shard, the one an assignment's `shard` names.
+    pub fn train_index(&self, k: u32) -> Result<usize> {
+        self.manifest.train_shard(k).ok_or_else(|| {
+            ClientError::Usage(format!(
+                "the assignment names training shard {k}; the dataset has {} training shards",
+                self.manifest.split(Split::Train).count()
+            ))
+        })
     }
 
     /// The dataset's `tokenizer.json`, checked against the manifest, in the cache.

@@ -560,12 +560,7 @@ impl Contributor {
     /// round.
     fn take_shard(&mut self, a: &Assignment) -> Result<()> {
         let (Some(cache), Some(d)) = (&self.shards, &a.data) else { return Ok(()) };
-        let index = |shard: u32| {
-            cache.manifest.train_shard(shard).ok_or_else(|| {
-                ContributorError::Data(format!("the assignment names training shard {shard}, the dataset has fewer"))
-            })
-        };
-        let tokens = cache.shard(index(d.shard)?)?;
+        let tokens = cache.shard(cache.train_index(d.shard)?)?;
         let need = self.trainer.config.seq_len + 2;
         if tokens.len() < need {
             return Err(ContributorError::Data(format!(
@@ -579,7 +574,7 @@ impl Contributor {
             tessera_protocol::data::data_assignment(&self.run.spec, a.round + 1, self.identity.contributor_id)
         {
             // Detached: a failed prefetch is fetched again when the next round asks for it.
-            drop(cache.prefetch(vec![index(next.shard)?]));
+            drop(cache.prefetch(vec![cache.train_index(next.shard)?]));
         }
         Ok(())
     }

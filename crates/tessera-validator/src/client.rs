@@ -144,21 +144,29 @@ impl Validator {
         Ok(v)
     }
 
-    /// A run on a published dataset: `k` with the tokens of its data-fit windows, cut from the
-    /// shard its base round assigned it (`data::data_assignment`), fetched by hash and checked.
-    /// One shard is in memory at a time; the disk cache keeps those other submissions share.
-    fn with_assigned(&self, mut k: Candidate, seed: &[u8; 32]) -> Result<Candidate> {
-        let Some(cache) = &self.shards else { return Ok(k) };
-        let bad = |message: String| ValidatorError::Bad { round: k.base_round, message };
-        let d = tessera_protocol::data::data_assignment(&self.run.spec, k.base_round, k.contributor)
-            .ok_or_else(|| bad(format!("no data assignment for contributor {}", k.contributor)))?;
-        let index = cache
-            .manifest
-            .train_shard(d.shard)
-            .ok_or_else(|| bad(format!("the dataset has no training shard {}", d.shard)))?;
-        let shard = cache.shard(index)?;
-        k.assigned = Some(self.scorer.assigned_tokens(&k, seed, &shard)?);
-        Ok(k)
+    /// A run on a published dataset: each candidate given the tokens of its data-fit windows,
+    /// cut from the shard its base round assigned it (`data::data_assignment`), fetched by hash
+    /// and checked. Each shard the round names is read once, whoever shares it, and one is in
+    /// memory at a time.
+    fn attach_assigned(&self, candidates: &mut [Candidate], seed: &[u8; 32]) -> Result<()> {
+        let Some(cache) = &self.shards else { return Ok(()) };
+        let mut by_shard: std::collections::BTreeMap<usize, Vec<usize>> = std::collections::BTreeMap::new();
+        for (i, k) in candidates.iter().enumerate() {
+            let d = tessera_protocol::data::data_assignment(&self.run.spec, k.base_round, k.contributor).ok_or_else(
+                || ValidatorError::Bad {
+                    round: k.base_round,
+                    message: format!("no data assignment for contributor {}", k.contributor),
+                },
+            )?;
+            by_shard.entry(cache.train_index(d.shard)?).or_default().push(i);
+        }
+        for (index, sharing) in by_shard {
+            let shard = cache.shard(index)?;
+            for i in sharing {
+                candidates[i].assigned = Some(self.scorer.assigned_tokens(&candidates[i], seed, &shard)?);
+            }
+        }
+        Ok(())
     }
 
     /// The run has grown: score with its new model from now on.
@@ -286,9 +294,9 @@ impl Validator {
         let mut candidates = Vec::with_capacity(job.submissions.len());
         for s in &job.submissions {
             let bytes = self.hub.submission(&s.blob)?;
-            let candidate = Candidate::from_job(s, &bytes, &lengths)?;
-            candidates.push(self.with_assigned(candidate, &seed)?);
+            candidates.push(Candidate::from_job(s, &bytes, &lengths)?);
         }
+        self.attach_assigned(&mut candidates, &seed)?;
         let crate::RoundScores { scored: scores, held_out_loss, cost } =
             self.scorer.score(&theta, &candidates, &seed)?;
         let report = crate::report(round, &scores, Some(held_out_loss));
@@ -325,7 +333,7 @@ impl Validator {
             let bytes = self.hub.submission(&s.blob)?;
             match self.open(s, &bytes, lengths) {
                 Ok(c) => {
-                    candidates.push(self.with_assigned(c, seed)?);
+                    candidates.push(c);
                     index.push(i);
                 }
                 Err(reason) => {
@@ -334,6 +342,7 @@ impl Validator {
                 }
             }
         }
+        self.attach_assigned(&mut candidates, seed)?;
         let (scores, held_out_loss, cost) = if candidates.is_empty() {
             (Vec::new(), None, ScoreCost::default())
         } else {
