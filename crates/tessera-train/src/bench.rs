@@ -44,6 +44,8 @@ pub struct BenchResult {
 #[derive(Debug, Clone)]
 pub struct BenchOptions {
     pub batch_size: usize,
+    /// Tokens per sequence (`None`: the model's context length).
+    pub seq_len: Option<usize>,
     pub steps: u64,
     pub warmup: u64,
     pub device: Device,
@@ -58,7 +60,7 @@ pub struct BenchOptions {
 /// keeps the preset's vocabulary so that the comparison with Python uses identical shapes.
 pub fn train_throughput(name: &str, model_config: &LlamaConfig, o: &BenchOptions) -> Result<BenchResult, TrainError> {
     let (batch_size, device) = (o.batch_size, o.device);
-    let seq_len = model_config.max_position_embeddings as usize;
+    let seq_len = o.seq_len.unwrap_or(model_config.max_position_embeddings as usize);
     let chars = (batch_size * (seq_len + 1) * 4).max(100_000);
     let dataset = Dataset::synthetic(SyntheticSpec::default(), chars, seq_len * 4)?;
     let profiled = o.steps.clamp(1, 5);

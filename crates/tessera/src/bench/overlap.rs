@@ -171,6 +171,7 @@ pub fn bench_overlap(args: BenchOverlapArgs) -> Result<()> {
     println!("timing {}'s training step on {threads} thread(s)…", args.model);
     let options = BenchOptions {
         batch_size: args.batch_size as usize,
+        seq_len: None,
         steps: 5,
         warmup: 2,
         device: Device::Cpu,

@@ -14,6 +14,9 @@ pub struct BenchTrainArgs {
     pub models: Vec<String>,
     #[arg(long, default_value_t = 12)]
     pub batch_size: usize,
+    /// Tokens per sequence (default: each model's context length).
+    #[arg(long)]
+    pub seq_len: Option<usize>,
     /// Timed steps per model.
     #[arg(long, default_value_t = 40)]
     pub steps: u64,
@@ -37,8 +40,8 @@ pub struct BenchTrainArgs {
 
 pub fn bench_train(args: &BenchTrainArgs) -> Result<()> {
     let device = setup_runtime(&args.runtime)?;
-    if args.steps == 0 || args.batch_size == 0 {
-        bail!("--steps and --batch-size must be positive");
+    if args.steps == 0 || args.batch_size == 0 || args.seq_len == Some(0) {
+        bail!("--steps, --batch-size and --seq-len must be positive");
     }
     let peak_flops = match args.peak_tflops {
         Some(t) if t.is_finite() && t > 0.0 => Some(t * 1e12),
@@ -48,6 +51,7 @@ pub fn bench_train(args: &BenchTrainArgs) -> Result<()> {
     };
     let options = BenchOptions {
         batch_size: args.batch_size,
+        seq_len: args.seq_len,
         steps: args.steps,
         warmup: args.warmup,
         device,
