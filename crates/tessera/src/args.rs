@@ -108,7 +108,7 @@ pub fn mbps(flag: &str, v: Option<f64>) -> Result<Option<f64>> {
 /// that drop unused libraries (`--as-needed`, Debian's and Ubuntu's default) leave it out;
 /// loading it only when a GPU is asked for keeps CPU runs from mapping the CUDA libraries.
 /// Loading it again when it is already there (a linker that kept it) changes nothing.
-fn load_torch_cuda() -> Result<()> {
+pub fn load_torch_cuda() -> Result<()> {
     static LOADED: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
     let loaded = LOADED.get_or_init(|| {
         // SAFETY (both loads below): the library's initialisers register libtorch's CUDA
@@ -137,6 +137,15 @@ fn load_torch_cuda() -> Result<()> {
             bail!("--device cuda: libtorch's CUDA library could not be loaded ({e}); is this PyTorch a CPU-only build?")
         }
     }
+}
+
+/// `--device` as a comma-separated list (`cuda:0,cuda:1`): each device set up and checked.
+pub fn setup_devices(runtime: &RuntimeArgs) -> Result<Vec<Device>> {
+    runtime
+        .device
+        .split(',')
+        .map(|d| setup_runtime(&RuntimeArgs { device: d.trim().to_owned(), threads: runtime.threads }))
+        .collect()
 }
 
 pub fn setup_runtime(runtime: &RuntimeArgs) -> Result<Device> {

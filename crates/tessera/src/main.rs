@@ -6,6 +6,7 @@
 mod args;
 mod bench;
 mod cmd;
+mod plan;
 mod spec;
 
 use clap::{Parser, Subcommand};
@@ -61,6 +62,11 @@ enum Command {
     /// Grow a checkpoint into a larger model that computes exactly the same function
     /// (wider hidden size, MLP, more heads, more layers), written as a Hugging Face checkpoint.
     Grow(cmd::model::GrowArgs),
+    /// Check this machine before it joins a run: accelerator, driver and CUDA against the
+    /// pinned libtorch, memory against each phase's need, free disk, and with --hub the link
+    /// (latency, bandwidth) and clock skew. Prints the phases it can contribute to and what to
+    /// fix; exits non-zero when it cannot contribute at all.
+    Doctor(cmd::doctor::DoctorArgs),
     /// Make an Ed25519 identity (owner-only PEM file) for `tessera contribute --key`.
     Keygen(cmd::trust::KeygenArgs),
     /// The reward ledger: verify a hub's (or an exported file) from its bytes alone.
@@ -106,6 +112,7 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Validator(args) => cmd::validator::validate(*args),
         Command::Phases(args) => cmd::phases::phases(args),
         Command::Grow(args) => cmd::model::grow(args),
+        Command::Doctor(args) => cmd::doctor::doctor(args),
         Command::Keygen(args) => cmd::trust::keygen(args),
         Command::Ledger(command) => cmd::trust::ledger(command),
         Command::Leaderboard(args) => cmd::leaderboard::leaderboard(args),

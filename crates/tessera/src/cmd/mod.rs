@@ -4,6 +4,7 @@
 pub mod contribute;
 pub mod data;
 pub mod demo;
+pub mod doctor;
 pub mod hub;
 pub mod leaderboard;
 pub mod model;
