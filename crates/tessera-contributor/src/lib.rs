@@ -72,7 +72,9 @@ pub struct ContributorConfig {
     /// The Ed25519 key file (`tessera keygen`); default `identity.pem` in the state directory,
     /// created if missing.
     pub key: Option<PathBuf>,
-    pub device: Device,
+    /// The devices to train on (at least one): one DiLoCo replica each, averaged before the
+    /// round's one upload.
+    pub devices: Vec<Device>,
     /// Training data for runs whose data source is external (checked by fingerprint).
     pub data: Option<Dataset>,
     /// Stop after submitting this many rounds (default: until the run finishes).
@@ -187,6 +189,10 @@ pub struct Contributor {
     identity: Identity,
     recipient: Option<Recipient>,
     trainer: Trainer,
+    /// Several devices: the replicas on the devices after the first (`trainer` is replica 0).
+    /// Each trains its share of every step's windows; their weights are averaged at the end of
+    /// the round, so the hub sees one submission.
+    replicas: Vec<Trainer>,
     feedback: Vec<ErrorFeedback>,
     base: Option<Base>,
     /// The last base round this contributor submitted for.
@@ -286,16 +292,28 @@ impl Contributor {
         };
         let model_config = LlamaConfig::from_json(run.spec.model.clone())
             .map_err(|e| ContributorError::Data(format!("the run's model config: {e}")))?;
-        let train_config = inner_config(&run, identity.contributor_id);
-        let trainer_dir = dir.join("trainer");
-        let trainer = if Trainer::recover(&trainer_dir)? {
-            Trainer::resume(&trainer_dir, dataset, config.device, Some(train_config.steps))?
-        } else {
-            let model = Llama::zeroed(&model_config, config.device)?;
-            Trainer::from_model(train_config, model, dataset)?
-        };
+        if config.devices.is_empty() {
+            return Err(ContributorError::Data("no device to train on".into()));
+        }
+        let mut trainers = Vec::with_capacity(config.devices.len());
+        for (r, &device) in config.devices.iter().enumerate() {
+            let train_config = replica_config(&run, identity.contributor_id, r, config.devices.len());
+            let trainer_dir = replica_dir(dir, r);
+            let trainer = if Trainer::recover(&trainer_dir)? {
+                let mut t = Trainer::resume(&trainer_dir, dataset.clone(), device, Some(train_config.steps))?;
+                t.config.replica = train_config.replica;
+                t.config.replicas = train_config.replicas;
+                t
+            } else {
+                let model = Llama::zeroed(&model_config, device)?;
+                Trainer::from_model(train_config, model, dataset.clone())?
+            };
+            check_table(&trainer.model, &run.spec.tensors)?;
+            trainers.push(trainer);
+        }
+        let trainer = trainers.remove(0);
+        let replicas = trainers;
         let table = &run.spec.tensors;
-        check_table(&trainer.model, table)?;
         let decay = run.spec.feedback_decay;
         let feedback = match std::fs::read(dir.join("feedback.safetensors")) {
             Ok(bytes) => decode_weights(&bytes, table)?
@@ -317,6 +335,7 @@ impl Contributor {
             identity,
             recipient: None,
             trainer,
+            replicas,
             feedback,
             base,
             last_submitted,
@@ -360,15 +379,22 @@ impl Contributor {
         let run = self.net.client.run()?;
         let model_config = LlamaConfig::from_json(run.spec.model.clone())
             .map_err(|e| ContributorError::Data(format!("the run's model config: {e}")))?;
-        let model = Llama::zeroed(&model_config, self.config.device)?;
-        check_table(&model, &run.spec.tensors)?;
         let dir = self.config.state_dir.clone();
         for stale in ["trainer", "feedback.safetensors", "base.safetensors", "base.json"] {
             let p = dir.join(stale);
             let _ = if p.is_dir() { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) };
         }
-        let dataset = self.trainer.dataset.clone();
-        self.trainer = Trainer::from_model(inner_config(&run, self.identity.contributor_id), model, dataset)?;
+        let n = self.config.devices.len();
+        let mut trainers = Vec::with_capacity(n);
+        for (r, &device) in self.config.devices.iter().enumerate() {
+            let model = Llama::zeroed(&model_config, device)?;
+            check_table(&model, &run.spec.tensors)?;
+            let _ = std::fs::remove_dir_all(replica_dir(&dir, r));
+            let config = replica_config(&run, self.identity.contributor_id, r, n);
+            trainers.push(Trainer::from_model(config, model, self.trainer.dataset.clone())?);
+        }
+        self.trainer = trainers.remove(0);
+        self.replicas = trainers;
         let decay = run.spec.feedback_decay;
         self.feedback =
             run.spec.tensors.iter().map(|t| ErrorFeedback::new(t.numel() as usize).with_decay(decay)).collect();
@@ -523,23 +549,62 @@ impl Contributor {
         let began = Instant::now();
         let (keep, steps) = self.begin_round(a, start)?;
         let mut loss_sum = 0.0;
-        for step in 0..steps {
-            loss_sum += self.inner_step(step)?;
+        // The other replicas train on their own threads (their own devices) while this one
+        // reports progress; the losses of all of them make the round's mean.
+        let replicas = std::mem::take(&mut self.replicas);
+        let trained = std::thread::scope(|scope| {
+            let others: Vec<_> = replicas
+                .into_iter()
+                .map(|mut t| {
+                    scope.spawn(move || {
+                        let mut sum = 0.0;
+                        for _ in 0..steps {
+                            sum += t.train_step()?.loss;
+                        }
+                        Ok::<_, TrainError>((t, sum))
+                    })
+                })
+                .collect();
+            let mine = (0..steps).try_for_each(|step| {
+                loss_sum += self.inner_step(step)?;
+                Ok::<_, ContributorError>(())
+            });
+            let mut back = Vec::with_capacity(others.len());
+            let mut failed = mine.err();
+            for h in others {
+                match h.join() {
+                    Ok(Ok((t, sum))) => {
+                        loss_sum += sum;
+                        back.push(t);
+                    }
+                    Ok(Err(e)) => failed = failed.or(Some(e.into())),
+                    Err(_) => failed = failed.or(Some(ContributorError::Data("a replica's thread panicked".into()))),
+                }
+            }
+            (back, failed)
+        });
+        let (back, failed) = trained;
+        if let Some(e) = failed {
+            return Err(e); // The replicas lost are rebuilt by a restart from the saved state.
         }
-        Ok((keep, loss_sum / steps.max(1) as f64, began.elapsed().as_secs_f64()))
+        self.replicas = back;
+        let replicas = 1.0 + self.replicas.len() as f64;
+        Ok((keep, loss_sum / (steps.max(1) as f64 * replicas), began.elapsed().as_secs_f64()))
     }
 
     /// Sets the trainer up for round `a` from the weights `start`: the schedule, the data slot,
     /// and which tensors learn. Returns those tensors (all, or its fragment's) and the number of
     /// inner steps to train.
     fn begin_round(&mut self, a: &Assignment, start: &[Vec<f32>]) -> Result<(Vec<usize>, u64)> {
-        write_params(&self.trainer.model, start)?;
         self.take_shard(a)?;
         self.first_step.get_or_insert_with(Instant::now);
-        self.trainer.schedule_shift = a.schedule_step as i64 - self.trainer.step() as i64;
         let adversary = self.config.adversary;
-        if adversary == Some(tessera_contest::Adversary::WrongData) {
-            self.trainer.config.worker = a.slot + 1_000_003; // Someone else's windows.
+        for t in std::iter::once(&mut self.trainer).chain(&mut self.replicas) {
+            write_params(&t.model, start)?;
+            t.schedule_shift = a.schedule_step as i64 - t.step() as i64;
+            if adversary == Some(tessera_contest::Adversary::WrongData) {
+                t.config.worker = a.slot + 1_000_003; // Someone else's windows.
+            }
         }
         // A layer-sharded run: only this contributor's fragment learns (the rest is frozen, so it
         // gets no gradients) and only it is submitted.
@@ -547,8 +612,10 @@ impl Contributor {
             Some(f) => self.run.spec.fragment_tensors(f),
             None => (0..self.run.spec.tensors.len()).collect(),
         };
-        for (i, (_, t)) in self.trainer.model.named_parameters().into_iter().enumerate() {
-            let _ = t.set_requires_grad(keep.binary_search(&i).is_ok());
+        for trainer in std::iter::once(&self.trainer).chain(&self.replicas) {
+            for (i, (_, t)) in trainer.model.named_parameters().into_iter().enumerate() {
+                let _ = t.set_requires_grad(keep.binary_search(&i).is_ok());
+            }
         }
         let steps = adversary.map_or(a.inner_steps, |k| k.inner_steps(a.inner_steps));
         self.report(Progress::Round { round: a.round, phase: a.phase, steps });
@@ -568,6 +635,9 @@ impl Contributor {
                 d.shard,
                 tokens.len()
             )));
+        }
+        for t in &mut self.replicas {
+            t.dataset.train = tokens.clone();
         }
         self.trainer.dataset.train = tokens;
         if let Some(next) =
@@ -590,7 +660,7 @@ impl Contributor {
     /// (tampered with, for an adversary), sealed in a sealed run.
     fn package(&mut self, a: &Assignment, keep: &[usize], start: &[Vec<f32>]) -> Result<Packaged> {
         let adversary = self.config.adversary;
-        let local = read_params(&self.trainer.model)?;
+        let local = self.local_weights()?;
         let mut deltas: Vec<Vec<f32>> =
             start.iter().zip(&local).map(|(b, l)| b.iter().zip(l).map(|(b, l)| b - l).collect()).collect();
         if let Some(kind) = adversary {
@@ -686,11 +756,31 @@ impl Contributor {
         }
     }
 
+    /// The round's trained weights: the model's, or with several devices the mean of every
+    /// replica's (one DiLoCo step among them, at no cost to the link).
+    fn local_weights(&self) -> Result<Vec<Vec<f32>>> {
+        let mut sum = read_params(&self.trainer.model)?;
+        if self.replicas.is_empty() {
+            return Ok(sum);
+        }
+        for t in &self.replicas {
+            for (s, r) in sum.iter_mut().zip(read_params(&t.model)?) {
+                s.iter_mut().zip(r).for_each(|(s, r)| *s += r);
+            }
+        }
+        let n = 1.0 + self.replicas.len() as f32;
+        sum.iter_mut().for_each(|t| t.iter_mut().for_each(|v| *v /= n));
+        Ok(sum)
+    }
+
     /// Persists what a restart needs after a trained round: the inner trainer and the
     /// error-feedback residuals.
     fn save_state(&mut self) -> Result<()> {
         let dir = self.config.state_dir.clone();
         self.trainer.save(&dir.join("trainer"))?;
+        for (r, t) in self.replicas.iter().enumerate() {
+            t.save(&replica_dir(&dir, r + 1))?;
+        }
         if self.run.spec.codec != Codec::F32 {
             let residuals: Vec<Vec<f32>> = self.feedback.iter().map(|f| f.residual().to_vec()).collect();
             write_atomic(&dir.join("feedback.safetensors"), &encode_weights(&self.run.spec.tensors, &residuals)?)?;
@@ -704,6 +794,18 @@ impl Contributor {
         self.last_submitted = Some(round);
         Ok(())
     }
+}
+
+/// Where replica `r`'s inner trainer is saved: `trainer` for the first (as with one device),
+/// `trainer-r` for the others.
+fn replica_dir(dir: &Path, r: usize) -> PathBuf {
+    if r == 0 { dir.join("trainer") } else { dir.join(format!("trainer-{r}")) }
+}
+
+/// Replica `r` of `n`'s inner trainer: the contributor's, drawing its share of each step's
+/// windows.
+fn replica_config(run: &RunInfo, contributor: u64, r: usize, n: usize) -> tessera_train::TrainConfig {
+    tessera_train::TrainConfig { replicas: n, replica: r, ..inner_config(run, contributor) }
 }
 
 fn not_admitted(e: &ApiError) {

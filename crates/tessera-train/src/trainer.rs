@@ -42,6 +42,14 @@ pub struct TrainConfig {
     pub checkpoint_interval: u64,
     pub seed: u64,
     pub worker: u64,
+    /// One of several replicas of one worker (a contributor with several devices): each step's
+    /// windows are drawn for all `replicas` at once and replica `replica` trains its share, so
+    /// together they train what one device with `replicas` × the batch would, and replica 0
+    /// exactly what a lone worker would. 0 or 1: alone.
+    #[serde(default)]
+    pub replicas: usize,
+    #[serde(default)]
+    pub replica: usize,
 }
 
 impl Default for TrainConfig {
@@ -61,6 +69,8 @@ impl Default for TrainConfig {
             checkpoint_interval: 0,
             seed: 1337,
             worker: 0,
+            replicas: 1,
+            replica: 0,
         }
     }
 }
@@ -70,6 +80,9 @@ impl TrainConfig {
         let bad = |m: String| Err(TrainError::Invalid(m));
         if self.batch_size == 0 || self.seq_len == 0 || self.grad_accum == 0 {
             return bad("batch size, sequence length and gradient accumulation must be positive".into());
+        }
+        if self.replica >= self.replicas.max(1) {
+            return bad(format!("replica {} of {}", self.replica, self.replicas));
         }
         if self.seq_len as i64 > model.max_position_embeddings {
             return bad(format!(
@@ -298,14 +311,16 @@ impl Trainer {
         // The step's windows depend only on (seed, worker, schedule step), so a validator can
         // replay which data an assignment trained on; accumulation only decides how many go
         // through the model at once, so a small-memory worker computes the same update.
-        let starts = train_windows(
+        let per_replica = c.batch_size * c.grad_accum;
+        let all = train_windows(
             c.seed,
             c.worker,
             schedule_step,
-            c.batch_size * c.grad_accum,
+            per_replica * c.replicas.max(1),
             c.seq_len,
             self.dataset.train.len(),
         );
+        let starts = &all[c.replica * per_replica..(c.replica + 1) * per_replica];
         let mut stages = self.profile.is_some().then(|| Stages::new(self.model.device()));
         let lap = |stages: &mut Option<Stages>| stages.as_mut().map_or(0.0, Stages::lap);
         let mut took = StepProfile { steps: 1, ..StepProfile::default() };

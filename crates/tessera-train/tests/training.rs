@@ -106,6 +106,24 @@ fn gradient_accumulation_matches_the_full_batch() {
     }
 }
 
+/// Replicas of one worker (one per device) split the batch one device with their combined
+/// batch would train: replica 0 draws exactly a lone worker's windows, and from the same
+/// weights the replicas' mean loss is the combined batch's loss.
+#[test]
+fn replicas_split_the_combined_batch() {
+    let replica = |r: usize| TrainConfig { batch_size: 4, replicas: 2, replica: r, ..config(4) };
+    let new = |c: TrainConfig| Trainer::new(c, &preset("tiny").unwrap(), dataset(), Device::Cpu).unwrap();
+    let lone = new(TrainConfig { batch_size: 4, ..config(4) }).train_step().unwrap().loss;
+    let first = new(replica(0)).train_step().unwrap().loss;
+    let second = new(replica(1)).train_step().unwrap().loss;
+    let both = new(TrainConfig { batch_size: 8, ..config(4) }).train_step().unwrap().loss;
+    assert_eq!(lone.to_bits(), first.to_bits(), "replica 0 trains a lone worker's windows");
+    assert_ne!(first, second, "replica 1 trains other windows");
+    assert!(((first + second) / 2.0 - both).abs() < 1e-5, "{first} and {second} vs the combined batch's {both}");
+    let err = Trainer::new(replica(2), &preset("tiny").unwrap(), dataset(), Device::Cpu).err().unwrap();
+    assert!(err.to_string().contains("replica 2 of 2"), "{err}");
+}
+
 #[test]
 fn bad_setups_are_refused() {
     let long = TrainConfig { seq_len: 64, ..config(4) };

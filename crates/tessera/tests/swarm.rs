@@ -833,3 +833,68 @@ fn a_contributor_on_a_terminal_shows_live_status() {
         assert!(text.contains(needle), "{needle:?} missing from the terminal:\n{text}");
     }
 }
+
+/// `tessera doctor --hub` against a live hub: it reaches the run, measures the link and the
+/// clock, and finds this machine able to hold the run's model; against no hub it fails.
+#[test]
+fn doctor_checks_a_machine_against_a_live_hub() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let port = free_port();
+    let _h = hub(d, port, &["--inner-steps", "2", "--rounds", "2", "--quorum", "1"]);
+    wait_for(port, Duration::from_secs(60), "the hub", |_| true);
+    let state = d.join("state").display().to_string();
+    let url = format!("http://127.0.0.1:{port}");
+    let out =
+        run(&["doctor", "--hub", &url, "--device", "cpu", "--state-dir", &state, "--data-cache-gib", "0.1", "--json"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let report: serde_json::Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
+    let hub = &report["facts"]["hub"]["reached"]["Ok"];
+    assert!(hub["name"].as_str().unwrap().starts_with("tiny"), "{report:#}");
+    assert!(hub["latency_s"].as_f64().unwrap() < 1.0, "{report:#}");
+    assert!(hub["download_bps"].as_f64().unwrap() > 0.0, "{report:#}");
+    assert!(hub["skew_s"].as_f64().unwrap().abs() < 2.0, "the same clock: {report:#}");
+    assert_eq!(report["verdict"]["can_contribute"], true, "{report:#}");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let gone = format!("http://127.0.0.1:{}", free_port());
+    let out = run(&["doctor", "--hub", &gone, "--device", "cpu", "--state-dir", &state]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{text}");
+    assert!(text.lines().any(|l| l.contains("FAIL") && l.contains("hub")), "{text}");
+    let out = run(&["doctor", "--device", "tpu"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("unknown device"));
+}
+
+/// `--device cpu,cpu`: one contributor trains two replicas, each its share of every step's
+/// windows, and averages them before one upload: the hub sees one contributor submitting once
+/// per round, both replicas trained every round, and the run differs from one device's.
+#[test]
+fn a_contributor_with_two_devices_averages_its_replicas() {
+    let run_with = |devices: &str| {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let port = free_port();
+        let _h = hub(d, port, &["--inner-steps", "4", "--rounds", "3", "--quorum", "1", "--codec", "f32"]);
+        let mut a = contributor_with(d, port, "a", &["--device", devices]);
+        a.wait_success(Duration::from_secs(180), &d.join("a.log"));
+        let last = status(port).unwrap();
+        assert!(last.finished, "{}", logs(d));
+        assert_eq!(last.contributors.len(), 1, "{}", logs(d));
+        assert_eq!(last.contributors[0].submitted_rounds, vec![0, 1, 2], "{}", logs(d));
+        let step = |trainer: &str| -> Option<u64> {
+            let text = std::fs::read_to_string(d.join("a").join(trainer).join("trainer_state.json")).ok()?;
+            serde_json::from_str::<serde_json::Value>(&text).ok()?["step"].as_u64()
+        };
+        assert_eq!(step("trainer"), Some(12), "{}", logs(d));
+        let info = client(port).run().unwrap();
+        (step("trainer-1"), info.checkpoint, log_of(d, "a"), dir)
+    };
+    let (second, two, log, _keep) = run_with("cpu,cpu");
+    assert_eq!(second, Some(12), "the second replica trained every round too\n{log}");
+    assert!(log.contains("2 replicas averaged per round"), "{log}");
+    let (none, one, _, _keep) = run_with("cpu");
+    assert_eq!(none, None);
+    assert_ne!(two, one, "two replicas train more data than one");
+}

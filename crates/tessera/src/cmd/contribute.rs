@@ -8,7 +8,7 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use tessera_contributor::{Contributor, ContributorConfig, Outcome};
 
-use crate::args::{RuntimeArgs, external_data, gib, mbps, setup_runtime};
+use crate::args::{RuntimeArgs, external_data, gib, mbps, setup_devices};
 
 #[derive(Args)]
 pub struct ContributeArgs {
@@ -66,6 +66,10 @@ pub struct ContributeArgs {
     /// Write a JSON line per submitted round, then one with the totals, to this file.
     #[arg(long, value_name = "FILE")]
     pub report: Option<PathBuf>,
+    /// `--device cuda:0,cuda:1,…` (or `cpu,cpu`): train one DiLoCo replica per device, each on
+    /// its share of every step's windows (together what one device with that many times the
+    /// batch would train), and average them before the round's one upload. Needs the model and
+    /// its optimizer to fit each device.
     #[command(flatten)]
     pub runtime: RuntimeArgs,
 }
@@ -89,7 +93,10 @@ impl std::fmt::Display for StepMessage {
 }
 
 pub fn contribute(args: ContributeArgs) -> Result<()> {
-    let device = setup_runtime(&args.runtime)?;
+    let devices = setup_devices(&args.runtime)?;
+    if devices.len() > 1 && (args.overlap || args.adversary.is_some()) {
+        bail!("several devices train one contributor's replicas; --overlap and --adversary take one device");
+    }
     let data = external_data(&args.data, &args.tokenizer)?;
     if !args.data_cache_gib.is_finite() || args.data_cache_gib <= 0.0 {
         bail!("--data-cache-gib must be positive");
@@ -99,7 +106,7 @@ pub fn contribute(args: ContributeArgs) -> Result<()> {
         state_dir: args.state_dir.clone(),
         name: args.name.clone(),
         key: args.key.clone(),
-        device,
+        devices: devices.clone(),
         data,
         max_rounds: args.max_rounds,
         patience: Duration::from_secs(args.patience),
@@ -123,14 +130,15 @@ pub fn contribute(args: ContributeArgs) -> Result<()> {
     }
     let mut contributor = Contributor::join(config)?;
     eprintln!(
-        "tessera contribute: contributor {} in run {} ({}), H = {}, codec {}{}{}",
+        "tessera contribute: contributor {} in run {} ({}), H = {}, codec {}{}{}{}",
         contributor.id(),
         contributor.run.run_id,
         contributor.run.spec.name,
         contributor.run.spec.inner_steps,
         contributor.run.spec.codec,
         if contributor.run.spec.trust.is_some() { ", submissions sealed to the attested validator" } else { "" },
-        if args.overlap { ", transfers overlapped with training" } else { "" }
+        if args.overlap { ", transfers overlapped with training" } else { "" },
+        if devices.len() > 1 { format!(", {} replicas averaged per round", devices.len()) } else { String::new() }
     );
     eprintln!("your key {} (rewards are credited to it)", contributor.public_key());
     // Live status on a terminal (hidden when stderr is not one): phase, round, inner step and

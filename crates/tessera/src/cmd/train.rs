@@ -127,7 +127,7 @@ pub fn train(args: TrainArgs) -> Result<()> {
                 eval_windows: args.eval_windows,
                 checkpoint_interval: args.checkpoint_interval,
                 seed: args.seed,
-                worker: 0,
+                ..TrainConfig::default()
             };
             Trainer::new(config, &model_config, dataset, device)?
         }
