@@ -285,8 +285,7 @@ pub fn step(
 }
 
 fn encode_outer(tensors: &[TensorSpec], state: &OuterState) -> Result<Vec<u8>, AggregateError> {
-    let mut saved: Vec<Vec<f32>> = state.outer.momentum().to_vec();
-    saved.extend(state.residual.iter().cloned());
+    let saved: Vec<&[f32]> = state.outer.momentum().iter().chain(&state.residual).map(Vec::as_slice).collect();
     Ok(encode_weights(&outer_table(tensors), &saved)?)
 }
 

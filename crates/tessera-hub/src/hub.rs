@@ -82,8 +82,9 @@ pub(crate) struct CurrentValidator {
 /// The run as the core sees it, and what the shell keeps beside it.
 pub(crate) struct Live {
     pub run: Run,
-    /// The published weights, outer momentum and broadcast residual.
-    pub outer: OuterState,
+    /// The published weights, outer momentum and broadcast residual (12 bytes a parameter):
+    /// shared with the aggregation task, never copied whole.
+    pub outer: Arc<OuterState>,
     /// A sealed run's aggregate for the round being scored, from the validator.
     pub sealed_mean: Option<(u64, Vec<Vec<f32>>)>,
 }
@@ -190,7 +191,7 @@ impl Hub {
             store,
             spec,
             run_id: run.id,
-            live: Mutex::new(Live { run: core, outer, sealed_mean: None }),
+            live: Mutex::new(Live { run: core, outer: Arc::new(outer), sealed_mean: None }),
             keys: std::sync::RwLock::new(keys),
             trust: std::sync::RwLock::new(Trust { ledger, validator }),
             identity,

@@ -6,6 +6,8 @@
 //! Cost per round for N submissions of P parameters: N blob reads, the mean (see
 //! `tessera_aggregate::round`), three writes of O(P) bytes and one transaction of O(N) rows.
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 use tessera_aggregate::round::{Input, Mean, grow, mean, step};
 use tessera_protocol::weights_hash;
@@ -75,7 +77,7 @@ impl Hub {
         let mut base = [0u8; 32];
         hex::decode_to_slice(live.run.checkpoint(), &mut base)
             .map_err(|e| HubError::Corrupt(format!("base checkpoint: {e}")))?;
-        let (run_id, state) = (live.run.run_id(), live.outer.clone());
+        let (run_id, state) = (live.run.run_id(), Arc::clone(&live.outer));
         let spec_now = current.clone();
         let delta = mean.mean;
         let mut agg = tokio::task::spawn_blocking(move || step(&spec_now, run_id, round, base, &state, &delta))
@@ -119,7 +121,7 @@ impl Hub {
             t.ledger = next;
         }
         live.run.apply(&event)?;
-        live.outer = agg.state;
+        live.outer = Arc::new(agg.state);
         live.sealed_mean = None;
         if let Some(next) = next_phase {
             tracing::info!(

@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 
-use safetensors::{Dtype, SafeTensors, tensor::TensorView as StView};
+use safetensors::{Dtype, SafeTensors};
 
 use crate::api::TensorSpec;
 
@@ -27,32 +27,50 @@ pub enum WeightsError {
 }
 
 /// Serialises `values` (one flat buffer per entry of `table`, in order) to checkpoint bytes.
-pub fn encode_weights(table: &[TensorSpec], values: &[Vec<f32>]) -> Result<Vec<u8>, WeightsError> {
+pub fn encode_weights<V: AsRef<[f32]>>(table: &[TensorSpec], values: &[V]) -> Result<Vec<u8>, WeightsError> {
     if table.len() != values.len() {
         return Err(WeightsError::Count(values.len(), table.len()));
     }
-    let mut buffers = Vec::with_capacity(table.len());
+    let mut views = Vec::with_capacity(table.len());
     for (spec, v) in table.iter().zip(values) {
+        let v = v.as_ref();
         if spec.numel() != v.len() as u64 {
             return Err(WeightsError::Tensor {
                 name: spec.name.clone(),
                 message: format!("shape {:?} holds {} values, got {}", spec.shape, spec.numel(), v.len()),
             });
         }
-        let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
-        buffers.push((spec, bytes));
+        let shape = spec.shape.iter().map(|&d| d as usize).collect();
+        views.push((spec.name.clone(), F32View { values: v, shape }));
     }
-    let views = buffers
-        .iter()
-        .map(|(spec, bytes)| {
-            let shape = spec.shape.iter().map(|&d| d as usize).collect();
-            StView::new(Dtype::F32, shape, bytes)
-                .map(|v| (spec.name.clone(), v))
-                .map_err(|e| WeightsError::Tensor { name: spec.name.clone(), message: e.to_string() })
-        })
-        .collect::<Result<Vec<_>, _>>()?;
     let metadata = HashMap::from([("format".to_owned(), "pt".to_owned())]);
     safetensors::serialize(views, Some(metadata)).map_err(|e| WeightsError::Format(e.to_string()))
+}
+
+/// An f32 tensor as safetensors sees it, its little-endian bytes made only when the file is
+/// written, one tensor at a time: encoding holds the output and one tensor's bytes, not a
+/// second copy of every tensor.
+struct F32View<'a> {
+    values: &'a [f32],
+    shape: Vec<usize>,
+}
+
+impl safetensors::View for F32View<'_> {
+    fn dtype(&self) -> Dtype {
+        Dtype::F32
+    }
+
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        std::borrow::Cow::Owned(self.values.iter().flat_map(|x| x.to_le_bytes()).collect())
+    }
+
+    fn data_len(&self) -> usize {
+        4 * self.values.len()
+    }
 }
 
 /// Parses checkpoint bytes that must hold exactly the tensors of `table`, f32, finite.
