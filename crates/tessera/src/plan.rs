@@ -29,6 +29,47 @@ struct Phase {
     inner_steps: u64,
     contributor_gib: f64,
     qualify_top: u32,
+    /// The run this phase starts as (`tessera hub --phase N`): `tessera hub` flags as TOML keys,
+    /// beside the model, sequence length, micro-batch and H above. Only a phase that starts a
+    /// run has one; later phases grow from it within the same run.
+    #[serde(default)]
+    run: Option<toml::Table>,
+}
+
+/// Phase `n` (1-based) of a plan as the settings of the run it starts: its `run` table, with
+/// the phase's model, sequence length, micro-batch and H, and as many rounds as its token
+/// budget takes at its quorum (`tokens / (quorum × H × micro_batch × seq_len)`, rounded up).
+pub fn phase_run(text: &str, n: usize) -> Result<toml::Table> {
+    plan_rows(text)?; // The whole plan checked first.
+    let plan: Plan = toml::from_str(text).context("phase plan")?;
+    let count = plan.phase.len();
+    let p = n
+        .checked_sub(1)
+        .and_then(|i| plan.phase.get(i))
+        .with_context(|| format!("--phase {n}: the plan has phases 1 to {count}"))?;
+    let Some(mut run) = p.run.clone() else {
+        bail!(
+            "{} does not start a run: it grows from the phase before within the same run (`tessera hub \
+             --phase 1 --grow-to …`); phases that start a run: {}",
+            p.name,
+            plan.phase.iter().filter(|q| q.run.is_some()).map(|q| q.name.as_str()).collect::<Vec<_>>().join(", ")
+        );
+    };
+    for key in ["model", "seq_len", "batch_size", "inner_steps"] {
+        if run.contains_key(key) {
+            bail!("{}: `{key}` belongs to the phase itself, not its run table", p.name);
+        }
+    }
+    let quorum = run.get("quorum").and_then(toml::Value::as_integer).unwrap_or(4).max(1) as f64;
+    let per_round = quorum * p.inner_steps as f64 * (p.micro_batch * p.seq_len) as f64;
+    run.insert("model".into(), p.model.clone().into());
+    run.insert("seq_len".into(), p.seq_len.into());
+    run.insert("batch_size".into(), p.micro_batch.into());
+    run.insert("inner_steps".into(), (p.inner_steps as i64).into());
+    if !run.contains_key("rounds") {
+        run.insert("rounds".into(), ((p.tokens / per_round).ceil() as i64).into());
+    }
+    Ok(run)
 }
 
 /// What a phase implies.

@@ -237,6 +237,38 @@ impl RunArgs {
         std::fs::rename(&tmp, path).with_context(|| format!("write {}", path.display()))
     }
 
+    /// Phase `n` of the plan Tessera ships with (`phases.toml`), as the run it starts.
+    pub fn for_phase(n: usize) -> Result<RunArgs> {
+        let table = crate::plan::phase_run(crate::plan::DEFAULT_PLAN, n)?;
+        let args: RunArgs = toml::Value::Table(table).try_into().with_context(|| format!("phase {n}'s run"))?;
+        Ok(args)
+    }
+
+    /// These settings with every flag `flags` changes from its default put over them (a phase's
+    /// run with `--data`, or a shorter sequence for a test).
+    pub fn overlay(&self, flags: &RunArgs) -> Result<RunArgs> {
+        let changed = flags.changed()?;
+        let mut base = toml::Value::try_from(self).context("the run's settings")?;
+        let given = toml::Value::try_from(flags).context("the flags")?;
+        let (Some(base_table), Some(given_table)) = (base.as_table_mut(), given.as_table()) else {
+            bail!("the run's settings are not a table");
+        };
+        for key in changed {
+            if let Some(v) = given_table.get(&key) {
+                base_table.insert(key, v.clone());
+                continue;
+            }
+            for (name, nested) in given_table.iter().filter_map(|(k, v)| v.as_table().map(|t| (k, t))) {
+                if let Some(v) = nested.get(&key)
+                    && let Some(t) = base_table.get_mut(name).and_then(toml::Value::as_table_mut)
+                {
+                    t.insert(key.clone(), v.clone());
+                }
+            }
+        }
+        base.try_into().context("the run's settings")
+    }
+
     /// The settings that differ from the defaults (by flag name, `_` for `-`).
     pub fn changed(&self) -> Result<Vec<String>> {
         let flat = |v: toml::Value| -> Vec<(String, toml::Value)> {
@@ -299,6 +331,19 @@ impl RunArgs {
         spec.validate().map_err(anyhow::Error::msg)?;
         Ok(NewRun { weights: read_params(&model)?, spec })
     }
+}
+
+/// Phase `n`'s run with the run flags given put over it.
+pub fn phase_run(n: usize, flags: &RunArgs) -> Result<RunArgs> {
+    let run = RunArgs::for_phase(n)?.overlay(flags)?;
+    if run.data.data.is_none() {
+        bail!(
+            "phase {n} trains on real text: give --data, a dataset prepared with `tessera data prepare` (a \
+             directory, or the URL `tessera data publish` put it under); its manifest names and hashes the \
+             tokenizer (train one with `tessera tokenizer train`)"
+        );
+    }
+    Ok(run)
 }
 
 fn run_spec(args: &RunArgs, dataset: &Dataset, model: &Llama) -> Result<RunSpec> {

@@ -480,6 +480,30 @@ fn a_run_is_described_by_one_spec_file() {
     assert!(err.contains("quorom") && err.contains("run.toml"), "{err}");
 }
 
+/// `hub --phase 1` is phase 1 of the plan as a run (model, sequence, micro-batch, H, codecs,
+/// scoring, rounds from the token budget); flags beside it change it; it needs data; a phase
+/// that grows from another does not start a run.
+#[test]
+fn a_phase_of_the_plan_starts_a_run() {
+    let spec = ok(&["hub", "--phase", "1", "--data", "somewhere", "--print-spec"]);
+    for line in ["model = \"phase1\"", "seq_len = 2048", "batch_size = 4", "inner_steps = 500", "scored = true"] {
+        assert!(spec.lines().any(|l| l == line), "{line} missing from\n{spec}");
+    }
+    let rounds: u64 = spec.lines().find_map(|l| l.strip_prefix("rounds = ")).unwrap().parse().unwrap();
+    // 10B tokens at 16 contributors × 500 steps × 4 × 2048 tokens a round.
+    assert_eq!(rounds, (10e9_f64 / (16.0 * 500.0 * 4.0 * 2048.0)).ceil() as u64);
+    let short = ok(&["hub", "--phase", "1", "--data", "somewhere", "--seq-len", "64", "--print-spec"]);
+    assert!(short.contains("seq_len = 64") && short.contains("model = \"phase1\""), "{short}");
+    let err = fails(&["hub", "--phase", "1", "--print-spec"]);
+    assert!(err.contains("--data"), "{err}");
+    let err = fails(&["hub", "--phase", "2", "--data", "x", "--print-spec"]);
+    assert!(err.contains("does not start a run"), "{err}");
+    let err = fails(&["hub", "--phase", "9", "--data", "x", "--print-spec"]);
+    assert!(err.contains("phases 1 to 7"), "{err}");
+    let err = fails(&["hub", "--phase", "1", "--spec", "run.toml"]);
+    assert!(err.contains("cannot be used with"), "{err}");
+}
+
 /// `tessera --help` introduces the whole system and where to start.
 #[test]
 fn help_introduces_the_system() {

@@ -34,6 +34,11 @@ pub struct DemoArgs {
     /// each phase after the first admits the top --promote-top of the leaderboard.
     #[arg(long)]
     pub phases: bool,
+    /// Run phase N of the plan (`tessera hub --phase N`) with these contributors: its model,
+    /// sequence length, micro-batch, H, codecs and scoring, changed by the run flags given
+    /// (e.g. a short --seq-len and --rounds on a small machine). Needs --data.
+    #[arg(long, value_name = "N", conflicts_with = "phases")]
+    pub phase: Option<usize>,
     /// Contributors overlap their uploads and downloads with training (`contribute --overlap`).
     #[arg(long)]
     pub overlap: bool,
@@ -113,7 +118,11 @@ pub fn demo(args: DemoArgs) -> Result<()> {
 /// The run the demo's hub serves: the run flags as given, with the quorum no larger than the
 /// contributors and, with `--phases`, the seven-phase ladder.
 pub fn demo_run(args: &DemoArgs) -> Result<RunArgs> {
-    let mut run = RunArgs { quorum: args.run.quorum.min(args.contributors as u32), ..args.run.clone() };
+    let given = match args.phase {
+        Some(n) => crate::spec::phase_run(n, &args.run)?,
+        None => args.run.clone(),
+    };
+    let mut run = RunArgs { quorum: given.quorum.min(args.contributors as u32), ..given };
     if args.phases {
         if !run.grow_to.is_empty() || run.model != "nano" {
             bail!("--phases sets the model and its growth itself; leave out --model and --grow-to");

@@ -6,7 +6,7 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use tessera_hub::{Db, Hub, HubConfig, Store};
 
-use crate::spec::RunArgs;
+use crate::spec::{RunArgs, phase_run};
 
 #[derive(Args)]
 pub struct HubArgs {
@@ -15,8 +15,14 @@ pub struct HubArgs {
     /// The run's description: a TOML file whose keys are the run flags above (`--print-spec`
     /// writes one). Used when the database holds no run yet; a run flag on the command line
     /// beside it is an error.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", conflicts_with = "phase")]
     pub spec: Option<PathBuf>,
+    /// Start phase N of the plan (`tessera phases`): its model, sequence length, micro-batch,
+    /// H, codecs, quorum and scoring, with rounds for its token budget. Run flags given beside
+    /// it change those settings; phase 1 needs --data (a prepared dataset, whose manifest
+    /// names and hashes its tokenizer).
+    #[arg(long, value_name = "N")]
+    pub phase: Option<usize>,
     /// Print the run spec the flags (or --spec) describe, as TOML, and exit: edit it, then
     /// serve it with `--spec`.
     #[arg(long)]
@@ -44,6 +50,9 @@ pub struct HubArgs {
 
 /// The run `args` describe: its spec file, or its flags (never both).
 pub fn run_args(args: &HubArgs) -> Result<RunArgs> {
+    if let Some(n) = args.phase {
+        return phase_run(n, &args.run);
+    }
     let Some(path) = &args.spec else { return Ok(args.run.clone()) };
     let given = args.run.changed()?;
     if !given.is_empty() {
