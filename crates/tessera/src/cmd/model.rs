@@ -38,6 +38,20 @@ pub enum ModelCommand {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Download a hub's current global weights (checked against their hash and the hub's
+    /// signature) and write them as a Hugging Face checkpoint with the run's tokenizer: what
+    /// `transformers` and `tessera serve` load.
+    Pull {
+        /// The hub's URL.
+        #[arg(long)]
+        hub: String,
+        /// The checkpoint directory to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// Runs on a published dataset: where its tokenizer is fetched to.
+        #[arg(long, default_value = "runs/pull-cache")]
+        cache: PathBuf,
+    },
     /// Print the tokens of TEXT and the model's logits for them, as JSON (for comparisons).
     Logits {
         #[arg(long)]
@@ -69,7 +83,43 @@ pub fn model(command: ModelCommand) -> Result<()> {
         ModelCommand::Info { model, seq_len, json } => model_info(model.as_deref(), seq_len, json),
         ModelCommand::Init { model, tokenizer, seed, out } => model_init(&model, &tokenizer, seed, &out),
         ModelCommand::Logits { checkpoint, text } => model_logits(&checkpoint, &text),
+        ModelCommand::Pull { hub, out, cache } => model_pull(&hub, &out, &cache),
     }
+}
+
+fn model_pull(hub: &str, out: &Path, cache: &Path) -> Result<()> {
+    let client = tessera_client::HubClient::new(hub)?;
+    let info = client.run()?;
+    let client = client.pinning(tessera_trust::PublicKey::parse(&info.hub_key)?);
+    eprintln!("downloading the weights of run {} ({}) after round {}…", info.run_id, info.spec.name, info.round);
+    let bytes = client.checkpoint(&info.checkpoint, None)?;
+    let weights = tessera_protocol::decode_weights(&bytes, &info.spec.tensors)?;
+    drop(bytes);
+    let tokenizer = match &info.spec.data.source {
+        tessera_protocol::api::DataSource::Manifest { urls, .. } => {
+            let shards =
+                tessera_client::ShardCache::open(urls, Some(&info.spec.data.fingerprint), cache, 1 << 30, None)?;
+            Some(shards.tokenizer()?)
+        }
+        tessera_protocol::api::DataSource::Embedded { .. } => {
+            Some(tessera_train::run::run_dataset(&info, None)?.tokenizer)
+        }
+        // The run's own data: the tokenizer is not the hub's to give.
+        tessera_protocol::api::DataSource::External => None,
+    };
+    let config = LlamaConfig::from_json(info.spec.model.clone()).map_err(anyhow::Error::msg)?;
+    let model = tessera_model::Llama::zeroed(&config, Device::Cpu)?;
+    tessera_train::diloco::write_params(&model, &weights)?;
+    drop(weights);
+    tessera_model::save_checkpoint(&model, tokenizer.as_ref(), out)?;
+    println!(
+        "wrote {} ({} parameters, checkpoint {}){}",
+        out.display(),
+        human(config.num_params() as f64),
+        &info.checkpoint[..16],
+        if tokenizer.is_none() { "; the run trains on external data, so no tokenizer was written" } else { "" }
+    );
+    Ok(())
 }
 
 fn model_info(model: Option<&str>, seq_len: Option<i64>, json: bool) -> Result<()> {
