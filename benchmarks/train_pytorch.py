@@ -7,10 +7,12 @@ count, and runs `tessera bench train` for the same settings. The two alternate f
 rounds (a shared machine's speed drifts); the ratio reported is median Tessera tokens/s ÷
 median PyTorch tokens/s, with the per-round ratios. Each side also reports the peak resident
 memory of its process during the timed steps (Linux: VmHWM after resetting it), and on a GPU
-its model FLOPs utilisation with bf16 autocast.
+its model FLOPs utilisation with bf16 autocast. With `--compile` PyTorch is also timed with
+`torch.compile` (its default mode), and Tessera's tokens/s is reported against both.
 
     .venv/bin/python benchmarks/train_pytorch.py --models nano,micro,small --threads 2
     python benchmarks/train_pytorch.py --device cuda --models micro,small --steps 50
+    python benchmarks/train_pytorch.py --device cuda --models phase1 --batch-size 4 --seq-len 2048 --compile
 """
 import argparse
 import json
@@ -105,15 +107,16 @@ def reset_peak_rss():
         return False
 
 
-def bench_pytorch(config, batch, steps, warmup, device, bf16):
+def bench_pytorch(config, batch, seq_len, steps, warmup, device, bf16, compiled=False):
     torch.manual_seed(0)
     model = Llama(config).to(device)
-    t = config["max_position_embeddings"]
+    forward = torch.compile(model) if compiled else model
+    t = seq_len or config["max_position_embeddings"]
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=1e-3, betas=(0.9, 0.99), eps=1e-8,
+        lr=1e-3, betas=(0.9, 0.99), eps=1e-8, fused=device == "cuda",
     )
     data = torch.randint(0, config["vocab_size"], (batch * 4, t + 1), device=device)
 
@@ -121,7 +124,7 @@ def bench_pytorch(config, batch, steps, warmup, device, bf16):
         rows = data[(torch.arange(batch, device=device) + i * batch) % data.shape[0]]
         x, y = rows[:, :-1], rows[:, 1:]
         with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=bf16):
-            logits = model(x)
+            logits = forward(x)
         loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -149,6 +152,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="nano,micro")
     ap.add_argument("--batch-size", type=int, default=12)
+    ap.add_argument("--seq-len", type=int, help="tokens per sequence (default: the model's context)")
+    ap.add_argument("--compile", action="store_true", help="also time PyTorch under torch.compile")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--warmup", type=int, default=5)
@@ -162,19 +167,24 @@ def main():
     precision = args.precision or ("bf16" if args.device == "cuda" else "f32")
     bf16 = precision == "bf16"
     where = torch.cuda.get_device_name(0) if args.device == "cuda" else f"{args.threads} CPU threads"
-    print(f"torch {torch.__version__}, {where}, batch {args.batch_size}, {precision}")
+    seq = f" × {args.seq_len}" if args.seq_len else ""
+    print(f"torch {torch.__version__}, {where}, batch {args.batch_size}{seq}, {precision}")
     print(f"{args.rounds} alternating rounds of {args.steps} timed steps each; medians")
     print("peak RSS: the process's peak resident memory during the timed steps; step: that peak less")
     print("its resident memory when they began (what the steps themselves add)")
     print(f"{'model':<8} {'pytorch tok/s':>14} {'tessera tok/s':>14} {'ratio':>7} {'pytorch RSS':>12} "
           f"{'tessera RSS':>12} {'RSS ratio':>9} {'pytorch step':>12} {'tessera step':>12} "
-          f"{'pytorch MFU':>11} {'tessera MFU':>11}  per-round ratios")
+          f"{'pytorch MFU':>11} {'tessera MFU':>11} {'compile tok/s':>13} {'vs compile':>10}  per-round ratios")
     for name in args.models.split(","):
         info = json.loads(subprocess.check_output([args.tessera, "model", "info", name, "--json"]))
         flops_per_token = info["train_flops_per_token"]
-        py_runs, rs_runs, py_rss, rs_rss, py_step, rs_step, rs_mfu = [], [], [], [], [], [], []
+        py_runs, rs_runs, py_rss, rs_rss, py_step, rs_step, rs_mfu, co_runs = [], [], [], [], [], [], [], []
         for _ in range(args.rounds):
-            tps, rss = bench_pytorch(info["config"], args.batch_size, args.steps, args.warmup, args.device, bf16)
+            tps, rss = bench_pytorch(info["config"], args.batch_size, args.seq_len, args.steps, args.warmup,
+                                     args.device, bf16)
+            if args.compile:
+                co_runs.append(bench_pytorch(info["config"], args.batch_size, args.seq_len, args.steps,
+                                             args.warmup, args.device, bf16, compiled=True)[0])
             py_runs.append(tps)
             py_rss.append(rss[1])
             py_step.append(rss[1] - rss[0] if None not in rss else None)
@@ -183,10 +193,13 @@ def main():
                 "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--warmup", str(args.warmup),
                 "--device", args.device, "--precision", precision,
             ]
+            if args.seq_len:
+                cmd += ["--seq-len", str(args.seq_len)]
             if args.peak_tflops:
                 cmd += ["--peak-tflops", str(args.peak_tflops)]
             r = json.loads(subprocess.check_output(cmd).decode().strip().splitlines()[-1])
             rs_runs.append(r["tokens_per_s"])
+            flops_per_token = r["gflops"] * 1e9 / r["tokens_per_s"]  # at this sequence length
             rs_rss.append(r.get("peak_rss_mib"))
             before = r.get("rss_before_mib")
             rs_step.append(rs_rss[-1] - before if None not in (before, rs_rss[-1]) else None)
@@ -205,8 +218,11 @@ def main():
             statistics.median(rs_runs) * flops_per_token / statistics.median(mfus) if mfus else None)
         py_mfu = f"{100 * py * flops_per_token / peak_flops:.1f}%" if peak_flops else "–"
         rs_mfu_s = f"{100 * statistics.median(mfus):.1f}%" if mfus else "–"
+        co = statistics.median(co_runs) if co_runs else None
+        co_s = f"{co:>13.0f} {rs / co:>10.3f}" if co else f"{'–':>13} {'–':>10}"
         print(f"{name:<8} {py:>14.0f} {rs:>14.0f} {rs / py:>7.3f} {mib(peak_py):>12} {mib(peak_rs):>12} "
-              f"{rss_ratio:>9} {mib(step_py):>12} {mib(step_rs):>12} {py_mfu:>11} {rs_mfu_s:>11}  {ratios}", flush=True)
+              f"{rss_ratio:>9} {mib(step_py):>12} {mib(step_rs):>12} {py_mfu:>11} {rs_mfu_s:>11} {co_s}  {ratios}",
+              flush=True)
 
 
 if __name__ == "__main__":
