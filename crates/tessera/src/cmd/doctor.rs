@@ -520,7 +520,7 @@ fn accelerator(device: Option<&str>) -> Result<Accelerator, String> {
         memory_bytes,
         driver,
         driver_cuda,
-        runtime_cuda: (runtime > 0).then(|| ((runtime / 1000) as u32, ((runtime % 1000) / 10) as u32)),
+        runtime_cuda: (runtime > 0).then_some(((runtime / 1000) as u32, ((runtime % 1000) / 10) as u32)),
     })
 }
 
@@ -588,7 +588,7 @@ fn disk_free(dir: &Path) -> Option<u64> {
     }
     // SAFETY: statvfs returned 0, so it filled `stat`.
     let stat = unsafe { stat.assume_init() };
-    Some(stat.f_bavail as u64 * stat.f_frsize as u64)
+    Some(stat.f_bavail.saturating_mul(stat.f_frsize))
 }
 
 /// Reaches the hub: its run (signature checked), the round trip of small requests, the skew of
