@@ -83,9 +83,17 @@ swarm() {
     local d="$OUT/swarm-phase1" w
     w=$(mktemp -d)
     mkdir -p "$d"
-    cat README.md ARCHITECTURE.md docs/*.md >"$w/text.txt"
-    "$B" tokenizer train --data "$w/text.txt" --vocab 4096 --out "$w/tokenizer.json" >"$d/prepare.log" 2>&1 &&
-        "$B" data prepare "$w/text.txt" --tokenizer "$w/tokenizer.json" --out "$w/dataset" --shard-tokens 20000 \
+    # One document per paragraph, so that both splits get some.
+    python3 - "$w/docs.jsonl" README.md ARCHITECTURE.md docs/*.md <<'PY'
+import json, sys
+with open(sys.argv[1], "w", encoding="utf-8") as out:
+    for path in sys.argv[2:]:
+        for i, p in enumerate(open(path, encoding="utf-8").read().split("\n\n")):
+            if p.strip():
+                out.write(json.dumps({"id": f"{path}#{i}", "text": p.strip()}) + "\n")
+PY
+    "$B" tokenizer train --data "$w/docs.jsonl" --vocab 4096 --out "$w/tokenizer.json" >"$d/prepare.log" 2>&1 &&
+        "$B" data prepare "$w/docs.jsonl" --tokenizer "$w/tokenizer.json" --out "$w/dataset" --shard-tokens 20000 \
             --validation-per-mille 100 >>"$d/prepare.log" 2>&1 || return 1
     "$B" hub --phase 1 --data "$w/dataset" --inner-steps 20 --rounds 2 --quorum 2 --data-slots 2 --warmup-steps 5 \
         --print-spec | sed 's/^scored = true$/scored = false/' >"$d/run.toml"
@@ -109,6 +117,6 @@ export -f swarm
 step swarm-phase1 120 gpu_peak "$OUT/swarm-phase1.gpu-mib" swarm
 
 # 5. Serving.
-step serve 60 sh -c "TESSERA_BIN='$B' python3 scripts/bench_serve.py --device cuda >'$OUT/serve.txt' 2>&1"
+step serve 60 sh -c "TESSERA_BIN='$B' python3 scripts/bench_serve.py --device cuda --repeats 2 >'$OUT/serve.txt' 2>&1"
 
 echo "total $(($(date +%s) - began))s" | tee -a "$summary"
