@@ -10,7 +10,8 @@
 #
 #  1. gpu.txt              the GPU, driver and CUDA version; doctor.json (`tessera doctor`)
 #  2. train-PRESET.jsonl   `tessera bench train --device cuda`: tokens/s, MFU (of the dense bf16
-#                          peak), host RSS, for nano … phase2, each at its phase's batch and sequence;
+#                          peak), host RSS, for nano, micro, small (at their context) and phase1,
+#                          phase2 (at their phase's micro-batch and sequence);
 #                          train-PRESET.gpu-mib the GPU memory peak while it ran (nvidia-smi)
 #  3. pytorch-phase1.txt   benchmarks/train_pytorch.py: phase1 at 4 × 2048, Tessera against eager
 #                          PyTorch and torch.compile on the same model and batch
@@ -66,7 +67,7 @@ export -f gpu_peak
 step doctor 15 sh -c "'$B' doctor --device cuda --json >'$OUT/doctor.json' 2>&1"
 
 # 2. Throughput and MFU per preset, at the batch and sequence its phase trains at.
-for spec in nano:12:256:25 micro:12:512:25 small:12:1024:35 phase1:4:2048:60 phase2:2:4096:80; do
+for spec in nano:12:64:25 micro:12:256:25 small:12:512:35 phase1:4:2048:60 phase2:2:4096:80; do
     IFS=: read -r model batch seq limit <<<"$spec"
     step "train-$model" "$limit" gpu_peak "$OUT/train-$model.gpu-mib" sh -c \
         "'$B' bench train --device cuda --models $model --batch-size $batch --seq-len $seq --steps 20 --warmup 5 \
