@@ -148,6 +148,25 @@ fn real_text_with_prepared_shards_and_a_bpe_tokenizer() {
     let config: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(run.join("checkpoint/config.json")).unwrap()).unwrap();
     assert_eq!(config["vocab_size"], 300);
+
+    // A phase's run on this dataset says that its tokenizer sizes the model differently.
+    let hub_dir = dir.path().join("hub");
+    let mut hub = std::process::Command::new(env!("CARGO_BIN_EXE_tessera"))
+        .args(["hub", "--phase", "1", "--data", p(&prepared), "--model", "tiny", "--seq-len", "16"])
+        .args(["--database", &format!("sqlite://{}", hub_dir.join("hub.db").display())])
+        .args(["--store", p(&hub_dir.join("store")), "--key", p(&hub_dir.join("key.pem"))])
+        .args(["--listen", "127.0.0.1:0"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let said: Vec<String> = std::io::BufRead::lines(std::io::BufReader::new(hub.stderr.take().unwrap()))
+        .map_while(Result::ok)
+        .take_while(|l| !l.contains("listening on"))
+        .collect();
+    let _ = hub.kill();
+    let _ = hub.wait();
+    let note = said.iter().find(|l| l.starts_with("note: phase 1's model tiny")).unwrap_or_else(|| panic!("{said:?}"));
+    assert!(note.contains("64-token vocabulary") && note.contains("has 300"), "{note}");
 }
 
 /// A preparation killed with SIGKILL mid-way resumes from its journal: the shards it finished

@@ -65,6 +65,26 @@ pub fn run_args(args: &HubArgs) -> Result<RunArgs> {
     RunArgs::read(path)
 }
 
+/// A phase's model is sized for the phases' vocabulary; a dataset whose tokenizer has another
+/// size trains a model of another size, which is said before the run is created.
+fn vocabulary_note(phase: usize, model: &str, new: &tessera_hub::NewRun) -> Result<()> {
+    let planned = tessera_model::LlamaConfig::from_preset_or_path(model)?;
+    let actual = tessera_model::LlamaConfig::from_json(new.spec.model.clone()).map_err(anyhow::Error::msg)?;
+    if planned.vocab_size != actual.vocab_size {
+        eprintln!(
+            "note: phase {phase}'s model {model} is sized for a {}-token vocabulary; this dataset's tokenizer has {}, \
+             so the run trains {} parameters instead of {} (`tessera tokenizer train --vocab {}` makes one \
+             that matches)",
+            planned.vocab_size,
+            actual.vocab_size,
+            crate::args::human(actual.num_params() as f64),
+            crate::args::human(planned.num_params() as f64),
+            planned.vocab_size
+        );
+    }
+    Ok(())
+}
+
 pub fn hub(args: HubArgs) -> Result<()> {
     let run = run_args(&args)?;
     if args.print_spec {
@@ -79,6 +99,9 @@ pub fn hub(args: HubArgs) -> Result<()> {
         // threads: it may fetch a published dataset's manifest with a blocking client.
         let new =
             if db.load_run().await?.is_none() { Some(tokio::task::block_in_place(|| run.new_run())?) } else { None };
+        if let (Some(n), Some(new)) = (args.phase, &new) {
+            vocabulary_note(n, &run.model, new)?;
+        }
         if let Some(dir) = args.key.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
         }
