@@ -583,11 +583,13 @@ impl Contributor {
             }
             (back, failed)
         });
+        // The replicas that came back are kept; one whose thread failed is rebuilt by a restart
+        // from the saved state (the error ends the run).
         let (back, failed) = trained;
-        if let Some(e) = failed {
-            return Err(e); // The replicas lost are rebuilt by a restart from the saved state.
-        }
         self.replicas = back;
+        if let Some(e) = failed {
+            return Err(e);
+        }
         let replicas = 1.0 + self.replicas.len() as f64;
         Ok((keep, loss_sum / (steps.max(1) as f64 * replicas), began.elapsed().as_secs_f64()))
     }
