@@ -314,24 +314,21 @@ async fn serve_blob(hub: &Hub, key: &str, headers: &HeaderMap) -> Result<Respons
         }
     };
     let internal = |e: crate::HubError| refuse(ErrorCode::Internal, e.to_string());
-    let mut response = match &range {
-        Some(r) => {
-            let bytes = hub.store().get_range(key, *r.start()..*r.end() + 1).await.map_err(internal)?;
-            hub.note_download(bytes.len() as u64);
-            let mut resp = (StatusCode::PARTIAL_CONTENT, Body::from(bytes)).into_response();
-            let content_range = format!("bytes {}-{}/{size}", r.start(), r.end());
-            resp.headers_mut().insert(
-                header::CONTENT_RANGE,
-                HeaderValue::from_str(&content_range).map_err(|e| refuse(ErrorCode::Internal, e.to_string()))?,
-            );
-            resp
-        }
-        None => {
-            let bytes = hub.store().get(key).await.map_err(internal)?;
-            hub.note_download(bytes.len() as u64);
-            (StatusCode::OK, Body::from(bytes)).into_response()
-        }
-    };
+    // Streamed from the store a chunk at a time: serving a checkpoint holds none of it whole.
+    let bounds = range.as_ref().map(|r| *r.start()..*r.end() + 1);
+    let length = bounds.as_ref().map_or(size, |b| b.end - b.start);
+    let object = hub.store().stream(key, bounds).await.map_err(internal)?;
+    hub.note_download(length);
+    let status = if range.is_some() { StatusCode::PARTIAL_CONTENT } else { StatusCode::OK };
+    let mut response = (status, Body::from_stream(object.into_stream())).into_response();
+    response.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(length));
+    if let Some(r) = &range {
+        let content_range = format!("bytes {}-{}/{size}", r.start(), r.end());
+        response.headers_mut().insert(
+            header::CONTENT_RANGE,
+            HeaderValue::from_str(&content_range).map_err(|e| refuse(ErrorCode::Internal, e.to_string()))?,
+        );
+    }
     let h = response.headers_mut();
     h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));

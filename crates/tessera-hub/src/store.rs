@@ -74,6 +74,13 @@ impl Store {
         Ok(self.inner.head(&Path::from(key)).await?.size)
     }
 
+    /// The object at `key` (or its `range`), to be read as a stream of chunks: a download
+    /// never holds the whole object in memory.
+    pub async fn stream(&self, key: &str, range: Option<Range<u64>>) -> Result<object_store::GetResult, HubError> {
+        let options = GetOptions { range: range.map(GetRange::Bounded), ..Default::default() };
+        Ok(self.inner.get_opts(&Path::from(key), options).await?)
+    }
+
     pub async fn get_range(&self, key: &str, range: Range<u64>) -> Result<Bytes, HubError> {
         let options = GetOptions { range: Some(GetRange::Bounded(range)), ..Default::default() };
         Ok(self.inner.get_opts(&Path::from(key), options).await?.bytes().await?)

@@ -62,7 +62,12 @@ fn lifecycle(kind: &str) {
     let r = http.get(&path).header("range", "bytes=10-19").send().unwrap();
     assert_eq!(r.status(), StatusCode::PARTIAL_CONTENT);
     assert_eq!(r.headers()["content-range"], format!("bytes 10-19/{}", bytes.len()).as_str());
+    assert_eq!(r.headers()["content-length"], "10");
     assert_eq!(r.bytes().unwrap().as_ref(), &bytes[10..20]);
+    // Streamed from the store, with its length announced up front.
+    let r = http.get(&path).send().unwrap();
+    assert_eq!(r.headers()["content-length"], bytes.len().to_string().as_str());
+    assert_eq!(r.bytes().unwrap().as_ref(), &bytes[..]);
     let r = http.get(&path).header("range", format!("bytes={}-", bytes.len() - 5)).send().unwrap();
     assert_eq!(r.bytes().unwrap().as_ref(), &bytes[bytes.len() - 5..]);
     let r = http.get(&path).header("range", format!("bytes={}-", bytes.len() + 5)).send().unwrap();
