@@ -277,30 +277,34 @@ impl Db {
     }
 
     /// Registers a contributor's public key under the next free id (or returns the id it
-    /// already has).
+    /// already has). The id is allocated by the database in the insert itself; concurrent
+    /// registrations (several hub replicas on one PostgreSQL) that take the same id or key lose
+    /// the insert, not the request, and look again.
     pub async fn register(&self, name: &str, public_key: &str, now: i64) -> Result<u64, HubError> {
-        let mut tx = self.pool.begin().await?;
-        let known = sqlx::query("SELECT id FROM contributors WHERE public_key = $1")
+        for _ in 0..64 {
+            let known = sqlx::query("SELECT id FROM contributors WHERE public_key = $1")
+                .bind(public_key)
+                .fetch_optional(&self.pool)
+                .await?;
+            if let Some(row) = known {
+                return Ok(u(row.try_get("id")?));
+            }
+            // `WHERE true`: SQLite parses ON CONFLICT after INSERT … SELECT only with a WHERE.
+            let inserted = sqlx::query(
+                "INSERT INTO contributors (id, name, token_hash, public_key, registered_ms) \
+                 SELECT COALESCE(MAX(id) + 1, 0), $1, '', $2, $3 FROM contributors WHERE true \
+                 ON CONFLICT DO NOTHING RETURNING id",
+            )
+            .bind(name)
             .bind(public_key)
-            .fetch_optional(&mut *tx)
+            .bind(now)
+            .fetch_optional(&self.pool)
             .await?;
-        if let Some(row) = known {
-            return Ok(u(row.try_get("id")?));
+            if let Some(row) = inserted {
+                return Ok(u(row.try_get("id")?));
+            }
         }
-        let next: Option<i64> =
-            sqlx::query("SELECT MAX(id) AS m FROM contributors").fetch_one(&mut *tx).await?.try_get("m")?;
-        let id = next.map_or(0, |m| m + 1);
-        sqlx::query(
-            "INSERT INTO contributors (id, name, token_hash, public_key, registered_ms) VALUES ($1, $2, '', $3, $4)",
-        )
-        .bind(id)
-        .bind(name)
-        .bind(public_key)
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(id as u64)
+        Err(HubError::Corrupt("no contributor id could be allocated after 64 tries".into()))
     }
 
     /// (id, name, public key) of every contributor.

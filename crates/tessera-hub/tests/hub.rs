@@ -99,6 +99,39 @@ fn lifecycle_s3() {
 /// A run on a published dataset: each submission names, in its signed path, the data its
 /// assignment gave it. No claim, another shard or half a claim is refused with its reason; the
 /// claim its assignment made is accepted.
+/// Contributors registering all at once get distinct ids from the database, 0 upwards, and a
+/// key registering again keeps its id.
+fn concurrent_registrations(kind: &str) {
+    let Some(b) = backend(kind) else { return };
+    let server = Server::start(&b, spec(2));
+    let keys: Vec<_> = (0..24).map(|_| Arc::new(tessera_trust::Identity::generate().unwrap())).collect();
+    let ids: Vec<u64> = std::thread::scope(|s| {
+        let handles: Vec<_> = keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| {
+                let (url, k) = (&server.url, k.clone());
+                s.spawn(move || Client::register_key(url, &format!("c{i}"), k).id)
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let mut sorted = ids.clone();
+    sorted.sort_unstable();
+    assert_eq!(sorted, (0..24).collect::<Vec<u64>>(), "{ids:?}");
+    assert_eq!(Client::register_key(&server.url, "again", keys[5].clone()).id, ids[5]);
+}
+
+#[test]
+fn concurrent_registrations_sqlite() {
+    concurrent_registrations("sqlite");
+}
+
+#[test]
+fn concurrent_registrations_postgres() {
+    concurrent_registrations("postgres");
+}
+
 #[test]
 fn a_submission_claims_the_shard_it_was_assigned() {
     let b = backend("sqlite").unwrap();
