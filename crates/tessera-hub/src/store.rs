@@ -10,7 +10,7 @@ use object_store::aws::AmazonS3Builder;
 use object_store::local::LocalFileSystem;
 use object_store::path::Path;
 use object_store::prefix::PrefixStore;
-use object_store::{GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutPayload};
+use object_store::{GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart};
 
 use crate::HubError;
 
@@ -33,6 +33,12 @@ pub fn outer_key(round: u64) -> String {
 pub fn submission_key(hash: &str) -> String {
     format!("submissions/{hash}.tpg")
 }
+
+/// Objects larger than this go up in parts (S3 refuses a single PUT above 5 GiB; a `phase2`
+/// checkpoint is 7 GiB), each of [`PART_BYTES`], at most [`PARTS_IN_FLIGHT`] at a time.
+pub const MULTIPART_ABOVE: usize = 256 << 20;
+pub const PART_BYTES: usize = 64 << 20;
+const PARTS_IN_FLIGHT: usize = 4;
 
 #[derive(Clone)]
 pub struct Store {
@@ -60,9 +66,31 @@ impl Store {
         Ok(Store { inner })
     }
 
-    /// Writes `bytes` at `key`, atomically (readers see the old object or the whole new one).
+    /// Writes `bytes` at `key`, atomically (readers see the old object or the whole new one):
+    /// one PUT, or a multipart upload above [`MULTIPART_ABOVE`] (completed in one step, so
+    /// just as atomic).
     pub async fn put(&self, key: &str, bytes: Bytes) -> Result<(), HubError> {
-        self.inner.put(&Path::from(key), PutPayload::from(bytes)).await?;
+        self.put_in_parts(key, bytes, MULTIPART_ABOVE, PART_BYTES).await
+    }
+
+    /// [`Store::put`] with the multipart threshold and part size given (S3's parts are at least
+    /// 5 MiB, the last excepted). The parts are slices of `bytes`, never copies.
+    pub async fn put_in_parts(&self, key: &str, bytes: Bytes, above: usize, part: usize) -> Result<(), HubError> {
+        let path = Path::from(key);
+        if bytes.len() <= above {
+            self.inner.put(&path, PutPayload::from(bytes)).await?;
+            return Ok(());
+        }
+        let mut upload = WriteMultipart::new_with_chunk_size(self.inner.put_multipart(&path).await?, part);
+        let mut rest = bytes;
+        while !rest.is_empty() {
+            if let Err(e) = upload.wait_for_capacity(PARTS_IN_FLIGHT).await {
+                upload.abort().await?;
+                return Err(e.into());
+            }
+            upload.put(rest.split_to(part.min(rest.len())));
+        }
+        upload.finish().await?;
         Ok(())
     }
 
