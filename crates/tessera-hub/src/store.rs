@@ -61,7 +61,9 @@ impl Store {
         } else {
             let dir = spec.strip_prefix("file://").unwrap_or(spec);
             std::fs::create_dir_all(dir).map_err(|e| HubError::Config(format!("store directory {dir}: {e}")))?;
-            Arc::new(LocalFileSystem::new_with_prefix(dir)?)
+            // fsync: an object is on the disk, and its name in its directory, before `put` returns
+            // (a submission is acknowledged only once its bytes are durable).
+            Arc::new(LocalFileSystem::new_with_prefix(dir)?.with_fsync(true))
         };
         Ok(Store { inner })
     }
