@@ -297,8 +297,9 @@ async fn submit(
     Ok((StatusCode::ACCEPTED, Json(result?)))
 }
 
-/// Serves a stored blob, honouring a single-range `Range` header.
-async fn serve_blob(hub: &Hub, key: &str, headers: &HeaderMap) -> Result<Response, Refusal> {
+/// Serves a stored blob, whole or the one byte range a `Range` header asks for, streamed. `counted`: its bytes count as
+/// downloaded by contributors (`bytes_down`); the validator's fetches do not.
+async fn serve_blob(hub: &Hub, key: &str, headers: &HeaderMap, counted: bool) -> Result<Response, Refusal> {
     let size = hub.store().size(key).await.map_err(|_| refuse(ErrorCode::NotFound, format!("no object {key}")))?;
     let range = match headers.get(header::RANGE).map(|v| v.to_str()) {
         None => None,
@@ -318,7 +319,9 @@ async fn serve_blob(hub: &Hub, key: &str, headers: &HeaderMap) -> Result<Respons
     let bounds = range.as_ref().map(|r| *r.start()..*r.end() + 1);
     let length = bounds.as_ref().map_or(size, |b| b.end - b.start);
     let object = hub.store().stream(key, bounds).await.map_err(internal)?;
-    hub.note_download(length);
+    if counted {
+        hub.note_download(length);
+    }
     let status = if range.is_some() { StatusCode::PARTIAL_CONTENT } else { StatusCode::OK };
     let mut response = (status, Body::from_stream(object.into_stream())).into_response();
     response.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(length));
@@ -345,7 +348,7 @@ async fn checkpoint(
     if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()) {
         return Err(refuse(ErrorCode::BadRequest, "a checkpoint is named by 64 lowercase hex digits"));
     }
-    let mut response = serve_blob(&hub, &checkpoint_key(&hash), &headers).await?;
+    let mut response = serve_blob(&hub, &checkpoint_key(&hash), &headers, true).await?;
     // The hub vouches for what it published: its signature over the checkpoint's BLAKE3 (its
     // name), checkable once the whole checkpoint is in hand.
     let signature = HeaderValue::from_str(&hub.sign_published_hash(&hash))
@@ -375,7 +378,7 @@ async fn update(
             format!("no update into round {round}: published rounds are 1..={current}"),
         ));
     }
-    serve_blob(&hub, &update_key(round), &headers).await
+    serve_blob(&hub, &update_key(round), &headers, true).await
 }
 
 async fn leaderboard(State(hub): State<Arc<Hub>>) -> Result<impl IntoResponse, Refusal> {
@@ -415,8 +418,8 @@ async fn validator_blob(
     headers: HeaderMap,
 ) -> Result<Response, Refusal> {
     validator(&hub, &headers)?;
-    let bytes = hub.submission_blob(&blob).await?;
-    Ok((StatusCode::OK, [(header::CONTENT_TYPE, "application/octet-stream")], Body::from(bytes)).into_response())
+    let key = hub.submission_blob_key(&blob).await?;
+    serve_blob(&hub, &key, &headers, false).await
 }
 
 async fn validator_scores(

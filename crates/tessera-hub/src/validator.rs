@@ -52,15 +52,22 @@ impl Hub {
         }))
     }
 
-    /// A stored submission's bytes, for the validator.
-    pub async fn submission_blob(&self, blob: &str) -> Result<Bytes, ApiError> {
+    /// Where a stored submission's bytes are, for the validator: checked to name a submission
+    /// of this run (one indexed lookup), then streamed from the store.
+    pub async fn submission_blob_key(&self, blob: &str) -> Result<String, ApiError> {
         if blob.len() != 64 || !blob.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(api(ErrorCode::BadRequest, "a submission is named by 64 hex digits"));
         }
         if self.db.blob_owner(blob).await.map_err(internal)?.is_none() {
             return Err(api(ErrorCode::NotFound, format!("no submission {blob}")));
         }
-        self.store.get(&submission_key(blob)).await.map_err(internal)
+        Ok(submission_key(blob))
+    }
+
+    /// A stored submission's bytes, whole (for in-process validators).
+    pub async fn submission_blob(&self, blob: &str) -> Result<Bytes, ApiError> {
+        let key = self.submission_blob_key(blob).await?;
+        self.store.get(&key).await.map_err(internal)
     }
 
     /// Takes the validator's scores for the round being scored and publishes it.
