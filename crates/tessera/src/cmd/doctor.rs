@@ -399,6 +399,9 @@ pub fn doctor(args: DoctorArgs) -> Result<()> {
     if !args.data_cache_gib.is_finite() || args.data_cache_gib < 0.0 {
         anyhow::bail!("--data-cache-gib must be a size in GiB");
     }
+    if args.probe_mib > 4096 {
+        anyhow::bail!("--probe-mib is at most 4096 (a bandwidth test, not a download)");
+    }
     let rows = plan_rows(DEFAULT_PLAN)?;
     let data_cache = (args.data_cache_gib * (1u64 << 30) as f64) as u64;
     let accelerator = accelerator(args.device.as_deref());
