@@ -75,8 +75,9 @@ pub struct HubRun {
     pub phase: u32,
     pub round: u64,
     pub finished: bool,
-    /// What a contributor of this run holds on the accelerator, and on the host.
-    pub device_need: u64,
+    /// What a contributor of this run holds wherever it trains (weights, gradients, moments and
+    /// activations), beside it on the host, and on disk without the data cache.
+    pub model_bytes: u64,
     pub host_need: u64,
     pub disk_need: u64,
     /// Bytes of one round's upload and of the update downloaded.
@@ -157,11 +158,15 @@ fn disk_bytes(params: u64, data_cache: u64) -> u64 {
 /// What a GPU loses to the CUDA context and the allocator's fragmentation before the model.
 const GPU_RESERVE: u64 = 1 << 30;
 
-/// Needs of one model at one batch shape on `accelerator`: (device, host). On the CPU both live
-/// in RAM.
-fn needs(optimizer: u64, activations: u64, params: u64, on_cpu: bool) -> (u64, u64) {
-    let device = optimizer + activations;
-    if on_cpu { (0, device + host_bytes(params)) } else { (device + GPU_RESERVE, host_bytes(params)) }
+/// Needs of a model whose training holds `model` bytes and `host` bytes beside it: (accelerator,
+/// RAM). On the CPU both live in RAM.
+fn needs(model: u64, host: u64, on_cpu: bool) -> (u64, u64) {
+    if on_cpu { (0, model + host) } else { (model + GPU_RESERVE, host) }
+}
+
+/// Whether this machine holds what needs `device`, `host` and `disk` bytes.
+fn holds(facts: &Facts, device_memory: u64, (device, host): (u64, u64), disk: u64) -> bool {
+    device <= device_memory && host <= facts.host_memory && facts.disk_free.is_none_or(|f| disk <= f)
 }
 
 fn check(what: &'static str, level: Level, detail: String, fix: Option<String>) -> Check {
@@ -237,20 +242,17 @@ pub fn assess(facts: &Facts, rows: &[PhaseRow]) -> Verdict {
         }
     };
     checks.push(check("host", Level::Ok, format!("{} cores, {} memory", facts.cores, gib(facts.host_memory)), None));
-    let fits = |device: u64, host: u64, disk: u64| {
-        device <= device_memory && host <= facts.host_memory && facts.disk_free.is_none_or(|f| disk <= f)
-    };
     let phases: Vec<PhaseFit> = rows
         .iter()
         .map(|r| {
-            let (device_need, host_need) = needs(r.optimizer_bytes, r.activation_bytes, r.params, on_cpu);
+            let need = needs(r.optimizer_bytes + r.activation_bytes, host_bytes(r.params), on_cpu);
             let disk_need = disk_bytes(r.params, facts.data_cache);
             PhaseFit {
                 name: r.name.clone(),
-                device_need,
-                host_need,
+                device_need: need.0,
+                host_need: need.1,
                 disk_need,
-                fits: fits(device_need, host_need, disk_need),
+                fits: holds(facts, device_memory, need, disk_need),
             }
         })
         .collect();
@@ -377,10 +379,9 @@ fn judge_hub(h: &HubFacts, on_cpu: bool, device_memory: u64, facts: &Facts, chec
         Some(s) => checks.push(check("clock", Level::Ok, format!("{s:+.1} s from the hub's clock"), None)),
         None => checks.push(check("clock", Level::Warn, "the hub sent no Date header".into(), None)),
     }
-    let (device, host) = if on_cpu { (0, run.device_need + run.host_need) } else { (run.device_need, run.host_need) };
-    let fits = device <= device_memory
-        && host <= facts.host_memory
-        && facts.disk_free.is_none_or(|f| run.disk_need + facts.data_cache <= f);
+    let (device, host) = needs(run.model_bytes, run.host_need, on_cpu);
+    let disk = run.disk_need + facts.data_cache;
+    let fits = holds(facts, device_memory, (device, host), disk);
     checks.push(check(
         "run's model",
         if fits { Level::Ok } else { Level::Fail },
@@ -388,7 +389,7 @@ fn judge_hub(h: &HubFacts, on_cpu: bool, device_memory: u64, facts: &Facts, chec
             "needs {} on the accelerator, {} of RAM and {} of disk",
             gib(if on_cpu { host } else { device }),
             gib(host),
-            gib(run.disk_need + facts.data_cache)
+            gib(disk)
         ),
         (!fits).then(|| "this machine cannot hold the run's model: join a run of an earlier phase".to_owned()),
     ));
@@ -405,10 +406,9 @@ pub fn doctor(args: DoctorArgs) -> Result<()> {
     let rows = plan_rows(DEFAULT_PLAN)?;
     let data_cache = (args.data_cache_gib * (1u64 << 30) as f64) as u64;
     let accelerator = accelerator(args.device.as_deref());
-    let on_cpu = accelerator.as_ref().map_or(true, |a| a.device == "cpu");
     let hub = args.hub.as_deref().map(|url| HubFacts {
         url: url.to_owned(),
-        reached: probe_hub(url, args.probe_mib, on_cpu).map_err(|e| format!("{e:#}")),
+        reached: probe_hub(url, args.probe_mib).map_err(|e| format!("{e:#}")),
     });
     let facts = Facts {
         libtorch: libtorch(),
@@ -596,7 +596,7 @@ fn disk_free(dir: &Path) -> Option<u64> {
 
 /// Reaches the hub: its run (signature checked), the round trip of small requests, the skew of
 /// its clock, and the download bandwidth of up to `probe_mib` MiB of its checkpoint.
-fn probe_hub(url: &str, probe_mib: u64, on_cpu: bool) -> Result<HubRun> {
+fn probe_hub(url: &str, probe_mib: u64) -> Result<HubRun> {
     let client = HubClient::with_timeout(url, Duration::from_secs(30))?.with_patience(Duration::ZERO);
     let info = client.run()?;
     let mut rtts = Vec::new();
@@ -633,7 +633,6 @@ fn probe_hub(url: &str, probe_mib: u64, on_cpu: bool) -> Result<HubRun> {
     let params = config.num_params();
     let optimizer = tessera_model::TrainingMemory::f32(&config).total();
     let activations = activation_bytes(&config, spec.inner.seq_len as i64, spec.inner.batch_size as i64);
-    let (device_need, host_need) = needs(optimizer, activations, params, on_cpu);
     let round_up = spec.tensors.iter().map(|t| spec.codec.encoded_len(t.numel())).sum();
     let round_down = spec.tensors.iter().map(|t| spec.broadcast_codec.encoded_len(t.numel())).sum();
     Ok(HubRun {
@@ -641,8 +640,8 @@ fn probe_hub(url: &str, probe_mib: u64, on_cpu: bool) -> Result<HubRun> {
         phase: info.phase,
         round: info.round,
         finished: info.finished,
-        device_need,
-        host_need,
+        model_bytes: optimizer + activations,
+        host_need: host_bytes(params),
         disk_need: disk_bytes(params, 0),
         round_up,
         round_down,
@@ -686,13 +685,13 @@ mod tests {
         Some(HubFacts { url: "http://hub".into(), reached: run })
     }
 
-    fn run(skew: f64, device_need: u64) -> HubRun {
+    fn run(skew: f64, model_bytes: u64) -> HubRun {
         HubRun {
             name: "phase1".into(),
             phase: 0,
             round: 3,
             finished: false,
-            device_need,
+            model_bytes,
             host_need: 8 * GIB,
             disk_need: 10 * GIB,
             round_up: 500 << 20,
