@@ -303,12 +303,11 @@ impl Contributor {
                 let mut t = Trainer::resume(&trainer_dir, dataset.clone(), device, Some(train_config.steps))?;
                 t.config.replica = train_config.replica;
                 t.config.replicas = train_config.replicas;
+                check_table(&t.model, &run.spec.tensors)?;
                 t
             } else {
-                let model = Llama::zeroed(&model_config, device)?;
-                Trainer::from_model(train_config, model, dataset.clone())?
+                fresh_replica(&model_config, &run, train_config, device, dataset.clone())?
             };
-            check_table(&trainer.model, &run.spec.tensors)?;
             trainers.push(trainer);
         }
         let trainer = trainers.remove(0);
@@ -387,11 +386,9 @@ impl Contributor {
         let n = self.config.devices.len();
         let mut trainers = Vec::with_capacity(n);
         for (r, &device) in self.config.devices.iter().enumerate() {
-            let model = Llama::zeroed(&model_config, device)?;
-            check_table(&model, &run.spec.tensors)?;
             let _ = std::fs::remove_dir_all(replica_dir(&dir, r));
             let config = replica_config(&run, self.identity.contributor_id, r, n);
-            trainers.push(Trainer::from_model(config, model, self.trainer.dataset.clone())?);
+            trainers.push(fresh_replica(&model_config, &run, config, device, self.trainer.dataset.clone())?);
         }
         self.trainer = trainers.remove(0);
         self.replicas = trainers;
@@ -802,6 +799,20 @@ impl Contributor {
 /// `trainer-r` for the others.
 fn replica_dir(dir: &Path, r: usize) -> PathBuf {
     if r == 0 { dir.join("trainer") } else { dir.join(format!("trainer-{r}")) }
+}
+
+/// A new replica on `device`: the run's model, zeroed (each round loads its base weights),
+/// checked against the run's tensor table.
+fn fresh_replica(
+    model_config: &LlamaConfig,
+    run: &RunInfo,
+    config: tessera_train::TrainConfig,
+    device: Device,
+    dataset: Dataset,
+) -> Result<Trainer> {
+    let model = Llama::zeroed(model_config, device)?;
+    check_table(&model, &run.spec.tensors)?;
+    Ok(Trainer::from_model(config, model, dataset)?)
 }
 
 /// Replica `r` of `n`'s inner trainer: the contributor's, drawing its share of each step's
