@@ -112,10 +112,8 @@ pub fn bench_train(args: &BenchTrainArgs) -> Result<()> {
     Ok(())
 }
 
-/// The first GPU's name, from `nvidia-smi`.
+/// The first GPU's name, from `nvidia-smi` (as `tessera doctor` reads it).
 fn gpu_name() -> Option<String> {
-    let out =
-        std::process::Command::new("nvidia-smi").args(["--query-gpu=name", "--format=csv,noheader"]).output().ok()?;
-    let name = String::from_utf8(out.stdout).ok()?.lines().next()?.trim().to_owned();
-    (!name.is_empty()).then_some(name)
+    let (_, gpus) = crate::cmd::doctor::gpus()?;
+    gpus.into_iter().next().map(|(name, _)| name).filter(|n| !n.is_empty())
 }

@@ -536,6 +536,14 @@ struct Smi {
 }
 
 fn nvidia_smi() -> Option<Smi> {
+    let (driver, gpus) = gpus()?;
+    let banner = std::process::Command::new("nvidia-smi").output().ok()?;
+    Some(Smi { driver, cuda: parse_cuda_banner(&String::from_utf8_lossy(&banner.stdout)), gpus })
+}
+
+/// The driver version and each GPU's name and memory (bytes), from `nvidia-smi`; `None` where
+/// it is missing or fails.
+pub fn gpus() -> Option<(String, Vec<(String, u64)>)> {
     let query = std::process::Command::new("nvidia-smi")
         .args(["--query-gpu=name,memory.total,driver_version", "--format=csv,noheader,nounits"])
         .output()
@@ -551,8 +559,7 @@ fn nvidia_smi() -> Option<Smi> {
             driver = (*d).to_owned();
         }
     }
-    let banner = std::process::Command::new("nvidia-smi").output().ok()?;
-    Some(Smi { driver, cuda: parse_cuda_banner(&String::from_utf8_lossy(&banner.stdout)), gpus })
+    Some((driver, gpus))
 }
 
 /// The "CUDA Version: 13.0" of `nvidia-smi`'s banner.
