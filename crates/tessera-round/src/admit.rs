@@ -234,6 +234,11 @@ impl Run {
             ));
         }
         let weight = self.spec.staleness_decay.powi(staleness.min(i32::MAX as u64) as i32);
+        // Strictly later than the round's last admission, even within one millisecond or if the
+        // clock steps back: arrival order is admission order, so a sum taken as submissions
+        // arrive is the sum taken again in arrival order after a restart, bit for bit.
+        let received_ms =
+            self.pending.iter().map(|a| a.received_ms.saturating_add(1)).max().map_or(now_ms, |m| m.max(now_ms));
         let accepted = Accepted {
             contributor: s.contributor,
             base_round: s.base_round,
@@ -242,7 +247,7 @@ impl Run {
             bytes: s.bytes,
             inner_loss: s.inner_loss.filter(|l| l.is_finite()),
             blob: s.blob.clone(),
-            received_ms: now_ms,
+            received_ms,
         };
         let mut events = vec![Event::Accepted(accepted)];
         if self.pending.len() as u64 + 1 >= u64::from(self.spec.quorum) {

@@ -35,7 +35,8 @@ pub enum Tick {
 pub struct Plan {
     pub round: u64,
     pub closed_by: String,
-    /// The round's submissions in arrival order (ties by contributor, then base round).
+    /// The round's submissions in arrival order (which is admission order: no two share a
+    /// `received_ms`).
     pub rows: Vec<Accepted>,
     /// Each row's aggregation weight; 0 leaves it out.
     pub weights: Vec<f64>,
@@ -90,8 +91,10 @@ impl Run {
         }
     }
 
-    /// The current round's submissions in arrival order (ties by contributor, then base round):
-    /// the order the validator scores them in and a scored round is aggregated in.
+    /// The current round's submissions in arrival order, which is the order they were admitted
+    /// in (`admit` gives each a `received_ms` later than the last): the order the validator
+    /// scores them in, a round is aggregated in, and a hub sums them in as they arrive. Sorted
+    /// all the same, so a snapshot read back in any order gives the same rows.
     pub fn arrival_order(&self) -> Vec<Accepted> {
         let mut rows = self.pending.clone();
         rows.sort_by_key(|r| (r.received_ms, r.contributor, r.base_round));

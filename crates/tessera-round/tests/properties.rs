@@ -89,9 +89,9 @@ enum Op {
     Malformed {
         who: u8,
     },
-    /// Time passes.
+    /// Time passes (or the clock steps back, as an NTP correction can).
     Wait {
-        ms: u16,
+        ms: i16,
     },
     /// The validator reports the closed round's scores (`held_out` picks the loss).
     Scores {
@@ -110,7 +110,7 @@ fn op() -> impl Strategy<Value = Op> {
         8 => (any::<u8>(), 0u8..4, proptest::bool::weighted(0.1), proptest::bool::weighted(0.1), any::<u8>())
             .prop_map(|(who, back, copy, wrong_base, loss)| Op::Submit { who, back, copy, wrong_base, loss }),
         1 => any::<u8>().prop_map(|who| Op::Malformed { who }),
-        3 => (0u16..3000).prop_map(|ms| Op::Wait { ms }),
+        3 => (-1000i16..3000).prop_map(|ms| Op::Wait { ms }),
         3 => (any::<u8>(), any::<u8>()).prop_map(|(held_out, seed)| Op::Scores { held_out, seed }),
         1 => Just(Op::BadScores),
         2 => Just(Op::Crash),
@@ -355,6 +355,9 @@ fn check_counts(shell: &Shell) {
         assert_eq!(rounds.len(), 1, "{key:?} counted in rounds {rounds:?}");
     }
     let pending: Vec<(u64, u64)> = shell.run.pending().iter().map(|a| (a.contributor, a.base_round)).collect();
+    // A sum taken as submissions arrive is the sum a restarted shell takes in arrival order.
+    let arrival: Vec<(u64, u64)> = shell.run.arrival_order().iter().map(|a| (a.contributor, a.base_round)).collect();
+    assert_eq!(arrival, pending, "arrival order is admission order");
     for a in &shell.accepted {
         let n = shell.included.get(a).map_or(0, Vec::len) + pending.iter().filter(|p| *p == a).count();
         assert_eq!(n, 1, "accepted {a:?} counts {n} times");
