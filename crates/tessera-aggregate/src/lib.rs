@@ -56,6 +56,8 @@ pub enum AggregateError {
     Grow(String),
     #[error("the outer state is not finite even when the weights are held")]
     NonFiniteState,
+    #[error("the submission's stored bytes cannot be read: {0}")]
+    Unreadable(String),
 }
 
 fn check_shapes(expected: &[usize], tensors: &[&[f32]]) -> Result<(), AggregateError> {
@@ -92,7 +94,7 @@ impl Accumulator {
         }
     }
 
-    fn lengths(&self) -> Vec<usize> {
+    pub(crate) fn lengths(&self) -> Vec<usize> {
         self.sums.iter().map(Vec::len).collect()
     }
 

@@ -3,9 +3,10 @@
 //! hub's outer state as bytes, and growing that state into the next phase.
 //!
 //! Cost for N submissions of P parameters: the streaming mean holds the running sum (4P bytes)
-//! and decodes one submission at a time; a robust rule holds every decoded submission (4NP
-//! bytes); the outer step and the broadcast hold θ, the momentum, the residual and one target
-//! (16P bytes) besides. The encoded submissions themselves are the caller's to hold.
+//! and reads and decodes one submission at a time (or takes the sum the hub kept as they
+//! arrived, [`RunningMean`]); a robust rule holds every decoded submission (4NP bytes); the
+//! outer step and the broadcast hold θ, the momentum, the residual and one target (16P bytes)
+//! besides.
 
 use tessera_protocol::{
     Aggregation, MessageView, PseudoGradient, RunSpec, TensorEntry, TensorSpec, decode_weights, encode_weights,
@@ -72,12 +73,10 @@ pub fn outer_table(tensors: &[TensorSpec]) -> Vec<TensorSpec> {
     table
 }
 
-/// One stored submission to average.
+/// One stored submission to average; its bytes are read when the mean needs them.
 #[derive(Debug, Clone)]
-pub struct Input<B> {
+pub struct Input {
     pub weight: f32,
-    /// The message's bytes, checked when it arrived.
-    pub bytes: B,
     /// The tensors it carries (indices into the model's table), in a layer-sharded run.
     pub carries: Option<Vec<usize>>,
 }
@@ -89,8 +88,8 @@ pub struct Mean {
     /// The total weight and the number of submissions that went in.
     pub weight: f64,
     pub used: u64,
-    /// Submissions (by index) whose stored bytes no longer decode: left out, never allowed to
-    /// fail or poison the round.
+    /// Submissions (by index) whose stored bytes can no longer be read or decoded: left out,
+    /// never allowed to fail or poison the round.
     pub left_out: Vec<(usize, AggregateError)>,
     /// What a robust rule did.
     pub robust: Option<RobustReport>,
@@ -109,50 +108,95 @@ impl Mean {
 
 /// The round's Δ̄ under `rule`: in a layer-sharded run each tensor averaged over the
 /// submissions that carry it; the weighted mean one submission at a time; a robust rule over
-/// all of them decoded at once.
+/// all of them decoded at once. `load(k)` reads submission `k`'s bytes (checked when it
+/// arrived); the mean-family rules hold one at a time, so memory does not grow with the
+/// number of submissions. A submission that cannot be read or decoded is left out.
 pub fn mean<B: AsRef<[u8]>>(
     rule: &Aggregation,
     lengths: &[usize],
-    inputs: &[Input<B>],
+    inputs: &[Input],
+    load: impl Fn(usize) -> Result<B, AggregateError>,
 ) -> Result<Mean, AggregateError> {
     if inputs.iter().any(|i| i.carries.is_some()) {
-        return Ok(fragment_mean(lengths, inputs));
+        return Ok(fragment_mean(lengths, inputs, load));
     }
-    if *rule == Aggregation::Mean { streaming_mean(lengths, inputs) } else { robust_mean(rule, lengths, inputs) }
+    if *rule == Aggregation::Mean {
+        streaming_mean(lengths, inputs, load)
+    } else {
+        robust_mean(rule, lengths, inputs, load)
+    }
+}
+
+/// The weighted mean taken as submissions arrive, in arrival order: what [`mean`] gives for
+/// the same submissions under [`Aggregation::Mean`], bit for bit, without reading any of them
+/// again when the round closes. Holds the running sum (4P bytes).
+#[derive(Debug)]
+pub struct RunningMean {
+    acc: Accumulator,
+    weight: f64,
+}
+
+impl RunningMean {
+    pub fn new(lengths: &[usize]) -> RunningMean {
+        RunningMean { acc: Accumulator::new(lengths), weight: 0.0 }
+    }
+
+    /// Adds one submission (checked with [`crate::check_view`] when it arrived). On an error
+    /// the sum may be partly updated: the caller drops this mean and takes [`mean`] at close.
+    pub fn add(&mut self, weight: f32, message: &MessageView<'_>) -> Result<(), AggregateError> {
+        self.acc.add_checked(weight, message)?;
+        self.weight += f64::from(weight);
+        Ok(())
+    }
+
+    /// How many submissions it holds.
+    pub fn count(&self) -> usize {
+        self.acc.count()
+    }
+
+    pub fn finish(self) -> Result<Mean, AggregateError> {
+        let used = self.acc.count() as u64;
+        let lengths = self.acc.lengths();
+        let mean = if used == 0 { Mean::zeros(&lengths) } else { self.acc.finish()? };
+        Ok(Mean { mean, weight: self.weight, used, left_out: Vec::new(), robust: None })
+    }
 }
 
 /// The weighted mean, one submission at a time. Every submission was checked on arrival, so
 /// one decode pass each; should one fail after all (a damaged blob), start again without it.
-fn streaming_mean<B: AsRef<[u8]>>(lengths: &[usize], inputs: &[Input<B>]) -> Result<Mean, AggregateError> {
+fn streaming_mean<B: AsRef<[u8]>>(
+    lengths: &[usize],
+    inputs: &[Input],
+    load: impl Fn(usize) -> Result<B, AggregateError>,
+) -> Result<Mean, AggregateError> {
     let mut left_out: Vec<(usize, AggregateError)> = Vec::new();
-    let (acc, weight) = 'accumulate: loop {
-        let mut acc = Accumulator::new(lengths);
-        let mut weight = 0.0f64;
+    let running = 'accumulate: loop {
+        let mut running = RunningMean::new(lengths);
         for (k, input) in inputs.iter().enumerate() {
             if left_out.iter().any(|(j, _)| *j == k) {
                 continue;
             }
-            let added = MessageView::parse(input.bytes.as_ref())
-                .map_err(AggregateError::from)
-                .and_then(|v| acc.add_checked(input.weight, &v));
-            match added {
-                Ok(()) => weight += f64::from(input.weight),
-                Err(e) => {
-                    left_out.push((k, e));
-                    continue 'accumulate;
-                }
+            let added = load(k).and_then(|bytes| {
+                let view = MessageView::parse(bytes.as_ref())?;
+                running.add(input.weight, &view)
+            });
+            if let Err(e) = added {
+                left_out.push((k, e));
+                continue 'accumulate;
             }
         }
-        break (acc, weight);
+        break running;
     };
-    let used = acc.count() as u64;
-    let mean = if used == 0 { Mean::zeros(lengths) } else { acc.finish()? };
-    Ok(Mean { mean, weight, used, left_out, robust: None })
+    Ok(Mean { left_out, ..running.finish()? })
 }
 
 /// A layer-sharded round's mean: every tensor averaged (weighted) over the submissions that
 /// carry it; a tensor nobody trained stays at zero.
-fn fragment_mean<B: AsRef<[u8]>>(lengths: &[usize], inputs: &[Input<B>]) -> Mean {
+fn fragment_mean<B: AsRef<[u8]>>(
+    lengths: &[usize],
+    inputs: &[Input],
+    load: impl Fn(usize) -> Result<B, AggregateError>,
+) -> Mean {
     let mut sum = Mean::zeros(lengths);
     let mut weight_of = vec![0.0f64; lengths.len()];
     let (mut weight, mut used, mut left_out) = (0.0, 0, Vec::new());
@@ -160,9 +204,7 @@ fn fragment_mean<B: AsRef<[u8]>>(lengths: &[usize], inputs: &[Input<B>]) -> Mean
     for (k, input) in inputs.iter().enumerate() {
         let keep = input.carries.as_deref().unwrap_or(&everything);
         let subset: Vec<usize> = keep.iter().map(|&i| lengths[i]).collect();
-        let decoded = MessageView::parse(input.bytes.as_ref())
-            .map_err(AggregateError::from)
-            .and_then(|v| decode_view(&subset, &v));
+        let decoded = load(k).and_then(|bytes| decode_view(&subset, &MessageView::parse(bytes.as_ref())?));
         match decoded {
             Ok(d) => {
                 for (&i, values) in keep.iter().zip(d) {
@@ -186,20 +228,19 @@ fn fragment_mean<B: AsRef<[u8]>>(lengths: &[usize], inputs: &[Input<B>]) -> Mean
     Mean { mean: sum, weight, used, left_out, robust: None }
 }
 
-/// The run's robust rule over every submission, decoded at once.
+/// The run's robust rule over every submission, decoded at once (4NP bytes: the rules compare
+/// every submission's value at each coordinate).
 fn robust_mean<B: AsRef<[u8]>>(
     rule: &Aggregation,
     lengths: &[usize],
-    inputs: &[Input<B>],
+    inputs: &[Input],
+    load: impl Fn(usize) -> Result<B, AggregateError>,
 ) -> Result<Mean, AggregateError> {
     let mut decoded = Vec::with_capacity(inputs.len());
     let mut weights = Vec::with_capacity(inputs.len());
     let mut left_out = Vec::new();
     for (k, input) in inputs.iter().enumerate() {
-        let d = MessageView::parse(input.bytes.as_ref())
-            .map_err(AggregateError::from)
-            .and_then(|v| decode_view(lengths, &v));
-        match d {
+        match load(k).and_then(|bytes| decode_view(lengths, &MessageView::parse(bytes.as_ref())?)) {
             Ok(d) => {
                 decoded.push(d);
                 weights.push(input.weight);
@@ -419,14 +460,48 @@ mod tests {
                 .to_bytes();
         let mut bad = good.clone();
         bad[60] ^= 0xff;
+        let blobs = [good, bad];
         for rule in [Aggregation::Mean, Aggregation::Median] {
-            let inputs = [
-                Input { weight: 1.0, bytes: good.clone(), carries: None },
-                Input { weight: 1.0, bytes: bad.clone(), carries: None },
-            ];
-            let m = mean(&rule, &[3], &inputs).unwrap();
+            let inputs = [Input { weight: 1.0, carries: None }, Input { weight: 1.0, carries: None }];
+            let m = mean(&rule, &[3], &inputs, |k| Ok(&blobs[k])).unwrap();
             assert_eq!((m.used, m.left_out.len(), m.left_out[0].0), (1, 1, 1), "{rule}");
             assert_eq!(m.mean, vec![vec![1.0, 2.0, 3.0]]);
         }
+        // A blob that can no longer be read is left out the same way.
+        let gone = |k: usize| if k == 0 { Err(AggregateError::Unreadable("gone".into())) } else { Ok(&blobs[0]) };
+        let inputs = [Input { weight: 1.0, carries: None }, Input { weight: 1.0, carries: None }];
+        let m = mean(&Aggregation::Mean, &[3], &inputs, gone).unwrap();
+        assert_eq!((m.used, m.left_out.len(), m.left_out[0].0), (1, 1, 0));
+    }
+
+    #[test]
+    fn the_mean_taken_on_arrival_is_the_mean_taken_at_close_bit_for_bit() {
+        let n = 1000;
+        let blobs: Vec<Vec<u8>> = (0..7)
+            .map(|k| {
+                let values: Vec<f32> = (0..n).map(|i| ((i * 31 + k * 17) % 97) as f32 / 7.3 - 6.0).collect();
+                PseudoGradient::build(
+                    Codec::Int8 { block: 64 },
+                    [0; 16],
+                    0,
+                    [0; 32],
+                    [("w", &[n as u64][..], &values[..])],
+                )
+                .unwrap()
+                .to_bytes()
+            })
+            .collect();
+        let weights = [1.0f32, 0.5, 0.25, 1.0, 0.3, 0.9, 0.7];
+        let inputs: Vec<Input> = weights.iter().map(|&weight| Input { weight, carries: None }).collect();
+        let closed = mean(&Aggregation::Mean, &[n], &inputs, |k| Ok(&blobs[k])).unwrap();
+        let mut running = RunningMean::new(&[n]);
+        for (blob, &w) in blobs.iter().zip(&weights) {
+            running.add(w, &MessageView::parse(blob).unwrap()).unwrap();
+        }
+        assert_eq!(running.count(), 7);
+        let arrived = running.finish().unwrap();
+        let bits = |m: &Mean| m.mean[0].iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&arrived), bits(&closed));
+        assert_eq!((arrived.weight, arrived.used), (closed.weight, closed.used));
     }
 }

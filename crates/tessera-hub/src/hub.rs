@@ -117,6 +117,8 @@ pub struct Hub {
     validator_token: Option<String>,
     pub(crate) round_tx: watch::Sender<u64>,
     pub(crate) bytes_down: AtomicU64,
+    /// The task that sums the current round's submissions as they arrive ([`crate::running`]).
+    pub(crate) summer: crate::running::Summer,
 }
 
 fn token_hash(token: &str) -> String {
@@ -199,6 +201,7 @@ impl Hub {
             validator_token: config.validator_token.as_deref().map(token_hash),
             round_tx: watch::Sender::new(round),
             bytes_down: AtomicU64::new(0),
+            summer: crate::running::Summer::start(),
         });
         // Metrics are recorded from the start (GET /metrics renders them).
         let _ = tessera_telemetry::prometheus();

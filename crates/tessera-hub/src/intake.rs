@@ -212,14 +212,14 @@ impl Hub {
     /// Stores the blob, then records the submission as its own task: if the client hangs up,
     /// the request's future is dropped, but a half-done state change must never be.
     async fn store_and_record(self: &Arc<Self>, submission: Submission, body: Bytes) -> Result<Receipt, ApiError> {
-        self.store.put(&submission_key(&submission.blob), body).await.map_err(internal)?;
+        self.store.put(&submission_key(&submission.blob), body.clone()).await.map_err(internal)?;
         let hub = self.clone();
-        tokio::spawn(async move { hub.record(submission).await })
+        tokio::spawn(async move { hub.record(submission, body).await })
             .await
             .map_err(|e| api(ErrorCode::Internal, e.to_string()))?
     }
 
-    async fn record(&self, s: Submission) -> Result<Receipt, ApiError> {
+    async fn record(&self, s: Submission, body: Bytes) -> Result<Receipt, ApiError> {
         let mut live = self.live.lock().await;
         let facts = Facts {
             blob_owner: self.db.blob_owner(&s.blob).await.map_err(internal)?,
@@ -240,6 +240,11 @@ impl Hub {
         }
         for event in &admission.events {
             live.run.apply(event).map_err(|e| internal(e.into()))?;
+        }
+        // Handed over while `live` is held, so the running mean adds in admission order.
+        if self.sums_on_arrival(&live) {
+            let (pending, lengths) = (live.run.pending().len(), live.run.lengths());
+            self.summer.add(accepted.round, pending, accepted.weight as f32, lengths, body).await;
         }
         let r = &admission.receipt;
         tracing::info!(

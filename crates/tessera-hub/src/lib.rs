@@ -13,6 +13,7 @@ pub mod http;
 pub mod hub;
 mod intake;
 mod rounds;
+mod running;
 pub mod store;
 mod validator;
 mod views;

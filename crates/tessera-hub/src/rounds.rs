@@ -3,12 +3,15 @@
 //! (`tessera_aggregate::round`) off the async workers, growth at a phase boundary, the
 //! round's outputs in the store, then one transaction, then the core applies it.
 //!
-//! Cost per round for N submissions of P parameters: N blob reads, the mean (see
-//! `tessera_aggregate::round`), three writes of O(P) bytes and one transaction of O(N) rows.
+//! Cost per round for N submissions of P parameters: under the plain mean (unscored,
+//! unsealed) nothing is read back, the sum was taken as they arrived (`running`); otherwise N
+//! blob reads, one at a time for the mean-family rules (see `tessera_aggregate::round`); then
+//! three writes of O(P) bytes and one transaction of O(N) rows.
 
 use std::sync::Arc;
 
 use bytes::Bytes;
+use tessera_aggregate::AggregateError;
 use tessera_aggregate::round::{Input, Mean, grow, mean, step};
 use tessera_protocol::weights_hash;
 use tessera_round::{Event, Judgement, Outcome, Plan, Tick};
@@ -30,6 +33,16 @@ pub(crate) struct Sealed {
 }
 
 impl Hub {
+    /// Whether the current round's mean is summed as its submissions arrive: an unscored,
+    /// unsealed, unsharded run under the plain mean, whose weights are known on arrival.
+    pub(crate) fn sums_on_arrival(&self, live: &Live) -> bool {
+        let spec = self.spec();
+        spec.contest.is_none()
+            && spec.trust.is_none()
+            && spec.fragments <= 1
+            && live.run.current().aggregation == tessera_protocol::Aggregation::Mean
+    }
+
     /// What the clock asks for: closes a round whose deadline passed, aggregates unscored a
     /// round whose scores are overdue (or an unscored round left closed), and forgets nonces
     /// too old to be accepted again. Called periodically by [`crate::serve`].
@@ -140,7 +153,8 @@ impl Hub {
     }
 
     /// The round's Δ̄: a sealed run's from its validator (zeros if nobody settled it: the hub
-    /// cannot read it), else the run's rule over the stored submissions with a weight.
+    /// cannot read it), the sum taken as the submissions arrived where there is one, else the
+    /// run's rule over the stored submissions with a weight, read back one at a time.
     async fn round_mean(&self, live: &Live, plan: &Plan, given: Option<Vec<Vec<f32>>>) -> Result<Mean, HubError> {
         let lengths = live.run.lengths();
         let used = plan.weights.iter().filter(|&&w| w > 0.0).count() as u64;
@@ -151,27 +165,42 @@ impl Hub {
         if self.spec().trust.is_some() {
             return Ok(Mean::given(lengths.iter().map(|&n| vec![0.0; n]).collect(), weight, used));
         }
-        let mut inputs = Vec::with_capacity(plan.rows.len());
-        for (row, &w) in plan.rows.iter().zip(&plan.weights) {
-            if w <= 0.0 {
-                continue;
-            }
-            match self.store.get(&submission_key(&row.blob)).await {
-                Ok(bytes) => {
-                    let carries = (self.spec().fragments > 1).then(|| live.run.carried(row.contributor));
-                    inputs.push(Input { weight: w as f32, bytes, carries });
-                }
-                Err(e) => {
-                    tracing::error!(contributor = row.contributor, error = %e, "submission blob unreadable; left out")
-                }
-            }
-        }
+        let rows: Vec<(&tessera_round::Accepted, f64)> =
+            plan.rows.iter().zip(plan.weights.iter().copied()).filter(|(_, w)| *w > 0.0).collect();
         let rule = live.run.current().aggregation;
-        let mean = tokio::task::spawn_blocking(move || mean(&rule, &lengths, &inputs))
-            .await
-            .map_err(|e| HubError::Corrupt(format!("aggregation task failed: {e}")))??;
+        if self.sums_on_arrival(live) {
+            if let Some(running) = self.summer.take(plan.round, rows.len()).await {
+                tracing::debug!(
+                    round = plan.round,
+                    submissions = rows.len(),
+                    "the mean was summed as submissions arrived"
+                );
+                return Ok(running.finish()?);
+            }
+            tracing::info!(round = plan.round, "no sum taken on arrival (a restart mid-round): reading the round back");
+        }
+        let inputs: Vec<Input> = rows
+            .iter()
+            .map(|(row, w)| Input {
+                weight: *w as f32,
+                carries: (self.spec().fragments > 1).then(|| live.run.carried(row.contributor)),
+            })
+            .collect();
+        let keys: Vec<String> = rows.iter().map(|(row, _)| submission_key(&row.blob)).collect();
+        let (store, runtime) = (self.store.clone(), tokio::runtime::Handle::current());
+        // Read one blob at a time as the rule asks for it, on a blocking thread.
+        let mean = tokio::task::spawn_blocking(move || {
+            let load = |k: usize| {
+                runtime
+                    .block_on(store.get(&keys[k]))
+                    .map_err(|e| AggregateError::Unreadable(format!("{}: {e}", keys[k])))
+            };
+            mean(&rule, &lengths, &inputs, load)
+        })
+        .await
+        .map_err(|e| HubError::Corrupt(format!("aggregation task failed: {e}")))??;
         for (k, e) in &mean.left_out {
-            tracing::error!(submission = k, error = %e, "a stored submission no longer decodes; aggregated without it");
+            tracing::error!(submission = k, error = %e, "a stored submission cannot be read or decoded; aggregated without it");
         }
         if let Some(r) = &mean.robust {
             tracing::info!(rule = %rule, clipped = r.clipped, radius = ?r.radius, "robust aggregation");

@@ -362,31 +362,58 @@ fn a_round_closes_at_its_deadline_without_the_missing() {
     server.stop();
 }
 
+/// A hub restarted mid-round keeps what it accepted; with no sum taken on arrival for the
+/// round, it reads the round's blobs back at close and publishes the very checkpoint a hub that
+/// never stopped publishes — which summed on arrival and read nothing back (its blobs are gone
+/// before the round closes).
 #[test]
 fn a_restarted_hub_keeps_accepted_submissions_and_keys() {
+    let spec3 = RunSpec { broadcast_codec: Codec::Int8 { block: 16 }, ..spec(3) };
+    let deltas = [delta(1.0), delta(-3.1), delta(0.77)];
+    let steady = {
+        let b = backend("sqlite").unwrap();
+        let server = Server::start(&b, spec3.clone());
+        let run = info(&server.url);
+        let clients: Vec<Client> = (0..3).map(|k| Client::register(&server.url, &format!("c{k}"))).collect();
+        for (k, (c, d)) in clients.iter().zip(&deltas).enumerate() {
+            if k == 2 {
+                for blob in std::fs::read_dir(std::path::Path::new(&b.store).join("submissions")).unwrap() {
+                    std::fs::remove_file(blob.unwrap().path()).unwrap();
+                }
+            }
+            c.submit(&run, 0, &run.checkpoint, d).unwrap();
+        }
+        let after = info(&server.url);
+        server.stop();
+        after.checkpoint
+    };
+
     let b = backend("sqlite").unwrap();
-    let server = Server::start(&b, RunSpec { broadcast_codec: Codec::Int8 { block: 16 }, ..spec(2) });
+    let server = Server::start(&b, spec3);
     let url = server.url.clone();
     let run = info(&url);
     let a = Client::register(&url, "a");
     let c = Client::register(&url, "c");
-    a.submit(&run, 0, &run.checkpoint, &delta(1.0)).unwrap();
+    let d = Client::register(&url, "d");
+    a.submit(&run, 0, &run.checkpoint, &deltas[0]).unwrap();
+    c.submit(&run, 0, &run.checkpoint, &deltas[1]).unwrap();
     server.stop();
 
     // The same database and store; the spec passed now is ignored in favour of the stored run.
     let server = Server::start(&b, spec(99));
     let url2 = server.url.clone();
     let resumed = info(&url2);
-    assert_eq!((resumed.run_id.as_str(), resumed.spec.quorum), (run.run_id.as_str(), 2));
+    assert_eq!((resumed.run_id.as_str(), resumed.spec.quorum), (run.run_id.as_str(), 3));
     assert_eq!(status_of(&url2).history[0].accepted, 0, "not closed yet");
-    let c = Client::register_key(&url2, "c", c.key.clone());
+    let d = Client::register_key(&url2, "d", d.key.clone());
     // A key registers once: registering again gets the same id.
-    assert_eq!(Client::register_key(&url2, "c again", c.key.clone()).id, c.id);
-    c.submit(&run, 0, &run.checkpoint, &delta(-1.0)).unwrap();
+    assert_eq!(Client::register_key(&url2, "d again", d.key.clone()).id, d.id);
+    d.submit(&run, 0, &run.checkpoint, &deltas[2]).unwrap();
     let after = info(&url2);
     assert_eq!(after.round, 1);
     let st = status_of(&url2);
-    assert_eq!(st.history[0].accepted, 2, "the submission from before the restart counts");
+    assert_eq!(st.history[0].accepted, 3, "the submissions from before the restart count");
+    assert_eq!(after.checkpoint, steady, "read back after a restart = summed on arrival, bit for bit");
     // With a lossy broadcast codec the update still reproduces the checkpoint exactly.
     let update = client(&url2).update(1).unwrap();
     let view = MessageView::parse(&update).unwrap();
@@ -394,7 +421,7 @@ fn a_restarted_hub_keeps_accepted_submissions_and_keys() {
     let rebuilt = view.apply_to(&initial()).unwrap();
     let bytes = tessera_protocol::encode_weights(&run.spec.tensors, &rebuilt).unwrap();
     assert_eq!(hex::encode(weights_hash(&bytes)), after.checkpoint);
-    drop(a);
+    drop((a, c));
     server.stop();
 }
 
