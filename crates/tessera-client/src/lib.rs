@@ -32,7 +32,7 @@ use serde::de::DeserializeOwned;
 use tessera_protocol::api::{
     Assignment, ContributorHistory, DataAssignment, EpochReport, EpochSettled, EvalSeed, HubStatus, INNER_LOSS_PARAM,
     Leaderboard, Receipt, RegisterRequest, Registration, RoundAnnouncement, RunInfo, ScoreReport, ScoringJob,
-    ValidatorInfo, Verdict,
+    UploadCommit, UploadGrant, UploadPart, UploadRequest, ValidatorInfo, Verdict,
 };
 use tessera_protocol::{ApiError, ErrorCode, PROTOCOL_VERSION, weights_hash};
 use tessera_trust::identity::HUB_SIGNATURE_HEADER;
@@ -479,7 +479,9 @@ impl HubClient {
     /// Sends a submission (a pseudo-gradient message, or a sealed envelope) with the mean
     /// loss of its inner steps and, in a manifest run, the data it was trained on (its
     /// assignment's `data`), both of which the signature covers. Uploads through the upload
-    /// link, reporting progress.
+    /// link, reporting progress: straight into the run's bucket on the URLs the hub presigns
+    /// (`POST /v1/uploads`, the PUTs, then the commit), or to the hub itself where its store
+    /// signs no URLs.
     pub fn submit(&self, body: Arc<Vec<u8>>, inner_loss: Option<f64>, data: Option<DataAssignment>) -> Result<Receipt> {
         let mut query: Vec<String> = Vec::new();
         if let Some(l) = inner_loss.filter(|l| l.is_finite()) {
@@ -488,12 +490,71 @@ impl HubClient {
         if let Some(d) = data {
             query.push(d.query());
         }
-        let path = match query.is_empty() {
-            true => "/v1/submissions".to_owned(),
-            false => format!("/v1/submissions?{}", query.join("&")),
+        let query = if query.is_empty() { String::new() } else { format!("?{}", query.join("&")) };
+        let blob = blob_name(&body);
+        let grant = self.upload_grant(&blob, &body)?;
+        if grant.parts.is_empty() {
+            return self.post_submission(&format!("/v1/submissions{query}"), body);
+        }
+        let mut etags = Vec::with_capacity(grant.parts.len());
+        for part in &grant.parts {
+            etags.push(self.put_part(part, &body)?);
+        }
+        let commit = UploadCommit { upload_id: grant.upload_id.clone(), etags };
+        let commit = serde_json::to_vec(&commit).map_err(|e| ClientError::Usage(e.to_string()))?;
+        let path = format!("/v1/uploads/{blob}{query}");
+        let r = self.send("submit", || self.signed(reqwest::Method::POST, &path, commit.clone()))?;
+        self.json("submit", r)
+    }
+
+    /// Where to upload a submission named `blob`: presigned parts, or none (post it to the
+    /// hub, as a hub that predates direct uploads also answers).
+    fn upload_grant(&self, blob: &str, body: &[u8]) -> Result<UploadGrant> {
+        use sha2::Digest as _;
+        let request = UploadRequest {
+            blob: blob.to_owned(),
+            bytes: body.len() as u64,
+            sha256: hex::encode(sha2::Sha256::digest(body)),
         };
+        let request = serde_json::to_vec(&request).map_err(|e| ClientError::Usage(e.to_string()))?;
+        let r = self.send("upload", || self.signed(reqwest::Method::POST, "/v1/uploads", request.clone()))?;
+        match self.json::<UploadGrant>("upload", r) {
+            Err(ClientError::Refused { error, .. }) if error.code == ErrorCode::NotFound => {
+                Ok(UploadGrant { upload_id: None, parts: Vec::new(), expires_ms: 0 })
+            }
+            other => other,
+        }
+    }
+
+    /// One presigned PUT of bytes `part.offset..` of `body`, through the upload link; returns
+    /// the part's ETag. Already there (`412`, a retry after a lost answer) counts as done.
+    fn put_part(&self, part: &UploadPart, body: &Arc<Vec<u8>>) -> Result<String> {
+        let start = usize::try_from(part.offset).map_err(|e| self.bad_answer("upload", e))?;
+        let end = start.saturating_add(usize::try_from(part.bytes).map_err(|e| self.bad_answer("upload", e))?);
+        if end > body.len() || start >= end {
+            return Err(self.bad_answer("upload", format!("a part of bytes {start}..{end} of {}", body.len())));
+        }
+        let r = self.send("upload", || {
+            let counted = link::Counted::range(body.clone(), start..end, self.progress.clone(), self.upload.clone());
+            let mut b = self.http.put(&part.url).body(reqwest::blocking::Body::sized(counted, (end - start) as u64));
+            for (k, v) in &part.headers {
+                b = b.header(k, v);
+            }
+            Ok(b)
+        })?;
+        let status = r.status();
+        let etag = r.headers().get(reqwest::header::ETAG).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+        let text = r.text().unwrap_or_default();
+        if status.is_success() || status == StatusCode::PRECONDITION_FAILED {
+            return Ok(etag);
+        }
+        Err(self.bad_answer("upload", format!("the bucket answered {status}: {}", &text[..text.len().min(300)])))
+    }
+
+    /// The submission's bytes posted to the hub itself.
+    fn post_submission(&self, path: &str, body: Arc<Vec<u8>>) -> Result<Receipt> {
         let r = self.send("submit", || {
-            let request = self.signed_for(reqwest::Method::POST, &path, &body)?;
+            let request = self.signed_for(reqwest::Method::POST, path, &body)?;
             if self.progress.is_none() && self.upload.is_none() {
                 return Ok(request.body(body.to_vec()));
             }
@@ -591,4 +652,13 @@ impl HubClient {
 
 fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+/// A submission's name in the run's store: a pseudo-gradient message ends with the BLAKE3 of
+/// the rest (checked here by parsing it); a sealed envelope is named by the BLAKE3 of the whole.
+pub fn blob_name(body: &[u8]) -> String {
+    match tessera_protocol::MessageView::parse(body) {
+        Ok(_) => hex::encode(&body[body.len() - 32..]),
+        Err(_) => blake3::hash(body).to_hex().to_string(),
+    }
 }

@@ -68,19 +68,32 @@ pub fn chunk(link: Option<&Link>) -> usize {
 pub(crate) struct Counted {
     bytes: Arc<Vec<u8>>,
     at: usize,
+    end: usize,
     progress: Option<crate::UploadProgress>,
     link: Option<Link>,
 }
 
 impl Counted {
     pub(crate) fn new(bytes: Arc<Vec<u8>>, progress: Option<crate::UploadProgress>, link: Option<Link>) -> Counted {
-        Counted { bytes, at: 0, progress, link }
+        let end = bytes.len();
+        Counted::range(bytes, 0..end, progress, link)
+    }
+
+    /// Bytes `range` of `bytes` (one part of an upload); progress counts from the whole's start.
+    pub(crate) fn range(
+        bytes: Arc<Vec<u8>>,
+        range: std::ops::Range<usize>,
+        progress: Option<crate::UploadProgress>,
+        link: Option<Link>,
+    ) -> Counted {
+        let end = range.end.min(bytes.len());
+        Counted { bytes, at: range.start.min(end), end, progress, link }
     }
 }
 
 impl Read for Counted {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = buf.len().min(self.bytes.len() - self.at).min(chunk(self.link.as_ref()));
+        let n = buf.len().min(self.end - self.at).min(chunk(self.link.as_ref()));
         pass(self.link.as_ref(), n);
         buf[..n].copy_from_slice(&self.bytes[self.at..self.at + n]);
         self.at += n;

@@ -11,7 +11,9 @@ use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use tessera_protocol::api::{DataAssignment, RegisterRequest, ScoreReport, UNSIGNED_INNER_LOSS_HEADER, Verdict};
+use tessera_protocol::api::{
+    DataAssignment, RegisterRequest, ScoreReport, UNSIGNED_INNER_LOSS_HEADER, UploadCommit, UploadRequest, Verdict,
+};
 use tessera_protocol::{ApiError, ErrorCode};
 use tessera_trust::identity::HUB_SIGNATURE_HEADER;
 use tessera_trust::{SignedBy, ValidatorAttestation};
@@ -80,6 +82,8 @@ pub fn router(hub: Arc<Hub>) -> Router {
         .route("/v1/contributors", post(register))
         .route("/v1/assignments", post(assignment))
         .route("/v1/submissions", post(submit).layer(DefaultBodyLimit::max(limit)))
+        .route("/v1/uploads", post(grant_upload))
+        .route("/v1/uploads/{blob}", post(commit_upload))
         .route("/v1/checkpoints/{hash}", get(checkpoint))
         .route("/v1/updates/{round}", get(update))
         .route("/v1/leaderboard", get(leaderboard))
@@ -297,6 +301,61 @@ async fn submit(
     Ok((StatusCode::ACCEPTED, Json(result?)))
 }
 
+/// A contributor asks where to upload a submission: presigned URLs into the bucket, or none
+/// (post it to `/v1/submissions`).
+async fn grant_upload(
+    State(hub): State<Arc<Hub>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<impl IntoResponse, Refusal> {
+    let body = body_or_refusal(body)?;
+    let (id, _) = contributor(&hub, &method, &uri, &headers, &body).await?;
+    let request: UploadRequest =
+        serde_json::from_slice(&body).map_err(|e| refuse(ErrorCode::BadRequest, format!("upload request: {e}")))?;
+    let granted = hub.grant_upload(id, &request).await;
+    if let Err(e) = &granted {
+        // A submission refused before its bytes moved counts as one refused.
+        metrics::counter!("tessera_hub_submissions_total", "outcome" => e.code.wire_name()).increment(1);
+    }
+    Ok(Json(granted?))
+}
+
+/// A direct upload is done: the hub checks the bytes in the bucket and submits them, with the
+/// claim in the signed query as `POST /v1/submissions` takes it.
+async fn commit_upload(
+    State(hub): State<Arc<Hub>>,
+    Path(blob): Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    query: Result<Query<SubmitQuery>, axum::extract::rejection::QueryRejection>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<impl IntoResponse, Refusal> {
+    let result = async {
+        let Query(query) = query.map_err(|e| refuse(ErrorCode::BadRequest, e.body_text()))?;
+        let body = body_or_refusal(body)?;
+        let (id, key) = contributor(&hub, &method, &uri, &headers, &body).await?;
+        let commit: UploadCommit = if body.is_empty() {
+            UploadCommit::default()
+        } else {
+            serde_json::from_slice(&body).map_err(|e| refuse(ErrorCode::BadRequest, format!("upload commit: {e}")))?
+        };
+        Ok::<_, Refusal>(hub.commit_upload(id, key, &blob, commit, query.claim()?).await?)
+    }
+    .await;
+    let outcome = match &result {
+        Ok(_) => "accepted".to_owned(),
+        Err(r) => r.0.code.wire_name(),
+    };
+    metrics::counter!("tessera_hub_submissions_total", "outcome" => outcome).increment(1);
+    Ok((StatusCode::ACCEPTED, Json(result?)))
+}
+
+/// How long a presigned download URL stays good (a download must start within it).
+const DOWNLOAD_TTL: Duration = Duration::from_secs(900);
+
 /// Serves a stored blob, whole or the one byte range a `Range` header asks for, streamed. `counted`: its bytes count as
 /// downloaded by contributors (`bytes_down`); the validator's fetches do not.
 async fn serve_blob(hub: &Hub, key: &str, headers: &HeaderMap, counted: bool) -> Result<Response, Refusal> {
@@ -315,6 +374,15 @@ async fn serve_blob(hub: &Hub, key: &str, headers: &HeaderMap, counted: bool) ->
         }
     };
     let internal = |e: crate::HubError| refuse(ErrorCode::Internal, e.to_string());
+    if let Some(url) = hub.store().presigned_get(key, DOWNLOAD_TTL).await.map_err(internal)? {
+        // The bytes come from the bucket itself (the `Range` header goes along with the
+        // redirect); the client checks them against their BLAKE3 as ever.
+        if counted {
+            hub.note_download(range.as_ref().map_or(size, |r| r.end() + 1 - r.start()));
+        }
+        let location = HeaderValue::from_str(url.as_str()).map_err(|e| refuse(ErrorCode::Internal, e.to_string()))?;
+        return Ok((StatusCode::TEMPORARY_REDIRECT, [(header::LOCATION, location)]).into_response());
+    }
     // Streamed from the store a chunk at a time: serving a checkpoint holds none of it whole.
     let bounds = range.as_ref().map(|r| *r.start()..*r.end() + 1);
     let length = bounds.as_ref().map_or(size, |b| b.end - b.start);

@@ -67,7 +67,14 @@ pub struct HubConfig {
     /// The bearer token the validator presents. A scored run without one can take no scores:
     /// each round is aggregated unscored after its score timeout.
     pub validator_token: Option<String>,
+    /// Direct uploads above this many bytes go up as a multipart upload of parts of the second
+    /// (default [`DIRECT_MULTIPART`]; S3 takes a single PUT of at most 5 GiB, parts of at least
+    /// 5 MiB).
+    pub direct_multipart: Option<(u64, u64)>,
 }
+
+/// A direct upload above 4 GiB goes up in parts of 256 MiB.
+pub const DIRECT_MULTIPART: (u64, u64) = (4 << 30, 256 << 20);
 
 /// The attested validator submissions are sealed to.
 #[derive(Clone)]
@@ -115,6 +122,7 @@ pub struct Hub {
     pub(crate) grower: Option<Arc<dyn Grower>>,
     /// BLAKE3 of the validator's bearer token.
     validator_token: Option<String>,
+    pub(crate) direct_multipart: (u64, u64),
     pub(crate) round_tx: watch::Sender<u64>,
     pub(crate) bytes_down: AtomicU64,
     /// The task that sums the current round's submissions as they arrive ([`crate::running`]).
@@ -199,6 +207,7 @@ impl Hub {
             identity,
             grower: config.grower,
             validator_token: config.validator_token.as_deref().map(token_hash),
+            direct_multipart: config.direct_multipart.unwrap_or(DIRECT_MULTIPART),
             round_tx: watch::Sender::new(round),
             bytes_down: AtomicU64::new(0),
             summer: crate::running::Summer::start(),

@@ -7,9 +7,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use base64::Engine as _;
 use bytes::Bytes;
 use tessera_aggregate::check_view;
-use tessera_protocol::api::{Assignment, DataAssignment, Receipt, Registration};
+use tessera_protocol::api::{
+    Assignment, DataAssignment, Receipt, Registration, UploadCommit, UploadGrant, UploadRequest,
+};
 use tessera_protocol::{ApiError, ErrorCode, MessageView};
 use tessera_round::{Event, Facts, MessageHeader, Submission};
 use tessera_trust::{PublicKey, SealedHeader, SignedBy};
@@ -91,33 +94,57 @@ impl Hub {
         body: Bytes,
         claim: Claim,
     ) -> Result<Receipt, ApiError> {
+        self.submit_from(contributor, key, body, claim, false).await
+    }
+
+    /// [`Hub::submit`] of `body`, which is already in the store under its name if `in_store`
+    /// (a direct upload).
+    async fn submit_from(
+        self: &Arc<Self>,
+        contributor: u64,
+        key: PublicKey,
+        body: Bytes,
+        claim: Claim,
+        in_store: bool,
+    ) -> Result<Receipt, ApiError> {
         let result = if self.spec().trust.is_some() {
-            self.submit_sealed(contributor, key, body, claim).await
+            self.submit_sealed(contributor, key, body, claim, in_store).await
         } else {
-            self.submit_clear(contributor, body, claim).await
+            self.submit_clear(contributor, body, claim, in_store).await
         };
         if let Err(e) = &result {
-            let mut live = self.live.lock().await;
-            if let Some(event) = live.run.refused(contributor, e, now_ms()) {
-                let recorded = self
-                    .db
-                    .insert_rejection(contributor, live.run.round(), &e.code.wire_name(), &e.message, now_ms())
-                    .await;
-                match recorded {
-                    Ok(()) => {
-                        if let Err(err) = live.run.apply(&event) {
-                            tracing::error!(error = %err, "could not apply a refusal");
-                        }
-                    }
-                    Err(db) => tracing::warn!(error = %db, "could not record a rejection"),
-                }
-                tracing::info!(contributor, code = %e.code.wire_name(), message = %e.message, "submission rejected");
-            }
+            self.record_refusal(contributor, e).await;
         }
         result
     }
 
-    async fn submit_clear(self: &Arc<Self>, contributor: u64, body: Bytes, claim: Claim) -> Result<Receipt, ApiError> {
+    /// Records a refused submission with its reason (every refusal but `busy`).
+    async fn record_refusal(&self, contributor: u64, e: &ApiError) {
+        let mut live = self.live.lock().await;
+        if let Some(event) = live.run.refused(contributor, e, now_ms()) {
+            let recorded = self
+                .db
+                .insert_rejection(contributor, live.run.round(), &e.code.wire_name(), &e.message, now_ms())
+                .await;
+            match recorded {
+                Ok(()) => {
+                    if let Err(err) = live.run.apply(&event) {
+                        tracing::error!(error = %err, "could not apply a refusal");
+                    }
+                }
+                Err(db) => tracing::warn!(error = %db, "could not record a rejection"),
+            }
+            tracing::info!(contributor, code = %e.code.wire_name(), message = %e.message, "submission rejected");
+        }
+    }
+
+    async fn submit_clear(
+        self: &Arc<Self>,
+        contributor: u64,
+        body: Bytes,
+        claim: Claim,
+        in_store: bool,
+    ) -> Result<Receipt, ApiError> {
         let lengths: Vec<usize> = {
             let live = self.live.lock().await;
             let all = live.run.lengths();
@@ -156,7 +183,7 @@ impl Hub {
             inner_loss: claim.inner_loss,
             data: claim.data,
         };
-        self.store_and_record(submission, body).await
+        self.store_and_record(submission, body, in_store).await
     }
 
     /// A sealed run's submission: the hub checks the envelope's clear header (run, base, sender,
@@ -167,6 +194,7 @@ impl Hub {
         key: PublicKey,
         body: Bytes,
         claim: Claim,
+        in_store: bool,
     ) -> Result<Receipt, ApiError> {
         let header = SealedHeader::parse(&body).map_err(|e| api(ErrorCode::MalformedMessage, e.to_string()))?;
         if hex::encode(header.run_id) != self.run_id() {
@@ -206,13 +234,20 @@ impl Hub {
             inner_loss: claim.inner_loss,
             data: claim.data,
         };
-        self.store_and_record(submission, body).await
+        self.store_and_record(submission, body, in_store).await
     }
 
-    /// Stores the blob, then records the submission as its own task: if the client hangs up,
+    /// Stores the blob (unless it is there already), then records the submission as its own task: if the client hangs up,
     /// the request's future is dropped, but a half-done state change must never be.
-    async fn store_and_record(self: &Arc<Self>, submission: Submission, body: Bytes) -> Result<Receipt, ApiError> {
-        self.store.put(&submission_key(&submission.blob), body.clone()).await.map_err(internal)?;
+    async fn store_and_record(
+        self: &Arc<Self>,
+        submission: Submission,
+        body: Bytes,
+        in_store: bool,
+    ) -> Result<Receipt, ApiError> {
+        if !in_store {
+            self.store.put(&submission_key(&submission.blob), body.clone()).await.map_err(internal)?;
+        }
         let hub = self.clone();
         tokio::spawn(async move { hub.record(submission, body).await })
             .await
@@ -269,5 +304,137 @@ impl Hub {
             }
         }
         Ok(admission.receipt)
+    }
+
+    /// A contributor's request to upload a submission straight into the store: checked for
+    /// what can be checked before the bytes exist (a sane name and size, the run still on, no
+    /// submission yet for this round, a blob nobody else submitted), then presigned. A store
+    /// that cannot sign answers no parts: the client posts the bytes to the hub.
+    pub async fn grant_upload(&self, contributor: u64, request: &UploadRequest) -> Result<UploadGrant, ApiError> {
+        let checked = self.check_upload(contributor, request).await;
+        if let Err(e) = &checked {
+            // Refused before any bytes moved, but refused all the same: recorded as a submission's.
+            self.record_refusal(contributor, e).await;
+        }
+        checked?;
+        let mut sha256 = [0u8; 32];
+        hex::decode_to_slice(&request.sha256, &mut sha256).map_err(|_| api(ErrorCode::BadRequest, "sha256"))?;
+        // Nobody's accepted submission is stored under this name (checked above), so whatever
+        // is there is an earlier attempt's leftover (a store may keep bytes it refused): the
+        // presigned PUT refuses to overwrite, so it goes first.
+        let object = submission_key(&request.blob);
+        if self.store.size(&object).await.is_ok() {
+            self.store.delete(&object).await.map_err(internal)?;
+        }
+        let checksum = base64::engine::general_purpose::STANDARD.encode(sha256);
+        let granted = self
+            .store
+            .grant_upload(&object, request.bytes, &checksum, UPLOAD_TTL, self.direct_multipart)
+            .await
+            .map_err(internal)?;
+        let expires_ms = now_ms() + UPLOAD_TTL.as_millis() as i64;
+        Ok(match granted {
+            Some((upload_id, parts)) => UploadGrant { upload_id, parts, expires_ms },
+            None => UploadGrant { upload_id: None, parts: Vec::new(), expires_ms },
+        })
+    }
+
+    /// What a direct upload's request can be refused for before its bytes exist, with the
+    /// refusal the submission itself would get.
+    async fn check_upload(&self, contributor: u64, request: &UploadRequest) -> Result<(), ApiError> {
+        blob_name(&request.blob)?;
+        if request.sha256.len() != 64 || hex::decode(&request.sha256).is_err() {
+            return Err(api(ErrorCode::BadRequest, "sha256 must be 64 hex digits"));
+        }
+        let limit = self.max_submission_bytes() as u64;
+        if request.bytes == 0 || request.bytes > limit {
+            return Err(api(
+                ErrorCode::TooLarge,
+                format!("a submission of {} bytes: this run takes 1 to {limit}", request.bytes),
+            ));
+        }
+        {
+            let live = self.live.lock().await;
+            if live.run.finished() {
+                return Err(api(ErrorCode::RunFinished, "the run has finished"));
+            }
+        }
+        match self.db.blob_owner(&request.blob).await.map_err(internal)? {
+            Some(owner) if owner != contributor => Err(api(
+                ErrorCode::Replay,
+                format!("these exact bytes were already submitted by contributor {owner}; a submission is new work"),
+            )),
+            Some(owner) => Err(api(
+                ErrorCode::Duplicate,
+                format!("these exact bytes are contributor {owner}'s accepted submission"),
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// A direct upload is done: completes a multipart upload, reads the object back, checks it
+    /// hashes to its name, and submits it as if it had been posted. Bytes that are not
+    /// accepted, and that no accepted submission owns, are deleted.
+    pub async fn commit_upload(
+        self: &Arc<Self>,
+        contributor: u64,
+        key: PublicKey,
+        blob: &str,
+        commit: UploadCommit,
+        claim: Claim,
+    ) -> Result<Receipt, ApiError> {
+        blob_name(blob)?;
+        let object = submission_key(blob);
+        if let Some(id) = &commit.upload_id {
+            self.store.complete_upload(&object, id, commit.etags).await.map_err(|e| {
+                api(ErrorCode::BadRequest, format!("the multipart upload of {blob} could not be completed: {e}"))
+            })?;
+        }
+        let result = async {
+            let size = self.store.size(&object).await.map_err(|_| {
+                api(ErrorCode::NotFound, format!("nothing was uploaded as {blob}: PUT it to the granted URL first"))
+            })?;
+            let limit = self.max_submission_bytes() as u64;
+            if size > limit {
+                return Err(api(ErrorCode::TooLarge, format!("{size} bytes uploaded; this run takes at most {limit}")));
+            }
+            let body = self.store.get(&object).await.map_err(internal)?;
+            // Named by its BLAKE3: a sealed envelope's of the whole, a message's is its last 32
+            // bytes (which its parse checks against the rest).
+            let named = if self.spec().trust.is_some() {
+                blake3::hash(&body).to_hex().to_string()
+            } else {
+                hex::encode(&body[body.len().saturating_sub(32)..])
+            };
+            if named != blob {
+                return Err(api(
+                    ErrorCode::MalformedMessage,
+                    format!("the bytes uploaded as {blob} are named {named}"),
+                ));
+            }
+            self.submit_from(contributor, key, body, claim, true).await
+        }
+        .await;
+        // Bytes refused for good go; a hub that is busy or failing keeps them for the retry.
+        let final_refusal = matches!(&result, Err(e) if !matches!(e.code, ErrorCode::Busy | ErrorCode::Internal));
+        if final_refusal
+            && self.db.blob_owner(blob).await.ok().flatten().is_none()
+            && let Err(e) = self.store.delete(&object).await
+        {
+            tracing::warn!(blob, error = %e, "could not delete an upload that was refused");
+        }
+        result
+    }
+}
+
+/// How long a presigned upload URL stays good.
+const UPLOAD_TTL: Duration = Duration::from_secs(3600);
+
+/// A blob's name: 64 lowercase hex digits (its BLAKE3).
+fn blob_name(blob: &str) -> Result<(), ApiError> {
+    if blob.len() == 64 && blob.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+        Ok(())
+    } else {
+        Err(api(ErrorCode::BadRequest, "a submission is named by 64 lowercase hex digits (its BLAKE3)"))
     }
 }

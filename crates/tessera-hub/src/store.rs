@@ -4,13 +4,17 @@
 
 use std::ops::Range;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
-use object_store::aws::AmazonS3Builder;
+use object_store::aws::{AmazonS3, AmazonS3Builder};
 use object_store::local::LocalFileSystem;
+use object_store::multipart::{MultipartStore, PartId};
 use object_store::path::Path;
 use object_store::prefix::PrefixStore;
+use object_store::signer::{HeaderName, HeaderValue, Method, SignedUrlOptions, Signer};
 use object_store::{GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart};
+use tessera_protocol::api::UploadPart;
 
 use crate::HubError;
 
@@ -43,6 +47,15 @@ const PARTS_IN_FLIGHT: usize = 4;
 #[derive(Clone)]
 pub struct Store {
     inner: Arc<dyn ObjectStore>,
+    /// An S3 store (and the prefix inside its bucket) signs URLs, so clients move bytes to and
+    /// from the bucket themselves; none for a directory, or when turned off.
+    direct: Option<Direct>,
+}
+
+#[derive(Clone)]
+struct Direct {
+    s3: Arc<AmazonS3>,
+    prefix: String,
 }
 
 impl Store {
@@ -52,12 +65,14 @@ impl Store {
             if bucket.is_empty() {
                 return Err(HubError::Config(format!("store {spec:?} names no bucket")));
             }
-            let s3 = AmazonS3Builder::from_env().with_bucket_name(bucket).build()?;
-            if prefix.trim_matches('/').is_empty() {
-                Arc::new(s3)
+            let s3 = Arc::new(AmazonS3Builder::from_env().with_bucket_name(bucket).build()?);
+            let prefix = prefix.trim_matches('/').to_owned();
+            let inner: Arc<dyn ObjectStore> = if prefix.is_empty() {
+                s3.clone()
             } else {
-                Arc::new(PrefixStore::new(s3, prefix.trim_matches('/')))
-            }
+                Arc::new(PrefixStore::new(Arc::clone(&s3), prefix.as_str()))
+            };
+            return Ok(Store { inner, direct: Some(Direct { s3, prefix }) });
         } else {
             let dir = spec.strip_prefix("file://").unwrap_or(spec);
             std::fs::create_dir_all(dir).map_err(|e| HubError::Config(format!("store directory {dir}: {e}")))?;
@@ -65,7 +80,82 @@ impl Store {
             // (a submission is acknowledged only once its bytes are durable).
             Arc::new(LocalFileSystem::new_with_prefix(dir)?.with_fsync(true))
         };
-        Ok(Store { inner })
+        Ok(Store { inner, direct: None })
+    }
+
+    /// This store with clients' transfers through the hub even where it could sign URLs (for
+    /// a bucket contributors cannot reach).
+    pub fn through_hub(mut self) -> Store {
+        self.direct = None;
+        self
+    }
+
+    /// Whether clients move bytes to and from the store themselves, on URLs the hub signs.
+    pub fn direct(&self) -> bool {
+        self.direct.is_some()
+    }
+
+    /// A presigned GET of `key`, good for `ttl`; none where the store cannot sign.
+    pub async fn presigned_get(&self, key: &str, ttl: Duration) -> Result<Option<url::Url>, HubError> {
+        let Some(d) = &self.direct else { return Ok(None) };
+        Ok(Some(d.s3.signed_url(Method::GET, &d.path(key), ttl).await?))
+    }
+
+    /// Presigned uploads of `bytes` bytes to `key`, good for `ttl`: one PUT binding the
+    /// content's SHA-256 (`sha256`, base64) and refusing to overwrite (`If-None-Match: *`), or,
+    /// above `above`, a multipart upload of `part`-byte parts (the `upload_id` and each part's
+    /// PUT). None where the store cannot sign: the client sends the bytes to the hub.
+    pub async fn grant_upload(
+        &self,
+        key: &str,
+        bytes: u64,
+        sha256: &str,
+        ttl: Duration,
+        (above, part): (u64, u64),
+    ) -> Result<Option<(Option<String>, Vec<UploadPart>)>, HubError> {
+        let Some(d) = &self.direct else { return Ok(None) };
+        let path = d.path(key);
+        let header = |name: &'static str, value: &str| -> Result<(HeaderName, HeaderValue), HubError> {
+            let value = HeaderValue::from_str(value).map_err(|e| HubError::Config(format!("header {name}: {e}")))?;
+            Ok((HeaderName::from_static(name), value))
+        };
+        let listed = |options: &SignedUrlOptions| -> Vec<(String, String)> {
+            let text = |v: &HeaderValue| v.to_str().unwrap_or_default().to_owned();
+            options.signed_headers.iter().map(|(k, v)| (k.as_str().to_owned(), text(v))).collect()
+        };
+        if bytes <= above {
+            let mut options = SignedUrlOptions::default();
+            for (name, value) in [header("x-amz-checksum-sha256", sha256)?, header("if-none-match", "*")?] {
+                options = options.with_signed_header(name, value);
+            }
+            let url = d.s3.signed_url_opts(Method::PUT, &path, ttl, &options).await?;
+            return Ok(Some((None, vec![UploadPart { url: url.into(), headers: listed(&options), offset: 0, bytes }])));
+        }
+        // S3 takes at most 10,000 parts.
+        let part = part.max(bytes.div_ceil(10_000));
+        let id = d.s3.create_multipart(&path).await?;
+        let mut parts = Vec::new();
+        for (k, offset) in (0..bytes).step_by(part.max(1) as usize).enumerate() {
+            let options =
+                SignedUrlOptions::default().with_query([("partNumber", (k + 1).to_string()), ("uploadId", id.clone())]);
+            let url = d.s3.signed_url_opts(Method::PUT, &path, ttl, &options).await?;
+            parts.push(UploadPart { url: url.into(), headers: Vec::new(), offset, bytes: part.min(bytes - offset) });
+        }
+        Ok(Some((Some(id), parts)))
+    }
+
+    /// Completes the multipart upload `id` of `key` from its parts' ETags, in order.
+    pub async fn complete_upload(&self, key: &str, id: &str, etags: Vec<String>) -> Result<(), HubError> {
+        let Some(d) = &self.direct else {
+            return Err(HubError::Config("this store takes no direct uploads".into()));
+        };
+        let parts = etags.into_iter().map(|content_id| PartId { content_id }).collect();
+        d.s3.complete_multipart(&d.path(key), &id.to_owned(), parts).await?;
+        Ok(())
+    }
+
+    pub async fn delete(&self, key: &str) -> Result<(), HubError> {
+        Ok(self.inner.delete(&Path::from(key)).await?)
     }
 
     /// Writes `bytes` at `key`, atomically (readers see the old object or the whole new one):
@@ -114,5 +204,13 @@ impl Store {
     pub async fn get_range(&self, key: &str, range: Range<u64>) -> Result<Bytes, HubError> {
         let options = GetOptions { range: Some(GetRange::Bounded(range)), ..Default::default() };
         Ok(self.inner.get_opts(&Path::from(key), options).await?.bytes().await?)
+    }
+}
+
+impl Direct {
+    /// `key`'s path in the bucket (the store's own prefix included: URLs are signed on the
+    /// bucket, not through the prefix).
+    fn path(&self, key: &str) -> Path {
+        if self.prefix.is_empty() { Path::from(key) } else { Path::from(format!("{}/{key}", self.prefix)) }
     }
 }

@@ -314,6 +314,48 @@ pub struct ValidatorInfo {
     pub ledger_seq: u64,
 }
 
+/// A contributor asks to put a submission straight into the run's object store
+/// (`POST /v1/uploads`, signed), naming it by its BLAKE3 and giving its length and SHA-256.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UploadRequest {
+    /// Hex BLAKE3 of the whole submission: its name in the store.
+    pub blob: String,
+    pub bytes: u64,
+    /// Hex SHA-256 of the whole submission, which a single presigned PUT binds (S3 checks it).
+    pub sha256: String,
+}
+
+/// Where to put a submission's bytes. No parts: this hub takes them itself (`POST
+/// /v1/submissions`). One part: a presigned PUT of the whole. Several: a multipart upload,
+/// each part a presigned PUT whose `ETag` the commit returns, in order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UploadGrant {
+    /// The multipart upload the parts belong to (several parts only).
+    pub upload_id: Option<String>,
+    pub parts: Vec<UploadPart>,
+    /// Until when (Unix ms) the URLs are good.
+    pub expires_ms: i64,
+}
+
+/// One presigned request: send exactly these headers with the bytes `offset..offset + bytes`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UploadPart {
+    pub url: String,
+    pub headers: Vec<(String, String)>,
+    pub offset: u64,
+    pub bytes: u64,
+}
+
+/// After the upload: the `ETag` of each part of a multipart upload, in order (empty after a
+/// single PUT). Posted, signed, to `POST /v1/uploads/{blob}` with the submission's claim in the
+/// signed query, as `POST /v1/submissions` takes it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct UploadCommit {
+    /// The grant's multipart upload, if it was one.
+    pub upload_id: Option<String>,
+    pub etags: Vec<String>,
+}
+
 /// The hub's answer to an accepted submission.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Receipt {

@@ -30,9 +30,15 @@ pub struct HubArgs {
     /// Metadata database: sqlite://FILE or postgres://…
     #[arg(long, default_value = "sqlite://runs/hub/hub.db")]
     pub database: String,
-    /// Blob store: a directory, or s3://bucket[/prefix] (AWS_* environment variables).
+    /// Blob store: a directory, or s3://bucket[/prefix] (AWS_* environment variables). With
+    /// S3, contributors upload and download straight to and from the bucket on URLs the hub
+    /// presigns; the hub moves no submission or checkpoint bytes itself.
     #[arg(long, default_value = "runs/hub/store")]
     pub store: String,
+    /// Move every byte through the hub even with an S3 store (for a bucket contributors cannot
+    /// reach, e.g. a private endpoint).
+    #[arg(long)]
+    pub through_hub: bool,
     /// Address to listen on (port 0: any free port).
     #[arg(long, default_value = "127.0.0.1:7070")]
     pub listen: String,
@@ -94,7 +100,10 @@ pub fn hub(args: HubArgs) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
         let db = Db::connect(&args.database).await.with_context(|| format!("database {}", args.database))?;
-        let store = Store::open(&args.store).with_context(|| format!("store {}", args.store))?;
+        let mut store = Store::open(&args.store).with_context(|| format!("store {}", args.store))?;
+        if args.through_hub {
+            store = store.through_hub();
+        }
         // Build the initial model only if the database holds no run yet. Off the async
         // threads: it may fetch a published dataset's manifest with a blocking client.
         let new =
@@ -109,6 +118,7 @@ pub fn hub(args: HubArgs) -> Result<()> {
         let config = HubConfig {
             grower: Some(std::sync::Arc::new(tessera_train::TorchGrower)),
             validator_token: args.validator_token.clone(),
+            direct_multipart: None,
         };
         let hub = Hub::open(db, store, new, key, config).await?;
         if hub.spec().trust.as_ref().is_some_and(|t| t.allow_insecure_dev) {
