@@ -5,6 +5,13 @@
 //! The round core's events are persisted here, each in one transaction, as
 //! [`tessera_round::Snapshot::record`] describes them table by table; [`Db::snapshot`] reads
 //! them back for [`tessera_round::Run::restore`].
+//!
+//! Several hub replicas may share one PostgreSQL database. Every transaction that persists a
+//! decision first takes the writers' lock (a transaction-scoped advisory lock; SQLite has one
+//! writer anyway), checks that the journal ends where the deciding replica's state does (`at`),
+//! and appends its events to the journal (`events`) with the rows they change: a replica that
+//! decided on a stale state gets [`Written::Stale`], catches up ([`Db::events_since`]) and
+//! decides again. A commit notifies the other replicas (`NOTIFY tessera_events`).
 
 use sqlx::any::{AnyPoolOptions, install_default_drivers};
 use sqlx::migrate::Migrator;
@@ -33,6 +40,58 @@ static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
 
 pub struct Db {
     pool: AnyPool,
+    /// PostgreSQL (replicas may share it), not SQLite.
+    postgres: bool,
+    url: String,
+}
+
+/// The advisory lock every writer of a run's decisions takes (PostgreSQL).
+const WRITERS_LOCK: i64 = 0x7465_7373_6572_6131;
+/// Round r's aggregation claim is advisory lock `ROUND_LOCKS + r` (PostgreSQL).
+const ROUND_LOCKS: i64 = 0x7465_7373_0000_0000;
+/// The channel a commit notifies replicas on.
+pub const EVENTS_CHANNEL: &str = "tessera_events";
+
+/// A decision as the journal records it, for other replicas to apply.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub enum Journal {
+    Registered {
+        contributor: u64,
+        key: String,
+    },
+    Accepted(Accepted),
+    Refused {
+        contributor: u64,
+        round: u64,
+        code: tessera_protocol::ErrorCode,
+        message: String,
+        at_ms: i64,
+    },
+    Closed {
+        round: u64,
+        closed: Closed,
+    },
+    /// A round was published: a replica reloads the run's state.
+    Published {
+        round: u64,
+    },
+    /// Ledger entries were appended (an epoch, a validator): a replica reloads the ledger.
+    Ledger,
+}
+
+/// A replica's claim on aggregating a round; dropping it closes its connection, which
+/// releases the lock.
+pub struct RoundClaim(#[allow(dead_code)] Option<sqlx::AnyConnection>);
+
+/// What a decision's write did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Written {
+    /// Committed; the journal now ends at this sequence number.
+    At(u64),
+    /// Nothing written: another replica's decisions came after `at`; catch up and decide again.
+    Stale,
+    /// Nothing written: the submission was already recorded.
+    Duplicate,
 }
 
 pub struct RunRow {
@@ -121,7 +180,103 @@ impl Db {
             sqlx::query("PRAGMA journal_mode=WAL").execute(&pool).await?;
         }
         MIGRATOR.run(&pool).await?;
-        Ok(Db { pool })
+        Ok(Db { pool, postgres: !sqlite, url })
+    }
+
+    /// Whether replicas may share this database (PostgreSQL).
+    pub fn shared(&self) -> bool {
+        self.postgres
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// A writer's transaction: the writers' lock taken, and the journal checked to end at `at`
+    /// (else `None`: the caller's state is stale).
+    async fn begin_at(&self, at: u64) -> Result<Option<sqlx::Transaction<'static, sqlx::Any>>, HubError> {
+        let mut tx = self.pool.begin().await?;
+        if self.postgres {
+            sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(WRITERS_LOCK).execute(&mut *tx).await?;
+        }
+        let last = last_seq(&mut tx).await?;
+        Ok((last == at).then_some(tx))
+    }
+
+    /// Appends `events` after `at` and commits, notifying the other replicas.
+    async fn commit_at(
+        &self,
+        mut tx: sqlx::Transaction<'static, sqlx::Any>,
+        at: u64,
+        events: &[Journal],
+    ) -> Result<Written, HubError> {
+        let mut seq = at;
+        for e in events {
+            seq += 1;
+            let body = serde_json::to_string(e).map_err(|e| HubError::Corrupt(format!("journal: {e}")))?;
+            sqlx::query("INSERT INTO events (seq, body) VALUES ($1, $2)")
+                .bind(seq as i64)
+                .bind(body)
+                .execute(&mut *tx)
+                .await?;
+        }
+        if self.postgres {
+            sqlx::query("SELECT pg_notify($1, $2)")
+                .bind(EVENTS_CHANNEL)
+                .bind(seq.to_string())
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(Written::At(seq))
+    }
+
+    /// The right to aggregate `round`, held until the claim is dropped: a session advisory lock
+    /// on a connection of its own (PostgreSQL), so a replica that dies mid-round releases it
+    /// with its connection. `None`: another replica holds it. SQLite has one hub process.
+    pub async fn claim_round(&self, round: u64) -> Result<Option<RoundClaim>, HubError> {
+        if !self.postgres {
+            return Ok(Some(RoundClaim(None)));
+        }
+        let mut conn = self.pool.acquire().await?.detach();
+        let key = ROUND_LOCKS.wrapping_add(round as i64);
+        let row = sqlx::query("SELECT pg_try_advisory_lock($1) AS held").bind(key).fetch_one(&mut conn).await?;
+        Ok(row.try_get::<bool, _>("held")?.then_some(RoundClaim(Some(conn))))
+    }
+
+    /// The journal's last sequence number (0 when empty).
+    pub async fn last_seq(&self) -> Result<u64, HubError> {
+        let mut conn = self.pool.acquire().await?;
+        last_seq(&mut conn).await
+    }
+
+    /// The journal after `seq`, in order; `None` if some of it was already pruned (the caller
+    /// reloads the whole state instead).
+    pub async fn events_since(&self, seq: u64) -> Result<Option<Vec<(u64, Journal)>>, HubError> {
+        let rows = sqlx::query("SELECT seq, body FROM events WHERE seq > $1 ORDER BY seq")
+            .bind(seq as i64)
+            .fetch_all(&self.pool)
+            .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for (k, r) in rows.iter().enumerate() {
+            let s = u(r.try_get("seq")?);
+            if s != seq + 1 + k as u64 {
+                return Ok(None);
+            }
+            let body: String = r.try_get("body")?;
+            out.push((s, serde_json::from_str(&body).map_err(|e| HubError::Corrupt(format!("journal {s}: {e}")))?));
+        }
+        Ok(Some(out))
+    }
+
+    /// Forgets the journal but its last `keep` events (a replica further behind reloads).
+    pub async fn prune_events(&self, keep: u64) -> Result<(), HubError> {
+        let last = self.last_seq().await?;
+        sqlx::query("DELETE FROM events WHERE seq <= $1")
+            .bind(last.saturating_sub(keep) as i64)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 
     pub async fn load_run(&self) -> Result<Option<RunRow>, HubError> {
@@ -269,42 +424,41 @@ impl Db {
 
     /// The current round's submissions closed: a scored run's round waits for its scores
     /// (`scoring`), an unscored one is being aggregated (`aggregating`).
-    pub async fn close_round(&self, round: u64, closed: &Closed, scored: bool) -> Result<(), HubError> {
-        let mut tx = self.pool.begin().await?;
+    pub async fn close_round(&self, round: u64, closed: &Closed, scored: bool, at: u64) -> Result<Written, HubError> {
+        let Some(mut tx) = self.begin_at(at).await? else { return Ok(Written::Stale) };
         set_closed(&mut tx, round, closed, scored).await?;
-        tx.commit().await?;
-        Ok(())
+        self.commit_at(tx, at, &[Journal::Closed { round, closed: closed.clone() }]).await
     }
 
     /// Registers a contributor's public key under the next free id (or returns the id it
-    /// already has). The id is allocated by the database in the insert itself; concurrent
-    /// registrations (several hub replicas on one PostgreSQL) that take the same id or key lose
-    /// the insert, not the request, and look again.
-    pub async fn register(&self, name: &str, public_key: &str, now: i64) -> Result<u64, HubError> {
-        for _ in 0..64 {
-            let known = sqlx::query("SELECT id FROM contributors WHERE public_key = $1")
-                .bind(public_key)
-                .fetch_optional(&self.pool)
-                .await?;
-            if let Some(row) = known {
-                return Ok(u(row.try_get("id")?));
-            }
-            // `WHERE true`: SQLite parses ON CONFLICT after INSERT … SELECT only with a WHERE.
-            let inserted = sqlx::query(
-                "INSERT INTO contributors (id, name, token_hash, public_key, registered_ms) \
-                 SELECT COALESCE(MAX(id) + 1, 0), $1, '', $2, $3 FROM contributors WHERE true \
-                 ON CONFLICT DO NOTHING RETURNING id",
-            )
-            .bind(name)
+    /// already has, writing nothing). The id is allocated by the database in the insert itself,
+    /// under the writers' lock, so replicas on one PostgreSQL never hand out the same one.
+    pub async fn register(&self, name: &str, public_key: &str, now: i64, at: u64) -> Result<(Written, u64), HubError> {
+        let Some(mut tx) = self.begin_at(at).await? else { return Ok((Written::Stale, 0)) };
+        let known = sqlx::query("SELECT id FROM contributors WHERE public_key = $1")
             .bind(public_key)
-            .bind(now)
-            .fetch_optional(&self.pool)
+            .fetch_optional(&mut *tx)
             .await?;
-            if let Some(row) = inserted {
-                return Ok(u(row.try_get("id")?));
-            }
+        if let Some(row) = known {
+            return Ok((Written::At(at), u(row.try_get("id")?)));
         }
-        Err(HubError::Corrupt("no contributor id could be allocated after 64 tries".into()))
+        // Under the writers' lock, so no other insert takes the id. (`WHERE true`: SQLite
+        // parses ON CONFLICT after INSERT … SELECT only with a WHERE.)
+        let row = sqlx::query(
+            "INSERT INTO contributors (id, name, token_hash, public_key, registered_ms) \
+             SELECT COALESCE(MAX(id) + 1, 0), $1, '', $2, $3 FROM contributors WHERE true \
+             ON CONFLICT DO NOTHING RETURNING id",
+        )
+        .bind(name)
+        .bind(public_key)
+        .bind(now)
+        .fetch_optional(&mut *tx)
+        .await?
+        .ok_or_else(|| HubError::Corrupt("a contributor id was taken under the writers' lock".into()))?;
+        let id = u(row.try_get("id")?);
+        let written =
+            self.commit_at(tx, at, &[Journal::Registered { contributor: id, key: public_key.to_owned() }]).await?;
+        Ok((written, id))
     }
 
     /// (id, name, public key) of every contributor.
@@ -344,18 +498,23 @@ impl Db {
     }
 
     /// Appends ledger entries (`(seq, hex bytes)`), all or none.
-    pub async fn append_ledger(&self, entries: &[(u64, String)]) -> Result<(), HubError> {
-        let mut tx = self.pool.begin().await?;
+    pub async fn append_ledger(&self, entries: &[(u64, String)], at: u64) -> Result<Written, HubError> {
+        let Some(mut tx) = self.begin_at(at).await? else { return Ok(Written::Stale) };
         insert_ledger(&mut tx, entries).await?;
-        tx.commit().await?;
-        Ok(())
+        self.commit_at(tx, at, &[Journal::Ledger]).await
     }
 
     /// Records an accepted submission and, when it completed the quorum, that the round
-    /// closed; `Ok(false)` (nothing written) if this contributor already submitted for this
-    /// base round.
-    pub async fn accept(&self, s: &Accepted, closed: Option<&Closed>, scored: bool) -> Result<bool, HubError> {
-        let mut tx = self.pool.begin().await?;
+    /// closed; [`Written::Duplicate`] (nothing written) if this contributor already submitted
+    /// for this base round.
+    pub async fn accept(
+        &self,
+        s: &Accepted,
+        closed: Option<&Closed>,
+        scored: bool,
+        at: u64,
+    ) -> Result<Written, HubError> {
+        let Some(mut tx) = self.begin_at(at).await? else { return Ok(Written::Stale) };
         let exists = sqlx::query("SELECT 1 AS one FROM submissions WHERE contributor = $1 AND base_round = $2")
             .bind(s.contributor as i64)
             .bind(s.base_round as i64)
@@ -363,7 +522,7 @@ impl Db {
             .await?
             .is_some();
         if exists {
-            return Ok(false);
+            return Ok(Written::Duplicate);
         }
         sqlx::query(
             "INSERT INTO submissions (contributor, base_round, round, weight, bytes, inner_loss, blob, received_ms) \
@@ -383,11 +542,12 @@ impl Db {
             .bind(s.round as i64)
             .execute(&mut *tx)
             .await?;
+        let mut events = vec![Journal::Accepted(s.clone())];
         if let Some(c) = closed {
             set_closed(&mut tx, s.round, c, scored).await?;
+            events.push(Journal::Closed { round: s.round, closed: c.clone() });
         }
-        tx.commit().await?;
-        Ok(true)
+        self.commit_at(tx, at, &events).await
     }
 
     pub async fn has_submitted(&self, contributor: u64, base_round: u64) -> Result<bool, HubError> {
@@ -437,21 +597,24 @@ impl Db {
         &self,
         contributor: u64,
         round: u64,
-        code: &str,
+        code: tessera_protocol::ErrorCode,
         message: &str,
         now: i64,
-    ) -> Result<(), HubError> {
+        at: u64,
+    ) -> Result<Written, HubError> {
+        let Some(mut tx) = self.begin_at(at).await? else { return Ok(Written::Stale) };
         sqlx::query(
             "INSERT INTO rejections (contributor, round, code, message, received_ms) VALUES ($1, $2, $3, $4, $5)",
         )
         .bind(contributor as i64)
         .bind(round as i64)
-        .bind(code)
+        .bind(code.wire_name())
         .bind(message)
         .bind(now)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
-        Ok(())
+        let event = Journal::Refused { contributor, round, code, message: message.to_owned(), at_ms: now };
+        self.commit_at(tx, at, &[event]).await
     }
 
     /// Rejections per contributor.
@@ -609,8 +772,9 @@ impl Db {
         p: &Publication,
         next: Option<&Seed>,
         ledger: &[(u64, String)],
-    ) -> Result<(), HubError> {
-        let mut tx = self.pool.begin().await?;
+        at: u64,
+    ) -> Result<Written, HubError> {
+        let Some(mut tx) = self.begin_at(at).await? else { return Ok(Written::Stale) };
         sqlx::query(
             "UPDATE rounds SET state = 'published', closed_ms = $1, closed_by = $2, accepted = $3, weight = $4, \
              result_checkpoint = $5, mean_inner_loss = $6, bytes_up = $7 WHERE round = $8",
@@ -699,8 +863,11 @@ impl Db {
             .bind(i64::from(p.finished))
             .execute(&mut *tx)
             .await?;
-        tx.commit().await?;
-        Ok(())
+        let mut events = vec![Journal::Published { round: p.round }];
+        if !ledger.is_empty() {
+            events.push(Journal::Ledger);
+        }
+        self.commit_at(tx, at, &events).await
     }
 }
 
@@ -775,4 +942,10 @@ async fn open_round(
     .execute(&mut **tx)
     .await?;
     Ok(())
+}
+
+async fn last_seq(conn: &mut sqlx::AnyConnection) -> Result<u64, HubError> {
+    // `MAX` of an empty table is NULL (a portable aggregate: BIGINT on both engines).
+    let row = sqlx::query("SELECT MAX(seq) AS last FROM events").fetch_one(&mut *conn).await?;
+    Ok(row.try_get::<Option<i64>, _>("last")?.map_or(0, u))
 }

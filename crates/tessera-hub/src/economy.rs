@@ -8,7 +8,7 @@ use tessera_trust::ledger::{Body as LedgerBody, Ledger};
 use tessera_trust::{Identity, PublicKey};
 
 use crate::HubError;
-use crate::db::Db;
+use crate::db::{Db, Written};
 use crate::hub::{CurrentValidator, Hub, api, internal, now_ms};
 
 impl Hub {
@@ -27,7 +27,8 @@ impl Hub {
         if report.usage.iter().any(|u| u.account.is_empty() || !accounts.insert(u.account.as_str())) {
             return Err(api(ErrorCode::BadRequest, "each account must appear once, with a name"));
         }
-        let live = self.live.lock().await; // No round publishes meanwhile.
+        let mut live = self.live.lock().await; // No round publishes meanwhile.
+        self.sync(&mut live).await.map_err(internal)?;
         let round = live.run.round();
         let mut next = self.trust.read().map_err(|_| api(ErrorCode::Internal, "trust poisoned"))?.ledger.clone();
         if let Some(last) = next.epochs.keys().next_back().copied().filter(|&l| report.epoch <= l) {
@@ -66,11 +67,20 @@ impl Hub {
         let to = next.len();
         let rows: Vec<(u64, String)> =
             (from..to).filter_map(|s| next.entry_bytes(s).map(|b| (s, hex::encode(b)))).collect();
-        self.db.append_ledger(&rows).await.map_err(internal)?;
+        live.seq = self.ledger_written(self.db.append_ledger(&rows, live.seq).await.map_err(internal)?)?;
         self.trust.write().map_err(|_| api(ErrorCode::Internal, "trust poisoned"))?.ledger = next;
         drop(live);
         tracing::info!(epoch = report.epoch, revenue, funding, payable, holders = payouts.len(), "epoch closed");
         Ok(EpochSettled { epoch: report.epoch, revenue, funding, payable, payouts, ledger_from: from, ledger_to: to })
+    }
+
+    /// The journal's end after a ledger write; a replica's ledger write that came between this
+    /// one's reading and writing is a refusal to retry (the entries would not chain).
+    pub(crate) fn ledger_written(&self, written: Written) -> Result<u64, ApiError> {
+        match written {
+            Written::At(seq) => Ok(seq),
+            _ => Err(api(ErrorCode::Busy, "another hub replica wrote the ledger meanwhile; retry")),
+        }
     }
 
     /// The economy the ledger records, as JSON: closed epochs, usage, balances, allocations,
@@ -103,6 +113,22 @@ pub(crate) async fn open_ledger(
     spec: &RunSpec,
     identity: &Identity,
 ) -> Result<(Ledger, Option<CurrentValidator>), HubError> {
+    // Replicas opening a new run at once: one writes the genesis, the others read it.
+    for _ in 0..8 {
+        if let Some(opened) = try_open_ledger(db, run_id, spec, identity).await? {
+            return Ok(opened);
+        }
+    }
+    Err(HubError::Corrupt("the ledger kept changing while its genesis was written".into()))
+}
+
+async fn try_open_ledger(
+    db: &Db,
+    run_id: &str,
+    spec: &RunSpec,
+    identity: &Identity,
+) -> Result<Option<(Ledger, Option<CurrentValidator>)>, HubError> {
+    let at = db.last_seq().await?;
     let mut raw = Vec::new();
     for entry in db.ledger().await? {
         raw.extend(hex::decode(&entry).map_err(|e| HubError::Corrupt(format!("ledger entry: {e}")))?);
@@ -137,7 +163,9 @@ pub(crate) async fn open_ledger(
                 ledger.append(0, now_ms(), false, root, identity).map_err(|e| HubError::Corrupt(e.to_string()))?;
             rows.push((ledger.len() - 1, hex::encode(bytes)));
         }
-        db.append_ledger(&rows).await?;
+        if db.append_ledger(&rows, at).await? == Written::Stale {
+            return Ok(None);
+        }
     } else if ledger.hub() != Some(identity.public()) {
         return Err(HubError::Config(format!(
             "this hub's key {} is not the key {} that signed the run's ledger: start it with the run's key file",
@@ -160,5 +188,5 @@ pub(crate) async fn open_ledger(
             .fingerprint();
         validator = Some(CurrentValidator { attestation, verified, recipient, seq });
     }
-    Ok((ledger, validator))
+    Ok(Some((ledger, validator)))
 }

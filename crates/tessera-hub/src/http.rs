@@ -176,7 +176,7 @@ async fn contributor(
     body: &[u8],
 ) -> Result<(u64, tessera_trust::PublicKey), Refusal> {
     let signed = signed(hub, method, uri, headers, body).await?;
-    Ok((hub.contributor_of(&signed.key)?, signed.key))
+    Ok((hub.contributor_of(&signed.key).await?, signed.key))
 }
 
 #[derive(serde::Deserialize)]

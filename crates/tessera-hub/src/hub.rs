@@ -29,13 +29,13 @@ use bytes::Bytes;
 use tessera_aggregate::round::{Grower, OuterState};
 use tessera_protocol::api::RunInfo;
 use tessera_protocol::{ApiError, ErrorCode, PROTOCOL_VERSION, RunSpec, encode_weights, weights_hash};
-use tessera_round::{Run, Snapshot};
+use tessera_round::{Event, Run, Snapshot};
 use tessera_trust::ledger::Ledger;
 use tessera_trust::{Identity, PublicKey, ValidatorAttestation, Verified};
 use tokio::sync::{Mutex, watch};
 
 use crate::HubError;
-use crate::db::{Db, Seed};
+use crate::db::{Db, Journal, Seed};
 use crate::store::{Store, checkpoint_key, outer_key};
 
 pub fn now_ms() -> i64 {
@@ -89,9 +89,12 @@ pub(crate) struct CurrentValidator {
 /// The run as the core sees it, and what the shell keeps beside it.
 pub(crate) struct Live {
     pub run: Run,
+    /// The journal's sequence number `run` is up to date with (see [`crate::db`]).
+    pub seq: u64,
     /// The published weights, outer momentum and broadcast residual (12 bytes a parameter):
-    /// shared with the aggregation task, never copied whole.
-    pub outer: Arc<OuterState>,
+    /// shared with the aggregation task, never copied whole. None after another replica
+    /// published a round: read from the store when this one next aggregates.
+    pub outer: Option<Arc<OuterState>>,
     /// A sealed run's aggregate for the round being scored, from the validator.
     pub sealed_mean: Option<(u64, Vec<Vec<f32>>)>,
 }
@@ -127,6 +130,29 @@ pub struct Hub {
     pub(crate) bytes_down: AtomicU64,
     /// The task that sums the current round's submissions as they arrive ([`crate::running`]).
     pub(crate) summer: crate::running::Summer,
+}
+
+/// The run's state as the database holds it, and the journal's sequence number it is current
+/// with (read before and after, so no decision falls between the two).
+async fn load(db: &Db, spec: &RunSpec) -> Result<(Run, u64), HubError> {
+    loop {
+        let before = db.last_seq().await?;
+        let run = db.load_run().await?.ok_or_else(|| HubError::Corrupt("the run vanished".into()))?;
+        let snapshot: Snapshot = db.snapshot(&run, spec.clone()).await?;
+        if db.last_seq().await? == before {
+            return Ok((Run::restore(snapshot)?, before));
+        }
+    }
+}
+
+/// The outer state the current round aggregates from: its checkpoint and saved momentum.
+async fn load_outer(store: &Store, core: &Run) -> Result<OuterState, HubError> {
+    let weights = store.get(&checkpoint_key(core.checkpoint())).await?;
+    let saved = match core.round() {
+        0 => None,
+        r => Some((r, store.get(&outer_key(r)).await?)),
+    };
+    Ok(OuterState::restore(core.current(), &weights, saved.as_ref().map(|(r, b)| (*r, b.as_ref())))?)
 }
 
 fn token_hash(token: &str) -> String {
@@ -172,15 +198,8 @@ impl Hub {
                 spec.phases.len()
             )));
         }
-        let snapshot: Snapshot = db.snapshot(&run, spec.clone()).await?;
-        let core = Run::restore(snapshot)?;
-        let current = core.current().clone();
-        let weights = store.get(&checkpoint_key(core.checkpoint())).await?;
-        let saved = match core.round() {
-            0 => None,
-            r => Some((r, store.get(&outer_key(r)).await?)),
-        };
-        let outer = OuterState::restore(&current, &weights, saved.as_ref().map(|(r, b)| (*r, b.as_ref())))?;
+        let (core, seq) = load(&db, &spec).await?;
+        let outer = load_outer(&store, &core).await?;
         let mut keys = Keys::default();
         for (id, _, key) in db.contributors().await? {
             if let Ok(k) = PublicKey::parse(&key) {
@@ -201,7 +220,7 @@ impl Hub {
             store,
             spec,
             run_id: run.id,
-            live: Mutex::new(Live { run: core, outer: Arc::new(outer), sealed_mean: None }),
+            live: Mutex::new(Live { run: core, seq, outer: Some(Arc::new(outer)), sealed_mean: None }),
             keys: std::sync::RwLock::new(keys),
             trust: std::sync::RwLock::new(Trust { ledger, validator }),
             identity,
@@ -221,6 +240,74 @@ impl Hub {
     /// The run as created: every phase.
     pub fn spec(&self) -> &RunSpec {
         &self.spec
+    }
+
+    /// Brings `live` up to date with decisions other replicas committed: applies the journal
+    /// after `live.seq`; a published round (or a journal pruned past `live.seq`) reloads the
+    /// whole state. Cost: one indexed range read, plus O(contributors + round) on a reload (at
+    /// most once per round).
+    pub(crate) async fn sync(&self, live: &mut Live) -> Result<(), HubError> {
+        let Some(events) = self.db.events_since(live.seq).await? else { return self.reload(live).await };
+        for (seq, event) in events {
+            let applied = match event {
+                Journal::Registered { contributor, key } => {
+                    if let (Ok(k), Ok(mut keys)) = (PublicKey::parse(&key), self.keys.write()) {
+                        keys.ids.insert(k, contributor);
+                        keys.keys.insert(contributor, k);
+                    }
+                    Event::Registered { contributor }
+                }
+                Journal::Accepted(a) => Event::Accepted(a),
+                Journal::Refused { contributor, round, code, message, at_ms } => {
+                    Event::Refused { contributor, round, code, message, at_ms }
+                }
+                Journal::Closed { round, closed } => Event::Closed { round, closed },
+                // The snapshot read now is later than `seq`: the rest of the list is in it.
+                Journal::Published { .. } => return self.reload(live).await,
+                Journal::Ledger => {
+                    let (ledger, validator) =
+                        crate::economy::open_ledger(&self.db, &self.run_id, &self.spec, &self.identity).await?;
+                    if let Ok(mut t) = self.trust.write() {
+                        *t = Trust { ledger, validator };
+                    }
+                    live.seq = seq;
+                    continue;
+                }
+            };
+            live.run.apply(&applied)?;
+            live.seq = seq;
+        }
+        Ok(())
+    }
+
+    /// Reloads the run's state from the database (another replica published a round).
+    async fn reload(&self, live: &mut Live) -> Result<(), HubError> {
+        let (run, seq) = load(&self.db, &self.spec).await?;
+        let round = run.round();
+        tracing::debug!(round, seq, "caught up with another replica's publication");
+        live.run = run;
+        live.seq = seq;
+        live.outer = None;
+        live.sealed_mean = None;
+        self.round_tx.send_replace(round);
+        Ok(())
+    }
+
+    /// The outer state the current round aggregates from, read from the store if another
+    /// replica published the round before.
+    pub(crate) async fn outer(&self, live: &mut Live) -> Result<Arc<OuterState>, HubError> {
+        if let Some(o) = &live.outer {
+            return Ok(Arc::clone(o));
+        }
+        let outer = Arc::new(load_outer(&self.store, &live.run).await?);
+        live.outer = Some(Arc::clone(&outer));
+        Ok(outer)
+    }
+
+    /// Catches up now (a replica's commit was notified).
+    pub async fn catch_up(&self) -> Result<(), HubError> {
+        let mut live = self.live.lock().await;
+        self.sync(&mut live).await
     }
 
     pub fn run_id(&self) -> &str {

@@ -17,6 +17,7 @@ use tessera_protocol::{ApiError, ErrorCode, MessageView};
 use tessera_round::{Event, Facts, MessageHeader, Submission};
 use tessera_trust::{PublicKey, SealedHeader, SignedBy};
 
+use crate::db::Written;
 use crate::hub::{Hub, api, internal, now_ms};
 use crate::store::submission_key;
 
@@ -48,8 +49,14 @@ impl Hub {
         Ok(signed)
     }
 
-    /// The registered contributor a verified request comes from.
-    pub fn contributor_of(&self, key: &PublicKey) -> Result<u64, ApiError> {
+    /// The registered contributor a verified request comes from (registered through any
+    /// replica: one this replica has not heard of yet is looked up).
+    pub async fn contributor_of(&self, key: &PublicKey) -> Result<u64, ApiError> {
+        let known = self.keys.read().map_err(|_| api(ErrorCode::Internal, "key table poisoned"))?.ids.get(key).copied();
+        if let Some(id) = known {
+            return Ok(id);
+        }
+        self.catch_up().await.map_err(internal)?;
         let keys = self.keys.read().map_err(|_| api(ErrorCode::Internal, "key table poisoned"))?;
         keys.ids.get(key).copied().ok_or_else(|| {
             api(ErrorCode::Unauthorized, format!("key {key} is not registered: POST /v1/contributors first"))
@@ -61,8 +68,19 @@ impl Hub {
         let name: String = name.chars().filter(|c| !c.is_control()).take(64).collect();
         // Serialised with the run's decisions, so ids are dense.
         let mut live = self.live.lock().await;
-        let id = self.db.register(&name, &key.hex(), now_ms()).await.map_err(internal)?;
-        live.run.apply(&Event::Registered { contributor: id }).map_err(|e| internal(e.into()))?;
+        let id = loop {
+            self.sync(&mut live).await.map_err(internal)?;
+            match self.db.register(&name, &key.hex(), now_ms(), live.seq).await.map_err(internal)? {
+                (Written::At(seq), id) => {
+                    if seq > live.seq {
+                        live.run.apply(&Event::Registered { contributor: id }).map_err(|e| internal(e.into()))?;
+                        live.seq = seq;
+                    }
+                    break id;
+                }
+                _ => continue, // Another replica decided meanwhile.
+            }
+        };
         let mut keys = self.keys.write().map_err(|_| api(ErrorCode::Internal, "key table poisoned"))?;
         keys.ids.insert(key, id);
         keys.keys.insert(id, key);
@@ -121,20 +139,28 @@ impl Hub {
     /// Records a refused submission with its reason (every refusal but `busy`).
     async fn record_refusal(&self, contributor: u64, e: &ApiError) {
         let mut live = self.live.lock().await;
-        if let Some(event) = live.run.refused(contributor, e, now_ms()) {
-            let recorded = self
-                .db
-                .insert_rejection(contributor, live.run.round(), &e.code.wire_name(), &e.message, now_ms())
-                .await;
-            match recorded {
-                Ok(()) => {
+        loop {
+            if let Err(err) = self.sync(&mut live).await {
+                tracing::warn!(error = %err, "could not record a rejection");
+                return;
+            }
+            let Some(event) = live.run.refused(contributor, e, now_ms()) else { return };
+            let Event::Refused { round, at_ms, .. } = &event else { return };
+            match self.db.insert_rejection(contributor, *round, e.code, &e.message, *at_ms, live.seq).await {
+                Ok(Written::At(seq)) => {
                     if let Err(err) = live.run.apply(&event) {
                         tracing::error!(error = %err, "could not apply a refusal");
                     }
+                    live.seq = seq;
+                    tracing::info!(contributor, code = %e.code.wire_name(), message = %e.message, "submission rejected");
+                    return;
                 }
-                Err(db) => tracing::warn!(error = %db, "could not record a rejection"),
+                Ok(_) => continue, // Another replica decided meanwhile.
+                Err(db) => {
+                    tracing::warn!(error = %db, "could not record a rejection");
+                    return;
+                }
             }
-            tracing::info!(contributor, code = %e.code.wire_name(), message = %e.message, "submission rejected");
         }
     }
 
@@ -256,26 +282,41 @@ impl Hub {
 
     async fn record(&self, s: Submission, body: Bytes) -> Result<Receipt, ApiError> {
         let mut live = self.live.lock().await;
-        let facts = Facts {
-            blob_owner: self.db.blob_owner(&s.blob).await.map_err(internal)?,
-            submitted_for_base: self.db.has_submitted(s.contributor, s.base_round).await.map_err(internal)?,
+        let scored = self.spec().contest.is_some();
+        // Decided on the state every replica has committed, and written only if no other
+        // replica decided meanwhile (else again, on the newer state).
+        let (admission, seq) = loop {
+            self.sync(&mut live).await.map_err(internal)?;
+            let facts = Facts {
+                blob_owner: self.db.blob_owner(&s.blob).await.map_err(internal)?,
+                submitted_for_base: self.db.has_submitted(s.contributor, s.base_round).await.map_err(internal)?,
+            };
+            let admission = live.run.admit(&s, facts, now_ms())?;
+            let (accepted, closed) = match admission.events.as_slice() {
+                [Event::Accepted(a)] => (a, None),
+                [Event::Accepted(a), Event::Closed { closed, .. }] => (a, Some(closed)),
+                _ => return Err(api(ErrorCode::Internal, "an admission without its submission")),
+            };
+            match self.db.accept(accepted, closed, scored, live.seq).await.map_err(internal)? {
+                Written::At(seq) => break (admission, seq),
+                Written::Stale => continue,
+                Written::Duplicate => {
+                    return Err(api(
+                        ErrorCode::Duplicate,
+                        format!("contributor {} already submitted for round {}", s.contributor, s.base_round),
+                    ));
+                }
+            }
         };
-        let admission = live.run.admit(&s, facts, now_ms())?;
         let (accepted, closed) = match admission.events.as_slice() {
             [Event::Accepted(a)] => (a, None),
             [Event::Accepted(a), Event::Closed { closed, .. }] => (a, Some(closed)),
             _ => return Err(api(ErrorCode::Internal, "an admission without its submission")),
         };
-        let scored = self.spec().contest.is_some();
-        if !self.db.accept(accepted, closed, scored).await.map_err(internal)? {
-            return Err(api(
-                ErrorCode::Duplicate,
-                format!("contributor {} already submitted for round {}", s.contributor, s.base_round),
-            ));
-        }
         for event in &admission.events {
             live.run.apply(event).map_err(|e| internal(e.into()))?;
         }
+        live.seq = seq;
         // Handed over while `live` is held, so the running mean adds in admission order.
         if self.sums_on_arrival(&live) {
             let (pending, lengths) = (live.run.pending().len(), live.run.lengths());

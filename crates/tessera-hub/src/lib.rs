@@ -63,16 +63,49 @@ pub async fn serve(
         let hub = hub.clone();
         tokio::spawn(async move {
             let mut interval = tokio::time::interval(Duration::from_millis(100));
-            loop {
+            for tick in 0u64.. {
                 interval.tick().await;
                 if let Err(e) = hub.tick().await {
                     tracing::error!(error = %e, "closing a round at its deadline failed; retrying");
                 }
+                // Once a minute: the journal keeps its last 100,000 decisions (a replica
+                // further behind reloads the whole state).
+                if tick % 600 == 599
+                    && let Err(e) = hub.db.prune_events(100_000).await
+                {
+                    tracing::warn!(error = %e, "could not prune the journal");
+                }
             }
         })
     };
+    // Replicas on one PostgreSQL: another's commit is heard at once (the clock's catch-up,
+    // every 100 ms, is the fallback), so long-polls wake when any replica publishes.
+    let listening = hub.db.shared().then(|| {
+        let hub = hub.clone();
+        tokio::spawn(async move {
+            loop {
+                if let Err(e) = listen(&hub).await {
+                    tracing::warn!(error = %e, "listening for other replicas' commits failed; again in 1 s");
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        })
+    });
     let app = http::router(hub).into_make_service_with_connect_info::<SocketAddr>();
     let result = axum::serve(listener, app).with_graceful_shutdown(shutdown).await;
     ticker.abort();
+    if let Some(task) = listening {
+        task.abort();
+    }
     Ok(result?)
+}
+
+/// Catches up whenever another replica commits (`LISTEN tessera_events`).
+async fn listen(hub: &Hub) -> Result<(), HubError> {
+    let mut listener = sqlx::postgres::PgListener::connect(hub.db.url()).await?;
+    listener.listen(db::EVENTS_CHANNEL).await?;
+    loop {
+        listener.recv().await?;
+        hub.catch_up().await?;
+    }
 }

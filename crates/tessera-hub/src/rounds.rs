@@ -18,7 +18,7 @@ use tessera_round::{Event, Judgement, Outcome, Plan, Tick};
 use tessera_trust::ledger::Ledger;
 
 use crate::HubError;
-use crate::db::Seed;
+use crate::db::{Seed, Written};
 use crate::hub::{Hub, Live, now_ms};
 use crate::store::{checkpoint_key, outer_key, submission_key, update_key};
 
@@ -50,16 +50,25 @@ impl Hub {
         self.db.forget_nonces(now_ms() - 2 * tessera_trust::identity::MAX_SKEW_MS).await?;
         let mut live = self.live.lock().await;
         let scored = self.spec().contest.is_some();
-        // A close is applied before the round is finished, so at most two steps.
-        for _ in 0..2 {
+        // A close is applied before the round is finished, so at most two steps (and a retry
+        // whenever another replica decided meanwhile).
+        let mut steps = 0;
+        while steps < 2 {
+            steps += 1;
+            self.sync(&mut live).await?;
             match live.run.tick(now_ms()) {
                 Some(Tick::Close(event)) => {
                     let Event::Closed { round, closed } = &event else {
                         return Err(HubError::Corrupt("the clock closed nothing".into()));
                     };
-                    self.db.close_round(*round, closed, scored).await?;
-                    live.run.apply(&event)?;
-                    tracing::info!(round, closed_by = %closed.closed_by, "submissions closed");
+                    match self.db.close_round(*round, closed, scored, live.seq).await? {
+                        Written::At(seq) => {
+                            live.run.apply(&event)?;
+                            live.seq = seq;
+                            tracing::info!(round, closed_by = %closed.closed_by, "submissions closed");
+                        }
+                        _ => steps -= 1,
+                    }
                 }
                 Some(Tick::Finish { closed_by }) => {
                     if scored {
@@ -84,13 +93,19 @@ impl Hub {
     ) -> Result<(), HubError> {
         let plan = live.run.plan(judgement, closed_by).map_err(|e| HubError::Corrupt(e.message))?;
         let round = plan.round;
+        // One replica aggregates a round; should it die, its claim goes with its connection
+        // and the next replica's clock takes the round over.
+        let Some(_claim) = self.db.claim_round(round).await? else {
+            tracing::debug!(round, "another replica is aggregating this round");
+            return Ok(());
+        };
         let current = live.run.current().clone();
         let mean = self.round_mean(live, &plan, sealed.mean).await?;
         let started = std::time::Instant::now();
         let mut base = [0u8; 32];
         hex::decode_to_slice(live.run.checkpoint(), &mut base)
             .map_err(|e| HubError::Corrupt(format!("base checkpoint: {e}")))?;
-        let (run_id, state) = (live.run.run_id(), Arc::clone(&live.outer));
+        let (run_id, state) = (live.run.run_id(), self.outer(live).await?);
         let spec_now = current.clone();
         let delta = mean.mean;
         let mut agg = tokio::task::spawn_blocking(move || step(&spec_now, run_id, round, base, &state, &delta))
@@ -122,11 +137,28 @@ impl Hub {
         let used = mean.used;
         let outcome = Outcome { result_checkpoint: hash.clone(), used, weight: mean.weight };
         let next_phase = plan.next_phase;
-        let event = live.run.publish(plan, outcome, now_ms(), seed.as_ref().map(|s| s.commitment.clone()));
-        let Event::Published(publication) = &event else {
-            return Err(HubError::Corrupt("publishing gave no publication".into()));
+        let event = loop {
+            let event =
+                live.run.publish(plan.clone(), outcome.clone(), now_ms(), seed.as_ref().map(|s| s.commitment.clone()));
+            let Event::Published(publication) = &event else {
+                return Err(HubError::Corrupt("publishing gave no publication".into()));
+            };
+            match self.db.publish(publication, seed.as_ref(), &sealed.ledger, live.seq).await? {
+                Written::At(seq) => {
+                    live.seq = seq;
+                    break event;
+                }
+                _ => {
+                    // Another replica decided meanwhile: publish on the newer state, unless the
+                    // round is no longer this one to publish.
+                    self.sync(live).await?;
+                    if live.run.round() != round || live.run.closed().is_none() {
+                        tracing::info!(round, "another replica published this round");
+                        return Ok(());
+                    }
+                }
+            }
         };
-        self.db.publish(publication, seed.as_ref(), &sealed.ledger).await?;
         // Committed: now the state moves.
         if let Some(next) = sealed.next
             && let Ok(mut t) = self.trust.write()
@@ -134,7 +166,7 @@ impl Hub {
             t.ledger = next;
         }
         live.run.apply(&event)?;
-        live.outer = Arc::new(agg.state);
+        live.outer = Some(Arc::new(agg.state));
         live.sealed_mean = None;
         if let Some(next) = next_phase {
             tracing::info!(

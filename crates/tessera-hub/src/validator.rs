@@ -19,7 +19,8 @@ impl Hub {
     /// The round waiting for scores, if any: its submissions in arrival order and the revealed
     /// evaluation seed.
     pub async fn scoring_job(&self) -> Result<Option<ScoringJob>, HubError> {
-        let live = self.live.lock().await;
+        let mut live = self.live.lock().await;
+        self.sync(&mut live).await?;
         let run = &live.run;
         if run.closed().is_none() || run.finished() || self.spec().contest.is_none() {
             return Ok(None);
@@ -76,6 +77,7 @@ impl Hub {
             return Err(api(ErrorCode::BadRequest, "a sealed run is settled with POST /v1/validator/verdict"));
         }
         let mut live = self.live.lock().await;
+        self.sync(&mut live).await.map_err(internal)?;
         live.run.check_report(&report)?;
         let closed_by = live.run.closed().map(|c| c.closed_by.clone()).unwrap_or_default();
         self.finish(&mut live, Judgement::Scored(&report), &closed_by, Sealed::default()).await.map_err(internal)
@@ -88,6 +90,7 @@ impl Hub {
             return Err(api(ErrorCode::BadRequest, "only a sealed run takes its aggregate from the validator"));
         }
         let mut live = self.live.lock().await;
+        self.sync(&mut live).await.map_err(internal)?;
         let run = &live.run;
         if run.closed().is_none() || run.finished() || round != run.round() {
             return Err(api(ErrorCode::NotScoring, format!("round {round} is not being scored")));
@@ -116,6 +119,7 @@ impl Hub {
             return Err(api(ErrorCode::BadRequest, "only a sealed run is settled by the validator"));
         }
         let mut live = self.live.lock().await;
+        self.sync(&mut live).await.map_err(internal)?;
         let rows = live.run.check_verdict(&verdict)?;
         // The aggregate stays posted until the verdict is accepted: a refused verdict can be
         // fixed and sent again.
@@ -181,7 +185,8 @@ impl Hub {
             .verify(policy, (now_ms() / 1000) as u64)
             .map_err(|e| api(ErrorCode::Unauthorized, e.to_string()))?;
         let raw = hex::decode(entry).map_err(|_| api(ErrorCode::BadRequest, "the ledger entry is not hex"))?;
-        let _live = self.live.lock().await; // No round publishes meanwhile.
+        let mut live = self.live.lock().await; // No round publishes meanwhile.
+        self.sync(&mut live).await.map_err(internal)?;
         let mut next = self.trust.read().map_err(|_| api(ErrorCode::Internal, "trust poisoned"))?.ledger.clone();
         let seq = next.len();
         next.extend(&raw).map_err(|e| api(ErrorCode::BadRequest, format!("ledger entry refused: {e}")))?;
@@ -192,7 +197,8 @@ impl Hub {
         let recipient = tessera_trust::SealingKey::parse(&attestation.sealing_key)
             .map_err(|e| api(ErrorCode::BadRequest, e.to_string()))?
             .fingerprint();
-        self.db.append_ledger(&[(seq, hex::encode(&raw))]).await.map_err(internal)?;
+        live.seq =
+            self.ledger_written(self.db.append_ledger(&[(seq, hex::encode(&raw))], live.seq).await.map_err(internal)?)?;
         if verified.insecure {
             tracing::warn!(key = %attestation.signing_key, "validator registered with an INSECURE development attestation (no TEE)");
         } else {

@@ -772,3 +772,105 @@ fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::Digest as _;
     hex::encode(sha2::Sha256::digest(bytes))
 }
+
+/// Two hub replicas on one PostgreSQL database and one store, behind no balancer at all:
+/// contributors register and submit through either, concurrently; each round closes and
+/// publishes exactly once, with every accepted submission, and gives the checkpoint one hub
+/// gives for the same submissions in the same order. A replica stopped mid-round loses nothing:
+/// the other finishes the round, and a long-poll on it wakes when the round publishes.
+#[test]
+fn replicas_share_one_postgres() {
+    let Some(b) = backend("postgres") else { return };
+    let spec4 = spec(4);
+    let (one, two) = (Server::start(&b, spec4.clone()), Server::start(&b, spec4.clone()));
+    let urls = [one.url.clone(), two.url.clone()];
+    let run = info(&urls[0]);
+    assert_eq!(info(&urls[1]).run_id, run.run_id, "the second replica serves the run the first created");
+    // Registered through alternating replicas: ids are dense and unique.
+    let clients: Vec<Client> = (0..8).map(|k| Client::register(&urls[k % 2], &format!("c{k}"))).collect();
+    let mut ids: Vec<u64> = clients.iter().map(|c| c.id).collect();
+    ids.sort();
+    assert_eq!(ids, (0..8).collect::<Vec<u64>>());
+    // A client of the other replica, with the same key.
+    let via = |c: &Client, k: usize| Client {
+        hub: client(&urls[k % 2]).signed_by(c.key.clone()),
+        id: c.id,
+        key: c.key.clone(),
+    };
+
+    // Round 0: eight contributors at once, half through each replica; quorum 4 closes it
+    // once, the rest is busy (retried by the client) or counts in round 1.
+    let deltas: Vec<Vec<Vec<f32>>> = (0..8).map(|k| delta(0.25 * k as f32 - 1.0)).collect();
+    std::thread::scope(|s| {
+        for (k, c) in clients.iter().enumerate() {
+            let (run, d, c) = (&run, &deltas[k], via(c, k));
+            s.spawn(move || {
+                let hub = c.hub.clone().with_patience(Duration::from_secs(30));
+                let body = message(run, run.spec.codec, 0, &run.checkpoint, d);
+                hub.submit(Arc::new(body), None, None).unwrap();
+            });
+        }
+    });
+    let wait_round = |url: &str, r: u64| {
+        for _ in 0..200 {
+            if info(url).round >= r {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("{url} never reached round {r}");
+    };
+    wait_round(&urls[0], 2);
+    wait_round(&urls[1], 2);
+    let st = status_of(&urls[1]);
+    assert_eq!(
+        st.history.iter().filter(|h| h.result_checkpoint.is_some()).count(),
+        2,
+        "two rounds, published once each"
+    );
+    assert_eq!(st.history[0].accepted + st.history[1].accepted, 8, "every submission counted once");
+    assert_eq!(info(&urls[0]).checkpoint, info(&urls[1]).checkpoint);
+
+    // Round 2: the same submissions in the same order through one hub and through the two
+    // replicas give the same checkpoint.
+    let now = info(&urls[0]);
+    let single = {
+        let b1 = backend("sqlite").unwrap();
+        let server = Server::start(&b1, spec4.clone());
+        let run1 = info(&server.url);
+        let cs: Vec<Client> = (0..4).map(|k| Client::register(&server.url, &format!("s{k}"))).collect();
+        // Round 0 there from the same base: equal inputs, equal outputs.
+        for (k, c) in cs.iter().enumerate() {
+            c.submit(&run1, 0, &run1.checkpoint, &deltas[k]).unwrap();
+        }
+        let after = info(&server.url).checkpoint;
+        server.stop();
+        after
+    };
+    let b2 = backend("postgres").unwrap();
+    let (r1, r2) = (Server::start(&b2, spec4.clone()), Server::start(&b2, spec4));
+    let pair = [r1.url.clone(), r2.url.clone()];
+    let run2 = info(&pair[0]);
+    let cs: Vec<Client> = (0..4).map(|k| Client::register(&pair[k % 2], &format!("p{k}"))).collect();
+    for (k, c) in cs.iter().enumerate().take(2) {
+        c.submit(&run2, 0, &run2.checkpoint, &deltas[k]).unwrap();
+    }
+    // One replica stops mid-round; a long-poll on the other waits for the round to publish.
+    r1.stop();
+    let hub_key = tessera_trust::PublicKey::parse(&run2.hub_key).unwrap();
+    let waiter = client(&pair[1]).signed_by(cs[0].key.clone()).pinning(hub_key);
+    let polled = std::thread::spawn(move || waiter.assignment(Duration::from_secs(20)).unwrap().round);
+    std::thread::sleep(Duration::from_millis(300));
+    for (k, c) in cs.iter().enumerate().skip(2) {
+        let c = Client { hub: client(&pair[1]).signed_by(c.key.clone()), id: c.id, key: c.key.clone() };
+        c.submit(&run2, 0, &run2.checkpoint, &deltas[k]).unwrap();
+    }
+    assert_eq!(polled.join().unwrap(), 1, "the long-poll woke with the next round");
+    let after = info(&pair[1]);
+    assert_eq!((after.round, status_of(&pair[1]).history[0].accepted), (1, 4));
+    assert_eq!(after.checkpoint, single, "two replicas, one stopped mid-round = one hub, bit for bit");
+    drop(now);
+    r2.stop();
+    one.stop();
+    two.stop();
+}
