@@ -945,7 +945,7 @@ async fn open_round(
 }
 
 async fn last_seq(conn: &mut sqlx::AnyConnection) -> Result<u64, HubError> {
-    // `MAX` of an empty table is NULL (a portable aggregate: BIGINT on both engines).
-    let row = sqlx::query("SELECT MAX(seq) AS last FROM events").fetch_one(&mut *conn).await?;
-    Ok(row.try_get::<Option<i64>, _>("last")?.map_or(0, u))
+    // The primary key's last entry: one index probe however long the journal.
+    let row = sqlx::query("SELECT seq FROM events ORDER BY seq DESC LIMIT 1").fetch_optional(&mut *conn).await?;
+    row.map_or(Ok(0), |r| Ok(u(r.try_get("seq")?)))
 }

@@ -130,6 +130,9 @@ pub struct Hub {
     pub(crate) bytes_down: AtomicU64,
     /// The task that sums the current round's submissions as they arrive ([`crate::running`]).
     pub(crate) summer: crate::running::Summer,
+    /// Direct uploads read back and checked at once (each holds one submission in memory):
+    /// one per core.
+    pub(crate) checking: tokio::sync::Semaphore,
 }
 
 /// The run's state as the database holds it, and the journal's sequence number it is current
@@ -230,6 +233,7 @@ impl Hub {
             round_tx: watch::Sender::new(round),
             bytes_down: AtomicU64::new(0),
             summer: crate::running::Summer::start(),
+            checking: tokio::sync::Semaphore::new(std::thread::available_parallelism().map_or(2, |n| n.get())),
         });
         // Metrics are recorded from the start (GET /metrics renders them).
         let _ = tessera_telemetry::prometheus();

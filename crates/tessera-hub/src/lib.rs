@@ -68,6 +68,12 @@ pub async fn serve(
                 if let Err(e) = hub.tick().await {
                     tracing::error!(error = %e, "closing a round at its deadline failed; retrying");
                 }
+                // Once a second: nonces too old to be accepted again are forgotten.
+                if tick % 10 == 0
+                    && let Err(e) = hub.db.forget_nonces(hub::now_ms() - 2 * tessera_trust::identity::MAX_SKEW_MS).await
+                {
+                    tracing::warn!(error = %e, "could not forget old nonces");
+                }
                 // Once a minute: the journal keeps its last 100,000 decisions (a replica
                 // further behind reloads the whole state).
                 if tick % 600 == 599

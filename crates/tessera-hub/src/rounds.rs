@@ -44,10 +44,10 @@ impl Hub {
     }
 
     /// What the clock asks for: closes a round whose deadline passed, aggregates unscored a
-    /// round whose scores are overdue (or an unscored round left closed), and forgets nonces
-    /// too old to be accepted again. Called periodically by [`crate::serve`].
+    /// round whose scores are overdue (or an unscored round left closed), after catching up
+    /// with other replicas. Called periodically by [`crate::serve`].
     pub async fn tick(&self) -> Result<(), HubError> {
-        self.db.forget_nonces(now_ms() - 2 * tessera_trust::identity::MAX_SKEW_MS).await?;
+
         let mut live = self.live.lock().await;
         let scored = self.spec().contest.is_some();
         // A close is applied before the round is finished, so at most two steps (and a retry
