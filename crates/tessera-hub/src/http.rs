@@ -416,6 +416,10 @@ async fn checkpoint(
     if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()) {
         return Err(refuse(ErrorCode::BadRequest, "a checkpoint is named by 64 lowercase hex digits"));
     }
+    // A published checkpoint whose blob was lost is rebuilt (an unknown name stays 404).
+    if let Err(e) = hub.ensure_checkpoint(&hash).await {
+        tracing::debug!(checkpoint = %hash, error = %e, "no such checkpoint, and none to rebuild");
+    }
     let mut response = serve_blob(&hub, &checkpoint_key(&hash), &headers, true).await?;
     // The hub vouches for what it published: its signature over the checkpoint's BLAKE3 (its
     // name), checkable once the whole checkpoint is in hand.

@@ -148,9 +148,10 @@ async fn load(db: &Db, spec: &RunSpec) -> Result<(Run, u64), HubError> {
     }
 }
 
-/// The outer state the current round aggregates from: its checkpoint and saved momentum.
-async fn load_outer(store: &Store, core: &Run) -> Result<OuterState, HubError> {
-    let weights = store.get(&checkpoint_key(core.checkpoint())).await?;
+/// The outer state the current round aggregates from: its checkpoint (rebuilt if its blob was
+/// lost) and saved momentum.
+async fn load_outer(db: &Db, store: &Store, core: &Run) -> Result<OuterState, HubError> {
+    let weights = crate::recover::checkpoint(db, store, core, core.checkpoint()).await?;
     let saved = match core.round() {
         0 => None,
         r => Some((r, store.get(&outer_key(r)).await?)),
@@ -202,7 +203,7 @@ impl Hub {
             )));
         }
         let (core, seq) = load(&db, &spec).await?;
-        let outer = load_outer(&store, &core).await?;
+        let outer = load_outer(&db, &store, &core).await?;
         let mut keys = Keys::default();
         for (id, _, key) in db.contributors().await? {
             if let Ok(k) = PublicKey::parse(&key) {
@@ -303,9 +304,19 @@ impl Hub {
         if let Some(o) = &live.outer {
             return Ok(Arc::clone(o));
         }
-        let outer = Arc::new(load_outer(&self.store, &live.run).await?);
+        let outer = Arc::new(load_outer(&self.db, &self.store, &live.run).await?);
         live.outer = Some(Arc::clone(&outer));
         Ok(outer)
+    }
+
+    /// Makes sure the published checkpoint `hash` is in the store, rebuilding it from the one
+    /// before and the update between if its blob was lost.
+    pub(crate) async fn ensure_checkpoint(&self, hash: &str) -> Result<(), HubError> {
+        if self.store.size(&checkpoint_key(hash)).await.is_ok() {
+            return Ok(());
+        }
+        let live = self.live.lock().await;
+        crate::recover::checkpoint(&self.db, &self.store, &live.run, hash).await.map(drop)
     }
 
     /// Catches up now (a replica's commit was notified).

@@ -47,7 +47,6 @@ impl Hub {
     /// round whose scores are overdue (or an unscored round left closed), after catching up
     /// with other replicas. Called periodically by [`crate::serve`].
     pub async fn tick(&self) -> Result<(), HubError> {
-
         let mut live = self.live.lock().await;
         let scored = self.spec().contest.is_some();
         // A close is applied before the round is finished, so at most two steps (and a retry

@@ -874,3 +874,49 @@ fn replicas_share_one_postgres() {
     one.stop();
     two.stop();
 }
+
+/// Published checkpoints whose blobs were lost are rebuilt from the one before and the update
+/// between (checked against their names): a download of one gets it back, and a hub restarted
+/// with its current checkpoint gone aggregates on and finishes the run. The first checkpoint,
+/// which no update produced, is reported lost rather than guessed.
+#[test]
+fn lost_checkpoints_are_rebuilt_from_their_updates() {
+    let b = backend("sqlite").unwrap();
+    let spec = RunSpec { rounds: 4, broadcast_codec: Codec::Int8 { block: 16 }, ..spec(1) };
+    let server = Server::start(&b, spec.clone());
+    let url = server.url.clone();
+    let a = Client::register(&url, "a");
+    let mut published = Vec::new();
+    for round in 0..3 {
+        let asg = a.assignment(0);
+        published.push(asg.base_checkpoint.clone());
+        a.submit(&info(&url), round, &asg.base_checkpoint, &delta(0.1 * (round + 1) as f32)).unwrap();
+    }
+    let current = info(&url).checkpoint;
+    let path = |hash: &str| std::path::Path::new(&b.store).join(tessera_hub::checkpoint_key(hash));
+    let saved: Vec<Vec<u8>> =
+        published[1..].iter().chain([&current]).map(|h| std::fs::read(path(h)).unwrap()).collect();
+    // Rounds 1 and 2's checkpoints go; a download of round 2's walks back to round 0's.
+    std::fs::remove_file(path(&published[1])).unwrap();
+    std::fs::remove_file(path(&published[2])).unwrap();
+    let got = client(&url).checkpoint(&published[2], None).unwrap();
+    assert_eq!(got, saved[1]);
+    assert_eq!(std::fs::read(path(&published[1])).unwrap(), saved[0], "rebuilt on the way");
+    server.stop();
+
+    // The current checkpoint goes while the hub is down: it opens, rebuilds it, finishes.
+    std::fs::remove_file(path(&current)).unwrap();
+    let server = Server::start(&b, spec);
+    let url = server.url.clone();
+    assert_eq!(std::fs::read(path(&current)).unwrap(), saved[2]);
+    let a = Client::register_key(&url, "a", a.key.clone());
+    let asg = a.assignment(0);
+    assert_eq!(asg.base_checkpoint, current);
+    a.submit(&info(&url), 3, &asg.base_checkpoint, &delta(0.5)).unwrap();
+    assert!(info(&url).finished);
+    // The first checkpoint cannot be rebuilt: still a plain 404.
+    std::fs::remove_file(path(&published[0])).unwrap();
+    let (s, e) = refused(client(&url).checkpoint(&published[0], None).unwrap_err());
+    assert_eq!((s, e.code), (StatusCode::NOT_FOUND, ErrorCode::NotFound));
+    server.stop();
+}
