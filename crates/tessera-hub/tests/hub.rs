@@ -920,3 +920,49 @@ fn lost_checkpoints_are_rebuilt_from_their_updates() {
     assert_eq!((s, e.code), (StatusCode::NOT_FOUND, ErrorCode::NotFound));
     server.stop();
 }
+
+/// Every connection the replicas hold to PostgreSQL dies at once (what a database restart or
+/// failover does to them, the listeners' included): requests in flight fail and are retried,
+/// nothing acknowledged is lost or counted twice, and the run goes on.
+#[test]
+fn replicas_survive_losing_every_database_connection() {
+    let Some(b) = backend("postgres") else { return };
+    let (one, two) = (Server::start(&b, spec(4)), Server::start(&b, spec(4)));
+    let urls = [one.url.clone(), two.url.clone()];
+    let run = info(&urls[0]);
+    let patient = |c: &Client| c.hub.clone().with_patience(Duration::from_secs(20));
+    let clients: Vec<Client> = (0..4).map(|k| Client::register(&urls[k % 2], &format!("c{k}"))).collect();
+    for (k, c) in clients.iter().enumerate().take(2) {
+        c.submit(&run, 0, &run.checkpoint, &delta(k as f32)).unwrap();
+    }
+    let database = b.db.rsplit('/').next().unwrap().to_owned();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        sqlx::any::install_default_drivers();
+        let admin = sqlx::AnyPool::connect(&std::env::var("TESSERA_TEST_POSTGRES").unwrap()).await.unwrap();
+        let killed =
+            sqlx::query("SELECT count(pg_terminate_backend(pid)) AS n FROM pg_stat_activity WHERE datname = $1")
+                .bind(&database)
+                .fetch_one(&admin)
+                .await
+                .unwrap();
+        assert!(sqlx::Row::get::<i64, _>(&killed, "n") >= 2, "the replicas' connections were terminated");
+    });
+    for (k, c) in clients.iter().enumerate().skip(2) {
+        let body = message(&run, run.spec.codec, 0, &run.checkpoint, &delta(k as f32));
+        patient(c).submit(Arc::new(body), None, None).unwrap();
+    }
+    let after = info(&urls[1]);
+    assert_eq!(after.round, 1);
+    assert_eq!(status_of(&urls[0]).history[0].accepted, 4, "every acknowledged submission, once");
+    // The next round, across both replicas again (the listeners reconnected).
+    for (k, c) in clients.iter().enumerate() {
+        let body = message(&after, after.spec.codec, 1, &after.checkpoint, &delta(0.1 * k as f32));
+        patient(c).submit(Arc::new(body), None, None).unwrap();
+    }
+    let hub_key = tessera_trust::PublicKey::parse(&run.hub_key).unwrap();
+    let asg = client(&urls[0]).signed_by(clients[0].key.clone()).pinning(hub_key).assignment(Duration::from_secs(5));
+    assert_eq!(asg.unwrap().round, 2);
+    one.stop();
+    two.stop();
+}
