@@ -196,6 +196,84 @@ fn killing_the_hub_loses_no_accepted_submission() {
     drop(h);
 }
 
+/// A fresh PostgreSQL database for one test (from `TESSERA_TEST_POSTGRES`, which
+/// `scripts/test` provides), or `None` with a loud skip.
+fn postgres_database() -> Option<String> {
+    let Ok(admin) = std::env::var("TESSERA_TEST_POSTGRES") else {
+        assert!(
+            std::env::var("TESSERA_TEST_REQUIRE_SERVICES").as_deref() != Ok("1"),
+            "TESSERA_TEST_POSTGRES is not set"
+        );
+        eprintln!("SKIPPED: TESSERA_TEST_POSTGRES is not set (scripts/test provides it)");
+        return None;
+    };
+    let name = format!("swarm_{}_{}", std::process::id(), free_port());
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        sqlx::any::install_default_drivers();
+        let pool = sqlx::AnyPool::connect(&admin).await.unwrap();
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&pool).await.unwrap();
+    });
+    Some(format!("{}/{name}", admin.rsplit_once('/').map_or(admin.as_str(), |(b, _)| b)))
+}
+
+/// Two `tessera hub` processes on one PostgreSQL database and one store, a contributor on
+/// each; one replica is killed with SIGKILL three times (its supervisor restarting it). Every
+/// acknowledged submission survives, the run finishes once, both replicas agree.
+#[test]
+fn killing_a_replica_loses_no_accepted_submission() {
+    let Some(database) = postgres_database() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let ports = [free_port(), free_port()];
+    let flags = ["--inner-steps", "3", "--rounds", "8", "--quorum", "2", "--deadline", "30", "--codec", "int8"];
+    let replica = |k: usize| {
+        let mut args: Vec<String> = vec![
+            "hub".into(),
+            "--database".into(),
+            database.clone(),
+            "--store".into(),
+            d.join("store").display().to_string(),
+            "--listen".into(),
+            format!("127.0.0.1:{}", ports[k]),
+            "--key".into(),
+            d.join("hub-key.pem").display().to_string(),
+        ];
+        args.extend(RUN.iter().chain(&flags).map(|s| s.to_string()));
+        spawn(&args, &d.join(format!("hub{k}.log")))
+    };
+    let mut first = replica(0);
+    wait_for(ports[0], Duration::from_secs(60), "the first replica", |_| true);
+    let second = replica(1);
+    wait_for(ports[1], Duration::from_secs(60), "the second replica", |_| true);
+    let mut workers = [contributor(d, ports[0], "a"), contributor(d, ports[1], "b")];
+    for (i, target) in [2u64, 4, 6].into_iter().enumerate() {
+        wait_for(ports[1], Duration::from_secs(120), "progress", |s| {
+            s.round >= target || (s.round + 1 == target && s.history.last().is_some_and(|r| r.accepted > 0))
+        });
+        std::thread::sleep(Duration::from_millis(37 * i as u64));
+        first.kill9();
+        std::thread::sleep(Duration::from_millis(300));
+        first = replica(0);
+    }
+    for (w, name) in workers.iter_mut().zip(["a", "b"]) {
+        w.wait_success(Duration::from_secs(180), &d.join(format!("{name}.log")));
+    }
+    let last = wait_for(ports[1], Duration::from_secs(30), "the finished run", |s| s.finished);
+    assert_eq!(last.round, 8, "{}", logs(d));
+    let other = wait_for(ports[0], Duration::from_secs(30), "the other replica", |s| s.finished);
+    assert_eq!(other.round, last.round);
+    assert_eq!(other.history.last().map(|h| &h.result_checkpoint), last.history.last().map(|h| &h.result_checkpoint));
+    for name in ["a", "b"] {
+        let c = last.contributors.iter().find(|c| c.name == name).unwrap();
+        for r in receipts(&d.join(format!("{name}.log"))) {
+            assert!(c.submitted_rounds.contains(&r), "{name} holds a receipt for round {r} the hub lost\n{}", logs(d));
+        }
+    }
+    assert_eq!(last.history.iter().filter(|h| h.result_checkpoint.is_some()).count(), 8, "each round once");
+    drop((first, second));
+}
+
 #[test]
 fn a_killed_contributor_rejoins_and_continues() {
     let dir = tempfile::tempdir().unwrap();
