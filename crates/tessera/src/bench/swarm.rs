@@ -43,6 +43,16 @@ pub struct BenchSwarmArgs {
     /// round 1's submissions are in.
     #[arg(long)]
     pub kill_replica: bool,
+    /// Drive hubs already running at these URLs (repeatable: replicas) instead of starting
+    /// them in this process, so their memory and CPU can be measured apart: the run they serve
+    /// sets the model (`--params`, `--codec`, `--database` and `--store` do not apply), and its
+    /// quorum should be `--contributors`.
+    #[arg(long = "hub")]
+    pub hubs: Vec<String>,
+    /// At most this many contributors build and send a submission at once (each holds its Δ
+    /// and message while it does; default: all of them).
+    #[arg(long)]
+    pub in_flight: Option<usize>,
 }
 
 /// Many contributors against one hub over real HTTP on loopback: registration, assignment and
@@ -107,20 +117,37 @@ pub fn bench_swarm(args: BenchSwarmArgs) -> Result<()> {
     }
     let key = tmp.path().join("hub-key.pem");
     let mut replicas = Vec::with_capacity(args.replicas);
-    for r in 0..args.replicas {
-        let new = (r == 0).then(|| NewRun { spec: spec.clone(), weights: weights.clone() });
-        replicas.push(Replica::start(&database, &store, new, &key)?);
+    if args.hubs.is_empty() {
+        for r in 0..args.replicas {
+            let new = (r == 0).then(|| NewRun { spec: spec.clone(), weights: weights.clone() });
+            replicas.push(Replica::start(&database, &store, new, &key)?);
+        }
+    } else {
+        if args.kill_replica {
+            bail!("--kill-replica needs the replicas in this process: leave out --hub");
+        }
+        replicas.extend(args.hubs.iter().map(|url| Replica { url: url.clone(), runtime: None }));
     }
     let info = tessera_client::HubClient::new(&replicas[0].url)?.run()?;
-    let store_kind = if store.starts_with("s3://") { "S3 (direct transfers)" } else { "a directory" };
+    let params: u64 = info.spec.tensors.iter().map(|t| t.numel()).sum();
+    let in_flight = Gate::new(args.in_flight.unwrap_or(args.contributors).max(1));
+    let store_kind = match (args.hubs.is_empty(), store.starts_with("s3://")) {
+        (false, _) => "the running hub's store",
+        (true, true) => "S3 (direct transfers)",
+        (true, false) => "a directory",
+    };
+    let database_kind = match (args.hubs.is_empty(), database.starts_with("sqlite")) {
+        (false, _) => "the running hub's database",
+        (true, true) => "SQLite",
+        (true, false) => "PostgreSQL",
+    };
     println!(
-        "{} contributors × {} rounds against {} hub replica(s) on loopback: {} parameters, codec {}, {}, store {store_kind}",
+        "{} contributors × {} rounds against {} hub replica(s) on loopback: {} parameters, codec {}, {database_kind}, store {store_kind}",
         args.contributors,
         args.rounds,
-        args.replicas,
-        args.params,
-        args.codec,
-        if database.starts_with("sqlite") { "SQLite" } else { "PostgreSQL" }
+        replicas.len(),
+        params,
+        info.spec.codec,
     );
     let pg_before = database.starts_with("postgres").then(|| pg_counters(&database)).flatten();
     let cpu_before = Cpu::now();
@@ -137,10 +164,10 @@ pub fn bench_swarm(args: BenchSwarmArgs) -> Result<()> {
     std::thread::scope(|scope| -> Result<()> {
         let mut handles = Vec::with_capacity(args.contributors);
         for i in 0..args.contributors {
-            let (clients, info, log, killed) = (&clients, &info, &log, &killed);
+            let (clients, info, log, killed, gate) = (&clients, &info, &log, &killed, &in_flight);
             let h = std::thread::Builder::new()
                 .stack_size(256 << 10)
-                .spawn_scoped(scope, move || simulate(i, clients, info, log, killed))?;
+                .spawn_scoped(scope, move || simulate(i, clients, info, log, killed, gate))?;
             handles.push(h);
         }
         if args.kill_replica {
@@ -378,6 +405,7 @@ fn simulate(
     info: &RunInfo,
     log: &Log,
     killed: &AtomicUsize,
+    gate: &Gate,
 ) -> Result<()> {
     let me = Arc::new(tessera_trust::Identity::generate()?);
     let hub_key = tessera_trust::PublicKey::parse(&info.hub_key)?;
@@ -405,12 +433,14 @@ fn simulate(
     log.time("register", t.elapsed().as_secs_f64());
     let mut run_id = [0u8; 16];
     hex::decode_to_slice(&info.run_id, &mut run_id)?;
-    let deltas: Vec<Vec<f32>> = info
-        .spec
-        .tensors
-        .iter()
-        .map(|t| (0..t.numel()).map(|j| ((j + i as u64) as f32 * 0.37).sin() * 1e-3).collect())
-        .collect();
+    // Δ is made when it is sent, and dropped after: memory is `--in-flight` submissions.
+    let deltas = || -> Vec<Vec<f32>> {
+        info.spec
+            .tensors
+            .iter()
+            .map(|t| (0..t.numel()).map(|j| ((j + i as u64) as f32 * 0.37).sin() * 1e-3).collect())
+            .collect()
+    };
     loop {
         let t = Instant::now();
         let a = match client.assignment(tessera_client::ASSIGNMENT_WAIT) {
@@ -425,9 +455,12 @@ fn simulate(
         log.assigned(a.round);
         let mut base = [0u8; 32];
         hex::decode_to_slice(&a.base_checkpoint, &mut base)?;
+        let _turn = gate.enter();
+        let delta = deltas();
         let tensors =
-            info.spec.tensors.iter().zip(&deltas).map(|(t, d)| (t.name.as_str(), t.shape.as_slice(), d.as_slice()));
+            info.spec.tensors.iter().zip(&delta).map(|(t, d)| (t.name.as_str(), t.shape.as_slice(), d.as_slice()));
         let body = Arc::new(PseudoGradient::build(info.spec.codec, run_id, a.round, base, tensors)?.to_bytes());
+        drop(delta);
         let t = Instant::now();
         loop {
             match client.submit(body.clone(), None, None) {
@@ -441,5 +474,35 @@ fn simulate(
             }
             break;
         }
+    }
+}
+
+/// At most `n` holders at once (a counting semaphore for threads).
+struct Gate {
+    free: Mutex<usize>,
+    wake: std::sync::Condvar,
+}
+
+struct Turn<'a>(&'a Gate);
+
+impl Gate {
+    fn new(n: usize) -> Gate {
+        Gate { free: Mutex::new(n), wake: std::sync::Condvar::new() }
+    }
+
+    fn enter(&self) -> Turn<'_> {
+        let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
+        while *free == 0 {
+            free = self.wake.wait(free).unwrap_or_else(|e| e.into_inner());
+        }
+        *free -= 1;
+        Turn(self)
+    }
+}
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        *self.0.free.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+        self.0.wake.notify_one();
     }
 }
