@@ -95,19 +95,10 @@ impl Hub {
         if run.closed().is_none() || run.finished() || round != run.round() {
             return Err(api(ErrorCode::NotScoring, format!("round {round} is not being scored")));
         }
-        let (lengths, base, run_id) = (run.lengths(), run.checkpoint().to_owned(), run.run_id());
-        let decoded = tokio::task::spawn_blocking(move || {
-            let view = MessageView::parse(&body).map_err(|e| api(ErrorCode::MalformedMessage, e.to_string()))?;
-            if view.run_id != run_id || view.round != round || hex::encode(view.base_checkpoint) != base {
-                return Err(api(ErrorCode::BaseMismatch, "the aggregate is not for this run's round and base"));
-            }
-            if view.codec != Codec::F32 {
-                return Err(api(ErrorCode::CodecMismatch, "the aggregate travels in f32"));
-            }
-            decode_view(&lengths, &view).map_err(|e| api(ErrorCode::MalformedMessage, e.to_string()))
-        })
-        .await
-        .map_err(|e| api(ErrorCode::Internal, e.to_string()))??;
+        let decoded = decode_aggregate(run, round, body.clone()).await?;
+        // Kept in the store too, so the verdict may reach any replica (the aggregate is what the
+        // round's update publishes anyway, not anyone's submission).
+        self.store.put(&aggregate_key(round), body).await.map_err(internal)?;
         live.sealed_mean = Some((round, decoded));
         Ok(())
     }
@@ -123,7 +114,14 @@ impl Hub {
         let rows = live.run.check_verdict(&verdict)?;
         // The aggregate stays posted until the verdict is accepted: a refused verdict can be
         // fixed and sent again.
-        if !matches!(live.sealed_mean, Some((r, _)) if r == live.run.round()) {
+        let round = live.run.round();
+        if !matches!(live.sealed_mean, Some((r, _)) if r == round)
+            && let Ok(body) = self.store.get(&aggregate_key(round)).await
+        {
+            // Posted through another replica.
+            live.sealed_mean = Some((round, decode_aggregate(&live.run, round, body).await?));
+        }
+        if !matches!(live.sealed_mean, Some((r, _)) if r == round) {
             return Err(api(
                 ErrorCode::NotScoring,
                 "post the round's aggregate (POST /v1/validator/aggregate/{round}) before its verdict",
@@ -220,4 +218,26 @@ impl Hub {
             ledger_seq: v.seq,
         })
     }
+}
+
+/// Where a sealed round's aggregate from the validator is kept until its verdict.
+fn aggregate_key(round: u64) -> String {
+    format!("aggregates/{round:08}.tpg")
+}
+
+/// A sealed round's aggregate Δ̄, checked: an f32 message for this run's round on its base.
+async fn decode_aggregate(run: &tessera_round::Run, round: u64, body: Bytes) -> Result<Vec<Vec<f32>>, ApiError> {
+    let (lengths, base, run_id) = (run.lengths(), run.checkpoint().to_owned(), run.run_id());
+    tokio::task::spawn_blocking(move || {
+        let view = MessageView::parse(&body).map_err(|e| api(ErrorCode::MalformedMessage, e.to_string()))?;
+        if view.run_id != run_id || view.round != round || hex::encode(view.base_checkpoint) != base {
+            return Err(api(ErrorCode::BaseMismatch, "the aggregate is not for this run's round and base"));
+        }
+        if view.codec != Codec::F32 {
+            return Err(api(ErrorCode::CodecMismatch, "the aggregate travels in f32"));
+        }
+        decode_view(&lengths, &view).map_err(|e| api(ErrorCode::MalformedMessage, e.to_string()))
+    })
+    .await
+    .map_err(|e| api(ErrorCode::Internal, e.to_string()))?
 }
