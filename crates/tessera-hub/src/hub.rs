@@ -130,9 +130,17 @@ pub struct Hub {
     pub(crate) bytes_down: AtomicU64,
     /// The task that sums the current round's submissions as they arrive ([`crate::running`]).
     pub(crate) summer: crate::running::Summer,
-    /// Direct uploads read back and checked at once (each holds one submission in memory):
-    /// one per core.
+    /// Direct uploads read back and being checked or recorded at once, each holding one
+    /// submission in memory: [`CHECKING_BYTES`] worth, at least one per core, at most 64.
     pub(crate) checking: tokio::sync::Semaphore,
+}
+
+/// The memory a replica gives to direct uploads being checked and recorded.
+pub const CHECKING_BYTES: u64 = 4 << 30;
+
+fn checking_slots(max_submission: usize) -> usize {
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    ((CHECKING_BYTES / max_submission.max(1) as u64) as usize).clamp(cores, 64)
 }
 
 /// The run's state as the database holds it, and the journal's sequence number it is current
@@ -219,6 +227,7 @@ impl Hub {
             );
         }
         let round = core.round();
+        let max_submission = max_submission_bytes(&spec);
         let hub = Arc::new(Hub {
             db,
             store,
@@ -234,7 +243,7 @@ impl Hub {
             round_tx: watch::Sender::new(round),
             bytes_down: AtomicU64::new(0),
             summer: crate::running::Summer::start(),
-            checking: tokio::sync::Semaphore::new(std::thread::available_parallelism().map_or(2, |n| n.get())),
+            checking: tokio::sync::Semaphore::new(checking_slots(max_submission)),
         });
         // Metrics are recorded from the start (GET /metrics renders them).
         let _ = tessera_telemetry::prometheus();
@@ -367,15 +376,20 @@ impl Hub {
 
     /// Largest acceptable submission: an f32 message of the run's largest model plus its table.
     pub fn max_submission_bytes(&self) -> usize {
-        let table = |tensors: &[tessera_protocol::TensorSpec]| -> usize {
-            tensors.iter().map(|t| t.name.len() + 16 + 8 * t.shape.len()).sum()
-        };
-        let tables =
-            self.spec.phases.iter().map(|p| table(&p.tensors)).chain([table(&self.spec.tensors)]).max().unwrap_or(0);
-        4 * self.spec.max_params() as usize + tables + 4096
+        max_submission_bytes(&self.spec)
     }
 
     pub fn store(&self) -> &Store {
         &self.store
     }
+}
+
+/// The largest submission a run takes: every parameter of its largest phase in f32, and the
+/// tensor table.
+fn max_submission_bytes(spec: &RunSpec) -> usize {
+    let table = |tensors: &[tessera_protocol::TensorSpec]| -> usize {
+        tensors.iter().map(|t| t.name.len() + 16 + 8 * t.shape.len()).sum()
+    };
+    let tables = spec.phases.iter().map(|p| table(&p.tensors)).chain([table(&spec.tensors)]).max().unwrap_or(0);
+    4 * spec.max_params() as usize + tables + 4096
 }

@@ -432,7 +432,7 @@ impl Hub {
             })?;
         }
         let result = async {
-            // Bounded: a replica holds at most one submission per core while checking them.
+            // Bounded: a replica holds at most `checking` submissions while checking and recording them.
             let _slot = self.checking.acquire().await.map_err(|e| api(ErrorCode::Internal, e.to_string()))?;
             let size = self.store.size(&object).await.map_err(|_| {
                 api(ErrorCode::NotFound, format!("nothing was uploaded as {blob}: PUT it to the granted URL first"))

@@ -32,6 +32,11 @@ pub(crate) struct Sealed {
     pub next: Option<Ledger>,
 }
 
+/// Blobs read ahead of the aggregation when a round is read back: at most this many, and at
+/// most this many bytes.
+const PREFETCH: usize = 16;
+const PREFETCH_BYTES: u64 = 1 << 30;
+
 impl Hub {
     /// Whether the current round's mean is summed as its submissions arrive: an unscored,
     /// unsealed, unsharded run under the plain mean, whose weights are known on arrival.
@@ -219,17 +224,47 @@ impl Hub {
             .collect();
         let keys: Vec<String> = rows.iter().map(|(row, _)| submission_key(&row.blob)).collect();
         let (store, runtime) = (self.store.clone(), tokio::runtime::Handle::current());
-        // Read one blob at a time as the rule asks for it, on a blocking thread.
+        // The blobs are read in order, a few ahead of the rule on a blocking thread (an
+        // object store answers each read after a round trip); a rule that starts over (a blob
+        // left out) reads again directly.
+        let largest = rows.iter().map(|(row, _)| row.bytes).max().unwrap_or(1).max(1);
+        let ahead = (PREFETCH_BYTES / largest).clamp(1, PREFETCH as u64) as usize;
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let prefetch = {
+            let (store, keys) = (store.clone(), keys.clone());
+            tokio::spawn(async move {
+                use futures::StreamExt as _;
+                let reads = futures::stream::iter(keys)
+                    .map(|key| {
+                        let store = store.clone();
+                        async move { store.get(&key).await.map_err(|e| format!("{key}: {e}")) }
+                    })
+                    .buffered(ahead);
+                let mut reads = std::pin::pin!(reads);
+                while let Some(read) = reads.next().await {
+                    if tx.send(read).is_err() {
+                        break;
+                    }
+                }
+            })
+        };
         let mean = tokio::task::spawn_blocking(move || {
+            let next = std::cell::Cell::new(0usize);
             let load = |k: usize| {
-                runtime
-                    .block_on(store.get(&keys[k]))
-                    .map_err(|e| AggregateError::Unreadable(format!("{}: {e}", keys[k])))
+                let read = if k == next.get() {
+                    next.set(k + 1);
+                    rx.recv().map_err(|e| e.to_string()).and_then(|r| r)
+                } else {
+                    next.set(usize::MAX);
+                    runtime.block_on(store.get(&keys[k])).map_err(|e| format!("{}: {e}", keys[k]))
+                };
+                read.map_err(AggregateError::Unreadable)
             };
             mean(&rule, &lengths, &inputs, load)
         })
         .await
         .map_err(|e| HubError::Corrupt(format!("aggregation task failed: {e}")))??;
+        prefetch.abort();
         for (k, e) in &mean.left_out {
             tracing::error!(submission = k, error = %e, "a stored submission cannot be read or decoded; aggregated without it");
         }

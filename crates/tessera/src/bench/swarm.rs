@@ -53,6 +53,11 @@ pub struct BenchSwarmArgs {
     /// and message while it does; default: all of them).
     #[arg(long)]
     pub in_flight: Option<usize>,
+    /// Contributors submit over this many seconds after their assignment (each at its own
+    /// seeded offset), as training times spread a real round's arrivals; 0: all at once, the
+    /// worst burst.
+    #[arg(long, default_value_t = 0.0)]
+    pub spread: f64,
 }
 
 /// Many contributors against one hub over real HTTP on loopback: registration, assignment and
@@ -165,9 +170,10 @@ pub fn bench_swarm(args: BenchSwarmArgs) -> Result<()> {
         let mut handles = Vec::with_capacity(args.contributors);
         for i in 0..args.contributors {
             let (clients, info, log, killed, gate) = (&clients, &info, &log, &killed, &in_flight);
+            let (spread, external) = (args.spread, !args.hubs.is_empty());
             let h = std::thread::Builder::new()
                 .stack_size(256 << 10)
-                .spawn_scoped(scope, move || simulate(i, clients, info, log, killed, gate))?;
+                .spawn_scoped(scope, move || simulate(i, clients, info, log, killed, gate, spread, external))?;
             handles.push(h);
         }
         if args.kill_replica {
@@ -188,8 +194,10 @@ pub fn bench_swarm(args: BenchSwarmArgs) -> Result<()> {
     })?;
     let elapsed = start.elapsed().as_secs_f64();
     let cpu = Cpu::now().since(&cpu_before);
-    let survivor = &replicas[usize::from(args.kill_replica)];
-    let status = tessera_client::HubClient::new(&survivor.url)?.status()?;
+    let status = replicas
+        .iter()
+        .find_map(|r| tessera_client::HubClient::new(&r.url).ok()?.with_patience(Duration::ZERO).status().ok())
+        .ok_or_else(|| anyhow::anyhow!("no replica answers for its status"))?;
     let pg = pg_before.zip(pg_counters(&database)).map(|(a, b)| (b.0 - a.0, b.1 - a.1));
     for r in &mut replicas {
         r.kill();
@@ -406,6 +414,8 @@ fn simulate(
     log: &Log,
     killed: &AtomicUsize,
     gate: &Gate,
+    spread: f64,
+    external: bool,
 ) -> Result<()> {
     let me = Arc::new(tessera_trust::Identity::generate()?);
     let hub_key = tessera_trust::PublicKey::parse(&info.hub_key)?;
@@ -414,8 +424,10 @@ fn simulate(
     let mut client = mine(k);
     // A request through a replica that is gone goes to the next one; a lost answer to a
     // submission shows up there as `duplicate`, which is the acknowledgement it lost.
+    // In this process a replica is gone once it was killed; a running hub's, once it stops
+    // answering (`--hub`: its supervisor, or the benchmark's script, killed it).
     let failover = |k: &mut usize, client: &mut tessera_client::HubClient| -> bool {
-        if killed.load(Ordering::SeqCst) != *k {
+        if clients.len() < 2 || (!external && killed.load(Ordering::SeqCst) != *k) {
             return false;
         }
         *k = (*k + 1) % clients.len();
@@ -441,6 +453,7 @@ fn simulate(
             .map(|t| (0..t.numel()).map(|j| ((j + i as u64) as f32 * 0.37).sin() * 1e-3).collect())
             .collect()
     };
+    let mut done: Option<u64> = None;
     loop {
         let t = Instant::now();
         let a = match client.assignment(tessera_client::ASSIGNMENT_WAIT) {
@@ -452,7 +465,16 @@ fn simulate(
         if a.finished {
             return Ok(());
         }
+        if done == Some(a.round) {
+            // The long-poll ended before the round closed: wait again.
+            continue;
+        }
         log.assigned(a.round);
+        if spread > 0.0 {
+            // A fixed offset per contributor and round (Knuth's multiplicative hash).
+            let h = ((i as u64) << 20 ^ a.round).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 11;
+            std::thread::sleep(Duration::from_secs_f64(spread * (h as f64 / (1u64 << 53) as f64)));
+        }
         let mut base = [0u8; 32];
         hex::decode_to_slice(&a.base_checkpoint, &mut base)?;
         let _turn = gate.enter();
@@ -462,18 +484,24 @@ fn simulate(
         let body = Arc::new(PseudoGradient::build(info.spec.codec, run_id, a.round, base, tensors)?.to_bytes());
         drop(delta);
         let t = Instant::now();
+        let mut failed_over = false;
         loop {
             match client.submit(body.clone(), None, None) {
                 Ok(receipt) => {
                     log.time("submission (whole path)", t.elapsed().as_secs_f64());
                     log.acked(receipt.round);
                 }
-                Err(tessera_client::ClientError::Unavailable { .. }) if failover(&mut k, &mut client) => continue,
-                Err(e) if e.code() == Some(tessera_protocol::ErrorCode::Duplicate) => log.acked(a.round),
+                Err(tessera_client::ClientError::Unavailable { .. }) if failover(&mut k, &mut client) => {
+                    failed_over = true;
+                    continue;
+                }
+                // The answer was lost with the replica: `duplicate` is the acknowledgement.
+                Err(e) if failed_over && e.code() == Some(tessera_protocol::ErrorCode::Duplicate) => log.acked(a.round),
                 Err(e) => log.error(format!("contributor {i}, round {}: {e}", a.round)),
             }
             break;
         }
+        done = Some(a.round);
     }
 }
 
