@@ -20,6 +20,7 @@
 pub mod bench;
 pub mod robust;
 pub mod round;
+pub mod shard;
 
 use tessera_protocol::{Codec, ErrorFeedback, MessageView, PseudoGradient};
 
@@ -223,12 +224,8 @@ impl OuterOptimizer {
         check_shapes(&lengths, mean_delta)?;
         let param_views: Vec<&[f32]> = params.iter().map(|p| &**p).collect();
         check_shapes(&lengths, &param_views)?;
-        let OuterConfig { lr, momentum: mu, nesterov } = self.config;
         for ((p, v), g) in params.iter_mut().zip(&mut self.momentum).zip(mean_delta) {
-            for ((p, v), &g) in p.iter_mut().zip(v.iter_mut()).zip(g.iter()) {
-                *v = mu * *v + g;
-                *p -= lr * if nesterov { g + mu * *v } else { *v };
-            }
+            outer_step_tensor(&self.config, p, v, g);
         }
         self.step += 1;
         Ok(())
@@ -262,6 +259,16 @@ impl OuterOptimizer {
     }
 }
 
+/// The outer step on one tensor: its weights `p`, momentum `v` and Δ̄ `g` (equal lengths).
+/// Every coordinate on its own, so any split of the model into tensor ranges gives the same bits.
+pub fn outer_step_tensor(config: &OuterConfig, p: &mut [f32], v: &mut [f32], g: &[f32]) {
+    let OuterConfig { lr, momentum: mu, nesterov } = *config;
+    for ((p, v), &g) in p.iter_mut().zip(v.iter_mut()).zip(g.iter()) {
+        *v = mu * *v + g;
+        *p -= lr * if nesterov { g + mu * *v } else { *v };
+    }
+}
+
 /// Moves the published weights `theta` to `target` through `codec`, with error feedback in
 /// `residual`: u = decode(encode(target − θ + e)), then θ ← θ + u and e ← target − θ_old + e − u.
 /// Returns each tensor's encoding of u: the update a follower applies to its copy of θ (by the
@@ -277,14 +284,25 @@ pub fn broadcast_step(
     check_shapes(&lengths, &residual.iter().map(Vec::as_slice).collect::<Vec<_>>())?;
     let mut encoded = Vec::with_capacity(theta.len());
     for ((t, goal), e) in theta.iter_mut().zip(target).zip(residual.iter_mut()) {
-        let delta: Vec<f32> = goal.iter().zip(t.iter()).map(|(g, t)| g - t).collect();
-        let mut feedback = ErrorFeedback::from_residual(std::mem::take(e));
-        let (bytes, sent) = feedback.encode_sent(codec, &delta)?;
-        t.iter_mut().zip(&sent).for_each(|(t, s)| *t += s);
-        *e = feedback.into_residual();
-        encoded.push(bytes);
+        encoded.push(broadcast_tensor(codec, t, goal, e)?);
     }
     Ok(encoded)
+}
+
+/// [`broadcast_step`] on one tensor: moves `t` towards `goal` through `codec` with the error
+/// feedback `e`, and returns the encoding of what it moved by.
+pub fn broadcast_tensor(
+    codec: &Codec,
+    t: &mut [f32],
+    goal: &[f32],
+    e: &mut Vec<f32>,
+) -> Result<Vec<u8>, AggregateError> {
+    let delta: Vec<f32> = goal.iter().zip(t.iter()).map(|(g, t)| g - t).collect();
+    let mut feedback = ErrorFeedback::from_residual(std::mem::take(e));
+    let (bytes, sent) = feedback.encode_sent(codec, &delta)?;
+    t.iter_mut().zip(&sent).for_each(|(t, s)| *t += s);
+    *e = feedback.into_residual();
+    Ok(bytes)
 }
 
 /// Values decoded at a time on the hot path: a whole number of the codec's blocks, about 16 KiB

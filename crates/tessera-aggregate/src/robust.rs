@@ -73,30 +73,35 @@ pub fn aggregate(
                 let radius = f64::from(factor) * median_of(&dists);
                 let scales: Vec<f32> = dists.iter().map(|&d| clip_scale(d, radius)).collect();
                 report = RobustReport { clipped: scales.iter().filter(|&&s| s < 1.0).count(), radius: Some(radius) };
-                // v ← v + Σ wᵢ sᵢ (xᵢ − v) / Σ wᵢ
-                let total: f64 = weights.iter().map(|&w| f64::from(w)).sum();
-                let coef: Vec<f32> =
-                    weights.iter().zip(&scales).map(|(&w, &s)| (f64::from(w) * f64::from(s) / total) as f32).collect();
-                for (t, v) in out.iter_mut().enumerate() {
-                    par_ranges(v, |start, v| {
-                        for (j, v) in v.iter_mut().enumerate() {
-                            let c = *v;
-                            let step: f32 = inputs.iter().zip(&coef).map(|(x, &a)| a * (x[t][start + j] - c)).sum();
-                            *v = c + step;
-                        }
-                    });
-                }
+                centre_step(inputs, &coefficients(weights, &scales), &mut out);
             }
         }
     }
     Ok((out, report))
 }
 
-/// Σ wᵢ sᵢ xᵢ / Σ wᵢ: the weighted mean of the submissions each scaled by sᵢ.
-fn weighted_mean(inputs: &[Vec<&[f32]>], weights: &[f32], scales: &[f32], out: &mut [Vec<f32>]) {
+/// wᵢ sᵢ / Σ wᵢ for each submission.
+pub(crate) fn coefficients(weights: &[f32], scales: &[f32]) -> Vec<f32> {
     let total: f64 = weights.iter().map(|&w| f64::from(w)).sum();
-    let coef: Vec<f32> =
-        weights.iter().zip(scales).map(|(&w, &s)| (f64::from(w) * f64::from(s) / total) as f32).collect();
+    weights.iter().zip(scales).map(|(&w, &s)| (f64::from(w) * f64::from(s) / total) as f32).collect()
+}
+
+/// One pass of centred clipping: v ← v + Σ cᵢ (xᵢ − v), coordinate by coordinate.
+pub(crate) fn centre_step(inputs: &[Vec<&[f32]>], coef: &[f32], out: &mut [Vec<f32>]) {
+    for (t, v) in out.iter_mut().enumerate() {
+        par_ranges(v, |start, v| {
+            for (j, v) in v.iter_mut().enumerate() {
+                let c = *v;
+                let step: f32 = inputs.iter().zip(coef).map(|(x, &a)| a * (x[t][start + j] - c)).sum();
+                *v = c + step;
+            }
+        });
+    }
+}
+
+/// Σ wᵢ sᵢ xᵢ / Σ wᵢ: the weighted mean of the submissions each scaled by sᵢ.
+pub(crate) fn weighted_mean(inputs: &[Vec<&[f32]>], weights: &[f32], scales: &[f32], out: &mut [Vec<f32>]) {
+    let coef = coefficients(weights, scales);
     for (t, o) in out.iter_mut().enumerate() {
         par_ranges(o, |start, o| {
             for (x, &a) in inputs.iter().zip(&coef) {
@@ -109,7 +114,7 @@ fn weighted_mean(inputs: &[Vec<&[f32]>], weights: &[f32], scales: &[f32], out: &
 }
 
 /// `f` over each coordinate's values (one per submission, in a reused buffer).
-fn coordinatewise(inputs: &[Vec<&[f32]>], out: &mut [Vec<f32>], f: impl Fn(&mut [f32]) -> f32 + Sync) {
+pub(crate) fn coordinatewise(inputs: &[Vec<&[f32]>], out: &mut [Vec<f32>], f: impl Fn(&mut [f32]) -> f32 + Sync) {
     for (t, o) in out.iter_mut().enumerate() {
         par_ranges(o, |start, o| {
             let mut values = vec![0.0f32; inputs.len()];
@@ -124,7 +129,7 @@ fn coordinatewise(inputs: &[Vec<&[f32]>], out: &mut [Vec<f32>], f: impl Fn(&mut 
 }
 
 /// The median of `values` (mean of the middle two for an even count); reorders them.
-fn median_in_place(values: &mut [f32]) -> f32 {
+pub(crate) fn median_in_place(values: &mut [f32]) -> f32 {
     let n = values.len();
     let (_, &mut hi, _) = values.select_nth_unstable_by(n / 2, f32::total_cmp);
     if n % 2 == 1 {
@@ -135,7 +140,7 @@ fn median_in_place(values: &mut [f32]) -> f32 {
     ((f64::from(lo) + f64::from(hi)) * 0.5) as f32
 }
 
-fn median_of(values: &[f64]) -> f64 {
+pub(crate) fn median_of(values: &[f64]) -> f64 {
     let mut v: Vec<f64> = values.to_vec();
     v.sort_unstable_by(f64::total_cmp);
     let n = v.len();
@@ -144,28 +149,32 @@ fn median_of(values: &[f64]) -> f64 {
 
 /// min(1, radius / n); a zero radius (most submissions identical) leaves nothing unclipped
 /// but a zero vector.
-fn clip_scale(n: f64, radius: f64) -> f32 {
+pub(crate) fn clip_scale(n: f64, radius: f64) -> f32 {
     if n <= radius { 1.0 } else { (radius / n) as f32 }
 }
 
 fn norm(x: &[&[f32]]) -> f64 {
-    x.iter().map(|t| t.iter().map(|&v| f64::from(v) * f64::from(v)).sum::<f64>()).sum::<f64>().sqrt()
+    x.iter().map(|t| square_sum(t)).sum::<f64>().sqrt()
 }
 
 fn distance(x: &[&[f32]], v: &[Vec<f32>]) -> f64 {
-    x.iter()
-        .zip(v)
-        .map(|(t, v)| {
-            t.iter()
-                .zip(v)
-                .map(|(&a, &b)| {
-                    let d = f64::from(a) - f64::from(b);
-                    d * d
-                })
-                .sum::<f64>()
+    x.iter().zip(v).map(|(t, v)| square_distance(t, v)).sum::<f64>().sqrt()
+}
+
+/// Σ x² over one tensor, in f64: a norm is the root of these summed in tensor order.
+pub(crate) fn square_sum(t: &[f32]) -> f64 {
+    t.iter().map(|&v| f64::from(v) * f64::from(v)).sum::<f64>()
+}
+
+/// Σ (a − b)² over one tensor, in f64.
+pub(crate) fn square_distance(a: &[f32], b: &[f32]) -> f64 {
+    a.iter()
+        .zip(b)
+        .map(|(&a, &b)| {
+            let d = f64::from(a) - f64::from(b);
+            d * d
         })
         .sum::<f64>()
-        .sqrt()
 }
 
 /// `f(start, chunk)` over `out` split into one contiguous range per core.

@@ -15,6 +15,6 @@ pub mod weights;
 
 pub use api::{ApiError, ErrorCode, PROTOCOL_VERSION, RunSpec, TensorSpec};
 pub use codec::{Codec, CodecError, ErrorFeedback};
-pub use pseudograd::{MessageView, PseudoGradient, TensorEntry, TensorView, WireError};
+pub use pseudograd::{Layout, MessageView, header_bytes, header_bytes_for, PseudoGradient, TensorEntry, TensorView, WireError};
 pub use rule::Aggregation;
-pub use weights::{WeightsError, decode_weights, encode_weights, weights_hash};
+pub use weights::{WeightsError, WeightsLayout, decode_weights, encode_weights, weights_hash};

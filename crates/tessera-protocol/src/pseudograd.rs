@@ -154,24 +154,9 @@ impl PseudoGradient {
     }
 
     pub fn to_bytes(&self) -> Vec<u8> {
-        let mut out = Vec::new();
-        out.extend_from_slice(MAGIC);
-        out.extend_from_slice(&VERSION.to_le_bytes());
-        let (id, a, b) = codec_to_wire(&self.codec);
-        out.push(id);
-        out.extend_from_slice(&a.to_le_bytes());
-        out.extend_from_slice(&b.to_le_bytes());
-        out.extend_from_slice(&self.run_id);
-        out.extend_from_slice(&self.round.to_le_bytes());
-        out.extend_from_slice(&self.base_checkpoint);
-        out.extend_from_slice(&(self.tensors.len() as u32).to_le_bytes());
-        for t in &self.tensors {
-            out.extend_from_slice(&(t.name.len() as u16).to_le_bytes());
-            out.extend_from_slice(t.name.as_bytes());
-            out.push(t.shape.len() as u8);
-            t.shape.iter().for_each(|d| out.extend_from_slice(&d.to_le_bytes()));
-            out.extend_from_slice(&(t.encoded.len() as u64).to_le_bytes());
-        }
+        let table: Vec<(&str, &[u64], u64)> =
+            self.tensors.iter().map(|t| (t.name.as_str(), &t.shape[..], t.encoded.len() as u64)).collect();
+        let mut out = header_bytes(&self.codec, self.run_id, self.round, self.base_checkpoint, &table);
         for t in &self.tensors {
             out.extend_from_slice(&t.encoded);
         }
@@ -223,6 +208,127 @@ impl PseudoGradient {
     pub fn wire_len(&self) -> usize {
         self.to_bytes().len()
     }
+}
+
+/// A message's header and tensor table (everything before the body) for tensors of the given
+/// names, shapes and encoded lengths: [`PseudoGradient::to_bytes`] is this, the encoded tensors
+/// in table order, and the BLAKE3 of all of it. Lets a message be written a tensor at a time.
+pub fn header_bytes(codec: &Codec, run_id: [u8; 16], round: u64, base: [u8; 32], table: &[(&str, &[u64], u64)]) -> Vec<u8> {
+    let mut out = Vec::new();
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&VERSION.to_le_bytes());
+    let (id, a, b) = codec_to_wire(codec);
+    out.push(id);
+    out.extend_from_slice(&a.to_le_bytes());
+    out.extend_from_slice(&b.to_le_bytes());
+    out.extend_from_slice(&run_id);
+    out.extend_from_slice(&round.to_le_bytes());
+    out.extend_from_slice(&base);
+    out.extend_from_slice(&(table.len() as u32).to_le_bytes());
+    for (name, shape, len) in table {
+        out.extend_from_slice(&(name.len() as u16).to_le_bytes());
+        out.extend_from_slice(name.as_bytes());
+        out.push(shape.len() as u8);
+        shape.iter().for_each(|d| out.extend_from_slice(&d.to_le_bytes()));
+        out.extend_from_slice(&len.to_le_bytes());
+    }
+    out
+}
+
+/// [`header_bytes`] of a message carrying every tensor of `tensors` encoded with `codec`.
+pub fn header_bytes_for(
+    codec: &Codec,
+    run_id: [u8; 16],
+    round: u64,
+    base: [u8; 32],
+    tensors: &[crate::api::TensorSpec],
+) -> Vec<u8> {
+    let table: Vec<(&str, &[u64], u64)> =
+        tensors.iter().map(|t| (t.name.as_str(), &t.shape[..], codec.encoded_len(t.numel()))).collect();
+    header_bytes(codec, run_id, round, base, &table)
+}
+
+/// Where each tensor's encoding lies in a stored message, read from its first bytes alone: what
+/// a reader of a slice of tensors needs to fetch just their bytes (a range read). The table is
+/// checked as [`MessageView::parse`] checks it, but not the trailing hash, which covers the
+/// whole message: use this only on messages verified whole when they were stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Layout {
+    pub codec: Codec,
+    /// Per tensor: its number of values and the byte range of its encoding in the message.
+    pub tensors: Vec<(u64, std::ops::Range<u64>)>,
+}
+
+impl Layout {
+    /// Reads the layout from a prefix of the message. [`WireError::Truncated`] says how far the
+    /// table reaches when the prefix is too short: read `offset + needed` bytes and try again.
+    pub fn read(prefix: &[u8]) -> Result<Layout, WireError> {
+        if prefix.len() >= MAGIC.len() && &prefix[..MAGIC.len()] != MAGIC {
+            return Err(WireError::BadMagic);
+        }
+        let mut r = Reader { bytes: prefix, at: MAGIC.len() };
+        let (codec, _, _, _, table) = read_table(&mut r)?;
+        let mut at = r.at as u64;
+        let tensors = table
+            .into_iter()
+            .map(|(_, shape, len)| {
+                let place = (shape.iter().product(), at..at + len);
+                at += len;
+                place
+            })
+            .collect();
+        Ok(Layout { codec, tensors })
+    }
+}
+
+type Table<'a> = Vec<(&'a str, Vec<u64>, u64)>;
+
+/// The header and table after the magic: codec, run id, round, base, and per tensor its name,
+/// shape and encoded length, each checked against the limits and the codec.
+#[allow(clippy::type_complexity)]
+fn read_table<'a>(r: &mut Reader<'a>) -> Result<(Codec, [u8; 16], u64, [u8; 32], Table<'a>), WireError> {
+    let version = u16::from_le_bytes(r.array()?);
+    if version != VERSION {
+        return Err(WireError::UnsupportedVersion(version));
+    }
+    let id = r.array::<1>()?[0];
+    let a = u32::from_le_bytes(r.array()?);
+    let b = u32::from_le_bytes(r.array()?);
+    let codec = codec_from_wire(id, a, b)?;
+    let run_id = r.array()?;
+    let round = u64::from_le_bytes(r.array()?);
+    let base_checkpoint = r.array()?;
+    let count = u32::from_le_bytes(r.array()?);
+    if count > TENSORS_MAX {
+        return Err(WireError::TooManyTensors { count });
+    }
+    let mut table = Vec::with_capacity(count as usize);
+    let mut total = 0u64;
+    for index in 0..count {
+        let bad = |m: String| WireError::BadTensor { index, message: m };
+        let name_len = usize::from(u16::from_le_bytes(r.array()?));
+        if name_len == 0 || name_len > NAME_BYTES_MAX {
+            return Err(bad(format!("name length {name_len} outside 1..={NAME_BYTES_MAX}")));
+        }
+        let name = std::str::from_utf8(r.take(name_len)?).map_err(|_| bad("name is not UTF-8".into()))?;
+        let rank = r.array::<1>()?[0];
+        if rank > RANK_MAX {
+            return Err(bad(format!("rank {rank} exceeds {RANK_MAX}")));
+        }
+        let shape = (0..rank).map(|_| r.array().map(u64::from_le_bytes)).collect::<Result<Vec<u64>, _>>()?;
+        let numel = shape.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d)).ok_or(WireError::TooManyValues)?;
+        total = total.checked_add(numel).ok_or(WireError::TooManyValues)?;
+        if total > VALUES_MAX {
+            return Err(WireError::TooManyValues);
+        }
+        let len = u64::from_le_bytes(r.array()?);
+        let expected = codec.encoded_len(numel);
+        if len != expected {
+            return Err(bad(format!("{len} encoded bytes, codec needs {expected}")));
+        }
+        table.push((name, shape, len));
+    }
+    Ok((codec, run_id, round, base_checkpoint, table))
 }
 
 /// A verified message borrowing its bytes: what the hub decodes from without copying.
@@ -292,51 +398,19 @@ impl<'a> MessageView<'a> {
             return Err(WireError::Truncated { offset: bytes.len(), needed: HASH_BYTES });
         }
         let (content, digest) = bytes.split_at(bytes.len() - HASH_BYTES);
-        let mut r = Reader { bytes: content, at: MAGIC.len() };
-        let version = u16::from_le_bytes(r.array()?);
+        // The version first: a message of another version may not even be hashed the same way.
+        let Some(&[lo, hi]) = content.get(MAGIC.len()..MAGIC.len() + 2) else {
+            return Err(WireError::Truncated { offset: content.len(), needed: 2 });
+        };
+        let version = u16::from_le_bytes([lo, hi]);
         if version != VERSION {
             return Err(WireError::UnsupportedVersion(version));
         }
         if hash(content).as_bytes() != digest {
             return Err(WireError::ChecksumMismatch);
         }
-        let id = r.array::<1>()?[0];
-        let a = u32::from_le_bytes(r.array()?);
-        let b = u32::from_le_bytes(r.array()?);
-        let codec = codec_from_wire(id, a, b)?;
-        let run_id = r.array()?;
-        let round = u64::from_le_bytes(r.array()?);
-        let base_checkpoint = r.array()?;
-        let count = u32::from_le_bytes(r.array()?);
-        if count > TENSORS_MAX {
-            return Err(WireError::TooManyTensors { count });
-        }
-        let mut table = Vec::with_capacity(count as usize);
-        let mut total = 0u64;
-        for index in 0..count {
-            let bad = |m: String| WireError::BadTensor { index, message: m };
-            let name_len = usize::from(u16::from_le_bytes(r.array()?));
-            if name_len == 0 || name_len > NAME_BYTES_MAX {
-                return Err(bad(format!("name length {name_len} outside 1..={NAME_BYTES_MAX}")));
-            }
-            let name = std::str::from_utf8(r.take(name_len)?).map_err(|_| bad("name is not UTF-8".into()))?;
-            let rank = r.array::<1>()?[0];
-            if rank > RANK_MAX {
-                return Err(bad(format!("rank {rank} exceeds {RANK_MAX}")));
-            }
-            let shape = (0..rank).map(|_| r.array().map(u64::from_le_bytes)).collect::<Result<Vec<u64>, _>>()?;
-            let numel = shape.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d)).ok_or(WireError::TooManyValues)?;
-            total = total.checked_add(numel).ok_or(WireError::TooManyValues)?;
-            if total > VALUES_MAX {
-                return Err(WireError::TooManyValues);
-            }
-            let len = u64::from_le_bytes(r.array()?);
-            let expected = codec.encoded_len(numel);
-            if len != expected {
-                return Err(bad(format!("{len} encoded bytes, codec needs {expected}")));
-            }
-            table.push((name, shape, len));
-        }
+        let mut r = Reader { bytes: content, at: MAGIC.len() };
+        let (codec, run_id, round, base_checkpoint, table) = read_table(&mut r)?;
         let mut tensors = Vec::with_capacity(table.len());
         for (name, shape, len) in table {
             let len = usize::try_from(len).map_err(|_| WireError::Truncated { offset: r.at, needed: usize::MAX })?;
@@ -408,6 +482,39 @@ mod tests {
         .unwrap()
     }
 
+    /// The layout read from a prefix finds every tensor's bytes where the full parse does, and
+    /// says how much more to read when the prefix is short; the header written alone is the
+    /// message's.
+    #[test]
+    fn the_layout_is_read_from_a_prefix() {
+        for codec in [Codec::F32, Codec::Int8 { block: 32 }, Codec::TopK { chunk: 32, k: 4 }] {
+            let m = sample(codec);
+            let bytes = m.to_bytes();
+            let view = MessageView::parse(&bytes).unwrap();
+            let mut prefix = 1;
+            let layout = loop {
+                match Layout::read(&bytes[..prefix]) {
+                    Ok(l) => break l,
+                    Err(WireError::Truncated { offset, needed }) => {
+                        assert!(offset + needed > prefix);
+                        prefix = offset + needed;
+                    }
+                    Err(e) => panic!("{e}"),
+                }
+            };
+            assert_eq!(layout.codec, codec);
+            for (t, (numel, range)) in view.tensors.iter().zip(&layout.tensors) {
+                assert_eq!((t.numel(), t.encoded), (*numel, &bytes[range.start as usize..range.end as usize]));
+            }
+            let table: Vec<(&str, &[u64], u64)> =
+                m.tensors.iter().map(|t| (t.name.as_str(), &t.shape[..], t.encoded.len() as u64)).collect();
+            let header = header_bytes(&codec, m.run_id, m.round, m.base_checkpoint, &table);
+            assert_eq!(&bytes[..header.len()], &header[..]);
+            assert_eq!(layout.tensors[0].1.start, header.len() as u64);
+        }
+        assert_eq!(Layout::read(b"NOTAMSG!xxxxxxxx"), Err(WireError::BadMagic));
+    }
+
     #[test]
     fn round_trips_with_every_codec() {
         for codec in [
@@ -465,7 +572,9 @@ mod tests {
             let mut with_magic = MAGIC.to_vec();
             with_magic.extend_from_slice(&[1, 0]);
             with_magic.extend_from_slice(&bytes);
+            let _ = Layout::read(&with_magic);
             let _ = PseudoGradient::from_bytes(&rehash(with_magic));
+            let _ = Layout::read(&bytes);
         }
 
         #[test]

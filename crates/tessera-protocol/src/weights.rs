@@ -47,6 +47,79 @@ pub fn encode_weights<V: AsRef<[f32]>>(table: &[TensorSpec], values: &[V]) -> Re
     safetensors::serialize(views, Some(metadata)).map_err(|e| WeightsError::Format(e.to_string()))
 }
 
+/// Where [`encode_weights`] puts each tensor of `table`: the file is `header` then the
+/// tensors' little-endian f32 bytes, each at `data[i]` (relative to the end of the header, in
+/// the order safetensors sorts them, not the table's). Lets a checkpoint be written, or one
+/// tensor of it read, a tensor at a time.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WeightsLayout {
+    pub header: Vec<u8>,
+    pub data: Vec<std::ops::Range<u64>>,
+}
+
+impl WeightsLayout {
+    pub fn of(table: &[TensorSpec]) -> Result<WeightsLayout, WeightsError> {
+        let views: Vec<(String, Shaped)> = table
+            .iter()
+            .map(|t| (t.name.clone(), Shaped { shape: t.shape.iter().map(|&d| d as usize).collect() }))
+            .collect();
+        let metadata = HashMap::from([("format".to_owned(), "pt".to_owned())]);
+        let header = safetensors::serialize(views, Some(metadata)).map_err(|e| WeightsError::Format(e.to_string()))?;
+        // The header alone (no data yet), so read its JSON directly: safetensors' own reader
+        // insists on the whole file.
+        let format = |m: &str| WeightsError::Format(format!("header of the layout: {m}"));
+        let json: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_slice(header.get(8..).ok_or_else(|| format("short"))?).map_err(|e| format(&e.to_string()))?;
+        let data = table
+            .iter()
+            .map(|t| {
+                let offsets = json.get(&t.name).and_then(|v| v.get("data_offsets")).and_then(|v| v.as_array());
+                match offsets.map(|o| (o.first().and_then(|v| v.as_u64()), o.get(1).and_then(|v| v.as_u64()))) {
+                    Some((Some(a), Some(b))) => Ok(a..b),
+                    _ => Err(WeightsError::Missing(t.name.clone())),
+                }
+            })
+            .collect::<Result<_, WeightsError>>()?;
+        Ok(WeightsLayout { header, data })
+    }
+
+    /// Where tensor `i`'s bytes lie in the whole file.
+    pub fn file_range(&self, i: usize) -> std::ops::Range<u64> {
+        let at = self.header.len() as u64;
+        self.data[i].start + at..self.data[i].end + at
+    }
+
+    /// The tensors' indices in the order their bytes follow one another in the file.
+    pub fn file_order(&self) -> Vec<usize> {
+        let mut order: Vec<usize> = (0..self.data.len()).collect();
+        order.sort_by_key(|&i| self.data[i].start);
+        order
+    }
+}
+
+/// A tensor's dtype and shape with no data: serialising these gives the header alone.
+struct Shaped {
+    shape: Vec<usize>,
+}
+
+impl safetensors::View for Shaped {
+    fn dtype(&self) -> Dtype {
+        Dtype::F32
+    }
+
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        std::borrow::Cow::Borrowed(&[])
+    }
+
+    fn data_len(&self) -> usize {
+        4 * self.shape.iter().product::<usize>()
+    }
+}
+
 /// An f32 tensor as safetensors sees it, its little-endian bytes made only when the file is
 /// written, one tensor at a time: encoding holds the output and one tensor's bytes, not a
 /// second copy of every tensor.
@@ -111,6 +184,29 @@ pub fn weights_hash(bytes: &[u8]) -> [u8; 32] {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// The layout is where encode_weights put every tensor, and its header is the file's.
+    #[test]
+    fn the_layout_places_every_tensor_where_encoding_does() {
+        let table = vec![
+            TensorSpec { name: "z.last".into(), shape: vec![3] },
+            TensorSpec { name: "a.first".into(), shape: vec![2, 2] },
+            TensorSpec { name: "m".into(), shape: vec![1] },
+        ];
+        let values: Vec<Vec<f32>> =
+            table.iter().enumerate().map(|(k, t)| (0..t.numel()).map(|j| (10 * k) as f32 + j as f32).collect()).collect();
+        let bytes = encode_weights(&table, &values).unwrap();
+        let layout = WeightsLayout::of(&table).unwrap();
+        assert_eq!(&bytes[..layout.header.len()], &layout.header[..]);
+        let mut rebuilt = layout.header.clone();
+        for i in layout.file_order() {
+            let r = layout.file_range(i);
+            let le: Vec<u8> = values[i].iter().flat_map(|v| v.to_le_bytes()).collect();
+            assert_eq!(&bytes[r.start as usize..r.end as usize], &le[..], "{}", table[i].name);
+            rebuilt.extend_from_slice(&le);
+        }
+        assert_eq!(rebuilt, bytes);
+    }
 
     fn table() -> Vec<TensorSpec> {
         vec![TensorSpec { name: "a.weight".into(), shape: vec![2, 3] }, TensorSpec { name: "b".into(), shape: vec![4] }]
