@@ -39,15 +39,17 @@ pub fn stages(rule: &Aggregation, fragments: bool) -> u32 {
 /// (a tensor is never split).
 pub fn plan(lengths: &[usize], shards: usize) -> Vec<Range<usize>> {
     let total: usize = lengths.iter().sum();
-    let target = total.div_ceil(shards.max(1)).max(1);
+    let target = (total as f64 / shards.max(1) as f64).max(1.0);
     let mut out = Vec::new();
-    let (mut start, mut size) = (0, 0);
+    let (mut start, mut size) = (0, 0usize);
     for (i, &n) in lengths.iter().enumerate() {
-        size += n;
-        if size >= target {
-            out.push(start..i + 1);
-            (start, size) = (i + 1, 0);
+        // A range ends before the tensor that would take it further past its share than
+        // stopping short leaves it.
+        if i > start && size as f64 + n as f64 / 2.0 > target && out.len() + 1 < shards {
+            out.push(start..i);
+            (start, size) = (i, 0);
         }
+        size += n;
     }
     if start < lengths.len() {
         out.push(start..lengths.len());
@@ -515,6 +517,8 @@ mod tests {
 
     #[test]
     fn plans_cover_every_tensor_once_in_order() {
+        assert_eq!(plan(&[8, 32], 2), vec![0..1, 1..2]);
+        assert_eq!(plan(&[4, 4, 4, 4], 2), vec![0..2, 2..4]);
         for (lengths, shards) in [(vec![5, 1, 1, 1, 10, 2], 3), (vec![1], 4), (vec![3, 3, 3], 1), (vec![], 2)] {
             let ranges = plan(&lengths, shards);
             assert!(ranges.len() <= shards.max(1));

@@ -52,6 +52,39 @@ const ROUND_LOCKS: i64 = 0x7465_7373_0000_0000;
 /// The channel a commit notifies replicas on.
 pub const EVENTS_CHANNEL: &str = "tessera_events";
 
+/// The channel job creation and completion are notified on.
+pub const JOBS_CHANNEL: &str = "tessera_jobs";
+
+/// An aggregation job a worker holds: its row locked in an open transaction on a connection of
+/// its own, until [`JobLease::done`].
+pub struct JobLease {
+    pub round: u64,
+    pub stage: u32,
+    pub shard: usize,
+    conn: sqlx::AnyConnection,
+}
+
+impl JobLease {
+    /// Records the job's outcome and releases it, in one commit; notifies whoever waits.
+    pub async fn done(mut self, outcome: &str, worker: &str) -> Result<(), HubError> {
+        sqlx::query("UPDATE aggregate_jobs SET done = 1, outcome = $1, worker = $2 WHERE round = $3 AND stage = $4 AND shard = $5")
+            .bind(outcome)
+            .bind(worker)
+            .bind(self.round as i64)
+            .bind(self.stage as i32)
+            .bind(self.shard as i32)
+            .execute(&mut self.conn)
+            .await?;
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(JOBS_CHANNEL)
+            .bind(self.round.to_string())
+            .execute(&mut self.conn)
+            .await?;
+        sqlx::raw_sql("COMMIT").execute(&mut self.conn).await?;
+        Ok(())
+    }
+}
+
 /// A decision as the journal records it, for other replicas to apply.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum Journal {
@@ -242,6 +275,119 @@ impl Db {
         let key = ROUND_LOCKS.wrapping_add(round as i64);
         let row = sqlx::query("SELECT pg_try_advisory_lock($1) AS held").bind(key).fetch_one(&mut conn).await?;
         Ok(row.try_get::<bool, _>("held")?.then_some(RoundClaim(Some(conn))))
+    }
+
+    /// Sets up `round`'s sharded aggregation: its plan and a job per stage and shard. Done
+    /// once: a replica that takes a round over finds them (and what was already done) there.
+    pub async fn create_jobs(&self, round: u64, plan: &str, stages: u32, shards: usize) -> Result<(), HubError> {
+        self.require_postgres("sharded aggregation")?;
+        let mut tx = self.pool.begin().await?;
+        let created = sqlx::query("INSERT INTO aggregate_rounds (round, plan) VALUES ($1, $2) ON CONFLICT DO NOTHING")
+            .bind(round as i64)
+            .bind(plan)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        if created == 1 {
+            for stage in 0..stages {
+                for shard in 0..shards {
+                    sqlx::query("INSERT INTO aggregate_jobs (round, stage, shard) VALUES ($1, $2, $3)")
+                        .bind(round as i64)
+                        .bind(stage as i32)
+                        .bind(shard as i32)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+            }
+        }
+        sqlx::query("SELECT pg_notify($1, $2)").bind(JOBS_CHANNEL).bind(round.to_string()).execute(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// `round`'s plan, as [`Db::create_jobs`] stored it.
+    pub async fn job_plan(&self, round: u64) -> Result<Option<String>, HubError> {
+        let row = sqlx::query("SELECT plan FROM aggregate_rounds WHERE round = $1")
+            .bind(round as i64)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(|r| r.try_get("plan")).transpose()?)
+    }
+
+    /// Every job of `round` and stage `stage` (all stages if `None`): (stage, shard, outcome
+    /// once done), by stage and shard.
+    pub async fn jobs(&self, round: u64, stage: Option<u32>) -> Result<Vec<(u32, usize, Option<String>)>, HubError> {
+        let rows = sqlx::query(
+            "SELECT stage, shard, done, outcome FROM aggregate_jobs WHERE round = $1 AND ($2 < 0 OR stage = $2) \
+             ORDER BY stage, shard",
+        )
+        .bind(round as i64)
+        .bind(stage.map_or(-1, |s| s as i32))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let done: i32 = r.try_get("done")?;
+                let outcome: Option<String> = r.try_get("outcome")?;
+                Ok((u(i64::from(r.try_get::<i32, _>("stage")?)) as u32, u(i64::from(r.try_get::<i32, _>("shard")?)) as usize, outcome.filter(|_| done != 0)))
+            })
+            .collect()
+    }
+
+    /// How many of `round`'s jobs are not done.
+    pub async fn pending_jobs(&self, round: u64) -> Result<u64, HubError> {
+        let row = sqlx::query("SELECT COUNT(*) AS n FROM aggregate_jobs WHERE round = $1 AND done = 0")
+            .bind(round as i64)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(u(row.try_get("n")?))
+    }
+
+    /// Takes the first job whose stage's predecessors are all done, locked until the lease
+    /// commits its outcome or its connection goes (a worker that dies mid-job leaves it to
+    /// the next). `None`: nothing to do now.
+    pub async fn take_job(&self) -> Result<Option<JobLease>, HubError> {
+        self.require_postgres("aggregation workers")?;
+        let mut conn = self.pool.acquire().await?.detach();
+        sqlx::raw_sql("BEGIN").execute(&mut conn).await?;
+        let row = sqlx::query(
+            "SELECT round, stage, shard FROM aggregate_jobs j WHERE done = 0 AND NOT EXISTS \
+             (SELECT 1 FROM aggregate_jobs p WHERE p.round = j.round AND p.stage < j.stage AND p.done = 0) \
+             ORDER BY round, stage, shard LIMIT 1 FOR UPDATE SKIP LOCKED",
+        )
+        .fetch_optional(&mut conn)
+        .await?;
+        let Some(row) = row else {
+            sqlx::raw_sql("COMMIT").execute(&mut conn).await?;
+            return Ok(None);
+        };
+        Ok(Some(JobLease {
+            round: u(row.try_get("round")?),
+            stage: u(i64::from(row.try_get::<i32, _>("stage")?)) as u32,
+            shard: u(i64::from(row.try_get::<i32, _>("shard")?)) as usize,
+            conn,
+        }))
+    }
+
+    /// Forgets the jobs of rounds before `round` (their parts are published or moot).
+    pub async fn clear_jobs(&self, round: u64) -> Result<Vec<u64>, HubError> {
+        if !self.postgres {
+            return Ok(Vec::new());
+        }
+        let rows = sqlx::query("DELETE FROM aggregate_rounds WHERE round < $1 RETURNING round")
+            .bind(round as i64)
+            .fetch_all(&self.pool)
+            .await?;
+        sqlx::query("DELETE FROM aggregate_jobs WHERE round < $1").bind(round as i64).execute(&self.pool).await?;
+        rows.iter().map(|r| Ok(u(r.try_get("round")?))).collect()
+    }
+
+    fn require_postgres(&self, what: &str) -> Result<(), HubError> {
+        if self.postgres {
+            Ok(())
+        } else {
+            Err(HubError::Config(format!("{what} need a PostgreSQL database (--database postgres://…)")))
+        }
     }
 
     /// The journal's last sequence number (0 when empty).

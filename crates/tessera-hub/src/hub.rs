@@ -71,6 +71,9 @@ pub struct HubConfig {
     /// (default [`DIRECT_MULTIPART`]; S3 takes a single PUT of at most 5 GiB, parts of at least
     /// 5 MiB).
     pub direct_multipart: Option<(u64, u64)>,
+    /// Hands each round's aggregation to `tessera aggregate-worker` processes, split into this
+    /// many tensor ranges ([`crate::workers`]; PostgreSQL only). 0: the hub aggregates itself.
+    pub aggregate_shards: usize,
 }
 
 /// A direct upload above 4 GiB goes up in parts of 256 MiB.
@@ -126,6 +129,7 @@ pub struct Hub {
     /// BLAKE3 of the validator's bearer token.
     validator_token: Option<String>,
     pub(crate) direct_multipart: (u64, u64),
+    pub(crate) aggregate_shards: usize,
     pub(crate) round_tx: watch::Sender<u64>,
     pub(crate) bytes_down: AtomicU64,
     /// The task that sums the current round's submissions as they arrive ([`crate::running`]).
@@ -204,6 +208,11 @@ impl Hub {
         };
         let spec: RunSpec =
             serde_json::from_str(&run.spec).map_err(|e| HubError::Corrupt(format!("stored run spec: {e}")))?;
+        if config.aggregate_shards > 0 && !db.shared() {
+            return Err(HubError::Config(
+                "aggregation workers take their jobs from PostgreSQL: --aggregate-shards needs --database postgres://…".into(),
+            ));
+        }
         if !spec.phases.is_empty() && config.grower.is_none() {
             return Err(HubError::Config(format!(
                 "the run grows through {} later phase(s) but this hub was given no grower",
@@ -240,6 +249,7 @@ impl Hub {
             grower: config.grower,
             validator_token: config.validator_token.as_deref().map(token_hash),
             direct_multipart: config.direct_multipart.unwrap_or(DIRECT_MULTIPART),
+            aggregate_shards: config.aggregate_shards,
             round_tx: watch::Sender::new(round),
             bytes_down: AtomicU64::new(0),
             summer: crate::running::Summer::start(),

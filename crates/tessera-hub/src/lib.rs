@@ -18,6 +18,7 @@ mod running;
 pub mod store;
 mod validator;
 mod views;
+pub mod workers;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

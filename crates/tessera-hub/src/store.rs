@@ -186,6 +186,24 @@ impl Store {
         Ok(())
     }
 
+    /// An object written as a stream, in parts of [`PART_BYTES`] (a few in flight), visible
+    /// whole or not at all once [`Writer::finish`] returns: what a checkpoint too large to hold
+    /// in memory is written with.
+    pub async fn writer(&self, key: &str) -> Result<Writer, HubError> {
+        let upload = self.inner.put_multipart(&Path::from(key)).await?;
+        Ok(Writer { upload: WriteMultipart::new_with_chunk_size(upload, PART_BYTES) })
+    }
+
+    /// Deletes every object under `prefix`.
+    pub async fn delete_prefix(&self, prefix: &str) -> Result<usize, HubError> {
+        use futures::TryStreamExt as _;
+        let listed: Vec<_> = self.inner.list(Some(&Path::from(prefix))).try_collect().await?;
+        for object in &listed {
+            self.inner.delete(&object.location).await?;
+        }
+        Ok(listed.len())
+    }
+
     pub async fn get(&self, key: &str) -> Result<Bytes, HubError> {
         Ok(self.inner.get(&Path::from(key)).await?.bytes().await?)
     }
@@ -212,5 +230,30 @@ impl Direct {
     /// bucket, not through the prefix).
     fn path(&self, key: &str) -> Path {
         if self.prefix.is_empty() { Path::from(key) } else { Path::from(format!("{}/{key}", self.prefix)) }
+    }
+}
+
+/// An object being written ([`Store::writer`]).
+pub struct Writer {
+    upload: WriteMultipart,
+}
+
+impl Writer {
+    pub async fn write(&mut self, bytes: &[u8]) -> Result<(), HubError> {
+        self.upload.wait_for_capacity(PARTS_IN_FLIGHT).await?;
+        self.upload.write(bytes);
+        Ok(())
+    }
+
+    /// Completes the object. Dropping a writer unfinished leaves nothing visible.
+    pub async fn finish(self) -> Result<(), HubError> {
+        self.upload.finish().await?;
+        Ok(())
+    }
+
+    /// Gives the upload up, its parts deleted.
+    pub async fn abort(self) -> Result<(), HubError> {
+        self.upload.abort().await?;
+        Ok(())
     }
 }

@@ -966,3 +966,105 @@ fn replicas_survive_losing_every_database_connection() {
     one.stop();
     two.stop();
 }
+
+/// A hub with `--aggregate-shards 2` and two aggregation workers (PostgreSQL, S3) publishes,
+/// round after round, the checkpoints one hub aggregating itself publishes, bit for bit: the
+/// plain mean (one stage) and centred clipping (three stages, partial sums between them), from
+/// int8 submissions with momentum. A worker that dies holding a job, having stored a wrong
+/// part, leaves the job to the next worker, which redoes it: nothing counted twice.
+#[test]
+fn aggregation_workers_publish_what_one_hub_publishes() {
+    for rule in ["mean", "centered-clip:1:2"] {
+        let Some(b) = backend("s3") else { return };
+        let Some(pg) = backend("postgres") else { return };
+        let b = Backend { db: pg.db.clone(), ..b };
+        let spec = RunSpec {
+            codec: Codec::Int8 { block: 8 },
+            broadcast_codec: Codec::Int8 { block: 8 },
+            outer: tessera_protocol::api::OuterSpec { lr: 0.7, momentum: 0.9, nesterov: true },
+            aggregation: rule.parse().unwrap(),
+            ..spec(3)
+        };
+        let local = backend("sqlite").unwrap();
+        let one = Server::start(&local, spec.clone());
+        let config = HubConfig { validator_token: Some(VALIDATOR.into()), aggregate_shards: 2, ..HubConfig::default() };
+        let sharded = Server::start_with(&b, spec, initial(), config);
+        let urls = [one.url.clone(), sharded.url.clone()];
+        let clients: Vec<Vec<Client>> =
+            urls.iter().map(|u| (0..3).map(|k| Client::register(u, &format!("c{k}"))).collect()).collect();
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let (db, store) = rt.block_on(async {
+            (tessera_hub::Db::connect(&b.db).await.unwrap(), tessera_hub::Store::open(&b.store).unwrap())
+        });
+        let (db, store) = (Arc::new(db), Arc::new(store));
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let mut workers = Vec::new();
+        for round in 0..2u64 {
+            let deltas: Vec<Vec<Vec<f32>>> =
+                (0..3).map(|k| delta(0.3 * k as f32 - 0.4 + 0.1 * round as f32)).collect();
+            let mut published = Vec::new();
+            for (h, url) in urls.iter().enumerate() {
+                let run = info(url);
+                assert_eq!(run.round, round);
+                for (k, c) in clients[h].iter().enumerate().take(2) {
+                    c.submit(&run, round, &run.checkpoint, &deltas[k]).unwrap();
+                }
+                // The last submission closes the round, and its request waits for the workers.
+                let last = std::thread::spawn({
+                    let (c, run, d) = (Client::with_key(url, clients[h][2].key.clone()), run.clone(), deltas[2].clone());
+                    move || c.submit(&run, round, &run.checkpoint, &d).unwrap()
+                });
+                if h == 1 && round == 0 {
+                    // A worker takes a job, stores a wrong part and dies (its connection goes).
+                    let doomed = rt.block_on(async {
+                        for _ in 0..600 {
+                            if let Some(lease) = db.take_job().await.unwrap() {
+                                return lease;
+                            }
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                        panic!("no job appeared");
+                    });
+                    let key = tessera_hub::workers::part_key(doomed.round, doomed.shard);
+                    rt.block_on(store.put(&key, vec![7u8; 100].into())).unwrap();
+                    drop(doomed);
+                }
+                if h == 1 && workers.is_empty() {
+                    for w in 0..2 {
+                        let (db, store, mut stopped) = (db.clone(), store.clone(), stopped.clone());
+                        workers.push(rt.spawn(async move {
+                            let name = format!("worker-{w}");
+                            tessera_hub::workers::work(&db, &store, &name, async move {
+                                let _ = stopped.changed().await;
+                            })
+                            .await
+                        }));
+                    }
+                }
+                last.join().unwrap();
+                let after = info(url);
+                assert_eq!(after.round, round + 1, "{rule}: hub {h} published round {round}");
+                // The update it publishes turns the round's weights into its checkpoint.
+                let update = client(url).update(round + 1).unwrap();
+                let view = MessageView::parse(&update).unwrap();
+                let before = weights(url, &run.checkpoint, &run.spec.tensors);
+                let rebuilt = tessera_protocol::encode_weights(&run.spec.tensors, &view.apply_to(&before).unwrap()).unwrap();
+                assert_eq!(hex::encode(weights_hash(&rebuilt)), after.checkpoint, "{rule}: hub {h}'s update");
+                published.push(after.checkpoint);
+            }
+            assert_eq!(published[0], published[1], "{rule}, round {round}: workers = one hub, bit for bit");
+        }
+        let _ = stop.send(true);
+        let (mut done, mut failed) = (0, 0);
+        for w in workers {
+            let (d, f) = rt.block_on(w).unwrap();
+            (done, failed) = (done + d, failed + f);
+        }
+        // Every stage of both shards of both rounds, by the workers (the doomed job once).
+        let stages = tessera_aggregate::shard::stages(&rule.parse().unwrap(), false);
+        assert_eq!(tessera_aggregate::shard::plan(&[8, 32], 2).len(), 2);
+        assert_eq!((done, failed), (u64::from(stages) * 2 * 2, 0), "{rule}: jobs the workers did");
+        one.stop();
+        sharded.stop();
+    }
+}

@@ -45,6 +45,11 @@ enum Command {
     /// Serve a DiLoCo run: assignments, submissions, rounds, checkpoints (resumes the run in
     /// --database if there is one).
     Hub(Box<cmd::hub::HubArgs>),
+    /// Take rounds' aggregation jobs from a hub's PostgreSQL database (`tessera hub
+    /// --aggregate-shards N`): each a tensor range of a closing round, read from the store,
+    /// averaged, stepped and stored as its part of the next checkpoint. Run any number, on any
+    /// machines; one killed mid-job is replaced by the next to take the job.
+    AggregateWorker(cmd::hub::WorkerArgs),
     /// Join a hub's run: train H inner steps per round from the published weights and upload
     /// the compressed pseudo-gradient, until the run finishes.
     Contribute(Box<cmd::contribute::ContributeArgs>),
@@ -108,6 +113,7 @@ fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Demo(args) => cmd::demo::demo(*args),
         Command::Hub(args) => cmd::hub::hub(*args),
+        Command::AggregateWorker(args) => cmd::hub::worker(args),
         Command::Contribute(args) => cmd::contribute::contribute(*args),
         Command::Validator(args) => cmd::validator::validate(*args),
         Command::Phases(args) => cmd::phases::phases(args),

@@ -1,0 +1,603 @@
+//! Sharded aggregation: a hub started with `--aggregate-shards N` hands each closing round to
+//! `tessera aggregate-worker` processes (any number, on any machines, sharing its PostgreSQL
+//! database and its store) instead of aggregating it itself.
+//!
+//! The replica that finishes a round writes the round's plan (its accepted submissions and
+//! their weights, the model's table, the rule) and one job per stage and tensor range
+//! ([`tessera_aggregate::shard`]). A worker takes a job (`FOR UPDATE SKIP LOCKED`, the row
+//! locked until the job's outcome commits), range-reads its tensors' slice of every submission
+//! from the store, and either reports the per-tensor sums the next stage needs or, at the last
+//! stage, takes the outer step on its slice of θ, momentum and residual and stores its part.
+//! The replica then writes the checkpoint, the update and the outer state from the parts,
+//! a tensor at a time, and publishes as usual.
+//!
+//! Exactly once: a job's outcome and its release are one commit, and what a job stores is a
+//! function of the plan alone (same key, same bytes), so a worker killed mid-job leaves
+//! nothing but a lock its dead connection gives up; the next worker does the job again. A job
+//! that cannot be done (a stored submission no longer decodes, a step that would leave
+//! non-finite weights) makes the replica aggregate the round itself, as without workers: one
+//! process can leave a submission out or hold the weights; shards could not agree to.
+//!
+//! Cost: each worker holds what [`tessera_aggregate::shard`] says for its shard; the finishing
+//! replica holds one tensor at a time (plus a part of the checkpoint upload) and reads every
+//! part twice (once to name the checkpoint by its hash, once to write it). Each stage reads
+//! every submission's slice once: the bytes read per round are (stages × N × message size).
+
+use std::ops::Range;
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use tessera_aggregate::round::{Input, outer_table};
+use tessera_aggregate::shard::{self, Part, Previous, Stage};
+use tessera_aggregate::{AggregateError, OuterConfig, check_values};
+use tessera_protocol::api::OuterSpec;
+use tessera_protocol::{Aggregation, Codec, Layout, TensorSpec, WeightsLayout, WireError, header_bytes_for};
+
+use crate::HubError;
+use crate::db::{Db, JobLease};
+use crate::store::{Store, checkpoint_key, outer_key, submission_key};
+
+/// What every job of a round works from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RoundPlan {
+    pub round: u64,
+    pub rule: Aggregation,
+    pub tensors: Vec<TensorSpec>,
+    pub broadcast_codec: Codec,
+    pub outer: OuterSpec,
+    /// The round's checkpoint (BLAKE3, hex), whose θ the step starts from.
+    pub base: String,
+    /// Whether momentum and residual were saved going into the round (not before round 1).
+    pub saved_outer: bool,
+    pub inputs: Vec<PlanInput>,
+    /// The tensor ranges, one job per stage each.
+    pub shards: Vec<Range<usize>>,
+    pub stages: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PlanInput {
+    pub blob: String,
+    pub weight: f32,
+    pub carries: Option<Vec<usize>>,
+}
+
+impl RoundPlan {
+    fn lengths(&self) -> Vec<usize> {
+        self.tensors.iter().map(|t| t.numel() as usize).collect()
+    }
+
+    fn inputs(&self) -> Vec<Input> {
+        self.inputs.iter().map(|i| Input { weight: i.weight, carries: i.carries.clone() }).collect()
+    }
+}
+
+/// What a job left for the round.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+enum Outcome {
+    /// Per submission, per tensor of the shard: the sum the next stage needs (f64 bits).
+    Sums(Vec<Vec<u64>>),
+    /// The shard's part is stored.
+    Part,
+    /// The step would leave something non-finite.
+    Held,
+    /// The job cannot be done (not a worker's failure: the data's).
+    Failed(String),
+}
+
+/// Where a shard's part of the round's result is stored.
+pub fn part_key(round: u64, shard: usize) -> String {
+    format!("shards/{round:08}/part-{shard:05}")
+}
+
+/// Where centred clipping's centre after `stage` is kept for a shard.
+fn centre_key(round: u64, stage: u32, shard: usize) -> String {
+    format!("shards/{round:08}/centre-{stage:03}-{shard:05}")
+}
+
+/// Everything a round's jobs stored.
+pub fn round_prefix(round: u64) -> String {
+    format!("shards/{round:08}/")
+}
+
+/// A message's first bytes read to find its table: enough for a few hundred tensors' names.
+const PREFIX: u64 = 64 << 10;
+/// Submissions' slices read ahead of the arithmetic: at most this many, and this many bytes.
+const AHEAD: usize = 16;
+const AHEAD_BYTES: u64 = 1 << 30;
+
+/// Takes jobs until `shutdown` resolves: one at a time, waiting on the jobs channel (or a
+/// second) when there is none. A failure to reach the database or the store drops the job (the
+/// next taker does it) and waits a second. Returns how many jobs it did, and how many of those
+/// could not be done (the round's publisher then aggregates it itself).
+pub async fn work(db: &Db, store: &Store, name: &str, shutdown: impl std::future::Future<Output = ()>) -> (u64, u64) {
+    let mut shutdown = std::pin::pin!(shutdown);
+    let mut listener = None;
+    let (mut done, mut failed) = (0u64, 0u64);
+    loop {
+        let next = async {
+            match db.take_job().await {
+                Ok(Some(lease)) => {
+                    let (round, stage, shard) = (lease.round, lease.stage, lease.shard);
+                    let started = std::time::Instant::now();
+                    match run(db, store, lease, name).await {
+                        Ok(outcome) => {
+                            done += 1;
+                            failed += u64::from(outcome == "failed");
+                            tracing::info!(
+                            round,
+                            stage,
+                            shard,
+                            outcome,
+                            seconds = started.elapsed().as_secs_f64(),
+                            "aggregation job done"
+                            )
+                        }
+                        Err(e) => {
+                            tracing::warn!(round, stage, shard, error = %e, "aggregation job dropped; it will be taken again");
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                        }
+                    }
+                }
+                Ok(None) => {
+                    if listener.is_none() {
+                        listener = listen(db).await.ok();
+                    }
+                    match listener.as_mut() {
+                        Some(l) => {
+                            if let Ok(Err(_)) = tokio::time::timeout(Duration::from_secs(1), l.recv()).await {
+                                listener = None;
+                            }
+                        }
+                        None => tokio::time::sleep(Duration::from_secs(1)).await,
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot take a job; again in 1 s");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        };
+        tokio::select! {
+            () = &mut shutdown => return (done, failed),
+            () = next => {}
+        }
+    }
+}
+
+async fn listen(db: &Db) -> Result<sqlx::postgres::PgListener, HubError> {
+    let mut l = sqlx::postgres::PgListener::connect(db.url()).await?;
+    l.listen(crate::db::JOBS_CHANNEL).await?;
+    Ok(l)
+}
+
+/// Does the job `lease` holds and commits its outcome; says which.
+pub async fn run(db: &Db, store: &Store, lease: JobLease, name: &str) -> Result<&'static str, HubError> {
+    let text = db
+        .job_plan(lease.round)
+        .await?
+        .ok_or_else(|| HubError::Corrupt(format!("round {} has jobs but no plan", lease.round)))?;
+    let plan: RoundPlan = serde_json::from_str(&text).map_err(|e| HubError::Corrupt(format!("round plan: {e}")))?;
+    let outcome = compute(db, store, &plan, lease.stage, lease.shard).await?;
+    let said = match &outcome {
+        Outcome::Sums(_) => "sums",
+        Outcome::Part => "part stored",
+        Outcome::Held => "held (non-finite)",
+        Outcome::Failed(e) => {
+            tracing::error!(round = plan.round, error = %e, "aggregation job failed: the hub will aggregate this round itself");
+            "failed"
+        }
+    };
+    let json = serde_json::to_string(&outcome).map_err(|e| HubError::Corrupt(e.to_string()))?;
+    lease.done(&json, name).await?;
+    Ok(said)
+}
+
+async fn compute(db: &Db, store: &Store, plan: &RoundPlan, stage: u32, shard: usize) -> Result<Outcome, HubError> {
+    let range = plan.shards.get(shard).cloned().ok_or_else(|| HubError::Corrupt(format!("no shard {shard}")))?;
+    let lengths = plan.lengths();
+    let inputs = plan.inputs();
+    let previous = if stage == 0 { Previous::default() } else { previous(db, store, plan, stage, shard).await? };
+    // Every submission's slice, read a few ahead of the arithmetic (an object store answers
+    // each read after a round trip).
+    let wanted: Vec<Vec<(usize, usize)>> = inputs.iter().map(|i| shard::wanted(i, &range)).collect();
+    let per = (range.clone().map(|i| 4 * lengths[i] as u64).sum::<u64>()).max(1);
+    let ahead = (AHEAD_BYTES / per).clamp(1, AHEAD as u64) as usize;
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    let reader = {
+        let (store, keys) = (store.clone(), plan.inputs.iter().map(|i| submission_key(&i.blob)).collect::<Vec<_>>());
+        let wanted = wanted.clone();
+        tokio::spawn(async move {
+            use futures::StreamExt as _;
+            let reads = futures::stream::iter(keys.into_iter().zip(wanted))
+                .map(|(key, wanted)| {
+                    let store = store.clone();
+                    async move { read_slice(&store, &key, &wanted).await.map_err(|e| format!("{key}: {e}")) }
+                })
+                .buffered(ahead);
+            let mut reads = std::pin::pin!(reads);
+            while let Some(read) = reads.next().await {
+                if tx.send(read).is_err() {
+                    break;
+                }
+            }
+        })
+    };
+    let (rule, job_range) = (plan.rule, range.clone());
+    let stage_lengths = lengths.clone();
+    let result = tokio::task::spawn_blocking(move || {
+        // Each submission is read once, in order, by every rule.
+        let next = std::cell::Cell::new(0usize);
+        let load = |k: usize| -> Result<Vec<Vec<f32>>, AggregateError> {
+            if k != next.get() {
+                return Err(AggregateError::Unreadable(format!("submission {k} asked out of order")));
+            }
+            next.set(k + 1);
+            let slice = rx.recv().map_err(|e| e.to_string()).and_then(|r| r).map_err(AggregateError::Unreadable)?;
+            decode_slice(&slice, &wanted[k])
+        };
+        shard::stage(&rule, stage, &inputs, &stage_lengths, job_range, &previous, load)
+    })
+    .await
+    .map_err(|e| HubError::Corrupt(format!("aggregation task failed: {e}")));
+    reader.abort();
+    let computed = match result? {
+        Ok(s) => s,
+        Err(e) => return Ok(Outcome::Failed(e.to_string())),
+    };
+    match computed {
+        Stage::Partial { sums, centre } => {
+            if let Some(centre) = centre {
+                store.put(&centre_key(plan.round, stage, shard), Bytes::from(f32_bytes(&centre))).await?;
+            }
+            Ok(Outcome::Sums(sums.iter().map(|s| s.iter().map(|v| v.to_bits()).collect()).collect()))
+        }
+        Stage::Mean { mean, robust } => {
+            if let Some(r) = robust {
+                tracing::debug!(round = plan.round, shard, clipped = r.clipped, radius = ?r.radius, "robust rule");
+            }
+            let (theta, momentum, residual) = state_slice(store, plan, &range).await?;
+            let config = OuterConfig { lr: plan.outer.lr, momentum: plan.outer.momentum, nesterov: plan.outer.nesterov };
+            let codec = plan.broadcast_codec;
+            let part =
+                tokio::task::spawn_blocking(move || shard::step(&config, &codec, theta, momentum, residual, &mean))
+                    .await
+                    .map_err(|e| HubError::Corrupt(format!("step task failed: {e}")))?;
+            match part {
+                Ok(Some(part)) => {
+                    store.put(&part_key(plan.round, shard), Bytes::from(part.to_bytes())).await?;
+                    Ok(Outcome::Part)
+                }
+                Ok(None) => Ok(Outcome::Held),
+                Err(e) => Ok(Outcome::Failed(e.to_string())),
+            }
+        }
+    }
+}
+
+/// What stage `stage` of `shard` starts from: every shard's sums of the stage before (per
+/// submission, in tensor order) and, for centred clipping, this shard's centre.
+async fn previous(db: &Db, store: &Store, plan: &RoundPlan, stage: u32, shard: usize) -> Result<Previous, HubError> {
+    let jobs = db.jobs(plan.round, Some(stage - 1)).await?;
+    let mut sums: Vec<Vec<f64>> = vec![Vec::new(); plan.inputs.len()];
+    for (_, s, outcome) in &jobs {
+        let Some(Ok(Outcome::Sums(part))) = outcome.as_deref().map(serde_json::from_str::<Outcome>) else {
+            return Err(HubError::Corrupt(format!("stage {} of shard {s} left no sums", stage - 1)));
+        };
+        if part.len() != sums.len() {
+            return Err(HubError::Corrupt(format!("shard {s}'s sums cover {} submissions", part.len())));
+        }
+        for (whole, mine) in sums.iter_mut().zip(part) {
+            whole.extend(mine.into_iter().map(f64::from_bits));
+        }
+    }
+    let centre = match plan.rule {
+        Aggregation::CenteredClip { .. } => {
+            let range = &plan.shards[shard];
+            let bytes = store.get(&centre_key(plan.round, stage - 1, shard)).await?;
+            Some(f32_tensors(&bytes, &plan.lengths()[range.clone()])?)
+        }
+        _ => None,
+    };
+    Ok(Previous { sums, centre })
+}
+
+/// θ, momentum and residual of the tensors in `range`, read a tensor at a time.
+async fn state_slice(
+    store: &Store,
+    plan: &RoundPlan,
+    range: &Range<usize>,
+) -> Result<(Vec<Vec<f32>>, Vec<Vec<f32>>, Vec<Vec<f32>>), HubError> {
+    let layout = WeightsLayout::of(&plan.tensors).map_err(|e| HubError::Corrupt(e.to_string()))?;
+    let key = checkpoint_key(&plan.base);
+    let mut theta = Vec::new();
+    for i in range.clone() {
+        theta.push(f32_values(&store.get_range(&key, layout.file_range(i)).await?)?);
+    }
+    let n = plan.tensors.len();
+    let (mut momentum, mut residual) = (Vec::new(), Vec::new());
+    if plan.saved_outer {
+        let layout = WeightsLayout::of(&outer_table(&plan.tensors)).map_err(|e| HubError::Corrupt(e.to_string()))?;
+        let key = outer_key(plan.round);
+        for i in range.clone() {
+            momentum.push(f32_values(&store.get_range(&key, layout.file_range(i)).await?)?);
+            residual.push(f32_values(&store.get_range(&key, layout.file_range(n + i)).await?)?);
+        }
+    } else {
+        momentum = range.clone().map(|i| vec![0.0; plan.tensors[i].numel() as usize]).collect();
+        residual = momentum.clone();
+    }
+    Ok((theta, momentum, residual))
+}
+
+/// Part of a stored submission: the encoding of some of its tensors.
+struct Slice {
+    codec: Codec,
+    /// Per tensor: its number of values and its bytes' place in `bytes`.
+    places: Vec<(u64, Range<u64>)>,
+    bytes: Bytes,
+}
+
+/// A submission's encoding of the tensors `wanted` (model index, message index), in two reads:
+/// the table, then the span of those tensors.
+async fn read_slice(store: &Store, key: &str, wanted: &[(usize, usize)]) -> Result<Slice, HubError> {
+    let size = store.size(key).await?;
+    let mut prefix = PREFIX.min(size);
+    let layout = loop {
+        let bytes = store.get_range(key, 0..prefix).await?;
+        match Layout::read(&bytes) {
+            Ok(layout) => break layout,
+            Err(WireError::Truncated { offset, needed }) if prefix < size => {
+                prefix = (offset as u64).saturating_add(needed as u64).max(2 * prefix).min(size);
+            }
+            Err(e) => return Err(HubError::Corrupt(format!("{key}: {e}"))),
+        }
+    };
+    let places: Vec<(u64, Range<u64>)> = wanted
+        .iter()
+        .map(|&(_, m)| layout.tensors.get(m).cloned().ok_or_else(|| HubError::Corrupt(format!("{key} lacks tensor {m}"))))
+        .collect::<Result<_, _>>()?;
+    let (Some(first), Some(last)) = (places.first(), places.last()) else {
+        return Ok(Slice { codec: layout.codec, places, bytes: Bytes::new() });
+    };
+    let span = first.1.start..last.1.end;
+    let bytes = store.get_range(key, span.clone()).await?;
+    let places = places.into_iter().map(|(n, r)| (n, r.start - span.start..r.end - span.start)).collect();
+    Ok(Slice { codec: layout.codec, places, bytes })
+}
+
+/// Decodes a slice and checks its values as the hub checks a submission's.
+fn decode_slice(slice: &Slice, wanted: &[(usize, usize)]) -> Result<Vec<Vec<f32>>, AggregateError> {
+    slice
+        .places
+        .iter()
+        .zip(wanted)
+        .map(|((numel, r), &(i, _))| {
+            let bytes = slice.bytes.get(r.start as usize..r.end as usize).ok_or_else(|| {
+                AggregateError::Unreadable(format!("tensor {i}'s bytes {r:?} are beyond the {} read", slice.bytes.len()))
+            })?;
+            let values = slice.codec.decode(bytes, *numel).map_err(WireError::from)?;
+            check_values(i, 0, &values)?;
+            Ok(values)
+        })
+        .collect()
+}
+
+fn f32_bytes(tensors: &[Vec<f32>]) -> Vec<u8> {
+    tensors.iter().flat_map(|t| t.iter().flat_map(|v| v.to_le_bytes())).collect()
+}
+
+fn f32_values(bytes: &[u8]) -> Result<Vec<f32>, HubError> {
+    if bytes.len() % 4 != 0 {
+        return Err(HubError::Corrupt(format!("{} bytes are not whole f32 values", bytes.len())));
+    }
+    Ok(bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+}
+
+fn f32_tensors(bytes: &[u8], lengths: &[usize]) -> Result<Vec<Vec<f32>>, HubError> {
+    let values = f32_values(bytes)?;
+    if values.len() != lengths.iter().sum::<usize>() {
+        return Err(HubError::Corrupt(format!("{} values stored for {} expected", values.len(), lengths.iter().sum::<usize>())));
+    }
+    let mut at = 0;
+    Ok(lengths
+        .iter()
+        .map(|&n| {
+            at += n;
+            values[at - n..at].to_vec()
+        })
+        .collect())
+}
+
+/// A round the workers aggregated, as its publisher needs it.
+pub(crate) struct ByWorkers {
+    pub hash: String,
+    pub used: u64,
+    pub weight: f64,
+}
+
+/// Reads pieces of stored objects at most this many bytes at a time.
+const POUR_BYTES: u64 = 64 << 20;
+
+impl crate::Hub {
+    /// Has the workers aggregate the closed round `plan` describes and writes what it
+    /// publishes from their parts. `None`: a job could not be done, and the caller aggregates
+    /// the round itself.
+    pub(crate) async fn aggregate_by_workers(
+        &self,
+        live: &crate::hub::Live,
+        plan: &tessera_round::Plan,
+    ) -> Result<Option<ByWorkers>, HubError> {
+        let spec = live.run.current();
+        let round = plan.round;
+        let inputs: Vec<PlanInput> = plan
+            .rows
+            .iter()
+            .zip(plan.weights.iter().copied())
+            .filter(|(_, w)| *w > 0.0)
+            .map(|(row, w)| PlanInput {
+                blob: row.blob.clone(),
+                weight: w as f32,
+                carries: (self.spec().fragments > 1).then(|| live.run.carried(row.contributor)),
+            })
+            .collect();
+        // The workers start from the round's checkpoint: rebuilt first if its blob was lost.
+        if self.store.size(&checkpoint_key(live.run.checkpoint())).await.is_err() {
+            crate::recover::checkpoint(&self.db, &self.store, &live.run, live.run.checkpoint()).await?;
+        }
+        let lengths: Vec<usize> = spec.tensors.iter().map(|t| t.numel() as usize).collect();
+        let fragments = inputs.iter().any(|i| i.carries.is_some());
+        let ours = RoundPlan {
+            round,
+            rule: spec.aggregation,
+            tensors: spec.tensors.clone(),
+            broadcast_codec: spec.broadcast_codec,
+            outer: spec.outer,
+            base: live.run.checkpoint().to_owned(),
+            saved_outer: round > 0,
+            shards: shard::plan(&lengths, self.aggregate_shards),
+            stages: shard::stages(&spec.aggregation, fragments),
+            inputs,
+        };
+        let json = serde_json::to_string(&ours).map_err(|e| HubError::Corrupt(format!("round plan: {e}")))?;
+        self.db.create_jobs(round, &json, ours.stages, ours.shards.len()).await?;
+        // A replica taking the round over finds the plan the first one wrote.
+        let stored = self.db.job_plan(round).await?.unwrap_or(json);
+        let plan: RoundPlan = serde_json::from_str(&stored).map_err(|e| HubError::Corrupt(format!("round plan: {e}")))?;
+        if plan.inputs != ours.inputs || plan.base != ours.base {
+            return Err(HubError::Corrupt(format!("round {round}'s stored plan is not this replica's")));
+        }
+        let started = std::time::Instant::now();
+        let mut said = std::time::Instant::now();
+        loop {
+            let pending = self.db.pending_jobs(round).await?;
+            if pending == 0 {
+                break;
+            }
+            if said.elapsed() > Duration::from_secs(30) {
+                tracing::info!(round, pending, "waiting for aggregation workers (tessera aggregate-worker)");
+                said = std::time::Instant::now();
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        for (_, shard, outcome) in self.db.jobs(round, Some(plan.stages - 1)).await? {
+            match outcome.as_deref().map(serde_json::from_str::<Outcome>) {
+                Some(Ok(Outcome::Part)) => {}
+                other => {
+                    tracing::warn!(round, shard, outcome = ?other, "a shard has no part: aggregating the round here");
+                    return Ok(None);
+                }
+            }
+        }
+        let mut base = [0u8; 32];
+        hex::decode_to_slice(&plan.base, &mut base).map_err(|e| HubError::Corrupt(format!("base checkpoint: {e}")))?;
+        let hash = self.assemble(&plan, live.run.run_id(), base).await?;
+        metrics::histogram!("tessera_hub_aggregation_seconds").record(started.elapsed().as_secs_f64());
+        tracing::info!(round, shards = plan.shards.len(), stages = plan.stages, seconds = started.elapsed().as_secs_f64(), "aggregated by workers");
+        Ok(Some(ByWorkers {
+            hash,
+            used: plan.inputs.len() as u64,
+            weight: plan.inputs.iter().map(|i| f64::from(i.weight)).sum(),
+        }))
+    }
+
+    /// Writes the checkpoint, the update into the next round and the outer state from the
+    /// shards' parts, a piece at a time; returns the checkpoint's hash.
+    async fn assemble(&self, plan: &RoundPlan, run_id: [u8; 16], base: [u8; 32]) -> Result<String, HubError> {
+        let lengths = plan.lengths();
+        let codec = plan.broadcast_codec;
+        let parts: Vec<[Vec<Range<u64>>; 4]> =
+            plan.shards.iter().map(|r| Part::ranges(&lengths[r.clone()], &codec)).collect();
+        let piece = |group: usize, i: usize| -> (String, Range<u64>) {
+            let s = plan.shards.iter().position(|r| r.contains(&i)).unwrap_or(0);
+            let at = parts[s][group].get(i - plan.shards[s].start).cloned().unwrap_or(0..0);
+            (part_key(plan.round, s), at)
+        };
+        let corrupt = |e: tessera_protocol::WeightsError| HubError::Corrupt(e.to_string());
+        // The checkpoint is named by its hash: hashed first, then written.
+        let layout = WeightsLayout::of(&plan.tensors).map_err(corrupt)?;
+        let pieces: Vec<_> = layout.file_order().into_iter().map(|i| piece(0, i)).collect();
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(&layout.header);
+        self.pour(&pieces, &mut hasher, None).await?;
+        let hash = hasher.finalize().to_hex().to_string();
+        self.write_pieces(&checkpoint_key(&hash), &layout.header, &pieces, None).await?;
+        // The update, with its trailing hash.
+        let header = header_bytes_for(&codec, run_id, plan.round + 1, base, &plan.tensors);
+        let pieces: Vec<_> = (0..plan.tensors.len()).map(|i| piece(3, i)).collect();
+        self.write_pieces(&crate::store::update_key(plan.round + 1), &header, &pieces, Some(())).await?;
+        // Momentum and residual.
+        let n = plan.tensors.len();
+        let layout = WeightsLayout::of(&outer_table(&plan.tensors)).map_err(corrupt)?;
+        let pieces: Vec<_> =
+            layout.file_order().into_iter().map(|i| if i < n { piece(1, i) } else { piece(2, i - n) }).collect();
+        self.write_pieces(&outer_key(plan.round + 1), &layout.header, &pieces, None).await?;
+        Ok(hash)
+    }
+
+    /// `header` then the pieces to `key`; with `digest`, the BLAKE3 of all of it after them.
+    async fn write_pieces(
+        &self,
+        key: &str,
+        header: &[u8],
+        pieces: &[(String, Range<u64>)],
+        digest: Option<()>,
+    ) -> Result<(), HubError> {
+        let mut writer = self.store.writer(key).await?;
+        let mut hasher = blake3::Hasher::new();
+        let written = async {
+            hasher.update(header);
+            writer.write(header).await?;
+            self.pour(pieces, &mut hasher, Some(&mut writer)).await?;
+            if digest.is_some() {
+                writer.write(hasher.finalize().as_bytes()).await?;
+            }
+            Ok::<_, HubError>(())
+        }
+        .await;
+        match written {
+            Ok(()) => writer.finish().await,
+            Err(e) => {
+                let _ = writer.abort().await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Reads the pieces in order, at most [`POUR_BYTES`] at a time, into `hasher` and `writer`.
+    async fn pour(
+        &self,
+        pieces: &[(String, Range<u64>)],
+        hasher: &mut blake3::Hasher,
+        mut writer: Option<&mut crate::store::Writer>,
+    ) -> Result<(), HubError> {
+        for (key, range) in pieces {
+            let mut at = range.start;
+            while at < range.end {
+                let end = (at + POUR_BYTES).min(range.end);
+                let bytes = self.store.get_range(key, at..end).await?;
+                hasher.update(&bytes);
+                if let Some(w) = writer.as_deref_mut() {
+                    w.write(&bytes).await?;
+                }
+                at = end;
+            }
+        }
+        Ok(())
+    }
+
+    /// Forgets the jobs and parts of rounds before `round`.
+    pub(crate) async fn clear_shards(&self, round: u64) {
+        match self.db.clear_jobs(round).await {
+            Ok(rounds) => {
+                for r in rounds {
+                    if let Err(e) = self.store.delete_prefix(&round_prefix(r)).await {
+                        tracing::warn!(round = r, error = %e, "could not delete a round's aggregation parts");
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "could not forget old aggregation jobs"),
+        }
+    }
+}
