@@ -122,16 +122,21 @@ pub async fn work(db: &Db, store: &Store, name: &str, shutdown: impl std::future
                     let (round, stage, shard) = (lease.round, lease.stage, lease.shard);
                     let started = std::time::Instant::now();
                     match run(db, store, lease, name).await {
-                        Ok(outcome) => {
+                        Ok((outcome, bytes)) => {
                             done += 1;
                             failed += u64::from(outcome == "failed");
+                            let seconds = started.elapsed().as_secs_f64();
+                            let memcpy = *MEMCPY.get_or_init(memcpy_gb_per_s);
                             tracing::info!(
-                            round,
-                            stage,
-                            shard,
-                            outcome,
-                            seconds = started.elapsed().as_secs_f64(),
-                            "aggregation job done"
+                                round,
+                                stage,
+                                shard,
+                                outcome,
+                                seconds,
+                                bytes,
+                                gb_per_s = bytes as f64 / seconds / 1e9,
+                                memcpy_gb_per_s = memcpy,
+                                "aggregation job done"
                             )
                         }
                         Err(e) => {
@@ -166,20 +171,39 @@ pub async fn work(db: &Db, store: &Store, name: &str, shutdown: impl std::future
     }
 }
 
+/// This machine's memcpy bandwidth (GB/s, best of three copies of 256 MiB): the baseline a
+/// worker's throughput is reported against.
+static MEMCPY: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+
+fn memcpy_gb_per_s() -> f64 {
+    let n = 64 << 20;
+    let src: Vec<f32> = (0..n).map(|i| i as f32).collect();
+    let mut dst = vec![0.0f32; n];
+    let mut best = f64::INFINITY;
+    for _ in 0..3 {
+        let t = std::time::Instant::now();
+        dst.copy_from_slice(&src);
+        std::hint::black_box(&mut dst);
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    (4 * n) as f64 / best / 1e9
+}
+
 async fn listen(db: &Db) -> Result<sqlx::postgres::PgListener, HubError> {
     let mut l = sqlx::postgres::PgListener::connect(db.url()).await?;
     l.listen(crate::db::JOBS_CHANNEL).await?;
     Ok(l)
 }
 
-/// Does the job `lease` holds and commits its outcome; says which.
-pub async fn run(db: &Db, store: &Store, lease: JobLease, name: &str) -> Result<&'static str, HubError> {
+/// Does the job `lease` holds and commits its outcome; says which, and how many bytes of
+/// submissions it read.
+pub async fn run(db: &Db, store: &Store, lease: JobLease, name: &str) -> Result<(&'static str, u64), HubError> {
     let text = db
         .job_plan(lease.round)
         .await?
         .ok_or_else(|| HubError::Corrupt(format!("round {} has jobs but no plan", lease.round)))?;
     let plan: RoundPlan = serde_json::from_str(&text).map_err(|e| HubError::Corrupt(format!("round plan: {e}")))?;
-    let outcome = compute(db, store, &plan, lease.stage, lease.shard).await?;
+    let (outcome, bytes) = compute(db, store, &plan, lease.stage, lease.shard).await?;
     let said = match &outcome {
         Outcome::Sums(_) => "sums",
         Outcome::Part => "part stored",
@@ -191,10 +215,18 @@ pub async fn run(db: &Db, store: &Store, lease: JobLease, name: &str) -> Result<
     };
     let json = serde_json::to_string(&outcome).map_err(|e| HubError::Corrupt(e.to_string()))?;
     lease.done(&json, name).await?;
-    Ok(said)
+    Ok((said, bytes))
 }
 
-async fn compute(db: &Db, store: &Store, plan: &RoundPlan, stage: u32, shard: usize) -> Result<Outcome, HubError> {
+/// The job's outcome, and how many bytes of submissions it read.
+async fn compute(
+    db: &Db,
+    store: &Store,
+    plan: &RoundPlan,
+    stage: u32,
+    shard: usize,
+) -> Result<(Outcome, u64), HubError> {
+    let read = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let range = plan.shards.get(shard).cloned().ok_or_else(|| HubError::Corrupt(format!("no shard {shard}")))?;
     let lengths = plan.lengths();
     let inputs = plan.inputs();
@@ -207,13 +239,17 @@ async fn compute(db: &Db, store: &Store, plan: &RoundPlan, stage: u32, shard: us
     let (tx, rx) = std::sync::mpsc::sync_channel(1);
     let reader = {
         let (store, keys) = (store.clone(), plan.inputs.iter().map(|i| submission_key(&i.blob)).collect::<Vec<_>>());
-        let wanted = wanted.clone();
+        let (wanted, read) = (wanted.clone(), read.clone());
         tokio::spawn(async move {
             use futures::StreamExt as _;
             let reads = futures::stream::iter(keys.into_iter().zip(wanted))
                 .map(|(key, wanted)| {
-                    let store = store.clone();
-                    async move { read_slice(&store, &key, &wanted).await.map_err(|e| format!("{key}: {e}")) }
+                    let (store, read) = (store.clone(), read.clone());
+                    async move {
+                        let slice = read_slice(&store, &key, &wanted).await.map_err(|e| format!("{key}: {e}"))?;
+                        read.fetch_add(slice.bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                        Ok(slice)
+                    }
                 })
                 .buffered(ahead);
             let mut reads = std::pin::pin!(reads);
@@ -242,16 +278,17 @@ async fn compute(db: &Db, store: &Store, plan: &RoundPlan, stage: u32, shard: us
     .await
     .map_err(|e| HubError::Corrupt(format!("aggregation task failed: {e}")));
     reader.abort();
+    let bytes = read.load(std::sync::atomic::Ordering::Relaxed);
     let computed = match result? {
         Ok(s) => s,
-        Err(e) => return Ok(Outcome::Failed(e.to_string())),
+        Err(e) => return Ok((Outcome::Failed(e.to_string()), bytes)),
     };
-    match computed {
+    let outcome = match computed {
         Stage::Partial { sums, centre } => {
             if let Some(centre) = centre {
                 store.put(&centre_key(plan.round, stage, shard), Bytes::from(f32_bytes(&centre))).await?;
             }
-            Ok(Outcome::Sums(sums.iter().map(|s| s.iter().map(|v| v.to_bits()).collect()).collect()))
+            Outcome::Sums(sums.iter().map(|s| s.iter().map(|v| v.to_bits()).collect()).collect())
         }
         Stage::Mean { mean, robust } => {
             if let Some(r) = robust {
@@ -267,13 +304,14 @@ async fn compute(db: &Db, store: &Store, plan: &RoundPlan, stage: u32, shard: us
             match part {
                 Ok(Some(part)) => {
                     store.put(&part_key(plan.round, shard), Bytes::from(part.to_bytes())).await?;
-                    Ok(Outcome::Part)
+                    Outcome::Part
                 }
-                Ok(None) => Ok(Outcome::Held),
-                Err(e) => Ok(Outcome::Failed(e.to_string())),
+                Ok(None) => Outcome::Held,
+                Err(e) => Outcome::Failed(e.to_string()),
             }
         }
-    }
+    };
+    Ok((outcome, bytes))
 }
 
 /// What stage `stage` of `shard` starts from: every shard's sums of the stage before (per

@@ -103,3 +103,112 @@ fn redact(url: &str) -> String {
         None => url.to_owned(),
     }
 }
+
+/// The run `args` describe: its spec file, or its flags (never both).
+pub fn run_args(args: &HubArgs) -> Result<RunArgs> {
+    if let Some(n) = args.phase {
+        return phase_run(n, &args.run);
+    }
+    let Some(path) = &args.spec else { return Ok(args.run.clone()) };
+    let given = args.run.changed()?;
+    if !given.is_empty() {
+        bail!(
+            "--spec {} describes the whole run, so run flags cannot be added to it (given: {}); put them in the file",
+            path.display(),
+            given.iter().map(|k| format!("--{}", k.replace('_', "-"))).collect::<Vec<_>>().join(", ")
+        );
+    }
+    RunArgs::read(path)
+}
+
+/// A phase's model is sized for the phases' vocabulary; a dataset whose tokenizer has another
+/// size trains a model of another size, which is said before the run is created.
+fn vocabulary_note(phase: usize, model: &str, new: &tessera_hub::NewRun) -> Result<()> {
+    let planned = tessera_model::LlamaConfig::from_preset_or_path(model)?;
+    let actual = tessera_model::LlamaConfig::from_json(new.spec.model.clone()).map_err(anyhow::Error::msg)?;
+    if planned.vocab_size != actual.vocab_size {
+        eprintln!(
+            "note: phase {phase}'s model {model} is sized for a {}-token vocabulary; this dataset's tokenizer has {}, \
+             so the run trains {} parameters instead of {} (`tessera tokenizer train --vocab {}` makes one \
+             that matches)",
+            planned.vocab_size,
+            actual.vocab_size,
+            crate::args::human(actual.num_params() as f64),
+            crate::args::human(planned.num_params() as f64),
+            planned.vocab_size
+        );
+    }
+    Ok(())
+}
+
+pub fn hub(args: HubArgs) -> Result<()> {
+    let run = run_args(&args)?;
+    if args.print_spec {
+        print!("{}", run.to_toml()?);
+        return Ok(());
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async move {
+        let db = Db::connect(&args.database).await.with_context(|| format!("database {}", args.database))?;
+        let mut store = Store::open(&args.store).with_context(|| format!("store {}", args.store))?;
+        if args.through_hub {
+            store = store.through_hub();
+        }
+        // Build the initial model only if the database holds no run yet. Off the async
+        // threads: it may fetch a published dataset's manifest with a blocking client.
+        let new =
+            if db.load_run().await?.is_none() { Some(tokio::task::block_in_place(|| run.new_run())?) } else { None };
+        if let (Some(n), Some(new)) = (args.phase, &new) {
+            vocabulary_note(n, &run.model, new)?;
+        }
+        if let Some(dir) = args.key.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+        }
+        let key = tessera_trust::Identity::load_or_create(&args.key)?;
+        let config = HubConfig {
+            grower: Some(std::sync::Arc::new(tessera_train::TorchGrower)),
+            validator_token: args.validator_token.clone(),
+            direct_multipart: None,
+            aggregate_shards: args.aggregate_shards,
+        };
+        let hub = Hub::open(db, store, new, key, config).await?;
+        if hub.spec().trust.as_ref().is_some_and(|t| t.allow_insecure_dev) {
+            tracing::warn!(
+                "this run accepts an INSECURE development validator (no TEE): submissions are not protected"
+            );
+        }
+        let listener =
+            tokio::net::TcpListener::bind(&args.listen).await.with_context(|| format!("listen on {}", args.listen))?;
+        let addr = listener.local_addr()?;
+        if let Some(path) = &args.addr_file {
+            let tmp = path.with_extension("tmp");
+            std::fs::write(&tmp, addr.to_string())?;
+            std::fs::rename(&tmp, path)?;
+        }
+        let info = hub.info().await;
+        eprintln!(
+            "tessera hub: run {} ({}), round {}/{}, {} parameters, codec {} / broadcast {}, aggregation {}{}, \
+             listening on http://{addr}",
+            info.run_id,
+            info.spec.name,
+            info.round,
+            info.spec.rounds,
+            info.spec.num_params(),
+            info.spec.codec,
+            info.spec.broadcast_codec,
+            info.spec.aggregation,
+            match (&info.spec.contest, &info.spec.trust) {
+                (_, Some(t)) if t.allow_insecure_dev => ", scored, sealed (INSECURE development validator allowed)",
+                (_, Some(_)) => ", scored, sealed to an attested validator",
+                (Some(_), None) => ", scored",
+                (None, _) => "",
+            }
+        );
+        eprintln!("hub key {} (signs the ledger genesis, assignments and run info)", info.hub_key);
+        tessera_hub::serve(hub, listener, async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await?;
+        Ok(())
+    })
+}
