@@ -31,7 +31,7 @@ cat >"$d/model.json" <<JSON
  "num_hidden_layers": 14, "num_attention_heads": 12, "num_key_value_heads": 12,
  "max_position_embeddings": 64, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": false}
 JSON
-"$B" hub --model "$d/model.json" --rounds 1 --quorum "$N" --codec int8 --deadline 3600 \
+"$B" hub -v --model "$d/model.json" --rounds 1 --quorum "$N" --codec int8 --deadline 3600 \
     --database "$db" --store "$TESSERA_TEST_S3/data-plane-$$" "${sharding[@]}" \
     --listen 127.0.0.1:0 --addr-file "$d/addr" --key "$d/k.pem" >"$d/hub.log" 2>&1 &
 pid=$!
@@ -45,8 +45,8 @@ url="http://$(cat "$d/addr")"
 # Resident memory against submissions accepted so far, twice a second.
 (
     while kill -0 $pid 2>/dev/null; do
-        n=$(curl -s "$url/v1/status" | python3 -c 'import json,sys; h=json.load(sys.stdin)["history"]; print(h[0]["accepted"] if h else 0)' 2>/dev/null || echo -)
-        echo "$(date +%s.%N) $n $(awk '/^VmRSS/ {print $2}' /proc/$pid/status)"
+        n=$(curl -s "$url/metrics" | awk '/^tessera_hub_submissions_total\{outcome="accepted"\}/ {print int($2)}')
+        echo "$(date +%s.%N) ${n:-0} $(awk '/^VmRSS/ {print $2}' /proc/$pid/status)"
         sleep 0.5
     done
 ) >"$d/rss" &
@@ -62,13 +62,14 @@ rows = [l.split() for l in open(sys.argv[1]) if len(l.split()) == 3 and l.split(
 n = int(sys.argv[2])
 print("| submissions accepted | hub resident memory |")
 print("|---:|---:|")
-for k in sorted({0, n // 4, n // 2, 3 * n // 4, n - 1}):
-    at = [int(r[2]) for r in rows if int(r[1]) == k]
+for k in sorted({0, n // 4, n // 2, 3 * n // 4, n}):
+    # The most it held while this many were in (and before the next came).
+    at = [int(r[2]) for r in rows if int(r[1]) == k] or [int(r[2]) for r in rows if int(r[1]) <= k][-1:]
     if at:
         print(f"| {k} | {max(at) / 1024:.0f} MiB |")
 PY
 echo "hub peak resident memory $((peak / 1024)) MiB; $N submissions in $(python3 -c "print(f'{$end - $start:.1f}')") s"
-grep -E "aggregat|round published" "$d/hub.log" | tail -3 | cut -c1-240 || true
+sed 's/\x1b\[[0-9;]*m//g' "$d/hub.log" | grep -E "aggregated by workers|round published" | tail -2 | cut -c1-240 || true
 if [ "$W" -gt 0 ]; then
     echo "| worker | jobs | bytes read | seconds | GB/s | memcpy GB/s | peak RSS |"
     echo "|---|---:|---:|---:|---:|---:|---:|"

@@ -452,8 +452,13 @@ mod tests {
             .map(|(name, shape)| TensorSpec { name: name.into(), shape })
             .collect();
         let rules = ["mean", "median", "trimmed-mean:0.2", "norm-clip:1.5", "centered-clip:1:3", "centered-clip:2:1"];
-        let codecs =
-            [Codec::F32, Codec::Bf16, Codec::Int8 { block: 16 }, Codec::Int4 { block: 8 }, Codec::TopK { chunk: 16, k: 3 }];
+        let codecs = [
+            Codec::F32,
+            Codec::Bf16,
+            Codec::Int8 { block: 16 },
+            Codec::Int4 { block: 8 },
+            Codec::TopK { chunk: 16, k: 3 },
+        ];
         for rule in rules {
             for codec in codecs {
                 for fragments in [false, true] {
@@ -470,7 +475,8 @@ mod tests {
                         .iter()
                         .enumerate()
                         .map(|(k, input)| {
-                            let carried: Vec<usize> = wanted(input, &(0..tensors.len())).into_iter().map(|(i, _)| i).collect();
+                            let carried: Vec<usize> =
+                                wanted(input, &(0..tensors.len())).into_iter().map(|(i, _)| i).collect();
                             let values: Vec<Vec<f32>> = carried
                                 .iter()
                                 .map(|&i| {
@@ -484,19 +490,26 @@ mod tests {
                                 [3; 16],
                                 4,
                                 [4; 32],
-                                carried.iter().zip(&values).map(|(&i, v)| {
-                                    (tensors[i].name.as_str(), &tensors[i].shape[..], &v[..])
-                                }),
+                                carried
+                                    .iter()
+                                    .zip(&values)
+                                    .map(|(&i, v)| (tensors[i].name.as_str(), &tensors[i].shape[..], &v[..])),
                             )
                             .unwrap()
                             .to_bytes()
                         })
                         .collect();
-                    let theta: Vec<Vec<f32>> =
-                        lengths.iter().enumerate().map(|(i, &n)| (0..n).map(|j| noise((i * 7919 + j) as u64)).collect()).collect();
+                    let theta: Vec<Vec<f32>> = lengths
+                        .iter()
+                        .enumerate()
+                        .map(|(i, &n)| (0..n).map(|j| noise((i * 7919 + j) as u64)).collect())
+                        .collect();
                     let mut state = OuterState::new(&spec, theta);
-                    let momentum: Vec<Vec<f32>> =
-                        lengths.iter().enumerate().map(|(i, &n)| (0..n).map(|j| 0.1 * noise((i * 31 + j) as u64 + 99)).collect()).collect();
+                    let momentum: Vec<Vec<f32>> = lengths
+                        .iter()
+                        .enumerate()
+                        .map(|(i, &n)| (0..n).map(|j| 0.1 * noise((i * 31 + j) as u64 + 99)).collect())
+                        .collect();
                     state.outer.set_momentum(3, momentum).unwrap();
                     state.residual[1][2] = 0.01;
                     let one = mean(&spec.aggregation, &lengths, &inputs, |k| Ok(&blobs[k])).unwrap();

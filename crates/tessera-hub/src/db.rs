@@ -329,7 +329,11 @@ impl Db {
             .map(|r| {
                 let done: i32 = r.try_get("done")?;
                 let outcome: Option<String> = r.try_get("outcome")?;
-                Ok((u(i64::from(r.try_get::<i32, _>("stage")?)) as u32, u(i64::from(r.try_get::<i32, _>("shard")?)) as usize, outcome.filter(|_| done != 0)))
+                Ok((
+                    u(i64::from(r.try_get::<i32, _>("stage")?)) as u32,
+                    u(i64::from(r.try_get::<i32, _>("shard")?)) as usize,
+                    outcome.filter(|_| done != 0),
+                ))
             })
             .collect()
     }

@@ -210,7 +210,8 @@ impl Hub {
             serde_json::from_str(&run.spec).map_err(|e| HubError::Corrupt(format!("stored run spec: {e}")))?;
         if config.aggregate_shards > 0 && !db.shared() {
             return Err(HubError::Config(
-                "aggregation workers take their jobs from PostgreSQL: --aggregate-shards needs --database postgres://…".into(),
+                "aggregation workers take their jobs from PostgreSQL: --aggregate-shards needs --database postgres://…"
+                    .into(),
             ));
         }
         if !spec.phases.is_empty() && config.grower.is_none() {

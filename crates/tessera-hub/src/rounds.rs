@@ -114,39 +114,42 @@ impl Hub {
         let (hash, used, weight, state) = match by_workers {
             Some(done) => (done.hash, done.used, done.weight, None),
             None => {
-            let mean = self.round_mean(live, &plan, sealed.mean).await?;
-            let started = std::time::Instant::now();
-            let mut base = [0u8; 32];
-            hex::decode_to_slice(live.run.checkpoint(), &mut base)
-                .map_err(|e| HubError::Corrupt(format!("base checkpoint: {e}")))?;
-            let (run_id, state) = (live.run.run_id(), self.outer(live).await?);
-            let spec_now = current.clone();
-            let delta = mean.mean;
-            let mut agg = tokio::task::spawn_blocking(move || step(&spec_now, run_id, round, base, &state, &delta))
-                .await
-                .map_err(|e| HubError::Corrupt(format!("aggregation task failed: {e}")))??;
-            if agg.held {
-                tracing::error!(round, "the outer step would leave non-finite weights: the round holds them instead");
-            }
-            metrics::histogram!("tessera_hub_aggregation_seconds").record(started.elapsed().as_secs_f64());
-            // The last round of a phase publishes the next phase's model: grown, the same function.
-            if let Some(next) = plan.next_phase {
-                if plan.early {
-                    tracing::info!(round, loss = ?plan.target_loss, "the phase reached its loss target: growing early");
-                }
-                let grower = self.grower.clone().ok_or_else(|| {
-                    HubError::Config(format!("the run grows into phase {next} but this hub has no grower"))
-                })?;
-                let (from, to) = (current.clone(), self.spec().at_phase(next));
-                let seed = self.spec().phases[next - 1].seed;
-                agg = tokio::task::spawn_blocking(move || grow(agg, grower.as_ref(), &from, &to, seed))
+                let mean = self.round_mean(live, &plan, sealed.mean).await?;
+                let started = std::time::Instant::now();
+                let mut base = [0u8; 32];
+                hex::decode_to_slice(live.run.checkpoint(), &mut base)
+                    .map_err(|e| HubError::Corrupt(format!("base checkpoint: {e}")))?;
+                let (run_id, state) = (live.run.run_id(), self.outer(live).await?);
+                let spec_now = current.clone();
+                let delta = mean.mean;
+                let mut agg = tokio::task::spawn_blocking(move || step(&spec_now, run_id, round, base, &state, &delta))
                     .await
-                    .map_err(|e| HubError::Corrupt(format!("growth task failed: {e}")))??;
-            }
-            let hash = hex::encode(weights_hash(&agg.weights_bytes));
-            self.store.put(&checkpoint_key(&hash), Bytes::from(std::mem::take(&mut agg.weights_bytes))).await?;
-            self.store.put(&update_key(round + 1), Bytes::from(std::mem::take(&mut agg.update_bytes))).await?;
-            self.store.put(&outer_key(round + 1), Bytes::from(std::mem::take(&mut agg.outer_bytes))).await?;
+                    .map_err(|e| HubError::Corrupt(format!("aggregation task failed: {e}")))??;
+                if agg.held {
+                    tracing::error!(
+                        round,
+                        "the outer step would leave non-finite weights: the round holds them instead"
+                    );
+                }
+                metrics::histogram!("tessera_hub_aggregation_seconds").record(started.elapsed().as_secs_f64());
+                // The last round of a phase publishes the next phase's model: grown, the same function.
+                if let Some(next) = plan.next_phase {
+                    if plan.early {
+                        tracing::info!(round, loss = ?plan.target_loss, "the phase reached its loss target: growing early");
+                    }
+                    let grower = self.grower.clone().ok_or_else(|| {
+                        HubError::Config(format!("the run grows into phase {next} but this hub has no grower"))
+                    })?;
+                    let (from, to) = (current.clone(), self.spec().at_phase(next));
+                    let seed = self.spec().phases[next - 1].seed;
+                    agg = tokio::task::spawn_blocking(move || grow(agg, grower.as_ref(), &from, &to, seed))
+                        .await
+                        .map_err(|e| HubError::Corrupt(format!("growth task failed: {e}")))??;
+                }
+                let hash = hex::encode(weights_hash(&agg.weights_bytes));
+                self.store.put(&checkpoint_key(&hash), Bytes::from(std::mem::take(&mut agg.weights_bytes))).await?;
+                self.store.put(&update_key(round + 1), Bytes::from(std::mem::take(&mut agg.update_bytes))).await?;
+                self.store.put(&outer_key(round + 1), Bytes::from(std::mem::take(&mut agg.outer_bytes))).await?;
                 (hash, mean.used, mean.weight, Some(agg.state))
             }
         };

@@ -295,7 +295,8 @@ async fn compute(
                 tracing::debug!(round = plan.round, shard, clipped = r.clipped, radius = ?r.radius, "robust rule");
             }
             let (theta, momentum, residual) = state_slice(store, plan, &range).await?;
-            let config = OuterConfig { lr: plan.outer.lr, momentum: plan.outer.momentum, nesterov: plan.outer.nesterov };
+            let config =
+                OuterConfig { lr: plan.outer.lr, momentum: plan.outer.momentum, nesterov: plan.outer.nesterov };
             let codec = plan.broadcast_codec;
             let part =
                 tokio::task::spawn_blocking(move || shard::step(&config, &codec, theta, momentum, residual, &mean))
@@ -394,7 +395,9 @@ async fn read_slice(store: &Store, key: &str, wanted: &[(usize, usize)]) -> Resu
     };
     let places: Vec<(u64, Range<u64>)> = wanted
         .iter()
-        .map(|&(_, m)| layout.tensors.get(m).cloned().ok_or_else(|| HubError::Corrupt(format!("{key} lacks tensor {m}"))))
+        .map(|&(_, m)| {
+            layout.tensors.get(m).cloned().ok_or_else(|| HubError::Corrupt(format!("{key} lacks tensor {m}")))
+        })
         .collect::<Result<_, _>>()?;
     let (Some(first), Some(last)) = (places.first(), places.last()) else {
         return Ok(Slice { codec: layout.codec, places, bytes: Bytes::new() });
@@ -413,7 +416,10 @@ fn decode_slice(slice: &Slice, wanted: &[(usize, usize)]) -> Result<Vec<Vec<f32>
         .zip(wanted)
         .map(|((numel, r), &(i, _))| {
             let bytes = slice.bytes.get(r.start as usize..r.end as usize).ok_or_else(|| {
-                AggregateError::Unreadable(format!("tensor {i}'s bytes {r:?} are beyond the {} read", slice.bytes.len()))
+                AggregateError::Unreadable(format!(
+                    "tensor {i}'s bytes {r:?} are beyond the {} read",
+                    slice.bytes.len()
+                ))
             })?;
             let values = slice.codec.decode(bytes, *numel).map_err(WireError::from)?;
             check_values(i, 0, &values)?;
@@ -436,7 +442,11 @@ fn f32_values(bytes: &[u8]) -> Result<Vec<f32>, HubError> {
 fn f32_tensors(bytes: &[u8], lengths: &[usize]) -> Result<Vec<Vec<f32>>, HubError> {
     let values = f32_values(bytes)?;
     if values.len() != lengths.iter().sum::<usize>() {
-        return Err(HubError::Corrupt(format!("{} values stored for {} expected", values.len(), lengths.iter().sum::<usize>())));
+        return Err(HubError::Corrupt(format!(
+            "{} values stored for {} expected",
+            values.len(),
+            lengths.iter().sum::<usize>()
+        )));
     }
     let mut at = 0;
     Ok(lengths
@@ -502,7 +512,8 @@ impl crate::Hub {
         self.db.create_jobs(round, &json, ours.stages, ours.shards.len()).await?;
         // A replica taking the round over finds the plan the first one wrote.
         let stored = self.db.job_plan(round).await?.unwrap_or(json);
-        let plan: RoundPlan = serde_json::from_str(&stored).map_err(|e| HubError::Corrupt(format!("round plan: {e}")))?;
+        let plan: RoundPlan =
+            serde_json::from_str(&stored).map_err(|e| HubError::Corrupt(format!("round plan: {e}")))?;
         if plan.inputs != ours.inputs || plan.base != ours.base {
             return Err(HubError::Corrupt(format!("round {round}'s stored plan is not this replica's")));
         }
@@ -532,7 +543,13 @@ impl crate::Hub {
         hex::decode_to_slice(&plan.base, &mut base).map_err(|e| HubError::Corrupt(format!("base checkpoint: {e}")))?;
         let hash = self.assemble(&plan, live.run.run_id(), base).await?;
         metrics::histogram!("tessera_hub_aggregation_seconds").record(started.elapsed().as_secs_f64());
-        tracing::info!(round, shards = plan.shards.len(), stages = plan.stages, seconds = started.elapsed().as_secs_f64(), "aggregated by workers");
+        tracing::info!(
+            round,
+            shards = plan.shards.len(),
+            stages = plan.stages,
+            seconds = started.elapsed().as_secs_f64(),
+            "aggregated by workers"
+        );
         Ok(Some(ByWorkers {
             hash,
             used: plan.inputs.len() as u64,

@@ -1000,8 +1000,7 @@ fn aggregation_workers_publish_what_one_hub_publishes() {
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let mut workers = Vec::new();
         for round in 0..2u64 {
-            let deltas: Vec<Vec<Vec<f32>>> =
-                (0..3).map(|k| delta(0.3 * k as f32 - 0.4 + 0.1 * round as f32)).collect();
+            let deltas: Vec<Vec<Vec<f32>>> = (0..3).map(|k| delta(0.3 * k as f32 - 0.4 + 0.1 * round as f32)).collect();
             let mut published = Vec::new();
             for (h, url) in urls.iter().enumerate() {
                 let run = info(url);
@@ -1011,7 +1010,8 @@ fn aggregation_workers_publish_what_one_hub_publishes() {
                 }
                 // The last submission closes the round, and its request waits for the workers.
                 let last = std::thread::spawn({
-                    let (c, run, d) = (Client::with_key(url, clients[h][2].key.clone()), run.clone(), deltas[2].clone());
+                    let (c, run, d) =
+                        (Client::with_key(url, clients[h][2].key.clone()), run.clone(), deltas[2].clone());
                     move || c.submit(&run, round, &run.checkpoint, &d).unwrap()
                 });
                 if h == 1 && round == 0 {
@@ -1048,7 +1048,8 @@ fn aggregation_workers_publish_what_one_hub_publishes() {
                 let update = client(url).update(round + 1).unwrap();
                 let view = MessageView::parse(&update).unwrap();
                 let before = weights(url, &run.checkpoint, &run.spec.tensors);
-                let rebuilt = tessera_protocol::encode_weights(&run.spec.tensors, &view.apply_to(&before).unwrap()).unwrap();
+                let rebuilt =
+                    tessera_protocol::encode_weights(&run.spec.tensors, &view.apply_to(&before).unwrap()).unwrap();
                 assert_eq!(hex::encode(weights_hash(&rebuilt)), after.checkpoint, "{rule}: hub {h}'s update");
                 published.push(after.checkpoint);
             }

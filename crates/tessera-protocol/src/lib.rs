@@ -15,6 +15,8 @@ pub mod weights;
 
 pub use api::{ApiError, ErrorCode, PROTOCOL_VERSION, RunSpec, TensorSpec};
 pub use codec::{Codec, CodecError, ErrorFeedback};
-pub use pseudograd::{Layout, MessageView, header_bytes, header_bytes_for, PseudoGradient, TensorEntry, TensorView, WireError};
+pub use pseudograd::{
+    Layout, MessageView, PseudoGradient, TensorEntry, TensorView, WireError, header_bytes, header_bytes_for,
+};
 pub use rule::Aggregation;
 pub use weights::{WeightsError, WeightsLayout, decode_weights, encode_weights, weights_hash};

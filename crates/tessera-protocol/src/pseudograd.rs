@@ -213,7 +213,13 @@ impl PseudoGradient {
 /// A message's header and tensor table (everything before the body) for tensors of the given
 /// names, shapes and encoded lengths: [`PseudoGradient::to_bytes`] is this, the encoded tensors
 /// in table order, and the BLAKE3 of all of it. Lets a message be written a tensor at a time.
-pub fn header_bytes(codec: &Codec, run_id: [u8; 16], round: u64, base: [u8; 32], table: &[(&str, &[u64], u64)]) -> Vec<u8> {
+pub fn header_bytes(
+    codec: &Codec,
+    run_id: [u8; 16],
+    round: u64,
+    base: [u8; 32],
+    table: &[(&str, &[u64], u64)],
+) -> Vec<u8> {
     let mut out = Vec::new();
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&VERSION.to_le_bytes());

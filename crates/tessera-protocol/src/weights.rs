@@ -69,7 +69,8 @@ impl WeightsLayout {
         // insists on the whole file.
         let format = |m: &str| WeightsError::Format(format!("header of the layout: {m}"));
         let json: serde_json::Map<String, serde_json::Value> =
-            serde_json::from_slice(header.get(8..).ok_or_else(|| format("short"))?).map_err(|e| format(&e.to_string()))?;
+            serde_json::from_slice(header.get(8..).ok_or_else(|| format("short"))?)
+                .map_err(|e| format(&e.to_string()))?;
         let data = table
             .iter()
             .map(|t| {
@@ -193,8 +194,11 @@ mod tests {
             TensorSpec { name: "a.first".into(), shape: vec![2, 2] },
             TensorSpec { name: "m".into(), shape: vec![1] },
         ];
-        let values: Vec<Vec<f32>> =
-            table.iter().enumerate().map(|(k, t)| (0..t.numel()).map(|j| (10 * k) as f32 + j as f32).collect()).collect();
+        let values: Vec<Vec<f32>> = table
+            .iter()
+            .enumerate()
+            .map(|(k, t)| (0..t.numel()).map(|j| (10 * k) as f32 + j as f32).collect())
+            .collect();
         let bytes = encode_weights(&table, &values).unwrap();
         let layout = WeightsLayout::of(&table).unwrap();
         assert_eq!(&bytes[..layout.header.len()], &layout.header[..]);
