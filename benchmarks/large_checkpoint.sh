@@ -11,5 +11,5 @@ source scripts/env.sh
 source scripts/test-services >/dev/null
 trap 'stop_test_services' EXIT
 export TESSERA_TEST_REQUIRE_SERVICES=1 TESSERA_TEST_CHECKPOINT=7b
-/usr/bin/time -v cargo test --release -p tessera-hub --test hub large_checkpoints_round_trip_in_parts -- --nocapture 2>&1 |
-    grep -E "parameters|test result|Maximum resident|Elapsed"
+/usr/bin/time -v cargo test --release -p tessera-hub --test hub large_checkpoints_round_trip_in_parts -- --nocapture 2>&1 | tee target/large_checkpoint.log |
+    grep -E "parameters|test result|panicked|Maximum resident|Elapsed"

@@ -277,18 +277,33 @@ impl Db {
         Ok(row.try_get::<bool, _>("held")?.then_some(RoundClaim(Some(conn))))
     }
 
-    /// Sets up `round`'s sharded aggregation: its plan and a job per stage and shard. Done
-    /// once: a replica that takes a round over finds them (and what was already done) there.
+    /// Sets up `round`'s sharded aggregation: its plan and a job per stage and shard. A
+    /// replica taking a round over with the same plan finds the jobs (and what was done) there;
+    /// a different plan (the round judged otherwise since) replaces them, waiting for any job
+    /// of the old one still held to commit.
     pub async fn create_jobs(&self, round: u64, plan: &str, stages: u32, shards: usize) -> Result<(), HubError> {
         self.require_postgres("sharded aggregation")?;
         let mut tx = self.pool.begin().await?;
-        let created = sqlx::query("INSERT INTO aggregate_rounds (round, plan) VALUES ($1, $2) ON CONFLICT DO NOTHING")
+        let stored = sqlx::query("SELECT plan FROM aggregate_rounds WHERE round = $1 FOR UPDATE")
             .bind(round as i64)
-            .bind(plan)
-            .execute(&mut *tx)
+            .fetch_optional(&mut *tx)
             .await?
-            .rows_affected();
-        if created == 1 {
+            .map(|r| r.try_get::<String, _>("plan"))
+            .transpose()?;
+        if stored.as_deref() != Some(plan) {
+            if stored.is_some() {
+                tracing::warn!(round, "the round's aggregation plan changed: its jobs start again");
+                for delete in
+                    ["DELETE FROM aggregate_jobs WHERE round = $1", "DELETE FROM aggregate_rounds WHERE round = $1"]
+                {
+                    sqlx::query(delete).bind(round as i64).execute(&mut *tx).await?;
+                }
+            }
+            sqlx::query("INSERT INTO aggregate_rounds (round, plan) VALUES ($1, $2)")
+                .bind(round as i64)
+                .bind(plan)
+                .execute(&mut *tx)
+                .await?;
             for stage in 0..stages {
                 for shard in 0..shards {
                     sqlx::query("INSERT INTO aggregate_jobs (round, stage, shard) VALUES ($1, $2, $3)")

@@ -247,7 +247,9 @@ impl Hub {
         // left out) reads again directly.
         let largest = rows.iter().map(|(row, _)| row.bytes).max().unwrap_or(1).max(1);
         let ahead = (PREFETCH_BYTES / largest).clamp(1, PREFETCH as u64) as usize;
-        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        // Half the reads in flight, half read and waiting: reading goes on while the
+        // arithmetic works.
+        let (tx, rx) = tokio::sync::mpsc::channel(ahead.div_ceil(2));
         let prefetch = {
             let (store, keys) = (store.clone(), keys.clone());
             tokio::spawn(async move {
@@ -257,21 +259,21 @@ impl Hub {
                         let store = store.clone();
                         async move { store.get(&key).await.map_err(|e| format!("{key}: {e}")) }
                     })
-                    .buffered(ahead);
+                    .buffered(ahead.div_ceil(2));
                 let mut reads = std::pin::pin!(reads);
                 while let Some(read) = reads.next().await {
-                    if tx.send(read).is_err() {
+                    if tx.send(read).await.is_err() {
                         break;
                     }
                 }
             })
         };
         let mean = tokio::task::spawn_blocking(move || {
-            let next = std::cell::Cell::new(0usize);
+            let (next, rx) = (std::cell::Cell::new(0usize), std::cell::RefCell::new(rx));
             let load = |k: usize| {
                 let read = if k == next.get() {
                     next.set(k + 1);
-                    rx.recv().map_err(|e| e.to_string()).and_then(|r| r)
+                    rx.borrow_mut().blocking_recv().ok_or_else(|| "the reader stopped".to_owned()).and_then(|r| r)
                 } else {
                     next.set(usize::MAX);
                     runtime.block_on(store.get(&keys[k])).map_err(|e| format!("{}: {e}", keys[k]))

@@ -86,14 +86,20 @@ enum Outcome {
     Failed(String),
 }
 
+/// A plan's name: the start of the BLAKE3 of its text. What a job stores is under it, so a
+/// worker still finishing a job of a replaced plan cannot overwrite the new plan's parts.
+pub fn plan_id(plan: &str) -> String {
+    blake3::hash(plan.as_bytes()).to_hex()[..16].to_owned()
+}
+
 /// Where a shard's part of the round's result is stored.
-pub fn part_key(round: u64, shard: usize) -> String {
-    format!("shards/{round:08}/part-{shard:05}")
+pub fn part_key(round: u64, plan: &str, shard: usize) -> String {
+    format!("shards/{round:08}/{plan}/part-{shard:05}")
 }
 
 /// Where centred clipping's centre after `stage` is kept for a shard.
-fn centre_key(round: u64, stage: u32, shard: usize) -> String {
-    format!("shards/{round:08}/centre-{stage:03}-{shard:05}")
+fn centre_key(round: u64, plan: &str, stage: u32, shard: usize) -> String {
+    format!("shards/{round:08}/{plan}/centre-{stage:03}-{shard:05}")
 }
 
 /// Everything a round's jobs stored.
@@ -203,7 +209,7 @@ pub async fn run(db: &Db, store: &Store, lease: JobLease, name: &str) -> Result<
         .await?
         .ok_or_else(|| HubError::Corrupt(format!("round {} has jobs but no plan", lease.round)))?;
     let plan: RoundPlan = serde_json::from_str(&text).map_err(|e| HubError::Corrupt(format!("round plan: {e}")))?;
-    let (outcome, bytes) = compute(db, store, &plan, lease.stage, lease.shard).await?;
+    let (outcome, bytes) = compute(db, store, (&plan, &plan_id(&text)), lease.stage, lease.shard).await?;
     let said = match &outcome {
         Outcome::Sums(_) => "sums",
         Outcome::Part => "part stored",
@@ -222,7 +228,7 @@ pub async fn run(db: &Db, store: &Store, lease: JobLease, name: &str) -> Result<
 async fn compute(
     db: &Db,
     store: &Store,
-    plan: &RoundPlan,
+    (plan, id): (&RoundPlan, &str),
     stage: u32,
     shard: usize,
 ) -> Result<(Outcome, u64), HubError> {
@@ -230,13 +236,15 @@ async fn compute(
     let range = plan.shards.get(shard).cloned().ok_or_else(|| HubError::Corrupt(format!("no shard {shard}")))?;
     let lengths = plan.lengths();
     let inputs = plan.inputs();
-    let previous = if stage == 0 { Previous::default() } else { previous(db, store, plan, stage, shard).await? };
+    let previous = if stage == 0 { Previous::default() } else { previous(db, store, (plan, id), stage, shard).await? };
     // Every submission's slice, read a few ahead of the arithmetic (an object store answers
     // each read after a round trip).
     let wanted: Vec<Vec<(usize, usize)>> = inputs.iter().map(|i| shard::wanted(i, &range)).collect();
     let per = (range.clone().map(|i| 4 * lengths[i] as u64).sum::<u64>()).max(1);
     let ahead = (AHEAD_BYTES / per).clamp(1, AHEAD as u64) as usize;
-    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    // Half the reads in flight, half read and waiting: reading goes on while the
+    // arithmetic works.
+    let (tx, rx) = tokio::sync::mpsc::channel(ahead.div_ceil(2));
     let reader = {
         let (store, keys) = (store.clone(), plan.inputs.iter().map(|i| submission_key(&i.blob)).collect::<Vec<_>>());
         let (wanted, read) = (wanted.clone(), read.clone());
@@ -251,10 +259,10 @@ async fn compute(
                         Ok(slice)
                     }
                 })
-                .buffered(ahead);
+                .buffered(ahead.div_ceil(2));
             let mut reads = std::pin::pin!(reads);
             while let Some(read) = reads.next().await {
-                if tx.send(read).is_err() {
+                if tx.send(read).await.is_err() {
                     break;
                 }
             }
@@ -264,13 +272,18 @@ async fn compute(
     let stage_lengths = lengths.clone();
     let result = tokio::task::spawn_blocking(move || {
         // Each submission is read once, in order, by every rule.
-        let next = std::cell::Cell::new(0usize);
+        let (next, rx) = (std::cell::Cell::new(0usize), std::cell::RefCell::new(rx));
         let load = |k: usize| -> Result<Vec<Vec<f32>>, AggregateError> {
             if k != next.get() {
                 return Err(AggregateError::Unreadable(format!("submission {k} asked out of order")));
             }
             next.set(k + 1);
-            let slice = rx.recv().map_err(|e| e.to_string()).and_then(|r| r).map_err(AggregateError::Unreadable)?;
+            let slice = rx
+                .borrow_mut()
+                .blocking_recv()
+                .ok_or_else(|| "the reader stopped".to_owned())
+                .and_then(|r| r)
+                .map_err(AggregateError::Unreadable)?;
             decode_slice(&slice, &wanted[k])
         };
         shard::stage(&rule, stage, &inputs, &stage_lengths, job_range, &previous, load)
@@ -286,7 +299,7 @@ async fn compute(
     let outcome = match computed {
         Stage::Partial { sums, centre } => {
             if let Some(centre) = centre {
-                store.put(&centre_key(plan.round, stage, shard), Bytes::from(f32_bytes(&centre))).await?;
+                store.put(&centre_key(plan.round, id, stage, shard), Bytes::from(f32_bytes(&centre))).await?;
             }
             Outcome::Sums(sums.iter().map(|s| s.iter().map(|v| v.to_bits()).collect()).collect())
         }
@@ -304,7 +317,7 @@ async fn compute(
                     .map_err(|e| HubError::Corrupt(format!("step task failed: {e}")))?;
             match part {
                 Ok(Some(part)) => {
-                    store.put(&part_key(plan.round, shard), Bytes::from(part.to_bytes())).await?;
+                    store.put(&part_key(plan.round, id, shard), Bytes::from(part.to_bytes())).await?;
                     Outcome::Part
                 }
                 Ok(None) => Outcome::Held,
@@ -317,7 +330,13 @@ async fn compute(
 
 /// What stage `stage` of `shard` starts from: every shard's sums of the stage before (per
 /// submission, in tensor order) and, for centred clipping, this shard's centre.
-async fn previous(db: &Db, store: &Store, plan: &RoundPlan, stage: u32, shard: usize) -> Result<Previous, HubError> {
+async fn previous(
+    db: &Db,
+    store: &Store,
+    (plan, id): (&RoundPlan, &str),
+    stage: u32,
+    shard: usize,
+) -> Result<Previous, HubError> {
     let jobs = db.jobs(plan.round, Some(stage - 1)).await?;
     let mut sums: Vec<Vec<f64>> = vec![Vec::new(); plan.inputs.len()];
     for (_, s, outcome) in &jobs {
@@ -334,7 +353,7 @@ async fn previous(db: &Db, store: &Store, plan: &RoundPlan, stage: u32, shard: u
     let centre = match plan.rule {
         Aggregation::CenteredClip { .. } => {
             let range = &plan.shards[shard];
-            let bytes = store.get(&centre_key(plan.round, stage - 1, shard)).await?;
+            let bytes = store.get(&centre_key(plan.round, id, stage - 1, shard)).await?;
             Some(f32_tensors(&bytes, &plan.lengths()[range.clone()])?)
         }
         _ => None,
@@ -510,13 +529,7 @@ impl crate::Hub {
         };
         let json = serde_json::to_string(&ours).map_err(|e| HubError::Corrupt(format!("round plan: {e}")))?;
         self.db.create_jobs(round, &json, ours.stages, ours.shards.len()).await?;
-        // A replica taking the round over finds the plan the first one wrote.
-        let stored = self.db.job_plan(round).await?.unwrap_or(json);
-        let plan: RoundPlan =
-            serde_json::from_str(&stored).map_err(|e| HubError::Corrupt(format!("round plan: {e}")))?;
-        if plan.inputs != ours.inputs || plan.base != ours.base {
-            return Err(HubError::Corrupt(format!("round {round}'s stored plan is not this replica's")));
-        }
+        let (plan, id) = (ours, plan_id(&json));
         let started = std::time::Instant::now();
         let mut said = std::time::Instant::now();
         loop {
@@ -541,7 +554,7 @@ impl crate::Hub {
         }
         let mut base = [0u8; 32];
         hex::decode_to_slice(&plan.base, &mut base).map_err(|e| HubError::Corrupt(format!("base checkpoint: {e}")))?;
-        let hash = self.assemble(&plan, live.run.run_id(), base).await?;
+        let hash = self.assemble((&plan, &id), live.run.run_id(), base).await?;
         metrics::histogram!("tessera_hub_aggregation_seconds").record(started.elapsed().as_secs_f64());
         tracing::info!(
             round,
@@ -559,7 +572,12 @@ impl crate::Hub {
 
     /// Writes the checkpoint, the update into the next round and the outer state from the
     /// shards' parts, a piece at a time; returns the checkpoint's hash.
-    async fn assemble(&self, plan: &RoundPlan, run_id: [u8; 16], base: [u8; 32]) -> Result<String, HubError> {
+    async fn assemble(
+        &self,
+        (plan, id): (&RoundPlan, &str),
+        run_id: [u8; 16],
+        base: [u8; 32],
+    ) -> Result<String, HubError> {
         let lengths = plan.lengths();
         let codec = plan.broadcast_codec;
         let parts: Vec<[Vec<Range<u64>>; 4]> =
@@ -567,7 +585,7 @@ impl crate::Hub {
         let piece = |group: usize, i: usize| -> (String, Range<u64>) {
             let s = plan.shards.iter().position(|r| r.contains(&i)).unwrap_or(0);
             let at = parts[s][group].get(i - plan.shards[s].start).cloned().unwrap_or(0..0);
-            (part_key(plan.round, s), at)
+            (part_key(plan.round, id, s), at)
         };
         let corrupt = |e: tessera_protocol::WeightsError| HubError::Corrupt(e.to_string());
         // The checkpoint is named by its hash: hashed first, then written.

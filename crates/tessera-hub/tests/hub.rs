@@ -1025,7 +1025,9 @@ fn aggregation_workers_publish_what_one_hub_publishes() {
                         }
                         panic!("no job appeared");
                     });
-                    let key = tessera_hub::workers::part_key(doomed.round, doomed.shard);
+                    let plan = rt.block_on(db.job_plan(doomed.round)).unwrap().unwrap();
+                    let id = tessera_hub::workers::plan_id(&plan);
+                    let key = tessera_hub::workers::part_key(doomed.round, &id, doomed.shard);
                     rt.block_on(store.put(&key, vec![7u8; 100].into())).unwrap();
                     drop(doomed);
                 }
@@ -1153,4 +1155,41 @@ fn large_checkpoints_round_trip_in_parts() {
         (started.elapsed() - up).as_secs_f64()
     );
     rt.block_on(store.delete("checkpoints/large.safetensors")).unwrap();
+}
+
+/// A round's aggregation jobs are created once per plan: the same plan again (a replica taking
+/// the round over) keeps what was done; a different plan (the round judged otherwise since)
+/// replaces them, after a job of the old one still held commits.
+#[test]
+fn a_changed_plan_replaces_a_rounds_jobs() {
+    let Some(b) = backend("postgres") else { return };
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    rt.block_on(async {
+        let db = Db::connect(&b.db).await.unwrap();
+        db.create_jobs(5, "plan a", 2, 3).await.unwrap();
+        assert_eq!(db.pending_jobs(5).await.unwrap(), 6);
+        let lease = db.take_job().await.unwrap().unwrap();
+        assert_eq!((lease.round, lease.stage, lease.shard), (5, 0, 0));
+        lease.done("\"Part\"", "w").await.unwrap();
+        db.create_jobs(5, "plan a", 2, 3).await.unwrap();
+        assert_eq!(db.pending_jobs(5).await.unwrap(), 5, "the same plan keeps what was done");
+        // Stage 1 waits for all of stage 0.
+        let held = db.take_job().await.unwrap().unwrap();
+        assert_eq!((held.stage, held.shard), (0, 1));
+        let replacing = {
+            let url = b.db.clone();
+            tokio::spawn(async move {
+                let db = Db::connect(&url).await.unwrap();
+                db.create_jobs(5, "plan b", 1, 2).await.unwrap();
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!replacing.is_finished(), "replacing waits for the held job");
+        held.done("\"Part\"", "w").await.unwrap();
+        replacing.await.unwrap();
+        assert_eq!(db.job_plan(5).await.unwrap().as_deref(), Some("plan b"));
+        assert_eq!(db.pending_jobs(5).await.unwrap(), 2, "the new plan's jobs, none done");
+        assert_eq!(db.clear_jobs(6).await.unwrap(), vec![5]);
+        assert!(db.take_job().await.unwrap().is_none());
+    });
 }

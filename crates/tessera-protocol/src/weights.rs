@@ -59,28 +59,35 @@ pub struct WeightsLayout {
 
 impl WeightsLayout {
     pub fn of(table: &[TensorSpec]) -> Result<WeightsLayout, WeightsError> {
-        let views: Vec<(String, Shaped)> = table
-            .iter()
-            .map(|t| (t.name.clone(), Shaped { shape: t.shape.iter().map(|&d| d as usize).collect() }))
-            .collect();
+        // safetensors' own header, made as `safetensors::serialize` makes it (every tensor
+        // f32, so sorted by name; offsets in that order; the JSON padded with spaces to a
+        // multiple of 8 bytes after its length) without the buffer for the data that
+        // `serialize` would allocate. A test holds it to `encode_weights`' bytes.
+        let format = |e: String| WeightsError::Format(format!("header of the layout: {e}"));
+        let mut order: Vec<usize> = (0..table.len()).collect();
+        order.sort_by(|&a, &b| table[a].name.cmp(&table[b].name));
+        let mut data = vec![0..0; table.len()];
+        let mut infos = Vec::with_capacity(table.len());
+        let mut at = 0u64;
+        for i in order {
+            let t = &table[i];
+            let n = 4 * t.numel();
+            data[i] = at..at + n;
+            let shape = t.shape.iter().map(|&d| d as usize).collect();
+            let info = safetensors::tensor::TensorInfo {
+                dtype: Dtype::F32,
+                shape,
+                data_offsets: (at as usize, (at + n) as usize),
+            };
+            infos.push((t.name.clone(), info));
+            at += n;
+        }
         let metadata = HashMap::from([("format".to_owned(), "pt".to_owned())]);
-        let header = safetensors::serialize(views, Some(metadata)).map_err(|e| WeightsError::Format(e.to_string()))?;
-        // The header alone (no data yet), so read its JSON directly: safetensors' own reader
-        // insists on the whole file.
-        let format = |m: &str| WeightsError::Format(format!("header of the layout: {m}"));
-        let json: serde_json::Map<String, serde_json::Value> =
-            serde_json::from_slice(header.get(8..).ok_or_else(|| format("short"))?)
-                .map_err(|e| format(&e.to_string()))?;
-        let data = table
-            .iter()
-            .map(|t| {
-                let offsets = json.get(&t.name).and_then(|v| v.get("data_offsets")).and_then(|v| v.as_array());
-                match offsets.map(|o| (o.first().and_then(|v| v.as_u64()), o.get(1).and_then(|v| v.as_u64()))) {
-                    Some((Some(a), Some(b))) => Ok(a..b),
-                    _ => Err(WeightsError::Missing(t.name.clone())),
-                }
-            })
-            .collect::<Result<_, WeightsError>>()?;
+        let metadata = safetensors::tensor::Metadata::new(Some(metadata), infos).map_err(|e| format(e.to_string()))?;
+        let mut json = serde_json::to_string(&metadata).map_err(|e| format(e.to_string()))?.into_bytes();
+        json.resize(json.len().next_multiple_of(8), b' ');
+        let mut header = (json.len() as u64).to_le_bytes().to_vec();
+        header.extend_from_slice(&json);
         Ok(WeightsLayout { header, data })
     }
 
@@ -95,29 +102,6 @@ impl WeightsLayout {
         let mut order: Vec<usize> = (0..self.data.len()).collect();
         order.sort_by_key(|&i| self.data[i].start);
         order
-    }
-}
-
-/// A tensor's dtype and shape with no data: serialising these gives the header alone.
-struct Shaped {
-    shape: Vec<usize>,
-}
-
-impl safetensors::View for Shaped {
-    fn dtype(&self) -> Dtype {
-        Dtype::F32
-    }
-
-    fn shape(&self) -> &[usize] {
-        &self.shape
-    }
-
-    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
-        std::borrow::Cow::Borrowed(&[])
-    }
-
-    fn data_len(&self) -> usize {
-        4 * self.shape.iter().product::<usize>()
     }
 }
 
