@@ -7,13 +7,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use object_store::aws::{AmazonS3, AmazonS3Builder};
+use object_store::aws::{AmazonS3, AmazonS3Builder, AmazonS3ConfigKey};
 use object_store::local::LocalFileSystem;
 use object_store::multipart::{MultipartStore, PartId};
 use object_store::path::Path;
 use object_store::prefix::PrefixStore;
 use object_store::signer::{HeaderName, HeaderValue, Method, SignedUrlOptions, Signer};
-use object_store::{GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart};
+use object_store::{ClientConfigKey, GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart};
 use tessera_protocol::api::UploadPart;
 
 use crate::HubError;
@@ -43,6 +43,8 @@ pub fn submission_key(hash: &str) -> String {
 pub const MULTIPART_ABOVE: usize = 256 << 20;
 pub const PART_BYTES: usize = 64 << 20;
 const PARTS_IN_FLIGHT: usize = 4;
+/// A read from the object store that brings nothing for this long fails (and is retried).
+const STALLED_READ: &str = "5min";
 
 #[derive(Clone)]
 pub struct Store {
@@ -65,7 +67,17 @@ impl Store {
             if bucket.is_empty() {
                 return Err(HubError::Config(format!("store {spec:?} names no bucket")));
             }
-            let s3 = Arc::new(AmazonS3Builder::from_env().with_bucket_name(bucket).build()?);
+            // Hardly a limit on a whole request (a 28 GB checkpoint streams for minutes;
+            // completing a multipart upload of one can take a minute), but a stalled read
+            // fails. Set key by key: the rest of the client's options come from `AWS_*`.
+            let client = |key| AmazonS3ConfigKey::Client(key);
+            let s3 = Arc::new(
+                AmazonS3Builder::from_env()
+                    .with_bucket_name(bucket)
+                    .with_config(client(ClientConfigKey::Timeout), "1day")
+                    .with_config(client(ClientConfigKey::ReadTimeout), STALLED_READ)
+                    .build()?,
+            );
             let prefix = prefix.trim_matches('/').to_owned();
             let inner: Arc<dyn ObjectStore> = if prefix.is_empty() {
                 s3.clone()
