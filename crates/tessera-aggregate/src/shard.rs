@@ -218,6 +218,9 @@ fn fragment(
     Ok(Stage::Mean { mean: sums, robust: None })
 }
 
+/// Where θ, momentum, residual and the update's encodings of each tensor lie in a stored part.
+pub type PartRanges = [Vec<Range<u64>>; 4];
+
 /// A shard's part of the next state and of the broadcast update.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Part {
@@ -278,14 +281,14 @@ impl Part {
 
     /// Where, in [`Part::to_bytes`] of a shard with tensors of `lengths` and the broadcast
     /// `codec`: per tensor θ's, momentum's, residual's and the update's byte range.
-    pub fn ranges(lengths: &[usize], codec: &Codec) -> [Vec<Range<u64>>; 4] {
+    pub fn ranges(lengths: &[usize], codec: &Codec) -> PartRanges {
         let mut at = 0u64;
         let mut next = |n: u64| {
             let r = at..at + n;
             at += n;
             r
         };
-        let mut groups: [Vec<Range<u64>>; 4] = Default::default();
+        let mut groups: PartRanges = Default::default();
         for g in groups.iter_mut().take(3) {
             *g = lengths.iter().map(|&n| next(4 * n as u64)).collect();
         }
@@ -409,7 +412,7 @@ mod tests {
             })
             .collect();
         // Put together from the stored parts' bytes, as the hub does.
-        let stored: Vec<(Range<usize>, Vec<u8>, [Vec<Range<u64>>; 4])> = ranges
+        let stored: Vec<(Range<usize>, Vec<u8>, PartRanges)> = ranges
             .iter()
             .zip(&parts)
             .map(|(r, p)| (r.clone(), p.to_bytes(), Part::ranges(&lengths[r.clone()], &spec.broadcast_codec)))

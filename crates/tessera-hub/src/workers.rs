@@ -452,7 +452,7 @@ fn f32_bytes(tensors: &[Vec<f32>]) -> Vec<u8> {
 }
 
 fn f32_values(bytes: &[u8]) -> Result<Vec<f32>, HubError> {
-    if bytes.len() % 4 != 0 {
+    if !bytes.len().is_multiple_of(4) {
         return Err(HubError::Corrupt(format!("{} bytes are not whole f32 values", bytes.len())));
     }
     Ok(bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
@@ -580,7 +580,7 @@ impl crate::Hub {
     ) -> Result<String, HubError> {
         let lengths = plan.lengths();
         let codec = plan.broadcast_codec;
-        let parts: Vec<[Vec<Range<u64>>; 4]> =
+        let parts: Vec<shard::PartRanges> =
             plan.shards.iter().map(|r| Part::ranges(&lengths[r.clone()], &codec)).collect();
         let piece = |group: usize, i: usize| -> (String, Range<u64>) {
             let s = plan.shards.iter().position(|r| r.contains(&i)).unwrap_or(0);

@@ -171,9 +171,9 @@ pub fn bench_swarm(args: BenchSwarmArgs) -> Result<()> {
         for i in 0..args.contributors {
             let (clients, info, log, killed, gate) = (&clients, &info, &log, &killed, &in_flight);
             let (spread, external) = (args.spread, !args.hubs.is_empty());
-            let h = std::thread::Builder::new()
-                .stack_size(256 << 10)
-                .spawn_scoped(scope, move || simulate(i, clients, info, log, killed, gate, spread, external))?;
+            let h = std::thread::Builder::new().stack_size(256 << 10).spawn_scoped(scope, move || {
+                simulate(i, clients, info, log, killed, gate, Reach { spread, external })
+            })?;
             handles.push(h);
         }
         if args.kill_replica {
@@ -405,6 +405,15 @@ fn pg_counters(url: &str) -> Option<(u64, u64)> {
     Some((it.next()??, it.next()??))
 }
 
+/// How simulated contributors arrive: spread over this many seconds of each round, and at
+/// hubs this process runs (failover once one is killed) or at running ones (`--hub`: failover
+/// once one stops answering).
+#[derive(Clone, Copy)]
+struct Reach {
+    spread: f64,
+    external: bool,
+}
+
 /// One simulated contributor: registers, then submits a fixed pseudo-gradient every round
 /// until the run finishes, through replica `i mod N` or, once that one is gone, the next.
 fn simulate(
@@ -414,9 +423,9 @@ fn simulate(
     log: &Log,
     killed: &AtomicUsize,
     gate: &Gate,
-    spread: f64,
-    external: bool,
+    reach: Reach,
 ) -> Result<()> {
+    let Reach { spread, external } = reach;
     let me = Arc::new(tessera_trust::Identity::generate()?);
     let hub_key = tessera_trust::PublicKey::parse(&info.hub_key)?;
     let mine = |k: usize| clients[k].clone().signed_by(me.clone()).pinning(hub_key);
