@@ -382,12 +382,13 @@ pub fn grow(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use tessera_protocol::Codec;
     use tessera_protocol::api::{DataSource, DataSpec, InnerSpec, OuterSpec};
 
-    fn spec(lr: f32) -> RunSpec {
+    /// A one-tensor run with outer lr `lr` (momentum 0.9, Nesterov), f32 submissions.
+    pub(crate) fn spec(lr: f32) -> RunSpec {
         RunSpec {
             name: "t".into(),
             model: serde_json::json!({}),

@@ -301,50 +301,12 @@ impl Part {
 mod tests {
     use super::*;
     use crate::round::{self, OuterState, mean};
-    use tessera_protocol::api::{DataSource, DataSpec, InnerSpec, OuterSpec};
     use tessera_protocol::{
         MessageView, PseudoGradient, RunSpec, TensorSpec, WeightsLayout, header_bytes_for, weights_hash,
     };
 
     fn spec(tensors: Vec<TensorSpec>, codec: Codec, rule: Aggregation) -> RunSpec {
-        RunSpec {
-            name: "t".into(),
-            model: serde_json::json!({}),
-            tensors,
-            data: DataSpec {
-                name: "d".into(),
-                fingerprint: String::new(),
-                source: DataSource::External,
-                loss_floor: None,
-            },
-            inner: InnerSpec {
-                batch_size: 1,
-                seq_len: 1,
-                lr: 1e-3,
-                min_lr: 1e-4,
-                warmup_steps: 0,
-                grad_clip: 1.0,
-                weight_decay: 0.0,
-            },
-            inner_steps: 1,
-            rounds: 2,
-            outer: OuterSpec { lr: 0.7, momentum: 0.9, nesterov: true },
-            codec,
-            feedback_decay: 1.0,
-            broadcast_codec: codec,
-            quorum: 1,
-            round_deadline_ms: 1000,
-            max_staleness: 0,
-            staleness_decay: 0.5,
-            seed: 0,
-            aggregation: rule,
-            contest: None,
-            trust: None,
-            phases: Vec::new(),
-            fragments: 0,
-            until_loss: None,
-            economy: None,
-        }
+        RunSpec { tensors, codec, broadcast_codec: codec, aggregation: rule, ..round::tests::spec(0.7) }
     }
 
     /// A small pseudo-random value from a counter (no generator crate needed).
