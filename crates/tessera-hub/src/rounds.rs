@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use tessera_aggregate::AggregateError;
-use tessera_aggregate::round::{Input, Mean, grow, mean, step};
+use tessera_aggregate::round::{Input, Mean, OuterState, grow, mean, step};
 use tessera_protocol::weights_hash;
 use tessera_round::{Event, Judgement, Outcome, Plan, Tick};
 use tessera_trust::ledger::Ledger;
@@ -20,7 +20,7 @@ use tessera_trust::ledger::Ledger;
 use crate::HubError;
 use crate::db::{Seed, Written};
 use crate::hub::{Hub, Live, now_ms};
-use crate::store::{checkpoint_key, outer_key, submission_key, update_key};
+use crate::store::{ReadAhead, checkpoint_key, outer_key, submission_key, update_key};
 
 /// What a sealed round's verdict brings besides its judgement.
 #[derive(Default)]
@@ -31,11 +31,6 @@ pub(crate) struct Sealed {
     pub ledger: Vec<(u64, String)>,
     pub next: Option<Ledger>,
 }
-
-/// Blobs read ahead of the aggregation when a round is read back: at most this many, and at
-/// most this many bytes.
-const PREFETCH: usize = 16;
-const PREFETCH_BYTES: u64 = 1 << 30;
 
 impl Hub {
     /// Whether the current round's mean is summed as its submissions arrive: an unscored,
@@ -104,7 +99,6 @@ impl Hub {
             tracing::debug!(round, "another replica is aggregating this round");
             return Ok(());
         };
-        let current = live.run.current().clone();
         // With aggregation workers, they do the round (unless it is given whole, or grows).
         let workers = self.aggregate_shards > 0
             && sealed.mean.is_none()
@@ -114,43 +108,8 @@ impl Hub {
         let (hash, used, weight, state) = match by_workers {
             Some(done) => (done.hash, done.used, done.weight, None),
             None => {
-                let mean = self.round_mean(live, &plan, sealed.mean).await?;
-                let started = std::time::Instant::now();
-                let mut base = [0u8; 32];
-                hex::decode_to_slice(live.run.checkpoint(), &mut base)
-                    .map_err(|e| HubError::Corrupt(format!("base checkpoint: {e}")))?;
-                let (run_id, state) = (live.run.run_id(), self.outer(live).await?);
-                let spec_now = current.clone();
-                let delta = mean.mean;
-                let mut agg = tokio::task::spawn_blocking(move || step(&spec_now, run_id, round, base, &state, &delta))
-                    .await
-                    .map_err(|e| HubError::Corrupt(format!("aggregation task failed: {e}")))??;
-                if agg.held {
-                    tracing::error!(
-                        round,
-                        "the outer step would leave non-finite weights: the round holds them instead"
-                    );
-                }
-                metrics::histogram!("tessera_hub_aggregation_seconds").record(started.elapsed().as_secs_f64());
-                // The last round of a phase publishes the next phase's model: grown, the same function.
-                if let Some(next) = plan.next_phase {
-                    if plan.early {
-                        tracing::info!(round, loss = ?plan.target_loss, "the phase reached its loss target: growing early");
-                    }
-                    let grower = self.grower.clone().ok_or_else(|| {
-                        HubError::Config(format!("the run grows into phase {next} but this hub has no grower"))
-                    })?;
-                    let (from, to) = (current.clone(), self.spec().at_phase(next));
-                    let seed = self.spec().phases[next - 1].seed;
-                    agg = tokio::task::spawn_blocking(move || grow(agg, grower.as_ref(), &from, &to, seed))
-                        .await
-                        .map_err(|e| HubError::Corrupt(format!("growth task failed: {e}")))??;
-                }
-                let hash = hex::encode(weights_hash(&agg.weights_bytes));
-                self.store.put(&checkpoint_key(&hash), Bytes::from(std::mem::take(&mut agg.weights_bytes))).await?;
-                self.store.put(&update_key(round + 1), Bytes::from(std::mem::take(&mut agg.update_bytes))).await?;
-                self.store.put(&outer_key(round + 1), Bytes::from(std::mem::take(&mut agg.outer_bytes))).await?;
-                (hash, mean.used, mean.weight, Some(agg.state))
+                let (hash, used, weight, state) = self.aggregate_here(live, &plan, sealed.mean).await?;
+                (hash, used, weight, Some(state))
             }
         };
         let seed = if plan.finished { None } else { Some(Seed::fresh()?) };
@@ -206,6 +165,52 @@ impl Hub {
         Ok(())
     }
 
+    /// Aggregates the closed round in this process (its mean, the outer step, growth at a
+    /// phase's end) and stores what publishing it names; returns the checkpoint's hash, the
+    /// submissions used, their weight and the new outer state.
+    async fn aggregate_here(
+        &self,
+        live: &mut Live,
+        plan: &Plan,
+        given: Option<Vec<Vec<f32>>>,
+    ) -> Result<(String, u64, f64, OuterState), HubError> {
+        let (round, current) = (plan.round, live.run.current().clone());
+        let mean = self.round_mean(live, plan, given).await?;
+        let started = std::time::Instant::now();
+        let mut base = [0u8; 32];
+        hex::decode_to_slice(live.run.checkpoint(), &mut base)
+            .map_err(|e| HubError::Corrupt(format!("base checkpoint: {e}")))?;
+        let (run_id, state) = (live.run.run_id(), self.outer(live).await?);
+        let spec_now = current.clone();
+        let delta = mean.mean;
+        let mut agg = tokio::task::spawn_blocking(move || step(&spec_now, run_id, round, base, &state, &delta))
+            .await
+            .map_err(|e| HubError::Corrupt(format!("aggregation task failed: {e}")))??;
+        if agg.held {
+            tracing::error!(round, "the outer step would leave non-finite weights: the round holds them instead");
+        }
+        metrics::histogram!("tessera_hub_aggregation_seconds").record(started.elapsed().as_secs_f64());
+        // The last round of a phase publishes the next phase's model: grown, the same function.
+        if let Some(next) = plan.next_phase {
+            if plan.early {
+                tracing::info!(round, loss = ?plan.target_loss, "the phase reached its loss target: growing early");
+            }
+            let grower = self.grower.clone().ok_or_else(|| {
+                HubError::Config(format!("the run grows into phase {next} but this hub has no grower"))
+            })?;
+            let (from, to) = (current.clone(), self.spec().at_phase(next));
+            let seed = self.spec().phases[next - 1].seed;
+            agg = tokio::task::spawn_blocking(move || grow(agg, grower.as_ref(), &from, &to, seed))
+                .await
+                .map_err(|e| HubError::Corrupt(format!("growth task failed: {e}")))??;
+        }
+        let hash = hex::encode(weights_hash(&agg.weights_bytes));
+        self.store.put(&checkpoint_key(&hash), Bytes::from(std::mem::take(&mut agg.weights_bytes))).await?;
+        self.store.put(&update_key(round + 1), Bytes::from(std::mem::take(&mut agg.update_bytes))).await?;
+        self.store.put(&outer_key(round + 1), Bytes::from(std::mem::take(&mut agg.outer_bytes))).await?;
+        Ok((hash, mean.used, mean.weight, agg.state))
+    }
+
     /// The round's Δ̄: a sealed run's from its validator (zeros if nobody settled it: the hub
     /// cannot read it), the sum taken as the submissions arrived where there is one, else the
     /// run's rule over the stored submissions with a weight, read back one at a time.
@@ -242,38 +247,23 @@ impl Hub {
             .collect();
         let keys: Vec<String> = rows.iter().map(|(row, _)| submission_key(&row.blob)).collect();
         let (store, runtime) = (self.store.clone(), tokio::runtime::Handle::current());
-        // The blobs are read in order, a few ahead of the rule on a blocking thread (an
-        // object store answers each read after a round trip); a rule that starts over (a blob
-        // left out) reads again directly.
-        let largest = rows.iter().map(|(row, _)| row.bytes).max().unwrap_or(1).max(1);
-        let ahead = (PREFETCH_BYTES / largest).clamp(1, PREFETCH as u64) as usize;
-        // Half the reads in flight, half read and waiting: reading goes on while the
-        // arithmetic works.
-        let (tx, rx) = tokio::sync::mpsc::channel(ahead.div_ceil(2));
-        let prefetch = {
-            let (store, keys) = (store.clone(), keys.clone());
-            tokio::spawn(async move {
-                use futures::StreamExt as _;
-                let reads = futures::stream::iter(keys)
-                    .map(|key| {
-                        let store = store.clone();
-                        async move { store.get(&key).await.map_err(|e| format!("{key}: {e}")) }
-                    })
-                    .buffered(ahead.div_ceil(2));
-                let mut reads = std::pin::pin!(reads);
-                while let Some(read) = reads.next().await {
-                    if tx.send(read).await.is_err() {
-                        break;
-                    }
-                }
-            })
-        };
+        // The blobs are read in order, a few ahead of the rule on a blocking thread; a rule
+        // that starts over (a blob left out) reads again directly.
+        let largest = rows.iter().map(|(row, _)| row.bytes).max().unwrap_or(1);
+        let reads = keys.clone().into_iter().map({
+            let store = store.clone();
+            move |key| {
+                let store = store.clone();
+                async move { store.get(&key).await.map_err(|e| format!("{key}: {e}")) }
+            }
+        });
+        let ahead = ReadAhead::start(reads, largest);
         let mean = tokio::task::spawn_blocking(move || {
-            let (next, rx) = (std::cell::Cell::new(0usize), std::cell::RefCell::new(rx));
+            let next = std::cell::Cell::new(0usize);
             let load = |k: usize| {
                 let read = if k == next.get() {
                     next.set(k + 1);
-                    rx.borrow_mut().blocking_recv().ok_or_else(|| "the reader stopped".to_owned()).and_then(|r| r)
+                    ahead.blocking_next()
                 } else {
                     next.set(usize::MAX);
                     runtime.block_on(store.get(&keys[k])).map_err(|e| format!("{}: {e}", keys[k]))
@@ -284,7 +274,6 @@ impl Hub {
         })
         .await
         .map_err(|e| HubError::Corrupt(format!("aggregation task failed: {e}")))??;
-        prefetch.abort();
         for (k, e) in &mean.left_out {
             tracing::error!(submission = k, error = %e, "a stored submission cannot be read or decoded; aggregated without it");
         }

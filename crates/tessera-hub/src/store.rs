@@ -269,3 +269,49 @@ impl Writer {
         Ok(())
     }
 }
+
+/// Reads kept ahead of a consumer on a blocking thread: at most [`AHEAD`] reads, and about
+/// [`AHEAD_BYTES`], half in flight and half done and waiting, so reading goes on while the
+/// consumer works (an object store answers each read after a round trip). Taken in order with
+/// [`ReadAhead::blocking_next`]; dropping it stops the reads.
+pub(crate) struct ReadAhead<T> {
+    rx: std::sync::Mutex<tokio::sync::mpsc::Receiver<Result<T, String>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// At most this many reads ahead, and at most this many bytes.
+const AHEAD: u64 = 16;
+const AHEAD_BYTES: u64 = 1 << 30;
+
+impl<T: Send + 'static> ReadAhead<T> {
+    /// Starts `reads` in order, each about `bytes` large, on the current runtime.
+    pub fn start<F>(reads: impl Iterator<Item = F> + Send + 'static, bytes: u64) -> ReadAhead<T>
+    where
+        F: std::future::Future<Output = Result<T, String>> + Send + 'static,
+    {
+        use futures::StreamExt as _;
+        let half = (AHEAD_BYTES / bytes.max(1)).clamp(1, AHEAD).div_ceil(2) as usize;
+        let (tx, rx) = tokio::sync::mpsc::channel(half);
+        let task = tokio::spawn(async move {
+            let mut done = std::pin::pin!(futures::stream::iter(reads).buffered(half));
+            while let Some(read) = done.next().await {
+                if tx.send(read).await.is_err() {
+                    break;
+                }
+            }
+        });
+        ReadAhead { rx: std::sync::Mutex::new(rx), task }
+    }
+
+    /// The next read's result, waiting for it: from a blocking thread only.
+    pub fn blocking_next(&self) -> Result<T, String> {
+        let mut rx = self.rx.lock().map_err(|_| "the read-ahead was poisoned".to_owned())?;
+        rx.blocking_recv().ok_or_else(|| "the reads stopped".to_owned())?
+    }
+}
+
+impl<T> Drop for ReadAhead<T> {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

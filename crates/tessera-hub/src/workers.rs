@@ -36,7 +36,7 @@ use tessera_protocol::{Aggregation, Codec, Layout, TensorSpec, WeightsLayout, Wi
 
 use crate::HubError;
 use crate::db::{Db, JobLease};
-use crate::store::{Store, checkpoint_key, outer_key, submission_key};
+use crate::store::{ReadAhead, Store, checkpoint_key, outer_key, submission_key};
 
 /// What every job of a round works from.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -109,9 +109,6 @@ pub fn round_prefix(round: u64) -> String {
 
 /// A message's first bytes read to find its table: enough for a few hundred tensors' names.
 const PREFIX: u64 = 64 << 10;
-/// Submissions' slices read ahead of the arithmetic: at most this many, and this many bytes.
-const AHEAD: usize = 16;
-const AHEAD_BYTES: u64 = 1 << 30;
 
 /// Takes jobs until `shutdown` resolves: one at a time, waiting on the jobs channel (or a
 /// second) when there is none. A failure to reach the database or the store drops the job (the
@@ -237,60 +234,39 @@ async fn compute(
     let lengths = plan.lengths();
     let inputs = plan.inputs();
     let previous = if stage == 0 { Previous::default() } else { previous(db, store, (plan, id), stage, shard).await? };
-    // Every submission's slice, read a few ahead of the arithmetic (an object store answers
-    // each read after a round trip).
+    // Every submission's slice, read a few ahead of the arithmetic.
     let wanted: Vec<Vec<(usize, usize)>> = inputs.iter().map(|i| shard::wanted(i, &range)).collect();
-    let per = (range.clone().map(|i| 4 * lengths[i] as u64).sum::<u64>()).max(1);
-    let ahead = (AHEAD_BYTES / per).clamp(1, AHEAD as u64) as usize;
-    // Half the reads in flight, half read and waiting: reading goes on while the
-    // arithmetic works.
-    let (tx, rx) = tokio::sync::mpsc::channel(ahead.div_ceil(2));
-    let reader = {
-        let (store, keys) = (store.clone(), plan.inputs.iter().map(|i| submission_key(&i.blob)).collect::<Vec<_>>());
-        let (wanted, read) = (wanted.clone(), read.clone());
-        tokio::spawn(async move {
-            use futures::StreamExt as _;
-            let reads = futures::stream::iter(keys.into_iter().zip(wanted))
-                .map(|(key, wanted)| {
-                    let (store, read) = (store.clone(), read.clone());
-                    async move {
-                        let slice = read_slice(&store, &key, &wanted).await.map_err(|e| format!("{key}: {e}"))?;
-                        read.fetch_add(slice.bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
-                        Ok(slice)
-                    }
-                })
-                .buffered(ahead.div_ceil(2));
-            let mut reads = std::pin::pin!(reads);
-            while let Some(read) = reads.next().await {
-                if tx.send(read).await.is_err() {
-                    break;
-                }
+    let per = range.clone().map(|i| 4 * lengths[i] as u64).sum::<u64>();
+    let keys: Vec<String> = plan.inputs.iter().map(|i| submission_key(&i.blob)).collect();
+    let reads = keys.into_iter().zip(wanted.clone()).map({
+        let (store, read) = (store.clone(), read.clone());
+        move |(key, wanted)| {
+            let (store, read) = (store.clone(), read.clone());
+            async move {
+                let slice = read_slice(&store, &key, &wanted).await.map_err(|e| format!("{key}: {e}"))?;
+                read.fetch_add(slice.bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                Ok(slice)
             }
-        })
-    };
+        }
+    });
+    let ahead = ReadAhead::start(reads, per);
     let (rule, job_range) = (plan.rule, range.clone());
     let stage_lengths = lengths.clone();
     let result = tokio::task::spawn_blocking(move || {
         // Each submission is read once, in order, by every rule.
-        let (next, rx) = (std::cell::Cell::new(0usize), std::cell::RefCell::new(rx));
+        let next = std::cell::Cell::new(0usize);
         let load = |k: usize| -> Result<Vec<Vec<f32>>, AggregateError> {
             if k != next.get() {
                 return Err(AggregateError::Unreadable(format!("submission {k} asked out of order")));
             }
             next.set(k + 1);
-            let slice = rx
-                .borrow_mut()
-                .blocking_recv()
-                .ok_or_else(|| "the reader stopped".to_owned())
-                .and_then(|r| r)
-                .map_err(AggregateError::Unreadable)?;
+            let slice = ahead.blocking_next().map_err(AggregateError::Unreadable)?;
             decode_slice(&slice, &wanted[k])
         };
         shard::stage(&rule, stage, &inputs, &stage_lengths, job_range, &previous, load)
     })
     .await
     .map_err(|e| HubError::Corrupt(format!("aggregation task failed: {e}")));
-    reader.abort();
     let bytes = read.load(std::sync::atomic::Ordering::Relaxed);
     let computed = match result? {
         Ok(s) => s,
