@@ -952,7 +952,16 @@ fn replicas_survive_losing_every_database_connection() {
         let body = message(&run, run.spec.codec, 0, &run.checkpoint, &delta(k as f32));
         patient(c).submit(Arc::new(body), None, None).unwrap();
     }
-    let after = info(&urls[1]);
+    // The other replica learns of the publication when notified, or at its next tick: under
+    // load that is not at once.
+    let mut after = info(&urls[1]);
+    for _ in 0..200 {
+        if after.round >= 1 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        after = info(&urls[1]);
+    }
     assert_eq!(after.round, 1);
     assert_eq!(status_of(&urls[0]).history[0].accepted, 4, "every acknowledged submission, once");
     // The next round, across both replicas again (the listeners reconnected).
