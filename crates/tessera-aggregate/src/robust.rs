@@ -163,18 +163,26 @@ fn distance(x: &[&[f32]], v: &[Vec<f32>]) -> f64 {
 
 /// Σ x² over one tensor, in f64: a norm is the root of these summed in tensor order.
 pub(crate) fn square_sum(t: &[f32]) -> f64 {
-    t.iter().map(|&v| f64::from(v) * f64::from(v)).sum::<f64>()
+    square_sum_from(0.0, t)
+}
+
+/// `acc` + Σ x², added in order: a tensor's [`square_sum`] taken piece by piece, each piece
+/// continuing from the last, is the same number bit for bit.
+pub(crate) fn square_sum_from(acc: f64, t: &[f32]) -> f64 {
+    t.iter().fold(acc, |s, &v| s + f64::from(v) * f64::from(v))
 }
 
 /// Σ (a − b)² over one tensor, in f64.
 pub(crate) fn square_distance(a: &[f32], b: &[f32]) -> f64 {
-    a.iter()
-        .zip(b)
-        .map(|(&a, &b)| {
-            let d = f64::from(a) - f64::from(b);
-            d * d
-        })
-        .sum::<f64>()
+    square_distance_from(0.0, a, b)
+}
+
+/// `acc` + Σ (a − b)², added in order (see [`square_sum_from`]).
+pub(crate) fn square_distance_from(acc: f64, a: &[f32], b: &[f32]) -> f64 {
+    a.iter().zip(b).fold(acc, |s, (&a, &b)| {
+        let d = f64::from(a) - f64::from(b);
+        s + d * d
+    })
 }
 
 /// `f(start, chunk)` over `out` split into one contiguous range per core.

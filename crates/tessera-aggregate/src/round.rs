@@ -4,7 +4,9 @@
 //!
 //! Cost for N submissions of P parameters: the streaming mean holds the running sum (4P bytes)
 //! and reads and decodes one submission at a time (or takes the sum the hub kept as they
-//! arrived, [`RunningMean`]); a robust rule holds every decoded submission (4NP bytes); the
+//! arrived, [`RunningMean`]); a robust rule here holds every decoded submission (4NP bytes:
+//! the reference, and what a validator holding the opened submissions does), while
+//! [`crate::shard::whole`] gives the same Δ̄ holding one piece of each (what the hub does); the
 //! outer step and the broadcast hold θ, the momentum, the residual and one target (16P bytes)
 //! besides.
 

@@ -9,18 +9,25 @@
 //! stage, once every shard has reported, adds them in tensor order as one process would. Norm
 //! clipping takes two stages, centred clipping with `k` iterations `k + 1`; the others one.
 //!
-//! Cost per shard of `p` parameters and `N` submissions: the mean-family rules hold the sum and
-//! one decoded tensor (4p bytes and one tensor); the coordinate-wise and clipping rules hold
-//! every submission's slice (4Np bytes); every stage reads each submission's slice once. The
+//! Within a shard, every stage reads the submissions a piece at a time ([`Piece`]: a range of
+//! one tensor's values, whole codec blocks): the coordinate-wise work is the same whatever
+//! the cut, and the per-submission sums are carried from piece to piece in order, so pieces
+//! change nothing either. [`whole`] runs every stage over the whole model in one process.
+//!
+//! Cost per shard of `p` parameters and `N` submissions: a stage holds the shard's output (4p
+//! bytes: the mean, or centred clipping's centre) and one piece of each submission, at most a
+//! budget's worth of f32 ([`PIECE_BYTES`] by default; one block of each at least) under the
+//! coordinate-wise and clipping rules, one submission's piece under the mean-family rules;
+//! never N × p. Each stage reads every submission's slice once, in N reads per piece. The
 //! outer step holds θ, momentum, residual and target of the shard (16p bytes).
 
 use std::ops::Range;
 
-use tessera_protocol::{Aggregation, Codec};
+use tessera_protocol::{Aggregation, Codec, MessageView};
 
 use crate::robust::{
-    RobustReport, centre_step, clip_scale, coefficients, coordinatewise, median_in_place, median_of, square_distance,
-    square_sum, weighted_mean,
+    RobustReport, centre_step, clip_scale, coefficients, coordinatewise, median_in_place, median_of,
+    square_distance_from, square_sum_from, weighted_mean,
 };
 use crate::round::Input;
 use crate::{AggregateError, OuterConfig, broadcast_tensor, outer_step_tensor};
@@ -57,14 +64,6 @@ pub fn plan(lengths: &[usize], shards: usize) -> Vec<Range<usize>> {
     out
 }
 
-/// The tensors of `range` that `input` carries: (the model's index, its index in the message).
-pub fn wanted(input: &Input, range: &Range<usize>) -> Vec<(usize, usize)> {
-    match &input.carries {
-        None => range.clone().map(|i| (i, i)).collect(),
-        Some(keep) => keep.iter().enumerate().filter(|(_, i)| range.contains(i)).map(|(m, &i)| (i, m)).collect(),
-    }
-}
-
 /// What one stage of one shard gives.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Stage {
@@ -83,10 +82,109 @@ pub struct Previous {
     pub centre: Option<Vec<Vec<f32>>>,
 }
 
-/// Stage `stage` of the shard `range` of a round with `inputs` under `rule`. `lengths` are the
-/// whole model's; `load(k)` gives submission `k`'s decoded values for [`wanted`]`(k, range)`,
-/// checked ([`crate::check_values`]). An error is the round's to handle (one process leaves
-/// out what it cannot read; a shard cannot, since the others would not know).
+/// Values `values` of the model's tensor `tensor`: what a stage reads of a submission at a
+/// time. A stage goes through its pieces in order and holds one piece of every submission at
+/// most, so what it holds is bounded by a budget, not by the model's size.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Piece {
+    pub tensor: usize,
+    pub values: Range<usize>,
+}
+
+/// The default budget of decoded values a stage holds at once (bytes of f32).
+pub const PIECE_BYTES: usize = 256 << 20;
+
+/// Whether `rule` looks at every submission's value of a coordinate at once (so a stage holds
+/// a piece of each), rather than adding them one at a time.
+fn holds_all(rule: &Aggregation, inputs: &[Input]) -> bool {
+    *rule != Aggregation::Mean && !inputs.iter().any(|i| i.carries.is_some())
+}
+
+/// The tensors of `range` cut into pieces of whole codec units (`unit` values, which decode on
+/// their own) so that what a stage holds at once fits in `budget` bytes of f32: one
+/// submission's piece under the mean-family rules, every submission's under the others (at
+/// least one unit each, whatever the budget).
+pub fn pieces(
+    rule: &Aggregation,
+    inputs: &[Input],
+    lengths: &[usize],
+    range: &Range<usize>,
+    unit: usize,
+    budget: usize,
+) -> Vec<Piece> {
+    let unit = unit.max(1);
+    let held = if holds_all(rule, inputs) { inputs.len().max(1) } else { 1 };
+    let per = (budget / (4 * held) / unit).max(1) * unit;
+    range
+        .clone()
+        .flat_map(|t| {
+            let n = lengths[t];
+            (0..n).step_by(per).map(move |a| Piece { tensor: t, values: a..(a + per).min(n) })
+        })
+        .collect()
+}
+
+/// The submissions that carry the model's tensor `t`, in order.
+pub fn carriers(inputs: &[Input], t: usize) -> impl Iterator<Item = usize> + '_ {
+    inputs.iter().enumerate().filter(move |(_, i)| i.carries.as_ref().is_none_or(|c| c.contains(&t))).map(|(k, _)| k)
+}
+
+/// The order in which a stage over `pieces` reads: piece by piece, each from every submission
+/// that carries its tensor. A reader can fetch ahead in this order.
+pub fn reads<'a>(inputs: &'a [Input], pieces: &'a [Piece]) -> impl Iterator<Item = (usize, &'a Piece)> + 'a {
+    pieces.iter().flat_map(move |p| carriers(inputs, p.tensor).map(move |k| (k, p)))
+}
+
+/// Where piece `p`'s encoding lies in its tensor's encoding (`numel` values under `codec`).
+pub fn piece_bytes(codec: &Codec, numel: u64, p: &Piece) -> Result<Range<u64>, AggregateError> {
+    let (a, b) = (p.values.start as u64, p.values.end as u64);
+    let unit = u64::from(codec.unit());
+    if b > numel || a > b || !a.is_multiple_of(unit) || (b < numel && !b.is_multiple_of(unit)) {
+        return Err(AggregateError::Unreadable(format!(
+            "values {a}..{b} of tensor {} are not whole blocks of its {numel} under {codec}",
+            p.tensor
+        )));
+    }
+    Ok(codec.encoded_len(a)..codec.encoded_len(b))
+}
+
+/// Decodes piece `p` from `bytes` (its encoding, [`piece_bytes`]) and checks its values as a
+/// submission's are checked on arrival.
+pub fn decode_piece(codec: &Codec, bytes: &[u8], p: &Piece) -> Result<Vec<f32>, AggregateError> {
+    let values = codec.decode(bytes, p.values.len() as u64).map_err(tessera_protocol::WireError::from)?;
+    crate::check_values(p.tensor, p.values.start, &values)?;
+    Ok(values)
+}
+
+/// Where the model's tensor `t` is in `input`'s message, if it carries it.
+pub fn message_index(input: &Input, t: usize) -> Option<usize> {
+    match &input.carries {
+        None => Some(t),
+        Some(keep) => keep.iter().position(|&i| i == t),
+    }
+}
+
+/// Piece `p` of a submission held whole (`view`, carrying `input`'s tensors).
+pub fn view_piece(view: &MessageView<'_>, input: &Input, p: &Piece) -> Result<Vec<f32>, AggregateError> {
+    let tensor = message_index(input, p.tensor)
+        .and_then(|m| view.tensors.get(m))
+        .ok_or_else(|| AggregateError::Unreadable(format!("the submission lacks tensor {}", p.tensor)))?;
+    let r = piece_bytes(&view.codec, tensor.numel(), p)?;
+    let bytes = tensor.encoded.get(r.start as usize..r.end as usize).ok_or_else(|| {
+        AggregateError::Unreadable(format!("tensor {}'s encoding is shorter than {}", p.tensor, r.end))
+    })?;
+    decode_piece(&view.codec, bytes, p)
+}
+
+/// Stage `stage` of the shard `range` of a round with `inputs` under `rule`, over its
+/// `pieces` ([`pieces`]). `lengths` are the whole model's; `load(k, p)` gives submission `k`'s
+/// decoded, checked values of piece `p`, and is called in [`reads`] order. An error is the
+/// round's to handle (one process leaves out what it cannot read; a shard cannot, since the
+/// others would not know).
+///
+/// Bit for bit what one process computes over whole tensors: every rule is coordinate-wise
+/// but for its per-submission sums, which are carried from piece to piece in order.
+#[allow(clippy::too_many_arguments)]
 pub fn stage(
     rule: &Aggregation,
     stage: u32,
@@ -94,21 +192,27 @@ pub fn stage(
     lengths: &[usize],
     range: Range<usize>,
     previous: &Previous,
-    load: impl Fn(usize) -> Result<Vec<Vec<f32>>, AggregateError>,
+    pieces: &[Piece],
+    mut load: impl FnMut(usize, &Piece) -> Result<Vec<f32>, AggregateError>,
 ) -> Result<Stage, AggregateError> {
-    let shard: Vec<usize> = lengths[range.clone()].to_vec();
-    let zeros = || shard.iter().map(|&n| vec![0.0f32; n]).collect::<Vec<_>>();
-    if inputs.iter().any(|i| i.carries.is_some()) {
-        return fragment(inputs, &shard, &range, load);
+    let shard = &lengths[range.clone()];
+    let mut out: Vec<Vec<f32>> = shard.iter().map(|&n| vec![0.0f32; n]).collect();
+    if let Some(p) = pieces.iter().find(|p| !range.contains(&p.tensor) || p.values.end > lengths[p.tensor]) {
+        return Err(AggregateError::Unreadable(format!("piece {p:?} is not in the shard {range:?}")));
     }
-    if *rule == Aggregation::Mean {
-        return streaming(inputs, &shard, load);
+    let mut read = |k: usize, p: &Piece| -> Result<Vec<f32>, AggregateError> {
+        let values = load(k, p)?;
+        if values.len() != p.values.len() {
+            return Err(AggregateError::TensorLength { index: p.tensor, expected: p.values.len(), got: values.len() });
+        }
+        Ok(values)
+    };
+    if !holds_all(rule, inputs) {
+        return weighted_sum(inputs, &range, pieces, out, read);
     }
     if inputs.is_empty() {
-        return Ok(Stage::Mean { mean: zeros(), robust: None });
+        return Ok(Stage::Mean { mean: out, robust: None });
     }
-    let decoded = (0..inputs.len()).map(&load).collect::<Result<Vec<_>, _>>()?;
-    let views: Vec<Vec<&[f32]>> = decoded.iter().map(|d| d.iter().map(Vec::as_slice).collect()).collect();
     let weights: Vec<f32> = inputs.iter().map(|i| i.weight).collect();
     // The whole model's norm or distance of each submission, from the stage before.
     let totals = || -> Result<Vec<f64>, AggregateError> {
@@ -127,95 +231,151 @@ pub fn stage(
         let clipped = scales.iter().filter(|&&s| s < 1.0).count();
         (scales, RobustReport { clipped, radius: Some(radius) })
     };
-    let distances = |centre: &[Vec<f32>]| -> Vec<Vec<f64>> {
-        views.iter().map(|x| x.iter().zip(centre).map(|(t, c)| square_distance(t, c)).collect()).collect()
-    };
+    // Every submission's values of a piece, and the piece's place in the shard's output.
+    let mut all = |p: &Piece| (0..inputs.len()).map(|k| read(k, p)).collect::<Result<Vec<_>, _>>();
+    fn views(xs: &[Vec<f32>]) -> Vec<Vec<&[f32]>> {
+        xs.iter().map(|x| vec![x.as_slice()]).collect()
+    }
+    let at = |p: &Piece| p.tensor - range.start;
+    // Per submission, per tensor of the shard: a sum carried from piece to piece.
+    let mut sums = vec![vec![0.0f64; shard.len()]; inputs.len()];
     match *rule {
-        Aggregation::NormClip { .. } if stage == 0 => Ok(Stage::Partial {
-            sums: views.iter().map(|x| x.iter().map(|t| square_sum(t)).collect()).collect(),
-            centre: None,
-        }),
+        Aggregation::NormClip { .. } if stage == 0 => {
+            for p in pieces {
+                for (k, x) in all(p)?.iter().enumerate() {
+                    sums[k][at(p)] = square_sum_from(sums[k][at(p)], x);
+                }
+            }
+            Ok(Stage::Partial { sums, centre: None })
+        }
         Aggregation::NormClip { factor } => {
             let (scales, report) = clip(factor, &totals()?);
-            let mut out = zeros();
-            weighted_mean(&views, &weights, &scales, &mut out);
+            for p in pieces {
+                let mut piece = vec![vec![0.0f32; p.values.len()]];
+                weighted_mean(&views(&all(p)?), &weights, &scales, &mut piece);
+                out[at(p)][p.values.clone()].copy_from_slice(&piece[0]);
+            }
             Ok(Stage::Mean { mean: out, robust: Some(report) })
         }
         Aggregation::CenteredClip { factor, iters } => {
-            let (centre, report) = if stage == 0 {
-                let mut out = zeros();
-                coordinatewise(&views, &mut out, median_in_place);
-                (out, RobustReport::default())
+            let (coef, report) = if stage == 0 {
+                (None, RobustReport::default())
             } else {
-                let mut centre = previous.centre.clone().ok_or_else(|| {
+                out = previous.centre.clone().ok_or_else(|| {
                     AggregateError::Unreadable(format!("stage {stage} of centred clipping has no centre"))
                 })?;
+                if out.iter().map(Vec::len).ne(shard.iter().copied()) {
+                    return Err(AggregateError::Unreadable(format!("stage {stage}'s centre is not the shard's shape")));
+                }
                 let (scales, report) = clip(factor, &totals()?);
-                centre_step(&views, &coefficients(&weights, &scales), &mut centre);
-                (centre, report)
+                (Some(coefficients(&weights, &scales)), report)
             };
-            if stage == iters {
-                return Ok(Stage::Mean { mean: centre, robust: Some(report) });
+            for p in pieces {
+                let xs = all(p)?;
+                let centre = &mut out[at(p)][p.values.clone()];
+                let mut piece = vec![centre.to_vec()];
+                match &coef {
+                    None => coordinatewise(&views(&xs), &mut piece, median_in_place),
+                    Some(coef) => centre_step(&views(&xs), coef, &mut piece),
+                }
+                centre.copy_from_slice(&piece[0]);
+                if stage < iters {
+                    for (k, x) in xs.iter().enumerate() {
+                        sums[k][at(p)] = square_distance_from(sums[k][at(p)], x, centre);
+                    }
+                }
             }
-            Ok(Stage::Partial { sums: distances(&centre), centre: Some(centre) })
+            if stage >= iters {
+                return Ok(Stage::Mean { mean: out, robust: Some(report) });
+            }
+            Ok(Stage::Partial { sums, centre: Some(out) })
         }
         _ => {
-            let (mean, report) = crate::robust::aggregate(rule, &views, &weights)?;
-            Ok(Stage::Mean { mean, robust: Some(report) })
-        }
-    }
-}
-
-/// The weighted mean of the shard, submission by submission: [`crate::Accumulator`]'s
-/// arithmetic, one decoded slice at a time.
-fn streaming(
-    inputs: &[Input],
-    shard: &[usize],
-    load: impl Fn(usize) -> Result<Vec<Vec<f32>>, AggregateError>,
-) -> Result<Stage, AggregateError> {
-    let mut sums: Vec<Vec<f32>> = shard.iter().map(|&n| vec![0.0; n]).collect();
-    let mut total = 0.0f64;
-    for (k, input) in inputs.iter().enumerate() {
-        let decoded = load(k)?;
-        for (s, d) in sums.iter_mut().zip(&decoded) {
-            for (s, &d) in s.iter_mut().zip(d) {
-                *s += input.weight * d;
+            // Coordinate-wise rules: each piece on its own.
+            let mut report = RobustReport::default();
+            for p in pieces {
+                let (piece, r) = crate::robust::aggregate(rule, &views(&all(p)?), &weights)?;
+                out[at(p)][p.values.clone()].copy_from_slice(&piece[0]);
+                report = r;
             }
+            Ok(Stage::Mean { mean: out, robust: Some(report) })
         }
-        total += f64::from(input.weight);
     }
-    if !inputs.is_empty() {
-        let inv = (1.0 / total) as f32;
-        sums.iter_mut().for_each(|s| s.iter_mut().for_each(|v| *v *= inv));
-    }
-    Ok(Stage::Mean { mean: sums, robust: None })
 }
 
-/// A layer-sharded round's mean over the shard: each tensor over the submissions carrying it.
-fn fragment(
+/// The weighted mean of the shard, each tensor over the submissions carrying it (all of them
+/// outside a layer-sharded round), one submission's piece at a time: [`crate::Accumulator`]'s
+/// arithmetic, coordinate by coordinate in submission order.
+fn weighted_sum(
     inputs: &[Input],
-    shard: &[usize],
     range: &Range<usize>,
-    load: impl Fn(usize) -> Result<Vec<Vec<f32>>, AggregateError>,
+    pieces: &[Piece],
+    mut out: Vec<Vec<f32>>,
+    mut read: impl FnMut(usize, &Piece) -> Result<Vec<f32>, AggregateError>,
 ) -> Result<Stage, AggregateError> {
-    let mut sums: Vec<Vec<f32>> = shard.iter().map(|&n| vec![0.0; n]).collect();
-    let mut weight_of = vec![0.0f64; shard.len()];
-    for (k, input) in inputs.iter().enumerate() {
-        let decoded = load(k)?;
-        for ((i, _), values) in wanted(input, range).into_iter().zip(decoded) {
-            for (s, v) in sums[i - range.start].iter_mut().zip(values) {
-                *s += input.weight * v;
+    for (k, p) in reads(inputs, pieces) {
+        let x = read(k, p)?;
+        let w = inputs[k].weight;
+        for (s, &v) in out[p.tensor - range.start][p.values.clone()].iter_mut().zip(&x) {
+            *s += w * v;
+        }
+    }
+    for (t, sum) in range.clone().zip(out.iter_mut()) {
+        let weight = carriers(inputs, t).fold(0.0f64, |s, k| s + f64::from(inputs[k].weight));
+        if weight > 0.0 {
+            let inv = (1.0 / weight) as f32;
+            sum.iter_mut().for_each(|v| *v *= inv);
+        }
+    }
+    Ok(Stage::Mean { mean: out, robust: None })
+}
+
+/// Every stage of `rule` over the whole model in this process, piece by piece: the Δ̄ of
+/// [`crate::round::mean`] bit for bit, holding one piece of every submission rather than all
+/// of them (the budget and `unit` as for [`pieces`]). `start(active, pieces)` begins a pass
+/// over the submissions `active` (indices into `inputs`) cut into `pieces`, and returns their
+/// reader, called with those indices in [`reads`] order, stage after stage. A submission that cannot be read is left
+/// out and the pass starts again without it.
+pub fn whole<S>(
+    rule: &Aggregation,
+    lengths: &[usize],
+    inputs: &[Input],
+    (unit, budget): (usize, usize),
+    mut start: impl FnMut(&[usize], &[Piece]) -> S,
+) -> Result<crate::round::Mean, AggregateError>
+where
+    S: FnMut(usize, &Piece) -> Result<Vec<f32>, AggregateError>,
+{
+    let everything = 0..lengths.len();
+    let fragments = inputs.iter().any(|i| i.carries.is_some());
+    let mut left_out: Vec<(usize, AggregateError)> = Vec::new();
+    'pass: loop {
+        let active: Vec<usize> = (0..inputs.len()).filter(|k| !left_out.iter().any(|(j, _)| j == k)).collect();
+        let kept: Vec<Input> = active.iter().map(|&k| inputs[k].clone()).collect();
+        let pieces = pieces(rule, &kept, lengths, &everything, unit, budget);
+        let mut source = start(&active, &pieces);
+        let mut previous = Previous::default();
+        for s in 0..stages(rule, fragments) {
+            let mut failed = None;
+            let load = |k: usize, p: &Piece| source(active[k], p).inspect_err(|_| failed = Some(active[k]));
+            match stage(rule, s, &kept, lengths, everything.clone(), &previous, &pieces, load) {
+                Ok(Stage::Partial { sums, centre }) => previous = Previous { sums, centre },
+                Ok(Stage::Mean { mean, robust }) => {
+                    let weight = kept.iter().map(|i| f64::from(i.weight)).sum();
+                    let used = kept.len() as u64;
+                    return Ok(crate::round::Mean { mean, weight, used, left_out, robust });
+                }
+                Err(e) => match failed {
+                    Some(k) => {
+                        left_out.push((k, e));
+                        continue 'pass;
+                    }
+                    None => return Err(e),
+                },
             }
-            weight_of[i - range.start] += f64::from(input.weight);
         }
+        return Err(AggregateError::Unreadable(format!("{rule}'s stages ended without a mean")));
     }
-    for (t, &w) in sums.iter_mut().zip(&weight_of) {
-        if w > 0.0 {
-            let inv = (1.0 / w) as f32;
-            t.iter_mut().for_each(|v| *v *= inv);
-        }
-    }
-    Ok(Stage::Mean { mean: sums, robust: None })
 }
 
 /// Where θ, momentum, residual and the update's encodings of each tensor lie in a stored part.
@@ -323,24 +483,26 @@ mod tests {
         inputs: &[Input],
         blobs: &[Vec<u8>],
         shards: usize,
+        budget: usize,
     ) -> (Vec<u8>, Vec<u8>, Vec<u8>) {
         let lengths: Vec<usize> = spec.tensors.iter().map(|t| t.numel() as usize).collect();
         let ranges = plan(&lengths, shards);
         let fragments = inputs.iter().any(|i| i.carries.is_some());
         let mut previous: Vec<Previous> = vec![Previous::default(); ranges.len()];
         let mut means: Vec<Vec<Vec<f32>>> = vec![Vec::new(); ranges.len()];
+        let unit = spec.codec.unit() as usize;
         for s in 0..stages(&spec.aggregation, fragments) {
             let mut sums: Vec<Vec<Vec<f64>>> = Vec::new();
             let mut centres = Vec::new();
             for (r, range) in ranges.iter().enumerate() {
-                let load = |k: usize| {
-                    let view = MessageView::parse(&blobs[k]).unwrap();
-                    Ok(wanted(&inputs[k], range)
-                        .into_iter()
-                        .map(|(_, m)| spec.codec.decode(view.tensors[m].encoded, view.tensors[m].numel()).unwrap())
-                        .collect())
+                let pieces = pieces(&spec.aggregation, inputs, &lengths, range, unit, budget);
+                let mut order = reads(inputs, &pieces);
+                let load = |k: usize, p: &Piece| {
+                    assert_eq!(order.next(), Some((k, p)), "read out of order");
+                    view_piece(&MessageView::parse(&blobs[k]).unwrap(), &inputs[k], p)
                 };
-                match stage(&spec.aggregation, s, inputs, &lengths, range.clone(), &previous[r], load).unwrap() {
+                let at = stage(&spec.aggregation, s, inputs, &lengths, range.clone(), &previous[r], &pieces, load);
+                match at.unwrap() {
                     Stage::Partial { sums: part, centre } => {
                         sums.push(part);
                         centres.push(centre);
@@ -441,7 +603,7 @@ mod tests {
                         .enumerate()
                         .map(|(k, input)| {
                             let carried: Vec<usize> =
-                                wanted(input, &(0..tensors.len())).into_iter().map(|(i, _)| i).collect();
+                                input.carries.clone().unwrap_or_else(|| (0..tensors.len()).collect());
                             let values: Vec<Vec<f32>> = carried
                                 .iter()
                                 .map(|&i| {
@@ -481,13 +643,97 @@ mod tests {
                     assert!(one.left_out.is_empty());
                     let whole = round::step(&spec, [3; 16], 4, [4; 32], &state, &one.mean).unwrap();
                     assert!(!whole.held);
-                    for shards in [1, 2, 3, 9] {
-                        let (weights, update, outer) = sharded(&spec, &state, &inputs, &blobs, shards);
-                        let what = format!("{rule}, {codec:?}, fragments {fragments}, {shards} shards");
+                    // Piece by piece in one process, a piece as small as one unit or the tensor.
+                    for budget in [PIECE_BYTES, 200] {
+                        let start = |_: &[usize], _: &[Piece]| {
+                            |k: usize, p: &Piece| view_piece(&MessageView::parse(&blobs[k]).unwrap(), &inputs[k], p)
+                        };
+                        let pieced =
+                            super::whole(&spec.aggregation, &lengths, &inputs, (codec.unit() as usize, budget), start);
+                        let pieced = pieced.unwrap();
+                        let what = format!("{rule}, {codec:?}, fragments {fragments}, budget {budget}");
+                        assert_eq!(pieced.mean, one.mean, "{what}");
+                        assert_eq!((pieced.weight, pieced.used), (one.weight, one.used), "{what}");
+                        assert_eq!(pieced.robust, one.robust, "{what}");
+                    }
+                    for (shards, budget) in [(1, PIECE_BYTES), (2, PIECE_BYTES), (3, 200), (9, 100), (2, 1)] {
+                        let (weights, update, outer) = sharded(&spec, &state, &inputs, &blobs, shards, budget);
+                        let what =
+                            format!("{rule}, {codec:?}, fragments {fragments}, {shards} shards, budget {budget}");
                         assert_eq!(weights_hash(&weights), weights_hash(&whole.weights_bytes), "weights: {what}");
                         assert_eq!(update, whole.update_bytes, "update: {what}");
                         assert_eq!(outer, whole.outer_bytes, "outer state: {what}");
                     }
+                }
+            }
+        }
+    }
+
+    /// A submission that stops reading partway through a robust rule's later stage is left
+    /// out and the rule starts over: the same as one process given the others only.
+    #[test]
+    fn a_submission_unreadable_midway_is_left_out() {
+        let tensors: Vec<TensorSpec> = [("a", vec![64u64]), ("b", vec![8, 8])]
+            .into_iter()
+            .map(|(name, shape)| TensorSpec { name: name.into(), shape })
+            .collect();
+        let lengths = vec![64, 64];
+        let codec = Codec::Int8 { block: 16 };
+        let blobs: Vec<Vec<u8>> = (0..5)
+            .map(|k| {
+                let values: Vec<Vec<f32>> =
+                    (0..2).map(|i| (0..64).map(|j| noise((k * 977 + i * 64 + j) as u64)).collect()).collect();
+                let entries = tensors.iter().zip(&values).map(|(t, v)| (t.name.as_str(), &t.shape[..], &v[..]));
+                PseudoGradient::build(codec, [3; 16], 4, [4; 32], entries).unwrap().to_bytes()
+            })
+            .collect();
+        let inputs: Vec<Input> = (0..5).map(|k| Input { weight: 1.0 + k as f32, carries: None }).collect();
+        // Eight pieces a stage: the reads fail in the third, second and first stage.
+        for (rule, good) in [("centered-clip:1:2", 19), ("norm-clip:2", 10), ("median", 5)] {
+            let rule: Aggregation = rule.parse().unwrap();
+            let reads = std::cell::Cell::new(0);
+            let start = |active: &[usize], _: &[Piece]| {
+                let flaky = active.contains(&2);
+                let (blobs, inputs, reads) = (&blobs, &inputs, &reads);
+                move |k: usize, p: &Piece| {
+                    if flaky && k == 2 {
+                        reads.set(reads.get() + 1);
+                        if reads.get() > good {
+                            return Err(AggregateError::Unreadable("gone".into()));
+                        }
+                    }
+                    view_piece(&MessageView::parse(&blobs[k]).unwrap(), &inputs[k], p)
+                }
+            };
+            let pieced = whole(&rule, &lengths, &inputs, (16, 4 * 5 * 16), start).unwrap();
+            assert_eq!(pieced.left_out.iter().map(|(k, _)| *k).collect::<Vec<_>>(), vec![2], "{rule}");
+            let others = [0, 1, 3, 4];
+            let rest: Vec<Input> = others.iter().map(|&k| inputs[k].clone()).collect();
+            let one = mean(&rule, &lengths, &rest, |k| Ok(&blobs[others[k]])).unwrap();
+            assert_eq!(pieced.mean, one.mean, "{rule}");
+            assert_eq!((pieced.used, pieced.weight), (4, one.weight), "{rule}");
+        }
+    }
+
+    /// What a robust stage holds at once stays within the budget (or one unit per
+    /// submission), whatever the model's size; the mean-family rules hold one submission's.
+    #[test]
+    fn pieces_keep_what_a_stage_holds_within_the_budget() {
+        let lengths = vec![1 << 20, 3, 70_000, 4096];
+        let all = 0..lengths.len();
+        for n in [1usize, 7, 1000] {
+            let inputs: Vec<Input> = (0..n).map(|_| Input { weight: 1.0, carries: None }).collect();
+            for (rule, held) in [(Aggregation::Median, n), (Aggregation::Mean, 1)] {
+                for (unit, budget) in [(1, 1 << 20), (16, 1 << 20), (64, 100), (8, PIECE_BYTES)] {
+                    let pieces = pieces(&rule, &inputs, &lengths, &all, unit, budget);
+                    let widest = pieces.iter().map(|p| p.values.len()).max().unwrap();
+                    assert!(4 * held * widest <= budget.max(4 * held * unit), "{rule} {n} {unit} {budget}");
+                    let covered: Vec<(usize, usize)> =
+                        pieces.iter().flat_map(|p| p.values.clone().map(move |j| (p.tensor, j))).collect();
+                    let every: Vec<(usize, usize)> =
+                        all.clone().flat_map(|t| (0..lengths[t]).map(move |j| (t, j))).collect();
+                    assert_eq!(covered, every);
+                    assert!(pieces.iter().all(|p| p.values.start % unit == 0));
                 }
             }
         }

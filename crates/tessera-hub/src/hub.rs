@@ -74,6 +74,10 @@ pub struct HubConfig {
     /// Hands each round's aggregation to `tessera aggregate-worker` processes, split into this
     /// many tensor ranges ([`crate::workers`]; PostgreSQL only). 0: the hub aggregates itself.
     pub aggregate_shards: usize,
+    /// At most this many bytes of decoded submissions held at once by a robust rule (here or
+    /// in a worker): each stage reads the submissions a piece at a time (default
+    /// [`tessera_aggregate::shard::PIECE_BYTES`]; at least one codec block of each is held).
+    pub aggregate_memory: Option<usize>,
 }
 
 /// A direct upload above 4 GiB goes up in parts of 256 MiB.
@@ -130,6 +134,7 @@ pub struct Hub {
     validator_token: Option<String>,
     pub(crate) direct_multipart: (u64, u64),
     pub(crate) aggregate_shards: usize,
+    pub(crate) aggregate_memory: usize,
     pub(crate) round_tx: watch::Sender<u64>,
     pub(crate) bytes_down: AtomicU64,
     /// The task that sums the current round's submissions as they arrive ([`crate::running`]).
@@ -251,6 +256,7 @@ impl Hub {
             validator_token: config.validator_token.as_deref().map(token_hash),
             direct_multipart: config.direct_multipart.unwrap_or(DIRECT_MULTIPART),
             aggregate_shards: config.aggregate_shards,
+            aggregate_memory: config.aggregate_memory.unwrap_or(tessera_aggregate::shard::PIECE_BYTES),
             round_tx: watch::Sender::new(round),
             bytes_down: AtomicU64::new(0),
             summer: crate::running::Summer::start(),

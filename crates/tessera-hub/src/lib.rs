@@ -12,6 +12,7 @@ mod economy;
 pub mod http;
 pub mod hub;
 mod intake;
+mod pieces;
 mod recover;
 mod rounds;
 mod running;

@@ -13,13 +13,15 @@ use std::sync::Arc;
 use bytes::Bytes;
 use tessera_aggregate::AggregateError;
 use tessera_aggregate::round::{Input, Mean, OuterState, grow, mean, step};
-use tessera_protocol::weights_hash;
+use tessera_aggregate::shard;
+use tessera_protocol::{Aggregation, weights_hash};
 use tessera_round::{Event, Judgement, Outcome, Plan, Tick};
 use tessera_trust::ledger::Ledger;
 
 use crate::HubError;
 use crate::db::{Seed, Written};
 use crate::hub::{Hub, Live, now_ms};
+use crate::pieces::Submissions;
 use crate::store::{ReadAhead, checkpoint_key, outer_key, submission_key, update_key};
 
 /// What a sealed round's verdict brings besides its judgement.
@@ -213,7 +215,8 @@ impl Hub {
 
     /// The round's Δ̄: a sealed run's from its validator (zeros if nobody settled it: the hub
     /// cannot read it), the sum taken as the submissions arrived where there is one, else the
-    /// run's rule over the stored submissions with a weight, read back one at a time.
+    /// run's rule over the stored submissions with a weight: the mean read back one at a time,
+    /// a robust rule a piece of each at a time (never all of them whole).
     async fn round_mean(&self, live: &Live, plan: &Plan, given: Option<Vec<Vec<f32>>>) -> Result<Mean, HubError> {
         let lengths = live.run.lengths();
         let used = plan.weights.iter().filter(|&&w| w > 0.0).count() as u64;
@@ -246,10 +249,35 @@ impl Hub {
             })
             .collect();
         let keys: Vec<String> = rows.iter().map(|(row, _)| submission_key(&row.blob)).collect();
-        let (store, runtime) = (self.store.clone(), tokio::runtime::Handle::current());
+        let mean = if rule == Aggregation::Mean || self.spec().fragments > 1 {
+            self.read_back(&rule, lengths, inputs, keys, rows.iter().map(|(row, _)| row.bytes).max()).await?
+        } else {
+            let unit = live.run.current().codec.unit() as usize;
+            self.pieced(&rule, lengths, inputs, keys, unit).await?
+        };
+        for (k, e) in &mean.left_out {
+            tracing::error!(submission = k, error = %e, "a stored submission cannot be read or decoded; aggregated without it");
+        }
+        if let Some(r) = &mean.robust {
+            tracing::info!(rule = %rule, clipped = r.clipped, radius = ?r.radius, "robust aggregation");
+        }
+        Ok(mean)
+    }
+
+    /// The weighted mean of the stored submissions (`keys`), read back whole one at a time, a
+    /// few ahead of the sum (each at most `largest` bytes).
+    async fn read_back(
+        &self,
+        rule: &Aggregation,
+        lengths: Vec<usize>,
+        inputs: Vec<Input>,
+        keys: Vec<String>,
+        largest: Option<u64>,
+    ) -> Result<Mean, HubError> {
+        let (store, runtime, rule) = (self.store.clone(), tokio::runtime::Handle::current(), *rule);
         // The blobs are read in order, a few ahead of the rule on a blocking thread; a rule
         // that starts over (a blob left out) reads again directly.
-        let largest = rows.iter().map(|(row, _)| row.bytes).max().unwrap_or(1);
+        let largest = largest.unwrap_or(1);
         let reads = keys.clone().into_iter().map({
             let store = store.clone();
             move |key| {
@@ -274,12 +302,31 @@ impl Hub {
         })
         .await
         .map_err(|e| HubError::Corrupt(format!("aggregation task failed: {e}")))??;
-        for (k, e) in &mean.left_out {
-            tracing::error!(submission = k, error = %e, "a stored submission cannot be read or decoded; aggregated without it");
-        }
-        if let Some(r) = &mean.robust {
-            tracing::info!(rule = %rule, clipped = r.clipped, radius = ?r.radius, "robust aggregation");
-        }
         Ok(mean)
+    }
+
+    /// A robust rule over the stored submissions (`keys`), a piece of each at a time, every
+    /// stage of the rule reading them again ([`shard::whole`]).
+    async fn pieced(
+        &self,
+        rule: &Aggregation,
+        lengths: Vec<usize>,
+        inputs: Vec<Input>,
+        keys: Vec<String>,
+        unit: usize,
+    ) -> Result<Mean, HubError> {
+        let submissions = Arc::new(Submissions::open(&self.store, keys, inputs.clone()).await);
+        let (store, rule, budget) = (self.store.clone(), *rule, self.aggregate_memory);
+        let stages = shard::stages(&rule, false);
+        tokio::task::spawn_blocking(move || {
+            let start = |active: &[usize], pieces: &[shard::Piece]| {
+                let reads = submissions.read(&store, pieces.to_vec(), active.to_vec(), stages);
+                move |k: usize, p: &shard::Piece| reads.next(k, p)
+            };
+            shard::whole(&rule, &lengths, &inputs, (unit, budget), start)
+        })
+        .await
+        .map_err(|e| HubError::Corrupt(format!("aggregation task failed: {e}")))?
+        .map_err(HubError::from)
     }
 }

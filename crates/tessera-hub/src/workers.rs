@@ -6,7 +6,8 @@
 //! their weights, the model's table, the rule) and one job per stage and tensor range
 //! ([`tessera_aggregate::shard`]). A worker takes a job (`FOR UPDATE SKIP LOCKED`, the row
 //! locked until the job's outcome commits), range-reads its tensors' slice of every submission
-//! from the store, and either reports the per-tensor sums the next stage needs or, at the last
+//! from the store a piece at a time ([`crate::pieces`]: the plan says how much a job may hold
+//! at once), and either reports the per-tensor sums the next stage needs or, at the last
 //! stage, takes the outer step on its slice of θ, momentum and residual and stores its part.
 //! The replica then writes the checkpoint, the update and the outer state from the parts,
 //! a tensor at a time, and publishes as usual.
@@ -21,22 +22,24 @@
 //! Cost: each worker holds what [`tessera_aggregate::shard`] says for its shard; the finishing
 //! replica holds one tensor at a time (plus a part of the checkpoint upload) and reads every
 //! part twice (once to name the checkpoint by its hash, once to write it). Each stage reads
-//! every submission's slice once: the bytes read per round are (stages × N × message size).
+//! every submission's slice once: the bytes read per round are (stages × N × message size), in
+//! N ranged reads per piece (more, smaller reads as N grows under a fixed memory budget).
 
 use std::ops::Range;
 use std::time::Duration;
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
+use tessera_aggregate::OuterConfig;
 use tessera_aggregate::round::{Input, outer_table};
 use tessera_aggregate::shard::{self, Part, Previous, Stage};
-use tessera_aggregate::{AggregateError, OuterConfig, check_values};
 use tessera_protocol::api::OuterSpec;
-use tessera_protocol::{Aggregation, Codec, Layout, TensorSpec, WeightsLayout, WireError, header_bytes_for};
+use tessera_protocol::{Aggregation, Codec, TensorSpec, WeightsLayout, header_bytes_for};
 
 use crate::HubError;
 use crate::db::{Db, JobLease};
-use crate::store::{ReadAhead, Store, checkpoint_key, outer_key, submission_key};
+use crate::pieces::Submissions;
+use crate::store::{Store, checkpoint_key, outer_key, submission_key};
 
 /// What every job of a round works from.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -45,6 +48,10 @@ pub struct RoundPlan {
     pub rule: Aggregation,
     pub tensors: Vec<TensorSpec>,
     pub broadcast_codec: Codec,
+    /// The submissions' codec: pieces are read in whole blocks of it.
+    pub codec: Codec,
+    /// The bytes of decoded submissions a robust rule's job holds at once at most.
+    pub piece_bytes: usize,
     pub outer: OuterSpec,
     /// The round's checkpoint (BLAKE3, hex), whose θ the step starts from.
     pub base: String,
@@ -106,9 +113,6 @@ fn centre_key(round: u64, plan: &str, stage: u32, shard: usize) -> String {
 pub fn round_prefix(round: u64) -> String {
     format!("shards/{round:08}/")
 }
-
-/// A message's first bytes read to find its table: enough for a few hundred tensors' names.
-const PREFIX: u64 = 64 << 10;
 
 /// Takes jobs until `shutdown` resolves: one at a time, waiting on the jobs channel (or a
 /// second) when there is none. A failure to reach the database or the store drops the job (the
@@ -229,45 +233,23 @@ async fn compute(
     stage: u32,
     shard: usize,
 ) -> Result<(Outcome, u64), HubError> {
-    let read = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let range = plan.shards.get(shard).cloned().ok_or_else(|| HubError::Corrupt(format!("no shard {shard}")))?;
     let lengths = plan.lengths();
     let inputs = plan.inputs();
     let previous = if stage == 0 { Previous::default() } else { previous(db, store, (plan, id), stage, shard).await? };
-    // Every submission's slice, read a few ahead of the arithmetic.
-    let wanted: Vec<Vec<(usize, usize)>> = inputs.iter().map(|i| shard::wanted(i, &range)).collect();
-    let per = range.clone().map(|i| 4 * lengths[i] as u64).sum::<u64>();
+    // Every submission's pieces of the shard, read a few ahead of the arithmetic.
+    let pieces = shard::pieces(&plan.rule, &inputs, &lengths, &range, plan.codec.unit() as usize, plan.piece_bytes);
     let keys: Vec<String> = plan.inputs.iter().map(|i| submission_key(&i.blob)).collect();
-    let reads = keys.into_iter().zip(wanted.clone()).map({
-        let (store, read) = (store.clone(), read.clone());
-        move |(key, wanted)| {
-            let (store, read) = (store.clone(), read.clone());
-            async move {
-                let slice = read_slice(&store, &key, &wanted).await.map_err(|e| format!("{key}: {e}"))?;
-                read.fetch_add(slice.bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
-                Ok(slice)
-            }
-        }
-    });
-    let ahead = ReadAhead::start(reads, per);
-    let (rule, job_range) = (plan.rule, range.clone());
-    let stage_lengths = lengths.clone();
+    let submissions = std::sync::Arc::new(Submissions::open(store, keys, inputs.clone()).await);
+    let reads = std::sync::Arc::new(submissions.read(store, pieces.clone(), (0..inputs.len()).collect(), 1));
+    let (rule, job_range, counted) = (plan.rule, range.clone(), reads.clone());
     let result = tokio::task::spawn_blocking(move || {
-        // Each submission is read once, in order, by every rule.
-        let next = std::cell::Cell::new(0usize);
-        let load = |k: usize| -> Result<Vec<Vec<f32>>, AggregateError> {
-            if k != next.get() {
-                return Err(AggregateError::Unreadable(format!("submission {k} asked out of order")));
-            }
-            next.set(k + 1);
-            let slice = ahead.blocking_next().map_err(AggregateError::Unreadable)?;
-            decode_slice(&slice, &wanted[k])
-        };
-        shard::stage(&rule, stage, &inputs, &stage_lengths, job_range, &previous, load)
+        let load = |k: usize, p: &shard::Piece| reads.next(k, p);
+        shard::stage(&rule, stage, &inputs, &lengths, job_range, &previous, &pieces, load)
     })
     .await
     .map_err(|e| HubError::Corrupt(format!("aggregation task failed: {e}")));
-    let bytes = read.load(std::sync::atomic::Ordering::Relaxed);
+    let bytes = counted.bytes();
     let computed = match result? {
         Ok(s) => s,
         Err(e) => return Ok((Outcome::Failed(e.to_string()), bytes)),
@@ -365,64 +347,6 @@ async fn state_slice(
     Ok((theta, momentum, residual))
 }
 
-/// Part of a stored submission: the encoding of some of its tensors.
-struct Slice {
-    codec: Codec,
-    /// Per tensor: its number of values and its bytes' place in `bytes`.
-    places: Vec<(u64, Range<u64>)>,
-    bytes: Bytes,
-}
-
-/// A submission's encoding of the tensors `wanted` (model index, message index), in two reads:
-/// the table, then the span of those tensors.
-async fn read_slice(store: &Store, key: &str, wanted: &[(usize, usize)]) -> Result<Slice, HubError> {
-    let size = store.size(key).await?;
-    let mut prefix = PREFIX.min(size);
-    let layout = loop {
-        let bytes = store.get_range(key, 0..prefix).await?;
-        match Layout::read(&bytes) {
-            Ok(layout) => break layout,
-            Err(WireError::Truncated { offset, needed }) if prefix < size => {
-                prefix = (offset as u64).saturating_add(needed as u64).max(2 * prefix).min(size);
-            }
-            Err(e) => return Err(HubError::Corrupt(format!("{key}: {e}"))),
-        }
-    };
-    let places: Vec<(u64, Range<u64>)> = wanted
-        .iter()
-        .map(|&(_, m)| {
-            layout.tensors.get(m).cloned().ok_or_else(|| HubError::Corrupt(format!("{key} lacks tensor {m}")))
-        })
-        .collect::<Result<_, _>>()?;
-    let (Some(first), Some(last)) = (places.first(), places.last()) else {
-        return Ok(Slice { codec: layout.codec, places, bytes: Bytes::new() });
-    };
-    let span = first.1.start..last.1.end;
-    let bytes = store.get_range(key, span.clone()).await?;
-    let places = places.into_iter().map(|(n, r)| (n, r.start - span.start..r.end - span.start)).collect();
-    Ok(Slice { codec: layout.codec, places, bytes })
-}
-
-/// Decodes a slice and checks its values as the hub checks a submission's.
-fn decode_slice(slice: &Slice, wanted: &[(usize, usize)]) -> Result<Vec<Vec<f32>>, AggregateError> {
-    slice
-        .places
-        .iter()
-        .zip(wanted)
-        .map(|((numel, r), &(i, _))| {
-            let bytes = slice.bytes.get(r.start as usize..r.end as usize).ok_or_else(|| {
-                AggregateError::Unreadable(format!(
-                    "tensor {i}'s bytes {r:?} are beyond the {} read",
-                    slice.bytes.len()
-                ))
-            })?;
-            let values = slice.codec.decode(bytes, *numel).map_err(WireError::from)?;
-            check_values(i, 0, &values)?;
-            Ok(values)
-        })
-        .collect()
-}
-
 fn f32_bytes(tensors: &[Vec<f32>]) -> Vec<u8> {
     tensors.iter().flat_map(|t| t.iter().flat_map(|v| v.to_le_bytes())).collect()
 }
@@ -496,6 +420,8 @@ impl crate::Hub {
             rule: spec.aggregation,
             tensors: spec.tensors.clone(),
             broadcast_codec: spec.broadcast_codec,
+            codec: spec.codec,
+            piece_bytes: self.aggregate_memory,
             outer: spec.outer,
             base: live.run.checkpoint().to_owned(),
             saved_outer: round > 0,

@@ -979,7 +979,7 @@ fn replicas_survive_losing_every_database_connection() {
 /// A hub with `--aggregate-shards 2` and two aggregation workers (PostgreSQL, S3) publishes,
 /// round after round, the checkpoints one hub aggregating itself publishes, bit for bit: the
 /// plain mean (one stage) and centred clipping (three stages, partial sums between them), from
-/// int8 submissions with momentum. A worker that dies holding a job, having stored a wrong
+/// int8 submissions with momentum, both reading the submissions a few blocks at a time. A worker that dies holding a job, having stored a wrong
 /// part, leaves the job to the next worker, which redoes it: nothing counted twice.
 #[test]
 fn aggregation_workers_publish_what_one_hub_publishes() {
@@ -995,8 +995,12 @@ fn aggregation_workers_publish_what_one_hub_publishes() {
             ..spec(3)
         };
         let local = backend("sqlite").unwrap();
-        let one = Server::start(&local, spec.clone());
-        let config = HubConfig { validator_token: Some(VALIDATOR.into()), aggregate_shards: 2, ..HubConfig::default() };
+        // Room for a block or three of each submission at once: every stage reads its
+        // tensors piece by piece, here and in the workers.
+        let base =
+            HubConfig { validator_token: Some(VALIDATOR.into()), aggregate_memory: Some(96), ..HubConfig::default() };
+        let one = Server::start_with(&local, spec.clone(), initial(), base.clone());
+        let config = HubConfig { aggregate_shards: 2, ..base };
         let sharded = Server::start_with(&b, spec, initial(), config);
         let urls = [one.url.clone(), sharded.url.clone()];
         let clients: Vec<Vec<Client>> =

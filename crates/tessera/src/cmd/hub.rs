@@ -57,6 +57,12 @@ pub struct HubArgs {
     /// 0: this hub aggregates itself.
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub aggregate_shards: usize,
+    /// Memory for a robust rule's working set (median, trimmed mean, norm or centred
+    /// clipping), in MiB: each stage reads every submission a piece at a time so that the
+    /// pieces held at once fit, whatever the model's size and the number of submissions
+    /// (more reads when it is small). Used here and, through the round's plan, by the workers.
+    #[arg(long, value_name = "MIB", default_value_t = 256)]
+    pub aggregate_memory: usize,
 }
 
 #[derive(Args)]
@@ -170,6 +176,7 @@ pub fn hub(args: HubArgs) -> Result<()> {
             validator_token: args.validator_token.clone(),
             direct_multipart: None,
             aggregate_shards: args.aggregate_shards,
+            aggregate_memory: Some(args.aggregate_memory.saturating_mul(1 << 20)),
         };
         let hub = Hub::open(db, store, new, key, config).await?;
         if hub.spec().trust.as_ref().is_some_and(|t| t.allow_insecure_dev) {
