@@ -6,13 +6,18 @@
 # (on PostgreSQL, --aggregate-shards 4) hands the round to that many `tessera aggregate-worker`
 # processes, which range-read every submission's slices from the bucket. Prints the hub's
 # resident memory as the submissions arrive (it must not grow with them), its peak, the round's
-# timings and each worker job's bytes/s against memcpy measured in the same worker.
-#   benchmarks/data_plane.sh [TESSERA_BINARY] [SUBMISSIONS] [WORKERS]   (Linux; 64, 0)
+# timings and each worker job's bytes/s against memcpy measured in the same worker. RULE is the
+# run's aggregation: under a robust one (median, centered-clip, …) the hub or the workers read
+# the submissions back a piece at a time at close (--aggregate-memory MIB, default 256).
+#   benchmarks/data_plane.sh [TESSERA_BINARY] [SUBMISSIONS] [WORKERS] [RULE] [MIB]
+#   (Linux; defaults 64, 0, mean, 256)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 B=${1:-target/release/tessera}
 N=${2:-64}
 W=${3:-0}
+RULE=${4:-mean}
+MIB=${5:-256}
 source scripts/test-services >/dev/null
 d=$(mktemp -d)
 workers=()
@@ -32,7 +37,8 @@ cat >"$d/model.json" <<JSON
  "max_position_embeddings": 64, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": false}
 JSON
 "$B" hub -v --model "$d/model.json" --rounds 1 --quorum "$N" --codec int8 --deadline 3600 \
-    --database "$db" --store "$TESSERA_TEST_S3/data-plane-$$" "${sharding[@]}" \
+    --aggregation "$RULE" --aggregate-memory "$MIB" --database "$db" --store "$TESSERA_TEST_S3/data-plane-$$" \
+    "${sharding[@]}" \
     --listen 127.0.0.1:0 --addr-file "$d/addr" --key "$d/k.pem" >"$d/hub.log" 2>&1 &
 pid=$!
 for _ in $(seq 600); do [ -s "$d/addr" ] && break; sleep 0.5; done
@@ -69,7 +75,7 @@ for k in sorted({0, n // 4, n // 2, 3 * n // 4, n}):
         print(f"| {k} | {max(at) / 1024:.0f} MiB |")
 PY
 echo "hub peak resident memory $((peak / 1024)) MiB; $N submissions in $(python3 -c "print(f'{$end - $start:.1f}')") s"
-sed 's/\x1b\[[0-9;]*m//g' "$d/hub.log" | grep -E "aggregated by workers|round published" | tail -2 | cut -c1-240 || true
+sed 's/\x1b\[[0-9;]*m//g' "$d/hub.log" | grep -E "aggregated by workers|robust aggregation|round published" | tail -3 | cut -c1-240 || true
 if [ "$W" -gt 0 ]; then
     echo "| worker | jobs | bytes read | seconds | GB/s | memcpy GB/s | peak RSS |"
     echo "|---|---:|---:|---:|---:|---:|---:|"

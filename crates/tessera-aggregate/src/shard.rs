@@ -82,13 +82,40 @@ pub struct Previous {
     pub centre: Option<Vec<Vec<f32>>>,
 }
 
-/// Values `values` of the model's tensor `tensor`: what a stage reads of a submission at a
-/// time. A stage goes through its pieces in order and holds one piece of every submission at
-/// most, so what it holds is bounded by a budget, not by the model's size.
+/// Values `values` of the model's tensor `tensor`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Piece {
+pub struct Span {
     pub tensor: usize,
     pub values: Range<usize>,
+}
+
+/// What a stage reads of a submission at a time: spans of consecutive tensors, in order (of
+/// one tensor only in a layer-sharded round, where submissions carry different tensors), read
+/// as one range of the message. A stage goes through its pieces in order and holds one piece
+/// of every submission at most, so what it holds is bounded by a budget, not by the model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Piece {
+    pub spans: Vec<Span>,
+}
+
+impl Piece {
+    /// Values in the piece.
+    pub fn len(&self) -> usize {
+        self.spans.iter().map(|s| s.values.len()).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Each span with where its values start in the piece's.
+    fn placed(&self) -> impl Iterator<Item = (&Span, Range<usize>)> {
+        self.spans.iter().scan(0, |at, s| {
+            let r = *at..*at + s.values.len();
+            *at = r.end;
+            Some((s, r))
+        })
+    }
 }
 
 /// The default budget of decoded values a stage holds at once (bytes of f32).
@@ -100,10 +127,11 @@ fn holds_all(rule: &Aggregation, inputs: &[Input]) -> bool {
     *rule != Aggregation::Mean && !inputs.iter().any(|i| i.carries.is_some())
 }
 
-/// The tensors of `range` cut into pieces of whole codec units (`unit` values, which decode on
-/// their own) so that what a stage holds at once fits in `budget` bytes of f32: one
-/// submission's piece under the mean-family rules, every submission's under the others (at
-/// least one unit each, whatever the budget).
+/// The tensors of `range` cut into pieces so that what a stage holds at once fits in `budget`
+/// bytes of f32: one submission's piece under the mean-family rules, every submission's under
+/// the others (at least one unit each, whatever the budget). A tensor is cut at whole codec
+/// units (`unit` values, which decode on their own); small tensors share a piece, so that
+/// reads stay large.
 pub fn pieces(
     rule: &Aggregation,
     inputs: &[Input],
@@ -115,45 +143,65 @@ pub fn pieces(
     let unit = unit.max(1);
     let held = if holds_all(rule, inputs) { inputs.len().max(1) } else { 1 };
     let per = (budget / (4 * held) / unit).max(1) * unit;
-    range
-        .clone()
-        .flat_map(|t| {
-            let n = lengths[t];
-            (0..n).step_by(per).map(move |a| Piece { tensor: t, values: a..(a + per).min(n) })
-        })
-        .collect()
+    let share = !inputs.iter().any(|i| i.carries.is_some());
+    let mut out: Vec<Piece> = Vec::new();
+    let mut size = 0;
+    for t in range.clone() {
+        let n = lengths[t];
+        for a in (0..n).step_by(per) {
+            let span = Span { tensor: t, values: a..(a + per).min(n) };
+            let len = span.values.len();
+            match out.last_mut() {
+                Some(last) if share && size + len <= per => {
+                    last.spans.push(span);
+                    size += len;
+                }
+                _ => {
+                    out.push(Piece { spans: vec![span] });
+                    size = len;
+                }
+            }
+        }
+    }
+    out
 }
 
-/// The submissions that carry the model's tensor `t`, in order.
-pub fn carriers(inputs: &[Input], t: usize) -> impl Iterator<Item = usize> + '_ {
-    inputs.iter().enumerate().filter(move |(_, i)| i.carries.as_ref().is_none_or(|c| c.contains(&t))).map(|(k, _)| k)
+/// Whether `input` carries the model's tensor `t`.
+fn carries(input: &Input, t: usize) -> bool {
+    input.carries.as_ref().is_none_or(|c| c.contains(&t))
+}
+
+/// The submissions that carry every tensor of piece `p`, in order.
+pub fn carriers<'a>(inputs: &'a [Input], p: &'a Piece) -> impl Iterator<Item = usize> + 'a {
+    inputs.iter().enumerate().filter(move |(_, i)| p.spans.iter().all(|s| carries(i, s.tensor))).map(|(k, _)| k)
 }
 
 /// The order in which a stage over `pieces` reads: piece by piece, each from every submission
-/// that carries its tensor. A reader can fetch ahead in this order.
+/// that carries it. A reader can fetch ahead in this order.
 pub fn reads<'a>(inputs: &'a [Input], pieces: &'a [Piece]) -> impl Iterator<Item = (usize, &'a Piece)> + 'a {
-    pieces.iter().flat_map(move |p| carriers(inputs, p.tensor).map(move |k| (k, p)))
+    pieces.iter().flat_map(move |p| carriers(inputs, p).map(move |k| (k, p)))
 }
 
-/// Where piece `p`'s encoding lies in its tensor's encoding (`numel` values under `codec`).
-pub fn piece_bytes(codec: &Codec, numel: u64, p: &Piece) -> Result<Range<u64>, AggregateError> {
-    let (a, b) = (p.values.start as u64, p.values.end as u64);
+/// Where span `s`'s encoding lies in its tensor's encoding (`numel` values under `codec`).
+pub fn span_bytes(codec: &Codec, numel: u64, s: &Span) -> Result<Range<u64>, AggregateError> {
+    let (a, b) = (s.values.start as u64, s.values.end as u64);
     let unit = u64::from(codec.unit());
     if b > numel || a > b || !a.is_multiple_of(unit) || (b < numel && !b.is_multiple_of(unit)) {
         return Err(AggregateError::Unreadable(format!(
             "values {a}..{b} of tensor {} are not whole blocks of its {numel} under {codec}",
-            p.tensor
+            s.tensor
         )));
     }
     Ok(codec.encoded_len(a)..codec.encoded_len(b))
 }
 
-/// Decodes piece `p` from `bytes` (its encoding, [`piece_bytes`]) and checks its values as a
-/// submission's are checked on arrival.
-pub fn decode_piece(codec: &Codec, bytes: &[u8], p: &Piece) -> Result<Vec<f32>, AggregateError> {
-    let values = codec.decode(bytes, p.values.len() as u64).map_err(tessera_protocol::WireError::from)?;
-    crate::check_values(p.tensor, p.values.start, &values)?;
-    Ok(values)
+/// Decodes span `s` from `bytes` (its encoding, [`span_bytes`]) onto `out`, checking its values
+/// as a submission's are checked on arrival.
+pub fn decode_span(codec: &Codec, bytes: &[u8], s: &Span, out: &mut Vec<f32>) -> Result<(), AggregateError> {
+    let at = out.len();
+    out.resize(at + s.values.len(), 0.0);
+    codec.decode_into(bytes, &mut out[at..]).map_err(tessera_protocol::WireError::from)?;
+    crate::check_values(s.tensor, s.values.start, &out[at..])
 }
 
 /// Where the model's tensor `t` is in `input`'s message, if it carries it.
@@ -166,14 +214,18 @@ pub fn message_index(input: &Input, t: usize) -> Option<usize> {
 
 /// Piece `p` of a submission held whole (`view`, carrying `input`'s tensors).
 pub fn view_piece(view: &MessageView<'_>, input: &Input, p: &Piece) -> Result<Vec<f32>, AggregateError> {
-    let tensor = message_index(input, p.tensor)
-        .and_then(|m| view.tensors.get(m))
-        .ok_or_else(|| AggregateError::Unreadable(format!("the submission lacks tensor {}", p.tensor)))?;
-    let r = piece_bytes(&view.codec, tensor.numel(), p)?;
-    let bytes = tensor.encoded.get(r.start as usize..r.end as usize).ok_or_else(|| {
-        AggregateError::Unreadable(format!("tensor {}'s encoding is shorter than {}", p.tensor, r.end))
-    })?;
-    decode_piece(&view.codec, bytes, p)
+    let mut out = Vec::with_capacity(p.len());
+    for s in &p.spans {
+        let tensor = message_index(input, s.tensor)
+            .and_then(|m| view.tensors.get(m))
+            .ok_or_else(|| AggregateError::Unreadable(format!("the submission lacks tensor {}", s.tensor)))?;
+        let r = span_bytes(&view.codec, tensor.numel(), s)?;
+        let bytes = tensor.encoded.get(r.start as usize..r.end as usize).ok_or_else(|| {
+            AggregateError::Unreadable(format!("tensor {}'s encoding is shorter than {}", s.tensor, r.end))
+        })?;
+        decode_span(&view.codec, bytes, s, &mut out)?;
+    }
+    Ok(out)
 }
 
 /// Stage `stage` of the shard `range` of a round with `inputs` under `rule`, over its
@@ -197,13 +249,15 @@ pub fn stage(
 ) -> Result<Stage, AggregateError> {
     let shard = &lengths[range.clone()];
     let mut out: Vec<Vec<f32>> = shard.iter().map(|&n| vec![0.0f32; n]).collect();
-    if let Some(p) = pieces.iter().find(|p| !range.contains(&p.tensor) || p.values.end > lengths[p.tensor]) {
+    let outside = |s: &Span| !range.contains(&s.tensor) || s.values.end > lengths[s.tensor];
+    if let Some(p) = pieces.iter().find(|p| p.spans.is_empty() || p.spans.iter().any(outside)) {
         return Err(AggregateError::Unreadable(format!("piece {p:?} is not in the shard {range:?}")));
     }
     let mut read = |k: usize, p: &Piece| -> Result<Vec<f32>, AggregateError> {
         let values = load(k, p)?;
-        if values.len() != p.values.len() {
-            return Err(AggregateError::TensorLength { index: p.tensor, expected: p.values.len(), got: values.len() });
+        if values.len() != p.len() {
+            let index = p.spans[0].tensor;
+            return Err(AggregateError::TensorLength { index, expected: p.len(), got: values.len() });
         }
         Ok(values)
     };
@@ -231,19 +285,25 @@ pub fn stage(
         let clipped = scales.iter().filter(|&&s| s < 1.0).count();
         (scales, RobustReport { clipped, radius: Some(radius) })
     };
-    // Every submission's values of a piece, and the piece's place in the shard's output.
+    // Every submission's values of a piece.
     let mut all = |p: &Piece| (0..inputs.len()).map(|k| read(k, p)).collect::<Result<Vec<_>, _>>();
-    fn views(xs: &[Vec<f32>]) -> Vec<Vec<&[f32]>> {
-        xs.iter().map(|x| vec![x.as_slice()]).collect()
+    /// Every submission's values of one span of the piece, as the robust helpers take them.
+    fn views<'a>(xs: &'a [Vec<f32>], r: &Range<usize>) -> Vec<Vec<&'a [f32]>> {
+        xs.iter().map(|x| vec![&x[r.clone()]]).collect()
     }
-    let at = |p: &Piece| p.tensor - range.start;
-    // Per submission, per tensor of the shard: a sum carried from piece to piece.
+    // Where a span's values go in the shard's output.
+    let place = |s: &Span| (s.tensor - range.start, s.values.clone());
+    // Per submission, per tensor of the shard: a sum carried from span to span in order.
     let mut sums = vec![vec![0.0f64; shard.len()]; inputs.len()];
     match *rule {
         Aggregation::NormClip { .. } if stage == 0 => {
             for p in pieces {
-                for (k, x) in all(p)?.iter().enumerate() {
-                    sums[k][at(p)] = square_sum_from(sums[k][at(p)], x);
+                let xs = all(p)?;
+                for (s, r) in p.placed() {
+                    let (t, _) = place(s);
+                    for (k, x) in xs.iter().enumerate() {
+                        sums[k][t] = square_sum_from(sums[k][t], &x[r.clone()]);
+                    }
                 }
             }
             Ok(Stage::Partial { sums, centre: None })
@@ -251,9 +311,13 @@ pub fn stage(
         Aggregation::NormClip { factor } => {
             let (scales, report) = clip(factor, &totals()?);
             for p in pieces {
-                let mut piece = vec![vec![0.0f32; p.values.len()]];
-                weighted_mean(&views(&all(p)?), &weights, &scales, &mut piece);
-                out[at(p)][p.values.clone()].copy_from_slice(&piece[0]);
+                let xs = all(p)?;
+                for (s, r) in p.placed() {
+                    let mut piece = vec![vec![0.0f32; r.len()]];
+                    weighted_mean(&views(&xs, &r), &weights, &scales, &mut piece);
+                    let (t, values) = place(s);
+                    out[t][values].copy_from_slice(&piece[0]);
+                }
             }
             Ok(Stage::Mean { mean: out, robust: Some(report) })
         }
@@ -272,16 +336,19 @@ pub fn stage(
             };
             for p in pieces {
                 let xs = all(p)?;
-                let centre = &mut out[at(p)][p.values.clone()];
-                let mut piece = vec![centre.to_vec()];
-                match &coef {
-                    None => coordinatewise(&views(&xs), &mut piece, median_in_place),
-                    Some(coef) => centre_step(&views(&xs), coef, &mut piece),
-                }
-                centre.copy_from_slice(&piece[0]);
-                if stage < iters {
-                    for (k, x) in xs.iter().enumerate() {
-                        sums[k][at(p)] = square_distance_from(sums[k][at(p)], x, centre);
+                for (s, r) in p.placed() {
+                    let (t, values) = place(s);
+                    let centre = &mut out[t][values];
+                    let mut piece = vec![centre.to_vec()];
+                    match &coef {
+                        None => coordinatewise(&views(&xs, &r), &mut piece, median_in_place),
+                        Some(coef) => centre_step(&views(&xs, &r), coef, &mut piece),
+                    }
+                    centre.copy_from_slice(&piece[0]);
+                    if stage < iters {
+                        for (k, x) in xs.iter().enumerate() {
+                            sums[k][t] = square_distance_from(sums[k][t], &x[r.clone()], centre);
+                        }
                     }
                 }
             }
@@ -291,12 +358,16 @@ pub fn stage(
             Ok(Stage::Partial { sums, centre: Some(out) })
         }
         _ => {
-            // Coordinate-wise rules: each piece on its own.
+            // Coordinate-wise rules: each span on its own.
             let mut report = RobustReport::default();
             for p in pieces {
-                let (piece, r) = crate::robust::aggregate(rule, &views(&all(p)?), &weights)?;
-                out[at(p)][p.values.clone()].copy_from_slice(&piece[0]);
-                report = r;
+                let xs = all(p)?;
+                for (s, r) in p.placed() {
+                    let (piece, said) = crate::robust::aggregate(rule, &views(&xs, &r), &weights)?;
+                    let (t, values) = place(s);
+                    out[t][values].copy_from_slice(&piece[0]);
+                    report = said;
+                }
             }
             Ok(Stage::Mean { mean: out, robust: Some(report) })
         }
@@ -316,12 +387,14 @@ fn weighted_sum(
     for (k, p) in reads(inputs, pieces) {
         let x = read(k, p)?;
         let w = inputs[k].weight;
-        for (s, &v) in out[p.tensor - range.start][p.values.clone()].iter_mut().zip(&x) {
-            *s += w * v;
+        for (s, r) in p.placed() {
+            for (o, &v) in out[s.tensor - range.start][s.values.clone()].iter_mut().zip(&x[r]) {
+                *o += w * v;
+            }
         }
     }
     for (t, sum) in range.clone().zip(out.iter_mut()) {
-        let weight = carriers(inputs, t).fold(0.0f64, |s, k| s + f64::from(inputs[k].weight));
+        let weight = inputs.iter().filter(|i| carries(i, t)).fold(0.0f64, |s, i| s + f64::from(i.weight));
         if weight > 0.0 {
             let inv = (1.0 / weight) as f32;
             sum.iter_mut().for_each(|v| *v *= inv);
@@ -726,14 +799,17 @@ mod tests {
             for (rule, held) in [(Aggregation::Median, n), (Aggregation::Mean, 1)] {
                 for (unit, budget) in [(1, 1 << 20), (16, 1 << 20), (64, 100), (8, PIECE_BYTES)] {
                     let pieces = pieces(&rule, &inputs, &lengths, &all, unit, budget);
-                    let widest = pieces.iter().map(|p| p.values.len()).max().unwrap();
+                    let widest = pieces.iter().map(Piece::len).max().unwrap();
                     assert!(4 * held * widest <= budget.max(4 * held * unit), "{rule} {n} {unit} {budget}");
-                    let covered: Vec<(usize, usize)> =
-                        pieces.iter().flat_map(|p| p.values.clone().map(move |j| (p.tensor, j))).collect();
+                    let covered: Vec<(usize, usize)> = pieces
+                        .iter()
+                        .flat_map(|p| &p.spans)
+                        .flat_map(|s| s.values.clone().map(move |j| (s.tensor, j)))
+                        .collect();
                     let every: Vec<(usize, usize)> =
                         all.clone().flat_map(|t| (0..lengths[t]).map(move |j| (t, j))).collect();
                     assert_eq!(covered, every);
-                    assert!(pieces.iter().all(|p| p.values.start % unit == 0));
+                    assert!(pieces.iter().flat_map(|p| &p.spans).all(|s| s.values.start % unit == 0));
                 }
             }
         }

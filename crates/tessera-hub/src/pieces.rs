@@ -4,8 +4,10 @@
 //! ([`shard::PIECE_BYTES`] of f32 at most), never every submission whole.
 //!
 //! Cost for N submissions: one read of each submission's table (a small prefix; the tables are
-//! held, N × the number of tensors), then one ranged read per submission per piece per stage.
+//! held, N × the number of tensors), then one ranged read per submission per piece per stage
+//! (a piece's spans are consecutive tensors, so one range covers them).
 
+use std::ops::Range;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -57,7 +59,7 @@ impl Submissions {
             (0..stages).flat_map(move |_| {
                 let (pieces, kept, active) = (pieces.clone(), kept.clone(), active.clone());
                 (0..pieces.len()).flat_map(move |at| {
-                    let ks: Vec<usize> = shard::carriers(&kept, pieces[at].tensor).map(|k| active[k]).collect();
+                    let ks: Vec<usize> = shard::carriers(&kept, &pieces[at]).map(|k| active[k]).collect();
                     ks.into_iter().map(move |k| (k, at))
                 })
             })
@@ -67,36 +69,55 @@ impl Submissions {
             move |(k, at)| {
                 let (this, store, pieces, bytes) = (this.clone(), store.clone(), pieces.clone(), bytes.clone());
                 async move {
-                    let (codec, range) = this.place(k, &pieces[at])?;
+                    let (codec, places) = this.places(k, &pieces[at])?;
+                    let (start, end) = places.iter().fold((u64::MAX, 0), |(a, b), r| (a.min(r.start), b.max(r.end)));
                     let key = &this.keys[k];
-                    let read = store.get_range(key, range).await.map_err(|e| format!("{key}: {e}"))?;
+                    let read = store.get_range(key, start..end).await.map_err(|e| format!("{key}: {e}"))?;
                     bytes.fetch_add(read.len() as u64, Ordering::Relaxed);
-                    Ok((k, at, codec, read))
+                    let places = places.into_iter().map(|r| (r.start - start) as usize..(r.end - start) as usize);
+                    Ok(Read { k, at, codec, places: places.collect(), bytes: read })
                 }
             }
         });
-        let widest = pieces.iter().map(|p| p.values.len() as u64).max().unwrap_or(1);
+        let widest = pieces.iter().map(|p| p.len() as u64).max().unwrap_or(1);
         PieceReads { ahead: ReadAhead::start(reads, 4 * widest), pieces, bytes }
     }
 
-    /// The codec and the byte range of submission `k`'s encoding of piece `p`.
-    fn place(&self, k: usize, p: &Piece) -> Result<(Codec, std::ops::Range<u64>), String> {
+    /// The codec and the byte range in the message of each span of submission `k`'s piece `p`.
+    fn places(&self, k: usize, p: &Piece) -> Result<(Codec, Vec<Range<u64>>), String> {
         let layout = self.layouts[k].as_ref().map_err(Clone::clone)?;
         let key = &self.keys[k];
-        let m = shard::message_index(&self.inputs[k], p.tensor)
-            .ok_or_else(|| format!("{key} does not carry tensor {}", p.tensor))?;
-        let (numel, tensor) = layout.tensors.get(m).cloned().ok_or_else(|| format!("{key} has no tensor {m}"))?;
-        let within = shard::piece_bytes(&layout.codec, numel, p).map_err(|e| format!("{key}: {e}"))?;
-        if tensor.start + within.end > tensor.end {
-            return Err(format!("{key}: tensor {m}'s encoding is shorter than its table says"));
-        }
-        Ok((layout.codec, tensor.start + within.start..tensor.start + within.end))
+        let places = p
+            .spans
+            .iter()
+            .map(|s| {
+                let m = shard::message_index(&self.inputs[k], s.tensor)
+                    .ok_or_else(|| format!("{key} does not carry tensor {}", s.tensor))?;
+                let (numel, tensor) =
+                    layout.tensors.get(m).cloned().ok_or_else(|| format!("{key} has no tensor {m}"))?;
+                let within = shard::span_bytes(&layout.codec, numel, s).map_err(|e| format!("{key}: {e}"))?;
+                if tensor.start + within.end > tensor.end {
+                    return Err(format!("{key}: tensor {m}'s encoding is shorter than its table says"));
+                }
+                Ok(tensor.start + within.start..tensor.start + within.end)
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        Ok((layout.codec, places))
     }
+}
+
+/// One piece of one submission, read: its spans' places in `bytes`.
+struct Read {
+    k: usize,
+    at: usize,
+    codec: Codec,
+    places: Vec<Range<usize>>,
+    bytes: Bytes,
 }
 
 /// Pieces being read ahead, handed out in order.
 pub(crate) struct PieceReads {
-    ahead: ReadAhead<(usize, usize, Codec, Bytes)>,
+    ahead: ReadAhead<Read>,
     pieces: Arc<Vec<Piece>>,
     bytes: Arc<AtomicU64>,
 }
@@ -105,14 +126,19 @@ impl PieceReads {
     /// Submission `k`'s decoded, checked values of piece `p`, which must be the next in order:
     /// from a blocking thread.
     pub fn next(&self, k: usize, p: &Piece) -> Result<Vec<f32>, AggregateError> {
-        let (got, at, codec, bytes) = self.ahead.blocking_next().map_err(AggregateError::Unreadable)?;
-        if got != k || self.pieces.get(at) != Some(p) {
+        let read = self.ahead.blocking_next().map_err(AggregateError::Unreadable)?;
+        if read.k != k || self.pieces.get(read.at) != Some(p) {
             return Err(AggregateError::Unreadable(format!(
-                "asked for submission {k}'s piece {p:?}, read submission {got}'s {:?}",
-                self.pieces.get(at)
+                "asked for submission {k}'s piece {p:?}, read submission {}'s {:?}",
+                read.k,
+                self.pieces.get(read.at)
             )));
         }
-        shard::decode_piece(&codec, &bytes, p)
+        let mut out = Vec::with_capacity(p.len());
+        for (s, place) in p.spans.iter().zip(&read.places) {
+            shard::decode_span(&read.codec, &read.bytes[place.clone()], s, &mut out)?;
+        }
+        Ok(out)
     }
 
     /// Bytes of submissions read so far.

@@ -995,10 +995,11 @@ fn aggregation_workers_publish_what_one_hub_publishes() {
             ..spec(3)
         };
         let local = backend("sqlite").unwrap();
-        // Room for a block or three of each submission at once: every stage reads its
-        // tensors piece by piece, here and in the workers.
+        // Room for one block of each of the three submissions under centred clipping (pieces
+        // start inside tensors) and five of one under the mean (a piece spans both tensors):
+        // every stage reads piece by piece, here and in the workers.
         let base =
-            HubConfig { validator_token: Some(VALIDATOR.into()), aggregate_memory: Some(96), ..HubConfig::default() };
+            HubConfig { validator_token: Some(VALIDATOR.into()), aggregate_memory: Some(160), ..HubConfig::default() };
         let one = Server::start_with(&local, spec.clone(), initial(), base.clone());
         let config = HubConfig { aggregate_shards: 2, ..base };
         let sharded = Server::start_with(&b, spec, initial(), config);
