@@ -384,6 +384,9 @@ pub(crate) struct ByWorkers {
     pub weight: f64,
 }
 
+/// A round whose jobs have not moved for this long is said to wait for workers loudly.
+const STALLED: Duration = Duration::from_secs(300);
+
 /// Reads pieces of stored objects at most this many bytes at a time.
 const POUR_BYTES: u64 = 64 << 20;
 
@@ -433,14 +436,29 @@ impl crate::Hub {
         self.db.create_jobs(round, &json, ours.stages, ours.shards.len()).await?;
         let (plan, id) = (ours, plan_id(&json));
         let started = std::time::Instant::now();
-        let mut said = std::time::Instant::now();
+        let (mut said, mut moved, mut last) = (started, started, None);
         loop {
             let pending = self.db.pending_jobs(round).await?;
+            metrics::gauge!("tessera_hub_aggregation_jobs_pending").set(pending as f64);
             if pending == 0 {
                 break;
             }
+            if last != Some(pending) {
+                (last, moved) = (Some(pending), std::time::Instant::now());
+            }
             if said.elapsed() > Duration::from_secs(30) {
-                tracing::info!(round, pending, "waiting for aggregation workers (tessera aggregate-worker)");
+                let idle = moved.elapsed().as_secs();
+                if idle >= STALLED.as_secs() {
+                    tracing::warn!(
+                        round,
+                        pending,
+                        idle_seconds = idle,
+                        "no aggregation job finished for a while: is a `tessera aggregate-worker` running against this \
+                         database and store? (the round waits for one)"
+                    );
+                } else {
+                    tracing::info!(round, pending, "waiting for aggregation workers (tessera aggregate-worker)");
+                }
                 said = std::time::Instant::now();
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
