@@ -112,7 +112,28 @@ impl Hub {
         body: Bytes,
         claim: Claim,
     ) -> Result<Receipt, ApiError> {
-        self.submit_from(contributor, key, body, claim, false).await
+        let blob = self.blob_of(&body);
+        let result = self.submit_from(contributor, key, body, claim, false).await;
+        // Refused after its bytes were stored (the round moved on meanwhile): they go too,
+        // unless an accepted submission names the same bytes.
+        if matches!(&result, Err(e) if !matches!(e.code, ErrorCode::Busy | ErrorCode::Internal))
+            && self.db.blob_owner(&blob).await.ok().flatten().is_none()
+            && self.store.size(&submission_key(&blob)).await.is_ok()
+            && let Err(e) = self.store.delete(&submission_key(&blob)).await
+        {
+            tracing::warn!(blob, error = %e, "could not delete a submission that was refused");
+        }
+        result
+    }
+
+    /// What a body is stored as: a sealed envelope's BLAKE3, a message's last 32 bytes (the
+    /// BLAKE3 of the rest, which its parse checks).
+    fn blob_of(&self, body: &[u8]) -> String {
+        if self.spec().trust.is_some() {
+            blake3::hash(body).to_hex().to_string()
+        } else {
+            hex::encode(&body[body.len().saturating_sub(32)..])
+        }
     }
 
     /// [`Hub::submit`] of `body`, which is already in the store under its name if `in_store`
@@ -272,12 +293,27 @@ impl Hub {
         in_store: bool,
     ) -> Result<Receipt, ApiError> {
         if !in_store {
+            // Refused bodies never reach the store: what can be decided before storing is.
+            self.admissible(&submission).await?;
             self.store.put(&submission_key(&submission.blob), body.clone()).await.map_err(internal)?;
         }
         let hub = self.clone();
         tokio::spawn(async move { hub.record(submission, body).await })
             .await
             .map_err(|e| api(ErrorCode::Internal, e.to_string()))?
+    }
+
+    /// Whether `s` would be admitted now (run, round, base, staleness, a submission already in
+    /// for its round, a copied blob), on the state every replica has committed. Deciding it
+    /// writes nothing: [`Hub::record`] decides again once the bytes are stored.
+    async fn admissible(&self, s: &Submission) -> Result<(), ApiError> {
+        let mut live = self.live.lock().await;
+        self.sync(&mut live).await.map_err(internal)?;
+        let facts = Facts {
+            blob_owner: self.db.blob_owner(&s.blob).await.map_err(internal)?,
+            submitted_for_base: self.db.has_submitted(s.contributor, s.base_round).await.map_err(internal)?,
+        };
+        live.run.admit(s, facts, now_ms()).map(drop)
     }
 
     async fn record(&self, s: Submission, body: Bytes) -> Result<Receipt, ApiError> {
@@ -442,13 +478,7 @@ impl Hub {
                 return Err(api(ErrorCode::TooLarge, format!("{size} bytes uploaded; this run takes at most {limit}")));
             }
             let body = self.store.get(&object).await.map_err(internal)?;
-            // Named by its BLAKE3: a sealed envelope's of the whole, a message's is its last 32
-            // bytes (which its parse checks against the rest).
-            let named = if self.spec().trust.is_some() {
-                blake3::hash(&body).to_hex().to_string()
-            } else {
-                hex::encode(&body[body.len().saturating_sub(32)..])
-            };
+            let named = self.blob_of(&body);
             if named != blob {
                 return Err(api(
                     ErrorCode::MalformedMessage,

@@ -265,6 +265,43 @@ fn bad_submissions_get_typed_refusals() {
     server.stop();
 }
 
+/// Refused submissions leave no bytes behind: a second submission for the same round, one for
+/// a round not yet open and one on the wrong base, each with fresh bytes, are refused before
+/// they are stored (they once filled the disk, never to be deleted), while the accepted one
+/// stays.
+#[test]
+fn refused_submissions_leave_no_bytes() {
+    let b = backend("sqlite").unwrap();
+    let server = Server::start(&b, spec(2));
+    let url = server.url.clone();
+    let run = info(&url);
+    let (a, c) = (Client::register(&url, "a"), Client::register(&url, "c"));
+    let base = run.checkpoint.clone();
+    let accepted = message(&run, Codec::F32, 0, &base, &delta(1.0));
+    a.submit_raw(accepted.clone()).unwrap();
+    let mut refused = Vec::new();
+    for k in 0..10 {
+        let x = 2.0 + k as f32;
+        for (client, body, code) in [
+            (&a, message(&run, Codec::F32, 0, &base, &delta(x)), ErrorCode::Duplicate),
+            (&c, message(&run, Codec::F32, 1, &base, &delta(x)), ErrorCode::FutureRound),
+            (&c, message(&run, Codec::F32, 0, &"ab".repeat(32), &delta(x)), ErrorCode::BaseMismatch),
+        ] {
+            let (_, e) = client.submit_raw(body.clone()).unwrap_err();
+            assert_eq!(e.code, code);
+            refused.push(body);
+        }
+    }
+    let store = tessera_hub::Store::open(&b.store).unwrap();
+    let stored = |body: &[u8]| {
+        let key = tessera_hub::store::submission_key(&hex::encode(&body[body.len() - 32..]));
+        server.rt.block_on(store.size(&key)).is_ok()
+    };
+    assert!(stored(&accepted), "the accepted submission is kept");
+    assert_eq!(refused.iter().filter(|b| stored(b)).count(), 0, "refused submissions left bytes");
+    server.stop();
+}
+
 /// A finite but huge pseudo-gradient is refused on arrival: summed with another, or alone
 /// through the outer step, it would overflow to infinity, and a round whose update cannot be
 /// encoded would never publish (nor could the hub restart past it).
