@@ -121,6 +121,39 @@ fn an_honest_ledger_verifies_and_recomputes_every_balance() {
     }
 }
 
+/// Receipts are a validator's numbers: units that would sum past u64 (per round or per
+/// contributor) are refused with a named error, never wrapped (nor a panic in a debug build).
+#[test]
+fn receipt_units_that_overflow_are_refused() {
+    let (hub, validator, c) =
+        (Identity::generate().unwrap(), Identity::generate().unwrap(), Identity::generate().unwrap());
+    let mut l = Ledger::default();
+    let policy = AttestationPolicy { allow_insecure_dev: true, ..Default::default() };
+    l.append(0, 1, false, Body::Genesis { run_id: "run".into(), policy }, &hub).unwrap();
+    l.append(0, 2, true, Body::Validator { attestation: attestation(&validator) }, &validator).unwrap();
+    l.append(0, 10, true, receipt(&c, u64::MAX / 2 + 1, 0.1), &validator).unwrap();
+    let e = l.append(0, 10, true, receipt(&c, u64::MAX / 2 + 1, 0.2), &validator).unwrap_err();
+    assert_eq!(e.name(), "economy", "{e}");
+    assert!(e.to_string().contains("receipt units"), "{e}");
+    // Across rounds, per contributor.
+    let mut l = Ledger::default();
+    let policy = AttestationPolicy { allow_insecure_dev: true, ..Default::default() };
+    l.append(0, 1, false, Body::Genesis { run_id: "run".into(), policy }, &hub).unwrap();
+    l.append(0, 2, true, Body::Validator { attestation: attestation(&validator) }, &validator).unwrap();
+    for round in 0..2u64 {
+        let units = u64::MAX / 2 + 1;
+        let appended = l.append(round, 10, true, receipt(&c, units + round, 0.1), &validator);
+        if round == 1 {
+            assert!(appended.unwrap_err().to_string().contains("receipt units"));
+            break;
+        }
+        appended.unwrap();
+        l.append(round, 11, true, Body::Emission { units }, &validator).unwrap();
+        let root = Body::Root { size: l.len(), root: l.root() };
+        l.append(round, 12, true, root, &validator).unwrap();
+    }
+}
+
 #[test]
 fn every_flipped_byte_is_detected_and_named() {
     let bytes = world().ledger.bytes().to_vec();

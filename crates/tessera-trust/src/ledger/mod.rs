@@ -401,8 +401,14 @@ impl Ledger {
                         emitted: self.emitted[&e.round],
                     });
                 }
-                *self.pending.entry(e.round).or_default() += units;
-                *self.units.entry(contributor.clone()).or_default() += units;
+                // A validator's numbers are outside input: a sum past u64 is refused, never wrapped.
+                let overflow = || economy(format!("receipt units past {} in round {}", u64::MAX, e.round));
+                let round =
+                    self.pending.get(&e.round).copied().unwrap_or(0).checked_add(*units).ok_or_else(overflow)?;
+                let held =
+                    self.units.get(contributor).copied().unwrap_or(0).checked_add(*units).ok_or_else(overflow)?;
+                self.pending.insert(e.round, round);
+                self.units.insert(contributor.clone(), held);
             }
             Body::Emission { units } => {
                 by_validator(self)?;
@@ -472,7 +478,7 @@ impl Ledger {
                         funding: *funding,
                         payable: *payable,
                         holders: balances.len() as u64,
-                        balance_total: balances.values().sum(),
+                        balance_total: balances.values().fold(0u64, |t, &b| t.saturating_add(b)),
                     },
                 );
             }
@@ -487,13 +493,15 @@ impl Ledger {
                     }
                     None => return Err(economy(format!("a payout for epoch {epoch} that no epoch closing owes"))),
                 }
-                let paid = self.paid.entry(*epoch).or_default();
-                *paid += amount;
                 let revenue = self.revenue.get(epoch).copied().unwrap_or(0);
-                if *paid > revenue {
-                    return Err(LedgerError::Overpaid { epoch: *epoch, paid: *paid, revenue });
+                let paid = self.paid.get(epoch).copied().unwrap_or(0).saturating_add(*amount);
+                if paid > revenue {
+                    return Err(LedgerError::Overpaid { epoch: *epoch, paid, revenue });
                 }
-                *self.payouts.entry(holder.clone()).or_default() += amount;
+                self.paid.insert(*epoch, paid);
+                // At most the revenue of every epoch, each checked when its usage came in.
+                let total = self.payouts.entry(holder.clone()).or_default();
+                *total = total.saturating_add(*amount);
             }
             Body::Root { size, root } => {
                 by_validator(self).or_else(|_| by_hub(self))?;
