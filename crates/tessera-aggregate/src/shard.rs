@@ -247,7 +247,9 @@ pub fn stage(
     pieces: &[Piece],
     mut load: impl FnMut(usize, &Piece) -> Result<Vec<f32>, AggregateError>,
 ) -> Result<Stage, AggregateError> {
-    let shard = &lengths[range.clone()];
+    let shard = lengths.get(range.clone()).ok_or_else(|| {
+        AggregateError::Unreadable(format!("the shard {range:?} is not in the model's {} tensors", lengths.len()))
+    })?;
     let mut out: Vec<Vec<f32>> = shard.iter().map(|&n| vec![0.0f32; n]).collect();
     let outside = |s: &Span| !range.contains(&s.tensor) || s.values.end > lengths[s.tensor];
     if let Some(p) = pieces.iter().find(|p| p.spans.is_empty() || p.spans.iter().any(outside)) {

@@ -96,10 +96,10 @@ impl Submissions {
                 let (numel, tensor) =
                     layout.tensors.get(m).cloned().ok_or_else(|| format!("{key} has no tensor {m}"))?;
                 let within = shard::span_bytes(&layout.codec, numel, s).map_err(|e| format!("{key}: {e}"))?;
-                if tensor.start + within.end > tensor.end {
-                    return Err(format!("{key}: tensor {m}'s encoding is shorter than its table says"));
+                match (tensor.start.checked_add(within.start), tensor.start.checked_add(within.end)) {
+                    (Some(a), Some(b)) if b <= tensor.end => Ok(a..b),
+                    _ => Err(format!("{key}: tensor {m}'s encoding is shorter than its table says")),
                 }
-                Ok(tensor.start + within.start..tensor.start + within.end)
             })
             .collect::<Result<Vec<_>, String>>()?;
         Ok((layout.codec, places))
@@ -136,7 +136,14 @@ impl PieceReads {
         }
         let mut out = Vec::with_capacity(p.len());
         for (s, place) in p.spans.iter().zip(&read.places) {
-            shard::decode_span(&read.codec, &read.bytes[place.clone()], s, &mut out)?;
+            let bytes = read.bytes.get(place.clone()).ok_or_else(|| {
+                AggregateError::Unreadable(format!(
+                    "submission {k}: {} bytes read where tensor {} needs {place:?}",
+                    read.bytes.len(),
+                    s.tensor
+                ))
+            })?;
+            shard::decode_span(&read.codec, bytes, s, &mut out)?;
         }
         Ok(out)
     }

@@ -233,8 +233,13 @@ async fn compute(
     stage: u32,
     shard: usize,
 ) -> Result<(Outcome, u64), HubError> {
-    let range = plan.shards.get(shard).cloned().ok_or_else(|| HubError::Corrupt(format!("no shard {shard}")))?;
     let lengths = plan.lengths();
+    let range = plan
+        .shards
+        .get(shard)
+        .filter(|r| r.start <= r.end && r.end <= lengths.len())
+        .cloned()
+        .ok_or_else(|| HubError::Corrupt(format!("no shard {shard} of the model's {} tensors", lengths.len())))?;
     let inputs = plan.inputs();
     let previous = if stage == 0 { Previous::default() } else { previous(db, store, (plan, id), stage, shard).await? };
     // Every submission's pieces of the shard, read a few ahead of the arithmetic.
