@@ -9,10 +9,10 @@
 //! stage, once every shard has reported, adds them in tensor order as one process would. Norm
 //! clipping takes two stages, centred clipping with `k` iterations `k + 1`; the others one.
 //!
-//! Within a shard, every stage reads the submissions a piece at a time ([`Piece`]: a range of
-//! one tensor's values, whole codec blocks): the coordinate-wise work is the same whatever
-//! the cut, and the per-submission sums are carried from piece to piece in order, so pieces
-//! change nothing either. [`whole`] runs every stage over the whole model in one process.
+//! Within a shard, every stage reads the submissions a piece at a time ([`Piece`]: spans of
+//! consecutive tensors cut at whole codec blocks): the coordinate-wise work is the same
+//! whatever the cut, and the per-submission sums are carried from span to span in order, so
+//! pieces change nothing either. [`whole`] runs every stage over the whole model in one process.
 //!
 //! Cost per shard of `p` parameters and `N` submissions: a stage holds the shard's output (4p
 //! bytes: the mean, or centred clipping's centre) and one piece of each submission, at most a
