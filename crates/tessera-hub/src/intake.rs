@@ -112,27 +112,19 @@ impl Hub {
         body: Bytes,
         claim: Claim,
     ) -> Result<Receipt, ApiError> {
-        let blob = self.blob_of(&body);
-        let result = self.submit_from(contributor, key, body, claim, false).await;
-        // Refused after its bytes were stored (the round moved on meanwhile): they go too,
-        // unless an accepted submission names the same bytes.
-        if matches!(&result, Err(e) if !matches!(e.code, ErrorCode::Busy | ErrorCode::Internal))
-            && self.db.blob_owner(&blob).await.ok().flatten().is_none()
-            && self.store.size(&submission_key(&blob)).await.is_ok()
-            && let Err(e) = self.store.delete(&submission_key(&blob)).await
-        {
-            tracing::warn!(blob, error = %e, "could not delete a submission that was refused");
-        }
-        result
+        self.submit_from(contributor, key, body, claim, false).await
     }
 
-    /// What a body is stored as: a sealed envelope's BLAKE3, a message's last 32 bytes (the
-    /// BLAKE3 of the rest, which its parse checks).
-    fn blob_of(&self, body: &[u8]) -> String {
-        if self.spec().trust.is_some() {
-            blake3::hash(body).to_hex().to_string()
-        } else {
-            hex::encode(&body[body.len().saturating_sub(32)..])
+    /// Deletes the stored bytes of `blob` after `result` refused them for good, unless an
+    /// accepted submission names the same bytes; a hub that is busy or failing keeps them for
+    /// the retry.
+    async fn drop_refused(&self, blob: &str, result: &Result<Receipt, ApiError>) {
+        let for_good = matches!(result, Err(e) if !matches!(e.code, ErrorCode::Busy | ErrorCode::Internal));
+        if for_good
+            && self.db.blob_owner(blob).await.ok().flatten().is_none()
+            && let Err(e) = self.store.delete(&submission_key(blob)).await
+        {
+            tracing::warn!(blob, error = %e, "could not delete a submission that was refused");
         }
     }
 
@@ -297,10 +289,16 @@ impl Hub {
             self.admissible(&submission).await?;
             self.store.put(&submission_key(&submission.blob), body.clone()).await.map_err(internal)?;
         }
-        let hub = self.clone();
-        tokio::spawn(async move { hub.record(submission, body).await })
+        let (hub, blob) = (self.clone(), submission.blob.clone());
+        let result = tokio::spawn(async move { hub.record(submission, body).await })
             .await
-            .map_err(|e| api(ErrorCode::Internal, e.to_string()))?
+            .map_err(|e| api(ErrorCode::Internal, e.to_string()))?;
+        // Refused after its bytes were stored here (the round moved on meanwhile): they go too.
+        // A direct upload's bytes are the commit's to drop, whatever refused them.
+        if !in_store {
+            self.drop_refused(&blob, &result).await;
+        }
+        result
     }
 
     /// Whether `s` would be admitted now (run, round, base, staleness, a submission already in
@@ -478,7 +476,13 @@ impl Hub {
                 return Err(api(ErrorCode::TooLarge, format!("{size} bytes uploaded; this run takes at most {limit}")));
             }
             let body = self.store.get(&object).await.map_err(internal)?;
-            let named = self.blob_of(&body);
+            // Named by its BLAKE3: a sealed envelope's of the whole, a message's is its last 32
+            // bytes (which its parse checks against the rest).
+            let named = if self.spec().trust.is_some() {
+                blake3::hash(&body).to_hex().to_string()
+            } else {
+                hex::encode(&body[body.len().saturating_sub(32)..])
+            };
             if named != blob {
                 return Err(api(
                     ErrorCode::MalformedMessage,
@@ -488,14 +492,7 @@ impl Hub {
             self.submit_from(contributor, key, body, claim, true).await
         }
         .await;
-        // Bytes refused for good go; a hub that is busy or failing keeps them for the retry.
-        let final_refusal = matches!(&result, Err(e) if !matches!(e.code, ErrorCode::Busy | ErrorCode::Internal));
-        if final_refusal
-            && self.db.blob_owner(blob).await.ok().flatten().is_none()
-            && let Err(e) = self.store.delete(&object).await
-        {
-            tracing::warn!(blob, error = %e, "could not delete an upload that was refused");
-        }
+        self.drop_refused(blob, &result).await;
         result
     }
 }
