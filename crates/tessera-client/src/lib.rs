@@ -36,7 +36,7 @@ use tessera_protocol::api::{
 };
 use tessera_protocol::{ApiError, ErrorCode, PROTOCOL_VERSION, weights_hash};
 use tessera_trust::identity::HUB_SIGNATURE_HEADER;
-use tessera_trust::{Identity, PublicKey, ValidatorAttestation};
+use tessera_trust::{Audience, Identity, PublicKey, ValidatorAttestation};
 
 pub use dataset::{FetchStats, ShardCache};
 pub use link::{Bucket, Link};
@@ -87,6 +87,9 @@ pub struct HubClient {
     key: Option<Arc<Identity>>,
     /// The hub's key: answers it signs must verify under it.
     hub_key: Option<PublicKey>,
+    /// Whom signed requests are for (the hub's key and run), learnt from the signed
+    /// `GET /v1/run` before the first one; shared by clones.
+    audience: Arc<std::sync::OnceLock<Audience>>,
     /// The validator's bearer token.
     token: Option<Arc<String>>,
     upload: Option<Link>,
@@ -136,6 +139,7 @@ impl HubClient {
             patience: PATIENCE,
             key: None,
             hub_key: None,
+            audience: Arc::default(),
             token: None,
             upload: None,
             download: None,
@@ -158,6 +162,7 @@ impl HubClient {
     /// Check the hub's signed answers against `hub_key`.
     pub fn pinning(mut self, hub_key: PublicKey) -> HubClient {
         self.hub_key = Some(hub_key);
+        self.audience = Arc::default();
         self
     }
 
@@ -207,7 +212,22 @@ impl HubClient {
     /// tests that replay or alter a signed request.
     pub fn signature(&self, method: &str, path: &str, body: &[u8], now_ms: i64) -> Result<Vec<(&'static str, String)>> {
         let key = self.key.as_ref().ok_or_else(|| ClientError::Usage("this client has no key to sign with".into()))?;
-        key.sign_request(method, path, body, now_ms).map_err(|e| ClientError::Usage(format!("signing: {e}")))
+        let audience = self.audience()?;
+        key.sign_request(&audience, method, path, body, now_ms).map_err(|e| ClientError::Usage(format!("signing: {e}")))
+    }
+
+    /// Whom this client's signed requests are for: the hub's key and its run, from its signed
+    /// `GET /v1/run` (fetched once).
+    pub fn audience(&self) -> Result<Audience> {
+        if let Some(a) = self.audience.get() {
+            return Ok(a.clone());
+        }
+        let run = self.run()?;
+        let hub_key = match self.hub_key {
+            Some(k) => k,
+            None => PublicKey::parse(&run.hub_key).map_err(|e| self.bad_answer("run", e))?,
+        };
+        Ok(self.audience.get_or_init(|| Audience { hub_key, run_id: run.run_id }).clone())
     }
 
     fn endpoint(&self, path: &str) -> String {

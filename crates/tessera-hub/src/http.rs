@@ -4,19 +4,19 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::{Body, Bytes};
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use tessera_edge::HeldBody;
 use tessera_protocol::api::{
     DataAssignment, RegisterRequest, ScoreReport, UNSIGNED_INNER_LOSS_HEADER, UploadCommit, UploadRequest, Verdict,
 };
 use tessera_protocol::{ApiError, ErrorCode};
 use tessera_trust::identity::HUB_SIGNATURE_HEADER;
-use tessera_trust::{SignedBy, ValidatorAttestation};
+use tessera_trust::{SignedBy, SignedHead, ValidatorAttestation};
 
 use crate::hub::Hub;
 use crate::store::{checkpoint_key, update_key};
@@ -53,6 +53,7 @@ pub fn status_of(code: ErrorCode) -> StatusCode {
         ErrorCode::Conflict => StatusCode::CONFLICT,
         ErrorCode::Busy => StatusCode::SERVICE_UNAVAILABLE,
         ErrorCode::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+        ErrorCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
         ErrorCode::RangeNotSatisfiable => StatusCode::RANGE_NOT_SATISFIABLE,
         ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
     }
@@ -68,8 +69,23 @@ fn refuse(code: ErrorCode, message: impl Into<String>) -> Refusal {
     Refusal(ApiError { code, message: message.into() })
 }
 
+/// A refusal the edge makes before a handler runs (a rate limit), in the hub's dialect.
+pub(crate) fn edge_refusal(status: StatusCode, message: String) -> Response {
+    let code = match status {
+        StatusCode::TOO_MANY_REQUESTS => ErrorCode::RateLimited,
+        StatusCode::SERVICE_UNAVAILABLE => ErrorCode::Busy,
+        s if s.is_client_error() => ErrorCode::BadRequest,
+        _ => ErrorCode::Internal,
+    };
+    (status, Json(ApiError { code, message })).into_response()
+}
+
+/// The largest JSON body of a request but a verdict or a submission.
+const SMALL_BODY: usize = 64 << 10;
+/// The largest verdict body.
+const VERDICT_BODY: usize = 64 << 20;
+
 pub fn router(hub: Arc<Hub>) -> Router {
-    let limit = hub.max_submission_bytes();
     Router::new()
         .route("/", get(dashboard_page))
         .route("/assets/{file}", get(dashboard_asset))
@@ -81,7 +97,7 @@ pub fn router(hub: Arc<Hub>) -> Router {
         .route("/v1/status", get(status))
         .route("/v1/contributors", post(register))
         .route("/v1/assignments", post(assignment))
-        .route("/v1/submissions", post(submit).layer(DefaultBodyLimit::max(limit)))
+        .route("/v1/submissions", post(submit))
         .route("/v1/uploads", post(grant_upload))
         .route("/v1/uploads/{blob}", post(commit_upload))
         .route("/v1/checkpoints/{hash}", get(checkpoint))
@@ -95,8 +111,8 @@ pub fn router(hub: Arc<Hub>) -> Router {
         .route("/v1/validator/scores", post(validator_scores))
         .route("/v1/validator", get(validator_info))
         .route("/v1/validator/attestation", post(validator_attestation))
-        .route("/v1/validator/aggregate/{round}", post(validator_aggregate).layer(DefaultBodyLimit::max(limit)))
-        .route("/v1/validator/verdict", post(validator_verdict).layer(DefaultBodyLimit::max(64 << 20)))
+        .route("/v1/validator/aggregate/{round}", post(validator_aggregate))
+        .route("/v1/validator/verdict", post(validator_verdict))
         .route("/v1/ledger", get(ledger))
         .route("/v1/ledger/proof/{seq}", get(ledger_proof))
         .route("/v1/economy/epochs", post(close_epoch))
@@ -127,25 +143,43 @@ async fn status(State(hub): State<Arc<Hub>>) -> Result<impl IntoResponse, Refusa
     hub.status().await.map(Json).map_err(|e| refuse(ErrorCode::Internal, e.to_string()))
 }
 
-/// A request body, or the documented refusal: `too_large` past the body limit, else `bad_request`.
-fn body_or_refusal(body: Result<Bytes, BytesRejection>) -> Result<Bytes, Refusal> {
-    body.map_err(|e| match e.status() {
-        StatusCode::PAYLOAD_TOO_LARGE => refuse(ErrorCode::TooLarge, e.body_text()),
-        _ => refuse(ErrorCode::BadRequest, e.body_text()),
-    })
+/// A request's method, URI and headers: all a signed request is checked on before its body.
+type Head<'a> = (&'a Method, &'a Uri, &'a HeaderMap);
+
+/// A signed request's verified head (signature for this hub and run, timestamp, fresh nonce,
+/// key rate), before any of its body is read.
+async fn signed_head(hub: &Hub, (method, uri, headers): Head<'_>) -> Result<SignedHead, Refusal> {
+    let path = uri.path_and_query().map_or(uri.path(), |p| p.as_str());
+    let get = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    Ok(hub.verify_head(get, method.as_str(), path).await?)
+}
+
+/// The body of a request whose head verified (at most `limit` bytes, within the replica's
+/// budget of bytes in flight), held to the hash it was signed with.
+async fn signed_body(
+    hub: &Hub,
+    signed: &SignedHead,
+    headers: &HeaderMap,
+    body: Body,
+    limit: usize,
+) -> Result<HeldBody, Refusal> {
+    let held = hub.read_body(&signed.by.key.hex(), headers, body, limit).await?;
+    signed.check_body(&held.bytes).map_err(|e| refuse(ErrorCode::Unauthorized, e.to_string()))?;
+    Ok(held)
 }
 
 /// A signed request's signer and its JSON body (`what` names it in a refusal).
-async fn signed_body<T: serde::de::DeserializeOwned>(
+async fn signed_json_body<T: serde::de::DeserializeOwned>(
     hub: &Hub,
-    (method, uri, headers): (&Method, &Uri, &HeaderMap),
-    body: Result<Bytes, BytesRejection>,
+    head: Head<'_>,
+    body: Body,
     what: &str,
 ) -> Result<(SignedBy, T), Refusal> {
-    let body = body_or_refusal(body)?;
-    let signer = signed(hub, method, uri, headers, &body).await?;
-    let value = serde_json::from_slice(&body).map_err(|e| refuse(ErrorCode::BadRequest, format!("{what}: {e}")))?;
-    Ok((signer, value))
+    let signed = signed_head(hub, head).await?;
+    let held = signed_body(hub, &signed, head.2, body, SMALL_BODY).await?;
+    let value =
+        serde_json::from_slice(&held.bytes).map_err(|e| refuse(ErrorCode::BadRequest, format!("{what}: {e}")))?;
+    Ok((signed.by, value))
 }
 
 async fn register(
@@ -153,30 +187,25 @@ async fn register(
     method: Method,
     uri: Uri,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Result<impl IntoResponse, Refusal> {
     let (signed, request): (_, RegisterRequest) =
-        signed_body(&hub, (&method, &uri, &headers), body, "registration").await?;
+        signed_json_body(&hub, (&method, &uri, &headers), body, "registration").await?;
     Ok((StatusCode::CREATED, Json(hub.register(&request.name, signed.key).await?)))
 }
 
-/// A signed request's verified signer (signature, timestamp, fresh nonce).
-async fn signed(hub: &Hub, method: &Method, uri: &Uri, headers: &HeaderMap, body: &[u8]) -> Result<SignedBy, Refusal> {
-    let path = uri.path_and_query().map_or(uri.path(), |p| p.as_str());
-    let get = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-    Ok(hub.verify_signed(get, method.as_str(), path, body).await?)
-}
-
-/// The registered contributor who signed a request, and its key.
+/// The registered contributor who signed a request (checked before its body is read), its key,
+/// and its body of at most `limit` bytes.
 async fn contributor(
     hub: &Hub,
-    method: &Method,
-    uri: &Uri,
-    headers: &HeaderMap,
-    body: &[u8],
-) -> Result<(u64, tessera_trust::PublicKey), Refusal> {
-    let signed = signed(hub, method, uri, headers, body).await?;
-    Ok((hub.contributor_of(&signed.key).await?, signed.key))
+    head: Head<'_>,
+    body: Body,
+    limit: usize,
+) -> Result<(u64, tessera_trust::PublicKey, HeldBody), Refusal> {
+    let signed = signed_head(hub, head).await?;
+    let id = hub.contributor_of(&signed.by.key).await?;
+    let held = signed_body(hub, &signed, head.2, body, limit).await?;
+    Ok((id, signed.by.key, held))
 }
 
 #[derive(serde::Deserialize)]
@@ -191,10 +220,9 @@ async fn assignment(
     uri: Uri,
     headers: HeaderMap,
     Query(q): Query<WaitQuery>,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Result<Response, Refusal> {
-    let body = body_or_refusal(body)?;
-    let (id, _) = contributor(&hub, &method, &uri, &headers, &body).await?;
+    let (id, _, _) = contributor(&hub, (&method, &uri, &headers), body, SMALL_BODY).await?;
     let wait = Duration::from_millis(q.wait_ms.unwrap_or(20_000).min(30_000));
     signed_json(&hub, &hub.assign(id, wait).await?)
 }
@@ -270,7 +298,7 @@ async fn submit(
     uri: Uri,
     headers: HeaderMap,
     query: Result<Query<SubmitQuery>, axum::extract::rejection::QueryRejection>,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Result<impl IntoResponse, Refusal> {
     let result = async {
         if headers.contains_key(UNSIGNED_INNER_LOSS_HEADER) {
@@ -284,11 +312,13 @@ async fn submit(
             ));
         }
         let Query(query) = query.map_err(|e| refuse(ErrorCode::BadRequest, e.body_text()))?;
-        let body = body_or_refusal(body)?;
-        let (id, key) = contributor(&hub, &method, &uri, &headers, &body).await?;
         let claim = query.claim()?;
-        let bytes = body.len() as u64;
-        let receipt = hub.submit(id, key, body, claim).await?;
+        let limit = hub.max_submission_bytes();
+        let (id, key, held) = contributor(&hub, (&method, &uri, &headers), body, limit).await?;
+        let bytes = held.bytes.len() as u64;
+        // The held body stays counted in the bytes in flight until the submission is recorded.
+        let receipt = hub.submit(id, key, held.bytes.clone(), claim).await?;
+        drop(held);
         metrics::counter!("tessera_hub_bytes_total", "direction" => "up").increment(bytes);
         Ok::<_, Refusal>(receipt)
     }
@@ -308,12 +338,11 @@ async fn grant_upload(
     method: Method,
     uri: Uri,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Result<impl IntoResponse, Refusal> {
-    let body = body_or_refusal(body)?;
-    let (id, _) = contributor(&hub, &method, &uri, &headers, &body).await?;
-    let request: UploadRequest =
-        serde_json::from_slice(&body).map_err(|e| refuse(ErrorCode::BadRequest, format!("upload request: {e}")))?;
+    let (id, _, held) = contributor(&hub, (&method, &uri, &headers), body, SMALL_BODY).await?;
+    let request: UploadRequest = serde_json::from_slice(&held.bytes)
+        .map_err(|e| refuse(ErrorCode::BadRequest, format!("upload request: {e}")))?;
     let granted = hub.grant_upload(id, &request).await;
     if let Err(e) = &granted {
         // A submission refused before its bytes moved counts as one refused.
@@ -331,16 +360,16 @@ async fn commit_upload(
     uri: Uri,
     headers: HeaderMap,
     query: Result<Query<SubmitQuery>, axum::extract::rejection::QueryRejection>,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Result<impl IntoResponse, Refusal> {
     let result = async {
         let Query(query) = query.map_err(|e| refuse(ErrorCode::BadRequest, e.body_text()))?;
-        let body = body_or_refusal(body)?;
-        let (id, key) = contributor(&hub, &method, &uri, &headers, &body).await?;
-        let commit: UploadCommit = if body.is_empty() {
+        let (id, key, held) = contributor(&hub, (&method, &uri, &headers), body, SMALL_BODY).await?;
+        let commit: UploadCommit = if held.bytes.is_empty() {
             UploadCommit::default()
         } else {
-            serde_json::from_slice(&body).map_err(|e| refuse(ErrorCode::BadRequest, format!("upload commit: {e}")))?
+            serde_json::from_slice(&held.bytes)
+                .map_err(|e| refuse(ErrorCode::BadRequest, format!("upload commit: {e}")))?
         };
         Ok::<_, Refusal>(hub.commit_upload(id, key, &blob, commit, query.claim()?).await?)
     }
@@ -497,18 +526,25 @@ async fn validator_blob(
 async fn validator_scores(
     State(hub): State<Arc<Hub>>,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Result<impl IntoResponse, Refusal> {
     validator(&hub, &headers)?;
-    let report: ScoreReport = json_body(body, "scores")?;
+    let report: ScoreReport = validator_json(&hub, &headers, body, SMALL_BODY, "scores").await?;
     hub.post_scores(report).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// A JSON request body, or `bad_request` naming what it should have been.
-fn json_body<T: serde::de::DeserializeOwned>(body: Result<Bytes, BytesRejection>, what: &str) -> Result<T, Refusal> {
-    let body = body_or_refusal(body)?;
-    serde_json::from_slice(&body).map_err(|e| refuse(ErrorCode::BadRequest, format!("{what}: {e}")))
+/// The validator's JSON request body (its token already checked), or `bad_request` naming
+/// what it should have been.
+async fn validator_json<T: serde::de::DeserializeOwned>(
+    hub: &Hub,
+    headers: &HeaderMap,
+    body: Body,
+    limit: usize,
+    what: &str,
+) -> Result<T, Refusal> {
+    let held = hub.read_body("validator", headers, body, limit).await?;
+    serde_json::from_slice(&held.bytes).map_err(|e| refuse(ErrorCode::BadRequest, format!("{what}: {e}")))
 }
 
 /// The validator submissions are sealed to: its attestation, for contributors to verify.
@@ -533,10 +569,10 @@ async fn close_epoch(
     method: Method,
     uri: Uri,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Result<impl IntoResponse, Refusal> {
     let (signer, report): (_, tessera_protocol::api::EpochReport) =
-        signed_body(&hub, (&method, &uri, &headers), body, "the epoch report").await?;
+        signed_json_body(&hub, (&method, &uri, &headers), body, "the epoch report").await?;
     let settled = hub.close_epoch(&signer.key, report).await?;
     Ok((StatusCode::CREATED, Json(settled)))
 }
@@ -544,10 +580,10 @@ async fn close_epoch(
 async fn validator_attestation(
     State(hub): State<Arc<Hub>>,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Result<impl IntoResponse, Refusal> {
     validator(&hub, &headers)?;
-    let post: AttestationPost = json_body(body, "attestation")?;
+    let post: AttestationPost = validator_json(&hub, &headers, body, SMALL_BODY, "attestation").await?;
     let seq = hub.register_validator(post.attestation, &post.entry).await?;
     Ok((StatusCode::CREATED, Json(serde_json::json!({ "ledger_seq": seq }))))
 }
@@ -556,22 +592,24 @@ async fn validator_aggregate(
     State(hub): State<Arc<Hub>>,
     Path(round): Path<String>,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Result<impl IntoResponse, Refusal> {
     validator(&hub, &headers)?;
     let round: u64 =
         round.parse().map_err(|_| refuse(ErrorCode::BadRequest, format!("round {round:?} is not a number")))?;
-    hub.post_aggregate(round, body_or_refusal(body)?).await?;
+    let held = hub.read_body("validator", &headers, body, hub.max_submission_bytes()).await?;
+    hub.post_aggregate(round, held.bytes.clone()).await?;
+    drop(held);
     Ok(StatusCode::NO_CONTENT)
 }
 
 async fn validator_verdict(
     State(hub): State<Arc<Hub>>,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Result<impl IntoResponse, Refusal> {
     validator(&hub, &headers)?;
-    let verdict: Verdict = json_body(body, "verdict")?;
+    let verdict: Verdict = validator_json(&hub, &headers, body, VERDICT_BODY, "verdict").await?;
     hub.post_verdict(verdict).await?;
     Ok(StatusCode::NO_CONTENT)
 }

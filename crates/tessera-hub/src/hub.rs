@@ -78,7 +78,17 @@ pub struct HubConfig {
     /// in a worker): each stage reads the submissions a piece at a time (default
     /// [`tessera_aggregate::shard::PIECE_BYTES`]; at least one codec block of each is held).
     pub aggregate_memory: Option<usize>,
+    /// At most this many bytes of request bodies held at once by this replica (default: the
+    /// larger of [`BODY_BYTES`] and one whole submission); each key at most one submission's.
+    pub body_bytes: Option<u64>,
+    /// Signed requests one key may make: per second and burst (default [`KEY_RATE`]).
+    pub key_rate: Option<tessera_edge::Rate>,
 }
+
+/// The request-body bytes a replica holds at once by default.
+pub const BODY_BYTES: u64 = 1 << 30;
+/// Signed requests per key by default: a contributor makes a few a round.
+pub const KEY_RATE: tessera_edge::Rate = tessera_edge::Rate { per_second: 10, burst: 100 };
 
 /// A direct upload above 4 GiB goes up in parts of 256 MiB.
 pub const DIRECT_MULTIPART: (u64, u64) = (4 << 30, 256 << 20);
@@ -142,6 +152,12 @@ pub struct Hub {
     /// Direct uploads read back and being checked or recorded at once, each holding one
     /// submission in memory: [`CHECKING_BYTES`] worth, at least one per core, at most 64.
     pub(crate) checking: tokio::sync::Semaphore,
+    /// Whom contributors' signed requests must be for: this hub's key and run.
+    pub(crate) audience: tessera_trust::Audience,
+    /// Request bodies held at once, in all and per key.
+    pub(crate) bodies: tessera_edge::BodyBudget,
+    /// Signed requests per key (None: unlimited).
+    pub(crate) key_rate: Option<tessera_edge::KeyedLimits<PublicKey>>,
 }
 
 /// The memory a replica gives to direct uploads being checked and recorded.
@@ -243,11 +259,13 @@ impl Hub {
         }
         let round = core.round();
         let max_submission = max_submission_bytes(&spec);
+        let identity_key = identity.public();
+        let run_id = run.id;
         let hub = Arc::new(Hub {
             db,
             store,
             spec,
-            run_id: run.id,
+            run_id: run_id.clone(),
             live: Mutex::new(Live { run: core, seq, outer: Some(Arc::new(outer)), sealed_mean: None }),
             keys: std::sync::RwLock::new(keys),
             trust: std::sync::RwLock::new(Trust { ledger, validator }),
@@ -261,6 +279,12 @@ impl Hub {
             bytes_down: AtomicU64::new(0),
             summer: crate::running::Summer::start(),
             checking: tokio::sync::Semaphore::new(checking_slots(max_submission)),
+            audience: tessera_trust::Audience { hub_key: identity_key, run_id: run_id.clone() },
+            bodies: tessera_edge::BodyBudget::new(
+                config.body_bytes.unwrap_or(BODY_BYTES).max(max_submission as u64),
+                max_submission as u64,
+            ),
+            key_rate: tessera_edge::KeyedLimits::new(config.key_rate.unwrap_or(KEY_RATE)),
         });
         // Metrics are recorded from the start (GET /metrics renders them).
         let _ = tessera_telemetry::prometheus();

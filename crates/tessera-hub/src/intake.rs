@@ -15,7 +15,7 @@ use tessera_protocol::api::{
 };
 use tessera_protocol::{ApiError, ErrorCode, MessageView};
 use tessera_round::{Event, Facts, MessageHeader, Submission};
-use tessera_trust::{PublicKey, SealedHeader, SignedBy};
+use tessera_trust::{PublicKey, SealedHeader, SignedHead};
 
 use crate::db::Written;
 use crate::hub::{Hub, api, internal, now_ms};
@@ -30,23 +30,62 @@ pub struct Claim {
 }
 
 impl Hub {
-    /// Checks a signed request and that its nonce is new; returns who signed it.
-    pub async fn verify_signed<'a>(
+    /// Checks a signed request's headers — for this hub and run, fresh, its nonce new, and its
+    /// key within its rate — before any of its body is read. The body must then pass
+    /// [`tessera_trust::SignedHead::check_body`].
+    pub async fn verify_head<'a>(
         &self,
         header: impl Fn(&str) -> Option<&'a str>,
         method: &str,
         path: &str,
-        body: &[u8],
-    ) -> Result<SignedBy, ApiError> {
-        let signed = tessera_trust::verify_request(header, method, path, body, now_ms())
+    ) -> Result<SignedHead, ApiError> {
+        let head = tessera_trust::verify_request_head(header, &self.audience, method, path, now_ms())
             .map_err(|e| api(ErrorCode::Unauthorized, e.to_string()))?;
-        if !self.db.use_nonce(&signed.key.hex(), &signed.nonce, now_ms()).await.map_err(internal)? {
+        if let Some(limits) = &self.key_rate
+            && let Err(seconds) = limits.check(&head.by.key)
+        {
+            metrics::counter!("tessera_edge_refused_total", "why" => "key_rate").increment(1);
+            return Err(api(
+                ErrorCode::RateLimited,
+                format!("key {} is making requests too fast: retry in {seconds} s", head.by.key),
+            ));
+        }
+        if !self.db.use_nonce(&head.by.key.hex(), &head.by.nonce, now_ms()).await.map_err(internal)? {
             return Err(api(
                 ErrorCode::ReplayedRequest,
                 "this signed request was already received (same key and nonce): a replay is refused",
             ));
         }
-        Ok(signed)
+        Ok(head)
+    }
+
+    /// Reads a request body of at most `limit` bytes for `key` within this replica's budget of
+    /// bytes in flight (call it once the request's head is authenticated).
+    pub async fn read_body(
+        &self,
+        key: &str,
+        headers: &axum::http::HeaderMap,
+        body: axum::body::Body,
+        limit: usize,
+    ) -> Result<tessera_edge::HeldBody, ApiError> {
+        self.bodies.read(key, headers, body, limit).await.map_err(|e| {
+            let code = match e {
+                tessera_edge::BodyError::TooLarge { .. } => ErrorCode::TooLarge,
+                tessera_edge::BodyError::Busy => ErrorCode::Busy,
+                tessera_edge::BodyError::KeyBusy => ErrorCode::RateLimited,
+                tessera_edge::BodyError::LengthRequired(_)
+                | tessera_edge::BodyError::TimedOut
+                | tessera_edge::BodyError::Read(_) => ErrorCode::BadRequest,
+            };
+            api(code, e.to_string())
+        })
+    }
+
+    /// Forgets rate-limit state of keys idle long enough to be back at a full burst.
+    pub(crate) fn forget_idle_keys(&self) {
+        if let Some(limits) = &self.key_rate {
+            limits.forget_idle();
+        }
     }
 
     /// The registered contributor a verified request comes from (registered through any

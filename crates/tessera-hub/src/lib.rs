@@ -21,7 +21,6 @@ mod validator;
 mod views;
 pub mod workers;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -55,11 +54,12 @@ pub enum HubError {
     Io(#[from] std::io::Error),
 }
 
-/// Opens (or creates) the run and serves it on `listener` until `shutdown` resolves. Closes
-/// rounds whose deadline has passed every `tick`.
+/// Serves the run on `listener` within `limits` until `shutdown` resolves. Closes rounds
+/// whose deadline has passed every `tick`.
 pub async fn serve(
     hub: Arc<Hub>,
     listener: tokio::net::TcpListener,
+    limits: tessera_edge::Limits,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), HubError> {
     let ticker = {
@@ -76,6 +76,9 @@ pub async fn serve(
                     && let Err(e) = hub.db.forget_nonces(hub::now_ms() - 2 * tessera_trust::identity::MAX_SKEW_MS).await
                 {
                     tracing::warn!(error = %e, "could not forget old nonces");
+                }
+                if tick % 600 == 0 {
+                    hub.forget_idle_keys();
                 }
                 // Once a minute: the journal keeps its last 100,000 decisions (a replica
                 // further behind reloads the whole state).
@@ -100,8 +103,8 @@ pub async fn serve(
             }
         })
     });
-    let app = http::router(hub).into_make_service_with_connect_info::<SocketAddr>();
-    let result = axum::serve(listener, app).with_graceful_shutdown(shutdown).await;
+    let limits = tessera_edge::Limits { refusal: http::edge_refusal, ..limits };
+    let result = tessera_edge::serve(listener, http::router(hub), limits, shutdown).await;
     ticker.abort();
     if let Some(task) = listening {
         task.abort();

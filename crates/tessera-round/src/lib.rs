@@ -141,6 +141,7 @@ pub fn counts_against_sender(code: ErrorCode) -> bool {
             | ErrorCode::Internal
             | ErrorCode::RunFinished
             | ErrorCode::Busy
+            | ErrorCode::RateLimited
             | ErrorCode::ReplayedRequest
     )
 }

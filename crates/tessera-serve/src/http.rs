@@ -2,12 +2,11 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
+use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
 
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -34,7 +33,10 @@ pub struct AppState {
     pub body_limit: usize,
     /// When the model was loaded (Unix seconds), for `/v1/models`.
     pub created: u64,
-    limiter: Mutex<HashMap<i64, Bucket>>,
+    /// One GCRA limiter per key (`governor`), at the key's own rate; rebuilt if it changes.
+    limiter: Mutex<HashMap<i64, (u32, Arc<governor::DefaultDirectRateLimiter>)>>,
+    /// Request bodies held at once: in all, and per key.
+    bodies: tessera_edge::BodyBudget,
 }
 
 impl AppState {
@@ -57,14 +59,10 @@ impl AppState {
             body_limit,
             created: unix_seconds(),
             limiter: Mutex::new(HashMap::new()),
+            // Room for 64 requests of the largest size at once; one key sends one at a time.
+            bodies: tessera_edge::BodyBudget::new((body_limit as u64).saturating_mul(64), body_limit as u64),
         }
     }
-}
-
-/// A token bucket per key: `requests_per_minute` deep, refilled evenly over a minute.
-struct Bucket {
-    tokens: f64,
-    at: Instant,
 }
 
 fn unix_seconds() -> u64 {
@@ -78,8 +76,13 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// A refusal the edge makes before a handler runs (a rate limit), in OpenAI's error format.
+pub fn edge_refusal(status: StatusCode, message: String) -> Response {
+    let kind = if status == StatusCode::TOO_MANY_REQUESTS { "rate_limit_error" } else { "invalid_request_error" };
+    ApiError { status: status.as_u16(), message, kind, param: None, code: None }.into_response()
+}
+
 pub fn router(state: Arc<AppState>) -> Router {
-    let limit = state.body_limit;
     Router::new()
         .route("/health", get(|| async { "ok" }))
         .route("/metrics", get(metrics_text))
@@ -96,7 +99,6 @@ pub fn router(state: Arc<AppState>) -> Router {
                 code: None,
             }
         })
-        .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
 }
 
@@ -114,16 +116,23 @@ async fn authorize(state: &AppState, headers: &HeaderMap) -> Result<KeyInfo, Api
         .await
         .map_err(|e| ApiError::server(e.to_string()))?
         .ok_or_else(|| ApiError::unauthorized("Incorrect API key provided, or the key was revoked."))?;
-    let rpm = f64::from(info.requests_per_minute);
-    let mut buckets = state.limiter.lock().map_err(|_| ApiError::server("rate limiter poisoned"))?;
-    let now = Instant::now();
-    let bucket = buckets.entry(info.id).or_insert(Bucket { tokens: rpm, at: now });
-    bucket.tokens = (bucket.tokens + now.duration_since(bucket.at).as_secs_f64() * rpm / 60.0).min(rpm);
-    bucket.at = now;
-    if bucket.tokens < 1.0 {
+    let limiter = {
+        let mut limiters = state.limiter.lock().map_err(|_| ApiError::server("rate limiter poisoned"))?;
+        let rpm = info.requests_per_minute;
+        match limiters.get(&info.id) {
+            Some((at, l)) if *at == rpm => l.clone(),
+            _ => {
+                // A burst of `rpm`, refilled evenly over a minute.
+                let per_minute = NonZeroU32::new(rpm).ok_or_else(|| ApiError::rate_limited(rpm))?;
+                let l = Arc::new(governor::RateLimiter::direct(governor::Quota::per_minute(per_minute)));
+                limiters.insert(info.id, (rpm, l.clone()));
+                l
+            }
+        }
+    };
+    if limiter.check().is_err() {
         return Err(ApiError::rate_limited(info.requests_per_minute));
     }
-    bucket.tokens -= 1.0;
     Ok(info)
 }
 
@@ -165,21 +174,28 @@ async fn get_model(
     Ok(Json(model_object(&state)))
 }
 
-fn body_bytes(state: &AppState, body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
-    body.map_err(|e| match e.status() {
-        StatusCode::PAYLOAD_TOO_LARGE => ApiError::too_large(state.body_limit),
-        _ => ApiError::bad_request(format!("We could not read the request body: {e}")),
-    })
+/// The body of a request whose key was checked, read within the server's budget of bytes in
+/// flight (a key sends one body at a time).
+async fn body_bytes(state: &AppState, key: &KeyInfo, headers: &HeaderMap, body: Body) -> Result<Bytes, ApiError> {
+    let held = state.bodies.read(&key.id.to_string(), headers, body, state.body_limit).await.map_err(|e| match e {
+        tessera_edge::BodyError::TooLarge { .. } => ApiError::too_large(state.body_limit),
+        tessera_edge::BodyError::KeyBusy | tessera_edge::BodyError::Busy => ApiError {
+            status: e.status().as_u16(),
+            message: e.to_string(),
+            kind: "rate_limit_error",
+            param: None,
+            code: None,
+        },
+        other => ApiError::bad_request(format!("We could not read the request body: {other}")),
+    })?;
+    // Parsed at once; a body is small (at most `body_limit`), its reservation ends here.
+    Ok(held.bytes.clone())
 }
 
-async fn completions(
-    State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Response, ApiError> {
+async fn completions(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
     let result = async {
         let key = authorize(&state, &headers).await?;
-        let request = openai::parse_completion(&body_bytes(&state, body)?)?;
+        let request = openai::parse_completion(&body_bytes(&state, &key, &headers, body).await?)?;
         let echo = request.echo.then(|| request.prompt.clone());
         run(state, key, Kind::Completion { echo }, &request.prompt, request.generation).await
     }
@@ -190,11 +206,11 @@ async fn completions(
 async fn chat_completions(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Result<Response, ApiError> {
     let result = async {
         let key = authorize(&state, &headers).await?;
-        let mut request = openai::parse_chat(&body_bytes(&state, body)?)?;
+        let mut request = openai::parse_chat(&body_bytes(&state, &key, &headers, body).await?)?;
         if request.generation.stop.is_empty() {
             request.generation.stop.push(openai::CHAT_STOP.to_owned());
         }
@@ -275,13 +291,25 @@ async fn run(
         prompt_tokens,
     };
     if g.stream {
-        let stream = Streamer { state, meta, rx: Some(rx), text, queue: VecDeque::new(), started: false };
+        let stream =
+            Streamer { state, meta, rx: Some(rx), text, queue: VecDeque::new(), started: false, billed: false };
         let events =
             futures::stream::unfold(stream, |mut s| async move { s.next().await.map(|e| (Ok::<_, Infallible>(e), s)) });
         return Ok(Sse::new(events).keep_alive(KeepAlive::default()).into_response());
     }
-    let (text, finish, completion_tokens) = collect(rx, text).await?;
-    bill(&state, &meta, completion_tokens).await?;
+    // Billed in a task of its own once generation ends: a caller who hangs up meanwhile
+    // still pays for what was generated.
+    let (text, finish, completion_tokens) = {
+        let state = state.clone();
+        let meta = meta.clone();
+        tokio::spawn(async move {
+            let (text, finish, completion_tokens) = collect(rx, text).await?;
+            bill(&state, &meta, completion_tokens).await?;
+            Ok::<_, ApiError>((text, finish, completion_tokens))
+        })
+        .await
+        .map_err(|e| ApiError::server(e.to_string()))??
+    };
     let usage = openai::usage(meta.prompt_tokens, completion_tokens);
     let body = match &meta.kind {
         Kind::Completion { echo } => json!({
@@ -298,6 +326,7 @@ async fn run(
     Ok(Json(body).into_response())
 }
 
+#[derive(Clone)]
 struct Meta {
     started: std::time::Instant,
     id: String,
@@ -464,6 +493,36 @@ struct Streamer {
     text: Text,
     queue: VecDeque<SseEvent>,
     started: bool,
+    /// Whether its usage was recorded (or is being); if not when it is dropped — the caller
+    /// hung up — what was generated by then is billed.
+    billed: bool,
+}
+
+impl Drop for Streamer {
+    fn drop(&mut self) {
+        if self.billed {
+            return;
+        }
+        // Tokens sent by the engine but not yet streamed were generated all the same.
+        let mut tokens = self.text.tokens.len();
+        if let Some(rx) = self.rx.as_mut() {
+            while let Ok(e) = rx.try_recv() {
+                tokens += usize::from(matches!(e, Event::Token(_)));
+            }
+        }
+        metrics::counter!("tessera_serve_streams_abandoned_total").increment(1);
+        let (state, meta) = (self.state.clone(), self.meta.clone());
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(async move {
+                    if let Err(e) = bill(&state, &meta, tokens).await {
+                        tracing::error!(key = meta.key_id, error = %e.message, "could not bill an abandoned stream");
+                    }
+                });
+            }
+            Err(_) => tracing::error!(key = meta.key_id, tokens, "an abandoned stream went unbilled: no runtime"),
+        }
+    }
 }
 
 impl Streamer {
@@ -512,7 +571,11 @@ impl Streamer {
         self.rx = None;
         let completion_tokens = self.text.tokens.len();
         self.queue.push_back(self.chunk(None, Some(finish), false));
-        match bill(&self.state, &self.meta, completion_tokens).await {
+        // In a task of its own, so a hang-up now cannot cancel it half-way.
+        self.billed = true;
+        let (state, meta) = (self.state.clone(), self.meta.clone());
+        let billing = tokio::spawn(async move { bill(&state, &meta, completion_tokens).await });
+        match billing.await.map_err(|e| ApiError::server(e.to_string())).and_then(|r| r) {
             Ok(()) => self.queue.push_back(self.usage_chunk(completion_tokens)),
             Err(e) => self.queue.push_back(Streamer::error_event(&e)),
         }

@@ -22,7 +22,7 @@ pub mod openai;
 pub mod prices;
 
 pub use engine::{Engine, Event, Finish, Job};
-pub use http::{AppState, router};
+pub use http::{AppState, edge_refusal, router};
 pub use keys::{EpochUsage, KeyInfo, Store};
 pub use prices::Prices;
 

@@ -1,9 +1,12 @@
 //! Ed25519 identities: key files, signatures, and the signed-request scheme every contributor
 //! request uses.
 //!
-//! A request is signed over its method, path, timestamp, nonce and the BLAKE3 of its body
-//! ([`request_message`]); the hub checks the signature, that the timestamp is within
-//! [`MAX_SKEW_MS`] of its clock, and that it never saw the (key, nonce) pair before.
+//! A request is signed over its audience (the hub's key and the run's id), method, path,
+//! timestamp, nonce and the BLAKE3 of its body ([`request_message`]); the hub checks the
+//! signature, that the timestamp is within [`MAX_SKEW_MS`] of its clock, and that it never saw
+//! the (key, nonce) pair before. The body's BLAKE3 also travels in [`CONTENT_HEADER`], so the
+//! whole check runs on the headers ([`verify_request_head`]) before any body byte is read; the
+//! body is then held to the hash it was signed with ([`SignedHead::check_body`]).
 
 use std::fmt;
 use std::fs;
@@ -20,6 +23,8 @@ pub const KEY_HEADER: &str = "x-tessera-key";
 pub const TIMESTAMP_HEADER: &str = "x-tessera-timestamp";
 pub const NONCE_HEADER: &str = "x-tessera-nonce";
 pub const SIGNATURE_HEADER: &str = "x-tessera-signature";
+/// The BLAKE3 (hex) of a signed request's body, as signed.
+pub const CONTENT_HEADER: &str = "x-tessera-content-blake3";
 /// Header on the hub's signed answers: its signature over the body's BLAKE3.
 pub const HUB_SIGNATURE_HEADER: &str = "x-tessera-hub-signature";
 
@@ -135,9 +140,10 @@ impl Identity {
         Ok(id)
     }
 
-    /// The headers of a signed request: `(name, value)` pairs.
+    /// The headers of a signed request to `audience`: `(name, value)` pairs.
     pub fn sign_request(
         &self,
+        audience: &Audience,
         method: &str,
         path: &str,
         body: &[u8],
@@ -146,14 +152,26 @@ impl Identity {
         let mut nonce = [0u8; 16];
         getrandom::fill(&mut nonce).map_err(|e| TrustError::Random(e.to_string()))?;
         let nonce = hex::encode(nonce);
-        let message = request_message(method, path, now_ms, &nonce, body);
+        let digest = blake3::hash(body).to_hex().to_string();
+        let message = request_message(audience, method, path, now_ms, &nonce, &digest);
         Ok(vec![
             (KEY_HEADER, self.public().hex()),
             (TIMESTAMP_HEADER, now_ms.to_string()),
             (NONCE_HEADER, nonce),
             (SIGNATURE_HEADER, self.sign_hex(&message)),
+            (CONTENT_HEADER, digest),
         ])
     }
+}
+
+/// Whom a signed request is for: one hub (its key) serving one run. A request signed for
+/// another hub or another run does not verify here, so it cannot be replayed across them
+/// (replicas of one run share both, and accept each other's requests).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Audience {
+    pub hub_key: PublicKey,
+    /// The run's id (hex).
+    pub run_id: String,
 }
 
 /// Writes `bytes` to a new file with mode 0600 (never overwriting one).
@@ -190,12 +208,20 @@ pub fn check_owner_only(path: &Path) -> Result<(), TrustError> {
     Ok(())
 }
 
-/// The bytes a request signature covers.
-pub fn request_message(method: &str, path: &str, timestamp_ms: i64, nonce: &str, body: &[u8]) -> Vec<u8> {
+/// The bytes a request signature covers; `body_blake3` is the body's BLAKE3 in hex.
+pub fn request_message(
+    audience: &Audience,
+    method: &str,
+    path: &str,
+    timestamp_ms: i64,
+    nonce: &str,
+    body_blake3: &str,
+) -> Vec<u8> {
     format!(
-        "tessera-request-v1\n{}\n{path}\n{timestamp_ms}\n{nonce}\n{}",
+        "tessera-request-v2\n{}\n{}\n{}\n{path}\n{timestamp_ms}\n{nonce}\n{body_blake3}",
+        audience.hub_key.hex(),
+        audience.run_id,
         method.to_ascii_uppercase(),
-        blake3::hash(body).to_hex()
     )
     .into_bytes()
 }
@@ -218,15 +244,41 @@ pub struct SignedBy {
     pub timestamp_ms: i64,
 }
 
-/// Checks a signed request's headers (looked up by `header`) against its method, path and body
-/// at time `now_ms`. The caller still has to check the nonce is new.
-pub fn verify_request<'a>(
+/// A request whose headers verified: who signed it, and the body it was signed with (still to
+/// be read and checked).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SignedHead {
+    pub by: SignedBy,
+    body_blake3: blake3::Hash,
+}
+
+impl SignedHead {
+    /// The body is the one signed: its BLAKE3 is the signed one.
+    pub fn check_body(&self, body: &[u8]) -> Result<(), TrustError> {
+        self.check_hash(&blake3::hash(body))
+    }
+
+    /// As [`SignedHead::check_body`], for a body hashed as it streamed in.
+    pub fn check_hash(&self, hash: &blake3::Hash) -> Result<(), TrustError> {
+        // `blake3::Hash` compares in constant time.
+        if *hash == self.body_blake3 {
+            Ok(())
+        } else {
+            Err(TrustError::BadRequest("the body is not the one signed: its BLAKE3 differs from the signed one".into()))
+        }
+    }
+}
+
+/// Checks a signed request's headers (looked up by `header`) against its audience, method and
+/// path at time `now_ms`, before any of its body is read. The caller still has to check the
+/// nonce is new, and the body against [`SignedHead::check_body`].
+pub fn verify_request_head<'a>(
     header: impl Fn(&str) -> Option<&'a str>,
+    audience: &Audience,
     method: &str,
     path: &str,
-    body: &[u8],
     now_ms: i64,
-) -> Result<SignedBy, TrustError> {
+) -> Result<SignedHead, TrustError> {
     let get = |name: &'static str| header(name).ok_or(TrustError::Unsigned(name));
     let key = PublicKey::parse(get(KEY_HEADER)?)?;
     let timestamp_ms: i64 = get(TIMESTAMP_HEADER)?
@@ -236,18 +288,40 @@ pub fn verify_request<'a>(
     if nonce.len() < 16 || nonce.len() > 64 || !nonce.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(TrustError::BadRequest("the nonce must be 16 to 64 hex digits".into()));
     }
+    let digest = get(CONTENT_HEADER)?;
+    let body_blake3 = blake3::Hash::from_hex(digest)
+        .map_err(|_| TrustError::BadRequest(format!("{CONTENT_HEADER} must be 64 hex digits")))?;
     // `abs_diff`: a timestamp at either end of i64's range cannot wrap the check.
     if timestamp_ms.abs_diff(now_ms) > MAX_SKEW_MS.unsigned_abs() {
         return Err(TrustError::Expired { timestamp_ms, now_ms });
     }
-    key.verify_hex(&request_message(method, path, timestamp_ms, nonce, body), get(SIGNATURE_HEADER)?)?;
-    Ok(SignedBy { key, nonce: nonce.to_ascii_lowercase(), timestamp_ms })
+    let message = request_message(audience, method, path, timestamp_ms, nonce, &body_blake3.to_hex());
+    key.verify_hex(&message, get(SIGNATURE_HEADER)?)?;
+    Ok(SignedHead { by: SignedBy { key, nonce: nonce.to_ascii_lowercase(), timestamp_ms }, body_blake3 })
+}
+
+/// Checks a whole signed request: [`verify_request_head`], then its `body`.
+pub fn verify_request<'a>(
+    header: impl Fn(&str) -> Option<&'a str>,
+    audience: &Audience,
+    method: &str,
+    path: &str,
+    body: &[u8],
+    now_ms: i64,
+) -> Result<SignedBy, TrustError> {
+    let head = verify_request_head(header, audience, method, path, now_ms)?;
+    head.check_body(body)?;
+    Ok(head.by)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::collections::HashMap;
+
+    fn audience() -> Audience {
+        Audience { hub_key: PublicKey([3; 32]), run_id: "0123456789abcdef0123456789abcdef".into() }
+    }
 
     fn check(
         h: &[(&'static str, String)],
@@ -256,16 +330,39 @@ mod tests {
         body: &[u8],
         now: i64,
     ) -> Result<SignedBy, TrustError> {
+        check_for(&audience(), h, method, path, body, now)
+    }
+
+    fn check_for(
+        audience: &Audience,
+        h: &[(&'static str, String)],
+        method: &str,
+        path: &str,
+        body: &[u8],
+        now: i64,
+    ) -> Result<SignedBy, TrustError> {
         let map: HashMap<&str, &str> = h.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        verify_request(|n| map.get(n).copied(), method, path, body, now)
+        verify_request(|n| map.get(n).copied(), audience, method, path, body, now)
     }
 
     #[test]
     fn a_signed_request_verifies_and_any_change_to_it_does_not() {
         let id = Identity::generate().unwrap();
-        let h = id.sign_request("POST", "/v1/submissions", b"body", 1_000_000).unwrap();
+        let h = id.sign_request(&audience(), "POST", "/v1/submissions", b"body", 1_000_000).unwrap();
         assert_eq!(check(&h, "POST", "/v1/submissions", b"body", 1_000_000).unwrap().key, id.public());
-        assert!(matches!(check(&h, "POST", "/v1/submissions", b"bodY", 1_000_000), Err(TrustError::BadSignature)));
+        assert!(matches!(check(&h, "POST", "/v1/submissions", b"bodY", 1_000_000), Err(TrustError::BadRequest(_))));
+        // Another hub, or another run on the same hub, does not accept it.
+        let other_hub = Audience { hub_key: PublicKey([4; 32]), ..audience() };
+        let other_run = Audience { run_id: "fedcba9876543210fedcba9876543210".into(), ..audience() };
+        for other in [other_hub, other_run] {
+            let checked = check_for(&other, &h, "POST", "/v1/submissions", b"body", 1_000_000);
+            assert!(matches!(checked, Err(TrustError::BadSignature)), "{other:?}: {checked:?}");
+        }
+        // The signed body hash travels in a header: changing it breaks the signature, and a
+        // body that does not match it is refused.
+        let mut digest = h.clone();
+        digest[4].1 = blake3::hash(b"bodY").to_hex().to_string();
+        assert!(matches!(check(&digest, "POST", "/v1/submissions", b"bodY", 1_000_000), Err(TrustError::BadSignature)));
         assert!(matches!(check(&h, "GET", "/v1/submissions", b"body", 1_000_000), Err(TrustError::BadSignature)));
         assert!(matches!(check(&h, "POST", "/v1/assignments", b"body", 1_000_000), Err(TrustError::BadSignature)));
         assert!(matches!(
@@ -291,7 +388,7 @@ mod tests {
     fn timestamps_at_the_ends_of_the_range_are_expired() {
         let id = Identity::generate().unwrap();
         for ts in [i64::MIN, i64::MIN + 1, i64::MAX] {
-            let h = id.sign_request("POST", "/v1/submissions", b"body", ts).unwrap();
+            let h = id.sign_request(&audience(), "POST", "/v1/submissions", b"body", ts).unwrap();
             for now in [0, 1_000_000, 1_800_000_000_000] {
                 let checked = check(&h, "POST", "/v1/submissions", b"body", now);
                 assert!(matches!(checked, Err(TrustError::Expired { .. })), "{ts} at {now}: {checked:?}");
@@ -319,8 +416,8 @@ mod tests {
 
     proptest::proptest! {
         #[test]
-        fn hostile_headers_are_refused_without_panic(key in ".{0,80}", ts in ".{0,24}", nonce in ".{0,80}", sig in ".{0,140}") {
-            let h = vec![(KEY_HEADER, key), (TIMESTAMP_HEADER, ts), (NONCE_HEADER, nonce), (SIGNATURE_HEADER, sig)];
+        fn hostile_headers_are_refused_without_panic(key in ".{0,80}", ts in ".{0,24}", nonce in ".{0,80}", sig in ".{0,140}", digest in ".{0,80}") {
+            let h = vec![(KEY_HEADER, key), (TIMESTAMP_HEADER, ts), (NONCE_HEADER, nonce), (SIGNATURE_HEADER, sig), (CONTENT_HEADER, digest)];
             proptest::prop_assert!(check(&h, "POST", "/", b"", 0).is_err());
         }
     }

@@ -18,7 +18,7 @@ pub mod ledger;
 
 pub use attest::{AttestationPolicy, Evidence, ValidatorAttestation, Verified, report_data};
 pub use envelope::{OpeningKey, SealedHeader, SealingKey};
-pub use identity::{Identity, PublicKey, SignedBy, verify_request};
+pub use identity::{Audience, Identity, PublicKey, SignedBy, SignedHead, verify_request, verify_request_head};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrustError {

@@ -284,3 +284,45 @@ pub fn gib(bytes: u64) -> String {
         _ => format!("{:.1} GiB", b / 1_073_741_824.0),
     }
 }
+
+/// How a listening process treats strangers: connection caps, read timeouts, rate limits.
+#[derive(Args, Clone, Debug, PartialEq)]
+pub struct EdgeArgs {
+    /// Connections served at once; more wait in the kernel's backlog.
+    #[arg(long, value_name = "N", default_value_t = 512)]
+    pub max_connections: usize,
+    /// Connections served at once from one IP address; more are closed at once.
+    #[arg(long, value_name = "N", default_value_t = 64)]
+    pub max_connections_per_address: usize,
+    /// Seconds a connection has to send a whole request head (idle ones are closed after it).
+    #[arg(long, value_name = "SECONDS", default_value_t = 10)]
+    pub header_timeout: u64,
+    /// Seconds a request body may pause between two pieces before its read fails.
+    #[arg(long, value_name = "SECONDS", default_value_t = 30)]
+    pub body_timeout: u64,
+    /// Requests per second from one IP address (bursts of four times as many); 0: no limit.
+    #[arg(long, value_name = "N", default_value_t = 100)]
+    pub rate_per_address: u32,
+}
+
+impl Default for EdgeArgs {
+    fn default() -> Self {
+        clap_defaults()
+    }
+}
+
+impl EdgeArgs {
+    pub fn limits(&self) -> tessera_edge::Limits {
+        tessera_edge::Limits {
+            max_connections: self.max_connections.max(1),
+            max_connections_per_address: self.max_connections_per_address.max(1),
+            header_timeout: std::time::Duration::from_secs(self.header_timeout.max(1)),
+            body_timeout: std::time::Duration::from_secs(self.body_timeout.max(1)),
+            per_address: (self.rate_per_address > 0).then(|| tessera_edge::Rate {
+                per_second: self.rate_per_address,
+                burst: self.rate_per_address.saturating_mul(4),
+            }),
+            ..tessera_edge::Limits::default()
+        }
+    }
+}

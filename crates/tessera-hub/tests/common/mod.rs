@@ -155,7 +155,7 @@ impl Server {
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let h = hub.clone();
         let task = rt.spawn(async move {
-            tessera_hub::serve(h, listener, async move {
+            tessera_hub::serve(h, listener, tessera_edge::Limits::default(), async move {
                 let _ = rx.await;
             })
             .await

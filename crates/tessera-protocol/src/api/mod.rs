@@ -13,8 +13,10 @@ use crate::Codec;
 
 /// Bumped on any breaking change to the JSON messages or the binary formats. 2: the inner loss
 /// travels in the signed path, and the ledger pins the funding share at genesis. 3: a manifest
-/// run's submission names its assigned data in the signed path.
-pub const PROTOCOL_VERSION: u32 = 3;
+/// run's submission names its assigned data in the signed path. 4: a request's signature
+/// covers its audience (the hub's key and the run), and its body's BLAKE3 travels in a header
+/// so the hub checks it before reading the body.
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Optional query parameter of a submission: the mean training loss of its inner steps
 /// (`POST /v1/submissions?inner_loss=0.8123`). The path a request signs includes its query, so
@@ -460,6 +462,9 @@ pub enum ErrorCode {
     Conflict,
     NotFound,
     RangeNotSatisfiable,
+    /// Too many requests from this key or address, or too many of its bytes in flight: retry
+    /// after a pause.
+    RateLimited,
     Internal,
 }
 

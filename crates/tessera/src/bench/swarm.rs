@@ -221,7 +221,14 @@ impl Replica {
                 .await?;
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
             let url = format!("http://{}", listener.local_addr()?);
-            tokio::spawn(tessera_hub::serve(hub, listener, std::future::pending()));
+            // Every simulated contributor comes from this one address: no per-address caps.
+            let limits = tessera_edge::Limits {
+                max_connections: 1 << 16,
+                max_connections_per_address: 1 << 16,
+                per_address: None,
+                ..tessera_edge::Limits::default()
+            };
+            tokio::spawn(tessera_hub::serve(hub, listener, limits, std::future::pending()));
             anyhow::Ok(url)
         })?;
         Ok(Replica { url, runtime: Some(runtime) })

@@ -62,17 +62,18 @@ pub fn bench_trust(args: BenchTrustArgs) -> Result<()> {
     }
 
     let body = vec![7u8; 64];
+    let audience = tessera_trust::Audience { hub_key: me.public(), run_id: "bench".into() };
     let (sign, headers) = best(args.repeats, || {
         let mut all = Vec::with_capacity(args.requests);
         for _ in 0..args.requests {
-            all.push(me.sign_request("POST", "/v1/submissions", &body, 1_000)?);
+            all.push(me.sign_request(&audience, "POST", "/v1/submissions", &body, 1_000)?);
         }
         Ok(all)
     })?;
     let (verify, _) = best(args.repeats, || {
         for h in &headers {
             let get = |n: &str| h.iter().find(|(k, _)| *k == n).map(|(_, v)| v.as_str());
-            tessera_trust::verify_request(get, "POST", "/v1/submissions", &body, 1_000)?;
+            tessera_trust::verify_request(get, &audience, "POST", "/v1/submissions", &body, 1_000)?;
         }
         Ok(())
     })?;

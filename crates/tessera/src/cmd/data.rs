@@ -126,7 +126,7 @@ pub fn data(command: DataCommand) -> Result<()> {
             runtime.block_on(async {
                 let listener = tokio::net::TcpListener::bind(&addr).await?;
                 println!("serving dataset {id} ({} shards) at http://{}/", m.shards.len(), listener.local_addr()?);
-                axum::serve(listener, router).await?;
+                tessera_edge::serve(listener, router, tessera_edge::Limits::default(), std::future::pending()).await?;
                 Ok::<_, anyhow::Error>(())
             })
         }

@@ -63,6 +63,15 @@ pub struct HubArgs {
     /// (more reads when it is small). Used here and, through the round's plan, by the workers.
     #[arg(long, value_name = "MIB", default_value_t = 256)]
     pub aggregate_memory: usize,
+    /// Request bodies (submissions posted to the hub) held at once, in MiB; a body that does
+    /// not fit waits up to 30 s, then is refused as busy. At least one whole submission.
+    #[arg(long, value_name = "MIB", default_value_t = 1024)]
+    pub body_memory: u64,
+    /// Signed requests per second one key may make (bursts of ten times as many); 0: no limit.
+    #[arg(long, value_name = "N", default_value_t = 10)]
+    pub rate_per_key: u32,
+    #[command(flatten)]
+    pub edge: crate::args::EdgeArgs,
 }
 
 #[derive(Args)]
@@ -177,6 +186,11 @@ pub fn hub(args: HubArgs) -> Result<()> {
             direct_multipart: None,
             aggregate_shards: args.aggregate_shards,
             aggregate_memory: Some(args.aggregate_memory.saturating_mul(1 << 20)),
+            body_bytes: Some(args.body_memory.saturating_mul(1 << 20)),
+            key_rate: Some(tessera_edge::Rate {
+                per_second: args.rate_per_key,
+                burst: args.rate_per_key.saturating_mul(10),
+            }),
         };
         let hub = Hub::open(db, store, new, key, config).await?;
         if hub.spec().trust.as_ref().is_some_and(|t| t.allow_insecure_dev) {
@@ -212,7 +226,7 @@ pub fn hub(args: HubArgs) -> Result<()> {
             }
         );
         eprintln!("hub key {} (signs the ledger genesis, assignments and run info)", info.hub_key);
-        tessera_hub::serve(hub, listener, async {
+        tessera_hub::serve(hub, listener, args.edge.limits(), async {
             let _ = tokio::signal::ctrl_c().await;
         })
         .await?;

@@ -41,6 +41,8 @@ pub struct ServeArgs {
     max_body_bytes: usize,
     #[command(flatten)]
     runtime: RuntimeArgs,
+    #[command(flatten)]
+    edge: crate::args::EdgeArgs,
 }
 
 #[derive(Subcommand)]
@@ -144,11 +146,11 @@ pub fn serve(args: ServeArgs) -> Result<()> {
             args.db.display(),
             args.db.display()
         );
-        axum::serve(listener, tessera_serve::router(state))
-            .with_graceful_shutdown(async {
-                let _ = tokio::signal::ctrl_c().await;
-            })
-            .await?;
+        let limits = tessera_edge::Limits { refusal: tessera_serve::edge_refusal, ..args.edge.limits() };
+        tessera_edge::serve(listener, tessera_serve::router(state), limits, async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await?;
         Ok(())
     })
 }

@@ -71,7 +71,8 @@ fn serve_metrics(addr: std::net::SocketAddr) -> Result<()> {
             let Ok(listener) = tokio::net::TcpListener::from_std(listener) else { return };
             let app =
                 axum::Router::new().route("/metrics", axum::routing::get(|| async { tessera_telemetry::exposition() }));
-            if let Err(e) = axum::serve(listener, app).await {
+            let limits = tessera_edge::Limits::default();
+            if let Err(e) = tessera_edge::serve(listener, app, limits, std::future::pending()).await {
                 tracing::error!(error = %e, "the metrics server stopped");
             }
         });
