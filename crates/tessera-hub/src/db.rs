@@ -783,13 +783,13 @@ impl Db {
     }
 
     /// Rejections per contributor.
+    /// Rejections per contributor, counted by the database (one row per contributor moves).
     pub async fn rejection_counts(&self) -> Result<Vec<(u64, u64)>, HubError> {
-        let rows = sqlx::query("SELECT contributor FROM rejections").fetch_all(&self.pool).await?;
-        let mut counts = std::collections::BTreeMap::new();
-        for r in &rows {
-            *counts.entry(u(r.try_get("contributor")?)).or_insert(0u64) += 1;
-        }
-        Ok(counts.into_iter().collect())
+        let rows =
+            sqlx::query("SELECT contributor, COUNT(*) AS n FROM rejections GROUP BY contributor ORDER BY contributor")
+                .fetch_all(&self.pool)
+                .await?;
+        rows.iter().map(|r| Ok((u(r.try_get("contributor")?), u(r.try_get("n")?)))).collect()
     }
 
     /// (contributor, code, message) of every rejection recorded while `round` was open.
@@ -799,16 +799,6 @@ impl Db {
             .fetch_all(&self.pool)
             .await?;
         rows.iter().map(|r| Ok((u(r.try_get("contributor")?), r.try_get("code")?, r.try_get("message")?))).collect()
-    }
-
-    /// Every rejection: (contributor, round, code).
-    pub async fn all_rejections(&self) -> Result<Vec<(u64, Option<u64>, String)>, HubError> {
-        let rows = sqlx::query("SELECT contributor, round, code FROM rejections").fetch_all(&self.pool).await?;
-        rows.iter()
-            .map(|r| {
-                Ok((u(r.try_get("contributor")?), r.try_get::<Option<i64>, _>("round")?.map(u), r.try_get("code")?))
-            })
-            .collect()
     }
 
     /// The round each later phase began at, by phase.

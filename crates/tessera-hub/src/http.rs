@@ -483,7 +483,9 @@ async fn update(
 }
 
 async fn leaderboard(State(hub): State<Arc<Hub>>) -> Result<impl IntoResponse, Refusal> {
-    hub.leaderboard().await.map(Json).map_err(|e| refuse(ErrorCode::Internal, e.to_string()))
+    let board = hub.leaderboard().await.map_err(|e| refuse(ErrorCode::Internal, e.to_string()))?;
+    let body = serde_json::to_vec(&*board).map_err(|e| refuse(ErrorCode::Internal, e.to_string()))?;
+    Ok(([(header::CONTENT_TYPE, "application/json")], body))
 }
 
 /// A round's evaluation-seed commitment, and the seed itself once the round's submissions have

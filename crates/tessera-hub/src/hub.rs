@@ -158,6 +158,8 @@ pub struct Hub {
     pub(crate) bodies: tessera_edge::BodyBudget,
     /// Signed requests per key (None: unlimited).
     pub(crate) key_rate: Option<tessera_edge::KeyedLimits<PublicKey>>,
+    /// The whole-run views' last answers ([`crate::views`]).
+    pub(crate) views: crate::views::Views,
 }
 
 /// The memory a replica gives to direct uploads being checked and recorded.
@@ -285,6 +287,7 @@ impl Hub {
                 max_submission as u64,
             ),
             key_rate: tessera_edge::KeyedLimits::new(config.key_rate.unwrap_or(KEY_RATE)),
+            views: crate::views::Views::default(),
         });
         // Metrics are recorded from the start (GET /metrics renders them).
         let _ = tessera_telemetry::prometheus();

@@ -1,10 +1,15 @@
 //! Read-only answers: a round's announcement and evaluation seed, the run's status, the
 //! leaderboard, a contributor's history.
 //!
-//! Cost: `status` and `leaderboard` read every round, submission, score and rejection
-//! (O(history) rows per request); the rest read one round or one contributor.
+//! Cost: `status` and `leaderboard` read every round, submission, score and rejection count
+//! (O(history) rows), but once per change to the run: each keeps its last answer with the
+//! journal sequence number it was computed at, and a request costs one indexed read of that
+//! number while nothing changed. Concurrent requests after a change wait for one recomputation
+//! (single flight), so scans are bounded by the rate of authenticated writes, never by the rate
+//! of anonymous reads. The rest read one round or one contributor.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use tessera_protocol::api::{ContributorStats, HubStatus, LeaderRow, Leaderboard, RoundSummary};
@@ -12,6 +17,13 @@ use tessera_protocol::{ApiError, ErrorCode};
 
 use crate::HubError;
 use crate::hub::{Hub, api, internal};
+
+/// The last answers of the whole-run views, with the journal sequence number each is current at.
+#[derive(Default)]
+pub(crate) struct Views {
+    status: tokio::sync::Mutex<Option<(u64, Arc<HubStatus>)>>,
+    leaderboard: tokio::sync::Mutex<Option<(u64, Arc<Leaderboard>)>>,
+}
 
 impl Hub {
     /// Round `round` as announced: its base, its seed commitment, what it published.
@@ -52,7 +64,21 @@ impl Hub {
 
     /// Contributors ranked by rating, with their records, and who qualified for the next phase
     /// (fixed at the phase boundary).
-    pub async fn leaderboard(&self) -> Result<Leaderboard, HubError> {
+    pub async fn leaderboard(&self) -> Result<Arc<Leaderboard>, HubError> {
+        let seq = self.db.last_seq().await?;
+        let mut cached = self.views.leaderboard.lock().await;
+        if let Some((at, board)) = &*cached
+            && *at == seq
+        {
+            return Ok(board.clone());
+        }
+        metrics::counter!("tessera_hub_views_computed_total", "view" => "leaderboard").increment(1);
+        let board = Arc::new(self.compute_leaderboard().await?);
+        *cached = Some((seq, board.clone()));
+        Ok(board)
+    }
+
+    async fn compute_leaderboard(&self) -> Result<Leaderboard, HubError> {
         let (round, finished, ratings) = {
             let live = self.live.lock().await;
             (live.run.round(), live.run.finished(), live.run.ratings().clone())
@@ -60,7 +86,7 @@ impl Hub {
         let contributors = self.db.contributors().await?;
         let scores = self.db.scores().await?;
         let subs = self.db.submissions(None).await?;
-        let rejections = self.db.all_rejections().await?;
+        let rejected = self.db.rejection_counts().await?;
         let promote_top = self.spec().contest.as_ref().map_or(0, |c| c.promote_top);
         let promote_at = self.spec().contest.as_ref().map_or(self.spec().rounds, |c| c.boundary(self.spec().rounds));
         let qualified = self.db.qualified().await?;
@@ -78,8 +104,8 @@ impl Hub {
         for s in &subs {
             records.entry(s.contributor).or_default().accepted += 1;
         }
-        for r in &rejections {
-            records.entry(r.0).or_default().rejected += 1;
+        for (id, n) in rejected {
+            records.entry(id).or_default().rejected = n;
         }
         for s in &scores {
             let rec = records.entry(s.contributor).or_default();
@@ -129,6 +155,24 @@ impl Hub {
     }
 
     pub async fn status(&self) -> Result<HubStatus, HubError> {
+        let seq = self.db.last_seq().await?;
+        let status = {
+            let mut cached = self.views.status.lock().await;
+            match &*cached {
+                Some((at, status)) if *at == seq => status.clone(),
+                _ => {
+                    metrics::counter!("tessera_hub_views_computed_total", "view" => "status").increment(1);
+                    let status = Arc::new(self.compute_status().await?);
+                    *cached = Some((seq, status.clone()));
+                    status
+                }
+            }
+        };
+        // Downloads are counted in memory, not journaled: always current.
+        Ok(HubStatus { bytes_down: self.bytes_down.load(Ordering::Relaxed), ..(*status).clone() })
+    }
+
+    async fn compute_status(&self) -> Result<HubStatus, HubError> {
         let (round, finished) = {
             let live = self.live.lock().await;
             (live.run.round(), live.run.finished())
