@@ -360,21 +360,39 @@ pub fn decode_view(lengths: &[usize], message: &MessageView<'_>) -> Result<Vec<V
     Ok(out)
 }
 
+/// Values one core decodes at a time when a submission is checked: the check's scratch is
+/// bounded by this (4 bytes a value, per core), not by the model's largest tensor.
+pub const CHECK_CHUNK: usize = 1 << 16;
+
 /// Checks that every tensor of `message` decodes to `lengths` finite values within
-/// ±[`DELTA_ABS_MAX`], on all cores.
+/// ±[`DELTA_ABS_MAX`], on all cores, [`CHECK_CHUNK`] values (whole codec blocks) at a time.
 /// The hub runs this when a submission arrives, so a bad one is refused then and there.
 pub fn check_view(lengths: &[usize], message: &MessageView<'_>) -> Result<(), AggregateError> {
     check_table(lengths, message)?;
     let codec = message.codec;
+    let unit = (codec.unit() as usize).max(1);
+    let chunk = (CHECK_CHUNK / unit).max(1) * unit;
     let max_len = lengths.iter().copied().max().unwrap_or(0);
     let workers = threads().min(lengths.len().max(1));
-    let mut scratch: Vec<Vec<f32>> = (0..workers).map(|_| vec![0.0; max_len]).collect();
+    let mut scratch: Vec<Vec<f32>> = (0..workers).map(|_| vec![0.0; chunk.min(max_len)]).collect();
     // `per_tensor` hands out disjoint per-tensor slots; here they carry nothing.
     let mut slots: Vec<Vec<f32>> = vec![Vec::new(); lengths.len()];
     per_tensor(&mut slots, &mut scratch, |i, _, scratch| {
-        let out = &mut scratch[..lengths[i]];
-        codec.decode_into(message.tensors[i].encoded, out).map_err(tessera_protocol::WireError::from)?;
-        check_values(i, 0, out)
+        let n = lengths[i];
+        let encoded = message.tensors[i].encoded;
+        let mut a = 0;
+        while a < n {
+            let b = (a + chunk).min(n);
+            let r = shard::span_bytes(&codec, n as u64, &shard::Span { tensor: i, values: a..b })?;
+            let bytes = encoded.get(r.start as usize..r.end as usize).ok_or_else(|| {
+                AggregateError::Unreadable(format!("tensor {i}'s encoding is shorter than {}", r.end))
+            })?;
+            let out = &mut scratch[..b - a];
+            codec.decode_into(bytes, out).map_err(tessera_protocol::WireError::from)?;
+            check_values(i, a, out)?;
+            a = b;
+        }
+        Ok(())
     })
 }
 
