@@ -181,8 +181,9 @@ struct Recipient {
 
 pub struct Contributor {
     config: ContributorConfig,
-    /// The key this contributor signs with.
+    /// The key this contributor signs with (its requests, and its sealed envelopes).
     key: PublicKey,
+    signer: Arc<tessera_trust::Identity>,
     /// The hub, this contributor's key and links: what a transfer needs.
     net: Net,
     pub run: RunInfo,
@@ -325,10 +326,12 @@ impl Contributor {
         let last_submitted =
             std::fs::read_to_string(dir.join("last_submitted")).ok().and_then(|s| s.trim().parse().ok());
         let net = Net { client, state_dir: config.state_dir.clone(), progress: None };
+        let signer = key.clone();
         let key = key.public();
         Ok(Contributor {
             config,
             key,
+            signer,
             net,
             run,
             identity,
@@ -441,7 +444,7 @@ impl Contributor {
             contributor: self.key,
             recipient: key.fingerprint(),
         };
-        Ok(key.seal(header, message)?)
+        Ok(key.seal(header, message, &self.signer)?)
     }
 
     /// Runs rounds until the run finishes (or `max_rounds`), calling `on_round` after each.

@@ -60,7 +60,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     seeds.push((
         "envelope",
-        validator.public().seal(header, &values.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<_>>())?,
+        validator.public().seal(
+            header,
+            &values.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<_>>(),
+            &contributor,
+        )?,
     ));
 
     let trust = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tessera-trust/testdata");

@@ -274,7 +274,8 @@ impl Hub {
         claim: Claim,
         in_store: bool,
     ) -> Result<Receipt, ApiError> {
-        let header = SealedHeader::parse(&body).map_err(|e| api(ErrorCode::MalformedMessage, e.to_string()))?;
+        // The envelope must be signed by the contributor it names, and that must be the sender.
+        let header = SealedHeader::verified(&body).map_err(|e| api(ErrorCode::MalformedMessage, e.to_string()))?;
         if hex::encode(header.run_id) != self.run_id() {
             return Err(api(
                 ErrorCode::WrongRun,

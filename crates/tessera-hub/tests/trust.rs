@@ -58,7 +58,7 @@ fn seal(v: &TestValidator, c: &Client, run: &RunInfo, plain: &[u8]) -> Vec<u8> {
         contributor: c.key.public(),
         recipient: [0; 32],
     };
-    v.opening.public().seal(header, plain).unwrap()
+    v.opening.public().seal(header, plain, &c.key).unwrap()
 }
 
 /// Every file under `dir` and the database file: does any contain `needle`?
@@ -120,6 +120,11 @@ fn sealed_rounds() {
     let mut claimed = sealed_a.clone();
     claimed[62..94].copy_from_slice(&c.key.public().0);
     assert!(v.opening.open(&claimed).is_err());
+    // The hub refuses it on arrival too: the envelope is not signed by the contributor it
+    // names (so neither a sender nor the hub can pass one off as another's).
+    let (_, e) = c.submit_raw(claimed).unwrap_err();
+    assert_eq!(e.code, ErrorCode::MalformedMessage);
+    assert!(e.message.contains("not signed by the contributor"), "{}", e.message);
     // Sealed to a key that is not the validator's: refused by name.
     let other = TestValidator::new();
     let (_, e) = a.submit_raw(seal(&other, &a, &run, &plain_a)).unwrap_err();

@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! offset  size  field
-//!      0     6  magic "TSEAL1"
+//!      0     6  magic "TSEAL2"
 //!      6    16  run id
 //!     22     8  base round (u64 LE)
 //!     30    32  base checkpoint (BLAKE3)
@@ -11,11 +11,15 @@
 //!     94    32  BLAKE3 of the validator's HPKE public key it is sealed to
 //!    126    32  HPKE encapsulated key
 //!    158     …  ciphertext: the pseudo-gradient message, then a 16-byte tag
+//!   end-64   64  the contributor's Ed25519 signature over
+//!                "tessera-seal-v2\n" ‖ BLAKE3(everything before it)
 //! ```
 //!
 //! Bytes 0..126 are the header. The hub reads it in the clear to check the run, the base and the
 //! sender, and it is the AEAD's associated data: changing any of it (claiming someone else's
-//! ciphertext as one's own, say) makes the envelope fail to open.
+//! ciphertext as one's own, say) makes the envelope fail to open. The signature makes the
+//! contributor, not whoever delivers the envelope, its author: anyone can seal a message to the
+//! validator's public key, so without it the hub could forge a submission "from" any key.
 
 use hpke::aead::ChaCha20Poly1305;
 use hpke::kdf::HkdfSha256;
@@ -26,10 +30,11 @@ use crate::{PublicKey, TrustError};
 
 type Kem = X25519HkdfSha256;
 
-pub const MAGIC: &[u8; 6] = b"TSEAL1";
+pub const MAGIC: &[u8; 6] = b"TSEAL2";
 pub const HEADER_LEN: usize = 126;
 const ENC_LEN: usize = 32;
 const TAG_LEN: usize = 16;
+const SIG_LEN: usize = 64;
 /// HPKE `info`: binds the key schedule to this use.
 const INFO: &[u8] = b"tessera/v1/pseudo-gradient";
 
@@ -56,11 +61,12 @@ impl SealedHeader {
         b
     }
 
-    /// Parses the header of an envelope (which must be at least header, key and tag long).
+    /// Parses the header of an envelope (which must be at least header, key, tag and
+    /// signature long). The signature is not checked here: see [`SealedHeader::verified`].
     pub fn parse(envelope: &[u8]) -> Result<SealedHeader, TrustError> {
         let bad = |m: &str| TrustError::Envelope(m.to_owned());
-        if envelope.len() < HEADER_LEN + ENC_LEN + TAG_LEN {
-            return Err(bad("shorter than an envelope's header, key and tag"));
+        if envelope.len() < HEADER_LEN + ENC_LEN + TAG_LEN + SIG_LEN {
+            return Err(bad("shorter than an envelope's header, key, tag and signature"));
         }
         if &envelope[..6] != MAGIC {
             return Err(bad("not a sealed submission (bad magic)"));
@@ -78,6 +84,25 @@ impl SealedHeader {
             recipient: arr(envelope, 94),
         })
     }
+
+    /// Parses the header of an envelope and checks that the contributor it names signed the
+    /// whole envelope.
+    pub fn verified(envelope: &[u8]) -> Result<SealedHeader, TrustError> {
+        let header = SealedHeader::parse(envelope)?;
+        let (signed, signature) = envelope.split_at(envelope.len() - SIG_LEN);
+        header
+            .contributor
+            .verify(&seal_message(signed), signature)
+            .map_err(|_| TrustError::Envelope("not signed by the contributor it names".into()))?;
+        Ok(header)
+    }
+}
+
+/// What a contributor's signature over its envelope covers.
+fn seal_message(signed: &[u8]) -> Vec<u8> {
+    let mut m = b"tessera-seal-v2\n".to_vec();
+    m.extend_from_slice(blake3::hash(signed).as_bytes());
+    m
 }
 
 /// The validator's HPKE public key, as sent and attested.
@@ -96,19 +121,28 @@ impl SealingKey {
         Ok(SealingKey(b))
     }
 
-    /// Seals `message` from `header.contributor` (the header's recipient is set to this key).
-    pub fn seal(&self, mut header: SealedHeader, message: &[u8]) -> Result<Vec<u8>, TrustError> {
+    /// Seals `message` from `contributor`, who signs the envelope (the header's contributor
+    /// and recipient are set to it and to this key).
+    pub fn seal(
+        &self,
+        mut header: SealedHeader,
+        message: &[u8],
+        contributor: &crate::Identity,
+    ) -> Result<Vec<u8>, TrustError> {
         let pk = <Kem as hpke::Kem>::PublicKey::from_bytes(&self.0)
             .map_err(|_| TrustError::BadKey("not an X25519 key".into()))?;
         header.recipient = self.fingerprint();
+        header.contributor = contributor.public();
         let aad = header.to_bytes();
         let (enc, ct) =
             hpke::single_shot_seal::<ChaCha20Poly1305, HkdfSha256, Kem>(&OpModeS::Base, &pk, INFO, message, &aad)
                 .map_err(|e| TrustError::Envelope(format!("sealing failed: {e}")))?;
-        let mut out = Vec::with_capacity(HEADER_LEN + ENC_LEN + ct.len());
+        let mut out = Vec::with_capacity(HEADER_LEN + ENC_LEN + ct.len() + SIG_LEN);
         out.extend_from_slice(&aad);
         out.extend_from_slice(&enc.to_bytes());
         out.extend_from_slice(&ct);
+        let signature = contributor.sign(&seal_message(&out));
+        out.extend_from_slice(&signature);
         Ok(out)
     }
 }
@@ -134,8 +168,9 @@ impl OpeningKey {
     }
 
     /// Opens an envelope sealed to this key: its header and the message inside.
+    /// Its contributor's signature is checked first.
     pub fn open(&self, envelope: &[u8]) -> Result<(SealedHeader, Vec<u8>), TrustError> {
-        let header = SealedHeader::parse(envelope)?;
+        let header = SealedHeader::verified(envelope)?;
         if header.recipient != self.pk.fingerprint() {
             return Err(TrustError::Envelope("sealed to another validator key".into()));
         }
@@ -146,7 +181,7 @@ impl OpeningKey {
             &self.sk,
             &enc,
             INFO,
-            &envelope[HEADER_LEN + ENC_LEN..],
+            &envelope[HEADER_LEN + ENC_LEN..envelope.len() - SIG_LEN],
             &envelope[..HEADER_LEN],
         )
         .map_err(|_| TrustError::Envelope("does not open: altered, or not sealed to this key".into()))?;
@@ -172,14 +207,16 @@ mod tests {
     #[test]
     fn only_the_validator_opens_and_nothing_can_be_changed() {
         let key = OpeningKey::generate().unwrap();
-        let h = header();
-        let sealed = key.public().seal(h.clone(), b"a pseudo-gradient").unwrap();
+        let me = Identity::generate().unwrap();
+        let h = SealedHeader { contributor: me.public(), ..header() };
+        let sealed = key.public().seal(h.clone(), b"a pseudo-gradient", &me).unwrap();
         assert!(!sealed.windows(17).any(|w| w == b"a pseudo-gradient"), "no plaintext in the envelope");
         let (got, msg) = key.open(&sealed).unwrap();
         assert_eq!(msg, b"a pseudo-gradient");
         assert_eq!(got.contributor, h.contributor);
         assert!(OpeningKey::generate().unwrap().open(&sealed).is_err(), "another key cannot open it");
-        // Every single-byte change is refused: header (associated data), key or ciphertext.
+        // Every single-byte change is refused: header (associated data), key, ciphertext or
+        // signature.
         for i in 0..sealed.len() {
             let mut t = sealed.clone();
             t[i] ^= 0x01;
@@ -189,6 +226,28 @@ mod tests {
         let mut stolen = sealed.clone();
         stolen[62..94].copy_from_slice(&Identity::generate().unwrap().public().0);
         assert!(key.open(&stolen).is_err());
+    }
+
+    /// Anyone can seal to the validator's public key (the hub included), but an envelope
+    /// "from" a contributor who did not sign it does not open (before, it did: nothing but the
+    /// clear header named the sender).
+    #[test]
+    fn an_envelope_from_someone_else_is_refused() {
+        let key = OpeningKey::generate().unwrap();
+        let victim = Identity::generate().unwrap();
+        let forger = Identity::generate().unwrap();
+        let sealed = key.public().seal(header(), b"poison", &forger).unwrap();
+        // The forger re-labels it as the victim's and re-signs what it can.
+        let mut forged = sealed.clone();
+        forged[62..94].copy_from_slice(&victim.public().0);
+        assert!(SealedHeader::verified(&forged).is_err());
+        assert!(key.open(&forged).is_err());
+        // Or re-seals under the victim's name with its own signature.
+        let mut h = header();
+        h.contributor = victim.public();
+        let resealed = key.public().seal(h, b"poison", &forger).unwrap();
+        assert_eq!(SealedHeader::parse(&resealed).unwrap().contributor, forger.public(), "seal names its signer");
+        assert!(SealedHeader::verified(&sealed).is_ok());
     }
 
     proptest::proptest! {

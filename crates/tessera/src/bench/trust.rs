@@ -48,7 +48,7 @@ pub fn bench_trust(args: BenchTrustArgs) -> Result<()> {
         contributor: me.public(),
         recipient: [0; 32],
     };
-    let (seal, sealed) = best(args.repeats, || Ok(validator.public().seal(header.clone(), &message)?))?;
+    let (seal, sealed) = best(args.repeats, || Ok(validator.public().seal(header.clone(), &message, &me)?))?;
     let (open, opened) = best(args.repeats, || Ok(validator.open(&sealed)?))?;
     if opened.1 != message {
         bail!("the opened message differs from the sealed one");
