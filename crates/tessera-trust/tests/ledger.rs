@@ -379,3 +379,49 @@ proptest::proptest! {
         }
     }
 }
+
+/// An entry is checked and appended in place (no copy of the ledger), so a refused one must
+/// change nothing: after each refusal below, the honest continuation is still accepted and
+/// the ledger reads as before.
+#[test]
+fn a_refused_entry_changes_nothing() {
+    let (hub, validator, c) =
+        (Identity::generate().unwrap(), Identity::generate().unwrap(), Identity::generate().unwrap());
+    let mut l = Ledger::default();
+    let policy = AttestationPolicy { allow_insecure_dev: true, ..Default::default() };
+    l.append(0, 1, false, Body::Genesis { run_id: "run".into(), policy }, &hub).unwrap();
+    // A stranger's receipt is refused, and must not mark the opening entries as over.
+    assert!(l.append(0, 2, true, receipt(&c, 5, 0.1), &c).is_err());
+    l.append(0, 2, false, Body::Allocation { holder: "backer".into(), amount: u64::MAX - 1 }, &hub).unwrap();
+    assert!(l.append(0, 2, false, Body::Allocation { holder: "backer".into(), amount: 2 }, &hub).is_err());
+    l.append(0, 2, false, Body::Funding { ppm: 100_000 }, &hub).unwrap();
+    assert_eq!(l.allocations["backer"], u64::MAX - 1);
+    l.append(0, 3, true, Body::Validator { attestation: attestation(&validator) }, &validator).unwrap();
+    l.append(0, 10, true, receipt(&c, 7, 0.1), &validator).unwrap();
+    let before = (l.bytes().to_vec(), format!("{:?}", l.economy()));
+    // An emission that does not match the receipts keeps them pending.
+    assert!(l.append(0, 11, true, Body::Emission { units: 8 }, &validator).is_err());
+    assert_eq!((l.bytes().to_vec(), format!("{:?}", l.economy())), before);
+    l.append(0, 11, true, Body::Emission { units: 7 }, &validator).unwrap();
+    // Revenue past u64 keeps the epoch's revenue as it was.
+    l.append(1, 20, false, usage(u64::MAX - 10), &hub).unwrap();
+    assert!(l.append(1, 20, false, usage(11), &hub).is_err());
+    let revenue = u64::MAX - 10;
+    let (funding, payable) = tessera_trust::ledger::epoch_split(revenue, 100_000, &l.balances());
+    l.append(1, 21, false, Body::EpochClose { epoch: 0, revenue, funding_ppm: 100_000, funding, payable }, &hub)
+        .unwrap();
+    // A wrong payout leaves the owed payouts owed.
+    let owed = split_pro_rata(payable, &l.balances());
+    let (holder, amount) = owed[0].clone();
+    let wrong = Body::Payout { epoch: 0, holder: holder.clone(), amount: amount + 1 };
+    assert!(l.append(1, 21, false, wrong, &hub).is_err());
+    for (holder, amount) in owed {
+        l.append(1, 21, false, Body::Payout { epoch: 0, holder, amount }, &hub).unwrap();
+    }
+    let root = Body::Root { size: l.len(), root: l.root() };
+    l.append(1, 22, true, root, &validator).unwrap();
+    // The ledger as a verifier reads it from scratch says the same.
+    let again = Ledger::from_bytes(l.bytes()).unwrap();
+    assert_eq!(format!("{:?}", again.economy()), format!("{:?}", l.economy()));
+    assert_eq!(again.root(), l.root());
+}

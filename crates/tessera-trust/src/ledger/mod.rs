@@ -34,6 +34,7 @@
 //! they sum to it exactly. No usage may be added to an epoch once it is closed.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 use ct_merkle::mem_backed_tree::MemoryBackedTree;
 use ct_merkle::{InclusionProof, RootHash};
@@ -286,6 +287,9 @@ pub struct Ledger {
     owed: std::collections::VecDeque<(u64, String, u64)>,
     /// Seq of the last root entry, if any.
     last_root: Option<u64>,
+    /// The tree of the entries under the last root, built by the first proof asked for after
+    /// it (so proofs cost O(log n) each, and one O(n) build per root that is asked about).
+    root_tree: std::sync::OnceLock<Arc<MemoryBackedTree<Sha256, Vec<u8>>>>,
     /// Set by the first entry that is not one of the run's opening entries (genesis,
     /// allocations, the funding share): from then on none of those is accepted.
     opened: bool,
@@ -306,7 +310,14 @@ impl Ledger {
     }
 
     /// Appends entries (their bytes back to back), checking each; on error nothing is appended.
+    /// One entry is checked and appended in place (its check changes nothing until it has
+    /// passed); several are appended to a copy that replaces this ledger once all passed.
     pub fn extend(&mut self, bytes: &[u8]) -> Result<(), LedgerError> {
+        let (entry, n) =
+            decode_entry(bytes).map_err(|reason| LedgerError::Malformed { offset: self.bytes.len(), reason })?;
+        if n == bytes.len() {
+            return self.append_checked(&entry, bytes);
+        }
         let mut next = self.clone();
         let mut at = 0;
         while at < bytes.len() {
@@ -319,6 +330,8 @@ impl Ledger {
         Ok(())
     }
 
+    /// Checks entry `e` (its bytes `raw`) and appends it. Atomic: every check of an arm comes
+    /// before its first change, so a refused entry leaves the ledger as it was.
     fn append_checked(&mut self, e: &Entry, raw: &[u8]) -> Result<(), LedgerError> {
         // Long on purpose: one match arm per entry kind, each the whole rule for that kind,
         // so the verifier reads as its specification.
@@ -358,7 +371,6 @@ impl Ledger {
                 "a {kind} after the run's opening entries: allocations and the funding share are fixed at genesis"
             )));
         }
-        self.opened |= !opening;
         match &e.body {
             Body::Genesis { run_id, policy } => {
                 if seq != 0 || e.insecure {
@@ -412,10 +424,11 @@ impl Ledger {
             }
             Body::Emission { units } => {
                 by_validator(self)?;
-                let receipts = self.pending.remove(&e.round).unwrap_or(0);
+                let receipts = self.pending.get(&e.round).copied().unwrap_or(0);
                 if receipts != *units || self.emitted.contains_key(&e.round) {
                     return Err(LedgerError::Unbalanced { round: e.round, receipts, emitted: *units });
                 }
+                self.pending.remove(&e.round);
                 self.emitted.insert(e.round, *units);
             }
             Body::Usage { epoch, account, prompt_tokens, completion_tokens, revenue } => {
@@ -424,8 +437,9 @@ impl Ledger {
                 {
                     return Err(economy(format!("usage for epoch {epoch}, which is closed")));
                 }
-                let total = self.revenue.entry(*epoch).or_default();
-                *total = total.checked_add(*revenue).ok_or_else(|| economy("revenue overflows".into()))?;
+                let total = self.revenue.get(epoch).copied().unwrap_or(0);
+                let total = total.checked_add(*revenue).ok_or_else(|| economy("revenue overflows".into()))?;
+                self.revenue.insert(*epoch, total);
                 let row = self.usage.entry(*epoch).or_default().entry(account.clone()).or_default();
                 row.0 = row.0.saturating_add(*prompt_tokens);
                 row.1 = row.1.saturating_add(*completion_tokens);
@@ -436,8 +450,9 @@ impl Ledger {
                 if holder.is_empty() || *amount == 0 {
                     return Err(economy("an allocation needs a holder and a positive amount".into()));
                 }
-                let a = self.allocations.entry(holder.clone()).or_default();
-                *a = a.checked_add(*amount).ok_or_else(|| economy("allocations overflow".into()))?;
+                let a = self.allocations.get(holder).copied().unwrap_or(0);
+                let a = a.checked_add(*amount).ok_or_else(|| economy("allocations overflow".into()))?;
+                self.allocations.insert(holder.clone(), a);
             }
             Body::Funding { ppm } => {
                 by_hub(self)?;
@@ -484,8 +499,8 @@ impl Ledger {
             }
             Body::Payout { epoch, holder, amount } => {
                 by_hub(self)?;
-                match self.owed.pop_front() {
-                    Some((e, h, a)) if (e, &h, a) == (*epoch, holder, *amount) => {}
+                match self.owed.front() {
+                    Some((e, h, a)) if (*e, h, *a) == (*epoch, holder, *amount) => {}
                     Some((e, h, a)) => {
                         return Err(economy(format!(
                             "pays {amount} to {holder} for epoch {epoch}; the closing owes {a} to {h} for epoch {e} next"
@@ -498,6 +513,7 @@ impl Ledger {
                 if paid > revenue {
                     return Err(LedgerError::Overpaid { epoch: *epoch, paid, revenue });
                 }
+                self.owed.pop_front();
                 self.paid.insert(*epoch, paid);
                 // At most the revenue of every epoch, each checked when its usage came in.
                 let total = self.payouts.entry(holder.clone()).or_default();
@@ -512,8 +528,10 @@ impl Ledger {
                     return Err(LedgerError::Unbalanced { round, receipts, emitted: 0 });
                 }
                 self.last_root = Some(seq);
+                self.root_tree = std::sync::OnceLock::new();
             }
         }
+        self.opened |= !opening;
         self.offsets.push(self.bytes.len());
         self.bytes.extend_from_slice(raw);
         self.tree.push(raw.to_vec());
@@ -641,14 +659,17 @@ impl Ledger {
         Ok(raw)
     }
 
-    /// Proof that entry `seq` is under the latest root entry that covers it.
+    /// Proof that entry `seq` is under the last root entry (which covers every entry before
+    /// it). O(log n), after one O(n) build of that root's tree per root.
     pub fn prove(&self, seq: u64) -> Option<Proof> {
-        let root_seq =
-            (seq + 1..self.len()).find(|&s| matches!(self.entry(s).map(|e| e.body), Some(Body::Root { .. })))?;
-        let mut tree: MemoryBackedTree<Sha256, Vec<u8>> = MemoryBackedTree::new();
-        for s in 0..root_seq {
-            tree.push(self.entry_bytes(s)?.to_vec());
-        }
+        let root_seq = self.last_root.filter(|&r| seq < r)?;
+        let tree = self.root_tree.get_or_init(|| {
+            let mut tree: MemoryBackedTree<Sha256, Vec<u8>> = MemoryBackedTree::new();
+            for s in 0..root_seq {
+                tree.push(self.entry_bytes(s).unwrap_or_default().to_vec());
+            }
+            Arc::new(tree)
+        });
         let path = tree.prove_inclusion(seq as usize);
         Some(Proof {
             seq,
