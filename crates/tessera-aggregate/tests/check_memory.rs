@@ -51,9 +51,8 @@ fn checking_a_submission_holds_a_bounded_scratch() {
         // A value out of range in the last chunk is still found.
         let mut bad = values.clone();
         bad[n - 3] = DELTA_ABS_MAX * 1e3;
-        let bytes = PseudoGradient::build(codec, [0; 16], 0, [0; 32], [("emb", &[n as u64][..], &bad[..])])
-            .unwrap()
-            .to_bytes();
+        let bytes =
+            PseudoGradient::build(codec, [0; 16], 0, [0; 32], [("emb", &[n as u64][..], &bad[..])]).unwrap().to_bytes();
         let err = check_view(&[n], &MessageView::parse(&bytes).unwrap()).unwrap_err().to_string();
         // (top-k gives the chunk's kept values one shared magnitude, so an earlier one may be
         // the first found.)
