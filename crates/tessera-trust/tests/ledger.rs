@@ -425,3 +425,15 @@ fn a_refused_entry_changes_nothing() {
     assert_eq!(format!("{:?}", again.economy()), format!("{:?}", l.economy()));
     assert_eq!(again.root(), l.root());
 }
+
+/// Extending by nothing is a no-op (a hub opening a new run reads an empty ledger).
+#[test]
+fn extending_by_nothing_changes_nothing() {
+    let mut l = Ledger::default();
+    l.extend(&[]).unwrap();
+    assert!(l.is_empty());
+    let w = world();
+    let mut m = w.ledger.clone();
+    m.extend(&[]).unwrap();
+    assert_eq!(m.bytes(), w.ledger.bytes());
+}

@@ -551,3 +551,35 @@ fn a_closed_pipe_ends_the_output_quietly() {
     assert!(!err.contains("panicked") && !err.contains("Broken pipe"), "{err}");
     assert!(out.status.success() || out.status.signal() == Some(13), "{:?}", out.status);
 }
+
+/// An unscored run is not served beyond loopback unless asked for by name: without scores any
+/// key that registers moves the model at will (before, it was served on any address).
+#[test]
+fn an_unscored_run_stays_on_loopback_unless_allowed() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite://{}/hub.db", p(dir.path()));
+    let store = dir.path().join("store");
+    let key = dir.path().join("hub-key.pem");
+    let common = ["--database", &db, "--store", p(&store), "--key", p(&key), "--model", "tiny", "--rounds", "1"];
+    let err = fails(&[&["hub", "--listen", "0.0.0.0:0"][..], &common[..]].concat());
+    assert!(err.contains("unscored") && err.contains("--allow-unscored"), "{err}");
+    // Allowed by name, it starts (and says it is insecure); stopped once it listens.
+    let addr_file = dir.path().join("addr");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tessera"))
+        .args(
+            [&["hub", "--listen", "0.0.0.0:0", "--allow-unscored", "--addr-file", p(&addr_file)][..], &common[..]]
+                .concat(),
+        )
+        .env("RUST_LOG", "warn")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    while !addr_file.exists() && started.elapsed() < std::time::Duration::from_secs(120) {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    child.kill().unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(addr_file.exists(), "the hub never listened: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("INSECURE"));
+}

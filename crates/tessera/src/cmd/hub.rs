@@ -70,6 +70,12 @@ pub struct HubArgs {
     /// Signed requests per second one key may make (bursts of ten times as many); 0: no limit.
     #[arg(long, value_name = "N", default_value_t = 10)]
     pub rate_per_key: u32,
+    /// Serve an unscored run to other machines. Without scores, whoever registers moves the
+    /// model by what they submit (the mean takes any key's update as it is): INSECURE unless
+    /// everyone who can reach the hub is trusted. Unscored runs listen only on loopback
+    /// without this flag.
+    #[arg(long)]
+    pub allow_unscored: bool,
     #[command(flatten)]
     pub edge: crate::args::EdgeArgs,
 }
@@ -201,6 +207,19 @@ pub fn hub(args: HubArgs) -> Result<()> {
         let listener =
             tokio::net::TcpListener::bind(&args.listen).await.with_context(|| format!("listen on {}", args.listen))?;
         let addr = listener.local_addr()?;
+        if hub.spec().contest.is_none() && !addr.ip().is_loopback() {
+            if !args.allow_unscored {
+                bail!(
+                    "this run is unscored, so anyone who registers moves the model by what they submit; it is served \
+                     on loopback only. Score it (--scored, with a validator), listen on 127.0.0.1, or pass \
+                     --allow-unscored if everyone who can reach {addr} is trusted"
+                );
+            }
+            tracing::warn!(
+                %addr,
+                "INSECURE: an unscored run open to the network: any registered key moves the model at will"
+            );
+        }
         if let Some(path) = &args.addr_file {
             let tmp = path.with_extension("tmp");
             std::fs::write(&tmp, addr.to_string())?;
