@@ -254,7 +254,18 @@ impl Validator {
             match self.hub.job()? {
                 Some(job) => {
                     let started = std::time::Instant::now();
-                    let scored = self.score(&job)?;
+                    let scored = match self.score(&job) {
+                        Ok(scored) => scored,
+                        // The round moved on while it was being scored (aggregated unscored
+                        // past its score timeout, say while this validator was down): its
+                        // scores are of no use now, and the next round's are.
+                        Err(ValidatorError::Hub(e)) if e.code() == Some(tessera_protocol::ErrorCode::NotScoring) => {
+                            tracing::warn!(round = job.round, error = %e, "the round moved on before its scores arrived");
+                            metrics::counter!("tessera_validator_rounds_missed_total").increment(1);
+                            continue;
+                        }
+                        Err(e) => return Err(e),
+                    };
                     metrics::histogram!("tessera_validator_round_seconds").record(started.elapsed().as_secs_f64());
                     metrics::counter!("tessera_validator_rounds_scored_total").increment(1);
                     metrics::counter!("tessera_validator_submissions_scored_total")
