@@ -7,6 +7,7 @@ mod feed;
 mod grow;
 mod hub;
 mod overlap;
+mod siege;
 mod swarm;
 mod train;
 mod trust;
@@ -51,6 +52,16 @@ pub enum BenchCommand {
     /// Many simulated contributors (real HTTP, real messages, no training) against one hub:
     /// errors and submission latency percentiles.
     Swarm(swarm::BenchSwarmArgs),
+    /// The attacks of an outside review against a real `tessera hub` process on loopback
+    /// (bodies under the limit, unsigned and signed; heads that never end; a flood from one
+    /// address), with the hub's memory sampled against its memory at rest and `/healthz`
+    /// probed from a second address throughout.
+    Siege(siege::BenchSiegeArgs),
+}
+
+/// Milliseconds since the Unix epoch (for signing requests).
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
 pub fn run(command: BenchCommand) -> Result<()> {
@@ -65,5 +76,6 @@ pub fn run(command: BenchCommand) -> Result<()> {
         BenchCommand::Diloco(args) => diloco::bench_diloco(*args),
         BenchCommand::Feed(args) => feed::bench_feed(&args),
         BenchCommand::Swarm(args) => swarm::bench_swarm(args),
+        BenchCommand::Siege(args) => siege::bench_siege(args),
     }
 }
