@@ -38,6 +38,10 @@ pub enum HubError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("object store: {0}")]
     Store(#[from] object_store::Error),
+    /// A service (the store, the database) failed for a while: the work is retried, nothing
+    /// is decided on it.
+    #[error("unavailable, retried: {0}")]
+    Unavailable(String),
     #[error("stored weights: {0}")]
     Weights(#[from] tessera_protocol::WeightsError),
     #[error("aggregation: {0}")]

@@ -9,7 +9,7 @@
 
 use std::ops::Range;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use bytes::Bytes;
 use futures::StreamExt as _;
@@ -33,18 +33,40 @@ pub(crate) struct Submissions {
     /// Each submission's table, or why it cannot be read (the rule then leaves it out).
     layouts: Vec<Result<Layout, String>>,
     inputs: Vec<Input>,
+    /// Set when a read failed for the store's sake (unreachable, a full disk), not for the
+    /// bytes': what was computed then must not leave a submission out, only be retried.
+    transient: Arc<AtomicBool>,
+}
+
+/// Whether `e` is the store failing for a while rather than a submission that is not there.
+fn is_transient(e: &HubError) -> bool {
+    matches!(e, HubError::Store(s) if !matches!(s, object_store::Error::NotFound { .. }))
 }
 
 impl Submissions {
     /// Reads the table of every submission (`keys`, with their `inputs`), a few at a time.
     pub async fn open(store: &Store, keys: Vec<String>, inputs: Vec<Input>) -> Submissions {
         // Owned futures: a stream of borrowing ones is not `Send` for every lifetime.
+        let transient = Arc::new(AtomicBool::new(false));
         let reads = keys.clone().into_iter().map(|key| {
-            let store = store.clone();
-            async move { read_layout(&store, &key).await.map_err(|e| format!("{key}: {e}")) }
+            let (store, transient) = (store.clone(), transient.clone());
+            async move {
+                read_layout(&store, &key).await.map_err(|e| {
+                    if is_transient(&e) {
+                        transient.store(true, Ordering::Relaxed);
+                    }
+                    format!("{key}: {e}")
+                })
+            }
         });
         let layouts = futures::stream::iter(reads).buffered(OPENING).collect().await;
-        Submissions { keys, layouts, inputs }
+        Submissions { keys, layouts, inputs, transient }
+    }
+
+    /// Whether a read failed for the store's sake: a result computed since may have left out
+    /// a submission that is fine, and must be thrown away and retried.
+    pub fn transient_failure(&self) -> bool {
+        self.transient.load(Ordering::Relaxed)
     }
 
     /// Starts reading, `stages` times over, every piece of `pieces` from the submissions
@@ -72,7 +94,12 @@ impl Submissions {
                     let (codec, places) = this.places(k, &pieces[at])?;
                     let (start, end) = places.iter().fold((u64::MAX, 0), |(a, b), r| (a.min(r.start), b.max(r.end)));
                     let key = &this.keys[k];
-                    let read = store.get_range(key, start..end).await.map_err(|e| format!("{key}: {e}"))?;
+                    let read = store.get_range(key, start..end).await.map_err(|e| {
+                        if is_transient(&e) {
+                            this.transient.store(true, Ordering::Relaxed);
+                        }
+                        format!("{key}: {e}")
+                    })?;
                     bytes.fetch_add(read.len() as u64, Ordering::Relaxed);
                     let places = places.into_iter().map(|r| (r.start - start) as usize..(r.end - start) as usize);
                     Ok(Read { k, at, codec, places: places.collect(), bytes: read })

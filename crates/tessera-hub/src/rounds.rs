@@ -318,15 +318,21 @@ impl Hub {
         let submissions = Arc::new(Submissions::open(&self.store, keys, inputs.clone()).await);
         let (store, rule, budget) = (self.store.clone(), *rule, self.aggregate_memory);
         let stages = shard::stages(&rule, false);
-        tokio::task::spawn_blocking(move || {
+        let reading = submissions.clone();
+        let mean = tokio::task::spawn_blocking(move || {
             let start = |active: &[usize], pieces: &[shard::Piece]| {
-                let reads = submissions.read(&store, pieces.to_vec(), active.to_vec(), stages);
+                let reads = reading.read(&store, pieces.to_vec(), active.to_vec(), stages);
                 move |k: usize, p: &shard::Piece| reads.next(k, p)
             };
             shard::whole(&rule, &lengths, &inputs, (unit, budget), start)
         })
         .await
-        .map_err(|e| HubError::Corrupt(format!("aggregation task failed: {e}")))?
-        .map_err(HubError::from)
+        .map_err(|e| HubError::Corrupt(format!("aggregation task failed: {e}")))?;
+        // A submission left out because the store failed for a while is not left out: the
+        // round is aggregated again once the store answers.
+        if submissions.transient_failure() {
+            return Err(HubError::Unavailable("the store failed while the round was read".into()));
+        }
+        mean.map_err(HubError::from)
     }
 }

@@ -241,7 +241,16 @@ async fn compute(
         .cloned()
         .ok_or_else(|| HubError::Corrupt(format!("no shard {shard} of the model's {} tensors", lengths.len())))?;
     let inputs = plan.inputs();
-    let previous = if stage == 0 { Previous::default() } else { previous(db, store, (plan, id), stage, shard).await? };
+    let previous = if stage == 0 {
+        Previous::default()
+    } else {
+        match previous(db, store, (plan, id), stage, shard).await? {
+            Some(p) => p,
+            // An earlier stage could not be done: neither can this one; the replica
+            // aggregates the round itself once the last stage says so.
+            None => return Ok((Outcome::Failed(format!("stage {} failed", stage - 1)), 0)),
+        }
+    };
     // Every submission's pieces of the shard, read a few ahead of the arithmetic.
     let pieces = shard::pieces(&plan.rule, &inputs, &lengths, &range, plan.codec.unit() as usize, plan.piece_bytes);
     let keys: Vec<String> = plan.inputs.iter().map(|i| submission_key(&i.blob)).collect();
@@ -257,6 +266,8 @@ async fn compute(
     let bytes = counted.bytes();
     let computed = match result? {
         Ok(s) => s,
+        // The store failed for a while: the job is dropped and taken again, not failed.
+        Err(e) if submissions.transient_failure() => return Err(HubError::Unavailable(e.to_string())),
         Err(e) => return Ok((Outcome::Failed(e.to_string()), bytes)),
     };
     let outcome = match computed {
@@ -292,19 +303,22 @@ async fn compute(
 }
 
 /// What stage `stage` of `shard` starts from: every shard's sums of the stage before (per
-/// submission, in tensor order) and, for centred clipping, this shard's centre.
+/// submission, in tensor order) and, for centred clipping, this shard's centre. `None` when a
+/// job of the stage before failed.
 async fn previous(
     db: &Db,
     store: &Store,
     (plan, id): (&RoundPlan, &str),
     stage: u32,
     shard: usize,
-) -> Result<Previous, HubError> {
+) -> Result<Option<Previous>, HubError> {
     let jobs = db.jobs(plan.round, Some(stage - 1)).await?;
     let mut sums: Vec<Vec<f64>> = vec![Vec::new(); plan.inputs.len()];
     for (_, s, outcome) in &jobs {
-        let Some(Ok(Outcome::Sums(part))) = outcome.as_deref().map(serde_json::from_str::<Outcome>) else {
-            return Err(HubError::Corrupt(format!("stage {} of shard {s} left no sums", stage - 1)));
+        let part = match outcome.as_deref().map(serde_json::from_str::<Outcome>) {
+            Some(Ok(Outcome::Sums(part))) => part,
+            Some(Ok(Outcome::Failed(_) | Outcome::Held)) => return Ok(None),
+            _ => return Err(HubError::Corrupt(format!("stage {} of shard {s} left no sums", stage - 1))),
         };
         if part.len() != sums.len() {
             return Err(HubError::Corrupt(format!("shard {s}'s sums cover {} submissions", part.len())));
@@ -321,7 +335,7 @@ async fn previous(
         }
         _ => None,
     };
-    Ok(Previous { sums, centre })
+    Ok(Some(Previous { sums, centre }))
 }
 
 /// θ, momentum and residual of the tensors in `range`, read a tensor at a time.

@@ -171,9 +171,11 @@ async fn read_status(s: &mut TcpStream) -> Option<u16> {
     std::str::from_utf8(&buf[..n]).ok()?.split(' ').nth(1)?.parse().ok()
 }
 
-/// Sends a head declaring `length` bytes, then the body in 64 KiB pieces until it is all sent
-/// or the hub stops reading; returns (status, body bytes sent).
-async fn post_body(addr: std::net::SocketAddr, head: String, length: usize) -> (Option<u16>, usize) {
+/// Sends a head declaring `length` bytes, then the body in 64 KiB pieces until all but its last
+/// piece is sent or the hub stops reading; waits `hold` (so every connection's body is in
+/// flight at once, as a patient attacker's would be), then sends the rest. Returns (status,
+/// body bytes sent).
+async fn post_body(addr: std::net::SocketAddr, head: String, length: usize, hold: Duration) -> (Option<u16>, usize) {
     let Ok(mut s) = TcpStream::connect(addr).await else { return (None, 0) };
     if s.write_all(head.as_bytes()).await.is_err() {
         return (None, 0);
@@ -182,8 +184,14 @@ async fn post_body(addr: std::net::SocketAddr, head: String, length: usize) -> (
     let mut sent = 0;
     let (mut reader, mut writer) = s.split();
     let send = async {
+        let last = length.saturating_sub(chunk.len());
+        let mut held = false;
         while sent < length {
-            let n = chunk.len().min(length - sent);
+            if sent >= last && !held {
+                held = true;
+                tokio::time::sleep(hold).await;
+            }
+            let n = chunk.len().min(length - sent).min(if sent < last { last - sent } else { usize::MAX });
             if writer.write_all(&chunk[..n]).await.is_err() {
                 break;
             }
@@ -265,7 +273,7 @@ pub fn bench_siege(args: BenchSiegeArgs) -> Result<()> {
             let tasks: Vec<_> = (0..args.connections)
                 .map(|_| {
                     let head = format!("POST /v1/submissions HTTP/1.1\r\nhost: x\r\ncontent-length: {limit}\r\n\r\n");
-                    tokio::spawn(post_body(addr, head, limit))
+                    tokio::spawn(post_body(addr, head, limit, Duration::from_secs(3)))
                 })
                 .collect();
             let mut out = Vec::new();
