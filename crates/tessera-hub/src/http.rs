@@ -80,8 +80,11 @@ pub(crate) fn edge_refusal(status: StatusCode, message: String) -> Response {
     (status, Json(ApiError { code, message })).into_response()
 }
 
-/// The largest JSON body of a request but a verdict or a submission.
+/// The largest body of a contributor's JSON request (registration, assignment, upload).
 const SMALL_BODY: usize = 64 << 10;
+/// The largest report: a validator's scores or attestation (TDX collateral holds certificate
+/// chains and revocation lists), an operator's epoch of usage per account.
+const REPORT_BODY: usize = 16 << 20;
 /// The largest verdict body.
 const VERDICT_BODY: usize = 64 << 20;
 
@@ -172,11 +175,11 @@ async fn signed_body(
 async fn signed_json_body<T: serde::de::DeserializeOwned>(
     hub: &Hub,
     head: Head<'_>,
-    body: Body,
+    (body, limit): (Body, usize),
     what: &str,
 ) -> Result<(SignedBy, T), Refusal> {
     let signed = signed_head(hub, head).await?;
-    let held = signed_body(hub, &signed, head.2, body, SMALL_BODY).await?;
+    let held = signed_body(hub, &signed, head.2, body, limit).await?;
     let value =
         serde_json::from_slice(&held.bytes).map_err(|e| refuse(ErrorCode::BadRequest, format!("{what}: {e}")))?;
     Ok((signed.by, value))
@@ -190,7 +193,7 @@ async fn register(
     body: Body,
 ) -> Result<impl IntoResponse, Refusal> {
     let (signed, request): (_, RegisterRequest) =
-        signed_json_body(&hub, (&method, &uri, &headers), body, "registration").await?;
+        signed_json_body(&hub, (&method, &uri, &headers), (body, SMALL_BODY), "registration").await?;
     Ok((StatusCode::CREATED, Json(hub.register(&request.name, signed.key).await?)))
 }
 
@@ -531,7 +534,7 @@ async fn validator_scores(
     body: Body,
 ) -> Result<impl IntoResponse, Refusal> {
     validator(&hub, &headers)?;
-    let report: ScoreReport = validator_json(&hub, &headers, body, SMALL_BODY, "scores").await?;
+    let report: ScoreReport = validator_json(&hub, &headers, body, REPORT_BODY, "scores").await?;
     hub.post_scores(report).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -574,7 +577,7 @@ async fn close_epoch(
     body: Body,
 ) -> Result<impl IntoResponse, Refusal> {
     let (signer, report): (_, tessera_protocol::api::EpochReport) =
-        signed_json_body(&hub, (&method, &uri, &headers), body, "the epoch report").await?;
+        signed_json_body(&hub, (&method, &uri, &headers), (body, REPORT_BODY), "the epoch report").await?;
     let settled = hub.close_epoch(&signer.key, report).await?;
     Ok((StatusCode::CREATED, Json(settled)))
 }
@@ -585,7 +588,7 @@ async fn validator_attestation(
     body: Body,
 ) -> Result<impl IntoResponse, Refusal> {
     validator(&hub, &headers)?;
-    let post: AttestationPost = validator_json(&hub, &headers, body, SMALL_BODY, "attestation").await?;
+    let post: AttestationPost = validator_json(&hub, &headers, body, REPORT_BODY, "attestation").await?;
     let seq = hub.register_validator(post.attestation, &post.entry).await?;
     Ok((StatusCode::CREATED, Json(serde_json::json!({ "ledger_seq": seq }))))
 }

@@ -106,8 +106,10 @@ fn a_key_past_its_rate_is_limited() {
             assert_eq!(r.json::<ApiError>().unwrap().code, ErrorCode::RateLimited);
         }
     }
-    // Registration was the first of the burst.
-    assert_eq!(codes, [200, 200, 200, 429, 429, 429]);
+    // Registration was the first of the burst; a token comes back each second, so a slow
+    // machine may see one more pass.
+    assert_eq!(codes[..3], [200, 200, 200], "{codes:?}");
+    assert!(codes[3..].iter().filter(|&&c| c == 429).count() >= 2, "{codes:?}");
     let c = Client::register(&server.url, "c");
     assert_eq!(c.post("/v1/assignments?wait_ms=0", Vec::new()).status(), StatusCode::OK);
     server.stop();
