@@ -23,7 +23,7 @@ fn app(budget: Arc<BodyBudget>) -> Router {
                 match budget.read("someone", &headers, body, 1 << 20).await {
                     Ok(held) => {
                         // Hold the bytes a while, as a handler storing them would.
-                        tokio::time::sleep(Duration::from_millis(300)).await;
+                        tokio::time::sleep(Duration::from_millis(1500)).await;
                         (StatusCode::OK, held.bytes.len().to_string())
                     }
                     Err(e) => (e.status(), e.to_string()),
@@ -126,8 +126,9 @@ async fn a_flood_from_one_address_is_limited() {
     for _ in 0..8 {
         codes.push(status_of(&mut s, b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n").await);
     }
-    assert_eq!(codes.iter().filter(|c| **c == Some(200)).count(), 5, "{codes:?}");
-    assert_eq!(codes.iter().filter(|c| **c == Some(429)).count(), 3, "{codes:?}");
+    // (A token comes back each second: a slow machine may let one more through.)
+    assert!(codes[..5].iter().all(|c| *c == Some(200)), "{codes:?}");
+    assert!(codes[5..].iter().filter(|c| **c == Some(429)).count() >= 2, "{codes:?}");
     let mut other = connect_from("127.0.0.3", addr).await;
     assert_eq!(status_of(&mut other, b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n").await, Some(200));
 }
