@@ -18,11 +18,40 @@ use tessera_protocol::{ApiError, ErrorCode};
 use crate::HubError;
 use crate::hub::{Hub, api, internal};
 
-/// The last answers of the whole-run views, with the journal sequence number each is current at.
+/// The last answers of the whole-run views.
 #[derive(Default)]
 pub(crate) struct Views {
-    status: tokio::sync::Mutex<Option<(u64, Arc<HubStatus>)>>,
-    leaderboard: tokio::sync::Mutex<Option<(u64, Arc<Leaderboard>)>>,
+    status: View<HubStatus>,
+    leaderboard: View<Leaderboard>,
+}
+
+/// A whole-run view's last answer, with the journal sequence number it is current at.
+struct View<T>(tokio::sync::Mutex<Option<(u64, Arc<T>)>>);
+
+impl<T> Default for View<T> {
+    fn default() -> Self {
+        View(tokio::sync::Mutex::new(None))
+    }
+}
+
+impl<T> View<T> {
+    /// The answer at journal sequence number `seq`: the one kept if it is current, else
+    /// `compute`'s, kept in its place (one computation at a time; the others wait for it).
+    async fn at<F>(&self, seq: u64, name: &'static str, compute: impl FnOnce() -> F) -> Result<Arc<T>, HubError>
+    where
+        F: std::future::Future<Output = Result<T, HubError>>,
+    {
+        let mut kept = self.0.lock().await;
+        if let Some((at, answer)) = &*kept
+            && *at == seq
+        {
+            return Ok(answer.clone());
+        }
+        metrics::counter!("tessera_hub_views_computed_total", "view" => name).increment(1);
+        let answer = Arc::new(compute().await?);
+        *kept = Some((seq, answer.clone()));
+        Ok(answer)
+    }
 }
 
 impl Hub {
@@ -66,16 +95,7 @@ impl Hub {
     /// (fixed at the phase boundary).
     pub async fn leaderboard(&self) -> Result<Arc<Leaderboard>, HubError> {
         let seq = self.db.last_seq().await?;
-        let mut cached = self.views.leaderboard.lock().await;
-        if let Some((at, board)) = &*cached
-            && *at == seq
-        {
-            return Ok(board.clone());
-        }
-        metrics::counter!("tessera_hub_views_computed_total", "view" => "leaderboard").increment(1);
-        let board = Arc::new(self.compute_leaderboard().await?);
-        *cached = Some((seq, board.clone()));
-        Ok(board)
+        self.views.leaderboard.at(seq, "leaderboard", || self.compute_leaderboard()).await
     }
 
     async fn compute_leaderboard(&self) -> Result<Leaderboard, HubError> {
@@ -156,18 +176,7 @@ impl Hub {
 
     pub async fn status(&self) -> Result<HubStatus, HubError> {
         let seq = self.db.last_seq().await?;
-        let status = {
-            let mut cached = self.views.status.lock().await;
-            match &*cached {
-                Some((at, status)) if *at == seq => status.clone(),
-                _ => {
-                    metrics::counter!("tessera_hub_views_computed_total", "view" => "status").increment(1);
-                    let status = Arc::new(self.compute_status().await?);
-                    *cached = Some((seq, status.clone()));
-                    status
-                }
-            }
-        };
+        let status = self.views.status.at(seq, "status", || self.compute_status()).await?;
         // Downloads are counted in memory, not journaled: always current.
         Ok(HubStatus { bytes_down: self.bytes_down.load(Ordering::Relaxed), ..(*status).clone() })
     }

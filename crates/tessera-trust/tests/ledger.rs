@@ -38,9 +38,7 @@ fn receipt(c: &Identity, units: u64, score: f64) -> Body {
 fn world() -> World {
     let (hub, validator) = (Identity::generate().unwrap(), Identity::generate().unwrap());
     let contributors: Vec<Identity> = (0..3).map(|_| Identity::generate().unwrap()).collect();
-    let mut l = Ledger::default();
-    let policy = AttestationPolicy { allow_insecure_dev: true, ..Default::default() };
-    l.append(0, 1, false, Body::Genesis { run_id: "run".into(), policy }, &hub).unwrap();
+    let mut l = opened(&hub);
     l.append(0, 1, false, Body::Allocation { holder: "backer".into(), amount: 2000 }, &hub).unwrap();
     l.append(0, 1, false, Body::Funding { ppm: 200_000 }, &hub).unwrap();
     l.append(0, 2, true, Body::Validator { attestation: attestation(&validator) }, &validator).unwrap();
@@ -69,6 +67,14 @@ fn close_epoch(l: &mut Ledger, hub: &Identity, epoch: u64, ppm: u32) {
     for (holder, amount) in split_pro_rata(payable, &l.balances()) {
         l.append(2, 21, false, Body::Payout { epoch, holder, amount }, hub).unwrap();
     }
+}
+
+/// A ledger holding only its genesis, by `hub`, for a run that allows the development attester.
+fn opened(hub: &Identity) -> Ledger {
+    let mut l = Ledger::default();
+    let policy = AttestationPolicy { allow_insecure_dev: true, ..Default::default() };
+    l.append(0, 1, false, Body::Genesis { run_id: "run".into(), policy }, hub).unwrap();
+    l
 }
 
 fn usage(revenue: u64) -> Body {
@@ -127,18 +133,14 @@ fn an_honest_ledger_verifies_and_recomputes_every_balance() {
 fn receipt_units_that_overflow_are_refused() {
     let (hub, validator, c) =
         (Identity::generate().unwrap(), Identity::generate().unwrap(), Identity::generate().unwrap());
-    let mut l = Ledger::default();
-    let policy = AttestationPolicy { allow_insecure_dev: true, ..Default::default() };
-    l.append(0, 1, false, Body::Genesis { run_id: "run".into(), policy }, &hub).unwrap();
+    let mut l = opened(&hub);
     l.append(0, 2, true, Body::Validator { attestation: attestation(&validator) }, &validator).unwrap();
     l.append(0, 10, true, receipt(&c, u64::MAX / 2 + 1, 0.1), &validator).unwrap();
     let e = l.append(0, 10, true, receipt(&c, u64::MAX / 2 + 1, 0.2), &validator).unwrap_err();
     assert_eq!(e.name(), "economy", "{e}");
     assert!(e.to_string().contains("receipt units"), "{e}");
     // Across rounds, per contributor.
-    let mut l = Ledger::default();
-    let policy = AttestationPolicy { allow_insecure_dev: true, ..Default::default() };
-    l.append(0, 1, false, Body::Genesis { run_id: "run".into(), policy }, &hub).unwrap();
+    let mut l = opened(&hub);
     l.append(0, 2, true, Body::Validator { attestation: attestation(&validator) }, &validator).unwrap();
     for round in 0..2u64 {
         let units = u64::MAX / 2 + 1;
@@ -387,9 +389,7 @@ proptest::proptest! {
 fn a_refused_entry_changes_nothing() {
     let (hub, validator, c) =
         (Identity::generate().unwrap(), Identity::generate().unwrap(), Identity::generate().unwrap());
-    let mut l = Ledger::default();
-    let policy = AttestationPolicy { allow_insecure_dev: true, ..Default::default() };
-    l.append(0, 1, false, Body::Genesis { run_id: "run".into(), policy }, &hub).unwrap();
+    let mut l = opened(&hub);
     // A stranger's receipt is refused, and must not mark the opening entries as over.
     assert!(l.append(0, 2, true, receipt(&c, 5, 0.1), &c).is_err());
     l.append(0, 2, false, Body::Allocation { holder: "backer".into(), amount: u64::MAX - 1 }, &hub).unwrap();

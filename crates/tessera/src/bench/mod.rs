@@ -59,11 +59,6 @@ pub enum BenchCommand {
     Siege(siege::BenchSiegeArgs),
 }
 
-/// Milliseconds since the Unix epoch (for signing requests).
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
-}
-
 pub fn run(command: BenchCommand) -> Result<()> {
     match command {
         BenchCommand::Train(args) => train::bench_train(&args),

@@ -302,7 +302,7 @@ pub fn bench_siege(args: BenchSiegeArgs) -> Result<()> {
                 let t = Instant::now();
                 let mut requests = Vec::new();
                 for k in &keys {
-                    let headers = k.signature("POST", "/v1/submissions", &body, crate::bench::now_ms())?;
+                    let headers = k.signature("POST", "/v1/submissions", &body, tessera_hub::hub::now_ms())?;
                     requests.push(headers);
                 }
                 let http = reqwest::Client::new();
