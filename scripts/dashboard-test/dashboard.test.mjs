@@ -121,6 +121,11 @@ try {
   const history = await get(`${url}/v1/contributors/${board.rows[0].id}/history`);
   check(history.ratings.length === 3 && Number(await page.getAttribute("#rating-chart", "data-points")) === 3, `the rating chart does not show the 3 rated rounds: ${JSON.stringify(history.ratings)}`);
   check(await page.locator("#scores tbody tr").count() === history.scores.length && history.scores.length === 3, "the scored submissions table misses rows");
+  // How each reward was computed: one row per scored submission, each reproduced from its round's rows.
+  const rewards = await get(`${url}/v1/contributors/${board.rows[0].id}/rewards?last=50`);
+  check(rewards.length === 3 && rewards.every((e) => e.reproduced), `the hub does not reproduce every reward: ${JSON.stringify(rewards)}`);
+  check(await page.locator("#rewards tbody tr").count() === 3 && (await page.textContent("#rewards")).includes("(score "), "the rewards table does not show the rule with its numbers");
+  check(await page.locator("#rewards td.fail").count() === 0, "the rewards table shows a reward it could not reproduce");
   await page.screenshot({ path: join(SHOTS, "contributor.png"), fullPage: true });
   await open(`#/contributor/${eve.id}`);
   const refused = await page.locator("#rejections tbody tr").count();

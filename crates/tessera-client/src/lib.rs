@@ -31,8 +31,8 @@ use reqwest::blocking::{Client, RequestBuilder, Response};
 use serde::de::DeserializeOwned;
 use tessera_protocol::api::{
     Assignment, ContributorHistory, DataAssignment, EpochReport, EpochSettled, EvalSeed, HubStatus, INNER_LOSS_PARAM,
-    Leaderboard, Receipt, RegisterRequest, Registration, RoundAnnouncement, RunInfo, ScoreReport, ScoringJob,
-    UploadCommit, UploadGrant, UploadPart, UploadRequest, ValidatorInfo, Verdict,
+    Leaderboard, Receipt, RegisterRequest, Registration, RewardExplanation, RoundAnnouncement, RunInfo, ScoreReport,
+    ScoringJob, UploadCommit, UploadGrant, UploadPart, UploadRequest, ValidatorInfo, Verdict,
 };
 use tessera_protocol::{ApiError, ErrorCode, PROTOCOL_VERSION, weights_hash};
 use tessera_trust::identity::HUB_SIGNATURE_HEADER;
@@ -404,6 +404,13 @@ impl HubClient {
     pub fn contributor_history(&self, id: u64) -> Result<ContributorHistory> {
         let r = self.send("history", || Ok(self.get(&format!("/v1/contributors/{id}/history"))))?;
         self.json("history", r)
+    }
+
+    /// How contributor `id`'s latest `last` scored submissions became reward units.
+    pub fn rewards(&self, id: u64, last: usize) -> Result<Vec<RewardExplanation>> {
+        let path = format!("/v1/contributors/{id}/rewards?last={last}");
+        let r = self.send("rewards", || Ok(self.get(&path)))?;
+        self.json("rewards", r)
     }
 
     /// The economy the ledger records (`GET /v1/economy`), as the hub renders it.

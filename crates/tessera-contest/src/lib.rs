@@ -23,4 +23,4 @@ pub mod reward;
 pub use adversary::Adversary;
 pub use judge::{Flag, Judged, Policy, Scored, Settlement, fit_factors, judge, settle};
 pub use rating::{Rating, Ratings};
-pub use reward::split_units;
+pub use reward::{Recorded, recompute, split_units};

@@ -22,6 +22,35 @@ pub fn split_units(units: u64, shares: &[f64]) -> Vec<u64> {
     tessera_split::largest_remainder(u128::from(units), &q).into_iter().map(|p| p as u64).collect()
 }
 
+/// What a published round recorded of one submission, as far as its reward depends on it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Recorded {
+    pub score: Option<f64>,
+    pub fit_factor: Option<f64>,
+    /// It earned nothing by a flag (copy, wrong data, not positive, below the top, unscored).
+    pub flagged: bool,
+}
+
+impl Recorded {
+    /// Its relative share: (score × fit factor)^`power` — what [`crate::judge`] gave it — or 0
+    /// when flagged, unscored or not positive.
+    pub fn share(&self, power: f64) -> f64 {
+        match (self.score, self.fit_factor) {
+            (Some(s), Some(f)) if !self.flagged && s > 0.0 && f > 0.0 => (s * f.min(1.0)).powf(power),
+            _ => 0.0,
+        }
+    }
+}
+
+/// A published round's reward split recomputed from its rows alone (in arrival order): each
+/// row's share and its units. Anyone holding the rows can check the hub paid what the rule
+/// says; [`crate::settle`] computed the same numbers when the round closed.
+pub fn recompute(rows: &[Recorded], power: f64, units: u64) -> (Vec<f64>, Vec<u64>) {
+    let shares: Vec<f64> = rows.iter().map(|r| r.share(power)).collect();
+    let split = split_units(units, &shares);
+    (shares, split)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -37,6 +66,45 @@ mod tests {
             split_units(u64::MAX, &[1.0, 1.0]).iter().map(|&x| u128::from(x)).sum::<u128>(),
             u128::from(u64::MAX)
         );
+    }
+
+    #[test]
+    fn a_settled_round_recomputes_from_its_rows() {
+        use crate::{Policy, Scored, settle};
+        let scored: Vec<Scored> = [
+            (0.03, Some(0.02), None),
+            (0.01, Some(0.0), None),
+            (0.02, Some(0.02), Some(0)),
+            (-0.1, None, None),
+            (0.05, Some(0.03), None),
+        ]
+        .iter()
+        .enumerate()
+        .map(|(i, &(score, data_fit, copy_of))| Scored {
+            contributor: i as u64,
+            score,
+            data_fit,
+            copy_of,
+            weight: 1.0,
+            fit_factor: 1.0,
+        })
+        .collect();
+        let history = [(0.2, 10), (0.0, 10), (0.1, 5), (0.0, 0), (0.3, 10)];
+        let policy = Policy::default();
+        let settled = settle(scored, &history, &policy, 1_000_003);
+        let rows: Vec<Recorded> = settled
+            .scored
+            .iter()
+            .zip(&settled.judged)
+            .map(|(s, j)| Recorded { score: Some(s.score), fit_factor: Some(s.fit_factor), flagged: j.flag.is_some() })
+            .collect();
+        let (shares, split) = recompute(&rows, policy.reward_power, 1_000_003);
+        assert_eq!(split, settled.rewards);
+        assert_eq!(shares, settled.judged.iter().map(|j| j.share).collect::<Vec<_>>());
+        // A tampered record no longer reproduces the recorded units.
+        let mut tampered = rows.clone();
+        tampered[0].score = Some(0.06);
+        assert_ne!(recompute(&tampered, policy.reward_power, 1_000_003).1, settled.rewards);
     }
 
     proptest! {

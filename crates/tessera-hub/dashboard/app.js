@@ -60,7 +60,9 @@ async function overview() {
     const secs = h.closed_ms ? ((h.closed_ms - h.opened_ms) / 1000).toFixed(1) : "";
     return `<tr><td>${h.round}</td><td>${esc(h.state)}</td><td>${h.accepted}</td><td>${h.mean_inner_loss?.toFixed(4) ?? ""}</td><td>${bytes(h.bytes_up)}</td><td>${esc(h.closed_by ?? "")}</td><td>${secs}</td></tr>`;
   });
-  const leaders = board.rows.map((r) => `<tr data-id="${r.id}"><td>${r.rank}</td><td><a href="#/contributor/${r.id}">${esc(r.name)}</a></td><td>${r.ordinal.toFixed(2)}</td><td>${r.rewards}</td><td>${r.accepted}</td><td>${r.rejected}</td><td>${r.mean_score?.toFixed(5) ?? "–"}</td><td>${r.qualified ? "yes" : ""}</td></tr>`);
+  const leaderRow = (r) => `<tr data-id="${r.id}"><td>${r.rank || "–"}</td><td><a href="#/contributor/${r.id}">${esc(r.name)}</a></td><td>${r.ordinal.toFixed(2)}</td><td>${r.rewards}</td><td>${r.accepted}</td><td>${r.rejected}</td><td>${r.mean_score?.toFixed(5) ?? "–"}</td><td>${r.qualified ? "yes" : ""}</td></tr>`;
+  const leaders = board.rows.map(leaderRow);
+  const unrated = (board.unrated || []).map(leaderRow);
   const epochs = Object.entries(economy.epochs).map(([e, x]) => `<tr><td>${e}</td><td>${x.revenue}</td><td>${x.funding}</td><td>${x.payable}</td><td>${x.holders}</td></tr>`);
   page.innerHTML = `
     <h1>Run ${esc(run.spec.name)} <span class="muted"><code>${esc(status.run_id)}</code></span></h1>
@@ -78,6 +80,7 @@ async function overview() {
     <div class="charts"><div class="chart" id="loss-chart"></div><div class="chart" id="throughput-chart"></div><div class="chart" id="bytes-chart"></div></div>
     <h2>Leaderboard</h2>
     ${board.rows.length ? table(["rank", "contributor", "μ − 3σ", "reward units", "accepted", "rejected", "mean score", "qualified"], leaders, "leaderboard") : `<p class="muted">Nobody is rated yet (unscored run, or no round scored).</p>`}
+    ${unrated.length ? `<h3>Not yet rated</h3><p class="muted">No scored round yet: unranked, listed by id.</p>${table(["rank", "contributor", "μ − 3σ", "reward units", "accepted", "rejected", "mean score", "qualified"], unrated, "unrated")}` : ""}
     <h2>Serving: usage and revenue</h2>
     ${epochs.length ? table(["epoch", "revenue (µ)", "funding (µ)", "paid out (µ)", "holders"], epochs) : `<p class="muted">No epoch of served usage has closed.</p>`}
     <h2>Rounds</h2>
@@ -97,14 +100,15 @@ async function overview() {
 }
 
 async function contributor(id) {
-  const [status, board, history] = await Promise.all([json("/v1/status"), json("/v1/leaderboard"), json(`/v1/contributors/${id}/history`)]);
+  const [status, board, history, rewards] = await Promise.all([json("/v1/status"), json("/v1/leaderboard"), json(`/v1/contributors/${id}/history`), json(`/v1/contributors/${id}/rewards?last=50`)]);
   const c = status.contributors.find((x) => String(x.id) === id);
   if (!c) { page.innerHTML = `<p class="fail">No contributor ${esc(id)}.</p>`; return; }
   const row = board.rows.find((r) => String(r.id) === id);
+  const unratedRow = (board.unrated || []).find((r) => String(r.id) === id);
   page.innerHTML = `
     <h1>${esc(c.name)} <span class="muted">contributor ${c.id}</span></h1>
     <div class="cards">
-      ${card("rank", row ? `${row.rank} / ${board.rows.length}` : "–")}
+      ${card("rank", row ? `${row.rank} / ${board.rows.length}` : unratedRow ? "not yet rated" : "–")}
       ${card("rating μ − 3σ", row ? row.ordinal.toFixed(2) : "–")}
       ${card("reward units", row ? row.rewards : 0)}
       ${card("mean score", row?.mean_score?.toFixed(5) ?? "–")}
@@ -118,6 +122,9 @@ async function contributor(id) {
     <h2>Scored submissions</h2>
     ${history.scores.length ? table(["round", "trained from", "score", "data fit", "weight", "reward units", "earned nothing because"], history.scores.map((s) =>
       `<tr><td>${s.round}</td><td>${s.base_round}</td><td>${s.score?.toFixed(5) ?? "–"}</td><td>${s.data_fit?.toFixed(5) ?? "–"}</td><td>${s.weight.toFixed(3)}</td><td>${s.reward}</td><td>${esc(s.flag ?? "")}</td></tr>`), "scores") : `<p class="muted">No scored submission yet (unscored run, or none scored).</p>`}
+    <h2>How the reward units were computed</h2>
+    ${rewards.length ? table(["round", "score", "fit factor", "weight", "share of the round", "reward units", "the rule, with its numbers", "reproduced"], rewards.slice().reverse().map((e) =>
+      `<tr><td>${e.round}</td><td>${e.score?.toFixed(5) ?? "–"}</td><td>${e.fit_factor?.toFixed(3) ?? "–"}</td><td>${e.weight.toFixed(3)}</td><td>${e.round_shares > 0 ? (100 * e.share / e.round_shares).toFixed(2) + "%" : "–"}</td><td>${e.reward}</td><td class="formula">${esc(e.formula)}</td><td class="${e.reproduced ? "ok" : "fail"}">${e.reproduced ? "✓" : "✗ differs"}</td></tr>`), "rewards") : `<p class="muted" id="rewards">No scored submission to explain.</p>`}
     <h2>Refused submissions</h2>
     ${history.rejections.length ? table(["round open", "code", "reason", "received"], history.rejections.map((j) =>
       `<tr><td>${j.round ?? "–"}</td><td>${esc(j.code)}</td><td>${esc(j.message)}</td><td>${new Date(j.received_ms).toISOString()}</td></tr>`), "rejections") : `<p class="muted" id="rejections">None.</p>`}

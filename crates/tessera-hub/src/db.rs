@@ -846,7 +846,7 @@ impl Db {
     /// reward) and its rating after each round that changed it (round, μ, σ), oldest first.
     pub async fn contributor_history(&self, contributor: u64) -> Result<ContributorHistory, HubError> {
         let rows = sqlx::query(
-            "SELECT round, base_round, score, data_fit, flag, weight, reward FROM scores \
+            "SELECT round, base_round, score, data_fit, flag, weight, reward, fit_factor FROM scores \
              WHERE contributor = $1 ORDER BY round, base_round",
         )
         .bind(contributor as i64)
@@ -862,6 +862,7 @@ impl Db {
                 flag: r.get(4),
                 weight: r.get(5),
                 reward: r.get::<i64, _>(6).max(0) as u64,
+                fit_factor: r.get(7),
             })
             .collect();
         let rows = sqlx::query("SELECT round, mu, sigma FROM rating_history WHERE contributor = $1 ORDER BY round")
@@ -899,27 +900,45 @@ impl Db {
 
     pub async fn scores(&self) -> Result<Vec<ScoreRow>, HubError> {
         let rows = sqlx::query(
-            "SELECT contributor, base_round, round, score, data_fit, flag, weight, reward FROM scores \
+            "SELECT contributor, base_round, round, score, data_fit, flag, weight, reward, fit_factor FROM scores \
              ORDER BY round, contributor",
         )
         .fetch_all(&self.pool)
         .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(ScoreRow {
-                    contributor: u(r.try_get("contributor")?),
-                    base_round: u(r.try_get("base_round")?),
-                    round: u(r.try_get("round")?),
-                    score: r.try_get("score")?,
-                    data_fit: r.try_get("data_fit")?,
-                    flag: r.try_get("flag")?,
-                    weight: r.try_get("weight")?,
-                    reward: u(r.try_get("reward")?),
-                })
-            })
-            .collect()
+        rows.iter().map(score_row).collect()
     }
 
+    /// One published round's scores in arrival order (the order its reward split ran in). One
+    /// indexed read of the round's rows.
+    pub async fn round_scores(&self, round: u64) -> Result<Vec<ScoreRow>, HubError> {
+        let rows = sqlx::query(
+            "SELECT s.contributor, s.base_round, s.round, s.score, s.data_fit, s.flag, s.weight, s.reward, \
+             s.fit_factor FROM scores s LEFT JOIN submissions u \
+             ON u.contributor = s.contributor AND u.base_round = s.base_round \
+             WHERE s.round = $1 ORDER BY u.received_ms, s.contributor, s.base_round",
+        )
+        .bind(round as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(score_row).collect()
+    }
+}
+
+fn score_row(r: &sqlx::any::AnyRow) -> Result<ScoreRow, HubError> {
+    Ok(ScoreRow {
+        contributor: u(r.try_get("contributor")?),
+        base_round: u(r.try_get("base_round")?),
+        round: u(r.try_get("round")?),
+        score: r.try_get("score")?,
+        data_fit: r.try_get("data_fit")?,
+        flag: r.try_get("flag")?,
+        weight: r.try_get("weight")?,
+        reward: u(r.try_get("reward")?),
+        fit_factor: r.try_get("fit_factor")?,
+    })
+}
+
+impl Db {
     /// Publishes `p.round` and opens the next one with `next` (unless the run finished), with
     /// the ledger entries that record it (sealed runs), in one transaction.
     pub async fn publish(
@@ -946,8 +965,8 @@ impl Db {
         .await?;
         for sc in &p.scores {
             sqlx::query(
-                "INSERT INTO scores (contributor, base_round, round, score, data_fit, flag, weight, reward) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                "INSERT INTO scores (contributor, base_round, round, score, data_fit, flag, weight, reward, fit_factor) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
             )
             .bind(sc.contributor as i64)
             .bind(sc.base_round as i64)
@@ -957,6 +976,7 @@ impl Db {
             .bind(sc.flag.as_deref())
             .bind(sc.weight)
             .bind(i64::try_from(sc.reward).map_err(|_| HubError::Corrupt("reward beyond i64".into()))?)
+            .bind(sc.fit_factor)
             .execute(&mut *tx)
             .await?;
         }

@@ -94,6 +94,7 @@ pub fn router(hub: Arc<Hub>) -> Router {
         .route("/assets/{file}", get(dashboard_asset))
         .route("/v1/economy", get(economy))
         .route("/v1/contributors/{id}/history", get(contributor_history))
+        .route("/v1/contributors/{id}/rewards", get(contributor_rewards))
         .route("/healthz", get(|| async { "ok" }))
         .route("/metrics", get(metrics_text))
         .route("/v1/run", get(run_info))
@@ -255,6 +256,30 @@ async fn contributor_history(
     let id: u64 =
         id.parse().map_err(|_| refuse(ErrorCode::BadRequest, format!("contributor {id:?} is not a number")))?;
     Ok(Json(hub.contributor_history(id).await?))
+}
+
+#[derive(serde::Deserialize)]
+struct RewardsQuery {
+    /// Explain this many of the latest scored submissions (at most [`MAX_EXPLAINED`]).
+    last: Option<usize>,
+}
+
+/// The most submissions one request explains: each costs a read of its round's rows.
+const MAX_EXPLAINED: usize = 200;
+
+/// How each of a contributor's latest scored submissions became reward units.
+async fn contributor_rewards(
+    State(hub): State<Arc<Hub>>,
+    Path(id): Path<String>,
+    Query(q): Query<RewardsQuery>,
+) -> Result<impl IntoResponse, Refusal> {
+    let id: u64 =
+        id.parse().map_err(|_| refuse(ErrorCode::BadRequest, format!("contributor {id:?} is not a number")))?;
+    let last = q.last.unwrap_or(20);
+    if last > MAX_EXPLAINED {
+        return Err(refuse(ErrorCode::BadRequest, format!("explain at most {MAX_EXPLAINED} submissions at once")));
+    }
+    Ok(Json(hub.explain_rewards(id, last).await?))
 }
 
 /// The usage economy as the ledger records it: closed epochs, usage per account, balances,

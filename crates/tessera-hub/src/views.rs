@@ -1,5 +1,5 @@
 //! Read-only answers: a round's announcement and evaluation seed, the run's status, the
-//! leaderboard, a contributor's history.
+//! leaderboard, a contributor's history and how its rewards were computed.
 //!
 //! Cost: `status` and `leaderboard` read every round, submission, score and rejection count
 //! (O(history) rows), but once per change to the run: each keeps its last answer with the
@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use tessera_protocol::api::{ContributorStats, HubStatus, LeaderRow, Leaderboard, RoundSummary};
+use tessera_protocol::api::{ContributorStats, HubStatus, LeaderRow, Leaderboard, RewardExplanation, RoundSummary};
 use tessera_protocol::{ApiError, ErrorCode};
 
 use crate::HubError;
@@ -91,6 +91,52 @@ impl Hub {
         self.db.contributor_history(id).await.map_err(internal)
     }
 
+    /// How each of a contributor's last `last` scored submissions became reward units: its
+    /// numbers, the rule with them filled in, and whether the round's published rows give the
+    /// recorded units again. Cost: one indexed read of the contributor's scores and one of each
+    /// explained round's rows (O(`last` × round size)).
+    pub async fn explain_rewards(&self, id: u64, last: usize) -> Result<Vec<RewardExplanation>, ApiError> {
+        let history = self.contributor_history(id).await?;
+        let Some(contest) = self.spec().contest.clone() else { return Ok(Vec::new()) };
+        let (power, units) = (contest.reward_power, contest.reward_units);
+        let skip = history.scores.len().saturating_sub(last);
+        let mut out = Vec::new();
+        for mine in &history.scores[skip..] {
+            let rows = self.db.round_scores(mine.round).await.map_err(internal)?;
+            let recorded: Vec<tessera_contest::Recorded> = rows
+                .iter()
+                .map(|r| tessera_contest::Recorded {
+                    score: r.score,
+                    fit_factor: r.fit_factor,
+                    flagged: r.flag.is_some(),
+                })
+                .collect();
+            let (shares, split) = tessera_contest::recompute(&recorded, power, units);
+            let Some(at) = rows.iter().position(|r| r.contributor == id && r.base_round == mine.base_round) else {
+                return Err(api(ErrorCode::Internal, format!("round {} lost contributor {id}'s row", mine.round)));
+            };
+            let round_shares: f64 = shares.iter().sum();
+            let reproduced = rows.iter().map(|r| r.reward).eq(split.iter().copied());
+            out.push(RewardExplanation {
+                round: mine.round,
+                base_round: mine.base_round,
+                score: mine.score,
+                data_fit: mine.data_fit,
+                fit_factor: mine.fit_factor,
+                weight: mine.weight,
+                flag: mine.flag.clone(),
+                share: shares[at],
+                round_shares,
+                round_units: units,
+                reward_power: power,
+                reward: mine.reward,
+                reproduced,
+                formula: formula(mine, shares[at], round_shares, power, units, contest.top),
+            });
+        }
+        Ok(out)
+    }
+
     /// Contributors ranked by rating, with their records, and who qualified for the next phase
     /// (fixed at the phase boundary).
     pub async fn leaderboard(&self) -> Result<Arc<Leaderboard>, HubError> {
@@ -136,28 +182,28 @@ impl Hub {
             }
         }
         let qualified: std::collections::HashSet<u64> = qualified.into_iter().collect();
-        let rows = ratings
-            .leaderboard(contributors.iter().map(|c| c.0))
-            .into_iter()
-            .enumerate()
-            .map(|(i, (id, r))| {
-                let rec = records.remove(&id).unwrap_or_default();
-                LeaderRow {
-                    rank: i as u64 + 1,
-                    id,
-                    name: names.get(&id).cloned().unwrap_or_default(),
-                    mu: r.mu,
-                    sigma: r.sigma,
-                    ordinal: r.ordinal(),
-                    rounds: r.rounds,
-                    accepted: rec.accepted,
-                    rejected: rec.rejected,
-                    rewards: rec.rewards,
-                    mean_score: (rec.scored > 0).then(|| rec.score_sum / rec.scored as f64),
-                    qualified: qualified.contains(&id),
-                }
-            })
-            .collect();
+        let (rated, unrated): (Vec<_>, Vec<_>) =
+            ratings.leaderboard(contributors.iter().map(|c| c.0)).into_iter().partition(|(_, r)| r.rounds > 0);
+        let mut row = |rank: u64, (id, r): (u64, tessera_contest::Rating)| {
+            let rec = records.remove(&id).unwrap_or_default();
+            LeaderRow {
+                rank,
+                id,
+                name: names.get(&id).cloned().unwrap_or_default(),
+                mu: r.mu,
+                sigma: r.sigma,
+                ordinal: r.ordinal(),
+                rounds: r.rounds,
+                accepted: rec.accepted,
+                rejected: rec.rejected,
+                rewards: rec.rewards,
+                mean_score: (rec.scored > 0).then(|| rec.score_sum / rec.scored as f64),
+                qualified: qualified.contains(&id),
+            }
+        };
+        let rows = rated.into_iter().enumerate().map(|(i, r)| row(i as u64 + 1, r)).collect();
+        let mut unrated: Vec<LeaderRow> = unrated.into_iter().map(|r| row(0, r)).collect();
+        unrated.sort_by_key(|r| r.id);
         Ok(Leaderboard {
             run_id: self.run_id().to_owned(),
             round,
@@ -166,6 +212,7 @@ impl Hub {
             promote_at,
             promoted: round >= promote_at,
             rows,
+            unrated,
         })
     }
 
@@ -244,5 +291,49 @@ impl Hub {
             history,
             contributors,
         })
+    }
+}
+
+/// The reward rule with one submission's numbers in it.
+fn formula(
+    s: &tessera_protocol::api::ScoredSubmission,
+    share: f64,
+    total: f64,
+    power: f64,
+    units: u64,
+    top: Option<u32>,
+) -> String {
+    let left_out = "left out of the aggregate; earns nothing";
+    match s.flag.as_deref() {
+        Some("unscored") => "the round's scoring did not finish (the validators', not the contributors', failure): \
+             aggregated at its staleness weight; nobody in the round was rated, rewarded or penalised"
+            .into(),
+        Some("copy") => {
+            format!("a copy of an earlier submission of the round (same direction on seeded coordinates): {left_out}")
+        }
+        Some("wrong_data") => format!(
+            "fit factor {:.3}: its gain does not come from the data it was assigned: {left_out}",
+            s.fit_factor.unwrap_or(0.0)
+        ),
+        Some("not_positive") => format!(
+            "score {}: applying it alone did not lower the held-out loss: {left_out}",
+            s.score.map_or("–".into(), |x| format!("{x:.6}"))
+        ),
+        Some("below_top") => {
+            format!("outside the round's best {} by score: {left_out}", top.map_or("–".into(), |t| t.to_string()))
+        }
+        Some(other) => format!("flagged {other}: {left_out}"),
+        None => {
+            let (score, fit) = (s.score.unwrap_or(0.0), s.fit_factor.unwrap_or(1.0));
+            let exact = if total > 0.0 { units as f64 * share / total } else { 0.0 };
+            let staleness = if fit > 0.0 { s.weight / fit } else { 0.0 };
+            format!(
+                "share = (score {score:.6} × fit factor {fit:.3})^{power} = {share:.4e}; \
+                 units = {units} × {share:.4e} / {total:.4e} (the round's shares) = {exact:.2} → {} \
+                 (largest-remainder split: the round's units exactly); \
+                 aggregation weight = staleness {staleness:.3} × fit factor {fit:.3} = {:.3}",
+                s.reward, s.weight
+            )
+        }
     }
 }

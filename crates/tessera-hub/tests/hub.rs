@@ -563,11 +563,24 @@ fn scored_rounds(kind: &str) {
     assert!((lo - 1e-5..=hi + 1e-5).contains(&theta[0][7]), "{} not in [{lo}, {hi}]", theta[0][7]);
 
     let board: Leaderboard = leaderboard(&url);
-    let played: Vec<_> = board.rows.iter().filter(|r| r.id != late.id).collect();
+    // The never-rated contributor is listed apart, not ranked at the default rating.
+    assert_eq!((board.unrated.len(), board.unrated[0].id, board.unrated[0].rank), (1, late.id, 0));
+    let played: Vec<_> = board.rows.iter().collect();
     assert_eq!(played.iter().map(|r| r.id).collect::<Vec<_>>(), clients.iter().map(|c| c.id).collect::<Vec<_>>());
     let rewards: Vec<u64> = played.iter().map(|r| r.rewards).collect();
     // Shares ∝ score²: 0.02² : 0.01² = 4 : 1 of 1000 units; the negative score earns nothing.
     assert_eq!((rewards[0], rewards[1], rewards[2], rewards.iter().sum::<u64>()), (800, 200, 0, 1000));
+    // Each reward is explained by its numbers, and the round's published rows give it again.
+    let explained = client(&url).rewards(clients[0].id, 10).unwrap();
+    assert_eq!(explained.len(), 1);
+    let e = &explained[0];
+    assert_eq!((e.round, e.reward, e.round_units, e.fit_factor, e.flag.as_deref()), (0, 800, 1000, Some(1.0), None));
+    assert!(e.reproduced && (e.share / e.round_shares - 0.8).abs() < 1e-9, "{e:?}");
+    assert!(e.formula.contains("score 0.020000") && e.formula.contains("→ 800"), "{}", e.formula);
+    let e = &client(&url).rewards(clients[2].id, 10).unwrap()[0];
+    assert_eq!((e.reward, e.share, e.flag.as_deref()), (0, 0.0, Some("not_positive")));
+    assert!(e.reproduced && e.formula.contains("did not lower the held-out loss"), "{}", e.formula);
+    assert!(client(&url).rewards(late.id, 10).unwrap().is_empty());
     // Round 0 was the phase boundary: the top two qualified, and the run goes on.
     assert!(board.promoted && board.promote_at == 1);
     let qualified: Vec<u64> = board.rows.iter().filter(|r| r.qualified).map(|r| r.id).collect();
@@ -604,7 +617,9 @@ fn scored_rounds_postgres() {
 }
 
 /// A scored round whose validator never reports is aggregated unscored after its timeout:
-/// staleness weights, no rewards, ratings unchanged.
+/// staleness weights, no rewards, ratings unchanged — and nobody penalised for it: a
+/// contributor refused in that round (which would place it last in a scored round) stays
+/// unrated too.
 #[test]
 fn scores_that_never_come() {
     let b = backend("sqlite").unwrap();
@@ -613,6 +628,9 @@ fn scores_that_never_come() {
     let url = server.url.clone();
     let run = info(&url);
     let a = Client::register(&url, "a");
+    let refused = Client::register(&url, "refused");
+    let (_, e) = refused.submit(&run, 0, &"00".repeat(32), &delta(0.1)).unwrap_err();
+    assert!(tessera_round::counts_against_sender(e.code), "{e:?} would not place it last anyway");
     a.submit(&run, 0, &run.checkpoint, &delta(0.1)).unwrap();
     assert_eq!(info(&url).round, 0, "waiting for scores");
     server.rt.block_on(server.hub.tick()).unwrap();
@@ -624,7 +642,12 @@ fn scores_that_never_come() {
     let theta = weights(&url, &after.checkpoint, &run.spec.tensors);
     assert!((theta[0][7] - (initial()[0][7] - 0.4)).abs() < 1e-6, "the unscored mean was applied");
     let board: Leaderboard = leaderboard(&url);
-    assert_eq!((board.rows[0].rewards, board.rows[0].rounds), (0, 0));
+    assert!(board.rows.is_empty(), "a round whose scoring failed rated someone: {:?}", board.rows);
+    let unrated: Vec<(u64, u64, u64)> = board.unrated.iter().map(|r| (r.id, r.rounds, r.rewards)).collect();
+    assert_eq!(unrated, vec![(a.id, 0, 0), (refused.id, 0, 0)]);
+    let e = &client(&url).rewards(a.id, 10).unwrap()[0];
+    assert_eq!((e.flag.as_deref(), e.reward, e.reproduced), (Some("unscored"), 0, true));
+    assert!(e.formula.contains("nobody in the round was rated, rewarded or penalised"), "{}", e.formula);
     server.stop();
 }
 

@@ -191,17 +191,25 @@ impl Run {
     /// Weights for `rows` (arrival order); with scores, also their rows (flags, rewards) and the
     /// ratings after this round.
     fn judge(&self, rows: &[Accepted], judgement: Judgement<'_>) -> (Vec<f64>, Vec<ScoreRow>, Option<Ratings>) {
-        let row_of =
-            |r: &Accepted, score: Option<f64>, data_fit: Option<f64>, flag: Option<&str>, weight, reward| ScoreRow {
+        let row_of = |r: &Accepted,
+                      score: Option<f64>,
+                      data_fit: Option<f64>,
+                      fit_factor,
+                      flag: Option<&str>,
+                      weight,
+                      reward| {
+            ScoreRow {
                 contributor: r.contributor,
                 base_round: r.base_round,
                 round: r.round,
                 score,
                 data_fit,
+                fit_factor,
                 flag: flag.map(str::to_owned),
                 weight,
                 reward,
-            };
+            }
+        };
         match (judgement, &self.spec.contest) {
             (Judgement::Sealed(verdict), _) => {
                 let ratings = self.rated(
@@ -214,7 +222,9 @@ impl Run {
                     .zip(&verdict.report.scores)
                     .zip(&verdict.settled)
                     .map(|((r, sc), st)| {
-                        row_of(r, Some(sc.score), sc.data_fit, st.flag.as_deref(), st.weight, st.reward)
+                        // The validator settled it: its fit factor is what discounted the score.
+                        let fit = st.effective.filter(|_| sc.score > 0.0).map(|e| e / sc.score);
+                        row_of(r, Some(sc.score), sc.data_fit, fit, st.flag.as_deref(), st.weight, st.reward)
                     })
                     .collect();
                 (verdict.settled.iter().map(|s| s.weight).collect(), scores, Some(ratings))
@@ -247,7 +257,8 @@ impl Run {
                     .zip(&scored)
                     .zip(judged.iter().zip(&rewards))
                     .map(|((r, s), (j, &reward))| {
-                        row_of(r, Some(s.score), s.data_fit, j.flag.map(|f| f.as_str()), j.weight, reward)
+                        let fit = Some(s.fit_factor);
+                        row_of(r, Some(s.score), s.data_fit, fit, j.flag.map(|f| f.as_str()), j.weight, reward)
                     })
                     .collect();
                 (judged.iter().map(|j| j.weight).collect(), scores, Some(ratings))
@@ -255,7 +266,9 @@ impl Run {
             _ => {
                 let weights = rows.iter().map(|r| r.weight).collect();
                 let scores = match self.spec.contest {
-                    Some(_) => rows.iter().map(|r| row_of(r, None, None, Some("unscored"), r.weight, 0)).collect(),
+                    Some(_) => {
+                        rows.iter().map(|r| row_of(r, None, None, None, Some("unscored"), r.weight, 0)).collect()
+                    }
                     None => Vec::new(),
                 };
                 (weights, scores, None)

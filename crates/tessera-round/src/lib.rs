@@ -59,6 +59,10 @@ pub struct ScoreRow {
     pub round: u64,
     pub score: Option<f64>,
     pub data_fit: Option<f64>,
+    /// The factor its score was discounted by, from its contributor's data-fit record
+    /// (`None`: not scored).
+    #[serde(default)]
+    pub fit_factor: Option<f64>,
     pub flag: Option<String>,
     pub weight: f64,
     pub reward: u64,

@@ -201,8 +201,13 @@ pub struct Leaderboard {
     pub promote_at: u64,
     /// The boundary has passed: `qualified` is final.
     pub promoted: bool,
-    /// Best first.
+    /// Contributors rated in at least one round, best first by μ − 3σ.
     pub rows: Vec<LeaderRow>,
+    /// Contributors never rated (no scored round yet, or only rounds whose scoring failed),
+    /// by id, rank 0: listed apart, because the default rating says nothing about them and
+    /// would otherwise rank some of them above rated contributors.
+    #[serde(default)]
+    pub unrated: Vec<LeaderRow>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -239,6 +244,32 @@ pub struct ContributorHistory {
     pub rejections: Vec<Rejection>,
 }
 
+/// `GET /v1/contributors/{id}/rewards`: how each of a contributor's scored submissions turned
+/// into reward units, recomputed from its round's published rows.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RewardExplanation {
+    pub round: u64,
+    pub base_round: u64,
+    /// Held-out loss gain from applying it alone (nats per token).
+    pub score: Option<f64>,
+    /// This round's data-fit measurement, and the factor its contributor's record gave.
+    pub data_fit: Option<f64>,
+    pub fit_factor: Option<f64>,
+    /// Aggregation weight: staleness weight × fit factor (0: left out).
+    pub weight: f64,
+    pub flag: Option<String>,
+    /// (score × fit factor)^power, 0 when flagged; the round's total of shares and its units.
+    pub share: f64,
+    pub round_shares: f64,
+    pub round_units: u64,
+    pub reward_power: f64,
+    pub reward: u64,
+    /// The recorded reward is what the rule gives on the round's published rows.
+    pub reproduced: bool,
+    /// The rule, with this submission's numbers in it.
+    pub formula: String,
+}
+
 /// A submission the hub refused, and why.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Rejection {
@@ -262,6 +293,9 @@ pub struct ScoredSubmission {
     pub flag: Option<String>,
     pub weight: f64,
     pub reward: u64,
+    /// What its score was discounted by, from its contributor's data-fit record.
+    #[serde(default)]
+    pub fit_factor: Option<f64>,
 }
 
 /// A round as the hub announces it (`GET /v1/rounds/{r}`, signed): what it starts from, the

@@ -460,11 +460,14 @@ fn run_scenario(
     };
     let board = rt.block_on(hub.leaderboard())?;
     let attacker_ids: Vec<u64> = ids[honest..].to_vec();
-    let total: u64 = board.rows.iter().map(|r| r.rewards).sum();
-    let attacker_rewards: u64 = board.rows.iter().filter(|r| attacker_ids.contains(&r.id)).map(|r| r.rewards).sum();
-    let best_attacker_rank = board.rows.iter().filter(|r| attacker_ids.contains(&r.id)).map(|r| r.rank).min();
+    // The never-rated are listed apart; here they share the place after every rated one.
+    let unrated_rank = board.rows.len() as u64 + 1;
+    let everyone = || board.rows.iter().map(|r| (r, r.rank)).chain(board.unrated.iter().map(|r| (r, unrated_rank)));
+    let total: u64 = everyone().map(|(r, _)| r.rewards).sum();
+    let attacker_rewards: u64 = everyone().filter(|(r, _)| attacker_ids.contains(&r.id)).map(|(r, _)| r.rewards).sum();
+    let best_attacker_rank = everyone().filter(|(r, _)| attacker_ids.contains(&r.id)).map(|(_, rank)| rank).min();
     let worst_honest_rank =
-        board.rows.iter().filter(|r| !attacker_ids.contains(&r.id)).map(|r| r.rank).max().unwrap_or(0);
+        everyone().filter(|(r, _)| !attacker_ids.contains(&r.id)).map(|(_, rank)| rank).max().unwrap_or(0);
     let per_round_train_windows = (h * u64::from(args.batch_size)) as f64 * 3.0;
     Ok(Outcome {
         scenario: sc.name.clone(),
