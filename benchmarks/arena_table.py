@@ -14,9 +14,18 @@ def pct(x):
     return "–" if x is None else f"{100 * x:.2f}%"
 
 
+def flagged(r, side):
+    """What a side's scored submissions were flagged for, e.g. `wrong_data 2 / 225`."""
+    if not r["scored"] or f"{side}_flags" not in r:
+        return "–"
+    flags = ", ".join(f"{k} {v}" for k, v in sorted(r[f"{side}_flags"].items())) or "none"
+    return f"{flags} / {r[f'{side}_scored']}"
+
+
 print("| scenario | aggregation | val loss | vs honest mean | attacker submissions | rejected (reason: count) "
-      "| attackers' rewards | every honest above every attacker | validator cost (fwd windows / train) |")
-print("|---|---|---|---|---|---|---|---|---|")
+      "| attackers' rewards | every honest above every attacker | honest flagged (of scored) | attackers flagged "
+      "| validator cost (fwd windows / train) |")
+print("|---|---|---|---|---|---|---|---|---|---|---|")
 for r in rows:
     loss = r["final_val_loss"]
     ratio = "–" if ref is None else ("diverged" if loss == float("inf") else f"{loss / ref:.4f}×")
@@ -27,4 +36,4 @@ for r in rows:
                                                             f"worst honest #{r['worst_honest_rank']})")
     print(f"| {r['scenario']} | {r['aggregation']}{' + scored' if scored else ''} | {loss:.4f} | {ratio} "
           f"| {r['attacker_submissions']} | {rejected} | {pct(r['attacker_reward_fraction']) if scored else '–'} "
-          f"| {ranking} | {pct(r['validator_flop_fraction'])} |")
+          f"| {ranking} | {flagged(r, 'honest')} | {flagged(r, 'attacker')} | {pct(r['validator_flop_fraction'])} |")

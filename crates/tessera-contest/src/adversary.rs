@@ -43,10 +43,15 @@ pub enum Adversary {
     Copy,
     /// Resubmits another contributor's Δ plus noise of 5% of its size.
     CopyNoise,
+    /// Resubmits another contributor's sparse Δ as it was sent — the same support — with each
+    /// kept value rescaled by a random factor in [0.1, 1.9], which takes its cosine to the
+    /// victim below the copy threshold (a sparse codec's disguise; only the support gives it
+    /// away).
+    CopySupport,
 }
 
 impl Adversary {
-    pub const ALL: [Adversary; 13] = [
+    pub const ALL: [Adversary; 14] = [
         Adversary::Nan,
         Adversary::Noise,
         Adversary::SignFlip,
@@ -60,6 +65,7 @@ impl Adversary {
         Adversary::WrongData,
         Adversary::Copy,
         Adversary::CopyNoise,
+        Adversary::CopySupport,
     ];
 
     pub fn name(&self) -> &'static str {
@@ -77,6 +83,7 @@ impl Adversary {
             Adversary::WrongData => "wrong-data",
             Adversary::Copy => "copy",
             Adversary::CopyNoise => "copy-noise",
+            Adversary::CopySupport => "copy-support",
         }
     }
 
@@ -92,7 +99,10 @@ impl Adversary {
     /// Whether the attack needs other contributors' honest pseudo-gradients (colluders' for
     /// ALIE and IPM, a victim's for the copies).
     pub fn needs_others(&self) -> bool {
-        matches!(self, Adversary::Alie | Adversary::Ipm | Adversary::Copy | Adversary::CopyNoise)
+        matches!(
+            self,
+            Adversary::Alie | Adversary::Ipm | Adversary::Copy | Adversary::CopyNoise | Adversary::CopySupport
+        )
     }
 
     /// Rewrites an honest pseudo-gradient `delta` (tensors in the model's order). `others` are
@@ -143,6 +153,14 @@ impl Adversary {
                         if let Ok(normal) = Normal::new(0.0f32, std.max(f32::MIN_POSITIVE)) {
                             t.iter_mut().for_each(|v| *v += normal.sample(&mut rng));
                         }
+                    }
+                }
+            }
+            Adversary::CopySupport => {
+                let Some(victim) = others.first() else { return };
+                for (t, src) in delta.iter_mut().zip(victim.iter()) {
+                    for (v, &s) in t.iter_mut().zip(src) {
+                        *v = s * rand::Rng::random_range(&mut rng, 0.1f32..1.9);
                     }
                 }
             }
@@ -236,6 +254,9 @@ mod tests {
         let noisy = run(Adversary::CopyNoise, &[&other]);
         assert!(noisy[0].iter().zip(&other[0]).all(|(a, b)| (a - b).abs() < 1.0 && a != b));
         assert_eq!(run(Adversary::Lazy, &[]), honest);
+        let sparse = vec![vec![0.0f32, 2.0, -1.0]];
+        let kept = run(Adversary::CopySupport, &[&sparse]);
+        assert!(kept[0][0] == 0.0 && kept[0][1] > 0.0 && kept[0][2] < 0.0 && kept != sparse, "{kept:?}");
         assert_eq!(Adversary::Lazy.inner_steps(50), 5);
     }
 }

@@ -670,7 +670,11 @@ impl Contributor {
             // (the only other pseudo-gradient a contributor can download); ALIE and IPM estimate
             // the honest mean from its own Δ.
             let public = match kind {
-                tessera_contest::Adversary::Copy | tessera_contest::Adversary::CopyNoise if a.round > 0 => {
+                tessera_contest::Adversary::Copy
+                | tessera_contest::Adversary::CopyNoise
+                | tessera_contest::Adversary::CopySupport
+                    if a.round > 0 =>
+                {
                     Some(self.published_update(a.round)?)
                 }
                 _ => None,

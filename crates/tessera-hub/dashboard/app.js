@@ -76,6 +76,7 @@ async function overview() {
       ${card("bytes down", bytes(status.bytes_down))}
     </div>
     <h2>Validator</h2>${await validatorStatus(run)}
+    ${(run.operator_trusted_with || []).length ? `<h3>What this run trusts its operator with</h3><ul id="operator-trust">${run.operator_trusted_with.map((t) => `<li>${esc(t)}</li>`).join("")}</ul>` : ""}
     <h2>Training</h2>
     <div class="charts"><div class="chart" id="loss-chart"></div><div class="chart" id="throughput-chart"></div><div class="chart" id="bytes-chart"></div></div>
     <h2>Leaderboard</h2>

@@ -253,6 +253,9 @@ impl Hub {
             }
         }
         let (ledger, validator) = crate::economy::open_ledger(&db, &run.id, &spec, &identity).await?;
+        for what in spec.operator_trust() {
+            tracing::info!("this run trusts its operator with {what}");
+        }
         if spec.contest.is_some() && config.validator_token.is_none() {
             tracing::warn!(
                 "a scored run without a validator token: no validator can report, so every round is aggregated \
@@ -393,6 +396,7 @@ impl Hub {
             checkpoint: live.run.checkpoint().to_owned(),
             finished: live.run.finished(),
             hub_key: self.identity.public().hex(),
+            operator_trusted_with: self.spec.operator_trust(),
         }
     }
 

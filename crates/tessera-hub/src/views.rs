@@ -91,6 +91,12 @@ impl Hub {
         self.db.contributor_history(id).await.map_err(internal)
     }
 
+    /// A published round's scores, flags, weights and rewards, in arrival order (one indexed
+    /// read of the round's rows).
+    pub async fn round_scores(&self, round: u64) -> Result<Vec<tessera_round::ScoreRow>, HubError> {
+        self.db.round_scores(round).await
+    }
+
     /// How each of a contributor's last `last` scored submissions became reward units: its
     /// numbers, the rule with them filled in, and whether the round's published rows give the
     /// recorded units again. Cost: one indexed read of the contributor's scores and one of each

@@ -508,6 +508,9 @@ fn scored_rounds(kind: &str) {
     let server = Server::start(&b, spec.clone());
     let url = server.url.clone();
     let run = info(&url);
+    // An unsealed scored run says what its operator is trusted with.
+    let trusted = |what: &str| run.operator_trusted_with.iter().any(|t| t.starts_with(what));
+    assert!(trusted("the evaluation seed") && trusted("the scores") && trusted("the submissions"), "{run:?}");
     let clients = [Client::register(&url, "a"), Client::register(&url, "b"), Client::register(&url, "c")];
     let late = Client::register(&url, "late");
     let commitment = clients[0].assignment(0).eval_commitment.expect("a scored run commits to its seed");

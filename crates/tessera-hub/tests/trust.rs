@@ -90,6 +90,9 @@ fn sealed_rounds() {
     let server = Server::start(&b, sealed);
     let url = server.url.clone();
     let run = info(&url);
+    // Sealed: the operator never reads submissions, but still draws the evaluation seed.
+    assert!(run.operator_trusted_with.iter().any(|t| t.starts_with("the evaluation seed")));
+    assert!(!run.operator_trusted_with.iter().any(|t| t.contains("in the clear") || t.starts_with("the scores")));
     let (a, c) = (Client::register(&url, "a"), Client::register(&url, "c"));
     let (plain_a, plain_c) = (
         message(&run, Codec::F32, 0, &run.checkpoint, &delta(0.5)),

@@ -55,6 +55,10 @@ pub struct RunInfo {
     /// genesis (`x-tessera-hub-signature`).
     #[serde(default)]
     pub hub_key: String,
+    /// What taking part in this run trusts the hub's operator with, in plain words (from the
+    /// spec: [`RunSpec::operator_trust`]).
+    #[serde(default)]
+    pub operator_trusted_with: Vec<String>,
 }
 
 /// Registers the request's signing key under a display name. Registering again with the same

@@ -307,6 +307,31 @@ impl Default for ContestSpec {
 }
 
 impl RunSpec {
+    /// What taking part in a run of this spec trusts the hub's operator with, in plain words:
+    /// what the protocol does not prove. Shown by `GET /v1/run`, the dashboard and the hub's log.
+    pub fn operator_trust(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.contest.is_some() {
+            out.push(
+                "the evaluation seed: the hub draws each round's seed and stores it, so its operator can know it \
+                 before submissions close (the commitment only proves it was not changed afterwards)"
+                    .to_owned(),
+            );
+        }
+        if self.contest.is_some() && self.trust.is_none() {
+            out.push(
+                "the scores: the validator is whoever holds the operator's validator token, and its scores are \
+                 taken as reported (each reward can be recomputed from the published scores, not yet the scores \
+                 themselves)"
+                    .to_owned(),
+            );
+        }
+        if self.trust.is_none() {
+            out.push("the submissions: they are stored in the clear, readable by the operator".to_owned());
+        }
+        out
+    }
+
     pub fn num_params(&self) -> u64 {
         self.tensors.iter().map(TensorSpec::numel).sum()
     }

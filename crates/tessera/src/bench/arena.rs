@@ -125,6 +125,12 @@ struct Outcome {
     honest_score: Option<f64>,
     attacker_score: Option<f64>,
     honest_above_attackers: bool,
+    /// Scored submissions, honest and attacking, and what each side was flagged for (`copy`,
+    /// `wrong_data`, `not_positive`, …): an honest flag is a false alarm.
+    honest_scored: u64,
+    honest_flags: BTreeMap<String, u64>,
+    attacker_scored: u64,
+    attacker_flags: BTreeMap<String, u64>,
     /// Best attacker rank and worst honest rank on the leaderboard (1 = top).
     best_attacker_rank: Option<u64>,
     worst_honest_rank: u64,
@@ -297,6 +303,7 @@ fn run_scenario(
     bar.set_message(sc.name.clone());
     let attacker_ids_now: Vec<u64> = ids[honest..].to_vec();
     let (mut fits, mut score_lists): ([Vec<f64>; 2], [Vec<f64>; 2]) = Default::default();
+    let (mut flags, mut scored_by_side): ([BTreeMap<String, u64>; 2], [u64; 2]) = Default::default();
     let mean = |v: &Vec<f64>| (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64);
     for round in 0..args.rounds {
         let info = rt.block_on(hub.info());
@@ -356,6 +363,8 @@ fn run_scenario(
                 let others: Vec<&[Vec<f32>]> = match kind {
                     Adversary::Alie | Adversary::Ipm => pooled,
                     Adversary::Copy | Adversary::CopyNoise => vec![victim.as_slice()],
+                    // Tampered below, from the bytes the victim sent.
+                    Adversary::CopySupport => continue,
                     _ => Vec::new(),
                 };
                 kind.tamper(&mut deltas[i], &others, n, attackers, args.seed ^ (round << 20) ^ i as u64);
@@ -383,6 +392,18 @@ fn run_scenario(
             bodies.push(match kinds[i] {
                 // The exact bytes honest contributor 0 sent this round.
                 Some(Adversary::Replay) => bodies[0].clone(),
+                // Honest contributor 0's message as sent (its support), its values rescaled.
+                Some(kind @ Adversary::CopySupport) => {
+                    let view = tessera_protocol::MessageView::parse(&bodies[0])?;
+                    let sent = tessera_aggregate::decode_view(&lengths, &view)?;
+                    let mut delta = sent.clone();
+                    kind.tamper(&mut delta, &[sent.as_slice()], n, attackers, args.seed ^ (round << 20) ^ i as u64);
+                    let mut message = message;
+                    for (t, d) in message.tensors.iter_mut().zip(&delta) {
+                        t.encoded = spec.codec.encode(d)?;
+                    }
+                    message.to_bytes()
+                }
                 _ => message.to_bytes(),
             });
         }
@@ -435,6 +456,13 @@ fn run_scenario(
             scored_subs += candidates.len() as u64;
             let report = tessera_validator::report(job.round, &scores, Some(held_out_loss));
             rt.block_on(hub.post_scores(report)).map_err(anyhow::Error::msg)?;
+            for row in rt.block_on(hub.round_scores(round))? {
+                let side = usize::from(attacker_ids_now.contains(&row.contributor));
+                scored_by_side[side] += 1;
+                if let Some(flag) = row.flag {
+                    *flags[side].entry(flag).or_default() += 1;
+                }
+            }
         }
         if rt.block_on(hub.info()).round != round + 1 {
             bail!("round {round} was not published");
@@ -485,6 +513,10 @@ fn run_scenario(
         honest_score: mean(&score_lists[0]),
         attacker_score: mean(&score_lists[1]),
         honest_above_attackers: best_attacker_rank.is_none_or(|b| b > worst_honest_rank),
+        honest_scored: scored_by_side[0],
+        attacker_scored: scored_by_side[1],
+        honest_flags: std::mem::take(&mut flags[0]),
+        attacker_flags: std::mem::take(&mut flags[1]),
         best_attacker_rank,
         worst_honest_rank,
         validator_time_fraction: (scored_subs > 0 && train_seconds > 0.0)
