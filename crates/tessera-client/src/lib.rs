@@ -31,8 +31,8 @@ use reqwest::blocking::{Client, RequestBuilder, Response};
 use serde::de::DeserializeOwned;
 use tessera_protocol::api::{
     Assignment, ContributorHistory, DataAssignment, EpochReport, EpochSettled, EvalSeed, HubStatus, INNER_LOSS_PARAM,
-    Leaderboard, Receipt, RegisterRequest, Registration, RewardExplanation, RoundAnnouncement, RunInfo, ScoreReport,
-    ScoringJob, UploadCommit, UploadGrant, UploadPart, UploadRequest, ValidatorInfo, Verdict,
+    Leaderboard, Receipt, RegisterRequest, Registration, RewardExplanation, RoundAnnouncement, RoundAudit, RunInfo,
+    ScoreReport, ScoringJob, UploadCommit, UploadGrant, UploadPart, UploadRequest, ValidatorInfo, Verdict,
 };
 use tessera_protocol::{ApiError, ErrorCode, PROTOCOL_VERSION, weights_hash};
 use tessera_trust::identity::HUB_SIGNATURE_HEADER;
@@ -404,6 +404,25 @@ impl HubClient {
     pub fn contributor_history(&self, id: u64) -> Result<ContributorHistory> {
         let r = self.send("history", || Ok(self.get(&format!("/v1/contributors/{id}/history"))))?;
         self.json("history", r)
+    }
+
+    /// What published round `round`'s scores can be recomputed from, and what it published
+    /// (signed by the hub).
+    pub fn round_audit(&self, round: u64) -> Result<RoundAudit> {
+        let r = self.send("audit", || Ok(self.get(&format!("/v1/rounds/{round}/audit"))))?;
+        self.signed_json("audit", r)
+    }
+
+    /// A published round's submission, in a run that publishes them: a message whose trailing
+    /// BLAKE3 is its name (parsing the message checks that hash against its bytes).
+    pub fn published_submission(&self, round: u64, blob: &str) -> Result<Vec<u8>> {
+        let path = format!("/v1/rounds/{round}/submissions/{blob}");
+        let r = self.send("submission", || Ok(self.get(&path)))?;
+        let bytes = self.body("submission", r)?;
+        if bytes.len() < 32 || hex::encode(&bytes[bytes.len() - 32..]) != blob {
+            return Err(self.bad_answer("submission", format!("the message served as {blob} is named otherwise")));
+        }
+        Ok(bytes)
     }
 
     /// How contributor `id`'s latest `last` scored submissions became reward units.

@@ -110,6 +110,8 @@ pub fn router(hub: Arc<Hub>) -> Router {
         .route("/api/leaderboard", get(leaderboard))
         .route("/v1/rounds/{round}", get(round_announcement))
         .route("/v1/rounds/{round}/eval-seed", get(eval_seed))
+        .route("/v1/rounds/{round}/audit", get(round_audit))
+        .route("/v1/rounds/{round}/submissions/{blob}", get(published_submission))
         .route("/v1/validator/job", get(validator_job))
         .route("/v1/validator/submissions/{blob}", get(validator_blob))
         .route("/v1/validator/scores", post(validator_scores))
@@ -491,6 +493,25 @@ async fn round_announcement(State(hub): State<Arc<Hub>>, Path(round): Path<Strin
     let round: u64 =
         round.parse().map_err(|_| refuse(ErrorCode::BadRequest, format!("round {round:?} is not a number")))?;
     signed_json(&hub, &hub.announcement(round).await?)
+}
+
+/// What a published round's scores can be recomputed from, and what it published (signed).
+async fn round_audit(State(hub): State<Arc<Hub>>, Path(round): Path<String>) -> Result<Response, Refusal> {
+    let round: u64 =
+        round.parse().map_err(|_| refuse(ErrorCode::BadRequest, format!("round {round:?} is not a number")))?;
+    signed_json(&hub, &hub.round_audit(round).await?)
+}
+
+/// A published round's submission, for anyone, in a run that publishes them.
+async fn published_submission(
+    State(hub): State<Arc<Hub>>,
+    Path((round, blob)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Result<Response, Refusal> {
+    let round: u64 =
+        round.parse().map_err(|_| refuse(ErrorCode::BadRequest, format!("round {round:?} is not a number")))?;
+    let key = hub.published_submission_key(round, &blob).await?;
+    serve_blob(&hub, &key, &headers, false).await
 }
 
 async fn update(

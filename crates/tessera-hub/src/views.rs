@@ -91,6 +91,88 @@ impl Hub {
         self.db.contributor_history(id).await.map_err(internal)
     }
 
+    /// What published round `round`'s scores can be recomputed from — the job its validator was
+    /// given, seed revealed — and what it published. One indexed read of the round, its
+    /// submissions and its scores.
+    pub async fn round_audit(&self, round: u64) -> Result<tessera_protocol::api::RoundAudit, ApiError> {
+        let Some(contest) = self.spec().contest.clone() else {
+            return Err(api(ErrorCode::NotScoring, "this run is not scored: there are no scores to audit"));
+        };
+        let (current, phase) = {
+            let live = self.live.lock().await;
+            (live.run.round(), live.run.phase_at(round))
+        };
+        if round >= current {
+            return Err(api(ErrorCode::NotFound, format!("round {round} is not published yet")));
+        }
+        let r = (self.db.round(round).await.map_err(internal)?)
+            .ok_or_else(|| api(ErrorCode::NotFound, format!("round {round} has not opened")))?;
+        let (eval_seed, eval_commitment) = self.db.eval_seed(round).await.map_err(internal)?;
+        let rows = self.db.submissions(Some(round)).await.map_err(internal)?;
+        let scores = self.db.round_scores(round).await.map_err(internal)?;
+        let h = self.spec().inner_steps;
+        let mut published = Vec::with_capacity(rows.len());
+        let mut submissions = Vec::with_capacity(rows.len());
+        for a in rows {
+            let Some(s) = scores.iter().find(|s| s.contributor == a.contributor && s.base_round == a.base_round) else {
+                return Err(api(
+                    ErrorCode::Internal,
+                    format!("round {round} has no score for contributor {}", a.contributor),
+                ));
+            };
+            published.push(tessera_protocol::api::PublishedScore {
+                contributor: s.contributor,
+                base_round: s.base_round,
+                score: s.score,
+                data_fit: s.data_fit,
+                fit_factor: s.fit_factor,
+                flag: s.flag.clone(),
+                weight: s.weight,
+                reward: s.reward,
+            });
+            submissions.push(tessera_protocol::api::JobSubmission {
+                contributor: a.contributor,
+                slot: a.contributor,
+                base_round: a.base_round,
+                schedule_step: a.base_round * h,
+                inner_steps: h,
+                weight: a.weight,
+                contributor_key: self.key_of(a.contributor).map(|k| k.hex()).unwrap_or_default(),
+                blob: a.blob,
+                received_ms: a.received_ms,
+            });
+        }
+        Ok(tessera_protocol::api::RoundAudit {
+            run_id: self.run_id().to_owned(),
+            job: tessera_protocol::api::ScoringJob {
+                round,
+                phase: phase as u32,
+                base_checkpoint: r.base_checkpoint,
+                eval_seed,
+                eval_commitment,
+                submissions,
+            },
+            scores: published,
+            submissions_published: contest.publish_submissions,
+        })
+    }
+
+    /// Where a published round's submission is, for anyone, in a run that publishes them.
+    pub async fn published_submission_key(&self, round: u64, blob: &str) -> Result<String, ApiError> {
+        if !self.spec().contest.as_ref().is_some_and(|c| c.publish_submissions) {
+            return Err(api(ErrorCode::NotFound, "this run does not publish its submissions"));
+        }
+        if round >= self.live.lock().await.run.round() {
+            return Err(api(ErrorCode::NotFound, format!("round {round} is not published yet")));
+        }
+        let key = self.submission_blob_key(blob).await?;
+        let ours = self.db.submissions(Some(round)).await.map_err(internal)?.iter().any(|a| a.blob == blob);
+        if !ours {
+            return Err(api(ErrorCode::NotFound, format!("round {round} has no submission {blob}")));
+        }
+        Ok(key)
+    }
+
     /// A published round's scores, flags, weights and rewards, in arrival order (one indexed
     /// read of the round's rows).
     pub async fn round_scores(&self, round: u64) -> Result<Vec<tessera_round::ScoreRow>, HubError> {

@@ -584,6 +584,16 @@ fn scored_rounds(kind: &str) {
     assert_eq!((e.reward, e.share, e.flag.as_deref()), (0, 0.0, Some("not_positive")));
     assert!(e.reproduced && e.formula.contains("did not lower the held-out loss"), "{}", e.formula);
     assert!(client(&url).rewards(late.id, 10).unwrap().is_empty());
+    // What the round can be audited from, signed; its submissions stay private in a run that
+    // does not publish them, and the open round is not published at all.
+    let pinned = client(&url).pinning(tessera_trust::PublicKey::parse(&run.hub_key).unwrap());
+    let audit = pinned.round_audit(0).unwrap();
+    assert_eq!((audit.job.round, audit.job.base_checkpoint.as_str()), (0, run.checkpoint.as_str()));
+    assert_eq!(audit.job.eval_seed, hex::encode(seed_bytes));
+    assert_eq!(audit.scores.iter().map(|s| s.reward).collect::<Vec<_>>(), vec![800, 200, 0]);
+    assert!(!audit.submissions_published);
+    assert!(client(&url).published_submission(0, &job.submissions[0].blob).is_err());
+    assert!(pinned.round_audit(1).is_err(), "round 1 is not published");
     // Round 0 was the phase boundary: the top two qualified, and the run goes on.
     assert!(board.promoted && board.promote_at == 1);
     let qualified: Vec<u64> = board.rows.iter().filter(|r| r.qualified).map(|r| r.id).collect();

@@ -101,42 +101,87 @@ pub struct Validator {
     shards: Option<ShardCache>,
 }
 
+/// Where a scorer's data comes from.
+#[derive(Debug, Clone, Default)]
+pub struct DataConfig {
+    /// Training data for runs whose data source is external.
+    pub data: Option<Dataset>,
+    /// A run on a published dataset: where its shards are cached (`None`: a directory in the
+    /// system's temporary directory named by the dataset) and how many bytes they may take.
+    pub cache: Option<PathBuf>,
+    pub cache_bytes: u64,
+}
+
+/// The scorer a scored run's validator uses, for the run's current phase. A run on a published
+/// dataset also gives its shard cache: the scorer holds the validation shards (the held-out
+/// windows come from all of them), and each submission's assigned shard is fetched by hash as
+/// it is scored ([`attach_assigned`]).
+pub fn scorer_for(run: &RunInfo, data: &DataConfig, device: Device) -> Result<(Scorer, Option<ShardCache>)> {
+    let contest = run.spec.contest.clone().ok_or(ValidatorError::NotScored)?;
+    let (dataset, shards) = match &run.spec.data.source {
+        DataSource::Manifest { urls, .. } => {
+            let cache_dir = match &data.cache {
+                Some(dir) => dir.clone(),
+                None => {
+                    let key = blake3::hash(run.spec.data.fingerprint.as_bytes()).to_hex();
+                    std::env::temp_dir().join(format!("tessera-validator-{}", &key.as_str()[..16]))
+                }
+            };
+            let cache = ShardCache::open(urls, Some(&run.spec.data.fingerprint), &cache_dir, data.cache_bytes, None)?;
+            let dataset = cache.held_out()?;
+            (dataset, Some(cache))
+        }
+        _ => (run_dataset(run, data.data.clone())?, None),
+    };
+    let model_config = LlamaConfig::from_json(run.spec.model.clone())
+        .map_err(|e| ValidatorError::Bad { round: run.round, message: format!("the run's model config: {e}") })?;
+    let score = ScoreConfig { eval_windows: contest.eval_windows as usize, fit_windows: contest.fit_windows as usize };
+    let scorer = Scorer::new(inner_config(run, 0), &model_config, dataset, device, score)?;
+    Ok((scorer, shards))
+}
+
+/// A run on a published dataset: each candidate given the tokens of its data-fit windows, cut
+/// from the shard its base round assigned it (`data::data_assignment`), fetched by hash and
+/// checked. Each shard the round names is read once, whoever shares it, and one is in memory
+/// at a time. Nothing to do for other runs (`shards` is `None`).
+pub fn attach_assigned(
+    scorer: &Scorer,
+    shards: Option<&ShardCache>,
+    run: &RunInfo,
+    candidates: &mut [Candidate],
+    seed: &[u8; 32],
+) -> Result<()> {
+    let Some(cache) = shards else { return Ok(()) };
+    let mut by_shard: std::collections::BTreeMap<usize, Vec<usize>> = std::collections::BTreeMap::new();
+    for (i, k) in candidates.iter().enumerate() {
+        let d = tessera_protocol::data::data_assignment(&run.spec, k.base_round, k.contributor).ok_or_else(|| {
+            ValidatorError::Bad {
+                round: k.base_round,
+                message: format!("no data assignment for contributor {}", k.contributor),
+            }
+        })?;
+        by_shard.entry(cache.train_index(d.shard)?).or_default().push(i);
+    }
+    for (index, sharing) in by_shard {
+        let shard = cache.shard(index)?;
+        for i in sharing {
+            candidates[i].assigned = Some(scorer.assigned_tokens(&candidates[i], seed, &shard)?);
+        }
+    }
+    Ok(())
+}
+
 impl Validator {
     pub fn connect(config: ValidatorConfig) -> Result<Validator> {
         let hub = HubClient::new(&config.hub)?.with_patience(config.patience).with_validator_token(&config.token);
         let run = hub.run()?;
         let hub = hub.pinning(tessera_trust::PublicKey::parse(&run.hub_key)?);
-        let contest = run.spec.contest.clone().ok_or(ValidatorError::NotScored)?;
-        // A run on a published dataset: the validator holds its validation shards (the
-        // held-out windows come from all of them) and fetches each submission's assigned shard
-        // by hash as it scores it.
-        let (dataset, shards) = match &run.spec.data.source {
-            DataSource::Manifest { urls, .. } => {
-                let cache_dir = match &config.data_cache {
-                    Some(dir) => dir.clone(),
-                    None => {
-                        let key = blake3::hash(run.spec.data.fingerprint.as_bytes()).to_hex();
-                        std::env::temp_dir().join(format!("tessera-validator-{}", &key.as_str()[..16]))
-                    }
-                };
-                let cache = ShardCache::open(
-                    urls,
-                    Some(&run.spec.data.fingerprint),
-                    &cache_dir,
-                    config.data_cache_bytes,
-                    None,
-                )?;
-                let dataset = cache.held_out()?;
-                (dataset, Some(cache))
-            }
-            _ => (run_dataset(&run, config.data.clone())?, None),
+        let data = DataConfig {
+            data: config.data.clone(),
+            cache: config.data_cache.clone(),
+            cache_bytes: config.data_cache_bytes,
         };
-        let model_config = LlamaConfig::from_json(run.spec.model.clone())
-            .map_err(|e| ValidatorError::Bad { round: run.round, message: format!("the run's model config: {e}") })?;
-        let score =
-            ScoreConfig { eval_windows: contest.eval_windows as usize, fit_windows: contest.fit_windows as usize };
-        let inner = inner_config(&run, 0);
-        let scorer = Scorer::new(inner, &model_config, dataset, config.device, score)?;
+        let (scorer, shards) = scorer_for(&run, &data, config.device)?;
         let mut v = Validator { config, hub, run, scorer, sealed: None, shards };
         if v.run.spec.trust.is_some() {
             v.sealed = Some(v.attest()?);
@@ -144,29 +189,8 @@ impl Validator {
         Ok(v)
     }
 
-    /// A run on a published dataset: each candidate given the tokens of its data-fit windows,
-    /// cut from the shard its base round assigned it (`data::data_assignment`), fetched by hash
-    /// and checked. Each shard the round names is read once, whoever shares it, and one is in
-    /// memory at a time.
     fn attach_assigned(&self, candidates: &mut [Candidate], seed: &[u8; 32]) -> Result<()> {
-        let Some(cache) = &self.shards else { return Ok(()) };
-        let mut by_shard: std::collections::BTreeMap<usize, Vec<usize>> = std::collections::BTreeMap::new();
-        for (i, k) in candidates.iter().enumerate() {
-            let d = tessera_protocol::data::data_assignment(&self.run.spec, k.base_round, k.contributor).ok_or_else(
-                || ValidatorError::Bad {
-                    round: k.base_round,
-                    message: format!("no data assignment for contributor {}", k.contributor),
-                },
-            )?;
-            by_shard.entry(cache.train_index(d.shard)?).or_default().push(i);
-        }
-        for (index, sharing) in by_shard {
-            let shard = cache.shard(index)?;
-            for i in sharing {
-                candidates[i].assigned = Some(self.scorer.assigned_tokens(&candidates[i], seed, &shard)?);
-            }
-        }
-        Ok(())
+        attach_assigned(&self.scorer, self.shards.as_ref(), &self.run, candidates, seed)
     }
 
     /// The run has grown: score with its new model from now on.

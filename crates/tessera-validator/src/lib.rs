@@ -12,6 +12,7 @@
 //! the role against a hub over HTTP; [`Scorer`] is the measurement, also used in-process by
 //! `tessera bench arena`.
 
+pub mod audit;
 pub mod client;
 pub mod tee;
 

@@ -80,6 +80,10 @@ enum Command {
     /// A hub's leaderboard: contributors by rating (μ − 3σ), rewards, and who qualified for the
     /// next phase at the phase boundary.
     Leaderboard(cmd::leaderboard::LeaderboardArgs),
+    /// Recompute a published round's scores from its base checkpoint, its revealed seed and its
+    /// submissions (a run started with --publish-submissions), and compare them with what the
+    /// hub published; exits non-zero on any difference.
+    Audit(cmd::audit::AuditArgs),
     /// Train a model (by default `nano` on the embedded synthetic corpus).
     Train(Box<cmd::train::TrainArgs>),
     /// Sample text from a checkpoint with a KV cache.
@@ -122,6 +126,7 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Keygen(args) => cmd::trust::keygen(args),
         Command::Ledger(command) => cmd::trust::ledger(command),
         Command::Leaderboard(args) => cmd::leaderboard::leaderboard(args),
+        Command::Audit(args) => cmd::audit::audit(args),
         Command::Train(args) => cmd::train::train(*args),
         Command::Generate(args) => cmd::train::generate_text(args),
         Command::Serve(args) => cmd::serving::serve(*args),

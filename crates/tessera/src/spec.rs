@@ -154,6 +154,10 @@ pub struct ContestArgs {
     /// keeps contributing to this run.
     #[arg(long)]
     pub promote_at: Option<u64>,
+    /// Publish each round's submissions once the round is published, so anyone can recompute
+    /// its scores with `tessera audit` (unsealed runs).
+    #[arg(long, requires = "scored", conflicts_with = "sealed")]
+    pub publish_submissions: bool,
     /// Seal submissions with HPKE to an attested validator (with --scored): the hub stores
     /// only ciphertext, and the validator settles rounds and signs the reward ledger.
     #[arg(long, requires = "scored")]
@@ -184,6 +188,7 @@ impl ContestArgs {
             score_timeout_ms: (self.score_timeout * 1000.0) as u64,
             promote_top: self.promote_top,
             promote_at: self.promote_at,
+            publish_submissions: self.publish_submissions,
         })
     }
 

@@ -688,6 +688,91 @@ fn a_scored_demo_runs_its_own_validator() {
     assert!(hub.contains("aggregation median, scored"), "{hub}");
 }
 
+/// `tessera audit` recomputes a published round of a run that publishes its submissions: it
+/// agrees with what the validator reported, and once the operator edits a score in its database
+/// it names that submission and exits non-zero.
+#[test]
+fn an_audit_recomputes_a_round_and_catches_a_tampered_score() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let demo = [
+        "demo",
+        "--contributors",
+        "3",
+        "--inner-steps",
+        "3",
+        "--rounds",
+        "2",
+        "--scored",
+        "--publish-submissions",
+        "--eval-windows",
+        "4",
+        "--fit-windows",
+        "4",
+        "--dir",
+        d.to_str().unwrap(),
+    ];
+    let out = Command::new(BIN).args(demo).args(RUN).output().unwrap();
+    assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stderr), logs(d));
+    // The demo's hub has stopped; the run's hub comes back on the same database and store.
+    let port = free_port();
+    let args: Vec<String> = [
+        "hub",
+        "--spec",
+        &d.join("hub.run.toml").display().to_string(),
+        "--database",
+        &format!("sqlite://{}", d.join("hub.db").display()),
+        "--store",
+        &d.join("store").display().to_string(),
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+        "--key",
+        &d.join("hub.key.pem").display().to_string(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let _hub = spawn(&args, &d.join("hub-again.log"));
+    wait_for(port, Duration::from_secs(60), "the hub again", |s| s.finished);
+    let url = format!("http://127.0.0.1:{port}");
+    let audit = |round: &str| {
+        Command::new(BIN).args(["audit", "--hub", &url, "--round", round, "--threads", "1"]).output().unwrap()
+    };
+    let out = audit("1");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(text.matches(" agrees").count(), 3, "{text}");
+    // Round 2 was never opened: a clear refusal.
+    let out = audit("2");
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("not published"));
+
+    // The operator raises one contributor's score in the database.
+    let db = format!("sqlite://{}", d.join("hub.db").display());
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let tampered: i64 = rt.block_on(async {
+        sqlx::any::install_default_drivers();
+        let pool = sqlx::AnyPool::connect(&db).await.unwrap();
+        let row = sqlx::query("SELECT MIN(contributor) FROM scores WHERE round = 1").fetch_one(&pool).await.unwrap();
+        let id: i64 = sqlx::Row::get(&row, 0);
+        sqlx::query("UPDATE scores SET score = score + 0.01 WHERE round = 1 AND contributor = $1")
+            .bind(id)
+            .execute(&pool)
+            .await
+            .unwrap();
+        id
+    });
+    let out = audit("1");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(!out.status.success(), "a tampered score passed the audit:\n{text}");
+    let differs: Vec<&str> = text.lines().filter(|l| l.contains("DIFFERS")).collect();
+    assert_eq!(differs.len(), 1, "{text}");
+    assert!(
+        differs[0].split_whitespace().nth(1) == Some(&tampered.to_string()) && differs[0].contains("score"),
+        "{text}"
+    );
+    assert!(text.contains("rewards: DIFFER"), "{text}");
+}
+
 /// A run that grows: two `tiny` rounds, then the hub grows the model into `nano`'s sizes
 /// (function-preserving) and two more rounds train it. The contributors switch to the new model
 /// on their own, without a restart, and the run finishes on the grown model.

@@ -248,6 +248,33 @@ pub struct ContributorHistory {
     pub rejections: Vec<Rejection>,
 }
 
+/// `GET /v1/rounds/{r}/audit` (signed): what a published round's scores can be recomputed from,
+/// and what it published (`tessera audit`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RoundAudit {
+    pub run_id: String,
+    /// What the validator was given: the round's base checkpoint, its seed (revealed) and the
+    /// seed's commitment, and each submission's assignment, in arrival order.
+    pub job: ScoringJob,
+    /// What the round published for each submission, in the job's order.
+    pub scores: Vec<PublishedScore>,
+    /// Whether anyone may fetch the submissions (`GET /v1/rounds/{r}/submissions/{blob}`).
+    pub submissions_published: bool,
+}
+
+/// One submission's published score, flag, weight and reward.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PublishedScore {
+    pub contributor: u64,
+    pub base_round: u64,
+    pub score: Option<f64>,
+    pub data_fit: Option<f64>,
+    pub fit_factor: Option<f64>,
+    pub flag: Option<String>,
+    pub weight: f64,
+    pub reward: u64,
+}
+
 /// `GET /v1/contributors/{id}/rewards`: how each of a contributor's scored submissions turned
 /// into reward units, recomputed from its round's published rows.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -266,6 +266,11 @@ pub struct ContestSpec {
     /// on after it for everyone else.
     #[serde(default)]
     pub promote_at: Option<u64>,
+    /// Once a round is published, anyone may download its submissions
+    /// (`GET /v1/rounds/{r}/submissions/{blob}`) and recompute its scores (`tessera audit`).
+    /// Unsealed runs only.
+    #[serde(default)]
+    pub publish_submissions: bool,
 }
 
 impl ContestSpec {
@@ -302,6 +307,7 @@ impl Default for ContestSpec {
             score_timeout_ms: 600_000,
             promote_top: 10,
             promote_at: None,
+            publish_submissions: false,
         }
     }
 }
@@ -410,6 +416,9 @@ impl RunSpec {
             t.validate().map_err(|e| format!("trust: {e}"))?;
             if self.contest.is_none() {
                 return Err("sealed submissions need a scored run: only the validator can read them".into());
+            }
+            if self.contest.as_ref().is_some_and(|c| c.publish_submissions) {
+                return Err("a sealed run cannot publish its submissions: the hub holds only ciphertext".into());
             }
         }
         if self.tensors.is_empty() {

@@ -1,6 +1,7 @@
 //! The commands, one module each. They use the shared leaves (`crate::args`, `crate::spec`)
 //! and the library crates, never each other.
 
+pub mod audit;
 pub mod contribute;
 pub mod data;
 pub mod demo;

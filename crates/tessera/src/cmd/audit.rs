@@ -1,0 +1,94 @@
+//! `tessera audit`: recompute a published round's scores and compare them with what the hub
+//! published (`tessera_validator::audit`).
+
+use std::path::PathBuf;
+
+use anyhow::{Result, bail};
+use clap::Args;
+
+use crate::args::{RuntimeArgs, external_data, setup_runtime};
+
+#[derive(Args)]
+pub struct AuditArgs {
+    /// The hub's URL.
+    #[arg(long, default_value = "http://127.0.0.1:7070")]
+    pub hub: String,
+    /// The published round to recompute.
+    #[arg(long)]
+    pub round: u64,
+    /// A published number agrees when the recomputed one lies within ABS + REL × |published|.
+    #[arg(long, value_name = "ABS", default_value_t = 1e-4)]
+    pub tolerance_abs: f64,
+    #[arg(long, value_name = "REL", default_value_t = 1e-2)]
+    pub tolerance_rel: f64,
+    /// Print the whole report as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Training data, for runs that do not use the embedded corpus (must match the run's fingerprint).
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Tokenizer for --data: `char`, `byte` or a tokenizer.json.
+    #[arg(long, default_value = "char")]
+    pub tokenizer: String,
+    /// Runs on a published dataset: where its shards are cached (default: a directory in the
+    /// system's temporary directory named by the dataset).
+    #[arg(long, value_name = "DIR")]
+    pub data_cache: Option<PathBuf>,
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
+}
+
+pub fn audit(args: AuditArgs) -> Result<()> {
+    let ok = |x: f64| x.is_finite() && x >= 0.0;
+    if !ok(args.tolerance_abs) || !ok(args.tolerance_rel) {
+        bail!("--tolerance-abs and --tolerance-rel must be finite and non-negative");
+    }
+    let device = setup_runtime(&args.runtime)?;
+    let data = tessera_validator::client::DataConfig {
+        data: external_data(&args.data, &args.tokenizer)?,
+        cache: args.data_cache.clone(),
+        cache_bytes: 8 << 30,
+    };
+    // The hub's key is pinned on first contact: every later answer must carry its signature.
+    let hub = tessera_client::HubClient::new(args.hub.trim_end_matches('/'))?;
+    let key = tessera_trust::PublicKey::parse(&hub.run()?.hub_key)?;
+    let hub = hub.pinning(key);
+    let tolerance = tessera_validator::audit::Tolerance { absolute: args.tolerance_abs, relative: args.tolerance_rel };
+    eprintln!("tessera audit: recomputing round {} of {} (one validator's work for that round)", args.round, args.hub);
+    let report = tessera_validator::audit::audit(&hub, args.round, &data, device, tolerance)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!("round {}: {} submissions recomputed", report.round, report.submissions.len());
+        println!(
+            "{:>5} {:>6} {:>12} {:>12} {:>12} {:>12}  verdict",
+            "#", "id", "score", "recomputed", "data fit", "recomputed"
+        );
+        let num = |x: Option<f64>| x.map_or("–".into(), |v| format!("{v:.6}"));
+        for (i, c) in report.submissions.iter().enumerate() {
+            println!(
+                "{:>5} {:>6} {:>12} {:>12} {:>12} {:>12}  {}",
+                i,
+                c.published.contributor,
+                num(c.published.score),
+                num(Some(c.recomputed.score)),
+                num(c.published.data_fit),
+                num(c.recomputed.data_fit),
+                if c.problems.is_empty() { "agrees".into() } else { format!("DIFFERS: {}", c.problems.join("; ")) }
+            );
+        }
+        println!(
+            "rewards: {}",
+            if report.rewards_reproduced {
+                "the published rows give the published units"
+            } else {
+                "DIFFER from what the rule gives on the published rows"
+            }
+        );
+    }
+    if !report.agrees() {
+        bail!("round {} does not match what it published", report.round);
+    }
+    eprintln!("tessera audit: round {} agrees with what it published", report.round);
+    Ok(())
+}
