@@ -48,10 +48,16 @@ pub enum Adversary {
     /// victim below the copy threshold (a sparse codec's disguise; only the support gives it
     /// away).
     CopySupport,
+    /// Adapts to the checks: trains a tenth of the inner steps on its own assigned windows (so
+    /// the data-fit check sees its data) and adds the last published round's update, rescaled
+    /// to a pseudo-gradient by the run's outer learning rate — the direction the held-out score
+    /// rewards, at the size of the round's mean, well inside the robust rule's norm bound — for
+    /// a tenth of the work.
+    Adaptive,
 }
 
 impl Adversary {
-    pub const ALL: [Adversary; 14] = [
+    pub const ALL: [Adversary; 15] = [
         Adversary::Nan,
         Adversary::Noise,
         Adversary::SignFlip,
@@ -66,6 +72,7 @@ impl Adversary {
         Adversary::Copy,
         Adversary::CopyNoise,
         Adversary::CopySupport,
+        Adversary::Adaptive,
     ];
 
     pub fn name(&self) -> &'static str {
@@ -84,6 +91,7 @@ impl Adversary {
             Adversary::Copy => "copy",
             Adversary::CopyNoise => "copy-noise",
             Adversary::CopySupport => "copy-support",
+            Adversary::Adaptive => "adaptive",
         }
     }
 
@@ -91,7 +99,7 @@ impl Adversary {
     pub fn inner_steps(&self, h: u64) -> u64 {
         match self {
             Adversary::Zero => 0,
-            Adversary::Lazy => (h / 10).max(1),
+            Adversary::Lazy | Adversary::Adaptive => (h / 10).max(1),
             _ => h,
         }
     }
@@ -101,7 +109,12 @@ impl Adversary {
     pub fn needs_others(&self) -> bool {
         matches!(
             self,
-            Adversary::Alie | Adversary::Ipm | Adversary::Copy | Adversary::CopyNoise | Adversary::CopySupport
+            Adversary::Alie
+                | Adversary::Ipm
+                | Adversary::Copy
+                | Adversary::CopyNoise
+                | Adversary::CopySupport
+                | Adversary::Adaptive
         )
     }
 
@@ -162,6 +175,12 @@ impl Adversary {
                     for (v, &s) in t.iter_mut().zip(src) {
                         *v = s * rand::Rng::random_range(&mut rng, 0.1f32..1.9);
                     }
+                }
+            }
+            Adversary::Adaptive => {
+                let Some(public) = others.first() else { return };
+                for (t, p) in delta.iter_mut().zip(public.iter()) {
+                    t.iter_mut().zip(p).for_each(|(v, p)| *v += p);
                 }
             }
             Adversary::Lazy | Adversary::Stale | Adversary::Replay | Adversary::WrongData => {}
@@ -258,5 +277,9 @@ mod tests {
         let kept = run(Adversary::CopySupport, &[&sparse]);
         assert!(kept[0][0] == 0.0 && kept[0][1] > 0.0 && kept[0][2] < 0.0 && kept != sparse, "{kept:?}");
         assert_eq!(Adversary::Lazy.inner_steps(50), 5);
+        assert_eq!(
+            (Adversary::Adaptive.inner_steps(50), run(Adversary::Adaptive, &[&other])),
+            (5, vec![vec![4.0, -4.0, 4.0]])
+        );
     }
 }

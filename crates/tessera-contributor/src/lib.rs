@@ -677,6 +677,13 @@ impl Contributor {
                 {
                     Some(self.published_update(a.round)?)
                 }
+                // The last update as a pseudo-gradient: divided by the run's outer lr.
+                tessera_contest::Adversary::Adaptive if a.round > 0 => {
+                    let lr = self.run.spec.outer.lr;
+                    let mut u = self.published_update(a.round)?;
+                    u.iter_mut().flatten().for_each(|v| *v /= lr);
+                    Some(u)
+                }
                 _ => None,
             };
             let others: Vec<&[Vec<f32>]> = public.iter().map(Vec::as_slice).collect();

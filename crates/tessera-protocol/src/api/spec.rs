@@ -324,13 +324,16 @@ impl RunSpec {
                     .to_owned(),
             );
         }
-        if self.contest.is_some() && self.trust.is_none() {
-            out.push(
+        if let (Some(c), None) = (&self.contest, &self.trust) {
+            let afterwards = if c.publish_submissions {
+                "anyone can recompute them afterwards from the published submissions (tessera audit)"
+            } else {
+                "this run does not publish its submissions, so only the rewards can be recomputed from them"
+            };
+            out.push(format!(
                 "the scores: the validator is whoever holds the operator's validator token, and its scores are \
-                 taken as reported (each reward can be recomputed from the published scores, not yet the scores \
-                 themselves)"
-                    .to_owned(),
-            );
+                 taken as reported; {afterwards}"
+            ));
         }
         if self.trust.is_none() {
             out.push("the submissions: they are stored in the clear, readable by the operator".to_owned());

@@ -354,9 +354,18 @@ fn run_scenario(
         if diverged {
             break;
         }
-        // The attacks: colluders pool their honest work; copiers take honest contributor 0's.
+        // The attacks: colluders pool their honest work; copiers take honest contributor 0's;
+        // the adaptive attacker the last published update as a pseudo-gradient (÷ outer lr).
         let pool: Vec<Vec<Vec<f32>>> = (honest..n).map(|i| deltas[i].clone()).collect();
         let victim = deltas[0].clone();
+        let public: Option<Vec<Vec<f32>>> = (round > 0).then(|| {
+            let (before, after) = (&history[round as usize - 1].0, &history[round as usize].0);
+            before
+                .iter()
+                .zip(after)
+                .map(|(b, a)| b.iter().zip(a).map(|(b, a)| (b - a) / args.outer_lr).collect())
+                .collect()
+        });
         for i in honest..n {
             if let Some(kind) = kinds[i] {
                 let pooled: Vec<&[Vec<f32>]> = pool.iter().map(Vec::as_slice).collect();
@@ -365,6 +374,7 @@ fn run_scenario(
                     Adversary::Copy | Adversary::CopyNoise => vec![victim.as_slice()],
                     // Tampered below, from the bytes the victim sent.
                     Adversary::CopySupport => continue,
+                    Adversary::Adaptive => public.iter().map(Vec::as_slice).collect(),
                     _ => Vec::new(),
                 };
                 kind.tamper(&mut deltas[i], &others, n, attackers, args.seed ^ (round << 20) ^ i as u64);
