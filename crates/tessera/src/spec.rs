@@ -155,8 +155,8 @@ pub struct ContestArgs {
     #[arg(long)]
     pub promote_at: Option<u64>,
     /// Publish each round's submissions once the round is published, so anyone can recompute
-    /// its scores with `tessera audit` (unsealed runs).
-    #[arg(long, requires = "scored", conflicts_with = "sealed")]
+    /// its scores with `tessera audit` (unsealed runs; a sealed run refuses it at start).
+    #[arg(long, requires = "scored")]
     pub publish_submissions: bool,
     /// Seal submissions with HPKE to an attested validator (with --scored): the hub stores
     /// only ciphertext, and the validator settles rounds and signs the reward ledger.
@@ -535,6 +535,7 @@ mod tests {
         ("score_timeout", "12"),
         ("promote_top", "3"),
         ("promote_at", "5"),
+        ("publish_submissions", ""),
         ("sealed", ""),
         ("sev_snp_measurement", "aa"),
         ("tdx_mrtd", "bb"),
