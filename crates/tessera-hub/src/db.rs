@@ -831,6 +831,14 @@ impl Db {
         row.map(|r| Ok(u(r.try_get("contributor")?))).transpose()
     }
 
+    /// The round whose aggregate included the submission stored as `blob`, if any (one indexed
+    /// lookup).
+    pub async fn blob_round(&self, blob: &str) -> Result<Option<u64>, HubError> {
+        let row =
+            sqlx::query("SELECT round FROM submissions WHERE blob = $1").bind(blob).fetch_optional(&self.pool).await?;
+        row.map(|r| Ok(u(r.try_get("round")?))).transpose()
+    }
+
     /// Round `round`'s evaluation seed and commitment (hex).
     pub async fn eval_seed(&self, round: u64) -> Result<(String, String), HubError> {
         let r = sqlx::query("SELECT eval_seed, eval_commitment FROM rounds WHERE round = $1")

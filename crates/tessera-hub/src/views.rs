@@ -111,10 +111,12 @@ impl Hub {
         let rows = self.db.submissions(Some(round)).await.map_err(internal)?;
         let scores = self.db.round_scores(round).await.map_err(internal)?;
         let h = self.spec().inner_steps;
+        let scores: HashMap<(u64, u64), tessera_round::ScoreRow> =
+            scores.into_iter().map(|s| ((s.contributor, s.base_round), s)).collect();
         let mut published = Vec::with_capacity(rows.len());
         let mut submissions = Vec::with_capacity(rows.len());
         for a in rows {
-            let Some(s) = scores.iter().find(|s| s.contributor == a.contributor && s.base_round == a.base_round) else {
+            let Some(s) = scores.get(&(a.contributor, a.base_round)) else {
                 return Err(api(
                     ErrorCode::Internal,
                     format!("round {round} has no score for contributor {}", a.contributor),
@@ -166,8 +168,7 @@ impl Hub {
             return Err(api(ErrorCode::NotFound, format!("round {round} is not published yet")));
         }
         let key = self.submission_blob_key(blob).await?;
-        let ours = self.db.submissions(Some(round)).await.map_err(internal)?.iter().any(|a| a.blob == blob);
-        if !ours {
+        if self.db.blob_round(blob).await.map_err(internal)? != Some(round) {
             return Err(api(ErrorCode::NotFound, format!("round {round} has no submission {blob}")));
         }
         Ok(key)
