@@ -658,6 +658,15 @@ impl HubClient {
         self.body("submission", r)
     }
 
+    /// Tells the hub this validator cannot score `round`: it is aggregated unscored at once.
+    pub fn post_failure(&self, round: u64, reason: &str) -> Result<()> {
+        let failure = tessera_protocol::api::ScoringFailure { round, reason: reason.to_owned() };
+        let r = self.send("failure", || {
+            self.authorized(self.request(reqwest::Method::POST, "/v1/validator/failed").json(&failure))
+        })?;
+        self.done("failure", r)
+    }
+
     pub fn post_scores(&self, report: &ScoreReport) -> Result<()> {
         let r = self.send("scores", || {
             self.authorized(self.request(reqwest::Method::POST, "/v1/validator/scores").json(report))

@@ -12,7 +12,8 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use tessera_edge::HeldBody;
 use tessera_protocol::api::{
-    DataAssignment, RegisterRequest, ScoreReport, UNSIGNED_INNER_LOSS_HEADER, UploadCommit, UploadRequest, Verdict,
+    DataAssignment, RegisterRequest, ScoreReport, ScoringFailure, UNSIGNED_INNER_LOSS_HEADER, UploadCommit,
+    UploadRequest, Verdict,
 };
 use tessera_protocol::{ApiError, ErrorCode};
 use tessera_trust::identity::HUB_SIGNATURE_HEADER;
@@ -115,6 +116,7 @@ pub fn router(hub: Arc<Hub>) -> Router {
         .route("/v1/validator/job", get(validator_job))
         .route("/v1/validator/submissions/{blob}", get(validator_blob))
         .route("/v1/validator/scores", post(validator_scores))
+        .route("/v1/validator/failed", post(validator_failed))
         .route("/v1/validator", get(validator_info))
         .route("/v1/validator/attestation", post(validator_attestation))
         .route("/v1/validator/aggregate/{round}", post(validator_aggregate))
@@ -582,6 +584,18 @@ async fn validator_scores(
     validator(&hub, &headers)?;
     let report: ScoreReport = validator_json(&hub, &headers, body, REPORT_BODY, "scores").await?;
     hub.post_scores(report).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// The validator cannot score the round waiting for scores.
+async fn validator_failed(
+    State(hub): State<Arc<Hub>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<impl IntoResponse, Refusal> {
+    validator(&hub, &headers)?;
+    let failure: ScoringFailure = validator_json(&hub, &headers, body, SMALL_BODY, "failure").await?;
+    hub.post_failure(failure).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

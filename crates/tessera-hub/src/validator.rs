@@ -83,6 +83,30 @@ impl Hub {
         self.finish(&mut live, Judgement::Scored(&report), &closed_by, Sealed::default()).await.map_err(internal)
     }
 
+    /// The validator cannot score the round waiting for scores: it is aggregated unscored now
+    /// (what its score timeout would do later), its cause recorded in how it closed.
+    pub async fn post_failure(&self, failure: tessera_protocol::api::ScoringFailure) -> Result<(), ApiError> {
+        let mut live = self.live.lock().await;
+        self.sync(&mut live).await.map_err(internal)?;
+        let run = &live.run;
+        if run.closed().is_none() || run.finished() || self.spec().contest.is_none() || failure.round != run.round() {
+            return Err(api(
+                ErrorCode::NotScoring,
+                format!("round {} is not waiting for scores (the run is at round {})", failure.round, run.round()),
+            ));
+        }
+        let reason: String = failure
+            .reason
+            .chars()
+            .filter(|c| !c.is_control())
+            .take(tessera_protocol::api::ScoringFailure::REASON_MAX)
+            .collect();
+        let closed_by = run.closed().map(|c| c.closed_by.clone()).unwrap_or_default();
+        tracing::warn!(round = failure.round, %reason, "the validator could not score the round; aggregating unscored");
+        let closed_by = format!("{closed_by} (validator failed: {reason})");
+        self.finish(&mut live, Judgement::Unscored, &closed_by, Sealed::default()).await.map_err(internal)
+    }
+
     /// A sealed run: the validator's aggregate Δ̄ of the round being scored (an f32 message
     /// whose base is the round's checkpoint). Kept until its verdict arrives.
     pub async fn post_aggregate(&self, round: u64, body: Bytes) -> Result<(), ApiError> {

@@ -664,6 +664,36 @@ fn scores_that_never_come() {
     server.stop();
 }
 
+/// A validator that cannot score a round says so, and the round is aggregated unscored at once
+/// instead of waiting out its score timeout: nobody in it rated, flagged or paid, the cause in
+/// how it closed. Only the validator may say it, and only of the round waiting for scores.
+#[test]
+fn a_failed_validator_ends_its_round_unscored_at_once() {
+    let b = backend("sqlite").unwrap();
+    let contest = ContestSpec { score_timeout_ms: 3_600_000, ..ContestSpec::default() };
+    let server = Server::start(&b, RunSpec { contest: Some(contest), ..spec(2) });
+    let url = server.url.clone();
+    let run = info(&url);
+    let (a, b2) = (Client::register(&url, "a"), Client::register(&url, "b"));
+    a.submit(&run, 0, &run.checkpoint, &delta(0.1)).unwrap();
+    let validator = client(&url).with_validator_token(VALIDATOR);
+    assert!(validator.post_failure(0, "too early").is_err(), "round 0 is still collecting");
+    b2.submit(&run, 0, &run.checkpoint, &delta(0.2)).unwrap();
+    assert_eq!(info(&url).round, 0, "waiting for scores");
+    assert!(client(&url).post_failure(0, "not the validator").is_err(), "no token");
+    assert!(validator.post_failure(1, "wrong round").is_err());
+    validator.post_failure(0, "device lost\u{7}").unwrap();
+    assert_eq!(info(&url).round, 1, "aggregated at once, not after an hour");
+    let history = &status_of(&url).history;
+    let closed_by = history[0].closed_by.clone().unwrap_or_default();
+    assert_eq!(closed_by, "quorum (validator failed: device lost)");
+    let board: Leaderboard = leaderboard(&url);
+    assert!(board.rows.is_empty() && board.unrated.len() == 2, "{board:?}");
+    let e = &client(&url).rewards(a.id, 10).unwrap()[0];
+    assert_eq!((e.flag.as_deref(), e.reward), (Some("unscored"), 0));
+    server.stop();
+}
+
 /// A layer-sharded run: each contributor submits only its fragment (its layers plus the shared
 /// tensors); the whole model is refused; each tensor is averaged over the submissions that
 /// carry it.

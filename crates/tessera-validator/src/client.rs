@@ -288,7 +288,14 @@ impl Validator {
                             metrics::counter!("tessera_validator_rounds_missed_total").increment(1);
                             continue;
                         }
-                        Err(e) => return Err(e),
+                        // Its own failure: the round should not wait out its score timeout for
+                        // scores that will not come (nobody in it is rated or penalised).
+                        Err(e) => {
+                            if let Err(told) = self.hub.post_failure(job.round, &e.to_string()) {
+                                tracing::warn!(round = job.round, error = %told, "could not report the failure");
+                            }
+                            return Err(e);
+                        }
                     };
                     metrics::histogram!("tessera_validator_round_seconds").record(started.elapsed().as_secs_f64());
                     metrics::counter!("tessera_validator_rounds_scored_total").increment(1);

@@ -182,6 +182,20 @@ pub struct ScoreReport {
     pub held_out_loss: Option<f64>,
 }
 
+/// `POST /v1/validator/failed`: the validator cannot score the round waiting for scores (its
+/// own failure: a checkpoint it cannot read, a device error…). The round is aggregated unscored
+/// at once, as if its scores had timed out: nobody in it is rated, flagged or penalised.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ScoringFailure {
+    pub round: u64,
+    /// What went wrong, in words (at most [`ScoringFailure::REASON_MAX`] characters are kept).
+    pub reason: String,
+}
+
+impl ScoringFailure {
+    pub const REASON_MAX: usize = 300;
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct SubmissionScore {
     pub contributor: u64,
