@@ -27,22 +27,7 @@ impl Hub {
         }
         let round = run.round();
         let (eval_seed, eval_commitment) = self.db.eval_seed(round).await?;
-        let h = self.spec().inner_steps;
-        let submissions = run
-            .arrival_order()
-            .into_iter()
-            .map(|r| JobSubmission {
-                contributor: r.contributor,
-                slot: r.contributor,
-                base_round: r.base_round,
-                schedule_step: r.base_round * h,
-                inner_steps: h,
-                weight: r.weight,
-                contributor_key: self.key_of(r.contributor).map(|k| k.hex()).unwrap_or_default(),
-                blob: r.blob,
-                received_ms: r.received_ms,
-            })
-            .collect();
+        let submissions = run.arrival_order().into_iter().map(|r| self.job_submission(r)).collect();
         Ok(Some(ScoringJob {
             round,
             phase: run.phase() as u32,
@@ -51,6 +36,23 @@ impl Hub {
             eval_commitment,
             submissions,
         }))
+    }
+
+    /// An accepted submission as a scoring job lists it: which windows its assignment trained on
+    /// (its slot, and the inner steps of its base round) and whose key signed it.
+    pub(crate) fn job_submission(&self, r: tessera_round::Accepted) -> JobSubmission {
+        let h = self.spec().inner_steps;
+        JobSubmission {
+            contributor: r.contributor,
+            slot: r.contributor,
+            base_round: r.base_round,
+            schedule_step: r.base_round * h,
+            inner_steps: h,
+            weight: r.weight,
+            contributor_key: self.key_of(r.contributor).map(|k| k.hex()).unwrap_or_default(),
+            blob: r.blob,
+            received_ms: r.received_ms,
+        }
     }
 
     /// Where a stored submission's bytes are, for the validator: checked to name a submission

@@ -110,7 +110,6 @@ impl Hub {
         let (eval_seed, eval_commitment) = self.db.eval_seed(round).await.map_err(internal)?;
         let rows = self.db.submissions(Some(round)).await.map_err(internal)?;
         let scores = self.db.round_scores(round).await.map_err(internal)?;
-        let h = self.spec().inner_steps;
         let scores: HashMap<(u64, u64), tessera_round::ScoreRow> =
             scores.into_iter().map(|s| ((s.contributor, s.base_round), s)).collect();
         let mut published = Vec::with_capacity(rows.len());
@@ -132,17 +131,7 @@ impl Hub {
                 weight: s.weight,
                 reward: s.reward,
             });
-            submissions.push(tessera_protocol::api::JobSubmission {
-                contributor: a.contributor,
-                slot: a.contributor,
-                base_round: a.base_round,
-                schedule_step: a.base_round * h,
-                inner_steps: h,
-                weight: a.weight,
-                contributor_key: self.key_of(a.contributor).map(|k| k.hex()).unwrap_or_default(),
-                blob: a.blob,
-                received_ms: a.received_ms,
-            });
+            submissions.push(self.job_submission(a));
         }
         Ok(tessera_protocol::api::RoundAudit {
             run_id: self.run_id().to_owned(),

@@ -56,19 +56,14 @@ pub struct ValidatorConfig {
     pub hub: String,
     pub token: String,
     pub device: Device,
-    /// Training data for runs whose data source is external.
-    pub data: Option<Dataset>,
+    /// Where the scorer's data comes from.
+    pub data: DataConfig,
     /// How often to ask for a job when there is none.
     pub poll: Duration,
     /// How long to keep retrying while the hub is unreachable or failing (5xx).
     pub patience: Duration,
     /// Where a sealed run's attestation comes from (`None`: refuse sealed runs).
     pub attester: Option<crate::tee::Attester>,
-    /// A run on a published dataset: where its shards are cached (`None`: a directory in the
-    /// system's temporary directory named by the dataset) and how many bytes they may take
-    /// there (the least recently used go first).
-    pub data_cache: Option<PathBuf>,
-    pub data_cache_bytes: u64,
 }
 
 /// A sealed run's validator state: keys made here, the ledger as verified, and every
@@ -107,7 +102,8 @@ pub struct DataConfig {
     /// Training data for runs whose data source is external.
     pub data: Option<Dataset>,
     /// A run on a published dataset: where its shards are cached (`None`: a directory in the
-    /// system's temporary directory named by the dataset) and how many bytes they may take.
+    /// system's temporary directory named by the dataset) and how many bytes they may take
+    /// there (the least recently used go first).
     pub cache: Option<PathBuf>,
     pub cache_bytes: u64,
 }
@@ -176,12 +172,7 @@ impl Validator {
         let hub = HubClient::new(&config.hub)?.with_patience(config.patience).with_validator_token(&config.token);
         let run = hub.run()?;
         let hub = hub.pinning(tessera_trust::PublicKey::parse(&run.hub_key)?);
-        let data = DataConfig {
-            data: config.data.clone(),
-            cache: config.data_cache.clone(),
-            cache_bytes: config.data_cache_bytes,
-        };
-        let (scorer, shards) = scorer_for(&run, &data, config.device)?;
+        let (scorer, shards) = scorer_for(&run, &config.data, config.device)?;
         let mut v = Validator { config, hub, run, scorer, sealed: None, shards };
         if v.run.spec.trust.is_some() {
             v.sealed = Some(v.attest()?);

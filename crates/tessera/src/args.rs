@@ -326,3 +326,36 @@ impl EdgeArgs {
         }
     }
 }
+
+/// Where a scorer's data comes from: `tessera validator` and `tessera audit`.
+#[derive(Args, Debug, Clone)]
+pub struct ScoringDataArgs {
+    /// Training data, for runs that do not use the embedded corpus (must match the run's fingerprint).
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Tokenizer for --data: `char`, `byte` or a tokenizer.json.
+    #[arg(long, default_value = "char")]
+    pub tokenizer: String,
+    /// Runs on a published dataset: where its shards are cached (default: a directory in the
+    /// system's temporary directory named by the dataset).
+    #[arg(long, value_name = "DIR")]
+    pub data_cache: Option<PathBuf>,
+    /// Runs on a published dataset: the most disk its cached shards may take (GiB); the least
+    /// recently used go first. Only the validation shards and the shards of the round being
+    /// scored are needed.
+    #[arg(long, value_name = "GIB", default_value_t = 8.0)]
+    pub data_cache_gib: f64,
+}
+
+impl ScoringDataArgs {
+    pub fn config(&self) -> Result<tessera_validator::client::DataConfig> {
+        if !self.data_cache_gib.is_finite() || self.data_cache_gib <= 0.0 {
+            anyhow::bail!("--data-cache-gib must be positive");
+        }
+        Ok(tessera_validator::client::DataConfig {
+            data: external_data(&self.data, &self.tokenizer)?,
+            cache: self.data_cache.clone(),
+            cache_bytes: (self.data_cache_gib * (1u64 << 30) as f64) as u64,
+        })
+    }
+}

@@ -1,12 +1,10 @@
 //! `tessera audit`: recompute a published round's scores and compare them with what the hub
 //! published (`tessera_validator::audit`).
 
-use std::path::PathBuf;
-
 use anyhow::{Result, bail};
 use clap::Args;
 
-use crate::args::{RuntimeArgs, external_data, setup_runtime};
+use crate::args::{RuntimeArgs, ScoringDataArgs, setup_runtime};
 
 #[derive(Args)]
 pub struct AuditArgs {
@@ -19,21 +17,14 @@ pub struct AuditArgs {
     /// A published number agrees when the recomputed one lies within ABS + REL × |published|.
     #[arg(long, value_name = "ABS", default_value_t = 1e-4)]
     pub tolerance_abs: f64,
+    /// The relative part of the tolerance (see --tolerance-abs).
     #[arg(long, value_name = "REL", default_value_t = 1e-2)]
     pub tolerance_rel: f64,
     /// Print the whole report as JSON.
     #[arg(long)]
     pub json: bool,
-    /// Training data, for runs that do not use the embedded corpus (must match the run's fingerprint).
-    #[arg(long)]
-    pub data: Option<PathBuf>,
-    /// Tokenizer for --data: `char`, `byte` or a tokenizer.json.
-    #[arg(long, default_value = "char")]
-    pub tokenizer: String,
-    /// Runs on a published dataset: where its shards are cached (default: a directory in the
-    /// system's temporary directory named by the dataset).
-    #[arg(long, value_name = "DIR")]
-    pub data_cache: Option<PathBuf>,
+    #[command(flatten)]
+    pub data: ScoringDataArgs,
     #[command(flatten)]
     pub runtime: RuntimeArgs,
 }
@@ -43,12 +34,8 @@ pub fn audit(args: AuditArgs) -> Result<()> {
     if !ok(args.tolerance_abs) || !ok(args.tolerance_rel) {
         bail!("--tolerance-abs and --tolerance-rel must be finite and non-negative");
     }
+    let data = args.data.config()?;
     let device = setup_runtime(&args.runtime)?;
-    let data = tessera_validator::client::DataConfig {
-        data: external_data(&args.data, &args.tokenizer)?,
-        cache: args.data_cache.clone(),
-        cache_bytes: 8 << 30,
-    };
     // The hub's key is pinned on first contact: every later answer must carry its signature.
     let hub = tessera_client::HubClient::new(args.hub.trim_end_matches('/'))?;
     let key = tessera_trust::PublicKey::parse(&hub.run()?.hub_key)?;

@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::Args;
 
-use crate::args::{RuntimeArgs, external_data, setup_runtime};
+use crate::args::{RuntimeArgs, ScoringDataArgs, setup_runtime};
 
 #[derive(Args)]
 pub struct ValidateArgs {
@@ -16,21 +16,8 @@ pub struct ValidateArgs {
     /// The token the hub was started with (`tessera hub --validator-token`).
     #[arg(long, env = "TESSERA_VALIDATOR_TOKEN", hide_env_values = true)]
     pub token: String,
-    /// Training data, for runs that do not use the embedded corpus (must match the run's fingerprint).
-    #[arg(long)]
-    pub data: Option<PathBuf>,
-    /// Tokenizer for --data: `char`, `byte` or a tokenizer.json.
-    #[arg(long, default_value = "char")]
-    pub tokenizer: String,
-    /// Runs on a published dataset: where its shards are cached (default: a directory in the
-    /// system's temporary directory named by the dataset).
-    #[arg(long, value_name = "DIR")]
-    pub data_cache: Option<PathBuf>,
-    /// Runs on a published dataset: the most disk its cached shards may take (GiB); the least
-    /// recently used go first. Only the validation shards and the shards of the round being
-    /// scored are needed.
-    #[arg(long, value_name = "GIB", default_value_t = 8.0)]
-    pub data_cache_gib: f64,
+    #[command(flatten)]
+    pub data: ScoringDataArgs,
     /// Stop after scoring this many rounds (default: until the run finishes).
     #[arg(long)]
     pub max_rounds: Option<u64>,
@@ -85,11 +72,8 @@ pub fn validate(args: ValidateArgs) -> Result<()> {
     if let Some(addr) = args.metrics_addr {
         serve_metrics(addr)?;
     }
-    if !args.data_cache_gib.is_finite() || args.data_cache_gib <= 0.0 {
-        anyhow::bail!("--data-cache-gib must be positive");
-    }
+    let data = args.data.config()?;
     let device = setup_runtime(&args.runtime)?;
-    let data = external_data(&args.data, &args.tokenizer)?;
     let config = tessera_validator::client::ValidatorConfig {
         hub: args.hub.trim_end_matches('/').to_owned(),
         token: args.token.clone(),
@@ -97,8 +81,6 @@ pub fn validate(args: ValidateArgs) -> Result<()> {
         data,
         poll: Duration::from_millis(500),
         patience: Duration::from_secs(args.patience),
-        data_cache: args.data_cache.clone(),
-        data_cache_bytes: (args.data_cache_gib * (1u64 << 30) as f64) as u64,
         attester: Some(if args.insecure_dev_tee {
             tracing::warn!("--insecure-dev-tee: attesting with an INSECURE software stand-in, not a TEE");
             tessera_validator::tee::Attester::InsecureDev
