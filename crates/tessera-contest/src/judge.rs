@@ -131,6 +131,13 @@ pub fn fit_factors(history: &[(f64, u64)], now: &[Option<f64>]) -> Vec<f64> {
         .collect()
 }
 
+/// An unflagged submission's relative share of its round's rewards: (score × fit factor)^`power`,
+/// the factor clamped to [0, 1]. The one formula [`judge`] pays by and a published round's rows
+/// are checked against ([`crate::recompute`]).
+pub fn share(score: f64, fit_factor: f64, power: f64) -> f64 {
+    (score * fit_factor.clamp(0.0, 1.0)).powf(power)
+}
+
 /// Judges a round's scored submissions (in arrival order).
 pub fn judge(scored: &[Scored], policy: &Policy) -> Vec<Judged> {
     let mut out: Vec<Judged> = scored
@@ -150,7 +157,7 @@ pub fn judge(scored: &[Scored], policy: &Policy) -> Vec<Judged> {
                 Some(_) => Judged { weight: 0.0, share: 0.0, effective: None, flag },
                 None => Judged {
                     weight: s.weight * fit,
-                    share: (s.score * fit).powf(policy.reward_power),
+                    share: share(s.score, s.fit_factor, policy.reward_power),
                     effective: Some(s.score * fit),
                     flag: None,
                 },

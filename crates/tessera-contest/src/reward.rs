@@ -36,7 +36,7 @@ impl Recorded {
     /// when flagged, unscored or not positive.
     pub fn share(&self, power: f64) -> f64 {
         match (self.score, self.fit_factor) {
-            (Some(s), Some(f)) if !self.flagged && s > 0.0 && f > 0.0 => (s * f.min(1.0)).powf(power),
+            (Some(s), Some(f)) if !self.flagged && s > 0.0 && f > 0.0 => crate::judge::share(s, f, power),
             _ => 0.0,
         }
     }

@@ -541,7 +541,7 @@ impl Hub {
 const UPLOAD_TTL: Duration = Duration::from_secs(3600);
 
 /// A blob's name: 64 lowercase hex digits (its BLAKE3).
-fn blob_name(blob: &str) -> Result<(), ApiError> {
+pub(crate) fn blob_name(blob: &str) -> Result<(), ApiError> {
     if blob.len() == 64 && blob.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
         Ok(())
     } else {

@@ -156,11 +156,11 @@ impl Hub {
         if round >= self.live.lock().await.run.round() {
             return Err(api(ErrorCode::NotFound, format!("round {round} is not published yet")));
         }
-        let key = self.submission_blob_key(blob).await?;
+        crate::intake::blob_name(blob)?;
         if self.db.blob_round(blob).await.map_err(internal)? != Some(round) {
             return Err(api(ErrorCode::NotFound, format!("round {round} has no submission {blob}")));
         }
-        Ok(key)
+        Ok(crate::store::submission_key(blob))
     }
 
     /// A published round's scores, flags, weights and rewards, in arrival order (one indexed

@@ -358,7 +358,8 @@ fn run_scenario(
         // the adaptive attacker the last published update as a pseudo-gradient (÷ outer lr).
         let pool: Vec<Vec<Vec<f32>>> = (honest..n).map(|i| deltas[i].clone()).collect();
         let victim = deltas[0].clone();
-        let public: Option<Vec<Vec<f32>>> = (round > 0).then(|| {
+        let adaptive = kinds.contains(&Some(Adversary::Adaptive));
+        let public: Option<Vec<Vec<f32>>> = (round > 0 && adaptive).then(|| {
             let (before, after) = (&history[round as usize - 1].0, &history[round as usize].0);
             before
                 .iter()
