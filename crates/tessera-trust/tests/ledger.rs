@@ -437,3 +437,26 @@ fn extending_by_nothing_changes_nothing() {
     m.extend(&[]).unwrap();
     assert_eq!(m.bytes(), w.ledger.bytes());
 }
+
+/// A validator fault is the hub's record (it compared the results): counted per validator,
+/// refused from anyone else, and read back as written.
+#[test]
+fn validator_faults_are_signed_by_the_hub_and_counted() {
+    let w = world();
+    let mut l = Ledger::from_bytes(w.ledger.bytes()).unwrap();
+    let fault = Body::ValidatorFault {
+        validator: "v2".into(),
+        task: 7,
+        agreed: vec!["v1".into(), "v3".into()],
+        detail: "submission 3: score 0.5 against 0.01".into(),
+    };
+    let e = l.append(3, 30, true, fault.clone(), &w.validator).unwrap_err();
+    assert_eq!(e.name(), "unknown-signer", "{e}");
+    let bytes = l.append(3, 30, false, fault.clone(), &w.hub).unwrap();
+    assert_eq!(decode_entry(&bytes).unwrap().0.body, fault);
+    assert_eq!(l.faults.get("v2"), Some(&1));
+    let root = Body::Root { size: l.len(), root: l.root() };
+    l.append(3, 31, false, root, &w.hub).unwrap();
+    let again = Ledger::from_bytes(l.bytes()).unwrap();
+    assert_eq!(again.faults, l.faults);
+}

@@ -144,6 +144,10 @@ pub enum Body {
     EpochClose { epoch: u64, revenue: u64, funding_ppm: u32, funding: u64, payable: u64 },
     /// The Merkle root of the first `size` entries (all before this one). Signed by a validator.
     Root { size: u64, root: String },
+    /// A validator's result on a scoring task that the other validators who scored it
+    /// contradicted (a run scored by many validators; the entry's round is the task's round).
+    /// Signed by the hub, which compared them.
+    ValidatorFault { validator: String, task: u32, agreed: Vec<String>, detail: String },
 }
 
 impl Body {
@@ -159,6 +163,7 @@ impl Body {
             Body::Funding { .. } => "funding",
             Body::EpochClose { .. } => "epoch close",
             Body::Root { .. } => "root",
+            Body::ValidatorFault { .. } => "validator fault",
         }
     }
 }
@@ -295,6 +300,8 @@ pub struct Ledger {
     opened: bool,
     /// The funding share the opening entries fixed, if they fixed one.
     pub funding_ppm: Option<u32>,
+    /// Scoring tasks on which each validator (by name) was contradicted by the others.
+    pub faults: BTreeMap<String, u64>,
 }
 
 impl Ledger {
@@ -521,6 +528,10 @@ impl Ledger {
                 // At most the revenue of every epoch, each checked when its usage came in.
                 let total = self.payouts.entry(holder.clone()).or_default();
                 *total = total.saturating_add(*amount);
+            }
+            Body::ValidatorFault { validator, .. } => {
+                by_hub(self)?;
+                *self.faults.entry(validator.clone()).or_default() += 1;
             }
             Body::Root { size, root } => {
                 by_validator(self).or_else(|_| by_hub(self))?;

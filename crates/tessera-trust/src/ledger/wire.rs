@@ -132,6 +132,16 @@ fn encode_body(w: &mut Writer, body: &Body) -> Result<(), String> {
             w.u8(9);
             w.u64(u64::from(*ppm));
         }
+        Body::ValidatorFault { validator, task, agreed, detail } => {
+            w.u8(10);
+            w.bytes(validator.as_bytes());
+            w.u64(u64::from(*task));
+            w.u64(agreed.len() as u64);
+            for a in agreed {
+                w.bytes(a.as_bytes());
+            }
+            w.bytes(detail.as_bytes());
+        }
     }
     Ok(())
 }
@@ -172,6 +182,16 @@ fn decode_body(r: &mut Reader) -> Result<Body, String> {
             payable: r.u64()?,
         },
         9 => Body::Funding { ppm: u32::try_from(r.u64()?).map_err(|_| "funding ppm is over u32".to_string())? },
+        10 => {
+            let validator = r.string()?;
+            let task = u32::try_from(r.u64()?).map_err(|_| "a task number is over u32".to_string())?;
+            let count = r.u64()?;
+            if count > 16 {
+                return Err(format!("a fault agreed by {count} validators; at most 16"));
+            }
+            let agreed = (0..count).map(|_| r.string()).collect::<Result<_, _>>()?;
+            Body::ValidatorFault { validator, task, agreed, detail: r.string()? }
+        }
         k => return Err(format!("unknown entry kind {k}")),
     })
 }
