@@ -19,6 +19,7 @@ pub mod copies;
 pub mod judge;
 pub mod rating;
 pub mod reward;
+pub mod tasks;
 
 pub use adversary::Adversary;
 pub use judge::{Flag, Judged, Policy, Scored, Settlement, fit_factors, judge, settle};

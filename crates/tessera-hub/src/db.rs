@@ -932,6 +932,107 @@ impl Db {
     }
 }
 
+/// A run scored by many validators: the leases and results of the round being scored.
+impl Db {
+    pub async fn leases(&self, round: u64) -> Result<Vec<tessera_round::scoring::Lease>, HubError> {
+        let rows = sqlx::query("SELECT task, validator, until_ms FROM scoring_leases WHERE round = $1")
+            .bind(round as i64)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(tessera_round::scoring::Lease {
+                    task: u32::try_from(r.try_get::<i64, _>("task")?)
+                        .map_err(|_| HubError::Corrupt("a task number beyond u32".into()))?,
+                    validator: r.try_get("validator")?,
+                    until_ms: r.try_get("until_ms")?,
+                })
+            })
+            .collect()
+    }
+
+    /// Gives `task` to `validator` until `until_ms` (a lease it already holds is replaced).
+    pub async fn lease(&self, round: u64, task: u32, validator: &str, until_ms: i64) -> Result<(), HubError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("DELETE FROM scoring_leases WHERE round = $1 AND task = $2 AND validator = $3")
+            .bind(round as i64)
+            .bind(i64::from(task))
+            .bind(validator)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("INSERT INTO scoring_leases (round, task, validator, until_ms) VALUES ($1, $2, $3, $4)")
+            .bind(round as i64)
+            .bind(i64::from(task))
+            .bind(validator)
+            .bind(until_ms)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Ends every lease `validator` holds in `round` (it said it cannot score).
+    pub async fn release(&self, round: u64, validator: &str, now_ms: i64) -> Result<(), HubError> {
+        sqlx::query("UPDATE scoring_leases SET until_ms = $1 WHERE round = $2 AND validator = $3 AND until_ms > $1")
+            .bind(now_ms)
+            .bind(round as i64)
+            .bind(validator)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Which (task, validator) results `round` holds.
+    pub async fn result_keys(&self, round: u64) -> Result<Vec<(u32, String)>, HubError> {
+        let rows = sqlx::query("SELECT task, validator FROM scoring_results WHERE round = $1")
+            .bind(round as i64)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                let task = u32::try_from(r.try_get::<i64, _>("task")?)
+                    .map_err(|_| HubError::Corrupt("a task number beyond u32".into()))?;
+                Ok((task, r.try_get("validator")?))
+            })
+            .collect()
+    }
+
+    /// One stored result: when it came, and the report as posted (JSON).
+    pub async fn task_result(&self, round: u64, task: u32, validator: &str) -> Result<(i64, String), HubError> {
+        let r =
+            sqlx::query("SELECT at_ms, report FROM scoring_results WHERE round = $1 AND task = $2 AND validator = $3")
+                .bind(round as i64)
+                .bind(i64::from(task))
+                .bind(validator)
+                .fetch_one(&self.pool)
+                .await?;
+        Ok((r.try_get("at_ms")?, r.try_get("report")?))
+    }
+
+    /// Stores a result; false when this validator's result on the task is already stored.
+    pub async fn put_result(
+        &self,
+        round: u64,
+        task: u32,
+        validator: &str,
+        at_ms: i64,
+        report: &str,
+    ) -> Result<bool, HubError> {
+        let done = sqlx::query(
+            "INSERT INTO scoring_results (round, task, validator, at_ms, report) VALUES ($1, $2, $3, $4, $5) \
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(round as i64)
+        .bind(i64::from(task))
+        .bind(validator)
+        .bind(at_ms)
+        .bind(report)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+}
+
 fn score_row(r: &sqlx::any::AnyRow) -> Result<ScoreRow, HubError> {
     Ok(ScoreRow {
         contributor: u(r.try_get("contributor")?),
@@ -1017,6 +1118,9 @@ impl Db {
                 .await?;
         }
         insert_ledger(&mut tx, ledger).await?;
+        for table in ["DELETE FROM scoring_leases WHERE round <= $1", "DELETE FROM scoring_results WHERE round <= $1"] {
+            sqlx::query(table).bind(p.round as i64).execute(&mut *tx).await?;
+        }
         if let Some((phase, round)) = p.phase_start {
             sqlx::query("INSERT INTO phase_starts (phase, round) VALUES ($1, $2)")
                 .bind(phase as i64)

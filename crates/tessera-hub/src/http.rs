@@ -547,8 +547,8 @@ async fn eval_seed(State(hub): State<Arc<Hub>>, Path(round): Path<String>) -> Re
     Ok(Json(hub.eval_seed(round).await?))
 }
 
-/// Checks the validator's bearer token.
-fn validator(hub: &Hub, headers: &HeaderMap) -> Result<(), Refusal> {
+/// Checks the validator's bearer token; returns the validator's name.
+fn validator(hub: &Hub, headers: &HeaderMap) -> Result<String, Refusal> {
     let token = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -559,8 +559,8 @@ fn validator(hub: &Hub, headers: &HeaderMap) -> Result<(), Refusal> {
 
 /// The round waiting for scores: 200 with the job, or 204 when there is none.
 async fn validator_job(State(hub): State<Arc<Hub>>, headers: HeaderMap) -> Result<Response, Refusal> {
-    validator(&hub, &headers)?;
-    match hub.scoring_job().await.map_err(|e| refuse(ErrorCode::Internal, e.to_string()))? {
+    let name = validator(&hub, &headers)?;
+    match hub.scoring_job(&name).await.map_err(|e| refuse(ErrorCode::Internal, e.to_string()))? {
         Some(job) => Ok(Json(job).into_response()),
         None => Ok(StatusCode::NO_CONTENT.into_response()),
     }
@@ -581,9 +581,9 @@ async fn validator_scores(
     headers: HeaderMap,
     body: Body,
 ) -> Result<impl IntoResponse, Refusal> {
-    validator(&hub, &headers)?;
+    let name = validator(&hub, &headers)?;
     let report: ScoreReport = validator_json(&hub, &headers, body, REPORT_BODY, "scores").await?;
-    hub.post_scores(report).await?;
+    hub.post_scores(&name, report).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -593,9 +593,9 @@ async fn validator_failed(
     headers: HeaderMap,
     body: Body,
 ) -> Result<impl IntoResponse, Refusal> {
-    validator(&hub, &headers)?;
+    let name = validator(&hub, &headers)?;
     let failure: ScoringFailure = validator_json(&hub, &headers, body, SMALL_BODY, "failure").await?;
-    hub.post_failure(failure).await?;
+    hub.post_failure(&name, failure).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -64,9 +64,14 @@ pub struct HubConfig {
     /// Grows the run's state at a phase boundary. A run with later phases does not open
     /// without one.
     pub grower: Option<Arc<dyn Grower>>,
-    /// The bearer token the validator presents. A scored run without one can take no scores:
-    /// each round is aggregated unscored after its score timeout.
+    /// The bearer token the validator presents (its name: `validator`). A scored run without
+    /// any validator token can take no scores: each round is aggregated unscored after its score
+    /// timeout.
     pub validator_token: Option<String>,
+    /// More validators, each `(name, token)`: a run whose contest splits rounds into tasks
+    /// shares each round among all of them; the name is what leases, results and the ledger's
+    /// fault entries record.
+    pub validator_tokens: Vec<(String, String)>,
     /// Direct uploads above this many bytes go up as a multipart upload of parts of the second
     /// (default [`DIRECT_MULTIPART`]; S3 takes a single PUT of at most 5 GiB, parts of at least
     /// 5 MiB).
@@ -114,6 +119,9 @@ pub(crate) struct Live {
     pub outer: Option<Arc<OuterState>>,
     /// A sealed run's aggregate for the round being scored, from the validator.
     pub sealed_mean: Option<(u64, Vec<Vec<f32>>)>,
+    /// A run scored by many validators: the results of the round being scored read so far
+    /// (each is read from the database once; another replica's are read when first seen).
+    pub task_results: (u64, Vec<tessera_round::scoring::TaskResult>),
 }
 
 /// Contributors' keys, both ways.
@@ -140,8 +148,8 @@ pub struct Hub {
     /// Signs what the hub publishes and its ledger entries.
     pub(crate) identity: Identity,
     pub(crate) grower: Option<Arc<dyn Grower>>,
-    /// BLAKE3 of the validator's bearer token.
-    validator_token: Option<String>,
+    /// Each validator's name and the BLAKE3 of its bearer token.
+    validators: Vec<(String, String)>,
     pub(crate) direct_multipart: (u64, u64),
     pub(crate) aggregate_shards: usize,
     pub(crate) aggregate_memory: usize,
@@ -256,7 +264,17 @@ impl Hub {
         for what in spec.operator_trust() {
             tracing::info!("this run trusts its operator with {what}");
         }
-        if spec.contest.is_some() && config.validator_token.is_none() {
+        let validators: Vec<(String, String)> = config
+            .validator_token
+            .iter()
+            .map(|t| ("validator".to_owned(), token_hash(t)))
+            .chain(config.validator_tokens.iter().map(|(n, t)| (n.clone(), token_hash(t))))
+            .collect();
+        let mut names = std::collections::HashSet::new();
+        if let Some((name, _)) = validators.iter().find(|(n, _)| !names.insert(n.as_str())) {
+            return Err(HubError::Config(format!("two validators are named {name:?}")));
+        }
+        if spec.contest.is_some() && validators.is_empty() {
             tracing::warn!(
                 "a scored run without a validator token: no validator can report, so every round is aggregated \
                  unscored after its score timeout"
@@ -271,12 +289,18 @@ impl Hub {
             store,
             spec,
             run_id: run_id.clone(),
-            live: Mutex::new(Live { run: core, seq, outer: Some(Arc::new(outer)), sealed_mean: None }),
+            live: Mutex::new(Live {
+                run: core,
+                seq,
+                outer: Some(Arc::new(outer)),
+                sealed_mean: None,
+                task_results: (0, Vec::new()),
+            }),
             keys: std::sync::RwLock::new(keys),
             trust: std::sync::RwLock::new(Trust { ledger, validator }),
             identity,
             grower: config.grower,
-            validator_token: config.validator_token.as_deref().map(token_hash),
+            validators,
             direct_multipart: config.direct_multipart.unwrap_or(DIRECT_MULTIPART),
             aggregate_shards: config.aggregate_shards,
             aggregate_memory: config.aggregate_memory.unwrap_or(tessera_aggregate::shard::PIECE_BYTES),
@@ -410,12 +434,21 @@ impl Hub {
         self.identity.sign_hex(&tessera_trust::identity::publication_message_for(blake3_hex))
     }
 
-    pub fn authenticate_validator(&self, token: &str) -> Result<(), ApiError> {
-        match self.validator_token.as_deref() {
-            Some(h) if h == token_hash(token) => Ok(()),
-            Some(_) => Err(api(ErrorCode::Unauthorized, "wrong validator token")),
-            None => Err(api(ErrorCode::Unauthorized, "this hub has no validator token configured")),
+    /// The name of the validator whose bearer token this is.
+    pub fn authenticate_validator(&self, token: &str) -> Result<String, ApiError> {
+        if self.validators.is_empty() {
+            return Err(api(ErrorCode::Unauthorized, "this hub has no validator token configured"));
         }
+        let hash = token_hash(token);
+        match self.validators.iter().find(|(_, h)| *h == hash) {
+            Some((name, _)) => Ok(name.clone()),
+            None => Err(api(ErrorCode::Unauthorized, "wrong validator token")),
+        }
+    }
+
+    /// How many validators this hub serves.
+    pub(crate) fn validator_count(&self) -> usize {
+        self.validators.len()
     }
 
     pub(crate) fn key_of(&self, contributor: u64) -> Option<PublicKey> {

@@ -17,6 +17,7 @@ mod recover;
 mod rounds;
 mod running;
 pub mod store;
+mod tasks;
 mod validator;
 mod views;
 pub mod workers;

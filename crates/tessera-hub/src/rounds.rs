@@ -58,6 +58,10 @@ impl Hub {
         while steps < 2 {
             steps += 1;
             self.sync(&mut live).await?;
+            // A round scored in tasks may settle by waiting (a check nobody delivered).
+            if scored && live.run.closed().is_some() && self.settle_tasks(&mut live).await? {
+                break;
+            }
             match live.run.tick(now_ms()) {
                 Some(Tick::Close(event)) => {
                     let Event::Closed { round, closed } = &event else {

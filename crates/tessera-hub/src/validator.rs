@@ -18,9 +18,13 @@ use crate::store::submission_key;
 impl Hub {
     /// The round waiting for scores, if any: its submissions in arrival order and the revealed
     /// evaluation seed.
-    pub async fn scoring_job(&self) -> Result<Option<ScoringJob>, HubError> {
+    /// In a run scored by many validators: the next task for `validator`, leased to it.
+    pub async fn scoring_job(&self, validator: &str) -> Result<Option<ScoringJob>, HubError> {
         let mut live = self.live.lock().await;
         self.sync(&mut live).await?;
+        if let Some(spec) = self.task_spec().cloned() {
+            return self.task_job(&mut live, validator, &spec).await;
+        }
         let run = &live.run;
         if run.closed().is_none() || run.finished() || self.spec().contest.is_none() {
             return Ok(None);
@@ -35,6 +39,7 @@ impl Hub {
             eval_seed,
             eval_commitment,
             submissions,
+            task: None,
         }))
     }
 
@@ -74,9 +79,12 @@ impl Hub {
     }
 
     /// Takes the validator's scores for the round being scored and publishes it.
-    pub async fn post_scores(&self, report: ScoreReport) -> Result<(), ApiError> {
+    pub async fn post_scores(&self, validator: &str, report: ScoreReport) -> Result<(), ApiError> {
         if self.spec().trust.is_some() {
             return Err(api(ErrorCode::BadRequest, "a sealed run is settled with POST /v1/validator/verdict"));
+        }
+        if self.task_spec().is_some() || report.task.is_some() {
+            return self.post_task_scores(validator, report).await;
         }
         let mut live = self.live.lock().await;
         self.sync(&mut live).await.map_err(internal)?;
@@ -87,7 +95,14 @@ impl Hub {
 
     /// The validator cannot score the round waiting for scores: it is aggregated unscored now
     /// (what its score timeout would do later), its cause recorded in how it closed.
-    pub async fn post_failure(&self, failure: tessera_protocol::api::ScoringFailure) -> Result<(), ApiError> {
+    ///
+    /// In a run scored by many validators, the failing validator's tasks go to the others
+    /// instead; only a hub with no other validator aggregates the round unscored.
+    pub async fn post_failure(
+        &self,
+        validator: &str,
+        failure: tessera_protocol::api::ScoringFailure,
+    ) -> Result<(), ApiError> {
         let mut live = self.live.lock().await;
         self.sync(&mut live).await.map_err(internal)?;
         let run = &live.run;
@@ -103,6 +118,10 @@ impl Hub {
             .filter(|c| !c.is_control())
             .take(tessera_protocol::api::ScoringFailure::REASON_MAX)
             .collect();
+        if self.task_spec().is_some() && self.validator_count() > 1 {
+            tracing::warn!(round = failure.round, validator, %reason, "a validator cannot score; its tasks go to the others");
+            return self.release_tasks(&live, validator).await.map_err(internal);
+        }
         let closed_by = run.closed().map(|c| c.closed_by.clone()).unwrap_or_default();
         tracing::warn!(round = failure.round, %reason, "the validator could not score the round; aggregating unscored");
         let closed_by = format!("{closed_by} (validator failed: {reason})");

@@ -142,6 +142,8 @@ impl Hub {
                 eval_seed,
                 eval_commitment,
                 submissions,
+                // A run scored in tasks: the audit draws them from the seed, as the hub did.
+                task: None,
             },
             scores: published,
             submissions_published: contest.publish_submissions,

@@ -550,6 +550,8 @@ fn scored_rounds(kind: &str) {
         round: 0,
         scores: vec![score(clients[1].id, 0.01), score(clients[0].id, 0.02), score(clients[2].id, -0.5)],
         held_out_loss: Some(2.5),
+        task: None,
+        samples: Vec::new(),
     };
     assert_eq!(post_scores(&url, &report), StatusCode::CONFLICT, "scores out of the job's order");
     report.scores.swap(0, 1);
@@ -691,6 +693,96 @@ fn a_failed_validator_ends_its_round_unscored_at_once() {
     assert!(board.rows.is_empty() && board.unrated.len() == 2, "{board:?}");
     let e = &client(&url).rewards(a.id, 10).unwrap()[0];
     assert_eq!((e.flag.as_deref(), e.reward), (Some("unscored"), 0));
+    server.stop();
+}
+
+/// Many validators share a round: its 16 submissions are split into two tasks, each scored
+/// twice (a double share of 1). One validator takes a task and vanishes: its task goes to the
+/// others once its lease ends. One lies (inflated scores): each time, a third validator agrees
+/// with the honest one, the liar's numbers never reach the round, and each of its
+/// contradicted results is a hub-signed fault entry in the ledger.
+#[test]
+fn many_validators_share_a_round_outvote_a_liar_and_take_over_a_vanished_ones_task() {
+    many_validators("sqlite");
+}
+
+#[test]
+fn many_validators_postgres() {
+    many_validators("postgres");
+}
+
+fn many_validators(kind: &str) {
+    use tessera_protocol::api::TaskSpec;
+    let Some(b) = backend(kind) else { return };
+    let tasks = TaskSpec { size: 8, double_share: 1.0, lease_ms: 400, ..TaskSpec::default() };
+    let contest = ContestSpec { score_timeout_ms: 3_600_000, tasks: Some(tasks), ..ContestSpec::default() };
+    let tokens = [("liar", "tok-liar"), ("b", "tok-b"), ("gone", "tok-gone")];
+    let config = HubConfig {
+        validator_token: Some(VALIDATOR.into()),
+        validator_tokens: tokens.iter().map(|(n, t)| ((*n).into(), (*t).into())).collect(),
+        ..HubConfig::default()
+    };
+    let server = Server::start_with(&b, RunSpec { contest: Some(contest), ..spec(16) }, initial(), config);
+    let url = server.url.clone();
+    let run = info(&url);
+    let clients: Vec<Client> = (0..16).map(|i| Client::register(&url, &format!("c{i}"))).collect();
+    for (i, c) in clients.iter().enumerate() {
+        c.submit(&run, 0, &run.checkpoint, &delta(0.01 * (i + 1) as f32)).unwrap();
+    }
+    let honest = |contributor: u64| 0.001 * contributor as f64;
+    let sample = |contributor: u64| -> Vec<f32> {
+        (0..64u64).map(|k| ((k * 31 + contributor * 17) % 23) as f32 - 11.0).collect()
+    };
+    let report = |job: &ScoringJob, lie: f64| ScoreReport {
+        round: job.round,
+        scores: job
+            .submissions
+            .iter()
+            .map(|s| SubmissionScore {
+                contributor: s.contributor,
+                score: honest(s.contributor) + lie,
+                data_fit: Some(0.0),
+                copy_of: None,
+            })
+            .collect(),
+        held_out_loss: Some(2.0),
+        task: job.task.as_ref().map(|t| t.id),
+        samples: job.submissions.iter().map(|s| tessera_contest::tasks::sample_hex(&sample(s.contributor))).collect(),
+    };
+    let v = |token: &str| client(&url).with_validator_token(token);
+    let gone = v("tok-gone").job().unwrap().expect("a task for the first validator to ask");
+    assert_eq!(gone.task.as_ref().unwrap().tasks, 2);
+    assert_eq!(gone.submissions.len(), 8);
+    // A task run takes no whole-round report, and a task's scores must be its submissions'.
+    let mut whole = report(&gone, 0.0);
+    whole.task = None;
+    assert!(v(VALIDATOR).post_scores(&whole).is_err());
+    let mut short = report(&gone, 0.0);
+    short.scores.pop();
+    short.samples.pop();
+    assert!(v(VALIDATOR).post_scores(&short).is_err());
+    let started = std::time::Instant::now();
+    while info(&url).round == 0 {
+        assert!(started.elapsed() < Duration::from_secs(20), "the round never closed");
+        for (token, lie) in [("tok-liar", 0.5), (VALIDATOR, 0.0), ("tok-b", 0.0)] {
+            if let Some(job) = v(token).job().unwrap() {
+                v(token).post_scores(&report(&job, lie)).unwrap();
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        server.rt.block_on(server.hub.tick()).unwrap();
+    }
+    // The vanished validator's result comes too late: the round has moved on.
+    assert!(v("tok-gone").post_scores(&report(&gone, 0.0)).is_err());
+    for c in &clients {
+        let e = &client(&url).rewards(c.id, 1).unwrap()[0];
+        let off = (e.score.unwrap() - honest(c.id)).abs();
+        assert!(off < 1e-12, "contributor {}: the liar's number reached the round ({:?})", c.id, e.score);
+    }
+    let bytes = client(&url).ledger(0).unwrap();
+    let ledger = tessera_trust::ledger::Ledger::from_bytes(&bytes).unwrap();
+    assert_eq!(ledger.faults.len(), 1, "{:?}", ledger.faults);
+    assert_eq!(ledger.faults.get("liar"), Some(&2), "one fault per task it scored: {:?}", ledger.faults);
     server.stop();
 }
 

@@ -209,6 +209,8 @@ fn sealed_rounds() {
                 .map(|s| SubmissionScore { contributor: s.contributor, score: 0.01, data_fit: None, copy_of: None })
                 .collect(),
             held_out_loss: None,
+            task: None,
+            samples: Vec::new(),
         },
         settled: rewards
             .iter()

@@ -22,6 +22,7 @@
 
 mod admit;
 mod close;
+pub mod scoring;
 mod snapshot;
 
 use std::collections::{BTreeMap, BTreeSet};

@@ -252,6 +252,8 @@ impl Shell {
                         })
                         .collect(),
                     held_out_loss: Some(f64::from(*held_out) / 64.0),
+                    task: None,
+                    samples: Vec::new(),
                 };
                 match self.run.check_report(&report) {
                     Ok(_) => {
@@ -268,7 +270,13 @@ impl Shell {
                     .iter()
                     .map(|r| SubmissionScore { contributor: r.contributor, score: 0.1, data_fit: None, copy_of: None })
                     .collect();
-                let report = ScoreReport { round: self.run.round(), scores, held_out_loss: None };
+                let report = ScoreReport {
+                    round: self.run.round(),
+                    scores,
+                    held_out_loss: None,
+                    task: None,
+                    samples: Vec::new(),
+                };
                 match self.run.check_report(&report) {
                     // Reversed is only the job's order when it has at most one submission (or
                     // one contributor).
@@ -411,6 +419,8 @@ fn the_loss_target_is_the_validators_where_a_validator_exists() {
             round: 0,
             scores: vec![SubmissionScore { contributor: 0, score: 0.1, data_fit: None, copy_of: None }],
             held_out_loss: held_out,
+            task: None,
+            samples: Vec::new(),
         };
         let judgement = if scored { Judgement::Scored(&report) } else { Judgement::Unscored };
         let plan = shell.run.plan(judgement, "quorum").unwrap();

@@ -15,31 +15,12 @@ use tessera_protocol::api::PublishedScore;
 use tessera_protocol::decode_weights;
 
 use crate::client::{DataConfig, ValidatorError, attach_assigned, scorer_for};
-use crate::{Candidate, Scored, revealed_seed};
+use crate::{Candidate, Scored, Scorer, revealed_seed};
+use tessera_contest::copies::find_copies;
+use tessera_contest::tasks::split_round;
+use tessera_protocol::api::TaskSpec;
 
-/// How far a recomputed number may lie from the published one: `absolute + relative × |published|`
-/// (scores are differences of mean losses; another machine's floating point differs a little).
-#[derive(Debug, Clone, Copy)]
-pub struct Tolerance {
-    pub absolute: f64,
-    pub relative: f64,
-}
-
-impl Default for Tolerance {
-    fn default() -> Self {
-        Tolerance { absolute: 1e-4, relative: 1e-2 }
-    }
-}
-
-impl Tolerance {
-    fn agrees(&self, published: Option<f64>, recomputed: Option<f64>) -> bool {
-        match (published, recomputed) {
-            (Some(p), Some(r)) => (p - r).abs() <= self.absolute + self.relative * p.abs(),
-            (None, None) => true,
-            _ => false,
-        }
-    }
-}
+pub use tessera_contest::tasks::Tolerance;
 
 /// One submission: what the round published, what this audit measured, and where they differ.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -106,11 +87,15 @@ pub fn audit(
         candidates.push(Candidate::from_job(s, &bytes, &lengths)?);
     }
     attach_assigned(&scorer, shards.as_ref(), &run, &mut candidates, &seed)?;
-    let measured = scorer.score(&theta, &candidates, &seed)?;
+    let measured =
+        score_round(&mut scorer, &theta, candidates, &seed, contest.tasks.as_ref()).map_err(|e| match e {
+            ValidatorError::Bad { message, .. } => bad(message),
+            e => e,
+        })?;
     let submissions = audit
         .scores
         .iter()
-        .zip(measured.scored)
+        .zip(measured)
         .map(|(published, recomputed)| {
             let mut problems = Vec::new();
             let copy = published.flag.as_deref() == Some("copy");
@@ -146,4 +131,36 @@ pub fn audit(
     let (_, split) = recompute(&rows, contest.reward_power, contest.reward_units);
     let rewards_reproduced = audit.scores.iter().map(|s| s.reward).eq(split);
     Ok(AuditReport { round, submissions, rewards_reproduced })
+}
+
+/// A round's scores as its validators measured them: whole, or (a run scored in tasks) task by
+/// task, each task a round of its own, with copies looked for across the round on the tasks'
+/// copy samples, as the hub combines them.
+fn score_round(
+    scorer: &mut Scorer,
+    theta: &[Vec<f32>],
+    candidates: Vec<Candidate>,
+    seed: &[u8; 32],
+    tasks: Option<&TaskSpec>,
+) -> Result<Vec<Scored>, ValidatorError> {
+    let Some(spec) = tasks else { return Ok(scorer.score(theta, &candidates, seed)?.scored) };
+    let n = candidates.len();
+    let mut left: Vec<Option<Candidate>> = candidates.into_iter().map(Some).collect();
+    let mut scored: Vec<Option<Scored>> = vec![None; n];
+    let mut samples: Vec<Vec<f32>> = vec![Vec::new(); n];
+    for task in split_round(seed, n, spec.size as usize, spec.double_share) {
+        let mine: Vec<Candidate> = task.positions.iter().filter_map(|&p| left[p as usize].take()).collect();
+        let r = scorer.score(theta, &mine, seed)?;
+        for ((&p, s), sample) in task.positions.iter().zip(r.scored).zip(r.samples) {
+            scored[p as usize] = Some(s);
+            samples[p as usize] = sample;
+        }
+    }
+    let (copy_of, _) = find_copies(&samples);
+    scored
+        .into_iter()
+        .zip(copy_of)
+        .map(|(s, copy)| s.map(|s| Scored { copy_of: copy, ..s }))
+        .collect::<Option<Vec<_>>>()
+        .ok_or_else(|| ValidatorError::Bad { round: 0, message: "a task left a submission unscored".into() })
 }

@@ -80,6 +80,8 @@ struct Sealed {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct RoundScored {
     pub round: u64,
+    /// A run scored in tasks: the task scored.
+    pub task: Option<u32>,
     pub submissions: usize,
     pub copies: usize,
     pub best: Option<f64>,
@@ -274,7 +276,13 @@ impl Validator {
                         // The round moved on while it was being scored (aggregated unscored
                         // past its score timeout, say while this validator was down): its
                         // scores are of no use now, and the next round's are.
-                        Err(ValidatorError::Hub(e)) if e.code() == Some(tessera_protocol::ErrorCode::NotScoring) => {
+                        // So did a task that others settled meanwhile.
+                        Err(ValidatorError::Hub(e))
+                            if matches!(
+                                e.code(),
+                                Some(tessera_protocol::ErrorCode::NotScoring | tessera_protocol::ErrorCode::Duplicate)
+                            ) =>
+                        {
                             tracing::warn!(round = job.round, error = %e, "the round moved on before its scores arrived");
                             metrics::counter!("tessera_validator_rounds_missed_total").increment(1);
                             continue;
@@ -330,14 +338,19 @@ impl Validator {
             candidates.push(Candidate::from_job(s, &bytes, &lengths)?);
         }
         self.attach_assigned(&mut candidates, &seed)?;
-        let crate::RoundScores { scored: scores, held_out_loss, cost } =
+        let crate::RoundScores { scored: scores, held_out_loss, cost, samples } =
             self.scorer.score(&theta, &candidates, &seed)?;
-        let report = crate::report(round, &scores, Some(held_out_loss));
+        let mut report = crate::report(round, &scores, Some(held_out_loss));
+        if let Some(task) = &job.task {
+            report.task = Some(task.id);
+            report.samples = samples.iter().map(|s| tessera_contest::tasks::sample_hex(s)).collect();
+        }
         let started = Instant::now();
         self.hub.post_scores(&report)?;
         tracing::debug!(round, post_s = started.elapsed().as_secs_f64(), "scores reported");
         Ok(RoundScored {
             round,
+            task: job.task.as_ref().map(|t| t.id),
             submissions: scores.len(),
             copies: scores.iter().filter(|s| s.copy_of.is_some()).count(),
             best: scores.iter().map(|s| s.score).reduce(f64::max),
@@ -482,6 +495,7 @@ impl Validator {
         }
         Ok(RoundScored {
             round,
+            task: None,
             submissions: scored.len(),
             copies: scored.iter().filter(|s| s.copy_of.is_some()).count(),
             best: scored.iter().map(|s| s.score).reduce(f64::max),

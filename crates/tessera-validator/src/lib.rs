@@ -116,6 +116,8 @@ pub fn revealed_seed(job: &tessera_protocol::api::ScoringJob) -> Result<[u8; 32]
 pub fn report(round: u64, scores: &[Scored], held_out_loss: Option<f64>) -> tessera_protocol::api::ScoreReport {
     tessera_protocol::api::ScoreReport {
         round,
+        task: None,
+        samples: Vec::new(),
         held_out_loss: held_out_loss.filter(|l| l.is_finite()),
         scores: scores
             .iter()
@@ -145,6 +147,9 @@ pub struct RoundScores {
     /// submission is applied).
     pub held_out_loss: f64,
     pub cost: ScoreCost,
+    /// Each candidate's copy sample as a task's report carries it
+    /// (`tessera_contest::tasks::cross_sample`), for finding copies across tasks.
+    pub samples: Vec<Vec<f32>>,
 }
 
 pub struct Scorer {
@@ -318,7 +323,8 @@ impl Scorer {
             })
             .collect();
         let cost = ScoreCost { windows_forward: forward, seconds: started.elapsed().as_secs_f64() };
-        Ok(RoundScores { scored: out, held_out_loss: before_eval, cost })
+        let samples = samples.iter().map(|s| tessera_contest::tasks::cross_sample(s)).collect();
+        Ok(RoundScores { scored: out, held_out_loss: before_eval, cost, samples })
     }
 
     /// A seeded sample of the windows `k`'s assignment trained on: random (step, position)

@@ -76,7 +76,7 @@ fn scores_fits_and_copies() {
         Scorer::new(inner(0), &config, dataset.clone(), Device::Cpu, ScoreConfig { eval_windows: 16, fit_windows: 16 })
             .unwrap();
     let seed = [3u8; 32];
-    let tessera_validator::RoundScores { scored: scores, cost, held_out_loss } =
+    let tessera_validator::RoundScores { scored: scores, cost, held_out_loss, .. } =
         scorer.score(&theta, &candidates, &seed).unwrap();
     assert!(held_out_loss.is_finite() && held_out_loss > 0.0);
     assert!(cost.windows_forward > 0);

@@ -158,6 +158,25 @@ pub struct ContestArgs {
     /// its scores with `tessera audit` (unsealed runs; a sealed run refuses it at start).
     #[arg(long, requires = "scored")]
     pub publish_submissions: bool,
+    /// Share each round's scoring among many validators (the hub's --validator-tokens): split
+    /// its submissions into tasks of at most N (at least 8), each scored by whichever validator
+    /// asks next, so the work per validator stays bounded as contributors grow.
+    #[arg(long, value_name = "N", requires = "scored")]
+    pub task_size: Option<u32>,
+    /// With --task-size: the share of tasks (drawn from the revealed seed) a second validator
+    /// scores too; a disagreement goes to a third, and the validator the two others contradict
+    /// is recorded in the ledger.
+    #[arg(long, value_name = "SHARE", default_value_t = 0.1)]
+    pub double_share: f64,
+    /// With --task-size: seconds a validator holds a task before it goes to the next one that
+    /// asks (a validator that vanished loses its tasks after this long).
+    #[arg(long, value_name = "SECS", default_value_t = 120.0)]
+    pub task_lease: f64,
+    /// With --task-size: two validators' numbers agree within `ABS + REL × |first|`.
+    #[arg(long, value_name = "ABS", default_value_t = 1e-4)]
+    pub agree_abs: f64,
+    #[arg(long, value_name = "REL", default_value_t = 1e-2)]
+    pub agree_rel: f64,
     /// Seal submissions with HPKE to an attested validator (with --scored): the hub stores
     /// only ciphertext, and the validator settles rounds and signs the reward ledger.
     #[arg(long, requires = "scored")]
@@ -189,6 +208,13 @@ impl ContestArgs {
             promote_top: self.promote_top,
             promote_at: self.promote_at,
             publish_submissions: self.publish_submissions,
+            tasks: self.task_size.map(|size| tessera_protocol::api::TaskSpec {
+                size,
+                double_share: self.double_share,
+                lease_ms: (self.task_lease * 1000.0) as u64,
+                tolerance_abs: self.agree_abs,
+                tolerance_rel: self.agree_rel,
+            }),
         })
     }
 
@@ -536,6 +562,11 @@ mod tests {
         ("promote_top", "3"),
         ("promote_at", "5"),
         ("publish_submissions", ""),
+        ("task_size", "16"),
+        ("double_share", "0.25"),
+        ("task_lease", "30"),
+        ("agree_abs", "0.001"),
+        ("agree_rel", "0.05"),
         ("sealed", ""),
         ("sev_snp_measurement", "aa"),
         ("tdx_mrtd", "bb"),

@@ -773,6 +773,89 @@ fn an_audit_recomputes_a_round_and_catches_a_tampered_score() {
     assert!(text.contains("rewards: DIFFER"), "{text}");
 }
 
+/// Three real validators share a round scored in tasks: nine contributors' submissions are split
+/// into two tasks, every task scored twice (double share 1), by different validators, which
+/// agree (the same computation); the round publishes no fault. `tessera audit` then recomputes
+/// the round task by task and agrees with it.
+#[test]
+fn three_validators_share_rounds_in_tasks_and_the_audit_recomputes_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let demo = [
+        "demo",
+        "--contributors",
+        "9",
+        "--validators",
+        "3",
+        "--quorum",
+        "9",
+        "--inner-steps",
+        "2",
+        "--rounds",
+        "1",
+        "--scored",
+        "--task-size",
+        "8",
+        "--double-share",
+        "1",
+        "--publish-submissions",
+        "--eval-windows",
+        "2",
+        "--fit-windows",
+        "2",
+        "--dir",
+        d.to_str().unwrap(),
+    ];
+    let out = Command::new(BIN).args(demo).args(RUN).output().unwrap();
+    assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stderr), logs(d));
+    // Each validator prints a line per task it scored: `round    0, task T: …`.
+    let mut by_task: std::collections::BTreeMap<String, Vec<&str>> = Default::default();
+    let texts: Vec<(&str, String)> =
+        [("validator", "validator.log"), ("v2", "validator-v2.log"), ("v3", "validator-v3.log")]
+            .iter()
+            .map(|(name, log)| (*name, std::fs::read_to_string(d.join(log)).unwrap()))
+            .collect();
+    for (name, text) in &texts {
+        for line in text.lines().filter(|l| l.starts_with("round    0, task ")) {
+            let task = line.split(", task ").nth(1).and_then(|t| t.split(':').next()).unwrap_or_default();
+            by_task.entry(task.to_owned()).or_default().push(name);
+        }
+    }
+    assert_eq!(by_task.len(), 2, "two tasks: {by_task:?}\n{}", logs(d));
+    for (task, by) in &by_task {
+        assert_eq!(by.len(), 2, "task {task} scored twice, by two validators: {by:?}");
+        assert_ne!(by[0], by[1]);
+    }
+    // The run's hub again, on the same database and store, for the audit.
+    let port = free_port();
+    let args: Vec<String> = [
+        "hub",
+        "--spec",
+        &d.join("hub.run.toml").display().to_string(),
+        "--database",
+        &format!("sqlite://{}", d.join("hub.db").display()),
+        "--store",
+        &d.join("store").display().to_string(),
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+        "--key",
+        &d.join("hub.key.pem").display().to_string(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let _hub = spawn(&args, &d.join("hub-again.log"));
+    wait_for(port, Duration::from_secs(60), "the hub again", |s| s.finished);
+    let url = format!("http://127.0.0.1:{port}");
+    let out = Command::new(BIN).args(["audit", "--hub", &url, "--round", "0", "--threads", "1"]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(text.matches(" agrees").count(), 9, "{text}");
+    // Honest validators agree: no fault in the ledger.
+    let ledger = tessera_trust::ledger::Ledger::from_bytes(&client(port).ledger(0).unwrap()).unwrap();
+    assert!(ledger.faults.is_empty(), "{:?}", ledger.faults);
+}
+
 /// A run that grows: two `tiny` rounds, then the hub grows the model into `nano`'s sizes
 /// (function-preserving) and two more rounds train it. The contributors switch to the new model
 /// on their own, without a restart, and the run finishes on the grown model.

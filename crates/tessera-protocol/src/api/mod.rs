@@ -139,8 +139,23 @@ pub struct ScoringJob {
     /// round's assignments; a validator checks one against the other.
     pub eval_seed: String,
     pub eval_commitment: String,
-    /// In arrival order.
+    /// In arrival order: the round's, or (a run scored by many validators) its task's.
     pub submissions: Vec<JobSubmission>,
+    /// A run scored by many validators: the task this validator holds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task: Option<TaskJob>,
+}
+
+/// One task of a round's scoring (`tessera_contest::tasks`), held by the validator it was given
+/// to until `lease_until_ms`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskJob {
+    pub id: u32,
+    /// Tasks in the round.
+    pub tasks: u32,
+    /// Its submissions' positions in the round's arrival order.
+    pub positions: Vec<u32>,
+    pub lease_until_ms: i64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -180,6 +195,13 @@ pub struct ScoreReport {
     /// contributors report about themselves.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub held_out_loss: Option<f64>,
+    /// A run scored by many validators: the task these scores are for (`scores` in its order)…
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task: Option<u32>,
+    /// …and each submission's copy sample (`tessera_contest::tasks::cross_sample`), hex of
+    /// little-endian f32s, for finding copies across tasks.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub samples: Vec<String>,
 }
 
 /// `POST /v1/validator/failed`: the validator cannot score the round waiting for scores (its

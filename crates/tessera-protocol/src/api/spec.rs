@@ -271,6 +271,53 @@ pub struct ContestSpec {
     /// Unsealed runs only.
     #[serde(default)]
     pub publish_submissions: bool,
+    /// Many validators: each round's submissions are split into scoring tasks, any validator
+    /// takes one at a time, and a share of them is scored twice. `None`: one validator scores
+    /// every round whole.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tasks: Option<TaskSpec>,
+}
+
+/// How a round's scoring is shared among validators (`tessera_contest::tasks`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskSpec {
+    /// Submissions per task, at most (tasks are of near-equal size, at least 8).
+    pub size: u32,
+    /// Share of the tasks (drawn from the revealed seed) scored by a second validator; a
+    /// disagreement beyond the tolerance goes to a third, and the validator the other two
+    /// contradict is recorded in the ledger.
+    pub double_share: f64,
+    /// A validator holds a task this long; a task whose holder has not reported by then goes
+    /// to the next validator that asks.
+    pub lease_ms: u64,
+    /// Two results agree when every number differs by at most `absolute + relative × |first|`.
+    pub tolerance_abs: f64,
+    pub tolerance_rel: f64,
+}
+
+impl Default for TaskSpec {
+    fn default() -> Self {
+        TaskSpec { size: 32, double_share: 0.1, lease_ms: 120_000, tolerance_abs: 1e-4, tolerance_rel: 1e-2 }
+    }
+}
+
+impl TaskSpec {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.size < 8 {
+            return Err(format!("tasks of {} submissions: at least 8 (the data-fit check needs controls)", self.size));
+        }
+        if !(0.0..=1.0).contains(&self.double_share) {
+            return Err(format!("a double-scored share of {} is not in [0, 1]", self.double_share));
+        }
+        if self.lease_ms == 0 {
+            return Err("a task lease must be positive".into());
+        }
+        let ok = |t: f64| t.is_finite() && t >= 0.0;
+        if !ok(self.tolerance_abs) || !ok(self.tolerance_rel) {
+            return Err("tolerances must be finite and non-negative".into());
+        }
+        Ok(())
+    }
 }
 
 impl ContestSpec {
@@ -292,6 +339,9 @@ impl ContestSpec {
         if self.eval_windows > 4096 || self.fit_windows > 4096 {
             return Err("at most 4096 evaluation or data-fit windows".into());
         }
+        if let Some(t) = &self.tasks {
+            t.validate().map_err(|e| format!("tasks: {e}"))?;
+        }
         Ok(())
     }
 }
@@ -308,6 +358,7 @@ impl Default for ContestSpec {
             promote_top: 10,
             promote_at: None,
             publish_submissions: false,
+            tasks: None,
         }
     }
 }
@@ -422,6 +473,13 @@ impl RunSpec {
             }
             if self.contest.as_ref().is_some_and(|c| c.publish_submissions) {
                 return Err("a sealed run cannot publish its submissions: the hub holds only ciphertext".into());
+            }
+            if self.contest.as_ref().is_some_and(|c| c.tasks.is_some()) {
+                return Err(
+                    "a sealed run is scored by its one attested validator: its submissions are sealed to that \
+                     validator's key, so they cannot be split among several"
+                        .into(),
+                );
             }
         }
         if self.tensors.is_empty() {

@@ -444,7 +444,7 @@ fn run_scenario(
         // The deadline (0 ms after the first submission) has passed: close, score, publish.
         rt.block_on(hub.tick())?;
         if sc.scored {
-            let job = rt.block_on(hub.scoring_job())?.context("a scored round did not wait for scores")?;
+            let job = rt.block_on(hub.scoring_job("validator"))?.context("a scored round did not wait for scores")?;
             let seed = tessera_validator::revealed_seed(&job).map_err(anyhow::Error::msg)?;
             let mut candidates = Vec::with_capacity(job.submissions.len());
             for s in &job.submissions {
@@ -452,7 +452,7 @@ fn run_scenario(
                 candidates.push(Candidate::from_job(s, &bytes, &lengths)?);
             }
             let base = &history[round as usize].0;
-            let tessera_validator::RoundScores { scored: scores, held_out_loss, cost } =
+            let tessera_validator::RoundScores { scored: scores, held_out_loss, cost, .. } =
                 scorer.score(base, &candidates, &seed)?;
             for s in &scores {
                 let side = if attacker_ids_now.contains(&s.contributor) { 1 } else { 0 };
@@ -466,7 +466,7 @@ fn run_scenario(
             score_windows += cost.windows_forward;
             scored_subs += candidates.len() as u64;
             let report = tessera_validator::report(job.round, &scores, Some(held_out_loss));
-            rt.block_on(hub.post_scores(report)).map_err(anyhow::Error::msg)?;
+            rt.block_on(hub.post_scores("validator", report)).map_err(anyhow::Error::msg)?;
             for row in rt.block_on(hub.round_scores(round))? {
                 let side = usize::from(attacker_ids_now.contains(&row.contributor));
                 scored_by_side[side] += 1;

@@ -48,6 +48,11 @@ pub struct DemoArgs {
     /// Each contributor downloads no faster than this (`contribute --max-download-mbps`).
     #[arg(long, value_name = "MBPS")]
     pub max_download_mbps: Option<f64>,
+    /// Validator processes in a scored demo. More than one shares each round among them when
+    /// the run is scored in tasks (--task-size); the others are named `v2`, `v3`, … in the
+    /// hub's log and the ledger.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub validators: usize,
     #[command(flatten)]
     pub run: RunArgs,
 }
@@ -179,7 +184,7 @@ pub fn run_swarm(args: &DemoArgs) -> Result<SwarmRun> {
             || name == "store"
             || name.starts_with("contributor-")
             || name == "final"
-            || name == "validator.log"
+            || name.starts_with("validator")
             || name == "dataset"
         {
             if p.is_dir() { std::fs::remove_dir_all(&p)? } else { std::fs::remove_file(&p)? }
@@ -197,12 +202,25 @@ pub fn run_swarm(args: &DemoArgs) -> Result<SwarmRun> {
     let addr_file = dir.join("hub.addr");
     let spec_file = dir.join("hub.run.toml");
     run.write(&spec_file)?;
-    let hub_args = hub_command(dir, &spec_file, &addr_file);
-    // A scored demo runs a validator too; its token goes to both through the environment.
-    let mut raw = [0u8; 32];
-    getrandom::fill(&mut raw).map_err(|e| anyhow::anyhow!("no randomness for the validator token: {e}"))?;
-    let token = hex::encode(raw);
+    let mut hub_args = hub_command(dir, &spec_file, &addr_file);
+    // A scored demo runs validators too; the first one's token goes to the hub through the
+    // environment, the others' in an owner-only file.
+    let fresh = || -> Result<String> {
+        let mut raw = [0u8; 32];
+        getrandom::fill(&mut raw).map_err(|e| anyhow::anyhow!("no randomness for a validator token: {e}"))?;
+        Ok(hex::encode(raw))
+    };
+    let token = fresh()?;
     let secret = [("TESSERA_VALIDATOR_TOKEN", token.as_str())];
+    let mut tokens = vec![token.clone()];
+    if args.validators > 1 {
+        let more: Vec<String> = (1..args.validators).map(|_| fresh()).collect::<Result<_>>()?;
+        let file = dir.join("validator-tokens");
+        let lines: String = more.iter().enumerate().map(|(i, t)| format!("v{} {t}\n", i + 2)).collect();
+        write_private(&file, &lines)?;
+        hub_args.extend(["--validator-tokens".into(), file.display().to_string()]);
+        tokens.extend(more);
+    }
     let mut hub = Proc::spawn_with("hub", dir.join("hub.log"), &hub_args, &secret)?;
     let start = Instant::now();
     let addr = loop {
@@ -248,7 +266,8 @@ pub fn run_swarm(args: &DemoArgs) -> Result<SwarmRun> {
         }
         workers.push(Proc::spawn(&name, dir.join(format!("{name}.log")), &a)?);
     }
-    let _validator = if run.contest.scored {
+    let mut validators = Vec::new();
+    for (i, token) in tokens.iter().enumerate().take(if run.contest.scored { args.validators.max(1) } else { 0 }) {
         let mut a: Vec<String> =
             vec!["validator".into(), "--hub".into(), url.clone(), "--threads".into(), threads.to_string()];
         if run.contest.insecure_dev_tee {
@@ -257,10 +276,14 @@ pub fn run_swarm(args: &DemoArgs) -> Result<SwarmRun> {
         if let Some(d) = external(&run.data.data) {
             a.extend(["--data".into(), d.display().to_string(), "--tokenizer".into(), run.data.tokenizer.clone()]);
         }
-        Some(Proc::spawn_with("validator", dir.join("validator.log"), &a, &secret)?)
-    } else {
-        None
-    };
+        let (name, log) = if i == 0 {
+            ("validator".to_owned(), "validator.log".to_owned())
+        } else {
+            (format!("v{}", i + 1), format!("validator-v{}.log", i + 1))
+        };
+        let env = [("TESSERA_VALIDATOR_TOKEN", token.as_str())];
+        validators.push(Proc::spawn_with(&name, dir.join(log), &a, &env)?);
+    }
 
     let hub_client = tessera_client::HubClient::with_timeout(&url, Duration::from_secs(30))?;
     let bar = indicatif::ProgressBar::new(run.rounds);
@@ -465,4 +488,15 @@ fn summary(info: &RunInfo, status: &HubStatus, eval: &EvalStats, elapsed: f64, f
 /// dataset (a manifest directory or URL) they fetch themselves, a shard at a time.
 fn external(data: &Option<std::path::PathBuf>) -> Option<&std::path::PathBuf> {
     data.as_ref().filter(|d| !crate::args::is_url(d) && !tessera_data::Dataset::is_manifest(d))
+}
+
+/// Writes `text` to `path`, readable by its owner only (it holds secrets).
+fn write_private(path: &std::path::Path, text: &str) -> Result<()> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut f = options.open(path).with_context(|| format!("create {}", path.display()))?;
+    f.write_all(text.as_bytes()).with_context(|| format!("write {}", path.display()))
 }

@@ -48,6 +48,12 @@ pub struct HubArgs {
     /// The bearer token `tessera validator` must present (scored runs).
     #[arg(long, env = "TESSERA_VALIDATOR_TOKEN", hide_env_values = true)]
     pub validator_token: Option<String>,
+    /// More validators, one per line of FILE: `NAME TOKEN` (blank lines and `#` comments
+    /// skipped). A run scored in tasks (--task-size) shares each round among all of them; the
+    /// name is what the hub's log and the ledger's fault entries call it. --validator-token
+    /// is the validator named `validator`.
+    #[arg(long, value_name = "FILE")]
+    pub validator_tokens: Option<PathBuf>,
     /// The hub's Ed25519 key (created, owner-only, if missing): it signs the run's ledger
     /// genesis, assignments and run info. A run must be served with the key it was created with.
     #[arg(long, default_value = "runs/hub/hub-key.pem")]
@@ -189,6 +195,10 @@ pub fn hub(args: HubArgs) -> Result<()> {
         let config = HubConfig {
             grower: Some(std::sync::Arc::new(tessera_train::TorchGrower)),
             validator_token: args.validator_token.clone(),
+            validator_tokens: match &args.validator_tokens {
+                Some(path) => read_validator_tokens(path)?,
+                None => Vec::new(),
+            },
             direct_multipart: None,
             aggregate_shards: args.aggregate_shards,
             aggregate_memory: Some(args.aggregate_memory.saturating_mul(1 << 20)),
@@ -251,4 +261,22 @@ pub fn hub(args: HubArgs) -> Result<()> {
         .await?;
         Ok(())
     })
+}
+
+/// `NAME TOKEN` per line; blank lines and `#` comments skipped.
+fn read_validator_tokens(path: &std::path::Path) -> Result<Vec<(String, String)>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("read validator tokens {}", path.display()))?;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let mut words = line.split_whitespace();
+        match (words.next(), words.next(), words.next()) {
+            (Some(name), Some(token), None) => out.push((name.to_owned(), token.to_owned())),
+            _ => bail!("{} line {}: expected `NAME TOKEN`", path.display(), i + 1),
+        }
+    }
+    Ok(out)
 }

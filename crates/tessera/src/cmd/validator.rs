@@ -18,7 +18,8 @@ pub struct ValidateArgs {
     pub token: String,
     #[command(flatten)]
     pub data: ScoringDataArgs,
-    /// Stop after scoring this many rounds (default: until the run finishes).
+    /// Stop after scoring this many rounds, or tasks in a run scored by many validators
+    /// (default: until the run finishes).
     #[arg(long)]
     pub max_rounds: Option<u64>,
     /// Keep retrying an unreachable hub for this many seconds.
@@ -98,8 +99,9 @@ pub fn validate(args: ValidateArgs) -> Result<()> {
         None => eprintln!("tessera validator: scoring rounds of {} as they close", args.hub),
     }
     let rounds = validator.run(args.max_rounds, |r| {
+        let task = r.task.map_or(String::new(), |t| format!(", task {t}"));
         eprintln!(
-            "round {:>4}: {} submissions scored in {:.1} s ({} windows forward), {} copies, best score {}",
+            "round {:>4}{task}: {} submissions scored in {:.1} s ({} windows forward), {} copies, best score {}",
             r.round,
             r.submissions,
             r.cost.seconds,
@@ -108,6 +110,6 @@ pub fn validate(args: ValidateArgs) -> Result<()> {
             r.best.map_or("–".into(), |b| format!("{b:.4}"))
         );
     })?;
-    eprintln!("tessera validator: scored {rounds} rounds");
+    eprintln!("tessera validator: scored {rounds} rounds (or tasks, in a run scored by many validators)");
     Ok(())
 }
