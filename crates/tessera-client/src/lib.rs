@@ -697,6 +697,14 @@ impl HubClient {
         self.done("aggregate", r)
     }
 
+    /// A sealed run's validator commits a round's evaluation seed.
+    pub fn post_commitment(&self, c: &tessera_protocol::api::SeedCommitment) -> Result<()> {
+        let r = self.send("commitment", || {
+            self.authorized(self.request(reqwest::Method::POST, "/v1/validator/commitment").json(c))
+        })?;
+        self.done("commitment", r)
+    }
+
     pub fn post_verdict(&self, verdict: &Verdict) -> Result<()> {
         let r = self.send("verdict", || {
             self.authorized(self.request(reqwest::Method::POST, "/v1/validator/verdict").json(verdict))

@@ -110,6 +110,11 @@ pub enum Journal {
     },
     /// Ledger entries were appended (an epoch, a validator): a replica reloads the ledger.
     Ledger,
+    /// A sealed run's validator committed the current round's evaluation seed.
+    Committed {
+        round: u64,
+        commitment: String,
+    },
 }
 
 /// A replica's claim on aggregating a round; dropping it closes its connection, which
@@ -157,6 +162,12 @@ pub struct Seed {
 }
 
 impl Seed {
+    /// A sealed run's round: its validator draws the seed and commits it later
+    /// (`Db::commit_seed`); the hub learns it only from the round's verdict.
+    pub fn from_validator() -> Seed {
+        Seed { seed: String::new(), commitment: String::new() }
+    }
+
     /// A fresh secret seed from the operating system.
     pub fn fresh() -> Result<Seed, HubError> {
         let mut seed = [0u8; 32];
@@ -589,6 +600,27 @@ impl Db {
 
     /// The current round's submissions closed: a scored run's round waits for its scores
     /// (`scoring`), an unscored one is being aggregated (`aggregating`).
+    /// Records a sealed round's seed commitment from its validator.
+    pub async fn commit_seed(&self, round: u64, commitment: &str, at: u64) -> Result<Written, HubError> {
+        let Some(mut tx) = self.begin_at(at).await? else { return Ok(Written::Stale) };
+        sqlx::query("UPDATE rounds SET eval_commitment = $1 WHERE round = $2")
+            .bind(commitment)
+            .bind(round as i64)
+            .execute(&mut *tx)
+            .await?;
+        self.commit_at(tx, at, &[Journal::Committed { round, commitment: commitment.to_owned() }]).await
+    }
+
+    /// Records a sealed round's evaluation seed as its verdict revealed it.
+    pub async fn reveal_seed(&self, round: u64, seed: &str) -> Result<(), HubError> {
+        sqlx::query("UPDATE rounds SET eval_seed = $1 WHERE round = $2")
+            .bind(seed)
+            .bind(round as i64)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
     pub async fn close_round(&self, round: u64, closed: &Closed, scored: bool, at: u64) -> Result<Written, HubError> {
         let Some(mut tx) = self.begin_at(at).await? else { return Ok(Written::Stale) };
         set_closed(&mut tx, round, closed, scored).await?;

@@ -121,6 +121,7 @@ pub fn router(hub: Arc<Hub>) -> Router {
         .route("/v1/validator/attestation", post(validator_attestation))
         .route("/v1/validator/aggregate/{round}", post(validator_aggregate))
         .route("/v1/validator/verdict", post(validator_verdict))
+        .route("/v1/validator/commitment", post(validator_commitment))
         .route("/v1/ledger", get(ledger))
         .route("/v1/ledger/proof/{seq}", get(ledger_proof))
         .route("/v1/economy/epochs", post(close_epoch))
@@ -676,6 +677,19 @@ async fn validator_verdict(
     validator(&hub, &headers)?;
     let verdict: Verdict = validator_json(&hub, &headers, body, VERDICT_BODY, "verdict").await?;
     hub.post_verdict(verdict).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// A sealed run's validator commits the current round's evaluation seed.
+async fn validator_commitment(
+    State(hub): State<Arc<Hub>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<impl IntoResponse, Refusal> {
+    validator(&hub, &headers)?;
+    let c: tessera_protocol::api::SeedCommitment =
+        validator_json(&hub, &headers, body, SMALL_BODY, "commitment").await?;
+    hub.post_commitment(c).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

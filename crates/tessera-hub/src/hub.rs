@@ -232,7 +232,8 @@ impl Hub {
                 let mut id = [0u8; 16];
                 getrandom::fill(&mut id).map_err(|e| HubError::Config(format!("no randomness: {e}")))?;
                 let spec = serde_json::to_string(&new.spec).map_err(|e| HubError::Corrupt(e.to_string()))?;
-                db.create_run(&hex::encode(id), &spec, &hash, now_ms(), &Seed::fresh()?).await?;
+                let seed = if new.spec.trust.is_some() { Seed::from_validator() } else { Seed::fresh()? };
+                db.create_run(&hex::encode(id), &spec, &hash, now_ms(), &seed).await?;
                 tracing::info!(run = %hex::encode(id), checkpoint = %hash, "run created");
                 db.load_run().await?.ok_or_else(|| HubError::Corrupt("run vanished after creation".into()))?
             }
@@ -347,6 +348,7 @@ impl Hub {
                     Event::Refused { contributor, round, code, message, at_ms }
                 }
                 Journal::Closed { round, closed } => Event::Closed { round, closed },
+                Journal::Committed { round, commitment } => Event::Committed { round, commitment },
                 // The snapshot read now is later than `seq`: the rest of the list is in it.
                 Journal::Published { .. } => return self.reload(live).await,
                 Journal::Ledger => {

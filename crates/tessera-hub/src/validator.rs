@@ -209,13 +209,49 @@ impl Hub {
                  verdict says), the round's emission, and a signed root",
             ));
         }
+        // The seed the validator drew and committed, revealed now and checked against it.
+        let commitment = live.run.commitment().to_owned();
+        let revealed = verdict.eval_seed.as_deref().and_then(|s| {
+            let mut seed = [0u8; 32];
+            hex::decode_to_slice(s, &mut seed).ok()?;
+            let mut c = [0u8; 32];
+            hex::decode_to_slice(&commitment, &mut c).ok()?;
+            tessera_contest::commit::verify(&c, &seed).then_some(s.to_owned())
+        });
+        let Some(seed) = revealed else {
+            return Err(api(
+                ErrorCode::BadRequest,
+                "the verdict must reveal the round's evaluation seed, matching the commitment the validator made",
+            ));
+        };
         let ledger = (from..next.len()).filter_map(|s| next.entry_bytes(s).map(|b| (s, hex::encode(b)))).collect();
+        self.db.reveal_seed(round, &seed).await.map_err(internal)?;
         let Some((_, mean)) = live.sealed_mean.take() else {
             return Err(api(ErrorCode::Internal, "the posted aggregate vanished"));
         };
         let closed_by = live.run.closed().map(|c| c.closed_by.clone()).unwrap_or_default();
         let sealed = Sealed { mean: Some(mean), ledger, next: Some(next) };
         self.finish(&mut live, Judgement::Sealed(&verdict), &closed_by, sealed).await.map_err(internal)
+    }
+
+    /// A sealed run: the validator's commitment to the current round's evaluation seed, which it
+    /// drew inside its TEE. Taken once per round, before the round takes submissions.
+    pub async fn post_commitment(&self, c: tessera_protocol::api::SeedCommitment) -> Result<(), ApiError> {
+        let mut live = self.live.lock().await;
+        for _ in 0..8 {
+            self.sync(&mut live).await.map_err(internal)?;
+            let Some(event) = live.run.commit_seed(c.round, &c.commitment)? else { return Ok(()) };
+            match self.db.commit_seed(c.round, &c.commitment, live.seq).await.map_err(internal)? {
+                crate::db::Written::At(seq) => {
+                    live.run.apply(&event).map_err(|e| api(ErrorCode::Internal, e.to_string()))?;
+                    live.seq = seq;
+                    tracing::info!(round = c.round, commitment = %c.commitment, "the validator committed the round's evaluation seed");
+                    return Ok(());
+                }
+                _ => continue,
+            }
+        }
+        Err(api(ErrorCode::Busy, "the run kept changing; retry"))
     }
 
     /// Registers an attested validator: its attestation must verify under the run's policy now,

@@ -79,7 +79,8 @@ impl Hub {
     pub async fn eval_seed(&self, round: u64) -> Result<tessera_protocol::api::EvalSeed, ApiError> {
         let revealed = self.live.lock().await.run.seed_revealed(round)?;
         let (seed, commitment) = self.db.eval_seed(round).await.map_err(internal)?;
-        Ok(tessera_protocol::api::EvalSeed { round, commitment, seed: revealed.then_some(seed) })
+        // A sealed round's seed is known only once its verdict revealed it.
+        Ok(tessera_protocol::api::EvalSeed { round, commitment, seed: (revealed && !seed.is_empty()).then_some(seed) })
     }
 
     /// A registered contributor's scored submissions and rating history.

@@ -90,8 +90,8 @@ fn sealed_rounds() {
     let server = Server::start(&b, sealed);
     let url = server.url.clone();
     let run = info(&url);
-    // Sealed: the operator never reads submissions, but still draws the evaluation seed.
-    assert!(run.operator_trusted_with.iter().any(|t| t.starts_with("the evaluation seed")));
+    // Sealed: the operator never reads submissions, nor learns the evaluation seed in advance.
+    assert!(!run.operator_trusted_with.iter().any(|t| t.starts_with("the evaluation seed")));
     assert!(!run.operator_trusted_with.iter().any(|t| t.contains("in the clear") || t.starts_with("the scores")));
     let (a, c) = (Client::register(&url, "a"), Client::register(&url, "c"));
     let (plain_a, plain_c) = (
@@ -112,6 +112,31 @@ fn sealed_rounds() {
     assert_eq!(v.register(&url, &honest), StatusCode::CREATED);
     let shown = client(&url).pinning(tessera_trust::PublicKey::parse(&run.hub_key).unwrap()).validator().unwrap();
     assert!(shown.insecure, "the development attester is shown as insecure");
+
+    // The round takes no submission before the validator commits its evaluation seed, which
+    // it drew: the hub sees only the commitment.
+    let (_, e) = a.submit_raw(seal(&v, &a, &run, &plain_a)).unwrap_err();
+    assert_eq!(e.code, ErrorCode::Busy, "{}", e.message);
+    assert_eq!(client(&url).eval_seed(0).unwrap().commitment, "");
+    let seed = [7u8; 32];
+    let commitment = hex::encode(tessera_contest::commit::commitment(&seed));
+    let validator = client(&url).with_validator_token(VALIDATOR);
+    let commit = |round: u64, c: &str| {
+        validator.post_commitment(&tessera_protocol::api::SeedCommitment { round, commitment: c.into() })
+    };
+    assert!(
+        client(&url)
+            .post_commitment(&tessera_protocol::api::SeedCommitment { round: 0, commitment: commitment.clone() })
+            .is_err(),
+        "no token"
+    );
+    assert!(commit(1, &commitment).is_err(), "not the current round");
+    assert!(commit(0, "zz").is_err(), "not hex");
+    commit(0, &commitment).unwrap();
+    commit(0, &commitment).unwrap();
+    assert!(commit(0, &"ab".repeat(32)).is_err(), "a second, different commitment");
+    let shown = client(&url).eval_seed(0).unwrap();
+    assert_eq!((shown.commitment.as_str(), shown.seed), (commitment.as_str(), None));
 
     // Plaintext is refused; someone else's envelope cannot be claimed.
     let (_, e) = a.submit_raw(plain_a.clone()).unwrap_err();
@@ -178,7 +203,6 @@ fn sealed_rounds() {
     let mean: Vec<Vec<f32>> =
         (0..2).map(|t| deltas[0][t].iter().zip(&deltas[1][t]).map(|(x, y)| 0.5 * (x + y)).collect()).collect();
     let agg = message(&run, Codec::F32, 0, &run.checkpoint, &mean);
-    let validator = client(&url).with_validator_token(VALIDATOR);
     assert_eq!(status(validator.post_aggregate(0, agg), StatusCode::NO_CONTENT), StatusCode::NO_CONTENT);
     let rewards = [700u64, 300];
     v.sync(&url);
@@ -218,6 +242,7 @@ fn sealed_rounds() {
             .collect(),
         ledger_from: from,
         ledger,
+        eval_seed: Some(hex::encode(seed)),
     };
     // Receipts paying other amounts than the verdict, or signed by anyone but the validator.
     let wrong = verdict(entries(&v.signing, [300, 700], &v.ledger));
@@ -237,8 +262,14 @@ fn sealed_rounds() {
     let (_, e) = refused(validator.post_verdict(&forged).unwrap_err());
     assert!(e.message.contains("unknown") || e.message.contains("may not sign"), "{}", e.message);
     let good = verdict(entries(&v.signing, rewards, &v.ledger));
+    let unrevealed = Verdict { eval_seed: Some(hex::encode([8u8; 32])), ..good.clone() };
+    let (_, e) = refused(validator.post_verdict(&unrevealed).unwrap_err());
+    assert!(e.message.contains("evaluation seed"), "{}", e.message);
     let r = validator.post_verdict(&good);
     assert!(r.is_ok(), "{r:?}");
+    // Revealed with the round; the next round waits for the validator's next commitment.
+    assert_eq!(client(&url).eval_seed(0).unwrap().seed, Some(hex::encode(seed)));
+    assert_eq!(client(&url).eval_seed(1).unwrap().commitment, "");
 
     // Published: θ − mean, rewards on the leaderboard, and a ledger anyone can verify.
     let after = info(&url);

@@ -168,6 +168,15 @@ impl Run {
                 format!("round {round} is being scored; retry when it is published (this submission is kept for you)"),
             ));
         }
+        if self.spec.trust.is_some() && self.commitment.is_empty() {
+            return Err(refusal(
+                ErrorCode::Busy,
+                format!(
+                    "the validator has not committed round {round}'s evaluation seed yet; retry in a moment (this \
+                     submission is kept for you)"
+                ),
+            ));
+        }
         if s.base_round > round {
             return Err(refusal(
                 ErrorCode::FutureRound,

@@ -90,6 +90,9 @@ pub enum Event {
     Closed { round: u64, closed: Closed },
     /// The round was published and, unless the run finished, the next one opened.
     Published(Box<Publication>),
+    /// A sealed run's attested validator committed the current round's evaluation seed (which
+    /// it drew and keeps; the hub never sees it before the round's verdict).
+    Committed { round: u64, commitment: String },
 }
 
 /// Everything publishing a round writes, in one transaction.
@@ -251,8 +254,39 @@ impl Run {
                 self.closed = Some(closed.clone());
             }
             Event::Published(p) => self.apply_publication(p)?,
+            Event::Committed { round, commitment } => {
+                if *round != self.round || self.finished || !self.commitment.is_empty() {
+                    return wrong("a seed commitment for a round that has one, or is not open");
+                }
+                self.commitment = commitment.clone();
+            }
         }
         Ok(())
+    }
+
+    /// A sealed run: takes the attested validator's commitment to the current round's
+    /// evaluation seed. Nothing to do when it is the one already held; refused when another is,
+    /// or the round's submissions have closed.
+    pub fn commit_seed(&self, round: u64, commitment: &str) -> Result<Option<Event>, ApiError> {
+        if self.spec.trust.is_none() {
+            return Err(refusal(ErrorCode::BadRequest, "only a sealed run's validator commits the evaluation seed"));
+        }
+        if commitment.len() != 64 || !commitment.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(refusal(ErrorCode::BadRequest, "a seed commitment is 64 hex digits"));
+        }
+        if self.finished || round != self.round || self.closed.is_some() {
+            return Err(refusal(
+                ErrorCode::NotScoring,
+                format!("round {round} is not open for a seed commitment (the run is at round {})", self.round),
+            ));
+        }
+        if self.commitment == commitment {
+            return Ok(None);
+        }
+        if !self.commitment.is_empty() {
+            return Err(refusal(ErrorCode::Conflict, format!("round {round}'s evaluation seed is already committed")));
+        }
+        Ok(Some(Event::Committed { round, commitment: commitment.to_owned() }))
     }
 
     fn apply_publication(&mut self, p: &Publication) -> Result<(), RoundError> {

@@ -79,6 +79,8 @@ impl Snapshot {
             }
             // rounds: the current round's state, closed_by and closed_ms.
             Event::Closed { closed, .. } => self.closed = Some(closed.clone()),
+            // rounds: the current round's commitment.
+            Event::Committed { commitment, .. } => self.commitment = commitment.clone(),
             // rounds: this one published, the next opened; runs: round and checkpoint; scores,
             // ratings (changed ones), phase starts and members, qualified.
             Event::Published(p) => {

@@ -498,3 +498,36 @@ fn a_manifest_submission_must_claim_its_assigned_shard() {
     assert_eq!(assigned(0, 2).unwrap().slot, 0);
     shell.run.admit(&submission(2, assigned(0, 2)), Facts::default(), 2).unwrap();
 }
+
+/// A sealed run's round takes no submission until its validator commits the evaluation seed;
+/// the commitment is taken once (the same one again changes nothing, another is refused), is
+/// persisted and restored, and the next round waits for its own.
+#[test]
+fn a_sealed_round_waits_for_its_validators_seed_commitment() {
+    let mut s = spec(2, 1, true, false, None);
+    s.trust = Some(tessera_protocol::api::AttestationPolicy { allow_insecure_dev: true, ..Default::default() });
+    let db = Snapshot::new(s, "ab".repeat(16), hash(0), String::new());
+    let mut run = Run::restore(db.clone()).unwrap();
+    let submission = Submission {
+        contributor: 0,
+        base_round: 0,
+        base_hash: hash(0),
+        blob: format!("{:064x}", 1),
+        bytes: 100,
+        inner_loss: None,
+        data: None,
+    };
+    assert_eq!(run.admit(&submission, Facts::default(), 1).unwrap_err().code, ErrorCode::Busy);
+    assert_eq!(run.commit_seed(0, "zz").unwrap_err().code, ErrorCode::BadRequest);
+    assert_eq!(run.commit_seed(1, &commitment(0)).unwrap_err().code, ErrorCode::NotScoring);
+    let event = run.commit_seed(0, &commitment(0)).unwrap().expect("a first commitment");
+    let mut persisted = db;
+    persisted.record(&event);
+    run.apply(&event).unwrap();
+    assert_eq!(Run::restore(persisted).unwrap(), run, "the commitment is persisted");
+    assert_eq!(run.commit_seed(0, &commitment(0)).unwrap(), None, "the same one again");
+    assert_eq!(run.commit_seed(0, &commitment(1)).unwrap_err().code, ErrorCode::Conflict);
+    run.admit(&submission, Facts::default(), 1).unwrap();
+    let unsealed = Run::restore(Snapshot::new(spec(2, 1, true, false, None), "ab".repeat(16), hash(0), commitment(0)));
+    assert_eq!(unsealed.unwrap().commit_seed(0, &commitment(0)).unwrap_err().code, ErrorCode::BadRequest);
+}

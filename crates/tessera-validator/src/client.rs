@@ -96,6 +96,9 @@ pub struct Validator {
     sealed: Option<Sealed>,
     /// A run on a published dataset: its shards, cached on disk up to `data_cache_bytes`.
     shards: Option<ShardCache>,
+    /// A sealed run: the evaluation seeds this validator drew and committed, by round (kept in
+    /// memory only: the hub learns each from the round's verdict).
+    seeds: HashMap<u64, [u8; 32]>,
 }
 
 /// Where a scorer's data comes from.
@@ -175,9 +178,10 @@ impl Validator {
         let run = hub.run()?;
         let hub = hub.pinning(tessera_trust::PublicKey::parse(&run.hub_key)?);
         let (scorer, shards) = scorer_for(&run, &config.data, config.device)?;
-        let mut v = Validator { config, hub, run, scorer, sealed: None, shards };
+        let mut v = Validator { config, hub, run, scorer, sealed: None, shards, seeds: HashMap::new() };
         if v.run.spec.trust.is_some() {
             v.sealed = Some(v.attest()?);
+            v.commit_current_seed()?;
         }
         Ok(v)
     }
@@ -200,6 +204,49 @@ impl Validator {
     /// The validator's attestation, if the run is sealed (with what verifying it established).
     pub fn attestation(&self) -> Option<&Verified> {
         self.sealed.as_ref().map(|s| &s.verified)
+    }
+
+    /// A sealed run: the seed this validator drew for the job's round, checked against the
+    /// commitment the round took submissions under.
+    fn own_seed(&self, job: &ScoringJob) -> std::result::Result<[u8; 32], String> {
+        let seed = self.seeds.get(&job.round).ok_or_else(|| {
+            format!(
+                "this validator did not draw round {}'s evaluation seed (it started after the round opened)",
+                job.round
+            )
+        })?;
+        if hex::encode(tessera_contest::commit::commitment(seed)) != job.eval_commitment {
+            return Err(format!("round {}'s commitment is not the one this validator made", job.round));
+        }
+        Ok(*seed)
+    }
+
+    /// A sealed run: draws and commits the current round's evaluation seed if nobody has yet.
+    /// The seed stays in this process; the hub sees only its commitment until the verdict.
+    fn commit_current_seed(&mut self) -> Result<()> {
+        let info = self.hub.run()?;
+        if info.finished || self.seeds.contains_key(&info.round) {
+            return Ok(());
+        }
+        if !self.hub.eval_seed(info.round)?.commitment.is_empty() {
+            return Ok(());
+        }
+        let mut seed = [0u8; 32];
+        getrandom::fill(&mut seed)
+            .map_err(|e| ValidatorError::Attestation(format!("no randomness for the evaluation seed: {e}")))?;
+        let commitment = hex::encode(tessera_contest::commit::commitment(&seed));
+        let c = tessera_protocol::api::SeedCommitment { round: info.round, commitment: commitment.clone() };
+        match self.hub.post_commitment(&c) {
+            Ok(()) => {
+                tracing::info!(round = info.round, %commitment, "committed the round's evaluation seed");
+                self.seeds.insert(info.round, seed);
+                self.seeds.retain(|&r, _| r + 2 >= info.round);
+                Ok(())
+            }
+            // The round moved on, or another commitment landed first: nothing to do now.
+            Err(ClientError::Refused { .. }) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Makes the keys, gets them attested and registers them with the hub.
@@ -306,6 +353,9 @@ impl Validator {
                     done += 1;
                 }
                 None => {
+                    if self.sealed.is_some() {
+                        self.commit_current_seed()?;
+                    }
                     let info: RunInfo = self.hub.run()?;
                     if info.finished {
                         break;
@@ -324,7 +374,11 @@ impl Validator {
             self.switch_phase()?;
         }
         let bad = |message: String| ValidatorError::Bad { round, message };
-        let seed = crate::revealed_seed(job).map_err(bad)?;
+        let seed = if self.sealed.is_some() {
+            self.own_seed(job).map_err(bad)?
+        } else {
+            crate::revealed_seed(job).map_err(bad)?
+        };
         // Checked against its name (its BLAKE3) and the hub's signature.
         let weights = self.hub.checkpoint(&job.base_checkpoint, None)?;
         let theta = decode_weights(&weights, &self.run.spec.tensors)?;
@@ -483,6 +537,7 @@ impl Validator {
                 .collect(),
             ledger_from: from,
             ledger: hex::encode(next.bytes_from(from)),
+            eval_seed: Some(hex::encode(seed)),
         };
         self.hub.post_verdict(&verdict)?;
         let sealed = self.sealed.as_mut().ok_or(ValidatorError::NotScored)?;

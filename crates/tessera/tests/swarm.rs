@@ -633,6 +633,14 @@ fn a_sealed_scored_run_with_a_validator_and_an_attacker() {
     assert!(log.contains("INSECURE"), "{log}");
     // The hub cannot look inside a sealed NaN; the validator can, and refuses it by name.
     assert!(log.contains("sealed submission refused") && log.contains("non-finite"), "{log}");
+    // Every round's evaluation seed was drawn by the validator and revealed by its verdict,
+    // matching the commitment the round took submissions under.
+    for round in 0..rounds {
+        let e = client(port).eval_seed(round).unwrap();
+        let mut seed = [0u8; 32];
+        hex::decode_to_slice(e.seed.expect("revealed"), &mut seed).unwrap();
+        assert_eq!(hex::encode(tessera_contest::commit::commitment(&seed)), e.commitment, "round {round}");
+    }
 
     // The ledger: verified from the hub, exported, and a tampered copy refused by name.
     let export = d.join("ledger.bin");

@@ -15,8 +15,10 @@ use crate::Codec;
 /// travels in the signed path, and the ledger pins the funding share at genesis. 3: a manifest
 /// run's submission names its assigned data in the signed path. 4: a request's signature
 /// covers its audience (the hub's key and the run), and its body's BLAKE3 travels in a header
-/// so the hub checks it before reading the body.
-pub const PROTOCOL_VERSION: u32 = 4;
+/// so the hub checks it before reading the body. 5: a sealed round's evaluation seed is drawn
+/// and committed by its validator (`SeedCommitment`) and revealed in its verdict; a run may be
+/// scored in tasks by many validators (`TaskJob`, a report's `task` and copy `samples`).
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// Optional query parameter of a submission: the mean training loss of its inner steps
 /// (`POST /v1/submissions?inner_loss=0.8123`). The path a request signs includes its query, so
@@ -391,6 +393,20 @@ pub struct Verdict {
     /// onto the hub's ledger at `ledger_from`.
     pub ledger_from: u64,
     pub ledger: String,
+    /// The round's evaluation seed (hex), drawn inside the validator and committed with
+    /// `POST /v1/validator/commitment`: revealed here, checked against that commitment, and
+    /// published with the round.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval_seed: Option<String>,
+}
+
+/// `POST /v1/validator/commitment`: a sealed run's validator commits the evaluation seed of a
+/// round it drew inside its TEE (`commitment` = `tessera_contest::commit::commitment(seed)`,
+/// hex) before that round takes submissions.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SeedCommitment {
+    pub round: u64,
+    pub commitment: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

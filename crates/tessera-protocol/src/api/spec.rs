@@ -368,7 +368,9 @@ impl RunSpec {
     /// what the protocol does not prove. Shown by `GET /v1/run`, the dashboard and the hub's log.
     pub fn operator_trust(&self) -> Vec<String> {
         let mut out = Vec::new();
-        if self.contest.is_some() {
+        // A sealed run's validator draws the seed inside its TEE; the hub sees only the
+        // commitment until the round's verdict reveals it.
+        if self.contest.is_some() && self.trust.is_none() {
             out.push(
                 "the evaluation seed: the hub draws each round's seed and stores it, so its operator can know it \
                  before submissions close (the commitment only proves it was not changed afterwards)"

@@ -87,6 +87,7 @@ pub fn ledger(cmd: LedgerCommand) -> Result<()> {
             "validators": validators,
             "units": ledger.units,
             "payouts": ledger.payouts,
+            "validator_faults": ledger.faults,
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(());
@@ -103,6 +104,9 @@ pub fn ledger(cmd: LedgerCommand) -> Result<()> {
         } else {
             println!("validator {} (entry {}): {} measurement {}", v.key, v.seq, v.kind, v.measurement);
         }
+    }
+    for (name, faults) in &ledger.faults {
+        println!("validator {name:?}: contradicted by the others on {faults} scoring task(s)");
     }
     let total: u64 = ledger.units.values().sum();
     println!("\n{:<66} {:>14} {:>8}", "contributor key", "reward units", "share");
