@@ -762,11 +762,13 @@ fn many_validators(kind: &str) {
     short.samples.pop();
     assert!(v(VALIDATOR).post_scores(&short).is_err());
     let started = std::time::Instant::now();
+    let mut lies = 0;
     while info(&url).round == 0 {
         assert!(started.elapsed() < Duration::from_secs(20), "the round never closed");
         for (token, lie) in [("tok-liar", 0.5), (VALIDATOR, 0.0), ("tok-b", 0.0)] {
             if let Some(job) = v(token).job().unwrap() {
                 v(token).post_scores(&report(&job, lie)).unwrap();
+                lies += usize::from(lie > 0.0);
             }
         }
         std::thread::sleep(Duration::from_millis(50));
@@ -782,7 +784,8 @@ fn many_validators(kind: &str) {
     let bytes = client(&url).ledger(0).unwrap();
     let ledger = tessera_trust::ledger::Ledger::from_bytes(&bytes).unwrap();
     assert_eq!(ledger.faults.len(), 1, "{:?}", ledger.faults);
-    assert_eq!(ledger.faults.get("liar"), Some(&2), "one fault per task it scored: {:?}", ledger.faults);
+    assert!(lies >= 1, "the liar scored no task");
+    assert_eq!(ledger.faults.get("liar"), Some(&(lies as u64)), "one fault per task it scored: {:?}", ledger.faults);
     server.stop();
 }
 

@@ -11,6 +11,7 @@ mod siege;
 mod swarm;
 mod train;
 mod trust;
+mod validator;
 
 use anyhow::Result;
 use clap::Subcommand;
@@ -57,6 +58,11 @@ pub enum BenchCommand {
     /// address), with the hub's memory sampled against its memory at rest and `/healthz`
     /// probed from a second address throughout.
     Siege(siege::BenchSiegeArgs),
+    /// What scoring costs a validator against what training costs a contributor, timed in the
+    /// same run: a contributor's round (H inner steps) and one validator task of K submissions
+    /// per preset; seconds per submission, and how many validators close a round of N
+    /// contributors within 10% of its training time.
+    Validator(validator::BenchValidatorArgs),
 }
 
 pub fn run(command: BenchCommand) -> Result<()> {
@@ -72,5 +78,6 @@ pub fn run(command: BenchCommand) -> Result<()> {
         BenchCommand::Feed(args) => feed::bench_feed(&args),
         BenchCommand::Swarm(args) => swarm::bench_swarm(args),
         BenchCommand::Siege(args) => siege::bench_siege(args),
+        BenchCommand::Validator(args) => validator::bench_validator(&args),
     }
 }
