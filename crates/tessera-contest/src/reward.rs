@@ -87,6 +87,7 @@ mod tests {
             copy_of,
             weight: 1.0,
             fit_factor: 1.0,
+            score_se: None,
         })
         .collect();
         let history = [(0.2, 10), (0.0, 10), (0.1, 5), (0.0, 0), (0.3, 10)];

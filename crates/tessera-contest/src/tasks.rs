@@ -119,6 +119,9 @@ impl Tolerance {
 pub struct Measured {
     pub score: f64,
     pub data_fit: Option<f64>,
+    /// The score's standard error over the held-out windows (compared with the score's
+    /// tolerance: it comes from the same losses).
+    pub score_se: Option<f64>,
     /// Its [`cross_sample`].
     pub sample: Vec<f32>,
 }
@@ -139,6 +142,9 @@ pub fn disagreement(
     for (i, (x, y)) in a.0.iter().zip(b.0).enumerate() {
         if !tolerance.agrees(Some(x.score), Some(y.score)) {
             return Some(format!("submission {i}: score {} against {}", x.score, y.score));
+        }
+        if !tolerance.agrees(x.score_se, y.score_se) {
+            return Some(format!("submission {i}: score error {:?} against {:?}", x.score_se, y.score_se));
         }
         if !tolerance.agrees(x.data_fit, y.data_fit) {
             return Some(format!("submission {i}: data fit {:?} against {:?}", x.data_fit, y.data_fit));
@@ -180,7 +186,12 @@ mod tests {
 
     #[test]
     fn results_agree_within_tolerance_and_name_the_first_difference() {
-        let m = |score: f64, fit: Option<f64>, s: f32| Measured { score, data_fit: fit, sample: vec![s, 1.0, -2.0] };
+        let m = |score: f64, fit: Option<f64>, s: f32| Measured {
+            score,
+            data_fit: fit,
+            score_se: Some(0.001),
+            sample: vec![s, 1.0, -2.0],
+        };
         let a = [m(0.01, Some(0.002), 1.0), m(-0.003, None, 0.5)];
         let close = [m(0.01 + 1e-6, Some(0.002), 1.0), m(-0.003, None, 0.5 + 1e-5)];
         let t = Tolerance::default();

@@ -400,6 +400,15 @@ fn formula(
             "score {}: applying it alone did not lower the held-out loss: {left_out}",
             s.score.map_or("–".into(), |x| format!("{x:.6}"))
         ),
+        Some("not_significant") => format!(
+            "score {} ± {} (standard error over the held-out windows): not {} standard errors above zero, so \
+             its gain is not told apart from the evaluation's noise: aggregated (weight {:.3}) and rated, no reward \
+             this round",
+            s.score.map_or("–".into(), |x| format!("{x:.6}")),
+            s.score_se.map_or("–".into(), |x| format!("{x:.6}")),
+            tessera_contest::judge::SIGNIFICANCE_Z,
+            s.weight
+        ),
         Some("below_top") => {
             format!("outside the round's best {} by score: {left_out}", top.map_or("–".into(), |t| t.to_string()))
         }

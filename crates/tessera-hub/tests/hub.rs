@@ -545,7 +545,13 @@ fn scored_rounds(kind: &str) {
     let blob = validator_get(&url, &format!("/v1/validator/submissions/{}", job.submissions[1].blob), None);
     assert_eq!(blob.status(), StatusCode::UNAUTHORIZED);
 
-    let score = |contributor, score| SubmissionScore { contributor, score, data_fit: Some(0.01), copy_of: None };
+    let score = |contributor, score| SubmissionScore {
+        contributor,
+        score,
+        data_fit: Some(0.01),
+        copy_of: None,
+        score_se: None,
+    };
     let mut report = ScoreReport {
         round: 0,
         scores: vec![score(clients[1].id, 0.01), score(clients[0].id, 0.02), score(clients[2].id, -0.5)],
@@ -743,6 +749,7 @@ fn many_validators(kind: &str) {
                 score: honest(s.contributor) + lie,
                 data_fit: Some(0.0),
                 copy_of: None,
+                score_se: None,
             })
             .collect(),
         held_out_loss: Some(2.0),

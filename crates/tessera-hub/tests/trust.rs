@@ -230,7 +230,13 @@ fn sealed_rounds() {
             scores: job
                 .submissions
                 .iter()
-                .map(|s| SubmissionScore { contributor: s.contributor, score: 0.01, data_fit: None, copy_of: None })
+                .map(|s| SubmissionScore {
+                    contributor: s.contributor,
+                    score: 0.01,
+                    data_fit: None,
+                    copy_of: None,
+                    score_se: None,
+                })
                 .collect(),
             held_out_loss: None,
             task: None,

@@ -192,7 +192,7 @@ impl Run {
     /// ratings after this round.
     fn judge(&self, rows: &[Accepted], judgement: Judgement<'_>) -> (Vec<f64>, Vec<ScoreRow>, Option<Ratings>) {
         let row_of = |r: &Accepted,
-                      score: Option<f64>,
+                      (score, score_se): (Option<f64>, Option<f64>),
                       data_fit: Option<f64>,
                       fit_factor,
                       flag: Option<&str>,
@@ -205,6 +205,7 @@ impl Run {
                 score,
                 data_fit,
                 fit_factor,
+                score_se,
                 flag: flag.map(str::to_owned),
                 weight,
                 reward,
@@ -224,7 +225,15 @@ impl Run {
                     .map(|((r, sc), st)| {
                         // The validator settled it: its fit factor is what discounted the score.
                         let fit = st.effective.filter(|_| sc.score > 0.0).map(|e| e / sc.score);
-                        row_of(r, Some(sc.score), sc.data_fit, fit, st.flag.as_deref(), st.weight, st.reward)
+                        row_of(
+                            r,
+                            (Some(sc.score), sc.score_se),
+                            sc.data_fit,
+                            fit,
+                            st.flag.as_deref(),
+                            st.weight,
+                            st.reward,
+                        )
                     })
                     .collect();
                 (verdict.settled.iter().map(|s| s.weight).collect(), scores, Some(ratings))
@@ -242,6 +251,7 @@ impl Run {
                         copy_of: s.copy_of.map(|j| j as usize),
                         weight: r.weight,
                         fit_factor: 1.0,
+                        score_se: s.score_se,
                     })
                     .collect();
                 let policy = Policy { reward_power: contest.reward_power, top: contest.top.map(|t| t as usize) };
@@ -258,7 +268,8 @@ impl Run {
                     .zip(judged.iter().zip(&rewards))
                     .map(|((r, s), (j, &reward))| {
                         let fit = Some(s.fit_factor);
-                        row_of(r, Some(s.score), s.data_fit, fit, j.flag.map(|f| f.as_str()), j.weight, reward)
+                        let flag = j.flag.map(|f| f.as_str());
+                        row_of(r, (Some(s.score), s.score_se), s.data_fit, fit, flag, j.weight, reward)
                     })
                     .collect();
                 (judged.iter().map(|j| j.weight).collect(), scores, Some(ratings))
@@ -266,9 +277,10 @@ impl Run {
             _ => {
                 let weights = rows.iter().map(|r| r.weight).collect();
                 let scores = match self.spec.contest {
-                    Some(_) => {
-                        rows.iter().map(|r| row_of(r, None, None, None, Some("unscored"), r.weight, 0)).collect()
-                    }
+                    Some(_) => rows
+                        .iter()
+                        .map(|r| row_of(r, (None, None), None, None, Some("unscored"), r.weight, 0))
+                        .collect(),
                     None => Vec::new(),
                 };
                 (weights, scores, None)

@@ -64,6 +64,9 @@ pub struct ScoreRow {
     /// (`None`: not scored).
     #[serde(default)]
     pub fit_factor: Option<f64>,
+    /// The score's standard error over the held-out windows, where measured.
+    #[serde(default)]
+    pub score_se: Option<f64>,
     pub flag: Option<String>,
     pub weight: f64,
     pub reward: u64,

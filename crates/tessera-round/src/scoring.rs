@@ -250,6 +250,7 @@ impl Board<'_> {
                 score: m.score,
                 data_fit: m.data_fit,
                 copy_of: copy.map(|j| j as u32),
+                score_se: m.score_se,
             })
             .collect();
         let report = ScoreReport {
@@ -281,6 +282,7 @@ fn mean_of(a: &TaskResult, b: &TaskResult) -> Settled {
         .map(|(x, y)| Measured {
             score: mean(x.score, y.score),
             data_fit: x.data_fit.zip(y.data_fit).map(|(x, y)| mean(x, y)),
+            score_se: x.score_se.zip(y.score_se).map(|(x, y)| mean(x, y)),
             sample: x.sample.clone(),
         })
         .collect();
@@ -304,6 +306,7 @@ mod tests {
             .map(|&p| Measured {
                 score: 0.01 * f64::from(p + 1),
                 data_fit: Some(0.001),
+                score_se: Some(0.001),
                 sample: (0..64).map(|i| ((i * 7 + p as usize * 13) % 17) as f32 - 8.0).collect(),
             })
             .collect()

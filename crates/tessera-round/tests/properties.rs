@@ -249,6 +249,8 @@ impl Shell {
                             score: f64::from((u32::from(*seed) * 7 + i as u32 * 13) % 11) / 100.0 - 0.03,
                             data_fit: (i % 2 == 0).then_some(0.01),
                             copy_of: (i > 0 && seed % 5 == 0).then_some(0),
+                            // Some scores within their noise: aggregated, rated, unpaid.
+                            score_se: (i % 3 == 0).then_some(0.02),
                         })
                         .collect(),
                     held_out_loss: Some(f64::from(*held_out) / 64.0),
@@ -268,7 +270,13 @@ impl Shell {
                 rows.reverse();
                 let scores = rows
                     .iter()
-                    .map(|r| SubmissionScore { contributor: r.contributor, score: 0.1, data_fit: None, copy_of: None })
+                    .map(|r| SubmissionScore {
+                        contributor: r.contributor,
+                        score: 0.1,
+                        data_fit: None,
+                        copy_of: None,
+                        score_se: None,
+                    })
                     .collect();
                 let report = ScoreReport {
                     round: self.run.round(),
@@ -417,7 +425,7 @@ fn the_loss_target_is_the_validators_where_a_validator_exists() {
         shell.submit(0, 0, false, false, loss).unwrap();
         let report = ScoreReport {
             round: 0,
-            scores: vec![SubmissionScore { contributor: 0, score: 0.1, data_fit: None, copy_of: None }],
+            scores: vec![SubmissionScore { contributor: 0, score: 0.1, data_fit: None, copy_of: None, score_se: None }],
             held_out_loss: held_out,
             task: None,
             samples: Vec::new(),

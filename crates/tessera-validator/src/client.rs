@@ -459,6 +459,7 @@ impl Validator {
                 copy_of: None,
                 weight: s.weight,
                 fit_factor: 1.0,
+                score_se: None,
             })
             .collect();
         for (k, sc) in scores.into_iter().enumerate() {

@@ -126,6 +126,7 @@ pub fn report(round: u64, scores: &[Scored], held_out_loss: Option<f64>) -> tess
                 score: s.score,
                 data_fit: s.data_fit,
                 copy_of: s.copy_of.map(|j| j as u32),
+                score_se: s.score_se,
             })
             .collect(),
     }
@@ -241,7 +242,17 @@ impl Scorer {
 
         write_params(&self.trainer.model, theta)?;
         let val = &self.trainer.dataset.validation;
-        let before_eval = self.trainer.window_loss(val, &eval)?;
+        // Per window, so each score comes with its standard error over the windows.
+        let before_windows = self.trainer.window_losses(val, &eval)?;
+        let before_eval = before_windows.iter().sum::<f64>() / before_windows.len().max(1) as f64;
+        // A score (mean gain over the windows at `scale`) and its standard error.
+        let held_out_gain = |after: &[f64], scale: f64| -> (f64, f64) {
+            let d: Vec<f64> = before_windows.iter().zip(after).map(|(b, a)| (b - a) * scale).collect();
+            let n = d.len().max(1) as f64;
+            let mean = d.iter().sum::<f64>() / n;
+            let var = d.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / (n - 1.0).max(1.0);
+            (mean, (var / n).sqrt())
+        };
         let mut forward = eval.len() as u64;
         let mut before_own = Vec::with_capacity(n);
         for (tokens, w) in &own {
@@ -255,7 +266,7 @@ impl Scorer {
         let norms: Vec<f64> = candidates.iter().map(|k| norm(&k.delta)).collect();
         let radius = 2.0 * median(&mut norms.clone());
         let shrink: Vec<f64> = norms.iter().map(|&n| if n > radius && n > 0.0 { radius / n } else { 1.0 }).collect();
-        let mut scores = Vec::with_capacity(n);
+        let mut scores: Vec<(f64, f64)> = Vec::with_capacity(n);
         // gain[j][i]: submission j's gain per window on submission i's windows (where evaluated).
         let mut gain: Vec<Vec<Option<Vec<f64>>>> = vec![vec![None; n]; n];
         // θ − s·Δ: the weights with a submission applied at `s` of its length.
@@ -264,7 +275,7 @@ impl Scorer {
         };
         for (j, k) in candidates.iter().enumerate() {
             write_params(&self.trainer.model, &applied(&k.delta, shrink[j] as f32))?;
-            let clipped_score = (before_eval - self.trainer.window_loss(val, &eval)?) * shrink[j];
+            let clipped = held_out_gain(&self.trainer.window_losses(val, &eval)?, shrink[j]);
             forward += eval.len() as u64;
             for &i in &duties[j] {
                 let after = self.trainer.window_losses(own[i].0, &own[i].1)?;
@@ -273,11 +284,11 @@ impl Scorer {
             }
             if shrink[j] < 1.0 {
                 write_params(&self.trainer.model, &applied(&k.delta, 1.0))?;
-                let full_score = before_eval - self.trainer.window_loss(val, &eval)?;
+                let full = held_out_gain(&self.trainer.window_losses(val, &eval)?, 1.0);
                 forward += eval.len() as u64;
-                scores.push(clipped_score.min(full_score));
+                scores.push(if full.0 < clipped.0 { full } else { clipped });
             } else {
-                scores.push(clipped_score);
+                scores.push(clipped);
             }
         }
         write_params(&self.trainer.model, theta)?;
@@ -314,7 +325,8 @@ impl Scorer {
             .enumerate()
             .map(|(i, k)| Scored {
                 contributor: k.contributor,
-                score: scores[i],
+                score: scores[i].0,
+                score_se: Some(scores[i].1).filter(|se| se.is_finite()),
                 data_fit: fit(i).filter(|f| f.is_finite()),
                 copy_of: copy_of[i],
                 weight: k.weight,

@@ -89,6 +89,11 @@ fn scores_fits_and_copies() {
         vec![None, None, None, None, None, Some(1), Some(0)]
     );
     assert!(scores.iter().all(|s| s.data_fit.is_some_and(f64::is_finite)));
+    // Each score comes with its standard error over the held-out windows: positive, and
+    // smaller than the gain of trained work (16 windows tell it from noise).
+    assert!(scores.iter().all(|s| s.score_se.is_some_and(|se| se.is_finite() && se > 0.0)), "{scores:?}");
+    let clear = scores[..5].iter().filter(|s| s.score > 2.0 * s.score_se.unwrap()).count();
+    assert!(clear >= 3, "trained work stands clear of its noise: {scores:?}");
     // Everything the scorer samples is a function of the seed.
     let again = scorer.score(&theta, &candidates, &seed).unwrap().scored;
     assert_eq!(again, scores);

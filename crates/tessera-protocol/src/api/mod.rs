@@ -230,6 +230,10 @@ pub struct SubmissionScore {
     pub data_fit: Option<f64>,
     /// Position in the job of the earlier submission this one copies.
     pub copy_of: Option<u32>,
+    /// The score's standard error over the held-out windows: a score within two of them of
+    /// zero earns nothing (it is noise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub score_se: Option<f64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -365,6 +369,9 @@ pub struct ScoredSubmission {
     /// What its score was discounted by, from its contributor's data-fit record.
     #[serde(default)]
     pub fit_factor: Option<f64>,
+    /// Its score's standard error over the held-out windows, where the validator measured it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub score_se: Option<f64>,
 }
 
 /// A round as the hub announces it (`GET /v1/rounds/{r}`, signed): what it starts from, the
