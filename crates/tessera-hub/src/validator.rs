@@ -63,9 +63,7 @@ impl Hub {
     /// Where a stored submission's bytes are, for the validator: checked to name a submission
     /// of this run (one indexed lookup), then streamed from the store.
     pub async fn submission_blob_key(&self, blob: &str) -> Result<String, ApiError> {
-        if blob.len() != 64 || !blob.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(api(ErrorCode::BadRequest, "a submission is named by 64 hex digits"));
-        }
+        crate::intake::blob_name(blob)?;
         if self.db.blob_owner(blob).await.map_err(internal)?.is_none() {
             return Err(api(ErrorCode::NotFound, format!("no submission {blob}")));
         }
