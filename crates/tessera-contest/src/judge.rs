@@ -2,10 +2,7 @@
 //! and a share of the round's reward units.
 //!
 //! A copy, and a submission whose held-out score is not positive (it does not help), are left
-//! out and earn nothing. One whose score is positive but within [`SIGNIFICANCE_Z`] standard
-//! errors of zero (its gain is not told apart from the evaluation's noise, as happens to most
-//! work near a corpus's entropy floor) is aggregated as usual and rated, but earns nothing that
-//! round: noise pays nobody, so a Δ that does nothing cannot farm it. Every other submission's score is discounted by its contributor's
+//! out and earn nothing. Every other submission's score is discounted by its contributor's
 //! *fit factor* — how much of its gain comes from the data it was assigned ([`fit_factors`]):
 //! about 1 for honest work, near 0 for work trained on other data, a fraction for an update
 //! pooled from several assignments (a colluding group's). Of the rest, the best `top` (all if
@@ -31,15 +28,11 @@ pub struct Scored {
     pub weight: f64,
     /// From [`fit_factors`]: 1 when unknown.
     pub fit_factor: f64,
-    /// The score's standard error over the held-out windows (`None`: not measured; the score
-    /// is then taken as it is).
+    /// The score's standard error over the held-out windows (`None`: not measured). Reported
+    /// and shown with the score; it does not change the judgement.
     #[serde(default)]
     pub score_se: Option<f64>,
 }
-
-/// A score pays only when it stands this many standard errors above zero (one-sided, ≈ 2.3%
-/// of pure noise passes).
-pub const SIGNIFICANCE_Z: f64 = 2.0;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -47,8 +40,6 @@ pub enum Flag {
     Copy,
     WrongData,
     NotPositive,
-    /// Aggregated and rated, but its gain is within the noise: no reward.
-    NotSignificant,
     BelowTop,
 }
 
@@ -58,7 +49,6 @@ impl Flag {
             Flag::Copy => "copy",
             Flag::WrongData => "wrong_data",
             Flag::NotPositive => "not_positive",
-            Flag::NotSignificant => "not_significant",
             Flag::BelowTop => "below_top",
         }
     }
@@ -167,15 +157,8 @@ pub fn judge(scored: &[Scored], policy: &Policy) -> Vec<Judged> {
                 None
             };
             let fit = s.fit_factor.clamp(0.0, 1.0);
-            let noise = s.score_se.is_some_and(|se| se.is_finite() && s.score <= SIGNIFICANCE_Z * se);
             match flag {
                 Some(_) => Judged { weight: 0.0, share: 0.0, effective: None, flag },
-                None if noise => Judged {
-                    weight: s.weight * fit,
-                    share: 0.0,
-                    effective: Some(s.score * fit),
-                    flag: Some(Flag::NotSignificant),
-                },
                 None => Judged {
                     weight: s.weight * fit,
                     share: share(s.score, s.fit_factor, policy.reward_power),
@@ -186,8 +169,7 @@ pub fn judge(scored: &[Scored], policy: &Policy) -> Vec<Judged> {
         })
         .collect();
     if let Some(top) = policy.top {
-        let mut eligible: Vec<usize> =
-            (0..scored.len()).filter(|&i| matches!(out[i].flag, None | Some(Flag::NotSignificant))).collect();
+        let mut eligible: Vec<usize> = (0..scored.len()).filter(|&i| out[i].flag.is_none()).collect();
         eligible.sort_by(|&a, &b| scored[b].score.total_cmp(&scored[a].score).then(a.cmp(&b)));
         for &i in eligible.iter().skip(top) {
             out[i] = Judged { weight: 0.0, share: 0.0, flag: Some(Flag::BelowTop), ..out[i] };
@@ -225,18 +207,6 @@ mod tests {
 
     fn s(score: f64, fit_factor: f64, copy_of: Option<usize>) -> Scored {
         Scored { contributor: 0, score, data_fit: None, copy_of, weight: 1.0, fit_factor, score_se: None }
-    }
-
-    /// A positive score within two standard errors of zero is aggregated and rated as usual
-    /// but earns nothing; one clear of its noise earns as before.
-    #[test]
-    fn noise_is_aggregated_and_rated_but_not_paid() {
-        let with_se = |score: f64, se: f64| Scored { score_se: Some(se), ..s(score, 1.0, None) };
-        let j = judge(&[with_se(0.01, 0.006), with_se(0.01, 0.004), s(0.01, 1.0, None)], &Policy::default());
-        assert_eq!(j[0].flag, Some(Flag::NotSignificant));
-        assert_eq!((j[0].share, j[0].weight, j[0].effective), (0.0, 1.0, Some(0.01)));
-        assert_eq!((j[1].flag, j[2].flag), (None, None));
-        assert!(j[1].share > 0.0 && (j[1].share - j[2].share).abs() < 1e-15);
     }
 
     #[test]

@@ -1,3 +1,3 @@
--- Each scored submission's standard error over the held-out windows: a score within two of
--- them of zero is aggregated and rated but earns nothing, and the explanation says so.
+-- Each scored submission's standard error over the held-out windows, as its validator reported
+-- it: shown beside the score when its reward is explained.
 ALTER TABLE scores ADD COLUMN score_se DOUBLE PRECISION;

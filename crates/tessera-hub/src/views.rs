@@ -400,15 +400,6 @@ fn formula(
             "score {}: applying it alone did not lower the held-out loss: {left_out}",
             s.score.map_or("–".into(), |x| format!("{x:.6}"))
         ),
-        Some("not_significant") => format!(
-            "score {} ± {} (standard error over the held-out windows): not {} standard errors above zero, so \
-             its gain is not told apart from the evaluation's noise: aggregated (weight {:.3}) and rated, no reward \
-             this round",
-            s.score.map_or("–".into(), |x| format!("{x:.6}")),
-            s.score_se.map_or("–".into(), |x| format!("{x:.6}")),
-            tessera_contest::judge::SIGNIFICANCE_Z,
-            s.weight
-        ),
         Some("below_top") => {
             format!("outside the round's best {} by score: {left_out}", top.map_or("–".into(), |t| t.to_string()))
         }
@@ -417,8 +408,9 @@ fn formula(
             let (score, fit) = (s.score.unwrap_or(0.0), s.fit_factor.unwrap_or(1.0));
             let exact = if total > 0.0 { units as f64 * share / total } else { 0.0 };
             let staleness = if fit > 0.0 { s.weight / fit } else { 0.0 };
+            let noise = s.score_se.map_or(String::new(), |se| format!(" ± {se:.6}"));
             format!(
-                "share = (score {score:.6} × fit factor {fit:.3})^{power} = {share:.4e}; \
+                "share = (score {score:.6}{noise} × fit factor {fit:.3})^{power} = {share:.4e}; \
                  units = {units} × {share:.4e} / {total:.4e} (the round's shares) = {exact:.2} → {} \
                  (largest-remainder split: the round's units exactly); \
                  aggregation weight = staleness {staleness:.3} × fit factor {fit:.3} = {:.3}",

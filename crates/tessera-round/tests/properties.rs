@@ -249,7 +249,7 @@ impl Shell {
                             score: f64::from((u32::from(*seed) * 7 + i as u32 * 13) % 11) / 100.0 - 0.03,
                             data_fit: (i % 2 == 0).then_some(0.01),
                             copy_of: (i > 0 && seed % 5 == 0).then_some(0),
-                            // Some scores within their noise: aggregated, rated, unpaid.
+                            // Some with their standard error, which travels with the row.
                             score_se: (i % 3 == 0).then_some(0.02),
                         })
                         .collect(),
