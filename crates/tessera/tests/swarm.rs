@@ -696,6 +696,31 @@ fn a_scored_demo_runs_its_own_validator() {
     assert!(hub.contains("aggregation median, scored"), "{hub}");
 }
 
+/// A finished demo's run served again by a hub on its database, store and key (the demo's own
+/// hub has stopped); returns it and its port once it answers.
+fn demo_hub_again(d: &Path) -> (Proc, u16) {
+    let port = free_port();
+    let args: Vec<String> = [
+        "hub",
+        "--spec",
+        &d.join("hub.run.toml").display().to_string(),
+        "--database",
+        &format!("sqlite://{}", d.join("hub.db").display()),
+        "--store",
+        &d.join("store").display().to_string(),
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+        "--key",
+        &d.join("hub.key.pem").display().to_string(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let hub = spawn(&args, &d.join("hub-again.log"));
+    wait_for(port, Duration::from_secs(60), "the hub again", |s| s.finished);
+    (hub, port)
+}
+
 /// `tessera audit` recomputes a published round of a run that publishes its submissions: it
 /// agrees with what the validator reported, and once the operator edits a score in its database
 /// it names that submission and exits non-zero.
@@ -723,25 +748,7 @@ fn an_audit_recomputes_a_round_and_catches_a_tampered_score() {
     let out = Command::new(BIN).args(demo).args(RUN).output().unwrap();
     assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stderr), logs(d));
     // The demo's hub has stopped; the run's hub comes back on the same database and store.
-    let port = free_port();
-    let args: Vec<String> = [
-        "hub",
-        "--spec",
-        &d.join("hub.run.toml").display().to_string(),
-        "--database",
-        &format!("sqlite://{}", d.join("hub.db").display()),
-        "--store",
-        &d.join("store").display().to_string(),
-        "--listen",
-        &format!("127.0.0.1:{port}"),
-        "--key",
-        &d.join("hub.key.pem").display().to_string(),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    let _hub = spawn(&args, &d.join("hub-again.log"));
-    wait_for(port, Duration::from_secs(60), "the hub again", |s| s.finished);
+    let (_hub, port) = demo_hub_again(d);
     let url = format!("http://127.0.0.1:{port}");
     let audit = |round: &str| {
         Command::new(BIN).args(["audit", "--hub", &url, "--round", round, "--threads", "1"]).output().unwrap()
@@ -835,25 +842,7 @@ fn three_validators_share_rounds_in_tasks_and_the_audit_recomputes_them() {
         assert_ne!(by[0], by[1]);
     }
     // The run's hub again, on the same database and store, for the audit.
-    let port = free_port();
-    let args: Vec<String> = [
-        "hub",
-        "--spec",
-        &d.join("hub.run.toml").display().to_string(),
-        "--database",
-        &format!("sqlite://{}", d.join("hub.db").display()),
-        "--store",
-        &d.join("store").display().to_string(),
-        "--listen",
-        &format!("127.0.0.1:{port}"),
-        "--key",
-        &d.join("hub.key.pem").display().to_string(),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    let _hub = spawn(&args, &d.join("hub-again.log"));
-    wait_for(port, Duration::from_secs(60), "the hub again", |s| s.finished);
+    let (_hub, port) = demo_hub_again(d);
     let url = format!("http://127.0.0.1:{port}");
     let out = Command::new(BIN).args(["audit", "--hub", &url, "--round", "0", "--threads", "1"]).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
