@@ -15,6 +15,18 @@ pub fn verify(commitment_bytes: &[u8; 32], seed: &[u8; 32]) -> bool {
     commitment(seed) == *commitment_bytes
 }
 
+/// A revealed seed checked against its commitment, both as hex (what the API carries): the
+/// seed's bytes, or why they are not the ones committed to.
+pub fn verify_hex(commitment_hex: &str, seed_hex: &str) -> Result<[u8; 32], String> {
+    let (mut seed, mut c) = ([0u8; 32], [0u8; 32]);
+    hex::decode_to_slice(seed_hex, &mut seed).map_err(|e| format!("seed: {e}"))?;
+    hex::decode_to_slice(commitment_hex, &mut c).map_err(|e| format!("commitment: {e}"))?;
+    if !verify(&c, &seed) {
+        return Err("the revealed evaluation seed does not match its commitment".into());
+    }
+    Ok(seed)
+}
+
 /// A 64-bit RNG seed for one purpose (`what`) derived from the revealed seed.
 pub fn derive(seed: &[u8; 32], what: &str) -> u64 {
     let mut h = blake3::Hasher::new_derive_key("tessera 2026 evaluation seed use v1");
@@ -40,5 +52,8 @@ mod tests {
         assert!(!verify(&c, &t));
         assert_ne!(derive(&s, "eval"), derive(&s, "random"));
         assert_ne!(derive(&s, "eval"), derive(&t, "eval"));
+        assert_eq!(verify_hex(&hex::encode(c), &hex::encode(s)), Ok(s));
+        assert!(verify_hex(&hex::encode(c), &hex::encode(t)).unwrap_err().contains("does not match"));
+        assert!(verify_hex(&hex::encode(c), "zz").unwrap_err().starts_with("seed"));
     }
 }

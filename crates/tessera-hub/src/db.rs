@@ -975,8 +975,7 @@ impl Db {
         rows.iter()
             .map(|r| {
                 Ok(tessera_round::scoring::Lease {
-                    task: u32::try_from(r.try_get::<i64, _>("task")?)
-                        .map_err(|_| HubError::Corrupt("a task number beyond u32".into()))?,
+                    task: task_of(r)?,
                     validator: r.try_get("validator")?,
                     until_ms: r.try_get("until_ms")?,
                 })
@@ -1021,13 +1020,7 @@ impl Db {
             .bind(round as i64)
             .fetch_all(&self.pool)
             .await?;
-        rows.iter()
-            .map(|r| {
-                let task = u32::try_from(r.try_get::<i64, _>("task")?)
-                    .map_err(|_| HubError::Corrupt("a task number beyond u32".into()))?;
-                Ok((task, r.try_get("validator")?))
-            })
-            .collect()
+        rows.iter().map(|r| Ok((task_of(r)?, r.try_get("validator")?))).collect()
     }
 
     /// One stored result: when it came, and the report as posted (JSON).
@@ -1064,6 +1057,11 @@ impl Db {
         .await?;
         Ok(done.rows_affected() == 1)
     }
+}
+
+/// A scoring row's task number.
+fn task_of(r: &sqlx::any::AnyRow) -> Result<u32, HubError> {
+    u32::try_from(r.try_get::<i64, _>("task")?).map_err(|_| HubError::Corrupt("a task number beyond u32".into()))
 }
 
 fn score_row(r: &sqlx::any::AnyRow) -> Result<ScoreRow, HubError> {

@@ -208,15 +208,11 @@ impl Hub {
             ));
         }
         // The seed the validator drew and committed, revealed now and checked against it.
-        let commitment = live.run.commitment().to_owned();
-        let revealed = verdict.eval_seed.as_deref().and_then(|s| {
-            let mut seed = [0u8; 32];
-            hex::decode_to_slice(s, &mut seed).ok()?;
-            let mut c = [0u8; 32];
-            hex::decode_to_slice(&commitment, &mut c).ok()?;
-            tessera_contest::commit::verify(&c, &seed).then_some(s.to_owned())
-        });
-        let Some(seed) = revealed else {
+        let revealed = verdict
+            .eval_seed
+            .as_deref()
+            .filter(|s| tessera_contest::commit::verify_hex(live.run.commitment(), s).is_ok());
+        let Some(seed) = revealed.map(str::to_owned) else {
             return Err(api(
                 ErrorCode::BadRequest,
                 "the verdict must reveal the round's evaluation seed, matching the commitment the validator made",

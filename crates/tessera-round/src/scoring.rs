@@ -106,7 +106,9 @@ impl Board<'_> {
             .try_fold(i64::MIN, |m, at| Some(m.max(at?)))
     }
 
-    fn state(&self, task: &Task, now_ms: i64) -> State {
+    /// Where `task` stands at `now_ms`; `primaries_done` is [`Board::primaries_done`], computed
+    /// once by the caller for all the tasks it asks about.
+    fn state(&self, task: &Task, now_ms: i64, primaries_done: Option<i64>) -> State {
         let results = self.results_of(task.id);
         let settle = |r: &TaskResult, faults: Vec<Fault>, note: Option<String>| {
             State::Settled(Settled { measured: r.measured.clone(), held_out_loss: r.held_out_loss, faults, note })
@@ -114,7 +116,7 @@ impl Board<'_> {
         let wanted = if task.checked { 2 } else { 1 };
         let Some(first) = results.first() else { return State::Open { needs: 1 } };
         let overdue = |since: i64| {
-            let since = self.primaries_done().map_or(since, |p| p.max(since));
+            let since = primaries_done.map_or(since, |p| p.max(since));
             now_ms >= since.saturating_add(self.lease_ms.saturating_mul(2))
         };
         if results.len() == 1 {
@@ -164,12 +166,12 @@ impl Board<'_> {
     /// it has not scored, whose lease it did not let lapse (when there are other validators) and
     /// that others' live leases do not already cover.
     pub fn next_for(&self, validator: &str, now_ms: i64) -> Option<u32> {
-        let scored = |t: u32| self.results.iter().any(|r| r.task == t && r.validator == validator);
         let live = |l: &&Lease| l.until_ms > now_ms && !scored_by(self.results, l.task, &l.validator);
+        let primaries_done = self.primaries_done();
         let mut best: Option<(usize, u32)> = None;
         for task in self.tasks {
-            let State::Open { needs } = self.state(task, now_ms) else { continue };
-            if scored(task.id) {
+            let State::Open { needs } = self.state(task, now_ms, primaries_done) else { continue };
+            if scored_by(self.results, task.id, validator) {
                 continue;
             }
             let leases: Vec<&Lease> = self.leases.iter().filter(|l| l.task == task.id).filter(live).collect();
@@ -199,7 +201,7 @@ impl Board<'_> {
         if scored_by(self.results, task.id, &result.validator) {
             return Err(refusal(ErrorCode::Duplicate, format!("you already scored task {}", task.id)));
         }
-        if !matches!(self.state(task, now_ms), State::Open { .. }) {
+        if !matches!(self.state(task, now_ms, self.primaries_done()), State::Open { .. }) {
             return Err(refusal(ErrorCode::NotScoring, format!("task {} is already settled", task.id)));
         }
         if result.measured.len() != task.positions.len() {
@@ -228,8 +230,9 @@ impl Board<'_> {
         let n = contributors.len();
         let mut measured: Vec<Option<Measured>> = vec![None; n];
         let (mut losses, mut faults, mut notes) = (Vec::new(), Vec::new(), Vec::new());
+        let primaries_done = self.primaries_done();
         for task in self.tasks {
-            let State::Settled(s) = self.state(task, now_ms) else { return None };
+            let State::Settled(s) = self.state(task, now_ms, primaries_done) else { return None };
             for (&p, m) in task.positions.iter().zip(s.measured) {
                 *measured.get_mut(p as usize)? = Some(m);
             }

@@ -102,13 +102,7 @@ impl Candidate {
 
 /// A job's revealed evaluation seed, checked against the commitment the round opened with.
 pub fn revealed_seed(job: &tessera_protocol::api::ScoringJob) -> Result<[u8; 32], String> {
-    let (mut seed, mut commitment) = ([0u8; 32], [0u8; 32]);
-    hex::decode_to_slice(&job.eval_seed, &mut seed).map_err(|e| format!("seed: {e}"))?;
-    hex::decode_to_slice(&job.eval_commitment, &mut commitment).map_err(|e| format!("commitment: {e}"))?;
-    if !tessera_contest::commit::verify(&commitment, &seed) {
-        return Err("the revealed evaluation seed does not match its commitment".into());
-    }
-    Ok(seed)
+    tessera_contest::commit::verify_hex(&job.eval_commitment, &job.eval_seed)
 }
 
 /// The hub's report of a round's scores, in the job's order, with the held-out loss of the

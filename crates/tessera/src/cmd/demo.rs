@@ -217,7 +217,7 @@ pub fn run_swarm(args: &DemoArgs) -> Result<SwarmRun> {
         let more: Vec<String> = (1..args.validators).map(|_| fresh()).collect::<Result<_>>()?;
         let file = dir.join("validator-tokens");
         let lines: String = more.iter().enumerate().map(|(i, t)| format!("v{} {t}\n", i + 2)).collect();
-        write_private(&file, &lines)?;
+        tessera_trust::identity::write_secret(&file, lines.as_bytes())?;
         hub_args.extend(["--validator-tokens".into(), file.display().to_string()]);
         tokens.extend(more);
     }
@@ -488,15 +488,4 @@ fn summary(info: &RunInfo, status: &HubStatus, eval: &EvalStats, elapsed: f64, f
 /// dataset (a manifest directory or URL) they fetch themselves, a shard at a time.
 fn external(data: &Option<std::path::PathBuf>) -> Option<&std::path::PathBuf> {
     data.as_ref().filter(|d| !crate::args::is_url(d) && !tessera_data::Dataset::is_manifest(d))
-}
-
-/// Writes `text` to `path`, readable by its owner only (it holds secrets).
-fn write_private(path: &std::path::Path, text: &str) -> Result<()> {
-    use std::io::Write;
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    let mut f = options.open(path).with_context(|| format!("create {}", path.display()))?;
-    f.write_all(text.as_bytes()).with_context(|| format!("write {}", path.display()))
 }
