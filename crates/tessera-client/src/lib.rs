@@ -416,8 +416,20 @@ impl HubClient {
     /// A published round's submission, in a run that publishes them: a message whose trailing
     /// BLAKE3 is its name (parsing the message checks that hash against its bytes).
     pub fn published_submission(&self, round: u64, blob: &str) -> Result<Vec<u8>> {
+        self.round_submission(round, blob, false)
+    }
+
+    /// This client's own submission `blob` of published round `round`, in any run (a request
+    /// signed with its key).
+    pub fn own_submission(&self, round: u64, blob: &str) -> Result<Vec<u8>> {
+        self.round_submission(round, blob, true)
+    }
+
+    fn round_submission(&self, round: u64, blob: &str, signed: bool) -> Result<Vec<u8>> {
         let path = format!("/v1/rounds/{round}/submissions/{blob}");
-        let r = self.send("submission", || Ok(self.get(&path)))?;
+        let r = self.send("submission", || {
+            if signed { self.signed(reqwest::Method::GET, &path, Vec::new()) } else { Ok(self.get(&path)) }
+        })?;
         let bytes = self.body("submission", r)?;
         if bytes.len() < 32 || hex::encode(&bytes[bytes.len() - 32..]) != blob {
             return Err(self.bad_answer("submission", format!("the message served as {blob} is named otherwise")));

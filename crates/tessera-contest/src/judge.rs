@@ -32,6 +32,10 @@ pub struct Scored {
     /// and shown with the score; it does not change the judgement.
     #[serde(default)]
     pub score_se: Option<f64>,
+    /// The norm bound it was scored against: twice the median Δ norm of the submissions scored
+    /// with it (`None`: not reported).
+    #[serde(default)]
+    pub norm_bound: Option<f64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -206,7 +210,16 @@ mod tests {
     use super::*;
 
     fn s(score: f64, fit_factor: f64, copy_of: Option<usize>) -> Scored {
-        Scored { contributor: 0, score, data_fit: None, copy_of, weight: 1.0, fit_factor, score_se: None }
+        Scored {
+            contributor: 0,
+            score,
+            data_fit: None,
+            copy_of,
+            weight: 1.0,
+            fit_factor,
+            score_se: None,
+            norm_bound: None,
+        }
     }
 
     #[test]

@@ -88,6 +88,7 @@ mod tests {
             weight: 1.0,
             fit_factor: 1.0,
             score_se: None,
+            norm_bound: None,
         })
         .collect();
         let history = [(0.2, 10), (0.0, 10), (0.1, 5), (0.0, 0), (0.3, 10)];

@@ -122,6 +122,8 @@ pub struct Measured {
     /// The score's standard error over the held-out windows (compared with the score's
     /// tolerance: it comes from the same losses).
     pub score_se: Option<f64>,
+    /// The norm bound it was scored against (twice the task's median Δ norm).
+    pub norm_bound: Option<f64>,
     /// Its [`cross_sample`].
     pub sample: Vec<f32>,
 }
@@ -145,6 +147,9 @@ pub fn disagreement(
         }
         if !tolerance.agrees(x.score_se, y.score_se) {
             return Some(format!("submission {i}: score error {:?} against {:?}", x.score_se, y.score_se));
+        }
+        if !tolerance.agrees(x.norm_bound, y.norm_bound) {
+            return Some(format!("submission {i}: norm bound {:?} against {:?}", x.norm_bound, y.norm_bound));
         }
         if !tolerance.agrees(x.data_fit, y.data_fit) {
             return Some(format!("submission {i}: data fit {:?} against {:?}", x.data_fit, y.data_fit));
@@ -190,6 +195,7 @@ mod tests {
             score,
             data_fit: fit,
             score_se: Some(0.001),
+            norm_bound: Some(0.5),
             sample: vec![s, 1.0, -2.0],
         };
         let a = [m(0.01, Some(0.002), 1.0), m(-0.003, None, 0.5)];

@@ -886,8 +886,8 @@ impl Db {
     /// reward) and its rating after each round that changed it (round, μ, σ), oldest first.
     pub async fn contributor_history(&self, contributor: u64) -> Result<ContributorHistory, HubError> {
         let rows = sqlx::query(
-            "SELECT round, base_round, score, data_fit, flag, weight, reward, fit_factor, score_se FROM scores \
-             WHERE contributor = $1 ORDER BY round, base_round",
+            "SELECT round, base_round, score, data_fit, flag, weight, reward, fit_factor, score_se, norm_bound \
+             FROM scores WHERE contributor = $1 ORDER BY round, base_round",
         )
         .bind(contributor as i64)
         .fetch_all(&self.pool)
@@ -904,6 +904,7 @@ impl Db {
                 reward: r.get::<i64, _>(6).max(0) as u64,
                 fit_factor: r.get(7),
                 score_se: r.get(8),
+                norm_bound: r.get(9),
             })
             .collect();
         let rows = sqlx::query("SELECT round, mu, sigma FROM rating_history WHERE contributor = $1 ORDER BY round")
@@ -941,8 +942,8 @@ impl Db {
 
     pub async fn scores(&self) -> Result<Vec<ScoreRow>, HubError> {
         let rows = sqlx::query(
-            "SELECT contributor, base_round, round, score, data_fit, flag, weight, reward, fit_factor, score_se FROM scores \
-             ORDER BY round, contributor",
+            "SELECT contributor, base_round, round, score, data_fit, flag, weight, reward, fit_factor, score_se, \
+             norm_bound FROM scores ORDER BY round, contributor",
         )
         .fetch_all(&self.pool)
         .await?;
@@ -954,7 +955,7 @@ impl Db {
     pub async fn round_scores(&self, round: u64) -> Result<Vec<ScoreRow>, HubError> {
         let rows = sqlx::query(
             "SELECT s.contributor, s.base_round, s.round, s.score, s.data_fit, s.flag, s.weight, s.reward, \
-             s.fit_factor, s.score_se FROM scores s LEFT JOIN submissions u \
+             s.fit_factor, s.score_se, s.norm_bound FROM scores s LEFT JOIN submissions u \
              ON u.contributor = s.contributor AND u.base_round = s.base_round \
              WHERE s.round = $1 ORDER BY u.received_ms, s.contributor, s.base_round",
         )
@@ -1076,6 +1077,7 @@ fn score_row(r: &sqlx::any::AnyRow) -> Result<ScoreRow, HubError> {
         reward: u(r.try_get("reward")?),
         fit_factor: r.try_get("fit_factor")?,
         score_se: r.try_get("score_se")?,
+        norm_bound: r.try_get("norm_bound")?,
     })
 }
 
@@ -1107,7 +1109,7 @@ impl Db {
         for sc in &p.scores {
             sqlx::query(
                 "INSERT INTO scores (contributor, base_round, round, score, data_fit, flag, weight, reward, fit_factor, \
-                 score_se) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+                 score_se, norm_bound) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
             )
             .bind(sc.contributor as i64)
             .bind(sc.base_round as i64)
@@ -1119,6 +1121,7 @@ impl Db {
             .bind(i64::try_from(sc.reward).map_err(|_| HubError::Corrupt("reward beyond i64".into()))?)
             .bind(sc.fit_factor)
             .bind(sc.score_se)
+            .bind(sc.norm_bound)
             .execute(&mut *tx)
             .await?;
         }

@@ -506,14 +506,24 @@ async fn round_audit(State(hub): State<Arc<Hub>>, Path(round): Path<String>) -> 
 }
 
 /// A published round's submission, for anyone, in a run that publishes them.
+/// A published round's submission: anyone's in a run that publishes them; a contributor's
+/// own (a request it signed) in any run.
 async fn published_submission(
     State(hub): State<Arc<Hub>>,
     Path((round, blob)): Path<(String, String)>,
+    method: Method,
+    uri: Uri,
     headers: HeaderMap,
+    body: Body,
 ) -> Result<Response, Refusal> {
     let round: u64 =
         round.parse().map_err(|_| refuse(ErrorCode::BadRequest, format!("round {round:?} is not a number")))?;
-    let key = hub.published_submission_key(round, &blob).await?;
+    let own = if headers.contains_key(tessera_trust::identity::KEY_HEADER) {
+        Some(contributor(&hub, (&method, &uri, &headers), body, SMALL_BODY).await?.0)
+    } else {
+        None
+    };
+    let key = hub.published_submission_key(round, &blob, own).await?;
     serve_blob(&hub, &key, &headers, false).await
 }
 

@@ -233,7 +233,13 @@ fn task_result(validator: &str, at_ms: i64, task: u32, report: &ScoreReport) -> 
         .iter()
         .zip(&report.samples)
         .map(|(s, hex)| {
-            Ok(Measured { score: s.score, data_fit: s.data_fit, score_se: s.score_se, sample: sample_from_hex(hex)? })
+            Ok(Measured {
+                score: s.score,
+                data_fit: s.data_fit,
+                score_se: s.score_se,
+                norm_bound: s.norm_bound,
+                sample: sample_from_hex(hex)?,
+            })
         })
         .collect::<Result<Vec<_>, String>>()?;
     Ok(TaskResult { task, validator: validator.to_owned(), at_ms, measured, held_out_loss: report.held_out_loss })

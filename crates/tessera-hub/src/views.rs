@@ -131,6 +131,7 @@ impl Hub {
                 flag: s.flag.clone(),
                 weight: s.weight,
                 reward: s.reward,
+                norm_bound: s.norm_bound,
             });
             submissions.push(self.job_submission(a));
         }
@@ -151,17 +152,28 @@ impl Hub {
         })
     }
 
-    /// Where a published round's submission is, for anyone, in a run that publishes them.
-    pub async fn published_submission_key(&self, round: u64, blob: &str) -> Result<String, ApiError> {
-        if !self.spec().contest.as_ref().is_some_and(|c| c.publish_submissions) {
-            return Err(api(ErrorCode::NotFound, "this run does not publish its submissions"));
+    /// Where a published round's submission is: for anyone in a run that publishes them, and
+    /// for its own contributor (`own`, from a signed request) in any run, so it can audit its
+    /// own score. Another contributor's submission in a run that does not publish them is
+    /// answered as absent.
+    pub async fn published_submission_key(&self, round: u64, blob: &str, own: Option<u64>) -> Result<String, ApiError> {
+        let public = self.spec().contest.as_ref().is_some_and(|c| c.publish_submissions);
+        if !public && own.is_none() {
+            return Err(api(
+                ErrorCode::NotFound,
+                "this run does not publish its submissions: a contributor fetches its own with a signed request",
+            ));
         }
         if round >= self.live.lock().await.run.round() {
             return Err(api(ErrorCode::NotFound, format!("round {round} is not published yet")));
         }
         crate::intake::blob_name(blob)?;
+        let absent = || api(ErrorCode::NotFound, format!("round {round} has no submission {blob}"));
         if self.db.blob_round(blob).await.map_err(internal)? != Some(round) {
-            return Err(api(ErrorCode::NotFound, format!("round {round} has no submission {blob}")));
+            return Err(absent());
+        }
+        if !public && self.db.blob_owner(blob).await.map_err(internal)? != own {
+            return Err(absent());
         }
         Ok(crate::store::submission_key(blob))
     }

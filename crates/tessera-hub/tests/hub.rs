@@ -551,6 +551,7 @@ fn scored_rounds(kind: &str) {
         data_fit: Some(0.01),
         copy_of: None,
         score_se: None,
+        norm_bound: None,
     };
     let mut report = ScoreReport {
         round: 0,
@@ -750,6 +751,7 @@ fn many_validators(kind: &str) {
                 data_fit: Some(0.0),
                 copy_of: None,
                 score_se: None,
+                norm_bound: None,
             })
             .collect(),
         held_out_loss: Some(2.0),

@@ -236,6 +236,7 @@ fn sealed_rounds() {
                     data_fit: None,
                     copy_of: None,
                     score_se: None,
+                    norm_bound: None,
                 })
                 .collect(),
             held_out_loss: None,

@@ -121,9 +121,13 @@ impl Run {
         for (i, s) in report.scores.iter().enumerate() {
             if !s.score.is_finite()
                 || s.data_fit.is_some_and(|f| !f.is_finite())
+                || s.norm_bound.is_some_and(|b| !(b.is_finite() && b >= 0.0))
                 || s.copy_of.is_some_and(|j| j as usize >= i)
             {
-                return Err(refusal(ErrorCode::BadRequest, format!("score {i} is not finite or copies a later one")));
+                return Err(refusal(
+                    ErrorCode::BadRequest,
+                    format!("score {i} is not finite, has a negative norm bound or copies a later one"),
+                ));
             }
         }
         if report.held_out_loss.is_some_and(|l| !l.is_finite()) {
@@ -192,7 +196,7 @@ impl Run {
     /// ratings after this round.
     fn judge(&self, rows: &[Accepted], judgement: Judgement<'_>) -> (Vec<f64>, Vec<ScoreRow>, Option<Ratings>) {
         let row_of = |r: &Accepted,
-                      (score, score_se): (Option<f64>, Option<f64>),
+                      (score, score_se, norm_bound): (Option<f64>, Option<f64>, Option<f64>),
                       data_fit: Option<f64>,
                       fit_factor,
                       flag: Option<&str>,
@@ -206,6 +210,7 @@ impl Run {
                 data_fit,
                 fit_factor,
                 score_se,
+                norm_bound,
                 flag: flag.map(str::to_owned),
                 weight,
                 reward,
@@ -227,7 +232,7 @@ impl Run {
                         let fit = st.effective.filter(|_| sc.score > 0.0).map(|e| e / sc.score);
                         row_of(
                             r,
-                            (Some(sc.score), sc.score_se),
+                            (Some(sc.score), sc.score_se, sc.norm_bound),
                             sc.data_fit,
                             fit,
                             st.flag.as_deref(),
@@ -252,6 +257,7 @@ impl Run {
                         weight: r.weight,
                         fit_factor: 1.0,
                         score_se: s.score_se,
+                        norm_bound: s.norm_bound,
                     })
                     .collect();
                 let policy = Policy { reward_power: contest.reward_power, top: contest.top.map(|t| t as usize) };
@@ -269,7 +275,7 @@ impl Run {
                     .map(|((r, s), (j, &reward))| {
                         let fit = Some(s.fit_factor);
                         let flag = j.flag.map(|f| f.as_str());
-                        row_of(r, (Some(s.score), s.score_se), s.data_fit, fit, flag, j.weight, reward)
+                        row_of(r, (Some(s.score), s.score_se, s.norm_bound), s.data_fit, fit, flag, j.weight, reward)
                     })
                     .collect();
                 (judged.iter().map(|j| j.weight).collect(), scores, Some(ratings))
@@ -279,7 +285,7 @@ impl Run {
                 let scores = match self.spec.contest {
                     Some(_) => rows
                         .iter()
-                        .map(|r| row_of(r, (None, None), None, None, Some("unscored"), r.weight, 0))
+                        .map(|r| row_of(r, (None, None, None), None, None, Some("unscored"), r.weight, 0))
                         .collect(),
                     None => Vec::new(),
                 };

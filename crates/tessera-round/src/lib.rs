@@ -67,6 +67,9 @@ pub struct ScoreRow {
     /// The score's standard error over the held-out windows, where measured.
     #[serde(default)]
     pub score_se: Option<f64>,
+    /// The norm bound it was scored against, where reported.
+    #[serde(default)]
+    pub norm_bound: Option<f64>,
     pub flag: Option<String>,
     pub weight: f64,
     pub reward: u64,

@@ -216,10 +216,16 @@ impl Board<'_> {
             ));
         }
         let finite = result.measured.iter().all(|m| {
-            m.score.is_finite() && m.data_fit.is_none_or(f64::is_finite) && m.sample.iter().all(|v| v.is_finite())
+            m.score.is_finite()
+                && m.data_fit.is_none_or(f64::is_finite)
+                && m.norm_bound.is_none_or(|b| b.is_finite() && b >= 0.0)
+                && m.sample.iter().all(|v| v.is_finite())
         });
         if !finite || result.held_out_loss.is_some_and(|l| !l.is_finite()) {
-            return Err(refusal(ErrorCode::BadRequest, "scores, data fits, samples and the loss must be finite"));
+            return Err(refusal(
+                ErrorCode::BadRequest,
+                "scores, data fits, norm bounds, samples and the loss must be finite (norm bounds not negative)",
+            ));
         }
         Ok(task)
     }
@@ -254,6 +260,7 @@ impl Board<'_> {
                 data_fit: m.data_fit,
                 copy_of: copy.map(|j| j as u32),
                 score_se: m.score_se,
+                norm_bound: m.norm_bound,
             })
             .collect();
         let report = ScoreReport {
@@ -286,6 +293,7 @@ fn mean_of(a: &TaskResult, b: &TaskResult) -> Settled {
             score: mean(x.score, y.score),
             data_fit: x.data_fit.zip(y.data_fit).map(|(x, y)| mean(x, y)),
             score_se: x.score_se.zip(y.score_se).map(|(x, y)| mean(x, y)),
+            norm_bound: x.norm_bound.zip(y.norm_bound).map(|(x, y)| mean(x, y)),
             sample: x.sample.clone(),
         })
         .collect();
@@ -310,6 +318,7 @@ mod tests {
                 score: 0.01 * f64::from(p + 1),
                 data_fit: Some(0.001),
                 score_se: Some(0.001),
+                norm_bound: Some(0.2),
                 sample: (0..64).map(|i| ((i * 7 + p as usize * 13) % 17) as f32 - 8.0).collect(),
             })
             .collect()

@@ -249,8 +249,9 @@ impl Shell {
                             score: f64::from((u32::from(*seed) * 7 + i as u32 * 13) % 11) / 100.0 - 0.03,
                             data_fit: (i % 2 == 0).then_some(0.01),
                             copy_of: (i > 0 && seed % 5 == 0).then_some(0),
-                            // Some with their standard error, which travels with the row.
+                            // Some with their standard error and norm bound, which travel with the row.
                             score_se: (i % 3 == 0).then_some(0.02),
+                            norm_bound: (i % 2 == 1).then_some(0.5),
                         })
                         .collect(),
                     held_out_loss: Some(f64::from(*held_out) / 64.0),
@@ -276,6 +277,7 @@ impl Shell {
                         data_fit: None,
                         copy_of: None,
                         score_se: None,
+                        norm_bound: None,
                     })
                     .collect();
                 let report = ScoreReport {
@@ -425,7 +427,14 @@ fn the_loss_target_is_the_validators_where_a_validator_exists() {
         shell.submit(0, 0, false, false, loss).unwrap();
         let report = ScoreReport {
             round: 0,
-            scores: vec![SubmissionScore { contributor: 0, score: 0.1, data_fit: None, copy_of: None, score_se: None }],
+            scores: vec![SubmissionScore {
+                contributor: 0,
+                score: 0.1,
+                data_fit: None,
+                copy_of: None,
+                score_se: None,
+                norm_bound: None,
+            }],
             held_out_loss: held_out,
             task: None,
             samples: Vec::new(),

@@ -460,6 +460,7 @@ impl Validator {
                 weight: s.weight,
                 fit_factor: 1.0,
                 score_se: None,
+                norm_bound: None,
             })
             .collect();
         for (k, sc) in scores.into_iter().enumerate() {

@@ -121,6 +121,7 @@ pub fn report(round: u64, scores: &[Scored], held_out_loss: Option<f64>) -> tess
                 data_fit: s.data_fit,
                 copy_of: s.copy_of.map(|j| j as u32),
                 score_se: s.score_se,
+                norm_bound: s.norm_bound,
             })
             .collect(),
     }
@@ -193,10 +194,7 @@ impl Scorer {
         // before and after each submission; split, they would pass them all around.
         let started = std::time::Instant::now();
         let c = self.trainer.config.clone();
-        let val_len = self.trainer.dataset.validation.len();
-        let span = |n: usize| n.saturating_sub(c.seq_len + 1).max(1);
-        let mut rng = ChaCha8Rng::seed_from_u64(derive(seed, "held-out evaluation windows"));
-        let eval: Vec<usize> = (0..self.config.eval_windows).map(|_| rng.random_range(0..span(val_len))).collect();
+        let eval = self.eval_windows(seed);
 
         let views: Vec<Vec<&[f32]>> = candidates.iter().map(|k| k.delta.iter().map(Vec::as_slice).collect()).collect();
         let copy_seed = derive(seed, "copy detection coordinates");
@@ -235,55 +233,33 @@ impl Scorer {
         }
 
         write_params(&self.trainer.model, theta)?;
-        let val = &self.trainer.dataset.validation;
         // Per window, so each score comes with its standard error over the windows.
-        let before_windows = self.trainer.window_losses(val, &eval)?;
+        let before_windows = self.trainer.window_losses(&self.trainer.dataset.validation, &eval)?;
         let before_eval = before_windows.iter().sum::<f64>() / before_windows.len().max(1) as f64;
-        // A score (mean gain over the windows at `scale`) and its standard error.
-        let held_out_gain = |after: &[f64], scale: f64| -> (f64, f64) {
-            let d: Vec<f64> = before_windows.iter().zip(after).map(|(b, a)| (b - a) * scale).collect();
-            let n = d.len().max(1) as f64;
-            let mean = d.iter().sum::<f64>() / n;
-            let var = d.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / (n - 1.0).max(1.0);
-            (mean, (var / n).sqrt())
-        };
         let mut forward = eval.len() as u64;
         let mut before_own = Vec::with_capacity(n);
         for (tokens, w) in &own {
             before_own.push(self.trainer.window_losses(tokens, w)?);
             forward += w.len() as u64;
         }
-        // A Δ longer than twice the round's median norm scores the lesser of what it does at full
-        // length and what it does at that length (as the robust rules bound it) shrunk by the
-        // same factor: size alone earns nothing, however far from converged the model is, and
-        // an oversized Δ that hurts at full length is still scored as hurting.
-        let norms: Vec<f64> = candidates.iter().map(|k| norm(&k.delta)).collect();
-        let radius = 2.0 * median(&mut norms.clone());
-        let shrink: Vec<f64> = norms.iter().map(|&n| if n > radius && n > 0.0 { radius / n } else { 1.0 }).collect();
+        // The norm bound: twice the round's median norm, as the robust rules bound a Δ
+        // ([`Scorer::bounded_gain`]).
+        let radius = 2.0 * median(&mut candidates.iter().map(|k| norm(&k.delta)).collect::<Vec<_>>());
         let mut scores: Vec<(f64, f64)> = Vec::with_capacity(n);
         // gain[j][i]: submission j's gain per window on submission i's windows (where evaluated).
         let mut gain: Vec<Vec<Option<Vec<f64>>>> = vec![vec![None; n]; n];
-        // θ − s·Δ: the weights with a submission applied at `s` of its length.
-        let applied = |delta: &[Vec<f32>], s: f32| -> Vec<Vec<f32>> {
-            theta.iter().zip(delta).map(|(t, d)| t.iter().zip(d).map(|(t, d)| t - s * d).collect()).collect()
-        };
         for (j, k) in candidates.iter().enumerate() {
-            write_params(&self.trainer.model, &applied(&k.delta, shrink[j] as f32))?;
-            let clipped = held_out_gain(&self.trainer.window_losses(val, &eval)?, shrink[j]);
-            forward += eval.len() as u64;
-            for &i in &duties[j] {
-                let after = self.trainer.window_losses(own[i].0, &own[i].1)?;
-                forward += after.len() as u64;
-                gain[j][i] = Some(before_own[i].iter().zip(&after).map(|(b, a)| b - a).collect());
-            }
-            if shrink[j] < 1.0 {
-                write_params(&self.trainer.model, &applied(&k.delta, 1.0))?;
-                let full = held_out_gain(&self.trainer.window_losses(val, &eval)?, 1.0);
-                forward += eval.len() as u64;
-                scores.push(if full.0 < clipped.0 { full } else { clipped });
-            } else {
-                scores.push(clipped);
-            }
+            // Its data-fit gains are measured at the length its score is clipped to.
+            let (score, windows) = self.bounded_gain(theta, &k.delta, &eval, &before_windows, radius, |scorer| {
+                for &i in &duties[j] {
+                    let after = scorer.trainer.window_losses(own[i].0, &own[i].1)?;
+                    forward += after.len() as u64;
+                    gain[j][i] = Some(before_own[i].iter().zip(&after).map(|(b, a)| b - a).collect());
+                }
+                Ok(())
+            })?;
+            forward += windows;
+            scores.push(score);
         }
         write_params(&self.trainer.model, theta)?;
 
@@ -321,6 +297,7 @@ impl Scorer {
                 contributor: k.contributor,
                 score: scores[i].0,
                 score_se: Some(scores[i].1).filter(|se| se.is_finite()),
+                norm_bound: Some(radius).filter(|r| r.is_finite()),
                 data_fit: fit(i).filter(|f| f.is_finite()),
                 copy_of: copy_of[i],
                 weight: k.weight,
@@ -331,6 +308,72 @@ impl Scorer {
         let cost = ScoreCost { windows_forward: forward, seconds: started.elapsed().as_secs_f64() };
         let samples = samples.iter().map(|s| tessera_contest::tasks::cross_sample(s)).collect();
         Ok(RoundScores { scored: out, held_out_loss: before_eval, cost, samples })
+    }
+
+    /// The held-out windows a round's seed draws (the same for every submission of the round).
+    fn eval_windows(&self, seed: &[u8; 32]) -> Vec<usize> {
+        let span = self.trainer.dataset.validation.len().saturating_sub(self.trainer.config.seq_len + 1).max(1);
+        let mut rng = ChaCha8Rng::seed_from_u64(derive(seed, "held-out evaluation windows"));
+        (0..self.config.eval_windows).map(|_| rng.random_range(0..span)).collect()
+    }
+
+    /// One Δ's score against the norm bound `radius`, with its standard error, and the windows
+    /// run forward. A Δ longer than `radius` scores the lesser of what it does at full length and
+    /// what it does at that length shrunk by the same factor: size alone earns nothing, however
+    /// far from converged the model is, and an oversized Δ that hurts at full length is still
+    /// scored as hurting. `at_bound` runs while the model holds θ − Δ at the bounded length.
+    /// Leaves the model at an applied Δ: the caller writes θ back.
+    fn bounded_gain(
+        &self,
+        theta: &[Vec<f32>],
+        delta: &[Vec<f32>],
+        eval: &[usize],
+        before: &[f64],
+        radius: f64,
+        at_bound: impl FnOnce(&Self) -> Result<(), TrainError>,
+    ) -> Result<((f64, f64), u64), TrainError> {
+        let length = norm(delta);
+        let shrink = if length > radius && length > 0.0 { radius / length } else { 1.0 };
+        // θ − s·Δ: the weights with the Δ applied at `s` of its length.
+        let applied = |s: f32| -> Vec<Vec<f32>> {
+            theta.iter().zip(delta).map(|(t, d)| t.iter().zip(d).map(|(t, d)| t - s * d).collect()).collect()
+        };
+        // Mean gain over the windows at `scale`, and its standard error.
+        let gain = |after: &[f64], scale: f64| -> (f64, f64) {
+            let d: Vec<f64> = before.iter().zip(after).map(|(b, a)| (b - a) * scale).collect();
+            let n = d.len().max(1) as f64;
+            let mean = d.iter().sum::<f64>() / n;
+            let var = d.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / (n - 1.0).max(1.0);
+            (mean, (var / n).sqrt())
+        };
+        write_params(&self.trainer.model, &applied(shrink as f32))?;
+        let clipped = gain(&self.trainer.window_losses(&self.trainer.dataset.validation, eval)?, shrink);
+        at_bound(self)?;
+        if shrink >= 1.0 {
+            return Ok((clipped, eval.len() as u64));
+        }
+        write_params(&self.trainer.model, &applied(1.0))?;
+        let full = gain(&self.trainer.window_losses(&self.trainer.dataset.validation, eval)?, 1.0);
+        Ok((if full.0 < clipped.0 { full } else { clipped }, 2 * eval.len() as u64))
+    }
+
+    /// One submission's score and its standard error as its round measured it, from the
+    /// round's base weights `theta`, its revealed `seed` and the norm bound it published: what
+    /// a contributor recomputes of its own submission without anyone else's (`tessera audit
+    /// --identity`). Costs 2–3 × `eval_windows` forward windows.
+    pub fn score_own(
+        &mut self,
+        theta: &[Vec<f32>],
+        delta: &[Vec<f32>],
+        seed: &[u8; 32],
+        norm_bound: f64,
+    ) -> Result<(f64, f64), TrainError> {
+        let eval = self.eval_windows(seed);
+        write_params(&self.trainer.model, theta)?;
+        let before = self.trainer.window_losses(&self.trainer.dataset.validation, &eval)?;
+        let (score, _) = self.bounded_gain(theta, delta, &eval, &before, norm_bound, |_| Ok(()))?;
+        write_params(&self.trainer.model, theta)?;
+        Ok(score)
     }
 
     /// A seeded sample of the windows `k`'s assignment trained on: random (step, position)

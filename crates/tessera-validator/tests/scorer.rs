@@ -99,6 +99,18 @@ fn scores_fits_and_copies() {
     assert_eq!(again, scores);
     let other = scorer.score(&theta, &candidates, &[4u8; 32]).unwrap().scored;
     assert_ne!(other, scores);
+    // Every score in a round was measured against one norm bound, and each submission's score
+    // is recomputed from its own Δ and that bound alone (the ×100 one beyond it), as a
+    // contributor's audit does.
+    let bound = scores[0].norm_bound.unwrap();
+    assert!(bound > 0.0 && scores.iter().all(|s| s.norm_bound == Some(bound)));
+    for (k, s) in candidates.iter().zip(&scores) {
+        let (score, se) = scorer.score_own(&theta, &k.delta, &seed, bound).unwrap();
+        assert_eq!((score, Some(se)), (s.score, s.score_se), "contributor {}", k.contributor);
+    }
+    // A smaller bound clips honest work, and its score shrinks with it.
+    let clipped = scorer.score_own(&theta, &candidates[0].delta, &seed, 0.1 * bound).unwrap().0;
+    assert!(clipped > 0.0 && clipped < scores[0].score, "{clipped} against {}", scores[0].score);
     // A run on a published dataset brings each submission's windows cut from its shard: with
     // the training split as every shard, the measurement is the same, to the bit.
     for k in &mut candidates {

@@ -110,6 +110,13 @@ fn client(port: u16) -> tessera_client::HubClient {
     tessera_client::HubClient::new(&url).expect("a hub URL").with_patience(std::time::Duration::ZERO)
 }
 
+/// A client that checks the hub's signature on every answer (its key pinned on first contact).
+fn pinned(port: u16) -> tessera_client::HubClient {
+    let c = client(port);
+    let key = tessera_trust::PublicKey::parse(&c.run().unwrap().hub_key).unwrap();
+    c.pinning(key)
+}
+
 fn status(port: u16) -> Option<HubStatus> {
     client(port).status().ok()
 }
@@ -721,11 +728,31 @@ fn demo_hub_again(d: &Path) -> (Proc, u16) {
     (hub, port)
 }
 
-/// `tessera audit` recomputes a published round of a run that publishes its submissions: it
-/// agrees with what the validator reported, and once the operator edits a score in its database
-/// it names that submission and exits non-zero.
+/// The operator raises the score of `round`'s submission by `contributor` in the demo's database.
+fn tamper_score(d: &Path, round: u64, contributor: u64) {
+    let db = format!("sqlite://{}", d.join("hub.db").display());
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        sqlx::any::install_default_drivers();
+        let pool = sqlx::AnyPool::connect(&db).await.unwrap();
+        let changed = sqlx::query("UPDATE scores SET score = score + 0.01 WHERE round = $1 AND contributor = $2")
+            .bind(round as i64)
+            .bind(contributor as i64)
+            .execute(&pool)
+            .await
+            .unwrap();
+        assert_eq!(changed.rows_affected(), 1);
+    });
+}
+
+/// In a run that does not publish its submissions, a contributor audits its own: `tessera audit
+/// --identity` fetches them with requests it signs and recomputes their scores from the
+/// checkpoint, the revealed seed and the published norm bound. It agrees; no contributor gets
+/// another's submission; once the operator edits a contributor's score in its database, that
+/// contributor's audit names it and exits non-zero, and another's finds its own score intact
+/// but the round's rewards no longer following from the published rows.
 #[test]
-fn an_audit_recomputes_a_round_and_catches_a_tampered_score() {
+fn a_contributor_audits_its_own_scores_and_catches_a_tampered_one() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let demo = [
@@ -737,7 +764,6 @@ fn an_audit_recomputes_a_round_and_catches_a_tampered_score() {
         "--rounds",
         "2",
         "--scored",
-        "--publish-submissions",
         "--eval-windows",
         "4",
         "--fit-windows",
@@ -750,48 +776,63 @@ fn an_audit_recomputes_a_round_and_catches_a_tampered_score() {
     // The demo's hub has stopped; the run's hub comes back on the same database and store.
     let (_hub, port) = demo_hub_again(d);
     let url = format!("http://127.0.0.1:{port}");
-    let audit = |round: &str| {
-        Command::new(BIN).args(["audit", "--hub", &url, "--round", round, "--threads", "1"]).output().unwrap()
+    let identity = |i: usize| d.join(format!("contributor-{i}")).join("identity.pem");
+    let audit = |who: Option<usize>| {
+        let mut c = Command::new(BIN);
+        c.args(["audit", "--hub", &url, "--round", "1", "--threads", "1"]);
+        if let Some(i) = who {
+            c.arg("--identity").arg(identity(i));
+        }
+        c.output().unwrap()
     };
-    let out = audit("1");
+    // Nobody but a contributor can recompute anything here, and the refusal says how.
+    let out = audit(None);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success() && err.contains("--identity"), "{err}");
+    // Contributor `mine` is one the round paid (so an edit of its score changes the split);
+    // `other` is another.
+    let key = |i: usize| std::sync::Arc::new(tessera_trust::Identity::load(&identity(i)).unwrap());
+    let hub = pinned(port);
+    let published = hub.round_audit(1).unwrap();
+    let at = |i: usize| published.job.submissions.iter().position(|s| s.contributor_key == key(i).public().hex());
+    let mine = (0..3).find(|&i| at(i).is_some_and(|p| published.scores[p].flag.is_none())).expect("a paid submission");
+    let other = (0..3).find(|&i| i != mine && at(i).is_some()).expect("another submission");
+    let by = |i: usize| &published.job.submissions[at(i).unwrap()];
+    let out = audit(Some(mine));
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(text.matches(" agrees").count(), 3, "{text}");
-    // Round 2 was never opened: a clear refusal.
-    let out = audit("2");
-    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("not published"));
+    assert!(text.contains("1 of your own submissions recomputed"), "{text}");
+    assert_eq!(text.matches(" agrees").count(), 1, "{text}");
 
-    // The operator raises one contributor's score in the database.
-    let db = format!("sqlite://{}", d.join("hub.db").display());
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    let tampered: i64 = rt.block_on(async {
-        sqlx::any::install_default_drivers();
-        let pool = sqlx::AnyPool::connect(&db).await.unwrap();
-        let row = sqlx::query("SELECT MIN(contributor) FROM scores WHERE round = 1").fetch_one(&pool).await.unwrap();
-        let id: i64 = sqlx::Row::get(&row, 0);
-        sqlx::query("UPDATE scores SET score = score + 0.01 WHERE round = 1 AND contributor = $1")
-            .bind(id)
-            .execute(&pool)
-            .await
-            .unwrap();
-        id
-    });
-    let out = audit("1");
+    // Another contributor's key does not fetch `mine`'s submission; its own it does.
+    let as_other = pinned(port).signed_by(key(other));
+    assert!(as_other.own_submission(1, &by(other).blob).is_ok());
+    let refused = as_other.own_submission(1, &by(mine).blob).unwrap_err().to_string();
+    assert!(refused.contains("no submission"), "{refused}");
+    assert!(hub.published_submission(1, &by(mine).blob).is_err());
+
+    tamper_score(d, 1, by(mine).contributor);
+    let out = audit(Some(mine));
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(!out.status.success(), "a tampered score passed the audit:\n{text}");
     let differs: Vec<&str> = text.lines().filter(|l| l.contains("DIFFERS")).collect();
     assert_eq!(differs.len(), 1, "{text}");
     assert!(
-        differs[0].split_whitespace().nth(1) == Some(&tampered.to_string()) && differs[0].contains("score"),
+        differs[0].split_whitespace().nth(1) == Some(&by(mine).contributor.to_string()) && differs[0].contains("score"),
         "{text}"
     );
     assert!(text.contains("rewards: DIFFER"), "{text}");
+    // The other's own score is untouched; the round's rewards no longer follow from its rows.
+    let out = audit(Some(other));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(text.matches(" agrees").count(), 1, "{text}");
+    assert!(text.contains("rewards: DIFFER") && !out.status.success(), "{text}");
 }
 
 /// Three real validators share a round scored in tasks: nine contributors' submissions are split
 /// into two tasks, every task scored twice (double share 1), by different validators, which
 /// agree (the same computation); the round publishes no fault. `tessera audit` then recomputes
-/// the round task by task and agrees with it.
+/// the round task by task, agrees with it, and names the score the operator then edits.
 #[test]
 fn three_validators_share_rounds_in_tasks_and_the_audit_recomputes_them() {
     let dir = tempfile::tempdir().unwrap();
@@ -851,6 +892,16 @@ fn three_validators_share_rounds_in_tasks_and_the_audit_recomputes_them() {
     // Honest validators agree: no fault in the ledger.
     let ledger = tessera_trust::ledger::Ledger::from_bytes(&client(port).ledger(0).unwrap()).unwrap();
     assert!(ledger.faults.is_empty(), "{:?}", ledger.faults);
+
+    // The operator raises one score in its database: the audit names that submission.
+    let tampered = pinned(port).round_audit(0).unwrap().job.submissions[4].contributor;
+    tamper_score(d, 0, tampered);
+    let out = Command::new(BIN).args(["audit", "--hub", &url, "--round", "0", "--threads", "1"]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(!out.status.success(), "a tampered score passed the audit:\n{text}");
+    let differs: Vec<&str> = text.lines().filter(|l| l.contains("DIFFERS")).collect();
+    assert_eq!(differs.len(), 1, "{text}");
+    assert!(differs[0].split_whitespace().nth(1) == Some(&tampered.to_string()) && differs[0].contains("score"));
 }
 
 /// A run that grows: two `tiny` rounds, then the hub grows the model into `nano`'s sizes

@@ -230,10 +230,15 @@ pub struct SubmissionScore {
     pub data_fit: Option<f64>,
     /// Position in the job of the earlier submission this one copies.
     pub copy_of: Option<u32>,
-    /// The score's standard error over the held-out windows: a score within two of them of
-    /// zero earns nothing (it is noise).
+    /// The score's standard error over the held-out windows (shown with the score; it does
+    /// not change the judgement).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub score_se: Option<f64>,
+    /// The norm bound it was scored against: twice the median Δ norm of the submissions scored
+    /// with it (its round, or its task). With the round's checkpoint, revealed seed and its own
+    /// Δ, a contributor recomputes its score from this alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub norm_bound: Option<f64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -315,6 +320,10 @@ pub struct PublishedScore {
     pub flag: Option<String>,
     pub weight: f64,
     pub reward: u64,
+    /// The norm bound it was scored against (`SubmissionScore::norm_bound`; `None`: its
+    /// validator did not report one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub norm_bound: Option<f64>,
 }
 
 /// `GET /v1/contributors/{id}/rewards`: how each of a contributor's scored submissions turned
@@ -372,6 +381,9 @@ pub struct ScoredSubmission {
     /// Its score's standard error over the held-out windows, where the validator measured it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub score_se: Option<f64>,
+    /// The norm bound it was scored against (`SubmissionScore::norm_bound`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub norm_bound: Option<f64>,
 }
 
 /// A round as the hub announces it (`GET /v1/rounds/{r}`, signed): what it starts from, the

@@ -1,7 +1,8 @@
 //! `tessera audit`: recompute a published round's scores and compare them with what the hub
-//! published (`tessera_validator::audit`).
+//! published (`tessera_validator::audit`): every submission's, in a run that publishes them,
+//! or a contributor's own (`--identity`), in any unsealed run.
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use clap::Args;
 
 use crate::args::{RuntimeArgs, ScoringDataArgs, setup_runtime};
@@ -14,6 +15,12 @@ pub struct AuditArgs {
     /// The published round to recompute.
     #[arg(long)]
     pub round: u64,
+    /// Audit as a contributor: recompute only the scores of this key's own submissions (the
+    /// `identity.pem` in its `tessera contribute --state-dir`), fetched with requests it signs.
+    /// Works in runs that do not publish submissions; data fit and copy flags need the others'
+    /// submissions and are not rechecked.
+    #[arg(long, value_name = "FILE")]
+    pub identity: Option<std::path::PathBuf>,
     /// A published number agrees when the recomputed one lies within ABS + REL × |published|.
     #[arg(long, value_name = "ABS", default_value_t = 1e-4)]
     pub tolerance_abs: f64,
@@ -41,12 +48,37 @@ pub fn audit(args: AuditArgs) -> Result<()> {
     let key = tessera_trust::PublicKey::parse(&hub.run()?.hub_key)?;
     let hub = hub.pinning(key);
     let tolerance = tessera_validator::audit::Tolerance { absolute: args.tolerance_abs, relative: args.tolerance_rel };
-    eprintln!("tessera audit: recomputing round {} of {} (one validator's work for that round)", args.round, args.hub);
-    let report = tessera_validator::audit::audit(&hub, args.round, &data, device, tolerance)?;
+    let report = match &args.identity {
+        Some(file) => {
+            let me = std::sync::Arc::new(
+                tessera_trust::Identity::load(file).with_context(|| format!("identity {}", file.display()))?,
+            );
+            let public = me.public();
+            eprintln!(
+                "tessera audit: recomputing the scores of {}'s submissions to round {} of {}",
+                public.hex(),
+                args.round,
+                args.hub
+            );
+            tessera_validator::audit::audit_own(&hub.signed_by(me), &public, args.round, &data, device, tolerance)?
+        }
+        None => {
+            eprintln!(
+                "tessera audit: recomputing round {} of {} (one validator's work for that round)",
+                args.round, args.hub
+            );
+            tessera_validator::audit::audit(&hub, args.round, &data, device, tolerance)?
+        }
+    };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
-        println!("round {}: {} submissions recomputed", report.round, report.submissions.len());
+        println!(
+            "round {}: {} {}submissions recomputed",
+            report.round,
+            report.submissions.len(),
+            if report.own_only { "of your own " } else { "" }
+        );
         println!(
             "{:>5} {:>6} {:>12} {:>12} {:>12} {:>12}  verdict",
             "#", "id", "score", "recomputed", "data fit", "recomputed"
@@ -63,6 +95,9 @@ pub fn audit(args: AuditArgs) -> Result<()> {
                 num(c.recomputed.data_fit),
                 if c.problems.is_empty() { "agrees".into() } else { format!("DIFFERS: {}", c.problems.join("; ")) }
             );
+        }
+        if report.own_only {
+            println!("data fit and copy flags: not rechecked (they need the other submissions of the round)");
         }
         println!(
             "rewards: {}",
