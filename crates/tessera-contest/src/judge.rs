@@ -48,6 +48,12 @@ pub enum Flag {
 }
 
 impl Flag {
+    /// Whether the flag says its contributor was caught cheating (a copy, work trained on other
+    /// data), as opposed to work that did not help this round.
+    pub fn is_misconduct(&self) -> bool {
+        matches!(self, Flag::Copy | Flag::WrongData)
+    }
+
     pub fn as_str(&self) -> &'static str {
         match self {
             Flag::Copy => "copy",
@@ -139,6 +145,33 @@ pub fn fit_factors(history: &[(f64, u64)], now: &[Option<f64>]) -> Vec<f64> {
         .collect()
 }
 
+/// A contributor's conduct record: the rounds it took part in (a scored submission, or one
+/// refused for a reason that counts against it) and those in which it was caught cheating (a
+/// submission flagged [`Flag::is_misconduct`], or refused as malformed, a replay or trained on
+/// other data).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Conduct {
+    pub rounds: u64,
+    pub caught: u64,
+}
+
+/// Clean rounds a newcomer's record starts with: one early false alarm does not sink it.
+pub const CONDUCT_PRIOR_ROUNDS: u64 = 2;
+/// How steeply a record of being caught lowers later shares.
+pub const CONDUCT_POWER: f64 = 4.0;
+
+impl Conduct {
+    /// What its later scores are discounted by: the clean share of its rounds (with
+    /// [`CONDUCT_PRIOR_ROUNDS`] clean ones), to the power [`CONDUCT_POWER`]. An honest
+    /// contributor with one false alarm in 50 rounds keeps 0.93; one caught in 4 rounds of 10
+    /// keeps 0.20.
+    pub fn factor(&self) -> f64 {
+        let rounds = (self.rounds + CONDUCT_PRIOR_ROUNDS) as f64;
+        let clean = rounds - self.caught.min(self.rounds) as f64;
+        (clean / rounds).powf(CONDUCT_POWER)
+    }
+}
+
 /// An unflagged submission's relative share of its round's rewards: (score × fit factor)^`power`,
 /// the factor clamped to [0, 1]. The one formula [`judge`] pays by and a published round's rows
 /// are checked against ([`crate::recompute`]).
@@ -194,10 +227,16 @@ pub struct Settlement {
 /// Settles a round: fit factors from each contributor's record (`history`: sum and count of
 /// its earlier data-fit measurements, per submission), then [`judge`], then the exact split of
 /// `reward_units`. The hub runs this for scored runs; a sealed run's validator runs it itself.
-pub fn settle(mut scored: Vec<Scored>, history: &[(f64, u64)], policy: &Policy, reward_units: u64) -> Settlement {
+pub fn settle(
+    mut scored: Vec<Scored>,
+    history: &[(f64, u64)],
+    conduct: &[Conduct],
+    policy: &Policy,
+    reward_units: u64,
+) -> Settlement {
     let now: Vec<Option<f64>> = scored.iter().map(|s| s.data_fit).collect();
-    for (s, f) in scored.iter_mut().zip(fit_factors(history, &now)) {
-        s.fit_factor = f;
+    for (i, (s, f)) in scored.iter_mut().zip(fit_factors(history, &now)).enumerate() {
+        s.fit_factor = f * conduct.get(i).map_or(1.0, Conduct::factor);
     }
     let judged = judge(&scored, policy);
     let shares: Vec<f64> = judged.iter().map(|j| j.share).collect();
@@ -243,6 +282,32 @@ mod tests {
         let top1 = judge(&round, &Policy { top: Some(1), ..Policy::default() });
         assert_eq!(top1[1].flag, Some(Flag::BelowTop));
         assert_eq!(top1[0].flag, None);
+    }
+
+    #[test]
+    fn being_caught_lowers_later_shares_and_one_false_alarm_costs_little() {
+        let c = |rounds, caught| Conduct { rounds, caught }.factor();
+        assert_eq!(c(0, 0), 1.0);
+        assert_eq!(c(50, 0), 1.0);
+        assert!((c(50, 1) - (51.0f64 / 52.0).powi(4)).abs() < 1e-12 && c(50, 1) > 0.92);
+        assert!((c(10, 4) - (8.0f64 / 12.0).powi(4)).abs() < 1e-12 && c(10, 4) < 0.2);
+        // A newcomer caught in its first round keeps (2/3)^4; caught every round, it falls to 0.
+        assert!((c(1, 1) - (2.0f64 / 3.0).powi(4)).abs() < 1e-12);
+        assert!(c(100, 100) < 1e-5);
+        // A record with more catches than rounds (a damaged store) stays within [0, 1].
+        assert!((0.0..=1.0).contains(&c(1, 5)));
+        // Settling multiplies it into the fit factor the share is paid by.
+        let round = vec![s(0.02, 1.0, None), s(0.02, 1.0, None)];
+        let settled = settle(
+            round,
+            &[(0.0, 0), (0.0, 0)],
+            &[Conduct::default(), Conduct { rounds: 10, caught: 4 }],
+            &Policy::default(),
+            1000,
+        );
+        assert_eq!(settled.scored[0].fit_factor, 1.0);
+        assert!((settled.scored[1].fit_factor - c(10, 4)).abs() < 1e-12);
+        assert!(settled.rewards[1] < settled.rewards[0] / 20);
     }
 
     #[test]

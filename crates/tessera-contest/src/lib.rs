@@ -22,6 +22,6 @@ pub mod reward;
 pub mod tasks;
 
 pub use adversary::Adversary;
-pub use judge::{Flag, Judged, Policy, Scored, Settlement, fit_factors, judge, settle};
+pub use judge::{Conduct, Flag, Judged, Policy, Scored, Settlement, fit_factors, judge, settle};
 pub use rating::{Rating, Ratings};
 pub use reward::{Recorded, recompute, split_units};

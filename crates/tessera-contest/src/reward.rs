@@ -93,7 +93,7 @@ mod tests {
         .collect();
         let history = [(0.2, 10), (0.0, 10), (0.1, 5), (0.0, 0), (0.3, 10)];
         let policy = Policy::default();
-        let settled = settle(scored, &history, &policy, 1_000_003);
+        let settled = settle(scored, &history, &[], &policy, 1_000_003);
         let rows: Vec<Recorded> = settled
             .scored
             .iter()

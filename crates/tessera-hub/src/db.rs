@@ -549,6 +549,15 @@ impl Db {
             .collect();
         refused.sort_unstable();
         refused.dedup();
+        let mut caught: Vec<u64> = self
+            .rejections(run.round)
+            .await?
+            .into_iter()
+            .filter(|(_, code, _)| code_caught(code))
+            .map(|(c, _, _)| c)
+            .collect();
+        caught.sort_unstable();
+        caught.dedup();
         let mut fit: Vec<(u64, f64, u64)> = Vec::new();
         let mut earned = std::collections::BTreeSet::new();
         for s in self.scores().await? {
@@ -580,6 +589,8 @@ impl Db {
             refused,
             ratings: self.ratings().await?,
             fit,
+            conduct: self.conduct().await?,
+            caught,
             earned: earned.into_iter().collect(),
         })
     }
@@ -886,8 +897,8 @@ impl Db {
     /// reward) and its rating after each round that changed it (round, μ, σ), oldest first.
     pub async fn contributor_history(&self, contributor: u64) -> Result<ContributorHistory, HubError> {
         let rows = sqlx::query(
-            "SELECT round, base_round, score, data_fit, flag, weight, reward, fit_factor, score_se, norm_bound \
-             FROM scores WHERE contributor = $1 ORDER BY round, base_round",
+            "SELECT round, base_round, score, data_fit, flag, weight, reward, fit_factor, score_se, norm_bound, \
+             conduct FROM scores WHERE contributor = $1 ORDER BY round, base_round",
         )
         .bind(contributor as i64)
         .fetch_all(&self.pool)
@@ -905,6 +916,7 @@ impl Db {
                 fit_factor: r.get(7),
                 score_se: r.get(8),
                 norm_bound: r.get(9),
+                conduct: r.get(10),
             })
             .collect();
         let rows = sqlx::query("SELECT round, mu, sigma FROM rating_history WHERE contributor = $1 ORDER BY round")
@@ -930,6 +942,19 @@ impl Db {
         Ok(ContributorHistory { contributor, scores, ratings, rejections })
     }
 
+    /// Every contributor's conduct record (O(contributors)).
+    pub async fn conduct(&self) -> Result<Vec<(u64, tessera_contest::Conduct)>, HubError> {
+        let rows = sqlx::query("SELECT contributor, rounds, caught FROM conduct ORDER BY contributor")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                let c = tessera_contest::Conduct { rounds: u(r.try_get("rounds")?), caught: u(r.try_get("caught")?) };
+                Ok((u(r.try_get("contributor")?), c))
+            })
+            .collect()
+    }
+
     pub async fn ratings(&self) -> Result<Ratings, HubError> {
         let rows = sqlx::query("SELECT contributor, mu, sigma, rounds FROM ratings").fetch_all(&self.pool).await?;
         let mut out = Ratings::default();
@@ -943,7 +968,7 @@ impl Db {
     pub async fn scores(&self) -> Result<Vec<ScoreRow>, HubError> {
         let rows = sqlx::query(
             "SELECT contributor, base_round, round, score, data_fit, flag, weight, reward, fit_factor, score_se, \
-             norm_bound FROM scores ORDER BY round, contributor",
+             norm_bound, conduct FROM scores ORDER BY round, contributor",
         )
         .fetch_all(&self.pool)
         .await?;
@@ -955,7 +980,7 @@ impl Db {
     pub async fn round_scores(&self, round: u64) -> Result<Vec<ScoreRow>, HubError> {
         let rows = sqlx::query(
             "SELECT s.contributor, s.base_round, s.round, s.score, s.data_fit, s.flag, s.weight, s.reward, \
-             s.fit_factor, s.score_se, s.norm_bound FROM scores s LEFT JOIN submissions u \
+             s.fit_factor, s.score_se, s.norm_bound, s.conduct FROM scores s LEFT JOIN submissions u \
              ON u.contributor = s.contributor AND u.base_round = s.base_round \
              WHERE s.round = $1 ORDER BY u.received_ms, s.contributor, s.base_round",
         )
@@ -1078,6 +1103,7 @@ fn score_row(r: &sqlx::any::AnyRow) -> Result<ScoreRow, HubError> {
         fit_factor: r.try_get("fit_factor")?,
         score_se: r.try_get("score_se")?,
         norm_bound: r.try_get("norm_bound")?,
+        conduct: r.try_get("conduct")?,
     })
 }
 
@@ -1109,7 +1135,7 @@ impl Db {
         for sc in &p.scores {
             sqlx::query(
                 "INSERT INTO scores (contributor, base_round, round, score, data_fit, flag, weight, reward, fit_factor, \
-                 score_se, norm_bound) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+                 score_se, norm_bound, conduct) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
             )
             .bind(sc.contributor as i64)
             .bind(sc.base_round as i64)
@@ -1122,8 +1148,21 @@ impl Db {
             .bind(sc.fit_factor)
             .bind(sc.score_se)
             .bind(sc.norm_bound)
+            .bind(sc.conduct)
             .execute(&mut *tx)
             .await?;
+        }
+        for (contributor, c) in &p.conduct {
+            sqlx::query("DELETE FROM conduct WHERE contributor = $1")
+                .bind(*contributor as i64)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query("INSERT INTO conduct (contributor, rounds, caught) VALUES ($1, $2, $3)")
+                .bind(*contributor as i64)
+                .bind(c.rounds as i64)
+                .bind(c.caught as i64)
+                .execute(&mut *tx)
+                .await?;
         }
         for (contributor, r) in &p.ratings {
             sqlx::query("DELETE FROM ratings WHERE contributor = $1")
@@ -1198,6 +1237,12 @@ impl Db {
 fn code_counts(code: &str) -> bool {
     serde_json::from_value::<tessera_protocol::ErrorCode>(serde_json::Value::String(code.to_owned()))
         .map_or(true, counts_against_sender)
+}
+
+/// Whether a recorded refusal's code says its sender was caught cheating.
+fn code_caught(code: &str) -> bool {
+    serde_json::from_value::<tessera_protocol::ErrorCode>(serde_json::Value::String(code.to_owned()))
+        .is_ok_and(tessera_round::caught_by_refusal)
 }
 
 fn round_row(r: &sqlx::any::AnyRow) -> Result<RoundRow, HubError> {

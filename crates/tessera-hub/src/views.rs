@@ -216,6 +216,7 @@ impl Hub {
                 score: mine.score,
                 data_fit: mine.data_fit,
                 fit_factor: mine.fit_factor,
+                conduct: mine.conduct,
                 weight: mine.weight,
                 flag: mine.flag.clone(),
                 share: shares[at],
@@ -421,8 +422,15 @@ fn formula(
             let exact = if total > 0.0 { units as f64 * share / total } else { 0.0 };
             let staleness = if fit > 0.0 { s.weight / fit } else { 0.0 };
             let noise = s.score_se.map_or(String::new(), |se| format!(" ± {se:.6}"));
+            let record = match s.conduct.filter(|&c| c < 1.0 && c > 0.0) {
+                Some(c) => format!(
+                    " (data fit record {:.3} × conduct record {c:.3}: caught cheating in earlier rounds)",
+                    fit / c
+                ),
+                None => String::new(),
+            };
             format!(
-                "share = (score {score:.6}{noise} × fit factor {fit:.3})^{power} = {share:.4e}; \
+                "share = (score {score:.6}{noise} × fit factor {fit:.3}{record})^{power} = {share:.4e}; \
                  units = {units} × {share:.4e} / {total:.4e} (the round's shares) = {exact:.2} → {} \
                  (largest-remainder split: the round's units exactly); \
                  aggregation weight = staleness {staleness:.3} × fit factor {fit:.3} = {:.3}",

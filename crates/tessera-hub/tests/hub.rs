@@ -625,6 +625,36 @@ fn scored_rounds(kind: &str) {
     let server = Server::start(&b, spec.clone());
     let board2: Leaderboard = leaderboard(&server.url);
     assert_eq!(board2.rows, board.rows);
+
+    // The replay counts against its sender after the restart too: rounds 1 and 2 score everyone
+    // alike, and in round 2 its share is discounted by its conduct record (two rounds, caught
+    // in one: (3/4)^4), which its explanation names.
+    let url = server.url.clone();
+    // The same keys, talking to the restarted hub.
+    let again: Vec<Client> = clients.iter().map(|c| Client::register_key(&url, "again", c.key.clone())).collect();
+    assert!(again.iter().zip(&clients).all(|(a, c)| a.id == c.id));
+    for round in 1..3u64 {
+        let base = info(&url).checkpoint;
+        for (i, c) in again.iter().enumerate() {
+            c.submit_raw(message(&run, run.spec.codec, round, &base, &delta(0.1 + 0.01 * i as f32))).unwrap();
+        }
+        let job: ScoringJob = validator_get(&url, "/v1/validator/job", Some(VALIDATOR)).json().unwrap();
+        let report = ScoreReport {
+            round,
+            scores: job.submissions.iter().map(|s| score(s.contributor, 0.01)).collect(),
+            held_out_loss: Some(2.5),
+            task: None,
+            samples: Vec::new(),
+        };
+        assert_eq!(post_scores(&url, &report), StatusCode::NO_CONTENT);
+    }
+    let last = |id: u64| client(&url).rewards(id, 1).unwrap().remove(0);
+    let (cheat, honest) = (last(clients[1].id), last(clients[0].id));
+    assert_eq!((cheat.round, honest.round), (2, 2));
+    let kept = 0.75f64.powi(4);
+    assert!((cheat.conduct.unwrap() - kept).abs() < 1e-9 && honest.conduct == Some(1.0), "{cheat:?} {honest:?}");
+    assert!(cheat.formula.contains("conduct record 0.316") && cheat.reproduced, "{}", cheat.formula);
+    assert!(cheat.reward < honest.reward / 3);
     server.stop();
 }
 

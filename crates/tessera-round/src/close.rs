@@ -3,7 +3,7 @@
 //! publication that moves the run to its next round.
 
 use tessera_contest::rating::Standing;
-use tessera_contest::{Policy, Ratings, Scored, Settlement, settle};
+use tessera_contest::{Conduct, Policy, Ratings, Scored, Settlement, settle};
 use tessera_protocol::api::{ApiError, ErrorCode, ScoreReport, Verdict};
 
 use crate::{Accepted, Closed, Event, Publication, Run, ScoreRow, refusal};
@@ -198,7 +198,7 @@ impl Run {
         let row_of = |r: &Accepted,
                       (score, score_se, norm_bound): (Option<f64>, Option<f64>, Option<f64>),
                       data_fit: Option<f64>,
-                      fit_factor,
+                      (fit_factor, conduct): (Option<f64>, Option<f64>),
                       flag: Option<&str>,
                       weight,
                       reward| {
@@ -211,6 +211,7 @@ impl Run {
                 fit_factor,
                 score_se,
                 norm_bound,
+                conduct,
                 flag: flag.map(str::to_owned),
                 weight,
                 reward,
@@ -234,7 +235,7 @@ impl Run {
                             r,
                             (Some(sc.score), sc.score_se, sc.norm_bound),
                             sc.data_fit,
-                            fit,
+                            (fit, None),
                             st.flag.as_deref(),
                             st.weight,
                             st.reward,
@@ -261,7 +262,10 @@ impl Run {
                     })
                     .collect();
                 let policy = Policy { reward_power: contest.reward_power, top: contest.top.map(|t| t as usize) };
-                let Settlement { scored, judged, rewards } = settle(scored, &history, &policy, contest.reward_units);
+                let conduct: Vec<Conduct> =
+                    rows.iter().map(|r| self.conduct.get(&r.contributor).copied().unwrap_or_default()).collect();
+                let Settlement { scored, judged, rewards } =
+                    settle(scored, &history, &conduct, &policy, contest.reward_units);
                 let ratings = self.rated(
                     scored
                         .iter()
@@ -272,10 +276,19 @@ impl Run {
                     .iter()
                     .zip(&scored)
                     .zip(judged.iter().zip(&rewards))
-                    .map(|((r, s), (j, &reward))| {
-                        let fit = Some(s.fit_factor);
+                    .zip(&conduct)
+                    .map(|(((r, s), (j, &reward)), c)| {
+                        let factors = (Some(s.fit_factor), Some(c.factor()));
                         let flag = j.flag.map(|f| f.as_str());
-                        row_of(r, (Some(s.score), s.score_se, s.norm_bound), s.data_fit, fit, flag, j.weight, reward)
+                        row_of(
+                            r,
+                            (Some(s.score), s.score_se, s.norm_bound),
+                            s.data_fit,
+                            factors,
+                            flag,
+                            j.weight,
+                            reward,
+                        )
                     })
                     .collect();
                 (judged.iter().map(|j| j.weight).collect(), scores, Some(ratings))
@@ -285,7 +298,7 @@ impl Run {
                 let scores = match self.spec.contest {
                     Some(_) => rows
                         .iter()
-                        .map(|r| row_of(r, (None, None, None), None, None, Some("unscored"), r.weight, 0))
+                        .map(|r| row_of(r, (None, None, None), None, (None, None), Some("unscored"), r.weight, 0))
                         .collect(),
                     None => Vec::new(),
                 };
@@ -331,6 +344,18 @@ impl Run {
             let best = ratings.leaderboard(admitted).into_iter().take(top as usize).map(|(id, _)| id).collect();
             Some((k as u64, best))
         });
+        // Everyone who took part in a scored round has one more round on their conduct record.
+        let conduct = if self.spec.contest.is_some() {
+            crate::took_part(&plan.scores, &self.refused, &self.caught)
+                .into_iter()
+                .map(|(id, caught)| {
+                    let before = self.conduct.get(&id).copied().unwrap_or_default();
+                    (id, Conduct { rounds: before.rounds + 1, caught: before.caught + u64::from(caught) })
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
         let changed = plan.ratings.as_ref().map_or_else(Vec::new, |r| {
             r.0.iter().filter(|(id, v)| self.ratings.0.get(id) != Some(v)).map(|(id, v)| (*id, *v)).collect()
         });
@@ -346,6 +371,7 @@ impl Run {
             finished: plan.finished,
             scores: plan.scores,
             ratings: changed,
+            conduct,
             qualified,
             members,
             phase_start: plan.next_phase.map(|k| (k as u64, plan.round + 1)),

@@ -28,7 +28,7 @@ mod snapshot;
 use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
-use tessera_contest::{Rating, Ratings};
+use tessera_contest::{Conduct, Flag, Rating, Ratings};
 use tessera_protocol::api::{ApiError, ErrorCode, RunSpec, TensorSpec};
 
 pub use admit::{Admission, Facts, MessageHeader, Submission};
@@ -70,6 +70,10 @@ pub struct ScoreRow {
     /// The norm bound it was scored against, where reported.
     #[serde(default)]
     pub norm_bound: Option<f64>,
+    /// The part of `fit_factor` that is its contributor's conduct record (earlier rounds in
+    /// which it was caught cheating; 1: none), where the hub settled the round.
+    #[serde(default)]
+    pub conduct: Option<f64>,
     pub flag: Option<String>,
     pub weight: f64,
     pub reward: u64,
@@ -120,6 +124,8 @@ pub struct Publication {
     pub scores: Vec<ScoreRow>,
     /// Ratings this round changed.
     pub ratings: Vec<(u64, Rating)>,
+    /// Conduct records this round changed (scored runs): everyone who took part in it.
+    pub conduct: Vec<(u64, Conduct)>,
     /// Who qualified, best first, when this round is the promotion boundary.
     pub qualified: Vec<u64>,
     /// When this round ends a phase whose successor admits only the top of the leaderboard:
@@ -188,6 +194,10 @@ pub struct Run {
     ratings: Ratings,
     /// Each contributor's measured data fits so far: (sum, count).
     fit: BTreeMap<u64, (f64, u64)>,
+    /// Each contributor's conduct record over the published rounds.
+    conduct: BTreeMap<u64, Conduct>,
+    /// Contributors refused this round as cheats (`caught_by_refusal`).
+    caught: BTreeSet<u64>,
     /// Contributors who ever earned reward units (only they can qualify).
     earned: BTreeSet<u64>,
 }
@@ -229,6 +239,8 @@ impl Run {
             refused: s.refused.into_iter().collect(),
             ratings: s.ratings,
             fit: s.fit.into_iter().map(|(c, sum, n)| (c, (sum, n))).collect(),
+            conduct: s.conduct.into_iter().collect(),
+            caught: s.caught.into_iter().collect(),
             earned: s.earned.into_iter().collect(),
         };
         run.prune_bases();
@@ -251,6 +263,9 @@ impl Run {
             Event::Refused { contributor, round, code, .. } => {
                 if *round == self.round && counts_against_sender(*code) {
                     self.refused.insert(*contributor);
+                }
+                if *round == self.round && caught_by_refusal(*code) {
+                    self.caught.insert(*contributor);
                 }
             }
             Event::Closed { round, closed } => {
@@ -308,6 +323,7 @@ impl Run {
                 self.earned.insert(row.contributor);
             }
         }
+        self.conduct.extend(p.conduct.iter().copied());
         self.round += 1;
         self.finished = p.finished;
         self.bases.insert(self.round, p.result_checkpoint.clone());
@@ -315,6 +331,7 @@ impl Run {
         self.closed = None;
         self.pending.clear();
         self.refused.clear();
+        self.caught.clear();
         if let Some((phase, start)) = p.phase_start {
             if phase as usize != self.starts.len() || phase as usize > self.spec.phases.len() {
                 return Err(RoundError::Inconsistent(format!("phase {phase} starts at round {start}")));
@@ -435,6 +452,28 @@ impl Run {
         }
         Ok(round < self.round || self.closed.is_some())
     }
+}
+
+/// Whether a refusal says its sender was caught cheating: bytes that are not a valid message,
+/// the exact bytes of an earlier submission, or a claim of data its round did not assign.
+pub fn caught_by_refusal(code: ErrorCode) -> bool {
+    matches!(code, ErrorCode::MalformedMessage | ErrorCode::Replay | ErrorCode::WrongData)
+}
+
+/// Who took part in a closing round, and whether each was caught: every contributor with a
+/// scored row (rows of an unscored round count for nobody) or refused for a reason that counts
+/// against it; caught if a row of its was flagged as misconduct or it was refused as a cheat.
+/// Cost: O(rows + refused).
+pub(crate) fn took_part(rows: &[ScoreRow], refused: &BTreeSet<u64>, caught: &BTreeSet<u64>) -> BTreeMap<u64, bool> {
+    let mut out: BTreeMap<u64, bool> = BTreeMap::new();
+    for r in rows.iter().filter(|r| r.score.is_some()) {
+        let flagged = r.flag.as_deref().is_some_and(|f| f == Flag::Copy.as_str() || f == Flag::WrongData.as_str());
+        *out.entry(r.contributor).or_default() |= flagged;
+    }
+    for &c in refused.iter().chain(caught) {
+        *out.entry(c).or_default() |= caught.contains(&c);
+    }
+    out
 }
 
 /// Adds a scored submission's data fit, if measured, to its contributor's record.

@@ -8,7 +8,8 @@ use serde::{Deserialize, Serialize};
 use tessera_contest::Ratings;
 use tessera_protocol::api::RunSpec;
 
-use crate::{Accepted, Closed, Event, counts_against_sender};
+use crate::{Accepted, Closed, Event, caught_by_refusal, counts_against_sender};
+use tessera_contest::Conduct;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Snapshot {
@@ -35,6 +36,12 @@ pub struct Snapshot {
     pub ratings: Ratings,
     /// (contributor, sum, count) of measured data fits.
     pub fit: Vec<(u64, f64, u64)>,
+    /// Each contributor's conduct record over the published rounds.
+    #[serde(default)]
+    pub conduct: Vec<(u64, Conduct)>,
+    /// Contributors refused this round as cheats.
+    #[serde(default)]
+    pub caught: Vec<u64>,
     /// Contributors who ever earned reward units.
     pub earned: Vec<u64>,
 }
@@ -57,6 +64,8 @@ impl Snapshot {
             refused: Vec::new(),
             ratings: Ratings::default(),
             fit: Vec::new(),
+            conduct: Vec::new(),
+            caught: Vec::new(),
             earned: Vec::new(),
         }
     }
@@ -76,6 +85,9 @@ impl Snapshot {
                 if *round == self.round && counts_against_sender(*code) && !self.refused.contains(contributor) {
                     self.refused.push(*contributor);
                 }
+                if *round == self.round && caught_by_refusal(*code) && !self.caught.contains(contributor) {
+                    self.caught.push(*contributor);
+                }
             }
             // rounds: the current round's state, closed_by and closed_ms.
             Event::Closed { closed, .. } => self.closed = Some(closed.clone()),
@@ -91,6 +103,14 @@ impl Snapshot {
                 self.closed = None;
                 self.pending.clear();
                 self.refused.clear();
+                self.caught.clear();
+                // conduct: the changed records replaced.
+                for &(id, c) in &p.conduct {
+                    match self.conduct.iter_mut().find(|e| e.0 == id) {
+                        Some(e) => e.1 = c,
+                        None => self.conduct.push((id, c)),
+                    }
+                }
                 for (id, r) in &p.ratings {
                     self.ratings.0.insert(*id, *r);
                 }

@@ -548,3 +548,53 @@ fn a_sealed_round_waits_for_its_validators_seed_commitment() {
     let unsealed = Run::restore(Snapshot::new(spec(2, 1, true, false, None), "ab".repeat(16), hash(0), commitment(0)));
     assert_eq!(unsealed.unwrap().commit_seed(0, &commitment(0)).unwrap_err().code, ErrorCode::BadRequest);
 }
+
+/// A contributor caught cheating (its submission reported a copy) is paid less in later rounds:
+/// its conduct record lowers its fit factor, its row says by how much, and a restart keeps the
+/// record.
+#[test]
+fn a_contributor_caught_cheating_is_paid_less_afterwards() {
+    let mut shell = Shell::new(spec(2, 1, true, false, None), true);
+    shell.step(&Op::Register);
+    shell.step(&Op::Register);
+    let report = |round: u64, copy: bool| ScoreReport {
+        round,
+        scores: (0..2)
+            .map(|c| SubmissionScore {
+                contributor: c,
+                score: 0.02,
+                data_fit: None,
+                copy_of: (copy && c == 1).then_some(0),
+                score_se: None,
+                norm_bound: None,
+            })
+            .collect(),
+        held_out_loss: Some(1.0),
+        task: None,
+        samples: Vec::new(),
+    };
+    for round in 0..2u64 {
+        shell.submit(0, 0, false, false, 10).unwrap();
+        shell.submit(1, 0, false, false, 10).unwrap();
+        let r = report(round, round == 0);
+        let plan = shell.run.plan(Judgement::Scored(&r), "quorum").unwrap();
+        let (honest, cheat) = (&plan.scores[0], &plan.scores[1]);
+        if round == 0 {
+            assert_eq!(cheat.flag.as_deref(), Some("copy"));
+            assert_eq!((honest.conduct, cheat.conduct), (Some(1.0), Some(1.0)), "nobody has a record yet");
+        } else {
+            // One round, caught in it: (2 / 3)^4 of its share and aggregation weight.
+            let kept = (2.0f64 / 3.0).powi(4);
+            assert_eq!(cheat.flag, None);
+            assert!((cheat.conduct.unwrap() - kept).abs() < 1e-12, "{cheat:?}");
+            assert!((cheat.fit_factor.unwrap() - kept).abs() < 1e-12 && cheat.weight < honest.weight);
+            assert_eq!((honest.conduct, honest.fit_factor), (Some(1.0), Some(1.0)));
+            assert!(cheat.reward * 4 < honest.reward, "{honest:?} {cheat:?}");
+        }
+        shell.finish(Judgement::Scored(&r), "quorum").unwrap();
+        // What was persisted restores to the same run, record included.
+        let before = shell.run.clone();
+        shell.step(&Op::Crash);
+        assert_eq!(shell.run, before);
+    }
+}

@@ -136,7 +136,11 @@ pub fn scorer_for(run: &RunInfo, data: &DataConfig, device: Device) -> Result<(S
     };
     let model_config = LlamaConfig::from_json(run.spec.model.clone())
         .map_err(|e| ValidatorError::Bad { round: run.round, message: format!("the run's model config: {e}") })?;
-    let score = ScoreConfig { eval_windows: contest.eval_windows as usize, fit_windows: contest.fit_windows as usize };
+    let score = ScoreConfig {
+        eval_windows: contest.eval_windows as usize,
+        fit_windows: contest.fit_windows as usize,
+        step: 1.0,
+    };
     let scorer = Scorer::new(inner_config(run, 0), &model_config, dataset, device, score)?;
     Ok((scorer, shards))
 }
@@ -470,7 +474,7 @@ impl Validator {
         let history: Vec<(f64, u64)> =
             job.submissions.iter().map(|s| sealed.fit.get(&s.contributor_key).copied().unwrap_or_default()).collect();
         let policy = Policy { reward_power: contest.reward_power, top: contest.top.map(|t| t as usize) };
-        let Settlement { scored, judged, rewards } = settle(all, &history, &policy, contest.reward_units);
+        let Settlement { scored, judged, rewards } = settle(all, &history, &[], &policy, contest.reward_units);
         let flags: Vec<Option<String>> = judged
             .iter()
             .zip(&malformed)

@@ -35,11 +35,20 @@ pub struct ScoreConfig {
     pub eval_windows: usize,
     /// Assigned windows per submission in the data-fit check.
     pub fit_windows: usize,
+    /// The step a submission is scored at: its held-out gain from θ − step·Δ, over step. 1 scores
+    /// what the submission does alone; 1/n (n submissions) what it adds as one of n in their
+    /// mean, where the noise a mean averages out no longer costs it (nor favours pooled work).
+    #[serde(default = "whole_step")]
+    pub step: f64,
+}
+
+fn whole_step() -> f64 {
+    1.0
 }
 
 impl Default for ScoreConfig {
     fn default() -> Self {
-        ScoreConfig { eval_windows: 32, fit_windows: 16 }
+        ScoreConfig { eval_windows: 32, fit_windows: 16, step: 1.0 }
     }
 }
 
@@ -346,15 +355,26 @@ impl Scorer {
             let var = d.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / (n - 1.0).max(1.0);
             (mean, (var / n).sqrt())
         };
+        let step = self.config.step;
+        let val = &self.trainer.dataset.validation;
         write_params(&self.trainer.model, &applied(shrink as f32))?;
-        let clipped = gain(&self.trainer.window_losses(&self.trainer.dataset.validation, eval)?, shrink);
         at_bound(self)?;
+        let mut forward = 0;
+        // The gain at `length` × the step, per unit of step, times `scale`.
+        let mut at = |length: f64, scale: f64| -> Result<(f64, f64), TrainError> {
+            if step != 1.0 || length != shrink {
+                write_params(&self.trainer.model, &applied((length * step) as f32))?;
+            }
+            forward += eval.len() as u64;
+            let (mean, se) = gain(&self.trainer.window_losses(val, eval)?, scale / step);
+            Ok((mean, se))
+        };
+        let clipped = at(shrink, shrink)?;
         if shrink >= 1.0 {
-            return Ok((clipped, eval.len() as u64));
+            return Ok((clipped, forward));
         }
-        write_params(&self.trainer.model, &applied(1.0))?;
-        let full = gain(&self.trainer.window_losses(&self.trainer.dataset.validation, eval)?, 1.0);
-        Ok((if full.0 < clipped.0 { full } else { clipped }, 2 * eval.len() as u64))
+        let full = at(1.0, 1.0)?;
+        Ok((if full.0 < clipped.0 { full } else { clipped }, forward))
     }
 
     /// One submission's score and its standard error as its round measured it, from the

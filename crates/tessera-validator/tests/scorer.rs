@@ -72,9 +72,14 @@ fn scores_fits_and_copies() {
     candidates.push(candidate(4, delta(&dataset, &theta, 1004)));
     candidates.push(candidate(5, honest[1].iter().map(|t| t.iter().map(|v| 100.0 * v).collect()).collect()));
     candidates.push(candidate(6, honest[0].clone()));
-    let mut scorer =
-        Scorer::new(inner(0), &config, dataset.clone(), Device::Cpu, ScoreConfig { eval_windows: 16, fit_windows: 16 })
-            .unwrap();
+    let mut scorer = Scorer::new(
+        inner(0),
+        &config,
+        dataset.clone(),
+        Device::Cpu,
+        ScoreConfig { eval_windows: 16, fit_windows: 16, ..ScoreConfig::default() },
+    )
+    .unwrap();
     let seed = [3u8; 32];
     let tessera_validator::RoundScores { scored: scores, cost, held_out_loss, .. } =
         scorer.score(&theta, &candidates, &seed).unwrap();
@@ -148,9 +153,14 @@ fn the_data_fit_tells_assigned_from_other_windows() {
             assigned: None,
         })
         .collect();
-    let mut scorer =
-        Scorer::new(inner(0), &config, dataset.clone(), Device::Cpu, ScoreConfig { eval_windows: 4, fit_windows: 32 })
-            .unwrap();
+    let mut scorer = Scorer::new(
+        inner(0),
+        &config,
+        dataset.clone(),
+        Device::Cpu,
+        ScoreConfig { eval_windows: 4, fit_windows: 32, ..ScoreConfig::default() },
+    )
+    .unwrap();
     let (mut honest, mut wrong) = (Vec::new(), Vec::new());
     for seed in 0..4u8 {
         let scores = scorer.score(&theta, &candidates, &[seed; 32]).unwrap().scored;

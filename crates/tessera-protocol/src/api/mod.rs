@@ -337,6 +337,9 @@ pub struct RewardExplanation {
     /// This round's data-fit measurement, and the factor its contributor's record gave.
     pub data_fit: Option<f64>,
     pub fit_factor: Option<f64>,
+    /// The part of the fit factor that is its contributor's conduct record (1: never caught).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conduct: Option<f64>,
     /// Aggregation weight: staleness weight × fit factor (0: left out).
     pub weight: f64,
     pub flag: Option<String>,
@@ -384,6 +387,10 @@ pub struct ScoredSubmission {
     /// The norm bound it was scored against (`SubmissionScore::norm_bound`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub norm_bound: Option<f64>,
+    /// The part of its fit factor that is its contributor's conduct record: earlier rounds in
+    /// which it was caught cheating lower it below 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conduct: Option<f64>,
 }
 
 /// A round as the hub announces it (`GET /v1/rounds/{r}`, signed): what it starts from, the

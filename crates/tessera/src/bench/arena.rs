@@ -73,6 +73,10 @@ pub struct ArenaArgs {
     eval_windows: u32,
     #[arg(long, default_value_t = 16)]
     fit_windows: u32,
+    /// The step submissions are scored at (`ScoreConfig::step`): 1 scores each alone, 1/n as
+    /// one of the round's n in their mean.
+    #[arg(long, default_value_t = 1.0)]
+    score_step: f64,
     /// Validation windows for the reported loss.
     #[arg(long, default_value_t = 200)]
     val_windows: usize,
@@ -117,6 +121,9 @@ struct Outcome {
     rejected: BTreeMap<String, u64>,
     honest_rejected: u64,
     attacker_reward_fraction: f64,
+    /// Each attack kind's share of all the run's rewards (the kind an attacker used in the
+    /// round a reward was paid for; `mixed` rotates kinds every round).
+    reward_fraction_by_kind: BTreeMap<String, f64>,
     /// Mean data fit (gain on assigned minus random windows) of honest and attacking
     /// submissions that were scored.
     honest_data_fit: Option<f64>,
@@ -182,6 +189,9 @@ pub fn bench_arena(args: ArenaArgs) -> Result<()> {
     if args.contributors < 2 || args.attackers >= args.contributors || args.rounds == 0 || args.inner_steps == 0 {
         bail!("need at least 2 contributors, fewer attackers than contributors, and positive rounds and inner steps");
     }
+    if !(args.score_step > 0.0 && args.score_step <= 1.0) {
+        bail!("--score-step must be in (0, 1], not {}", args.score_step);
+    }
     let device = setup_runtime(&args.runtime)?;
     let dataset = load_dataset(&args.data)?;
     let mut model_config = LlamaConfig::from_preset_or_path(&args.model)?;
@@ -229,6 +239,15 @@ pub fn bench_arena(args: ArenaArgs) -> Result<()> {
                 "MIXED".to_string()
             }
         );
+        let earning: Vec<String> = out
+            .reward_fraction_by_kind
+            .iter()
+            .filter(|&(_, &f)| f > 0.0)
+            .map(|(k, f)| format!("{k} {:.2}%", 100.0 * f))
+            .collect();
+        if sc.mixed && !earning.is_empty() {
+            println!("{:<14} rewards by attack kind: {}", "", earning.join(", "));
+        }
         if let Some(path) = &args.json_out {
             let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
             writeln!(f, "{}", serde_json::to_string(&out)?)?;
@@ -279,7 +298,11 @@ fn run_scenario(
     let mut feedback: Vec<Vec<ErrorFeedback>> = (0..n)
         .map(|_| lengths.iter().map(|&l| ErrorFeedback::new(l).with_decay(spec.feedback_decay)).collect())
         .collect();
-    let score_config = ScoreConfig { eval_windows: args.eval_windows as usize, fit_windows: args.fit_windows as usize };
+    let score_config = ScoreConfig {
+        eval_windows: args.eval_windows as usize,
+        fit_windows: args.fit_windows as usize,
+        step: args.score_step,
+    };
     let mut scorer = Scorer::new(inner_config(&info, 0), model_config, dataset.clone(), device, score_config)?;
     let evaluator = Trainer::new(
         TrainConfig { eval_windows: args.val_windows, ..inner_config(&info, 0) },
@@ -304,6 +327,8 @@ fn run_scenario(
     let attacker_ids_now: Vec<u64> = ids[honest..].to_vec();
     let (mut fits, mut score_lists): ([Vec<f64>; 2], [Vec<f64>; 2]) = Default::default();
     let (mut flags, mut scored_by_side): ([BTreeMap<String, u64>; 2], [u64; 2]) = Default::default();
+    // Reward units paid, by the kind each submission's sender used that round ("honest": none).
+    let mut paid_by_kind: BTreeMap<String, u64> = BTreeMap::new();
     let mean = |v: &Vec<f64>| (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64);
     for round in 0..args.rounds {
         let info = rt.block_on(hub.info());
@@ -469,6 +494,8 @@ fn run_scenario(
             rt.block_on(hub.post_scores("validator", report)).map_err(anyhow::Error::msg)?;
             for row in rt.block_on(hub.round_scores(round))? {
                 let side = usize::from(attacker_ids_now.contains(&row.contributor));
+                let kind = ids.iter().position(|&id| id == row.contributor).and_then(|i| kinds[i]);
+                *paid_by_kind.entry(kind.map_or("honest", |k| k.name()).to_owned()).or_default() += row.reward;
                 scored_by_side[side] += 1;
                 if let Some(flag) = row.flag {
                     *flags[side].entry(flag).or_default() += 1;
@@ -519,6 +546,14 @@ fn run_scenario(
         rejected,
         honest_rejected,
         attacker_reward_fraction: if total > 0 { attacker_rewards as f64 / total as f64 } else { 0.0 },
+        reward_fraction_by_kind: {
+            let paid: u64 = paid_by_kind.values().sum();
+            paid_by_kind
+                .iter()
+                .filter(|(k, _)| k.as_str() != "honest")
+                .map(|(k, &v)| (k.clone(), if paid > 0 { v as f64 / paid as f64 } else { 0.0 }))
+                .collect()
+        },
         honest_data_fit: mean(&fits[0]),
         attacker_data_fit: mean(&fits[1]),
         honest_score: mean(&score_lists[0]),

@@ -149,7 +149,7 @@ fn measure(name: &str, config: &LlamaConfig, args: &BenchValidatorArgs, device: 
     drop(trainer);
 
     // One validator task of K submissions, as it scores a real one.
-    let score = ScoreConfig { eval_windows: args.eval_windows, fit_windows: args.fit_windows };
+    let score = ScoreConfig { eval_windows: args.eval_windows, fit_windows: args.fit_windows, step: 1.0 };
     let mut scorer = Scorer::new(inner, config, dataset, device, score)?;
     tch::manual_seed(7);
     let random = |n: usize| -> Result<Vec<f32>> {
