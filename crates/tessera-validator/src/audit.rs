@@ -201,7 +201,7 @@ pub fn audit_own(
                 .into(),
         ));
     }
-    let Prepared { run, contest, audit, seed, mut scorer, shards, theta, lengths } =
+    let Prepared { run, contest, audit, seed, scorer, shards, theta, lengths } =
         prepare(hub, (run, hub.round_audit(round)?), data, device)?;
     let mine: Vec<usize> =
         (0..audit.job.submissions.len()).filter(|&i| audit.job.submissions[i].contributor_key == me.hex()).collect();

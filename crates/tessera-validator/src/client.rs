@@ -139,7 +139,7 @@ pub fn scorer_for(run: &RunInfo, data: &DataConfig, device: Device) -> Result<(S
     let score = ScoreConfig {
         eval_windows: contest.eval_windows as usize,
         fit_windows: contest.fit_windows as usize,
-        step: 1.0,
+        step: contest.score_step,
     };
     let scorer = Scorer::new(inner_config(run, 0), &model_config, dataset, device, score)?;
     Ok((scorer, shards))

@@ -35,20 +35,14 @@ pub struct ScoreConfig {
     pub eval_windows: usize,
     /// Assigned windows per submission in the data-fit check.
     pub fit_windows: usize,
-    /// The step a submission is scored at: its held-out gain from θ − step·Δ, over step. 1 scores
-    /// what the submission does alone; 1/n (n submissions) what it adds as one of n in their
-    /// mean, where the noise a mean averages out no longer costs it (nor favours pooled work).
-    #[serde(default = "whole_step")]
+    /// The step a submission is scored at (the run's `score_step`): its held-out gain from
+    /// θ − step·Δ, over step.
     pub step: f64,
-}
-
-fn whole_step() -> f64 {
-    1.0
 }
 
 impl Default for ScoreConfig {
     fn default() -> Self {
-        ScoreConfig { eval_windows: 32, fit_windows: 16, step: 1.0 }
+        ScoreConfig { eval_windows: 32, fit_windows: 16, step: tessera_protocol::api::DEFAULT_SCORE_STEP }
     }
 }
 
@@ -382,7 +376,7 @@ impl Scorer {
     /// a contributor recomputes of its own submission without anyone else's (`tessera audit
     /// --identity`). Costs 2–3 × `eval_windows` forward windows.
     pub fn score_own(
-        &mut self,
+        &self,
         theta: &[Vec<f32>],
         delta: &[Vec<f32>],
         seed: &[u8; 32],

@@ -173,3 +173,36 @@ fn the_data_fit_tells_assigned_from_other_windows() {
     eprintln!("data fit: honest {:.4}, other windows {:.4}", mean(&honest), mean(&wrong));
     assert!(mean(&honest) > mean(&wrong) + 0.005, "honest {honest:?}\nother windows {wrong:?}");
 }
+
+/// Scored at a small step, a submission's score is what it adds to a mean of submissions to
+/// first order: the mean of four honest Δs scores the mean of their scores, where scored alone
+/// (step 1) the mean gains the noise it averaged out. Pooling several workers' Δs into one
+/// submission then earns no more than the parts.
+#[test]
+fn a_small_step_scores_a_pooled_submission_as_the_mean_of_its_parts() {
+    let (dataset, theta) = trained_base();
+    let config = preset("tiny").unwrap();
+    let parts: Vec<Vec<Vec<f32>>> = (0..4).map(|slot| delta(&dataset, &theta, slot)).collect();
+    let pooled: Vec<Vec<f32>> = (0..parts[0].len())
+        .map(|t| (0..parts[0][t].len()).map(|j| parts.iter().map(|p| p[t][j]).sum::<f32>() / 4.0).collect())
+        .collect();
+    let seed = [5u8; 32];
+    let gap = |step: f64| {
+        let scorer = Scorer::new(
+            inner(0),
+            &config,
+            dataset.clone(),
+            Device::Cpu,
+            ScoreConfig { eval_windows: 16, fit_windows: 4, step },
+        )
+        .unwrap();
+        // A bound no Δ reaches: the step alone is compared.
+        let score = |d: &Vec<Vec<f32>>| scorer.score_own(&theta, d, &seed, f64::MAX).unwrap().0;
+        let parts_mean = parts.iter().map(&score).sum::<f64>() / 4.0;
+        (score(&pooled) - parts_mean, parts_mean)
+    };
+    let (alone, _) = gap(1.0);
+    let (small, mean) = gap(0.05);
+    assert!(alone > 0.0, "scored alone, the pooled Δ gains from the averaging: {alone}");
+    assert!(small.abs() < 0.1 * mean.abs() && small.abs() < 0.25 * alone, "{small} against {alone} (mean {mean})");
+}

@@ -143,6 +143,12 @@ pub struct ContestArgs {
     /// Assigned windows per submission in the data-fit check.
     #[arg(long, default_value_t = 16)]
     pub fit_windows: u32,
+    /// Score each submission at this step: its held-out gain from θ − STEP·Δ, over STEP. A
+    /// small step scores what it adds to the round's mean (first order), so honest noise that
+    /// the mean averages out does not count against it and a submission pooled from several
+    /// workers gains no edge; 1 scores what it does applied alone (docs/competition.md).
+    #[arg(long, value_name = "STEP", default_value_t = tessera_protocol::api::DEFAULT_SCORE_STEP)]
+    pub score_step: f64,
     /// Aggregate unscored if no scores arrive this many seconds after submissions close.
     #[arg(long, default_value_t = 600.0)]
     pub score_timeout: f64,
@@ -204,6 +210,7 @@ impl ContestArgs {
             top: self.top,
             eval_windows: self.eval_windows,
             fit_windows: self.fit_windows,
+            score_step: self.score_step,
             score_timeout_ms: (self.score_timeout * 1000.0) as u64,
             promote_top: self.promote_top,
             promote_at: self.promote_at,
@@ -558,6 +565,7 @@ mod tests {
         ("top", "4"),
         ("eval_windows", "9"),
         ("fit_windows", "6"),
+        ("score_step", "0.1"),
         ("score_timeout", "12"),
         ("promote_top", "3"),
         ("promote_at", "5"),

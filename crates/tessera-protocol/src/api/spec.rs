@@ -256,6 +256,13 @@ pub struct ContestSpec {
     /// Held-out windows per score, and assigned windows per contributor in the data-fit check.
     pub eval_windows: u32,
     pub fit_windows: u32,
+    /// The step each submission is scored at: its held-out gain from θ − step·Δ, over step.
+    /// A small step measures the first-order gain, linear in Δ: what a submission adds as one
+    /// of many in their mean, where the noise a mean averages out no longer costs it — and a
+    /// submission pooled from several workers' Δs scores their mean, not more. 1 scores what it
+    /// does applied alone (the rule of specs written before this field, which read as 1).
+    #[serde(default = "whole_step")]
+    pub score_step: f64,
     /// A round whose scores have not arrived this long after its submissions closed is
     /// aggregated unscored (staleness weights only, no rewards, ratings unchanged).
     pub score_timeout_ms: u64,
@@ -276,6 +283,14 @@ pub struct ContestSpec {
     /// every round whole.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tasks: Option<TaskSpec>,
+}
+
+/// A new run's score step: small enough that scores are first-order for Δs within the norm
+/// bound (`docs/competition.md`, measured in `tessera bench arena`).
+pub const DEFAULT_SCORE_STEP: f64 = 0.05;
+
+fn whole_step() -> f64 {
+    1.0
 }
 
 /// How a round's scoring is shared among validators (`tessera_contest::tasks`).
@@ -339,6 +354,9 @@ impl ContestSpec {
         if self.eval_windows > 4096 || self.fit_windows > 4096 {
             return Err("at most 4096 evaluation or data-fit windows".into());
         }
+        if !(self.score_step > 0.0 && self.score_step <= 1.0) {
+            return Err(format!("a score step of {} is not in (0, 1]", self.score_step));
+        }
         if let Some(t) = &self.tasks {
             t.validate().map_err(|e| format!("tasks: {e}"))?;
         }
@@ -354,6 +372,7 @@ impl Default for ContestSpec {
             top: None,
             eval_windows: 32,
             fit_windows: 16,
+            score_step: DEFAULT_SCORE_STEP,
             score_timeout_ms: 600_000,
             promote_top: 10,
             promote_at: None,

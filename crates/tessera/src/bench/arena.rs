@@ -73,9 +73,9 @@ pub struct ArenaArgs {
     eval_windows: u32,
     #[arg(long, default_value_t = 16)]
     fit_windows: u32,
-    /// The step submissions are scored at (`ScoreConfig::step`): 1 scores each alone, 1/n as
-    /// one of the round's n in their mean.
-    #[arg(long, default_value_t = 1.0)]
+    /// The step submissions are scored at (the run's `score_step`, in (0, 1]): small scores
+    /// what each adds to the round's mean, 1 what it does alone.
+    #[arg(long, default_value_t = tessera_protocol::api::DEFAULT_SCORE_STEP)]
     score_step: f64,
     /// Validation windows for the reported loss.
     #[arg(long, default_value_t = 200)]
@@ -188,9 +188,6 @@ fn scenarios(args: &ArenaArgs) -> Result<Vec<Scenario>> {
 pub fn bench_arena(args: ArenaArgs) -> Result<()> {
     if args.contributors < 2 || args.attackers >= args.contributors || args.rounds == 0 || args.inner_steps == 0 {
         bail!("need at least 2 contributors, fewer attackers than contributors, and positive rounds and inner steps");
-    }
-    if !(args.score_step > 0.0 && args.score_step <= 1.0) {
-        bail!("--score-step must be in (0, 1], not {}", args.score_step);
     }
     let device = setup_runtime(&args.runtime)?;
     let dataset = load_dataset(&args.data)?;
@@ -611,6 +608,7 @@ fn arena_spec(args: &ArenaArgs, sc: &Scenario, dataset: &Dataset, model: &Llama)
         contest: sc.scored.then(|| ContestSpec {
             eval_windows: args.eval_windows,
             fit_windows: args.fit_windows,
+            score_step: args.score_step,
             promote_top: 0,
             promote_at: None,
             ..ContestSpec::default()

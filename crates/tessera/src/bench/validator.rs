@@ -43,6 +43,10 @@ pub struct BenchValidatorArgs {
     pub eval_windows: usize,
     #[arg(long, default_value_t = 16)]
     pub fit_windows: usize,
+    /// The step submissions are scored at (the contest's default; below 1 it costs one more
+    /// pass over the held-out windows per submission).
+    #[arg(long, default_value_t = tessera_protocol::api::DEFAULT_SCORE_STEP)]
+    pub score_step: f64,
     /// Contributors per round and the double-scored share, for the validator count.
     #[arg(long, default_value_t = 1000)]
     pub contributors: u64,
@@ -83,6 +87,9 @@ pub fn bench_validator(args: &BenchValidatorArgs) -> Result<()> {
     let device = setup_runtime(&args.runtime)?;
     if args.submissions < 5 || args.inner_steps == 0 || args.batch_size == 0 || args.seq_len == Some(0) {
         bail!("--submissions must be at least 5, and --inner-steps, --batch-size and --seq-len positive");
+    }
+    if !(args.score_step > 0.0 && args.score_step <= 1.0) {
+        bail!("--score-step must be in (0, 1]");
     }
     if args.eval_windows == 0 || args.fit_windows == 0 || !(0.0..=1.0).contains(&args.double_share) {
         bail!("--eval-windows and --fit-windows must be positive and --double-share in [0, 1]");
@@ -149,7 +156,7 @@ fn measure(name: &str, config: &LlamaConfig, args: &BenchValidatorArgs, device: 
     drop(trainer);
 
     // One validator task of K submissions, as it scores a real one.
-    let score = ScoreConfig { eval_windows: args.eval_windows, fit_windows: args.fit_windows, step: 1.0 };
+    let score = ScoreConfig { eval_windows: args.eval_windows, fit_windows: args.fit_windows, step: args.score_step };
     let mut scorer = Scorer::new(inner, config, dataset, device, score)?;
     tch::manual_seed(7);
     let random = |n: usize| -> Result<Vec<f32>> {
