@@ -540,24 +540,16 @@ impl Db {
         };
         let contributors = self.contributors().await?.into_iter().map(|c| c.0).collect();
         let pending = if run.finished { Vec::new() } else { self.submissions(Some(run.round)).await? };
-        let mut refused: Vec<u64> = self
-            .rejections(run.round)
-            .await?
-            .into_iter()
-            .filter(|(_, code, _)| code_counts(code))
-            .map(|(c, _, _)| c)
-            .collect();
-        refused.sort_unstable();
-        refused.dedup();
-        let mut caught: Vec<u64> = self
-            .rejections(run.round)
-            .await?
-            .into_iter()
-            .filter(|(_, code, _)| code_caught(code))
-            .map(|(c, _, _)| c)
-            .collect();
-        caught.sort_unstable();
-        caught.dedup();
+        // The current round's refusals: those that count against their sender, and those that
+        // caught a cheat.
+        let rejections = self.rejections(run.round).await?;
+        let senders = |keep: fn(&str) -> bool| -> Vec<u64> {
+            let mut ids: Vec<u64> = rejections.iter().filter(|(_, code, _)| keep(code)).map(|(c, _, _)| *c).collect();
+            ids.sort_unstable();
+            ids.dedup();
+            ids
+        };
+        let (refused, caught) = (senders(code_counts), senders(code_caught));
         let mut fit: Vec<(u64, f64, u64)> = Vec::new();
         let mut earned = std::collections::BTreeSet::new();
         for s in self.scores().await? {

@@ -321,11 +321,12 @@ impl Scorer {
     }
 
     /// One Δ's score against the norm bound `radius`, with its standard error, and the windows
-    /// run forward. A Δ longer than `radius` scores the lesser of what it does at full length and
-    /// what it does at that length shrunk by the same factor: size alone earns nothing, however
-    /// far from converged the model is, and an oversized Δ that hurts at full length is still
-    /// scored as hurting. `at_bound` runs while the model holds θ − Δ at the bounded length.
-    /// Leaves the model at an applied Δ: the caller writes θ back.
+    /// run forward: its held-out gain at the run's step (at the bounded length), over the step.
+    /// A Δ longer than `radius` scores the lesser of that shrunk by the same factor and what it
+    /// does applied whole (step 1): size alone earns nothing, however far from converged the
+    /// model is, and an oversized Δ that hurts at full length is still scored as hurting.
+    /// `at_bound` runs while the model holds θ − Δ at the bounded length. Leaves the model at an
+    /// applied Δ: the caller writes θ back.
     fn bounded_gain(
         &self,
         theta: &[Vec<f32>],
@@ -354,20 +355,23 @@ impl Scorer {
         write_params(&self.trainer.model, &applied(shrink as f32))?;
         at_bound(self)?;
         let mut forward = 0;
-        // The gain at `length` × the step, per unit of step, times `scale`.
-        let mut at = |length: f64, scale: f64| -> Result<(f64, f64), TrainError> {
-            if step != 1.0 || length != shrink {
-                write_params(&self.trainer.model, &applied((length * step) as f32))?;
+        // The gain from θ − `length`·Δ, over `per` (the step it was taken at), times `scale`.
+        let mut at = |length: f64, per: f64, scale: f64| -> Result<(f64, f64), TrainError> {
+            if length != shrink {
+                write_params(&self.trainer.model, &applied(length as f32))?;
             }
             forward += eval.len() as u64;
-            let (mean, se) = gain(&self.trainer.window_losses(val, eval)?, scale / step);
+            let (mean, se) = gain(&self.trainer.window_losses(val, eval)?, scale / per);
             Ok((mean, se))
         };
-        let clipped = at(shrink, shrink)?;
+        // Within the bound: its first-order gain at the small step.
+        let clipped = at(shrink * step, step, shrink)?;
         if shrink >= 1.0 {
             return Ok((clipped, forward));
         }
-        let full = at(1.0, 1.0)?;
+        // Beyond it, also what it does applied whole: an oversized Δ that hurts is scored as
+        // hurting, however small the step (a ×100 Δ at step 0.05 is still a ×5 one).
+        let full = at(1.0, 1.0, 1.0)?;
         Ok((if full.0 < clipped.0 { full } else { clipped }, forward))
     }
 
