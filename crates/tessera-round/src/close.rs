@@ -344,8 +344,9 @@ impl Run {
             let best = ratings.leaderboard(admitted).into_iter().take(top as usize).map(|(id, _)| id).collect();
             Some((k as u64, best))
         });
-        // Everyone who took part in a scored round has one more round on their conduct record.
-        let conduct = if self.spec.contest.is_some() {
+        // Everyone who took part in a judged round has one more round on their conduct record;
+        // a round left unscored (the validators' failure) counts for nobody, as for ratings.
+        let conduct = if plan.ratings.is_some() {
             crate::took_part(&plan.scores, &self.refused, &self.caught)
                 .into_iter()
                 .map(|(id, caught)| {

@@ -460,10 +460,9 @@ pub fn caught_by_refusal(code: ErrorCode) -> bool {
     matches!(code, ErrorCode::MalformedMessage | ErrorCode::Replay | ErrorCode::WrongData)
 }
 
-/// Who took part in a closing round, and whether each was caught: every contributor with a
-/// scored row (rows of an unscored round count for nobody) or refused for a reason that counts
-/// against it; caught if a row of its was flagged as misconduct or it was refused as a cheat.
-/// Cost: O(rows + refused).
+/// Who took part in a judged round, and whether each was caught: every contributor with a
+/// scored row or refused for a reason that counts against it; caught if a row of its was
+/// flagged as misconduct or it was refused as a cheat. Cost: O(rows + refused).
 pub(crate) fn took_part(rows: &[ScoreRow], refused: &BTreeSet<u64>, caught: &BTreeSet<u64>) -> BTreeMap<u64, bool> {
     let mut out: BTreeMap<u64, bool> = BTreeMap::new();
     for r in rows.iter().filter(|r| r.score.is_some()) {

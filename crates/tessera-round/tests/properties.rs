@@ -551,7 +551,7 @@ fn a_sealed_round_waits_for_its_validators_seed_commitment() {
 
 /// A contributor caught cheating (its submission reported a copy) is paid less in later rounds:
 /// its conduct record lowers its fit factor, its row says by how much, and a restart keeps the
-/// record.
+/// record; an unscored round changes no record.
 #[test]
 fn a_contributor_caught_cheating_is_paid_less_afterwards() {
     let mut shell = Shell::new(spec(2, 1, true, false, None), true);
@@ -597,4 +597,14 @@ fn a_contributor_caught_cheating_is_paid_less_afterwards() {
         shell.step(&Op::Crash);
         assert_eq!(shell.run, before);
     }
+    // A round left unscored (the validators' failure) counts for nobody: a replay refused in it
+    // leaves every record as it was.
+    let record = shell.db.conduct.clone();
+    shell.submit(0, 0, false, false, 10).unwrap();
+    let (code, _) = shell.submit(1, 0, true, false, 10).unwrap_err();
+    assert_eq!(code, ErrorCode::Replay);
+    shell.submit(1, 0, false, false, 10).unwrap();
+    shell.finish(Judgement::Unscored, "quorum").unwrap();
+    assert_eq!(shell.db.conduct, record);
+    assert!(record.iter().any(|(id, c)| *id == 1 && c.caught == 1), "{record:?}");
 }
