@@ -866,12 +866,14 @@ impl Db {
         row.map(|r| Ok(u(r.try_get("contributor")?))).transpose()
     }
 
-    /// The round whose aggregate included the submission stored as `blob`, if any (one indexed
-    /// lookup).
-    pub async fn blob_round(&self, blob: &str) -> Result<Option<u64>, HubError> {
-        let row =
-            sqlx::query("SELECT round FROM submissions WHERE blob = $1").bind(blob).fetch_optional(&self.pool).await?;
-        row.map(|r| Ok(u(r.try_get("round")?))).transpose()
+    /// The round whose aggregate included the submission stored as `blob`, and its contributor,
+    /// if any (one indexed lookup).
+    pub async fn blob_placement(&self, blob: &str) -> Result<Option<(u64, u64)>, HubError> {
+        let row = sqlx::query("SELECT round, contributor FROM submissions WHERE blob = $1")
+            .bind(blob)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| Ok((u(r.try_get("round")?), u(r.try_get("contributor")?)))).transpose()
     }
 
     /// Round `round`'s evaluation seed and commitment (hex).

@@ -169,11 +169,9 @@ impl Hub {
         }
         crate::intake::blob_name(blob)?;
         let absent = || api(ErrorCode::NotFound, format!("round {round} has no submission {blob}"));
-        if self.db.blob_round(blob).await.map_err(internal)? != Some(round) {
-            return Err(absent());
-        }
-        if !public && self.db.blob_owner(blob).await.map_err(internal)? != own {
-            return Err(absent());
+        match self.db.blob_placement(blob).await.map_err(internal)? {
+            Some((r, owner)) if r == round && (public || Some(owner) == own) => {}
+            _ => return Err(absent()),
         }
         Ok(crate::store::submission_key(blob))
     }
