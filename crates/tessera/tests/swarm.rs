@@ -677,30 +677,34 @@ fn a_sealed_scored_run_with_a_validator_and_an_attacker() {
 fn a_scored_demo_runs_its_own_validator() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let args = [
-        "demo",
-        "--contributors",
-        "2",
-        "--inner-steps",
-        "3",
-        "--rounds",
-        "3",
-        "--scored",
-        "--aggregation",
-        "median",
-        "--eval-windows",
-        "4",
-        "--fit-windows",
-        "4",
-        "--dir",
-        d.to_str().unwrap(),
-    ];
-    let out = Command::new(BIN).args(args).args(RUN).output().unwrap();
-    assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stderr), logs(d));
+    demo_in(
+        d,
+        &[
+            "--contributors",
+            "2",
+            "--inner-steps",
+            "3",
+            "--rounds",
+            "3",
+            "--scored",
+            "--aggregation",
+            "median",
+            "--eval-windows",
+            "4",
+            "--fit-windows",
+            "4",
+        ],
+    );
     let validator = log_of(d, "validator");
     assert!(validator.contains("scored 3 rounds"), "{validator}");
     let hub = log_of(d, "hub");
     assert!(hub.contains("aggregation median, scored"), "{hub}");
+}
+
+/// `tessera demo FLAGS` in `d` on the tests' small run, to the end; fails with its logs.
+fn demo_in(d: &Path, flags: &[&str]) {
+    let out = Command::new(BIN).arg("demo").args(flags).arg("--dir").arg(d).args(RUN).output().unwrap();
+    assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stderr), logs(d));
 }
 
 /// A finished demo's run served again by a hub on its database, store and key (the demo's own
@@ -755,24 +759,22 @@ fn tamper_score(d: &Path, round: u64, contributor: u64) {
 fn a_contributor_audits_its_own_scores_and_catches_a_tampered_one() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let demo = [
-        "demo",
-        "--contributors",
-        "3",
-        "--inner-steps",
-        "3",
-        "--rounds",
-        "2",
-        "--scored",
-        "--eval-windows",
-        "4",
-        "--fit-windows",
-        "4",
-        "--dir",
-        d.to_str().unwrap(),
-    ];
-    let out = Command::new(BIN).args(demo).args(RUN).output().unwrap();
-    assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stderr), logs(d));
+    demo_in(
+        d,
+        &[
+            "--contributors",
+            "3",
+            "--inner-steps",
+            "3",
+            "--rounds",
+            "2",
+            "--scored",
+            "--eval-windows",
+            "4",
+            "--fit-windows",
+            "4",
+        ],
+    );
     // The demo's hub has stopped; the run's hub comes back on the same database and store.
     let (_hub, port) = demo_hub_again(d);
     let url = format!("http://127.0.0.1:{port}");
@@ -837,33 +839,31 @@ fn a_contributor_audits_its_own_scores_and_catches_a_tampered_one() {
 fn three_validators_share_rounds_in_tasks_and_the_audit_recomputes_them() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let demo = [
-        "demo",
-        "--contributors",
-        "9",
-        "--validators",
-        "3",
-        "--quorum",
-        "9",
-        "--inner-steps",
-        "2",
-        "--rounds",
-        "1",
-        "--scored",
-        "--task-size",
-        "8",
-        "--double-share",
-        "1",
-        "--publish-submissions",
-        "--eval-windows",
-        "2",
-        "--fit-windows",
-        "2",
-        "--dir",
-        d.to_str().unwrap(),
-    ];
-    let out = Command::new(BIN).args(demo).args(RUN).output().unwrap();
-    assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stderr), logs(d));
+    demo_in(
+        d,
+        &[
+            "--contributors",
+            "9",
+            "--validators",
+            "3",
+            "--quorum",
+            "9",
+            "--inner-steps",
+            "2",
+            "--rounds",
+            "1",
+            "--scored",
+            "--task-size",
+            "8",
+            "--double-share",
+            "1",
+            "--publish-submissions",
+            "--eval-windows",
+            "2",
+            "--fit-windows",
+            "2",
+        ],
+    );
     // Each validator prints a line per task it scored: `round    0, task T: …`.
     let mut by_task: std::collections::BTreeMap<String, Vec<&str>> = Default::default();
     let texts: Vec<(&str, String)> =
