@@ -16,8 +16,8 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Scored {
     pub contributor: u64,
-    /// Held-out loss before minus after applying this submission alone (nats per token):
-    /// positive when it helps.
+    /// Held-out loss before minus after applying this submission alone at the run's score
+    /// step, over the step (nats per token): positive when it helps.
     pub score: f64,
     /// Loss gain on windows the assignment trained on minus the other submissions' median gain
     /// on the same windows (nats per token); `None` when not measured this round.

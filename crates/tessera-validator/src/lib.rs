@@ -2,8 +2,10 @@
 //! measures, on data the contributor could not know in advance (windows drawn from the round's
 //! evaluation seed, committed before the round and revealed after its submissions closed):
 //!
-//! - **score**: held-out loss before minus after applying that submission alone (θ − Δ; a Δ
-//!   longer than twice the round's median norm at that length, its score shrunk to match);
+//! - **score**: held-out loss before minus after applying that submission alone at the run's
+//!   score step ε, over ε (θ − εΔ: to first order what it adds to the round's mean; a Δ longer
+//!   than twice the round's median norm at that length, its score shrunk to match, and no
+//!   more than it does applied whole);
 //! - **data fit**: the loss gain on windows its assignment trained on minus the median gain of
 //!   the other submissions on those windows — near zero for a Δ trained on other data;
 //! - **copies**: cosine similarity with every earlier submission on seeded sample coordinates.

@@ -223,7 +223,8 @@ impl ScoringFailure {
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct SubmissionScore {
     pub contributor: u64,
-    /// Held-out loss before minus after applying the submission alone.
+    /// Held-out loss before minus after applying the submission alone at the contest's
+    /// `score_step`, over the step.
     pub score: f64,
     /// Gain on its assigned windows minus the other submissions' median gain on them; `None`
     /// when it was not in the round's data-fit sample.
@@ -332,7 +333,8 @@ pub struct PublishedScore {
 pub struct RewardExplanation {
     pub round: u64,
     pub base_round: u64,
-    /// Held-out loss gain from applying it alone (nats per token).
+    /// Held-out loss gain from applying it alone at the contest's `score_step`, over the step
+    /// (nats per token).
     pub score: Option<f64>,
     /// This round's data-fit measurement, and the factor its contributor's record gave.
     pub data_fit: Option<f64>,
