@@ -428,6 +428,7 @@ pub(crate) mod tests {
             fragments: 0,
             until_loss: None,
             economy: None,
+            governance: None,
         }
     }
 

@@ -69,6 +69,7 @@ fn spec(quorum: u32, max_staleness: u64, scored: bool, phased: bool, until_loss:
         fragments: 0,
         until_loss: if phased { until_loss } else { None },
         economy: None,
+        governance: None,
     }
 }
 

@@ -426,6 +426,7 @@ fn run_spec(args: &RunArgs, dataset: &Dataset, model: &Llama) -> Result<RunSpec>
         fragments: args.fragments,
         until_loss: args.until_loss,
         economy: economy_spec(args)?,
+        governance: None,
     })
 }
 

@@ -61,6 +61,7 @@ pub fn spec(quorum: u32) -> RunSpec {
         fragments: 0,
         until_loss: None,
         economy: None,
+        governance: None,
     }
 }
 

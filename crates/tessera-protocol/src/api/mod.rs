@@ -36,6 +36,7 @@ pub const SHARD_PARAM: &str = "shard";
 /// that carries it, so an old client learns why instead of having its loss ignored.
 pub const UNSIGNED_INNER_LOSS_HEADER: &str = "x-tessera-inner-loss";
 
+pub mod governance;
 mod spec;
 pub use spec::*;
 

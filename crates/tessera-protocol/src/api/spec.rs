@@ -78,7 +78,8 @@ pub struct OuterSpec {
     pub nesterov: bool,
 }
 
-/// Everything that defines a run. Fixed when the run is created.
+/// Everything that defines a run. Fixed when the run is created, except what its holders change
+/// by vote within the bounds of its `governance` (every change recorded in its ledger).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RunSpec {
     pub name: String,
@@ -138,6 +139,10 @@ pub struct RunSpec {
     /// The usage economy: who may report served usage, and how revenue is split.
     #[serde(default)]
     pub economy: Option<EconomySpec>,
+    /// A run steered by its token holders: what they may change by vote, and the vote's rules
+    /// (`docs/governance.md`). `None`: the spec stays as created.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub governance: Option<super::governance::GovernanceSpec>,
 }
 
 /// The usage economy of a run: written into its ledger when the run is created.
@@ -502,6 +507,9 @@ impl RunSpec {
                         .into(),
                 );
             }
+        }
+        if let Some(g) = &self.governance {
+            g.validate().map_err(|e| format!("governance: {e}"))?;
         }
         if self.tensors.is_empty() {
             return Err("the model has no tensors".into());

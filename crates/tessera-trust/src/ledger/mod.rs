@@ -41,10 +41,14 @@ use ct_merkle::{InclusionProof, RootHash};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
+use tessera_protocol::api::governance::{Signed, Tally};
+
 use crate::{AttestationPolicy, Identity, PublicKey, ValidatorAttestation, Verified};
 
+mod governance;
 mod wire;
 
+pub use governance::{Proposal, sign_governance, spec_hash, verify_governance};
 use wire::signing_message;
 pub use wire::{decode_entry, encode_entry};
 
@@ -79,6 +83,8 @@ pub enum LedgerError {
     Overpaid { epoch: u64, paid: u64, revenue: u64 },
     #[error("entry {seq}: {reason}")]
     Economy { seq: u64, reason: String },
+    #[error("entry {seq}: {reason}")]
+    Governance { seq: u64, reason: String },
     #[error("entries from {from} on are not committed by a signed root")]
     Uncommitted { from: u64 },
     #[error("the ledger is empty")]
@@ -101,6 +107,7 @@ impl LedgerError {
             LedgerError::Unbalanced { .. } => "unbalanced",
             LedgerError::Overpaid { .. } => "overpaid",
             LedgerError::Economy { .. } => "economy",
+            LedgerError::Governance { .. } => "governance",
             LedgerError::Uncommitted { .. } => "uncommitted",
             LedgerError::Empty => "empty",
         }
@@ -148,6 +155,19 @@ pub enum Body {
     /// contradicted (a run scored by many validators; the entry's round is the task's round).
     /// Signed by the hub, which compared them.
     ValidatorFault { validator: String, task: u32, agreed: Vec<String>, detail: String },
+    /// The run's spec as created (its JSON), among the opening entries: what every later
+    /// change is applied to. Signed by the hub.
+    Spec { spec: String },
+    /// A holder's proposal, as the holder signed it; its id is the BLAKE3 of the message, and
+    /// the balances at this entry are its snapshot. Recorded (signed) by the hub.
+    Proposal { signed: Signed },
+    /// A holder's vote, as the holder signed it. Recorded (signed) by the hub.
+    Vote { signed: Signed },
+    /// A closed vote's tally, which must equal the one its recorded votes give. Signed by the hub.
+    Outcome { proposal: String, tally: Tally },
+    /// A passed proposal applied at the round it names: the hex BLAKE3 of the spec after it
+    /// (unchanged for a release) and the checkpoint the run held then. Signed by the hub.
+    Applied { proposal: String, spec: String, checkpoint: String },
 }
 
 impl Body {
@@ -164,6 +184,11 @@ impl Body {
             Body::EpochClose { .. } => "epoch close",
             Body::Root { .. } => "root",
             Body::ValidatorFault { .. } => "validator fault",
+            Body::Spec { .. } => "spec",
+            Body::Proposal { .. } => "proposal",
+            Body::Vote { .. } => "vote",
+            Body::Outcome { .. } => "outcome",
+            Body::Applied { .. } => "applied change",
         }
     }
 }
@@ -302,6 +327,8 @@ pub struct Ledger {
     pub funding_ppm: Option<u32>,
     /// Scoring tasks on which each validator (by name) was contradicted by the others.
     pub faults: BTreeMap<String, u64>,
+    /// The spec, proposals, votes and applied changes (`governance`).
+    gov: governance::Governance,
 }
 
 impl Ledger {
@@ -368,6 +395,7 @@ impl Ledger {
         };
         let by_hub = |l: &Ledger| if l.hub == Some(signer) && !e.insecure { Ok(()) } else { Err(unknown()) };
         let economy = |reason: String| LedgerError::Economy { seq, reason };
+        let governance = |reason: String| LedgerError::Governance { seq, reason };
         if !self.owed.is_empty() && !matches!(e.body, Body::Payout { .. }) {
             return Err(economy(format!(
                 "a {kind} before the {} payouts the last epoch closing owes",
@@ -375,7 +403,8 @@ impl Ledger {
             )));
         }
         // (A second genesis is refused as such below.)
-        let opening = matches!(e.body, Body::Genesis { .. } | Body::Allocation { .. } | Body::Funding { .. });
+        let opening =
+            matches!(e.body, Body::Genesis { .. } | Body::Allocation { .. } | Body::Funding { .. } | Body::Spec { .. });
         if opening && self.opened && !matches!(e.body, Body::Genesis { .. }) {
             return Err(economy(format!(
                 "a {kind} after the run's opening entries: allocations and the funding share are fixed at genesis"
@@ -533,6 +562,30 @@ impl Ledger {
                 by_hub(self)?;
                 *self.faults.entry(validator.clone()).or_default() += 1;
             }
+            Body::Spec { spec } => {
+                by_hub(self)?;
+                self.gov = self.check_spec(spec).map_err(economy)?;
+            }
+            Body::Proposal { signed } => {
+                by_hub(self)?;
+                let p = self.check_proposal(seq, e.round, signed).map_err(governance)?;
+                self.record_proposal(p);
+            }
+            Body::Vote { signed } => {
+                by_hub(self)?;
+                let v = self.check_vote(e.round, signed).map_err(governance)?;
+                self.record_vote(v);
+            }
+            Body::Outcome { proposal, tally } => {
+                by_hub(self)?;
+                self.check_outcome(e.round, proposal, tally).map_err(governance)?;
+                self.record_outcome(seq, proposal, *tally);
+            }
+            Body::Applied { proposal, spec, .. } => {
+                by_hub(self)?;
+                let next = self.check_applied(e.round, proposal, spec).map_err(governance)?;
+                self.record_applied(seq, proposal, next);
+            }
             Body::Root { size, root } => {
                 by_validator(self).or_else(|_| by_hub(self))?;
                 if *size != seq || *root != hex::encode(self.tree.root().as_bytes()) {
@@ -546,6 +599,7 @@ impl Ledger {
             }
         }
         self.opened |= !opening;
+        self.gov.max_round = self.gov.max_round.max(e.round);
         self.offsets.push(self.bytes.len());
         self.bytes.extend_from_slice(raw);
         self.tree.push(raw.to_vec());

@@ -1,6 +1,8 @@
 //! The ledger's bytes: each entry's binary encoding (the layout in the module docs above), its
 //! decoding, which treats its input as hostile, and the message its signature covers.
 
+use tessera_protocol::api::governance::{Signed, Tally};
+
 use crate::{Identity, PublicKey};
 
 use super::{Body, DOMAIN, Entry, MAGIC, MAX_ENTRY_BYTES};
@@ -142,8 +144,50 @@ fn encode_body(w: &mut Writer, body: &Body) -> Result<(), String> {
             }
             w.bytes(detail.as_bytes());
         }
+        Body::Spec { spec } => {
+            w.u8(11);
+            w.bytes(spec.as_bytes());
+        }
+        Body::Proposal { signed } => {
+            w.u8(12);
+            signed_body(w, signed)?;
+        }
+        Body::Vote { signed } => {
+            w.u8(13);
+            signed_body(w, signed)?;
+        }
+        Body::Outcome { proposal, tally } => {
+            w.u8(14);
+            w.hex32(proposal)?;
+            for v in [tally.yes, tally.no, tally.abstain, tally.power] {
+                w.u64(v);
+            }
+            w.u8(u8::from(tally.passed));
+        }
+        Body::Applied { proposal, spec, checkpoint } => {
+            w.u8(15);
+            w.hex32(proposal)?;
+            w.hex32(spec)?;
+            w.hex32(checkpoint)?;
+        }
     }
     Ok(())
+}
+
+/// A holder's signed message: its key, the message's bytes, the 64-byte signature.
+fn signed_body(w: &mut Writer, s: &Signed) -> Result<(), String> {
+    w.hex32(&s.holder)?;
+    w.bytes(&hex::decode(&s.message).map_err(|_| "a signed message is not hex".to_string())?);
+    let sig = hex::decode(&s.signature).map_err(|_| "a signature is not hex".to_string())?;
+    if sig.len() != 64 {
+        return Err("a signature is 64 bytes".into());
+    }
+    w.0.extend_from_slice(&sig);
+    Ok(())
+}
+
+fn read_signed(r: &mut Reader) -> Result<Signed, String> {
+    Ok(Signed { holder: r.hex32()?, message: hex::encode(r.bytes()?), signature: hex::encode(r.take(64)?) })
 }
 
 fn decode_body(r: &mut Reader) -> Result<Body, String> {
@@ -192,6 +236,14 @@ fn decode_body(r: &mut Reader) -> Result<Body, String> {
             let agreed = (0..count).map(|_| r.string()).collect::<Result<_, _>>()?;
             Body::ValidatorFault { validator, task, agreed, detail: r.string()? }
         }
+        11 => Body::Spec { spec: r.string()? },
+        12 => Body::Proposal { signed: read_signed(r)? },
+        13 => Body::Vote { signed: read_signed(r)? },
+        14 => Body::Outcome {
+            proposal: r.hex32()?,
+            tally: Tally { yes: r.u64()?, no: r.u64()?, abstain: r.u64()?, power: r.u64()?, passed: r.flag()? },
+        },
+        15 => Body::Applied { proposal: r.hex32()?, spec: r.hex32()?, checkpoint: r.hex32()? },
         k => return Err(format!("unknown entry kind {k}")),
     })
 }

@@ -605,6 +605,7 @@ fn arena_spec(args: &ArenaArgs, sc: &Scenario, dataset: &Dataset, model: &Llama)
         fragments: 0,
         until_loss: None,
         economy: None,
+        governance: None,
         contest: sc.scored.then(|| ContestSpec {
             eval_windows: args.eval_windows,
             fit_windows: args.fit_windows,

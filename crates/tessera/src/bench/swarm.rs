@@ -113,6 +113,7 @@ pub fn bench_swarm(args: BenchSwarmArgs) -> Result<()> {
         fragments: 0,
         until_loss: None,
         economy: None,
+        governance: None,
     };
     if args.replicas == 0 || (args.replicas > 1 && !database.starts_with("postgres")) {
         bail!("--replicas N needs N ≥ 1, and more than one needs a postgres:// --database");

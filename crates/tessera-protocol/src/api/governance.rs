@@ -1,0 +1,366 @@
+//! Governance: what a run's token holders may change by vote ([`Change`]), within the bounds the
+//! run declares ([`GovernanceSpec`]), and the messages a holder signs to propose and to vote.
+//! The rules that count the votes live with the ledger (`tessera_trust::ledger`), which records
+//! every proposal, vote, outcome and applied change; this module is what both the hub and the
+//! ledger's verifier call to apply a change to a spec, so they cannot disagree on the result.
+
+use serde::{Deserialize, Serialize};
+
+use super::RunSpec;
+use crate::Codec;
+
+/// The rules of a steered run: how long a vote stays open, how much of the power must vote, how
+/// much of it must say yes, and what may be changed at all. Fixed when the run is created.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GovernanceSpec {
+    /// Rounds a proposal stays open after the round it is recorded in: votes recorded in rounds
+    /// `p ..= p + voting_rounds − 1` count, and the tally is recorded when round
+    /// `p + voting_rounds` begins.
+    pub voting_rounds: u64,
+    /// Power that must vote (yes, no or abstain), in parts per million of all the power at the
+    /// proposal's snapshot.
+    pub quorum_ppm: u32,
+    /// Yes votes needed, in parts per million of yes + no (abstentions count for the quorum only).
+    pub threshold_ppm: u32,
+    /// Least balance (at the moment the proposal is recorded) that may make a proposal.
+    #[serde(default)]
+    pub min_proposer_balance: u64,
+    /// What may be proposed, and within which ranges.
+    #[serde(default)]
+    pub bounds: Bounds,
+}
+
+impl Default for GovernanceSpec {
+    fn default() -> Self {
+        GovernanceSpec {
+            voting_rounds: 3,
+            quorum_ppm: 200_000,
+            threshold_ppm: 500_001,
+            min_proposer_balance: 1,
+            bounds: Bounds::default(),
+        }
+    }
+}
+
+/// The ranges a proposal must stay within (inclusive); a field left empty cannot be proposed.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Bounds {
+    /// H, the inner steps per round.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inner_steps: Option<[u64; 2]>,
+    /// Submissions that close a round.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quorum: Option<[u32; 2]>,
+    /// The outer (Nesterov) learning rate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outer_lr: Option<[f32; 2]>,
+    /// Codecs the submissions may be switched to.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub codecs: Vec<Codec>,
+    /// Rounds the next phase may be moved to start at.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase_start: Option<[u64; 2]>,
+    /// The loss at which the current phase ends early.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase_loss: Option<[f64; 2]>,
+    /// How many contributors at the top of the leaderboard qualify for the next phase.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub promote_top: Option<[u32; 2]>,
+    /// Whether checkpoints may be released as named versions by vote.
+    #[serde(default)]
+    pub releases: bool,
+}
+
+/// What a proposal changes, at the round boundary it names.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Change {
+    /// H, the inner steps per round.
+    InnerSteps { value: u64 },
+    /// Submissions that close a round.
+    Quorum { value: u32 },
+    /// The outer learning rate.
+    OuterLr { value: f32 },
+    /// The codec of submitted pseudo-gradients.
+    Codec { value: Codec },
+    /// The round the next phase starts at (the phases after it keep their lengths).
+    PhaseStart { round: u64 },
+    /// The loss at which the current phase ends early.
+    PhaseLoss { loss: f64 },
+    /// How many contributors at the top of the leaderboard qualify for the next phase.
+    PromoteTop { value: u32 },
+    /// Release the checkpoint the run holds at the boundary as a named version.
+    Release { version: String },
+}
+
+/// Longest version name a release may take.
+pub const MAX_VERSION_CHARS: usize = 64;
+
+fn within<T: PartialOrd + std::fmt::Display + Copy>(what: &str, v: T, bound: Option<[T; 2]>) -> Result<(), String> {
+    match bound {
+        None => Err(format!("{what} is not something this run lets its holders change")),
+        Some([lo, hi]) if v < lo || v > hi => Err(format!("{what} {v} is outside the run's bound [{lo}, {hi}]")),
+        Some(_) => Ok(()),
+    }
+}
+
+impl Change {
+    /// A short description, for listings and logs.
+    pub fn describe(&self) -> String {
+        match self {
+            Change::InnerSteps { value } => format!("inner steps per round (H) → {value}"),
+            Change::Quorum { value } => format!("round quorum → {value} submissions"),
+            Change::OuterLr { value } => format!("outer learning rate → {value}"),
+            Change::Codec { value } => format!("submission codec → {value}"),
+            Change::PhaseStart { round } => format!("next phase starts at round {round}"),
+            Change::PhaseLoss { loss } => format!("current phase ends at loss {loss}"),
+            Change::PromoteTop { value } => format!("top {value} qualify for the next phase"),
+            Change::Release { version } => format!("release the checkpoint as version {version:?}"),
+        }
+    }
+
+    /// Whether it changes the run's spec (a release does not).
+    pub fn changes_spec(&self) -> bool {
+        !matches!(self, Change::Release { .. })
+    }
+
+    /// `spec` with this change applied at the start of round `at`, or the bound it breaks.
+    /// The one function both the hub (applying it) and the ledger's verifier (checking what the
+    /// hub recorded) call.
+    pub fn apply(&self, spec: &RunSpec, at: u64) -> Result<RunSpec, String> {
+        let Some(g) = &spec.governance else { return Err("this run is not steered by its holders".into()) };
+        let b = &g.bounds;
+        let mut next = spec.clone();
+        match self {
+            Change::InnerSteps { value } => {
+                within("inner steps per round", *value, b.inner_steps)?;
+                next.inner_steps = *value;
+            }
+            Change::Quorum { value } => {
+                within("the round quorum", *value, b.quorum)?;
+                next.quorum = *value;
+            }
+            Change::OuterLr { value } => {
+                within("the outer learning rate", *value, b.outer_lr)?;
+                next.outer.lr = *value;
+            }
+            Change::Codec { value } => {
+                if !b.codecs.contains(value) {
+                    let allowed: Vec<String> = b.codecs.iter().map(|c| c.to_string()).collect();
+                    return Err(format!("codec {value} is not among the run's allowed codecs {allowed:?}"));
+                }
+                next.codec = *value;
+            }
+            Change::PhaseStart { round } => {
+                within("the next phase's start round", *round, b.phase_start)?;
+                let k = spec.phase_of(at) + 1;
+                if k > spec.phases.len() {
+                    return Err(format!("round {at} is in the run's last phase: there is no next phase to move"));
+                }
+                if *round <= at {
+                    return Err(format!(
+                        "the next phase cannot start at round {round}, before the change applies ({at})"
+                    ));
+                }
+                // Phase k−1 (the one running at `at`) grows or shrinks; the later phases keep
+                // their lengths, so the whole run's length moves by the same amount.
+                let old = spec.phase_start(k);
+                let prev_start = spec.phase_start(k - 1);
+                if *round <= prev_start {
+                    return Err(format!("the next phase must start after the current one's start {prev_start}"));
+                }
+                next.rounds = (spec.rounds + round).checked_sub(old).ok_or("the run's length underflows")?;
+                if k >= 2 {
+                    let p = &mut next.phases[k - 2];
+                    p.rounds = (p.rounds + round).checked_sub(old).ok_or("a phase's length underflows")?;
+                }
+                if let Some(c) = next.contest.as_mut()
+                    && c.promote_at == Some(old)
+                {
+                    c.promote_at = Some(*round);
+                }
+            }
+            Change::PhaseLoss { loss } => {
+                within("the phase's loss target", *loss, b.phase_loss)?;
+                let k = spec.phase_of(at);
+                if k >= spec.phases.len() {
+                    return Err("a loss target ends a phase early: the current phase is the run's last".into());
+                }
+                match k.checked_sub(1) {
+                    None => next.until_loss = Some(*loss),
+                    Some(i) => next.phases[i].until_loss = Some(*loss),
+                }
+            }
+            Change::PromoteTop { value } => {
+                within("the number promoted", *value, b.promote_top)?;
+                let Some(c) = next.contest.as_mut() else { return Err("promotion needs a scored run".into()) };
+                c.promote_top = *value;
+            }
+            Change::Release { version } => {
+                if !b.releases {
+                    return Err("this run does not release checkpoints by vote".into());
+                }
+                check_version(version)?;
+            }
+        }
+        next.validate().map_err(|e| format!("the changed spec is not valid: {e}"))?;
+        Ok(next)
+    }
+}
+
+/// A release's version name: 1 to 64 characters of letters, digits, `.`, `-` and `_`.
+pub fn check_version(version: &str) -> Result<(), String> {
+    let ok = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_');
+    if version.is_empty() || version.chars().count() > MAX_VERSION_CHARS || !version.chars().all(ok) {
+        return Err(format!("version {version:?}: 1 to {MAX_VERSION_CHARS} letters, digits, '.', '-' or '_'"));
+    }
+    Ok(())
+}
+
+impl GovernanceSpec {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.voting_rounds == 0 {
+            return Err("a vote must stay open at least one round".into());
+        }
+        if self.quorum_ppm > 1_000_000 || self.threshold_ppm > 1_000_000 || self.threshold_ppm == 0 {
+            return Err("quorum and threshold are parts per million: threshold in (0, 10⁶], quorum at most 10⁶".into());
+        }
+        let b = &self.bounds;
+        let ordered = |lo: f64, hi: f64| lo.is_finite() && hi.is_finite() && lo <= hi;
+        let pairs = [
+            b.inner_steps.map(|[l, h]| (l as f64, h as f64)),
+            b.quorum.map(|[l, h]| (f64::from(l), f64::from(h))),
+            b.outer_lr.map(|[l, h]| (f64::from(l), f64::from(h))),
+            b.phase_start.map(|[l, h]| (l as f64, h as f64)),
+            b.phase_loss.map(|[l, h]| (l, h)),
+            b.promote_top.map(|[l, h]| (f64::from(l), f64::from(h))),
+        ];
+        if pairs.into_iter().flatten().any(|(l, h)| !ordered(l, h)) {
+            return Err("every bound is [low, high] with low ≤ high, finite".into());
+        }
+        Ok(())
+    }
+}
+
+/// How a holder votes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Choice {
+    Yes,
+    No,
+    Abstain,
+}
+
+impl std::str::FromStr for Choice {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "yes" => Ok(Choice::Yes),
+            "no" => Ok(Choice::No),
+            "abstain" => Ok(Choice::Abstain),
+            _ => Err(format!("{s:?}: vote yes, no or abstain")),
+        }
+    }
+}
+
+/// What a holder signs to propose a change. Its id is the BLAKE3 of the signed message.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProposalMessage {
+    pub run_id: String,
+    pub title: String,
+    pub change: Change,
+    /// The round at whose start a passed proposal is applied; at least the round its vote
+    /// closes (`None`: that round).
+    #[serde(default)]
+    pub apply_at: Option<u64>,
+    /// When the holder signed it (Unix ms): two proposals of the same change differ by it.
+    pub time_ms: i64,
+}
+
+/// What a holder signs to vote. A later vote (greater `time_ms`) on the same proposal replaces
+/// the holder's earlier one until the vote closes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VoteMessage {
+    pub run_id: String,
+    /// The proposal's id (hex BLAKE3 of its signed message).
+    pub proposal: String,
+    pub choice: Choice,
+    pub time_ms: i64,
+}
+
+/// A signed governance message as it travels to the hub and into the ledger: the holder's key,
+/// the message's JSON bytes exactly as signed, and the signature (hex each).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Signed {
+    pub holder: String,
+    pub message: String,
+    pub signature: String,
+}
+
+/// The count of a proposal's votes, by power at its snapshot.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tally {
+    pub yes: u64,
+    pub no: u64,
+    pub abstain: u64,
+    /// All the power at the snapshot (the balances' sum).
+    pub power: u64,
+    pub passed: bool,
+}
+
+impl Tally {
+    /// Whether these votes pass under `g`: enough of the power voted, and enough of yes + no
+    /// said yes. Integer arithmetic in u128, so no rounding decides a vote.
+    pub fn passes(yes: u64, no: u64, abstain: u64, power: u64, g: &GovernanceSpec) -> bool {
+        let cast = u128::from(yes) + u128::from(no) + u128::from(abstain);
+        let quorum = cast * 1_000_000 >= u128::from(power) * u128::from(g.quorum_ppm) && cast > 0;
+        let decided = u128::from(yes) + u128::from(no);
+        let threshold = decided > 0 && u128::from(yes) * 1_000_000 >= decided * u128::from(g.threshold_ppm);
+        quorum && threshold
+    }
+}
+
+/// One proposal as the hub lists it (`GET /v1/governance/proposals`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProposalView {
+    pub id: String,
+    pub proposer: String,
+    pub title: String,
+    pub change: Change,
+    pub description: String,
+    /// The round it was recorded in (its snapshot), or `None` while it waits for the next round
+    /// boundary to be recorded.
+    pub recorded_round: Option<u64>,
+    /// The ledger entry that records it (its snapshot), once recorded.
+    pub seq: Option<u64>,
+    /// The round at whose start the vote closes, and the change applies.
+    pub closes: u64,
+    pub apply_at: u64,
+    /// `pending` (not yet in the ledger), `open`, `passed`, `rejected`, `applied`.
+    pub state: String,
+    /// The votes recorded so far (and, while open, those waiting for the next boundary).
+    pub tally: Tally,
+    pub voters: u64,
+    /// The ledger entry of the outcome and of the applied change, once written.
+    #[serde(default)]
+    pub outcome_seq: Option<u64>,
+    #[serde(default)]
+    pub applied_seq: Option<u64>,
+}
+
+/// `GET /v1/governance/proposals`: the run's rules and every proposal, newest first.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Proposals {
+    pub round: u64,
+    pub governance: Option<GovernanceSpec>,
+    pub proposals: Vec<ProposalView>,
+}
+
+/// What the hub answers a proposal or a vote with.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GovernanceReceipt {
+    /// The proposal's id.
+    pub proposal: String,
+    /// The round at whose boundary it (or the vote) is written to the ledger.
+    pub recorded_at_boundary_of: u64,
+}
