@@ -29,6 +29,7 @@ use backon::{BlockingRetryable, ExponentialBuilder};
 use reqwest::StatusCode;
 use reqwest::blocking::{Client, RequestBuilder, Response};
 use serde::de::DeserializeOwned;
+use tessera_protocol::api::governance::{GovernanceReceipt, ProposalMessage, Proposals, VoteMessage};
 use tessera_protocol::api::{
     Assignment, ContributorHistory, DataAssignment, EpochReport, EpochSettled, EvalSeed, HubStatus, INNER_LOSS_PARAM,
     Leaderboard, Receipt, RegisterRequest, Registration, RewardExplanation, RoundAnnouncement, RoundAudit, RunInfo,
@@ -629,6 +630,34 @@ impl HubClient {
         let body = serde_json::to_vec(report).map_err(|e| ClientError::Usage(e.to_string()))?;
         let r = self.send("close epoch", || self.signed(reqwest::Method::POST, "/v1/economy/epochs", body.clone()))?;
         self.json("close epoch", r)
+    }
+
+    // ---- Governance --------------------------------------------------------------------
+
+    /// Proposes a change to a steered run as the holder whose key signs this client's requests
+    /// (the message is signed by that key too, which is what the ledger records).
+    pub fn propose(&self, message: &ProposalMessage) -> Result<GovernanceReceipt> {
+        self.governance("propose", "/v1/governance/proposals", message)
+    }
+
+    /// Votes on a proposal as the holder whose key signs this client's requests.
+    pub fn vote(&self, message: &VoteMessage) -> Result<GovernanceReceipt> {
+        self.governance("vote", "/v1/governance/votes", message)
+    }
+
+    fn governance<T: serde::Serialize>(&self, what: &str, path: &str, message: &T) -> Result<GovernanceReceipt> {
+        let key = self.key.as_ref().ok_or_else(|| ClientError::Usage(format!("{what}: no key to sign with")))?;
+        let bytes = serde_json::to_vec(message).map_err(|e| ClientError::Usage(e.to_string()))?;
+        let signed = tessera_trust::ledger::sign_governance(key, &bytes);
+        let body = serde_json::to_vec(&signed).map_err(|e| ClientError::Usage(e.to_string()))?;
+        let r = self.send(what, || self.signed(reqwest::Method::POST, path, body.clone()))?;
+        self.json(what, r)
+    }
+
+    /// The run's governance rules and every proposal with its tally as it stands.
+    pub fn proposals(&self) -> Result<Proposals> {
+        let r = self.send("proposals", || Ok(self.get("/v1/governance/proposals")))?;
+        self.json("proposals", r)
     }
 
     // ---- The ledger --------------------------------------------------------------------

@@ -198,6 +198,8 @@ pub struct Contributor {
     base: Option<Base>,
     /// The last base round this contributor submitted for.
     last_submitted: Option<u64>,
+    /// The spec revision of the last assignment (`Assignment::revision`).
+    revision: Option<u64>,
     /// Adversaries only: the last message sent (replay resends it).
     last_body: Option<Vec<u8>>,
     /// When this run's first inner step began.
@@ -341,6 +343,7 @@ impl Contributor {
             feedback,
             base,
             last_submitted,
+            revision: None,
             last_body: None,
             first_step: None,
             shards,
@@ -499,7 +502,12 @@ impl Contributor {
             }
             if a.phase != self.run.phase {
                 self.switch_phase()?;
+            } else if self.revision.is_some_and(|r| r != a.revision) {
+                // Its holders changed the run's spec (H, the codec…): train by the new one.
+                self.run = self.net.client.run()?;
+                tracing::info!(revision = a.revision, "the run's spec changed by vote");
             }
+            self.revision = Some(a.revision);
             if self.last_submitted == Some(a.round) {
                 continue; // The hub's wait ran out; the round is still collecting.
             }

@@ -152,6 +152,7 @@ fn predict(a: &Assignment, data: Option<tessera_protocol::api::DataAssignment>) 
 fn as_predicted(p: &Assignment, real: &Assignment) -> bool {
     !real.finished
         && p.run_id == real.run_id
+        && p.revision == real.revision
         && (p.round, p.slot, p.seed, p.inner_steps, p.schedule_step, p.schedule_total, p.phase, p.fragment, p.data)
             == (
                 real.round,
@@ -494,6 +495,7 @@ mod tests {
             phase: 0,
             fragment: None,
             data: None,
+            revision: 0,
         }
     }
 
@@ -508,6 +510,7 @@ mod tests {
         assert!(!as_predicted(&p, &Assignment { phase: 1, ..assignment(3) }));
         assert!(!as_predicted(&p, &Assignment { fragment: Some(1), ..assignment(3) }));
         assert!(!as_predicted(&p, &Assignment { slot: 4, ..assignment(3) }));
+        assert!(!as_predicted(&p, &Assignment { revision: 1, ..assignment(3) }));
         let shard = tessera_protocol::api::DataAssignment { slot: 2, epoch: 0, shard: 5 };
         assert!(!as_predicted(&p, &Assignment { data: Some(shard), ..assignment(3) }));
         assert!(as_predicted(

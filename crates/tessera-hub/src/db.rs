@@ -121,6 +121,28 @@ pub enum Journal {
 /// releases the lock.
 pub struct RoundClaim(#[allow(dead_code)] Option<sqlx::AnyConnection>);
 
+/// A holder's proposal or vote waiting for the next round boundary.
+#[derive(Debug, Clone)]
+pub struct PendingGovernance {
+    pub id: i64,
+    /// `proposal` or `vote`.
+    pub kind: String,
+    /// The proposal's id (the one voted on, for a vote).
+    pub proposal: String,
+    pub holder: String,
+    /// The `Signed` message, as JSON.
+    pub signed: String,
+    pub time_ms: i64,
+}
+
+/// What a round boundary changes in a steered run, written with the round's publication: the
+/// spec after the changes that apply (its JSON), and the pending rows now in the ledger.
+#[derive(Debug, Clone, Default)]
+pub struct Steered {
+    pub spec: Option<String>,
+    pub done: Vec<i64>,
+}
+
 /// What a decision's write did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Written {
@@ -704,6 +726,73 @@ impl Db {
         self.commit_at(tx, at, &[Journal::Ledger]).await
     }
 
+    /// Takes a holder's signed proposal or vote until the next round boundary writes it to the
+    /// ledger. A vote replaces the holder's pending vote on the same proposal when it is signed
+    /// later; [`Written::Duplicate`] (nothing written) when the proposal is pending already or
+    /// the pending vote is as late.
+    pub async fn add_governance(&self, g: &PendingGovernance, at: u64) -> Result<Written, HubError> {
+        let Some(mut tx) = self.begin_at(at).await? else { return Ok(Written::Stale) };
+        let same = if g.kind == "proposal" {
+            sqlx::query("SELECT time_ms FROM governance_pending WHERE kind = 'proposal' AND proposal = $1")
+                .bind(&g.proposal)
+                .fetch_optional(&mut *tx)
+                .await?
+        } else {
+            sqlx::query("SELECT time_ms FROM governance_pending WHERE kind = 'vote' AND proposal = $1 AND holder = $2")
+                .bind(&g.proposal)
+                .bind(&g.holder)
+                .fetch_optional(&mut *tx)
+                .await?
+        };
+        if let Some(row) = same {
+            let t: i64 = row.try_get("time_ms")?;
+            if g.kind == "proposal" || t >= g.time_ms {
+                return Ok(Written::Duplicate);
+            }
+            sqlx::query("DELETE FROM governance_pending WHERE kind = 'vote' AND proposal = $1 AND holder = $2")
+                .bind(&g.proposal)
+                .bind(&g.holder)
+                .execute(&mut *tx)
+                .await?;
+        }
+        let id: i64 = sqlx::query("SELECT COALESCE(MAX(id), 0) + 1 AS next FROM governance_pending")
+            .fetch_one(&mut *tx)
+            .await?
+            .try_get("next")?;
+        sqlx::query(
+            "INSERT INTO governance_pending (id, kind, proposal, holder, signed, time_ms) VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(id)
+        .bind(&g.kind)
+        .bind(&g.proposal)
+        .bind(&g.holder)
+        .bind(&g.signed)
+        .bind(g.time_ms)
+        .execute(&mut *tx)
+        .await?;
+        self.commit_at(tx, at, &[]).await
+    }
+
+    /// The proposals and votes waiting for the next round boundary, in the order taken.
+    pub async fn pending_governance(&self) -> Result<Vec<PendingGovernance>, HubError> {
+        let rows =
+            sqlx::query("SELECT id, kind, proposal, holder, signed, time_ms FROM governance_pending ORDER BY id")
+                .fetch_all(&self.pool)
+                .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(PendingGovernance {
+                    id: r.try_get("id")?,
+                    kind: r.try_get("kind")?,
+                    proposal: r.try_get("proposal")?,
+                    holder: r.try_get("holder")?,
+                    signed: r.try_get("signed")?,
+                    time_ms: r.try_get("time_ms")?,
+                })
+            })
+            .collect()
+    }
+
     /// Records an accepted submission and, when it completed the quorum, that the round
     /// closed; [`Written::Duplicate`] (nothing written) if this contributor already submitted
     /// for this base round.
@@ -1109,9 +1198,16 @@ impl Db {
         p: &Publication,
         next: Option<&Seed>,
         ledger: &[(u64, String)],
+        steered: &Steered,
         at: u64,
     ) -> Result<Written, HubError> {
         let Some(mut tx) = self.begin_at(at).await? else { return Ok(Written::Stale) };
+        for id in &steered.done {
+            sqlx::query("DELETE FROM governance_pending WHERE id = $1").bind(*id).execute(&mut *tx).await?;
+        }
+        if let Some(spec) = &steered.spec {
+            sqlx::query("UPDATE runs SET spec = $1").bind(spec).execute(&mut *tx).await?;
+        }
         sqlx::query(
             "UPDATE rounds SET state = 'published', closed_ms = $1, closed_by = $2, accepted = $3, weight = $4, \
              result_checkpoint = $5, mean_inner_loss = $6, bytes_up = $7 WHERE round = $8",

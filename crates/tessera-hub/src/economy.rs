@@ -142,6 +142,13 @@ async fn try_open_ledger(
             .append(0, now_ms(), false, genesis, identity)
             .map_err(|e| HubError::Corrupt(format!("ledger genesis: {e}")))?;
         let mut rows = vec![(0, hex::encode(bytes))];
+        // The spec as created: what every change its holders vote is applied to, so anyone can
+        // compare the spec the hub serves with the one its ledger allows.
+        let body = LedgerBody::Spec {
+            spec: serde_json::to_string(spec).map_err(|e| HubError::Corrupt(format!("the run's spec: {e}")))?,
+        };
+        let bytes = ledger.append(0, now_ms(), false, body, identity).map_err(|e| HubError::Config(e.to_string()))?;
+        rows.push((ledger.len() - 1, hex::encode(bytes)));
         // The run's allocations are part of it from the start.
         for (holder, amount) in spec.economy.iter().flat_map(|e| e.allocations.iter()) {
             let body = LedgerBody::Allocation { holder: holder.clone(), amount: *amount };

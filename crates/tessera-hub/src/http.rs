@@ -11,6 +11,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use tessera_edge::HeldBody;
+use tessera_protocol::api::governance::Signed;
 use tessera_protocol::api::{
     DataAssignment, RegisterRequest, ScoreReport, ScoringFailure, UNSIGNED_INNER_LOSS_HEADER, UploadCommit,
     UploadRequest, Verdict,
@@ -94,6 +95,8 @@ pub fn router(hub: Arc<Hub>) -> Router {
         .route("/", get(dashboard_page))
         .route("/assets/{file}", get(dashboard_asset))
         .route("/v1/economy", get(economy))
+        .route("/v1/governance/proposals", get(proposals).post(propose))
+        .route("/v1/governance/votes", post(vote))
         .route("/v1/contributors/{id}/history", get(contributor_history))
         .route("/v1/contributors/{id}/rewards", get(contributor_rewards))
         .route("/healthz", get(|| async { "ok" }))
@@ -201,6 +204,37 @@ async fn register(
     let (signed, request): (_, RegisterRequest) =
         signed_json_body(&hub, (&method, &uri, &headers), (body, SMALL_BODY), "registration").await?;
     Ok((StatusCode::CREATED, Json(hub.register(&request.name, signed.key).await?)))
+}
+
+/// A holder's signed proposal (`Signed`; the request must be signed by the same key).
+async fn propose(
+    State(hub): State<Arc<Hub>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<impl IntoResponse, Refusal> {
+    let (signed, message): (_, Signed) =
+        signed_json_body(&hub, (&method, &uri, &headers), (body, SMALL_BODY), "proposal").await?;
+    Ok((StatusCode::ACCEPTED, Json(hub.propose(&signed.key, message).await?)))
+}
+
+/// A holder's signed vote.
+async fn vote(
+    State(hub): State<Arc<Hub>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<impl IntoResponse, Refusal> {
+    let (signed, message): (_, Signed) =
+        signed_json_body(&hub, (&method, &uri, &headers), (body, SMALL_BODY), "vote").await?;
+    Ok((StatusCode::ACCEPTED, Json(hub.vote(&signed.key, message).await?)))
+}
+
+/// The run's governance rules and every proposal with its tally.
+async fn proposals(State(hub): State<Arc<Hub>>) -> Result<impl IntoResponse, Refusal> {
+    Ok(Json(hub.proposals().await?))
 }
 
 /// The registered contributor who signed a request (checked before its body is read), its key,

@@ -140,7 +140,8 @@ pub(crate) struct Trust {
 pub struct Hub {
     pub(crate) db: Db,
     pub(crate) store: Store,
-    spec: RunSpec,
+    /// The run's spec as it stands (a steered run's changes at round boundaries replace it).
+    spec: std::sync::RwLock<Arc<RunSpec>>,
     run_id: String,
     pub(crate) live: Mutex<Live>,
     pub(crate) keys: std::sync::RwLock<Keys>,
@@ -180,11 +181,13 @@ fn checking_slots(max_submission: usize) -> usize {
 
 /// The run's state as the database holds it, and the journal's sequence number it is current
 /// with (read before and after, so no decision falls between the two).
-async fn load(db: &Db, spec: &RunSpec) -> Result<(Run, u64), HubError> {
+async fn load(db: &Db) -> Result<(Run, u64), HubError> {
     loop {
         let before = db.last_seq().await?;
         let run = db.load_run().await?.ok_or_else(|| HubError::Corrupt("the run vanished".into()))?;
-        let snapshot: Snapshot = db.snapshot(&run, spec.clone()).await?;
+        let spec: RunSpec =
+            serde_json::from_str(&run.spec).map_err(|e| HubError::Corrupt(format!("stored run spec: {e}")))?;
+        let snapshot: Snapshot = db.snapshot(&run, spec).await?;
         if db.last_seq().await? == before {
             return Ok((Run::restore(snapshot)?, before));
         }
@@ -252,7 +255,7 @@ impl Hub {
                 spec.phases.len()
             )));
         }
-        let (core, seq) = load(&db, &spec).await?;
+        let (core, seq) = load(&db).await?;
         let outer = load_outer(&db, &store, &core).await?;
         let mut keys = Keys::default();
         for (id, _, key) in db.contributors().await? {
@@ -288,7 +291,7 @@ impl Hub {
         let hub = Arc::new(Hub {
             db,
             store,
-            spec,
+            spec: std::sync::RwLock::new(Arc::new(spec)),
             run_id: run_id.clone(),
             live: Mutex::new(Live {
                 run: core,
@@ -323,9 +326,22 @@ impl Hub {
         Ok(hub)
     }
 
-    /// The run as created: every phase.
-    pub fn spec(&self) -> &RunSpec {
-        &self.spec
+    /// The run's spec as it stands, every phase: as created, with the changes its holders
+    /// voted (a steered run).
+    pub fn spec(&self) -> Arc<RunSpec> {
+        match self.spec.read() {
+            Ok(s) => Arc::clone(&s),
+            Err(poisoned) => Arc::clone(&poisoned.into_inner()),
+        }
+    }
+
+    /// Replaces the spec after a round boundary changed it (here or in another replica).
+    pub(crate) fn set_spec(&self, spec: &RunSpec) {
+        if *self.spec() != *spec
+            && let Ok(mut s) = self.spec.write()
+        {
+            *s = Arc::new(spec.clone());
+        }
     }
 
     /// Brings `live` up to date with decisions other replicas committed: applies the journal
@@ -353,7 +369,7 @@ impl Hub {
                 Journal::Published { .. } => return self.reload(live).await,
                 Journal::Ledger => {
                     let (ledger, validator) =
-                        crate::economy::open_ledger(&self.db, &self.run_id, &self.spec, &self.identity).await?;
+                        crate::economy::open_ledger(&self.db, &self.run_id, &self.spec(), &self.identity).await?;
                     if let Ok(mut t) = self.trust.write() {
                         *t = Trust { ledger, validator };
                     }
@@ -369,7 +385,8 @@ impl Hub {
 
     /// Reloads the run's state from the database (another replica published a round).
     async fn reload(&self, live: &mut Live) -> Result<(), HubError> {
-        let (run, seq) = load(&self.db, &self.spec).await?;
+        let (run, seq) = load(&self.db).await?;
+        self.set_spec(run.spec());
         let round = run.round();
         tracing::debug!(round, seq, "caught up with another replica's publication");
         live.run = run;
@@ -422,7 +439,7 @@ impl Hub {
             checkpoint: live.run.checkpoint().to_owned(),
             finished: live.run.finished(),
             hub_key: self.identity.public().hex(),
-            operator_trusted_with: self.spec.operator_trust(),
+            operator_trusted_with: self.spec().operator_trust(),
         }
     }
 
@@ -459,7 +476,7 @@ impl Hub {
 
     /// Largest acceptable submission: an f32 message of the run's largest model plus its table.
     pub fn max_submission_bytes(&self) -> usize {
-        max_submission_bytes(&self.spec)
+        max_submission_bytes(&self.spec())
     }
 
     pub fn store(&self) -> &Store {

@@ -139,7 +139,9 @@ impl Hub {
                 break;
             }
         }
-        self.live.lock().await.run.assignment(contributor)
+        let mut a = self.live.lock().await.run.assignment(contributor)?;
+        a.revision = self.trust.read().map(|t| t.ledger.spec_changes()).unwrap_or(0);
+        Ok(a)
     }
 
     /// Validates, stores and records one submission; closes the round at quorum. Every

@@ -9,6 +9,7 @@
 
 pub mod db;
 mod economy;
+mod governance;
 pub mod http;
 pub mod hub;
 mod intake;

@@ -20,6 +20,7 @@ use tessera_trust::ledger::Ledger;
 
 use crate::HubError;
 use crate::db::{Seed, Written};
+use crate::governance::Steer;
 use crate::hub::{Hub, Live, now_ms};
 use crate::pieces::Submissions;
 use crate::store::{ReadAhead, checkpoint_key, outer_key, submission_key, update_key};
@@ -126,16 +127,28 @@ impl Hub {
         };
         let outcome = Outcome { result_checkpoint: hash.clone(), used, weight };
         let next_phase = plan.next_phase;
-        let event = loop {
+        let (event, steer) = loop {
             let event =
                 live.run.publish(plan.clone(), outcome.clone(), now_ms(), seed.as_ref().map(|s| s.commitment.clone()));
             let Event::Published(publication) = &event else {
                 return Err(HubError::Corrupt("publishing gave no publication".into()));
             };
-            match self.db.publish(publication, seed.as_ref(), &sealed.ledger, live.seq).await? {
+            // A steered run's proposals, votes, tallies and changes due at this boundary, on
+            // top of the round's own ledger entries.
+            let steer = match &sealed.next {
+                Some(base) => self.steer(live, base, round + 1, &hash).await?,
+                None if plan.finished => Steer::default(),
+                None => {
+                    let base = self.trust.read().map(|t| t.ledger.clone());
+                    let base = base.map_err(|_| HubError::Corrupt("trust poisoned".into()))?;
+                    self.steer(live, &base, round + 1, &hash).await?
+                }
+            };
+            let rows: Vec<(u64, String)> = sealed.ledger.iter().chain(&steer.rows).cloned().collect();
+            match self.db.publish(publication, seed.as_ref(), &rows, &steer.steered, live.seq).await? {
                 Written::At(seq) => {
                     live.seq = seq;
-                    break event;
+                    break (event, steer);
                 }
                 _ => {
                     // Another replica decided meanwhile: publish on the newer state, unless the
@@ -149,12 +162,17 @@ impl Hub {
             }
         };
         // Committed: now the state moves.
-        if let Some(next) = sealed.next
+        if let Some(next) = steer.next.or(sealed.next)
             && let Ok(mut t) = self.trust.write()
         {
             t.ledger = next;
         }
         live.run.apply(&event)?;
+        if let Some(spec) = steer.spec {
+            live.run.steer(spec)?;
+            self.set_spec(live.run.spec());
+            tracing::info!(round = round + 1, "the run's spec changed by its holders' vote");
+        }
         live.outer = state.map(Arc::new);
         if self.aggregate_shards > 0 {
             self.clear_shards(round + 1).await;

@@ -31,8 +31,8 @@ struct Round {
 }
 
 impl Hub {
-    pub(crate) fn task_spec(&self) -> Option<&TaskSpec> {
-        self.spec().contest.as_ref()?.tasks.as_ref()
+    pub(crate) fn task_spec(&self) -> Option<TaskSpec> {
+        self.spec().contest.as_ref()?.tasks.clone()
     }
 
     /// The round waiting for scores, split into its tasks; `None` when no round is.
@@ -130,7 +130,7 @@ impl Hub {
     /// Takes `validator`'s result on a task of the round being scored; publishes the round if
     /// that settled its last task.
     pub(crate) async fn post_task_scores(&self, validator: &str, report: ScoreReport) -> Result<(), ApiError> {
-        let Some(spec) = self.task_spec().cloned() else {
+        let Some(spec) = self.task_spec() else {
             return Err(api(ErrorCode::BadRequest, "this run is scored whole: post the round's scores without a task"));
         };
         let Some(id) = report.task else {
@@ -182,7 +182,7 @@ impl Hub {
     /// given up counts: see `tessera_round::scoring`). Called after each result, and by the
     /// clock for the tasks that settle by waiting. True when it published.
     pub(crate) async fn settle_tasks(&self, live: &mut Live) -> Result<bool, HubError> {
-        let Some(spec) = self.task_spec().cloned() else { return Ok(false) };
+        let Some(spec) = self.task_spec() else { return Ok(false) };
         let Some(r) = self.scoring_round(live, &spec).await? else { return Ok(false) };
         self.refresh_results(live, r.round).await?;
         let leases = self.db.leases(r.round).await?;

@@ -22,7 +22,7 @@ impl Hub {
     pub async fn scoring_job(&self, validator: &str) -> Result<Option<ScoringJob>, HubError> {
         let mut live = self.live.lock().await;
         self.sync(&mut live).await?;
-        if let Some(spec) = self.task_spec().cloned() {
+        if let Some(spec) = self.task_spec() {
             return self.task_job(&mut live, validator, &spec).await;
         }
         let run = &live.run;

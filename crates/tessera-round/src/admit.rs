@@ -116,6 +116,7 @@ impl Run {
             phase: self.phase() as u32,
             fragment: (spec.fragments > 1).then(|| spec.fragment_of(contributor)),
             data: tessera_protocol::data::data_assignment(spec, self.round, contributor),
+            revision: 0,
         })
     }
 

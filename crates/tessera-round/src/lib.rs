@@ -285,6 +285,24 @@ impl Run {
         Ok(())
     }
 
+    /// Replaces the spec at a round boundary with one its holders voted (the shell checked the
+    /// vote in its ledger). What a vote may change leaves the models alone: a spec whose phases
+    /// or tensor tables differ is refused.
+    pub fn steer(&mut self, spec: RunSpec) -> Result<(), RoundError> {
+        spec.validate().map_err(RoundError::Spec)?;
+        let models = |s: &RunSpec| {
+            let mut m: Vec<_> = s.phases.iter().map(|p| (&p.model, &p.tensors)).collect();
+            m.push((&s.model, &s.tensors));
+            m.into_iter().map(|(a, b)| (a.clone(), b.clone())).collect::<Vec<_>>()
+        };
+        if models(&spec) != models(&self.spec) {
+            return Err(RoundError::Spec("a change of the run's spec may not change its models".into()));
+        }
+        self.current = spec.at_phase(self.phase());
+        self.spec = spec;
+        Ok(())
+    }
+
     /// A sealed run: takes the attested validator's commitment to the current round's
     /// evaluation seed. Nothing to do when it is the one already held; refused when another is,
     /// or the round's submissions have closed.

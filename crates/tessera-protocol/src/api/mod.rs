@@ -110,6 +110,10 @@ pub struct Assignment {
     /// Manifest runs: the training shard this round's windows come from.
     #[serde(default)]
     pub data: Option<DataAssignment>,
+    /// Changes its holders voted into the run's spec so far (a steered run): a contributor that
+    /// holds the spec at another revision fetches `GET /v1/run` again.
+    #[serde(default)]
+    pub revision: u64,
 }
 
 /// Which shard of a manifest run's dataset a contributor trains on in a round: the `shard`-th

@@ -110,6 +110,39 @@ impl Ledger {
         self.gov.spec.as_deref().map(|s| (s, self.gov.spec_hash.as_str()))
     }
 
+    /// Whether the spec a hub serves for phase `phase` (`GET /v1/run`, which it signs) is the one
+    /// its ledger allows: the spec as created with every applied change. A difference is a
+    /// change no passed proposal authorised; the error names the fields that differ.
+    pub fn check_served_spec(&self, served: &RunSpec, phase: usize) -> Result<(), String> {
+        let Some((spec, _)) = self.spec() else { return Ok(()) };
+        let allowed = spec.at_phase(phase);
+        if allowed == *served {
+            return Ok(());
+        }
+        let (a, b) = (serde_json::to_value(&allowed), serde_json::to_value(served));
+        let differ: Vec<String> = match (a, b) {
+            (Ok(serde_json::Value::Object(a)), Ok(serde_json::Value::Object(b))) => {
+                let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+                keys.into_iter()
+                    .filter(|k| a.get(*k) != b.get(*k))
+                    .map(|k| {
+                        format!(
+                            "{k}: ledger {} served {}",
+                            a.get(k).map_or("none".into(), |v| v.to_string()),
+                            b.get(k).map_or("none".into(), |v| v.to_string())
+                        )
+                    })
+                    .collect()
+            }
+            _ => vec!["the spec".into()],
+        };
+        Err(format!(
+            "the hub serves a spec that no passed proposal authorises ({} change(s) recorded): {}",
+            self.gov.changes,
+            differ.join("; ")
+        ))
+    }
+
     /// Changes applied to the spec so far.
     pub fn spec_changes(&self) -> u64 {
         self.gov.changes
@@ -137,6 +170,16 @@ impl Ledger {
             }
         }
         out
+    }
+
+    /// Whether a proposal or a vote would be accepted as the next entry, recorded at `round`:
+    /// what the hub checks before it takes one (the entry is checked again when written).
+    pub fn precheck(&self, round: u64, body: &super::Body) -> Result<(), String> {
+        match body {
+            super::Body::Proposal { signed } => self.check_proposal(self.len(), round, signed).map(drop),
+            super::Body::Vote { signed } => self.check_vote(round, signed).map(drop),
+            other => Err(format!("a {} is not taken from holders", other.kind())),
+        }
     }
 
     pub(super) fn check_spec(&self, json: &str) -> Result<Governance, String> {
