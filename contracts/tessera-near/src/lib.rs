@@ -6,6 +6,9 @@
 //!   [`Contract::mint_rewards`]. Holders may transfer freely.
 //! - **Roots**: [`Contract::record_root`] keeps each signed Merkle root of the ledger (its size
 //!   and hex root), so anyone can check a ledger inclusion proof against the chain.
+//! - **Governance outcomes**: [`Contract::record_outcome`] keeps the hash of each closed vote's
+//!   outcome entry in the ledger with the recorded root that commits it, so a steered run's
+//!   decisions are anchored on chain with the ledger they belong to.
 //! - **Payouts**: [`Contract::distribute_epoch`] takes an epoch's revenue as its attached
 //!   deposit, keeps the funding share for the run's funding account, and splits the rest over
 //!   the token's balances by the largest-remainder method ([`split_pro_rata`], the same rule the
@@ -41,6 +44,8 @@ enum Key {
     Roots,
     Epochs,
     Claimable,
+    Outcomes,
+    OutcomeIndex,
 }
 
 /// A signed Merkle root of the run's ledger: the first `size` entries hash to `root`.
@@ -51,6 +56,25 @@ pub struct Root {
     /// 64 hex digits (RFC 6962, SHA-256).
     pub root: String,
     pub round: u64,
+}
+
+/// A closed vote of a steered run: the BLAKE3 of its outcome entry's bytes, whether it passed,
+/// and the recorded ledger root that commits that entry.
+#[near(serializers = [borsh, json])]
+#[derive(Clone, Debug, PartialEq)]
+pub struct Outcome {
+    /// The proposal's id (64 hex digits).
+    pub proposal: String,
+    /// BLAKE3 of the outcome entry (64 hex digits).
+    pub hash: String,
+    pub passed: bool,
+    /// The root (as recorded by [`Contract::record_root`]) whose ledger holds the entry.
+    pub size: u64,
+    pub root: String,
+}
+
+fn is_hex64(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|c| c.is_ascii_hexdigit())
 }
 
 /// What distributing an epoch fixed.
@@ -81,6 +105,9 @@ pub struct Contract {
     epochs: LookupMap<u64, Epoch>,
     last_epoch: Option<u64>,
     claimable: LookupMap<AccountId, u128>,
+    outcomes: Vector<Outcome>,
+    /// Each recorded proposal's index in `outcomes`.
+    outcome_index: LookupMap<String, u32>,
 }
 
 /// `amount` split pro rata to `balances` by the largest-remainder method: each gets the floor of
@@ -120,6 +147,8 @@ impl Contract {
             epochs: LookupMap::new(Key::Epochs),
             last_epoch: None,
             claimable: LookupMap::new(Key::Claimable),
+            outcomes: Vector::new(Key::Outcomes),
+            outcome_index: LookupMap::new(Key::OutcomeIndex),
         };
         this.mint(&allocations, "allocation");
         this
@@ -155,6 +184,40 @@ impl Contract {
             require!(size > last.size, "a root must cover more of the ledger than the last one");
         }
         self.roots.push(Root { size, root: root.to_ascii_lowercase(), round });
+    }
+
+    /// Records a closed vote's outcome entry (its hash) with the recorded root `(size, root)` that
+    /// commits it. Once per proposal; the root must be one recorded here (found by size, which
+    /// only grows: O(log roots)).
+    pub fn record_outcome(&mut self, proposal: String, hash: String, passed: bool, size: u64, root: String) {
+        self.assert_owner();
+        require!(is_hex64(&proposal) && is_hex64(&hash), "a proposal id and an outcome hash are 64 hex digits each");
+        let proposal = proposal.to_ascii_lowercase();
+        require!(!self.outcome_index.contains_key(&proposal), "this proposal's outcome is recorded already");
+        let (mut lo, mut hi) = (0u32, self.roots.len());
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            match self.roots.get(mid).map(|r| r.size) {
+                Some(s) if s < size => lo = mid + 1,
+                _ => hi = mid,
+            }
+        }
+        let root = root.to_ascii_lowercase();
+        let known = self.roots.get(lo).is_some_and(|r| r.size == size && r.root == root);
+        require!(known, "the outcome must be committed by a root recorded here");
+        self.outcome_index.insert(proposal.clone(), self.outcomes.len());
+        self.outcomes.push(Outcome { proposal, hash: hash.to_ascii_lowercase(), passed, size, root });
+    }
+
+    pub fn outcome(&self, proposal: String) -> Option<Outcome> {
+        let i = *self.outcome_index.get(&proposal.to_ascii_lowercase())?;
+        self.outcomes.get(i).cloned()
+    }
+
+    pub fn outcomes(&self, from: u32, limit: u32) -> Vec<Outcome> {
+        (from..self.outcomes.len().min(from.saturating_add(limit)))
+            .filter_map(|i| self.outcomes.get(i).cloned())
+            .collect()
     }
 
     /// Distributes an epoch's revenue, attached as the deposit: `funding_ppm` parts per million
@@ -408,6 +471,32 @@ mod tests {
         assert!(stale.is_err());
         let bad = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| c.record_root(30, "xyz".into(), 3)));
         assert!(bad.is_err());
+    }
+
+    #[test]
+    fn outcomes_are_recorded_once_with_a_recorded_root() {
+        let mut c = world();
+        testing_env!(context("hub.near", 0).build());
+        c.record_root(16, "ab".repeat(32), 1);
+        c.record_root(24, "cd".repeat(32), 2);
+        let (p, h) = ("01".repeat(32), "EF".repeat(32));
+        c.record_outcome(p.clone(), h.clone(), true, 24, "CD".repeat(32));
+        let o = c.outcome(p.clone()).unwrap();
+        assert_eq!((o.hash, o.passed, o.size, o.root), ("ef".repeat(32), true, 24, "cd".repeat(32)));
+        assert_eq!(c.outcomes(0, 10).len(), 1);
+        let refused = |c: &mut Contract, p: String, size: u64, root: String| {
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                c.record_outcome(p, "ef".repeat(32), false, size, root)
+            }))
+            .is_err()
+        };
+        assert!(refused(&mut c, p.clone(), 24, "cd".repeat(32)), "twice");
+        assert!(refused(&mut c, "02".repeat(32), 20, "cd".repeat(32)), "a size no root has");
+        assert!(refused(&mut c, "02".repeat(32), 16, "cd".repeat(32)), "another root's hash");
+        assert!(refused(&mut c, "xyz".into(), 16, "ab".repeat(32)), "not hex");
+        c.record_outcome("02".repeat(32), h, false, 16, "ab".repeat(32));
+        testing_env!(context("mallory.near", 0).build());
+        assert!(refused(&mut c, "03".repeat(32), 16, "ab".repeat(32)), "not the owner");
     }
 
     /// On pseudo-random balances: exact sum, each part within one unit of its share, and a

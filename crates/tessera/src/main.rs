@@ -6,6 +6,7 @@
 mod args;
 mod bench;
 mod cmd;
+mod hf;
 mod plan;
 mod spec;
 
@@ -84,6 +85,20 @@ enum Command {
     /// submissions (a run started with --publish-submissions), and compare them with what the
     /// hub published; exits non-zero on any difference.
     Audit(cmd::audit::AuditArgs),
+    /// Propose a change to a steered run (H, quorum, outer learning rate, codec, the next
+    /// phase's start, loss target or promotion size, or a release), signed with a holder's key;
+    /// its holders then vote on it (`docs/governance.md`).
+    Propose(Box<cmd::governance::ProposeArgs>),
+    /// Vote yes, no or abstain on a proposal, with the power of your balance at its snapshot;
+    /// a later vote replaces yours until the vote closes.
+    Vote(cmd::governance::VoteArgs),
+    /// A steered run's rules and proposals: open and closed, their tallies and what changed when.
+    Proposals(cmd::governance::ProposalsArgs),
+    /// Release a run's checkpoint as a named version: a Hugging Face model directory with a
+    /// generated model card (data, tokens, contributors and their share, validation loss, the
+    /// ledger it corresponds to), written to a directory and optionally uploaded to a model
+    /// repository. In a steered run, only a version its holders voted to release.
+    Release(Box<cmd::release::ReleaseArgs>),
     /// Train a model (by default `nano` on the embedded synthetic corpus).
     Train(Box<cmd::train::TrainArgs>),
     /// Sample text from a checkpoint with a KV cache.
@@ -127,6 +142,10 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Ledger(command) => cmd::trust::ledger(command),
         Command::Leaderboard(args) => cmd::leaderboard::leaderboard(args),
         Command::Audit(args) => cmd::audit::audit(args),
+        Command::Propose(args) => cmd::governance::propose(*args),
+        Command::Vote(args) => cmd::governance::vote(args),
+        Command::Proposals(args) => cmd::governance::proposals(args),
+        Command::Release(args) => cmd::release::release(*args),
         Command::Train(args) => cmd::train::train(*args),
         Command::Generate(args) => cmd::train::generate_text(args),
         Command::Serve(args) => cmd::serving::serve(*args),

@@ -116,6 +116,13 @@ pub struct RunArgs {
     /// file of `HOLDER = AMOUNT` lines; written into the ledger when the run is created.
     #[arg(long)]
     pub allocations: Option<PathBuf>,
+    /// Let the run's token holders steer it by vote: a TOML file of the vote's rules and what may
+    /// be changed within which bounds (`voting_rounds`, `quorum_ppm`, `threshold_ppm`,
+    /// `min_proposer_balance`, and a `[bounds]` table: `inner_steps = [lo, hi]`, `quorum`,
+    /// `outer_lr`, `codecs = ["int8:64", …]`, `phase_start`, `phase_loss`, `promote_top`,
+    /// `releases = true`); see docs/governance.md.
+    #[arg(long, value_name = "FILE")]
+    pub governance: Option<PathBuf>,
     #[command(flatten)]
     pub contest: ContestArgs,
 }
@@ -426,11 +433,20 @@ fn run_spec(args: &RunArgs, dataset: &Dataset, model: &Llama) -> Result<RunSpec>
         fragments: args.fragments,
         until_loss: args.until_loss,
         economy: economy_spec(args)?,
-        governance: None,
+        governance: governance_spec(args)?,
     })
 }
 
 /// The run's usage economy from --operator, --funding-share and --allocations.
+fn governance_spec(args: &RunArgs) -> Result<Option<tessera_protocol::api::governance::GovernanceSpec>> {
+    let Some(path) = &args.governance else { return Ok(None) };
+    let text = std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
+    let g: tessera_protocol::api::governance::GovernanceSpec =
+        toml::from_str(&text).with_context(|| format!("the governance rules {}", path.display()))?;
+    g.validate().map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    Ok(Some(g))
+}
+
 fn economy_spec(args: &RunArgs) -> Result<Option<tessera_protocol::api::EconomySpec>> {
     let Some(operator) = &args.operator else {
         if args.allocations.is_some() {
@@ -560,6 +576,7 @@ mod tests {
         ("operator", "0000000000000000000000000000000000000000000000000000000000000000"),
         ("funding_share", "0.3"),
         ("allocations", "sale.toml"),
+        ("governance", "rules.toml"),
         ("scored", ""),
         ("reward_units", "77"),
         ("reward_power", "1.5"),

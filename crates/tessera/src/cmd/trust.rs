@@ -64,6 +64,23 @@ pub(crate) fn ledger_bytes(hub: Option<&str>, file: Option<&std::path::Path>) ->
     })
 }
 
+/// Compares what the hub at `url` serves with its ledger: the spec (signed by the hub) must be
+/// the ledger's own with every applied change, and no tally or change may be overdue. Returns
+/// the hub's round.
+fn check_steering(url: &str, ledger: &Ledger) -> Result<u64> {
+    let client = tessera_client::HubClient::new(url)?;
+    let run = client.run()?;
+    if run.hub_key != ledger.hub().map(|k| k.hex()).unwrap_or_default() {
+        bail!("{url}: the hub's key {} is not the one that signed its ledger", run.hub_key);
+    }
+    ledger.check_served_spec(&run.spec, run.phase as usize).map_err(|e| anyhow::anyhow!("{url}: {e}"))?;
+    let overdue = ledger.overdue(run.round);
+    if !overdue.is_empty() {
+        bail!("{url}: the hub owes its ledger entries: {}", overdue.join("; "));
+    }
+    Ok(run.round)
+}
+
 pub fn ledger(cmd: LedgerCommand) -> Result<()> {
     let LedgerCommand::Verify(args) = cmd;
     let (bytes, source) = ledger_bytes(args.hub.as_deref(), args.file.as_deref())?;
@@ -72,6 +89,12 @@ pub fn ledger(cmd: LedgerCommand) -> Result<()> {
     }
     let ledger =
         Ledger::from_bytes(&bytes).map_err(|e| anyhow::anyhow!("{source}: the ledger does not verify: {e}"))?;
+    // Against a live hub: the spec it serves (and signs) must be the one its ledger allows, and
+    // it must owe no outcome or change.
+    let steering = match &args.hub {
+        Some(url) => Some(check_steering(url, &ledger)?),
+        None => None,
+    };
     let entries = ledger.entries();
     let rounds = entries.iter().filter(|e| matches!(e.body, Body::Emission { .. })).count();
     let validators: Vec<_> = ledger.validators().cloned().collect();
@@ -88,6 +111,10 @@ pub fn ledger(cmd: LedgerCommand) -> Result<()> {
             "units": ledger.units,
             "payouts": ledger.payouts,
             "validator_faults": ledger.faults,
+            "spec_hash": ledger.spec().map(|(_, h)| h),
+            "spec_changes": ledger.spec_changes(),
+            "proposals": ledger.proposals(),
+            "served_spec_matches": steering.is_some(),
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(());
@@ -104,6 +131,18 @@ pub fn ledger(cmd: LedgerCommand) -> Result<()> {
         } else {
             println!("validator {} (entry {}): {} measurement {}", v.key, v.seq, v.kind, v.measurement);
         }
+    }
+    if let Some((_, hash)) = ledger.spec() {
+        let proposals = ledger.proposals();
+        let passed = proposals.values().filter(|p| p.outcome.is_some_and(|(_, t)| t.passed)).count();
+        println!(
+            "spec {hash}: {} change(s) applied by vote; {} proposal(s), {passed} passed",
+            ledger.spec_changes(),
+            proposals.len()
+        );
+    }
+    if let Some(round) = steering {
+        println!("the spec the hub serves at round {round} is the one its ledger allows");
     }
     for (name, faults) in &ledger.faults {
         println!("validator {name:?}: contradicted by the others on {faults} scoring task(s)");
