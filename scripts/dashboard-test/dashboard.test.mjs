@@ -1,8 +1,11 @@
 // Drives the hub's dashboard in headless Chromium against a short real run: a scored hub with
 // an operator and allocations, two contributors and a validator, then an epoch closed into the
-// ledger. Checks that pages load without console errors, the charts show the run's points, the
-// leaderboard order is the API's, and the ledger explorer's in-browser proof check passes for a
-// real entry and fails for a tampered copy. Screenshots go to $SCREENSHOTS.
+// ledger; the run is steered by its holders, one of whom changes H by vote before round 1 (the
+// contributors switch mid-run) while a second proposal is rejected. Checks that pages load
+// without console errors, the charts show the run's points, the leaderboard order is the API's,
+// the governance page shows both proposals with the API's tallies and what changed when, and
+// the ledger explorer's in-browser proof check passes for a real entry and fails for a tampered
+// copy. Screenshots go to $SCREENSHOTS.
 //
 //   TESSERA_BIN=target/debug/tessera SCREENSHOTS=target/dashboard node scripts/dashboard-test/dashboard.test.mjs
 
@@ -60,13 +63,23 @@ const get = async (url) => (await fetch(url)).json();
 // A short real run.
 const op = join(tmp, "operator.pem");
 const operator = execFileSync(BIN, ["keygen", "--out", op], { encoding: "utf8" }).trim().split("\n")[0];
-writeFileSync(join(tmp, "allocations.toml"), "backers = 7000\n");
+const holderKey = join(tmp, "holder.pem");
+const holder = execFileSync(BIN, ["keygen", "--out", holderKey], { encoding: "utf8" }).trim().split("\n")[0];
+writeFileSync(join(tmp, "allocations.toml"), `backers = 7000\n${holder} = 3000\n`);
+writeFileSync(join(tmp, "rules.toml"), "voting_rounds = 1\nquorum_ppm = 200000\nthreshold_ppm = 500001\n\n[bounds]\ninner_steps = [2, 10]\nreleases = true\n");
 const hub = start(["hub", "--model", "tiny", "--synthetic-chars", "20000", "--batch-size", "4", "--warmup-steps", "2",
   "--inner-steps", "5", "--rounds", "3", "--quorum", "2", "--scored", "--validator-token", "tok",
-  "--operator", operator, "--allocations", join(tmp, "allocations.toml"),
+  "--operator", operator, "--allocations", join(tmp, "allocations.toml"), "--governance", join(tmp, "rules.toml"),
   "--database", `sqlite://${join(tmp, "hub.db")}`, "--store", join(tmp, "store"), "--listen", "127.0.0.1:0",
   "--addr-file", join(tmp, "hub.addr"), "--key", join(tmp, "hub.pem")], "hub");
 const url = `http://${await waitFile(join(tmp, "hub.addr"), hub)}`;
+// Before round 0 closes: the holder (30% of the power) changes H from 5 to 4 and votes down a release.
+const tessera = (args) => execFileSync(BIN, args, { encoding: "utf8" });
+const idOf = (out) => out.split("\n")[0].replace("proposal ", "").trim();
+const hChange = idOf(tessera(["propose", "--hub", url, "--key", holderKey, "--title", "shorter rounds", "--inner-steps", "4"]));
+const release = idOf(tessera(["propose", "--hub", url, "--key", holderKey, "--title", "an early release", "--release", "v0"]));
+tessera(["vote", "--hub", url, "--key", holderKey, "--proposal", hChange, "yes"]);
+tessera(["vote", "--hub", url, "--key", holderKey, "--proposal", release, "no"]);
 const workers = ["ada", "bo"].map((n) => start(["contribute", "--hub", url, "--state-dir", join(tmp, n), "--name", n, "--threads", "1"], n));
 // A testing adversary whose NaN submissions the hub refuses: its page must show why.
 workers.push(start(["contribute", "--hub", url, "--state-dir", join(tmp, "eve"), "--name", "eve", "--threads", "1", "--adversary", "nan"], "eve"));
@@ -145,6 +158,26 @@ try {
   check(bad.startsWith("✗ invalid"), `a tampered entry was not refused: ${bad}`);
   await page.screenshot({ path: join(SHOTS, "ledger.png"), fullPage: true });
 
+  // Governance: both proposals closed with the API's tallies; H changed at round 1.
+  const gov = await get(`${url}/v1/governance/proposals`);
+  const applied = gov.proposals.find((p) => p.id === hChange);
+  const rejected = gov.proposals.find((p) => p.id === release);
+  check(applied?.state === "applied" && rejected?.state === "rejected", `proposals did not close as voted: ${JSON.stringify(gov)}`);
+  check((await get(`${url}/v1/run`)).spec.inner_steps === 4, "the voted H is not the one the hub serves");
+  await open("#/governance");
+  const rows = await page.locator("#closed-proposals tbody tr").evaluateAll((rs) => rs.map((r) => [r.dataset.id, r.dataset.state, r.querySelector(".votes").textContent]));
+  check(rows.length === 2, `the governance page shows ${rows.length} closed proposals`);
+  for (const p of [applied, rejected]) {
+    const r = rows.find((x) => x[0] === p.id);
+    check(r && r[1] === p.state && r[2].includes(`yes ${p.tally.yes} · no ${p.tally.no}`) && r[2].includes(`of ${p.tally.power}`), `proposal ${p.id}: the page shows ${JSON.stringify(r)}, the API ${JSON.stringify(p)}`);
+  }
+  const changed = await page.locator("#changes li[data-round]").allTextContents();
+  check(changed.length === 1 && changed[0].includes("round 1") && changed[0].includes("→ 4"), `what changed when: ${changed}`);
+  await page.screenshot({ path: join(SHOTS, "governance.png"), fullPage: true });
+  await open("#/ledger");
+  const kinds = await page.locator("#ledger tbody tr td:nth-child(2)").allTextContents();
+  for (const k of ["spec", "proposal", "vote", "outcome", "applied change"]) check(kinds.some((x) => x.startsWith(k)), `the ledger explorer shows no ${k} entry: ${kinds}`);
+
   // A sealed run whose validator attests with the INSECURE development stand-in: said plainly.
   const sealed = start(["hub", "--model", "tiny", "--synthetic-chars", "20000", "--rounds", "1", "--quorum", "1",
     "--scored", "--sealed", "--insecure-dev-tee", "--validator-token", "tok",
@@ -163,7 +196,7 @@ try {
   await page.screenshot({ path: join(SHOTS, "insecure-validator.png"), fullPage: true });
 
   check(errors.length === 0, `console errors: ${errors.join("\n")}`);
-  console.log(`dashboard: run, contributor, refusals, ledger and INSECURE-validator pages in Chromium OK (${points} loss points, leaderboard ${order}, proof ✓ and tamper ✗); screenshots in ${SHOTS}`);
+  console.log(`dashboard: run, contributor, refusals, ledger, governance and INSECURE-validator pages in Chromium OK (${points} loss points, leaderboard ${order}, proof ✓ and tamper ✗); screenshots in ${SHOTS}`);
 } catch (e) {
   fail(String(e.stack ?? e));
 } finally {

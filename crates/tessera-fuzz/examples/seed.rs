@@ -87,6 +87,53 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let policy = tessera_protocol::api::AttestationPolicy { allow_insecure_dev: true, ..Default::default() };
     ledger.append(0, 1_000, false, Body::Genesis { run_id: "seed".into(), policy }, &hub)?;
     seeds.push(("ledger", ledger.bytes().to_vec()));
+    // A steered run's governance: a spec, a holder's proposal and vote, the tally, the change.
+    let holder = Identity::generate()?;
+    let spec = serde_json::json!({"name": "seed", "model": {}, "tensors": [{"name": "w", "shape": [2, 2]}],
+        "data": {"name": "e", "fingerprint": "f", "source": {"kind": "embedded", "seed": 1, "train_chars": 10, "val_chars": 10}},
+        "inner": {"batch_size": 1, "seq_len": 8, "lr": 0.001, "min_lr": 0.0001, "warmup_steps": 0, "grad_clip": 1.0, "weight_decay": 0.1},
+        "inner_steps": 5, "rounds": 9, "outer": {"lr": 0.7, "momentum": 0.9, "nesterov": true}, "codec": "f32",
+        "broadcast_codec": "f32", "quorum": 2, "round_deadline_ms": 1000, "max_staleness": 1, "staleness_decay": 0.5,
+        "seed": 1, "governance": {"voting_rounds": 1, "quorum_ppm": 1000, "threshold_ppm": 500001,
+        "bounds": {"inner_steps": [1, 10], "releases": true}}});
+    let mut steered = Ledger::default();
+    let policy = tessera_protocol::api::AttestationPolicy { allow_insecure_dev: true, ..Default::default() };
+    steered.append(0, 1, false, Body::Genesis { run_id: "seed".into(), policy }, &hub)?;
+    steered.append(0, 1, false, Body::Spec { spec: spec.to_string() }, &hub)?;
+    steered.append(0, 1, false, Body::Allocation { holder: holder.public().hex(), amount: 10 }, &hub)?;
+    let change = tessera_protocol::api::governance::Change::InnerSteps { value: 7 };
+    let proposal = tessera_protocol::api::governance::ProposalMessage {
+        run_id: "seed".into(),
+        title: "seed".into(),
+        change: change.clone(),
+        apply_at: None,
+        time_ms: 1,
+    };
+    let bytes = serde_json::to_vec(&proposal)?;
+    let signed = tessera_trust::ledger::sign_governance(&holder, &bytes);
+    seeds.push(("governance", serde_json::to_vec(&signed)?));
+    seeds.push(("governance", [&[1u8][..], &bytes].concat()));
+    let id = blake3::hash(&bytes).to_hex().to_string();
+    steered.append(0, 2, false, Body::Proposal { signed }, &hub)?;
+    let vote = tessera_protocol::api::governance::VoteMessage {
+        run_id: "seed".into(),
+        proposal: id.clone(),
+        choice: tessera_protocol::api::governance::Choice::Yes,
+        time_ms: 2,
+    };
+    let vote = serde_json::to_vec(&vote)?;
+    seeds.push(("governance", [&[0u8][..], &vote].concat()));
+    steered.append(0, 2, false, Body::Vote { signed: tessera_trust::ledger::sign_governance(&holder, &vote) }, &hub)?;
+    let tally = tessera_protocol::api::governance::Tally { yes: 10, no: 0, abstain: 0, power: 10, passed: true };
+    steered.append(1, 3, false, Body::Outcome { proposal: id.clone(), tally }, &hub)?;
+    let next: tessera_protocol::RunSpec = serde_json::from_value(spec)?;
+    let next = change.apply(&next, 1)?;
+    let applied =
+        Body::Applied { proposal: id, spec: tessera_trust::ledger::spec_hash(&next), checkpoint: "ab".repeat(32) };
+    steered.append(1, 3, false, applied, &hub)?;
+    let root = Body::Root { size: steered.len(), root: steered.root() };
+    steered.append(1, 3, false, root, &hub)?;
+    seeds.push(("ledger", steered.bytes().to_vec()));
 
     let audience = Audience { hub_key: PublicKey([7; 32]), run_id: "00112233445566778899aabbccddeeff".into() };
     let signed = contributor.sign_request(&audience, "POST", "/v1/submissions", b"body", 1_750_000_000_000)?;

@@ -32,6 +32,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("request_head", request_head),
     ("data", data),
     ("openai", openai_request),
+    ("governance", governance),
 ];
 
 /// Decoded values at most: a length field cannot make a target allocate more than this.
@@ -121,6 +122,46 @@ pub fn attestation(data: &[u8]) {
 pub fn ledger(data: &[u8]) {
     let _ = tessera_trust::ledger::decode_entry(data);
     let _ = tessera_trust::ledger::Ledger::from_bytes(data);
+}
+
+/// A steered run's spec, for [`governance`]: two phases, a contest, and every bound set.
+fn steered_spec() -> &'static tessera_protocol::RunSpec {
+    static SPEC: OnceLock<tessera_protocol::RunSpec> = OnceLock::new();
+    SPEC.get_or_init(|| {
+        let t = serde_json::json!([{"name": "w", "shape": [4, 8]}]);
+        serde_json::from_value(serde_json::json!({
+            "name": "fuzz", "model": {}, "tensors": t,
+            "data": {"name": "e", "fingerprint": "f", "source": {"kind": "embedded", "seed": 1, "train_chars": 10, "val_chars": 10}},
+            "inner": {"batch_size": 1, "seq_len": 8, "lr": 0.001, "min_lr": 0.0001, "warmup_steps": 0, "grad_clip": 1.0, "weight_decay": 0.1},
+            "inner_steps": 5, "rounds": 20, "outer": {"lr": 0.7, "momentum": 0.9, "nesterov": true},
+            "codec": "f32", "broadcast_codec": "f32", "quorum": 2, "round_deadline_ms": 1000, "max_staleness": 1,
+            "staleness_decay": 0.5, "seed": 1,
+            "contest": {"reward_units": 100, "reward_power": 2.0, "top": null, "eval_windows": 4, "fit_windows": 4,
+                        "score_timeout_ms": 1000, "promote_top": 3},
+            "phases": [{"name": "two", "model": {}, "tensors": t, "rounds": 10, "seed": 2}],
+            "governance": {"voting_rounds": 2, "quorum_ppm": 1000, "threshold_ppm": 500001, "bounds": {
+                "inner_steps": [1, 100], "quorum": [1, 10], "outer_lr": [0.1, 1.0], "codecs": ["int8:64", "bf16"],
+                "phase_start": [1, 1000], "phase_loss": [0.0, 10.0], "promote_top": [1, 50], "releases": true}}
+        }))
+        .expect("the fuzz target's spec")
+    })
+}
+
+/// A holder's governance message as the hub takes it: the `Signed` body and its signature, and
+/// (whether or not a signature holds) the message inside as a proposal — its change applied to a
+/// steered spec, at a round the first byte names — or a vote.
+pub fn governance(data: &[u8]) {
+    if let Ok(signed) = serde_json::from_slice::<tessera_protocol::api::governance::Signed>(data) {
+        let _ = tessera_trust::ledger::verify_governance(&signed);
+    }
+    let Some((&at, rest)) = data.split_first() else { return };
+    if let Ok(p) = serde_json::from_slice::<tessera_protocol::api::governance::ProposalMessage>(rest) {
+        let _ = p.change.describe();
+        if let Ok(next) = p.change.apply(steered_spec(), u64::from(at)) {
+            let _ = tessera_trust::ledger::spec_hash(&next);
+        }
+    }
+    let _ = serde_json::from_slice::<tessera_protocol::api::governance::VoteMessage>(rest);
 }
 
 /// A signed request's headers: five values split at NUL bytes.

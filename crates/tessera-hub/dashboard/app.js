@@ -1,6 +1,7 @@
 // The hub's dashboard: reads the hub's own JSON API and draws it. No build step beyond the
 // charting library (uPlot, loaded as a global by index.html). Routes: #/ (the run),
-// #/contributor/ID, #/ledger (the ledger explorer, which checks inclusion proofs in the browser).
+// #/contributor/ID, #/ledger (the ledger explorer, which checks inclusion proofs in the browser),
+// #/governance (a steered run's rules, proposals, tallies and what changed when).
 
 const page = document.getElementById("page");
 
@@ -140,7 +141,8 @@ async function contributor(id) {
 
 // ---- The ledger explorer: entries decoded from /v1/ledger, proofs checked here, in the browser.
 
-const KINDS = ["genesis", "validator", "receipt", "emission", "usage", "payout", "root", "allocation", "epoch close", "funding"];
+const KINDS = ["genesis", "validator", "receipt", "emission", "usage", "payout", "root", "allocation", "epoch close", "funding",
+  "validator fault", "spec", "proposal", "vote", "outcome", "applied change"];
 const hex = (b) => Array.from(b, (x) => x.toString(16).padStart(2, "0")).join("");
 const unhex = (s) => new Uint8Array(s.match(/../g).map((h) => parseInt(h, 16)));
 const u64 = (b, at) => new DataView(b.buffer, b.byteOffset + at, 8).getBigUint64(0, true);
@@ -237,6 +239,42 @@ async function ledger() {
   }
 }
 
+// ---- Governance: a steered run's rules and proposals, as GET /v1/governance/proposals gives them.
+
+function tallyBar(t) {
+  const pct = (x) => (t.power > 0 ? (100 * x) / t.power : 0);
+  return `<span class="tally" title="yes ${t.yes}, no ${t.no}, abstain ${t.abstain} of ${t.power}">` +
+    `<span class="yes" style="width:${pct(t.yes).toFixed(1)}%"></span><span class="no" style="width:${pct(t.no).toFixed(1)}%"></span>` +
+    `<span class="abstain" style="width:${pct(t.abstain).toFixed(1)}%"></span></span>`;
+}
+
+/// Parts per million as a percentage, exact to the ppm (500001 → 50.0001%).
+const pct = (ppm) => `${(ppm / 1e4).toFixed(4).replace(/\.?0+$/, "")}%`;
+
+async function governance() {
+  const list = await json("/v1/governance/proposals");
+  const g = list.governance;
+  if (!g) {
+    page.innerHTML = `<h1>Governance</h1><p class="muted" id="not-steered">This run is not steered by its holders: its spec stays as created.</p>`;
+    return;
+  }
+  const bounds = Object.entries(g.bounds).map(([k, v]) => `<li><code>${esc(k)}</code>: ${esc(Array.isArray(v) ? (typeof v[0] === "number" ? `[${v.join(", ")}]` : v.join(", ")) : String(v))}</li>`);
+  const row = (p) => `<tr data-id="${esc(p.id)}" data-state="${esc(p.state)}"><td><code title="${esc(p.id)}">${esc(p.id.slice(0, 12))}…</code></td><td>${esc(p.title)}</td><td>${esc(p.description)}</td>
+    <td class="${p.state === "rejected" ? "fail" : p.state === "applied" || p.state === "passed" ? "ok" : ""}">${esc(p.state)}</td><td>${p.recorded_round ?? "next boundary"}</td><td>${p.closes}</td><td>${p.apply_at}</td>
+    <td class="votes">${tallyBar(p.tally)} yes ${p.tally.yes} · no ${p.tally.no} · abstain ${p.tally.abstain} of ${p.tally.power}</td><td>${p.voters}</td></tr>`;
+  const open = list.proposals.filter((p) => p.state === "pending" || p.state === "open");
+  const closed = list.proposals.filter((p) => !(p.state === "pending" || p.state === "open"));
+  const head = ["id", "title", "change", "state", "recorded at round", "vote closes at round", "applies at round", "tally (power at the snapshot)", "voters"];
+  const changes = list.proposals.filter((p) => p.state === "applied").sort((a, b) => a.apply_at - b.apply_at).map((p) =>
+    `<li data-round="${p.apply_at}">round ${p.apply_at}: ${esc(p.description)} <span class="muted">(proposal <code>${esc(p.id.slice(0, 12))}…</code>, ledger entry ${p.applied_seq})</span></li>`);
+  page.innerHTML = `<h1>Governance <span class="muted">round ${list.round}</span></h1>
+    <p>Votes stay open ${g.voting_rounds} round(s). A proposal passes when at least ${pct(g.quorum_ppm)} of the power votes and at least ${pct(g.threshold_ppm)} of yes + no says yes; power is each holder's balance at the proposal's snapshot. Every proposal, vote, tally and change is in the <a href="#/ledger">ledger</a>, where <code>tessera ledger verify</code> recounts it.</p>
+    <h2>What may be changed</h2><ul id="bounds">${bounds.join("") || "<li>nothing</li>"}</ul>
+    <h2>Open</h2>${open.length ? table(head, open.map(row), "open-proposals") : `<p class="muted" id="open-proposals">No open proposal.</p>`}
+    <h2>Closed</h2>${closed.length ? table(head, closed.map(row), "closed-proposals") : `<p class="muted" id="closed-proposals">No closed proposal.</p>`}
+    <h2>What changed when</h2><ul id="changes">${changes.join("") || `<li class="muted">Nothing yet.</li>`}</ul>`;
+}
+
 async function route() {
   const hash = location.hash || "#/";
   document.body.dataset.ready = "";
@@ -244,6 +282,7 @@ async function route() {
     const m = hash.match(/^#\/contributor\/(\d+)$/);
     if (m) await contributor(m[1]);
     else if (hash === "#/ledger") await ledger();
+    else if (hash === "#/governance") await governance();
     else await overview();
   } catch (e) {
     page.innerHTML = `<p class="fail">Could not load this page: ${esc(e.message)}</p>`;

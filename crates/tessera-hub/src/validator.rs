@@ -46,7 +46,9 @@ impl Hub {
     /// An accepted submission as a scoring job lists it: which windows its assignment trained on
     /// (its slot, and the inner steps of its base round) and whose key signed it.
     pub(crate) fn job_submission(&self, r: tessera_round::Accepted) -> JobSubmission {
-        let h = self.spec().inner_steps;
+        // H as it was when its base round was assigned (a steered run's H may have changed since).
+        let at = self.trust.read().ok().and_then(|t| t.ledger.inner_steps_at(r.base_round));
+        let h = at.unwrap_or_else(|| self.spec().inner_steps);
         JobSubmission {
             contributor: r.contributor,
             slot: r.contributor,

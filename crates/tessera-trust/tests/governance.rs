@@ -261,6 +261,7 @@ fn an_applied_change_must_be_the_one_voted_at_the_round_it_names() {
     l.append(3, 5, false, early.clone(), &w.hub).unwrap();
     assert!(name(l.append(3, 5, false, early, &w.hub)).contains("applied already"));
     assert_eq!(l.spec().unwrap().0.inner_steps, 10);
+    assert_eq!((l.inner_steps_at(2), l.inner_steps_at(3), l.inner_steps_at(9)), (Some(5), Some(10), Some(10)));
 }
 
 #[test]

@@ -96,6 +96,8 @@ impl Proposal {
 #[derive(Debug, Clone, Default)]
 pub(super) struct Governance {
     pub spec: Option<Arc<RunSpec>>,
+    /// H as created, and each applied change of it: (the round it applies at, H).
+    pub inner_steps: (u64, Vec<(u64, u64)>),
     pub spec_hash: String,
     pub changes: u64,
     pub proposals: BTreeMap<String, Proposal>,
@@ -143,6 +145,15 @@ impl Ledger {
         ))
     }
 
+    /// H in effect at round `round`: the spec's as created, then each change voted into it
+    /// (`None` for a ledger that records no spec). What a submission trained on a given base
+    /// round was assigned, whatever H is now.
+    pub fn inner_steps_at(&self, round: u64) -> Option<u64> {
+        self.gov.spec.as_ref()?;
+        let (first, changes) = &self.gov.inner_steps;
+        Some(changes.iter().take_while(|(at, _)| *at <= round).last().map_or(*first, |(_, h)| *h))
+    }
+
     /// Changes applied to the spec so far.
     pub fn spec_changes(&self) -> u64 {
         self.gov.changes
@@ -188,7 +199,12 @@ impl Ledger {
         }
         let spec: RunSpec = serde_json::from_str(json).map_err(|e| format!("the run's spec: {e}"))?;
         spec.validate().map_err(|e| format!("the run's spec: {e}"))?;
-        Ok(Governance { spec_hash: spec_hash(&spec), spec: Some(Arc::new(spec)), ..self.gov.clone() })
+        Ok(Governance {
+            spec_hash: spec_hash(&spec),
+            inner_steps: (spec.inner_steps, Vec::new()),
+            spec: Some(Arc::new(spec)),
+            ..self.gov.clone()
+        })
     }
 
     fn rules(&self) -> Result<(&RunSpec, &tessera_protocol::api::governance::GovernanceSpec), String> {
@@ -341,6 +357,9 @@ impl Ledger {
     pub(super) fn record_applied(&mut self, seq: u64, proposal: &str, next: Option<RunSpec>) {
         if let Some(p) = self.gov.proposals.get_mut(proposal) {
             p.applied = Some(seq);
+            if let Change::InnerSteps { value } = p.message.change {
+                self.gov.inner_steps.1.push((p.apply_at, value));
+            }
         }
         if let Some(next) = next {
             self.gov.spec_hash = spec_hash(&next);

@@ -205,39 +205,17 @@ struct Card<'a> {
     hub: &'a str,
 }
 
-/// H in effect at round `r`: the genesis spec's, then each applied change of it in order.
-fn inner_steps_at(ledger: &Ledger, genesis: u64, r: u64) -> u64 {
-    let mut changes: Vec<(u64, u64)> = ledger
-        .proposals()
-        .values()
-        .filter(|p| p.applied.is_some())
-        .filter_map(|p| match p.message.change {
-            Change::InnerSteps { value } => Some((p.apply_at, value)),
-            _ => None,
-        })
-        .collect();
-    changes.sort();
-    changes.iter().take_while(|(at, _)| *at <= r).last().map_or(genesis, |(_, h)| *h)
-}
-
 /// The generated model card (`README.md`): Hugging Face's metadata header, then what the
 /// release is, how it was trained, on what, by whom, how good it is and how to verify it.
 fn model_card(c: &Card) -> String {
     let spec = &c.info.spec;
-    let genesis_h = c
-        .ledger
-        .entries()
-        .into_iter()
-        .find_map(|e| match e.body {
-            Body::Spec { spec } => serde_json::from_str::<RunSpec>(&spec).ok().map(|s| s.inner_steps),
-            _ => None,
-        })
-        .unwrap_or(c.spec.inner_steps);
     let published: Vec<_> =
         c.status.history.iter().filter(|h| h.result_checkpoint.is_some() && h.round < c.round).collect();
     let per_step = u64::from(spec.inner.batch_size) * u64::from(spec.inner.seq_len);
-    let tokens: u64 =
-        published.iter().map(|h| h.accepted * inner_steps_at(c.ledger, genesis_h, h.round) * per_step).sum();
+    let tokens: u64 = published
+        .iter()
+        .map(|h| h.accepted * c.ledger.inner_steps_at(h.round).unwrap_or(c.spec.inner_steps) * per_step)
+        .sum();
     let mut work: Vec<(String, u64)> = c
         .status
         .contributors
