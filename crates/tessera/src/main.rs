@@ -1,7 +1,7 @@
 //! `tessera`: the command line, a front door. It parses and validates arguments and composes
 //! the library crates; each command lives in `cmd/`, each benchmark in `bench/`. `args` (the
-//! arguments several commands share, and runtime set-up) and `spec` (what defines a run) are
-//! leaves: `cmd` uses them, `bench` uses them and `cmd`, and nothing uses `main`.
+//! arguments several commands share, and runtime set-up), `spec` (what defines a run) and `hf`
+//! (uploads to a Hugging Face model repository) are leaves: `cmd` uses them, `bench` uses them and `cmd`, and nothing uses `main`.
 
 mod args;
 mod bench;

@@ -411,8 +411,22 @@ fn keys_trust_bench_and_ledger_errors() {
         assert_eq!(std::fs::metadata(&key).unwrap().permissions().mode() & 0o777, 0o600);
     }
     assert!(fails(&["keygen", "--out", p(&key)]).contains("me.pem"));
-    let out = ok(&["bench", "trust", "--bytes", "100000", "--requests", "10", "--entries", "20", "--repeats", "1"]);
+    let out = ok(&[
+        "bench",
+        "trust",
+        "--bytes",
+        "100000",
+        "--requests",
+        "10",
+        "--entries",
+        "20",
+        "--voters",
+        "30",
+        "--repeats",
+        "1",
+    ]);
     assert!(out.contains("HPKE open") && out.contains("entries/s"), "{out}");
+    assert!(out.contains("steered ledger, 30 holders") && out.contains("× a receipt"), "{out}");
     let junk = dir.path().join("junk.bin");
     std::fs::write(&junk, b"not a ledger").unwrap();
     let err = fails(&["ledger", "verify", "--file", p(&junk)]);

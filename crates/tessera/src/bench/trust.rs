@@ -16,6 +16,9 @@ pub struct BenchTrustArgs {
     /// Ledger receipts to write and verify.
     #[arg(long, default_value_t = 5000)]
     entries: usize,
+    /// Holders voting on one proposal in the steered ledger measured against the receipts.
+    #[arg(long, default_value_t = 10_000)]
+    voters: usize,
     /// Repeats of each timing (the best is reported).
     #[arg(long, default_value_t = 3)]
     repeats: usize,
@@ -124,6 +127,70 @@ pub fn bench_trust(args: BenchTrustArgs) -> Result<()> {
         bytes.len() as f64 / 1e6,
         ledger.len() as f64 / write,
         ledger.len() as f64 / verify_ledger
+    );
+    if args.voters > 0 {
+        let per_receipt = verify_ledger / ledger.len() as f64;
+        steered_ledger(&args, &hub, per_receipt)?;
+    }
+    Ok(())
+}
+
+/// A steered run's ledger at `--voters` holders: their allocations, one proposal, every holder's
+/// signed vote, the outcome and the applied change; verified from its bytes, each vote against
+/// a receipt (whose cost `per_receipt` was measured in the same run).
+fn steered_ledger(args: &BenchTrustArgs, hub: &Identity, per_receipt: f64) -> Result<()> {
+    use tessera_protocol::api::governance::{Change, Choice, ProposalMessage, VoteMessage};
+    use tessera_trust::ledger::sign_governance;
+    let holders: Vec<Identity> = (0..args.voters).map(|_| Identity::generate()).collect::<Result<_, _>>()?;
+    let spec = serde_json::json!({"name": "bench", "model": {}, "tensors": [{"name": "w", "shape": [2, 2]}],
+        "data": {"name": "e", "fingerprint": "f", "source": {"kind": "embedded", "seed": 1, "train_chars": 10, "val_chars": 10}},
+        "inner": {"batch_size": 1, "seq_len": 8, "lr": 0.001, "min_lr": 0.0001, "warmup_steps": 0, "grad_clip": 1.0, "weight_decay": 0.1},
+        "inner_steps": 5, "rounds": 9, "outer": {"lr": 0.7, "momentum": 0.9, "nesterov": true}, "codec": "f32",
+        "broadcast_codec": "f32", "quorum": 2, "round_deadline_ms": 1000, "max_staleness": 1, "staleness_decay": 0.5,
+        "seed": 1, "governance": {"voting_rounds": 1, "quorum_ppm": 200000, "threshold_ppm": 500001,
+        "bounds": {"inner_steps": [1, 10]}}});
+    let mut l = Ledger::default();
+    let policy = tessera_protocol::api::AttestationPolicy::default();
+    l.append(0, 0, false, Body::Genesis { run_id: "bench".into(), policy }, hub)?;
+    l.append(0, 0, false, Body::Spec { spec: spec.to_string() }, hub)?;
+    for (i, h) in holders.iter().enumerate() {
+        l.append(0, 0, false, Body::Allocation { holder: h.public().hex(), amount: 1 + i as u64 % 97 }, hub)?;
+    }
+    let change = Change::InnerSteps { value: 7 };
+    let message = ProposalMessage { run_id: "bench".into(), title: "bench".into(), change, apply_at: None, time_ms: 1 };
+    let bytes = serde_json::to_vec(&message)?;
+    let id = blake3::hash(&bytes).to_hex().to_string();
+    l.append(0, 0, false, Body::Proposal { signed: sign_governance(&holders[0], &bytes) }, hub)?;
+    let t = std::time::Instant::now();
+    for (i, h) in holders.iter().enumerate() {
+        let choice = if i % 3 == 0 { Choice::No } else { Choice::Yes };
+        let vote = VoteMessage { run_id: "bench".into(), proposal: id.clone(), choice, time_ms: 2 };
+        l.append(0, 0, false, Body::Vote { signed: sign_governance(h, &serde_json::to_vec(&vote)?) }, hub)?;
+    }
+    let take = t.elapsed().as_secs_f64();
+    let g = serde_json::from_value::<tessera_protocol::RunSpec>(spec)?.governance.unwrap_or_default();
+    let tally = l.proposals()[&id].tally(&g);
+    l.append(1, 0, false, Body::Outcome { proposal: id, tally }, hub)?;
+    let root = Body::Root { size: l.len(), root: l.root() };
+    l.append(1, 0, false, root, hub)?;
+    let bytes = l.bytes().to_vec();
+    let (verify, again) = best(args.repeats, || Ok(Ledger::from_bytes(&bytes)?))?;
+    let votes = args.voters as f64;
+    // Allocations and the rest cost about a receipt each; the votes are what is left.
+    let per_vote = (verify - per_receipt * (again.len() as f64 - votes)).max(0.0) / votes;
+    println!(
+        "steered ledger, {} holders voting on one proposal ({:.1} MB, {} entries): sign and record {:.0} votes/s; \
+         verify from bytes {:.2} s in all, a vote {:.1} µs = {:.2} × a receipt (two signatures each); tally {} yes / {} no of {}",
+        args.voters,
+        bytes.len() as f64 / 1e6,
+        again.len(),
+        votes / take,
+        verify,
+        per_vote * 1e6,
+        per_vote / per_receipt,
+        tally.yes,
+        tally.no,
+        tally.power,
     );
     Ok(())
 }

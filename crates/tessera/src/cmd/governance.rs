@@ -154,12 +154,16 @@ pub fn proposals(args: ProposalsArgs) -> Result<()> {
         println!("this run is not steered by its holders: its spec stays as created");
         return Ok(());
     };
+    let pct = |ppm: u32| {
+        let s = format!("{:.4}", f64::from(ppm) / 1e4);
+        format!("{}%", s.trim_end_matches('0').trim_end_matches('.'))
+    };
     println!(
-        "round {}: votes stay open {} round(s); quorum {:.1}% of the power, threshold {:.1}% of yes + no",
+        "round {}: votes stay open {} round(s); a proposal passes with at least {} of the power voting and at least {} of yes + no saying yes",
         list.round,
         g.voting_rounds,
-        f64::from(g.quorum_ppm) / 1e4,
-        f64::from(g.threshold_ppm) / 1e4
+        pct(g.quorum_ppm),
+        pct(g.threshold_ppm)
     );
     if list.proposals.is_empty() {
         println!("no proposals yet (`tessera propose --help`)");

@@ -302,11 +302,21 @@ fn model_card(c: &Card) -> String {
     );
 
     line(&mut s, "## Training\n".into());
+    // H by round, as the ledger records it (a vote may have changed it).
+    let mut spans: Vec<(u64, u64, u64)> = Vec::new();
+    for r in 0..c.round.max(1) {
+        let h = c.ledger.inner_steps_at(r).unwrap_or(spec.inner_steps);
+        match spans.last_mut() {
+            Some(last) if last.2 == h => last.1 = r,
+            _ => spans.push((r, r, h)),
+        }
+    }
+    let h = spans.iter().map(|(a, b, h)| format!("{h} (rounds {a}–{b})")).collect::<Vec<_>>().join(", ");
     line(
         &mut s,
         format!(
-            "DiLoCo: H = {} inner AdamW steps per round (peak lr {}), outer Nesterov step (lr {}, momentum {}), submissions in `{}`, aggregated by `{:?}`.\n",
-            spec.inner_steps, spec.inner.lr, spec.outer.lr, spec.outer.momentum, spec.codec, spec.aggregation
+            "DiLoCo: H inner AdamW steps per round: {h}; peak inner lr {}; outer Nesterov step (lr {}, momentum {}); submissions in `{}`, aggregated by `{:?}` (as the run stands at release).\n",
+            spec.inner.lr, spec.outer.lr, spec.outer.momentum, spec.codec, spec.aggregation
         ),
     );
 
