@@ -110,6 +110,9 @@ pub enum Journal {
     },
     /// Ledger entries were appended (an epoch, a validator): a replica reloads the ledger.
     Ledger,
+    /// A holder's proposal or vote was taken (it reaches the ledger at the next boundary): what
+    /// the proposals' view depends on changed.
+    Governance,
     /// A sealed run's validator committed the current round's evaluation seed.
     Committed {
         round: u64,
@@ -719,6 +722,15 @@ impl Db {
         rows.iter().map(|r| Ok(r.try_get("entry")?)).collect()
     }
 
+    /// The ledger's entries from `from` on (hex), in order.
+    pub async fn ledger_from(&self, from: u64) -> Result<Vec<String>, HubError> {
+        let rows = sqlx::query("SELECT entry FROM ledger WHERE seq >= $1 ORDER BY seq")
+            .bind(from as i64)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(|r| Ok(r.try_get("entry")?)).collect()
+    }
+
     /// Appends ledger entries (`(seq, hex bytes)`), all or none.
     pub async fn append_ledger(&self, entries: &[(u64, String)], at: u64) -> Result<Written, HubError> {
         let Some(mut tx) = self.begin_at(at).await? else { return Ok(Written::Stale) };
@@ -770,7 +782,7 @@ impl Db {
         .bind(g.time_ms)
         .execute(&mut *tx)
         .await?;
-        self.commit_at(tx, at, &[]).await
+        self.commit_at(tx, at, &[Journal::Governance]).await
     }
 
     /// The proposals and votes waiting for the next round boundary, in the order taken.

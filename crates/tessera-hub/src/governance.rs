@@ -141,7 +141,18 @@ impl Hub {
     /// The run's rules and every proposal, newest first: those in the ledger with their tallies
     /// (votes still waiting for the boundary included while the vote is open), and those waiting
     /// to be recorded.
-    pub async fn proposals(&self) -> Result<Proposals, ApiError> {
+    /// Computed once per journal sequence number (a proposal, vote or publication moves it), so
+    /// anonymous requests cost a lookup, not a scan of the run's proposals.
+    pub async fn proposals(&self) -> Result<std::sync::Arc<Proposals>, ApiError> {
+        let seq = self.db.last_seq().await.map_err(internal)?;
+        self.views
+            .proposals
+            .at(seq, "proposals", || async { self.compute_proposals().await.map_err(|e| HubError::Corrupt(e.message)) })
+            .await
+            .map_err(internal)
+    }
+
+    async fn compute_proposals(&self) -> Result<Proposals, ApiError> {
         let round = self.live.lock().await.run.round();
         let pending = self.db.pending_governance().await.map_err(internal)?;
         let spec = self.spec();

@@ -367,6 +367,10 @@ impl Hub {
                 Journal::Committed { round, commitment } => Event::Committed { round, commitment },
                 // The snapshot read now is later than `seq`: the rest of the list is in it.
                 Journal::Published { .. } => return self.reload(live).await,
+                Journal::Governance => {
+                    live.seq = seq;
+                    continue;
+                }
                 Journal::Ledger => {
                     let (ledger, validator) =
                         crate::economy::open_ledger(&self.db, &self.run_id, &self.spec(), &self.identity).await?;
@@ -387,6 +391,9 @@ impl Hub {
     async fn reload(&self, live: &mut Live) -> Result<(), HubError> {
         let (run, seq) = load(&self.db).await?;
         self.set_spec(run.spec());
+        // The publication may have written ledger entries (a sealed round's, a steered run's):
+        // read those after the ledger held here, and verify them.
+        self.catch_up_ledger().await?;
         let round = run.round();
         tracing::debug!(round, seq, "caught up with another replica's publication");
         live.run = run;
@@ -394,6 +401,41 @@ impl Hub {
         live.outer = None;
         live.sealed_mean = None;
         self.round_tx.send_replace(round);
+        Ok(())
+    }
+
+    /// Extends the ledger held here with the entries another replica wrote after it; a new
+    /// validator among them makes the whole ledger (and who submissions are sealed to) reload.
+    /// Cost: one indexed range read of the new entries, each verified once.
+    async fn catch_up_ledger(&self) -> Result<(), HubError> {
+        let from = self.trust.read().map(|t| t.ledger.len()).map_err(|_| HubError::Corrupt("trust poisoned".into()))?;
+        let rows = self.db.ledger_from(from).await?;
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let mut raw = Vec::new();
+        for row in &rows {
+            raw.extend(hex::decode(row).map_err(|e| HubError::Corrupt(format!("ledger entry: {e}")))?);
+        }
+        let validator_joined = {
+            let mut t = self.trust.write().map_err(|_| HubError::Corrupt("trust poisoned".into()))?;
+            if t.ledger.len() != from {
+                return Ok(()); // Caught up meanwhile.
+            }
+            t.ledger
+                .extend(&raw)
+                .map_err(|e| HubError::Corrupt(format!("the ledger another replica wrote does not verify: {e}")))?;
+            (from..t.ledger.len()).any(|s| {
+                t.ledger.entry(s).is_some_and(|e| matches!(e.body, tessera_trust::ledger::Body::Validator { .. }))
+            })
+        };
+        if validator_joined {
+            let (ledger, validator) =
+                crate::economy::open_ledger(&self.db, &self.run_id, &self.spec(), &self.identity).await?;
+            if let Ok(mut t) = self.trust.write() {
+                *t = Trust { ledger, validator };
+            }
+        }
         Ok(())
     }
 

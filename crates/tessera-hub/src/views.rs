@@ -23,10 +23,11 @@ use crate::hub::{Hub, api, internal};
 pub(crate) struct Views {
     status: View<HubStatus>,
     leaderboard: View<Leaderboard>,
+    pub(crate) proposals: View<tessera_protocol::api::governance::Proposals>,
 }
 
 /// A whole-run view's last answer, with the journal sequence number it is current at.
-struct View<T>(tokio::sync::Mutex<Option<(u64, Arc<T>)>>);
+pub(crate) struct View<T>(tokio::sync::Mutex<Option<(u64, Arc<T>)>>);
 
 impl<T> Default for View<T> {
     fn default() -> Self {
@@ -37,7 +38,12 @@ impl<T> Default for View<T> {
 impl<T> View<T> {
     /// The answer at journal sequence number `seq`: the one kept if it is current, else
     /// `compute`'s, kept in its place (one computation at a time; the others wait for it).
-    async fn at<F>(&self, seq: u64, name: &'static str, compute: impl FnOnce() -> F) -> Result<Arc<T>, HubError>
+    pub(crate) async fn at<F>(
+        &self,
+        seq: u64,
+        name: &'static str,
+        compute: impl FnOnce() -> F,
+    ) -> Result<Arc<T>, HubError>
     where
         F: std::future::Future<Output = Result<T, HubError>>,
     {

@@ -58,12 +58,26 @@ fn verified_ledger(url: &str) -> Ledger {
 
 #[test]
 fn holders_steer_the_run_and_a_change_behind_the_ledgers_back_is_caught() {
+    steer_on("sqlite");
+}
+
+/// On PostgreSQL with a second replica: proposals and votes taken by one replica are recorded by
+/// the other's publication, and both serve the changed spec and the same ledger.
+#[test]
+fn holders_steer_a_run_served_by_two_replicas() {
+    steer_on("postgres");
+}
+
+fn steer_on(kind: &str) {
     let holders: Vec<Arc<Identity>> = (0..3).map(|_| Arc::new(Identity::generate().unwrap())).collect();
-    let b = backend("sqlite").unwrap();
+    let Some(b) = backend(kind) else { return };
     let server = Server::start(&b, steered(&holders));
     let url = server.url.clone();
+    // With PostgreSQL, a second replica takes the proposals and votes; the first publishes.
+    let replica = (kind == "postgres").then(|| Server::start(&b, steered(&holders)));
+    let voting_url = replica.as_ref().map_or(url.clone(), |r| r.url.clone());
     let run = info(&url);
-    let as_holder = |k: usize| Client::with_key(&url, holders[k].clone()).hub;
+    let as_holder = |k: usize| Client::with_key(&voting_url, holders[k].clone()).hub;
     let trainer = Client::register(&url, "trainer");
     assert_eq!(trainer.assignment(0).revision, 0);
 
@@ -112,9 +126,15 @@ fn holders_steer_the_run_and_a_change_behind_the_ledgers_back_is_caught() {
     ledger.check_served_spec(&now.spec, now.phase as usize).unwrap();
     let a = trainer.assignment(0);
     assert_eq!((a.inner_steps, a.revision), (9, 1));
-    let listed = client(&url).proposals().unwrap();
+    let listed = client(&voting_url).proposals().unwrap();
     assert_eq!(listed.proposals[0].state, "applied");
     assert_eq!(listed.proposals[0].tally, tally);
+    if let Some(r) = &replica {
+        // The other replica holds the same ledger and serves the changed spec.
+        assert_eq!(client(&r.url).ledger(0).unwrap(), client(&url).ledger(0).unwrap());
+        assert_eq!(info(&r.url).spec.inner_steps, 9);
+        assert_eq!(Client::register(&r.url, "other").assignment(0).revision, 1);
+    }
 
     // A vote after the close is refused.
     let e = refused(as_holder(1).vote(&vote_on(&run, &id, Choice::No, 20)).unwrap_err());
@@ -127,8 +147,14 @@ fn holders_steer_the_run_and_a_change_behind_the_ledgers_back_is_caught() {
     let ledger = verified_ledger(&url);
     assert_eq!(ledger.proposals()[&lr].outcome.map(|o| o.1.passed), Some(false));
     assert_eq!(info(&url).spec.outer.lr, 1.0);
-    assert_eq!(client(&url).proposals().unwrap().proposals.iter().find(|p| p.id == lr).unwrap().state, "rejected");
+    assert_eq!(
+        client(&voting_url).proposals().unwrap().proposals.iter().find(|p| p.id == lr).unwrap().state,
+        "rejected"
+    );
     server.stop();
+    if let Some(r) = replica {
+        r.stop();
+    }
 
     // The operator edits the run's spec in the database (quorum 1 → 4) and restarts: the hub
     // serves it, and comparing it with the ledger catches it.
