@@ -265,6 +265,12 @@ impl Hub {
             }
         }
         let (ledger, validator) = crate::economy::open_ledger(&db, &run.id, &spec, &identity).await?;
+        if let Err(e) = ledger.check_served_spec(&spec, 0) {
+            tracing::warn!(
+                "the run's spec in the database is not the one its ledger allows; `tessera ledger verify --hub` \
+                 reports it to anyone who checks: {e}"
+            );
+        }
         for what in spec.operator_trust() {
             tracing::info!("this run trusts its operator with {what}");
         }

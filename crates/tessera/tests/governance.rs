@@ -162,6 +162,58 @@ fn publish_round(url: &str, key: Arc<tessera_trust::Identity>) {
     assert_eq!(hub.run().unwrap().round, run.round + 1);
 }
 
+/// Starts `tessera hub` in `d` with `extra` flags and returns the process and its URL.
+fn start_hub(d: &Path, extra: &[&str]) -> (std::process::Child, String) {
+    let addr = d.join("addr");
+    let db = format!("sqlite://{}/hub.db", p(d));
+    let hub = Command::new(env!("CARGO_BIN_EXE_tessera"))
+        .args(["hub", "--model", "tiny", "--seq-len", "16", "--rounds", "4", "--quorum", "1", "--inner-steps", "2"])
+        .args(extra)
+        .args(["--database", &db, "--store", p(&d.join("store")), "--key", p(&d.join("hub-key.pem"))])
+        .args(["--listen", "127.0.0.1:0", "--addr-file", p(&addr)])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    while std::fs::read_to_string(&addr).map_or(true, |a| a.trim().is_empty())
+        && started.elapsed() < std::time::Duration::from_secs(120)
+    {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    (hub, format!("http://{}", std::fs::read_to_string(&addr).unwrap().trim()))
+}
+
+/// In a run its holders do not steer, only the operator (the hub's key) names a release.
+#[test]
+fn an_unsteered_runs_operator_names_its_releases() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (mut hub, url) = start_hub(d, &[]);
+    publish_round(&url, Arc::new(tessera_trust::Identity::generate().unwrap()));
+    let out = d.join("v1");
+    let err = fails(&["release", "--hub", &url, "--version", "v1", "--out", p(&out)]);
+    assert!(err.contains("its operator names releases"), "{err}");
+    ok(&["keygen", "--out", p(&d.join("someone.pem"))]);
+    let err = fails(&[
+        "release",
+        "--hub",
+        &url,
+        "--version",
+        "v1",
+        "--out",
+        p(&out),
+        "--operator-key",
+        p(&d.join("someone.pem")),
+    ]);
+    assert!(err.contains("is not the key of this run's hub"), "{err}");
+    assert!(ok(&["proposals", "--hub", &url]).contains("not steered by its holders"));
+    ok(&["release", "--hub", &url, "--version", "v1", "--out", p(&out), "--operator-key", p(&d.join("hub-key.pem"))]);
+    let card = std::fs::read_to_string(out.join("README.md")).unwrap();
+    assert!(card.contains("By the run's operator") && card.contains("round 1"), "{card}");
+    let _ = hub.kill();
+    let _ = hub.wait();
+}
+
 #[test]
 fn holders_vote_a_release_and_tessera_release_publishes_it() {
     let dir = tempfile::tempdir().unwrap();
@@ -178,24 +230,9 @@ fn holders_vote_a_release_and_tessera_release_publishes_it() {
          [bounds]\ninner_steps = [2, 20]\nreleases = true\n",
     )
     .unwrap();
-    let addr = d.join("addr");
-    let db = format!("sqlite://{}/hub.db", p(d));
-    let mut hub = Command::new(env!("CARGO_BIN_EXE_tessera"))
-        .args(["hub", "--model", "tiny", "--seq-len", "16", "--rounds", "4", "--quorum", "1", "--inner-steps", "2"])
-        .args(["--operator", &operator, "--allocations", p(&d.join("sale.toml"))])
-        .args(["--governance", p(&d.join("rules.toml"))])
-        .args(["--database", &db, "--store", p(&d.join("store")), "--key", p(&d.join("hub-key.pem"))])
-        .args(["--listen", "127.0.0.1:0", "--addr-file", p(&addr)])
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let started = std::time::Instant::now();
-    while std::fs::read_to_string(&addr).map_or(true, |a| a.trim().is_empty())
-        && started.elapsed() < std::time::Duration::from_secs(120)
-    {
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-    let url = format!("http://{}", std::fs::read_to_string(&addr).unwrap().trim());
+    let (sale, rules) = (d.join("sale.toml"), d.join("rules.toml"));
+    let flags = ["--operator", &operator, "--allocations", p(&sale), "--governance", p(&rules)];
+    let (mut hub, url) = start_hub(d, &flags);
 
     // A proposal outside the bounds is refused with the bound; a release is proposed and voted.
     let err = fails(&["propose", "--hub", &url, "--key", p(&holder), "--title", "h", "--inner-steps", "99"]);

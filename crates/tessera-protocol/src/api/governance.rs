@@ -364,3 +364,138 @@ pub struct GovernanceReceipt {
     /// The round at whose boundary it (or the vote) is written to the ledger.
     pub recorded_at_boundary_of: u64,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{ContestSpec, DataSource, DataSpec, InnerSpec, OuterSpec, PhaseSpec, TensorSpec};
+
+    /// 30 rounds: the first phase 10, then phases of 8 and 12; scored; every bound set.
+    fn phased() -> RunSpec {
+        let tensors = vec![TensorSpec { name: "w".into(), shape: vec![2, 2] }];
+        let phase = |name: &str, rounds| PhaseSpec {
+            name: name.into(),
+            model: serde_json::json!({}),
+            tensors: tensors.clone(),
+            rounds,
+            seed: 1,
+            qualify_top: None,
+            until_loss: None,
+        };
+        RunSpec {
+            name: "p".into(),
+            model: serde_json::json!({}),
+            tensors: tensors.clone(),
+            data: DataSpec {
+                name: "e".into(),
+                fingerprint: "f".into(),
+                source: DataSource::Embedded { seed: 1, train_chars: 10, val_chars: 10 },
+                loss_floor: None,
+            },
+            inner: InnerSpec {
+                batch_size: 1,
+                seq_len: 8,
+                lr: 1e-3,
+                min_lr: 1e-4,
+                warmup_steps: 0,
+                grad_clip: 1.0,
+                weight_decay: 0.1,
+            },
+            inner_steps: 5,
+            rounds: 30,
+            outer: OuterSpec { lr: 0.7, momentum: 0.9, nesterov: true },
+            codec: Codec::F32,
+            feedback_decay: 1.0,
+            broadcast_codec: Codec::F32,
+            quorum: 2,
+            round_deadline_ms: 1000,
+            max_staleness: 1,
+            staleness_decay: 0.5,
+            seed: 1,
+            aggregation: crate::Aggregation::Mean,
+            contest: Some(ContestSpec { promote_at: Some(10), ..ContestSpec::default() }),
+            trust: None,
+            phases: vec![phase("two", 8), phase("three", 12)],
+            fragments: 0,
+            until_loss: None,
+            economy: None,
+            governance: Some(GovernanceSpec {
+                bounds: Bounds {
+                    inner_steps: Some([1, 100]),
+                    quorum: Some([1, 10]),
+                    outer_lr: Some([0.1, 1.0]),
+                    codecs: vec![Codec::Int8 { block: 64 }],
+                    phase_start: Some([1, 100]),
+                    phase_loss: Some([0.5, 5.0]),
+                    promote_top: Some([1, 20]),
+                    releases: true,
+                },
+                ..GovernanceSpec::default()
+            }),
+        }
+    }
+
+    #[test]
+    fn moving_the_next_phase_keeps_the_later_phases_lengths() {
+        let s = phased();
+        assert_eq!((s.phase_start(1), s.phase_start(2)), (10, 18));
+        // In the first phase: it lasts 4 rounds more, and so does the run.
+        let later = Change::PhaseStart { round: 14 }.apply(&s, 3).unwrap();
+        assert_eq!((later.phase_start(1), later.phase_start(2), later.rounds), (14, 22, 34));
+        assert_eq!(later.contest.as_ref().unwrap().promote_at, Some(14), "the promotion boundary moves with it");
+        // In the second phase: it ends early, the third keeps its 12 rounds.
+        let earlier = Change::PhaseStart { round: 15 }.apply(&s, 12).unwrap();
+        assert_eq!((earlier.phase_start(1), earlier.phase_start(2), earlier.rounds), (10, 15, 27));
+        assert_eq!(earlier.phases.iter().map(|p| p.rounds).collect::<Vec<_>>(), vec![5, 12]);
+        // Not into the past, not before the current phase began, not after the last phase.
+        assert!(Change::PhaseStart { round: 12 }.apply(&s, 12).unwrap_err().contains("before the change applies"));
+        assert!(Change::PhaseStart { round: 40 }.apply(&s, 20).unwrap_err().contains("no next phase"));
+        assert!(Change::PhaseStart { round: 200 }.apply(&s, 3).unwrap_err().contains("bound [1, 100]"));
+    }
+
+    #[test]
+    fn each_change_sets_its_field_and_nothing_else() {
+        let s = phased();
+        type Field = fn(&RunSpec) -> String;
+        let cases: [(Change, Field); 6] = [
+            (Change::InnerSteps { value: 9 }, |r| r.inner_steps.to_string()),
+            (Change::Quorum { value: 7 }, |r| r.quorum.to_string()),
+            (Change::OuterLr { value: 0.3 }, |r| r.outer.lr.to_string()),
+            (Change::Codec { value: Codec::Int8 { block: 64 } }, |r| r.codec.to_string()),
+            (Change::PhaseLoss { loss: 2.5 }, |r| format!("{:?}", r.until_loss)),
+            (Change::PromoteTop { value: 4 }, |r| r.contest.as_ref().unwrap().promote_top.to_string()),
+        ];
+        let wants = ["9", "7", "0.3", "int8:64", "Some(2.5)", "4"];
+        for ((change, get), want) in cases.into_iter().zip(wants) {
+            let next = change.apply(&s, 2).unwrap();
+            assert_eq!(get(&next), want, "{}", change.describe());
+            let undo = RunSpec {
+                inner_steps: 5,
+                quorum: 2,
+                outer: s.outer,
+                codec: s.codec,
+                until_loss: None,
+                contest: s.contest.clone(),
+                ..next
+            };
+            assert_eq!(undo, s, "{} changed something else", change.describe());
+        }
+        // In the second phase the loss target is that phase's own.
+        let p = Change::PhaseLoss { loss: 1.5 }.apply(&s, 12).unwrap();
+        assert_eq!((p.until_loss, p.phases[0].until_loss), (None, Some(1.5)));
+        // A release changes nothing; an unsteered run changes nothing by vote.
+        assert_eq!(Change::Release { version: "v1".into() }.apply(&s, 2).unwrap(), s);
+        let unsteered = RunSpec { governance: None, ..s };
+        assert!(Change::Quorum { value: 3 }.apply(&unsteered, 2).unwrap_err().contains("not steered"));
+    }
+
+    #[test]
+    fn a_vote_passes_on_quorum_and_threshold_in_exact_arithmetic() {
+        let g = GovernanceSpec { quorum_ppm: 250_000, threshold_ppm: 500_001, ..GovernanceSpec::default() };
+        assert!(Tally::passes(3, 2, 0, 20, &g), "5 of 20 voted, 3 of 5 said yes");
+        assert!(!Tally::passes(3, 1, 0, 20, &g), "4 of 20 is under the quorum");
+        assert!(!Tally::passes(2, 2, 6, 20, &g), "a tie is not a majority");
+        assert!(!Tally::passes(0, 0, 20, 20, &g), "only abstentions decide nothing");
+        assert!(Tally::passes(u64::MAX, 0, 0, u64::MAX, &g), "no overflow");
+    }
+}

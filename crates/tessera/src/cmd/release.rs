@@ -149,7 +149,8 @@ pub fn release(args: ReleaseArgs) -> Result<()> {
         "validation_loss": eval,
     });
     std::fs::write(out.join("tessera-release.json"), serde_json::to_string_pretty(&provenance)? + "\n")?;
-    println!("wrote {} (version {}, round {round}, checkpoint {})", out.display(), args.version, &checkpoint[..16]);
+    let short = checkpoint.get(..16).unwrap_or(&checkpoint);
+    println!("wrote {} (version {}, round {round}, checkpoint {short})", out.display(), args.version);
     if let Some(repo) = &args.repo {
         let repo =
             crate::hf::Repo { endpoint: args.hf_endpoint.clone(), id: repo.clone(), token: args.hf_token.clone() };
