@@ -135,9 +135,10 @@ impl Hub {
             };
             // A steered run's proposals, votes, tallies and changes due at this boundary, on
             // top of the round's own ledger entries.
+            // Once the run is over no vote can apply: nothing is written for it.
             let steer = match &sealed.next {
+                _ if plan.finished => Steer::default(),
                 Some(base) => self.steer(live, base, round + 1, &hash).await?,
-                None if plan.finished => Steer::default(),
                 None => {
                     let base = self.trust.read().map(|t| t.ledger.clone());
                     let base = base.map_err(|_| HubError::Corrupt("trust poisoned".into()))?;

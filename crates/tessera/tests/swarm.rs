@@ -567,8 +567,31 @@ fn a_sealed_scored_run_with_a_validator_and_an_attacker() {
         "--sealed",
         "--insecure-dev-tee",
     ];
-    let _h = hub(d, port, &flags);
+    // Steered by its holders: a backer (allocated at genesis) proposes and votes a release before
+    // anyone trains; the boundary writes it after the validator's signed entries for the round.
+    let run = |args: &[&str]| {
+        let out = Command::new(BIN).args(args).output().unwrap();
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let backer = d.join("backer.pem");
+    let backer_hex = run(&["keygen", "--out", backer.to_str().unwrap()]).trim().to_owned();
+    let operator = run(&["keygen", "--out", d.join("operator.pem").to_str().unwrap()]).trim().to_owned();
+    std::fs::write(d.join("sale.toml"), format!("{backer_hex} = 10000\n")).unwrap();
+    std::fs::write(
+        d.join("rules.toml"),
+        "voting_rounds = 1\nquorum_ppm = 200000\nthreshold_ppm = 500001\n[bounds]\nreleases = true\n",
+    )
+    .unwrap();
+    let (sale, rules) = (d.join("sale.toml").display().to_string(), d.join("rules.toml").display().to_string());
+    let steered = ["--operator", &operator, "--allocations", &sale, "--governance", &rules];
+    let _h = hub(d, port, &[&flags[..], &steered[..]].concat());
     let url = format!("http://127.0.0.1:{port}");
+    wait_for(port, Duration::from_secs(60), "the hub", |_| true);
+    let key = backer.to_str().unwrap();
+    let said = run(&["propose", "--hub", &url, "--key", key, "--title", "first", "--release", "v0"]);
+    let proposal = said.lines().next().unwrap().trim_start_matches("proposal ").trim().to_owned();
+    run(&["vote", "--hub", &url, "--key", key, "--proposal", &proposal, "yes"]);
     let mut workers = [
         contributor(d, port, "a"),
         contributor(d, port, "b"),
@@ -662,6 +685,12 @@ fn a_sealed_scored_run_with_a_validator_and_an_attacker() {
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let units: u64 = json["units"].as_object().unwrap().values().map(|v| v.as_u64().unwrap()).sum();
     assert_eq!(units, paid, "the ledger's balances are the leaderboard's rewards");
+    // The release was recorded with its tally after round 0's receipts, in the sealed ledger.
+    let proposals = client(port).proposals().unwrap();
+    let p = proposals.proposals.iter().find(|p| p.id == proposal).unwrap();
+    assert_eq!((p.state.as_str(), p.tally.yes, p.apply_at), ("applied", 10000, 1), "{proposals:?}");
+    assert!(p.tally.power > 10000, "round 0's reward units are in the snapshot: {:?}", p.tally);
+    assert!(text.contains("the spec the hub serves") && text.contains("1 proposal(s), 1 passed"), "{text}");
     let mut bytes = std::fs::read(&export).unwrap();
     let at = bytes.len() / 2;
     bytes[at] ^= 0x04;
