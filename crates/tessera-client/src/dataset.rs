@@ -63,6 +63,34 @@ fn is_url(s: &str) -> bool {
     s.starts_with("http://") || s.starts_with("https://")
 }
 
+/// Every dataset a manifest run trains on: the run's own (`fingerprint`, cached in `dir`) then
+/// each of its mixture's (cached in `dir/mix-I`), each checked against its identity and to use
+/// the run's tokenizer, each with its own cap of `cap` bytes. Empty for other sources.
+pub fn open_run_datasets(
+    source: &tessera_protocol::api::DataSource,
+    fingerprint: &str,
+    dir: &Path,
+    cap: u64,
+    link: Option<Link>,
+) -> Result<Vec<ShardCache>> {
+    let tessera_protocol::api::DataSource::Manifest { urls, mixture, .. } = source else { return Ok(Vec::new()) };
+    let own = ShardCache::open(urls, Some(fingerprint), dir, cap, link.clone())?;
+    let mut all = Vec::with_capacity(mixture.len() + 1);
+    for (i, m) in mixture.iter().enumerate() {
+        let cache =
+            ShardCache::open(&m.urls, Some(&m.fingerprint), &dir.join(format!("mix-{}", i + 1)), cap, link.clone())?;
+        if cache.manifest.tokenizer.hash != own.manifest.tokenizer.hash {
+            return Err(ClientError::BadAnswer {
+                url: m.urls[0].clone(),
+                message: format!("mixed dataset {:?} does not use the run's tokenizer", m.name),
+            });
+        }
+        all.push(cache);
+    }
+    all.insert(0, own);
+    Ok(all)
+}
+
 impl ShardCache {
     /// Opens the dataset at `sources` (base URLs or a directory), checking its manifest against
     /// `expected` (its identity) when given, with a cache in `dir` of at most `cap` bytes.

@@ -39,7 +39,7 @@ use tessera_protocol::{ApiError, ErrorCode, PROTOCOL_VERSION, weights_hash};
 use tessera_trust::identity::HUB_SIGNATURE_HEADER;
 use tessera_trust::{Audience, Identity, PublicKey, ValidatorAttestation};
 
-pub use dataset::{FetchStats, ShardCache};
+pub use dataset::{FetchStats, ShardCache, open_run_datasets};
 pub use link::{Bucket, Link};
 
 #[derive(Debug, thiserror::Error)]

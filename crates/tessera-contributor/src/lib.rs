@@ -27,7 +27,7 @@ use tch::Device;
 use tessera_client::{ClientError, HubClient, ShardCache};
 use tessera_data::Dataset;
 use tessera_model::{Llama, LlamaConfig};
-use tessera_protocol::api::{Assignment, DataSource, Receipt, RunInfo};
+use tessera_protocol::api::{Assignment, Receipt, RunInfo};
 use tessera_protocol::{
     ApiError, Codec, ErrorCode, ErrorFeedback, MessageView, PseudoGradient, TensorEntry, TensorSpec, decode_weights,
     encode_weights,
@@ -204,8 +204,9 @@ pub struct Contributor {
     last_body: Option<Vec<u8>>,
     /// When this run's first inner step began.
     first_step: Option<Instant>,
-    /// Runs on a published dataset: its shards, fetched one assignment at a time.
-    shards: Option<Arc<ShardCache>>,
+    /// Runs on published datasets: their shards (the run's own dataset first, then its
+    /// mixture's), fetched one assignment at a time. Empty for other runs.
+    shards: Vec<Arc<ShardCache>>,
 }
 
 fn state_err(path: &Path, e: impl std::fmt::Display) -> ContributorError {
@@ -271,17 +272,17 @@ impl Contributor {
             }
         };
 
-        let shards = match &run.spec.data.source {
-            DataSource::Manifest { urls, .. } => Some(Arc::new(ShardCache::open(
-                urls,
-                Some(&run.spec.data.fingerprint),
-                &dir.join("data"),
-                config.data_cache_bytes,
-                download,
-            )?)),
-            _ => None,
-        };
-        let dataset = match &shards {
+        let shards: Vec<Arc<ShardCache>> = tessera_client::open_run_datasets(
+            &run.spec.data.source,
+            &run.spec.data.fingerprint,
+            &dir.join("data"),
+            config.data_cache_bytes,
+            download,
+        )?
+        .into_iter()
+        .map(Arc::new)
+        .collect();
+        let dataset = match shards.first() {
             // Until the first round swaps in its shard, the training tokens are a validation
             // shard's (fetched anyway): nothing is downloaded that no round assigned.
             Some(cache) => {
@@ -636,7 +637,13 @@ impl Contributor {
     /// prefetched) and starts fetching the next round's, which is this slot's pick for the next
     /// round.
     fn take_shard(&mut self, a: &Assignment) -> Result<()> {
-        let (Some(cache), Some(d)) = (&self.shards, &a.data) else { return Ok(()) };
+        let Some(d) = &a.data else { return Ok(()) };
+        let Some(cache) = self.shards.get(d.source as usize) else {
+            return Err(ContributorError::Data(format!(
+                "the round assigned dataset {} of a mixture this run lacks",
+                d.source
+            )));
+        };
         let tokens = cache.shard(cache.train_index(d.shard)?)?;
         let need = self.trainer.config.seq_len + 2;
         if tokens.len() < need {
@@ -654,7 +661,9 @@ impl Contributor {
             tessera_protocol::data::data_assignment(&self.run.spec, a.round + 1, self.identity.contributor_id)
         {
             // Detached: a failed prefetch is fetched again when the next round asks for it.
-            drop(cache.prefetch(vec![cache.train_index(next.shard)?]));
+            if let Some(next_cache) = self.shards.get(next.source as usize) {
+                drop(next_cache.prefetch(vec![next_cache.train_index(next.shard)?]));
+            }
         }
         Ok(())
     }

@@ -511,7 +511,7 @@ mod tests {
         assert!(!as_predicted(&p, &Assignment { fragment: Some(1), ..assignment(3) }));
         assert!(!as_predicted(&p, &Assignment { slot: 4, ..assignment(3) }));
         assert!(!as_predicted(&p, &Assignment { revision: 1, ..assignment(3) }));
-        let shard = tessera_protocol::api::DataAssignment { slot: 2, epoch: 0, shard: 5 };
+        let shard = tessera_protocol::api::DataAssignment { slot: 2, epoch: 0, shard: 5, source: 0 };
         assert!(!as_predicted(&p, &Assignment { data: Some(shard), ..assignment(3) }));
         assert!(as_predicted(
             &predict(&assignment(2), Some(shard)),

@@ -33,6 +33,11 @@ pub(crate) struct Steer {
 }
 
 impl Hub {
+    /// Changes voted into the spec so far (`Assignment::revision`, `ScoringJob::revision`).
+    pub(crate) fn spec_revision(&self) -> u64 {
+        self.trust.read().map(|t| t.ledger.spec_changes()).unwrap_or(0)
+    }
+
     /// Takes a holder's signed proposal (its signer must be the holder): checked against the
     /// run's bounds and the holder's balance now, then written to the ledger at the next round
     /// boundary (its snapshot).

@@ -341,12 +341,16 @@ struct SubmitQuery {
     data_slot: Option<u64>,
     epoch: Option<u64>,
     shard: Option<u32>,
+    /// Which dataset of a mixture the claim names (absent: the run's own).
+    data_source: Option<u32>,
 }
 
 impl SubmitQuery {
     fn claim(&self) -> Result<crate::Claim, Refusal> {
         let data = match (self.data_slot, self.epoch, self.shard) {
-            (Some(slot), Some(epoch), Some(shard)) => Some(DataAssignment { slot, epoch, shard }),
+            (Some(slot), Some(epoch), Some(shard)) => {
+                Some(DataAssignment { slot, epoch, shard, source: self.data_source.unwrap_or(0) })
+            }
             (None, None, None) => None,
             _ => {
                 return Err(refuse(

@@ -140,7 +140,7 @@ impl Hub {
             }
         }
         let mut a = self.live.lock().await.run.assignment(contributor)?;
-        a.revision = self.trust.read().map(|t| t.ledger.spec_changes()).unwrap_or(0);
+        a.revision = self.spec_revision();
         Ok(a)
     }
 

@@ -95,6 +95,7 @@ impl Hub {
         let task = &r.tasks[id as usize];
         tracing::info!(round = r.round, task = id, validator, submissions = task.positions.len(), "task leased");
         Ok(Some(ScoringJob {
+            revision: self.spec_revision(),
             round: r.round,
             phase: live.run.phase() as u32,
             base_checkpoint: live.run.checkpoint().to_owned(),

@@ -33,6 +33,7 @@ impl Hub {
         let (eval_seed, eval_commitment) = self.db.eval_seed(round).await?;
         let submissions = run.arrival_order().into_iter().map(|r| self.job_submission(r)).collect();
         Ok(Some(ScoringJob {
+            revision: self.spec_revision(),
             round,
             phase: run.phase() as u32,
             base_checkpoint: run.checkpoint().to_owned(),

@@ -144,6 +144,7 @@ impl Hub {
         Ok(tessera_protocol::api::RoundAudit {
             run_id: self.run_id().to_owned(),
             job: tessera_protocol::api::ScoringJob {
+                revision: self.spec_revision(),
                 round,
                 phase: phase as u32,
                 base_checkpoint: r.base_checkpoint,

@@ -163,8 +163,13 @@ fn concurrent_registrations_postgres() {
 fn a_submission_claims_the_shard_it_was_assigned() {
     let b = backend("sqlite").unwrap();
     let mut manifest_run = spec(2);
-    manifest_run.data.source =
-        DataSource::Manifest { urls: vec!["http://127.0.0.1:9/data".into()], train_shards: 6, slots_per_round: 4 };
+    manifest_run.data.source = DataSource::Manifest {
+        urls: vec!["http://127.0.0.1:9/data".into()],
+        train_shards: 6,
+        slots_per_round: 4,
+        mixture: Vec::new(),
+        weights: Vec::new(),
+    };
     let server = Server::start(&b, manifest_run);
     let url = server.url.clone();
     let run = info(&url);

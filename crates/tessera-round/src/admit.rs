@@ -61,6 +61,9 @@ impl Run {
             return Ok(());
         }
         let show = |d: Option<DataAssignment>| match d {
+            Some(d) if d.source != 0 => {
+                format!("data slot {}, epoch {}, shard {} of mixed dataset {}", d.slot, d.epoch, d.shard, d.source)
+            }
             Some(d) => format!("data slot {}, epoch {}, shard {}", d.slot, d.epoch, d.shard),
             None => "no data".to_owned(),
         };

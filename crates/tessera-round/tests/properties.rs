@@ -480,7 +480,13 @@ fn a_phase_that_admits_the_top_refuses_the_rest() {
 #[test]
 fn a_manifest_submission_must_claim_its_assigned_shard() {
     let mut s = spec(4, 1, false, false, None);
-    s.data.source = DataSource::Manifest { urls: vec!["http://d/".into()], train_shards: 5, slots_per_round: 2 };
+    s.data.source = DataSource::Manifest {
+        urls: vec!["http://d/".into()],
+        train_shards: 5,
+        slots_per_round: 2,
+        mixture: Vec::new(),
+        weights: Vec::new(),
+    };
     let mut shell = Shell::new(s, false);
     for _ in 0..3 {
         shell.step(&Op::Register);

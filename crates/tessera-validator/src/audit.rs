@@ -63,7 +63,7 @@ struct Prepared {
     audit: tessera_protocol::api::RoundAudit,
     seed: [u8; 32],
     scorer: Scorer,
-    shards: Option<tessera_client::ShardCache>,
+    shards: Vec<tessera_client::ShardCache>,
     theta: Vec<Vec<f32>>,
     lengths: Vec<usize>,
 }
@@ -135,7 +135,7 @@ pub fn audit(
         let bytes = hub.published_submission(round, &s.blob)?;
         candidates.push(Candidate::from_job(s, &bytes, &lengths)?);
     }
-    attach_assigned(&scorer, shards.as_ref(), &run, &mut candidates, &seed)?;
+    attach_assigned(&scorer, &shards, &run, &mut candidates, &seed)?;
     let measured =
         score_round(&mut scorer, &theta, candidates, &seed, contest.tasks.as_ref()).map_err(|e| match e {
             ValidatorError::Bad { message, .. } => bad(message),
@@ -213,7 +213,7 @@ pub fn audit_own(
         let (s, published) = (&audit.job.submissions[i], &audit.scores[i]);
         let bytes = hub.own_submission(round, &s.blob)?;
         let mut candidate = Candidate::from_job(s, &bytes, &lengths)?;
-        attach_assigned(&scorer, shards.as_ref(), &run, std::slice::from_mut(&mut candidate), &seed)?;
+        attach_assigned(&scorer, &shards, &run, std::slice::from_mut(&mut candidate), &seed)?;
         let Some(bound) = published.norm_bound else {
             return Err(bad(format!(
                 "the round published no norm bound with contributor {}'s score (its validator did not report \

@@ -94,8 +94,11 @@ pub struct Validator {
     run: RunInfo,
     scorer: Scorer,
     sealed: Option<Sealed>,
-    /// A run on a published dataset: its shards, cached on disk up to `data_cache_bytes`.
-    shards: Option<ShardCache>,
+    /// A run on published datasets: their shards (its own dataset's first, then its
+    /// mixture's), each cached on disk up to `data_cache_bytes`. Empty for other runs.
+    shards: Vec<ShardCache>,
+    /// The spec revision of the last job (`ScoringJob::revision`).
+    revision: u64,
     /// A sealed run: the evaluation seeds this validator drew and committed, by round (kept in
     /// memory only: the hub learns each from the round's verdict).
     seeds: HashMap<u64, [u8; 32]>,
@@ -117,10 +120,10 @@ pub struct DataConfig {
 /// dataset also gives its shard cache: the scorer holds the validation shards (the held-out
 /// windows come from all of them), and each submission's assigned shard is fetched by hash as
 /// it is scored ([`attach_assigned`]).
-pub fn scorer_for(run: &RunInfo, data: &DataConfig, device: Device) -> Result<(Scorer, Option<ShardCache>)> {
+pub fn scorer_for(run: &RunInfo, data: &DataConfig, device: Device) -> Result<(Scorer, Vec<ShardCache>)> {
     let contest = run.spec.contest.clone().ok_or(ValidatorError::NotScored)?;
     let (dataset, shards) = match &run.spec.data.source {
-        DataSource::Manifest { urls, .. } => {
+        DataSource::Manifest { .. } => {
             let cache_dir = match &data.cache {
                 Some(dir) => dir.clone(),
                 None => {
@@ -128,11 +131,18 @@ pub fn scorer_for(run: &RunInfo, data: &DataConfig, device: Device) -> Result<(S
                     std::env::temp_dir().join(format!("tessera-validator-{}", &key.as_str()[..16]))
                 }
             };
-            let cache = ShardCache::open(urls, Some(&run.spec.data.fingerprint), &cache_dir, data.cache_bytes, None)?;
-            let dataset = cache.held_out()?;
-            (dataset, Some(cache))
+            let caches = tessera_client::open_run_datasets(
+                &run.spec.data.source,
+                &run.spec.data.fingerprint,
+                &cache_dir,
+                data.cache_bytes,
+                None,
+            )?;
+            // The held-out data is the run's own dataset's validation split.
+            let dataset = caches.first().ok_or(ValidatorError::NotScored)?.held_out()?;
+            (dataset, caches)
         }
-        _ => (run_dataset(run, data.data.clone())?, None),
+        _ => (run_dataset(run, data.data.clone())?, Vec::new()),
     };
     let model_config = LlamaConfig::from_json(run.spec.model.clone())
         .map_err(|e| ValidatorError::Bad { round: run.round, message: format!("the run's model config: {e}") })?;
@@ -151,13 +161,15 @@ pub fn scorer_for(run: &RunInfo, data: &DataConfig, device: Device) -> Result<(S
 /// at a time. Nothing to do for other runs (`shards` is `None`).
 pub fn attach_assigned(
     scorer: &Scorer,
-    shards: Option<&ShardCache>,
+    shards: &[ShardCache],
     run: &RunInfo,
     candidates: &mut [Candidate],
     seed: &[u8; 32],
 ) -> Result<()> {
-    let Some(cache) = shards else { return Ok(()) };
-    let mut by_shard: std::collections::BTreeMap<usize, Vec<usize>> = std::collections::BTreeMap::new();
+    if shards.is_empty() {
+        return Ok(());
+    }
+    let mut by_shard: std::collections::BTreeMap<(usize, usize), Vec<usize>> = std::collections::BTreeMap::new();
     for (i, k) in candidates.iter().enumerate() {
         let d = tessera_protocol::data::data_assignment(&run.spec, k.base_round, k.contributor).ok_or_else(|| {
             ValidatorError::Bad {
@@ -165,10 +177,15 @@ pub fn attach_assigned(
                 message: format!("no data assignment for contributor {}", k.contributor),
             }
         })?;
-        by_shard.entry(cache.train_index(d.shard)?).or_default().push(i);
+        let source = d.source as usize;
+        let cache = shards.get(source).ok_or_else(|| ValidatorError::Bad {
+            round: k.base_round,
+            message: format!("contributor {} was assigned dataset {source} of a mixture this run lacks", k.contributor),
+        })?;
+        by_shard.entry((source, cache.train_index(d.shard)?)).or_default().push(i);
     }
-    for (index, sharing) in by_shard {
-        let shard = cache.shard(index)?;
+    for ((source, index), sharing) in by_shard {
+        let shard = shards[source].shard(index)?;
         for i in sharing {
             candidates[i].assigned = Some(scorer.assigned_tokens(&candidates[i], seed, &shard)?);
         }
@@ -182,7 +199,7 @@ impl Validator {
         let run = hub.run()?;
         let hub = hub.pinning(tessera_trust::PublicKey::parse(&run.hub_key)?);
         let (scorer, shards) = scorer_for(&run, &config.data, config.device)?;
-        let mut v = Validator { config, hub, run, scorer, sealed: None, shards, seeds: HashMap::new() };
+        let mut v = Validator { config, hub, run, scorer, sealed: None, shards, seeds: HashMap::new(), revision: 0 };
         if v.run.spec.trust.is_some() {
             v.sealed = Some(v.attest()?);
             v.commit_current_seed()?;
@@ -191,7 +208,7 @@ impl Validator {
     }
 
     fn attach_assigned(&self, candidates: &mut [Candidate], seed: &[u8; 32]) -> Result<()> {
-        attach_assigned(&self.scorer, self.shards.as_ref(), &self.run, candidates, seed)
+        attach_assigned(&self.scorer, &self.shards, &self.run, candidates, seed)
     }
 
     /// The run has grown: score with its new model from now on.
@@ -376,7 +393,13 @@ impl Validator {
         let round = job.round;
         if job.phase != self.run.phase {
             self.switch_phase()?;
+        } else if job.revision != self.revision {
+            // Its holders changed the spec (H, the data mixture…): assignments follow the new one.
+            let run = self.hub.run()?;
+            tracing::info!(revision = job.revision, "the run's spec changed by vote");
+            self.run = run;
         }
+        self.revision = job.revision;
         let bad = |message: String| ValidatorError::Bad { round, message };
         let seed = if self.sealed.is_some() {
             self.own_seed(job).map_err(bad)?

@@ -123,6 +123,15 @@ pub struct RunArgs {
     /// `releases = true`); see docs/governance.md.
     #[arg(long, value_name = "FILE")]
     pub governance: Option<PathBuf>,
+    /// Mix another published dataset (a manifest directory or URL, with --data's tokenizer) into
+    /// a run on a published dataset, repeatable: each round's data slots are split among the
+    /// datasets by --mix-weights.
+    #[arg(long, value_name = "DATASET")]
+    pub mix_data: Vec<PathBuf>,
+    /// With --mix-data: the mixture's weights, one per dataset, --data's first (default: 1 each),
+    /// e.g. `3,1`; a steered run may change them by vote.
+    #[arg(long, value_name = "W,W,…")]
+    pub mix_weights: Option<String>,
     #[command(flatten)]
     pub contest: ContestArgs,
 }
@@ -396,7 +405,8 @@ fn run_spec(args: &RunArgs, dataset: &Dataset, model: &Llama) -> Result<RunSpec>
     let phases = args.phases(&model.config)?;
     let rounds = args.rounds + phases.iter().map(|p| p.rounds).sum::<u64>();
     let total = rounds * args.inner_steps;
-    let (tensors, data) = model_tables(model, dataset, &args.data, args.data_slots)?;
+    let (tensors, mut data) = model_tables(model, dataset, &args.data, args.data_slots)?;
+    mix_data(&mut data, args)?;
     Ok(RunSpec {
         name: format!("{} on {}", args.model, dataset.info.name),
         model: serde_json::to_value(&model.config)?,
@@ -475,6 +485,63 @@ fn economy_spec(args: &RunArgs) -> Result<Option<tessera_protocol::api::EconomyS
     }))
 }
 
+/// A published dataset's manifest and identity, from a directory or a URL.
+fn read_manifest(source: &str) -> Result<(tessera_data::Manifest, String)> {
+    if crate::args::is_url(Path::new(source)) {
+        let cache = crate::args::published(source)?;
+        return Ok((cache.manifest.clone(), cache.id.clone()));
+    }
+    Ok(tessera_data::Manifest::read(Path::new(source))?)
+}
+
+/// The mixture of a run on published datasets (`--mix-data`, `--mix-weights`): each mixed
+/// dataset's manifest read and checked (it must use the run's dataset's tokenizer), its identity
+/// and training shards recorded.
+fn mix_data(data: &mut DataSpec, args: &RunArgs) -> Result<()> {
+    if args.mix_data.is_empty() {
+        if args.mix_weights.is_some() {
+            bail!("--mix-weights needs --mix-data");
+        }
+        return Ok(());
+    }
+    let DataSource::Manifest { urls, mixture, weights, .. } = &mut data.source else {
+        bail!("--mix-data mixes published datasets: --data must be one too (a manifest directory or URL)");
+    };
+    let (own, _) = read_manifest(&urls[0])?;
+    for path in &args.mix_data {
+        let Some(source) = crate::args::published_source(path)? else {
+            bail!("--mix-data {}: not a published dataset (a manifest directory or URL)", path.display());
+        };
+        let (manifest, id) = read_manifest(&source).with_context(|| format!("--mix-data {}", path.display()))?;
+        if manifest.tokenizer.hash != own.tokenizer.hash {
+            bail!(
+                "--mix-data {}: its tokenizer is not --data's (a mixture trains one model on one vocabulary)",
+                path.display()
+            );
+        }
+        let train_shards = manifest.assignable_train_shards();
+        if train_shards == 0 {
+            bail!("--mix-data {}: it has no training shard", path.display());
+        }
+        mixture.push(tessera_protocol::api::MixedData {
+            name: path.display().to_string(),
+            fingerprint: id,
+            urls: vec![source],
+            train_shards,
+        });
+    }
+    if let Some(w) = &args.mix_weights {
+        let parsed: Vec<u32> = w
+            .split(',')
+            .map(|x| x.trim().parse::<u32>())
+            .collect::<Result<_, _>>()
+            .with_context(|| format!("--mix-weights {w:?}: whole numbers separated by commas"))?;
+        weights.push((0, parsed));
+    }
+    data.source.validate_mixture().map_err(|e| anyhow::anyhow!("--mix-weights: {e}"))?;
+    Ok(())
+}
+
 /// The run spec's tensor table for `model` and its data description: the embedded source, a
 /// published dataset (a manifest directory or URL, which contributors fetch a shard at a time,
 /// `data_slots` per round), or an external dataset checked by fingerprint.
@@ -504,6 +571,8 @@ pub fn model_tables(
                 urls: vec![source],
                 train_shards: manifest.assignable_train_shards(),
                 slots_per_round: data_slots,
+                mixture: Vec::new(),
+                weights: Vec::new(),
             }
         }
         Some(_) => DataSource::External,
@@ -577,6 +646,8 @@ mod tests {
         ("funding_share", "0.3"),
         ("allocations", "sale.toml"),
         ("governance", "rules.toml"),
+        ("mix_data", "code"),
+        ("mix_weights", "3,1"),
         ("scored", ""),
         ("reward_units", "77"),
         ("reward_power", "1.5"),

@@ -493,6 +493,150 @@ fn contributors_fetch_only_their_assigned_shards() {
     assert!(fetched_train.len() < train.len(), "the whole dataset was fetched: {log}");
 }
 
+/// A run on a mixture of two published datasets (the same byte tokenizer), weights 1 : 1 over
+/// two data slots: each round, slot 0 trains a shard of the run's own dataset and slot 1 one of
+/// the mixed dataset, each fetched from its own server; the validator checks each submission's
+/// data fit on the shard of the dataset its assignment named, and both contributors earn.
+#[test]
+fn contributors_train_a_mixture_of_published_datasets() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut serve = Vec::new();
+    let mut served = Vec::new();
+    for (name, words) in [
+        ("prose", ["the", "cat", "sat", "on", "a", "mat", "and", "slept"]),
+        ("code", ["fn", "let", "x", "=", "1", ";", "{", "}"]),
+    ] {
+        // 400 documents of 100 words: split by document into training and validation.
+        let doc = |d: usize| {
+            let mut x = d as u64 * 2_654_435_761 + 1;
+            let body: Vec<&str> = (0..100)
+                .map(|_| {
+                    x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+                    words[(x >> 33) as usize % words.len()]
+                })
+                .collect();
+            format!("{d}: {}", body.join(" "))
+        };
+        let lines: Vec<String> =
+            (0..400).map(|d| serde_json::json!({"id": format!("{name}-{d}"), "text": doc(d)}).to_string()).collect();
+        let src = dir.path().join(format!("{name}.jsonl"));
+        std::fs::write(&src, lines.join("\n") + "\n").unwrap();
+        let out = dir.path().join(name);
+        let prepared = run(&[
+            "data",
+            "prepare",
+            src.to_str().unwrap(),
+            "--tokenizer",
+            "byte",
+            "--out",
+            out.to_str().unwrap(),
+            "--shard-tokens",
+            "10000",
+        ]);
+        assert!(prepared.status.success(), "{}", String::from_utf8_lossy(&prepared.stderr));
+        let published = dir.path().join(format!("{name}-published"));
+        let publish = run(&["data", "publish", out.to_str().unwrap(), published.to_str().unwrap()]);
+        assert!(publish.status.success(), "{}", String::from_utf8_lossy(&publish.stderr));
+        let port = free_port();
+        let access = dir.path().join(format!("{name}-access.jsonl"));
+        serve.push(spawn(
+            &[
+                "data".into(),
+                "serve".into(),
+                published.display().to_string(),
+                "--addr".into(),
+                format!("127.0.0.1:{port}"),
+                "--access-log".into(),
+                access.display().to_string(),
+            ],
+            &dir.path().join(format!("{name}-serve.log")),
+        ));
+        let started = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(started.elapsed() < Duration::from_secs(30), "tessera data serve did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let manifest: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(published.join("manifest.json")).unwrap()).unwrap();
+        let train: Vec<String> = manifest["shards"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["split"] == "train")
+            .map(|e| e["hash"].as_str().unwrap().to_owned())
+            .collect();
+        served.push((format!("http://127.0.0.1:{port}"), access, train));
+    }
+    let d = dir.path().join("run");
+    let mut args = vec!["demo", "--dir", d.to_str().unwrap(), "--contributors", "2", "--rounds", "3", "--scored"];
+    args.extend(["--data", &served[0].0, "--mix-data", &served[1].0, "--mix-weights", "1,1", "--data-slots", "2"]);
+    args.extend(&TINY_RUN[..2]);
+    args.extend(&TINY_RUN[4..]);
+    let demo =
+        Command::new(BIN).args(&args).env("RUST_LOG", "warn").env("XDG_CACHE_HOME", dir.path()).output().unwrap();
+    let out = String::from_utf8_lossy(&demo.stdout).into_owned();
+    assert!(demo.status.success(), "{out}\n{}", String::from_utf8_lossy(&demo.stderr));
+    assert!(out.contains("finished: 3 rounds"), "{out}");
+
+    // Each round's slot 0 took the run's own dataset and slot 1 the mixed one: each server was
+    // asked for exactly the training shards its dataset's slot was assigned (and no other).
+    // The run's spec, as the hub stored it (the demo's hub has stopped).
+    let db = d.join("hub.db");
+    let (spec, flagged, earning): (tessera_protocol::RunSpec, i64, Vec<i64>) = {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            sqlx::any::install_default_drivers();
+            let pool = sqlx::AnyPool::connect(&format!("sqlite://{}", db.display())).await.unwrap();
+            let spec: String = sqlx::query_scalar("SELECT spec FROM runs").fetch_one(&pool).await.unwrap();
+            let flagged: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM scores WHERE flag = 'wrong_data'")
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+            let earning: Vec<i64> =
+                sqlx::query_scalar("SELECT DISTINCT contributor FROM scores WHERE reward > 0 ORDER BY contributor")
+                    .fetch_all(&pool)
+                    .await
+                    .unwrap();
+            (serde_json::from_str(&spec).unwrap(), flagged, earning)
+        })
+    };
+    // The validator checked each submission on its own dataset's shard: nobody was flagged for
+    // training on other data, and both contributors (one per dataset) earned.
+    assert_eq!((flagged, earning), (0, vec![0, 1]));
+    assert_eq!(spec.data.source.weights_at(0), vec![1, 1]);
+    for (source, (_, access, train)) in served.iter().enumerate() {
+        let assigned: std::collections::BTreeSet<&String> = (0..=3u64)
+            .flat_map(|round| (0..2u64).map(move |c| (round, c)))
+            .filter_map(|(round, c)| tessera_protocol::data::data_assignment(&spec, round, c))
+            .filter(|a| a.source as usize == source)
+            .map(|a| &train[a.shard as usize])
+            .collect();
+        assert!(!assigned.is_empty());
+        let log = std::fs::read_to_string(access).unwrap();
+        let fetched: std::collections::BTreeSet<String> = log
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter_map(|e| {
+                e["path"]
+                    .as_str()
+                    .and_then(|p| p.strip_prefix("/shards/"))
+                    .and_then(|p| p.strip_suffix(".tshard"))
+                    .map(str::to_owned)
+            })
+            .filter(|h| train.contains(h))
+            .collect();
+        assert!(
+            fetched.len() >= 3,
+            "dataset {source} served {} training shards, fewer than its 3 rounds: {log}",
+            fetched.len()
+        );
+        for h in &fetched {
+            assert!(assigned.contains(h), "dataset {source}: shard {h} was fetched but assigned to nobody");
+        }
+    }
+    drop(serve);
+}
+
 /// A lone contributor that overlaps its transfers with training reconstructs the hub's outer
 /// step exactly, so with lossless codecs its run ends where the plain run ends; its report shows
 /// every round submitted and the waits it measured.

@@ -6,7 +6,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::RunSpec;
+use super::{DataSource, RunSpec};
 use crate::Codec;
 
 /// The rules of a steered run: how long a vote stays open, how much of the power must vote, how
@@ -69,6 +69,10 @@ pub struct Bounds {
     /// Whether checkpoints may be released as named versions by vote.
     #[serde(default)]
     pub releases: bool,
+    /// Whether the weights of the run's data mixture (its datasets, fixed when it is created)
+    /// may be changed by vote.
+    #[serde(default)]
+    pub mixture: bool,
 }
 
 /// What a proposal changes, at the round boundary it names.
@@ -91,6 +95,8 @@ pub enum Change {
     PromoteTop { value: u32 },
     /// Release the checkpoint the run holds at the boundary as a named version.
     Release { version: String },
+    /// The weights of the run's data mixture: one per dataset, the run's own first.
+    Mixture { weights: Vec<u32> },
 }
 
 /// Longest version name a release may take.
@@ -116,6 +122,7 @@ impl Change {
             Change::PhaseLoss { loss } => format!("current phase ends at loss {loss}"),
             Change::PromoteTop { value } => format!("top {value} qualify for the next phase"),
             Change::Release { version } => format!("release the checkpoint as version {version:?}"),
+            Change::Mixture { weights } => format!("data mixture weights → {weights:?}"),
         }
     }
 
@@ -195,6 +202,17 @@ impl Change {
                 within("the number promoted", *value, b.promote_top)?;
                 let Some(c) = next.contest.as_mut() else { return Err("promotion needs a scored run".into()) };
                 c.promote_top = *value;
+            }
+            Change::Mixture { weights } => {
+                if !b.mixture {
+                    return Err("the data mixture is not something this run lets its holders change".into());
+                }
+                let DataSource::Manifest { weights: history, .. } = &mut next.data.source else {
+                    return Err("only a run on published datasets has a data mixture".into());
+                };
+                // From `at` on; an entry already for `at` is replaced.
+                history.retain(|(from, _)| *from < at);
+                history.push((at, weights.clone()));
             }
             Change::Release { version } => {
                 if !b.releases {
@@ -429,6 +447,7 @@ mod tests {
                     phase_loss: Some([0.5, 5.0]),
                     promote_top: Some([1, 20]),
                     releases: true,
+                    mixture: true,
                 },
                 ..GovernanceSpec::default()
             }),
@@ -487,6 +506,31 @@ mod tests {
         assert_eq!(Change::Release { version: "v1".into() }.apply(&s, 2).unwrap(), s);
         let unsteered = RunSpec { governance: None, ..s };
         assert!(Change::Quorum { value: 3 }.apply(&unsteered, 2).unwrap_err().contains("not steered"));
+    }
+
+    #[test]
+    fn mixture_weights_change_from_the_round_they_apply() {
+        let mut s = phased();
+        let e = Change::Mixture { weights: vec![1, 1] }.apply(&s, 3).unwrap_err();
+        assert!(e.contains("only a run on published datasets"), "{e}");
+        s.data.source = DataSource::Manifest {
+            urls: vec!["u".into()],
+            train_shards: 4,
+            slots_per_round: 4,
+            mixture: vec![crate::api::MixedData {
+                name: "b".into(),
+                fingerprint: "g".into(),
+                urls: vec!["v".into()],
+                train_shards: 2,
+            }],
+            weights: Vec::new(),
+        };
+        let next = Change::Mixture { weights: vec![1, 3] }.apply(&s, 3).unwrap();
+        assert_eq!((next.data.source.weights_at(2), next.data.source.weights_at(3)), (vec![1, 1], vec![1, 3]));
+        let e = Change::Mixture { weights: vec![1, 3, 5] }.apply(&s, 3).unwrap_err();
+        assert!(e.contains("one per dataset"), "{e}");
+        let e = Change::Mixture { weights: vec![0, 0] }.apply(&s, 3).unwrap_err();
+        assert!(e.contains("not all zero"), "{e}");
     }
 
     #[test]

@@ -31,6 +31,8 @@ pub const INNER_LOSS_PARAM: &str = "inner_loss";
 pub const DATA_SLOT_PARAM: &str = "data_slot";
 pub const EPOCH_PARAM: &str = "epoch";
 pub const SHARD_PARAM: &str = "shard";
+/// Which dataset of a mixture the claimed shard is from (absent: the run's own).
+pub const SOURCE_PARAM: &str = "data_source";
 
 /// Where protocol 1 sent the inner loss, outside the signature; the hub refuses a submission
 /// that carries it, so an old client learns why instead of having its loss ignored.
@@ -124,12 +126,21 @@ pub struct DataAssignment {
     pub slot: u64,
     pub epoch: u64,
     pub shard: u32,
+    /// Which dataset of the run's mixture: 0 its own, `i` its `mixture[i − 1]`.
+    #[serde(default)]
+    pub source: u32,
 }
 
 impl DataAssignment {
-    /// Its form in a submission's signed query (`data_slot=…&epoch=…&shard=…`).
+    /// Its form in a submission's signed query (`data_slot=…&epoch=…&shard=…`, and
+    /// `&data_source=…` for a mixed dataset).
     pub fn query(&self) -> String {
-        format!("{DATA_SLOT_PARAM}={}&{EPOCH_PARAM}={}&{SHARD_PARAM}={}", self.slot, self.epoch, self.shard)
+        let mut q =
+            format!("{DATA_SLOT_PARAM}={}&{EPOCH_PARAM}={}&{SHARD_PARAM}={}", self.slot, self.epoch, self.shard);
+        if self.source != 0 {
+            q.push_str(&format!("&{SOURCE_PARAM}={}", self.source));
+        }
+        q
     }
 }
 
@@ -151,6 +162,10 @@ pub struct ScoringJob {
     /// A run scored by many validators: the task this validator holds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub task: Option<TaskJob>,
+    /// Changes its holders voted into the run's spec so far (as `Assignment::revision`): a
+    /// validator holding the spec at another revision fetches `GET /v1/run` again.
+    #[serde(default)]
+    pub revision: u64,
 }
 
 /// One task of a round's scoring (`tessera_contest::tasks`), held by the validator it was given

@@ -48,10 +48,66 @@ pub enum DataSource {
         train_shards: u32,
         /// Data slots per round: contributor `c` takes slot `c mod slots_per_round`.
         slots_per_round: u32,
+        /// Further published datasets trained on with this one (the same tokenizer): each
+        /// round's data slots are split among them by the mixture's weights. Empty: this one.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        mixture: Vec<MixedData>,
+        /// The mixture's weights from a round on: (the first round they apply to, one weight for
+        /// this dataset then one per `mixture` entry), rounds increasing; a vote of a steered
+        /// run appends to it. Empty: weight 1 each.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        weights: Vec<(u64, Vec<u32>)>,
     },
 }
 
+/// A published dataset mixed into a manifest run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MixedData {
+    pub name: String,
+    /// Its manifest's identity (BLAKE3 of the manifest).
+    pub fingerprint: String,
+    pub urls: Vec<String>,
+    /// Training shards handed out: the manifest's first `train_shards`.
+    pub train_shards: u32,
+}
+
 impl DataSource {
+    /// The mixture's weights in effect at `round` (one per dataset, this run's own first);
+    /// empty for a source that is not a manifest.
+    pub fn weights_at(&self, round: u64) -> Vec<u32> {
+        let DataSource::Manifest { mixture, weights, .. } = self else { return Vec::new() };
+        weights
+            .iter()
+            .take_while(|(from, _)| *from <= round)
+            .last()
+            .map_or_else(|| vec![1; mixture.len() + 1], |(_, w)| w.clone())
+    }
+
+    /// Checks a manifest source's mixture: every mixed dataset named and fetchable, weights one
+    /// per dataset, from increasing rounds, none all zero.
+    pub fn validate_mixture(&self) -> Result<(), String> {
+        let DataSource::Manifest { mixture, weights, .. } = self else { return Ok(()) };
+        for m in mixture {
+            if m.urls.is_empty() || m.train_shards == 0 || m.fingerprint.is_empty() {
+                return Err(format!("mixed dataset {:?} needs a URL, a fingerprint and a training shard", m.name));
+            }
+        }
+        let mut last = None;
+        for (from, w) in weights {
+            if w.len() != mixture.len() + 1 {
+                return Err(format!("mixture weights {w:?}: one per dataset, {} in all", mixture.len() + 1));
+            }
+            if w.iter().all(|&x| x == 0) || w.iter().any(|&x| x > 1_000_000) {
+                return Err(format!("mixture weights {w:?}: at most 10⁶ each, not all zero"));
+            }
+            if last.is_some_and(|l| l >= *from) {
+                return Err("mixture weights must come in increasing rounds".into());
+            }
+            last = Some(*from);
+        }
+        Ok(())
+    }
+
     /// The data slot contributor `contributor` (the hub's ids count from 0, densely) takes in
     /// a manifest run.
     pub fn data_slot(contributor: u64, slots_per_round: u32) -> u64 {
@@ -514,11 +570,12 @@ impl RunSpec {
         if self.tensors.is_empty() {
             return Err("the model has no tensors".into());
         }
-        if let DataSource::Manifest { urls, train_shards, slots_per_round } = &self.data.source
+        if let DataSource::Manifest { urls, train_shards, slots_per_round, .. } = &self.data.source
             && (urls.is_empty() || *train_shards == 0 || *slots_per_round == 0)
         {
             return Err("a manifest source needs a URL, a training shard and a data slot".into());
         }
+        self.data.source.validate_mixture()?;
         if self.fragments > 1 {
             let has_layers =
                 |f: u32| self.fragment_tensors(f).iter().any(|&i| self.tensors[i].name.starts_with("model.layers."));

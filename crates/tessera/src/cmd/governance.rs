@@ -67,6 +67,10 @@ pub struct ProposeArgs {
     /// Release the checkpoint the run holds when it applies as this version (`tessera release`).
     #[arg(long, group = "change", value_name = "VERSION")]
     pub release: Option<String>,
+    /// Change the weights of the run's data mixture, one per dataset, the run's own first
+    /// (e.g. `1,3`).
+    #[arg(long, group = "change", value_name = "W,W,…", value_delimiter = ',')]
+    pub mixture: Option<Vec<u32>>,
 }
 
 impl ProposeArgs {
@@ -80,6 +84,7 @@ impl ProposeArgs {
             ProposeArgs { phase_loss: Some(loss), .. } => Change::PhaseLoss { loss: *loss },
             ProposeArgs { promote_top: Some(value), .. } => Change::PromoteTop { value: *value },
             ProposeArgs { release: Some(version), .. } => Change::Release { version: version.clone() },
+            ProposeArgs { mixture: Some(weights), .. } => Change::Mixture { weights: weights.clone() },
             _ => bail!("give one change (see --help)"),
         })
     }

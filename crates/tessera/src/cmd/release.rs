@@ -281,13 +281,28 @@ fn model_card(c: &Card) -> String {
                 "- source: Tessera's embedded synthetic corpus (seed {seed}, {train_chars} training and {val_chars} validation characters)"
             ),
         ),
-        DataSource::Manifest { urls, train_shards, slots_per_round } => line(
-            &mut s,
-            format!(
-                "- source: published manifest at {} ({train_shards} training shards, {slots_per_round} data slots per round)",
-                urls.join(", ")
-            ),
-        ),
+        DataSource::Manifest { urls, train_shards, slots_per_round, mixture, .. } => {
+            line(
+                &mut s,
+                format!(
+                    "- source: published manifest at {} ({train_shards} training shards, {slots_per_round} data slots per round)",
+                    urls.join(", ")
+                ),
+            );
+            let weights = spec.data.source.weights_at(c.round);
+            for (m, w) in mixture.iter().zip(weights.iter().skip(1)) {
+                line(
+                    &mut s,
+                    format!(
+                        "- mixed in: {} (manifest `{}`, {} training shards, weight {w} against the run's own {})",
+                        m.name,
+                        m.fingerprint,
+                        m.train_shards,
+                        weights.first().copied().unwrap_or(1)
+                    ),
+                );
+            }
+        }
         DataSource::External => {
             line(&mut s, "- source: data supplied by each contributor, checked by fingerprint".into())
         }
