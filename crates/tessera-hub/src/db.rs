@@ -785,6 +785,15 @@ impl Db {
         self.commit_at(tx, at, &[Journal::Governance]).await
     }
 
+    /// Whether proposal `id` waits for the next round boundary (one indexed lookup).
+    pub async fn proposal_pending(&self, id: &str) -> Result<bool, HubError> {
+        let row = sqlx::query("SELECT 1 AS one FROM governance_pending WHERE proposal = $1 AND kind = 'proposal'")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.is_some())
+    }
+
     /// The proposals and votes waiting for the next round boundary, in the order taken.
     pub async fn pending_governance(&self) -> Result<Vec<PendingGovernance>, HubError> {
         let rows =

@@ -111,31 +111,28 @@ impl Hub {
     /// still waiting for the boundary is checked as far as it can be: its signature, that the
     /// voter holds something now (its snapshot is taken when the proposal is recorded).
     async fn check_pending(&self, round: u64, body: Body, vote: Option<&VoteMessage>) -> Result<(), ApiError> {
-        {
-            let refused = |e: String| api(ErrorCode::BadRequest, format!("refused by the ledger's rules: {e}"));
-            let pending_proposal = match vote {
-                Some(v) if !self.ledger_has(&v.proposal)? => {
-                    let pending = self.db.pending_governance().await.map_err(internal)?;
-                    if !pending.iter().any(|p| p.kind == "proposal" && p.proposal == v.proposal) {
-                        return Err(api(ErrorCode::NotFound, format!("no proposal {}", v.proposal)));
-                    }
-                    true
+        let refused = |e: String| api(ErrorCode::BadRequest, format!("refused by the ledger's rules: {e}"));
+        let pending_proposal = match vote {
+            Some(v) if !self.ledger_has(&v.proposal)? => {
+                if !self.db.proposal_pending(&v.proposal).await.map_err(internal)? {
+                    return Err(api(ErrorCode::NotFound, format!("no proposal {}", v.proposal)));
                 }
-                _ => false,
-            };
-            let trust = self.trust.read().map_err(|_| api(ErrorCode::Internal, "trust poisoned"))?;
-            if !pending_proposal {
-                return trust.ledger.precheck(round, &body).map_err(refused);
+                true
             }
-            let (Body::Vote { signed }, Some(v)) = (&body, vote) else { return Ok(()) };
-            if v.run_id != self.run_id() {
-                return Err(refused(format!("a vote for run {}, not this one", v.run_id)));
-            }
-            if trust.ledger.balances().get(&signed.holder).copied().unwrap_or(0) == 0 {
-                return Err(refused(format!("{} holds nothing, so has no power to vote", signed.holder)));
-            }
-            Ok(())
+            _ => false,
+        };
+        let trust = self.trust.read().map_err(|_| api(ErrorCode::Internal, "trust poisoned"))?;
+        if !pending_proposal {
+            return trust.ledger.precheck(round, &body).map_err(refused);
         }
+        let (Body::Vote { signed }, Some(v)) = (&body, vote) else { return Ok(()) };
+        if v.run_id != self.run_id() {
+            return Err(refused(format!("a vote for run {}, not this one", v.run_id)));
+        }
+        if trust.ledger.balances().get(&signed.holder).copied().unwrap_or(0) == 0 {
+            return Err(refused(format!("{} holds nothing, so has no power to vote", signed.holder)));
+        }
+        Ok(())
     }
 
     fn ledger_has(&self, proposal: &str) -> Result<bool, ApiError> {

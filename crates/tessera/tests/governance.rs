@@ -284,6 +284,10 @@ fn holders_vote_a_release_and_tessera_release_publishes_it() {
     }
     assert_eq!(held.lfs.len(), 1, "the weights went through LFS");
     drop(held);
+    // Released again into the same directory: replaced; into a directory of other files: refused.
+    ok(&args[..7]);
+    let err = fails(&["release", "--hub", &url, "--version", "v0.1", "--out", p(d)]);
+    assert!(err.contains("is not a Tessera release"), "{err}");
     let err = fails(&["release", "--hub", &url, "--version", "v9", "--out", p(&d.join("v9"))]);
     assert!(err.contains("released: v0.1"), "{err}");
     let _ = hub.kill();

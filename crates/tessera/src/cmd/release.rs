@@ -106,7 +106,12 @@ pub fn release(args: ReleaseArgs) -> Result<()> {
     let model = Llama::zeroed(&config, Device::Cpu)?;
     write_params(&model, &weights)?;
     drop(weights);
+    // An earlier release of this command is replaced; anything else there is left alone.
     if out.exists() {
+        let empty = std::fs::read_dir(&out).map(|mut d| d.next().is_none()).unwrap_or(false);
+        if !empty && !out.join("tessera-release.json").is_file() {
+            bail!("{} exists and is not a Tessera release: choose another --out", out.display());
+        }
         std::fs::remove_dir_all(&out).with_context(|| format!("clear {}", out.display()))?;
     }
     save_checkpoint(&model, tokenizer.as_ref(), &out)?;
