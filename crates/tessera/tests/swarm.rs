@@ -375,6 +375,24 @@ fn the_networked_run_matches_the_in_process_simulation() {
 /// every contributor one training shard (its data slot's pick); the server's access log shows
 /// that exactly those shards were fetched (and the next round's, prefetched), never the whole
 /// dataset, and each contributor's cache holds only its own.
+/// `tessera data serve` of a published dataset on a free port, logging each request to
+/// `access`; returns once it accepts connections, with its URL.
+fn serve_dataset(published: &Path, access: &Path, log: &Path) -> (Proc, String) {
+    let port = free_port();
+    let args = ["data", "serve", &published.display().to_string(), "--addr", &format!("127.0.0.1:{port}")]
+        .iter()
+        .map(|s| s.to_string())
+        .chain(["--access-log".to_string(), access.display().to_string()])
+        .collect::<Vec<_>>();
+    let server = spawn(&args, log);
+    let started = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(started.elapsed() < Duration::from_secs(30), "tessera data serve did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (server, format!("http://127.0.0.1:{port}"))
+}
+
 #[test]
 fn contributors_fetch_only_their_assigned_shards() {
     let dir = tempfile::tempdir().unwrap();
@@ -407,26 +425,8 @@ fn contributors_fetch_only_their_assigned_shards() {
     let (train, validation) = (split("train"), split("validation"));
     assert_eq!(train.len(), 20);
 
-    let port = free_port();
     let access = dir.path().join("access.jsonl");
-    let _server = spawn(
-        &[
-            "data".into(),
-            "serve".into(),
-            published.display().to_string(),
-            "--addr".into(),
-            format!("127.0.0.1:{port}"),
-            "--access-log".into(),
-            access.display().to_string(),
-        ],
-        &dir.path().join("serve.log"),
-    );
-    let url = format!("http://127.0.0.1:{port}");
-    let started = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(started.elapsed() < Duration::from_secs(30), "tessera data serve did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let (_server, url) = serve_dataset(&published, &access, &dir.path().join("serve.log"));
 
     let d = dir.path().join("run");
     let mut args = vec!["demo", "--dir", d.to_str().unwrap(), "--contributors", "2", "--rounds", "3", "--data", &url];
@@ -537,25 +537,9 @@ fn contributors_train_a_mixture_of_published_datasets() {
         let published = dir.path().join(format!("{name}-published"));
         let publish = run(&["data", "publish", out.to_str().unwrap(), published.to_str().unwrap()]);
         assert!(publish.status.success(), "{}", String::from_utf8_lossy(&publish.stderr));
-        let port = free_port();
         let access = dir.path().join(format!("{name}-access.jsonl"));
-        serve.push(spawn(
-            &[
-                "data".into(),
-                "serve".into(),
-                published.display().to_string(),
-                "--addr".into(),
-                format!("127.0.0.1:{port}"),
-                "--access-log".into(),
-                access.display().to_string(),
-            ],
-            &dir.path().join(format!("{name}-serve.log")),
-        ));
-        let started = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(started.elapsed() < Duration::from_secs(30), "tessera data serve did not start");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let (server, url) = serve_dataset(&published, &access, &dir.path().join(format!("{name}-serve.log")));
+        serve.push(server);
         let manifest: serde_json::Value =
             serde_json::from_slice(&std::fs::read(published.join("manifest.json")).unwrap()).unwrap();
         let train: Vec<String> = manifest["shards"]
@@ -565,7 +549,7 @@ fn contributors_train_a_mixture_of_published_datasets() {
             .filter(|e| e["split"] == "train")
             .map(|e| e["hash"].as_str().unwrap().to_owned())
             .collect();
-        served.push((format!("http://127.0.0.1:{port}"), access, train));
+        served.push((url, access, train));
     }
     let d = dir.path().join("run");
     let mut args = vec!["demo", "--dir", d.to_str().unwrap(), "--contributors", "2", "--rounds", "3", "--scored"];
