@@ -86,8 +86,8 @@ enum Command {
     /// hub published; exits non-zero on any difference.
     Audit(cmd::audit::AuditArgs),
     /// Propose a change to a steered run (H, quorum, outer learning rate, codec, the next
-    /// phase's start, loss target or promotion size, or a release), signed with a holder's key;
-    /// its holders then vote on it (`docs/governance.md`).
+    /// phase's start, loss target or promotion size, the data mixture's weights, or a release),
+    /// signed with a holder's key; its holders then vote on it (`docs/governance.md`).
     Propose(Box<cmd::governance::ProposeArgs>),
     /// Vote yes, no or abstain on a proposal, with the power of your balance at its snapshot;
     /// a later vote replaces yours until the vote closes.
