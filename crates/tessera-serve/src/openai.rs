@@ -1,8 +1,11 @@
 //! The OpenAI wire format: request parsing that names the offending parameter, and the response,
 //! chunk and error shapes the official clients expect.
 //!
-//! Parsing is tolerant: unknown fields are ignored, as OpenAI's own API ignores fields it does
-//! not use. Every field Tessera does use is checked, and a bad one is a 400 naming it.
+//! Parsing is tolerant of fields that do not change what is generated (`user`, `metadata`,
+//! `stream_options`…): they are ignored, as OpenAI's own API ignores fields it does not use. Every
+//! field Tessera does use is checked, and a bad one is a 400 naming it. A field that would change
+//! the output and that Tessera does not implement (`logprobs`, the penalties, `logit_bias`,
+//! `response_format`, tools…) is refused with a 400 naming it, never silently ignored.
 
 use serde_json::{Map, Value, json};
 
@@ -164,7 +167,57 @@ fn boolean(m: &Map<String, Value>, key: &str) -> Result<bool, ApiError> {
     }
 }
 
+/// Parameters that would change the output and that Tessera does not implement, each with the
+/// values that ask for nothing (OpenAI's defaults): any other value is refused, naming it.
+const UNSUPPORTED: &[&str] = &[
+    "logprobs",
+    "top_logprobs",
+    "presence_penalty",
+    "frequency_penalty",
+    "logit_bias",
+    "response_format",
+    "tools",
+    "tool_choice",
+    "functions",
+    "function_call",
+    "best_of",
+    "suffix",
+    "prediction",
+    "audio",
+    "modalities",
+];
+
+/// Whether `v` asks for nothing: null, false, 0, an empty object or array, `{"type":"text"}`
+/// (the default response format), `"none"` / `"auto"` with no tools, or `best_of` 1.
+fn asks_nothing(key: &str, v: &Value) -> bool {
+    match v {
+        Value::Null | Value::Bool(false) => true,
+        Value::Bool(true) => false,
+        Value::Number(n) => n.as_f64() == Some(0.0) || (key == "best_of" && n.as_f64() == Some(1.0)),
+        Value::String(s) => {
+            s.is_empty() || (matches!(key, "tool_choice" | "function_call") && (s == "none" || s == "auto"))
+        }
+        Value::Array(a) => a.is_empty(),
+        Value::Object(o) => {
+            o.is_empty() || (key == "response_format" && o.get("type").and_then(Value::as_str) == Some("text"))
+        }
+    }
+}
+
+/// Refuses the first parameter of [`UNSUPPORTED`] the request sets to something.
+fn refuse_unsupported(m: &Map<String, Value>) -> Result<(), ApiError> {
+    match UNSUPPORTED.iter().find(|k| m.get(**k).is_some_and(|v| !asks_nothing(k, v))) {
+        Some(k) => Err(ApiError::invalid(
+            k,
+            format!("'{k}' is not supported by this server yet; leave it out (it would change what is generated)."),
+        )
+        .with_code("unsupported_parameter")),
+        None => Ok(()),
+    }
+}
+
 fn generation(m: &Map<String, Value>, max_tokens_keys: &[&str]) -> Result<Generation, ApiError> {
+    refuse_unsupported(m)?;
     let model = match present(m, "model") {
         Some(Value::String(s)) if !s.is_empty() => s.clone(),
         Some(_) => return Err(ApiError::invalid("model", "'model' must be a non-empty string.")),
@@ -342,12 +395,40 @@ mod tests {
             (r#"{"model":"m","prompt":"x","stream":"yes"}"#, Some("stream")),
             (r#"{"model":"m","prompt":["a","b"]}"#, Some("prompt")),
             (r#"{"model":"m"}"#, Some("prompt")),
+            (r#"{"model":"m","prompt":"x","logprobs":2}"#, Some("logprobs")),
+            (r#"{"model":"m","prompt":"x","presence_penalty":0.5}"#, Some("presence_penalty")),
+            (r#"{"model":"m","prompt":"x","frequency_penalty":-1}"#, Some("frequency_penalty")),
+            (r#"{"model":"m","prompt":"x","logit_bias":{"50256":-100}}"#, Some("logit_bias")),
+            (r#"{"model":"m","prompt":"x","best_of":3}"#, Some("best_of")),
+            (r#"{"model":"m","prompt":"x","suffix":"end"}"#, Some("suffix")),
         ];
         for (body, param) in cases {
             let e = parse_completion(body.as_bytes()).unwrap_err();
             assert_eq!(e.status, 400, "{body}");
             assert_eq!(e.param.as_deref(), *param, "{body}");
         }
+        for (body, param) in [
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"logprobs":true,"top_logprobs":2}"#,
+                "logprobs",
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"response_format":{"type":"json_object"}}"#,
+                "response_format",
+            ),
+            (r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"tools":[{"type":"function"}]}"#, "tools"),
+        ] {
+            let e = parse_chat(body.as_bytes()).unwrap_err();
+            assert_eq!(
+                (e.status, e.param.as_deref(), e.code),
+                (400, Some(param), Some("unsupported_parameter")),
+                "{body}"
+            );
+        }
+        // OpenAI's defaults ask for nothing and pass: no penalties, no logprobs, the text format.
+        let defaults = br#"{"model":"m","messages":[{"role":"user","content":"hi"}],"logprobs":false,"presence_penalty":0,"frequency_penalty":0.0,"logit_bias":{},"response_format":{"type":"text"},"tools":[],"tool_choice":"none","user":"u1","stream_options":{"include_usage":true}}"#;
+        assert!(parse_chat(defaults).is_ok());
+        assert!(parse_completion(br#"{"model":"m","prompt":"x","best_of":1,"logprobs":null}"#).is_ok());
         let e = parse_chat(br#"{"model":"m","messages":[{"role":"robot","content":"hi"}]}"#).unwrap_err();
         assert_eq!(e.param.as_deref(), Some("messages.[0].role"));
         assert!(parse_chat(br#"{"model":"m","messages":[]}"#).is_err());
