@@ -114,6 +114,18 @@ def main():
         billed += 2
         assert a.choices[0].text == b.choices[0].text
 
+        # logit_bias as the official client sends it (token id → bias; the byte tokenizer's ids are
+        # the bytes): +100 forces "z" at every greedy step; the penalties are taken.
+        z = client.completions.create(model="tessera-nano", prompt="A", max_tokens=5, temperature=0,
+                                      logit_bias={str(ord("z")): 100}, extra_body={"ignore_eos": True})
+        assert z.choices[0].text == "zzzzz", z.choices[0].text
+        p = client.completions.create(model="tessera-nano", prompt="A", max_tokens=5, temperature=0,
+                                      presence_penalty=1.0, frequency_penalty=0.5, extra_body={"ignore_eos": True})
+        assert p.usage.completion_tokens == 5, p.usage
+        billed += 2
+        # A parameter that would change the output and is not implemented is refused by name.
+        expect(openai.BadRequestError, lambda: client.completions.create(model="tessera-nano", prompt="x", logprobs=2), 400, "unsupported_parameter")
+
         # Every refusal has OpenAI's shape, and none is billed.
         expect(openai.AuthenticationError, lambda: OpenAI(base_url=base, api_key="tsk_nope", max_retries=0).models.list(), 401, "invalid_api_key")
         expect(openai.AuthenticationError, lambda: OpenAI(base_url=base, api_key=revoked, max_retries=0).models.list(), 401, "invalid_api_key")

@@ -31,7 +31,42 @@ pub struct Job {
     pub seed: u64,
     /// Keep going past the end-of-text token (benchmarks: a fixed number of tokens).
     pub ignore_eos: bool,
+    /// What changes the logits before sampling: OpenAI's penalties and `logit_bias`.
+    pub adjust: Adjust,
     pub events: UnboundedSender<Event>,
+}
+
+/// OpenAI's changes to the logits before each token is sampled: `logit_bias` added to the
+/// tokens it names, and for each token generated so far (`count` times) the logit lowered by
+/// `count × frequency + presence`. Cost per token: O(biased + distinct generated tokens).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Adjust {
+    pub presence: f32,
+    pub frequency: f32,
+    /// (token id, bias), token ids below the vocabulary (checked by the caller).
+    pub bias: Vec<(u32, f32)>,
+}
+
+impl Adjust {
+    fn is_none(&self) -> bool {
+        self.presence == 0.0 && self.frequency == 0.0 && self.bias.is_empty()
+    }
+
+    /// `logits` with the bias and penalties applied, given the counts of the tokens generated.
+    pub fn apply(&self, logits: &mut [f32], counts: &std::collections::HashMap<u32, u32>) {
+        for &(id, b) in &self.bias {
+            if let Some(l) = logits.get_mut(id as usize) {
+                *l += b;
+            }
+        }
+        if self.presence != 0.0 || self.frequency != 0.0 {
+            for (&id, &n) in counts {
+                if let Some(l) = logits.get_mut(id as usize) {
+                    *l -= n as f32 * self.frequency + self.presence;
+                }
+            }
+        }
+    }
 }
 
 /// What the engine tells a request's owner, in order: tokens, then one `Done` or `Failed`.
@@ -75,6 +110,9 @@ struct Running {
     /// How to sample, how many tokens at most, and the token that ends it (`None`: ignore EOS).
     params: SamplingParams,
     rng: ChaCha8Rng,
+    adjust: Adjust,
+    /// How often each token was generated so far (for the penalties).
+    counts: std::collections::HashMap<u32, u32>,
     produced: usize,
     /// The token the next step feeds in.
     next: u32,
@@ -168,7 +206,7 @@ fn run(model: Llama, slots: usize, eos: u32, jobs: mpsc::Receiver<Job>, stats: &
         let vocab = logits.len() / active.len();
         for (i, &s) in active.iter().enumerate() {
             let Some(r) = running[s].as_mut() else { continue };
-            let token = sample(&logits[i * vocab..(i + 1) * vocab], &r.params, &mut r.rng);
+            let token = pick(&logits[i * vocab..(i + 1) * vocab], r);
             if step(r, token, cache.has_room(s)) {
                 running[s] = None;
             }
@@ -204,10 +242,30 @@ fn admit(
         seed: job.seed,
         stop_token: (!job.ignore_eos).then_some(eos),
     };
-    let mut r =
-        Running { events: job.events, params, rng: ChaCha8Rng::seed_from_u64(job.seed), produced: 0, next: eos };
-    let token = sample(&last, &r.params, &mut r.rng);
+    let mut r = Running {
+        events: job.events,
+        params,
+        rng: ChaCha8Rng::seed_from_u64(job.seed),
+        adjust: job.adjust,
+        counts: std::collections::HashMap::new(),
+        produced: 0,
+        next: eos,
+    };
+    let token = pick(&last, &mut r);
     Ok((!step(&mut r, token, cache.has_room(slot))).then_some(r))
+}
+
+/// Samples the request's next token from its logits, after its bias and penalties.
+fn pick(logits: &[f32], r: &mut Running) -> u32 {
+    let token = if r.adjust.is_none() {
+        sample(logits, &r.params, &mut r.rng)
+    } else {
+        let mut adjusted = logits.to_vec();
+        r.adjust.apply(&mut adjusted, &r.counts);
+        sample(&adjusted, &r.params, &mut r.rng)
+    };
+    *r.counts.entry(token).or_default() += 1;
+    token
 }
 
 /// Hands `token` to the request; true when the request has ended.
@@ -226,4 +284,20 @@ fn step(r: &mut Running, token: u32, room: bool) -> bool {
     }
     r.next = token;
     false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bias_and_penalties_move_the_logits_as_openai_documents() {
+        let adjust = Adjust { presence: 0.5, frequency: 0.25, bias: vec![(1, 3.0), (9, -100.0)] };
+        let mut logits = vec![1.0f32; 4];
+        let counts = std::collections::HashMap::from([(0u32, 2u32), (2, 1)]);
+        adjust.apply(&mut logits, &counts);
+        // Token 0: seen twice (1 − 2×0.25 − 0.5); 1: biased; 2: seen once; 3 alone; 9 is past the end.
+        assert_eq!(logits, vec![0.0, 4.0, 0.25, 1.0]);
+        assert!(Adjust::default().is_none());
+    }
 }

@@ -259,6 +259,15 @@ async fn run(
         )
         .with_code("context_length_exceeded"));
     }
+    if let Some((id, _)) = g.logit_bias.iter().find(|(id, _)| *id as usize >= state.tokenizer.vocab_size()) {
+        return Err(ApiError::invalid(
+            "logit_bias",
+            format!(
+                "token {id} in 'logit_bias' is not in this model's vocabulary of {}.",
+                state.tokenizer.vocab_size()
+            ),
+        ));
+    }
     let seed = match g.seed {
         Some(s) => s,
         None => {
@@ -277,6 +286,11 @@ async fn run(
             top_p: g.top_p,
             seed,
             ignore_eos: g.ignore_eos,
+            adjust: crate::engine::Adjust {
+                presence: g.presence_penalty,
+                frequency: g.frequency_penalty,
+                bias: g.logit_bias.clone(),
+            },
             events: tx,
         })
         .map_err(|e| ApiError::server(e.to_string()))?;

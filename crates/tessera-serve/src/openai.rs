@@ -4,8 +4,8 @@
 //! Parsing is tolerant of fields that do not change what is generated (`user`, `metadata`,
 //! `stream_options`…): they are ignored, as OpenAI's own API ignores fields it does not use. Every
 //! field Tessera does use is checked, and a bad one is a 400 naming it. A field that would change
-//! the output and that Tessera does not implement (`logprobs`, the penalties, `logit_bias`,
-//! `response_format`, tools…) is refused with a 400 naming it, never silently ignored.
+//! the output and that Tessera does not implement (`logprobs`, `response_format`, tools…) is
+//! refused with a 400 naming it, never silently ignored.
 
 use serde_json::{Map, Value, json};
 
@@ -107,6 +107,36 @@ pub struct Generation {
     pub seed: Option<u64>,
     /// vLLM's extension: generate past the end-of-text token, to exactly `max_tokens`.
     pub ignore_eos: bool,
+    /// OpenAI's penalties on tokens already generated: each logit is lowered by
+    /// `count × frequency_penalty + (count > 0) × presence_penalty`.
+    pub presence_penalty: f32,
+    pub frequency_penalty: f32,
+    /// Added to the logits of these token ids before sampling (−100 bans a token, 100 forces it).
+    pub logit_bias: Vec<(u32, f32)>,
+}
+
+/// The most tokens `logit_bias` may name (OpenAI's limit).
+pub const MAX_LOGIT_BIAS: usize = 300;
+
+fn logit_bias(m: &Map<String, Value>) -> Result<Vec<(u32, f32)>, ApiError> {
+    let bad = |why: String| ApiError::invalid("logit_bias", why);
+    let Some(v) = present(m, "logit_bias") else { return Ok(Vec::new()) };
+    let Value::Object(o) = v else {
+        return Err(bad("'logit_bias' must be an object of token ids to numbers from -100 to 100.".into()));
+    };
+    if o.len() > MAX_LOGIT_BIAS {
+        return Err(bad(format!("'logit_bias' may name at most {MAX_LOGIT_BIAS} tokens.")));
+    }
+    let mut out = Vec::with_capacity(o.len());
+    for (k, v) in o {
+        let id: u32 = k.parse().map_err(|_| bad(format!("{k:?} in 'logit_bias' is not a token id.")))?;
+        match v.as_f64() {
+            Some(b) if b.is_finite() && (-100.0..=100.0).contains(&b) => out.push((id, b as f32)),
+            _ => return Err(bad(format!("{v} for token {id} in 'logit_bias' is not a number from -100 to 100."))),
+        }
+    }
+    out.sort_by_key(|(id, _)| *id);
+    Ok(out)
 }
 
 /// A parsed `/v1/completions` body.
@@ -172,9 +202,6 @@ fn boolean(m: &Map<String, Value>, key: &str) -> Result<bool, ApiError> {
 const UNSUPPORTED: &[&str] = &[
     "logprobs",
     "top_logprobs",
-    "presence_penalty",
-    "frequency_penalty",
-    "logit_bias",
     "response_format",
     "tools",
     "tool_choice",
@@ -284,6 +311,9 @@ fn generation(m: &Map<String, Value>, max_tokens_keys: &[&str]) -> Result<Genera
         stop,
         seed,
         ignore_eos: boolean(m, "ignore_eos")?,
+        presence_penalty: number(m, "presence_penalty", 0.0, -2.0..=2.0)? as f32,
+        frequency_penalty: number(m, "frequency_penalty", 0.0, -2.0..=2.0)? as f32,
+        logit_bias: logit_bias(m)?,
     })
 }
 
@@ -396,9 +426,11 @@ mod tests {
             (r#"{"model":"m","prompt":["a","b"]}"#, Some("prompt")),
             (r#"{"model":"m"}"#, Some("prompt")),
             (r#"{"model":"m","prompt":"x","logprobs":2}"#, Some("logprobs")),
-            (r#"{"model":"m","prompt":"x","presence_penalty":0.5}"#, Some("presence_penalty")),
-            (r#"{"model":"m","prompt":"x","frequency_penalty":-1}"#, Some("frequency_penalty")),
-            (r#"{"model":"m","prompt":"x","logit_bias":{"50256":-100}}"#, Some("logit_bias")),
+            (r#"{"model":"m","prompt":"x","presence_penalty":2.5}"#, Some("presence_penalty")),
+            (r#"{"model":"m","prompt":"x","frequency_penalty":"high"}"#, Some("frequency_penalty")),
+            (r#"{"model":"m","prompt":"x","logit_bias":{"50256":-101}}"#, Some("logit_bias")),
+            (r#"{"model":"m","prompt":"x","logit_bias":{"a":1}}"#, Some("logit_bias")),
+            (r#"{"model":"m","prompt":"x","logit_bias":[1]}"#, Some("logit_bias")),
             (r#"{"model":"m","prompt":"x","best_of":3}"#, Some("best_of")),
             (r#"{"model":"m","prompt":"x","suffix":"end"}"#, Some("suffix")),
         ];
@@ -429,6 +461,10 @@ mod tests {
         let defaults = br#"{"model":"m","messages":[{"role":"user","content":"hi"}],"logprobs":false,"presence_penalty":0,"frequency_penalty":0.0,"logit_bias":{},"response_format":{"type":"text"},"tools":[],"tool_choice":"none","user":"u1","stream_options":{"include_usage":true}}"#;
         assert!(parse_chat(defaults).is_ok());
         assert!(parse_completion(br#"{"model":"m","prompt":"x","best_of":1,"logprobs":null}"#).is_ok());
+        let g = parse_completion(br#"{"model":"m","prompt":"x","presence_penalty":0.5,"frequency_penalty":-1,"logit_bias":{"7":-100,"3":2.5}}"#)
+            .unwrap()
+            .generation;
+        assert_eq!((g.presence_penalty, g.frequency_penalty, g.logit_bias), (0.5, -1.0, vec![(3, 2.5), (7, -100.0)]));
         let e = parse_chat(br#"{"model":"m","messages":[{"role":"robot","content":"hi"}]}"#).unwrap_err();
         assert_eq!(e.param.as_deref(), Some("messages.[0].role"));
         assert!(parse_chat(br#"{"model":"m","messages":[]}"#).is_err());
