@@ -123,6 +123,12 @@ def main():
                                       presence_penalty=1.0, frequency_penalty=0.5, extra_body={"ignore_eos": True})
         assert p.usage.completion_tokens == 5, p.usage
         billed += 2
+        # n choices and batched prompts: choice i is prompt i // n.
+        many = client.completions.create(model="tessera-nano", prompt=["A", "B"], n=2, max_tokens=3, seed=3)
+        assert [c.index for c in many.choices] == [0, 1, 2, 3], many
+        chats = client.chat.completions.create(model="tessera-nano", messages=messages, n=2, max_tokens=3, seed=3)
+        assert len(chats.choices) == 2, chats
+        billed += 2
         # A parameter that would change the output and is not implemented is refused by name.
         expect(openai.BadRequestError, lambda: client.completions.create(model="tessera-nano", prompt="x", logprobs=2), 400, "unsupported_parameter")
 

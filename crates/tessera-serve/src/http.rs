@@ -196,8 +196,8 @@ async fn completions(State(state): State<Arc<AppState>>, headers: HeaderMap, bod
     let result = async {
         let key = authorize(&state, &headers).await?;
         let request = openai::parse_completion(&body_bytes(&state, &key, &headers, body).await?)?;
-        let echo = request.echo.then(|| request.prompt.clone());
-        run(state, key, Kind::Completion { echo }, &request.prompt, request.generation).await
+        let kind = Kind::Completion { echo: request.echo };
+        run(state, key, kind, &request.prompts, request.n, request.generation).await
     }
     .await;
     count("completions", result)
@@ -215,7 +215,7 @@ async fn chat_completions(
             request.generation.stop.push(openai::CHAT_STOP.to_owned());
         }
         let prompt = openai::chat_prompt(&request.messages);
-        run(state, key, Kind::Chat, &prompt, request.generation).await
+        run(state, key, Kind::Chat, &[prompt], request.n, request.generation).await
     }
     .await;
     count("chat.completions", result)
@@ -223,21 +223,20 @@ async fn chat_completions(
 
 #[derive(Clone)]
 enum Kind {
-    Completion { echo: Option<String> },
+    /// With `echo`, each completion's text begins with its prompt.
+    Completion {
+        echo: bool,
+    },
     Chat,
 }
 
-/// Checks, tokenizes and submits one generation; answers in one body or as a stream.
-async fn run(
-    state: Arc<AppState>,
-    key: KeyInfo,
-    kind: Kind,
-    prompt: &str,
-    g: Generation,
-) -> Result<Response, ApiError> {
-    if g.model != state.model_id {
-        return Err(ApiError::model_not_found(&g.model));
-    }
+/// A prompt tokenized and checked against the context, with its token budget.
+struct Prepared {
+    tokens: Vec<u32>,
+    max_tokens: usize,
+}
+
+fn prepare(state: &AppState, kind: &Kind, prompt: &str, g: &Generation) -> Result<Prepared, ApiError> {
     let tokens = state.tokenizer.encode(prompt).map_err(|e| ApiError::invalid("prompt", e.to_string()))?;
     let prompt_tokens = tokens.len().max(1);
     let max_tokens = g.max_tokens.unwrap_or(state.context.saturating_sub(prompt_tokens));
@@ -259,29 +258,17 @@ async fn run(
         )
         .with_code("context_length_exceeded"));
     }
-    if let Some((id, _)) = g.logit_bias.iter().find(|(id, _)| *id as usize >= state.tokenizer.vocab_size()) {
-        return Err(ApiError::invalid(
-            "logit_bias",
-            format!(
-                "token {id} in 'logit_bias' is not in this model's vocabulary of {}.",
-                state.tokenizer.vocab_size()
-            ),
-        ));
-    }
-    let seed = match g.seed {
-        Some(s) => s,
-        None => {
-            let mut b = [0u8; 8];
-            getrandom::fill(&mut b).map_err(|e| ApiError::server(format!("no OS randomness: {e}")))?;
-            u64::from_le_bytes(b)
-        }
-    };
+    Ok(Prepared { tokens, max_tokens })
+}
+
+/// Hands one generation to the engine; its events come back on the receiver.
+fn submit(state: &AppState, p: &Prepared, g: &Generation, seed: u64) -> Result<UnboundedReceiver<Event>, ApiError> {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     state
         .engine
         .submit(Job {
-            prompt: tokens,
-            max_tokens,
+            prompt: p.tokens.clone(),
+            max_tokens: p.max_tokens,
             temperature: g.temperature,
             top_p: g.top_p,
             seed,
@@ -294,7 +281,50 @@ async fn run(
             events: tx,
         })
         .map_err(|e| ApiError::server(e.to_string()))?;
-    let text = Text::new(state.tokenizer.clone(), g.stop.clone());
+    Ok(rx)
+}
+
+/// Checks, tokenizes and submits a request's generations — `n` for each of its prompts (a
+/// completions request may batch several) — and answers in one body, or streams a request of
+/// one prompt and one choice. Choice `i` is prompt `i / n`'s `i mod n`-th, sampled with the
+/// request's seed plus `i`; usage counts each prompt once and every choice's tokens.
+async fn run(
+    state: Arc<AppState>,
+    key: KeyInfo,
+    kind: Kind,
+    prompts: &[String],
+    n: usize,
+    g: Generation,
+) -> Result<Response, ApiError> {
+    if g.model != state.model_id {
+        return Err(ApiError::model_not_found(&g.model));
+    }
+    let prepared = prompts.iter().map(|p| prepare(&state, &kind, p, &g)).collect::<Result<Vec<_>, _>>()?;
+    if let Some((id, _)) = g.logit_bias.iter().find(|(id, _)| *id as usize >= state.tokenizer.vocab_size()) {
+        return Err(ApiError::invalid(
+            "logit_bias",
+            format!(
+                "token {id} in 'logit_bias' is not in this model's vocabulary of {}.",
+                state.tokenizer.vocab_size()
+            ),
+        ));
+    }
+    if g.stream && (n > 1 || prompts.len() > 1) {
+        let param = if n > 1 { "n" } else { "prompt" };
+        return Err(ApiError::invalid(
+            param,
+            "Streaming sends one choice of one prompt: ask for n > 1 or several prompts without 'stream'.",
+        )
+        .with_code("unsupported_parameter"));
+    }
+    let seed = match g.seed {
+        Some(s) => s,
+        None => {
+            let mut b = [0u8; 8];
+            getrandom::fill(&mut b).map_err(|e| ApiError::server(format!("no OS randomness: {e}")))?;
+            u64::from_le_bytes(b)
+        }
+    };
     let meta = Meta {
         started: std::time::Instant::now(),
         id: response_id(&kind),
@@ -302,41 +332,76 @@ async fn run(
         model: state.model_id.clone(),
         kind,
         key_id: key.id,
-        prompt_tokens,
+        prompt_tokens: prepared.iter().map(|p| p.tokens.len().max(1)).sum(),
     };
     if g.stream {
-        let stream =
-            Streamer { state, meta, rx: Some(rx), text, queue: VecDeque::new(), started: false, billed: false };
+        let rx = submit(&state, &prepared[0], &g, seed)?;
+        let text = Text::new(state.tokenizer.clone(), g.stop.clone());
+        let stream = Streamer {
+            state,
+            meta,
+            rx: Some(rx),
+            text,
+            queue: VecDeque::new(),
+            started: false,
+            echo: prompts.first().cloned(),
+            billed: false,
+        };
         let events =
             futures::stream::unfold(stream, |mut s| async move { s.next().await.map(|e| (Ok::<_, Infallible>(e), s)) });
         return Ok(Sse::new(events).keep_alive(KeepAlive::default()).into_response());
     }
+    let mut receivers = Vec::with_capacity(prepared.len() * n);
+    for (pi, p) in prepared.iter().enumerate() {
+        for j in 0..n {
+            receivers.push(submit(&state, p, &g, seed.wrapping_add((pi * n + j) as u64))?);
+        }
+    }
     // Billed in a task of its own once generation ends: a caller who hangs up meanwhile
     // still pays for what was generated.
-    let (text, finish, completion_tokens) = {
+    let results = {
         let state = state.clone();
         let meta = meta.clone();
+        let (tokenizer, stop) = (state.tokenizer.clone(), g.stop.clone());
         tokio::spawn(async move {
-            let (text, finish, completion_tokens) = collect(rx, text).await?;
+            let all = futures::future::join_all(
+                receivers.into_iter().map(|rx| collect(rx, Text::new(tokenizer.clone(), stop.clone()))),
+            )
+            .await;
+            // Every choice's tokens are billed, even if another choice failed.
+            let completion_tokens: usize = all.iter().map(|r| r.as_ref().map_or(0, |(_, _, t)| *t)).sum();
             bill(&state, &meta, completion_tokens).await?;
-            Ok::<_, ApiError>((text, finish, completion_tokens))
+            all.into_iter().collect::<Result<Vec<_>, ApiError>>()
         })
         .await
         .map_err(|e| ApiError::server(e.to_string()))??
     };
+    let completion_tokens = results.iter().map(|(_, _, t)| t).sum();
     let usage = openai::usage(meta.prompt_tokens, completion_tokens);
-    let body = match &meta.kind {
-        Kind::Completion { echo } => json!({
-            "id": meta.id, "object": "text_completion", "created": meta.created, "model": meta.model,
-            "choices": [{"text": format!("{}{text}", echo.as_deref().unwrap_or("")), "index": 0, "logprobs": null, "finish_reason": finish}],
-            "usage": usage,
-        }),
-        Kind::Chat => json!({
-            "id": meta.id, "object": "chat.completion", "created": meta.created, "model": meta.model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "refusal": null}, "logprobs": null, "finish_reason": finish}],
-            "usage": usage,
-        }),
+    let choices: Vec<Value> = results
+        .into_iter()
+        .enumerate()
+        .map(|(i, (text, finish, _))| match &meta.kind {
+            Kind::Completion { echo: true } => {
+                json!({"text": format!("{}{text}", prompts[i / n]), "index": i, "logprobs": null, "finish_reason": finish})
+            }
+            Kind::Completion { echo: false } => {
+                json!({"text": text, "index": i, "logprobs": null, "finish_reason": finish})
+            }
+            Kind::Chat => json!({
+                "index": i, "message": {"role": "assistant", "content": text, "refusal": null},
+                "logprobs": null, "finish_reason": finish,
+            }),
+        })
+        .collect();
+    let object = match meta.kind {
+        Kind::Completion { .. } => "text_completion",
+        Kind::Chat => "chat.completion",
     };
+    let body = json!({
+        "id": meta.id, "object": object, "created": meta.created, "model": meta.model,
+        "choices": choices, "usage": usage,
+    });
     Ok(Json(body).into_response())
 }
 
@@ -507,6 +572,8 @@ struct Streamer {
     text: Text,
     queue: VecDeque<SseEvent>,
     started: bool,
+    /// The prompt, sent first when the completion echoes it.
+    echo: Option<String>,
     /// Whether its usage was recorded (or is being); if not when it is dropped — the caller
     /// hung up — what was generated by then is billed.
     billed: bool,
@@ -603,10 +670,10 @@ impl Streamer {
             }
             if !self.started {
                 self.started = true;
-                let first = match &self.meta.kind {
-                    Kind::Chat => Some(self.chunk(Some(""), None, true)),
-                    Kind::Completion { echo: Some(p) } => Some(self.chunk(Some(p), None, false)),
-                    Kind::Completion { echo: None } => None,
+                let first = match (&self.meta.kind, self.echo.take()) {
+                    (Kind::Chat, _) => Some(self.chunk(Some(""), None, true)),
+                    (Kind::Completion { echo: true }, Some(p)) => Some(self.chunk(Some(&p), None, false)),
+                    (Kind::Completion { .. }, _) => None,
                 };
                 if let Some(first) = first {
                     return Some(first);

@@ -142,8 +142,11 @@ fn logit_bias(m: &Map<String, Value>) -> Result<Vec<(u32, f32)>, ApiError> {
 /// A parsed `/v1/completions` body.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CompletionRequest {
-    pub prompt: String,
+    /// One prompt, or a batch of them (each answered with `n` choices, in order).
+    pub prompts: Vec<String>,
     pub echo: bool,
+    /// Choices per prompt.
+    pub n: usize,
     pub generation: Generation,
 }
 
@@ -151,7 +154,24 @@ pub struct CompletionRequest {
 #[derive(Debug, Clone, PartialEq)]
 pub struct ChatRequest {
     pub messages: Vec<Message>,
+    pub n: usize,
     pub generation: Generation,
+}
+
+/// The most choices one request may ask for: `n` × prompts (each one is a generation).
+pub const MAX_CHOICES: usize = 16;
+
+fn choices(m: &Map<String, Value>) -> Result<usize, ApiError> {
+    match present(m, "n") {
+        None => Ok(1),
+        Some(v) => match v.as_u64() {
+            Some(n) if (1..=MAX_CHOICES as u64).contains(&n) => Ok(n as usize),
+            _ => Err(ApiError::invalid(
+                "n",
+                format!("{v} is not valid for 'n': it must be an integer from 1 to {MAX_CHOICES}."),
+            )),
+        },
+    }
 }
 
 /// The most tokens one request may ask for; the context usually binds first.
@@ -264,17 +284,6 @@ fn generation(m: &Map<String, Value>, max_tokens_keys: &[&str]) -> Result<Genera
             }
         }
     }
-    if let Some(v) = present(m, "n") {
-        match v.as_u64() {
-            Some(1) => {}
-            _ => {
-                return Err(ApiError::invalid(
-                    "n",
-                    format!("{v} is not supported for 'n': this server returns one choice."),
-                ));
-            }
-        }
-    }
     let stop = match present(m, "stop") {
         None => Vec::new(),
         Some(Value::String(s)) => vec![s.clone()],
@@ -319,19 +328,30 @@ fn generation(m: &Map<String, Value>, max_tokens_keys: &[&str]) -> Result<Genera
 
 pub fn parse_completion(body: &[u8]) -> Result<CompletionRequest, ApiError> {
     let m = object(body)?;
-    let prompt = match present(&m, "prompt") {
-        Some(Value::String(s)) => s.clone(),
-        Some(Value::Array(a)) if a.len() == 1 && a[0].is_string() => a[0].as_str().unwrap_or_default().to_owned(),
-        Some(Value::Array(_)) => {
-            return Err(ApiError::invalid("prompt", "'prompt' must be one string: batched prompts are not supported."));
+    let prompts = match present(&m, "prompt") {
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Array(a)) if !a.is_empty() && a.iter().all(Value::is_string) => {
+            a.iter().map(|p| p.as_str().unwrap_or_default().to_owned()).collect()
         }
-        Some(_) => return Err(ApiError::invalid("prompt", "'prompt' must be a string.")),
+        Some(Value::Array(a)) if !a.is_empty() && a.iter().all(|t| t.as_u64().is_some()) => {
+            return Err(ApiError::invalid("prompt", "Token-id prompts are not supported: send the prompt as text."));
+        }
+        Some(_) => {
+            return Err(ApiError::invalid("prompt", "'prompt' must be a string or a non-empty array of strings."));
+        }
         None => return Err(ApiError::invalid("prompt", "You must provide a prompt.")),
     };
+    let n = choices(&m)?;
+    if prompts.len() * n > MAX_CHOICES {
+        return Err(ApiError::invalid(
+            "prompt",
+            format!("{} prompts × n = {n} asks for more than {MAX_CHOICES} completions at once.", prompts.len()),
+        ));
+    }
     let mut generation = generation(&m, &["max_tokens"])?;
     // OpenAI's completions endpoint writes 16 tokens unless told otherwise.
     generation.max_tokens.get_or_insert(16);
-    Ok(CompletionRequest { prompt, echo: boolean(&m, "echo")?, generation })
+    Ok(CompletionRequest { prompts, echo: boolean(&m, "echo")?, n, generation })
 }
 
 pub fn parse_chat(body: &[u8]) -> Result<ChatRequest, ApiError> {
@@ -374,7 +394,7 @@ pub fn parse_chat(body: &[u8]) -> Result<ChatRequest, ApiError> {
         parsed.push(Message { role, content });
     }
     let generation = generation(&m, &["max_tokens", "max_completion_tokens"])?;
-    Ok(ChatRequest { messages: parsed, generation })
+    Ok(ChatRequest { messages: parsed, n: choices(&m)?, generation })
 }
 
 /// The text a chat turns into for a base language model: one line-led turn per message, then
@@ -420,10 +440,13 @@ mod tests {
             (r#"{"model":"m","prompt":"x","temperature":3}"#, Some("temperature")),
             (r#"{"model":"m","prompt":"x","temperature":"hot"}"#, Some("temperature")),
             (r#"{"model":"m","prompt":"x","top_p":0}"#, Some("top_p")),
-            (r#"{"model":"m","prompt":"x","n":2}"#, Some("n")),
+            (r#"{"model":"m","prompt":"x","n":0}"#, Some("n")),
+            (r#"{"model":"m","prompt":"x","n":17}"#, Some("n")),
+            (r#"{"model":"m","prompt":["a","b","c","d","e"],"n":4}"#, Some("prompt")),
+            (r#"{"model":"m","prompt":[1,2,3]}"#, Some("prompt")),
+            (r#"{"model":"m","prompt":[]}"#, Some("prompt")),
             (r#"{"model":"m","prompt":"x","stop":["a","b","c","d","e"]}"#, Some("stop")),
             (r#"{"model":"m","prompt":"x","stream":"yes"}"#, Some("stream")),
-            (r#"{"model":"m","prompt":["a","b"]}"#, Some("prompt")),
             (r#"{"model":"m"}"#, Some("prompt")),
             (r#"{"model":"m","prompt":"x","logprobs":2}"#, Some("logprobs")),
             (r#"{"model":"m","prompt":"x","presence_penalty":2.5}"#, Some("presence_penalty")),
@@ -473,7 +496,12 @@ mod tests {
     #[test]
     fn good_requests_parse_with_openai_defaults() {
         let c = parse_completion(br#"{"model":"m","prompt":"Hello","unknown_field":1}"#).unwrap();
-        assert_eq!((c.prompt.as_str(), c.generation.max_tokens, c.generation.temperature), ("Hello", Some(16), 1.0));
+        assert_eq!(
+            (c.prompts.as_slice(), c.generation.max_tokens, c.generation.temperature),
+            (&["Hello".to_string()][..], Some(16), 1.0)
+        );
+        let batch = parse_completion(br#"{"model":"m","prompt":["a","b"],"n":3}"#).unwrap();
+        assert_eq!((batch.prompts.len(), batch.n), (2, 3));
         let chat = parse_chat(
             br#"{"model":"m","messages":[{"role":"system","content":"Be brief."},{"role":"user","content":[{"type":"text","text":"Hi"}]}],"max_completion_tokens":5,"stream":true,"stop":"\n"}"#,
         )
