@@ -10,8 +10,10 @@
 //! (O(its bytes), as a sealed round does) and appends one entry per proposal, vote, outcome and
 //! change, plus a root.
 
+use std::collections::HashMap;
+
 use tessera_protocol::api::governance::{
-    GovernanceReceipt, ProposalMessage, ProposalView, Proposals, Signed, Tally, VoteMessage,
+    Choice, GovernanceReceipt, ProposalMessage, ProposalView, Proposals, Signed, Tally, VoteMessage,
 };
 use tessera_protocol::{ApiError, ErrorCode, RunSpec};
 use tessera_trust::PublicKey;
@@ -20,6 +22,12 @@ use tessera_trust::ledger::{Body, Ledger, verify_governance};
 use crate::HubError;
 use crate::db::{PendingGovernance, Steered, Written};
 use crate::hub::{Hub, Live, api, internal, now_ms};
+
+/// The message of a proposal or vote the hub took (its signature was verified then).
+fn taken_message<T: serde::de::DeserializeOwned>(row: &PendingGovernance) -> Option<T> {
+    let signed: Signed = serde_json::from_str(&row.signed).ok()?;
+    serde_json::from_slice(&hex::decode(signed.message).ok()?).ok()
+}
 
 /// What a round boundary writes for a steered run.
 #[derive(Default)]
@@ -154,37 +162,27 @@ impl Hub {
             .map_err(internal)
     }
 
+    /// Cost: one read of the waiting messages (decoded, not verified again: each was verified
+    /// when taken), then O(proposals + waiting votes); no proposal's snapshot is copied.
     async fn compute_proposals(&self) -> Result<Proposals, ApiError> {
         let round = self.live.lock().await.run.round();
         let pending = self.db.pending_governance().await.map_err(internal)?;
         let spec = self.spec();
         let g = spec.governance.clone();
-        let t = self.trust.read().map_err(|_| api(ErrorCode::Internal, "trust poisoned"))?;
-        let ledger = &t.ledger;
-        let mut out = Vec::new();
-        for p in ledger.proposals().values() {
-            let mut votes = p.votes.clone();
-            if p.outcome.is_none() {
-                for v in pending.iter().filter(|v| v.kind == "vote" && v.proposal == p.id) {
-                    let Some(signed) = serde_json::from_str::<Signed>(&v.signed).ok() else { continue };
-                    let Some(m) = verify_governance(&signed)
-                        .ok()
-                        .and_then(|(b, _)| serde_json::from_slice::<VoteMessage>(&b).ok())
-                    else {
-                        continue;
-                    };
-                    let power = p.power_of(&v.holder);
-                    if power > 0 {
-                        votes.insert(v.holder.clone(), (m.choice, power, m.time_ms));
-                    }
-                }
+        // The waiting votes by proposal: (holder, choice, time).
+        let mut waiting: HashMap<&str, Vec<(&str, Choice, i64)>> = HashMap::new();
+        for v in pending.iter().filter(|v| v.kind == "vote") {
+            if let Some(m) = taken_message::<VoteMessage>(v) {
+                waiting.entry(v.proposal.as_str()).or_default().push((v.holder.as_str(), m.choice, m.time_ms));
             }
-            let mut live = p.clone();
-            live.votes = votes;
-            let tally = match (&p.outcome, &g) {
-                (Some((_, t)), _) => *t,
-                (None, Some(g)) => live.tally(g),
-                (None, None) => Tally::default(),
+        }
+        let t = self.trust.read().map_err(|_| api(ErrorCode::Internal, "trust poisoned"))?;
+        let mut out = Vec::new();
+        for p in t.ledger.proposals().values() {
+            let (tally, voters) = match (&p.outcome, &g) {
+                (Some((_, tally)), _) => (*tally, p.votes.len() as u64),
+                (None, Some(g)) => p.tally_with(waiting.get(p.id.as_str()).map_or(&[], Vec::as_slice), g),
+                (None, None) => (Tally::default(), p.votes.len() as u64),
             };
             let state = match (&p.outcome, p.applied) {
                 (_, Some(_)) => "applied",
@@ -204,21 +202,14 @@ impl Hub {
                 apply_at: p.apply_at,
                 state: state.into(),
                 tally,
-                voters: live.votes.len() as u64,
+                voters,
                 outcome_seq: p.outcome.map(|(s, _)| s),
                 applied_seq: p.applied,
             });
         }
         for row in pending.iter().filter(|r| r.kind == "proposal") {
-            let Some(m) = serde_json::from_str::<Signed>(&row.signed)
-                .ok()
-                .and_then(|s| verify_governance(&s).ok())
-                .and_then(|(b, _)| serde_json::from_slice::<ProposalMessage>(&b).ok())
-            else {
-                continue;
-            };
+            let Some(m) = taken_message::<ProposalMessage>(row) else { continue };
             let closes = round + g.as_ref().map_or(0, |g| g.voting_rounds);
-            let voters = pending.iter().filter(|v| v.kind == "vote" && v.proposal == row.proposal).count();
             out.push(ProposalView {
                 id: row.proposal.clone(),
                 proposer: row.holder.clone(),
@@ -231,7 +222,7 @@ impl Hub {
                 apply_at: m.apply_at.unwrap_or(closes),
                 state: "pending".into(),
                 tally: Tally::default(),
-                voters: voters as u64,
+                voters: waiting.get(row.proposal.as_str()).map_or(0, Vec::len) as u64,
                 outcome_seq: None,
                 applied_seq: None,
             });

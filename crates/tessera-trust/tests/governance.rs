@@ -155,9 +155,17 @@ fn a_passed_change_is_tallied_applied_and_recomputed_by_anyone() {
 fn a_changed_vote_replaces_the_earlier_and_a_rejected_proposal_cannot_be_applied() {
     let mut w = world();
     let id = voted(&mut w, Change::InnerSteps { value: 10 });
+    let g = spec().governance.unwrap();
+    // What the tally will be with a taken, not yet recorded vote: the same as once it is recorded;
+    // one signed no later than the recorded vote, or by a key with no power, changes nothing.
+    let h2 = w.holders[2].public().hex();
+    let outsider = Identity::generate().unwrap().public().hex();
+    let p = &w.ledger.proposals()[&id];
+    let expected = Tally { yes: 100, no: 100, abstain: 0, power: 200, passed: false };
+    assert_eq!(p.tally_with(&[(h2.as_str(), Choice::No, 11), (outsider.as_str(), Choice::Yes, 11)], &g), (expected, 3));
+    assert_eq!(p.tally_with(&[(h2.as_str(), Choice::No, 10)], &g), (p.tally(&g), 3));
     // Holder 2 changes its mind before the close: its later vote replaces its yes.
     w.ledger.append(2, 6, false, Body::Vote { signed: vote(&w.holders[2], &id, Choice::No, 11) }, &w.hub).unwrap();
-    let g = spec().governance.unwrap();
     let tally = w.ledger.proposals()[&id].tally(&g);
     assert_eq!(tally, Tally { yes: 100, no: 100, abstain: 0, power: 200, passed: false });
     // The hub cannot record it as passed…

@@ -52,7 +52,11 @@ impl Repo {
     pub fn upload_dir(&self, dir: &Path, summary: &str) -> Result<String> {
         let (namespace, name) =
             self.id.split_once('/').with_context(|| format!("repository {:?} is not NAMESPACE/NAME", self.id))?;
-        let client = reqwest::blocking::Client::builder().timeout(Duration::from_secs(3600)).build()?;
+        // A whole upload may take long (GiBs of weights); a Hub that does not answer at all does not.
+        let client = reqwest::blocking::Client::builder()
+            .connect_timeout(Duration::from_secs(30))
+            .timeout(Duration::from_secs(3600))
+            .build()?;
         let base = self.endpoint.trim_end_matches('/');
         let files = read_files(dir)?;
 

@@ -74,22 +74,49 @@ pub struct Proposal {
 impl Proposal {
     /// The votes as they stand, under the run's rules.
     pub fn tally(&self, g: &tessera_protocol::api::governance::GovernanceSpec) -> Tally {
-        let (mut yes, mut no, mut abstain) = (0u64, 0u64, 0u64);
-        for (choice, power, _) in self.votes.values() {
-            let t = match choice {
-                Choice::Yes => &mut yes,
-                Choice::No => &mut no,
-                Choice::Abstain => &mut abstain,
-            };
-            *t = t.saturating_add(*power);
+        tally_of(self.votes.values().map(|(c, p, _)| (*c, *p)), self.power, g)
+    }
+
+    /// The tally once `waiting` votes — (holder, choice, time), taken but not yet recorded —
+    /// are recorded too: each at its holder's power at the snapshot, replacing the holder's
+    /// recorded vote when signed later, as the ledger will take them. With the number of voters.
+    pub fn tally_with(
+        &self,
+        waiting: &[(&str, Choice, i64)],
+        g: &tessera_protocol::api::governance::GovernanceSpec,
+    ) -> (Tally, u64) {
+        let mut votes: BTreeMap<&str, (Choice, u64, i64)> = self.votes.iter().map(|(h, v)| (h.as_str(), *v)).collect();
+        for &(holder, choice, time) in waiting {
+            let power = self.power_of(holder);
+            if power > 0 && votes.get(holder).is_none_or(|(_, _, t)| *t < time) {
+                votes.insert(holder, (choice, power, time));
+            }
         }
-        Tally { yes, no, abstain, power: self.power, passed: Tally::passes(yes, no, abstain, self.power, g) }
+        (tally_of(votes.values().map(|(c, p, _)| (*c, *p)), self.power, g), votes.len() as u64)
     }
 
     /// A voter's power at the snapshot (none once the outcome is recorded).
     pub fn power_of(&self, holder: &str) -> u64 {
         self.snapshot.get(holder).copied().unwrap_or(0)
     }
+}
+
+/// Votes (choice, power) counted against all the `power` at the snapshot.
+fn tally_of(
+    votes: impl Iterator<Item = (Choice, u64)>,
+    power: u64,
+    g: &tessera_protocol::api::governance::GovernanceSpec,
+) -> Tally {
+    let (mut yes, mut no, mut abstain) = (0u64, 0u64, 0u64);
+    for (choice, p) in votes {
+        let t = match choice {
+            Choice::Yes => &mut yes,
+            Choice::No => &mut no,
+            Choice::Abstain => &mut abstain,
+        };
+        *t = t.saturating_add(p);
+    }
+    Tally { yes, no, abstain, power, passed: Tally::passes(yes, no, abstain, power, g) }
 }
 
 /// The governance part of a ledger's state.
@@ -152,6 +179,16 @@ impl Ledger {
         self.gov.spec.as_ref()?;
         let (first, changes) = &self.gov.inner_steps;
         Some(changes.iter().take_while(|(at, _)| *at <= round).last().map_or(*first, |(_, h)| *h))
+    }
+
+    /// Whether a hub's signed answer to `GET /v1/run` is this ledger's hub serving the spec the
+    /// ledger allows: signed by the key of its genesis, and [`Ledger::check_served_spec`].
+    pub fn check_served_run(&self, run: &tessera_protocol::api::RunInfo) -> Result<(), String> {
+        let hub = self.hub.map(|k| k.hex()).unwrap_or_default();
+        if run.hub_key != hub {
+            return Err(format!("the hub's key {} is not the key {hub} that signed its ledger", run.hub_key));
+        }
+        self.check_served_spec(&run.spec, run.phase as usize)
     }
 
     /// Changes applied to the spec so far.

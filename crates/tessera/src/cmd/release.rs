@@ -61,7 +61,9 @@ pub fn release(args: ReleaseArgs) -> Result<()> {
     let hub = hub.pinning(tessera_trust::PublicKey::parse(&info.hub_key)?);
     let ledger =
         Ledger::from_bytes(&hub.ledger(0)?).map_err(|e| anyhow::anyhow!("the run's ledger does not verify: {e}"))?;
-    ledger.check_served_spec(&info.spec, info.phase as usize).map_err(anyhow::Error::msg)?;
+    // The ledger must be this hub's (its genesis signed by the key that signs the run), and the
+    // spec it serves the one its ledger allows.
+    ledger.check_served_run(&info).map_err(anyhow::Error::msg)?;
     let spec: RunSpec = ledger.spec().map_or_else(|| info.spec.clone(), |(s, _)| s.clone());
     let (checkpoint, round, authority) = if spec.governance.is_some() {
         released_by_vote(&ledger, &args.version)?

@@ -70,10 +70,7 @@ pub(crate) fn ledger_bytes(hub: Option<&str>, file: Option<&std::path::Path>) ->
 fn check_steering(url: &str, ledger: &Ledger) -> Result<u64> {
     let client = tessera_client::HubClient::new(url)?;
     let run = client.run()?;
-    if run.hub_key != ledger.hub().map(|k| k.hex()).unwrap_or_default() {
-        bail!("{url}: the hub's key {} is not the one that signed its ledger", run.hub_key);
-    }
-    ledger.check_served_spec(&run.spec, run.phase as usize).map_err(|e| anyhow::anyhow!("{url}: {e}"))?;
+    ledger.check_served_run(&run).map_err(|e| anyhow::anyhow!("{url}: {e}"))?;
     let overdue = ledger.overdue(run.round);
     if !overdue.is_empty() {
         bail!("{url}: the hub owes its ledger entries: {}", overdue.join("; "));
