@@ -181,6 +181,25 @@ fn vcek_claims(vcek_der: &[u8]) -> Result<([u8; 4], Vec<u8>), TrustError> {
     Ok((out, hw_id.ok_or_else(|| refuse("sev-snp", "the VCEK lacks its hardware id"))?))
 }
 
+/// The guest's own policy: no debugging (the host could read its memory) and VMPL 0.
+fn check_sev_snp_guest(report: &AttestationReport) -> Result<(), TrustError> {
+    if report.policy.debug_allowed() {
+        return Err(refuse("sev-snp", "the guest policy allows debugging: its memory is readable by the host"));
+    }
+    if report.vmpl != 0 {
+        return Err(refuse("sev-snp", format!("the report comes from VMPL {}, not 0", report.vmpl)));
+    }
+    Ok(())
+}
+
+/// [`check_sev_snp_guest`] alone on a report's bytes, for tests: a debug guest's report cannot
+/// be made without AMD's hardware, so the check is tested on a sample whose policy is edited.
+#[doc(hidden)]
+pub fn sev_snp_guest_policy(report_bytes: &[u8]) -> Result<(), TrustError> {
+    let report = AttestationReport::from_bytes(report_bytes).map_err(|e| refuse("sev-snp", format!("report: {e}")))?;
+    check_sev_snp_guest(&report)
+}
+
 fn verify_sev_snp(
     report_bytes: &[u8],
     vcek_der: &[u8],
@@ -210,12 +229,7 @@ fn verify_sev_snp(
         .verify()
         .map_err(|e| refuse("sev-snp", format!("the report's signature does not verify: {e}")))?;
     // What `sev` leaves to the caller.
-    if report.policy.debug_allowed() {
-        return Err(refuse("sev-snp", "the guest policy allows debugging: its memory is readable by the host"));
-    }
-    if report.vmpl != 0 {
-        return Err(refuse("sev-snp", format!("the report comes from VMPL {}, not 0", report.vmpl)));
-    }
+    check_sev_snp_guest(&report)?;
     let (spl, hw_id) = vcek_claims(vcek_der)?;
     let t = &report.reported_tcb;
     let reported = [t.bootloader, t.tee, t.snp, t.microcode];

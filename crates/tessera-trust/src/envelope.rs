@@ -147,6 +147,20 @@ impl SealingKey {
     }
 }
 
+/// HPKE base-mode single-shot seal of `message` to `recipient` under `info` and `aad`:
+/// the encapsulated key (32 bytes) then the ciphertext and its tag.
+pub(crate) fn seal_raw(recipient: &[u8; 32], info: &[u8], aad: &[u8], message: &[u8]) -> Result<Vec<u8>, TrustError> {
+    let pk = <Kem as hpke::Kem>::PublicKey::from_bytes(recipient)
+        .map_err(|_| TrustError::BadKey("not an X25519 key".into()))?;
+    let (enc, ct) =
+        hpke::single_shot_seal::<ChaCha20Poly1305, HkdfSha256, Kem>(&OpModeS::Base, &pk, info, message, aad)
+            .map_err(|e| TrustError::Envelope(format!("sealing failed: {e}")))?;
+    let mut out = Vec::with_capacity(ENC_LEN + ct.len());
+    out.extend_from_slice(&enc.to_bytes());
+    out.extend_from_slice(&ct);
+    Ok(out)
+}
+
 /// The validator's HPKE private key (created in the TEE, never written out).
 pub struct OpeningKey {
     sk: <Kem as hpke::Kem>::PrivateKey,
@@ -165,6 +179,24 @@ impl OpeningKey {
 
     pub fn public(&self) -> &SealingKey {
         &self.pk
+    }
+
+    /// Opens what [`seal_raw`] sealed to this key under the same `info` and `aad`.
+    pub(crate) fn open_raw(&self, info: &[u8], aad: &[u8], sealed: &[u8]) -> Result<Vec<u8>, TrustError> {
+        if sealed.len() < ENC_LEN + TAG_LEN {
+            return Err(TrustError::Envelope("shorter than an encapsulated key and a tag".into()));
+        }
+        let enc = <Kem as hpke::Kem>::EncappedKey::from_bytes(&sealed[..ENC_LEN])
+            .map_err(|_| TrustError::Envelope("bad encapsulated key".into()))?;
+        hpke::single_shot_open::<ChaCha20Poly1305, HkdfSha256, Kem>(
+            &OpModeR::Base,
+            &self.sk,
+            &enc,
+            info,
+            &sealed[ENC_LEN..],
+            aad,
+        )
+        .map_err(|_| TrustError::Envelope("does not open: altered, or not sealed to this key".into()))
     }
 
     /// Opens an envelope sealed to this key: its header and the message inside.

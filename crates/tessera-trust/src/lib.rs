@@ -6,15 +6,21 @@
 //!   reads only the header.
 //! - [`attest`]: SEV-SNP and TDX evidence checked with the vendors' crates, plus the policy they
 //!   leave to us; the INSECURE software attester for development.
+//! - [`serving`]: what `tessera serve --tee` attests (keys, weights, binary, a client's nonce),
+//!   its signatures over exact request and response bytes, and requests sealed end to end.
+//! - [`tee`]: where evidence comes from: the kernel's configfs-tsm in a SEV-SNP or TDX guest,
+//!   or the INSECURE development stand-in.
 //! - [`ledger`]: the append-only, hash-chained, Merkle-committed record of receipts, emissions,
 //!   usage and payouts, and its verifier.
 //!
-//! No libtorch, no I/O beyond key files, no clock: callers pass the time.
+//! No libtorch, no I/O beyond key files and configfs-tsm, no clock: callers pass the time.
 
 pub mod attest;
 pub mod envelope;
 pub mod identity;
 pub mod ledger;
+pub mod serving;
+pub mod tee;
 
 pub use attest::{AttestationPolicy, Evidence, ValidatorAttestation, Verified, report_data};
 pub use envelope::{OpeningKey, SealedHeader, SealingKey};

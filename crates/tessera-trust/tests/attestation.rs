@@ -165,6 +165,51 @@ fn the_insecure_attester_is_refused_unless_the_run_allows_it_and_always_says_so(
     refused(attest::verify(&sev(&milan(), MILAN_VCEK), &dev, &milan_report_data(), 0));
 }
 
+/// A SEV-SNP guest whose policy allows debugging is refused: the sample's policy (offset 0x08,
+/// bit 19 is DEBUG) is edited, which no real chip would sign, so the guest check is run alone.
+#[test]
+fn a_debug_guest_is_refused() {
+    attest::sev_snp_guest_policy(&milan()).unwrap();
+    let mut r = milan();
+    r[0x08 + 2] |= 0x08; // bit 19 of the little-endian policy
+    let e = attest::sev_snp_guest_policy(&r).unwrap_err().to_string();
+    assert!(e.contains("debugging"), "{e}");
+    // Through the whole verifier the edit is caught too (the signature no longer covers it).
+    refused(attest::verify(&sev(&r, MILAN_VCEK), &sev_policy(), &milan_report_data(), 0));
+}
+
+/// A server's attestation runs the same vendor verification: genuine sample evidence passes
+/// the chain, signature and measurement checks and is then refused because it does not bind
+/// this server's keys, weights and the client's nonce (no sample could).
+#[test]
+fn serving_attestations_check_vendor_evidence_and_bind_keys_model_and_nonce() {
+    use tessera_trust::serving::{Expected, ServerAttestation};
+    let nonce = [7u8; 32];
+    let server = |evidence: Evidence| ServerAttestation {
+        model: "tessera-r3".into(),
+        model_blake3: hex::encode([1u8; 32]),
+        binary_blake3: hex::encode([2u8; 32]),
+        signing_key: tessera_trust::Identity::generate().unwrap().public().hex(),
+        sealing_key: hex::encode(tessera_trust::OpeningKey::generate().unwrap().public().0),
+        tls_spki_sha256: None,
+        nonce: hex::encode(nonce),
+        evidence,
+    };
+    let expected = Expected { nonce, ..Default::default() };
+    let snp = server(sev(&milan(), MILAN_VCEK));
+    let e = refused(snp.verify(&sev_policy(), &expected, 0));
+    assert!(e.contains("sev-snp") && e.contains("report_data"), "{e}");
+    // The measurement is checked before the binding: an unpinned one is named.
+    let other = AttestationPolicy { sev_snp_measurements: vec!["00".repeat(48)], ..Default::default() };
+    assert!(refused(snp.verify(&other, &expected, 0)).contains("measurement"));
+    let td = server(tdx(TDX_QUOTE, TDX_COLLATERAL));
+    let e = refused(td.verify(&tdx_policy(TDX_QUOTE), &expected, TDX_NOW));
+    assert!(e.contains("tdx") && e.contains("report_data"), "{e}");
+    // A replayed report (another nonce) is refused before any evidence is looked at.
+    let replay = Expected { nonce: [8u8; 32], ..Default::default() };
+    assert!(refused(td.verify(&tdx_policy(TDX_QUOTE), &replay, TDX_NOW)).contains("nonce"));
+}
+
 proptest::proptest! {
     #![proptest_config(proptest::prelude::ProptestConfig { cases: 64, ..Default::default() })]
 

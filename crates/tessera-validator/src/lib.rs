@@ -16,7 +16,7 @@
 
 pub mod audit;
 pub mod client;
-pub mod tee;
+pub use tessera_trust::tee;
 
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};

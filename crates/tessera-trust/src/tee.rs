@@ -1,4 +1,4 @@
-//! Where the validator's attestation comes from.
+//! Where a validator's or a server's attestation comes from.
 //!
 //! In a confidential VM, Linux (6.7 and later) exposes one interface for both SEV-SNP and TDX
 //! guests, configfs-tsm: write 64 bytes of report data to a new report's `inblob`, read the
@@ -9,7 +9,7 @@
 
 use std::path::{Path, PathBuf};
 
-use tessera_trust::Evidence;
+use crate::Evidence;
 
 /// The default configfs-tsm report directory.
 pub const TSM_REPORTS: &str = "/sys/kernel/config/tsm/report";
@@ -18,7 +18,7 @@ pub const TSM_REPORTS: &str = "/sys/kernel/config/tsm/report";
 pub enum Attester {
     /// The kernel's configfs-tsm interface, with the verifier's supporting files.
     Tsm { reports: PathBuf, vcek: Option<PathBuf>, tdx_collateral: Option<PathBuf> },
-    /// No TEE: the validator vouches for itself. Only for development; shown as INSECURE.
+    /// No TEE: the process vouches for itself. Only for development; shown as INSECURE.
     InsecureDev,
 }
 
@@ -49,7 +49,10 @@ fn tsm(
             reports.display()
         ));
     }
-    let dir = reports.join(format!("tessera-{}", std::process::id()));
+    // One directory per report: a server may ask for several at once.
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = reports.join(format!("tessera-{}-{n}", std::process::id()));
     let io = |what: &str, e: std::io::Error| format!("configfs-tsm {what} in {}: {e}", dir.display());
     std::fs::create_dir(&dir).map_err(|e| io("create", e))?;
     let result = (|| {
