@@ -62,6 +62,9 @@ pub struct Limits {
     pub max_streams: u32,
     /// Formats a refusal made here (rate limit, …) in the caller's error dialect.
     pub refusal: fn(StatusCode, String) -> Response<Body>,
+    /// Terminate TLS here (rustls), so nothing between the client and this process sees
+    /// plaintext; the handshake must finish within `header_timeout`.
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
 /// A steady rate with a burst: `per_second` requests a second on average, `burst` at once.
@@ -90,6 +93,7 @@ impl Default for Limits {
             max_header_bytes: 64 << 10,
             max_streams: 64,
             refusal: plain_refusal,
+            tls: None,
         }
     }
 }
@@ -246,6 +250,7 @@ pub async fn serve(
         let builder = builder.clone();
         let watcher = graceful.watcher();
         let header_timeout = limits.header_timeout;
+        let tls = limits.tls.clone();
         metrics::gauge!("tessera_edge_connections").increment(1.0);
         tokio::spawn(async move {
             // The auto builder reads a first byte to tell HTTP/1 from HTTP/2 before hyper's
@@ -255,8 +260,17 @@ pub async fn serve(
                 metrics::gauge!("tessera_edge_connections").decrement(1.0);
                 return drop((slot, address));
             }
-            let connection = watcher.watch(builder.serve_connection(TokioIo::new(stream), service).into_owned());
-            if let Err(e) = connection.await {
+            let served = match tls {
+                None => watcher.watch(builder.serve_connection(TokioIo::new(stream), service).into_owned()).await,
+                Some(acceptor) => match tokio::time::timeout(header_timeout, acceptor.accept(stream)).await {
+                    Ok(Ok(stream)) => {
+                        watcher.watch(builder.serve_connection(TokioIo::new(stream), service).into_owned()).await
+                    }
+                    Ok(Err(e)) => Err(e.into()),
+                    Err(_) => Err("the TLS handshake took longer than the header timeout".into()),
+                },
+            };
+            if let Err(e) = served {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
             metrics::gauge!("tessera_edge_connections").decrement(1.0);

@@ -1,14 +1,12 @@
 //! The HTTP side: OpenAI's routes, auth, rate limits, streaming, metering.
 
 use std::collections::{HashMap, VecDeque};
-use std::convert::Infallible;
 use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex};
 
 use axum::body::{Body, Bytes};
-use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
-use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -16,23 +14,40 @@ use serde_json::{Value, json};
 use tessera_data::TessTokenizer;
 use tokio::sync::mpsc::UnboundedReceiver;
 
+use tessera_trust::SealingKey;
+use tessera_trust::serving;
+
+use crate::attested::Attested;
 use crate::engine::{Engine, Event, Finish, Job};
 use crate::keys::{KeyInfo, Store, hash_key};
 use crate::openai::{self, ApiError, Generation};
+
+/// The model served now (it changes when `--follow-hub` switches checkpoints).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Served {
+    /// The id clients name it with.
+    pub id: String,
+    /// BLAKE3 of its weights (`model.safetensors`), which an attestation binds.
+    pub blake3: [u8; 32],
+    /// When it was loaded (Unix seconds), for `/v1/models`.
+    pub created: u64,
+}
 
 /// Everything a request handler needs.
 pub struct AppState {
     pub engine: Engine,
     pub tokenizer: TessTokenizer,
-    /// The one model this server serves, by the id clients name it with.
-    pub model_id: String,
+    served: std::sync::RwLock<Served>,
+    /// Other names requests may use for the served model (refused in strict mode).
+    pub aliases: Vec<String>,
     /// The model's context length, in tokens.
     pub context: usize,
     pub store: Store,
     /// The largest request body accepted, in bytes.
     pub body_limit: usize,
-    /// When the model was loaded (Unix seconds), for `/v1/models`.
-    pub created: u64,
+    /// Keys made in a TEE and its evidence (`--tee`): responses are signed, requests may be
+    /// sealed, and `/v1/attestation/report` answers.
+    pub attested: Option<Arc<Attested>>,
     /// One GCRA limiter per key (`governor`), at the key's own rate; rebuilt if it changes.
     limiter: Mutex<HashMap<i64, (u32, Arc<governor::DefaultDirectRateLimiter>)>>,
     /// Request bodies held at once: in all, and per key.
@@ -53,15 +68,77 @@ impl AppState {
         AppState {
             engine,
             tokenizer,
-            model_id,
+            served: std::sync::RwLock::new(Served { id: model_id, blake3: [0; 32], created: unix_seconds() }),
+            aliases: Vec::new(),
             context,
             store,
             body_limit,
-            created: unix_seconds(),
+            attested: None,
             limiter: Mutex::new(HashMap::new()),
             // Room for 64 requests of the largest size at once; one key sends one at a time.
             bodies: tessera_edge::BodyBudget::new((body_limit as u64).saturating_mul(64), body_limit as u64),
         }
+    }
+
+    /// The served weights' BLAKE3 (what an attestation binds).
+    pub fn with_model_blake3(self, blake3: [u8; 32]) -> AppState {
+        if let Ok(mut s) = self.served.write() {
+            s.blake3 = blake3;
+        }
+        self
+    }
+
+    pub fn with_aliases(mut self, aliases: Vec<String>) -> AppState {
+        self.aliases = aliases;
+        self
+    }
+
+    pub fn with_attestation(mut self, attested: Arc<Attested>) -> AppState {
+        self.attested = Some(attested);
+        self
+    }
+
+    /// The model served now.
+    pub fn served(&self) -> Served {
+        match self.served.read() {
+            Ok(s) => s.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Switches the model requests are answered with (its engine must already run it).
+    pub fn set_served(&self, served: Served) {
+        match self.served.write() {
+            Ok(mut s) => *s = served,
+            Err(poisoned) => *poisoned.into_inner() = served,
+        }
+    }
+
+    /// The served model's id for a request naming `requested`: the id itself, or an alias
+    /// unless the request is strict.
+    fn resolve(&self, requested: &str, strict: bool) -> Result<Served, ApiError> {
+        let served = self.served();
+        if requested == served.id {
+            return Ok(served);
+        }
+        if self.aliases.iter().any(|a| a == requested) {
+            if strict {
+                return Err(ApiError {
+                    status: 400,
+                    message: format!(
+                        "`{requested}` is an alias of `{}`, and this request is strict ({}): name the model \
+                         the attestation binds",
+                        served.id,
+                        serving::STRICT_HEADER
+                    ),
+                    kind: "invalid_request_error",
+                    param: Some("model".into()),
+                    code: Some("model_alias_refused"),
+                });
+            }
+            return Ok(served);
+        }
+        Err(ApiError::model_not_found(requested))
     }
 }
 
@@ -90,6 +167,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/models/{id}", get(get_model))
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/attestation/report", get(attestation_report))
+        .route("/v1/signature/{id}", get(get_signature))
         .fallback(|| async {
             ApiError {
                 status: 404,
@@ -142,19 +221,12 @@ async fn metrics_text() -> impl IntoResponse {
     tessera_telemetry::exposition()
 }
 
-/// Counts a response by endpoint and status.
-fn count(endpoint: &'static str, result: Result<Response, ApiError>) -> Result<Response, ApiError> {
-    let status = match &result {
-        Ok(r) => r.status().as_u16(),
-        Err(e) => e.status,
-    };
-    metrics::counter!("tessera_serve_requests_total", "endpoint" => endpoint, "status" => status.to_string())
-        .increment(1);
-    result
-}
-
 fn model_object(state: &AppState) -> Value {
-    json!({"id": state.model_id, "object": "model", "created": state.created, "owned_by": "tessera"})
+    let served = state.served();
+    json!({
+        "id": served.id, "object": "model", "created": served.created, "owned_by": "tessera",
+        "verifiable": state.attested.is_some(), "aliases": state.aliases,
+    })
 }
 
 async fn list_models(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
@@ -168,10 +240,77 @@ async fn get_model(
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     authorize(&state, &headers).await?;
-    if id != state.model_id {
-        return Err(ApiError::model_not_found(&id));
-    }
+    state.resolve(&id, strict(&headers))?;
     Ok(Json(model_object(&state)))
+}
+
+/// Whether the request asks for strict mode (no aliases).
+fn strict(headers: &HeaderMap) -> bool {
+    headers.get(serving::STRICT_HEADER).and_then(|v| v.to_str().ok()).is_some_and(|v| {
+        let v = v.trim();
+        v == "1" || v.eq_ignore_ascii_case("true")
+    })
+}
+
+#[derive(serde::Deserialize)]
+struct NonceQuery {
+    nonce: Option<String>,
+}
+
+/// Fresh evidence binding this server's keys, the model it serves now, its binary and the
+/// caller's nonce. Needs no API key: a client checks the server before sending it anything.
+async fn attestation_report(
+    State(state): State<Arc<AppState>>,
+    Query(q): Query<NonceQuery>,
+) -> Result<Json<serving::ServerAttestation>, ApiError> {
+    let attested = state.attested.as_ref().ok_or_else(|| ApiError {
+        status: 404,
+        message: "This server is not attested: it was not started with --tee.".into(),
+        kind: "invalid_request_error",
+        param: None,
+        code: Some("not_attested"),
+    })?;
+    let mut nonce = [0u8; 32];
+    let raw = q.nonce.as_deref().unwrap_or("");
+    hex::decode_to_slice(raw, &mut nonce)
+        .map_err(|_| ApiError::invalid("nonce", "Send a fresh nonce of 32 random bytes as 64 hex digits: ?nonce=…."))?;
+    let served = state.served();
+    let report = attested
+        .report(&served.id, served.blake3, nonce)
+        .await
+        .map_err(|e| ApiError::server(format!("the TEE gave no evidence: {e}")))?;
+    metrics::counter!("tessera_serve_attestations_total").increment(1);
+    Ok(Json(report))
+}
+
+/// The signature of one of the caller's own completions.
+async fn get_signature(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let key = authorize(&state, &headers).await?;
+    let attested = state.attested.as_ref().ok_or_else(|| ApiError {
+        status: 404,
+        message: "This server is not attested (no --tee): its responses are not signed.".into(),
+        kind: "invalid_request_error",
+        param: None,
+        code: Some("not_attested"),
+    })?;
+    let s = attested.signature(key.id, &id).ok_or_else(|| ApiError {
+        status: 404,
+        message: format!(
+            "No signature for `{id}`: it is not one of this key's completions, or older than the last {} kept.",
+            crate::attested::SIGNATURES_KEPT
+        ),
+        kind: "invalid_request_error",
+        param: None,
+        code: Some("signature_not_found"),
+    })?;
+    Ok(Json(json!({
+        "id": s.id, "request_blake3": s.request_blake3, "response_blake3": s.response_blake3,
+        "signature": s.signature, "signing_algo": "ed25519", "signing_key": attested.signing_key().hex(),
+    })))
 }
 
 /// The body of a request whose key was checked, read within the server's budget of bytes in
@@ -192,33 +331,181 @@ async fn body_bytes(state: &AppState, key: &KeyInfo, headers: &HeaderMap, body: 
     Ok(held.bytes.clone())
 }
 
-async fn completions(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
-    let result = async {
-        let key = authorize(&state, &headers).await?;
-        let request = openai::parse_completion(&body_bytes(&state, &key, &headers, body).await?)?;
-        let kind = Kind::Completion { echo: request.echo };
-        run(state, key, kind, &request.prompts, request.n, request.generation).await
-    }
-    .await;
-    count("completions", result)
+async fn completions(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
+    exchange(state, headers, body, "completions").await
 }
 
-async fn chat_completions(
-    State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
-    body: Body,
-) -> Result<Response, ApiError> {
-    let result = async {
+async fn chat_completions(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
+    exchange(state, headers, body, "chat.completions").await
+}
+
+/// One completion exchange: the key is checked before any body byte is read; a sealed body is
+/// opened; the answer (or the refusal made after opening) is sealed back, and signed when it is
+/// a completion and the server is attested.
+async fn exchange(state: Arc<AppState>, headers: HeaderMap, body: Body, endpoint: &'static str) -> Response {
+    let opened = async {
         let key = authorize(&state, &headers).await?;
-        let mut request = openai::parse_chat(&body_bytes(&state, &key, &headers, body).await?)?;
-        if request.generation.stop.is_empty() {
-            request.generation.stop.push(openai::CHAT_STOP.to_owned());
-        }
-        let prompt = openai::chat_prompt(&request.messages);
-        run(state, key, Kind::Chat, &[prompt], request.n, request.generation).await
+        let seal = sealed_to(&state, &headers)?;
+        let wire = body_bytes(&state, &key, &headers, body).await?;
+        let plain = match (&seal, &state.attested) {
+            (Some(client), Some(attested)) => Bytes::from(attested.open_request(client, &wire).map_err(|e| {
+                ApiError::bad_request(format!("The sealed request does not open: {e}")).with_code("unsealable")
+            })?),
+            _ => wire.clone(),
+        };
+        Ok::<_, ApiError>((key, seal, wire, plain))
     }
     .await;
-    count("chat.completions", result)
+    let (key, seal, wire, plain) = match opened {
+        Ok(o) => o,
+        Err(e) => return counted(endpoint, e.status, e.into_response()),
+    };
+    let answer = match endpoint {
+        "completions" => {
+            async {
+                let request = openai::parse_completion(&plain)?;
+                let served = state.resolve(&request.generation.model, strict(&headers))?;
+                let kind = Kind::Completion { echo: request.echo };
+                run(state.clone(), &key, served, kind, &request.prompts, request.n, request.generation).await
+            }
+            .await
+        }
+        _ => {
+            async {
+                let mut request = openai::parse_chat(&plain)?;
+                let served = state.resolve(&request.generation.model, strict(&headers))?;
+                if request.generation.stop.is_empty() {
+                    request.generation.stop.push(openai::CHAT_STOP.to_owned());
+                }
+                let prompt = openai::chat_prompt(&request.messages);
+                run(state.clone(), &key, served, Kind::Chat, &[prompt], request.n, request.generation).await
+            }
+            .await
+        }
+    };
+    let answer = answer.unwrap_or_else(|e| Answer::Whole {
+        status: StatusCode::from_u16(e.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+        body: e.body().to_string().into_bytes(),
+        id: None,
+    });
+    let status = match &answer {
+        Answer::Whole { status, .. } => status.as_u16(),
+        Answer::Stream { .. } => 200,
+    };
+    counted(endpoint, status, respond(&state, key.id, wire, seal, answer))
+}
+
+/// The client's response key, when it sealed its request.
+fn sealed_to(state: &AppState, headers: &HeaderMap) -> Result<Option<SealingKey>, ApiError> {
+    let Some(value) = headers.get(serving::SEAL_TO_HEADER) else { return Ok(None) };
+    if state.attested.is_none() {
+        return Err(ApiError::bad_request(
+            "This server has no attested key to seal to (it was not started with --tee); send the request in the clear.",
+        )
+        .with_code("not_attested"));
+    }
+    let key = value.to_str().ok().and_then(|v| SealingKey::parse(v.trim()).ok()).ok_or_else(|| {
+        ApiError::bad_request(format!("`{}` must be your X25519 public key as 64 hex digits.", serving::SEAL_TO_HEADER))
+    })?;
+    Ok(Some(key))
+}
+
+fn counted(endpoint: &'static str, status: u16, response: Response) -> Response {
+    metrics::counter!("tessera_serve_requests_total", "endpoint" => endpoint, "status" => status.to_string())
+        .increment(1);
+    response
+}
+
+/// What a completion request produced, before it is sealed and signed.
+enum Answer {
+    /// A JSON body: a completion (with its id) or a refusal.
+    Whole { status: StatusCode, body: Vec<u8>, id: Option<String> },
+    /// Server-sent events: each item one event's data.
+    Stream { id: String, events: futures::stream::BoxStream<'static, String> },
+}
+
+/// The exact bytes sent: sealed to the client if it sealed its request, and signed over the
+/// request bytes received (`wire`) and these by the attested key.
+fn respond(state: &AppState, key_id: i64, wire: Bytes, seal: Option<SealingKey>, answer: Answer) -> Response {
+    use futures::StreamExt as _;
+    let attested = state.attested.clone();
+    match answer {
+        Answer::Whole { status, body, id } => {
+            let (body, content_type) = match &seal {
+                Some(client) => match serving::seal_response(client, &wire, 0, &body) {
+                    Ok(sealed) => (sealed, serving::SEALED_CONTENT_TYPE),
+                    Err(e) => return ApiError::server(format!("sealing the response: {e}")).into_response(),
+                },
+                None => (body, "application/json"),
+            };
+            let mut response = (status, body.clone()).into_response();
+            let headers = response.headers_mut();
+            headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+            if let (Some(attested), Some(id)) = (&attested, id) {
+                let signature = attested.sign(key_id, &id, &blake3::hash(&wire), &blake3::hash(&body));
+                for (name, value) in
+                    [(serving::SIGNATURE_HEADER, signature.signature), (serving::RESPONSE_ID_HEADER, id)]
+                {
+                    if let Ok(v) = HeaderValue::from_str(&value) {
+                        headers.insert(name, v);
+                    }
+                }
+            }
+            response
+        }
+        Answer::Stream { id, events } => {
+            struct Signing {
+                events: futures::stream::BoxStream<'static, String>,
+                index: u64,
+                hasher: blake3::Hasher,
+                done: bool,
+            }
+            let request_hash = blake3::hash(&wire);
+            let signing = Signing { events, index: 0, hasher: blake3::Hasher::new(), done: false };
+            let stream_id = id.clone();
+            let frames = futures::stream::unfold(signing, move |mut s| {
+                let (seal, wire, attested, id) = (seal.clone(), wire.clone(), attested.clone(), stream_id.clone());
+                async move {
+                    if s.done {
+                        return None;
+                    }
+                    let frame = match s.events.next().await {
+                        Some(data) => {
+                            let data = match &seal {
+                                Some(client) => match serving::seal_response(client, &wire, s.index, data.as_bytes()) {
+                                    Ok(sealed) => hex::encode(sealed),
+                                    Err(e) => {
+                                        tracing::error!(error = %e, "sealing a streamed event failed");
+                                        return None;
+                                    }
+                                },
+                                None => data,
+                            };
+                            s.index += 1;
+                            let frame = format!("data: {data}\n\n");
+                            s.hasher.update(frame.as_bytes());
+                            frame
+                        }
+                        None => {
+                            s.done = true;
+                            let attested = attested?;
+                            let signature = attested.sign(key_id, &id, &request_hash, &s.hasher.finalize());
+                            format!("{}{}\n\n", serving::STREAM_SIGNATURE_PREFIX, signature.signature)
+                        }
+                    };
+                    Some((Ok::<_, std::convert::Infallible>(Bytes::from(frame)), s))
+                }
+            });
+            let mut response = Response::new(Body::from_stream(frames));
+            let headers = response.headers_mut();
+            headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+            headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+            if let Ok(v) = HeaderValue::from_str(&id) {
+                headers.insert(serving::RESPONSE_ID_HEADER, v);
+            }
+            response
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -290,15 +577,13 @@ fn submit(state: &AppState, p: &Prepared, g: &Generation, seed: u64) -> Result<U
 /// request's seed plus `i`; usage counts each prompt once and every choice's tokens.
 async fn run(
     state: Arc<AppState>,
-    key: KeyInfo,
+    key: &KeyInfo,
+    served: Served,
     kind: Kind,
     prompts: &[String],
     n: usize,
     g: Generation,
-) -> Result<Response, ApiError> {
-    if g.model != state.model_id {
-        return Err(ApiError::model_not_found(&g.model));
-    }
+) -> Result<Answer, ApiError> {
     let prepared = prompts.iter().map(|p| prepare(&state, &kind, p, &g)).collect::<Result<Vec<_>, _>>()?;
     if let Some((id, _)) = g.logit_bias.iter().find(|(id, _)| *id as usize >= state.tokenizer.vocab_size()) {
         return Err(ApiError::invalid(
@@ -329,7 +614,7 @@ async fn run(
         started: std::time::Instant::now(),
         id: response_id(&kind),
         created: unix_seconds(),
-        model: state.model_id.clone(),
+        model: served.id,
         kind,
         key_id: key.id,
         prompt_tokens: prepared.iter().map(|p| p.tokens.len().max(1)).sum(),
@@ -347,9 +632,9 @@ async fn run(
             echo: prompts.first().cloned(),
             billed: false,
         };
-        let events =
-            futures::stream::unfold(stream, |mut s| async move { s.next().await.map(|e| (Ok::<_, Infallible>(e), s)) });
-        return Ok(Sse::new(events).keep_alive(KeepAlive::default()).into_response());
+        let id = stream.meta.id.clone();
+        let events = futures::stream::unfold(stream, |mut s| async move { s.next().await.map(|e| (e, s)) });
+        return Ok(Answer::Stream { id, events: Box::pin(events) });
     }
     let mut receivers = Vec::with_capacity(prepared.len() * n);
     for (pi, p) in prepared.iter().enumerate() {
@@ -402,7 +687,7 @@ async fn run(
         "id": meta.id, "object": object, "created": meta.created, "model": meta.model,
         "choices": choices, "usage": usage,
     });
-    Ok(Json(body).into_response())
+    Ok(Answer::Whole { status: StatusCode::OK, body: body.to_string().into_bytes(), id: Some(meta.id) })
 }
 
 #[derive(Clone)]
@@ -570,7 +855,7 @@ struct Streamer {
     meta: Meta,
     rx: Option<UnboundedReceiver<Event>>,
     text: Text,
-    queue: VecDeque<SseEvent>,
+    queue: VecDeque<String>,
     started: bool,
     /// The prompt, sent first when the completion echoes it.
     echo: Option<String>,
@@ -607,7 +892,7 @@ impl Drop for Streamer {
 }
 
 impl Streamer {
-    fn chunk(&self, delta: Option<&str>, finish: Option<&str>, role: bool) -> SseEvent {
+    fn chunk(&self, delta: Option<&str>, finish: Option<&str>, role: bool) -> String {
         let m = &self.meta;
         let body = match &m.kind {
             Kind::Completion { .. } => json!({
@@ -628,10 +913,10 @@ impl Streamer {
                 })
             }
         };
-        SseEvent::default().data(body.to_string())
+        body.to_string()
     }
 
-    fn usage_chunk(&self, completion_tokens: usize) -> SseEvent {
+    fn usage_chunk(&self, completion_tokens: usize) -> String {
         let m = &self.meta;
         let object = match m.kind {
             Kind::Completion { .. } => "text_completion",
@@ -641,11 +926,11 @@ impl Streamer {
             "id": m.id, "object": object, "created": m.created, "model": m.model, "choices": [],
             "usage": openai::usage(m.prompt_tokens, completion_tokens),
         });
-        SseEvent::default().data(body.to_string())
+        body.to_string()
     }
 
-    fn error_event(e: &ApiError) -> SseEvent {
-        SseEvent::default().data(e.body().to_string())
+    fn error_event(e: &ApiError) -> String {
+        e.body().to_string()
     }
 
     async fn end(&mut self, finish: &str) {
@@ -660,10 +945,10 @@ impl Streamer {
             Ok(()) => self.queue.push_back(self.usage_chunk(completion_tokens)),
             Err(e) => self.queue.push_back(Streamer::error_event(&e)),
         }
-        self.queue.push_back(SseEvent::default().data("[DONE]"));
+        self.queue.push_back("[DONE]".to_owned());
     }
 
-    async fn next(&mut self) -> Option<SseEvent> {
+    async fn next(&mut self) -> Option<String> {
         loop {
             if let Some(e) = self.queue.pop_front() {
                 return Some(e);

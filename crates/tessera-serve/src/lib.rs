@@ -15,14 +15,17 @@
 //! when it completed (a refused, failed or abandoned request costs nothing); the prompt plus
 //! `max_tokens` never exceeds the model's context; libtorch runs only on the engine thread.
 
+pub mod attested;
 pub mod engine;
 mod http;
 pub mod keys;
 pub mod openai;
 pub mod prices;
+pub mod verify;
 
+pub use attested::Attested;
 pub use engine::{Engine, Event, Finish, Job};
-pub use http::{AppState, edge_refusal, router};
+pub use http::{AppState, Served, edge_refusal, router};
 pub use keys::{EpochUsage, KeyInfo, Store};
 pub use prices::Prices;
 

@@ -132,7 +132,7 @@ pub fn verify(
             if unhex("insecure-dev", "report_data", report_data)? != expected {
                 return Err(refuse("insecure-dev", "report_data does not commit to these keys"));
             }
-            tracing::warn!("accepting an INSECURE development attestation: nothing about the validator is proven");
+            tracing::warn!("accepting an INSECURE development attestation: nothing about the attested party is proven");
             Ok(Verified {
                 kind: "insecure-dev".into(),
                 measurement: measurement.clone(),

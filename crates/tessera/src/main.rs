@@ -107,6 +107,10 @@ enum Command {
     /// `/v1/chat/completions`, streaming included): concurrent requests are decoded together
     /// with a shared KV cache, every request needs an API key and is metered under it.
     Serve(Box<cmd::serving::ServeArgs>),
+    /// Check a `tessera serve --tee` server before trusting it: fresh TEE evidence for this
+    /// client's nonce under a policy, the weights and binary it binds, TLS terminating inside,
+    /// then plain and sealed completions, whole and streamed, each signed by the attested key.
+    VerifyServe(Box<cmd::serving::VerifyServeArgs>),
     /// API keys for `tessera serve`: create (shown once, stored hashed), revoke, list.
     #[command(subcommand)]
     Keys(cmd::serving::KeysCommand),
@@ -149,6 +153,7 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Train(args) => cmd::train::train(*args),
         Command::Generate(args) => cmd::train::generate_text(args),
         Command::Serve(args) => cmd::serving::serve(*args),
+        Command::VerifyServe(args) => cmd::serving::verify_serve(*args),
         Command::Keys(command) => cmd::serving::keys(command),
         Command::Economy(command) => cmd::serving::economy(command),
         Command::Model(command) => cmd::model::model(command),

@@ -39,6 +39,38 @@ pub struct ServeArgs {
     /// The largest request body accepted, in bytes (larger ones get 413).
     #[arg(long, default_value_t = 1 << 20)]
     max_body_bytes: usize,
+    /// Another name requests may use for the model (repeatable); a strict request
+    /// (`x-tessera-strict: 1`) refuses it and must name the attested id.
+    #[arg(long = "alias", value_name = "NAME")]
+    aliases: Vec<String>,
+    /// Serve from a SEV-SNP or TDX guest: make the response-signing, request-sealing (and with
+    /// --tls, certificate) keys here, answer GET /v1/attestation/report?nonce= with fresh
+    /// evidence (configfs-tsm) binding them, the model and this binary, sign every completion
+    /// and accept requests sealed end to end. Check it with `tessera verify-serve`.
+    #[arg(long)]
+    tee: bool,
+    /// DEVELOPMENT ONLY, INSECURE: as --tee, but attested by a software stand-in that proves
+    /// nothing (clients must allow it, and are told so).
+    #[arg(long, conflicts_with = "tee")]
+    insecure_dev_tee: bool,
+    /// SEV-SNP guests: this chip's VCEK (DER), fetched ahead of time from AMD's key
+    /// distribution service.
+    #[arg(long, requires = "tee")]
+    vcek: Option<PathBuf>,
+    /// TDX guests: the quote's DCAP collateral (JSON), fetched ahead of time.
+    #[arg(long, requires = "tee")]
+    tdx_collateral: Option<PathBuf>,
+    /// The kernel's configfs-tsm report directory.
+    #[arg(long, default_value = tessera_trust::tee::TSM_REPORTS)]
+    tsm_dir: PathBuf,
+    /// Terminate TLS in this process with a certificate whose key is made here and attested,
+    /// so no proxy in front sees plaintext (needs --tee or --insecure-dev-tee). Clients pin the
+    /// key through the attestation, not a CA.
+    #[arg(long)]
+    tls: bool,
+    /// Names the self-signed certificate is issued for (with --tls).
+    #[arg(long = "tls-name", value_name = "NAME", default_values_t = ["localhost".to_string()])]
+    tls_names: Vec<String>,
     #[command(flatten)]
     runtime: RuntimeArgs,
     #[command(flatten)]
@@ -124,35 +156,100 @@ pub fn serve(args: ServeArgs) -> Result<()> {
         );
     }
     let model_id = args.model_id.clone().unwrap_or_else(|| default_model_id(&args.checkpoint));
+    if args.aliases.contains(&model_id) {
+        bail!("--alias {model_id} is the model's own id");
+    }
+    if args.tls && !(args.tee || args.insecure_dev_tee) {
+        bail!("--tls serves with a key the attestation binds: it needs --tee (or --insecure-dev-tee to develop)");
+    }
     let context = model.config.max_position_embeddings as usize;
     let params = model.config.num_params();
+    let weights = args.checkpoint.join("model.safetensors");
+    let model_blake3 = file_blake3(&weights)?;
     let engine = Engine::start(model, args.slots, tokenizer.eos_id())?;
+    let (tls, attested) = attestation(&args)?;
     let rt = runtime()?;
     rt.block_on(async {
         let store = Store::open(&args.db).await?;
-        let state = Arc::new(AppState::new(engine, tokenizer, model_id.clone(), context, store, args.max_body_bytes));
+        let mut state = AppState::new(engine, tokenizer, model_id.clone(), context, store, args.max_body_bytes)
+            .with_model_blake3(model_blake3)
+            .with_aliases(args.aliases.clone());
+        if let Some(attested) = attested {
+            state = state.with_attestation(attested);
+        }
+        let state = Arc::new(state);
         let listener =
             tokio::net::TcpListener::bind(args.addr).await.with_context(|| format!("listening on {}", args.addr))?;
         let addr = listener.local_addr()?;
         if let Some(f) = &args.addr_file {
             std::fs::write(f, addr.to_string()).with_context(|| format!("write {}", f.display()))?;
         }
+        let scheme = if tls.is_some() { "https" } else { "http" };
         println!(
-            "serving {model_id} ({params} parameters, context {context}, {} slots, {device:?}) on http://{addr}/v1",
+            "serving {model_id} ({params} parameters, context {context}, {} slots, {device:?}) on {scheme}://{addr}/v1",
             args.slots
         );
+        if let Some(a) = &state.attested {
+            let how = if a.insecure() { "INSECURELY (software stand-in, no TEE)" } else { "by the TEE" };
+            println!(
+                "attested {how}: weights {}, signing key {}, sealing key {}; check with: tessera verify-serve {scheme}://{addr}",
+                hex::encode(model_blake3),
+                a.signing_key(),
+                hex::encode(a.sealing_key().0)
+            );
+        }
         println!(
             "keys and usage: {} (create a key: tessera keys create NAME --db {})",
             args.db.display(),
             args.db.display()
         );
-        let limits = tessera_edge::Limits { refusal: tessera_serve::edge_refusal, ..args.edge.limits() };
+        let limits = tessera_edge::Limits { refusal: tessera_serve::edge_refusal, tls, ..args.edge.limits() };
         tessera_edge::serve(listener, tessera_serve::router(state), limits, async {
             let _ = tokio::signal::ctrl_c().await;
         })
         .await?;
         Ok(())
     })
+}
+
+/// The TLS acceptor (with --tls) and the attested keys (with --tee or --insecure-dev-tee).
+#[allow(clippy::type_complexity)]
+fn attestation(
+    args: &ServeArgs,
+) -> Result<(Option<tessera_serve::attested::TlsAcceptor>, Option<Arc<tessera_serve::Attested>>)> {
+    let attester = if args.insecure_dev_tee {
+        tracing::warn!("--insecure-dev-tee: attesting with an INSECURE software stand-in, not a TEE");
+        eprintln!("WARNING: --insecure-dev-tee: this server's attestation is an INSECURE stand-in that proves nothing");
+        tessera_trust::tee::Attester::InsecureDev
+    } else if args.tee {
+        tessera_trust::tee::Attester::Tsm {
+            reports: args.tsm_dir.clone(),
+            vcek: args.vcek.clone(),
+            tdx_collateral: args.tdx_collateral.clone(),
+        }
+    } else {
+        return Ok((None, None));
+    };
+    let (acceptor, spki) = match args.tls {
+        true => {
+            let (a, spki) = tessera_serve::attested::tls(args.tls_names.clone())?;
+            (Some(a), Some(spki))
+        }
+        false => (None, None),
+    };
+    let exe = std::env::current_exe().context("finding this binary to hash it")?;
+    let attested = tessera_serve::Attested::new(attester.clone(), file_blake3(&exe)?, spki)?;
+    // One report now, so a guest that cannot attest fails at start rather than at a client.
+    attester.evidence(&[0u8; 64]).map_err(|e| anyhow::anyhow!("--tee: {e}"))?;
+    Ok((acceptor, Some(Arc::new(attested))))
+}
+
+/// BLAKE3 of a file, read once.
+fn file_blake3(path: &std::path::Path) -> Result<[u8; 32]> {
+    let file = std::fs::File::open(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut h = blake3::Hasher::new();
+    h.update_reader(file).with_context(|| format!("reading {}", path.display()))?;
+    Ok(*h.finalize().as_bytes())
 }
 
 fn default_model_id(checkpoint: &std::path::Path) -> String {
@@ -309,4 +406,122 @@ fn economy_report(hub: Option<&str>, file: Option<&std::path::Path>, json: bool)
         );
     }
     Ok(())
+}
+
+#[derive(Args)]
+pub struct VerifyServeArgs {
+    /// The server's base URL (http:// or https://, without /v1).
+    url: String,
+    /// An API key of the server's (`tessera keys create`); sent only after the attestation
+    /// checked out. Default: $TESSERA_API_KEY.
+    #[arg(long, env = "TESSERA_API_KEY", hide_env_values = true)]
+    api_key: String,
+    /// SEV-SNP launch measurements accepted (96 hex digits; repeatable).
+    #[arg(long = "sev-snp-measurement", value_name = "HEX")]
+    sev_snp_measurements: Vec<String>,
+    /// TDX MRTDs accepted (96 hex digits; repeatable).
+    #[arg(long = "tdx-mrtd", value_name = "HEX")]
+    tdx_mrtds: Vec<String>,
+    /// TDX TCB statuses accepted besides UpToDate (repeatable).
+    #[arg(long = "tdx-status", value_name = "STATUS")]
+    tdx_statuses: Vec<String>,
+    /// DEVELOPMENT ONLY: accept the INSECURE software stand-in (`serve --insecure-dev-tee`),
+    /// which proves nothing.
+    #[arg(long)]
+    allow_insecure_dev: bool,
+    /// The weights' BLAKE3 expected (from a release's model card or `b3sum model.safetensors`).
+    #[arg(long, value_name = "HEX")]
+    model_blake3: Option<String>,
+    /// The serving binary's BLAKE3 expected (from a reproducible build).
+    #[arg(long, value_name = "HEX")]
+    binary_blake3: Option<String>,
+    /// The prompt of the checked completions.
+    #[arg(long, default_value = "The weather today is")]
+    prompt: String,
+    /// Check the attestation only; send no completion.
+    #[arg(long)]
+    attestation_only: bool,
+    /// Write the verified attestation (keys, model, evidence) here as JSON, for clients that
+    /// pin its keys (the Python example in docs/serving.md does).
+    #[arg(long, value_name = "FILE")]
+    save: Option<PathBuf>,
+}
+
+/// `tessera verify-serve`: the attestation, then a completion of each kind — plain and sealed,
+/// whole and streamed — each checked against the attested keys.
+pub fn verify_serve(args: VerifyServeArgs) -> Result<()> {
+    let mut statuses = args.tdx_statuses.clone();
+    if !statuses.is_empty() {
+        statuses.push("UpToDate".into());
+    }
+    let policy = tessera_trust::AttestationPolicy {
+        sev_snp_measurements: args.sev_snp_measurements.iter().map(|m| m.to_ascii_lowercase()).collect(),
+        tdx_mrtds: args.tdx_mrtds.iter().map(|m| m.to_ascii_lowercase()).collect(),
+        tdx_statuses: statuses,
+        allow_insecure_dev: args.allow_insecure_dev,
+    };
+    policy.validate().map_err(|e| anyhow::anyhow!("{e} (--sev-snp-measurement, --tdx-mrtd)"))?;
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
+    runtime()?.block_on(async {
+        use tessera_serve::verify::Verifier;
+        let v = Verifier::connect(
+            &args.url,
+            &args.api_key,
+            &policy,
+            args.model_blake3.clone(),
+            args.binary_blake3.clone(),
+            now,
+        )
+        .await
+        .context("the attestation does not check out")?;
+        let a = &v.attestation;
+        println!("ok  attestation: {}", v.verified);
+        println!("ok  nonce: fresh (this client's, {})", &a.nonce[..16]);
+        println!("ok  model: {} weights {}{}", a.model, a.model_blake3, pinned(&args.model_blake3));
+        println!("ok  binary: {}{}", a.binary_blake3, pinned(&args.binary_blake3));
+        println!("ok  signing key {}  sealing key {}", a.signing_key, a.sealing_key);
+        match v.tls() {
+            true => println!("ok  TLS terminates in the attested server (certificate key is the attested one)"),
+            false => println!("--  no TLS to the server: a proxy in front sees plaintext unless requests are sealed"),
+        }
+        if let Some(path) = &args.save {
+            std::fs::write(path, serde_json::to_vec_pretty(a)?)
+                .with_context(|| format!("writing {}", path.display()))?;
+            println!("ok  saved the verified attestation to {}", path.display());
+        }
+        if args.attestation_only {
+            return Ok(());
+        }
+        for sealed in [false, true] {
+            for stream in [false, true] {
+                let body = serde_json::json!({
+                    "model": a.model, "messages": [{"role": "user", "content": args.prompt}],
+                    "max_tokens": 16, "stream": stream, "stream_options": {"include_usage": true},
+                });
+                let body = if stream { body } else { without(body, "stream_options") };
+                let what = format!(
+                    "{} {}",
+                    if sealed { "sealed" } else { "plain" },
+                    if stream { "stream" } else { "completion" }
+                );
+                let c = v.complete("/v1/chat/completions", &body, sealed).await.with_context(|| what.clone())?;
+                println!("ok  {what:<17} {} signed over request and {} response bytes", c.id, c.response_bytes);
+            }
+        }
+        if v.verified.insecure {
+            println!("NOTE the server's TEE is the INSECURE development stand-in: none of the above is proven");
+        }
+        Ok(())
+    })
+}
+
+fn pinned(expected: &Option<String>) -> &'static str {
+    if expected.is_some() { " (as expected)" } else { " (not pinned: pass --model-blake3/--binary-blake3 to check)" }
+}
+
+fn without(mut v: serde_json::Value, key: &str) -> serde_json::Value {
+    if let Some(o) = v.as_object_mut() {
+        o.remove(key);
+    }
+    v
 }
