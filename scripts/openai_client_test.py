@@ -194,11 +194,63 @@ def main():
         print(f"openai {openai.__version__} client: models, chat, completions (plain and streamed), seeded sampling "
               f"and 9 kinds of refusal OK; {billed + 2} requests billed; epoch 0: revenue {revenue} µ, "
               f"payouts {paid}")
+        attested_serving(tmp)
     finally:
         for p in (serve, hub):
             if p is not None:
                 p.terminate()
                 p.wait(timeout=30)
+
+
+def attested_serving(tmp: Path):
+    """`serve --insecure-dev-tee`, checked by `tessera verify-serve`, then the sealed-client
+    example of docs/serving.md: it works with the verified keys and fails with any other."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "docs" / "examples"))
+    import sealed_openai
+    import httpx2
+    ckpt, db, addr_file = tmp / "ckpt", tmp / "tee.sqlite", tmp / "tee.addr"
+    key = run("keys", "create", "tee", "--db", str(db))
+    serve = subprocess.Popen(
+        [BIN, "serve", "--checkpoint", str(ckpt), "--db", str(db), "--addr", "127.0.0.1:0",
+         "--addr-file", str(addr_file), "--model-id", "tessera-nano-r0", "--insecure-dev-tee"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://{wait_for(addr_file, serve, 'tessera serve --insecure-dev-tee')}"
+        saved = tmp / "attestation.json"
+        out = run("verify-serve", url, "--api-key", key, "--allow-insecure-dev", "--save", str(saved))
+        assert out.count("\nok  ") >= 9 and "sealed stream" in out, out
+        attestation = json.loads(saved.read_text())
+
+        def ask(att):
+            client = OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0,
+                            http_client=httpx2.Client(transport=sealed_openai.SealedTransport(att)))
+            return client.chat.completions.create(model=att["model"], max_tokens=8,
+                                                  messages=[{"role": "user", "content": "private"}])
+
+        reply = ask(attestation)
+        assert reply.model == "tessera-nano-r0" and reply.choices[0].finish_reason in ("stop", "length"), reply
+        # Another signing key (the attestation of some other server): the signature check fails.
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+        from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+        other = Ed25519PrivateKey.generate().public_key().public_bytes(Encoding.Raw, PublicFormat.Raw).hex()
+        try:
+            ask({**attestation, "signing_key": other})
+            raise AssertionError("a response signed by another key was accepted")
+        except Exception as e:  # cryptography's InvalidSignature, surfaced through the client
+            assert "InvalidSignature" in repr(e) or "InvalidSignature" in repr(e.__cause__) or \
+                "InvalidSignature" in repr(e.__context__), repr(e)
+        # Sealed to a key the server does not hold: refused in the clear, nothing opened.
+        stranger = sealed_openai.SUITE.kem.derive_key_pair(os.urandom(32)).public_key.to_public_bytes().hex()
+        try:
+            ask({**attestation, "sealing_key": stranger})
+            raise AssertionError("a request sealed to another key was answered")
+        except openai.BadRequestError as e:
+            assert e.body.get("code") == "unsealable", e.body
+        print("attested serving: verify-serve passed 9 checks; the sealed openai client worked with the verified "
+              "keys and refused another signing key and another sealing key")
+    finally:
+        serve.terminate()
+        serve.wait(timeout=30)
 
 
 if __name__ == "__main__":
