@@ -129,8 +129,22 @@ def main():
         chats = client.chat.completions.create(model="tessera-nano", messages=messages, n=2, max_tokens=3, seed=3)
         assert len(chats.choices) == 2, chats
         billed += 2
+        # logprobs as the client types them: completions' parallel arrays, chat's content entries,
+        # whole and streamed (the same numbers); greedy picks the likeliest alternative.
+        lp = client.completions.create(model="tessera-nano", prompt="A", max_tokens=4, temperature=0, logprobs=2,
+                                       extra_body={"ignore_eos": True}).choices[0].logprobs
+        assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 4, lp
+        assert all(v <= 0 for v in lp.token_logprobs) and all(abs(max(t.values()) - v) < 1e-6
+                                                                 for t, v in zip(lp.top_logprobs, lp.token_logprobs)), lp
+        chat_lp = dict(model="tessera-nano", messages=messages, max_tokens=4, temperature=0, logprobs=True, top_logprobs=3)
+        whole = client.chat.completions.create(**chat_lp).choices[0].logprobs.content
+        assert whole and all(len(e.top_logprobs) == 3 and e.logprob <= 0 for e in whole), whole
+        streamed = [e.logprob for c in client.chat.completions.create(**chat_lp, stream=True)
+                    if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+        assert streamed == [e.logprob for e in whole], (streamed, whole)
+        billed += 3
         # A parameter that would change the output and is not implemented is refused by name.
-        expect(openai.BadRequestError, lambda: client.completions.create(model="tessera-nano", prompt="x", logprobs=2), 400, "unsupported_parameter")
+        expect(openai.BadRequestError, lambda: client.chat.completions.create(model="tessera-nano", messages=messages, response_format={"type": "json_object"}), 400, "unsupported_parameter")
 
         # Every refusal has OpenAI's shape, and none is billed.
         expect(openai.AuthenticationError, lambda: OpenAI(base_url=base, api_key="tsk_nope", max_retries=0).models.list(), 401, "invalid_api_key")

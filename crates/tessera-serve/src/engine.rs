@@ -33,7 +33,40 @@ pub struct Job {
     pub ignore_eos: bool,
     /// What changes the logits before sampling: OpenAI's penalties and `logit_bias`.
     pub adjust: Adjust,
+    /// Report each token's log probability and this many of the likeliest alternatives.
+    pub logprobs: Option<usize>,
     pub events: UnboundedSender<Event>,
+}
+
+/// A generated token's log probability under the model's distribution at that step (after
+/// `logit_bias` and the penalties, before temperature and `top_p`: what the model thinks, not
+/// how it was sampled), and the likeliest tokens there, most likely first.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprobs {
+    pub logprob: f32,
+    pub top: Vec<(u32, f32)>,
+}
+
+impl TokenLogprobs {
+    /// Log-softmax of `logits` at `token`, and the `k` likeliest tokens: O(vocabulary).
+    pub fn of(logits: &[f32], token: u32, k: usize) -> TokenLogprobs {
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let total: f64 = logits.iter().map(|&l| f64::from(l - max).exp()).sum();
+        let norm = f64::from(max) + total.ln();
+        let lp = |l: f32| (f64::from(l) - norm) as f32;
+        let mut ids: Vec<u32> = (0..logits.len() as u32).collect();
+        let k = k.min(ids.len());
+        let by_logit = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]).then(a.cmp(b));
+        if k > 0 && k < ids.len() {
+            ids.select_nth_unstable_by(k - 1, by_logit);
+        }
+        ids.truncate(k);
+        ids.sort_by(by_logit);
+        TokenLogprobs {
+            logprob: logits.get(token as usize).map_or(f32::NEG_INFINITY, |&l| lp(l)),
+            top: ids.into_iter().map(|i| (i, lp(logits[i as usize]))).collect(),
+        }
+    }
 }
 
 /// OpenAI's changes to the logits before each token is sampled: `logit_bias` added to the
@@ -72,7 +105,8 @@ impl Adjust {
 /// What the engine tells a request's owner, in order: tokens, then one `Done` or `Failed`.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
-    Token(u32),
+    /// A token, with its log probabilities when the job asked for them.
+    Token(u32, Option<Box<TokenLogprobs>>),
     Done(Finish),
     Failed(String),
 }
@@ -111,6 +145,7 @@ struct Running {
     params: SamplingParams,
     rng: ChaCha8Rng,
     adjust: Adjust,
+    logprobs: Option<usize>,
     /// How often each token was generated so far (for the penalties).
     counts: std::collections::HashMap<u32, u32>,
     produced: usize,
@@ -247,6 +282,7 @@ fn admit(
         params,
         rng: ChaCha8Rng::seed_from_u64(job.seed),
         adjust: job.adjust,
+        logprobs: job.logprobs,
         counts: std::collections::HashMap::new(),
         produced: 0,
         next: eos,
@@ -255,27 +291,31 @@ fn admit(
     Ok((!step(&mut r, token, cache.has_room(slot))).then_some(r))
 }
 
-/// Samples the request's next token from its logits, after its bias and penalties.
-fn pick(logits: &[f32], r: &mut Running) -> u32 {
-    let token = if r.adjust.is_none() {
-        sample(logits, &r.params, &mut r.rng)
+/// Samples the request's next token from its logits, after its bias and penalties, with its
+/// log probabilities if asked for.
+fn pick(logits: &[f32], r: &mut Running) -> (u32, Option<Box<TokenLogprobs>>) {
+    let adjusted;
+    let logits = if r.adjust.is_none() {
+        logits
     } else {
-        let mut adjusted = logits.to_vec();
-        r.adjust.apply(&mut adjusted, &r.counts);
-        sample(&adjusted, &r.params, &mut r.rng)
+        let mut a = logits.to_vec();
+        r.adjust.apply(&mut a, &r.counts);
+        adjusted = a;
+        &adjusted
     };
+    let token = sample(logits, &r.params, &mut r.rng);
     *r.counts.entry(token).or_default() += 1;
-    token
+    (token, r.logprobs.map(|k| Box::new(TokenLogprobs::of(logits, token, k))))
 }
 
 /// Hands `token` to the request; true when the request has ended.
-fn step(r: &mut Running, token: u32, room: bool) -> bool {
+fn step(r: &mut Running, (token, logprobs): (u32, Option<Box<TokenLogprobs>>), room: bool) -> bool {
     if Some(token) == r.params.stop_token {
         let _ = r.events.send(Event::Done(Finish::EndOfText));
         return true;
     }
     r.produced += 1;
-    if r.events.send(Event::Token(token)).is_err() {
+    if r.events.send(Event::Token(token, logprobs)).is_err() {
         return true;
     }
     if r.produced >= r.params.max_new_tokens || !room {
@@ -299,5 +339,19 @@ mod tests {
         // Token 0: seen twice (1 − 2×0.25 − 0.5); 1: biased; 2: seen once; 3 alone; 9 is past the end.
         assert_eq!(logits, vec![0.0, 4.0, 0.25, 1.0]);
         assert!(Adjust::default().is_none());
+    }
+
+    #[test]
+    fn logprobs_are_the_log_softmax_and_the_top_tokens_are_the_likeliest() {
+        let logits = [1.0f32, 3.0, 2.0, 3.0, -1.0];
+        let lp = TokenLogprobs::of(&logits, 2, 3);
+        let norm = logits.iter().map(|&l| f64::from(l).exp()).sum::<f64>().ln();
+        assert!((f64::from(lp.logprob) - (2.0 - norm)).abs() < 1e-6);
+        // Ties go to the lower id; exactly k, most likely first.
+        assert_eq!(lp.top.iter().map(|t| t.0).collect::<Vec<_>>(), vec![1, 3, 2]);
+        let p: f64 = (0..5).map(|t| f64::from(TokenLogprobs::of(&logits, t, 0).logprob).exp()).sum();
+        assert!((p - 1.0).abs() < 1e-6, "{p}");
+        assert!(TokenLogprobs::of(&logits, 0, 0).top.is_empty());
+        assert_eq!(TokenLogprobs::of(&logits, 0, 20).top.len(), 5);
     }
 }

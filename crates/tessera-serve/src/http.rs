@@ -18,7 +18,7 @@ use tessera_trust::SealingKey;
 use tessera_trust::serving;
 
 use crate::attested::Attested;
-use crate::engine::{Engine, Event, Finish, Job};
+use crate::engine::{Engine, Event, Finish, Job, TokenLogprobs};
 use crate::keys::{KeyInfo, Store, hash_key};
 use crate::openai::{self, ApiError, Generation};
 
@@ -565,6 +565,7 @@ fn submit(state: &AppState, p: &Prepared, g: &Generation, seed: u64) -> Result<U
                 frequency: g.frequency_penalty,
                 bias: g.logit_bias.clone(),
             },
+            logprobs: g.logprobs,
             events: tx,
         })
         .map_err(|e| ApiError::server(e.to_string()))?;
@@ -602,6 +603,13 @@ async fn run(
         )
         .with_code("unsupported_parameter"));
     }
+    if matches!(kind, Kind::Completion { echo: true }) && g.logprobs.is_some() {
+        return Err(ApiError::invalid(
+            "logprobs",
+            "Log probabilities of an echoed prompt are not computed: ask for 'logprobs' without 'echo'.",
+        )
+        .with_code("unsupported_parameter"));
+    }
     let seed = match g.seed {
         Some(s) => s,
         None => {
@@ -630,6 +638,7 @@ async fn run(
             queue: VecDeque::new(),
             started: false,
             echo: prompts.first().cloned(),
+            logprobs: g.logprobs.is_some(),
             billed: false,
         };
         let id = stream.meta.id.clone();
@@ -647,36 +656,40 @@ async fn run(
     let results = {
         let state = state.clone();
         let meta = meta.clone();
-        let (tokenizer, stop) = (state.tokenizer.clone(), g.stop.clone());
+        let (tokenizer, stop, logprobs) = (state.tokenizer.clone(), g.stop.clone(), g.logprobs.is_some());
         tokio::spawn(async move {
             let all = futures::future::join_all(
-                receivers.into_iter().map(|rx| collect(rx, Text::new(tokenizer.clone(), stop.clone()))),
+                receivers.into_iter().map(|rx| collect(rx, Text::new(tokenizer.clone(), stop.clone()), logprobs, 0)),
             )
             .await;
             // Every choice's tokens are billed, even if another choice failed.
-            let completion_tokens: usize = all.iter().map(|r| r.as_ref().map_or(0, |(_, _, t)| *t)).sum();
+            let completion_tokens: usize = all.iter().map(|r| r.as_ref().map_or(0, |c| c.tokens)).sum();
             bill(&state, &meta, completion_tokens).await?;
             all.into_iter().collect::<Result<Vec<_>, ApiError>>()
         })
         .await
         .map_err(|e| ApiError::server(e.to_string()))??
     };
-    let completion_tokens = results.iter().map(|(_, _, t)| t).sum();
+    let completion_tokens = results.iter().map(|c| c.tokens).sum();
     let usage = openai::usage(meta.prompt_tokens, completion_tokens);
     let choices: Vec<Value> = results
         .into_iter()
         .enumerate()
-        .map(|(i, (text, finish, _))| match &meta.kind {
-            Kind::Completion { echo: true } => {
-                json!({"text": format!("{}{text}", prompts[i / n]), "index": i, "logprobs": null, "finish_reason": finish})
+        .map(|(i, c)| {
+            let logprobs = c.logprobs.as_deref().map_or(Value::Null, |e| logprobs_json(&state.tokenizer, &meta.kind, e));
+            let (text, finish) = (c.text, c.finish);
+            match &meta.kind {
+                Kind::Completion { echo: true } => json!({
+                    "text": format!("{}{text}", prompts[i / n]), "index": i, "logprobs": logprobs, "finish_reason": finish,
+                }),
+                Kind::Completion { echo: false } => {
+                    json!({"text": text, "index": i, "logprobs": logprobs, "finish_reason": finish})
+                }
+                Kind::Chat => json!({
+                    "index": i, "message": {"role": "assistant", "content": text, "refusal": null},
+                    "logprobs": logprobs, "finish_reason": finish,
+                }),
             }
-            Kind::Completion { echo: false } => {
-                json!({"text": text, "index": i, "logprobs": null, "finish_reason": finish})
-            }
-            Kind::Chat => json!({
-                "index": i, "message": {"role": "assistant", "content": text, "refusal": null},
-                "logprobs": null, "finish_reason": finish,
-            }),
         })
         .collect();
     let object = match meta.kind {
@@ -729,7 +742,8 @@ async fn bill(state: &AppState, meta: &Meta, completion_tokens: usize) -> Result
 
 /// The completion's text as tokens arrive: decoded whole each time (so multi-byte characters
 /// appear only when complete), cut at the first stop sequence, and never releasing a tail
-/// that might still become one.
+/// that might still become one. Each token's log probabilities (if asked for) are released
+/// with the text that token ends, and dropped with the tokens of a stop sequence.
 struct Text {
     tokenizer: TessTokenizer,
     stops: Vec<String>,
@@ -737,19 +751,50 @@ struct Text {
     /// Bytes of the text already handed out.
     released: usize,
     stopped: bool,
+    /// Per token: its log probabilities, and where its text ends (bytes of the decoded text
+    /// when it was added, never less than the token before's).
+    logprobs: Vec<Option<Box<TokenLogprobs>>>,
+    ends: Vec<usize>,
+    /// Tokens whose log probabilities were handed out.
+    logprobs_out: usize,
+    /// The whole text decoded so far (kept only when log probabilities are asked for).
+    decoded: String,
+}
+
+/// One token's log probabilities, as released: the token, its decoded text, where that text
+/// begins in the completion (characters), and the numbers.
+struct TokenEntry {
+    text: String,
+    offset: usize,
+    lp: Box<TokenLogprobs>,
 }
 
 impl Text {
     fn new(tokenizer: TessTokenizer, stops: Vec<String>) -> Text {
-        Text { tokenizer, stops, tokens: Vec::new(), released: 0, stopped: false }
+        Text {
+            tokenizer,
+            stops,
+            tokens: Vec::new(),
+            released: 0,
+            stopped: false,
+            logprobs: Vec::new(),
+            ends: Vec::new(),
+            logprobs_out: 0,
+            decoded: String::new(),
+        }
     }
 
     /// Adds a token; returns the text that may be released now. Linear in the stop sequences'
     /// length: a stop can only begin in the text not yet released (whatever might begin one
     /// is held back), and what to hold back is found with one pass of a prefix automaton.
-    fn push(&mut self, token: u32) -> Result<String, ApiError> {
+    fn push(&mut self, token: u32, logprobs: Option<Box<TokenLogprobs>>) -> Result<String, ApiError> {
         self.tokens.push(token);
         let text = self.tokenizer.decode(&self.tokens).map_err(|e| ApiError::server(e.to_string()))?;
+        if logprobs.is_some() {
+            self.ends.push(text.len().max(self.ends.last().copied().unwrap_or(0)));
+            self.logprobs.push(logprobs);
+            self.decoded.clone_from(&text);
+        }
         let (from, unreleased) = match text.get(self.released..) {
             Some(rest) => (self.released, rest),
             None => (0, text.as_str()),
@@ -785,6 +830,81 @@ impl Text {
         let out = text.get(self.released..upto).unwrap_or("").to_owned();
         self.released = self.released.max(upto);
         out
+    }
+
+    /// The log probabilities of the tokens whose text is now released; at the `end`, of every
+    /// token that began before the released text ends (the rest formed a stop sequence).
+    /// Offsets are in characters, from `base` (the echoed prompt's length).
+    fn take_logprobs(&mut self, end: bool, base: usize) -> Result<Vec<TokenEntry>, ApiError> {
+        let mut out = Vec::new();
+        while self.logprobs_out < self.logprobs.len() {
+            let i = self.logprobs_out;
+            let start = if i == 0 { 0 } else { self.ends[i - 1] };
+            if !(self.ends[i] <= self.released || (end && start < self.released)) {
+                break;
+            }
+            self.logprobs_out += 1;
+            let Some(lp) = self.logprobs[i].take() else { continue };
+            let text = self.tokenizer.decode(&self.tokens[i..=i]).map_err(|e| ApiError::server(e.to_string()))?;
+            let mut at = start.min(self.decoded.len());
+            while !self.decoded.is_char_boundary(at) {
+                at -= 1;
+            }
+            out.push(TokenEntry { text, offset: base + self.decoded[..at].chars().count(), lp });
+        }
+        if end {
+            self.logprobs_out = self.logprobs.len();
+        }
+        Ok(out)
+    }
+}
+
+/// -inf (a banned token) as OpenAI writes it: JSON has no infinity.
+fn finite(lp: f32) -> f32 {
+    if lp.is_finite() { lp } else { -9999.0 }
+}
+
+/// Log probabilities in the shape of the endpoint: chat's `{"content": [...]}` or the legacy
+/// completions' parallel arrays.
+fn logprobs_json(tokenizer: &TessTokenizer, kind: &Kind, entries: &[TokenEntry]) -> Value {
+    let token = |id: u32| tokenizer.decode(&[id]).unwrap_or_default();
+    match kind {
+        Kind::Chat => {
+            let content: Vec<Value> = entries
+                .iter()
+                .map(|e| {
+                    let top: Vec<Value> = e
+                        .lp
+                        .top
+                        .iter()
+                        .map(|&(id, lp)| {
+                            let t = token(id);
+                            json!({"token": t, "logprob": finite(lp), "bytes": t.as_bytes()})
+                        })
+                        .collect();
+                    json!({"token": e.text, "logprob": finite(e.lp.logprob), "bytes": e.text.as_bytes(), "top_logprobs": top})
+                })
+                .collect();
+            json!({"content": content, "refusal": null})
+        }
+        Kind::Completion { .. } => {
+            let top: Vec<Value> = entries
+                .iter()
+                .map(|e| {
+                    let mut m = serde_json::Map::new();
+                    for &(id, lp) in &e.lp.top {
+                        m.entry(token(id)).or_insert(json!(finite(lp)));
+                    }
+                    Value::Object(m)
+                })
+                .collect();
+            json!({
+                "tokens": entries.iter().map(|e| e.text.clone()).collect::<Vec<_>>(),
+                "token_logprobs": entries.iter().map(|e| finite(e.lp.logprob)).collect::<Vec<_>>(),
+                "top_logprobs": top,
+                "text_offset": entries.iter().map(|e| e.offset).collect::<Vec<_>>(),
+            })
+        }
     }
 }
 
@@ -827,25 +947,40 @@ fn finish_reason(finish: Finish, stopped: bool) -> &'static str {
     }
 }
 
-/// Waits for the whole completion: (text, finish reason, completion tokens).
-async fn collect(mut rx: UnboundedReceiver<Event>, mut text: Text) -> Result<(String, &'static str, usize), ApiError> {
+/// A whole completion: its text, finish reason, tokens, and log probabilities if asked for.
+struct Completed {
+    text: String,
+    finish: &'static str,
+    tokens: usize,
+    logprobs: Option<Vec<TokenEntry>>,
+}
+
+/// Waits for the whole completion. `base`: characters before it (an echoed prompt).
+async fn collect(
+    mut rx: UnboundedReceiver<Event>,
+    mut text: Text,
+    logprobs: bool,
+    base: usize,
+) -> Result<Completed, ApiError> {
     let mut out = String::new();
-    loop {
+    let finish = loop {
         match rx.recv().await {
-            Some(Event::Token(t)) => {
-                out.push_str(&text.push(t)?);
+            Some(Event::Token(t, lp)) => {
+                out.push_str(&text.push(t, lp)?);
                 if text.stopped {
-                    return Ok((out, "stop", text.tokens.len()));
+                    break "stop";
                 }
             }
             Some(Event::Done(f)) => {
                 out.push_str(&text.finish()?);
-                return Ok((out, finish_reason(f, false), text.tokens.len()));
+                break finish_reason(f, false);
             }
             Some(Event::Failed(e)) => return Err(ApiError::server(format!("generation failed: {e}"))),
             None => return Err(ApiError::server("the engine dropped the request")),
         }
-    }
+    };
+    let logprobs = if logprobs { Some(text.take_logprobs(true, base)?) } else { None };
+    Ok(Completed { text: out, finish, tokens: text.tokens.len(), logprobs })
 }
 
 /// Server-sent events for one streamed request, in OpenAI's chunk format, ending with a chunk
@@ -859,6 +994,8 @@ struct Streamer {
     started: bool,
     /// The prompt, sent first when the completion echoes it.
     echo: Option<String>,
+    /// Whether each chunk carries its tokens' log probabilities.
+    logprobs: bool,
     /// Whether its usage was recorded (or is being); if not when it is dropped — the caller
     /// hung up — what was generated by then is billed.
     billed: bool,
@@ -873,7 +1010,7 @@ impl Drop for Streamer {
         let mut tokens = self.text.tokens.len();
         if let Some(rx) = self.rx.as_mut() {
             while let Ok(e) = rx.try_recv() {
-                tokens += usize::from(matches!(e, Event::Token(_)));
+                tokens += usize::from(matches!(e, Event::Token(..)));
             }
         }
         metrics::counter!("tessera_serve_streams_abandoned_total").increment(1);
@@ -893,11 +1030,20 @@ impl Drop for Streamer {
 
 impl Streamer {
     fn chunk(&self, delta: Option<&str>, finish: Option<&str>, role: bool) -> String {
+        self.chunk_with(delta, finish, role, &[])
+    }
+
+    /// A chunk with the log probabilities of the tokens its text completes (if asked for).
+    fn chunk_with(&self, delta: Option<&str>, finish: Option<&str>, role: bool, entries: &[TokenEntry]) -> String {
         let m = &self.meta;
+        let logprobs = match self.logprobs && !entries.is_empty() {
+            true => logprobs_json(&self.state.tokenizer, &m.kind, entries),
+            false => Value::Null,
+        };
         let body = match &m.kind {
             Kind::Completion { .. } => json!({
                 "id": m.id, "object": "text_completion", "created": m.created, "model": m.model,
-                "choices": [{"text": delta.unwrap_or(""), "index": 0, "logprobs": null, "finish_reason": finish}],
+                "choices": [{"text": delta.unwrap_or(""), "index": 0, "logprobs": logprobs, "finish_reason": finish}],
             }),
             Kind::Chat => {
                 let mut d = serde_json::Map::new();
@@ -909,7 +1055,7 @@ impl Streamer {
                 }
                 json!({
                     "id": m.id, "object": "chat.completion.chunk", "created": m.created, "model": m.model,
-                    "choices": [{"index": 0, "delta": d, "logprobs": null, "finish_reason": finish}],
+                    "choices": [{"index": 0, "delta": d, "logprobs": logprobs, "finish_reason": finish}],
                 })
             }
         };
@@ -966,10 +1112,14 @@ impl Streamer {
             }
             let rx = self.rx.as_mut()?;
             match rx.recv().await {
-                Some(Event::Token(t)) => match self.text.push(t) {
-                    Ok(delta) => {
-                        if !delta.is_empty() {
-                            self.queue.push_back(self.chunk(Some(&delta), None, false));
+                Some(Event::Token(t, lp)) => match self.text.push(t, lp).and_then(|delta| {
+                    let entries =
+                        if self.logprobs { self.text.take_logprobs(self.text.stopped, 0)? } else { Vec::new() };
+                    Ok((delta, entries))
+                }) {
+                    Ok((delta, entries)) => {
+                        if !delta.is_empty() || !entries.is_empty() {
+                            self.queue.push_back(self.chunk_with(Some(&delta), None, false, &entries));
                         }
                         if self.text.stopped {
                             self.end("stop").await;
@@ -981,8 +1131,14 @@ impl Streamer {
                     }
                 },
                 Some(Event::Done(f)) => {
-                    match self.text.finish() {
-                        Ok(rest) if !rest.is_empty() => self.queue.push_back(self.chunk(Some(&rest), None, false)),
+                    let rest = self.text.finish().and_then(|rest| {
+                        let entries = if self.logprobs { self.text.take_logprobs(true, 0)? } else { Vec::new() };
+                        Ok((rest, entries))
+                    });
+                    match rest {
+                        Ok((rest, entries)) if !rest.is_empty() || !entries.is_empty() => {
+                            self.queue.push_back(self.chunk_with(Some(&rest), None, false, &entries))
+                        }
                         Ok(_) => {}
                         Err(e) => {
                             self.rx = None;
@@ -1017,7 +1173,7 @@ mod tests {
         let tok = TessTokenizer::byte_level();
         let mut out = String::new();
         for id in tok.encode(s).unwrap() {
-            out.push_str(&t.push(id).unwrap());
+            out.push_str(&t.push(id, None).unwrap());
             if t.stopped {
                 break;
             }

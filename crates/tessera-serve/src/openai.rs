@@ -4,7 +4,7 @@
 //! Parsing is tolerant of fields that do not change what is generated (`user`, `metadata`,
 //! `stream_options`…): they are ignored, as OpenAI's own API ignores fields it does not use. Every
 //! field Tessera does use is checked, and a bad one is a 400 naming it. A field that would change
-//! the output and that Tessera does not implement (`logprobs`, `response_format`, tools…) is
+//! the output and that Tessera does not implement (`response_format`, tools, `best_of`…) is
 //! refused with a 400 naming it, never silently ignored.
 
 use serde_json::{Map, Value, json};
@@ -113,6 +113,9 @@ pub struct Generation {
     pub frequency_penalty: f32,
     /// Added to the logits of these token ids before sampling (−100 bans a token, 100 forces it).
     pub logit_bias: Vec<(u32, f32)>,
+    /// Each generated token's log probability and this many alternatives (completions:
+    /// `logprobs` 0–5; chat: `logprobs: true` with `top_logprobs` 0–20).
+    pub logprobs: Option<usize>,
 }
 
 /// The most tokens `logit_bias` may name (OpenAI's limit).
@@ -220,8 +223,6 @@ fn boolean(m: &Map<String, Value>, key: &str) -> Result<bool, ApiError> {
 /// Parameters that would change the output and that Tessera does not implement, each with the
 /// values that ask for nothing (OpenAI's defaults): any other value is refused, naming it.
 const UNSUPPORTED: &[&str] = &[
-    "logprobs",
-    "top_logprobs",
     "response_format",
     "tools",
     "tool_choice",
@@ -323,7 +324,22 @@ fn generation(m: &Map<String, Value>, max_tokens_keys: &[&str]) -> Result<Genera
         presence_penalty: number(m, "presence_penalty", 0.0, -2.0..=2.0)? as f32,
         frequency_penalty: number(m, "frequency_penalty", 0.0, -2.0..=2.0)? as f32,
         logit_bias: logit_bias(m)?,
+        logprobs: None,
     })
+}
+
+/// An integer parameter from 0 to `max`, if present.
+fn count(m: &Map<String, Value>, key: &str, max: u64) -> Result<Option<usize>, ApiError> {
+    match present(m, key) {
+        None => Ok(None),
+        Some(v) => match v.as_u64() {
+            Some(k) if k <= max => Ok(Some(k as usize)),
+            _ => Err(ApiError::invalid(
+                key,
+                format!("{v} is not valid for '{key}': it must be an integer from 0 to {max}."),
+            )),
+        },
+    }
 }
 
 pub fn parse_completion(body: &[u8]) -> Result<CompletionRequest, ApiError> {
@@ -351,6 +367,7 @@ pub fn parse_completion(body: &[u8]) -> Result<CompletionRequest, ApiError> {
     let mut generation = generation(&m, &["max_tokens"])?;
     // OpenAI's completions endpoint writes 16 tokens unless told otherwise.
     generation.max_tokens.get_or_insert(16);
+    generation.logprobs = count(&m, "logprobs", 5)?;
     Ok(CompletionRequest { prompts, echo: boolean(&m, "echo")?, n, generation })
 }
 
@@ -393,7 +410,15 @@ pub fn parse_chat(body: &[u8]) -> Result<ChatRequest, ApiError> {
         };
         parsed.push(Message { role, content });
     }
-    let generation = generation(&m, &["max_tokens", "max_completion_tokens"])?;
+    let mut generation = generation(&m, &["max_tokens", "max_completion_tokens"])?;
+    let top = count(&m, "top_logprobs", 20)?;
+    generation.logprobs = match (boolean(&m, "logprobs")?, top) {
+        (true, top) => Some(top.unwrap_or(0)),
+        (false, None) => None,
+        (false, Some(_)) => {
+            return Err(ApiError::invalid("top_logprobs", "'top_logprobs' needs 'logprobs' set to true."));
+        }
+    };
     Ok(ChatRequest { messages: parsed, n: choices(&m)?, generation })
 }
 
@@ -448,7 +473,8 @@ mod tests {
             (r#"{"model":"m","prompt":"x","stop":["a","b","c","d","e"]}"#, Some("stop")),
             (r#"{"model":"m","prompt":"x","stream":"yes"}"#, Some("stream")),
             (r#"{"model":"m"}"#, Some("prompt")),
-            (r#"{"model":"m","prompt":"x","logprobs":2}"#, Some("logprobs")),
+            (r#"{"model":"m","prompt":"x","logprobs":6}"#, Some("logprobs")),
+            (r#"{"model":"m","prompt":"x","logprobs":true}"#, Some("logprobs")),
             (r#"{"model":"m","prompt":"x","presence_penalty":2.5}"#, Some("presence_penalty")),
             (r#"{"model":"m","prompt":"x","frequency_penalty":"high"}"#, Some("frequency_penalty")),
             (r#"{"model":"m","prompt":"x","logit_bias":{"50256":-101}}"#, Some("logit_bias")),
@@ -463,10 +489,26 @@ mod tests {
             assert_eq!(e.param.as_deref(), *param, "{body}");
         }
         for (body, param) in [
+            (r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"top_logprobs":2}"#, "top_logprobs"),
             (
-                r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"logprobs":true,"top_logprobs":2}"#,
-                "logprobs",
+                r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"logprobs":true,"top_logprobs":21}"#,
+                "top_logprobs",
             ),
+        ] {
+            let e = parse_chat(body.as_bytes()).unwrap_err();
+            assert_eq!((e.status, e.param.as_deref()), (400, Some(param)), "{body}");
+        }
+        let chat = |b: &str| parse_chat(b.as_bytes()).unwrap().generation.logprobs;
+        assert_eq!(
+            chat(r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"logprobs":true,"top_logprobs":2}"#),
+            Some(2)
+        );
+        assert_eq!(chat(r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"logprobs":true}"#), Some(0));
+        assert_eq!(
+            parse_completion(br#"{"model":"m","prompt":"x","logprobs":3}"#).unwrap().generation.logprobs,
+            Some(3)
+        );
+        for (body, param) in [
             (
                 r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"response_format":{"type":"json_object"}}"#,
                 "response_format",

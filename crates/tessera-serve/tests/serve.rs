@@ -244,8 +244,109 @@ async fn logit_bias_and_penalties_change_what_is_sampled() {
     assert_eq!((status, out["usage"]["completion_tokens"].as_u64()), (200, Some(6)), "{out}");
     let (status, out) = post(&s, "/v1/completions", &greedy(json!({"logit_bias": {"99999": 5}})), &s.key).await;
     assert_eq!((status, out["error"]["param"].as_str()), (400, Some("logit_bias")), "{out}");
-    let (status, out) = post(&s, "/v1/completions", &greedy(json!({"logprobs": 3})), &s.key).await;
+    let (status, out) =
+        post(&s, "/v1/completions", &greedy(json!({"response_format": {"type": "json_object"}})), &s.key).await;
     assert_eq!((status, out["error"]["code"].as_str()), (400, Some("unsupported_parameter")), "{out}");
+}
+
+/// The data events of a streamed response.
+async fn events(s: &Server, path: &str, body: &Value) -> Vec<Value> {
+    let r =
+        reqwest::Client::new().post(format!("{}{path}", s.url)).bearer_auth(&s.key).json(body).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let text = r.text().await.unwrap();
+    text.split("\n\n")
+        .filter_map(|e| e.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect()
+}
+
+/// `logprobs` are the model's own log-softmax at each generated token (checked against one
+/// full forward pass over prompt and completion), the alternatives are the likeliest tokens,
+/// the tokens spell the text, and streaming hands out the same numbers chunk by chunk; with a
+/// stop sequence, the stop's tokens carry none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logprobs_are_the_models_and_spell_the_text_whole_and_streamed() {
+    let s = start(2, 1000, 1 << 20).await;
+    let body =
+        json!({"model": "tiny", "prompt": "ab", "max_tokens": 10, "temperature": 0, "ignore_eos": true, "logprobs": 3});
+    let (status, out) = post(&s, "/v1/completions", &body, &s.key).await;
+    assert_eq!(status, 200, "{out}");
+    let c = &out["choices"][0];
+    let lp = &c["logprobs"];
+    let tokens: Vec<String> = lp["tokens"].as_array().unwrap().iter().map(|t| t.as_str().unwrap().to_owned()).collect();
+    assert_eq!(tokens.len(), 10);
+    let text = c["text"].as_str().unwrap();
+    if !text.contains('\u{FFFD}') {
+        assert_eq!(tokens.concat(), text);
+    }
+    let values: Vec<f64> = lp["token_logprobs"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+    // The same numbers from one forward pass over everything.
+    let prompt = s.tokenizer.encode("ab").unwrap();
+    // The tokens greedy decoding alone picks (a token's text need not encode back to it: a
+    // byte of a character decodes to U+FFFD).
+    let params = SamplingParams { max_new_tokens: 10, temperature: 0.0, stop_token: None, ..Default::default() };
+    let generated: Vec<u32> = generate(&s.model, &prompt, &params, |_| {}).unwrap();
+    assert_eq!(s.tokenizer.decode(&generated).unwrap(), text);
+    let all: Vec<i64> = prompt.iter().chain(&generated).map(|&t| i64::from(t)).collect();
+    let logits = tch::no_grad(|| s.model.forward(&tch::Tensor::from_slice(&all).view([1, -1]), None).unwrap());
+    let log_softmax = logits.get(0).log_softmax(-1, tch::Kind::Float);
+    for (j, &t) in generated.iter().enumerate() {
+        let want = log_softmax.double_value(&[(prompt.len() + j - 1) as i64, i64::from(t)]);
+        assert!((values[j] - want).abs() < 1e-3, "token {j}: {} vs {want}", values[j]);
+    }
+    for (j, top) in lp["top_logprobs"].as_array().unwrap().iter().enumerate() {
+        let top = top.as_object().unwrap();
+        // Three alternatives, fewer keys when two decode to the same text (bytes of characters
+        // are all U+FFFD): the legacy format is a map from text.
+        assert!((1..=3).contains(&top.len()), "{top:?}");
+        // Greedy: the chosen token is the likeliest.
+        let best = top.values().map(|v| v.as_f64().unwrap()).fold(f64::NEG_INFINITY, f64::max);
+        assert!((best - values[j]).abs() < 1e-6);
+    }
+    let offsets: Vec<u64> = lp["text_offset"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+    assert_eq!(offsets[0], 0);
+    assert!(offsets.windows(2).all(|w| w[0] <= w[1]));
+    // Streamed: the same numbers, chunk by chunk.
+    let mut streamed = Vec::new();
+    for e in events(&s, "/v1/completions", &json!({"stream": true, "model": "tiny", "prompt": "ab", "max_tokens": 10, "temperature": 0, "ignore_eos": true, "logprobs": 3})).await {
+        if let Some(v) = e["choices"][0]["logprobs"]["token_logprobs"].as_array() {
+            streamed.extend(v.iter().map(|x| x.as_f64().unwrap()));
+        }
+    }
+    assert_eq!(streamed, values);
+    // Chat: `logprobs: true` with `top_logprobs`, whole and streamed.
+    let chat = json!({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8, "temperature": 0,
+                      "logprobs": true, "top_logprobs": 2, "stop": "\u{0}"});
+    let (status, out) = post(&s, "/v1/chat/completions", &chat, &s.key).await;
+    assert_eq!(status, 200, "{out}");
+    let content = out["choices"][0]["logprobs"]["content"].as_array().unwrap();
+    assert!(!content.is_empty());
+    assert!(content.iter().all(|e| e["top_logprobs"].as_array().unwrap().len() == 2 && e["bytes"].is_array()));
+    let whole: Vec<f64> = content.iter().map(|e| e["logprob"].as_f64().unwrap()).collect();
+    let mut chat_stream = chat.clone();
+    chat_stream["stream"] = json!(true);
+    let mut streamed = Vec::new();
+    for e in events(&s, "/v1/chat/completions", &chat_stream).await {
+        if let Some(v) = e["choices"][0]["logprobs"]["content"].as_array() {
+            streamed.extend(v.iter().map(|x| x["logprob"].as_f64().unwrap()));
+        }
+    }
+    assert_eq!(streamed, whole);
+    // A stop sequence: the stop's tokens carry no log probabilities.
+    let stop = text.chars().nth(4).unwrap().to_string();
+    let body = json!({"model": "tiny", "prompt": "ab", "max_tokens": 10, "temperature": 0, "ignore_eos": true, "logprobs": 0, "stop": stop});
+    let (_, out) = post(&s, "/v1/completions", &body, &s.key).await;
+    let cut = out["choices"][0]["text"].as_str().unwrap();
+    let n = out["choices"][0]["logprobs"]["tokens"].as_array().unwrap().len();
+    assert_eq!(n, cut.chars().count(), "{out}");
+    assert!(out["choices"][0]["logprobs"]["top_logprobs"][0].as_object().unwrap().is_empty());
+    // Echo with logprobs is refused by name; top_logprobs without logprobs too.
+    let (status, out) =
+        post(&s, "/v1/completions", &json!({"model": "tiny", "prompt": "a", "echo": true, "logprobs": 1}), &s.key)
+            .await;
+    assert_eq!((status, out["error"]["param"].as_str()), (400, Some("logprobs")), "{out}");
 }
 
 /// `n` choices and batched prompts: choice `i` is prompt `i / n` sampled with the request's
