@@ -128,7 +128,13 @@ def main():
         assert [c.index for c in many.choices] == [0, 1, 2, 3], many
         chats = client.chat.completions.create(model="tessera-nano", messages=messages, n=2, max_tokens=3, seed=3)
         assert len(chats.choices) == 2, chats
-        billed += 2
+        seen = {}
+        for chunk in client.completions.create(model="tessera-nano", prompt=["A", "B"], n=2, max_tokens=3, seed=3,
+                                               stream=True):
+            for c in chunk.choices:
+                seen[c.index] = seen.get(c.index, "") + c.text
+        assert seen == {c.index: c.text for c in many.choices}, (seen, many)
+        billed += 3
         # logprobs as the client types them: completions' parallel arrays, chat's content entries,
         # whole and streamed (the same numbers); greedy picks the likeliest alternative.
         lp = client.completions.create(model="tessera-nano", prompt="A", max_tokens=4, temperature=0, logprobs=2,
