@@ -22,8 +22,10 @@ use crate::engine::{Engine, Event, Finish, Job, TokenLogprobs};
 use crate::keys::{KeyInfo, Store, hash_key};
 use crate::openai::{self, ApiError, Generation};
 
-/// The model served now (it changes when `--follow-hub` switches checkpoints).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// The model served now, and the engine running it. `--follow-hub` replaces it with each new
+/// checkpoint: a request keeps the one it resolved, so requests in flight finish on the model
+/// they began with (and name it), and the old engine's thread ends when its last one has.
+#[derive(Clone)]
 pub struct Served {
     /// The id clients name it with.
     pub id: String,
@@ -31,17 +33,23 @@ pub struct Served {
     pub blake3: [u8; 32],
     /// When it was loaded (Unix seconds), for `/v1/models`.
     pub created: u64,
+    pub engine: Engine,
+    /// The model's context length, in tokens.
+    pub context: usize,
+}
+
+impl Served {
+    pub fn new(id: String, blake3: [u8; 32], engine: Engine, context: usize) -> Served {
+        Served { id, blake3, created: unix_seconds(), engine, context }
+    }
 }
 
 /// Everything a request handler needs.
 pub struct AppState {
-    pub engine: Engine,
     pub tokenizer: TessTokenizer,
     served: std::sync::RwLock<Served>,
     /// Other names requests may use for the served model (refused in strict mode).
     pub aliases: Vec<String>,
-    /// The model's context length, in tokens.
-    pub context: usize,
     pub store: Store,
     /// The largest request body accepted, in bytes.
     pub body_limit: usize,
@@ -66,11 +74,9 @@ impl AppState {
         // Metrics are recorded from the start (GET /metrics renders them).
         let _ = tessera_telemetry::prometheus();
         AppState {
-            engine,
             tokenizer,
-            served: std::sync::RwLock::new(Served { id: model_id, blake3: [0; 32], created: unix_seconds() }),
+            served: std::sync::RwLock::new(Served::new(model_id, [0; 32], engine, context)),
             aliases: Vec::new(),
-            context,
             store,
             body_limit,
             attested: None,
@@ -106,7 +112,7 @@ impl AppState {
         }
     }
 
-    /// Switches the model requests are answered with (its engine must already run it).
+    /// Switches the model new requests are answered with.
     pub fn set_served(&self, served: Served) {
         match self.served.write() {
             Ok(mut s) => *s = served,
@@ -523,11 +529,11 @@ struct Prepared {
     max_tokens: usize,
 }
 
-fn prepare(state: &AppState, kind: &Kind, prompt: &str, g: &Generation) -> Result<Prepared, ApiError> {
+fn prepare(state: &AppState, served: &Served, kind: &Kind, prompt: &str, g: &Generation) -> Result<Prepared, ApiError> {
     let tokens = state.tokenizer.encode(prompt).map_err(|e| ApiError::invalid("prompt", e.to_string()))?;
     let prompt_tokens = tokens.len().max(1);
-    let max_tokens = g.max_tokens.unwrap_or(state.context.saturating_sub(prompt_tokens));
-    if prompt_tokens + max_tokens > state.context || max_tokens == 0 {
+    let max_tokens = g.max_tokens.unwrap_or(served.context.saturating_sub(prompt_tokens));
+    if prompt_tokens + max_tokens > served.context || max_tokens == 0 {
         let param = match kind {
             Kind::Completion { .. } => "prompt",
             Kind::Chat => "messages",
@@ -537,7 +543,7 @@ fn prepare(state: &AppState, kind: &Kind, prompt: &str, g: &Generation) -> Resul
             format!(
                 "This model's maximum context length is {} tokens. However, you requested {} tokens ({} in the \
                  prompt, {} for the completion). Please reduce the length of the prompt or of max_tokens.",
-                state.context,
+                served.context,
                 prompt_tokens + max_tokens.max(1),
                 prompt_tokens,
                 max_tokens.max(1)
@@ -549,9 +555,9 @@ fn prepare(state: &AppState, kind: &Kind, prompt: &str, g: &Generation) -> Resul
 }
 
 /// Hands one generation to the engine; its events come back on the receiver.
-fn submit(state: &AppState, p: &Prepared, g: &Generation, seed: u64) -> Result<UnboundedReceiver<Event>, ApiError> {
+fn submit(served: &Served, p: &Prepared, g: &Generation, seed: u64) -> Result<UnboundedReceiver<Event>, ApiError> {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    state
+    served
         .engine
         .submit(Job {
             prompt: p.tokens.clone(),
@@ -585,7 +591,7 @@ async fn run(
     n: usize,
     g: Generation,
 ) -> Result<Answer, ApiError> {
-    let prepared = prompts.iter().map(|p| prepare(&state, &kind, p, &g)).collect::<Result<Vec<_>, _>>()?;
+    let prepared = prompts.iter().map(|p| prepare(&state, &served, &kind, p, &g)).collect::<Result<Vec<_>, _>>()?;
     if let Some((id, _)) = g.logit_bias.iter().find(|(id, _)| *id as usize >= state.tokenizer.vocab_size()) {
         return Err(ApiError::invalid(
             "logit_bias",
@@ -614,7 +620,7 @@ async fn run(
         started: std::time::Instant::now(),
         id: response_id(&kind),
         created: unix_seconds(),
-        model: served.id,
+        model: served.id.clone(),
         kind,
         key_id: key.id,
         prompt_tokens: prepared.iter().map(|p| p.tokens.len().max(1)).sum(),
@@ -627,7 +633,7 @@ async fn run(
         for (pi, p) in prepared.iter().enumerate() {
             for j in 0..n {
                 let index = pi * n + j;
-                let rx = submit(&state, p, &g, seed.wrapping_add(index as u64))?;
+                let rx = submit(&served, p, &g, seed.wrapping_add(index as u64))?;
                 let streamer = Streamer {
                     shared: shared.clone(),
                     index,
@@ -648,7 +654,7 @@ async fn run(
     let mut receivers = Vec::with_capacity(prepared.len() * n);
     for (pi, p) in prepared.iter().enumerate() {
         for j in 0..n {
-            receivers.push(submit(&state, p, &g, seed.wrapping_add((pi * n + j) as u64))?);
+            receivers.push(submit(&served, p, &g, seed.wrapping_add((pi * n + j) as u64))?);
         }
     }
     // Billed in a task of its own once generation ends: a caller who hangs up meanwhile

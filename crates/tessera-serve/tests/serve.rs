@@ -11,6 +11,7 @@ use tessera_serve::{AppState, Engine, Store};
 
 struct Server {
     url: String,
+    state: Arc<AppState>,
     key: String,
     store: Store,
     engine: Engine,
@@ -48,8 +49,17 @@ async fn start_with(config: LlamaConfig, slots: usize, rpm: u32, body_limit: usi
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let limits = tessera_edge::Limits { refusal: tessera_serve::edge_refusal, ..tessera_edge::Limits::default() };
-    tokio::spawn(tessera_edge::serve(listener, tessera_serve::router(state), limits, std::future::pending()));
-    Server { url, key, store, engine, model: Llama::new(&config, tch::Device::Cpu, 7).unwrap(), tokenizer, _dir: dir }
+    tokio::spawn(tessera_edge::serve(listener, tessera_serve::router(state.clone()), limits, std::future::pending()));
+    Server {
+        url,
+        state,
+        key,
+        store,
+        engine,
+        model: Llama::new(&config, tch::Device::Cpu, 7).unwrap(),
+        tokenizer,
+        _dir: dir,
+    }
 }
 
 async fn post(s: &Server, path: &str, body: &Value, key: &str) -> (u16, Value) {
@@ -443,4 +453,52 @@ async fn a_stream_abandoned_part_way_is_billed() {
     assert!(usage[0].prompt_tokens >= 1);
     let completion = usage[0].completion_tokens;
     assert!((2..2000).contains(&completion), "billed {completion} completion tokens");
+}
+
+/// Switching models (what `--follow-hub` does at each new checkpoint) drops nothing: a stream
+/// begun on the old model ends on it and names it; requests after the switch get the new one,
+/// under its new id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_switch_of_model_lets_requests_in_flight_finish_on_theirs() {
+    let s = start(2, 1000, 1 << 20).await;
+    let greedy = |model: &Llama| {
+        let params = SamplingParams { max_new_tokens: 40, temperature: 0.0, stop_token: None, ..Default::default() };
+        let ids = generate(model, &s.tokenizer.encode("ab").unwrap(), &params, |_| {}).unwrap();
+        s.tokenizer.decode(&ids).unwrap()
+    };
+    let body = |model: &str, stream: bool| json!({"model": model, "prompt": "ab", "max_tokens": 40, "temperature": 0, "ignore_eos": true, "stream": stream});
+    let mut r = reqwest::Client::new()
+        .post(format!("{}/v1/completions", s.url))
+        .bearer_auth(&s.key)
+        .json(&body("tiny", true))
+        .send()
+        .await
+        .unwrap();
+    let first = r.chunk().await.unwrap().unwrap();
+    // Switch while the stream is open.
+    let newer = Llama::new(&config(), tch::Device::Cpu, 8).unwrap();
+    let engine = Engine::start(Llama::new(&config(), tch::Device::Cpu, 8).unwrap(), 2, s.tokenizer.eos_id()).unwrap();
+    s.state.set_served(tessera_serve::Served::new("tiny-r1".into(), [1; 32], engine, 64));
+    let mut raw = first.to_vec();
+    while let Some(c) = r.chunk().await.unwrap() {
+        raw.extend_from_slice(&c);
+    }
+    let raw = String::from_utf8(raw).unwrap();
+    let mut text = String::new();
+    for e in raw.split("\n\n").filter_map(|e| e.strip_prefix("data: ")).filter(|d| *d != "[DONE]") {
+        let e: Value = serde_json::from_str(e).unwrap();
+        if let Some(m) = e["model"].as_str() {
+            assert_eq!(m, "tiny", "a chunk of the old model's stream names another");
+        }
+        text.push_str(e["choices"][0]["text"].as_str().unwrap_or(""));
+    }
+    assert_eq!(text, greedy(&s.model), "the stream begun before the switch ends on its model");
+    let (status, out) = post(&s, "/v1/completions", &body("tiny-r1", false), &s.key).await;
+    assert_eq!(status, 200, "{out}");
+    assert_eq!(
+        (out["model"].as_str(), out["choices"][0]["text"].as_str()),
+        (Some("tiny-r1"), Some(greedy(&newer).as_str()))
+    );
+    let (status, _) = post(&s, "/v1/completions", &body("tiny", false), &s.key).await;
+    assert_eq!(status, 404, "the old id is gone");
 }

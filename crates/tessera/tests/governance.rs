@@ -146,6 +146,11 @@ fn hf_server(state: Shared) -> Router {
 
 /// Publishes the hub's current round with one zero pseudo-gradient from a registered key.
 fn publish_round(url: &str, key: Arc<tessera_trust::Identity>) {
+    publish_round_of(url, key, 0.0);
+}
+
+/// Publishes the hub's current round with one pseudo-gradient of `value` everywhere.
+fn publish_round_of(url: &str, key: Arc<tessera_trust::Identity>, value: f32) {
     let hub = tessera_client::HubClient::new(url).unwrap();
     let run = hub.run().unwrap();
     let hub = hub.signed_by(key).pinning(tessera_trust::PublicKey::parse(&run.hub_key).unwrap());
@@ -154,7 +159,7 @@ fn publish_round(url: &str, key: Arc<tessera_trust::Identity>) {
     hex::decode_to_slice(&run.run_id, &mut run_id).unwrap();
     let mut base = [0u8; 32];
     hex::decode_to_slice(&run.checkpoint, &mut base).unwrap();
-    let zeros: Vec<Vec<f32>> = run.spec.tensors.iter().map(|t| vec![0.0; t.numel() as usize]).collect();
+    let zeros: Vec<Vec<f32>> = run.spec.tensors.iter().map(|t| vec![value; t.numel() as usize]).collect();
     let tensors = run.spec.tensors.iter().zip(&zeros).map(|(t, d)| (t.name.as_str(), t.shape.as_slice(), d.as_slice()));
     let body =
         tessera_protocol::PseudoGradient::build(run.spec.codec, run_id, run.round, base, tensors).unwrap().to_bytes();
@@ -292,4 +297,74 @@ fn holders_vote_a_release_and_tessera_release_publishes_it() {
     assert!(err.contains("released: v0.1"), "{err}");
     let _ = hub.kill();
     let _ = hub.wait();
+}
+
+/// `tessera serve --follow-hub` serves the run's latest checkpoint as RUN-rN and follows the
+/// run: a round that leaves the weights as they were renames the model, one that changes them
+/// loads the new checkpoint; the run's name is an alias a strict request refuses.
+#[test]
+fn serve_follows_the_hubs_checkpoints_round_by_round() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (mut hub, url) = start_hub(d, &[]);
+    let name = tessera_client::HubClient::new(&url).unwrap().run().unwrap().spec.name;
+    let db = d.join("serve.sqlite");
+    let key = ok(&["keys", "create", "tester", "--db", p(&db)]).trim().to_owned();
+    let addr = d.join("serve.addr");
+    let mut serve = Command::new(env!("CARGO_BIN_EXE_tessera"))
+        .args(["serve", "--follow-hub", &url, "--follow-every", "1", "--db", p(&db), "--addr", "127.0.0.1:0"])
+        .args(["--addr-file", p(&addr), "--cache", p(&d.join("cache"))])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    while std::fs::read_to_string(&addr).map_or(true, |a| a.trim().is_empty()) {
+        assert!(started.elapsed() < std::time::Duration::from_secs(120), "serve did not start");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let api = format!("http://{}", std::fs::read_to_string(&addr).unwrap().trim());
+    let client = reqwest::blocking::Client::new();
+    let model = || -> String {
+        let v: Value = client.get(format!("{api}/v1/models")).bearer_auth(&key).send().unwrap().json().unwrap();
+        v["data"][0]["id"].as_str().unwrap().to_owned()
+    };
+    let wait_for = |want: String| {
+        let started = std::time::Instant::now();
+        while model() != want {
+            assert!(started.elapsed() < std::time::Duration::from_secs(60), "still {} not {want}", model());
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+    };
+    let complete = |model: &str, strict: bool| -> (u16, Value) {
+        let body = json!({"model": model, "prompt": "ab", "max_tokens": 6, "temperature": 0, "ignore_eos": true});
+        let mut r = client.post(format!("{api}/v1/completions")).bearer_auth(&key).json(&body);
+        if strict {
+            r = r.header("x-tessera-strict", "1");
+        }
+        let r = r.send().unwrap();
+        (r.status().as_u16(), r.json().unwrap())
+    };
+    assert_eq!(model(), format!("{name}-r0"));
+    let (status, r0) = complete(&format!("{name}-r0"), true);
+    assert_eq!(status, 200, "{r0}");
+    let trainer = Arc::new(tessera_trust::Identity::generate().unwrap());
+    publish_round(&url, trainer.clone());
+    wait_for(format!("{name}-r1"));
+    let (_, r1) = complete(&name, false);
+    assert_eq!(r1["model"].as_str(), Some(format!("{name}-r1").as_str()));
+    assert_eq!(r1["choices"][0]["text"], r0["choices"][0]["text"], "same weights, same text");
+    publish_round_of(&url, trainer, 0.05);
+    wait_for(format!("{name}-r2"));
+    let (status, r2) = complete(&format!("{name}-r2"), true);
+    assert_eq!(status, 200, "{r2}");
+    assert_ne!(r2["choices"][0]["text"], r0["choices"][0]["text"], "new weights, new text");
+    let (status, refused) = complete(&name, true);
+    assert_eq!((status, refused["error"]["code"].as_str()), (400, Some("model_alias_refused")), "{refused}");
+    let (status, _) = complete(&format!("{name}-r0"), false);
+    assert_eq!(status, 404, "an old round's id is no longer served");
+    for child in [&mut serve, &mut hub] {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
 }

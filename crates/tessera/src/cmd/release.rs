@@ -48,6 +48,53 @@ pub struct ReleaseArgs {
     pub cache: PathBuf,
 }
 
+/// A run's checkpoint as a model: its weights as published, the phase's model, the run's
+/// tokenizer, and (embedded data) the run's dataset.
+pub struct RunModel {
+    pub model: Llama,
+    pub tokenizer: Option<tessera_data::TessTokenizer>,
+    /// The checkpoint's bytes as the hub published them (their BLAKE3 is its name).
+    pub bytes: Vec<u8>,
+    /// The run at the checkpoint's phase.
+    pub at: RunInfo,
+    pub dataset: Option<tessera_data::Dataset>,
+}
+
+/// Fetches `checkpoint` from `hub` (checked against its name and the pinned hub key) and
+/// builds the model of whichever of the run's phases it fits. `cache`: where a published
+/// dataset's tokenizer is fetched to.
+pub fn run_model(
+    hub: &tessera_client::HubClient,
+    info: &RunInfo,
+    spec: &RunSpec,
+    checkpoint: &str,
+    cache: &std::path::Path,
+    device: Device,
+) -> Result<RunModel> {
+    let bytes = hub.checkpoint(checkpoint, None)?;
+    let (phase, weights) = (0..=spec.phases.len())
+        .rev()
+        .find_map(|k| decode_weights(&bytes, &spec.at_phase(k).tensors).ok().map(|w| (k, w)))
+        .context("the checkpoint is none of the run's models")?;
+    let at = RunInfo { spec: spec.at_phase(phase), phase: phase as u32, ..info.clone() };
+    let dataset = match &at.spec.data.source {
+        DataSource::Embedded { .. } => Some(run_dataset(&at, None)?),
+        _ => None,
+    };
+    let tokenizer = match (&at.spec.data.source, &dataset) {
+        (_, Some(d)) => Some(d.tokenizer.clone()),
+        (DataSource::Manifest { urls, .. }, None) => {
+            let shards = tessera_client::ShardCache::open(urls, Some(&at.spec.data.fingerprint), cache, 1 << 30, None)?;
+            Some(shards.tokenizer()?)
+        }
+        _ => None,
+    };
+    let config = LlamaConfig::from_json(at.spec.model.clone()).map_err(anyhow::Error::msg)?;
+    let model = Llama::zeroed(&config, device)?;
+    write_params(&model, &weights)?;
+    Ok(RunModel { model, tokenizer, bytes, at, dataset })
+}
+
 /// What authorises a release, for its card.
 enum Authority {
     Vote { proposal: String, title: String, yes: u64, no: u64, abstain: u64, power: u64, seq: u64 },
@@ -85,29 +132,8 @@ pub fn release(args: ReleaseArgs) -> Result<()> {
         args.version, info.run_id, spec.name
     );
 
-    let bytes = hub.checkpoint(&checkpoint, None)?;
-    let (phase, weights) = (0..=spec.phases.len())
-        .rev()
-        .find_map(|k| decode_weights(&bytes, &spec.at_phase(k).tensors).ok().map(|w| (k, w)))
-        .context("the checkpoint is none of the run's models")?;
-    let at = RunInfo { spec: spec.at_phase(phase), phase: phase as u32, ..info.clone() };
-    let dataset = match &at.spec.data.source {
-        DataSource::Embedded { .. } => Some(run_dataset(&at, None)?),
-        _ => None,
-    };
-    let tokenizer = match (&at.spec.data.source, &dataset) {
-        (_, Some(d)) => Some(d.tokenizer.clone()),
-        (DataSource::Manifest { urls, .. }, None) => {
-            let shards =
-                tessera_client::ShardCache::open(urls, Some(&at.spec.data.fingerprint), &args.cache, 1 << 30, None)?;
-            Some(shards.tokenizer()?)
-        }
-        _ => None,
-    };
-    let config = LlamaConfig::from_json(at.spec.model.clone()).map_err(anyhow::Error::msg)?;
-    let model = Llama::zeroed(&config, Device::Cpu)?;
-    write_params(&model, &weights)?;
-    drop(weights);
+    let RunModel { model, tokenizer, bytes, at, dataset } =
+        run_model(&hub, &info, &spec, &checkpoint, &args.cache, Device::Cpu)?;
     // An earlier release of this command is replaced; anything else there is left alone.
     if out.exists() {
         let empty = std::fs::read_dir(&out).map(|mut d| d.next().is_none()).unwrap_or(false);
@@ -148,7 +174,7 @@ pub fn release(args: ReleaseArgs) -> Result<()> {
         "run_id": info.run_id,
         "round": round,
         "checkpoint_blake3": checkpoint,
-        "phase": phase,
+        "phase": at.phase,
         "ledger_entries": ledger.len(),
         "ledger_root": ledger.root(),
         "spec_blake3": ledger.spec().map(|(_, h)| h.to_owned()),

@@ -16,9 +16,20 @@ const DEFAULT_DB: &str = "runs/serve/serve.sqlite";
 #[derive(Args)]
 pub struct ServeArgs {
     /// A Hugging Face checkpoint directory (config.json, model.safetensors, tokenizer.json), as
-    /// `tessera train` or a hub writes them.
-    #[arg(long)]
-    checkpoint: PathBuf,
+    /// `tessera train`, `tessera release` or a hub writes them.
+    #[arg(long, required_unless_present = "follow_hub", conflicts_with = "follow_hub")]
+    checkpoint: Option<PathBuf>,
+    /// Serve a run's latest published checkpoint from its hub, and switch to each new one as it
+    /// is published (requests in flight finish on the model they began with). The model id is
+    /// RUN-rN, the checkpoint round N trains from; the run's name is an alias of it.
+    #[arg(long, value_name = "URL")]
+    follow_hub: Option<String>,
+    /// How often to ask the hub for a new checkpoint (with --follow-hub), in seconds.
+    #[arg(long, default_value_t = 10, value_name = "SECS")]
+    follow_every: u64,
+    /// Runs on a published dataset (with --follow-hub): where its tokenizer is fetched to.
+    #[arg(long, default_value = "runs/pull-cache")]
+    cache: PathBuf,
     /// Address to listen on (port 0: any free port; see --addr-file).
     #[arg(long, default_value = "127.0.0.1:8000")]
     addr: SocketAddr,
@@ -144,40 +155,52 @@ pub fn serve(args: ServeArgs) -> Result<()> {
         bail!("--slots must be from 1 to 1024");
     }
     let device = setup_runtime(&args.runtime)?;
-    let (model, tokenizer) = tessera_model::load_checkpoint(&args.checkpoint, device)
-        .with_context(|| format!("loading {}", args.checkpoint.display()))?;
-    let tokenizer = tokenizer.with_context(|| format!("{} has no tokenizer.json", args.checkpoint.display()))?;
-    if tokenizer.vocab_size() as i64 > model.config.vocab_size {
-        bail!(
-            "{}: the tokenizer has {} tokens but the model only {}: this checkpoint cannot be served",
-            args.checkpoint.display(),
-            tokenizer.vocab_size(),
-            model.config.vocab_size
-        );
-    }
-    let model_id = args.model_id.clone().unwrap_or_else(|| default_model_id(&args.checkpoint));
-    if args.aliases.contains(&model_id) {
-        bail!("--alias {model_id} is the model's own id");
-    }
     if args.tls && !(args.tee || args.insecure_dev_tee) {
         bail!("--tls serves with a key the attestation binds: it needs --tee (or --insecure-dev-tee to develop)");
     }
-    let context = model.config.max_position_embeddings as usize;
-    let params = model.config.num_params();
-    let weights = args.checkpoint.join("model.safetensors");
-    let model_blake3 = file_blake3(&weights)?;
-    let engine = Engine::start(model, args.slots, tokenizer.eos_id())?;
+    let (first, tokenizer, follow) = match (&args.checkpoint, &args.follow_hub) {
+        (Some(dir), _) => {
+            let (model, tokenizer) =
+                tessera_model::load_checkpoint(dir, device).with_context(|| format!("loading {}", dir.display()))?;
+            let tokenizer = tokenizer.with_context(|| format!("{} has no tokenizer.json", dir.display()))?;
+            let id = args.model_id.clone().unwrap_or_else(|| default_model_id(dir));
+            let blake3 = file_blake3(&dir.join(tessera_model::checkpoint::WEIGHTS_FILE))?;
+            (Loaded { id, blake3, model }, tokenizer, None)
+        }
+        (None, Some(url)) => {
+            let follow = Follow::connect(url, &args, device)?;
+            let (loaded, tokenizer) = follow.load_latest()?;
+            (loaded, tokenizer, Some(follow))
+        }
+        (None, None) => bail!("give --checkpoint DIR or --follow-hub URL"),
+    };
+    let mut aliases = args.aliases.clone();
+    if let Some(f) = &follow {
+        aliases.push(f.base.clone());
+    }
+    if aliases.contains(&first.id) {
+        bail!("--alias {} is the model's own id", first.id);
+    }
+    let model_id = first.id.clone();
+    let model_blake3 = first.blake3;
+    let context = first.context(&tokenizer)?;
+    let params = first.model.config.num_params();
+    let engine = Engine::start(first.model, args.slots, tokenizer.eos_id())?;
     let (tls, attested) = attestation(&args)?;
     let rt = runtime()?;
     rt.block_on(async {
         let store = Store::open(&args.db).await?;
         let mut state = AppState::new(engine, tokenizer, model_id.clone(), context, store, args.max_body_bytes)
             .with_model_blake3(model_blake3)
-            .with_aliases(args.aliases.clone());
+            .with_aliases(aliases);
         if let Some(attested) = attested {
             state = state.with_attestation(attested);
         }
         let state = Arc::new(state);
+        if let Some(follow) = follow {
+            let (state, slots) = (state.clone(), args.slots);
+            std::thread::Builder::new().name("follow-hub".into()).spawn(move || follow.run(&state, slots, model_blake3))?;
+        }
         let listener =
             tokio::net::TcpListener::bind(args.addr).await.with_context(|| format!("listening on {}", args.addr))?;
         let addr = listener.local_addr()?;
@@ -210,6 +233,121 @@ pub fn serve(args: ServeArgs) -> Result<()> {
         .await?;
         Ok(())
     })
+}
+
+/// A model loaded for serving: its id and the BLAKE3 of its weights.
+struct Loaded {
+    id: String,
+    blake3: [u8; 32],
+    model: tessera_model::Llama,
+}
+
+impl Loaded {
+    /// The model's context, once it is known to cover the tokenizer's vocabulary.
+    fn context(&self, tokenizer: &tessera_data::TessTokenizer) -> Result<usize> {
+        if tokenizer.vocab_size() as i64 > self.model.config.vocab_size {
+            bail!(
+                "{}: the tokenizer has {} tokens but the model only {}: it cannot be served",
+                self.id,
+                tokenizer.vocab_size(),
+                self.model.config.vocab_size
+            );
+        }
+        Ok(self.model.config.max_position_embeddings as usize)
+    }
+}
+
+/// `--follow-hub`: the run's latest checkpoint, and each new one as it is published.
+struct Follow {
+    hub: tessera_client::HubClient,
+    /// The run's name (or --model-id): the stable alias; ids are BASE-rN.
+    base: String,
+    cache: PathBuf,
+    every: std::time::Duration,
+    device: tch::Device,
+}
+
+impl Follow {
+    fn connect(url: &str, args: &ServeArgs, device: tch::Device) -> Result<Follow> {
+        let hub = tessera_client::HubClient::new(url.trim_end_matches('/'))?;
+        let info = hub.run().with_context(|| format!("asking {url} for its run"))?;
+        let hub = hub.pinning(tessera_trust::PublicKey::parse(&info.hub_key)?);
+        let base = args.model_id.clone().unwrap_or_else(|| info.spec.name.clone());
+        Ok(Follow {
+            hub,
+            base,
+            cache: args.cache.clone(),
+            every: std::time::Duration::from_secs(args.follow_every.max(1)),
+            device,
+        })
+    }
+
+    fn id(&self, round: u64) -> String {
+        format!("{}-r{round}", self.base)
+    }
+
+    /// The run's checkpoint now, with the run's tokenizer.
+    fn load_latest(&self) -> Result<(Loaded, tessera_data::TessTokenizer)> {
+        let info = self.hub.run()?;
+        let (loaded, tokenizer) = self.load(&info)?;
+        let tokenizer = tokenizer.context("the run's data names no tokenizer to serve its model with")?;
+        Ok((loaded, tokenizer))
+    }
+
+    fn load(&self, info: &tessera_protocol::api::RunInfo) -> Result<(Loaded, Option<tessera_data::TessTokenizer>)> {
+        let m =
+            crate::cmd::release::run_model(&self.hub, info, &info.spec, &info.checkpoint, &self.cache, self.device)?;
+        let mut blake3 = [0u8; 32];
+        hex::decode_to_slice(&info.checkpoint, &mut blake3).context("the hub names its checkpoint oddly")?;
+        Ok((Loaded { id: self.id(info.round), blake3, model: m.model }, m.tokenizer))
+    }
+
+    /// Asks the hub every `every` and serves each new checkpoint (a new round with the same
+    /// weights only renames the model). Errors are logged; the model served stays.
+    fn run(self, state: &AppState, slots: usize, mut current: [u8; 32]) {
+        loop {
+            std::thread::sleep(self.every);
+            let info = match self.hub.run() {
+                Ok(info) => info,
+                Err(e) => {
+                    tracing::warn!(error = %e, "--follow-hub: the hub did not answer; still serving {}", state.served().id);
+                    continue;
+                }
+            };
+            let served = state.served();
+            let id = self.id(info.round);
+            if id == served.id {
+                continue;
+            }
+            if info.checkpoint == hex::encode(current) {
+                state.set_served(tessera_serve::Served { id: id.clone(), ..served });
+                eprintln!("round {}: the weights did not change; now serving them as {id}", info.round);
+                continue;
+            }
+            let started = std::time::Instant::now();
+            let next = self.load(&info).and_then(|(loaded, _)| {
+                let context = loaded.context(&state.tokenizer)?;
+                let engine = Engine::start(loaded.model, slots, state.tokenizer.eos_id())?;
+                Ok(tessera_serve::Served::new(loaded.id, loaded.blake3, engine, context))
+            });
+            match next {
+                Ok(next) => {
+                    current = next.blake3;
+                    state.set_served(next);
+                    eprintln!(
+                        "round {}: serving checkpoint {} as {id} (loaded in {:.1} s; requests in flight finish on {})",
+                        info.round,
+                        &info.checkpoint[..16],
+                        started.elapsed().as_secs_f64(),
+                        served.id
+                    );
+                }
+                Err(e) => {
+                    tracing::error!(error = %format!("{e:#}"), round = info.round, "--follow-hub: could not load the new checkpoint; still serving {}", served.id)
+                }
+            }
+        }
+    }
 }
 
 /// The TLS acceptor (with --tls) and the attested keys (with --tee or --insecure-dev-tee).
