@@ -155,7 +155,8 @@ struct Running {
 
 impl Engine {
     /// Starts the engine thread on `model` with `slots` decoding slots. `eos` ends a sequence.
-    pub fn start(model: Llama, slots: usize, eos: u32) -> Result<Engine, ServeError> {
+    pub fn start(mut model: Llama, slots: usize, eos: u32) -> Result<Engine, ServeError> {
+        model.fuse_for_decoding();
         let (tx, rx) = mpsc::channel::<Job>();
         let stats = Arc::new(Stats::default());
         let shared = stats.clone();
