@@ -622,7 +622,7 @@ mod tests {
 
     fn batched_decoding_with(m: &Llama) {
         let prompts: [&[i64]; 3] = [&[1, 2, 3, 4, 5], &[7], &[9, 8, 7]];
-        let mut batch = BatchCache::new(&m, 4);
+        let mut batch = BatchCache::new(m, 4);
         // Slots 0, 2 and 3 hold the prompts; slot 1 stays empty.
         let slots = [0usize, 2, 3];
         let mut next = Vec::new();
