@@ -33,6 +33,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("data", data),
     ("openai", openai_request),
     ("governance", governance),
+    ("serving", serving),
 ];
 
 /// Decoded values at most: a length field cannot make a target allocate more than this.
@@ -205,5 +206,37 @@ pub fn openai_request(data: &[u8]) {
     let _ = openai::parse_completion(data);
     if let Ok(chat) = openai::parse_chat(data) {
         let _ = openai::chat_prompt(&chat.messages);
+    }
+}
+
+/// What a client of attested serving decodes (a report, a signature, a signed stream) and what
+/// the server opens (a sealed request), as the first byte chooses.
+pub fn serving(data: &[u8]) {
+    use tessera_trust::serving::{self, Expected, ResponseSignature, ServerAttestation};
+    let Some((&mode, rest)) = data.split_first() else { return };
+    match mode % 4 {
+        0 => {
+            if let Ok(a) = serde_json::from_slice::<ServerAttestation>(rest) {
+                let _ = a.report_data();
+                let policy = tessera_trust::AttestationPolicy { allow_insecure_dev: true, ..Default::default() };
+                let _ = a.verify(&policy, &Expected::default(), 0);
+            }
+        }
+        1 => {
+            if let Ok(s) = serde_json::from_slice::<ResponseSignature>(rest) {
+                let key = tessera_trust::PublicKey([9; 32]);
+                let _ = s.verify(&key, &s.id.clone(), rest, rest);
+            }
+        }
+        2 => {
+            if let Ok(opener) = tessera_trust::OpeningKey::generate() {
+                let client = opener.public().clone();
+                let _ = serving::open_request(&opener, &client, rest);
+                let _ = serving::open_response(&opener, b"request", 0, rest);
+            }
+        }
+        _ => {
+            let _ = serving::split_stream(rest);
+        }
     }
 }

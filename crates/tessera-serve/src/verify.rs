@@ -147,7 +147,7 @@ impl Verifier {
         }
         let id = id.ok_or_else(|| VerifyError::Refused(format!("no {} header", serving::RESPONSE_ID_HEADER)))?;
         let (signed, signature, events) = if streamed {
-            let (signed, signature, events) = split_stream(&bytes)?;
+            let (signed, signature, events) = serving::split_stream(&bytes)?;
             let mut opened = Vec::with_capacity(events.len());
             for (i, data) in events.iter().enumerate() {
                 let data = if sealed {
@@ -190,25 +190,4 @@ impl Verifier {
         }
         response.json().await.map_err(|e| VerifyError::Malformed(format!("signature: {e}")))
     }
-}
-
-/// A signed stream's bytes: (the signed part — every event through `[DONE]` —, its signature,
-/// each event's data).
-pub fn split_stream(bytes: &[u8]) -> Result<(Vec<u8>, String, Vec<String>), VerifyError> {
-    let text = std::str::from_utf8(bytes).map_err(|_| VerifyError::Malformed("the stream is not UTF-8".into()))?;
-    let at = text
-        .rfind(serving::STREAM_SIGNATURE_PREFIX)
-        .ok_or_else(|| VerifyError::Refused("the stream carries no signature".into()))?;
-    let (signed, tail) = text.split_at(at);
-    let signature = tail[serving::STREAM_SIGNATURE_PREFIX.len()..].trim().to_owned();
-    let events = signed
-        .split("\n\n")
-        .filter(|e| !e.is_empty())
-        .map(|e| {
-            e.strip_prefix("data: ")
-                .map(str::to_owned)
-                .ok_or_else(|| VerifyError::Malformed(format!("an event that is not `data:` ({e:.40})")))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok((signed.as_bytes().to_vec(), signature, events))
 }

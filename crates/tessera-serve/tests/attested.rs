@@ -7,7 +7,7 @@ use std::sync::Arc;
 use serde_json::{Value, json};
 use tessera_data::TessTokenizer;
 use tessera_model::{Llama, LlamaConfig, preset};
-use tessera_serve::verify::{Verifier, VerifyError, split_stream};
+use tessera_serve::verify::{Verifier, VerifyError};
 use tessera_serve::{AppState, Attested, Engine, Store};
 use tessera_trust::serving::{self, ResponseSignature};
 use tessera_trust::tee::Attester;
@@ -182,7 +182,7 @@ async fn altered_bytes_and_other_keys_fail_the_signature() {
     // A stream: the signature covers every event through [DONE]; one changed byte breaks it.
     let (wire, body, id, header) = raw(&s, &chat(true)).await;
     assert!(header.is_none(), "a stream's signature cannot be a header");
-    let (signed, signature, events) = split_stream(&body).unwrap();
+    let (signed, signature, events) = serving::split_stream(&body).unwrap();
     assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
     let kept = v.signature(&id).await.unwrap();
     assert_eq!(kept.signature, signature);

@@ -259,6 +259,28 @@ pub fn open_response(
     client.open_raw(RESPONSE_INFO, &response_aad(sealed_request, index), sealed)
 }
 
+/// A signed stream's bytes as received: (the signed part — every event through `[DONE]` —,
+/// its signature, each event's data). Refuses a stream without a signature, or with a part that
+/// is not a `data:` event.
+pub fn split_stream(bytes: &[u8]) -> Result<(Vec<u8>, String, Vec<String>), TrustError> {
+    let bad = |m: String| TrustError::BadRequest(m);
+    let text = std::str::from_utf8(bytes).map_err(|_| bad("the stream is not UTF-8".into()))?;
+    let at = text.rfind(STREAM_SIGNATURE_PREFIX).ok_or_else(|| bad("the stream carries no signature".into()))?;
+    let (signed, tail) = text.split_at(at);
+    let signature = tail[STREAM_SIGNATURE_PREFIX.len()..].trim().to_owned();
+    let events = signed
+        .split("\n\n")
+        .filter(|e| !e.is_empty())
+        .map(|e| {
+            e.strip_prefix("data: ").map(str::to_owned).ok_or_else(|| {
+                let head: String = e.chars().take(40).collect();
+                bad(format!("an event that is not `data:` ({head})"))
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((signed.as_bytes().to_vec(), signature, events))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -343,6 +365,17 @@ mod tests {
         assert!(s.verify(&signer.public(), "cmpl-2", &req, &resp).is_err());
         let other = Identity::generate().unwrap().public();
         assert!(matches!(s.verify(&other, "cmpl-1", &req, &resp), Err(TrustError::BadSignature)));
+    }
+
+    #[test]
+    fn a_stream_splits_into_its_signed_events_and_signature() {
+        let (signed, sig, events) =
+            split_stream(b"data: {\"a\":1}\n\ndata: [DONE]\n\n: tessera-signature ab12\n\n").unwrap();
+        assert_eq!(signed, b"data: {\"a\":1}\n\ndata: [DONE]\n\n");
+        assert_eq!((sig.as_str(), events), ("ab12", vec!["{\"a\":1}".to_owned(), "[DONE]".to_owned()]));
+        assert!(split_stream(b"data: x\n\n").is_err(), "unsigned");
+        assert!(split_stream(b"event: x\n\n: tessera-signature ab\n\n").is_err());
+        assert!(split_stream(&[0xff, 0xfe]).is_err());
     }
 
     #[test]
