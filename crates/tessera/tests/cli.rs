@@ -308,6 +308,22 @@ fn bad_input_gets_a_clear_error() {
     std::fs::write(ckpt3.join("tokenizer.json"), "[]").unwrap();
     let err = fails(&["model", "logits", "--checkpoint", p(&ckpt3), "--text", "x"]);
     assert!(err.contains("tokenizer.json") && err.contains("not a valid tokenizer.json"), "{err}");
+
+    // Attested serving: a client with no policy, a server flag that needs a TEE, a server that
+    // is not there, and a machine with no TEE are each told what to do.
+    let err = fails(&["verify-serve", "http://127.0.0.1:9", "--api-key", "k"]);
+    assert!(err.contains("no measurement is accepted") && err.contains("--sev-snp-measurement"), "{err}");
+    let err = fails(&["verify-serve", "http://127.0.0.1:9", "--api-key", "k", "--allow-insecure-dev"]);
+    assert!(err.contains("attestation does not check out"), "{err}");
+    let db = dir.path().join("serve.sqlite");
+    let err = fails(&["serve", "--checkpoint", p(&ckpt3), "--db", p(&db), "--tls"]);
+    assert!(err.contains("--tls") && err.contains("--tee"), "{err}");
+    let (tsm, ckpt4) = (dir.path().join("no-tsm"), dir.path().join("ckpt4"));
+    ok(&["model", "init", "--out", p(&ckpt4)]);
+    let err = fails(&["serve", "--checkpoint", p(&ckpt4), "--db", p(&db), "--tee", "--tsm-dir", p(&tsm)]);
+    assert!(err.contains("no TEE here") && err.contains("--insecure-dev-tee"), "{err}");
+    let err = fails(&["serve", "--db", p(&db)]);
+    assert!(err.contains("--checkpoint"), "{err}");
 }
 
 /// `bench train` through the bf16 path a GPU takes (exercised here on the CPU): the JSON names
