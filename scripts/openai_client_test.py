@@ -241,24 +241,29 @@ def attested_serving(tmp: Path):
         assert out.count("\nok  ") >= 9 and "sealed stream" in out, out
         attestation = json.loads(saved.read_text())
 
-        def ask(att):
+        def ask(att, stream=False):
             client = OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0,
                             http_client=httpx2.Client(transport=sealed_openai.SealedTransport(att)))
-            return client.chat.completions.create(model=att["model"], max_tokens=8,
-                                                  messages=[{"role": "user", "content": "private"}])
+            reply = client.chat.completions.create(model=att["model"], max_tokens=8, temperature=0, stream=stream,
+                                                   messages=[{"role": "user", "content": "private"}])
+            return [c for c in reply] if stream else reply
 
         reply = ask(attestation)
         assert reply.model == "tessera-nano-r0" and reply.choices[0].finish_reason in ("stop", "length"), reply
+        chunks = ask(attestation, stream=True)
+        streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert streamed == reply.choices[0].message.content, (streamed, reply)
         # Another signing key (the attestation of some other server): the signature check fails.
         from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
         from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
         other = Ed25519PrivateKey.generate().public_key().public_bytes(Encoding.Raw, PublicFormat.Raw).hex()
-        try:
-            ask({**attestation, "signing_key": other})
-            raise AssertionError("a response signed by another key was accepted")
-        except Exception as e:  # cryptography's InvalidSignature, surfaced through the client
-            assert "InvalidSignature" in repr(e) or "InvalidSignature" in repr(e.__cause__) or \
-                "InvalidSignature" in repr(e.__context__), repr(e)
+        for stream in (False, True):
+            try:
+                ask({**attestation, "signing_key": other}, stream=stream)
+                raise AssertionError(f"a response signed by another key was accepted (stream={stream})")
+            except Exception as e:  # cryptography's InvalidSignature, surfaced through the client
+                assert "InvalidSignature" in repr(e) or "InvalidSignature" in repr(e.__cause__) or \
+                    "InvalidSignature" in repr(e.__context__), repr(e)
         # Sealed to a key the server does not hold: refused in the clear, nothing opened.
         stranger = sealed_openai.SUITE.kem.derive_key_pair(os.urandom(32)).public_key.to_public_bytes().hex()
         try:
@@ -267,7 +272,7 @@ def attested_serving(tmp: Path):
         except openai.BadRequestError as e:
             assert e.body.get("code") == "unsealable", e.body
         print("attested serving: verify-serve passed 9 checks; the sealed openai client worked with the verified "
-              "keys and refused another signing key and another sealing key")
+              "keys, whole and streamed, and refused another signing key (both) and another sealing key")
     finally:
         serve.terminate()
         serve.wait(timeout=30)

@@ -6,8 +6,9 @@
 `tessera verify-serve` checks the TEE evidence (vendor certificate chains, the measurement, a
 fresh nonce, the weights' hash) and saves the attestation it checked. This client pins the keys
 in it: every request body is HPKE-sealed to the attested key (so a gateway or load balancer that
-terminates TLS sees only ciphertext), every response is opened with a one-time key of ours, and
-its signature over the exact bytes exchanged is checked against the attested signing key.
+terminates TLS sees only ciphertext), every response — or each streamed event, as it arrives —
+is opened with a one-time key of ours, and its signature over the exact bytes exchanged is
+checked against the attested signing key.
 
 Needs: openai (3.57: it uses httpx2), pyhpke, blake3, cryptography.
 """
@@ -23,6 +24,46 @@ from openai import OpenAI
 from pyhpke import AEADId, CipherSuite, KDFId, KEMId
 
 SUITE = CipherSuite.new(KEMId.DHKEM_X25519_HKDF_SHA256, KDFId.HKDF_SHA256, AEADId.CHACHA20_POLY1305)
+
+
+class OpenedStream(httpx2.SyncByteStream):
+    """A sealed event stream, opened event by event as it arrives; its signature (a comment
+    after the last event) is checked over every byte received before it, and `[DONE]` is handed
+    on only once it has: a stream whose signature fails raises instead of ending, so its text
+    counts as verified only when the stream ends normally."""
+
+    def __init__(self, response, wire, ours, signer, response_id):
+        self.response, self.wire, self.ours = response, wire, ours
+        self.signer, self.response_id = signer, response_id
+
+    def __iter__(self):
+        buffer, signed, index, done = b"", blake3.blake3(), 0, None
+        aad = blake3.blake3(self.wire).digest()
+        for chunk in self.response.iter_raw():
+            buffer += chunk
+            while b"\n\n" in buffer:
+                event, buffer = buffer.split(b"\n\n", 1)
+                if event.startswith(b": tessera-signature "):
+                    message = (b"tessera-serve-response-v1\n" + self.response_id.encode() + b"\n" + aad
+                               + signed.digest())
+                    self.signer.verify(bytes.fromhex(event[len(b": tessera-signature "):].decode()), message)
+                    if done is not None:
+                        yield done
+                    return
+                signed.update(event + b"\n\n")
+                sealed = bytes.fromhex(event.removeprefix(b"data: ").decode())
+                recipient = SUITE.create_recipient_context(sealed[:32], self.ours.private_key,
+                                                           info=b"tessera/v1/serve-response")
+                plain = b"data: " + recipient.open(sealed[32:], aad=aad + index.to_bytes(8, "little")) + b"\n\n"
+                index += 1
+                if plain == b"data: [DONE]\n\n":
+                    done = plain  # held until the signature checks: a client stops reading at [DONE]
+                else:
+                    yield plain
+        raise ValueError("the stream ended without its signature")
+
+    def close(self):
+        self.response.close()
 
 
 class SealedTransport(httpx2.BaseTransport):
@@ -43,6 +84,9 @@ class SealedTransport(httpx2.BaseTransport):
                         "x-tessera-strict": "1"})
         response = self.inner.handle_request(httpx2.Request(request.method, request.url, headers=headers,
                                                             content=wire))
+        if response.headers.get("content-type", "").startswith("text/event-stream"):  # streamed, sealed
+            opened = OpenedStream(response, wire, ours, self.signer, response.headers["x-tessera-response-id"])
+            return httpx2.Response(response.status_code, headers={"content-type": "text/event-stream"}, stream=opened)
         raw = response.read()
         if response.headers.get("content-type") != "application/vnd.tessera.sealed":
             return httpx2.Response(response.status_code, headers=response.headers, content=raw)  # refused in the clear
@@ -65,6 +109,10 @@ def main():
     reply = client.chat.completions.create(model=attestation["model"], max_tokens=16,
                                            messages=[{"role": "user", "content": "Say something private."}])
     print(f"{reply.id}: {reply.choices[0].message.content!r} (sealed both ways, signature checked)")
+    stream = client.chat.completions.create(model=attestation["model"], max_tokens=16, stream=True,
+                                            messages=[{"role": "user", "content": "And streamed?"}])
+    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    print(f"streamed: {text!r} (each event opened as it came, the stream's signature checked)")
 
 
 if __name__ == "__main__":
