@@ -5,7 +5,7 @@ use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex};
 
 use axum::body::{Body, Bytes};
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -258,16 +258,11 @@ fn strict(headers: &HeaderMap) -> bool {
     })
 }
 
-#[derive(serde::Deserialize)]
-struct NonceQuery {
-    nonce: Option<String>,
-}
-
 /// Fresh evidence binding this server's keys, the model it serves now, its binary and the
 /// caller's nonce. Needs no API key: a client checks the server before sending it anything.
 async fn attestation_report(
     State(state): State<Arc<AppState>>,
-    Query(q): Query<NonceQuery>,
+    RawQuery(query): RawQuery,
 ) -> Result<Json<serving::ServerAttestation>, ApiError> {
     let attested = state.attested.as_ref().ok_or_else(|| ApiError {
         status: 404,
@@ -277,7 +272,8 @@ async fn attestation_report(
         code: Some("not_attested"),
     })?;
     let mut nonce = [0u8; 32];
-    let raw = q.nonce.as_deref().unwrap_or("");
+    // Read by hand, so that any query string gets an answer in OpenAI's error shape.
+    let raw = query.as_deref().unwrap_or("").split('&').find_map(|kv| kv.strip_prefix("nonce=")).unwrap_or("");
     hex::decode_to_slice(raw, &mut nonce)
         .map_err(|_| ApiError::invalid("nonce", "Send a fresh nonce of 32 random bytes as 64 hex digits: ?nonce=…."))?;
     let served = state.served();
@@ -444,11 +440,12 @@ fn respond(state: &AppState, key_id: i64, wire: Bytes, seal: Option<SealingKey>,
                 },
                 None => (body, "application/json"),
             };
-            let mut response = (status, body.clone()).into_response();
+            let response_hash = blake3::hash(&body);
+            let mut response = (status, body).into_response();
             let headers = response.headers_mut();
             headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
             if let (Some(attested), Some(id)) = (&attested, id) {
-                let signature = attested.sign(key_id, &id, &blake3::hash(&wire), &blake3::hash(&body));
+                let signature = attested.sign(key_id, &id, &blake3::hash(&wire), &response_hash);
                 for (name, value) in
                     [(serving::SIGNATURE_HEADER, signature.signature), (serving::RESPONSE_ID_HEADER, id)]
                 {
