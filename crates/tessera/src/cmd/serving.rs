@@ -361,7 +361,7 @@ impl Follow {
                     eprintln!(
                         "round {}: serving checkpoint {} as {id} (loaded in {:.1} s; requests in flight finish on {})",
                         info.round,
-                        &info.checkpoint[..16],
+                        info.checkpoint.get(..16).unwrap_or(&info.checkpoint),
                         started.elapsed().as_secs_f64(),
                         served.id
                     );
@@ -638,7 +638,7 @@ pub fn verify_serve(args: VerifyServeArgs) -> Result<()> {
         .context("the attestation does not check out")?;
         let a = &v.attestation;
         println!("ok  attestation: {}", v.verified);
-        println!("ok  nonce: fresh (this client's, {})", &a.nonce[..16]);
+        println!("ok  nonce: fresh (this client's, {})", a.nonce.get(..16).unwrap_or(&a.nonce));
         println!("ok  model: {} weights {}{}", a.model, a.model_blake3, pinned(&args.model_blake3));
         println!("ok  binary: {}{}", a.binary_blake3, pinned(&args.binary_blake3));
         println!("ok  signing key {}  sealing key {}", a.signing_key, a.sealing_key);
