@@ -47,7 +47,8 @@ def start_server(ckpt, tmp, args, name, extra=()):
     proc = subprocess.Popen([BIN, "serve", "--checkpoint", str(ckpt), "--db", str(db), "--addr", "127.0.0.1:0",
                              "--addr-file", str(addr), "--slots", str(args.streams), "--device", args.device,
                              "--model-id", "bench", "--rate-per-address", "0",
-                             *(["--dtype", args.dtype] if args.dtype else []), *extra],
+                             *(["--dtype", args.dtype] if args.dtype else []),
+                             *(["--threads", str(args.serve_threads)] if args.serve_threads else []), *extra],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     for _ in range(600):
         if addr.exists() and addr.read_text():
@@ -193,6 +194,7 @@ def main():
     ap.add_argument("--attested", action="store_true",
                     help="also measure signing, sealing and reports (--insecure-dev-tee) against plain serving")
     ap.add_argument("--latency-requests", type=int, default=200)
+    ap.add_argument("--serve-threads", type=int, help="libtorch threads for tessera serve (default: its own)")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="tessera-bench-serve-"))
     ckpt = Path(args.checkpoint) if args.checkpoint else tmp / "ckpt"

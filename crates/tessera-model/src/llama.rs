@@ -94,6 +94,11 @@ impl BatchCache {
         self.lens.get(slot).copied().unwrap_or(0)
     }
 
+    /// Positions each slot holds at most (the model's context).
+    pub fn context(&self) -> i64 {
+        self.context
+    }
+
     /// Whether `slot` can take another token.
     pub fn has_room(&self, slot: usize) -> bool {
         self.len(slot) < self.context
@@ -101,13 +106,27 @@ impl BatchCache {
 
     /// Moves a prefilled single-sequence cache into `slot`, replacing what it held.
     pub fn load(&mut self, slot: usize, prefilled: &KvCache) -> Result<(), ModelError> {
-        if slot >= self.slots || prefilled.layers.len() != self.layers.len() {
+        self.load_row(slot, prefilled, 0, prefilled.len())
+    }
+
+    /// Moves the first `len` positions of row `row` of a batched prefill into `slot`: prompts
+    /// prefilled together, right-padded to the longest, each keep only their own positions (a
+    /// causal model's positions before the padding never saw it).
+    pub fn load_row(&mut self, slot: usize, prefilled: &KvCache, row: i64, len: i64) -> Result<(), ModelError> {
+        let rows = match prefilled.layers.first() {
+            Some(Some((k, _))) => k.size()[0],
+            _ => 0,
+        };
+        if slot >= self.slots || prefilled.layers.len() != self.layers.len() || row >= rows || len > prefilled.len() {
             return Err(ModelError::Config {
                 path: "<batch cache>".into(),
-                message: format!("slot {slot} of {} or a cache of another model", self.slots),
+                message: format!(
+                    "slot {slot} of {}, row {row} of {rows}, {len} of {} positions, or a cache of another model",
+                    self.slots,
+                    prefilled.len()
+                ),
             });
         }
-        let len = prefilled.len();
         for (layer, held) in self.layers.iter_mut().zip(&prefilled.layers) {
             let Some((k, v)) = held else { continue };
             let (kvh, hd) = (k.size()[1], k.size()[3]);
@@ -115,8 +134,8 @@ impl BatchCache {
                 let shape = [self.slots as i64, kvh, self.context, hd];
                 (Tensor::zeros(shape, (k.kind(), k.device())), Tensor::zeros(shape, (v.kind(), v.device())))
             });
-            ck.get(slot as i64).narrow(1, 0, len).copy_(&k.get(0));
-            cv.get(slot as i64).narrow(1, 0, len).copy_(&v.get(0));
+            ck.get(slot as i64).narrow(1, 0, len).copy_(&k.get(row).narrow(1, 0, len));
+            cv.get(slot as i64).narrow(1, 0, len).copy_(&v.get(row).narrow(1, 0, len));
         }
         self.lens[slot] = len;
         Ok(())
@@ -650,6 +669,37 @@ mod tests {
         let _ = m.decode_step(&[3, 0], &[1, 1], &mut batch).unwrap();
         assert_eq!((batch.len(2), batch.len(3)), (before, seqs[2].len() as i64 + 1));
         assert!(m.decode_step(&[1], &[1], &mut batch).is_err(), "an empty slot is refused");
+    }
+
+    /// Prompts prefilled together, right-padded to the longest, load into slots exactly as each
+    /// alone would, and decode on from there.
+    #[test]
+    fn a_padded_batch_prefill_loads_each_prompt_as_alone() {
+        let m = tiny();
+        let prompts: [&[i64]; 3] = [&[1, 2, 3, 4, 5], &[7], &[9, 8, 7]];
+        let padded: Vec<i64> =
+            prompts.iter().flat_map(|p| p.iter().copied().chain(std::iter::repeat_n(0, 5 - p.len()))).collect();
+        let mut kv = KvCache::new();
+        let logits = m.forward(&Tensor::from_slice(&padded).view([3, 5]), Some(&mut kv)).unwrap();
+        let mut batch = BatchCache::new(&m, 3);
+        for (row, p) in prompts.iter().enumerate() {
+            batch.load_row(row, &kv, row as i64, p.len() as i64).unwrap();
+            let alone = m.forward(&Tensor::from_slice(p).view([1, -1]), None).unwrap().get(0).get(-1);
+            let diff = f64::try_from((&alone - logits.get(row as i64).get(p.len() as i64 - 1)).abs().max()).unwrap();
+            assert!(diff < 1e-4, "prompt {row}'s last logits differ by {diff}");
+            assert_eq!(batch.len(row), p.len() as i64);
+        }
+        let next = [3i64, 4, 5];
+        let stepped = m.decode_step(&[0, 1, 2], &next, &mut batch).unwrap();
+        for (row, p) in prompts.iter().enumerate() {
+            let mut s = p.to_vec();
+            s.push(next[row]);
+            let alone = m.forward(&Tensor::from_slice(&s).view([1, -1]), None).unwrap().get(0).get(-1);
+            let diff = f64::try_from((&alone - stepped.get(row as i64)).abs().max()).unwrap();
+            assert!(diff < 1e-4, "sequence {row} differs by {diff} after a step");
+        }
+        assert!(batch.load_row(0, &kv, 3, 1).is_err(), "no fourth row");
+        assert!(batch.load_row(0, &kv, 0, 6).is_err(), "no sixth position");
     }
 
     #[test]

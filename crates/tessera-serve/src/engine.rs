@@ -136,7 +136,10 @@ pub struct Stats {
     pub step_tokens: AtomicU64,
     /// The most slots one step advanced together.
     pub widest_step: AtomicU64,
+    /// Requests prefilled, and the forward passes that did it (several requests admitted in
+    /// one step share one).
     pub prefills: AtomicU64,
+    pub prefill_passes: AtomicU64,
 }
 
 struct Running {
@@ -199,18 +202,35 @@ fn run(model: Llama, slots: usize, eos: u32, jobs: mpsc::Receiver<Job>, stats: &
                 *slot = None;
             }
         }
-        while let Some(free) = running.iter().position(Option::is_none) {
+        // Waiting requests take the free slots, prefilled together.
+        let free: Vec<usize> = (0..slots).filter(|&s| running[s].is_none()).collect();
+        let mut admitted = Vec::new();
+        while admitted.len() < free.len() {
             let Some(job) = waiting.pop_front() else { break };
             if job.events.is_closed() {
                 continue;
             }
-            stats.prefills.fetch_add(1, Ordering::Relaxed);
-            match admit(&model, &mut cache, free, eos, job) {
-                Ok(Some(r)) => running[free] = Some(r),
-                Ok(None) => {}
-                Err((events, e)) => {
-                    tracing::warn!(error = %e, "prefill failed");
-                    let _ = events.send(Event::Failed(e.to_string()));
+            // One padded pass holds at most a context's worth of positions (what one long
+            // prompt alone needs): larger groups wait for the next step.
+            let longest = admitted.iter().chain([&job]).map(|j: &Job| j.prompt.len().max(1)).max().unwrap_or(1);
+            if !admitted.is_empty() && (admitted.len() + 1) * longest > cache.context() as usize {
+                waiting.push_front(job);
+                break;
+            }
+            admitted.push(job);
+        }
+        if !admitted.is_empty() {
+            stats.prefills.fetch_add(admitted.len() as u64, Ordering::Relaxed);
+            stats.prefill_passes.fetch_add(1, Ordering::Relaxed);
+            let slots_for: Vec<usize> = free[..admitted.len()].to_vec();
+            for (slot, admitted) in slots_for.iter().zip(admit(&model, &mut cache, &slots_for, eos, admitted)) {
+                match admitted {
+                    Ok(Some(r)) => running[*slot] = Some(r),
+                    Ok(None) => {}
+                    Err((events, e)) => {
+                        tracing::warn!(error = %e, "prefill failed");
+                        let _ = events.send(Event::Failed(e.to_string()));
+                    }
                 }
             }
         }
@@ -250,46 +270,79 @@ fn run(model: Llama, slots: usize, eos: u32, jobs: mpsc::Receiver<Job>, stats: &
     }
 }
 
-/// Prefills `job` into `slot` and samples its first token; `None` when that already ended it.
+/// Prefills `jobs` into `slots` (one each) in one forward pass — their prompts right-padded to
+/// the longest — and samples each one's first token; `None` for a job that already ended.
+#[allow(clippy::type_complexity)]
 fn admit(
     model: &Llama,
     cache: &mut BatchCache,
-    slot: usize,
+    slots: &[usize],
     eos: u32,
-    job: Job,
-) -> Result<Option<Running>, (UnboundedSender<Event>, ServeError)> {
-    let prompt: Vec<i64> =
-        if job.prompt.is_empty() { vec![i64::from(eos)] } else { job.prompt.iter().map(|&t| i64::from(t)).collect() };
+    jobs: Vec<Job>,
+) -> Vec<Result<Option<Running>, (UnboundedSender<Event>, ServeError)>> {
+    let prompts: Vec<Vec<i64>> =
+        jobs.iter()
+            .map(|j| {
+                if j.prompt.is_empty() {
+                    vec![i64::from(eos)]
+                } else {
+                    j.prompt.iter().map(|&t| i64::from(t)).collect()
+                }
+            })
+            .collect();
+    let longest = prompts.iter().map(Vec::len).max().unwrap_or(1);
+    let padded: Vec<i64> = prompts
+        .iter()
+        .flat_map(|p| p.iter().copied().chain(std::iter::repeat_n(i64::from(eos), longest - p.len())))
+        .collect();
     let mut kv = KvCache::new();
-    let prefill = model
-        .forward(&Tensor::from_slice(&prompt).view([1, -1]).to_device(model.device()), Some(&mut kv))
+    let lasts = model
+        .forward(
+            &Tensor::from_slice(&padded).view([jobs.len() as i64, longest as i64]).to_device(model.device()),
+            Some(&mut kv),
+        )
         .and_then(|logits| {
-            cache.load(slot, &kv)?;
-            Ok(Vec::<f32>::try_from(logits.get(0).get(-1).to_kind(Kind::Float).to_device(tch::Device::Cpu))?)
+            let mut lasts = Vec::with_capacity(jobs.len());
+            for (row, (p, &slot)) in prompts.iter().zip(slots).enumerate() {
+                cache.load_row(slot, &kv, row as i64, p.len() as i64)?;
+                let last =
+                    logits.get(row as i64).get(p.len() as i64 - 1).to_kind(Kind::Float).to_device(tch::Device::Cpu);
+                lasts.push(Vec::<f32>::try_from(last)?);
+            }
+            Ok(lasts)
         });
-    let last = match prefill {
-        Ok(l) => l,
-        Err(e) => return Err((job.events, e.into())),
-    };
-    let params = SamplingParams {
-        max_new_tokens: job.max_tokens.max(1),
-        temperature: job.temperature,
-        top_p: job.top_p,
-        seed: job.seed,
-        stop_token: (!job.ignore_eos).then_some(eos),
-    };
-    let mut r = Running {
-        events: job.events,
-        params,
-        rng: ChaCha8Rng::seed_from_u64(job.seed),
-        adjust: job.adjust,
-        logprobs: job.logprobs,
-        counts: std::collections::HashMap::new(),
-        produced: 0,
-        next: eos,
-    };
-    let token = pick(&last, &mut r);
-    Ok((!step(&mut r, token, cache.has_room(slot))).then_some(r))
+    match lasts {
+        Err(e) => {
+            let message = e.to_string();
+            jobs.into_iter().map(|j| Err((j.events, ServeError::Invalid(format!("prefill: {message}"))))).collect()
+        }
+        Ok(lasts) => jobs
+            .into_iter()
+            .zip(lasts)
+            .zip(slots)
+            .map(|((job, last), &slot)| {
+                let params = SamplingParams {
+                    max_new_tokens: job.max_tokens.max(1),
+                    temperature: job.temperature,
+                    top_p: job.top_p,
+                    seed: job.seed,
+                    stop_token: (!job.ignore_eos).then_some(eos),
+                };
+                let mut r = Running {
+                    events: job.events,
+                    params,
+                    rng: ChaCha8Rng::seed_from_u64(job.seed),
+                    adjust: job.adjust,
+                    logprobs: job.logprobs,
+                    counts: std::collections::HashMap::new(),
+                    produced: 0,
+                    next: eos,
+                };
+                let token = pick(&last, &mut r);
+                Ok((!step(&mut r, token, cache.has_room(slot))).then_some(r))
+            })
+            .collect(),
+    }
 }
 
 /// Samples the request's next token from its logits, after its bias and penalties, with its

@@ -160,13 +160,6 @@ pub fn serve(args: ServeArgs) -> Result<()> {
         bail!("--slots must be from 1 to 1024");
     }
     let device = setup_runtime(&args.runtime)?;
-    if args.runtime.threads.is_none() && device == tch::Device::Cpu {
-        // The engine's matrix multiplies on all but one core: the HTTP side needs one, and
-        // libtorch's threads waiting on a busy core cost more than they add (on 2 cores, 1
-        // thread serves 1 stream 2.2× and 16 streams 1.36× faster than 2: docs/benchmarks.md).
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        tch::set_num_threads((cores.saturating_sub(1)).max(1) as i32);
-    }
     if args.tls && !(args.tee || args.insecure_dev_tee) {
         bail!("--tls serves with a key the attestation binds: it needs --tee (or --insecure-dev-tee to develop)");
     }
@@ -202,6 +195,9 @@ pub fn serve(args: ServeArgs) -> Result<()> {
     let model_blake3 = first.blake3;
     let context = first.context(&tokenizer)?;
     let params = first.model.config.num_params();
+    if args.runtime.threads.is_none() && device == tch::Device::Cpu {
+        tch::set_num_threads(default_threads(params));
+    }
     let engine = Engine::start(first.model, args.slots, tokenizer.eos_id())?;
     let (tls, attested) = attestation(&args)?;
     let rt = runtime()?;
@@ -404,6 +400,20 @@ fn attestation(
     // One report now, so a guest that cannot attest fails at start rather than at a client.
     attester.evidence(&[0u8; 64]).map_err(|e| anyhow::anyhow!("--tee: {e}"))?;
     Ok((acceptor, Some(Arc::new(attested))))
+}
+
+/// libtorch's threads on the CPU unless `--threads` says: a small model's decoding step is a
+/// few milliseconds, as short as the HTTP side's work per token, and libtorch's threads waiting
+/// on the core that work takes cost more than they add, so it gets all cores but one; a large
+/// model's step is long and bound by memory bandwidth, which every core adds to. Measured on
+/// 2 cores (`docs/benchmarks.md`): `micro` (10.6M) serves 1 / 16 streams at 349 / 1801 tokens/s
+/// with 1 thread against 160 / 1325 with 2; `phase1` (430M, 32 tokens a stream), 11.3 / 57.6
+/// with 2 against 8.1 / 41.1 with 1.
+fn default_threads(params: u64) -> i32 {
+    const LARGE: u64 = 100_000_000;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = if params >= LARGE { cores } else { cores.saturating_sub(1).max(1) };
+    i32::try_from(threads).unwrap_or(i32::MAX)
 }
 
 /// BLAKE3 of a file, read once.
