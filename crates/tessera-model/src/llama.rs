@@ -66,8 +66,8 @@ impl KvCache {
 /// Decoding slots that share one cache, so several sequences of different lengths advance in one
 /// forward pass: per layer, keys and values `[slots, kv_heads, context, head_dim]` (allocated at
 /// the first write, in the kind the model computes in), and each slot's length. A sequence is
-/// prefilled alone ([`Llama::forward`] with a [`KvCache`]) and moved into a free slot with
-/// [`BatchCache::load`]; [`Llama::decode_step`] then advances any set of slots by one token.
+/// prefilled ([`Llama::forward`] with a [`KvCache`], alone or right-padded with others) and moved
+/// into a free slot with [`BatchCache::load`] or [`BatchCache::load_row`]; [`Llama::decode_step`] then advances any set of slots by one token.
 pub struct BatchCache {
     slots: usize,
     context: i64,

@@ -1,7 +1,7 @@
 //! The model's own thread: continuous batching over a fixed set of decoding slots.
 //!
-//! Requests arrive on a channel. Each one is prefilled alone (its prompt in one forward pass),
-//! then moved into a free slot of a [`BatchCache`]; every step after that advances all occupied
+//! Requests arrive on a channel. Those admitted in one step are prefilled together (their prompts
+//! right-padded in one forward pass), then each moved into a free slot of a [`BatchCache`]; every step after that advances all occupied
 //! slots by one token in one forward pass, so concurrent requests share the model instead of
 //! queueing behind one another. A request leaves its slot when it ends (end of text, its token
 //! limit, the context is full) or when whoever asked stops listening, and a waiting request

@@ -4,7 +4,7 @@
 //!  openai client ──HTTP──▶ http (axum): auth (hashed keys) → rate limit → parse → tokenize
 //!                               │  Job{prompt, limits, events}          ▲ Event::Token / Done
 //!                               ▼                                        │
-//!                          engine thread: prefill alone → slot in the shared BatchCache →
+//!                          engine thread: prefill (padded together) → slots in the shared BatchCache →
 //!                          one decode step for every occupied slot per forward pass
 //!                               │ completed request
 //!                               ▼
