@@ -377,6 +377,14 @@ fn the_networked_run_matches_the_in_process_simulation() {
 /// dataset, and each contributor's cache holds only its own.
 /// `tessera data serve` of a published dataset on a free port, logging each request to
 /// `access`; returns once it accepts connections, with its URL.
+/// `tessera ARGS` — a three-round demo — with `cache` as its cache directory, to the end.
+fn three_round_demo(args: &[&str], cache: &Path) {
+    let demo = Command::new(BIN).args(args).env("RUST_LOG", "warn").env("XDG_CACHE_HOME", cache).output().unwrap();
+    let out = String::from_utf8_lossy(&demo.stdout).into_owned();
+    assert!(demo.status.success(), "{out}\n{}", String::from_utf8_lossy(&demo.stderr));
+    assert!(out.contains("finished: 3 rounds"), "{out}");
+}
+
 fn serve_dataset(published: &Path, access: &Path, log: &Path) -> (Proc, String) {
     let port = free_port();
     let args = ["data", "serve", &published.display().to_string(), "--addr", &format!("127.0.0.1:{port}")]
@@ -432,11 +440,7 @@ fn contributors_fetch_only_their_assigned_shards() {
     let mut args = vec!["demo", "--dir", d.to_str().unwrap(), "--contributors", "2", "--rounds", "3", "--data", &url];
     args.extend(&TINY_RUN[..2]);
     args.extend(&TINY_RUN[4..]);
-    let demo =
-        Command::new(BIN).args(&args).env("RUST_LOG", "warn").env("XDG_CACHE_HOME", dir.path()).output().unwrap();
-    let out = String::from_utf8_lossy(&demo.stdout).into_owned();
-    assert!(demo.status.success(), "{out}\n{}", String::from_utf8_lossy(&demo.stderr));
-    assert!(out.contains("finished: 3 rounds"), "{out}");
+    three_round_demo(&args, dir.path());
 
     // Who was assigned what: data slot = contributor id mod 64 (ids count from 0); rounds
     // 0..=3, the last only prefetched. The run's seed is the default, 1337.
@@ -556,11 +560,7 @@ fn contributors_train_a_mixture_of_published_datasets() {
     args.extend(["--data", &served[0].0, "--mix-data", &served[1].0, "--mix-weights", "1,1", "--data-slots", "2"]);
     args.extend(&TINY_RUN[..2]);
     args.extend(&TINY_RUN[4..]);
-    let demo =
-        Command::new(BIN).args(&args).env("RUST_LOG", "warn").env("XDG_CACHE_HOME", dir.path()).output().unwrap();
-    let out = String::from_utf8_lossy(&demo.stdout).into_owned();
-    assert!(demo.status.success(), "{out}\n{}", String::from_utf8_lossy(&demo.stderr));
-    assert!(out.contains("finished: 3 rounds"), "{out}");
+    three_round_demo(&args, dir.path());
 
     // Each round's slot 0 took the run's own dataset and slot 1 the mixed one: each server was
     // asked for exactly the training shards its dataset's slot was assigned (and no other).
