@@ -205,16 +205,7 @@ async fn ignore_eos_generates_exactly_max_tokens_and_streams_end_with_usage() {
         assert_eq!(out["choices"][0]["finish_reason"], "length");
     }
     let body = json!({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "stream": true, "ignore_eos": true});
-    let text = reqwest::Client::new()
-        .post(format!("{}/v1/chat/completions", s.url))
-        .bearer_auth(&s.key)
-        .json(&body)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = stream_text(&s, "/v1/chat/completions", &body).await;
     let events: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("data: ")).collect();
     assert_eq!(events.last(), Some(&"[DONE]"));
     let chunks: Vec<Value> = events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).unwrap()).collect();
@@ -259,13 +250,19 @@ async fn logit_bias_and_penalties_change_what_is_sampled() {
     assert_eq!((status, out["error"]["code"].as_str()), (400, Some("unsupported_parameter")), "{out}");
 }
 
-/// The data events of a streamed response.
-async fn events(s: &Server, path: &str, body: &Value) -> Vec<Value> {
+/// A streamed response's whole text, once it has ended (200 expected).
+async fn stream_text(s: &Server, path: &str, body: &Value) -> String {
     let r =
         reqwest::Client::new().post(format!("{}{path}", s.url)).bearer_auth(&s.key).json(body).send().await.unwrap();
     assert_eq!(r.status(), 200);
-    let text = r.text().await.unwrap();
-    text.split("\n\n")
+    r.text().await.unwrap()
+}
+
+/// The data events of a streamed response.
+async fn events(s: &Server, path: &str, body: &Value) -> Vec<Value> {
+    stream_text(s, path, body)
+        .await
+        .split("\n\n")
         .filter_map(|e| e.strip_prefix("data: "))
         .filter(|d| *d != "[DONE]")
         .map(|d| serde_json::from_str(d).unwrap())
@@ -390,14 +387,7 @@ async fn several_choices_and_prompts_are_each_what_one_request_would_get() {
     let mut streamed = body.clone();
     streamed["stream"] = json!(true);
     streamed["stream_options"] = json!({"include_usage": true});
-    let r = reqwest::Client::new()
-        .post(format!("{}/v1/completions", s.url))
-        .bearer_auth(&s.key)
-        .json(&streamed)
-        .send()
-        .await
-        .unwrap();
-    let raw = r.text().await.unwrap();
+    let raw = stream_text(&s, "/v1/completions", &streamed).await;
     assert_eq!(raw.matches("data: [DONE]").count(), 1, "{raw}");
     let mut texts = vec![String::new(); 4];
     let mut finished = 0;
