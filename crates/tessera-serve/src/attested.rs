@@ -19,6 +19,8 @@ use crate::ServeError;
 
 /// Evidence requests served at once; more wait.
 pub const REPORTS_AT_ONCE: usize = 4;
+/// How long a report may take; the TEE's firmware answers in milliseconds.
+pub const REPORT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 /// Signatures kept for `GET /v1/signature/{id}`, oldest dropped first.
 pub const SIGNATURES_KEPT: usize = 16_384;
 
@@ -78,7 +80,7 @@ impl Attested {
         model_blake3: [u8; 32],
         nonce: [u8; 32],
     ) -> Result<ServerAttestation, ServeError> {
-        let _permit = self.reports.clone().acquire_owned().await.map_err(|e| ServeError::Invalid(e.to_string()))?;
+        let permit = self.reports.clone().acquire_owned().await.map_err(|e| ServeError::Invalid(e.to_string()))?;
         let data = serving::server_report_data(
             &self.signer.public().0,
             &self.opener.public().0,
@@ -89,9 +91,15 @@ impl Attested {
             &nonce,
         );
         let this = self.clone();
-        // configfs-tsm is file I/O that waits on the TEE's firmware.
-        let evidence = tokio::task::spawn_blocking(move || this.attester.evidence(&data))
+        // configfs-tsm is file I/O that waits on the TEE's firmware. The permit stays with the
+        // blocking call, so calls that never return still count against the limit.
+        let asked = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            this.attester.evidence(&data)
+        });
+        let evidence = tokio::time::timeout(REPORT_TIMEOUT, asked)
             .await
+            .map_err(|_| ServeError::Invalid(format!("the TEE gave no report within {} s", REPORT_TIMEOUT.as_secs())))?
             .map_err(|e| ServeError::Invalid(e.to_string()))?
             .map_err(ServeError::Invalid)?;
         Ok(ServerAttestation {

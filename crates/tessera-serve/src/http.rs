@@ -457,47 +457,56 @@ fn respond(state: &AppState, key_id: i64, wire: Bytes, seal: Option<SealingKey>,
             response
         }
         Answer::Stream { id, events } => {
+            /// A stream's events as sent: sealed if asked, hashed as they go, signed at the end.
             struct Signing {
                 events: futures::stream::BoxStream<'static, String>,
+                seal: Option<SealingKey>,
+                wire: Bytes,
+                attested: Option<Arc<Attested>>,
+                id: String,
                 index: u64,
                 hasher: blake3::Hasher,
                 done: bool,
             }
-            let request_hash = blake3::hash(&wire);
-            let signing = Signing { events, index: 0, hasher: blake3::Hasher::new(), done: false };
-            let stream_id = id.clone();
-            let frames = futures::stream::unfold(signing, move |mut s| {
-                let (seal, wire, attested, id) = (seal.clone(), wire.clone(), attested.clone(), stream_id.clone());
-                async move {
-                    if s.done {
-                        return None;
-                    }
-                    let frame = match s.events.next().await {
-                        Some(data) => {
-                            let data = match &seal {
-                                Some(client) => match serving::seal_response(client, &wire, s.index, data.as_bytes()) {
-                                    Ok(sealed) => hex::encode(sealed),
-                                    Err(e) => {
-                                        tracing::error!(error = %e, "sealing a streamed event failed");
-                                        return None;
-                                    }
-                                },
-                                None => data,
-                            };
-                            s.index += 1;
-                            let frame = format!("data: {data}\n\n");
-                            s.hasher.update(frame.as_bytes());
-                            frame
-                        }
-                        None => {
-                            s.done = true;
-                            let attested = attested?;
-                            let signature = attested.sign(key_id, &id, &request_hash, &s.hasher.finalize());
-                            format!("{}{}\n\n", serving::STREAM_SIGNATURE_PREFIX, signature.signature)
-                        }
-                    };
-                    Some((Ok::<_, std::convert::Infallible>(Bytes::from(frame)), s))
+            let signing = Signing {
+                events,
+                seal,
+                wire,
+                attested,
+                id: id.clone(),
+                index: 0,
+                hasher: blake3::Hasher::new(),
+                done: false,
+            };
+            let frames = futures::stream::unfold(signing, move |mut s| async move {
+                if s.done {
+                    return None;
                 }
+                let frame = match s.events.next().await {
+                    Some(data) => {
+                        let data = match &s.seal {
+                            Some(client) => match serving::seal_response(client, &s.wire, s.index, data.as_bytes()) {
+                                Ok(sealed) => hex::encode(sealed),
+                                Err(e) => {
+                                    tracing::error!(error = %e, "sealing a streamed event failed");
+                                    return None;
+                                }
+                            },
+                            None => data,
+                        };
+                        s.index += 1;
+                        let frame = format!("data: {data}\n\n");
+                        s.hasher.update(frame.as_bytes());
+                        frame
+                    }
+                    None => {
+                        s.done = true;
+                        let attested = s.attested.as_ref()?;
+                        let signature = attested.sign(key_id, &s.id, &blake3::hash(&s.wire), &s.hasher.finalize());
+                        format!("{}{}\n\n", serving::STREAM_SIGNATURE_PREFIX, signature.signature)
+                    }
+                };
+                Some((Ok::<_, std::convert::Infallible>(Bytes::from(frame)), s))
             });
             let mut response = Response::new(Body::from_stream(frames));
             let headers = response.headers_mut();

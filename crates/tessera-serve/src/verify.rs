@@ -116,20 +116,23 @@ impl Verifier {
     /// `/v1/signature/{id}` serves.
     pub async fn complete(&self, path: &str, body: &Value, sealed: bool) -> Result<Checked, VerifyError> {
         let plain = serde_json::to_vec(body).map_err(|e| VerifyError::Malformed(e.to_string()))?;
-        let client = OpeningKey::generate()?;
-        let wire = if sealed { serving::seal_request(&self.sealing_key, client.public(), &plain)? } else { plain };
-        let mut request = self
+        // A one-time key for the answer, when sealed.
+        let client = if sealed { Some(OpeningKey::generate()?) } else { None };
+        let wire = match &client {
+            Some(c) => serving::seal_request(&self.sealing_key, c.public(), &plain)?,
+            None => plain,
+        };
+        let request = self
             .http
             .post(format!("{}{path}", self.base))
             .bearer_auth(&self.api_key)
             .header(serving::STRICT_HEADER, "1")
             .body(wire.clone());
-        request = if sealed {
-            request
-                .header(serving::SEAL_TO_HEADER, hex::encode(client.public().0))
-                .header("content-type", serving::SEALED_CONTENT_TYPE)
-        } else {
-            request.header("content-type", "application/json")
+        let request = match &client {
+            Some(c) => request
+                .header(serving::SEAL_TO_HEADER, hex::encode(c.public().0))
+                .header("content-type", serving::SEALED_CONTENT_TYPE),
+            None => request.header("content-type", "application/json"),
         };
         let response = request.send().await.map_err(http_error)?;
         self.check_tls(&response)?;
@@ -139,7 +142,10 @@ impl Verifier {
         let streamed = header("content-type").is_some_and(|c| c.starts_with("text/event-stream"));
         let bytes = response.bytes().await.map_err(http_error)?.to_vec();
         let open = |index: u64, data: &[u8]| -> Result<Vec<u8>, VerifyError> {
-            if sealed { Ok(serving::open_response(&client, &wire, index, data)?) } else { Ok(data.to_vec()) }
+            match &client {
+                Some(c) => Ok(serving::open_response(c, &wire, index, data)?),
+                None => Ok(data.to_vec()),
+            }
         };
         if !status.is_success() {
             let text = open(0, &bytes).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
